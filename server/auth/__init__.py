@@ -1,0 +1,1 @@
+"""Authentication: argon2id passwords, bearer tokens, login throttling."""

@@ -1,0 +1,102 @@
+"""Login, tokens, logout and self-registration."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from datetime import UTC, datetime, timedelta
+
+from server.auth.passwords import hash_password, needs_rehash, verify_password
+from server.auth.throttle import LoginThrottle
+from server.directory.models import UserCreate
+from server.directory.service import DirectoryService
+from server.settings import Settings
+from server.store.database import Document, Store
+from server.web.problems import Problem
+
+PORTAL_SETTINGS_ID = "portal"
+
+
+def token_hash(token: str) -> str:
+    """Tokens are stored only as their SHA-256: a leaked database holds no usable token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AuthService:
+    def __init__(self, store: Store, directory: DirectoryService, settings: Settings) -> None:
+        self._store = store
+        self._directory = directory
+        self._ttl = timedelta(seconds=settings.token_ttl_seconds)
+        self.throttle = LoginThrottle(settings.login_max_failures, settings.login_lockout_seconds)
+
+    async def login(self, login: str, password: str) -> tuple[str, Document]:
+        key = login.strip().lower()
+        wait = self.throttle.retry_after(key, time.monotonic())
+        if wait > 0:
+            raise Problem(429, "login-throttled", "Too many failed logins",
+                          "this login is locked after repeated failures; try again later",
+                          headers={"Retry-After": str(int(wait) + 1)},
+                          retry_after=int(wait) + 1)
+        user = await self._directory.user_by_login(key)
+        stored = user.get("password_hash") if user else None
+        ok = await verify_password(stored, password)
+        if not ok or user is None or not user.get("is_active", True):
+            self.throttle.failure(key, time.monotonic())
+            raise Problem(401, "invalid-credentials", "Invalid credentials",
+                          "wrong login or password")
+        self.throttle.success(key)
+        if stored and needs_rehash(stored):
+            await self._store.users.update_one(
+                {"_id": user["_id"]}, {"$set": {"password_hash": await hash_password(password)}})
+        return await self.issue_token(str(user["_id"])), user
+
+    async def issue_token(self, user_id: str) -> str:
+        token = secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        await self._store.tokens.insert_one({
+            "_id": token_hash(token), "user_id": user_id, "created_at": now,
+            "expires_at": now + self._ttl,
+        })
+        return token
+
+    async def authenticate(self, token: str | None) -> Document | None:
+        """The active user a token belongs to, or None (unknown, revoked, expired, inactive)."""
+        if not token or len(token) > 256:
+            return None
+        record = await self._store.tokens.find_one({"_id": token_hash(token)})
+        if record is None or record["expires_at"] <= datetime.now(UTC):
+            return None
+        user = await self._store.users.find_one({"_id": record["user_id"]})
+        if user is None or not user.get("is_active", True):
+            return None
+        return user
+
+    async def logout(self, token: str) -> None:
+        await self._store.tokens.delete_one({"_id": token_hash(token)})
+
+    async def prune_expired_tokens(self) -> int:
+        result = await self._store.tokens.delete_many({"expires_at": {"$lte": datetime.now(UTC)}})
+        return result.deleted_count
+
+    async def self_registration_enabled(self) -> bool:
+        doc = await self._store.portal.find_one({"_id": PORTAL_SETTINGS_ID})
+        return bool(doc and doc.get("self_registration"))
+
+    async def set_self_registration(self, enabled: bool) -> None:
+        await self._store.portal.update_one(
+            {"_id": PORTAL_SETTINGS_ID}, {"$set": {"self_registration": enabled}}, upsert=True)
+
+    async def register(self, data: UserCreate) -> tuple[str, Document]:
+        if not await self.self_registration_enabled():
+            raise Problem(403, "registration-closed", "Registration closed",
+                          "self-registration is turned off on this portal")
+        if data.password is None:
+            raise Problem(422, "validation-error", "Invalid request", "a password is required",
+                          errors=[{"loc": ["password"], "msg": "Field required",
+                                   "type": "missing"}])
+        # Whatever the request says, a self-registered user is a plain employee.
+        safe = data.model_copy(update={"is_admin": False, "is_external": False})
+        user = await self._directory.create_user(safe)
+        doc = await self._directory.user_document(user.id)
+        return await self.issue_token(user.id), doc

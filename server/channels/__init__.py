@@ -1,0 +1,1 @@
+"""Socket.IO hub: authenticated connections, authorised rooms, replay of streams."""

@@ -1,0 +1,201 @@
+"""The ``portalhub`` command: serve, demo, config show, and user management."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from server.app import create_app
+from server.demo import DEFAULT_PASSWORD, seed_demo
+from server.directory.models import Password, UserCreate
+from server.directory.service import DirectoryService
+from server.events.bus import InProcessBus
+from server.events.streams import StreamLog
+from server.services import SERVICES
+from server.settings import Settings
+from server.store import Store, open_store
+
+log = logging.getLogger("portalhub")
+
+
+def _directory(store: Store, settings: Settings) -> DirectoryService:
+    # The CLI's own bus has no subscribers: the events it writes reach a running server's
+    # clients through their streams' history (replay), not live.
+    streams = StreamLog(store, InProcessBus(), retention_seconds=settings.event_retention_seconds)
+    return DirectoryService(store, streams)
+
+
+def print_logins(logins: list[tuple[str, str]], password: str) -> None:
+    print(f"Demo logins (password: {password}):")
+    for login, position in logins:
+        print(f"  {login:<8} {position}")
+
+
+async def serve(settings: Settings, demo: bool, demo_password: str | None) -> None:
+    async with open_store(settings, reuse_running=False) as store:
+        app = create_app(settings, store)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.http_port)
+        await site.start()
+        try:
+            if demo:
+                svc = app[SERVICES]
+                if await store.users.estimated_document_count() == 0 or demo_password:
+                    logins = await seed_demo(store, svc.directory, demo_password)
+                else:
+                    logins = await seed_demo(store, svc.directory)
+                print_logins(logins, demo_password or DEFAULT_PASSWORD)
+            host, port = runner.addresses[0][:2]
+            print(f"Portal Hub is running at http://{host}:{port}/  (Ctrl-C to stop)",
+                  flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            print("stopping...", flush=True)
+        finally:
+            await runner.cleanup()
+
+
+async def demo_command(settings: Settings, password: str | None) -> None:
+    async with open_store(settings, reuse_running=True) as store:
+        logins = await seed_demo(store, _directory(store, settings), password)
+    print_logins(logins, password or DEFAULT_PASSWORD)
+
+
+def read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise SystemExit("passwords do not match")
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(Password).validate_python(password)
+    except ValidationError:
+        raise SystemExit("a password needs 8 to 1024 characters") from None
+
+
+async def user_add(settings: Settings, args: argparse.Namespace, password: str) -> None:
+    async with open_store(settings, reuse_running=True) as store:
+        directory = _directory(store, settings)
+        department_id = None
+        if args.department:
+            dept = await store.departments.find_one(
+                {"$or": [{"_id": args.department}, {"name": args.department}]})
+            if dept is None:
+                raise SystemExit(f"no department {args.department!r}")
+            department_id = str(dept["_id"])
+        try:
+            data = UserCreate(login=args.login, email=args.email, password=password,
+                              first_name=args.first_name, last_name=args.last_name,
+                              department_id=department_id, is_admin=args.admin)
+        except ValidationError as exc:
+            raise SystemExit(f"invalid user: {exc.errors()[0]['loc'][0]}: "
+                             f"{exc.errors()[0]['msg']}") from None
+        from server.web.problems import Problem
+
+        try:
+            user = await directory.create_user(data)
+        except Problem as problem:
+            raise SystemExit(str(problem)) from None
+    print(f"created user {user.login} ({user.id})")
+
+
+async def user_list(settings: Settings) -> None:
+    async with open_store(settings, reuse_running=True) as store:
+        async for doc in store.users.find({}, sort=[("login", 1)]):
+            flags = ",".join(f for f, on in (("admin", doc.get("is_admin")),
+                                             ("external", doc.get("is_external")),
+                                             ("inactive", not doc.get("is_active", True))) if on)
+            name = f"{doc.get('first_name', '')} {doc.get('last_name', '')}".strip()
+            print(f"{doc['login']:<16} {doc.get('email', ''):<32} {name:<24} {flags}")
+
+
+async def user_passwd(settings: Settings, login: str, password: str) -> None:
+    async with open_store(settings, reuse_running=True) as store:
+        directory = _directory(store, settings)
+        user = await directory.user_by_login(login)
+        if user is None:
+            raise SystemExit(f"no user {login!r}")
+        await directory.set_password(str(user["_id"]), password)
+        await directory.revoke_tokens(str(user["_id"]), keep_token_hash=None)
+    print(f"password of {login} changed; their sessions were ended")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="portalhub", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="run the hub")
+    serve_p.add_argument("--demo", action="store_true",
+                         help="seed the demo company on first start and print its logins")
+    serve_p.add_argument("--password", help="with --demo: one password for all demo users")
+    serve_p.add_argument("--host")
+    serve_p.add_argument("--port", type=int)
+    demo_p = sub.add_parser("demo", help="seed the demo company (idempotent)")
+    demo_p.add_argument("--password", help="one password for all demo users")
+    config_p = sub.add_parser("config", help="configuration")
+    config_sub = config_p.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("show", help="print the effective settings, secrets masked")
+    user_p = sub.add_parser("user", help="manage users")
+    user_sub = user_p.add_subparsers(dest="user_command", required=True)
+    add = user_sub.add_parser("add", help="create a user")
+    add.add_argument("login")
+    add.add_argument("--email", required=True)
+    add.add_argument("--first-name")
+    add.add_argument("--last-name")
+    add.add_argument("--admin", action="store_true")
+    add.add_argument("--department", help="department id or name")
+    add.add_argument("--password-stdin", action="store_true")
+    user_sub.add_parser("list", help="list users")
+    passwd = user_sub.add_parser("passwd", help="set a user's password")
+    passwd.add_argument("login")
+    passwd.add_argument("--password-stdin", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        updates = {k: v for k, v in (("host", args.host), ("http_port", args.port)) if v}
+        if updates:
+            settings = settings.model_copy(update=updates)
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        asyncio.run(serve(settings, args.demo, args.password))
+    elif args.command == "demo":
+        asyncio.run(demo_command(settings, args.password))
+    elif args.command == "config":
+        print(json.dumps(settings.masked(), indent=2))
+    elif args.user_command == "add":
+        password = read_password(args.password_stdin)
+        asyncio.run(user_add(settings, args, password))
+    elif args.user_command == "list":
+        asyncio.run(user_list(settings))
+    elif args.user_command == "passwd":
+        password = read_password(args.password_stdin)
+        asyncio.run(user_passwd(settings, args.login, password))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Counters shown as badges. Values are ephemeral: pushed live and sent as a snapshot."""

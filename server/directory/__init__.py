@@ -1,0 +1,1 @@
+"""Directory and identity: users, the department tree, workgroups."""

@@ -1,0 +1,166 @@
+"""Directory shapes at the API boundary (requests are strict; unknown fields are refused)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+Login = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=2,
+                                         max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+Email = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, max_length=254,
+                                         pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)]
+Password = Annotated[str, StringConstraints(min_length=8, max_length=1024)]
+PhoneNumber = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=32,
+                                               pattern=r"^\+?[0-9 ()./-]+$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Phone(Strict):
+    type: Literal["work", "mobile", "home", "other"] = "work"
+    number: PhoneNumber
+
+
+def phone_digits(phones: list[Phone]) -> list[str]:
+    return [re.sub(r"\D", "", p.number) for p in phones]
+
+
+class UserOut(BaseModel):
+    id: str
+    login: str
+    email: str
+    first_name: str
+    last_name: str
+    name: str = Field(description="Display name: first and last name, or the login")
+    position: str
+    phones: list[Phone]
+    department_id: str | None
+    is_admin: bool
+    is_external: bool = Field(description="Extranet user: sees only their workgroups' members")
+    is_active: bool
+    created_at: datetime
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> UserOut:
+        first, last = doc.get("first_name", ""), doc.get("last_name", "")
+        return cls(
+            id=str(doc["_id"]), login=doc["login"], email=doc.get("email", ""),
+            first_name=first, last_name=last,
+            name=" ".join(p for p in (first, last) if p) or doc["login"],
+            position=doc.get("position", ""),
+            phones=[Phone.model_validate(p) for p in doc.get("phones", [])],
+            department_id=doc.get("department_id"), is_admin=bool(doc.get("is_admin")),
+            is_external=bool(doc.get("is_external")), is_active=bool(doc.get("is_active", True)),
+            created_at=doc["created_at"],
+        )
+
+
+class ProfileFields(Strict):
+    first_name: Name | None = None
+    last_name: Name | None = None
+    position: Name | None = None
+    phones: list[Phone] | None = Field(default=None, max_length=10)
+
+
+class UserCreate(ProfileFields):
+    login: Login
+    email: Email
+    password: Password | None = Field(
+        default=None, description="Without one the user cannot log in until a password is set")
+    department_id: str | None = None
+    is_admin: bool = False
+    is_external: bool = False
+
+
+class UserUpdate(ProfileFields):
+    """Admin edit. Fields left out stay as they are."""
+
+    email: Email | None = None
+    department_id: str | None = None
+    is_admin: bool | None = None
+    is_external: bool | None = None
+    is_active: bool | None = None
+    password: Password | None = None
+
+
+class ProfileUpdate(ProfileFields):
+    """What users may change about themselves."""
+
+
+class UserQuery(Strict):
+    name: Annotated[str, StringConstraints(max_length=100)] | None = Field(
+        default=None, description="Part of the first name, last name or login (case-insensitive)")
+    department_id: str | None = None
+    email: Annotated[str, StringConstraints(max_length=254)] | None = None
+    phone: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        default=None, description="Digits contained in one of the user's phone numbers")
+    include_inactive: bool = False
+    limit: int = Field(default=100, ge=1, le=500)
+    offset: int = Field(default=0, ge=0)
+
+    @field_validator("phone")
+    @classmethod
+    def _digits(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digits = re.sub(r"\D", "", value)
+        if not digits:
+            raise ValueError("must contain digits")
+        return digits
+
+
+class DepartmentIn(Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    parent_id: str | None = None
+    head_id: str | None = None
+
+
+class DepartmentUpdate(Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                           max_length=100)] | None = None
+    parent_id: str | None = None
+    head_id: str | None = None
+
+
+class DepartmentOut(BaseModel):
+    id: str
+    name: str
+    parent_id: str | None
+    head_id: str | None
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> DepartmentOut:
+        return cls(id=str(doc["_id"]), name=doc["name"], parent_id=doc.get("parent_id"),
+                   head_id=doc.get("head_id"))
+
+
+class WorkgroupIn(Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    description: Annotated[str, StringConstraints(max_length=2000)] = ""
+    member_ids: list[str] = Field(default_factory=list, max_length=1000)
+
+
+class WorkgroupMembers(Strict):
+    user_ids: list[str] = Field(min_length=1, max_length=1000)
+    moderator: bool = False
+
+
+class WorkgroupOut(BaseModel):
+    id: str
+    name: str
+    description: str
+    owner_id: str
+    member_ids: list[str]
+    moderator_ids: list[str]
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> WorkgroupOut:
+        return cls(id=str(doc["_id"]), name=doc["name"], description=doc.get("description", ""),
+                   owner_id=doc["owner_id"], member_ids=list(doc.get("member_ids", [])),
+                   moderator_ids=list(doc.get("moderator_ids", [])))

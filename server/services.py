@@ -1,0 +1,35 @@
+"""The wired-up domain services of one running hub, shared by every transport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from server.auth.service import AuthService
+from server.channels.hub import Hub
+from server.directory.service import DirectoryService
+from server.events.bus import EventBus
+from server.events.streams import StreamLog
+from server.presence.tracker import PresenceTracker
+from server.settings import Settings
+from server.store.database import Store
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    bus: EventBus
+    streams: StreamLog
+    directory: DirectoryService
+    auth: AuthService
+    presence: PresenceTracker
+    hub: Hub
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]

@@ -1,0 +1,81 @@
+"""One settings object, read from PORTALHUB_* environment variables and an optional TOML file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "PORTALHUB_CONFIG"
+
+
+class Settings(BaseSettings):
+    """Effective configuration. Environment beats the TOML file, which beats the defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="PORTALHUB_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    domain: str = "localhost"
+    data_dir: Path = Path("var")
+    db_dir: Path | None = Field(
+        default=None, description="Embedded database files; defaults to <data_dir>/db"
+    )
+    mongodb_url: SecretStr | None = None
+    mongodb_database: str = "portalhub"
+    redis_url: SecretStr | None = None
+    token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=1)
+    event_retention_seconds: int = Field(default=3 * 24 * 3600, ge=1)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    login_max_failures: int = Field(default=10, ge=1)
+    login_lockout_seconds: int = Field(default=300, ge=1)
+    socket_max_message_bytes: int = Field(default=64 * 1024, ge=1024)
+    socket_events_per_second: float = Field(default=20.0, gt=0)
+    socket_event_burst: int = Field(default=40, ge=1)
+    web_client_dir: Path | None = None
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @property
+    def embedded_db_dir(self) -> Path:
+        return self.db_dir if self.db_dir is not None else self.data_dir / "db"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as plain data with secrets (and credentials inside URLs) hidden."""
+        shown: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                shown[name] = "********" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                shown[name] = str(value)
+            else:
+                shown[name] = value
+        return shown

@@ -1,0 +1,96 @@
+"""The MongoDB store: a thin owner of the client, the database and its indexes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+Document = dict[str, Any]
+
+INDEXES: dict[str, list[IndexModel]] = {
+    "users": [
+        IndexModel([("login", ASCENDING)], unique=True, name="login_unique"),
+        IndexModel([("email", ASCENDING)], name="email"),
+        IndexModel([("department_id", ASCENDING)], name="department"),
+        IndexModel([("phone_digits", ASCENDING)], name="phone_digits"),
+    ],
+    "departments": [IndexModel([("parent_id", ASCENDING)], name="parent")],
+    "workgroups": [IndexModel([("member_ids", ASCENDING)], name="members")],
+    "tokens": [
+        IndexModel([("user_id", ASCENDING)], name="user"),
+        IndexModel([("expires_at", ASCENDING)], name="expires"),
+    ],
+    "events": [
+        IndexModel([("stream", ASCENDING), ("seq", ASCENDING)], unique=True, name="stream_seq"),
+        IndexModel([("ts", ASCENDING)], name="ts"),
+    ],
+}
+
+
+def new_id() -> str:
+    """A new document id: an ObjectId's hex form, sortable by creation time."""
+    return str(ObjectId())
+
+
+class Store:
+    """Owns one AsyncMongoClient. Domain services reach collections through it."""
+
+    def __init__(self, url: str, database: str) -> None:
+        self.url = url
+        self.client: AsyncMongoClient[Document] = AsyncMongoClient(
+            url, serverSelectionTimeoutMS=5000, tz_aware=True
+        )
+        self.db: AsyncDatabase[Document] = self.client[database]
+
+    def __getitem__(self, name: str) -> AsyncCollection[Document]:
+        return self.db[name]
+
+    @property
+    def users(self) -> AsyncCollection[Document]:
+        return self.db["users"]
+
+    @property
+    def departments(self) -> AsyncCollection[Document]:
+        return self.db["departments"]
+
+    @property
+    def workgroups(self) -> AsyncCollection[Document]:
+        return self.db["workgroups"]
+
+    @property
+    def tokens(self) -> AsyncCollection[Document]:
+        return self.db["tokens"]
+
+    @property
+    def events(self) -> AsyncCollection[Document]:
+        return self.db["events"]
+
+    @property
+    def streams(self) -> AsyncCollection[Document]:
+        return self.db["streams"]
+
+    @property
+    def portal(self) -> AsyncCollection[Document]:
+        return self.db["portal"]
+
+    async def ping(self) -> bool:
+        try:
+            await self.client.admin.command("ping")
+        except Exception:
+            return False
+        return True
+
+    async def ensure_indexes(self) -> None:
+        """Create every index; safe to run at each start (same spec, same name: no-op)."""
+        for collection, indexes in INDEXES.items():
+            await self.db[collection].create_indexes(indexes)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+__all__ = ["DESCENDING", "Document", "Store", "new_id"]

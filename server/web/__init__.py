@@ -1,0 +1,1 @@
+"""HTTP side: REST conventions (problem+json, OpenAPI), routes, and the aiohttp application."""

@@ -1,0 +1,53 @@
+"""Authentication routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, StringConstraints
+
+from server.directory.models import UserCreate, UserOut
+from server.services import services
+from server.web.api import Call
+from server.web.routes import api
+
+
+class LoginRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    login: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    password: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+
+
+class TokenResponse(BaseModel):
+    token: str
+    user: UserOut
+
+
+def bearer_token(call: Call) -> str:
+    header = call.request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
+@api.route("POST", "/api/v1/auth/login", summary="Log in with login and password", tag="auth",
+           auth="none", body=LoginRequest, response=TokenResponse, errors=(401, 429))
+async def login(call: Call) -> TokenResponse:
+    """Returns a bearer token. Ten failures in a row lock the login for a while (429)."""
+    body = call.body_as(LoginRequest)
+    token, user = await services(call.request).auth.login(body.login, body.password)
+    return TokenResponse(token=token, user=UserOut.from_document(user))
+
+
+@api.route("POST", "/api/v1/auth/logout", summary="Revoke the token used for this request",
+           tag="auth", status=204)
+async def logout(call: Call) -> None:
+    await services(call.request).auth.logout(bearer_token(call))
+
+
+@api.route("POST", "/api/v1/auth/register", summary="Self-registration (when the portal allows)",
+           tag="auth", auth="none", body=UserCreate, response=TokenResponse, status=201,
+           errors=(403, 409))
+async def register(call: Call) -> TokenResponse:
+    """Answers 403 while self-registration is off (the default)."""
+    token, user = await services(call.request).auth.register(call.body_as(UserCreate))
+    return TokenResponse(token=token, user=UserOut.from_document(user))

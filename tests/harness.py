@@ -1,0 +1,170 @@
+"""A hub served on a loopback port, with real HTTP and Socket.IO clients to talk to it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import socketio
+from aiohttp import web
+
+from server.app import create_app
+from server.directory.models import UserCreate
+from server.services import SERVICES, Services
+from server.settings import Settings
+from server.store.database import Store
+
+DEFAULT_PASSWORD = "correct horse battery"
+
+
+class Refused(Exception):
+    """The server refused the Socket.IO connection; ``reasons`` are its connect_error data."""
+
+    def __init__(self, reasons: list[Any]) -> None:
+        super().__init__(f"connection refused: {reasons}")
+        self.reasons = reasons
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any
+    headers: dict[str, str]
+    content_type: str
+
+
+@dataclass
+class SocketClient:
+    """A real Socket.IO client that records every event it receives, in arrival order."""
+
+    sio: socketio.AsyncClient
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self, event: str, data: Any) -> None:
+        self.events.append((event, data))
+        self._arrived.set()
+
+    def of_type(self, event: str) -> list[Any]:
+        return [data for name, data in self.events if name == event]
+
+    def stream_events(self, stream: str) -> list[dict[str, Any]]:
+        return [data for _name, data in self.events
+                if isinstance(data, dict) and data.get("stream") == stream and "type" in data]
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"condition not met; events so far: {self.events[-10:]}")
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
+            except TimeoutError:
+                pass
+
+    async def wait_for(self, event: str, count: int = 1, timeout: float = 10.0) -> list[Any]:
+        await self.wait_until(lambda: len(self.of_type(event)) >= count, timeout)
+        return self.of_type(event)
+
+    async def call(self, event: str, data: Any, timeout: float = 10.0) -> Any:
+        return await self.sio.call(event, data, timeout=timeout)
+
+    async def close(self) -> None:
+        if self.sio.connected:
+            await self.sio.disconnect()
+
+
+@dataclass
+class HubHarness:
+    base_url: str
+    app: web.Application
+    http: aiohttp.ClientSession
+    clients: list[SocketClient] = field(default_factory=list)
+
+    @property
+    def services(self) -> Services:
+        return self.app[SERVICES]
+
+    async def request(self, method: str, path: str, *, token: str | None = None,
+                      json: Any = None, data: bytes | str | None = None,
+                      headers: dict[str, str] | None = None) -> Response:
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        async with self.http.request(method, self.base_url + path, json=json, data=data,
+                                     headers=all_headers) as resp:
+            raw = await resp.read()
+            body: Any = None
+            if raw and "json" in resp.content_type:
+                body = await resp.json(content_type=None)
+            elif raw:
+                body = raw.decode(errors="replace")
+            return Response(resp.status, body, dict(resp.headers), resp.content_type)
+
+    async def login(self, login: str, password: str = DEFAULT_PASSWORD) -> str:
+        resp = await self.request("POST", "/api/v1/auth/login",
+                                  json={"login": login, "password": password})
+        assert resp.status == 200, resp.body
+        token: str = resp.body["token"]
+        return token
+
+    async def create_user(self, login: str, *, admin: bool = False, external: bool = False,
+                          department_id: str | None = None, **fields: Any) -> tuple[str, str]:
+        """Create a user straight through the domain service; returns (id, token)."""
+        user = await self.services.directory.create_user(UserCreate(
+            login=login, email=f"{login}@example.test", password=DEFAULT_PASSWORD,
+            is_admin=admin, is_external=external, department_id=department_id, **fields))
+        token = await self.services.auth.issue_token(user.id)
+        return user.id, token
+
+    async def connect(self, token: str | None, since: dict[str, int] | None = None,
+                      *, auth: Any = None) -> SocketClient:
+        """Connect over a real websocket. Raises socketio.exceptions.ConnectionError if refused.
+        """
+        sio = socketio.AsyncClient(reconnection=False)
+        client = SocketClient(sio)
+
+        async def catch_all(event: str, data: Any = None) -> None:
+            client.record(event, data)
+
+        async def connect_error(data: Any = None) -> None:
+            client.record("connect_error", data)
+
+        sio.on("*", catch_all)
+        sio.on("connect_error", connect_error)
+        if auth is None:
+            auth = {"token": token}
+            if since is not None:
+                auth["since"] = since
+        try:
+            await sio.connect(self.base_url, auth=auth, transports=["websocket"],
+                              wait_timeout=10)
+        except socketio.exceptions.ConnectionError as exc:
+            raise Refused(client.of_type("connect_error")) from exc
+        self.clients.append(client)
+        return client
+
+
+@asynccontextmanager
+async def start_hub(settings: Settings, store: Store) -> AsyncIterator[HubHarness]:
+    app = create_app(settings, store)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    async with aiohttp.ClientSession() as http:
+        harness = HubHarness(f"http://{host}:{port}", app, http)
+        try:
+            yield harness
+        finally:
+            for client in harness.clients:
+                await client.close()
+            await runner.cleanup()

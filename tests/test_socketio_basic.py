@@ -1,0 +1,41 @@
+"""Socket.IO: authentication on connect and the snapshot of ephemeral state."""
+
+from __future__ import annotations
+
+import pytest
+from tests.harness import HubHarness, Refused
+
+
+async def test_connect_without_token_is_refused_with_reason(hub: HubHarness) -> None:
+    with pytest.raises(Refused) as info:
+        await hub.connect(None, auth={})
+    [reason] = info.value.reasons
+    assert "authentication required" in reason["message"]
+    assert reason["data"] == {"code": "auth_required"}
+
+
+async def test_connect_with_bad_token_is_refused(hub: HubHarness) -> None:
+    with pytest.raises(Refused) as info:
+        await hub.connect("not-a-token")
+    [reason] = info.value.reasons
+    assert reason["message"] == "invalid or expired token"
+    assert reason["data"] == {"code": "invalid_token"}
+
+
+async def test_connecting_client_gets_snapshot(hub: HubHarness) -> None:
+    alice_id, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    bob_client = await hub.connect(bob)
+    await bob_client.wait_for("snapshot")
+    client = await hub.connect(alice)
+    [snapshot] = await client.wait_for("snapshot")
+    assert snapshot["presence"][bob_id] == "online"
+    assert snapshot["presence"][alice_id] == "online"
+    assert snapshot["counters"] == {}
+    assert snapshot["streams"] == {f"user:{alice_id}": 0}
+    # bob sees alice come online, live
+    alice_online = {"user_id": alice_id, "status": "online"}
+    await bob_client.wait_until(lambda: alice_online in bob_client.of_type("presence.changed"))
+    await client.close()
+    alice_offline = {"user_id": alice_id, "status": "offline"}
+    await bob_client.wait_until(lambda: alice_offline in bob_client.of_type("presence.changed"))
