@@ -78,8 +78,7 @@ async def _maintenance(svc: Services) -> None:
 
 
 def create_app(settings: Settings, store: Store) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[problem_middleware])
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[problem_middleware])
     svc = build_services(settings, store)
     app[SERVICES] = svc
 

@@ -23,6 +23,7 @@ from server.events.streams import StreamLog
 from server.services import SERVICES
 from server.settings import Settings
 from server.store import Store, open_store
+from server.store.embedded import EmbeddedDatabaseError
 
 log = logging.getLogger("portalhub")
 
@@ -45,19 +46,14 @@ async def serve(settings: Settings, demo: bool, demo_password: str | None) -> No
         app = create_app(settings, store)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.http_port)
-        await site.start()
         try:
-            if demo:
-                svc = app[SERVICES]
-                if await store.users.estimated_document_count() == 0 or demo_password:
-                    logins = await seed_demo(store, svc.directory, demo_password)
-                else:
-                    logins = await seed_demo(store, svc.directory)
+            if demo:  # before listening, so that "ready" means the demo logins work
+                logins = await seed_demo(store, app[SERVICES].directory, demo_password)
                 print_logins(logins, demo_password or DEFAULT_PASSWORD)
+            site = web.TCPSite(runner, settings.host, settings.http_port)
+            await site.start()
             host, port = runner.addresses[0][:2]
-            print(f"Portal Hub is running at http://{host}:{port}/  (Ctrl-C to stop)",
-                  flush=True)
+            print(f"Portal Hub is running at http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -95,17 +91,25 @@ async def user_add(settings: Settings, args: argparse.Namespace, password: str) 
         department_id = None
         if args.department:
             dept = await store.departments.find_one(
-                {"$or": [{"_id": args.department}, {"name": args.department}]})
+                {"$or": [{"_id": args.department}, {"name": args.department}]}
+            )
             if dept is None:
                 raise SystemExit(f"no department {args.department!r}")
             department_id = str(dept["_id"])
         try:
-            data = UserCreate(login=args.login, email=args.email, password=password,
-                              first_name=args.first_name, last_name=args.last_name,
-                              department_id=department_id, is_admin=args.admin)
+            data = UserCreate(
+                login=args.login,
+                email=args.email,
+                password=password,
+                first_name=args.first_name,
+                last_name=args.last_name,
+                department_id=department_id,
+                is_admin=args.admin,
+            )
         except ValidationError as exc:
-            raise SystemExit(f"invalid user: {exc.errors()[0]['loc'][0]}: "
-                             f"{exc.errors()[0]['msg']}") from None
+            raise SystemExit(
+                f"invalid user: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}"
+            ) from None
         from server.web.problems import Problem
 
         try:
@@ -118,9 +122,15 @@ async def user_add(settings: Settings, args: argparse.Namespace, password: str) 
 async def user_list(settings: Settings) -> None:
     async with open_store(settings, reuse_running=True) as store:
         async for doc in store.users.find({}, sort=[("login", 1)]):
-            flags = ",".join(f for f, on in (("admin", doc.get("is_admin")),
-                                             ("external", doc.get("is_external")),
-                                             ("inactive", not doc.get("is_active", True))) if on)
+            flags = ",".join(
+                f
+                for f, on in (
+                    ("admin", doc.get("is_admin")),
+                    ("external", doc.get("is_external")),
+                    ("inactive", not doc.get("is_active", True)),
+                )
+                if on
+            )
             name = f"{doc.get('first_name', '')} {doc.get('last_name', '')}".strip()
             print(f"{doc['login']:<16} {doc.get('email', ''):<32} {name:<24} {flags}")
 
@@ -140,8 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portalhub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run the hub")
-    serve_p.add_argument("--demo", action="store_true",
-                         help="seed the demo company on first start and print its logins")
+    serve_p.add_argument(
+        "--demo",
+        action="store_true",
+        help="seed the demo company on first start and print its logins",
+    )
     serve_p.add_argument("--password", help="with --demo: one password for all demo users")
     serve_p.add_argument("--host")
     serve_p.add_argument("--port", type=int)
@@ -178,8 +191,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         updates = {k: v for k, v in (("host", args.host), ("http_port", args.port)) if v}
         if updates:
             settings = settings.model_copy(update=updates)
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        run_command(args, settings)
+    except EmbeddedDatabaseError as exc:
+        print(f"portalhub: embedded database: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"portalhub: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def run_command(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "serve":
         asyncio.run(serve(settings, args.demo, args.password))
     elif args.command == "demo":
@@ -194,7 +222,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.user_command == "passwd":
         password = read_password(args.password_stdin)
         asyncio.run(user_passwd(settings, args.login, password))
-    return 0
 
 
 if __name__ == "__main__":

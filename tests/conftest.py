@@ -50,9 +50,21 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path = tmp_path_factory.mktemp("secantus") / "secantusd.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [find_executable(), "--host", "127.0.0.1", "--port", str(port),
-             "--storage-path", ":memory:", "--log-level", "WARNING", "--enable-test-commands"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            [
+                find_executable(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--storage-path",
+                ":memory:",
+                "--log-level",
+                "WARNING",
+                "--enable-test-commands",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
         )
         url = mongodb_url("127.0.0.1", port)
         client: MongoClient[dict[str, Any]] = MongoClient(url, serverSelectionTimeoutMS=500)
@@ -63,8 +75,9 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 break
             except Exception:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"secantusd-py did not start: {log_path.read_text()}"
-                                       ) from None
+                    raise RuntimeError(
+                        f"secantusd-py did not start: {log_path.read_text()}"
+                    ) from None
                 time.sleep(0.1)
         client.close()
         try:
@@ -81,7 +94,7 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def settings(mongo_url: str, tmp_path: Path) -> Settings:
     """Settings for one test: its own database on the shared server, no ports fixed."""
     return Settings(
-        mongodb_url=mongo_url,  # type: ignore[arg-type]
+        mongodb_url=mongo_url,
         mongodb_database=f"t_{uuid.uuid4().hex[:12]}",
         http_port=0,
         data_dir=tmp_path / "var",
@@ -104,4 +117,3 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
 async def hub(settings: Settings, store: Store) -> AsyncIterator[HubHarness]:
     async with start_hub(settings, store) as harness:
         yield harness
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -54,8 +55,11 @@ class SocketClient:
         return [data for name, data in self.events if name == event]
 
     def stream_events(self, stream: str) -> list[dict[str, Any]]:
-        return [data for _name, data in self.events
-                if isinstance(data, dict) and data.get("stream") == stream and "type" in data]
+        return [
+            data
+            for _name, data in self.events
+            if isinstance(data, dict) and data.get("stream") == stream and "type" in data
+        ]
 
     async def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -64,10 +68,8 @@ class SocketClient:
             if remaining <= 0:
                 raise TimeoutError(f"condition not met; events so far: {self.events[-10:]}")
             self._arrived.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
-            except TimeoutError:
-                pass
 
     async def wait_for(self, event: str, count: int = 1, timeout: float = 10.0) -> list[Any]:
         await self.wait_until(lambda: len(self.of_type(event)) >= count, timeout)
@@ -92,14 +94,22 @@ class HubHarness:
     def services(self) -> Services:
         return self.app[SERVICES]
 
-    async def request(self, method: str, path: str, *, token: str | None = None,
-                      json: Any = None, data: bytes | str | None = None,
-                      headers: dict[str, str] | None = None) -> Response:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        json: Any = None,
+        data: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
         all_headers = dict(headers or {})
         if token is not None:
             all_headers["Authorization"] = f"Bearer {token}"
-        async with self.http.request(method, self.base_url + path, json=json, data=data,
-                                     headers=all_headers) as resp:
+        async with self.http.request(
+            method, self.base_url + path, json=json, data=data, headers=all_headers
+        ) as resp:
             raw = await resp.read()
             body: Any = None
             if raw and "json" in resp.content_type:
@@ -109,25 +119,41 @@ class HubHarness:
             return Response(resp.status, body, dict(resp.headers), resp.content_type)
 
     async def login(self, login: str, password: str = DEFAULT_PASSWORD) -> str:
-        resp = await self.request("POST", "/api/v1/auth/login",
-                                  json={"login": login, "password": password})
+        resp = await self.request(
+            "POST", "/api/v1/auth/login", json={"login": login, "password": password}
+        )
         assert resp.status == 200, resp.body
         token: str = resp.body["token"]
         return token
 
-    async def create_user(self, login: str, *, admin: bool = False, external: bool = False,
-                          department_id: str | None = None, **fields: Any) -> tuple[str, str]:
+    async def create_user(
+        self,
+        login: str,
+        *,
+        admin: bool = False,
+        external: bool = False,
+        department_id: str | None = None,
+        **fields: Any,
+    ) -> tuple[str, str]:
         """Create a user straight through the domain service; returns (id, token)."""
-        user = await self.services.directory.create_user(UserCreate(
-            login=login, email=f"{login}@example.test", password=DEFAULT_PASSWORD,
-            is_admin=admin, is_external=external, department_id=department_id, **fields))
+        user = await self.services.directory.create_user(
+            UserCreate(
+                login=login,
+                email=f"{login}@example.test",
+                password=DEFAULT_PASSWORD,
+                is_admin=admin,
+                is_external=external,
+                department_id=department_id,
+                **fields,
+            )
+        )
         token = await self.services.auth.issue_token(user.id)
         return user.id, token
 
-    async def connect(self, token: str | None, since: dict[str, int] | None = None,
-                      *, auth: Any = None) -> SocketClient:
-        """Connect over a real websocket. Raises socketio.exceptions.ConnectionError if refused.
-        """
+    async def connect(
+        self, token: str | None, since: dict[str, int] | None = None, *, auth: Any = None
+    ) -> SocketClient:
+        """Connect over a real websocket. Raises socketio.exceptions.ConnectionError if refused."""
         sio = socketio.AsyncClient(reconnection=False)
         client = SocketClient(sio)
 
@@ -144,8 +170,7 @@ class HubHarness:
             if since is not None:
                 auth["since"] = since
         try:
-            await sio.connect(self.base_url, auth=auth, transports=["websocket"],
-                              wait_timeout=10)
+            await sio.connect(self.base_url, auth=auth, transports=["websocket"], wait_timeout=10)
         except socketio.exceptions.ConnectionError as exc:
             raise Refused(client.of_type("connect_error")) from exc
         self.clients.append(client)

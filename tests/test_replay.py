@@ -1,5 +1,4 @@
-"""The replay protocol: reconnect with `since`, get exactly what was missed, in order, then live.
-"""
+"""The replay protocol: reconnect with `since`, get exactly what was missed, in order, then live."""
 
 from __future__ import annotations
 
@@ -10,8 +9,7 @@ from tests.harness import HubHarness, SocketClient
 
 
 async def change_profile(hub: HubHarness, token: str, position: str) -> None:
-    resp = await hub.request("PATCH", "/api/v1/users/me", token=token,
-                             json={"position": position})
+    resp = await hub.request("PATCH", "/api/v1/users/me", token=token, json={"position": position})
     assert resp.status == 200, resp.body
 
 
@@ -19,8 +17,7 @@ def seqs(client: SocketClient, stream: str) -> list[int]:
     return [event["seq"] for event in client.stream_events(stream)]
 
 
-async def test_reconnect_with_since_gets_missed_events_in_order_then_live(hub: HubHarness
-                                                                          ) -> None:
+async def test_reconnect_with_since_gets_missed_events_in_order_then_live(hub: HubHarness) -> None:
     alice_id, alice = await hub.create_user("alice")
     stream = f"user:{alice_id}"
     await change_profile(hub, alice, "before")
@@ -50,8 +47,9 @@ async def test_reconnect_with_since_gets_missed_events_in_order_then_live(hub: H
     assert again.stream_events(stream)[-1]["data"]["user"]["position"] == "live"
 
 
-async def test_events_produced_during_reconnect_are_neither_lost_nor_doubled(hub: HubHarness
-                                                                             ) -> None:
+async def test_events_produced_during_reconnect_are_neither_lost_nor_doubled(
+    hub: HubHarness,
+) -> None:
     alice_id, alice = await hub.create_user("alice")
     stream = f"user:{alice_id}"
     streams = hub.services.streams
@@ -77,8 +75,12 @@ async def test_events_produced_during_reconnect_are_neither_lost_nor_doubled(hub
     await task
     head = await streams.last_seq(stream)
     for since, client in clients:
-        await client.wait_until(lambda c=client: bool(seqs(c, stream))
-                                and seqs(c, stream)[-1] >= head)
+
+        def caught_up(c: SocketClient = client) -> bool:
+            got = seqs(c, stream)
+            return bool(got) and got[-1] >= head
+
+        await client.wait_until(caught_up)
         assert seqs(client, stream) == list(range(since + 1, head + 1)), since
 
 
@@ -89,8 +91,9 @@ async def test_position_older_than_retention_yields_resync(hub: HubHarness) -> N
     for n in range(5):
         await streams.append(stream, "test.tick", {"n": n})
     old = datetime.now(UTC) - streams.retention - timedelta(minutes=1)
-    await hub.services.store.events.update_many({"stream": stream, "seq": {"$lte": 3}},
-                                                {"$set": {"ts": old}})
+    await hub.services.store.events.update_many(
+        {"stream": stream, "seq": {"$lte": 3}}, {"$set": {"ts": old}}
+    )
     assert await streams.prune() == 3
 
     stale = await hub.connect(alice, since={stream: 1})
@@ -120,7 +123,9 @@ async def test_a_user_never_receives_another_users_events(hub: HubHarness) -> No
     assert refusal == {"stream": bob_stream, "code": "forbidden"}
     # joining bob's room later is refused too, as is any stream kind with no rule
     assert await spy.call("subscribe", {"stream": bob_stream, "since": 0}) == {
-        "ok": False, "error": "forbidden"}
+        "ok": False,
+        "error": "forbidden",
+    }
     assert (await spy.call("subscribe", {"stream": "chat:anything"}))["error"] == "forbidden"
     assert (await spy.call("subscribe", {"stream": 42}))["error"] == "bad_request"
 

@@ -34,30 +34,40 @@ class AuthService:
         key = login.strip().lower()
         wait = self.throttle.retry_after(key, time.monotonic())
         if wait > 0:
-            raise Problem(429, "login-throttled", "Too many failed logins",
-                          "this login is locked after repeated failures; try again later",
-                          headers={"Retry-After": str(int(wait) + 1)},
-                          retry_after=int(wait) + 1)
+            raise Problem(
+                429,
+                "login-throttled",
+                "Too many failed logins",
+                "this login is locked after repeated failures; try again later",
+                headers={"Retry-After": str(int(wait) + 1)},
+                retry_after=int(wait) + 1,
+            )
         user = await self._directory.user_by_login(key)
         stored = user.get("password_hash") if user else None
         ok = await verify_password(stored, password)
         if not ok or user is None or not user.get("is_active", True):
             self.throttle.failure(key, time.monotonic())
-            raise Problem(401, "invalid-credentials", "Invalid credentials",
-                          "wrong login or password")
+            raise Problem(
+                401, "invalid-credentials", "Invalid credentials", "wrong login or password"
+            )
         self.throttle.success(key)
         if stored and needs_rehash(stored):
             await self._store.users.update_one(
-                {"_id": user["_id"]}, {"$set": {"password_hash": await hash_password(password)}})
+                {"_id": user["_id"]}, {"$set": {"password_hash": await hash_password(password)}}
+            )
         return await self.issue_token(str(user["_id"])), user
 
     async def issue_token(self, user_id: str) -> str:
         token = secrets.token_urlsafe(32)
         now = datetime.now(UTC)
-        await self._store.tokens.insert_one({
-            "_id": token_hash(token), "user_id": user_id, "created_at": now,
-            "expires_at": now + self._ttl,
-        })
+        await self._store.tokens.insert_one(
+            {
+                "_id": token_hash(token),
+                "user_id": user_id,
+                "created_at": now,
+                "expires_at": now + self._ttl,
+            }
+        )
         return token
 
     async def authenticate(self, token: str | None) -> Document | None:
@@ -85,16 +95,25 @@ class AuthService:
 
     async def set_self_registration(self, enabled: bool) -> None:
         await self._store.portal.update_one(
-            {"_id": PORTAL_SETTINGS_ID}, {"$set": {"self_registration": enabled}}, upsert=True)
+            {"_id": PORTAL_SETTINGS_ID}, {"$set": {"self_registration": enabled}}, upsert=True
+        )
 
     async def register(self, data: UserCreate) -> tuple[str, Document]:
         if not await self.self_registration_enabled():
-            raise Problem(403, "registration-closed", "Registration closed",
-                          "self-registration is turned off on this portal")
+            raise Problem(
+                403,
+                "registration-closed",
+                "Registration closed",
+                "self-registration is turned off on this portal",
+            )
         if data.password is None:
-            raise Problem(422, "validation-error", "Invalid request", "a password is required",
-                          errors=[{"loc": ["password"], "msg": "Field required",
-                                   "type": "missing"}])
+            raise Problem(
+                422,
+                "validation-error",
+                "Invalid request",
+                "a password is required",
+                errors=[{"loc": ["password"], "msg": "Field required", "type": "missing"}],
+            )
         # Whatever the request says, a self-registered user is a plain employee.
         safe = data.model_copy(update={"is_admin": False, "is_external": False})
         user = await self._directory.create_user(safe)

@@ -77,9 +77,16 @@ async def no_member_streams(_user: Document) -> list[str]:
 
 
 class Hub:
-    def __init__(self, settings: Settings, auth: AuthService, streams: StreamLog, bus: EventBus,
-                 presence: PresenceTracker, *, member_streams: MemberStreams = no_member_streams
-                 ) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        auth: AuthService,
+        streams: StreamLog,
+        bus: EventBus,
+        presence: PresenceTracker,
+        *,
+        member_streams: MemberStreams = no_member_streams,
+    ) -> None:
         self.settings = settings
         self._auth = auth
         self._streams = streams
@@ -114,21 +121,31 @@ class Hub:
     async def _on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
         if not isinstance(auth, dict):
             raise socketio.exceptions.ConnectionRefusedError(
-                "authentication required: connect with auth {token}", {"code": "auth_required"})
+                "authentication required: connect with auth {token}", {"code": "auth_required"}
+            )
         try:
             parsed = ConnectAuth.model_validate(auth)
         except ValidationError:
             raise socketio.exceptions.ConnectionRefusedError(
                 "malformed auth: expected {token: string, since?: {stream: seq}}",
-                {"code": "bad_auth"}) from None
+                {"code": "bad_auth"},
+            ) from None
         user = await self._auth.authenticate(parsed.token)
         if user is None:
             raise socketio.exceptions.ConnectionRefusedError(
-                "invalid or expired token", {"code": "invalid_token"})
+                "invalid or expired token", {"code": "invalid_token"}
+            )
         since = {s: n for s, n in parsed.since.items() if len(s) <= MAX_STREAM_NAME}
         self._connections[sid] = Connection(
-            sid, user, since, TokenBucket(self.settings.socket_events_per_second,
-                                          self.settings.socket_event_burst, time.monotonic()))
+            sid,
+            user,
+            since,
+            TokenBucket(
+                self.settings.socket_events_per_second,
+                self.settings.socket_event_burst,
+                time.monotonic(),
+            ),
+        )
         self._tasks[sid] = asyncio.create_task(self._start_session(sid), name=f"session:{sid}")
 
     async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
@@ -157,8 +174,9 @@ class Hub:
                 await self._catch_up(conn, stream, conn.since.get(stream))
             # A client that asked for streams it does not belong to learns it plainly.
             for stream in conn.since.keys() - set(streams):
-                await self.sio.emit("subscribe_error", {"stream": stream, "code": "forbidden"},
-                                    to=sid)
+                await self.sio.emit(
+                    "subscribe_error", {"stream": stream, "code": "forbidden"}, to=sid
+                )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -198,9 +216,11 @@ class Hub:
             status = await self._streams.position_status(stream, since)
             missed = await self._streams.read_since(stream, since) if status == "ok" else None
             if missed is None:
-                await self.sio.emit("resync", {"stream": stream,
-                                               "seq": await self._streams.last_seq(stream)},
-                                    to=conn.sid)
+                await self.sio.emit(
+                    "resync",
+                    {"stream": stream, "seq": await self._streams.last_seq(stream)},
+                    to=conn.sid,
+                )
                 last = await self._streams.last_seq(stream)
             else:
                 for event in missed:
@@ -244,9 +264,11 @@ class Hub:
 
     # client events -----------------------------------------------------------------------------
 
-    def _guarded(self, handler: Callable[[Connection, Any], Awaitable[dict[str, Any]]]
-                 ) -> Callable[[str, Any], Awaitable[dict[str, Any]]]:
+    def _guarded(
+        self, handler: Callable[[Connection, Any], Awaitable[dict[str, Any]]]
+    ) -> Callable[[str, Any], Awaitable[dict[str, Any]]]:
         """Rate-limit and shield a client event handler; the reply goes to the ack callback."""
+
         async def guarded(sid: str, data: Any = None) -> dict[str, Any]:
             conn = self._connections.get(sid)
             if conn is None:
@@ -256,8 +278,12 @@ class Hub:
             try:
                 return await handler(conn, data)
             except ValidationError as exc:
-                return {"ok": False, "error": "bad_request",
-                        "detail": exc.errors(include_url=False, include_input=False)[0]["msg"]}
+                return {
+                    "ok": False,
+                    "error": "bad_request",
+                    "detail": exc.errors(include_url=False, include_input=False)[0]["msg"],
+                }
+
         return guarded
 
     async def _allow(self, conn: Connection) -> bool:
@@ -265,8 +291,11 @@ class Hub:
             return True
         conn.strikes += 1
         if conn.strikes == 1 or conn.strikes % 10 == 0:
-            await self.sio.emit("error", {"code": "rate_limited",
-                                          "message": "too many events; slow down"}, to=conn.sid)
+            await self.sio.emit(
+                "error",
+                {"code": "rate_limited", "message": "too many events; slow down"},
+                to=conn.sid,
+            )
         if conn.strikes >= FLOOD_STRIKES_BEFORE_DISCONNECT:
             log.warning("disconnecting %s (user %s): flooding", conn.sid, conn.user_id)
             await self.sio.disconnect(conn.sid)
@@ -299,8 +328,9 @@ class Hub:
         conn = self._connections.get(sid)
         if conn is not None and not await self._allow(conn):
             return {"ok": False, "error": "rate_limited"}
-        await self.sio.emit("error", {"code": "unknown_event",
-                                      "message": f"unknown event {event[:100]!r}"}, to=sid)
+        await self.sio.emit(
+            "error", {"code": "unknown_event", "message": f"unknown event {event[:100]!r}"}, to=sid
+        )
         return {"ok": False, "error": "unknown_event"}
 
     async def close(self) -> None:

@@ -8,14 +8,30 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-Login = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=2,
-                                         max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
-Email = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, max_length=254,
-                                         pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+Login = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True,
+        to_lower=True,
+        min_length=2,
+        max_length=64,
+        pattern=r"^[a-z0-9][a-z0-9._-]*$",
+    ),
+]
+Email = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, to_lower=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+    ),
+]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)]
 Password = Annotated[str, StringConstraints(min_length=8, max_length=1024)]
-PhoneNumber = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=32,
-                                               pattern=r"^\+?[0-9 ()./-]+$")]
+PhoneNumber = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, min_length=3, max_length=32, pattern=r"^\+?[0-9 ()./-]+$"
+    ),
+]
 
 
 class Strict(BaseModel):
@@ -50,13 +66,18 @@ class UserOut(BaseModel):
     def from_document(cls, doc: dict[str, Any]) -> UserOut:
         first, last = doc.get("first_name", ""), doc.get("last_name", "")
         return cls(
-            id=str(doc["_id"]), login=doc["login"], email=doc.get("email", ""),
-            first_name=first, last_name=last,
+            id=str(doc["_id"]),
+            login=doc["login"],
+            email=doc.get("email", ""),
+            first_name=first,
+            last_name=last,
             name=" ".join(p for p in (first, last) if p) or doc["login"],
             position=doc.get("position", ""),
             phones=[Phone.model_validate(p) for p in doc.get("phones", [])],
-            department_id=doc.get("department_id"), is_admin=bool(doc.get("is_admin")),
-            is_external=bool(doc.get("is_external")), is_active=bool(doc.get("is_active", True)),
+            department_id=doc.get("department_id"),
+            is_admin=bool(doc.get("is_admin")),
+            is_external=bool(doc.get("is_external")),
+            is_active=bool(doc.get("is_active", True)),
             created_at=doc["created_at"],
         )
 
@@ -72,7 +93,8 @@ class UserCreate(ProfileFields):
     login: Login
     email: Email
     password: Password | None = Field(
-        default=None, description="Without one the user cannot log in until a password is set")
+        default=None, description="Without one the user cannot log in until a password is set"
+    )
     department_id: str | None = None
     is_admin: bool = False
     is_external: bool = False
@@ -95,11 +117,13 @@ class ProfileUpdate(ProfileFields):
 
 class UserQuery(Strict):
     name: Annotated[str, StringConstraints(max_length=100)] | None = Field(
-        default=None, description="Part of the first name, last name or login (case-insensitive)")
+        default=None, description="Part of the first name, last name or login (case-insensitive)"
+    )
     department_id: str | None = None
     email: Annotated[str, StringConstraints(max_length=254)] | None = None
     phone: Annotated[str, StringConstraints(max_length=32)] | None = Field(
-        default=None, description="Digits contained in one of the user's phone numbers")
+        default=None, description="Digits contained in one of the user's phone numbers"
+    )
     include_inactive: bool = False
     limit: int = Field(default=100, ge=1, le=500)
     offset: int = Field(default=0, ge=0)
@@ -122,8 +146,10 @@ class DepartmentIn(Strict):
 
 
 class DepartmentUpdate(Strict):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                           max_length=100)] | None = None
+    name: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+        | None
+    ) = None
     parent_id: str | None = None
     head_id: str | None = None
 
@@ -136,8 +162,12 @@ class DepartmentOut(BaseModel):
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> DepartmentOut:
-        return cls(id=str(doc["_id"]), name=doc["name"], parent_id=doc.get("parent_id"),
-                   head_id=doc.get("head_id"))
+        return cls(
+            id=str(doc["_id"]),
+            name=doc["name"],
+            parent_id=doc.get("parent_id"),
+            head_id=doc.get("head_id"),
+        )
 
 
 class WorkgroupIn(Strict):
@@ -161,6 +191,11 @@ class WorkgroupOut(BaseModel):
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> WorkgroupOut:
-        return cls(id=str(doc["_id"]), name=doc["name"], description=doc.get("description", ""),
-                   owner_id=doc["owner_id"], member_ids=list(doc.get("member_ids", [])),
-                   moderator_ids=list(doc.get("moderator_ids", [])))
+        return cls(
+            id=str(doc["_id"]),
+            name=doc["name"],
+            description=doc.get("description", ""),
+            owner_id=doc["owner_id"],
+            member_ids=list(doc.get("member_ids", [])),
+            moderator_ids=list(doc.get("moderator_ids", [])),
+        )

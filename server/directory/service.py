@@ -28,9 +28,12 @@ from server.web.problems import Problem, conflict, forbidden, not_found
 
 
 def person(doc: Document) -> Person:
-    return Person(id=str(doc["_id"]), department_id=doc.get("department_id"),
-                  is_external=bool(doc.get("is_external")),
-                  is_active=bool(doc.get("is_active", True)))
+    return Person(
+        id=str(doc["_id"]),
+        department_id=doc.get("department_id"),
+        is_external=bool(doc.get("is_external")),
+        is_active=bool(doc.get("is_active", True)),
+    )
 
 
 class DirectoryService:
@@ -45,15 +48,21 @@ class DirectoryService:
             await self._require_department(data.department_id)
         now = datetime.now(UTC)
         doc: Document = {
-            "_id": new_id(), "login": data.login, "email": data.email,
-            "first_name": data.first_name or "", "last_name": data.last_name or "",
+            "_id": new_id(),
+            "login": data.login,
+            "email": data.email,
+            "first_name": data.first_name or "",
+            "last_name": data.last_name or "",
             "position": data.position or "",
             "phones": [p.model_dump() for p in data.phones or []],
             "phone_digits": phone_digits(data.phones or []),
-            "department_id": data.department_id, "is_admin": data.is_admin,
-            "is_external": data.is_external, "is_active": True,
+            "department_id": data.department_id,
+            "is_admin": data.is_admin,
+            "is_external": data.is_external,
+            "is_active": True,
             "password_hash": await hash_password(data.password) if data.password else None,
-            "created_at": now, "updated_at": now,
+            "created_at": now,
+            "updated_at": now,
         }
         try:
             await self._store.users.insert_one(doc)
@@ -82,8 +91,10 @@ class DirectoryService:
             filters["is_active"] = True
         if query.name:
             pattern = re.escape(query.name.strip())
-            filters["$or"] = [{field: {"$regex": pattern, "$options": "i"}}
-                              for field in ("first_name", "last_name", "login")]
+            filters["$or"] = [
+                {field: {"$regex": pattern, "$options": "i"}}
+                for field in ("first_name", "last_name", "login")
+            ]
         if query.department_id:
             filters["department_id"] = query.department_id
         if query.email:
@@ -92,13 +103,17 @@ class DirectoryService:
             filters["phone_digits"] = {"$regex": re.escape(query.phone)}
         if viewer.get("is_external"):
             filters["_id"] = {"$in": await self.workgroup_peer_ids(str(viewer["_id"]))}
-        cursor = self._store.users.find(filters, sort=[("last_name", 1), ("first_name", 1),
-                                                       ("login", 1)],
-                                        skip=query.offset, limit=query.limit)
+        cursor = self._store.users.find(
+            filters,
+            sort=[("last_name", 1), ("first_name", 1), ("login", 1)],
+            skip=query.offset,
+            limit=query.limit,
+        )
         return [UserOut.from_document(doc) async for doc in cursor]
 
-    async def update_user(self, user_id: str, patch: UserUpdate | ProfileFields,
-                          actor_id: str) -> UserOut:
+    async def update_user(
+        self, user_id: str, patch: UserUpdate | ProfileFields, actor_id: str
+    ) -> UserOut:
         doc = await self.user_document(user_id)
         changes: Document = {}
         fields = patch.model_dump(exclude_unset=True)
@@ -127,17 +142,26 @@ class DirectoryService:
             await self._store.tokens.delete_many({"user_id": user_id})
         user = UserOut.from_document(doc)
         if visible:
-            await self._streams.append(user_stream(user_id), "user.updated", {
-                "user": user.model_dump(mode="json"), "changed": sorted(visible),
-                "by": actor_id,
-            })
+            await self._streams.append(
+                user_stream(user_id),
+                "user.updated",
+                {
+                    "user": user.model_dump(mode="json"),
+                    "changed": sorted(visible),
+                    "by": actor_id,
+                },
+            )
         return user
 
     async def set_password(self, user_id: str, password: str) -> None:
         await self._store.users.update_one(
             {"_id": user_id},
-            {"$set": {"password_hash": await hash_password(password),
-                      "updated_at": datetime.now(UTC)}},
+            {
+                "$set": {
+                    "password_hash": await hash_password(password),
+                    "updated_at": datetime.now(UTC),
+                }
+            },
         )
 
     async def revoke_tokens(self, user_id: str, keep_token_hash: str | None) -> None:
@@ -152,9 +176,13 @@ class DirectoryService:
             return True
         shared: list[str] = []
         if viewer.get("is_external") or other.get("is_external"):
-            shared = [str(g["_id"]) async for g in self._store.workgroups.find(
-                {"member_ids": {"$all": [str(viewer["_id"]), str(other["_id"])]}},
-                projection={"_id": True})]
+            shared = [
+                str(g["_id"])
+                async for g in self._store.workgroups.find(
+                    {"member_ids": {"$all": [str(viewer["_id"]), str(other["_id"])]}},
+                    projection={"_id": True},
+                )
+            ]
         return may_see_user(person(viewer), person(other), shared)
 
     async def workgroup_peer_ids(self, user_id: str) -> list[str]:
@@ -168,8 +196,9 @@ class DirectoryService:
         if viewer.get("is_external"):
             return await self.workgroup_peer_ids(str(viewer["_id"]))
         seen: list[str] = []
-        async for doc in self._store.users.find({"is_active": True},
-                                                projection={"is_external": True}):
+        async for doc in self._store.users.find(
+            {"is_active": True}, projection={"is_external": True}
+        ):
             if not doc.get("is_external"):
                 seen.append(str(doc["_id"]))
         for peer in await self.workgroup_peer_ids(str(viewer["_id"])):
@@ -180,34 +209,47 @@ class DirectoryService:
     # departments -----------------------------------------------------------------------------
 
     async def department_tree(self) -> dict[str, DepartmentNode]:
-        return {str(d["_id"]): DepartmentNode(str(d["_id"]), d.get("parent_id"), d.get("head_id"))
-                async for d in self._store.departments.find({})}
+        return {
+            str(d["_id"]): DepartmentNode(str(d["_id"]), d.get("parent_id"), d.get("head_id"))
+            async for d in self._store.departments.find({})
+        }
 
     async def _require_department(self, department_id: str) -> Document:
         doc = await self._store.departments.find_one({"_id": department_id})
         if doc is None:
-            raise Problem(422, "unknown-reference", "Unknown reference",
-                          f"department {department_id} does not exist")
+            raise Problem(
+                422,
+                "unknown-reference",
+                "Unknown reference",
+                f"department {department_id} does not exist",
+            )
         return doc
 
     async def _require_user(self, user_id: str) -> None:
         if await self._store.users.find_one({"_id": user_id}, projection={"_id": True}) is None:
-            raise Problem(422, "unknown-reference", "Unknown reference",
-                          f"user {user_id} does not exist")
+            raise Problem(
+                422, "unknown-reference", "Unknown reference", f"user {user_id} does not exist"
+            )
 
     async def create_department(self, data: DepartmentIn) -> DepartmentOut:
         if data.parent_id is not None:
             await self._require_department(data.parent_id)
         if data.head_id is not None:
             await self._require_user(data.head_id)
-        doc: Document = {"_id": new_id(), "name": data.name, "parent_id": data.parent_id,
-                         "head_id": data.head_id}
+        doc: Document = {
+            "_id": new_id(),
+            "name": data.name,
+            "parent_id": data.parent_id,
+            "head_id": data.head_id,
+        }
         await self._store.departments.insert_one(doc)
         return DepartmentOut.from_document(doc)
 
     async def list_departments(self) -> list[DepartmentOut]:
-        return [DepartmentOut.from_document(d)
-                async for d in self._store.departments.find({}, sort=[("name", 1)])]
+        return [
+            DepartmentOut.from_document(d)
+            async for d in self._store.departments.find({}, sort=[("name", 1)])
+        ]
 
     async def get_department(self, department_id: str) -> DepartmentOut:
         doc = await self._store.departments.find_one({"_id": department_id})
@@ -215,16 +257,19 @@ class DirectoryService:
             raise not_found(f"department {department_id}")
         return DepartmentOut.from_document(doc)
 
-    async def update_department(self, department_id: str, patch: DepartmentUpdate
-                                ) -> DepartmentOut:
+    async def update_department(self, department_id: str, patch: DepartmentUpdate) -> DepartmentOut:
         await self.get_department(department_id)
         changes = patch.model_dump(exclude_unset=True)
         if changes.get("parent_id") is not None:
             await self._require_department(changes["parent_id"])
             tree = await self.department_tree()
             if department_id in ancestors(changes["parent_id"], tree):
-                raise Problem(422, "department-cycle", "Department cycle",
-                              "a department cannot be moved below itself")
+                raise Problem(
+                    422,
+                    "department-cycle",
+                    "Department cycle",
+                    "a department cannot be moved below itself",
+                )
         if changes.get("head_id") is not None:
             await self._require_user(changes["head_id"])
         if changes:
@@ -245,30 +290,43 @@ class DirectoryService:
         members = list(dict.fromkeys([owner_id, *data.member_ids]))
         for member in members:
             await self._require_user(member)
-        doc: Document = {"_id": new_id(), "name": data.name, "description": data.description,
-                         "owner_id": owner_id, "member_ids": members,
-                         "moderator_ids": [owner_id], "created_at": datetime.now(UTC)}
+        doc: Document = {
+            "_id": new_id(),
+            "name": data.name,
+            "description": data.description,
+            "owner_id": owner_id,
+            "member_ids": members,
+            "moderator_ids": [owner_id],
+            "created_at": datetime.now(UTC),
+        }
         await self._store.workgroups.insert_one(doc)
         group = WorkgroupOut.from_document(doc)
         for member in members:
-            await self._streams.append(user_stream(member), "workgroup.joined",
-                                       {"workgroup": group.model_dump(mode="json")})
+            await self._streams.append(
+                user_stream(member),
+                "workgroup.joined",
+                {"workgroup": group.model_dump(mode="json")},
+            )
         return group
 
     async def list_workgroups(self, viewer: Document) -> list[WorkgroupOut]:
         query: Document = {"member_ids": str(viewer["_id"])} if viewer.get("is_external") else {}
-        return [WorkgroupOut.from_document(g)
-                async for g in self._store.workgroups.find(query, sort=[("name", 1)])]
+        return [
+            WorkgroupOut.from_document(g)
+            async for g in self._store.workgroups.find(query, sort=[("name", 1)])
+        ]
 
     async def get_workgroup(self, viewer: Document, group_id: str) -> WorkgroupOut:
         doc = await self._store.workgroups.find_one({"_id": group_id})
-        if doc is None or (viewer.get("is_external")
-                           and str(viewer["_id"]) not in doc.get("member_ids", [])):
+        if doc is None or (
+            viewer.get("is_external") and str(viewer["_id"]) not in doc.get("member_ids", [])
+        ):
             raise not_found(f"workgroup {group_id}")
         return WorkgroupOut.from_document(doc)
 
-    async def add_workgroup_members(self, actor: Document, group_id: str, user_ids: list[str],
-                                    moderator: bool) -> WorkgroupOut:
+    async def add_workgroup_members(
+        self, actor: Document, group_id: str, user_ids: list[str], moderator: bool
+    ) -> WorkgroupOut:
         group = await self._moderated_group(actor, group_id)
         for user_id in user_ids:
             await self._require_user(user_id)
@@ -279,20 +337,26 @@ class DirectoryService:
         result = await self.get_workgroup(actor, group_id)
         for user_id in user_ids:
             if user_id not in group.member_ids:
-                await self._streams.append(user_stream(user_id), "workgroup.joined",
-                                           {"workgroup": result.model_dump(mode="json")})
+                await self._streams.append(
+                    user_stream(user_id),
+                    "workgroup.joined",
+                    {"workgroup": result.model_dump(mode="json")},
+                )
         return result
 
-    async def remove_workgroup_member(self, actor: Document, group_id: str, user_id: str
-                                      ) -> WorkgroupOut:
+    async def remove_workgroup_member(
+        self, actor: Document, group_id: str, user_id: str
+    ) -> WorkgroupOut:
         group = await self._moderated_group(actor, group_id)
         if user_id == group.owner_id:
             raise conflict("the owner cannot be removed from the workgroup")
         await self._store.workgroups.update_one(
-            {"_id": group_id}, {"$pull": {"member_ids": user_id, "moderator_ids": user_id}})
+            {"_id": group_id}, {"$pull": {"member_ids": user_id, "moderator_ids": user_id}}
+        )
         if user_id in group.member_ids:
-            await self._streams.append(user_stream(user_id), "workgroup.left",
-                                       {"workgroup_id": group_id})
+            await self._streams.append(
+                user_stream(user_id), "workgroup.left", {"workgroup_id": group_id}
+            )
         return await self.get_workgroup(actor, group_id)
 
     async def _moderated_group(self, actor: Document, group_id: str) -> WorkgroupOut:
@@ -300,4 +364,3 @@ class DirectoryService:
         if not actor.get("is_admin") and str(actor["_id"]) not in group.moderator_ids:
             raise forbidden("only the workgroup's moderators may change its members")
         return group
-

@@ -29,8 +29,9 @@ class Event:
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> Event:
-        return cls(stream=doc["stream"], seq=doc["seq"], type=doc["type"], data=doc["data"],
-                   ts=doc["ts"])
+        return cls(
+            stream=doc["stream"], seq=doc["seq"], type=doc["type"], data=doc["data"], ts=doc["ts"]
+        )
 
 
 @dataclass(frozen=True, slots=True)

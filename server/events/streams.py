@@ -49,8 +49,9 @@ PositionStatus = Literal["ok", "resync"]
 class StreamLog:
     """Appends to and reads from streams; publishes each stored event on the bus, in order."""
 
-    def __init__(self, store: Store, bus: EventBus, *, retention_seconds: int,
-                 replay_limit: int = 5000) -> None:
+    def __init__(
+        self, store: Store, bus: EventBus, *, retention_seconds: int, replay_limit: int = 5000
+    ) -> None:
         self._store = store
         self._bus = bus
         self.retention = timedelta(seconds=retention_seconds)
@@ -106,10 +107,14 @@ class StreamLog:
             if head is None:
                 head = await self.last_seq(stream)
             now = datetime.now(UTC)
-            events = [Event(stream, head + i + 1, item.type, item.data, now)
-                      for i, item in enumerate(remaining)]
-            docs = [{"stream": e.stream, "seq": e.seq, "type": e.type, "data": e.data, "ts": e.ts}
-                    for e in events]
+            events = [
+                Event(stream, head + i + 1, item.type, item.data, now)
+                for i, item in enumerate(remaining)
+            ]
+            docs = [
+                {"stream": e.stream, "seq": e.seq, "type": e.type, "data": e.data, "ts": e.ts}
+                for e in events
+            ]
             try:
                 await self._store.events.insert_many(docs, ordered=True)
             except BulkWriteError as exc:
@@ -149,10 +154,10 @@ class StreamLog:
         return "ok"
 
     async def read_since(self, stream: str, after_seq: int) -> list[Event] | None:
-        """Events after ``after_seq`` in order, or None when there are more than can be replayed.
-        """
+        """Events after ``after_seq`` in order, or None when there are more than can be replayed."""
         cursor = self._store.events.find(
-            {"stream": stream, "seq": {"$gt": after_seq}}, sort=[("seq", 1)],
+            {"stream": stream, "seq": {"$gt": after_seq}},
+            sort=[("seq", 1)],
             limit=self.replay_limit + 1,
         )
         events = [Event.from_document(doc) async for doc in cursor]
@@ -161,13 +166,14 @@ class StreamLog:
         return events
 
     async def prune(self, now: datetime | None = None) -> int:
-        """Drop events older than the retention window, remembering how far each stream was cut.
-        """
+        """Drop events older than the retention window, remembering how far each stream was cut."""
         cutoff = (now or datetime.now(UTC)) - self.retention
-        cut_points = await self._store.events.aggregate([
-            {"$match": {"ts": {"$lt": cutoff}}},
-            {"$group": {"_id": "$stream", "max_seq": {"$max": "$seq"}}},
-        ])
+        cut_points = await self._store.events.aggregate(
+            [
+                {"$match": {"ts": {"$lt": cutoff}}},
+                {"$group": {"_id": "$stream", "max_seq": {"$max": "$seq"}}},
+            ]
+        )
         removed = 0
         async for point in cut_points:
             stream, max_seq = point["_id"], int(point["max_seq"])

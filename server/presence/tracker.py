@@ -50,5 +50,6 @@ class PresenceTracker:
         viewers = [v for v in await self._viewers_of(user_id) if v in online and v != user_id]
         # The user's own other devices learn it too (e.g. "you are online elsewhere").
         targets = tuple(user_stream(v) for v in [user_id, *viewers])
-        await self._bus.publish_ephemeral(EphemeralEvent(
-            "presence.changed", {"user_id": user_id, "status": status}, targets))
+        await self._bus.publish_ephemeral(
+            EphemeralEvent("presence.changed", {"user_id": user_id, "status": status}, targets)
+        )

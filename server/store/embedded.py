@@ -96,8 +96,9 @@ def running_endpoint(db_dir: Path) -> str | None:
         ) from exc
 
 
-async def wait_until_ready(url: str, timeout: float, process: asyncio.subprocess.Process | None
-                           ) -> None:
+async def wait_until_ready(
+    url: str, timeout: float, process: asyncio.subprocess.Process | None
+) -> None:
     deadline = time.monotonic() + timeout
     client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
         url, serverSelectionTimeoutMS=500, connectTimeoutMS=500
@@ -120,8 +121,9 @@ async def wait_until_ready(url: str, timeout: float, process: asyncio.subprocess
 class EmbeddedDatabase:
     """Starts, owns and stops one ``secantusd-py`` on a free loopback port."""
 
-    def __init__(self, db_dir: Path, *, storage: str | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, db_dir: Path, *, storage: str | None = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.db_dir = db_dir
         self._storage = storage
         self._extra_args = extra_args
@@ -149,9 +151,19 @@ class EmbeddedDatabase:
         storage = self._storage or str(self.db_dir / "data")
         self._log = open(self.db_dir / LOG_FILE, "ab")  # noqa: SIM115 - child's stdout
         self._process = await asyncio.create_subprocess_exec(
-            find_executable(), "--host", "127.0.0.1", "--port", str(port),
-            "--storage-path", storage, "--log-level", "WARNING", *self._extra_args,
-            stdin=asyncio.subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            find_executable(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--storage-path",
+            storage,
+            "--log-level",
+            "WARNING",
+            *self._extra_args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
             preexec_fn=_die_with_parent,
         )
         self.url = mongodb_url("127.0.0.1", port)

@@ -78,8 +78,13 @@ def validation_problem(exc: ValidationError, where: str) -> Problem:
         {"loc": [str(p) for p in err["loc"]], "msg": err["msg"], "type": err["type"]}
         for err in exc.errors(include_url=False, include_input=False)
     ]
-    return Problem(422, "validation-error", "Invalid request",
-                   f"the {where} does not match the expected schema", errors=errors)
+    return Problem(
+        422,
+        "validation-error",
+        "Invalid request",
+        f"the {where} does not match the expected schema",
+        errors=errors,
+    )
 
 
 class Api:
@@ -90,35 +95,65 @@ class Api:
         self.version = version
         self.operations: list[Operation] = []
 
-    def route(self, method: str, path: str, *, summary: str, tag: str, auth: AuthLevel = "user",
-              body: type[BaseModel] | None = None, query: type[BaseModel] | None = None,
-              response: type[BaseModel] | None = None, many: bool = False, status: int = 200,
-              errors: tuple[int, ...] = (), description: str = "",
-              extra_responses: dict[str, Any] | None = None,
-              ) -> Callable[[HandlerFn], HandlerFn]:
+    def route(
+        self,
+        method: str,
+        path: str,
+        *,
+        summary: str,
+        tag: str,
+        auth: AuthLevel = "user",
+        body: type[BaseModel] | None = None,
+        query: type[BaseModel] | None = None,
+        response: type[BaseModel] | None = None,
+        many: bool = False,
+        status: int = 200,
+        errors: tuple[int, ...] = (),
+        description: str = "",
+        extra_responses: dict[str, Any] | None = None,
+    ) -> Callable[[HandlerFn], HandlerFn]:
         def register(fn: HandlerFn) -> HandlerFn:
-            self.operations.append(Operation(
-                method.upper(), path, fn, summary, tag, auth, body, query, response, many,
-                status, errors, description or (fn.__doc__ or "").strip(),
-                extra_responses or {},
-            ))
+            self.operations.append(
+                Operation(
+                    method.upper(),
+                    path,
+                    fn,
+                    summary,
+                    tag,
+                    auth,
+                    body,
+                    query,
+                    response,
+                    many,
+                    status,
+                    errors,
+                    description or (fn.__doc__ or "").strip(),
+                    extra_responses or {},
+                )
+            )
             return fn
+
         return register
 
     def install(self, app: web.Application, authenticate: Authenticator) -> None:
         for op in self.operations:
             app.router.add_route(op.method, op.path, self._wrap(op, authenticate))
 
-    def _wrap(self, op: Operation, authenticate: Authenticator
-              ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    def _wrap(
+        self, op: Operation, authenticate: Authenticator
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             user = None
             if op.auth != "none":
                 user = await authenticate(request)
                 if user is None:
-                    raise Problem(401, "unauthorized", "Authentication required",
-                                  "send a valid token as 'Authorization: Bearer <token>'",
-                                  headers={"WWW-Authenticate": 'Bearer realm="portalhub"'})
+                    raise Problem(
+                        401,
+                        "unauthorized",
+                        "Authentication required",
+                        "send a valid token as 'Authorization: Bearer <token>'",
+                        headers={"WWW-Authenticate": 'Bearer realm="portalhub"'},
+                    )
                 if op.auth == "admin" and not user.get("is_admin"):
                     raise Problem(403, "forbidden", "Forbidden", "administrators only")
             body = await _parse_body(request, op.body) if op.body is not None else None
@@ -130,6 +165,7 @@ class Api:
                     raise validation_problem(exc, "query string") from None
             result = await op.handler(Call(request, body, query, user))
             return _respond(result, op.status)
+
         return handle
 
     def openapi(self) -> dict[str, Any]:
@@ -170,13 +206,16 @@ class Api:
                 qschema = op.query.model_json_schema()
                 required = set(qschema.get("required", []))
                 for name, prop in qschema.get("properties", {}).items():
-                    params.append({"name": name, "in": "query", "required": name in required,
-                                   "schema": prop})
+                    params.append(
+                        {"name": name, "in": "query", "required": name in required, "schema": prop}
+                    )
             if params:
                 entry["parameters"] = params
             if op.body is not None:
-                entry["requestBody"] = {"required": True, "content": {
-                    "application/json": {"schema": ref(op.body)}}}
+                entry["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": ref(op.body)}},
+                }
             if op.auth != "none":
                 entry["security"] = [{"bearer": []}]
             ok: dict[str, Any] = {"description": "Success"}
@@ -197,8 +236,9 @@ class Api:
             for code in sorted(codes):
                 entry["responses"][str(code)] = {
                     "description": "Problem",
-                    "content": {PROBLEM_CONTENT_TYPE: {
-                        "schema": {"$ref": "#/components/schemas/Problem"}}},
+                    "content": {
+                        PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}
+                    },
                 }
             paths.setdefault(op.path, {})[op.method.lower()] = entry
         return {
@@ -233,11 +273,17 @@ async def _parse_body(request: web.Request, model: type[M]) -> M:
     try:
         data = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError):
-        raise Problem(400, "malformed-json", "Malformed JSON",
-                      "the request body is not valid JSON") from None
+        raise Problem(
+            400, "malformed-json", "Malformed JSON", "the request body is not valid JSON"
+        ) from None
     if not isinstance(data, dict):
-        raise Problem(422, "validation-error", "Invalid request",
-                      "the request body must be a JSON object", errors=[])
+        raise Problem(
+            422,
+            "validation-error",
+            "Invalid request",
+            "the request body must be a JSON object",
+            errors=[],
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:

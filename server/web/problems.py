@@ -29,8 +29,16 @@ _HTTP_SLUGS = {
 class Problem(Exception):
     """Raise anywhere below a handler to answer with a problem document."""
 
-    def __init__(self, status: int, slug: str, title: str, detail: str | None = None,
-                 *, headers: dict[str, str] | None = None, **extensions: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
         super().__init__(detail or title)
         self.status = status
         self.slug = slug
@@ -40,8 +48,11 @@ class Problem(Exception):
         self.extensions = extensions
 
     def document(self, instance: str | None = None) -> dict[str, Any]:
-        doc: dict[str, Any] = {"type": TYPE_PREFIX + self.slug, "title": self.title,
-                               "status": self.status}
+        doc: dict[str, Any] = {
+            "type": TYPE_PREFIX + self.slug,
+            "title": self.title,
+            "status": self.status,
+        }
         if self.detail:
             doc["detail"] = self.detail
         if instance:
@@ -51,8 +62,10 @@ class Problem(Exception):
 
     def response(self, instance: str | None = None) -> web.Response:
         return web.Response(
-            status=self.status, text=json.dumps(self.document(instance)),
-            content_type=PROBLEM_CONTENT_TYPE, headers=self.headers,
+            status=self.status,
+            text=json.dumps(self.document(instance)),
+            content_type=PROBLEM_CONTENT_TYPE,
+            headers=self.headers,
         )
 
 
@@ -90,5 +103,6 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return Problem(500, "internal-error", "Internal server error",
-                       "the error was logged").response(request.path)
+        return Problem(
+            500, "internal-error", "Internal server error", "the error was logged"
+        ).response(request.path)

@@ -29,8 +29,16 @@ def bearer_token(call: Call) -> str:
     return header[7:].strip() if header[:7].lower() == "bearer " else ""
 
 
-@api.route("POST", "/api/v1/auth/login", summary="Log in with login and password", tag="auth",
-           auth="none", body=LoginRequest, response=TokenResponse, errors=(401, 429))
+@api.route(
+    "POST",
+    "/api/v1/auth/login",
+    summary="Log in with login and password",
+    tag="auth",
+    auth="none",
+    body=LoginRequest,
+    response=TokenResponse,
+    errors=(401, 429),
+)
 async def login(call: Call) -> TokenResponse:
     """Returns a bearer token. Ten failures in a row lock the login for a while (429)."""
     body = call.body_as(LoginRequest)
@@ -38,15 +46,28 @@ async def login(call: Call) -> TokenResponse:
     return TokenResponse(token=token, user=UserOut.from_document(user))
 
 
-@api.route("POST", "/api/v1/auth/logout", summary="Revoke the token used for this request",
-           tag="auth", status=204)
+@api.route(
+    "POST",
+    "/api/v1/auth/logout",
+    summary="Revoke the token used for this request",
+    tag="auth",
+    status=204,
+)
 async def logout(call: Call) -> None:
     await services(call.request).auth.logout(bearer_token(call))
 
 
-@api.route("POST", "/api/v1/auth/register", summary="Self-registration (when the portal allows)",
-           tag="auth", auth="none", body=UserCreate, response=TokenResponse, status=201,
-           errors=(403, 409))
+@api.route(
+    "POST",
+    "/api/v1/auth/register",
+    summary="Self-registration (when the portal allows)",
+    tag="auth",
+    auth="none",
+    body=UserCreate,
+    response=TokenResponse,
+    status=201,
+    errors=(403, 409),
+)
 async def register(call: Call) -> TokenResponse:
     """Answers 403 while self-registration is off (the default)."""
     token, user = await services(call.request).auth.register(call.body_as(UserCreate))

@@ -21,31 +21,54 @@ class Health(BaseModel):
     database: str | None = None
 
 
-@api.route("GET", "/api/v1/portal/settings", summary="Portal settings", tag="portal",
-           response=PortalSettings)
+@api.route(
+    "GET",
+    "/api/v1/portal/settings",
+    summary="Portal settings",
+    tag="portal",
+    response=PortalSettings,
+)
 async def get_portal_settings(call: Call) -> PortalSettings:
     enabled = await services(call.request).auth.self_registration_enabled()
     return PortalSettings(self_registration=enabled)
 
 
-@api.route("PUT", "/api/v1/portal/settings", summary="Change portal settings (admin)",
-           tag="portal", auth="admin", body=PortalSettings, response=PortalSettings)
+@api.route(
+    "PUT",
+    "/api/v1/portal/settings",
+    summary="Change portal settings (admin)",
+    tag="portal",
+    auth="admin",
+    body=PortalSettings,
+    response=PortalSettings,
+)
 async def put_portal_settings(call: Call) -> PortalSettings:
     body = call.body_as(PortalSettings)
     await services(call.request).auth.set_self_registration(body.self_registration)
     return body
 
 
-@api.route("GET", "/healthz", summary="The process is up", tag="health", auth="none",
-           response=Health)
+@api.route(
+    "GET", "/healthz", summary="The process is up", tag="health", auth="none", response=Health
+)
 async def healthz(call: Call) -> Health:
     return Health(status="ok")
 
 
-@api.route("GET", "/readyz", summary="The hub can serve: its database answers", tag="health",
-           auth="none", response=Health,
-           extra_responses={"503": {"description": "Not ready", "content": {
-               "application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}}})
+@api.route(
+    "GET",
+    "/readyz",
+    summary="The hub can serve: its database answers",
+    tag="health",
+    auth="none",
+    response=Health,
+    extra_responses={
+        "503": {
+            "description": "Not ready",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
+        }
+    },
+)
 async def readyz(call: Call) -> Health | web.Response:
     if await services(call.request).store.ping():
         return Health(status="ready", database="ok")

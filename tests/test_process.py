@@ -1,0 +1,218 @@
+"""The real thing, as `make run` starts it: `portalhub serve` on the embedded database.
+
+These start whole processes: the hub and its SecantusDB child. They check what a user sees:
+ready, demo logins work, the CLI shares the running hub's database, data survives a restart,
+and no database process outlives the hub - after Ctrl-C, SIGTERM or even SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.store.embedded import free_loopback_port
+
+pytestmark = pytest.mark.slow
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class Hub:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_loopback_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PORTALHUB_")}
+        self.env.update(PORTALHUB_DATA_DIR=str(data_dir), PORTALHUB_HTTP_PORT=str(self.port))
+        self.process: subprocess.Popen[str] | None = None
+
+    def cli(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "server", *args],
+            env=self.env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--demo"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        wait_for(self.ready, 90, "the hub to be ready")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            out = self.process.stdout.read() if self.process.stdout else ""
+            raise AssertionError(f"hub exited with {self.process.returncode}:\n{out}")
+        try:
+            with urllib.request.urlopen(self.url("/readyz"), timeout=2) as resp:
+                return bool(json.load(resp)["status"] == "ready")
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def login(self, login: str, password: str) -> int:
+        request = urllib.request.Request(
+            self.url("/api/v1/auth/login"),
+            data=json.dumps({"login": login, "password": password}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+
+    def database_pid(self) -> int:
+        endpoint = json.loads((self.data_dir / "db" / "endpoint.json").read_text())
+        return int(endpoint["pid"])
+
+    def stop(self, sig: signal.Signals) -> str:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        out, _ = self.process.communicate(timeout=60)
+        return out
+
+    def kill_all(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def hub_process(tmp_path: Path) -> Iterator[Hub]:
+    hub = Hub(tmp_path / "var")
+    try:
+        yield hub
+    finally:
+        hub.kill_all()
+
+
+def test_serve_demo_restart_and_cli(hub_process: Hub) -> None:
+    hub = hub_process
+    hub.start()
+    assert hub.login("john", "demo-pass") == 200
+    assert hub.login("john", "wrong-password") == 401
+    db_pid = hub.database_pid()
+    assert alive(db_pid)
+
+    # while the hub runs, the CLI works on the hub's own database
+    added = hub.cli(
+        "user",
+        "add",
+        "carol",
+        "--email",
+        "carol@example.test",
+        "--password-stdin",
+        stdin="carol-secret\n",
+    )
+    assert added.returncode == 0, added.stderr
+    assert hub.login("carol", "carol-secret") == 200
+    listed = hub.cli("user", "list")
+    assert "carol" in listed.stdout and "john" in listed.stdout
+
+    out = hub.stop(signal.SIGINT)
+    assert hub.process is not None and hub.process.returncode == 0, out
+    assert "Demo logins" in out and f"http://127.0.0.1:{hub.port}/" in out
+    wait_for(lambda: not alive(db_pid), 10, "the database to stop")
+    assert not (hub.data_dir / "db" / "endpoint.json").exists()
+
+    # with no hub running, the CLI starts the database for itself and stops it after
+    passwd = hub.cli("user", "passwd", "carol", "--password-stdin", stdin="carol-secret-2\n")
+    assert passwd.returncode == 0, passwd.stderr
+    assert not (hub.data_dir / "db" / "endpoint.json").exists()
+
+    # the same data after a restart, demo seeding not repeated
+    hub.start()
+    assert hub.login("carol", "carol-secret-2") == 200
+    assert hub.login("john", "demo-pass") == 200
+    second_db = hub.database_pid()
+    hub.stop(signal.SIGTERM)
+    wait_for(lambda: not alive(second_db), 10, "the database to stop on SIGTERM")
+
+
+def test_database_dies_with_a_killed_hub(hub_process: Hub) -> None:
+    hub = hub_process
+    hub.start()
+    db_pid = hub.database_pid()
+    assert hub.process is not None
+    hub.process.kill()
+    hub.process.wait()
+    wait_for(lambda: not alive(db_pid), 20, "the orphaned database to stop")
+    # and the data directory is usable again right away
+    hub.start()
+    assert hub.login("john", "demo-pass") == 200
+
+
+def test_second_server_on_the_same_data_refuses(hub_process: Hub) -> None:
+    hub = hub_process
+    hub.start()
+    second = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--port", str(free_loopback_port())],
+        env=hub.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode != 0
+    assert "already run by another process" in second.stderr
+    assert hub.login("john", "demo-pass") == 200
+
+
+def test_config_show_masks_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "portalhub.toml"
+    config.write_text('domain = "intranet.example"\nhttp_port = 9000\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTALHUB_")}
+    env.update(
+        PORTALHUB_CONFIG=str(config),
+        PORTALHUB_HTTP_PORT="9100",
+        PORTALHUB_MONGODB_URL="mongodb://admin:hunter2@db.example:27017/",
+    )
+    shown = subprocess.run(
+        [sys.executable, "-m", "server", "config", "show"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    settings = json.loads(shown.stdout)
+    assert settings["domain"] == "intranet.example"  # from the file
+    assert settings["http_port"] == 9100  # the environment wins over the file
+    assert settings["host"] == "127.0.0.1"
+    assert settings["mongodb_url"] == "********"
+    assert "hunter2" not in shown.stdout
