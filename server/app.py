@@ -12,20 +12,21 @@ from typing import Any
 from aiohttp import web
 
 from server.auth.service import AuthService
-from server.channels.hub import Hub
+from server.channels.hub import Hub, typing_handler
 from server.directory.service import DirectoryService
 from server.events.bus import InProcessBus
 from server.events.streams import StreamLog
-from server.presence.tracker import PresenceTracker
+from server.im.service import ImService
+from server.presence.service import PresenceService
+from server.presence.store import InMemoryPresenceStore
 from server.services import SERVICES, Services
 from server.settings import Settings
 from server.store.database import Document, Store
 from server.web.problems import problem_middleware
-from server.web.routes import api, auth, departments, portal, users, workgroups
+from server.web.routes.all import api
 
 log = logging.getLogger(__name__)
 
-_ROUTE_MODULES = (auth, users, departments, workgroups, portal)  # imported for their routes
 MAINTENANCE_INTERVAL_SECONDS = 600.0
 PLACEHOLDER_DIR = Path(__file__).resolve().parent.parent / "web-client"
 
@@ -33,28 +34,50 @@ PLACEHOLDER_DIR = Path(__file__).resolve().parent.parent / "web-client"
 def build_services(settings: Settings, store: Store) -> Services:
     bus = InProcessBus()
     streams = StreamLog(store, bus, retention_seconds=settings.event_retention_seconds)
-    directory = DirectoryService(store, streams)
-    auth_service = AuthService(store, directory, settings)
+    directory = DirectoryService(store, streams, bus)
+    auth_service = AuthService(store, directory, bus, settings)
 
     async def viewers_of(user_id: str) -> list[str]:
         doc = await store.users.find_one({"_id": user_id})
         return await directory.visible_user_ids(doc) if doc else []
 
-    presence = PresenceTracker(bus, viewers_of)
-    hub = Hub(settings, auth_service, streams, bus, presence)
+    presence = PresenceService(
+        store,
+        InMemoryPresenceStore(),
+        bus,
+        viewers_of,
+        grace_seconds=settings.presence_grace_seconds,
+        heartbeat_timeout_seconds=settings.presence_heartbeat_timeout_seconds,
+    )
+    im = ImService(store, streams, directory, bus, settings)
+    directory.workgroup_hooks.append(im)
+    hub = Hub(settings, auth_service, streams, bus, presence, member_streams=im.member_streams)
+    hub.on_client_event("im.typing", typing_handler(im.typing))
 
     async def presence_snapshot(user: Document) -> dict[str, Any]:
+        me = str(user["_id"])
         visible = await directory.visible_user_ids(user)
-        me = str(user["_id"])  # connecting right now, so online whatever the tracker says yet
-        return {uid: "online" if uid == me else presence.status(uid) for uid in visible}
+        online = await presence.online_user_ids()
+        seen: dict[str, Any] = {}
+        for uid in visible:
+            if uid == me:
+                seen[uid] = "online"  # connecting right now
+            elif uid in online:
+                seen[uid] = await presence.seen_status(uid)
+            else:
+                seen[uid] = "offline"
+        return seen
 
     async def counters_snapshot(user: Document) -> dict[str, Any]:
-        # Counter providers (messenger, tasks, CRM) register here as those domains arrive.
-        return {}
+        return {"im": (await im.counters(str(user["_id"]))).model_dump()}
+
+    async def settings_snapshot(user: Document) -> dict[str, Any]:
+        return {"im": (await im.get_settings(str(user["_id"]))).model_dump()}
 
     hub.add_snapshot_part("counters", counters_snapshot)
     hub.add_snapshot_part("presence", presence_snapshot)
-    return Services(settings, store, bus, streams, directory, auth_service, presence, hub)
+    hub.add_snapshot_part("settings", settings_snapshot)
+    return Services(settings, store, bus, streams, directory, auth_service, presence, im, hub)
 
 
 def web_client_dir(settings: Settings) -> Path:
@@ -102,10 +125,12 @@ def create_app(settings: Settings, store: Store) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_maintenance(svc), name="maintenance")
+        svc.presence.start()
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await svc.presence.close()
         await svc.hub.close()
         await svc.streams.close()
 

@@ -31,8 +31,9 @@ log = logging.getLogger("portalhub")
 def _directory(store: Store, settings: Settings) -> DirectoryService:
     # The CLI's own bus has no subscribers: the events it writes reach a running server's
     # clients through their streams' history (replay), not live.
-    streams = StreamLog(store, InProcessBus(), retention_seconds=settings.event_retention_seconds)
-    return DirectoryService(store, streams)
+    bus = InProcessBus()
+    streams = StreamLog(store, bus, retention_seconds=settings.event_retention_seconds)
+    return DirectoryService(store, streams, bus)
 
 
 def print_logins(logins: list[tuple[str, str]], password: str) -> None:
@@ -97,19 +98,19 @@ async def user_add(settings: Settings, args: argparse.Namespace, password: str) 
                 raise SystemExit(f"no department {args.department!r}")
             department_id = str(dept["_id"])
         try:
+            given = {"first_name": args.first_name, "last_name": args.last_name}
             data = UserCreate(
                 login=args.login,
                 email=args.email,
                 password=password,
-                first_name=args.first_name,
-                last_name=args.last_name,
                 department_id=department_id,
                 is_admin=args.admin,
+                **{k: v for k, v in given.items() if v is not None},
             )
         except ValidationError as exc:
-            raise SystemExit(
-                f"invalid user: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}"
-            ) from None
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"]) or "user"
+            raise SystemExit(f"invalid {where}: {error['msg']}") from None
         from server.web.problems import Problem
 
         try:
@@ -142,7 +143,7 @@ async def user_passwd(settings: Settings, login: str, password: str) -> None:
         if user is None:
             raise SystemExit(f"no user {login!r}")
         await directory.set_password(str(user["_id"]), password)
-        await directory.revoke_tokens(str(user["_id"]), keep_token_hash=None)
+        await directory.revoke_tokens(str(user["_id"]), "password_changed")
     print(f"password of {login} changed; their sessions were ended")
 
 

@@ -11,7 +11,8 @@ from server.channels.hub import Hub
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
 from server.events.streams import StreamLog
-from server.presence.tracker import PresenceTracker
+from server.im.service import ImService
+from server.presence.service import PresenceService
 from server.settings import Settings
 from server.store.database import Store
 
@@ -24,7 +25,8 @@ class Services:
     streams: StreamLog
     directory: DirectoryService
     auth: AuthService
-    presence: PresenceTracker
+    presence: PresenceService
+    im: ImService
     hub: Hub
 
 

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     socket_max_message_bytes: int = Field(default=64 * 1024, ge=1024)
     socket_events_per_second: float = Field(default=20.0, gt=0)
     socket_event_burst: int = Field(default=40, ge=1)
+    presence_grace_seconds: float = Field(default=5.0, ge=0)
+    presence_heartbeat_timeout_seconds: float = Field(default=140.0, gt=0)
+    im_max_message_chars: int = Field(default=10_000, ge=1)
+    im_messages_per_second: float = Field(default=5.0, gt=0)
+    im_message_burst: int = Field(default=20, ge=1)
+    im_max_recipients: int = Field(default=500, ge=1)
     web_client_dir: Path | None = None
     log_level: str = "INFO"
 

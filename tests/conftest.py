@@ -98,6 +98,7 @@ def settings(mongo_url: str, tmp_path: Path) -> Settings:
         mongodb_database=f"t_{uuid.uuid4().hex[:12]}",
         http_port=0,
         data_dir=tmp_path / "var",
+        presence_grace_seconds=0.3,
     )
 
 

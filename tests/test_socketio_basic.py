@@ -32,11 +32,16 @@ async def test_connecting_client_gets_snapshot(hub: HubHarness) -> None:
     [snapshot] = await client.wait_for("snapshot")
     assert snapshot["presence"][bob_id] == "online"
     assert snapshot["presence"][alice_id] == "online"
-    assert snapshot["counters"] == {}
+    assert snapshot["counters"] == {"im": {"unread": 0, "chats": {}}}
+    assert snapshot["settings"] == {"im": {"sound": True}}
     assert snapshot["streams"] == {f"user:{alice_id}": 0}
     # bob sees alice come online, live
-    alice_online = {"user_id": alice_id, "status": "online"}
-    await bob_client.wait_until(lambda: alice_online in bob_client.of_type("presence.changed"))
+    def seen(status: str) -> bool:
+        return any(
+            change["user_id"] == alice_id and change["status"] == status
+            for change in bob_client.of_type("presence.changed")
+        )
+
+    await bob_client.wait_until(lambda: seen("online"))
     await client.close()
-    alice_offline = {"user_id": alice_id, "status": "offline"}
-    await bob_client.wait_until(lambda: alice_offline in bob_client.of_type("presence.changed"))
+    await bob_client.wait_until(lambda: seen("offline"))

@@ -9,10 +9,13 @@ from datetime import UTC, datetime, timedelta
 
 from server.auth.passwords import hash_password, needs_rehash, verify_password
 from server.auth.throttle import LoginThrottle
-from server.directory.models import UserCreate
+from server.directory.models import RegisterRequest, UserCreate
 from server.directory.service import DirectoryService
+from server.events.bus import EventBus
+from server.events.models import EphemeralEvent
+from server.events.streams import user_stream
 from server.settings import Settings
-from server.store.database import Document, Store
+from server.store.database import Document, Store, utcnow
 from server.web.problems import Problem
 
 PORTAL_SETTINGS_ID = "portal"
@@ -24,8 +27,11 @@ def token_hash(token: str) -> str:
 
 
 class AuthService:
-    def __init__(self, store: Store, directory: DirectoryService, settings: Settings) -> None:
+    def __init__(
+        self, store: Store, directory: DirectoryService, bus: EventBus, settings: Settings
+    ) -> None:
         self._store = store
+        self._bus = bus
         self._directory = directory
         self._ttl = timedelta(seconds=settings.token_ttl_seconds)
         self.throttle = LoginThrottle(settings.login_max_failures, settings.login_lockout_seconds)
@@ -59,7 +65,7 @@ class AuthService:
 
     async def issue_token(self, user_id: str) -> str:
         token = secrets.token_urlsafe(32)
-        now = datetime.now(UTC)
+        now = utcnow()
         await self._store.tokens.insert_one(
             {
                 "_id": token_hash(token),
@@ -83,7 +89,18 @@ class AuthService:
         return user
 
     async def logout(self, token: str) -> None:
-        await self._store.tokens.delete_one({"_id": token_hash(token)})
+        """Revoke this token; connections opened with it are closed, the user's others stay."""
+        hashed = token_hash(token)
+        record = await self._store.tokens.find_one_and_delete({"_id": hashed})
+        if record is not None:
+            await self._bus.publish_ephemeral(
+                EphemeralEvent(
+                    "session.revoked",
+                    {"reason": "logout"},
+                    (user_stream(record["user_id"]),),
+                    private={"token_hash": hashed},
+                )
+            )
 
     async def prune_expired_tokens(self) -> int:
         result = await self._store.tokens.delete_many({"expires_at": {"$lte": datetime.now(UTC)}})
@@ -98,7 +115,7 @@ class AuthService:
             {"_id": PORTAL_SETTINGS_ID}, {"$set": {"self_registration": enabled}}, upsert=True
         )
 
-    async def register(self, data: UserCreate) -> tuple[str, Document]:
+    async def require_registration_open(self) -> None:
         if not await self.self_registration_enabled():
             raise Problem(
                 403,
@@ -106,16 +123,9 @@ class AuthService:
                 "Registration closed",
                 "self-registration is turned off on this portal",
             )
-        if data.password is None:
-            raise Problem(
-                422,
-                "validation-error",
-                "Invalid request",
-                "a password is required",
-                errors=[{"loc": ["password"], "msg": "Field required", "type": "missing"}],
-            )
-        # Whatever the request says, a self-registered user is a plain employee.
-        safe = data.model_copy(update={"is_admin": False, "is_external": False})
-        user = await self._directory.create_user(safe)
+
+    async def register(self, data: RegisterRequest) -> tuple[str, Document]:
+        await self.require_registration_open()
+        user = await self._directory.create_user(UserCreate(**data.model_dump()))
         doc = await self._directory.user_document(user.id)
         return await self.issue_token(user.id), doc

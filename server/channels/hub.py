@@ -6,6 +6,10 @@ events it was skipped for are kept in its buffer. After the replay from the data
 buffer is drained (dropping what the replay already sent), and only when it is empty - checked
 and cleared with no await in between - does the connection take live emits again. Every event
 is therefore either in the database read or in the buffer, and is sent exactly once, in order.
+
+Memberships travel on personal streams: an event carrying ``join_stream``/``from_seq`` makes
+the member's live connections subscribe to that stream from that position, and a reconnecting
+client that replays such an event has the stream replayed from there too.
 """
 
 from __future__ import annotations
@@ -21,26 +25,28 @@ from typing import Any
 import socketio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.auth.service import AuthService
+from server.auth.service import AuthService, token_hash
 from server.channels.ratelimit import TokenBucket
 from server.channels.rooms import may_subscribe
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent, Event
 from server.events.streams import StreamLog, user_stream
-from server.presence.tracker import PresenceTracker
+from server.presence.service import PresenceService
 from server.settings import Settings
 from server.store.database import Document
 
 log = logging.getLogger(__name__)
 
-StreamName = str
-SnapshotPart = Callable[[Document], Awaitable[dict[str, Any]]]
+TRANSPORT = "socketio"
+SnapshotPart = Callable[[Document], Awaitable[Any]]
 MemberStreams = Callable[[Document], Awaitable[list[str]]]
+ClientHandler = Callable[["Connection", Any], Awaitable[dict[str, Any]]]
 
 MAX_STREAM_NAME = 200
 CONNECT_WAIT_SECONDS = 10.0
 # A client that keeps flooding after being told is cut off.
 FLOOD_STRIKES_BEFORE_DISCONNECT = 20
+STRIKE_MEMORY_SECONDS = 10.0
 
 
 class ConnectAuth(BaseModel):
@@ -48,6 +54,7 @@ class ConnectAuth(BaseModel):
 
     token: str = Field(min_length=1, max_length=256)
     since: dict[str, int] = Field(default_factory=dict, max_length=500)
+    active: bool = True
 
 
 class SubscribeRequest(BaseModel):
@@ -57,15 +64,31 @@ class SubscribeRequest(BaseModel):
     since: int | None = Field(default=None, ge=0)
 
 
+class Heartbeat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    active: bool = True
+
+
+class Typing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    chat_id: str = Field(min_length=1, max_length=64)
+
+
 @dataclass
 class Connection:
     sid: str
     user: Document
     since: dict[str, int]
     bucket: TokenBucket
+    active: bool = True
     streams: set[str] = field(default_factory=set)
     buffers: dict[str, deque[Event]] = field(default_factory=dict)
+    token_hash: str = ""
     strikes: int = 0
+    last_strike: float = 0.0
+    registered: bool = False
 
     @property
     def user_id(self) -> str:
@@ -83,7 +106,7 @@ class Hub:
         auth: AuthService,
         streams: StreamLog,
         bus: EventBus,
-        presence: PresenceTracker,
+        presence: PresenceService,
         *,
         member_streams: MemberStreams = no_member_streams,
     ) -> None:
@@ -91,8 +114,9 @@ class Hub:
         self._auth = auth
         self._streams = streams
         self._presence = presence
-        self._member_streams = member_streams
+        self.member_streams = member_streams
         self._snapshot_parts: dict[str, SnapshotPart] = {}
+        self._client_events: dict[str, ClientHandler] = {}
         self.sio = socketio.AsyncServer(
             async_mode="aiohttp",
             max_http_buffer_size=settings.socket_max_message_bytes,
@@ -101,20 +125,33 @@ class Hub:
             engineio_logger=False,
         )
         self._connections: dict[str, Connection] = {}
-        self._replaying: dict[StreamName, set[str]] = {}
+        self._by_user: dict[str, set[str]] = {}
+        self._replaying: dict[str, set[str]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         bus.subscribe(self._on_event)
         bus.subscribe_ephemeral(self._on_ephemeral)
+        presence.on_drop(TRANSPORT, self._drop)
         self.sio.on("connect", self._on_connect)
         self.sio.on("disconnect", self._on_disconnect)
-        self.sio.on("subscribe", self._guarded(self._on_subscribe))
-        self.sio.on("unsubscribe", self._guarded(self._on_unsubscribe))
-        self.sio.on("ping", self._guarded(self._on_ping))
-        self.sio.on("*", self._on_unknown)
+        self.sio.on("*", self._on_client_event)
+        self.on_client_event("subscribe", self._on_subscribe)
+        self.on_client_event("unsubscribe", self._on_unsubscribe)
+        self.on_client_event("ping", self._on_ping)
+        self.on_client_event("presence.heartbeat", self._on_heartbeat)
 
     def add_snapshot_part(self, key: str, part: SnapshotPart) -> None:
         """Register one piece of the ephemeral state a connecting client receives."""
         self._snapshot_parts[key] = part
+
+    def on_client_event(self, name: str, handler: ClientHandler) -> None:
+        """Register a client-to-server event; its return value is the acknowledgement."""
+        self._client_events[name] = handler
+
+    def connections_of(self, user_id: str) -> list[Connection]:
+        return [
+            self._connections[s] for s in self._by_user.get(user_id, ()) if s in self._connections
+        ]
 
     # connect / disconnect ----------------------------------------------------------------------
 
@@ -136,7 +173,7 @@ class Hub:
                 "invalid or expired token", {"code": "invalid_token"}
             )
         since = {s: n for s, n in parsed.since.items() if len(s) <= MAX_STREAM_NAME}
-        self._connections[sid] = Connection(
+        conn = Connection(
             sid,
             user,
             since,
@@ -145,7 +182,11 @@ class Hub:
                 self.settings.socket_event_burst,
                 time.monotonic(),
             ),
+            parsed.active,
+            token_hash=token_hash(parsed.token),
         )
+        self._connections[sid] = conn
+        self._by_user.setdefault(conn.user_id, set()).add(sid)
         self._tasks[sid] = asyncio.create_task(self._start_session(sid), name=f"session:{sid}")
 
     async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
@@ -155,9 +196,20 @@ class Hub:
         conn = self._connections.pop(sid, None)
         if conn is None:
             return
+        sids = self._by_user.get(conn.user_id)
+        if sids is not None:
+            sids.discard(sid)
+            if not sids:
+                del self._by_user[conn.user_id]
         for stream in conn.streams:
             self._stop_replaying(stream, sid)
-        await self._presence.disconnected(conn.user_id, sid)
+        if conn.registered:
+            await self._presence.disconnected(conn.user_id, sid)
+
+    async def _drop(self, transport: str, sid: str) -> None:
+        """The presence sweeper found this connection silent for too long."""
+        if sid in self._connections:
+            await self.sio.disconnect(sid)
 
     async def _start_session(self, sid: str) -> None:
         try:
@@ -165,15 +217,22 @@ class Hub:
             conn = self._connections.get(sid)
             if conn is None:
                 return
-            streams = [user_stream(conn.user_id), *await self._member_streams(conn.user)]
+            streams = [user_stream(conn.user_id), *await self.member_streams(conn.user)]
             for stream in streams:
-                await self._join(conn, stream)
-            await self.sio.emit("snapshot", await self._snapshot(conn), to=sid)
-            await self._presence.connected(conn.user_id, sid)
+                self._mark_joining(conn, stream)
+                await self.sio.enter_room(sid, stream)
+            snapshot = await self._snapshot(conn)
+            await self.sio.emit("snapshot", snapshot, to=sid)
+            conn.registered = True
+            await self._presence.connected(conn.user_id, sid, TRANSPORT, conn.active)
             for stream in streams:
-                await self._catch_up(conn, stream, conn.since.get(stream))
+                # Without a position the client loads current state after the snapshot, so
+                # what it needs live is what comes after the snapshot's head.
+                await self._catch_up(
+                    conn, stream, conn.since.get(stream), snapshot["streams"].get(stream)
+                )
             # A client that asked for streams it does not belong to learns it plainly.
-            for stream in conn.since.keys() - set(streams):
+            for stream in conn.since.keys() - conn.streams:
                 await self.sio.emit(
                     "subscribe_error", {"stream": stream, "code": "forbidden"}, to=sid
                 )
@@ -203,39 +262,51 @@ class Hub:
 
     # streams -----------------------------------------------------------------------------------
 
-    async def _join(self, conn: Connection, stream: str) -> None:
+    def _mark_joining(self, conn: Connection, stream: str) -> None:
+        """From now on live events of ``stream`` for ``conn`` are buffered until caught up."""
         conn.streams.add(stream)
         conn.buffers[stream] = deque()
         self._replaying.setdefault(stream, set()).add(conn.sid)
-        await self.sio.enter_room(conn.sid, stream)
 
-    async def _catch_up(self, conn: Connection, stream: str, since: int | None) -> None:
-        """Send what ``conn`` missed on ``stream`` after ``since``, then switch it to live."""
-        last = since if since is not None else 0
+    async def _catch_up(
+        self, conn: Connection, stream: str, since: int | None, floor: int | None = None
+    ) -> None:
+        """Send what ``conn`` missed on ``stream`` after ``since``, then switch it to live.
+
+        Without ``since``, nothing is replayed and live delivery starts after ``floor``.
+        """
+        last = floor if floor is not None else -1
         if since is not None:
             status = await self._streams.position_status(stream, since)
             missed = await self._streams.read_since(stream, since) if status == "ok" else None
             if missed is None:
-                await self.sio.emit(
-                    "resync",
-                    {"stream": stream, "seq": await self._streams.last_seq(stream)},
-                    to=conn.sid,
-                )
                 last = await self._streams.last_seq(stream)
+                await self.sio.emit("resync", {"stream": stream, "seq": last}, to=conn.sid)
             else:
+                last = since
                 for event in missed:
+                    self._note_membership(conn, event)
                     await self.sio.emit(event.type, event.envelope(), to=conn.sid)
                     last = event.seq
-        else:
-            last = -1  # no position: everything that arrives from now on is live
+        if last > 0:
+            # An event read from the database may not be published yet; its live copy must
+            # land in the buffer (and be dropped there), not reach the client a second time.
+            await self._streams.wait_published(stream, last)
         buffer = conn.buffers.get(stream)
         while buffer:
             event = buffer.popleft()
             if event.seq > last:
+                self._note_membership(conn, event)
                 await self.sio.emit(event.type, event.envelope(), to=conn.sid)
                 last = event.seq
             buffer = conn.buffers.get(stream)
         self._stop_replaying(stream, conn.sid)
+
+    def _note_membership(self, conn: Connection, event: Event) -> None:
+        """A replayed join of a stream the client has no position for: replay it from the join."""
+        joined = event.data.get("join_stream") if isinstance(event.data, dict) else None
+        if isinstance(joined, str) and joined not in conn.since:
+            conn.since[joined] = int(event.data.get("from_seq", 0))
 
     def _stop_replaying(self, stream: str, sid: str) -> None:
         sids = self._replaying.get(stream)
@@ -257,38 +328,89 @@ class Hub:
                 if conn is not None and event.stream in conn.buffers:
                     conn.buffers[event.stream].append(event)
         await self.sio.emit(event.type, event.envelope(), room=event.stream, skip_sid=skip)
+        if event.stream.startswith("user:"):
+            self._follow_membership(event)
+
+    def _follow_membership(self, event: Event) -> None:
+        data = event.data if isinstance(event.data, dict) else {}
+        user_id = event.stream.partition(":")[2]
+        joined, left = data.get("join_stream"), data.get("leave_stream")
+        for conn in self.connections_of(user_id):
+            if isinstance(joined, str) and joined not in conn.streams:
+                self._mark_joining(conn, joined)  # synchronously: nothing can slip past
+                self._spawn(self._join_live(conn, joined, int(data.get("from_seq", 0))))
+            if isinstance(left, str) and left in conn.streams:
+                conn.streams.discard(left)
+                self._stop_replaying(left, conn.sid)
+                self._spawn(self.sio.leave_room(conn.sid, left))
+
+    async def _join_live(self, conn: Connection, stream: str, from_seq: int) -> None:
+        await self.sio.enter_room(conn.sid, stream)
+        await self._catch_up(conn, stream, from_seq)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("hub background task failed")
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _on_ephemeral(self, event: EphemeralEvent) -> None:
-        if event.streams:
+        if event.type == "session.revoked":
+            await self._revoke(event)
+        elif event.streams:
             await self.sio.emit(event.type, event.data, room=list(event.streams))
+
+    async def _revoke(self, event: EphemeralEvent) -> None:
+        """Close the connections of revoked sessions (one token, or all of a user's)."""
+        token = event.private.get("token_hash")
+        for stream in event.streams:
+            if not stream.startswith("user:"):
+                continue
+            for conn in self.connections_of(stream.partition(":")[2]):
+                if token is None or conn.token_hash == token:
+                    await self.sio.emit("session.revoked", event.data, to=conn.sid)
+                    await self.sio.disconnect(conn.sid)
 
     # client events -----------------------------------------------------------------------------
 
-    def _guarded(
-        self, handler: Callable[[Connection, Any], Awaitable[dict[str, Any]]]
-    ) -> Callable[[str, Any], Awaitable[dict[str, Any]]]:
-        """Rate-limit and shield a client event handler; the reply goes to the ack callback."""
-
-        async def guarded(sid: str, data: Any = None) -> dict[str, Any]:
-            conn = self._connections.get(sid)
-            if conn is None:
-                return {"ok": False, "error": "not_ready"}
-            if not await self._allow(conn):
-                return {"ok": False, "error": "rate_limited"}
-            try:
-                return await handler(conn, data)
-            except ValidationError as exc:
-                return {
-                    "ok": False,
-                    "error": "bad_request",
-                    "detail": exc.errors(include_url=False, include_input=False)[0]["msg"],
-                }
-
-        return guarded
+    async def _on_client_event(self, event: str, sid: str, data: Any = None) -> dict[str, Any]:
+        """Every client event: rate-limited, validated, answered through the ack."""
+        conn = self._connections.get(sid)
+        if conn is None:
+            return {"ok": False, "error": "not_ready"}
+        if not await self._allow(conn):
+            return {"ok": False, "error": "rate_limited"}
+        handler = self._client_events.get(event)
+        if handler is None:
+            await self.sio.emit(
+                "error",
+                {"code": "unknown_event", "message": f"unknown event {event[:100]!r}"},
+                to=sid,
+            )
+            return {"ok": False, "error": "unknown_event"}
+        try:
+            return await handler(conn, data)
+        except ValidationError as exc:
+            return {
+                "ok": False,
+                "error": "bad_request",
+                "detail": exc.errors(include_url=False, include_input=False)[0]["msg"],
+            }
 
     async def _allow(self, conn: Connection) -> bool:
-        if conn.bucket.take(time.monotonic()):
+        now = time.monotonic()
+        if conn.bucket.take(now):
             return True
+        if now - conn.last_strike > STRIKE_MEMORY_SECONDS:
+            conn.strikes = 0  # an old burst is forgiven: only a sustained flood is cut off
+        conn.last_strike = now
         conn.strikes += 1
         if conn.strikes == 1 or conn.strikes % 10 == 0:
             await self.sio.emit(
@@ -303,18 +425,20 @@ class Hub:
 
     async def _on_subscribe(self, conn: Connection, data: Any) -> dict[str, Any]:
         request = SubscribeRequest.model_validate(data)
-        member = await self._member_streams(conn.user)
+        member = await self.member_streams(conn.user)
         if not may_subscribe(conn.user_id, request.stream, member):
             return {"ok": False, "error": "forbidden"}
         if request.stream not in conn.streams:
-            await self._join(conn, request.stream)
-            await self._catch_up(conn, request.stream, request.since)
+            self._mark_joining(conn, request.stream)
+            await self.sio.enter_room(conn.sid, request.stream)
+            head = await self._streams.last_seq(request.stream)
+            await self._catch_up(conn, request.stream, request.since, head)
         return {"ok": True, "seq": await self._streams.last_seq(request.stream)}
 
     async def _on_unsubscribe(self, conn: Connection, data: Any) -> dict[str, Any]:
         request = SubscribeRequest.model_validate(data)
         if request.stream == user_stream(conn.user_id):
-            return {"ok": False, "error": "personal stream cannot be left"}
+            return {"ok": False, "error": "forbidden", "detail": "the personal stream stays"}
         if request.stream in conn.streams:
             conn.streams.discard(request.stream)
             self._stop_replaying(request.stream, conn.sid)
@@ -324,17 +448,15 @@ class Hub:
     async def _on_ping(self, conn: Connection, data: Any) -> dict[str, Any]:
         return {"ok": True}
 
-    async def _on_unknown(self, event: str, sid: str, data: Any = None) -> dict[str, Any]:
-        conn = self._connections.get(sid)
-        if conn is not None and not await self._allow(conn):
-            return {"ok": False, "error": "rate_limited"}
-        await self.sio.emit(
-            "error", {"code": "unknown_event", "message": f"unknown event {event[:100]!r}"}, to=sid
-        )
-        return {"ok": False, "error": "unknown_event"}
+    async def _on_heartbeat(self, conn: Connection, data: Any) -> dict[str, Any]:
+        beat = Heartbeat.model_validate(data or {})
+        conn.active = beat.active
+        if conn.registered:
+            await self._presence.heartbeat(conn.user_id, conn.sid, beat.active)
+        return {"ok": True}
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -343,3 +465,15 @@ class Hub:
                 await self.sio.disconnect(sid)
             except Exception:
                 log.debug("disconnect of %s at shutdown failed", sid, exc_info=True)
+
+
+def typing_handler(typing: Callable[[str, str], Awaitable[bool]]) -> ClientHandler:
+    """``im.typing``: relayed live to the chat's members, never stored."""
+
+    async def handle(conn: Connection, data: Any) -> dict[str, Any]:
+        request = Typing.model_validate(data)
+        if not await typing(conn.user_id, request.chat_id):
+            return {"ok": False, "error": "forbidden"}
+        return {"ok": True}
+
+    return handle

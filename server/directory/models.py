@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 Login = Annotated[
     str,
@@ -15,7 +22,7 @@ Login = Annotated[
         to_lower=True,
         min_length=2,
         max_length=64,
-        pattern=r"^[a-z0-9][a-z0-9._-]*$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
     ),
 ]
 Email = Annotated[
@@ -36,6 +43,22 @@ PhoneNumber = Annotated[
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Patch(Strict):
+    """A partial update: a field left out stays as it is. ``null`` is refused, except for the
+    fields listed in ``nullable``, where it means "none" (no department, no head)."""
+
+    nullable: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_stray_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if value is None and key in cls.model_fields and key not in cls.nullable:
+                    raise ValueError(f"{key} cannot be null; leave it out to keep it")
+        return data
 
 
 class Phone(Strict):
@@ -82,7 +105,7 @@ class UserOut(BaseModel):
         )
 
 
-class ProfileFields(Strict):
+class ProfileFields(Patch):
     first_name: Name | None = None
     last_name: Name | None = None
     position: Name | None = None
@@ -90,6 +113,8 @@ class ProfileFields(Strict):
 
 
 class UserCreate(ProfileFields):
+    nullable = frozenset({"department_id", "password"})
+
     login: Login
     email: Email
     password: Password | None = Field(
@@ -100,8 +125,18 @@ class UserCreate(ProfileFields):
     is_external: bool = False
 
 
+class RegisterRequest(ProfileFields):
+    """Self-registration: a plain employee, without department or rights."""
+
+    login: Login
+    email: Email
+    password: Password
+
+
 class UserUpdate(ProfileFields):
     """Admin edit. Fields left out stay as they are."""
+
+    nullable = frozenset({"department_id"})
 
     email: Email | None = None
     department_id: str | None = None
@@ -125,6 +160,9 @@ class UserQuery(Strict):
         default=None, description="Digits contained in one of the user's phone numbers"
     )
     include_inactive: bool = False
+    online: bool | None = Field(
+        default=None, description="true: only users seen online/away/dnd; false: only offline"
+    )
     limit: int = Field(default=100, ge=1, le=500)
     offset: int = Field(default=0, ge=0)
 
@@ -145,7 +183,9 @@ class DepartmentIn(Strict):
     head_id: str | None = None
 
 
-class DepartmentUpdate(Strict):
+class DepartmentUpdate(Patch):
+    nullable = frozenset({"parent_id", "head_id"})
+
     name: (
         Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
         | None

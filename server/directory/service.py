@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from typing import Protocol
 
 from pymongo.errors import DuplicateKeyError
 
@@ -22,8 +22,10 @@ from server.directory.models import (
     phone_digits,
 )
 from server.directory.rules import DepartmentNode, Person, ancestors, may_see_user
+from server.events.bus import EventBus
+from server.events.models import EphemeralEvent
 from server.events.streams import StreamLog, user_stream
-from server.store.database import Document, Store, new_id
+from server.store.database import Document, Store, new_id, utcnow
 from server.web.problems import Problem, conflict, forbidden, not_found
 
 
@@ -36,17 +38,29 @@ def person(doc: Document) -> Person:
     )
 
 
+class WorkgroupHooks(Protocol):
+    """Told about workgroup membership changes (the messenger keeps a chat per workgroup)."""
+
+    async def workgroup_created(self, owner: Document, group: WorkgroupOut) -> None: ...
+
+    async def workgroup_members_added(self, group_id: str, user_ids: list[str]) -> None: ...
+
+    async def workgroup_member_removed(self, group_id: str, user_id: str) -> None: ...
+
+
 class DirectoryService:
-    def __init__(self, store: Store, streams: StreamLog) -> None:
+    def __init__(self, store: Store, streams: StreamLog, bus: EventBus) -> None:
         self._store = store
         self._streams = streams
+        self._bus = bus
+        self.workgroup_hooks: list[WorkgroupHooks] = []
 
     # users -----------------------------------------------------------------------------------
 
     async def create_user(self, data: UserCreate) -> UserOut:
         if data.department_id is not None:
             await self._require_department(data.department_id)
-        now = datetime.now(UTC)
+        now = utcnow()
         doc: Document = {
             "_id": new_id(),
             "login": data.login,
@@ -81,28 +95,45 @@ class DirectoryService:
 
     async def get_user(self, viewer: Document, user_id: str) -> UserOut:
         doc = await self.user_document(user_id)
-        if not await self._may_see(viewer, doc):
+        if not await self.may_see(viewer, doc):
             raise not_found(f"user {user_id}")
         return UserOut.from_document(doc)
 
-    async def list_users(self, viewer: Document, query: UserQuery) -> list[UserOut]:
+    async def list_users(
+        self, viewer: Document, query: UserQuery, online_ids: set[str] | None = None
+    ) -> list[UserOut]:
+        """``online_ids`` (who is seen online now) is needed only for the ``online`` filter."""
         filters: Document = {}
+        conditions: list[Document] = []
         if not (query.include_inactive and viewer.get("is_admin")):
             filters["is_active"] = True
         if query.name:
             pattern = re.escape(query.name.strip())
-            filters["$or"] = [
-                {field: {"$regex": pattern, "$options": "i"}}
-                for field in ("first_name", "last_name", "login")
-            ]
+            conditions.append(
+                {
+                    "$or": [
+                        {field: {"$regex": pattern, "$options": "i"}}
+                        for field in ("first_name", "last_name", "login")
+                    ]
+                }
+            )
         if query.department_id:
             filters["department_id"] = query.department_id
         if query.email:
             filters["email"] = {"$regex": re.escape(query.email.strip().lower())}
         if query.phone:
             filters["phone_digits"] = {"$regex": re.escape(query.phone)}
+        peers = await self.workgroup_peer_ids(str(viewer["_id"]))
         if viewer.get("is_external"):
-            filters["_id"] = {"$in": await self.workgroup_peer_ids(str(viewer["_id"]))}
+            conditions.append({"_id": {"$in": peers}})
+        elif not viewer.get("is_admin"):
+            # extranet users only where a workgroup is shared, as may_see_user says
+            conditions.append({"$or": [{"is_external": {"$ne": True}}, {"_id": {"$in": peers}}]})
+        if query.online is not None and online_ids is not None:
+            key = "$in" if query.online else "$nin"
+            conditions.append({"_id": {key: sorted(online_ids)}})
+        if conditions:
+            filters["$and"] = conditions
         cursor = self._store.users.find(
             filters,
             sort=[("last_name", 1), ("first_name", 1), ("login", 1)],
@@ -131,15 +162,16 @@ class DirectoryService:
                 changes[key] = value
         if password is not None:
             changes["password_hash"] = await hash_password(password)
-            await self.revoke_tokens(user_id, keep_token_hash=None)
         visible = {k: v for k, v in changes.items() if k not in ("password_hash", "phone_digits")}
         if not changes:
             return UserOut.from_document(doc)
-        changes["updated_at"] = datetime.now(UTC)
+        changes["updated_at"] = utcnow()
         await self._store.users.update_one({"_id": user_id}, {"$set": changes})
         doc.update(changes)
         if changes.get("is_active") is False:
-            await self._store.tokens.delete_many({"user_id": user_id})
+            await self.revoke_tokens(user_id, "deactivated")
+        elif password is not None:
+            await self.revoke_tokens(user_id, "password_changed")
         user = UserOut.from_document(doc)
         if visible:
             await self._streams.append(
@@ -159,19 +191,19 @@ class DirectoryService:
             {
                 "$set": {
                     "password_hash": await hash_password(password),
-                    "updated_at": datetime.now(UTC),
+                    "updated_at": utcnow(),
                 }
             },
         )
 
-    async def revoke_tokens(self, user_id: str, keep_token_hash: str | None) -> None:
-        """A new password ends every session but the one that set it."""
-        query: Document = {"user_id": user_id}
-        if keep_token_hash is not None:
-            query["_id"] = {"$ne": keep_token_hash}
-        await self._store.tokens.delete_many(query)
+    async def revoke_tokens(self, user_id: str, reason: str) -> None:
+        """End every session of the user: tokens go, and open connections are closed."""
+        await self._store.tokens.delete_many({"user_id": user_id})
+        await self._bus.publish_ephemeral(
+            EphemeralEvent("session.revoked", {"reason": reason}, (user_stream(user_id),))
+        )
 
-    async def _may_see(self, viewer: Document, other: Document) -> bool:
+    async def may_see(self, viewer: Document, other: Document) -> bool:
         if viewer.get("is_admin"):
             return True
         shared: list[str] = []
@@ -297,7 +329,7 @@ class DirectoryService:
             "owner_id": owner_id,
             "member_ids": members,
             "moderator_ids": [owner_id],
-            "created_at": datetime.now(UTC),
+            "created_at": utcnow(),
         }
         await self._store.workgroups.insert_one(doc)
         group = WorkgroupOut.from_document(doc)
@@ -307,6 +339,9 @@ class DirectoryService:
                 "workgroup.joined",
                 {"workgroup": group.model_dump(mode="json")},
             )
+        owner = await self.user_document(owner_id)
+        for hooks in self.workgroup_hooks:
+            await hooks.workgroup_created(owner, group)
         return group
 
     async def list_workgroups(self, viewer: Document) -> list[WorkgroupOut]:
@@ -342,6 +377,9 @@ class DirectoryService:
                     "workgroup.joined",
                     {"workgroup": result.model_dump(mode="json")},
                 )
+        new = [u for u in dict.fromkeys(user_ids) if u not in group.member_ids]
+        for hooks in self.workgroup_hooks:
+            await hooks.workgroup_members_added(group_id, new)
         return result
 
     async def remove_workgroup_member(
@@ -357,6 +395,8 @@ class DirectoryService:
             await self._streams.append(
                 user_stream(user_id), "workgroup.left", {"workgroup_id": group_id}
             )
+            for hooks in self.workgroup_hooks:
+                await hooks.workgroup_member_removed(group_id, user_id)
         return await self.get_workgroup(actor, group_id)
 
     async def _moderated_group(self, actor: Document, group_id: str) -> WorkgroupOut:

@@ -44,3 +44,5 @@ class EphemeralEvent:
     type: str
     data: dict[str, Any]
     streams: tuple[str, ...] = field(default=())
+    private: dict[str, Any] = field(default_factory=dict)
+    """Routing data for the server's own transports; never sent to clients."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,18 +23,32 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from server.events.bus import EventBus
 from server.events.models import Event
-from server.store.database import Store
+from server.store.database import Store, utcnow
 
 log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
 MAX_BATCH = 500
-MAX_RACE_RETRIES = 20
+MAX_RACE_RETRIES = 50
+
+
+async def _back_off(attempt: int) -> None:
+    """After a lost race, wait a random while, so that two writers do not keep colliding."""
+    await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
 
 
 def user_stream(user_id: str) -> str:
     """The personal stream of a user (also the name of the user's private room)."""
     return f"user:{user_id}"
+
+
+class _PartialWrite(Exception):
+    """A batch failed after some of its events were stored; those must still be published."""
+
+    def __init__(self, written: list[Event], cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.written = written
+        self.cause = cause
 
 
 @dataclass
@@ -59,6 +74,9 @@ class StreamLog:
         self._pending: dict[str, deque[_Pending]] = {}
         self._heads: dict[str, int] = {}
         self._flushers: dict[str, asyncio.Task[None]] = {}
+        self._inflight: dict[str, int] = {}
+        self._published: dict[str, int] = {}
+        self._progress = asyncio.Condition()
 
     async def append(self, stream: str, type_: str, data: dict[str, Any]) -> Event:
         """Store an event at the end of ``stream``; returns once it is stored and published."""
@@ -74,26 +92,34 @@ class StreamLog:
         try:
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+                failure: Exception | None = None
                 try:
                     events = await self._write(stream, batch)
-                except Exception as exc:
-                    log.warning("append to %s failed: %s", stream, exc)
-                    self._heads.pop(stream, None)
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
-                    continue
+                except _PartialWrite as partial:
+                    events, failure = partial.written, partial.cause
+                # What was stored is published, in order, even when the rest of the batch failed.
                 for event in events:
                     await self._bus.publish(event)
-                for item, event in zip(batch, events, strict=True):
+                    self._published[stream] = event.seq
+                self._inflight.pop(stream, None)
+                async with self._progress:
+                    self._progress.notify_all()
+                for item, event in zip(batch, events, strict=False):
                     if not item.future.done():
                         item.future.set_result(event)
+                if failure is not None:
+                    log.warning("append to %s failed: %s", stream, failure)
+                    self._heads.pop(stream, None)
+                    for item in batch[len(events) :]:
+                        if not item.future.done():
+                            item.future.set_exception(failure)
         except asyncio.CancelledError:
             for item in queue:
                 item.future.cancel()
             queue.clear()
             raise
         finally:
+            self._inflight.pop(stream, None)
             del self._flushers[stream]
             if not queue:
                 self._pending.pop(stream, None)
@@ -102,37 +128,59 @@ class StreamLog:
         """Insert the batch at the head of the stream, retrying where another writer won."""
         written: list[Event] = []
         remaining = batch
-        for _ in range(MAX_RACE_RETRIES):
-            head = self._heads.get(stream)
-            if head is None:
-                head = await self.last_seq(stream)
-            now = datetime.now(UTC)
-            events = [
-                Event(stream, head + i + 1, item.type, item.data, now)
-                for i, item in enumerate(remaining)
-            ]
-            docs = [
-                {"stream": e.stream, "seq": e.seq, "type": e.type, "data": e.data, "ts": e.ts}
-                for e in events
-            ]
-            try:
-                await self._store.events.insert_many(docs, ordered=True)
-            except BulkWriteError as exc:
-                inserted = int(exc.details.get("nInserted", 0))
-                errors = exc.details.get("writeErrors", [])
-                written.extend(events[:inserted])
-                remaining = remaining[inserted:]
-                self._heads.pop(stream, None)
-                if not errors or errors[0].get("code") != DUPLICATE_KEY:
-                    raise
-                continue
-            except DuplicateKeyError:
-                self._heads.pop(stream, None)
-                continue
-            written.extend(events)
-            self._heads[stream] = events[-1].seq
-            return written
-        raise RuntimeError(f"could not append to {stream}: lost {MAX_RACE_RETRIES} races")
+        try:
+            for attempt in range(MAX_RACE_RETRIES):
+                head = self._heads.get(stream)
+                if head is None:
+                    head = await self.last_seq(stream)
+                now = utcnow()
+                events = [
+                    Event(stream, head + i + 1, item.type, item.data, now)
+                    for i, item in enumerate(remaining)
+                ]
+                docs = [
+                    {"stream": e.stream, "seq": e.seq, "type": e.type, "data": e.data, "ts": e.ts}
+                    for e in events
+                ]
+                # Readers may see these documents before they are published: they wait for it.
+                self._inflight[stream] = events[-1].seq
+                try:
+                    await self._store.events.insert_many(docs, ordered=True)
+                except BulkWriteError as exc:
+                    inserted = int(exc.details.get("nInserted", 0))
+                    errors = exc.details.get("writeErrors", [])
+                    written.extend(events[:inserted])
+                    remaining = remaining[inserted:]
+                    self._heads.pop(stream, None)
+                    if not errors or errors[0].get("code") != DUPLICATE_KEY:
+                        raise
+                    await _back_off(attempt)
+                    continue
+                except DuplicateKeyError:
+                    self._heads.pop(stream, None)
+                    await _back_off(attempt)
+                    continue
+                written.extend(events)
+                self._heads[stream] = events[-1].seq
+                return written
+            raise RuntimeError(f"could not append to {stream}: lost {MAX_RACE_RETRIES} races")
+        except Exception as exc:
+            raise _PartialWrite(written, exc) from exc
+
+    async def wait_published(self, stream: str, seq: int) -> None:
+        """Return once every event up to ``seq`` that this node stored has been published.
+
+        A reader that found an event in the database before its publication must not treat
+        the later live delivery as new: the hub waits here before switching a client to live.
+        """
+
+        def settled() -> bool:
+            inflight = self._inflight.get(stream)
+            return inflight is None or self._published.get(stream, 0) >= min(seq, inflight)
+
+        if not settled():
+            async with self._progress:
+                await self._progress.wait_for(settled)
 
     async def last_seq(self, stream: str) -> int:
         """The highest ``seq`` ever given in ``stream`` (0 for a new stream)."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+import pymongo
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 Document = dict[str, Any]
+PING_TIMEOUT_SECONDS = 2.0
 
 INDEXES: dict[str, list[IndexModel]] = {
     "users": [
@@ -24,11 +27,39 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("user_id", ASCENDING)], name="user"),
         IndexModel([("expires_at", ASCENDING)], name="expires"),
     ],
+    "chats": [
+        IndexModel(
+            [("pair_key", ASCENDING)],
+            unique=True,
+            name="pair_key_unique",
+            partialFilterExpression={"pair_key": {"$exists": True}},
+        ),
+        IndexModel([("workgroup_id", ASCENDING)], name="workgroup"),
+    ],
+    "chat_members": [
+        IndexModel([("user_id", ASCENDING)], name="user"),
+        IndexModel([("chat_id", ASCENDING)], name="chat"),
+    ],
+    "messages": [
+        IndexModel([("chat_id", ASCENDING), ("_id", ASCENDING)], name="chat_order"),
+        IndexModel(
+            [("dedup_key", ASCENDING)],
+            unique=True,
+            name="dedup_unique",
+            partialFilterExpression={"dedup_key": {"$exists": True}},
+        ),
+    ],
     "events": [
         IndexModel([("stream", ASCENDING), ("seq", ASCENDING)], unique=True, name="stream_seq"),
         IndexModel([("ts", ASCENDING)], name="ts"),
     ],
 }
+
+
+def utcnow() -> datetime:
+    """Now, to the millisecond: what BSON stores, so a value reads back exactly as written."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def new_id() -> str:
@@ -79,7 +110,8 @@ class Store:
 
     async def ping(self) -> bool:
         try:
-            await self.client.admin.command("ping")
+            with pymongo.timeout(PING_TIMEOUT_SECONDS):  # readiness must answer quickly
+                await self.client.admin.command("ping")
         except Exception:
             return False
         return True

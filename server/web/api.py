@@ -52,6 +52,7 @@ class Call:
 
 Result = BaseModel | Sequence[BaseModel] | dict[str, Any] | None | web.StreamResponse
 HandlerFn = Callable[[Call], Awaitable[Result]]
+Precheck = Callable[[web.Request], Awaitable[None]]
 Authenticator = Callable[[web.Request], Awaitable[dict[str, Any] | None]]
 
 
@@ -71,6 +72,7 @@ class Operation:
     errors: tuple[int, ...]
     description: str = ""
     extra_responses: dict[str, Any] = field(default_factory=dict)
+    precheck: Precheck | None = None
 
 
 def validation_problem(exc: ValidationError, where: str) -> Problem:
@@ -111,6 +113,7 @@ class Api:
         errors: tuple[int, ...] = (),
         description: str = "",
         extra_responses: dict[str, Any] | None = None,
+        precheck: Precheck | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
         def register(fn: HandlerFn) -> HandlerFn:
             self.operations.append(
@@ -129,6 +132,7 @@ class Api:
                     errors,
                     description or (fn.__doc__ or "").strip(),
                     extra_responses or {},
+                    precheck,
                 )
             )
             return fn
@@ -156,6 +160,9 @@ class Api:
                     )
                 if op.auth == "admin" and not user.get("is_admin"):
                     raise Problem(403, "forbidden", "Forbidden", "administrators only")
+            if op.precheck is not None:
+                # Refusals that do not depend on the body come before its validation.
+                await op.precheck(request)
             body = await _parse_body(request, op.body) if op.body is not None else None
             query = None
             if op.query is not None:

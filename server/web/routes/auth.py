@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from server.directory.models import UserCreate, UserOut
+from server.directory.models import RegisterRequest, UserOut
 from server.services import services
 from server.web.api import Call
 from server.web.routes import api
@@ -63,12 +63,14 @@ async def logout(call: Call) -> None:
     summary="Self-registration (when the portal allows)",
     tag="auth",
     auth="none",
-    body=UserCreate,
+    body=RegisterRequest,
     response=TokenResponse,
     status=201,
     errors=(403, 409),
+    precheck=lambda request: services(request).auth.require_registration_open(),
 )
 async def register(call: Call) -> TokenResponse:
-    """Answers 403 while self-registration is off (the default)."""
-    token, user = await services(call.request).auth.register(call.body_as(UserCreate))
+    """Answers 403 while self-registration is off (the default), whatever the body. A new
+    user is a plain employee: rights and department are for an administrator to give."""
+    token, user = await services(call.request).auth.register(call.body_as(RegisterRequest))
     return TokenResponse(token=token, user=UserOut.from_document(user))

@@ -19,9 +19,18 @@ from server.web.routes import api
     many=True,
 )
 async def list_users(call: Call) -> list[UserOut]:
-    """Filters combine: name part, department, email part, phone digits."""
+    """Filters combine: name part, department, email part, phone digits, online status."""
     assert call.user is not None
-    return await services(call.request).directory.list_users(call.user, call.query_as(UserQuery))
+    svc = services(call.request)
+    query = call.query_as(UserQuery)
+    online = None
+    if query.online is not None:
+        online = {
+            u
+            for u in await svc.presence.online_user_ids()
+            if await svc.presence.seen_status(u) != "offline"
+        }
+    return await svc.directory.list_users(call.user, query, online)
 
 
 @api.route("GET", "/api/v1/users/me", summary="The current user", tag="users", response=UserOut)
@@ -81,7 +90,7 @@ async def create_user(call: Call) -> UserOut:
     auth="admin",
     body=UserUpdate,
     response=UserOut,
-    errors=(404,),
+    errors=(404, 409),
 )
 async def update_user(call: Call) -> UserOut:
     """Deactivating a user (`is_active: false`) revokes their tokens; a new password too."""

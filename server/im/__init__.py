@@ -1,0 +1,1 @@
+"""The messenger: private dialogs, group chats, read state, system notices."""

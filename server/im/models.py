@@ -1,0 +1,131 @@
+"""Messenger shapes at the API boundary."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+ClientId = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+]
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MessageOut(BaseModel):
+    id: str
+    chat_id: str
+    author_id: str | None = Field(description="null for notices posted by the portal itself")
+    text: str
+    created_at: datetime
+    edited_at: datetime | None
+    deleted: bool
+    system: bool
+    client_id: str | None
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> MessageOut:
+        return cls(
+            id=str(doc["_id"]),
+            chat_id=doc["chat_id"],
+            author_id=doc.get("author_id"),
+            text="" if doc.get("deleted") else doc["text"],
+            created_at=doc["created_at"],
+            edited_at=doc.get("edited_at"),
+            deleted=bool(doc.get("deleted")),
+            system=bool(doc.get("system")),
+            client_id=doc.get("client_id"),
+        )
+
+
+class ChatOut(BaseModel):
+    id: str
+    kind: Literal["private", "group", "system"]
+    title: str
+    member_ids: list[str]
+    owner_id: str | None
+    workgroup_id: str | None
+    stream: str = Field(description="The Socket.IO stream carrying this chat's events")
+    created_at: datetime
+    last_message: MessageOut | None
+
+
+class DialogOut(BaseModel):
+    chat: ChatOut
+    unread: int
+    last_read_id: str | None
+
+
+class SendMessage(Strict):
+    """Exactly one of ``chat_id``, ``to`` (user ids) or ``to_department``."""
+
+    chat_id: str | None = None
+    to: list[str] | None = Field(default=None, min_length=1, max_length=500)
+    to_department: str | None = Field(
+        default=None, description="Send to every member of the department and its subdepartments"
+    )
+    text: Annotated[str, StringConstraints(min_length=1)]
+    client_id: ClientId | None = Field(
+        default=None, description="Client-chosen id: a retry with the same id stores nothing new"
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SendMessage:
+        targets = [t for t in (self.chat_id, self.to, self.to_department) if t]
+        if len(targets) != 1:
+            raise ValueError("give exactly one of chat_id, to, to_department")
+        if not self.text.strip():
+            raise ValueError("text must not be blank")
+        return self
+
+
+class SendResult(BaseModel):
+    messages: list[MessageOut]
+    duplicate: bool = Field(description="true when client_id matched an earlier send")
+
+
+class EditMessage(Strict):
+    text: Annotated[str, StringConstraints(min_length=1)]
+
+
+class CreateChat(Strict):
+    title: Title
+    member_ids: list[str] = Field(default_factory=list, max_length=5000)
+
+
+class OpenDialog(Strict):
+    user_id: str
+
+
+class ChatMembers(Strict):
+    user_ids: list[str] = Field(min_length=1, max_length=5000)
+
+
+class ReadUpTo(Strict):
+    up_to: str = Field(description="Id of the newest message read")
+
+
+class HistoryQuery(Strict):
+    before: str | None = Field(default=None, description="Messages older than this message id")
+    after: str | None = Field(default=None, description="Messages newer than this message id")
+    day: date | None = Field(default=None, description="Only messages of this day (UTC)")
+    limit: int = Field(default=50, ge=1, le=200)
+
+
+class SearchQuery(Strict):
+    q: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    limit: int = Field(default=50, ge=1, le=200)
+
+
+class ImSettings(Strict):
+    sound: bool = True
+
+
+class Counters(BaseModel):
+    unread: int
+    chats: dict[str, int]

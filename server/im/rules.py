@@ -1,0 +1,60 @@
+"""Messenger rules. Pure, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Literal
+
+ChatKind = Literal["private", "group", "system"]
+
+
+def chat_stream(chat_id: str) -> str:
+    return f"chat:{chat_id}"
+
+
+def private_pair_key(a: str, b: str) -> str:
+    """One private dialog per pair of users, whoever opens it first."""
+    first, second = sorted((a, b))
+    return f"{first}|{second}"
+
+
+def system_pair_key(user_id: str) -> str:
+    return f"system|{user_id}"
+
+
+def may_read(user_id: str, member_ids: Collection[str]) -> bool:
+    return user_id in member_ids
+
+
+def may_post(user_id: str, kind: ChatKind, member_ids: Collection[str]) -> bool:
+    """Members post; nobody posts into the portal's system notices but the portal."""
+    return kind != "system" and user_id in member_ids
+
+
+def may_change_message(user_id: str, author_id: str | None, deleted: bool) -> bool:
+    """Only the author edits or deletes a message, and a deleted message stays deleted."""
+    return author_id is not None and author_id == user_id and not deleted
+
+
+def may_manage_members(
+    user_id: str, kind: ChatKind, owner_id: str | None, workgroup_id: str | None, is_admin: bool
+) -> bool:
+    """A group chat's owner (or an admin) changes its members; a workgroup's chat follows the
+    workgroup's own membership, and private dialogs have none to change."""
+    if kind != "group" or workgroup_id is not None:
+        return False
+    return is_admin or user_id == owner_id
+
+
+def recipients(sender_id: str, requested: Collection[str]) -> list[str]:
+    """Distinct recipients in the order given, never the sender themself."""
+    seen: list[str] = []
+    for user_id in requested:
+        if user_id != sender_id and user_id not in seen:
+            seen.append(user_id)
+    return seen
+
+
+def unread_after(last_read_id: str | None, message_id: str) -> bool:
+    """Message ids are ObjectId hex strings, whose order is their creation order."""
+    return last_read_id is None or message_id > last_read_id

@@ -1,0 +1,7 @@
+"""Importing this module declares every route on ``api``."""
+
+from server.web.routes import api, auth, departments, im, portal, presence, users, workgroups
+
+ROUTE_MODULES = (auth, users, departments, workgroups, im, presence, portal)
+
+__all__ = ["ROUTE_MODULES", "api"]
