@@ -21,7 +21,7 @@ from server.presence.service import PresenceService
 from server.presence.store import InMemoryPresenceStore
 from server.services import SERVICES, Services
 from server.settings import Settings
-from server.store.database import Document, Store
+from server.store.database import Document, Store, utcnow
 from server.web.problems import problem_middleware
 from server.web.routes.all import api
 
@@ -60,8 +60,8 @@ def build_services(settings: Settings, store: Store) -> Services:
         online = await presence.online_user_ids()
         seen: dict[str, Any] = {}
         for uid in visible:
-            if uid == me:
-                seen[uid] = "online"  # connecting right now
+            if uid == me:  # connecting right now: online, unless set otherwise by hand
+                seen[uid] = (await presence.manual(me)).current(utcnow()) or "online"
             elif uid in online:
                 seen[uid] = await presence.seen_status(uid)
             else:

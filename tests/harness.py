@@ -46,6 +46,7 @@ class SocketClient:
     sio: socketio.AsyncClient
     events: list[tuple[str, Any]] = field(default_factory=list)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _beating: asyncio.Task[None] | None = None
 
     def record(self, event: str, data: Any) -> None:
         self.events.append((event, data))
@@ -78,7 +79,20 @@ class SocketClient:
     async def call(self, event: str, data: Any, timeout: float = 10.0) -> Any:
         return await self.sio.call(event, data, timeout=timeout)
 
+    def keep_alive(self, interval: float = 0.3) -> None:
+        """Send presence heartbeats in the background, as the web client does every minute."""
+
+        async def beat() -> None:
+            while self.sio.connected:
+                with contextlib.suppress(Exception):
+                    await self.sio.emit("presence.heartbeat", {"active": True})
+                await asyncio.sleep(interval)
+
+        self._beating = asyncio.create_task(beat())
+
     async def close(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
         if self.sio.connected:
             await self.sio.disconnect()
 

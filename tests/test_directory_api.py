@@ -50,14 +50,41 @@ async def connected(hub: HubHarness, token: str) -> SocketClient:
     return client
 
 
+# Other domains (the messenger, ...) publish on the user's stream too; these tests look only
+# at what the directory publishes there.
+DIRECTORY_EVENT_PREFIXES = ("user.", "workgroup.")
+
+
+def is_directory_event(event_type: str) -> bool:
+    return event_type.startswith(DIRECTORY_EVENT_PREFIXES)
+
+
 async def stored_events(hub: HubHarness, user_id: str) -> list[Event]:
     events = await hub.services.streams.read_since(f"user:{user_id}", 0)
     assert events is not None
-    return events
+    return [event for event in events if is_directory_event(event.type)]
+
+
+def without_created_at(user: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in user.items() if k != "created_at"}
+
+
+def directory_events(client: SocketClient, user_id: str) -> list[dict[str, Any]]:
+    """The directory's events the client received on ``user_id``'s personal stream."""
+    return [
+        event
+        for event in client.stream_events(f"user:{user_id}")
+        if is_directory_event(event["type"])
+    ]
 
 
 def event_types(client: SocketClient, user_id: str) -> list[str]:
-    return [event["type"] for event in client.stream_events(f"user:{user_id}")]
+    return [event["type"] for event in directory_events(client, user_id)]
+
+
+async def wait_for_types(client: SocketClient, user_id: str, types: list[str]) -> None:
+    """Wait until the user's stream has delivered exactly these event types, in order."""
+    await client.wait_until(lambda: event_types(client, user_id) == types)
 
 
 # users: admin CRUD ------------------------------------------------------------------------------
@@ -71,7 +98,7 @@ async def test_admin_creates_a_user_with_every_field(hub: HubHarness) -> None:
         "/api/v1/users",
         token=admin,
         json={
-            "login": "  Carol.M ",
+            "login": "  carol.m ",
             "email": "Carol.Meyer@Example.TEST",
             "password": "a long secret",
             "first_name": " Carol ",
@@ -109,11 +136,24 @@ async def test_admin_creates_a_user_with_every_field(hub: HubHarness) -> None:
     }
     fetched = await hub.request("GET", f"/api/v1/users/{user['id']}", token=admin)
     assert fetched.status == 200
-    assert fetched.body == user
+    assert without_created_at(fetched.body) == without_created_at(user)
     # the password was set: the new user can log in, and sees the same record as "me"
     token = await hub.login("carol.m", "a long secret")
     me = await hub.request("GET", "/api/v1/users/me", token=token)
-    assert me.status == 200 and me.body == user
+    assert me.status == 200 and me.body == fetched.body
+
+
+async def test_create_response_carries_the_stored_created_at(hub: HubHarness) -> None:
+    # The database keeps datetimes to the millisecond; the 201 body must show what a later
+    # GET shows, or clients see the same user's created_at change.
+    _, admin = await hub.create_user("root", admin=True)
+    created = await hub.request(
+        "POST", "/api/v1/users", token=admin, json={"login": "carol", "email": "c@example.test"}
+    )
+    assert created.status == 201
+    fetched = await hub.request("GET", f"/api/v1/users/{created.body['id']}", token=admin)
+    assert fetched.status == 200
+    assert created.body["created_at"] == fetched.body["created_at"]
 
 
 async def test_created_user_without_names_is_displayed_by_login(hub: HubHarness) -> None:
@@ -138,11 +178,26 @@ async def test_duplicate_login_is_a_409_conflict(hub: HubHarness) -> None:
     )
     assert first.status == 201
     again = await hub.request(
-        "POST", "/api/v1/users", token=admin, json={"login": "DUP", "email": "b@example.test"}
+        "POST", "/api/v1/users", token=admin, json={"login": "dup", "email": "b@example.test"}
     )
     assert_problem(again, 409, "conflict")
     assert "dup" in again.body["detail"]
     assert await hub.services.store.users.count_documents({"login": "dup"}) == 1
+
+
+async def test_logins_are_normalised_to_lower_case(hub: HubHarness) -> None:
+    # Login declares to_lower=True and login lookups are case-insensitive, so a mixed-case
+    # login is stored in lower case - and then collides with its lower-case twin.
+    _, admin = await hub.create_user("root", admin=True)
+    created = await hub.request(
+        "POST", "/api/v1/users", token=admin, json={"login": "Carol.M", "email": "c@example.test"}
+    )
+    assert created.status == 201, created.body
+    assert created.body["login"] == "carol.m"
+    twin = await hub.request(
+        "POST", "/api/v1/users", token=admin, json={"login": "carol.m", "email": "d@example.test"}
+    )
+    assert_problem(twin, 409, "conflict")
 
 
 async def test_create_user_validates_fields_and_references(hub: HubHarness) -> None:
@@ -538,11 +593,10 @@ async def test_patch_me_changes_the_profile_and_publishes_user_updated(hub: HubH
     me = await hub.request("GET", "/api/v1/users/me", token=alice)
     assert me.body == resp.body
 
-    stream = f"user:{alice_id}"
-    await client.wait_until(lambda: len(client.stream_events(stream)) >= 1)
-    [event] = client.stream_events(stream)
-    assert event["type"] == "user.updated"
-    assert event["seq"] == 1
+    await wait_for_types(client, alice_id, ["user.updated"])
+    [event] = directory_events(client, alice_id)
+    assert event["stream"] == f"user:{alice_id}"
+    assert isinstance(event["seq"], int) and event["seq"] >= 1
     assert event["data"]["changed"] == ["last_name", "phones", "position"]
     assert event["data"]["by"] == alice_id
     assert event["data"]["user"] == resp.body
@@ -556,8 +610,8 @@ async def test_patch_me_without_a_change_publishes_nothing(hub: HubHarness) -> N
     resp = await hub.request("PATCH", "/api/v1/users/me", token=alice, json={"position": "Dev"})
     assert resp.status == 200 and resp.body["position"] == "Dev"
     await asyncio.sleep(0.3)
-    assert client.stream_events(f"user:{alice_id}") == []
-    assert await hub.services.streams.last_seq(f"user:{alice_id}") == 0
+    assert directory_events(client, alice_id) == []
+    assert await stored_events(hub, alice_id) == []
 
 
 async def test_patch_me_refuses_privileged_and_unknown_fields(hub: HubHarness) -> None:
@@ -581,7 +635,7 @@ async def test_patch_me_refuses_privileged_and_unknown_fields(hub: HubHarness) -
         ], field
     doc = await hub.services.directory.user_document(alice_id)
     assert doc["is_admin"] is False and doc["position"] == "" and doc["department_id"] is None
-    assert await hub.services.streams.last_seq(f"user:{alice_id}") == 0
+    assert await stored_events(hub, alice_id) == []
 
 
 async def test_profile_changes_reach_only_the_users_own_stream(hub: HubHarness) -> None:
@@ -591,9 +645,10 @@ async def test_profile_changes_reach_only_the_users_own_stream(hub: HubHarness) 
     alice_client = await connected(hub, alice)
     resp = await hub.request("PATCH", "/api/v1/users/me", token=alice, json={"position": "CEO"})
     assert resp.status == 200
-    await alice_client.wait_until(lambda: event_types(alice_client, alice_id) == ["user.updated"])
+    await wait_for_types(alice_client, alice_id, ["user.updated"])
     await asyncio.sleep(0.2)
     assert bob_client.stream_events(f"user:{alice_id}") == []
+    assert not any("CEO" in repr(data) for _name, data in bob_client.events)
     assert event_types(bob_client, bob_id) == []
 
 
@@ -651,6 +706,21 @@ async def test_department_crud(hub: HubHarness) -> None:
         "PATCH", f"/api/v1/departments/{child_id}", token=admin, json={"name": "x"}
     )
     assert_problem(patch_gone, 404, "not-found")
+
+
+async def test_null_department_name_is_refused_and_leaves_the_tree_readable(
+    hub: HubHarness,
+) -> None:
+    # DepartmentUpdate lets "name" be null; a department must still always have a name.
+    _, admin = await hub.create_user("root", admin=True)
+    sales = await department(hub, "Sales")
+    resp = await hub.request(
+        "PATCH", f"/api/v1/departments/{sales}", token=admin, json={"name": None}
+    )
+    assert resp.status in (200, 422), resp.body
+    listed = await hub.request("GET", "/api/v1/departments", token=admin)
+    assert listed.status == 200, listed.body
+    assert listed.body == [{"id": sales, "name": "Sales", "parent_id": None, "head_id": None}]
 
 
 async def test_everyone_lists_departments_sorted_by_name(hub: HubHarness) -> None:
@@ -793,13 +863,13 @@ async def test_creating_a_workgroup_makes_the_creator_owner_and_tells_members(
         "moderator_ids": [alice_id],
     }
     for user_id, client in clients.items():
-        stream = f"user:{user_id}"
-        await client.wait_until(lambda c=client, s=stream: len(c.stream_events(s)) >= 1)
-        [event] = client.stream_events(stream)
+        await wait_for_types(client, user_id, ["workgroup.joined"])
+        [event] = directory_events(client, user_id)
         assert event["type"] == "workgroup.joined"
         assert event["data"]["workgroup"] == group
     await asyncio.sleep(0.2)
-    assert [e for _name, e in carol_client.events if isinstance(e, dict) and "type" in e] == []
+    # carol is not a member: she hears nothing about the group
+    assert not any(group["id"] in repr(data) for _name, data in carol_client.events)
 
     got = await hub.request("GET", f"/api/v1/workgroups/{group['id']}", token=bob)
     assert got.status == 200 and got.body == group
@@ -889,10 +959,8 @@ async def test_moderator_adds_and_removes_members(hub: HubHarness) -> None:
     assert added.body["member_ids"] == [alice_id, bob_id, carol_id, dave_id]
     assert added.body["moderator_ids"] == [alice_id, bob_id]
     for user_id, client in ((carol_id, carol_client), (dave_id, dave_client)):
-        await client.wait_until(
-            lambda c=client, u=user_id: event_types(c, u) == ["workgroup.joined"]
-        )
-        [event] = client.stream_events(f"user:{user_id}")
+        await wait_for_types(client, user_id, ["workgroup.joined"])
+        [event] = directory_events(client, user_id)
         assert event["data"]["workgroup"]["id"] == group
         assert user_id in event["data"]["workgroup"]["member_ids"]
 
@@ -901,10 +969,8 @@ async def test_moderator_adds_and_removes_members(hub: HubHarness) -> None:
     )
     assert removed.status == 200, removed.body
     assert removed.body["member_ids"] == [alice_id, bob_id, dave_id]
-    await carol_client.wait_until(
-        lambda: event_types(carol_client, carol_id) == ["workgroup.joined", "workgroup.left"]
-    )
-    left = carol_client.stream_events(f"user:{carol_id}")[-1]
+    await wait_for_types(carol_client, carol_id, ["workgroup.joined", "workgroup.left"])
+    left = directory_events(carol_client, carol_id)[-1]
     assert left["data"] == {"workgroup_id": group}
     await asyncio.sleep(0.2)
     assert event_types(dave_client, dave_id) == ["workgroup.joined"]
@@ -977,16 +1043,18 @@ async def test_only_admins_change_portal_settings(hub: HubHarness) -> None:
 
 async def test_self_registration_follows_the_portal_setting(hub: HubHarness) -> None:
     _, admin = await hub.create_user("root", admin=True)
-    body = {
-        "login": "Newbie",
+    plain = {
+        "login": "newbie",
         "email": "newbie@example.test",
         "password": "long enough secret",
         "first_name": "New",
-        "is_admin": True,
-        "is_external": True,
     }
-    closed = await hub.request("POST", "/api/v1/auth/register", json=body)
+    privileged = {**plain, "is_admin": True, "is_external": True}
+    closed = await hub.request("POST", "/api/v1/auth/register", json=privileged)
     assert_problem(closed, 403, "registration-closed")
+    closed_plain = await hub.request("POST", "/api/v1/auth/register", json=plain)
+    assert_problem(closed_plain, 403, "registration-closed")
+    assert await hub.services.directory.user_by_login("newbie") is None
 
     opened = await hub.request(
         "PUT", "/api/v1/portal/settings", token=admin, json={"self_registration": True}
@@ -995,7 +1063,13 @@ async def test_self_registration_follows_the_portal_setting(hub: HubHarness) -> 
     current = await hub.request("GET", "/api/v1/portal/settings", token=admin)
     assert current.body == {"self_registration": True}
 
-    resp = await hub.request("POST", "/api/v1/auth/register", json=body)
+    # asking for rights either is refused outright or is ignored - it never grants them
+    resp = await hub.request("POST", "/api/v1/auth/register", json=privileged)
+    if resp.status != 201:
+        assert_problem(resp, 422, "validation-error")
+        assert sorted(e["loc"] for e in resp.body["errors"]) == [["is_admin"], ["is_external"]]
+        assert await hub.services.directory.user_by_login("newbie") is None
+        resp = await hub.request("POST", "/api/v1/auth/register", json=plain)
     assert resp.status == 201, resp.body
     token = resp.body["token"]
     assert isinstance(token, str) and len(token) >= 32
@@ -1013,7 +1087,7 @@ async def test_self_registration_follows_the_portal_setting(hub: HubHarness) -> 
     assert_problem(admin_only, 403, "forbidden")
     assert await hub.login("newbie", "long enough secret")
 
-    taken = await hub.request("POST", "/api/v1/auth/register", json=body)
+    taken = await hub.request("POST", "/api/v1/auth/register", json=plain)
     assert_problem(taken, 409, "conflict")
     no_password = await hub.request(
         "POST", "/api/v1/auth/register", json={"login": "nopw", "email": "nopw@example.test"}

@@ -35,6 +35,7 @@ async def test_connecting_client_gets_snapshot(hub: HubHarness) -> None:
     assert snapshot["counters"] == {"im": {"unread": 0, "chats": {}}}
     assert snapshot["settings"] == {"im": {"sound": True}}
     assert snapshot["streams"] == {f"user:{alice_id}": 0}
+
     # bob sees alice come online, live
     def seen(status: str) -> bool:
         return any(

@@ -126,6 +126,6 @@ class AuthService:
 
     async def register(self, data: RegisterRequest) -> tuple[str, Document]:
         await self.require_registration_open()
-        user = await self._directory.create_user(UserCreate(**data.model_dump()))
+        user = await self._directory.create_user(UserCreate(**data.model_dump(exclude_none=True)))
         doc = await self._directory.user_document(user.id)
         return await self.issue_token(user.id), doc

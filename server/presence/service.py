@@ -60,6 +60,7 @@ class PresenceService:
         self._pending_offline: dict[str, asyncio.Task[None]] = {}
         self._droppers: dict[str, DropSource] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def on_drop(self, transport: str, dropper: DropSource) -> None:
         """How to close a source of ``transport`` the sweeper found dead."""
@@ -161,12 +162,22 @@ class PresenceService:
             view["until"] = _iso(manual.until)
         return view
 
+    async def sources_of(self, user_id: str) -> list[Source]:
+        return await self._sources.sources(user_id)
+
     async def online_user_ids(self) -> set[str]:
         return {u for u in await self._sources.users() if await self._sources.sources(u)}
 
     # announcing --------------------------------------------------------------------------------
 
     async def _recompute(self, user_id: str, force_own: bool = False) -> None:
+        # One user's changes are decided one at a time: two tabs connecting together must not
+        # both see "was offline" and both announce "online".
+        # (One small lock per user who ever connected: bounded by the directory's size.)
+        async with self._locks.setdefault(user_id, asyncio.Lock()):
+            await self._decide(user_id, force_own)
+
+    async def _decide(self, user_id: str, force_own: bool) -> None:
         manual = await self.manual(user_id)
         own = own_status(await self._sources.sources(user_id), manual, datetime.now(UTC))
         seen = status_seen_by_others(own, manual)
