@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 WEB := web-client
 
-.PHONY: run test lint typecheck pytest bench web install install-dev lock clean
+.PHONY: run test lint typecheck pytest bench web web-test install install-dev lock clean
 
 run: install web
 	$(BIN)/portalhub serve --demo
 
-test: install-dev web lint typecheck pytest
+test: install-dev web lint typecheck web-test pytest
 
 lint:
 	$(BIN)/ruff check server tests bench
@@ -41,13 +41,21 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.lock
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# The web client is built when it has a package.json; until then web-client/public is served.
-web:
-	@if [ -f $(WEB)/package.json ]; then \
-		cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error && npm run build; \
-	else \
-		echo "web client: static page in $(WEB)/public (nothing to build)"; \
-	fi
+# The web client: npm ci when the lock changes, a build when a source changes.
+WEB_SRC := $(shell find $(WEB)/src $(WEB)/public $(WEB)/index.html $(WEB)/vite.config.ts \
+	$(WEB)/tsconfig.json -type f 2>/dev/null)
+
+$(WEB)/node_modules/.installed: $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(WEB)/dist/index.html: $(WEB)/node_modules/.installed $(WEB_SRC)
+	cd $(WEB) && npm run build
+
+web: $(WEB)/dist/index.html
+
+web-test: $(WEB)/node_modules/.installed
+	cd $(WEB) && npm run typecheck && npm test
 
 lock: $(BIN)/python
 	$(PIP) install pip-tools

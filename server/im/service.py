@@ -299,6 +299,16 @@ class ImService:
 
     # messages ----------------------------------------------------------------------------------
 
+    def _check_length(self, text: str) -> None:
+        limit = self._settings.im_max_message_chars
+        if len(text) > limit:
+            raise Problem(
+                413,
+                "message-too-long",
+                "Message too long",
+                f"a message has at most {limit} characters",
+            )
+
     def _take_token(self, user_id: str) -> None:
         now = time.monotonic()
         bucket = self._buckets.get(user_id)
@@ -320,13 +330,7 @@ class ImService:
 
     async def send(self, user: Document, request: SendMessage) -> SendResult:
         user_id = str(user["_id"])
-        if len(request.text) > self._settings.im_max_message_chars:
-            raise Problem(
-                413,
-                "message-too-long",
-                "Message too long",
-                f"a message has at most {self._settings.im_max_message_chars} characters",
-            )
+        self._check_length(request.text)
         self._take_token(user_id)
         if request.chat_id is not None:
             chat = await self.readable_chat(user_id, request.chat_id)
@@ -448,13 +452,7 @@ class ImService:
         return doc, chat
 
     async def edit(self, user: Document, message_id: str, text: str) -> MessageOut:
-        if len(text) > self._settings.im_max_message_chars:
-            raise Problem(
-                413,
-                "message-too-long",
-                "Message too long",
-                f"a message has at most {self._settings.im_max_message_chars} characters",
-            )
+        self._check_length(text)
         doc, chat = await self._own_message(str(user["_id"]), message_id)
         changes = {"text": text, "edited_at": utcnow()}
         await self._store["messages"].update_one({"_id": message_id}, {"$set": changes})
