@@ -24,6 +24,8 @@ from server.settings import Settings
 from server.store.database import Document, Store, utcnow
 from server.web.problems import problem_middleware
 from server.web.routes.all import api
+from server.xmpp.features import install_all
+from server.xmpp.server import XmppServer
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +76,15 @@ def build_services(settings: Settings, store: Store) -> Services:
     async def settings_snapshot(user: Document) -> dict[str, Any]:
         return {"im": (await im.get_settings(str(user["_id"]))).model_dump()}
 
+    xmpp = None
+    if settings.xmpp_enabled:
+        xmpp = XmppServer(settings, store, auth_service, directory, presence, im, bus)
+        install_all(xmpp)
+
     hub.add_snapshot_part("counters", counters_snapshot)
     hub.add_snapshot_part("presence", presence_snapshot)
     hub.add_snapshot_part("settings", settings_snapshot)
-    return Services(settings, store, bus, streams, directory, auth_service, presence, im, hub)
+    return Services(settings, store, bus, streams, directory, auth_service, presence, im, hub, xmpp)
 
 
 def web_client_dir(settings: Settings) -> Path:
@@ -126,7 +133,11 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_maintenance(svc), name="maintenance")
         svc.presence.start()
+        if svc.xmpp is not None:
+            await svc.xmpp.start()
         yield
+        if svc.xmpp is not None:
+            await svc.xmpp.stop()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

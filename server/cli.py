@@ -53,6 +53,14 @@ async def serve(settings: Settings, demo: bool, demo_password: str | None) -> No
                 print_logins(logins, demo_password or DEFAULT_PASSWORD)
             site = web.TCPSite(runner, settings.host, settings.http_port)
             await site.start()
+            xmpp = app[SERVICES].xmpp
+            if xmpp is not None:
+                print(
+                    f"XMPP (Jabber) on port {xmpp.ports['starttls']} (STARTTLS) and "
+                    f"{xmpp.ports['tls']} (SSL/direct TLS) for domain {settings.domain}; "
+                    f"certificate SHA-256 fingerprint {xmpp.fingerprint}",
+                    flush=True,
+                )
             host, port = runner.addresses[0][:2]
             print(f"Portal Hub is running at http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
             stop = asyncio.Event()

@@ -15,6 +15,7 @@ from server.im.service import ImService
 from server.presence.service import PresenceService
 from server.settings import Settings
 from server.store.database import Store
+from server.xmpp.server import XmppServer
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Services:
     presence: PresenceService
     im: ImService
     hub: Hub
+    xmpp: XmppServer | None = None
 
 
 SERVICES = web.AppKey("services", Services)

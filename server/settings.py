@@ -46,6 +46,23 @@ class Settings(BaseSettings):
     im_messages_per_second: float = Field(default=5.0, gt=0)
     im_message_burst: int = Field(default=20, ge=1)
     im_max_recipients: int = Field(default=500, ge=1)
+    xmpp_enabled: bool = True
+    xmpp_host: str | None = Field(default=None, description="Defaults to host")
+    xmpp_port: int = Field(default=5222, ge=0, le=65535, description="STARTTLS listener")
+    xmpp_tls_port: int = Field(default=5223, ge=0, le=65535, description="Direct TLS listener")
+    xmpp_allow_plaintext: bool = Field(
+        default=False, description="Allow streams without TLS (tests on loopback only)"
+    )
+    xmpp_cert_file: Path | None = None
+    xmpp_key_file: Path | None = None
+    xmpp_max_stanza_bytes: int = Field(default=256 * 1024, ge=4096)
+    xmpp_auth_timeout_seconds: float = Field(default=30.0, gt=0)
+    xmpp_read_bytes_per_second: float = Field(default=32 * 1024, gt=0)
+    xmpp_read_burst_bytes: int = Field(default=512 * 1024, ge=16 * 1024)
+    xmpp_max_sessions_per_user: int = Field(default=10, ge=1)
+    xmpp_max_connections: int = Field(default=5000, ge=1)
+    xmpp_ping_interval_seconds: float = Field(default=60.0, gt=0)
+    xmpp_ping_timeout_seconds: float = Field(default=30.0, gt=0)
     web_client_dir: Path | None = None
     log_level: str = "INFO"
 

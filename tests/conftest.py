@@ -99,6 +99,8 @@ def settings(mongo_url: str, tmp_path: Path) -> Settings:
         http_port=0,
         data_dir=tmp_path / "var",
         presence_grace_seconds=0.3,
+        xmpp_port=0,
+        xmpp_tls_port=0,
     )
 
 

@@ -103,6 +103,7 @@ class HubHarness:
     app: web.Application
     http: aiohttp.ClientSession
     clients: list[SocketClient] = field(default_factory=list)
+    closers: list[Callable[[], Any]] = field(default_factory=list)
 
     @property
     def services(self) -> Services:
@@ -206,4 +207,9 @@ async def start_hub(settings: Settings, store: Store) -> AsyncIterator[HubHarnes
         finally:
             for client in harness.clients:
                 await client.close()
+            for close in harness.closers:
+                with contextlib.suppress(Exception):
+                    result = close()
+                    if asyncio.isfuture(result) or asyncio.iscoroutine(result):
+                        await asyncio.wait_for(result, 5)
             await runner.cleanup()

@@ -47,7 +47,12 @@ class Hub:
         self.data_dir = data_dir
         self.port = free_loopback_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PORTALHUB_")}
-        self.env.update(PORTALHUB_DATA_DIR=str(data_dir), PORTALHUB_HTTP_PORT=str(self.port))
+        self.env.update(
+            PORTALHUB_DATA_DIR=str(data_dir),
+            PORTALHUB_HTTP_PORT=str(self.port),
+            PORTALHUB_XMPP_PORT=str(free_loopback_port()),
+            PORTALHUB_XMPP_TLS_PORT=str(free_loopback_port()),
+        )
         self.process: subprocess.Popen[str] | None = None
 
     def cli(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

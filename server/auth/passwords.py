@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -27,6 +28,17 @@ def _verify(stored_hash: str | None, password: str) -> bool:
 async def verify_password(stored_hash: str | None, password: str) -> bool:
     """True only for a real hash matching ``password``; a missing hash still costs a check."""
     return await asyncio.to_thread(_verify, stored_hash, password)
+
+
+async def password_fields(password: str) -> dict[str, Any]:
+    """Everything stored for a password: the argon2id hash, and the SCRAM verifiers that let
+    Jabber clients log in with SCRAM (the password itself is never stored)."""
+    from server.xmpp.sasl import scram_verifiers
+
+    return {
+        "password_hash": await hash_password(password),
+        "scram": await scram_verifiers(password),
+    }
 
 
 def needs_rehash(stored_hash: str) -> bool:

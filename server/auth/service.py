@@ -7,7 +7,7 @@ import secrets
 import time
 from datetime import UTC, datetime, timedelta
 
-from server.auth.passwords import hash_password, needs_rehash, verify_password
+from server.auth.passwords import needs_rehash, password_fields, verify_password
 from server.auth.throttle import LoginThrottle
 from server.directory.models import RegisterRequest, UserCreate
 from server.directory.service import DirectoryService
@@ -48,20 +48,33 @@ class AuthService:
                 headers={"Retry-After": str(int(wait) + 1)},
                 retry_after=int(wait) + 1,
             )
+        user = await self.check_password(key, password)
+        if user is None:
+            raise Problem(
+                401, "invalid-credentials", "Invalid credentials", "wrong login or password"
+            )
+        return await self.issue_token(str(user["_id"])), user
+
+    async def check_password(self, login: str, password: str) -> Document | None:
+        """The active user with this login and password, or None (counted as a failure).
+
+        The caller checks ``throttle`` first. Shared by web logins and XMPP PLAIN, so failures
+        over either count together.
+        """
+        key = login.strip().lower()
         user = await self._directory.user_by_login(key)
         stored = user.get("password_hash") if user else None
         ok = await verify_password(stored, password)
         if not ok or user is None or not user.get("is_active", True):
             self.throttle.failure(key, time.monotonic())
-            raise Problem(
-                401, "invalid-credentials", "Invalid credentials", "wrong login or password"
-            )
+            return None
         self.throttle.success(key)
-        if stored and needs_rehash(stored):
-            await self._store.users.update_one(
-                {"_id": user["_id"]}, {"$set": {"password_hash": await hash_password(password)}}
-            )
-        return await self.issue_token(str(user["_id"])), user
+        if (stored and needs_rehash(stored)) or not user.get("scram"):
+            # Users from before SCRAM (or an older hash) get fresh fields on their next login.
+            fields = await password_fields(password)
+            await self._store.users.update_one({"_id": user["_id"]}, {"$set": fields})
+            user.update(fields)
+        return user
 
     async def issue_token(self, user_id: str) -> str:
         token = secrets.token_urlsafe(32)

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from pymongo.errors import DuplicateKeyError
 
-from server.auth.passwords import hash_password
+from server.auth.passwords import password_fields
 from server.directory.models import (
     DepartmentIn,
     DepartmentOut,
@@ -36,6 +36,21 @@ def person(doc: Document) -> Person:
         is_external=bool(doc.get("is_external")),
         is_active=bool(doc.get("is_active", True)),
     )
+
+
+# Changes to these fields change what others see of a user (names, groups, visibility).
+DIRECTORY_FIELDS = frozenset(
+    {
+        "first_name",
+        "last_name",
+        "position",
+        "email",
+        "phones",
+        "department_id",
+        "is_active",
+        "is_external",
+    }
+)
 
 
 class WorkgroupHooks(Protocol):
@@ -74,14 +89,17 @@ class DirectoryService:
             "is_admin": data.is_admin,
             "is_external": data.is_external,
             "is_active": True,
-            "password_hash": await hash_password(data.password) if data.password else None,
+            "password_hash": None,
             "created_at": now,
             "updated_at": now,
         }
+        if data.password:
+            doc.update(await password_fields(data.password))
         try:
             await self._store.users.insert_one(doc)
         except DuplicateKeyError:
             raise conflict(f"the login '{data.login}' is taken") from None
+        await self.directory_changed([doc["_id"]])
         return UserOut.from_document(doc)
 
     async def user_document(self, user_id: str) -> Document:
@@ -161,8 +179,10 @@ class DirectoryService:
             if doc.get(key) != value:
                 changes[key] = value
         if password is not None:
-            changes["password_hash"] = await hash_password(password)
-        visible = {k: v for k, v in changes.items() if k not in ("password_hash", "phone_digits")}
+            changes.update(await password_fields(password))
+        visible = {
+            k: v for k, v in changes.items() if k not in ("password_hash", "scram", "phone_digits")
+        }
         if not changes:
             return UserOut.from_document(doc)
         changes["updated_at"] = utcnow()
@@ -183,14 +203,25 @@ class DirectoryService:
                     "by": actor_id,
                 },
             )
+        if visible.keys() & DIRECTORY_FIELDS:
+            await self.directory_changed([user_id])
         return user
+
+    async def directory_changed(self, user_ids: list[str]) -> None:
+        """Tell transports that keep a copy of the directory (XMPP rosters) to refresh.
+
+        Empty ``user_ids`` means the structure changed (departments), not just some people.
+        """
+        await self._bus.publish_ephemeral(
+            EphemeralEvent("directory.changed", {"user_ids": user_ids})
+        )
 
     async def set_password(self, user_id: str, password: str) -> None:
         await self._store.users.update_one(
             {"_id": user_id},
             {
                 "$set": {
-                    "password_hash": await hash_password(password),
+                    **(await password_fields(password)),
                     "updated_at": utcnow(),
                 }
             },
@@ -306,6 +337,7 @@ class DirectoryService:
             await self._require_user(changes["head_id"])
         if changes:
             await self._store.departments.update_one({"_id": department_id}, {"$set": changes})
+            await self.directory_changed([])
         return await self.get_department(department_id)
 
     async def delete_department(self, department_id: str) -> None:
@@ -315,6 +347,7 @@ class DirectoryService:
         if await self._store.users.find_one({"department_id": department_id, "is_active": True}):
             raise conflict("the department has employees; move them first")
         await self._store.departments.delete_one({"_id": department_id})
+        await self.directory_changed([])
 
     # workgroups ------------------------------------------------------------------------------
 
@@ -342,6 +375,7 @@ class DirectoryService:
         owner = await self.user_document(owner_id)
         for hooks in self.workgroup_hooks:
             await hooks.workgroup_created(owner, group)
+        await self.directory_changed(members)
         return group
 
     async def list_workgroups(self, viewer: Document) -> list[WorkgroupOut]:
@@ -380,6 +414,8 @@ class DirectoryService:
         new = [u for u in dict.fromkeys(user_ids) if u not in group.member_ids]
         for hooks in self.workgroup_hooks:
             await hooks.workgroup_members_added(group_id, new)
+        if new:
+            await self.directory_changed(new)
         return result
 
     async def remove_workgroup_member(
@@ -397,6 +433,7 @@ class DirectoryService:
             )
             for hooks in self.workgroup_hooks:
                 await hooks.workgroup_member_removed(group_id, user_id)
+            await self.directory_changed([user_id])
         return await self.get_workgroup(actor, group_id)
 
     async def _moderated_group(self, actor: Document, group_id: str) -> WorkgroupOut:

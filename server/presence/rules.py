@@ -25,6 +25,7 @@ class Source:
     transport: str
     active: bool
     last_heartbeat: float
+    dnd: bool = False  # a Jabber client's own "do not disturb"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +41,12 @@ class Manual:
 
 
 def automatic_status(sources: Iterable[Source]) -> Status:
-    found = False
-    for source in sources:
-        if source.active:
-            return "online"
-        found = True
-    return "away" if found else "offline"
+    listed = list(sources)
+    if not listed:
+        return "offline"
+    if any(s.dnd for s in listed):
+        return "dnd"
+    return "online" if any(s.active for s in listed) else "away"
 
 
 def own_status(sources: Iterable[Source], manual: Manual, now: datetime) -> Status:

@@ -69,18 +69,24 @@ class PresenceService:
     # sources -----------------------------------------------------------------------------------
 
     async def connected(
-        self, user_id: str, source_id: str, transport: str, active: bool = True
+        self, user_id: str, source_id: str, transport: str, active: bool = True, dnd: bool = False
     ) -> None:
-        await self._sources.put(user_id, Source(source_id, transport, active, time.monotonic()))
+        source = Source(source_id, transport, active, time.monotonic(), dnd)
+        await self._sources.put(user_id, source)
         await self._recompute(user_id)
 
-    async def heartbeat(self, user_id: str, source_id: str, active: bool) -> None:
+    async def heartbeat(
+        self, user_id: str, source_id: str, active: bool, dnd: bool | None = None
+    ) -> None:
+        """A sign of life from a source, with its activity (and, for XMPP, its dnd flag)."""
         for source in await self._sources.sources(user_id):
             if source.id == source_id:
+                keep_dnd = source.dnd if dnd is None else dnd
                 await self._sources.put(
-                    user_id, Source(source_id, source.transport, active, time.monotonic())
+                    user_id,
+                    Source(source_id, source.transport, active, time.monotonic(), keep_dnd),
                 )
-                if source.active != active:
+                if source.active != active or source.dnd != keep_dnd:
                     await self._recompute(user_id)
                 return
 

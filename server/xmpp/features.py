@@ -1,0 +1,13 @@
+"""The feature modules a hub loads, in the order their handlers are consulted."""
+
+from __future__ import annotations
+
+from server.xmpp.modules import basics, carbons, disco, mam, messages, presence, roster, vcard
+from server.xmpp.server import XmppServer
+
+MODULES = (basics, disco, roster, presence, carbons, messages, mam, vcard)
+
+
+def install_all(server: XmppServer) -> None:
+    for module in MODULES:
+        module.install(server)

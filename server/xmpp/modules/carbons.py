@@ -1,0 +1,48 @@
+"""Message Carbons (XEP-0280): a session that enables them gets copies of what the user sends
+from elsewhere (another resource, or the web messenger)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
+
+from server.xmpp.session import C2SSession
+from server.xmpp.stanza import child, element, q, result
+
+if TYPE_CHECKING:
+    from server.xmpp.server import XmppServer
+
+CARBONS = "urn:xmpp:carbons:2"
+FORWARD = "urn:xmpp:forward:0"
+
+
+def sent_copy(server: XmppServer, session: C2SSession, original: ET.Element) -> ET.Element:
+    """The <sent/> wrapper around a message the user sent from elsewhere."""
+    assert session.jid is not None
+    wrapper = element(
+        "message",
+        {
+            "from": str(session.jid.bare),
+            "to": str(session.jid),
+            "type": original.get("type", "chat"),
+        },
+    )
+    sent = child(wrapper, "sent", ns=CARBONS)
+    forwarded = child(sent, "forwarded", ns=FORWARD)
+    forwarded.append(original)
+    return wrapper
+
+
+def install(server: XmppServer) -> None:
+    server.add_feature(CARBONS)
+
+    async def enable(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
+        session.carbons = True
+        return result(iq)
+
+    async def disable(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
+        session.carbons = False
+        return result(iq)
+
+    server.iq("set", q(CARBONS, "enable"), enable)
+    server.iq("set", q(CARBONS, "disable"), disable)

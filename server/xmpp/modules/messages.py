@@ -1,0 +1,339 @@
+"""One-to-one messages, bridged to the portal messenger: a <message type="chat"/> to
+login@domain is a message in the portal's private dialog, and every message of a private
+dialog or of the portal's notices reaches the members' Jabber sessions.
+
+Also here: offline delivery with delay stamps (XEP-0203), once; chat states (XEP-0085) as
+typing notifications; receipts (XEP-0184) and chat markers (XEP-0333) as read state; message
+correction (XEP-0308) and retraction (XEP-0424) for edits and deletions made on the web.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import xml.etree.ElementTree as ET
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from server.events.models import EphemeralEvent, Event
+from server.im.models import SendMessage
+from server.im.rules import private_pair_key
+from server.store.database import Document
+from server.web.problems import Problem
+from server.xmpp.jid import Jid
+from server.xmpp.modules.carbons import sent_copy
+from server.xmpp.session import C2SSession
+from server.xmpp.stanza import CLIENT, StanzaError, child, element, q
+
+if TYPE_CHECKING:
+    from server.xmpp.server import XmppServer
+
+log = logging.getLogger(__name__)
+
+CHATSTATES = "http://jabber.org/protocol/chatstates"
+RECEIPTS = "urn:xmpp:receipts"
+MARKERS = "urn:xmpp:chat-markers:0"
+DELAY = "urn:xmpp:delay"
+SID = "urn:xmpp:sid:0"
+CORRECT = "urn:xmpp:message-correct:0"
+RETRACT = "urn:xmpp:message-retract:1"
+FALLBACK = "urn:xmpp:fallback:0"
+OFFLINE_LIMIT = 200
+MAX_ORIGINS = 10_000
+
+PROBLEM_CONDITIONS = {
+    403: "forbidden",
+    404: "item-not-found",
+    413: "policy-violation",
+    422: "not-acceptable",
+    429: "resource-constraint",
+    503: "wait",
+}
+
+
+def client_id_for(stanza_id: str | None) -> str | None:
+    """A client's stanza id as an idempotency key: a resent stanza stores no second message."""
+    if not stanza_id:
+        return None
+    return "x" + hashlib.sha256(stanza_id.encode()).hexdigest()[:40]
+
+
+def stamp(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+class Bridge:
+    def __init__(self, server: XmppServer) -> None:
+        self.server = server
+        self.chats: dict[str, Document] = {}
+        self.logins: dict[str, str] = {}
+        self.origins: dict[tuple[str, str], str] = {}  # (user, client id) -> session id
+
+    async def login_of(self, user_id: str | None) -> str | None:
+        if user_id is None:
+            return None
+        if user_id not in self.logins:
+            doc = await self.server.store.users.find_one(
+                {"_id": user_id}, projection={"login": True}
+            )
+            if doc is None:
+                return None
+            self.logins[user_id] = str(doc["login"])
+        return self.logins[user_id]
+
+    async def chat(self, chat_id: str) -> Document | None:
+        if chat_id not in self.chats:
+            doc = await self.server.store["chats"].find_one({"_id": chat_id})
+            if doc is None:
+                return None
+            if len(self.chats) > 10_000:
+                self.chats.clear()
+            self.chats[chat_id] = doc
+        return self.chats[chat_id]
+
+    async def author_jid(self, message: dict[str, Any]) -> str:
+        login = await self.login_of(message.get("author_id"))
+        return f"{login}@{self.server.domain}" if login else self.server.domain
+
+    async def stanza(
+        self, message: dict[str, Any], to: Jid, *, frm: str | None = None
+    ) -> ET.Element:
+        stanza = element(
+            "message",
+            {
+                "type": "chat",
+                "id": str(message["id"]),
+                "from": frm or await self.author_jid(message),
+                "to": str(to),
+            },
+        )
+        child(stanza, "body", text=str(message.get("text", "")))
+        child(stanza, "stanza-id", {"id": str(message["id"]), "by": str(to.bare)}, ns=SID)
+        child(stanza, "markable", ns=MARKERS)
+        return stanza
+
+    # from Jabber clients ---------------------------------------------------------------------
+
+    async def on_message(self, session: C2SSession, stanza: ET.Element) -> bool:
+        if stanza.tag != q(CLIENT, "message"):
+            return False
+        kind = stanza.get("type") or "normal"
+        to = stanza.get("to")
+        if kind == "error":
+            return True
+        if not to or kind == "groupchat":
+            return False
+        target = Jid.parse(to)
+        if target.domain != self.server.domain:
+            return False
+        assert session.user is not None
+        if not target.local:
+            return True  # to the server itself: nothing to do
+        recipient = await self.server.user_for(target)
+        if (
+            recipient is None
+            or not recipient.get("is_active", True)
+            or not await self.server.directory.may_see(session.user, recipient)
+        ):
+            raise StanzaError("service-unavailable")
+        recipient_id = str(recipient["_id"])
+        chat = await self.server.store["chats"].find_one(
+            {"pair_key": private_pair_key(session.user_id, recipient_id)}
+        )
+        await self._signals(session, stanza, chat)
+        body = stanza.findtext(q(CLIENT, "body"))
+        if body is None or not body.strip():
+            return True
+        client_id = client_id_for(stanza.get("id"))
+        if client_id is not None:
+            if len(self.origins) > MAX_ORIGINS:
+                self.origins.clear()
+            self.origins[(session.user_id, client_id)] = session.id
+        try:
+            request = SendMessage(to=[recipient_id], text=body, client_id=client_id)
+            await self.server.im.send(session.user, request)
+        except ValidationError as exc:
+            raise StanzaError("bad-request", str(exc.errors()[0]["msg"])) from None
+        except Problem as problem:
+            raise StanzaError(
+                PROBLEM_CONDITIONS.get(problem.status, "undefined-condition"),
+                problem.detail or problem.title,
+            ) from None
+        return True
+
+    async def _signals(
+        self, session: C2SSession, stanza: ET.Element, chat: Document | None
+    ) -> None:
+        """Chat states, receipts and markers: live typing and read state, never stored."""
+        if chat is None:
+            return
+        assert session.user is not None
+        if stanza.find(q(CHATSTATES, "composing")) is not None:
+            await self.server.im.typing(session.user_id, chat["_id"])
+        for tag in (q(MARKERS, "displayed"), q(RECEIPTS, "received"), q(MARKERS, "received")):
+            marker = stanza.find(tag)
+            if marker is not None and marker.get("id"):
+                # (a marker for something that is not a portal message id is ignored)
+                with contextlib.suppress(Problem):
+                    await self.server.im.mark_read(session.user, chat["_id"], marker.get("id", ""))
+
+    # to Jabber clients -----------------------------------------------------------------------
+
+    async def on_event(self, event: Event) -> None:
+        kind, _, ident = event.stream.partition(":")
+        if kind == "user":
+            if event.type in ("im.chat.joined", "im.chat.left"):
+                chat_id = (event.data.get("chat") or {}).get("id") or event.data.get("chat_id")
+                self.chats.pop(str(chat_id), None)
+            return
+        if kind != "chat":
+            return
+        if event.type == "im.chat.members":
+            self.chats.pop(ident, None)
+            return
+        if event.type not in ("im.message", "im.message.updated", "im.message.deleted"):
+            return
+        chat = await self.chat(ident)
+        if chat is None or chat["kind"] == "group":
+            return  # group chats travel as MUC rooms
+        message = event.data["message"]
+        author = message.get("author_id")
+        origin = (
+            self.origins.pop((str(author), str(message.get("client_id"))), None)
+            if message.get("client_id")
+            else None
+        )
+        delivered: list[str] = []
+        for member in chat.get("member_ids", []):
+            sessions = self.server.available_sessions_of(member)
+            if not sessions:
+                continue
+            if member == author:
+                other = next((m for m in chat["member_ids"] if m != member), member)
+                other_login = await self.login_of(other)
+                for session in sessions:
+                    if session.carbons and session.id != origin and session.jid is not None:
+                        to = Jid(other_login or "", self.server.domain)
+                        original = await self._shaped(event, message, to, frm=str(session.jid.bare))
+                        session.send_nowait(sent_copy(self.server, session, original))
+                continue
+            for session in sessions:
+                if session.jid is not None:
+                    session.send_nowait(await self._shaped(event, message, session.jid))
+            delivered.append(member)
+        if delivered and event.type == "im.message":
+            await self.server.store.users.update_many(
+                {"_id": {"$in": delivered}}, {"$max": {"xmpp_delivered_upto": message["id"]}}
+            )
+
+    async def _shaped(
+        self, event: Event, message: dict[str, Any], to: Jid, *, frm: str | None = None
+    ) -> ET.Element:
+        if event.type == "im.message":
+            return await self.stanza(message, to, frm=frm)
+        stanza = element(
+            "message",
+            {
+                "type": "chat",
+                "from": frm or await self.author_jid(message),
+                "to": str(to),
+                "id": f"{message['id']}-{event.seq}",
+            },
+        )
+        if event.type == "im.message.updated":
+            child(stanza, "body", text=str(message.get("text", "")))
+            child(stanza, "replace", {"id": str(message["id"])}, ns=CORRECT)
+        else:
+            child(stanza, "body", text="(message deleted)")
+            child(stanza, "retract", {"id": str(message["id"])}, ns=RETRACT)
+            child(stanza, "fallback", {"for": RETRACT}, ns=FALLBACK)
+        return stanza
+
+    async def on_typing(self, event: EphemeralEvent) -> None:
+        if event.type != "im.typing":
+            return
+        chat = await self.chat(str(event.data.get("chat_id")))
+        if chat is None or chat["kind"] != "private":
+            return
+        typer = str(event.data.get("user_id"))
+        login = await self.login_of(typer)
+        for member in chat["member_ids"]:
+            if member == typer:
+                continue
+            for session in self.server.available_sessions_of(member):
+                stanza = element(
+                    "message",
+                    {
+                        "type": "chat",
+                        "to": str(session.jid),
+                        "from": f"{login}@{self.server.domain}",
+                    },
+                )
+                child(stanza, "composing", ns=CHATSTATES)
+                session.send_nowait(stanza)
+
+    async def deliver_offline(self, session: C2SSession) -> None:
+        """Messages that came while the user had no Jabber session and were not read on the web,
+        with their original time (XEP-0203), each delivered once."""
+        assert session.jid is not None
+        store = self.server.store
+        user = await store.users.find_one(
+            {"_id": session.user_id}, projection={"xmpp_delivered_upto": True}
+        )
+        upto = (user or {}).get("xmpp_delivered_upto")
+        memberships = {
+            m["chat_id"]: m.get("last_read_id")
+            async for m in store["chat_members"].find({"user_id": session.user_id})
+        }
+        chats = [
+            c
+            async for c in store["chats"].find(
+                {"_id": {"$in": list(memberships)}, "kind": {"$in": ["private", "system"]}}
+            )
+        ]
+        pending: list[Document] = []
+        for chat in chats:
+            floor = max(filter(None, (upto, memberships[chat["_id"]])), default=None)
+            query: Document = {
+                "chat_id": chat["_id"],
+                "deleted": False,
+                "author_id": {"$ne": session.user_id},
+            }
+            if floor is not None:
+                query["_id"] = {"$gt": floor}
+            pending += [
+                m
+                async for m in store["messages"].find(
+                    query, sort=[("_id", -1)], limit=OFFLINE_LIMIT
+                )
+            ]
+        pending.sort(key=lambda m: m["_id"])
+        for doc in pending[-OFFLINE_LIMIT:]:
+            message = {"id": doc["_id"], "author_id": doc.get("author_id"), "text": doc["text"]}
+            stanza = await self.stanza(message, session.jid)
+            child(
+                stanza,
+                "delay",
+                {"from": self.server.domain, "stamp": stamp(doc["created_at"])},
+                ns=DELAY,
+            )
+            session.send_nowait(stanza)
+        if pending:
+            await store.users.update_one(
+                {"_id": session.user_id}, {"$max": {"xmpp_delivered_upto": pending[-1]["_id"]}}
+            )
+
+
+def install(server: XmppServer) -> None:
+    bridge = Bridge(server)
+    server.add_feature(CHATSTATES, RECEIPTS, MARKERS, DELAY, SID, CORRECT, RETRACT)
+    server.on_message(bridge.on_message)
+    server.bus.subscribe(bridge.on_event)
+    server.bus.subscribe_ephemeral(bridge.on_typing)
+    server.on_available.append(bridge.deliver_offline)
+    server.bridge = bridge

@@ -1,0 +1,140 @@
+"""Presence (RFC 6121 section 4): an XMPP session is one presence source among the user's web
+tabs; the portal's merged state reaches XMPP contacts and web users alike."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
+
+from server.events.models import EphemeralEvent
+from server.xmpp.jid import Jid
+from server.xmpp.session import C2SSession
+from server.xmpp.stanza import CLIENT, child, element, q
+
+if TYPE_CHECKING:
+    from server.xmpp.server import XmppServer
+
+TRANSPORT = "xmpp"
+# The merged presence of a portal user is shown as one resource of their JID.
+PORTAL_RESOURCE = "portal"
+
+
+def presence_stanza(server: XmppServer, login: str, status: str, to: Jid) -> ET.Element:
+    frm = Jid(login, server.domain, PORTAL_RESOURCE)
+    stanza = element("presence", {"from": str(frm), "to": str(to)})
+    if status == "offline":
+        stanza.set("type", "unavailable")
+    elif status in ("away", "dnd"):
+        child(stanza, "show", text=status)
+    return stanza
+
+
+def flags(stanza: ET.Element) -> tuple[bool, bool]:
+    """(active, dnd) from a client's <show/>: away and xa are idle, dnd is do-not-disturb."""
+    show = stanza.findtext(q(CLIENT, "show")) or ""
+    return show not in ("away", "xa"), show == "dnd"
+
+
+def install(server: XmppServer) -> None:
+    logins: dict[str, str] = {}
+
+    async def login_of(user_id: str) -> str | None:
+        if user_id not in logins:
+            doc = await server.store.users.find_one({"_id": user_id}, projection={"login": True})
+            if doc is None:
+                return None
+            logins[user_id] = str(doc["login"])
+        return logins[user_id]
+
+    async def send_colleagues(session: C2SSession) -> None:
+        """Initial presence: the current state of every colleague one may see who is online."""
+        assert session.user is not None and session.jid is not None
+        visible = set(await server.directory.visible_user_ids(session.user))
+        for user_id in await server.presence.online_user_ids():
+            if user_id in visible and user_id != session.user_id:
+                status = await server.presence.seen_status(user_id)
+                login = await login_of(user_id)
+                if login and status != "offline":
+                    session.send_nowait(presence_stanza(server, login, status, session.jid))
+
+    async def on_presence(session: C2SSession, stanza: ET.Element) -> bool:
+        assert session.jid is not None
+        kind = stanza.get("type")
+        to = stanza.get("to")
+        if to:
+            target = Jid.parse(to)
+            if target.domain != server.domain:
+                return False  # e.g. a MUC room: another module's
+            if kind == "subscribe" and await server.user_for(target) is not None:
+                # The roster is the company: every subscription already exists.
+                session.send_nowait(
+                    element(
+                        "presence",
+                        {
+                            "type": "subscribed",
+                            "from": str(target.bare),
+                            "to": str(session.jid.bare),
+                        },
+                    )
+                )
+                return True
+            if kind == "probe":
+                user = await server.user_for(target)
+                if user is not None:
+                    status = await server.presence.seen_status(str(user["_id"]))
+                    session.send_nowait(
+                        presence_stanza(server, str(user["login"]), status, session.jid)
+                    )
+            return True  # other directed presence and subscription changes: ignored
+        if kind == "unavailable":
+            if session.available:
+                session.available = False
+                await server.presence.disconnected(session.user_id, session.id)
+            return True
+        if kind not in (None, ""):
+            return True
+        active, dnd = flags(stanza)
+        session.presence = stanza
+        if not session.available:
+            session.available = True
+            await server.presence.connected(session.user_id, session.id, TRANSPORT, active, dnd)
+            await send_colleagues(session)
+            for hook in server.on_available:
+                await hook(session)
+        else:
+            await server.presence.heartbeat(session.user_id, session.id, active, dnd)
+        # The user's other resources see this one (RFC 6121 4.2.2).
+        for other in server.available_sessions_of(session.user_id):
+            if other is not session and other.jid is not None:
+                copy = element("presence", {"from": str(session.jid), "to": str(other.jid)})
+                for part in stanza:
+                    copy.append(part)
+                other.send_nowait(copy)
+        return True
+
+    server.on_presence(on_presence)
+
+    async def unbound(session: C2SSession) -> None:
+        if session.available and session.user is not None:
+            session.available = False
+            await server.presence.disconnected(session.user_id, session.id)
+
+    server.on_unbound(unbound)
+
+    async def presence_changed(event: EphemeralEvent) -> None:
+        if event.type != "presence.changed":
+            return
+        user_id = str(event.data.get("user_id", ""))
+        login = await login_of(user_id)
+        if login is None:
+            return
+        status = str(event.data.get("status", "offline"))
+        for stream in event.streams:
+            viewer = stream.partition(":")[2]
+            if viewer == user_id:
+                continue  # a user's own merged state is not a contact's presence
+            for session in server.available_sessions_of(viewer):
+                if session.jid is not None:
+                    session.send_nowait(presence_stanza(server, login, status, session.jid))
+
+    server.bus.subscribe_ephemeral(presence_changed)

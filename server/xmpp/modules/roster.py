@@ -1,0 +1,133 @@
+"""The company as the roster (RFC 6121 section 2): every colleague one may see, grouped by
+department path (nested groups, XEP-0083, delimiter "/"), with versioning (XEP-0237) and pushes
+when people join, leave or move. The roster is the directory's: client edits are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
+
+from server.directory.rules import ancestors
+from server.events.models import EphemeralEvent
+from server.store.database import Document
+from server.xmpp.modules.basics import GROUP_DELIMITER
+from server.xmpp.session import C2SSession
+from server.xmpp.stanza import StanzaError, child, element, q, result
+
+if TYPE_CHECKING:
+    from server.xmpp.server import XmppServer
+
+ROSTER = "jabber:iq:roster"
+ROSTERVER = "urn:xmpp:features:rosterver"
+Item = tuple[str, tuple[str, ...]]  # (name, groups)
+
+
+def display_name(user: Document) -> str:
+    name = f"{user.get('first_name', '')} {user.get('last_name', '')}".strip()
+    return name or str(user["login"])
+
+
+def version_of(items: dict[str, Item]) -> str:
+    digest = hashlib.sha256()
+    for jid in sorted(items):
+        name, groups = items[jid]
+        digest.update(f"{jid}\0{name}\0{chr(1).join(groups)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class Roster:
+    def __init__(self, server: XmppServer) -> None:
+        self.server = server
+        self.sent: dict[str, dict[str, Item]] = {}  # session id -> items last sent
+
+    async def items_for(self, user: Document) -> dict[str, Item]:
+        server = self.server
+        visible = set(await server.directory.visible_user_ids(user))
+        visible.discard(str(user["_id"]))
+        tree = await server.directory.department_tree()
+        names = {
+            d["_id"]: d["name"]
+            async for d in server.store.departments.find({}, projection={"name": True})
+        }
+        items: dict[str, Item] = {}
+        async for other in server.store.users.find(
+            {"_id": {"$in": sorted(visible)}, "is_active": True}
+        ):
+            path = list(reversed(ancestors(other.get("department_id"), tree)))
+            group = GROUP_DELIMITER.join(str(names.get(d, "")) for d in path)
+            groups = (group,) if group else (("Extranet",) if other.get("is_external") else ())
+            items[str(server.jid_of(other))] = (display_name(other), groups)
+        return items
+
+    def _item(self, query: ET.Element, jid: str, item: Item | None) -> None:
+        if item is None:
+            child(query, "item", {"jid": jid, "subscription": "remove"})
+            return
+        name, groups = item
+        el = child(query, "item", {"jid": jid, "name": name, "subscription": "both"})
+        for group in groups:
+            child(el, "group", text=group)
+
+    async def get(self, session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
+        assert session.user is not None
+        items = await self.items_for(session.user)
+        version = version_of(items)
+        session.roster_requested = True
+        self.sent[session.id] = items
+        if payload.get("ver") == version:
+            return result(iq)  # XEP-0237: the client's copy is current
+        query = element("query", {"ver": version}, ns=ROSTER)
+        for jid in sorted(items):
+            self._item(query, jid, items[jid])
+        return result(iq, query)
+
+    async def refresh(self, session: C2SSession) -> None:
+        """Push what changed since the last roster this session saw."""
+        if not session.roster_requested or session.user is None or session.jid is None:
+            return
+        user = await self.server.store.users.find_one({"_id": session.user_id})
+        if user is None:
+            return
+        before = self.sent.get(session.id, {})
+        after = await self.items_for(user)
+        changed = [jid for jid in after if before.get(jid) != after[jid]]
+        removed = [jid for jid in before if jid not in after]
+        if not changed and not removed:
+            return
+        self.sent[session.id] = after
+        version = version_of(after)
+        for jid in [*changed, *removed]:
+            push = element(
+                "iq",
+                {"type": "set", "id": f"push-{version[:8]}-{len(jid)}", "to": str(session.jid)},
+            )
+            query = child(push, "query", {"ver": version}, ns=ROSTER)
+            self._item(query, jid, after.get(jid))
+            session.send_nowait(push)
+
+
+def install(server: XmppServer) -> None:
+    roster = Roster(server)
+    server.add_feature(ROSTER)
+    server.add_stream_feature(lambda: element("ver", ns=ROSTERVER))
+
+    async def roster_set(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
+        raise StanzaError("not-allowed", "the roster is the company directory")
+
+    server.iq("get", q(ROSTER, "query"), roster.get)
+    server.iq("set", q(ROSTER, "query"), roster_set)
+
+    async def forget(session: C2SSession) -> None:
+        roster.sent.pop(session.id, None)
+
+    server.on_unbound(forget)
+
+    async def directory_changed(event: EphemeralEvent) -> None:
+        if event.type != "directory.changed":
+            return
+        for sessions in list(server.sessions.values()):
+            for session in list(sessions.values()):
+                await roster.refresh(session)
+
+    server.bus.subscribe_ephemeral(directory_changed)

@@ -1,0 +1,73 @@
+"""SASL for XMPP: SCRAM-SHA-1 and SCRAM-SHA-256 (via scramp), and PLAIN over TLS only.
+
+SCRAM needs salted verifiers, which are derived from the password. They are computed whenever
+the portal sees the password (set by an admin, changed, or used to log in) and stored beside
+the argon2 hash, so a Jabber client can log in with SCRAM without the server ever storing the
+password itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+from scramp import ScramException, ScramMechanism
+
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1")
+ITERATIONS = 4096
+
+
+def _verifiers(password: str) -> dict[str, Any]:
+    stored: dict[str, Any] = {}
+    for name in SCRAM_MECHANISMS:
+        salt, stored_key, server_key, iterations = ScramMechanism(name).make_auth_info(
+            password, iteration_count=ITERATIONS
+        )
+        stored[name.replace("-", "_")] = {
+            "salt": base64.b64encode(salt).decode(),
+            "stored_key": base64.b64encode(stored_key).decode(),
+            "server_key": base64.b64encode(server_key).decode(),
+            "iterations": iterations,
+        }
+    return stored
+
+
+async def scram_verifiers(password: str) -> dict[str, Any]:
+    """The document to store under ``users.scram`` (computed in a thread: PBKDF2 is slow)."""
+    return await asyncio.to_thread(_verifiers, password)
+
+
+def auth_info(
+    scram: dict[str, Any] | None, mechanism: str
+) -> tuple[bytes, bytes, bytes, int] | None:
+    entry = (scram or {}).get(mechanism.replace("-", "_"))
+    if not entry:
+        return None
+    return (
+        base64.b64decode(entry["salt"]),
+        base64.b64decode(entry["stored_key"]),
+        base64.b64decode(entry["server_key"]),
+        int(entry["iterations"]),
+    )
+
+
+def parse_plain(payload: bytes) -> tuple[str, str, str]:
+    """(authzid, authcid, password) from a PLAIN message (RFC 4616)."""
+    parts = payload.split(b"\x00")
+    if len(parts) != 3:
+        raise ValueError("malformed PLAIN message")
+    authzid, authcid, password = (p.decode("utf-8") for p in parts)
+    if not authcid or not password:
+        raise ValueError("empty PLAIN credentials")
+    return authzid, authcid, password
+
+
+__all__ = [
+    "SCRAM_MECHANISMS",
+    "ScramException",
+    "ScramMechanism",
+    "auth_info",
+    "parse_plain",
+    "scram_verifiers",
+]

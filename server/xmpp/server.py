@@ -1,0 +1,343 @@
+"""The XMPP server: listeners, the session registry, and the stanza router.
+
+Modules (one per XEP, in ``server/xmpp/modules/``) register iq handlers keyed by (type,
+payload tag), message and presence handlers, disco features, stream features, and hooks on
+session start and end. The router stamps every stanza from a client with the session's full
+JID before anything else looks at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from server.auth.service import AuthService
+from server.directory.service import DirectoryService
+from server.events.bus import EventBus
+from server.im.service import ImService
+from server.presence.service import PresenceService
+from server.settings import Settings
+from server.store.database import Document, Store
+from server.xmpp.certs import ensure_self_signed, fingerprint, server_context
+from server.xmpp.jid import InvalidJid, Jid
+from server.xmpp.session import C2SSession
+from server.xmpp.stanza import CLIENT, StanzaError, error_reply, q
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+IqHandler = Callable[[C2SSession, ET.Element, ET.Element], Awaitable[ET.Element | None]]
+StanzaHandler = Callable[[C2SSession, ET.Element], Awaitable[bool]]
+SessionHook = Callable[[C2SSession], Awaitable[None]]
+TRANSPORT = "xmpp"
+
+
+class XmppServer:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        auth: AuthService,
+        directory: DirectoryService,
+        presence: PresenceService,
+        im: ImService,
+        bus: EventBus,
+    ) -> None:
+        self.settings = settings
+        self.domain = settings.domain.lower()
+        self.store = store
+        self.auth = auth
+        self.directory = directory
+        self.presence = presence
+        self.im = im
+        self.bus = bus
+        self.sessions: dict[str, dict[str, C2SSession]] = {}  # user id -> resource -> session
+        self._all: set[C2SSession] = set()
+        self._iq: dict[tuple[str, str], IqHandler] = {}
+        self._message_handlers: list[StanzaHandler] = []
+        self._presence_handlers: list[StanzaHandler] = []
+        self._on_bound: list[SessionHook] = []
+        self._on_unbound: list[SessionHook] = []
+        self.on_available: list[SessionHook] = []  # after a session's initial presence
+        self.disco_item_list: list[tuple[str, str]] = []
+        self.features: set[str] = set()
+        self.account_features: set[str] = set()  # what a user's bare JID offers (disco)
+        self.bridge: Any = None  # the messenger bridge (modules.messages), shared with MAM
+        self.identities: list[tuple[str, str, str]] = [("server", "im", "Portal Hub")]
+        self._stream_features: list[Callable[[], ET.Element]] = []
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._housekeeper: asyncio.Task[None] | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        self.cert_path: Path | None = None
+        self.fingerprint = ""
+        self.ports: dict[str, int] = {}
+        presence.on_drop(TRANSPORT, self._drop_source)
+
+    # registration ----------------------------------------------------------------------------
+
+    def iq(self, kind: str, tag: str, handler: IqHandler) -> None:
+        """Handle iq of ``kind`` (get/set) whose payload is ``tag`` (Clark notation)."""
+        self._iq[(kind, tag)] = handler
+
+    def on_message(self, handler: StanzaHandler) -> None:
+        self._message_handlers.append(handler)
+
+    def on_presence(self, handler: StanzaHandler) -> None:
+        self._presence_handlers.append(handler)
+
+    def on_bound(self, hook: SessionHook) -> None:
+        self._on_bound.append(hook)
+
+    def on_unbound(self, hook: SessionHook) -> None:
+        self._on_unbound.append(hook)
+
+    def add_feature(self, *namespaces: str) -> None:
+        self.features.update(namespaces)
+
+    def add_stream_feature(self, make: Callable[[], ET.Element]) -> None:
+        self._stream_features.append(make)
+
+    def disco_items(self) -> list[tuple[str, str]]:
+        return list(self.disco_item_list)
+
+    def stream_features(self) -> list[ET.Element]:
+        return [make() for make in self._stream_features]
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        settings = self.settings
+        if settings.xmpp_cert_file and settings.xmpp_key_file:
+            cert, key = settings.xmpp_cert_file, settings.xmpp_key_file
+        else:
+            cert, key = await asyncio.to_thread(
+                ensure_self_signed, settings.data_dir / "tls", self.domain
+            )
+        self.cert_path = cert
+        self.ssl_context = server_context(cert, key)
+        self.fingerprint = fingerprint(cert)
+        host = settings.xmpp_host or settings.host
+        starttls = await asyncio.start_server(
+            lambda r, w: self._accept(r, w, tls=False), host, settings.xmpp_port, limit=64 * 1024
+        )
+        direct = await asyncio.start_server(
+            lambda r, w: self._accept(r, w, tls=True),
+            host,
+            settings.xmpp_tls_port,
+            ssl=self.ssl_context,
+            ssl_handshake_timeout=15,
+            limit=64 * 1024,
+        )
+        self._servers = [starttls, direct]
+        self.ports = {
+            "starttls": starttls.sockets[0].getsockname()[1],
+            "tls": direct.sockets[0].getsockname()[1],
+        }
+        self._housekeeper = asyncio.create_task(self._keep_alive(), name="xmpp-keepalive")
+        log.info(
+            "XMPP on %s: STARTTLS port %s, direct TLS port %s; certificate SHA-256 %s",
+            host,
+            self.ports["starttls"],
+            self.ports["tls"],
+            self.fingerprint,
+        )
+
+    async def stop(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+        for session in list(self._all):
+            await session.terminate("system-shutdown")
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 5)
+
+    def _accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, tls: bool
+    ) -> None:
+        if len(self._all) >= self.settings.xmpp_max_connections:
+            writer.close()
+            return
+        session = C2SSession(self, reader, writer, tls=tls)
+        self._all.add(session)
+        task = asyncio.create_task(session.run(), name=f"xmpp:{session.peer}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._all.discard(session)
+
+        task.add_done_callback(done)
+
+    async def _keep_alive(self) -> None:
+        """Ping quiet sessions; a session silent past the timeout is closed (XEP-0199)."""
+        interval = self.settings.xmpp_ping_interval_seconds
+        timeout = self.settings.xmpp_ping_timeout_seconds
+        while True:
+            await asyncio.sleep(max(0.2, min(interval, timeout) / 2))
+            now = time.monotonic()
+            for session in list(self._all):
+                if not session.bound:
+                    continue
+                quiet = now - session.last_read
+                try:
+                    if quiet > interval + timeout:
+                        log.info("xmpp %s: no answer to ping; closing", session.jid)
+                        await session.terminate("connection-timeout", "no answer to ping")
+                    elif quiet > interval and not session._pending_pings:
+                        await session.ping()
+                except Exception:
+                    log.exception("keep-alive of %s failed", session.jid)
+
+    def touched(self, session: C2SSession) -> None:
+        session._pending_pings.clear()
+        if session.available:
+            self._spawn(
+                self.presence.heartbeat(session.user_id, session.id, _is_active(session.presence))
+            )
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("xmpp background task failed")
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # binding ---------------------------------------------------------------------------------
+
+    async def bind(self, session: C2SSession, wanted: str) -> Jid:
+        user_id = session.user_id
+        resources = self.sessions.setdefault(user_id, {})
+        resource = wanted[:100] if wanted else f"portalhub-{secrets.token_hex(4)}"
+        old = resources.get(resource)
+        if old is None and len(resources) >= self.settings.xmpp_max_sessions_per_user:
+            raise StanzaError("resource-constraint", "too many sessions for this user")
+        jid = Jid(str(session.user["login"]) if session.user else "", self.domain, resource)
+        resources[resource] = session
+        if old is not None and old is not session:
+            # RFC 6120 7.7.2.2: the newer session wins; the old one ends with <conflict/>.
+            old.jid = None
+            await self._unbound(old)
+            await old.terminate("conflict", "replaced by a new session with this resource")
+        session.jid = jid
+        for hook in self._on_bound:
+            await hook(session)
+        return jid
+
+    async def unbind(self, session: C2SSession) -> None:
+        if session.jid is None or session.user is None:
+            return
+        resources = self.sessions.get(session.user_id, {})
+        if resources.get(session.jid.resource) is session:
+            del resources[session.jid.resource]
+            if not resources:
+                self.sessions.pop(session.user_id, None)
+        await self._unbound(session)
+        session.jid = None
+
+    async def _unbound(self, session: C2SSession) -> None:
+        for hook in self._on_unbound:
+            try:
+                await hook(session)
+            except Exception:
+                log.exception("unbind hook failed for %s", session.jid)
+
+    async def _drop_source(self, transport: str, source_id: str) -> None:
+        for session in list(self._all):
+            if session.id == source_id:
+                await session.terminate("connection-timeout", "no sign of life")
+
+    # lookup ----------------------------------------------------------------------------------
+
+    def sessions_of(self, user_id: str) -> list[C2SSession]:
+        return list(self.sessions.get(user_id, {}).values())
+
+    def available_sessions_of(self, user_id: str) -> list[C2SSession]:
+        return [s for s in self.sessions_of(user_id) if s.available]
+
+    async def user_for(self, jid: Jid) -> Document | None:
+        if jid.domain != self.domain or not jid.local:
+            return None
+        return await self.directory.user_by_login(jid.local)
+
+    def jid_of(self, user: Document) -> Jid:
+        return Jid(str(user["login"]), self.domain)
+
+    # routing ---------------------------------------------------------------------------------
+
+    async def route_from_client(self, session: C2SSession, stanza: ET.Element) -> None:
+        assert session.jid is not None
+        stanza.set("from", str(session.jid))  # never trust the client's from
+        kind = stanza.tag
+        try:
+            if kind == q(CLIENT, "iq"):
+                await self._route_iq(session, stanza)
+            elif kind == q(CLIENT, "message"):
+                for handler in self._message_handlers:
+                    if await handler(session, stanza):
+                        return
+                if stanza.get("type") != "error":
+                    session.send_nowait(error_reply(stanza, "service-unavailable"))
+            elif kind == q(CLIENT, "presence"):
+                for handler in self._presence_handlers:
+                    if await handler(session, stanza):
+                        return
+            else:
+                for handler in self._message_handlers:  # nonzas (csi, sm) handled there
+                    if await handler(session, stanza):
+                        return
+                from server.xmpp.xmlstream import StreamError
+
+                raise StreamError("unsupported-stanza-type")
+        except StanzaError as exc:
+            if stanza.get("type") != "error":
+                session.send_nowait(error_reply(stanza, exc.condition, exc.text))
+        except InvalidJid:
+            if stanza.get("type") != "error":
+                session.send_nowait(error_reply(stanza, "jid-malformed"))
+
+    async def _route_iq(self, session: C2SSession, iq: ET.Element) -> None:
+        kind = iq.get("type")
+        if kind in ("result", "error"):
+            session._pending_pings.pop(iq.get("id", ""), None)
+            return  # never answer a result or an error
+        if kind not in ("get", "set") or len(iq) != 1 or not iq.get("id"):
+            raise StanzaError("bad-request", "an iq get/set has an id and one payload")
+        to = iq.get("to")
+        if to:
+            target = Jid.parse(to)
+            if target.domain not in (self.domain, f"conference.{self.domain}"):
+                raise StanzaError("remote-server-not-found", "no server-to-server here")
+        handler = self._iq.get((kind, iq[0].tag))
+        if handler is None:
+            raise StanzaError("service-unavailable")
+        reply = await handler(session, iq, iq[0])
+        if reply is not None:
+            session.send_nowait(reply)
+
+
+def _is_active(presence: ET.Element | None) -> bool:
+    if presence is None:
+        return True
+    show = presence.findtext(q(CLIENT, "show"))
+    return show not in ("away", "xa")

@@ -1,0 +1,442 @@
+"""One client-to-server XMPP session: stream negotiation (STARTTLS, SASL, bind) and I/O.
+
+The session owns its socket and parser; everything after negotiation is handed to the server's
+router. Limits: an authentication timeout, a smaller stanza cap before authentication, a read
+rate (token bucket that pauses reading, as Prosody does) and a cap on queued output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import re
+import secrets
+import ssl
+import time
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING, Any
+
+from scramp import ScramException, ScramMechanism
+
+from server.channels.ratelimit import TokenBucket
+from server.store.database import Document
+from server.xmpp.jid import Jid
+from server.xmpp.sasl import SCRAM_MECHANISMS, auth_info, parse_plain
+from server.xmpp.stanza import STREAMS_NS, StanzaError, child, element, error_reply, q
+from server.xmpp.xmlstream import STREAM_NS, StreamError, XmlStreamParser, serialize
+
+if TYPE_CHECKING:
+    from server.xmpp.server import XmppServer
+
+log = logging.getLogger(__name__)
+
+TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
+SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
+BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
+SESSION_NS = "urn:ietf:params:xml:ns:xmpp-session"
+PING_NS = "urn:xmpp:ping"
+MAX_AUTH_ATTEMPTS = 5
+PRE_AUTH_STANZA_BYTES = 16 * 1024
+MAX_OUTPUT_BUFFER = 4 * 1024 * 1024
+READ_CHUNK = 16 * 1024
+_USERNAME = re.compile(r"(?:^|,)n=([^,]*)")
+
+
+class Closing(Exception):
+    """The session is over (the stream was closed or failed)."""
+
+
+class C2SSession:
+    def __init__(
+        self,
+        server: XmppServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        tls: bool,
+    ) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.reader = reader
+        self.writer = writer
+        self.tls = tls
+        self.id = secrets.token_hex(8)
+        self.peer = str(writer.get_extra_info("peername"))
+        self.user: Document | None = None
+        self.jid: Jid | None = None  # full JID once bound
+        self.available = False  # sent initial presence: receives presence and messages
+        self.presence: ET.Element | None = None
+        self.carbons = False
+        self.roster_requested = False
+        self.csi_inactive = False
+        self.mechanism = ""  # the SASL mechanism this session authenticated with
+        self.last_read = time.monotonic()
+        self._header_sent = False
+        self._stream_open = False
+        self._inbox: list[tuple[str, Any]] = []
+        self._auth_attempts = 0
+        self._scram: Any = None
+        self._scram_user: Document | None = None
+        self._closed = asyncio.Event()
+        self._pending_pings: dict[str, float] = {}
+        self._parser = self._new_parser()
+        self._bucket = TokenBucket(
+            self.settings.xmpp_read_bytes_per_second,
+            self.settings.xmpp_read_burst_bytes,
+            time.monotonic(),
+        )
+
+    # properties ------------------------------------------------------------------------------
+
+    @property
+    def user_id(self) -> str:
+        assert self.user is not None
+        return str(self.user["_id"])
+
+    @property
+    def authenticated(self) -> bool:
+        return self.user is not None
+
+    @property
+    def bound(self) -> bool:
+        return self.jid is not None
+
+    def _new_parser(self) -> XmlStreamParser:
+        limit = self.settings.xmpp_max_stanza_bytes if self.authenticated else PRE_AUTH_STANZA_BYTES
+        return XmlStreamParser(
+            lambda attrs: self._inbox.append(("open", attrs)),
+            lambda stanza: self._inbox.append(("stanza", stanza)),
+            lambda: self._inbox.append(("close", None)),
+            max_stanza_bytes=limit,
+        )
+
+    # main loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.timeout(self.settings.xmpp_auth_timeout_seconds) as deadline:
+                while not self.bound:
+                    await self._read_once()
+                deadline.reschedule(None)
+            while True:
+                await self._read_once()
+        except TimeoutError:
+            await self.stream_error("connection-timeout", "authentication took too long")
+        except StreamError as exc:
+            await self.stream_error(exc.condition, exc.text)
+        except Closing:
+            pass
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+            log.debug("xmpp %s: connection lost: %s", self.peer, exc)
+        except asyncio.CancelledError:
+            await self.stream_error("system-shutdown")
+            raise
+        except Exception:
+            log.exception("xmpp session %s failed", self.peer)
+            await self.stream_error("internal-server-error")
+        finally:
+            await self.close()
+
+    async def _read_once(self) -> None:
+        data = await self.reader.read(READ_CHUNK)
+        if not data:
+            raise Closing
+        now = time.monotonic()
+        self.last_read = now
+        if not self._bucket.take(now, len(data)):
+            # Over the read rate: pause reading until the bucket has refilled, don't drop.
+            deficit = len(data) - self._bucket.tokens
+            await asyncio.sleep(min(deficit / self._bucket.rate, 5.0))
+            self._bucket.take(time.monotonic(), min(len(data), self._bucket.tokens))
+        self._parser.feed(data)
+        inbox, self._inbox = self._inbox, []
+        for kind, value in inbox:
+            if kind == "open":
+                await self._on_stream_open(value)
+            elif kind == "close":
+                await self._send_raw(b"</stream:stream>")
+                raise Closing
+            else:
+                restart = await self._on_stanza(value)
+                if restart:
+                    # Anything after <starttls/> or SASL success in the same read belongs to
+                    # the old stream: dropping it is what stops STARTTLS command injection.
+                    if self._inbox or inbox[-1][1] is not value:
+                        raise StreamError("policy-violation", "data after stream restart")
+                    break
+        self.server.touched(self)
+
+    # stream ----------------------------------------------------------------------------------
+
+    async def _on_stream_open(self, attrs: dict[str, str]) -> None:
+        await self._send_header()
+        to = attrs.get("to", "").lower()
+        if to and to != self.server.domain:
+            raise StreamError("host-unknown", f"this server serves {self.server.domain}")
+        if attrs.get("version", "") < "1.0":
+            raise StreamError("unsupported-version")
+        self._stream_open = True
+        await self.send(self._features())
+
+    async def _send_header(self) -> None:
+        if self._header_sent:
+            return
+        self._header_sent = True
+        header = (
+            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+            f"xmlns:stream='{STREAM_NS}' id='{secrets.token_hex(8)}' "
+            f"from='{self.server.domain}' version='1.0' xml:lang='en'>"
+        )
+        await self._send_raw(header.encode())
+
+    def _features(self) -> ET.Element:
+        features = ET.Element(q(STREAM_NS, "features"))
+        if not self.tls:
+            starttls = child(features, "starttls", ns=TLS_NS)
+            if not self.settings.xmpp_allow_plaintext:
+                child(starttls, "required", ns=TLS_NS)
+        if not self.authenticated:
+            if self.tls or self.settings.xmpp_allow_plaintext:
+                mechanisms = child(features, "mechanisms", ns=SASL_NS)
+                for name in self._mechanisms():
+                    child(mechanisms, "mechanism", ns=SASL_NS, text=name)
+        else:
+            child(features, "bind", ns=BIND_NS)
+            session = child(features, "session", ns=SESSION_NS)
+            child(session, "optional", ns=SESSION_NS)
+            for feature in self.server.stream_features():
+                features.append(feature)
+        return features
+
+    def _mechanisms(self) -> list[str]:
+        names = list(SCRAM_MECHANISMS)
+        if self.tls:
+            names.append("PLAIN")  # never on an unencrypted stream
+        return names
+
+    def _restart(self) -> None:
+        self._header_sent = False
+        self._stream_open = False
+        self._parser = self._new_parser()
+
+    # stanzas ---------------------------------------------------------------------------------
+
+    async def _on_stanza(self, stanza: ET.Element) -> bool:
+        """Handle one stanza; True when the stream restarts (STARTTLS, SASL success)."""
+        if not self._stream_open:
+            raise StreamError("not-well-formed", "stanza before stream header")
+        tag = stanza.tag
+        if tag == q(TLS_NS, "starttls"):
+            return await self._starttls()
+        if tag.startswith(f"{{{SASL_NS}}}"):
+            return await self._sasl(stanza)
+        if not self.authenticated:
+            raise StreamError("not-authorized", "authenticate first")
+        if self.tls is False and not self.settings.xmpp_allow_plaintext:
+            raise StreamError("policy-violation", "TLS is required")
+        if tag == q("jabber:client", "iq") and not self.bound:
+            await self._bind_phase(stanza)
+            return False
+        if not self.bound:
+            raise StreamError("not-authorized", "bind a resource first")
+        await self.server.route_from_client(self, stanza)
+        return False
+
+    async def _starttls(self) -> bool:
+        if self.tls or self.authenticated:
+            raise StreamError("policy-violation", "TLS is already on or too late")
+        await self.send(element("proceed", ns=TLS_NS))
+        buffered = getattr(self.reader, "_buffer", b"")
+        if buffered:
+            raise StreamError("policy-violation", "data after <starttls/>")
+        await self.writer.drain()
+        assert self.server.ssl_context is not None
+        await self.writer.start_tls(self.server.ssl_context)
+        self.tls = True
+        self._restart()
+        return True
+
+    async def _sasl(self, stanza: ET.Element) -> bool:
+        if self.authenticated:
+            raise StreamError("policy-violation", "already authenticated")
+        if not self.tls and not self.settings.xmpp_allow_plaintext:
+            raise StreamError("policy-violation", "TLS is required")
+        name = stanza.tag.rpartition("}")[2]
+        try:
+            if name == "auth":
+                return await self._sasl_auth(stanza)
+            if name == "response" and self._scram is not None:
+                return await self._scram_final(stanza)
+            if name == "abort":
+                await self._sasl_failure("aborted")
+                return False
+        except (ScramException, ValueError, binascii.Error, UnicodeDecodeError) as exc:
+            log.info("xmpp %s: SASL failed: %s", self.peer, exc)
+            await self._sasl_failure("not-authorized")
+            return False
+        raise StreamError("not-authorized", "unexpected SASL element")
+
+    async def _sasl_auth(self, stanza: ET.Element) -> bool:
+        mechanism = stanza.get("mechanism", "")
+        self.mechanism = mechanism
+        if mechanism not in self._mechanisms():
+            await self._sasl_failure("invalid-mechanism")
+            return False
+        self._auth_attempts += 1
+        if self._auth_attempts > MAX_AUTH_ATTEMPTS:
+            raise StreamError("policy-violation", "too many authentication attempts")
+        text = (stanza.text or "").strip()
+        initial = base64.b64decode(text, validate=True) if text and text != "=" else b""
+        if mechanism == "PLAIN":
+            _authzid, login, password = parse_plain(initial)
+            user = await self._check_throttled(
+                login, lambda: self.server.auth.check_password(login, password)
+            )
+            if user is None:
+                await self._sasl_failure("not-authorized")
+                return False
+            return await self._sasl_success(user, b"")
+        client_first = initial.decode("utf-8")
+        match = _USERNAME.search(client_first.split(",", 2)[-1] if "," in client_first else "")
+        if match is None:
+            raise ValueError("no username in SCRAM client-first message")
+        login = match.group(1).replace("=2C", ",").replace("=3D", "=").lower()
+        if self.server.auth.throttle.retry_after(login, time.monotonic()) > 0:
+            await self._sasl_failure("temporary-auth-failure")
+            return False
+        user = await self.server.directory.user_by_login(login)
+        info = auth_info(
+            user.get("scram") if user and user.get("is_active", True) else None, mechanism
+        )
+        # Unknown users get made-up verifiers, so the answer does not reveal who exists.
+        stored = info or ScramMechanism(mechanism).make_auth_info(secrets.token_hex(16))
+        scram = ScramMechanism(mechanism).make_server(lambda _username: stored)
+        scram.set_client_first(client_first)
+        self._scram, self._scram_user = scram, (user if info else None)
+        self._scram_login = login
+        challenge = base64.b64encode(scram.get_server_first().encode()).decode()
+        await self.send(element("challenge", ns=SASL_NS, text=challenge))
+        return False
+
+    async def _scram_final(self, stanza: ET.Element) -> bool:
+        scram, user, login = self._scram, self._scram_user, self._scram_login
+        self._scram = self._scram_user = None
+        text = (stanza.text or "").strip()
+        try:
+            scram.set_client_final(base64.b64decode(text, validate=True).decode("utf-8"))
+        except ScramException:
+            self.server.auth.throttle.failure(login, time.monotonic())
+            raise
+        if user is None:
+            self.server.auth.throttle.failure(login, time.monotonic())
+            await self._sasl_failure("not-authorized")
+            return False
+        self.server.auth.throttle.success(login)
+        return await self._sasl_success(user, scram.get_server_final().encode())
+
+    async def _check_throttled(self, login: str, check: Any) -> Document | None:
+        if self.server.auth.throttle.retry_after(login.strip().lower(), time.monotonic()) > 0:
+            return None
+        user: Document | None = await check()
+        return user
+
+    async def _sasl_success(self, user: Document, additional: bytes) -> bool:
+        self.user = user
+        success = element("success", ns=SASL_NS)
+        if additional:
+            success.text = base64.b64encode(additional).decode()
+        await self.send(success)
+        self._restart()
+        return True
+
+    async def _sasl_failure(self, condition: str) -> None:
+        self._scram = None
+        failure = element("failure", ns=SASL_NS)
+        child(failure, condition, ns=SASL_NS)
+        await self.send(failure)
+
+    async def _bind_phase(self, iq: ET.Element) -> None:
+        payload = iq[0] if len(iq) else None
+        if iq.get("type") == "set" and payload is not None and payload.tag == q(BIND_NS, "bind"):
+            wanted = (payload.findtext(q(BIND_NS, "resource")) or "").strip()
+            try:
+                self.jid = await self.server.bind(self, wanted)
+            except StanzaError as exc:
+                await self.send(error_reply(iq, exc.condition, exc.text))
+                return
+            self._parser.max_stanza_bytes = self.settings.xmpp_max_stanza_bytes
+            reply = element("iq", {"type": "result", "id": iq.get("id", "")})
+            bound = child(reply, "bind", ns=BIND_NS)
+            child(bound, "jid", ns=BIND_NS, text=str(self.jid))
+            await self.send(reply)
+            return
+        await self.send(error_reply(iq, "not-authorized", "bind a resource first"))
+
+    # output ----------------------------------------------------------------------------------
+
+    async def send(self, stanza: ET.Element) -> None:
+        await self._send_raw(serialize(stanza))
+
+    def send_nowait(self, stanza: ET.Element) -> None:
+        """Queue a stanza without waiting (for fan-out); a reader too slow is cut off."""
+        if self._closed.is_set() or self.writer.is_closing():
+            return
+        self.writer.write(serialize(stanza))
+        if self.writer.transport.get_write_buffer_size() > MAX_OUTPUT_BUFFER:
+            log.warning("xmpp %s: output backlog too large; closing", self.jid)
+            self.writer.transport.abort()
+
+    async def _send_raw(self, data: bytes) -> None:
+        if self.writer.is_closing():
+            raise Closing
+        self.writer.write(data)
+        if self.writer.transport.get_write_buffer_size() > MAX_OUTPUT_BUFFER:
+            self.writer.transport.abort()
+            raise Closing
+        await self.writer.drain()
+
+    async def stream_error(self, condition: str, text: str = "") -> None:
+        if self.writer.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            await self._send_header()
+            error = ET.Element(q(STREAM_NS, "error"))
+            child(error, condition, ns=STREAMS_NS)
+            if text:
+                child(error, "text", ns=STREAMS_NS, text=text)
+            data = (
+                serialize(error, default_ns="jabber:client")
+                .replace(b'<error xmlns="http://etherx.jabber.org/streams"', b"<stream:error", 1)
+                .replace(b"</error>", b"</stream:error>")
+            )
+            await self._send_raw(data + b"</stream:stream>")
+
+    async def ping(self) -> None:
+        """XEP-0199 from the server: any answer counts as a sign of life."""
+        ping_id = f"ping-{secrets.token_hex(4)}"
+        iq = element(
+            "iq", {"type": "get", "id": ping_id, "from": self.server.domain, "to": str(self.jid)}
+        )
+        child(iq, "ping", ns=PING_NS)
+        self._pending_pings[ping_id] = time.monotonic()
+        self.send_nowait(iq)
+
+    async def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            await self.server.unbind(self)
+        finally:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+                await asyncio.wait_for(self.writer.wait_closed(), 2)
+
+    async def terminate(self, condition: str, text: str = "") -> None:
+        """End the session from outside (conflict, revoked, timeout)."""
+        await self.stream_error(condition, text)
+        with contextlib.suppress(Exception):
+            self.writer.transport.close()

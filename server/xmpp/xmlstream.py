@@ -1,0 +1,196 @@
+"""Incremental parsing of an XMPP stream into stanzas, refusing what XMPP forbids.
+
+RFC 6120 section 11.1 restricts XML on streams: no DOCTYPE (so no entity declarations and no
+billion laughs), no comments, no processing instructions. Any of them ends the stream with
+``<restricted-xml/>``. Stanzas are built as ElementTree elements with Clark-notation names
+(``{namespace}local``); a stanza larger than the limit ends the stream with
+``<policy-violation/>`` before it is fully buffered.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Any
+from xml.parsers import expat
+
+STREAM_NS = "http://etherx.jabber.org/streams"
+STREAM_TAG = f"{{{STREAM_NS}}}stream"
+
+
+class StreamError(Exception):
+    """Ends the stream with the given RFC 6120 condition."""
+
+    def __init__(self, condition: str, text: str = "") -> None:
+        super().__init__(f"{condition}: {text}" if text else condition)
+        self.condition = condition
+        self.text = text
+
+
+def _clark(name: str) -> str:
+    # expat with namespace_separator=" " reports "uri local"
+    uri, sep, local = name.rpartition(" ")
+    return f"{{{uri}}}{local}" if sep else name
+
+
+class XmlStreamParser:
+    """Feed bytes; get ``on_open(attrs)``, ``on_stanza(element)``, ``on_close()`` callbacks."""
+
+    def __init__(
+        self,
+        on_open: Callable[[dict[str, str]], None],
+        on_stanza: Callable[[ET.Element], None],
+        on_close: Callable[[], None],
+        *,
+        max_stanza_bytes: int,
+    ) -> None:
+        self._on_open = on_open
+        self._on_stanza = on_stanza
+        self._on_close = on_close
+        self.max_stanza_bytes = max_stanza_bytes
+        self._parser = expat.ParserCreate(encoding="UTF-8", namespace_separator=" ")
+        self._parser.buffer_text = True
+        self._parser.ordered_attributes = False
+        self._parser.StartElementHandler = self._start
+        self._parser.EndElementHandler = self._end
+        self._parser.CharacterDataHandler = self._text
+        self._parser.StartDoctypeDeclHandler = self._forbidden
+        self._parser.EntityDeclHandler = self._forbidden
+        self._parser.CommentHandler = self._forbidden
+        self._parser.ProcessingInstructionHandler = self._forbidden
+        self._parser.XmlDeclHandler = self._xml_decl
+        self._parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+        self._depth = 0
+        self._stack: list[ET.Element] = []
+        self._stanza_start = 0
+        self._fed = 0
+        self.closed = False
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; raises StreamError. Callbacks run synchronously from here."""
+        if self.closed:
+            return
+        self._fed += len(data)
+        try:
+            self._parser.Parse(data, False)
+        except expat.ExpatError as exc:
+            raise StreamError("not-well-formed", str(exc)) from None
+        # An unfinished stanza must not grow without bound while we wait for its end.
+        if self._depth >= 2 and self._fed - self._stanza_start > self.max_stanza_bytes:
+            raise StreamError("policy-violation", "stanza too large")
+
+    def _forbidden(self, *args: Any) -> None:
+        raise StreamError("restricted-xml", "DOCTYPE, entities, comments and PIs are not allowed")
+
+    def _xml_decl(self, version: str | None, encoding: str | None, standalone: int) -> None:
+        if encoding is not None and encoding.upper() != "UTF-8":
+            raise StreamError("unsupported-encoding")
+
+    def _start(self, name: str, attrs: dict[str, str]) -> None:
+        tag = _clark(name)
+        attributes = {_clark(k): v for k, v in attrs.items()}
+        self._depth += 1
+        if self._depth == 1:
+            if tag != STREAM_TAG:
+                raise StreamError("invalid-namespace", "expected <stream:stream>")
+            self._on_open(attributes)
+            return
+        if self._depth == 2:
+            self._stanza_start = self._parser.CurrentByteIndex
+            element = ET.Element(tag, attributes)
+        else:
+            element = ET.SubElement(self._stack[-1], tag, attributes)
+        if self._depth > 64:
+            raise StreamError("policy-violation", "nesting too deep")
+        self._stack.append(element)
+
+    def _end(self, name: str) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.closed = True
+            self._on_close()
+            return
+        element = self._stack.pop()
+        if self._depth == 1:
+            end = self._parser.CurrentByteIndex
+            if end - self._stanza_start > self.max_stanza_bytes:
+                raise StreamError("policy-violation", "stanza too large")
+            self._on_stanza(element)
+
+    def _text(self, data: str) -> None:
+        if self._depth < 2 or not self._stack:
+            if data.strip():
+                raise StreamError("not-well-formed", "text outside stanzas")
+            return
+        element = self._stack[-1]
+        if len(element):
+            last = element[-1]
+            last.tail = (last.tail or "") + data
+        else:
+            element.text = (element.text or "") + data
+
+
+def serialize(element: ET.Element, default_ns: str = "jabber:client") -> bytes:
+    """One stanza as bytes, with ``default_ns`` as the default namespace (no ``ns0:`` noise)."""
+    return _Serializer(default_ns).element(element).encode()
+
+
+def _escape_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _escape_attr(text: str) -> str:
+    return (
+        _escape_text(text)
+        .replace('"', "&quot;")
+        .replace("\n", "&#10;")
+        .replace("\r", "&#13;")
+        .replace("\t", "&#9;")
+    )
+
+
+class _Serializer:
+    """Namespace-aware serialization: each element declares its namespace where it changes."""
+
+    def __init__(self, default_ns: str) -> None:
+        self.default_ns = default_ns
+
+    def element(self, el: ET.Element, parent_ns: str | None = None) -> str:
+        ns, local = _split(el.tag)
+        ns = ns if ns is not None else (parent_ns or self.default_ns)
+        parts = [f"<{local}"]
+        if ns != (parent_ns if parent_ns is not None else self.default_ns) or parent_ns is None:
+            parts.append(f' xmlns="{_escape_attr(ns)}"')
+        prefixes: dict[str, str] = {}
+        for key, value in el.attrib.items():
+            attr_ns, attr_local = _split(key)
+            if attr_ns is None:
+                parts.append(f' {attr_local}="{_escape_attr(value)}"')
+            elif attr_ns == "http://www.w3.org/XML/1998/namespace":
+                parts.append(f' xml:{attr_local}="{_escape_attr(value)}"')
+            else:
+                prefix = prefixes.setdefault(attr_ns, f"a{len(prefixes)}")
+                parts.append(
+                    f' xmlns:{prefix}="{_escape_attr(attr_ns)}"'
+                    f' {prefix}:{attr_local}="{_escape_attr(value)}"'
+                )
+        children = list(el)
+        if not children and not el.text:
+            parts.append("/>")
+        else:
+            parts.append(">")
+            if el.text:
+                parts.append(_escape_text(el.text))
+            for child in children:
+                parts.append(self.element(child, ns))
+                if child.tail:
+                    parts.append(_escape_text(child.tail))
+            parts.append(f"</{local}>")
+        return "".join(parts)
+
+
+def _split(tag: str) -> tuple[str | None, str]:
+    if tag.startswith("{"):
+        ns, _, local = tag[1:].partition("}")
+        return ns, local
+    return None, tag
