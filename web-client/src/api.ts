@@ -1,0 +1,118 @@
+// REST client for /api/v1: JSON in, JSON out, problem+json errors as ApiError.
+
+import { ApiError } from "./core/problem";
+import type {
+  Chat,
+  Department,
+  Dialog,
+  ImCounters,
+  ImSettings,
+  ManualStatus,
+  Message,
+  PresenceView,
+  SendResult,
+  User,
+} from "./core/types";
+
+type Method = "GET" | "POST" | "PUT" | "PATCH" | "DELETE";
+
+export class Api {
+  token: string | null = null;
+  /** Called when the hub says the token is no longer valid. */
+  onUnauthorized: () => void = () => {};
+
+  async call<T>(method: Method, path: string, body?: unknown): Promise<T> {
+    const headers: Record<string, string> = { Accept: "application/json" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    let response: Response;
+    try {
+      response = await fetch(`/api/v1${path}`, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch {
+      throw new ApiError(0, { title: "Network error", detail: "The hub cannot be reached. Check your connection." });
+    }
+    if (response.status === 204) return undefined as T;
+    const text = await response.text();
+    let data: unknown = undefined;
+    if (text) {
+      try {
+        data = JSON.parse(text);
+      } catch {
+        data = undefined;
+      }
+    }
+    if (!response.ok) {
+      const problem = typeof data === "object" && data !== null ? data : { detail: text.slice(0, 200) };
+      const error = new ApiError(response.status, problem);
+      if (response.status === 401 && this.token && !path.startsWith("/auth/login")) this.onUnauthorized();
+      throw error;
+    }
+    return data as T;
+  }
+
+  login(login: string, password: string) {
+    return this.call<{ token: string; user: User }>("POST", "/auth/login", { login, password });
+  }
+  logout() {
+    return this.call<void>("POST", "/auth/logout");
+  }
+  me() {
+    return this.call<User>("GET", "/users/me");
+  }
+  users(query: string) {
+    return this.call<User[]>("GET", `/users?${query}`);
+  }
+  departments() {
+    return this.call<Department[]>("GET", "/departments");
+  }
+  dialogs() {
+    return this.call<Dialog[]>("GET", "/im/dialogs");
+  }
+  chat(chatId: string) {
+    return this.call<Chat>("GET", `/im/chats/${encodeURIComponent(chatId)}`);
+  }
+  openDialog(userId: string) {
+    return this.call<Chat>("POST", "/im/dialogs", { user_id: userId });
+  }
+  history(chatId: string, params: { before?: string; after?: string; limit?: number }) {
+    const q = new URLSearchParams();
+    if (params.before) q.set("before", params.before);
+    if (params.after) q.set("after", params.after);
+    q.set("limit", String(params.limit ?? 50));
+    return this.call<Message[]>("GET", `/im/chats/${encodeURIComponent(chatId)}/messages?${q}`);
+  }
+  send(body: { chat_id?: string; to?: string[]; to_department?: string; text: string; client_id: string }) {
+    return this.call<SendResult>("POST", "/im/messages", body);
+  }
+  edit(messageId: string, text: string) {
+    return this.call<Message>("PATCH", `/im/messages/${encodeURIComponent(messageId)}`, { text });
+  }
+  remove(messageId: string) {
+    return this.call<void>("DELETE", `/im/messages/${encodeURIComponent(messageId)}`);
+  }
+  read(chatId: string, upTo: string) {
+    return this.call<ImCounters>("POST", `/im/chats/${encodeURIComponent(chatId)}/read`, { up_to: upTo });
+  }
+  counters() {
+    return this.call<ImCounters>("GET", "/im/counters");
+  }
+  search(q: string) {
+    return this.call<Message[]>("GET", `/im/search?q=${encodeURIComponent(q)}&limit=50`);
+  }
+  settings() {
+    return this.call<ImSettings>("GET", "/im/settings");
+  }
+  putSettings(settings: ImSettings) {
+    return this.call<ImSettings>("PUT", "/im/settings", settings);
+  }
+  presence(ids: string[]) {
+    return this.call<{ presence: PresenceView[] }>("GET", `/presence?ids=${ids.map(encodeURIComponent).join(",")}`);
+  }
+  setPresence(status: ManualStatus | null) {
+    return this.call<PresenceView>("PUT", "/presence/me", { status });
+  }
+}

@@ -1,0 +1,108 @@
+// A chat's message list: merged from history pages, live events and one's own optimistic
+// sends, each message exactly once, oldest first. No Vue, no DOM.
+
+import type { Message } from "./types";
+
+/** Message ids are ObjectId hex strings: same length, and their order is creation order. */
+export function compareIds(a: string, b: string): number {
+  if (a.length !== b.length) return a.length - b.length;
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
+function byOrder(a: Message, b: Message): number {
+  // Pending (unconfirmed) messages have no server id yet: they go last, in sending order.
+  if (a.pending !== b.pending) return a.pending ? 1 : -1;
+  if (a.pending && b.pending) return a.created_at < b.created_at ? -1 : 1;
+  return compareIds(a.id, b.id);
+}
+
+/** The newer of two copies of one message (an edit or a deletion beats the original). */
+export function newerCopy(a: Message, b: Message): Message {
+  if (a.deleted !== b.deleted) return a.deleted ? a : b;
+  const ea = a.edited_at ?? "";
+  const eb = b.edited_at ?? "";
+  return eb >= ea ? b : a;
+}
+
+/** Identifies one send of one author: a retry carries the same key. */
+function sendKey(m: Message): string | undefined {
+  return m.client_id ? `${m.author_id ?? ""}|${m.client_id}` : undefined;
+}
+
+/**
+ * Merge `incoming` into `existing`. A message with a known id replaces the older copy; a
+ * confirmed message replaces the optimistic copy with the same `client_id` (from the same
+ * author). Returns a new array, oldest first, with no id twice.
+ */
+export function mergeMessages(existing: readonly Message[], incoming: readonly Message[]): Message[] {
+  const byId = new Map<string, Message>();
+  const pending = new Map<string, Message>();
+  const put = (m: Message) => {
+    if (m.pending || m.failed) {
+      pending.set(sendKey(m) ?? m.id, m);
+      return;
+    }
+    const known = byId.get(m.id);
+    byId.set(m.id, known ? newerCopy(known, m) : m);
+  };
+  for (const m of existing) put(m);
+  for (const m of incoming) put(m);
+  // An optimistic copy goes as soon as its confirmed copy is there.
+  for (const m of byId.values()) {
+    const key = sendKey(m);
+    if (key) pending.delete(key);
+  }
+  return [...byId.values(), ...pending.values()].sort(byOrder);
+}
+
+/** The newest confirmed message: what "read up to" points at. */
+export function newestConfirmed(messages: readonly Message[]): Message | undefined {
+  for (let i = messages.length - 1; i >= 0; i--) {
+    const m = messages[i];
+    if (m && !m.pending && !m.failed) return m;
+  }
+  return undefined;
+}
+
+/** The oldest confirmed message: the `before` of the next history page. */
+export function oldestConfirmed(messages: readonly Message[]): Message | undefined {
+  return messages.find((m) => !m.pending && !m.failed);
+}
+
+let counter = 0;
+
+/** A fresh client_id for one message; a retry of that message reuses it. */
+export function newClientId(now: number = Date.now(), random: () => number = Math.random): string {
+  counter = (counter + 1) % 1_000_000;
+  const rand = Math.floor(random() * 0x7fffffff).toString(36);
+  return `web-${now.toString(36)}-${counter.toString(36)}-${rand}`;
+}
+
+/** The optimistic copy shown while a send is in flight. */
+export function pendingMessage(
+  chatId: string,
+  authorId: string,
+  text: string,
+  clientId: string,
+  now: Date = new Date(),
+): Message {
+  return {
+    id: `pending:${clientId}`,
+    chat_id: chatId,
+    author_id: authorId,
+    text,
+    created_at: now.toISOString(),
+    edited_at: null,
+    deleted: false,
+    system: false,
+    client_id: clientId,
+    pending: true,
+  };
+}
+
+/** Group a message list by calendar day (local time) for day separators in the log. */
+export function dayKey(iso: string): string {
+  const d = new Date(iso);
+  const pad = (n: number) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
+}

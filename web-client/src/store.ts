@@ -1,0 +1,747 @@
+// Application state: REST loads, the live connection and the rules in core/ brought together.
+
+import { computed, reactive } from "vue";
+import { Api } from "./api";
+import * as dialogs from "./core/dialogs";
+import { mergeMessages, newClientId, newestConfirmed, oldestConfirmed, pendingMessage } from "./core/messages";
+import * as presence from "./core/presence";
+import { ApiError } from "./core/problem";
+import { isEnvelope, StreamTracker } from "./core/streams";
+import {
+  HEARTBEAT_EVERY_MS,
+  IdleTracker,
+  TypingThrottle,
+  typingStarted,
+  typingStopped,
+  type Connection,
+  type TypingMap,
+} from "./core/timing";
+import type {
+  Chat,
+  ChatJoinedData,
+  ChatLeftData,
+  ChatMembersData,
+  Department,
+  Dialog,
+  ImCounters,
+  ImSettings,
+  Message,
+  PresenceStatus,
+  PresenceView,
+  Snapshot,
+  User,
+} from "./core/types";
+import * as unread from "./core/unread";
+import { Realtime } from "./realtime";
+import { beep, notifySystem } from "./notify";
+
+const TOKEN_KEY = "portalhub.token";
+const PAGE_SIZE = 50;
+
+export type View = "messenger" | "employees";
+
+export interface Toast {
+  id: number;
+  title: string;
+  text: string;
+  chatId?: string;
+  kind: "message" | "info" | "error";
+}
+
+export const api = new Api();
+const tracker = new StreamTracker();
+const idle = new IdleTracker(Date.now());
+const typingThrottle = new TypingThrottle();
+
+export const state = reactive({
+  token: null as string | null,
+  me: null as User | null,
+  booting: true,
+  bootMessage: "",
+  sessionEndedReason: "",
+  view: "messenger" as View,
+  connection: "offline" as Connection,
+  everConnected: false,
+  chats: [] as Chat[],
+  dialogsLoaded: false,
+  unread: unread.emptyUnread(),
+  presence: {} as presence.PresenceMap,
+  own: null as PresenceView | null,
+  settings: { sound: true } as ImSettings,
+  users: {} as Record<string, User>,
+  departments: [] as Department[],
+  openChatId: null as string | null,
+  messages: {} as Record<string, Message[]>,
+  loaded: {} as Record<string, boolean>,
+  noOlder: {} as Record<string, boolean>,
+  loadingOlder: {} as Record<string, boolean>,
+  typing: {} as TypingMap,
+  now: Date.now(),
+  toasts: [] as Toast[],
+  composeOpen: false,
+  pageVisible: true,
+  pageFocused: true,
+});
+
+export const totalUnread = computed(() => unread.total(state.unread));
+export const openChat = computed(() => state.chats.find((c) => c.id === state.openChatId) ?? null);
+export const ownStatus = computed<PresenceStatus>(() => {
+  if (state.own && presence.isStatus(state.own.status)) return state.own.status;
+  return state.me ? presence.statusOf(state.presence, state.me.id) : "offline";
+});
+
+export function userName(id: string | null | undefined): string {
+  if (!id) return "Portal";
+  if (state.me && id === state.me.id) return state.me.name;
+  return state.users[id]?.name ?? "Unknown user";
+}
+
+export function names(): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const u of Object.values(state.users)) out[u.id] = u.name;
+  return out;
+}
+
+// toasts ------------------------------------------------------------------------------------------
+
+let toastSeq = 0;
+
+export function toast(t: Omit<Toast, "id">, ms = 6000): void {
+  const id = ++toastSeq;
+  state.toasts = [...state.toasts.slice(-3), { ...t, id }];
+  setTimeout(() => dismissToast(id), ms);
+}
+
+export function dismissToast(id: number): void {
+  state.toasts = state.toasts.filter((t) => t.id !== id);
+}
+
+function reportError(error: unknown, what: string): void {
+  const text = error instanceof Error ? error.message : String(error);
+  toast({ kind: "error", title: what, text });
+}
+
+// session -----------------------------------------------------------------------------------------
+
+const realtime = new Realtime({
+  auth: () => ({ token: state.token ?? "", since: tracker.since(), active: idle.isActive() }),
+  onEvent: (name, payload) => handleEvent(name, payload),
+  onConnected: () => {
+    // "connected" once the snapshot is in
+  },
+  onDisconnected: (reason) => {
+    if (!state.token) return;
+    state.connection = navigator.onLine === false ? "offline" : reason === "io client disconnect" ? "offline" : "reconnecting";
+  },
+  onRefused: (code, message) => {
+    if (code === "invalid_token") {
+      endSession("Your session has expired. Please log in again.");
+    } else {
+      state.connection = "offline";
+      toast({ kind: "error", title: "Connection refused", text: message });
+    }
+  },
+  onRetrying: () => {
+    if (state.token) state.connection = navigator.onLine === false ? "offline" : "reconnecting";
+  },
+});
+
+api.onUnauthorized = () => endSession("Your session has expired. Please log in again.");
+
+export async function boot(): Promise<void> {
+  installPageListeners();
+  const token = localStorage.getItem(TOKEN_KEY);
+  if (!token) {
+    state.booting = false;
+    return;
+  }
+  api.token = token;
+  state.token = token;
+  for (;;) {
+    try {
+      await startSession(token, await api.me());
+      break;
+    } catch (error) {
+      if (error instanceof ApiError && (error.status === 0 || error.status >= 500)) {
+        // The hub is unreachable for now: keep the login and try again.
+        state.bootMessage = "The hub cannot be reached right now. Retrying…";
+        await new Promise((resolve) => setTimeout(resolve, 3000));
+        continue;
+      }
+      if (!state.me) clearSession();
+      break;
+    }
+  }
+  state.bootMessage = "";
+  state.booting = false;
+}
+
+export async function login(loginName: string, password: string): Promise<void> {
+  const { token, user } = await api.login(loginName, password);
+  localStorage.setItem(TOKEN_KEY, token);
+  await startSession(token, user);
+}
+
+async function startSession(token: string, me: User): Promise<void> {
+  api.token = token;
+  state.token = token;
+  state.me = me;
+  state.sessionEndedReason = "";
+  state.users = { ...state.users, [me.id]: me };
+  state.connection = "connecting";
+  realtime.start();
+  startTimers();
+  void loadDirectory();
+}
+
+export async function logout(): Promise<void> {
+  const had = state.token;
+  realtime.stop();
+  if (had) {
+    try {
+      await api.logout();
+    } catch {
+      // the token is dropped locally anyway
+    }
+  }
+  clearSession();
+}
+
+/** The hub ended the session (token revoked or expired): back to the login screen. */
+function endSession(reason: string): void {
+  realtime.stop();
+  clearSession();
+  state.sessionEndedReason = reason;
+}
+
+function clearSession(): void {
+  localStorage.removeItem(TOKEN_KEY);
+  stopTimers();
+  tracker.clear();
+  api.token = null;
+  Object.assign(state, {
+    token: null,
+    me: null,
+    connection: "offline",
+    everConnected: false,
+    chats: [],
+    dialogsLoaded: false,
+    unread: unread.emptyUnread(),
+    presence: {},
+    own: null,
+    openChatId: null,
+    messages: {},
+    loaded: {},
+    noOlder: {},
+    loadingOlder: {},
+    typing: {},
+    toasts: [],
+    composeOpen: false,
+    view: "messenger",
+  });
+}
+
+// page state --------------------------------------------------------------------------------------
+
+let listenersInstalled = false;
+
+function installPageListeners(): void {
+  if (listenersInstalled) return;
+  listenersInstalled = true;
+  const refresh = () => {
+    state.pageVisible = document.visibilityState === "visible";
+    state.pageFocused = document.hasFocus();
+    if (state.openChatId) void markRead(state.openChatId);
+  };
+  document.addEventListener("visibilitychange", refresh);
+  window.addEventListener("focus", refresh);
+  window.addEventListener("blur", refresh);
+  refresh();
+  const onInput = () => {
+    if (idle.input(Date.now())) void heartbeat();
+  };
+  for (const name of ["pointerdown", "pointermove", "keydown", "wheel", "touchstart", "focus"]) {
+    window.addEventListener(name, onInput, { passive: true });
+  }
+  window.addEventListener("offline", () => {
+    if (!state.token) return;
+    state.connection = "offline";
+    realtime.hold();
+  });
+  window.addEventListener("online", () => {
+    if (!state.token) return;
+    state.connection = "reconnecting";
+    realtime.start();
+  });
+  // Another tab logged out (or in as someone else): follow it.
+  window.addEventListener("storage", (event) => {
+    if (event.key !== TOKEN_KEY) return;
+    if (!event.newValue && state.token) endSession("You logged out in another tab.");
+  });
+}
+
+let timers: ReturnType<typeof setInterval>[] = [];
+
+function startTimers(): void {
+  stopTimers();
+  timers.push(setInterval(() => void heartbeat(), HEARTBEAT_EVERY_MS));
+  timers.push(
+    setInterval(() => {
+      if (idle.tick(Date.now())) void heartbeat();
+    }, 15_000),
+  );
+  timers.push(setInterval(() => (state.now = Date.now()), 1000));
+}
+
+function stopTimers(): void {
+  for (const t of timers) clearInterval(t);
+  timers = [];
+}
+
+async function heartbeat(): Promise<void> {
+  await realtime.emit("presence.heartbeat", { active: idle.isActive() });
+}
+
+/** The open dialog is being read: open, shown, the page visible and focused. */
+export function readingNow(chatId: string): boolean {
+  return (
+    state.openChatId === chatId && state.view === "messenger" && state.pageVisible && state.pageFocused
+  );
+}
+
+// live events -------------------------------------------------------------------------------------
+
+function handleEvent(name: string, payload: unknown): void {
+  if (isEnvelope(name, payload)) {
+    const verdict = tracker.accept(payload.stream, payload.seq);
+    if (verdict === "duplicate") return;
+    const after = tracker.isAfterSnapshot(payload.stream, payload.seq);
+    applyEnvelope(name, payload.data, after);
+    if (verdict === "gap") void reloadStream(payload.stream);
+    return;
+  }
+  const data = (payload ?? {}) as Record<string, unknown>;
+  switch (name) {
+    case "snapshot":
+      void onSnapshot(payload as Snapshot);
+      break;
+    case "resync": {
+      const stream = String(data.stream);
+      tracker.resync(stream, Number(data.seq));
+      void reloadStream(stream);
+      break;
+    }
+    case "subscribe_error":
+      tracker.forget(String(data.stream));
+      break;
+    case "presence.changed": {
+      const view = data as unknown as PresenceView;
+      state.presence = presence.applyChange(state.presence, view);
+      if (state.me && view.user_id === state.me.id && "manual" in data) state.own = view;
+      break;
+    }
+    case "counters.changed": {
+      const im = data.im as ImCounters | undefined;
+      if (im) state.unread = unread.applyCounters(state.unread, im);
+      break;
+    }
+    case "im.typing": {
+      const chatId = String(data.chat_id);
+      const userId = String(data.user_id);
+      if (state.me && userId !== state.me.id) state.typing = typingStarted(state.typing, chatId, userId, Date.now());
+      break;
+    }
+    case "im.read": {
+      if (state.me && data.user_id === state.me.id) {
+        state.unread = unread.markedRead(state.unread, String(data.chat_id), String(data.up_to), false);
+      }
+      break;
+    }
+    case "session.revoked":
+      endSession("Your session was ended. Please log in again.");
+      break;
+    case "error":
+      console.warn("hub:", data.code, data.message);
+      break;
+  }
+}
+
+async function onSnapshot(snapshot: Snapshot): Promise<void> {
+  const first = !state.everConnected;
+  const { reload } = tracker.onSnapshot(snapshot.streams ?? {});
+  state.presence = presence.fromSnapshot(snapshot.presence, state.presence);
+  if (snapshot.counters?.im) state.unread = unread.applyCounters(state.unread, snapshot.counters.im);
+  if (snapshot.settings?.im) state.settings = { ...snapshot.settings.im };
+  state.connection = "connected";
+  state.everConnected = true;
+  const me = state.me;
+  if (!me) return;
+  if (first || reload.includes(`user:${me.id}`)) {
+    await loadDialogs(!first);
+    void loadOwnPresence();
+  } else if (reload.length) {
+    await loadDialogs(false);
+    for (const stream of reload) if (stream.startsWith("chat:")) resetChat(stream.slice(5));
+  }
+  if (!first) void loadDirectory();
+  if (state.openChatId) void markRead(state.openChatId);
+}
+
+function applyEnvelope(type: string, data: Record<string, unknown>, afterSnapshot: boolean): void {
+  const me = state.me;
+  if (!me) return;
+  switch (type) {
+    case "im.message":
+      onNewMessage(data.message as Message, afterSnapshot);
+      break;
+    case "im.message.updated":
+      putMessages((data.message as Message).chat_id, [data.message as Message]);
+      state.chats = dialogs.applyMessage(state.chats, data.message as Message);
+      break;
+    case "im.message.deleted": {
+      const message = data.message as Message;
+      putMessages(message.chat_id, [message]);
+      state.chats = dialogs.applyMessage(state.chats, message);
+      state.unread = unread.onDeleted(state.unread, message, { me: me.id, readingNow: false, afterSnapshot });
+      break;
+    }
+    case "im.chat.joined": {
+      const joined = data as unknown as ChatJoinedData;
+      tracker.join(joined.join_stream, joined.from_seq);
+      state.chats = dialogs.upsertChat(state.chats, joined.chat);
+      break;
+    }
+    case "im.chat.left": {
+      const left = data as unknown as ChatLeftData;
+      tracker.forget(left.leave_stream);
+      state.chats = dialogs.removeChat(state.chats, left.chat_id);
+      state.unread = unread.forgetChat(state.unread, left.chat_id);
+      if (state.openChatId === left.chat_id) state.openChatId = null;
+      break;
+    }
+    case "im.chat.members": {
+      const m = data as unknown as ChatMembersData;
+      state.chats = dialogs.applyMembers(state.chats, m.chat_id, m.member_ids);
+      break;
+    }
+    case "im.settings":
+      state.settings = { ...(data.settings as ImSettings) };
+      break;
+    case "user.updated": {
+      const user = data.user as User;
+      state.users = { ...state.users, [user.id]: user };
+      if (user.id === me.id) state.me = user;
+      break;
+    }
+  }
+}
+
+function onNewMessage(message: Message, afterSnapshot: boolean): void {
+  const me = state.me;
+  if (!me) return;
+  const chatId = message.chat_id;
+  const reading = readingNow(chatId);
+  putMessages(chatId, [message]);
+  if (message.author_id) state.typing = typingStopped(state.typing, chatId, message.author_id);
+  if (!state.chats.some((c) => c.id === chatId)) void fetchChat(chatId);
+  state.chats = dialogs.applyMessage(state.chats, message);
+  const ctx = { me: me.id, readingNow: reading, afterSnapshot };
+  const counted = unread.countsAsUnread(state.unread, message, ctx);
+  state.unread = unread.onMessage(state.unread, message, ctx);
+  if (message.author_id === me.id) return;
+  if (reading) {
+    void markRead(chatId);
+  } else if (counted) {
+    notifyMessage(message);
+  }
+}
+
+function notifyMessage(message: Message): void {
+  const chat = state.chats.find((c) => c.id === message.chat_id);
+  const author = userName(message.author_id);
+  const title = chat && chat.kind === "group" ? `${author} in ${chat.title}` : author;
+  const text = message.text.length > 140 ? `${message.text.slice(0, 140)}…` : message.text;
+  const disturb = presence.mayDisturb(ownStatus.value);
+  if (state.settings.sound && disturb) beep();
+  const chatShown = state.openChatId === message.chat_id && state.view === "messenger" && state.pageVisible;
+  if (!chatShown) toast({ kind: "message", title, text, chatId: message.chat_id });
+  if (disturb && (!state.pageVisible || !state.pageFocused)) {
+    notifySystem(title, text, () => {
+      window.focus();
+      void openChatById(message.chat_id);
+    });
+  }
+}
+
+async function fetchChat(chatId: string): Promise<void> {
+  try {
+    const chat = await api.chat(chatId);
+    state.chats = dialogs.upsertChat(state.chats, chat);
+  } catch {
+    // not ours (any more)
+  }
+}
+
+async function reloadStream(stream: string): Promise<void> {
+  const me = state.me;
+  if (!me) return;
+  if (stream === `user:${me.id}`) {
+    try {
+      const [fresh, settings] = await Promise.all([api.me(), api.settings()]);
+      state.me = fresh;
+      state.settings = settings;
+    } catch (error) {
+      reportError(error, "Reload failed");
+    }
+    await loadDialogs(true);
+  } else if (stream.startsWith("chat:")) {
+    await loadDialogs(false);
+    resetChat(stream.slice(5));
+  }
+  try {
+    state.unread = unread.applyCounters(state.unread, await api.counters());
+  } catch {
+    // the next counters.changed will do
+  }
+}
+
+/** Forget what is cached of a chat's history; the open chat is loaded again. */
+function resetChat(chatId: string): void {
+  const messages = { ...state.messages };
+  delete messages[chatId];
+  state.messages = messages;
+  state.loaded = { ...state.loaded, [chatId]: false };
+  state.noOlder = { ...state.noOlder, [chatId]: false };
+  if (state.openChatId === chatId) void loadLatest(chatId);
+}
+
+// loading -----------------------------------------------------------------------------------------
+
+async function loadDialogs(replace: boolean): Promise<void> {
+  try {
+    const list: Dialog[] = await api.dialogs();
+    // A full reload drops chats the answer does not have; live previews newer than it stay.
+    const ids = new Set(list.map((d) => d.chat.id));
+    let chats = replace ? state.chats.filter((c) => ids.has(c.id)) : [...state.chats];
+    for (const d of list) chats = dialogs.upsertChat(chats, d.chat);
+    state.chats = dialogs.sortChats(chats);
+    let u = state.unread;
+    for (const d of list) if (d.last_read_id) u = unread.markedRead(u, d.chat.id, d.last_read_id, false);
+    state.unread = u;
+    state.dialogsLoaded = true;
+  } catch (error) {
+    reportError(error, "Could not load dialogs");
+  }
+}
+
+async function loadOwnPresence(): Promise<void> {
+  const me = state.me;
+  if (!me) return;
+  try {
+    const { presence: views } = await api.presence([me.id]);
+    const mine = views.find((v) => v.user_id === me.id);
+    if (mine) state.own = mine;
+  } catch {
+    // shown as online until told otherwise
+  }
+}
+
+export async function loadDirectory(): Promise<void> {
+  try {
+    const departments = await api.departments();
+    const users: User[] = [];
+    for (let offset = 0; offset < 5000; offset += 500) {
+      const page = await api.users(`limit=500&offset=${offset}`);
+      users.push(...page);
+      if (page.length < 500) break;
+    }
+    state.departments = departments;
+    const map: Record<string, User> = {};
+    for (const u of users) map[u.id] = u;
+    if (state.me) map[state.me.id] = state.me;
+    state.users = map;
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 401)) reportError(error, "Could not load the directory");
+  }
+}
+
+function putMessages(chatId: string, incoming: Message[]): void {
+  // Also for chats not loaded yet: live messages are kept, the history page merges in later.
+  state.messages = { ...state.messages, [chatId]: mergeMessages(state.messages[chatId] ?? [], incoming) };
+}
+
+async function loadLatest(chatId: string): Promise<void> {
+  try {
+    const page = await api.history(chatId, { limit: PAGE_SIZE });
+    putMessages(chatId, page);
+    state.loaded = { ...state.loaded, [chatId]: true };
+    if (page.length < PAGE_SIZE) state.noOlder = { ...state.noOlder, [chatId]: true };
+    void markRead(chatId);
+  } catch (error) {
+    reportError(error, "Could not load messages");
+  }
+}
+
+/** Page back in the log: the messages before the oldest one shown. */
+export async function loadOlder(chatId: string): Promise<number> {
+  if (state.loadingOlder[chatId] || state.noOlder[chatId]) return 0;
+  const oldest = oldestConfirmed(state.messages[chatId] ?? []);
+  if (!oldest) return 0;
+  state.loadingOlder = { ...state.loadingOlder, [chatId]: true };
+  try {
+    const page = await api.history(chatId, { before: oldest.id, limit: PAGE_SIZE });
+    putMessages(chatId, page);
+    if (page.length < PAGE_SIZE) state.noOlder = { ...state.noOlder, [chatId]: true };
+    return page.length;
+  } catch (error) {
+    reportError(error, "Could not load older messages");
+    return 0;
+  } finally {
+    state.loadingOlder = { ...state.loadingOlder, [chatId]: false };
+  }
+}
+
+// actions -----------------------------------------------------------------------------------------
+
+export function setView(view: View): void {
+  state.view = view;
+  if (view === "messenger" && state.openChatId) void markRead(state.openChatId);
+}
+
+export async function openChatById(chatId: string): Promise<void> {
+  state.view = "messenger";
+  state.openChatId = chatId;
+  state.toasts = state.toasts.filter((t) => t.chatId !== chatId);
+  if (!state.chats.some((c) => c.id === chatId)) await fetchChat(chatId);
+  if (!state.loaded[chatId]) await loadLatest(chatId);
+  else void markRead(chatId);
+}
+
+/** The private dialog with a user: found in the list, or opened (created) on the hub. */
+export async function openDialogWith(userId: string): Promise<void> {
+  const me = state.me;
+  if (!me) return;
+  const known = dialogs.privateChatWith(state.chats, me.id, userId);
+  if (known) return openChatById(known.id);
+  try {
+    const chat = await api.openDialog(userId);
+    state.chats = dialogs.upsertChat(state.chats, chat);
+    await openChatById(chat.id);
+  } catch (error) {
+    reportError(error, "Could not open the dialog");
+  }
+}
+
+const reads: Record<string, { running: boolean; again: boolean }> = {};
+
+/** Mark the open dialog read up to its newest message, if it is being read. */
+export async function markRead(chatId: string): Promise<void> {
+  if (!readingNow(chatId) || !state.loaded[chatId]) return;
+  const entry = (reads[chatId] ??= { running: false, again: false });
+  if (entry.running) {
+    entry.again = true;
+    return;
+  }
+  const newest = newestConfirmed(state.messages[chatId] ?? []);
+  const target = unread.readTarget(state.unread.lastRead[chatId], newest, state.unread.chats[chatId] ?? 0);
+  if (!target) return;
+  entry.running = true;
+  try {
+    state.unread = unread.markedRead(state.unread, chatId, target, true);
+    const counters = await api.read(chatId, target);
+    state.unread = unread.applyCounters(state.unread, counters);
+  } catch {
+    // counters.changed or the next read will correct it
+  } finally {
+    entry.running = false;
+    if (entry.again) {
+      entry.again = false;
+      void markRead(chatId);
+    }
+  }
+}
+
+/** Send a message to a chat; the optimistic copy is replaced by the stored one. */
+export async function sendMessage(chatId: string, text: string, clientId = newClientId()): Promise<void> {
+  const me = state.me;
+  if (!me || !text.trim()) return;
+  putMessages(chatId, [pendingMessage(chatId, me.id, text, clientId)]);
+  typingThrottle.reset(chatId);
+  try {
+    const result = await api.send({ chat_id: chatId, text, client_id: clientId });
+    putMessages(chatId, result.messages);
+    for (const m of result.messages) state.chats = dialogs.applyMessage(state.chats, m);
+  } catch (error) {
+    const failed = { ...pendingMessage(chatId, me.id, text, clientId), pending: false, failed: true };
+    putMessages(chatId, [failed]);
+    reportError(error, "Message not sent");
+  }
+}
+
+/** Send again with the same client_id: the hub stores it at most once. */
+export function retryMessage(message: Message): Promise<void> {
+  return sendMessage(message.chat_id, message.text, message.client_id ?? undefined);
+}
+
+export async function editMessage(message: Message, text: string): Promise<void> {
+  try {
+    const updated = await api.edit(message.id, text);
+    putMessages(message.chat_id, [updated]);
+    state.chats = dialogs.applyMessage(state.chats, updated);
+  } catch (error) {
+    reportError(error, "Could not edit the message");
+  }
+}
+
+export async function deleteMessage(message: Message): Promise<void> {
+  try {
+    await api.remove(message.id);
+    putMessages(message.chat_id, [{ ...message, deleted: true, text: "", edited_at: new Date().toISOString() }]);
+  } catch (error) {
+    reportError(error, "Could not delete the message");
+  }
+}
+
+/** One message to several people (`to`) or a whole department (`to_department`). */
+export async function sendToMany(
+  target: { to: string[] } | { to_department: string },
+  text: string,
+): Promise<number> {
+  const result = await api.send({ ...target, text, client_id: newClientId() });
+  // New dialogs arrive as im.chat.joined events; known ones get the message now.
+  for (const m of result.messages) {
+    putMessages(m.chat_id, [m]);
+    state.chats = dialogs.applyMessage(state.chats, m);
+  }
+  return result.messages.length;
+}
+
+export function typing(chatId: string): void {
+  if (typingThrottle.shouldSend(chatId, Date.now())) void realtime.emit("im.typing", { chat_id: chatId });
+}
+
+export async function setSound(sound: boolean): Promise<void> {
+  const previous = state.settings.sound;
+  state.settings = { ...state.settings, sound };
+  try {
+    state.settings = await api.putSettings({ ...state.settings, sound });
+    if (sound) beep();
+  } catch (error) {
+    state.settings = { ...state.settings, sound: previous };
+    reportError(error, "Could not change the sound setting");
+  }
+}
+
+export async function setOwnPresence(choice: presence.OwnChoice): Promise<void> {
+  try {
+    state.own = await api.setPresence(choice === "auto" ? null : choice);
+    if (state.me) state.presence = presence.applyChange(state.presence, state.own);
+  } catch (error) {
+    reportError(error, "Could not change your status");
+  }
+}
+
+export async function reconnectNow(): Promise<void> {
+  if (!state.token) return;
+  realtime.start();
+}
