@@ -58,16 +58,12 @@ def build_services(settings: Settings, store: Store) -> Services:
 
     async def presence_snapshot(user: Document) -> dict[str, Any]:
         me = str(user["_id"])
-        visible = await directory.visible_user_ids(user)
-        online = await presence.online_user_ids()
+        published = presence.published()  # the same view live events give: flaps hidden
         seen: dict[str, Any] = {}
-        for uid in visible:
-            if uid == me:  # connecting right now: online, unless set otherwise by hand
-                seen[uid] = (await presence.manual(me)).current(utcnow()) or "online"
-            elif uid in online:
-                seen[uid] = await presence.seen_status(uid)
-            else:
-                seen[uid] = "offline"
+        for uid in await directory.visible_user_ids(user):
+            seen[uid] = published.get(uid, "offline")
+        # Connecting right now: online, unless set otherwise by hand.
+        seen[me] = (await presence.manual(me)).current(utcnow()) or "online"
         return seen
 
     async def counters_snapshot(user: Document) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from server.directory.models import Password, UserCreate
 from server.directory.service import DirectoryService
 from server.events.bus import InProcessBus
 from server.events.streams import StreamLog
+from server.im.service import ImService
 from server.services import SERVICES
 from server.settings import Settings
 from server.store import Store, open_store
@@ -33,7 +34,10 @@ def _directory(store: Store, settings: Settings) -> DirectoryService:
     # clients through their streams' history (replay), not live.
     bus = InProcessBus()
     streams = StreamLog(store, bus, retention_seconds=settings.event_retention_seconds)
-    return DirectoryService(store, streams, bus)
+    directory = DirectoryService(store, streams, bus)
+    # Workgroups made here (the demo's) get their chat as they do through the API.
+    directory.workgroup_hooks.append(ImService(store, streams, directory, bus, settings))
+    return directory
 
 
 def print_logins(logins: list[tuple[str, str]], password: str) -> None:

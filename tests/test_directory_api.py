@@ -1121,3 +1121,22 @@ async def test_portal_settings_body_is_strict(hub: HubHarness) -> None:
     missing = await hub.request("PUT", "/api/v1/portal/settings", token=admin, json={})
     assert_problem(missing, 422, "validation-error")
     assert await hub.services.auth.self_registration_enabled() is False
+
+
+async def test_department_filter_can_include_subdepartments(hub: HubHarness) -> None:
+    _, admin = await hub.create_user("root", admin=True)
+    top = await hub.request("POST", "/api/v1/departments", token=admin, json={"name": "Top"})
+    below = await hub.request(
+        "POST",
+        "/api/v1/departments",
+        token=admin,
+        json={"name": "Below", "parent_id": top.body["id"]},
+    )
+    upper_id, _ = await hub.create_user("upper", department_id=top.body["id"])
+    lower_id, _ = await hub.create_user("lower", department_id=below.body["id"])
+    only = await hub.request("GET", f"/api/v1/users?department_id={top.body['id']}", token=admin)
+    assert [u["id"] for u in only.body] == [upper_id]
+    tree = await hub.request(
+        "GET", f"/api/v1/users?department_id={top.body['id']}&subtree=true", token=admin
+    )
+    assert {u["id"] for u in tree.body} == {upper_id, lower_id}

@@ -340,3 +340,68 @@ async def test_history_pages_and_today(hub: HubHarness) -> None:
     today = last[0]["created_at"][:10]
     assert len((await hub.request("GET", f"{path}?day={today}", token=alice)).body) == 7
     assert (await hub.request("GET", f"{path}?day=2001-01-01", token=alice)).body == []
+
+
+async def test_multi_recipient_send_is_all_or_nothing(hub: HubHarness) -> None:
+    _, alice = await hub.create_user("alice")
+    bob_id, _ = await hub.create_user("bob")
+    gone_id, _ = await hub.create_user("gone")
+    await hub.services.store.users.update_one({"_id": gone_id}, {"$set": {"is_active": False}})
+    resp = await hub.request(
+        "POST", "/api/v1/im/messages", token=alice, json={"to": [bob_id, gone_id], "text": "hi"}
+    )
+    assert resp.status == 422
+    assert resp.body["type"] == "urn:portalhub:problem:invalid-recipient"
+    assert await hub.services.store["messages"].count_documents({}) == 0
+
+
+async def test_edit_to_blank_is_refused(hub: HubHarness) -> None:
+    _, alice = await hub.create_user("alice")
+    bob_id, _ = await hub.create_user("bob")
+    message = (await send(hub, alice, to=[bob_id], text="words"))["messages"][0]
+    resp = await hub.request(
+        "PATCH", f"/api/v1/im/messages/{message['id']}", token=alice, json={"text": "   "}
+    )
+    assert resp.status == 422
+
+
+async def test_deleting_an_unread_message_corrects_the_badge(hub: HubHarness) -> None:
+    _, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    bob_client = await hub.connect(bob)
+    await bob_client.wait_for("snapshot")
+    await send(hub, alice, to=[bob_id], text="keep")
+    message = (await send(hub, alice, to=[bob_id], text="oops"))["messages"][0]
+    deleted = await hub.request("DELETE", f"/api/v1/im/messages/{message['id']}", token=alice)
+    assert deleted.status == 204
+    expected = {"im": {"unread": 1, "chats": {message["chat_id"]: 1}}}
+    await bob_client.wait_until(lambda: expected in bob_client.of_type("counters.changed"))
+
+
+async def test_writing_in_a_chat_clears_its_badge_on_the_authors_other_devices(
+    hub: HubHarness,
+) -> None:
+    _, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    other_device = await hub.connect(bob)
+    await other_device.wait_for("snapshot")
+    incoming = (await send(hub, alice, to=[bob_id], text="question?"))["messages"][0]
+    await send(hub, bob, chat_id=incoming["chat_id"], text="answer")
+    await other_device.wait_until(
+        lambda: {"im": {"unread": 0, "chats": {}}} in other_device.of_type("counters.changed")
+    )
+
+
+async def test_an_owner_who_leaves_hands_the_chat_on(hub: HubHarness) -> None:
+    alice_id, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    created = await hub.request(
+        "POST", "/api/v1/im/chats", token=alice, json={"title": "Team", "member_ids": [bob_id]}
+    )
+    chat_id = created.body["id"]
+    left = await hub.request(
+        "DELETE", f"/api/v1/im/chats/{chat_id}/members/{alice_id}", token=alice
+    )
+    assert left.status == 204
+    chat = (await hub.request("GET", f"/api/v1/im/chats/{chat_id}", token=bob)).body
+    assert chat["owner_id"] == bob_id and chat["member_ids"] == [bob_id]

@@ -132,6 +132,8 @@ async def test_manual_dnd_survives_reconnects_and_expires(hub: HubHarness) -> No
     await asyncio.sleep(0.6)
     await hub.services.presence.sweep()
     await observer.wait_until(lambda: statuses(observer, alice_id)[-1] == "online")
+    stored = await hub.services.store.users.find_one({"_id": alice_id})
+    assert stored is not None and stored["presence"]["status"] is None  # cleared, once
 
     cleared = await hub.request("PUT", "/api/v1/presence/me", token=alice, json={"status": None})
     assert cleared.body["manual"] is None and cleared.body["status"] == "online"

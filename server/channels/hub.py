@@ -217,7 +217,13 @@ class Hub:
             conn = self._connections.get(sid)
             if conn is None:
                 return
-            streams = [user_stream(conn.user_id), *await self.member_streams(conn.user)]
+            requested = set(conn.since)
+            streams = [
+                s
+                for s in [user_stream(conn.user_id), *await self.member_streams(conn.user)]
+                # a chat joined live meanwhile is already being caught up by _join_live
+                if s not in conn.streams
+            ]
             for stream in streams:
                 self._mark_joining(conn, stream)
                 await self.sio.enter_room(sid, stream)
@@ -225,14 +231,22 @@ class Hub:
             await self.sio.emit("snapshot", snapshot, to=sid)
             conn.registered = True
             await self._presence.connected(conn.user_id, sid, TRANSPORT, conn.active)
+            await self.sio.emit(
+                "presence.changed", await self._presence.own_view(conn.user_id), to=sid
+            )
             for stream in streams:
                 # Without a position the client loads current state after the snapshot, so
                 # what it needs live is what comes after the snapshot's head.
                 await self._catch_up(
                     conn, stream, conn.since.get(stream), snapshot["streams"].get(stream)
                 )
+            counters = self._snapshot_parts.get("counters")
+            if counters is not None:
+                # Counters in the snapshot were computed before the stream heads were read:
+                # once caught up, the authoritative values close that window.
+                await self.sio.emit("counters.changed", await counters(conn.user), to=sid)
             # A client that asked for streams it does not belong to learns it plainly.
-            for stream in conn.since.keys() - conn.streams:
+            for stream in requested - conn.streams:
                 await self.sio.emit(
                     "subscribe_error", {"stream": stream, "code": "forbidden"}, to=sid
                 )

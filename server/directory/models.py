@@ -159,6 +159,9 @@ class UserQuery(Strict):
     phone: Annotated[str, StringConstraints(max_length=32)] | None = Field(
         default=None, description="Digits contained in one of the user's phone numbers"
     )
+    subtree: bool = Field(
+        default=False, description="With department_id: include its subdepartments' people"
+    )
     include_inactive: bool = False
     online: bool | None = Field(
         default=None, description="true: only users seen online/away/dnd; false: only offline"

@@ -21,7 +21,7 @@ from server.directory.models import (
     WorkgroupOut,
     phone_digits,
 )
-from server.directory.rules import DepartmentNode, Person, ancestors, may_see_user
+from server.directory.rules import DepartmentNode, Person, ancestors, descendants, may_see_user
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.events.streams import StreamLog, user_stream
@@ -136,7 +136,11 @@ class DirectoryService:
                 }
             )
         if query.department_id:
-            filters["department_id"] = query.department_id
+            if query.subtree:
+                tree = await self.department_tree()
+                filters["department_id"] = {"$in": sorted(descendants(query.department_id, tree))}
+            else:
+                filters["department_id"] = query.department_id
         if query.email:
             filters["email"] = {"$regex": re.escape(query.email.strip().lower())}
         if query.phone:

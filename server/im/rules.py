@@ -53,8 +53,3 @@ def recipients(sender_id: str, requested: Collection[str]) -> list[str]:
         if user_id != sender_id and user_id not in seen:
             seen.append(user_id)
     return seen
-
-
-def unread_after(last_read_id: str | None, message_id: str) -> bool:
-    """Message ids are ObjectId hex strings, whose order is their creation order."""
-    return last_read_id is None or message_id > last_read_id

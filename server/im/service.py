@@ -237,6 +237,11 @@ class ImService:
             {"chat_id": chat["_id"], "user_id": {"$in": present}}
         )
         remaining = [m for m in chat["member_ids"] if m not in present]
+        if chat.get("owner_id") in present and chat["kind"] == "group":
+            # An owner who leaves hands the chat to the longest-standing member left.
+            await self._store["chats"].update_one(
+                {"_id": chat["_id"]}, {"$set": {"owner_id": remaining[0] if remaining else None}}
+            )
         await self._streams.append(
             stream,
             "im.chat.members",
@@ -339,6 +344,8 @@ class ImService:
             message, duplicate = await self._post(chat, user_id, request.text, request.client_id)
             return SendResult(messages=[message], duplicate=duplicate)
         targets = await self._expand_targets(user, request)
+        # Every recipient is checked before the first message goes: all or nothing.
+        await self._require_users(user, targets)
         messages: list[MessageOut] = []
         duplicates = 0
         for target in targets:
@@ -437,9 +444,12 @@ class ImService:
             {"$set": {"last_message": preview, "last_message_at": doc["created_at"]}},
         )
         if author_id is not None:
-            await self._store["chat_members"].update_one(
+            # Writing in a chat reads it: the author's other devices lose that chat's badge.
+            before = await self._store["chat_members"].find_one_and_update(
                 {"_id": f"{chat['_id']}|{author_id}"}, {"$set": {"last_read_id": doc["_id"]}}
             )
+            if before is not None and await self._had_unread(chat["_id"], author_id, before):
+                await self.push_counters(author_id)
         return message, False
 
     async def _own_message(self, user_id: str, message_id: str) -> tuple[Document, Document]:
@@ -453,6 +463,14 @@ class ImService:
 
     async def edit(self, user: Document, message_id: str, text: str) -> MessageOut:
         self._check_length(text)
+        if not text.strip():
+            raise Problem(
+                422,
+                "validation-error",
+                "Invalid request",
+                "text must not be blank",
+                errors=[{"loc": ["text"], "msg": "blank", "type": "value_error"}],
+            )
         doc, chat = await self._own_message(str(user["_id"]), message_id)
         changes = {"text": text, "edited_at": utcnow()}
         await self._store["messages"].update_one({"_id": message_id}, {"$set": changes})
@@ -463,32 +481,45 @@ class ImService:
             "im.message.updated",
             {"message": message.model_dump(mode="json")},
         )
-        await self._refresh_preview(chat, message)
+        await self._refresh_preview(chat["_id"], message)
         return message
 
     async def delete(self, user: Document, message_id: str) -> None:
         doc, chat = await self._own_message(str(user["_id"]), message_id)
-        await self._store["messages"].update_one(
-            {"_id": message_id},
-            {"$set": {"deleted": True, "text": "", "edited_at": utcnow()}},
-        )
-        doc.update(deleted=True, text="")
+        changes = {"deleted": True, "text": "", "edited_at": utcnow()}
+        await self._store["messages"].update_one({"_id": message_id}, {"$set": changes})
+        doc.update(changes)
         message = MessageOut.from_document(doc)
         await self._streams.append(
             chat_stream(chat["_id"]),
             "im.message.deleted",
             {"message": message.model_dump(mode="json")},
         )
-        await self._refresh_preview(chat, message)
+        await self._refresh_preview(chat["_id"], message)
+        # Members for whom it was unread get their corrected badge.
+        async for member in self._store["chat_members"].find({"chat_id": chat["_id"]}):
+            reader = member["user_id"]
+            last_read = member.get("last_read_id")
+            if reader != doc.get("author_id") and (last_read is None or last_read < message_id):
+                await self.push_counters(reader)
 
-    async def _refresh_preview(self, chat: Document, message: MessageOut) -> None:
-        last = chat.get("last_message")
-        if last and last.get("id") == message.id:
-            payload = message.model_dump(mode="json")
-            payload["text"] = payload["text"][:PREVIEW_CHARS]
-            await self._store["chats"].update_one(
-                {"_id": chat["_id"]}, {"$set": {"last_message": payload}}
+    async def push_counters(self, user_id: str) -> Counters:
+        """Send the user's authoritative unread counters to all their devices."""
+        counters = await self.counters(user_id)
+        await self._bus.publish_ephemeral(
+            EphemeralEvent(
+                "counters.changed", {"im": counters.model_dump()}, (user_stream(user_id),)
             )
+        )
+        return counters
+
+    async def _refresh_preview(self, chat_id: str, message: MessageOut) -> None:
+        # Only while this message is still the chat's last one: a newer message stays shown.
+        payload = message.model_dump(mode="json")
+        payload["text"] = payload["text"][:PREVIEW_CHARS]
+        await self._store["chats"].update_one(
+            {"_id": chat_id, "last_message.id": message.id}, {"$set": {"last_message": payload}}
+        )
 
     async def history(self, user: Document, chat_id: str, query: HistoryQuery) -> list[MessageOut]:
         await self.readable_chat(str(user["_id"]), chat_id)
@@ -536,6 +567,12 @@ class ImService:
             filters["_id"] = {"$gt": last_read_id}
         return await self._store["messages"].count_documents(filters)
 
+    async def _had_unread(self, chat_id: str, user_id: str, member: Document) -> bool:
+        query: Document = {"chat_id": chat_id, "deleted": False, "author_id": {"$ne": user_id}}
+        if member.get("last_read_id") is not None:
+            query["_id"] = {"$gt": member["last_read_id"]}
+        return await self._store["messages"].find_one(query, projection={"_id": True}) is not None
+
     async def counters(self, user_id: str) -> Counters:
         chats: dict[str, int] = {}
         async for member in self._store["chat_members"].find({"user_id": user_id}):
@@ -566,20 +603,16 @@ class ImService:
             },
             {"$set": {"last_read_id": up_to}},
         )
-        counters = await self.counters(user_id)
-        if result.modified_count:
-            await self._bus.publish_ephemeral(
-                EphemeralEvent(
-                    "counters.changed", {"im": counters.model_dump()}, (user_stream(user_id),)
-                )
+        if not result.modified_count:
+            return await self.counters(user_id)  # already read that far: nothing to tell
+        counters = await self.push_counters(user_id)
+        await self._bus.publish_ephemeral(
+            EphemeralEvent(
+                "im.read",
+                {"chat_id": chat_id, "user_id": user_id, "up_to": up_to},
+                (chat_stream(chat_id),),
             )
-            await self._bus.publish_ephemeral(
-                EphemeralEvent(
-                    "im.read",
-                    {"chat_id": chat_id, "user_id": user_id, "up_to": up_to},
-                    (chat_stream(chat_id),),
-                )
-            )
+        )
         return counters
 
     async def dialogs(self, user: Document) -> list[DialogOut]:

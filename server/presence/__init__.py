@@ -1,4 +1,2 @@
-"""Presence of users across their connections (online / offline for now).
-
-Away and do-not-disturb, multi-device aggregation and XMPP presence come with the messenger.
-"""
+"""Presence: online / away / do-not-disturb / offline, merged from every connection of a user,
+whatever its transport (Socket.IO tabs, XMPP sessions), with a manual state kept apart."""

@@ -168,6 +168,10 @@ class PresenceService:
             view["until"] = _iso(manual.until)
         return view
 
+    def published(self) -> dict[str, Status]:
+        """What colleagues currently see of everyone not offline (flaps are not shown)."""
+        return dict(self._published)
+
     async def sources_of(self, user_id: str) -> list[Source]:
         return await self._sources.sources(user_id)
 
@@ -273,6 +277,22 @@ class PresenceService:
                         await dropper(source.transport, source.id)
             manual = self._manual.get(user_id)
             expired = manual is not None and manual.status and manual.current(now) is None
+            if manual is not None and expired:
+                # A lapsed away/dnd is cleared once, in memory and in the database.
+                cleared = Manual(None, None, manual.invisible)
+                self._manual[user_id] = cleared
+                await self._db.users.update_one(
+                    {"_id": user_id},
+                    {
+                        "$set": {
+                            "presence": {
+                                "status": None,
+                                "until": None,
+                                "invisible": cleared.invisible,
+                            }
+                        }
+                    },
+                )
             if dead or expired:
                 await self._recompute(user_id, force_own=bool(expired))
 

@@ -22,7 +22,6 @@ _HTTP_SLUGS = {
     404: ("not-found", "Not found"),
     405: ("method-not-allowed", "Method not allowed"),
     413: ("body-too-large", "Request body too large"),
-    415: ("unsupported-media-type", "Unsupported media type"),
 }
 
 

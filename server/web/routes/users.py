@@ -25,11 +25,7 @@ async def list_users(call: Call) -> list[UserOut]:
     query = call.query_as(UserQuery)
     online = None
     if query.online is not None:
-        online = {
-            u
-            for u in await svc.presence.online_user_ids()
-            if await svc.presence.seen_status(u) != "offline"
-        }
+        online = set(svc.presence.published())  # as colleagues see it, flaps hidden
     return await svc.directory.list_users(call.user, query, online)
 
 
