@@ -1,7 +1,17 @@
 """Importing this module declares every route on ``api``."""
 
-from server.web.routes import api, auth, departments, im, portal, presence, users, workgroups
+from server.web.routes import (
+    api,
+    auth,
+    departments,
+    im,
+    portal,
+    presence,
+    users,
+    workgroups,
+    xmpp,
+)
 
-ROUTE_MODULES = (auth, users, departments, workgroups, im, presence, portal)
+ROUTE_MODULES = (auth, users, departments, workgroups, im, presence, xmpp, portal)
 
 __all__ = ["ROUTE_MODULES", "api"]
