@@ -81,6 +81,7 @@ class C2SSession:
         self._scram: Any = None
         self._scram_user: Document | None = None
         self._closed = asyncio.Event()
+        self._terminating = False
         self._pending_pings: dict[str, float] = {}
         self._parser = self._new_parser()
         self._bucket = TokenBucket(
@@ -436,7 +437,17 @@ class C2SSession:
                 await asyncio.wait_for(self.writer.wait_closed(), 2)
 
     async def terminate(self, condition: str, text: str = "") -> None:
-        """End the session from outside (conflict, revoked, timeout)."""
-        await self.stream_error(condition, text)
+        """End the session from outside (conflict, revoked, timeout).
+
+        The stream error is sent if the peer takes it; a peer that stopped reading is cut off
+        after a short grace, since a graceful close would wait for it forever.
+        """
+        if self._terminating:
+            return
+        self._terminating = True
         with contextlib.suppress(Exception):
-            self.writer.transport.close()
+            await asyncio.wait_for(self.stream_error(condition, text), 2)
+        transport = self.writer.transport
+        with contextlib.suppress(Exception):
+            transport.close()
+            asyncio.get_running_loop().call_later(2, transport.abort)
