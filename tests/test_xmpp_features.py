@@ -209,3 +209,61 @@ async def test_unanswered_pings_mark_the_user_offline(quick_ping_hub: HubHarness
     client.plugin["xep_0199"].disable_keepalive()  # type: ignore[no-untyped-call]
     await web.wait_until(lambda: seen("offline"), timeout=15)
     assert isinstance(client, XmppClient)
+
+
+async def test_chat_states_and_markers_map_to_typing_and_read(hub: HubHarness) -> None:
+    alice_id, _ = await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    d = domain(hub)
+    client = await xmpp_login(hub, "alice", plugins=("xep_0085", "xep_0333"))
+    web = await hub.connect(bob)
+    await web.wait_for("snapshot")
+    message = await send_web(hub, bob, to=[alice_id], text="are you there?")
+    await client.wait_for_condition(lambda: "are you there?" in client.bodies())
+    assert (await hub.request("GET", "/api/v1/im/counters", token=bob)).body["unread"] == 0
+
+    typing = client.make_message(mto=JID(f"bob@{d}"), mtype="chat")
+    typing["chat_state"] = "composing"
+    typing.send()
+    [event] = await web.wait_for("im.typing")
+    assert event == {"chat_id": message["chat_id"], "user_id": alice_id}
+
+    alice_unread = await hub.services.im.counters(alice_id)
+    assert alice_unread.unread == 1
+    client.plugin["xep_0333"].send_marker(JID(f"bob@{d}"), message["id"], "displayed")
+    reads = await web.wait_for("im.read")
+    assert reads[0] == {"chat_id": message["chat_id"], "user_id": alice_id, "up_to": message["id"]}
+    assert (await hub.services.im.counters(alice_id)).unread == 0
+
+
+async def test_vcard_version_and_disco(hub: HubHarness) -> None:
+    _, admin = await hub.create_user("root", admin=True)
+    dept = await hub.request("POST", "/api/v1/departments", token=admin, json={"name": "Ops"})
+    await hub.create_user("alice")
+    await hub.create_user(
+        "bob",
+        first_name="Bob",
+        last_name="Stone",
+        position="Engineer",
+        department_id=dept.body["id"],
+        phones=[{"type": "mobile", "number": "+1 555 0101"}],
+    )
+    d = domain(hub)
+    client = await xmpp_login(hub, "alice", plugins=("xep_0054", "xep_0092"))
+    card = await client.plugin["xep_0054"].get_vcard(JID(f"bob@{d}"), timeout=10)
+    vcard = card["vcard_temp"]
+    assert vcard["FN"] == "Bob Stone" and vcard["TITLE"] == "Engineer"
+    assert vcard["ORG"]["ORGUNIT"] == "Ops"
+    version = await client.plugin["xep_0092"].get_version(JID(d), timeout=10)
+    assert version["software_version"]["name"] == "Portal Hub"
+    info = await client.plugin["xep_0030"].get_info(jid=JID(d), timeout=10)
+    features = set(info["disco_info"]["features"])
+    assert {
+        "urn:xmpp:ping",
+        "urn:xmpp:carbons:2",
+        "urn:xmpp:mam:2",
+        "vcard-temp",
+        "jabber:iq:roster",
+    } <= features
+    account = await client.plugin["xep_0030"].get_info(jid=JID(f"alice@{d}"), timeout=10)
+    assert "urn:xmpp:mam:2" in account["disco_info"]["features"]
