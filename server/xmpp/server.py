@@ -69,6 +69,7 @@ class XmppServer:
         self._on_bound: list[SessionHook] = []
         self._on_unbound: list[SessionHook] = []
         self.on_available: list[SessionHook] = []  # after a session's initial presence
+        self.on_unavailable: list[SessionHook] = []  # after it says unavailable, still bound
         self.disco_item_list: list[tuple[str, str]] = []
         self.features: set[str] = set()
         self.account_features: set[str] = set()  # what a user's bare JID offers (disco)
@@ -89,6 +90,10 @@ class XmppServer:
     def iq(self, kind: str, tag: str, handler: IqHandler) -> None:
         """Handle iq of ``kind`` (get/set) whose payload is ``tag`` (Clark notation)."""
         self._iq[(kind, tag)] = handler
+
+    def iq_handler(self, kind: str, tag: str) -> IqHandler | None:
+        """The handler registered so far, for a module that wraps it (e.g. by address)."""
+        return self._iq.get((kind, tag))
 
     def on_message(self, handler: StanzaHandler) -> None:
         self._message_handlers.append(handler)

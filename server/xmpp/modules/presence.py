@@ -90,6 +90,8 @@ def install(server: XmppServer) -> None:
             if session.available:
                 session.available = False
                 await server.presence.disconnected(session.user_id, session.id)
+            for hook in server.on_unavailable:
+                await hook(session)
             return True
         if kind not in (None, ""):
             return True

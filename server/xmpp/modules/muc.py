@@ -1,0 +1,788 @@
+"""Group chats as multi-user chat rooms (XEP-0045): every portal group chat (workgroup chats
+included) is a members-only, persistent, non-anonymous room at ``conference.<domain>`` whose
+localpart is the chat id. Membership is the portal's: rooms are neither created nor configured
+over XMPP. Messages are the messenger's: a groupchat message from an occupant is a portal
+message, and every message of the chat, whoever wrote it and wherever, reaches the occupants.
+
+Occupants are held in memory, per session (a session joins a room once, under one nick). A
+nick is the user's own: it may not be another occupant's nor another portal user's login, so
+that a web author, shown under their login, cannot be impersonated.
+
+Also here: history on join (with XEP-0203 delay stamps), stanza ids (XEP-0359), corrections
+(XEP-0308) and retractions (XEP-0424) both ways, chat states (XEP-0085) as typing, chat markers
+(XEP-0333) as read state, the member list (muc#admin, read-only) and self-ping (XEP-0410).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from server.events.models import EphemeralEvent, Event
+from server.im.models import SendMessage
+from server.store.database import Document
+from server.web.problems import Problem
+from server.xmpp.jid import Jid
+from server.xmpp.modules.basics import PING
+from server.xmpp.modules.disco import INFO, ITEMS
+from server.xmpp.modules.messages import (
+    CHATSTATES,
+    CORRECT,
+    DELAY,
+    FALLBACK,
+    MARKERS,
+    PROBLEM_CONDITIONS,
+    RETRACT,
+    SID,
+    client_id_for,
+    stamp,
+)
+from server.xmpp.session import C2SSession
+from server.xmpp.stanza import CLIENT, StanzaError, child, element, error_reply, q, result
+from server.xmpp.xmlstream import serialize
+
+if TYPE_CHECKING:
+    from server.xmpp.server import IqHandler, XmppServer
+
+log = logging.getLogger(__name__)
+
+MUC = "http://jabber.org/protocol/muc"
+MUC_USER = f"{MUC}#user"
+MUC_ADMIN = f"{MUC}#admin"
+ROOMINFO = f"{MUC}#roominfo"
+DATA = "jabber:x:data"
+FASTEN = "urn:xmpp:fasten:0"
+RETRACT_0 = "urn:xmpp:message-retract:0"
+ROOM_FEATURES = (
+    MUC,
+    "muc_membersonly",
+    "muc_persistent",
+    "muc_nonanonymous",
+    "muc_unsecured",
+    "muc_hidden",
+    "muc_unmoderated",
+    INFO,
+    SID,
+)
+SERVICE_NAME = "Group chats"
+DEFAULT_HISTORY = 20
+MAX_HISTORY = 200
+MAX_NICK = 100
+MAX_REMEMBERED = 10_000
+SELF = 110  # status codes (XEP-0045 section 15.6)
+NON_ANONYMOUS = 100
+NEW_NICK = 303
+AFFILIATION_CHANGED = 321
+
+
+@dataclass(eq=False)
+class Occupant:
+    """One session in one room."""
+
+    session: C2SSession
+    user_id: str
+    jid: str  # the session's full JID, kept: it may be gone when the session ends
+    nick: str
+    extras: list[ET.Element]  # what the occupant's presence carries (show, status, caps...)
+    buffer: list[tuple[str | None, ET.Element]] | None = None  # held back while joining
+
+    def deliver(self, stanza: ET.Element, message_id: str | None = None) -> None:
+        if self.buffer is not None:
+            self.buffer.append((message_id, stanza))
+        else:
+            self.session.send_nowait(stanza)
+
+
+@dataclass(eq=False)
+class Room:
+    chat_id: str
+    title: str
+    owner_id: str | None
+    occupants: dict[str, Occupant] = field(default_factory=dict)  # session id -> occupant
+
+
+def presence_extras(stanza: ET.Element) -> list[ET.Element]:
+    return [
+        part
+        for part in stanza
+        if part.tag not in (q(MUC, "x"), q(MUC_USER, "x"), q(CLIENT, "priority"))
+    ]
+
+
+def as_stanza_error(exc: Exception) -> StanzaError:
+    if isinstance(exc, ValidationError):
+        return StanzaError("bad-request", str(exc.errors()[0]["msg"]))
+    if isinstance(exc, Problem):
+        return StanzaError(
+            PROBLEM_CONDITIONS.get(exc.status, "undefined-condition"), exc.detail or exc.title
+        )
+    raise exc
+
+
+class Muc:
+    def __init__(self, server: XmppServer) -> None:
+        self.server = server
+        self.domain = f"conference.{server.domain}"
+        self.rooms: dict[str, Room] = {}  # chat id -> room with occupants
+        self.joined: dict[str, set[str]] = {}  # session id -> chat ids
+        self.logins: dict[str, str] = {}
+        # (author, client id) -> (session id, stanza id): the echo keeps the sender's id
+        self.origins: dict[tuple[str, str], tuple[str, str]] = {}
+        # (session id, message id) -> the id that session knows the message by
+        self.known_as: dict[tuple[str, str], str] = {}
+
+    # names -----------------------------------------------------------------------------------
+
+    def room_jid(self, chat_id: str) -> str:
+        return f"{chat_id}@{self.domain}"
+
+    def occupant_jid(self, chat_id: str, nick: str | None) -> str:
+        room = self.room_jid(chat_id)
+        return f"{room}/{nick}" if nick else room
+
+    async def login_of(self, user_id: str) -> str | None:
+        if user_id not in self.logins:
+            doc = await self.server.store.users.find_one(
+                {"_id": user_id}, projection={"login": True}
+            )
+            if doc is None:
+                return None
+            if len(self.logins) > MAX_REMEMBERED:
+                self.logins.clear()
+            self.logins[user_id] = str(doc["login"])
+        return self.logins[user_id]
+
+    async def nick_of(self, room: Room, user_id: str | None) -> str | None:
+        """An occupant's nick, else the login: what a web author is called in the room."""
+        if user_id is None:
+            return None
+        for occupant in room.occupants.values():
+            if occupant.user_id == user_id:
+                return occupant.nick
+        return await self.login_of(user_id)
+
+    async def nick_taken(self, room: Room | None, nick: str, user_id: str) -> bool:
+        folded = nick.casefold()
+        if room is not None and any(
+            o.user_id != user_id and o.nick.casefold() == folded for o in room.occupants.values()
+        ):
+            return True
+        other = await self.server.directory.user_by_login(nick)
+        return other is not None and str(other["_id"]) != user_id
+
+    async def member_chat(self, session: C2SSession, chat_id: str) -> Document | None:
+        chat = await self.server.store["chats"].find_one({"_id": chat_id, "kind": "group"})
+        if chat is None or session.user_id not in chat.get("member_ids", []):
+            return None
+        return chat
+
+    # stanzas ---------------------------------------------------------------------------------
+
+    def presence(
+        self,
+        room: Room,
+        occupant: Occupant,
+        to: str,
+        *,
+        unavailable: bool = False,
+        codes: tuple[int, ...] = (),
+        affiliation: str | None = None,
+        nick: str | None = None,
+        status: ET.Element | None = None,
+    ) -> ET.Element:
+        stanza = element("presence", {"from": self.occupant_jid(room.chat_id, occupant.nick)})
+        stanza.set("to", to)
+        if unavailable:
+            stanza.set("type", "unavailable")
+            if status is not None:
+                stanza.append(status)
+        else:
+            for part in occupant.extras:
+                stanza.append(part)
+        x = child(stanza, "x", ns=MUC_USER)
+        item = child(
+            x,
+            "item",
+            {
+                "affiliation": affiliation
+                or ("owner" if occupant.user_id == room.owner_id else "member"),
+                "role": "none" if unavailable else "participant",
+                "jid": occupant.jid,
+            },
+        )
+        if nick is not None:
+            item.set("nick", nick)
+        for code in sorted(codes):
+            child(x, "status", {"code": str(code)})
+        return stanza
+
+    def presence_error(
+        self, session: C2SSession, stanza: ET.Element, condition: str, text: str = ""
+    ) -> None:
+        reply = error_reply(stanza, condition, text)
+        reply.insert(0, element("x", ns=MUC))
+        session.send_nowait(reply)
+
+    def groupchat(self, room: Room, nick: str | None, to: str, ident: str | None) -> ET.Element:
+        stanza = element(
+            "message",
+            {"type": "groupchat", "from": self.occupant_jid(room.chat_id, nick), "to": to},
+        )
+        if ident is not None:
+            stanza.set("id", ident)
+        return stanza
+
+    def message(
+        self, room: Room, nick: str | None, to: str, message: dict[str, Any], ident: str
+    ) -> ET.Element:
+        stanza = self.groupchat(room, nick, to, ident)
+        child(stanza, "body", text=str(message.get("text", "")))
+        child(
+            stanza,
+            "stanza-id",
+            {"id": str(message["id"]), "by": self.room_jid(room.chat_id)},
+            ns=SID,
+        )
+        return stanza
+
+    # presence: join, change, leave -----------------------------------------------------------
+
+    async def on_presence(self, session: C2SSession, stanza: ET.Element) -> bool:
+        to = stanza.get("to")
+        if not to:
+            return False
+        target = Jid.parse(to)
+        if target.domain != self.domain:
+            return False
+        kind = stanza.get("type") or None
+        if not target.local or kind not in (None, "unavailable"):
+            return True  # subscriptions, probes, errors: nothing to do for a room
+        room = self.rooms.get(target.local)
+        occupant = room.occupants.get(session.id) if room else None
+        if kind == "unavailable":
+            if room is not None and occupant is not None:
+                self.leave(room, occupant, status=stanza.find(q(CLIENT, "status")))
+            return True
+        nick = target.resource
+        if not nick.strip():
+            self.presence_error(session, stanza, "jid-malformed", "a nick is needed")
+            return True
+        if len(nick) > MAX_NICK:
+            self.presence_error(session, stanza, "not-acceptable", "the nick is too long")
+            return True
+        request = stanza.find(q(MUC, "x"))
+        if room is None or occupant is None:
+            await self.join(session, stanza, target.local, nick, request)
+        elif nick != occupant.nick:
+            await self.change_nick(room, occupant, stanza, nick)
+        elif request is not None:
+            await self.send_room(room, occupant, request)  # a rejoin: the room state again
+        else:
+            occupant.extras = presence_extras(stanza)
+            for other in list(room.occupants.values()):
+                codes = (SELF,) if other is occupant else ()
+                other.deliver(self.presence(room, occupant, other.jid, codes=codes))
+        return True
+
+    async def join(
+        self,
+        session: C2SSession,
+        stanza: ET.Element,
+        chat_id: str,
+        nick: str,
+        request: ET.Element | None,
+    ) -> None:
+        chat = await self.member_chat(session, chat_id)
+        if chat is None:
+            self.presence_error(
+                session,
+                stanza,
+                "registration-required",
+                "only members of this group chat may join; group chats are made in the portal",
+            )
+            return
+        if await self.nick_taken(self.rooms.get(chat_id), nick, session.user_id):
+            self.presence_error(session, stanza, "conflict", "this nick is someone else's")
+            return
+        if session.jid is None:
+            return  # the session ended meanwhile
+        room = self.rooms.get(chat_id)
+        if room is None:
+            room = self.rooms[chat_id] = Room(chat_id, str(chat.get("title", "")), None)
+        room.title = str(chat.get("title", ""))
+        room.owner_id = chat.get("owner_id")
+        if room.occupants.get(session.id) is not None:
+            return  # (joined meanwhile)
+        occupant = Occupant(
+            session, session.user_id, str(session.jid), nick, presence_extras(stanza), buffer=[]
+        )
+        others = list(room.occupants.values())
+        room.occupants[session.id] = occupant
+        self.joined.setdefault(session.id, set()).add(chat_id)
+        for other in others:
+            other.deliver(self.presence(room, occupant, other.jid))
+        await self.send_room(room, occupant, request)
+
+    async def send_room(self, room: Room, occupant: Occupant, request: ET.Element | None) -> None:
+        """To a (re)joining occupant, in XEP-0045's order: the others' presence, its own, the
+        history, the subject. What happens meanwhile is held back and follows."""
+        if occupant.buffer is None:
+            occupant.buffer = []
+        session = occupant.session
+        sent: set[str] = set()
+        try:
+            nicks = {occupant.nick}
+            for other in list(room.occupants.values()):
+                if other.nick not in nicks:
+                    nicks.add(other.nick)
+                    session.send_nowait(self.presence(room, other, occupant.jid))
+            session.send_nowait(
+                self.presence(room, occupant, occupant.jid, codes=(NON_ANONYMOUS, SELF))
+            )
+            for stanza, message_id in await self.history(room, occupant, request):
+                session.send_nowait(stanza)
+                sent.add(message_id)
+            subject = self.groupchat(room, None, occupant.jid, f"subject-{room.chat_id}")
+            child(subject, "subject", text=room.title)
+            session.send_nowait(subject)
+        finally:
+            held, occupant.buffer = occupant.buffer or [], None
+            for held_id, held_stanza in held:
+                if held_id is None or held_id not in sent:
+                    session.send_nowait(held_stanza)
+
+    async def history(
+        self, room: Room, occupant: Occupant, request: ET.Element | None
+    ) -> list[tuple[ET.Element, str]]:
+        wanted = request.find(q(MUC, "history")) if request is not None else None
+        limit = DEFAULT_HISTORY
+        max_chars: int | None = None
+        query: Document = {"chat_id": room.chat_id, "deleted": False}
+        if wanted is not None:
+            maxstanzas = wanted.get("maxstanzas", "")
+            if maxstanzas.isdigit():
+                limit = min(int(maxstanzas), MAX_HISTORY)
+            maxchars = wanted.get("maxchars", "")
+            if maxchars.isdigit():
+                max_chars = int(maxchars)
+            seconds = wanted.get("seconds", "")
+            since: datetime | None = None
+            if seconds.isdigit():
+                since = datetime.now(UTC) - timedelta(seconds=int(seconds))
+            elif wanted.get("since"):
+                with contextlib.suppress(ValueError):
+                    since = datetime.fromisoformat(wanted.get("since", "").replace("Z", "+00:00"))
+                    if since.tzinfo is None:
+                        since = since.replace(tzinfo=UTC)
+            if since is not None:
+                query["created_at"] = {"$gt": since}
+        if limit <= 0 or max_chars == 0:
+            return []
+        docs = [
+            doc
+            async for doc in self.server.store["messages"].find(
+                query, sort=[("_id", -1)], limit=limit
+            )
+        ]
+        out: list[tuple[ET.Element, str]] = []
+        chars = 0
+        for doc in docs:  # newest first, to cut at maxchars
+            message_id = str(doc["_id"])
+            message = {"id": message_id, "text": doc["text"]}
+            nick = await self.nick_of(room, doc.get("author_id"))
+            stanza = self.message(room, nick, occupant.jid, message, message_id)
+            child(
+                stanza,
+                "delay",
+                {"from": self.room_jid(room.chat_id), "stamp": stamp(doc["created_at"])},
+                ns=DELAY,
+            )
+            if max_chars is not None:
+                chars += len(serialize(stanza))
+                if chars > max_chars:
+                    break
+            out.append((stanza, message_id))
+        out.reverse()
+        return out
+
+    async def change_nick(
+        self, room: Room, occupant: Occupant, stanza: ET.Element, nick: str
+    ) -> None:
+        if await self.nick_taken(room, nick, occupant.user_id):
+            self.presence_error(occupant.session, stanza, "conflict", "this nick is someone else's")
+            return
+        if room.occupants.get(occupant.session.id) is not occupant:
+            return  # left meanwhile
+        for other in list(room.occupants.values()):
+            codes = (NEW_NICK, SELF) if other is occupant else (NEW_NICK,)
+            other.deliver(
+                self.presence(room, occupant, other.jid, unavailable=True, codes=codes, nick=nick)
+            )
+        occupant.nick = nick
+        occupant.extras = presence_extras(stanza)
+        for other in list(room.occupants.values()):
+            own = (SELF,) if other is occupant else ()
+            other.deliver(self.presence(room, occupant, other.jid, codes=own))
+
+    def leave(
+        self,
+        room: Room,
+        occupant: Occupant,
+        *,
+        tell_self: bool = True,
+        codes: tuple[int, ...] = (),
+        affiliation: str | None = None,
+        status: ET.Element | None = None,
+    ) -> None:
+        session_id = occupant.session.id
+        if room.occupants.get(session_id) is not occupant:
+            return
+        del room.occupants[session_id]
+        chats = self.joined.get(session_id)
+        if chats is not None:
+            chats.discard(room.chat_id)
+            if not chats:
+                del self.joined[session_id]
+        if not room.occupants:
+            self.rooms.pop(room.chat_id, None)
+        if tell_self:
+            occupant.buffer = None
+            occupant.session.send_nowait(
+                self.presence(
+                    room,
+                    occupant,
+                    occupant.jid,
+                    unavailable=True,
+                    codes=(*codes, SELF),
+                    affiliation=affiliation,
+                    status=status,
+                )
+            )
+        # The same user may still be there under this nick from another session.
+        still = next((o for o in room.occupants.values() if o.nick == occupant.nick), None)
+        for other in list(room.occupants.values()):
+            if still is not None:
+                other.deliver(self.presence(room, still, other.jid))
+            else:
+                other.deliver(
+                    self.presence(
+                        room,
+                        occupant,
+                        other.jid,
+                        unavailable=True,
+                        codes=codes,
+                        affiliation=affiliation,
+                        status=status,
+                    )
+                )
+
+    async def unbound(self, session: C2SSession) -> None:
+        for chat_id in list(self.joined.get(session.id, ())):
+            room = self.rooms.get(chat_id)
+            occupant = room.occupants.get(session.id) if room else None
+            if room is not None and occupant is not None:
+                self.leave(room, occupant, tell_self=False)
+        self.joined.pop(session.id, None)
+
+    # messages from occupants -----------------------------------------------------------------
+
+    async def on_message(self, session: C2SSession, stanza: ET.Element) -> bool:
+        if stanza.tag != q(CLIENT, "message") or not stanza.get("to"):
+            return False
+        target = Jid.parse(stanza.get("to", ""))
+        if target.domain != self.domain:
+            return False
+        kind = stanza.get("type") or "normal"
+        if kind == "error":
+            return True
+        if not target.local:
+            raise StanzaError("service-unavailable")
+        if kind != "groupchat":
+            if target.resource:
+                raise StanzaError(
+                    "feature-not-implemented",
+                    "no private messages through rooms: write to the user's own address",
+                )
+            raise StanzaError("not-acceptable", "members are managed in the portal")
+        if target.resource:
+            raise StanzaError("bad-request", "a groupchat message goes to the room")
+        room = self.rooms.get(target.local)
+        occupant = room.occupants.get(session.id) if room else None
+        if room is None or occupant is None:
+            raise StanzaError("not-acceptable", "join the room first")
+        assert session.user is not None
+        try:
+            await self.from_occupant(session, room, stanza)
+        except (ValidationError, Problem) as exc:
+            raise as_stanza_error(exc) from None
+        return True
+
+    async def from_occupant(self, session: C2SSession, room: Room, stanza: ET.Element) -> None:
+        assert session.user is not None
+        im = self.server.im
+        body = stanza.findtext(q(CLIENT, "body"))
+        retract = stanza.find(q(RETRACT, "retract"))
+        fasten = stanza.find(q(FASTEN, "apply-to"))
+        if (
+            retract is None
+            and fasten is not None
+            and fasten.find(q(RETRACT_0, "retract")) is not None
+        ):
+            retract = fasten
+        if retract is not None:
+            await im.delete(session.user, await self.own_message(session, room, retract.get("id")))
+            return
+        replace = stanza.find(q(CORRECT, "replace"))
+        if replace is not None and body is not None and body.strip():
+            message_id = await self.own_message(session, room, replace.get("id"))
+            await im.edit(session.user, message_id, body)
+            return
+        if stanza.find(q(CLIENT, "subject")) is not None and body is None:
+            raise StanzaError("forbidden", "the title is changed in the portal")
+        if stanza.find(q(CHATSTATES, "composing")) is not None:
+            await im.typing(session.user_id, room.chat_id)
+        marker = stanza.find(q(MARKERS, "displayed"))
+        if marker is not None and marker.get("id"):
+            with contextlib.suppress(Problem):
+                await im.mark_read(session.user, room.chat_id, marker.get("id", ""))
+        if body is None or not body.strip():
+            return
+        stanza_id = stanza.get("id")
+        client_id = client_id_for(stanza_id)
+        key = (session.user_id, client_id) if client_id and stanza_id else None
+        if key is not None and stanza_id:
+            if len(self.origins) > MAX_REMEMBERED:
+                self.origins.clear()
+            self.origins[key] = (session.id, stanza_id)
+        try:
+            sent = await im.send(
+                session.user, SendMessage(chat_id=room.chat_id, text=body, client_id=client_id)
+            )
+        finally:
+            # (the echo, if there was one, has been sent by now: send returns once published)
+            origin = self.origins.pop(key, None) if key is not None else None
+        if sent.duplicate and origin is not None:
+            # A resent stanza stores nothing new and publishes nothing: echo it once more.
+            occupant = room.occupants.get(session.id)
+            if occupant is not None:
+                message = sent.messages[0]
+                nick = await self.nick_of(room, session.user_id)
+                echo = {"id": message.id, "text": message.text}
+                occupant.deliver(self.message(room, nick, occupant.jid, echo, origin[1]))
+
+    async def own_message(self, session: C2SSession, room: Room, ident: str | None) -> str:
+        """The portal message a client refers to: by the message id (the stanza-id and the id
+        others saw), or by the stanza id this user sent it with."""
+        if not ident:
+            raise StanzaError("bad-request", "which message?")
+        messages = self.server.store["messages"]
+        doc = await messages.find_one({"_id": ident, "chat_id": room.chat_id})
+        if doc is None:
+            key = f"{session.user_id}|{room.chat_id}|{client_id_for(ident)}"
+            doc = await messages.find_one({"dedup_key": key})
+        if doc is None:
+            raise StanzaError("item-not-found", f"no message {ident} here")
+        return str(doc["_id"])
+
+    # the messenger's events, to occupants ----------------------------------------------------
+
+    async def on_event(self, event: Event) -> None:
+        kind, _, chat_id = event.stream.partition(":")
+        if kind != "chat":
+            return
+        room = self.rooms.get(chat_id)
+        if room is None:
+            return  # nobody here: nothing to tell
+        if event.type == "im.chat.members":
+            await self.members_changed(room, event.data)
+            return
+        if event.type not in ("im.message", "im.message.updated", "im.message.deleted"):
+            return
+        message = event.data["message"]
+        message_id = str(message["id"])
+        author = message.get("author_id")
+        nick = await self.nick_of(room, author)
+        origin: tuple[str, str] | None = None
+        if event.type == "im.message" and author and message.get("client_id"):
+            origin = self.origins.get((str(author), str(message["client_id"])))
+        for occupant in list(room.occupants.values()):
+            if event.type == "im.message":
+                ident = message_id
+                if origin is not None and origin[0] == occupant.session.id:
+                    ident = origin[1]
+                    if len(self.known_as) > MAX_REMEMBERED:
+                        self.known_as.clear()
+                    self.known_as[(occupant.session.id, message_id)] = ident
+                stanza = self.message(room, nick, occupant.jid, message, ident)
+                occupant.deliver(stanza, message_id)
+                continue
+            stanza = self.groupchat(room, nick, occupant.jid, f"{message_id}-{event.seq}")
+            if event.type == "im.message.updated":
+                known = self.known_as.get((occupant.session.id, message_id), message_id)
+                child(stanza, "body", text=str(message.get("text", "")))
+                child(stanza, "replace", {"id": known}, ns=CORRECT)
+            else:
+                child(stanza, "body", text="(message deleted)")
+                child(stanza, "retract", {"id": message_id}, ns=RETRACT)
+                child(stanza, "fallback", {"for": RETRACT}, ns=FALLBACK)
+            occupant.deliver(stanza)
+
+    async def members_changed(self, room: Room, data: dict[str, Any]) -> None:
+        chat = await self.server.store["chats"].find_one({"_id": room.chat_id})
+        if chat is not None:
+            room.title = str(chat.get("title", room.title))
+            room.owner_id = chat.get("owner_id")
+        removed = {str(user_id) for user_id in data.get("removed") or ()}
+        for occupant in list(room.occupants.values()):
+            if occupant.user_id in removed:
+                self.leave(room, occupant, codes=(AFFILIATION_CHANGED,), affiliation="none")
+
+    async def on_typing(self, event: EphemeralEvent) -> None:
+        if event.type != "im.typing":
+            return
+        room = self.rooms.get(str(event.data.get("chat_id")))
+        if room is None:
+            return
+        typer = str(event.data.get("user_id"))
+        nick = await self.nick_of(room, typer)
+        if nick is None:
+            return
+        for occupant in list(room.occupants.values()):
+            if occupant.user_id != typer:
+                stanza = self.groupchat(room, nick, occupant.jid, None)
+                child(stanza, "composing", ns=CHATSTATES)
+                occupant.deliver(stanza)
+
+    # iq: disco, member list, self-ping ---------------------------------------------------------
+
+    async def disco_info(
+        self, session: C2SSession, iq: ET.Element, payload: ET.Element
+    ) -> ET.Element:
+        target = Jid.parse(iq.get("to", ""))
+        query = element("query", ns=INFO)
+        if payload.get("node"):
+            query.set("node", payload.get("node", ""))
+        if not target.local:
+            child(
+                query, "identity", {"category": "conference", "type": "text", "name": SERVICE_NAME}
+            )
+            for feature in (INFO, ITEMS, MUC):
+                child(query, "feature", {"var": feature})
+            return result(iq, query)
+        if target.resource:
+            raise StanzaError("service-unavailable")
+        chat = await self.member_chat(session, target.local)
+        if chat is None:
+            raise StanzaError("item-not-found")
+        title = str(chat.get("title", ""))
+        child(query, "identity", {"category": "conference", "type": "text", "name": title})
+        for feature in ROOM_FEATURES:
+            child(query, "feature", {"var": feature})
+        form = child(query, "x", {"type": "result"}, ns=DATA)
+        room = self.rooms.get(target.local)
+        for var, value in (
+            ("FORM_TYPE", ROOMINFO),
+            ("muc#roomconfig_roomname", title),
+            ("muc#roominfo_occupants", str(len(room.occupants) if room else 0)),
+        ):
+            attrs = {"var": var, "type": "hidden"} if var == "FORM_TYPE" else {"var": var}
+            child(child(form, "field", attrs), "value", text=value)
+        return result(iq, query)
+
+    async def disco_items(
+        self, session: C2SSession, iq: ET.Element, payload: ET.Element
+    ) -> ET.Element:
+        target = Jid.parse(iq.get("to", ""))
+        query = element("query", ns=ITEMS)
+        if payload.get("node"):
+            query.set("node", payload.get("node", ""))
+        if target.local:
+            if target.resource or await self.member_chat(session, target.local) is None:
+                raise StanzaError("item-not-found")
+            return result(iq, query)  # occupants are not listed
+        store = self.server.store
+        member_of = [
+            m["chat_id"] async for m in store["chat_members"].find({"user_id": session.user_id})
+        ]
+        async for chat in store["chats"].find(
+            {"_id": {"$in": member_of}, "kind": "group"}, sort=[("title", 1)]
+        ):
+            jid = self.room_jid(str(chat["_id"]))
+            child(query, "item", {"jid": jid, "name": str(chat.get("title", ""))})
+        return result(iq, query)
+
+    async def ping(self, session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
+        """XEP-0410: a ping to one's own occupant JID tells whether one is still joined."""
+        target = Jid.parse(iq.get("to", ""))
+        room = self.rooms.get(target.local)
+        occupant = room.occupants.get(session.id) if room else None
+        if target.local and target.resource:
+            if occupant is None or occupant.nick != target.resource:
+                raise StanzaError("not-acceptable", "not joined")
+        elif target.local and await self.member_chat(session, target.local) is None:
+            raise StanzaError("item-not-found")
+        return result(iq)
+
+    async def member_list(
+        self, session: C2SSession, iq: ET.Element, payload: ET.Element
+    ) -> ET.Element:
+        target = Jid.parse(iq.get("to", ""))
+        if target.domain != self.domain or not target.local or target.resource:
+            raise StanzaError("service-unavailable")
+        chat = await self.member_chat(session, target.local)
+        if chat is None:
+            raise StanzaError("item-not-found")
+        wanted = {i.get("affiliation") for i in payload.findall(q(MUC_ADMIN, "item"))}
+        query = element("query", ns=MUC_ADMIN)
+        members = [str(m) for m in chat.get("member_ids", [])]
+        async for user in self.server.store.users.find(
+            {"_id": {"$in": members}}, projection={"login": True}
+        ):
+            affiliation = "owner" if user["_id"] == chat.get("owner_id") else "member"
+            if not wanted - {None} or affiliation in wanted:
+                jid = f"{user['login']}@{self.server.domain}"
+                child(query, "item", {"affiliation": affiliation, "jid": jid})
+        return result(iq, query)
+
+    async def admin_set(
+        self, session: C2SSession, iq: ET.Element, payload: ET.Element
+    ) -> ET.Element:
+        raise StanzaError("forbidden", "members are managed in the portal")
+
+
+def routed(server: XmppServer, kind: str, tag: str, domain: str, handler: IqHandler) -> None:
+    """Take iq of ``kind``/``tag`` addressed to ``domain`` (or a room in it); leave the rest to
+    the handler registered before (the router keys handlers by payload, not by address)."""
+    before = server.iq_handler(kind, tag)
+
+    async def route(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element | None:
+        to = iq.get("to")
+        if to and Jid.parse(to).domain == domain:
+            return await handler(session, iq, payload)
+        if before is None:
+            raise StanzaError("service-unavailable")
+        return await before(session, iq, payload)
+
+    server.iq(kind, tag, route)
+
+
+def install(server: XmppServer) -> None:
+    muc = Muc(server)
+    server.disco_item_list.append((muc.domain, SERVICE_NAME))
+    routed(server, "get", q(INFO, "query"), muc.domain, muc.disco_info)
+    routed(server, "get", q(ITEMS, "query"), muc.domain, muc.disco_items)
+    routed(server, "get", q(PING, "ping"), muc.domain, muc.ping)
+    server.iq("get", q(MUC_ADMIN, "query"), muc.member_list)
+    server.iq("set", q(MUC_ADMIN, "query"), muc.admin_set)
+    server.on_presence(muc.on_presence)
+    server.on_message(muc.on_message)
+    server.on_unbound(muc.unbound)
+    server.on_unavailable.append(muc.unbound)  # unavailable presence leaves the rooms too
+    server.bus.subscribe(muc.on_event)
+    server.bus.subscribe_ephemeral(muc.on_typing)
