@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     xmpp_allow_plaintext: bool = Field(
         default=False, description="Allow streams without TLS (tests on loopback only)"
     )
+    xmpp_public_host: str | None = Field(
+        default=None, description="Host name Jabber clients connect to; defaults to the domain"
+    )
     xmpp_cert_file: Path | None = None
     xmpp_key_file: Path | None = None
     xmpp_max_stanza_bytes: int = Field(default=256 * 1024, ge=4096)
@@ -70,6 +73,12 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper()
+
+    @model_validator(mode="after")
+    def _certificate_pair(self) -> Settings:
+        if (self.xmpp_cert_file is None) != (self.xmpp_key_file is None):
+            raise ValueError("set both xmpp_cert_file and xmpp_key_file, or neither")
+        return self
 
     @property
     def embedded_db_dir(self) -> Path:

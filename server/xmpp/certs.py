@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 def ensure_self_signed(directory: Path, domain: str) -> tuple[Path, Path]:
     """A certificate for ``domain`` (and conference.<domain>) kept in ``directory``."""
     cert_path, key_path = directory / f"{domain}.crt", directory / f"{domain}.key"
-    if cert_path.exists() and key_path.exists():
+    if cert_path.exists() and key_path.exists() and not _expires_soon(cert_path):
         return cert_path, key_path
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -54,6 +54,16 @@ def ensure_self_signed(directory: Path, domain: str) -> tuple[Path, Path]:
     key_path.chmod(0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
+
+
+def _expires_soon(cert_path: Path) -> bool:
+    """A development certificate is replaced a month before it expires (or if unreadable)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except ValueError:
+        return True
+    remaining = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    return remaining < datetime.timedelta(days=30)
 
 
 def fingerprint(cert_path: Path) -> str:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from server.auth.service import AuthService
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
+from server.events.models import EphemeralEvent
 from server.im.service import ImService
 from server.presence.service import PresenceService
 from server.settings import Settings
@@ -84,6 +85,7 @@ class XmppServer:
         self.fingerprint = ""
         self.ports: dict[str, int] = {}
         presence.on_drop(TRANSPORT, self._drop_source)
+        bus.subscribe_ephemeral(self._on_revoked)
 
     # registration ----------------------------------------------------------------------------
 
@@ -267,12 +269,37 @@ class XmppServer:
             except Exception:
                 log.exception("unbind hook failed for %s", session.jid)
 
+    async def _on_revoked(self, event: EphemeralEvent) -> None:
+        """Deactivation or a new password ends Jabber sessions too (they hold no token, so a
+        web logout, which revokes one token, leaves them alone)."""
+        if event.type != "session.revoked" or event.private.get("token_hash"):
+            return
+        for stream in event.streams:
+            for session in self.sessions_of(stream.partition(":")[2]):
+                await session.terminate("not-authorized", "the account's sessions were ended")
+
     async def _drop_source(self, transport: str, source_id: str) -> None:
         for session in list(self._all):
             if session.id == source_id:
                 await session.terminate("connection-timeout", "no sign of life")
 
     # lookup ----------------------------------------------------------------------------------
+
+    async def _peer_session(self, session: C2SSession, to: Jid) -> C2SSession | None:
+        """The bound session a full JID names, when it is another user's (or another resource
+        of one's own) that the sender may reach; None where the server itself answers."""
+        if not to.resource or to.domain != self.domain or not to.local:
+            return None
+        target = await self.user_for(to)
+        if target is None:
+            return None
+        peer = self.sessions.get(str(target["_id"]), {}).get(to.resource)
+        if peer is None or peer is session:
+            return None
+        assert session.user is not None
+        if not await self.directory.may_see(session.user, target):
+            return None
+        return peer
 
     def sessions_of(self, user_id: str) -> list[C2SSession]:
         return list(self.sessions.get(user_id, {}).values())
@@ -323,12 +350,18 @@ class XmppServer:
 
     async def _route_iq(self, session: C2SSession, iq: ET.Element) -> None:
         kind = iq.get("type")
+        to = iq.get("to")
+        peer = await self._peer_session(session, Jid.parse(to)) if to else None
         if kind in ("result", "error"):
             session._pending_pings.pop(iq.get("id", ""), None)
-            return  # never answer a result or an error
+            if peer is not None:
+                peer.send_nowait(iq)  # the answer to a colleague's client's request
+            return  # never answer a result or an error ourselves
+        if peer is not None:
+            peer.send_nowait(iq)  # client to client (version, jingle, ...): route it
+            return
         if kind not in ("get", "set") or len(iq) != 1 or not iq.get("id"):
             raise StanzaError("bad-request", "an iq get/set has an id and one payload")
-        to = iq.get("to")
         if to:
             target = Jid.parse(to)
             if target.domain not in (self.domain, f"conference.{self.domain}"):

@@ -1,5 +1,6 @@
 // REST client for /api/v1: JSON in, JSON out, problem+json errors as ApiError.
 
+import type { XmppAccount } from "./core/jabber";
 import { ApiError } from "./core/problem";
 import type {
   Chat,
@@ -114,5 +115,9 @@ export class Api {
   }
   setPresence(status: ManualStatus | null) {
     return this.call<PresenceView>("PUT", "/presence/me", { status });
+  }
+  /** Jabber client settings for the caller; 404 when XMPP is turned off. */
+  xmppAccount() {
+    return this.call<XmppAccount>("GET", "/xmpp/account");
   }
 }

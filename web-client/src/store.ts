@@ -38,7 +38,7 @@ import { beep, notifySystem } from "./notify";
 const TOKEN_KEY = "portalhub.token";
 const PAGE_SIZE = 50;
 
-export type View = "messenger" | "employees";
+export type View = "messenger" | "employees" | "jabber";
 
 export interface Toast {
   id: number;

@@ -14,7 +14,10 @@ class XmppAccount(BaseModel):
     jid: str = Field(description="The Jabber ID: login@domain")
     login: str
     domain: str = Field(description="The server (domain) to enter in the client")
-    host: str = Field(description="Where to connect, if the client asks for a host")
+    host: str = Field(
+        description="Where to connect if the client asks for a host: the domain, unless "
+        "PORTALHUB_XMPP_PUBLIC_HOST names another"
+    )
     starttls_port: int = Field(description="Port for STARTTLS ('require encryption')")
     tls_port: int = Field(description="Port for direct TLS ('old-style SSL')")
     fingerprint: str = Field(description="SHA-256 fingerprint of the server certificate")
@@ -42,7 +45,7 @@ async def xmpp_account(call: Call) -> XmppAccount:
         jid=f"{login}@{xmpp.domain}",
         login=login,
         domain=xmpp.domain,
-        host=settings.xmpp_host or settings.host,
+        host=settings.xmpp_public_host or xmpp.domain,
         starttls_port=xmpp.ports["starttls"],
         tls_port=xmpp.ports["tls"],
         fingerprint=xmpp.fingerprint,

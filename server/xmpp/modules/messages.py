@@ -3,7 +3,7 @@ login@domain is a message in the portal's private dialog, and every message of a
 dialog or of the portal's notices reaches the members' Jabber sessions.
 
 Also here: offline delivery with delay stamps (XEP-0203), once; chat states (XEP-0085) as
-typing notifications; receipts (XEP-0184) and chat markers (XEP-0333) as read state; message
+typing notifications; chat markers (XEP-0333, "displayed") as read state; message
 correction (XEP-0308) and retraction (XEP-0424) for edits and deletions made on the web.
 """
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHATSTATES = "http://jabber.org/protocol/chatstates"
-RECEIPTS = "urn:xmpp:receipts"
 MARKERS = "urn:xmpp:chat-markers:0"
 DELAY = "urn:xmpp:delay"
 SID = "urn:xmpp:sid:0"
@@ -147,6 +146,14 @@ class Bridge:
         )
         await self._signals(session, stanza, chat)
         body = stanza.findtext(q(CLIENT, "body"))
+        try:
+            if chat is not None and await self._change(session, stanza, chat, body):
+                return True
+        except Problem as problem:
+            raise StanzaError(
+                PROBLEM_CONDITIONS.get(problem.status, "undefined-condition"),
+                problem.detail or problem.title,
+            ) from None
         if body is None or not body.strip():
             return True
         client_id = client_id_for(stanza.get("id"))
@@ -166,6 +173,30 @@ class Bridge:
             ) from None
         return True
 
+    async def _change(
+        self, session: C2SSession, stanza: ET.Element, chat: Document, body: str | None
+    ) -> bool:
+        """A correction (XEP-0308) edits, a retraction (XEP-0424) deletes, the portal message."""
+        assert session.user is not None
+        retract = stanza.find(q(RETRACT, "retract"))
+        replace = stanza.find(q(CORRECT, "replace"))
+        if retract is None and (replace is None or not (body or "").strip()):
+            return False
+        ident = (retract if retract is not None else replace).get("id")  # type: ignore[union-attr]
+        store = self.server.store["messages"]
+        doc = await store.find_one({"_id": ident, "chat_id": chat["_id"]}) if ident else None
+        if doc is None and ident:
+            doc = await store.find_one(
+                {"dedup_key": f"{session.user_id}|{chat['_id']}|{client_id_for(ident)}"}
+            )
+        if doc is None:
+            raise StanzaError("item-not-found", f"no message {ident} in this dialog")
+        if retract is not None:
+            await self.server.im.delete(session.user, str(doc["_id"]))
+        else:
+            await self.server.im.edit(session.user, str(doc["_id"]), body or "")
+        return True
+
     async def _signals(
         self, session: C2SSession, stanza: ET.Element, chat: Document | None
     ) -> None:
@@ -175,7 +206,8 @@ class Bridge:
         assert session.user is not None
         if stanza.find(q(CHATSTATES, "composing")) is not None:
             await self.server.im.typing(session.user_id, chat["_id"])
-        for tag in (q(MARKERS, "displayed"), q(RECEIPTS, "received"), q(MARKERS, "received")):
+        # Only "displayed" means read: a delivery receipt says the device got it, not the person.
+        for tag in (q(MARKERS, "displayed"),):
             marker = stanza.find(tag)
             if marker is not None and marker.get("id"):
                 # (a marker for something that is not a portal message id is ignored)
@@ -331,7 +363,7 @@ class Bridge:
 
 def install(server: XmppServer) -> None:
     bridge = Bridge(server)
-    server.add_feature(CHATSTATES, RECEIPTS, MARKERS, DELAY, SID, CORRECT, RETRACT)
+    server.add_feature(CHATSTATES, MARKERS, DELAY, SID, CORRECT, RETRACT)
     server.on_message(bridge.on_message)
     server.bus.subscribe(bridge.on_event)
     server.bus.subscribe_ephemeral(bridge.on_typing)
