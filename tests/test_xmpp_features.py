@@ -267,3 +267,30 @@ async def test_vcard_version_and_disco(hub: HubHarness) -> None:
     } <= features
     account = await client.plugin["xep_0030"].get_info(jid=JID(f"alice@{d}"), timeout=10)
     assert "urn:xmpp:mam:2" in account["disco_info"]["features"]
+
+
+async def test_client_state_indication_holds_presence_until_active(hub: HubHarness) -> None:
+    await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    d = domain(hub)
+    web = await hub.connect(bob)
+    web.keep_alive()
+    await web.wait_for("snapshot")
+    client = await xmpp_login(hub, "alice")
+
+    def shows() -> list[str]:
+        return [
+            p["show"] or "available"
+            for p in client.presences
+            if p["from"].bare == f"bob@{d}" and p["type"] != "unavailable"
+        ]
+
+    await client.wait_for_condition(lambda: shows() == ["available"])
+    client.send_raw("<inactive xmlns='urn:xmpp:csi:0'/>")
+    await asyncio.sleep(0.2)
+    await hub.request("PUT", "/api/v1/presence/me", token=bob, json={"status": "away"})
+    await hub.request("PUT", "/api/v1/presence/me", token=bob, json={"status": "dnd"})
+    await asyncio.sleep(0.5)
+    assert shows() == ["available"]  # held while inactive
+    client.send_raw("<active xmlns='urn:xmpp:csi:0'/>")
+    await client.wait_for_condition(lambda: shows() == ["available", "dnd"])  # the latest only

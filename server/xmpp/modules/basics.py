@@ -1,5 +1,5 @@
 """Small protocol pieces: ping (XEP-0199), version (XEP-0092), session (RFC 3921), the roster
-delimiter in private storage (XEP-0049/XEP-0083), and client state indication (XEP-0352)."""
+delimiter in private storage (XEP-0049/XEP-0083)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ VERSION = "jabber:iq:version"
 SESSION = "urn:ietf:params:xml:ns:xmpp-session"
 PRIVATE = "jabber:iq:private"
 DELIMITER = "roster:delimiter"
-CSI = "urn:xmpp:csi:0"
 GROUP_DELIMITER = "/"
 
 
@@ -58,16 +57,3 @@ def install(server: XmppServer) -> None:
     server.iq("set", q(SESSION, "session"), legacy_session)
     server.iq("get", q(PRIVATE, "query"), private_get)
     server.iq("set", q(PRIVATE, "query"), private_set)
-
-    server.add_stream_feature(lambda: element("csi", ns=CSI))
-
-    async def csi(session: C2SSession, stanza: ET.Element) -> bool:
-        if stanza.tag == q(CSI, "active"):
-            session.csi_inactive = False
-            return True
-        if stanza.tag == q(CSI, "inactive"):
-            session.csi_inactive = True
-            return True
-        return False
-
-    server.on_message(csi)

@@ -35,8 +35,34 @@ def flags(stanza: ET.Element) -> tuple[bool, bool]:
     return show not in ("away", "xa"), show == "dnd"
 
 
+CSI = "urn:xmpp:csi:0"
+
+
 def install(server: XmppServer) -> None:
     logins: dict[str, str] = {}
+    # Client State Indication (XEP-0352): while a client says it is inactive (a phone in a
+    # pocket), colleagues' presence changes wait, latest per contact, until it is active.
+    held: dict[str, dict[str, ET.Element]] = {}
+
+    def deliver(session: C2SSession, stanza: ET.Element) -> None:
+        if session.csi_inactive:
+            held.setdefault(session.id, {})[stanza.get("from", "")] = stanza
+        else:
+            session.send_nowait(stanza)
+
+    async def csi(session: C2SSession, stanza: ET.Element) -> bool:
+        if stanza.tag == q(CSI, "inactive"):
+            session.csi_inactive = True
+            return True
+        if stanza.tag == q(CSI, "active"):
+            session.csi_inactive = False
+            for waiting in held.pop(session.id, {}).values():
+                session.send_nowait(waiting)
+            return True
+        return False
+
+    server.add_stream_feature(lambda: element("csi", ns=CSI))
+    server.on_message(csi)
 
     async def login_of(user_id: str) -> str | None:
         if user_id not in logins:
@@ -55,7 +81,7 @@ def install(server: XmppServer) -> None:
                 status = await server.presence.seen_status(user_id)
                 login = await login_of(user_id)
                 if login and status != "offline":
-                    session.send_nowait(presence_stanza(server, login, status, session.jid))
+                    deliver(session, presence_stanza(server, login, status, session.jid))
 
     async def on_presence(session: C2SSession, stanza: ET.Element) -> bool:
         assert session.jid is not None
@@ -117,6 +143,7 @@ def install(server: XmppServer) -> None:
     server.on_presence(on_presence)
 
     async def unbound(session: C2SSession) -> None:
+        held.pop(session.id, None)
         if session.available and session.user is not None:
             session.available = False
             await server.presence.disconnected(session.user_id, session.id)
@@ -137,6 +164,6 @@ def install(server: XmppServer) -> None:
                 continue  # a user's own merged state is not a contact's presence
             for session in server.available_sessions_of(viewer):
                 if session.jid is not None:
-                    session.send_nowait(presence_stanza(server, login, status, session.jid))
+                    deliver(session, presence_stanza(server, login, status, session.jid))
 
     server.bus.subscribe_ephemeral(presence_changed)
