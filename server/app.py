@@ -22,6 +22,8 @@ from server.presence.store import InMemoryPresenceStore
 from server.services import SERVICES, Services
 from server.settings import Settings
 from server.store.database import Document, Store, utcnow
+from server.tasks.scheduler import Scheduler
+from server.tasks.service import TaskService
 from server.web.problems import problem_middleware
 from server.web.routes.all import api
 from server.xmpp.features import install_all
@@ -53,6 +55,10 @@ def build_services(settings: Settings, store: Store) -> Services:
     )
     im = ImService(store, streams, directory, bus, settings)
     directory.workgroup_hooks.append(im)
+    tasks = TaskService(store, streams, directory, im, bus)
+    scheduler = Scheduler(store)
+    scheduler.handle("task-deadline", tasks.deadline_reached)
+    tasks.on_schedule_changed.append(scheduler.wake)
     hub = Hub(settings, auth_service, streams, bus, presence, member_streams=im.member_streams)
     hub.on_client_event("im.typing", typing_handler(im.typing))
 
@@ -67,7 +73,11 @@ def build_services(settings: Settings, store: Store) -> Services:
         return seen
 
     async def counters_snapshot(user: Document) -> dict[str, Any]:
-        return {"im": (await im.counters(str(user["_id"]))).model_dump()}
+        user_id = str(user["_id"])
+        return {
+            "im": (await im.counters(user_id)).model_dump(),
+            "tasks": await tasks.counters(user_id),
+        }
 
     async def settings_snapshot(user: Document) -> dict[str, Any]:
         return {"im": (await im.get_settings(str(user["_id"]))).model_dump()}
@@ -80,7 +90,20 @@ def build_services(settings: Settings, store: Store) -> Services:
     hub.add_snapshot_part("counters", counters_snapshot)
     hub.add_snapshot_part("presence", presence_snapshot)
     hub.add_snapshot_part("settings", settings_snapshot)
-    return Services(settings, store, bus, streams, directory, auth_service, presence, im, hub, xmpp)
+    return Services(
+        settings,
+        store,
+        bus,
+        streams,
+        directory,
+        auth_service,
+        presence,
+        im,
+        hub,
+        tasks,
+        scheduler,
+        xmpp,
+    )
 
 
 def web_client_dir(settings: Settings) -> Path:
@@ -129,6 +152,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_maintenance(svc), name="maintenance")
         svc.presence.start()
+        svc.scheduler.start()
         if svc.xmpp is not None:
             await svc.xmpp.start()
         yield
@@ -138,6 +162,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await svc.presence.close()
+        await svc.scheduler.close()
         await svc.hub.close()
         await svc.streams.close()
 

@@ -15,6 +15,8 @@ from server.im.service import ImService
 from server.presence.service import PresenceService
 from server.settings import Settings
 from server.store.database import Store
+from server.tasks.scheduler import Scheduler
+from server.tasks.service import TaskService
 from server.xmpp.server import XmppServer
 
 
@@ -29,6 +31,8 @@ class Services:
     presence: PresenceService
     im: ImService
     hub: Hub
+    tasks: TaskService
+    scheduler: Scheduler
     xmpp: XmppServer | None = None
 
 

@@ -32,7 +32,8 @@ async def test_connecting_client_gets_snapshot(hub: HubHarness) -> None:
     [snapshot] = await client.wait_for("snapshot")
     assert snapshot["presence"][bob_id] == "online"
     assert snapshot["presence"][alice_id] == "online"
-    assert snapshot["counters"] == {"im": {"unread": 0, "chats": {}}}
+    assert snapshot["counters"]["im"] == {"unread": 0, "chats": {}}
+    assert snapshot["counters"]["tasks"]["total"]["in_progress"] == 0
     assert snapshot["settings"] == {"im": {"sound": True}}
     assert snapshot["streams"] == {f"user:{alice_id}": 0}
 

@@ -49,6 +49,18 @@ INDEXES: dict[str, list[IndexModel]] = {
             partialFilterExpression={"dedup_key": {"$exists": True}},
         ),
     ],
+    "tasks": [
+        IndexModel([("responsible_id", ASCENDING)], name="responsible"),
+        IndexModel([("author_id", ASCENDING)], name="author"),
+        IndexModel([("participant_ids", ASCENDING)], name="participants"),
+        IndexModel([("observer_ids", ASCENDING)], name="observers"),
+        IndexModel([("group_id", ASCENDING)], name="group"),
+        IndexModel([("parent_id", ASCENDING)], name="parent"),
+    ],
+    "task_comments": [IndexModel([("task_id", ASCENDING)], name="task")],
+    "task_history": [IndexModel([("task_id", ASCENDING)], name="task")],
+    "task_views": [IndexModel([("user_id", ASCENDING)], name="user")],
+    "schedule": [IndexModel([("due_at", ASCENDING)], name="due")],
     "events": [
         IndexModel([("stream", ASCENDING), ("seq", ASCENDING)], unique=True, name="stream_seq"),
         IndexModel([("ts", ASCENDING)], name="ts"),

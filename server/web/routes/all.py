@@ -7,11 +7,12 @@ from server.web.routes import (
     im,
     portal,
     presence,
+    tasks,
     users,
     workgroups,
     xmpp,
 )
 
-ROUTE_MODULES = (auth, users, departments, workgroups, im, presence, xmpp, portal)
+ROUTE_MODULES = (auth, users, departments, workgroups, im, presence, tasks, xmpp, portal)
 
 __all__ = ["ROUTE_MODULES", "api"]

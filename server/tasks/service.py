@@ -1,0 +1,802 @@
+"""Task service: handler -> rules -> store write -> events on the personal streams of everyone
+who may see the task -> live counters for everyone the task counts for.
+
+A task change is an event on each viewer's personal stream (`task.updated`, `task.removed`),
+so it replays like everything else, and each viewer gets it with their own roles and allowed
+actions. Counters are recomputed from the database for the people concerned and pushed live.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Any
+
+from pymongo import ReturnDocument
+
+from server.directory.rules import DepartmentNode, Person, supervisors_of
+from server.directory.service import DirectoryService, person
+from server.events.bus import EventBus
+from server.events.models import EphemeralEvent
+from server.events.streams import StreamLog, user_stream
+from server.im.service import ImService
+from server.store.database import Document, Store, new_id, utcnow
+from server.tasks.models import (
+    CommentOut,
+    HistoryEntry,
+    TaskCreate,
+    TaskOut,
+    TaskQuery,
+    TaskUpdate,
+)
+from server.tasks.rules import (
+    Action,
+    Field,
+    NotAllowed,
+    Role,
+    Status,
+    TaskFacts,
+    TaskForUser,
+    Viewer,
+    allowed_actions,
+    counters_for,
+    initial_status,
+    is_overdue,
+    may_change_field,
+    next_deadline_change,
+    roles_of,
+    supervised_by,
+    transition,
+)
+from server.web.problems import Problem, not_found
+
+STATUS_NAMES = {
+    Status.NEW: "new",
+    Status.PENDING: "pending",
+    Status.IN_PROGRESS: "in_progress",
+    Status.AWAITING_CONTROL: "awaiting_control",
+    Status.COMPLETED: "completed",
+    Status.DEFERRED: "deferred",
+    Status.DECLINED: "declined",
+}
+STATUS_BY_NAME = {name: status for status, name in STATUS_NAMES.items()}
+FIELD_RULES: dict[str, Field] = {
+    "title": Field.TITLE,
+    "description": Field.DESCRIPTION,
+    "priority": Field.PRIORITY,
+    "tags": Field.TAGS,
+    "participant_ids": Field.PARTICIPANTS,
+    "observer_ids": Field.OBSERVERS,
+    "responsible_id": Field.RESPONSIBLE,
+    "group_id": Field.GROUP,
+    "deadline": Field.DEADLINE,
+    "planned_start": Field.PLANNED_START,
+    "planned_end": Field.PLANNED_END,
+    "require_approval": Field.REQUIRE_APPROVAL,
+    "responsible_may_change_deadline": Field.RESPONSIBLE_MAY_CHANGE_DEADLINE,
+    "include_in_report": Field.INCLUDE_IN_REPORT,
+}
+COUNTED = ("author_id", "responsible_id", "participant_ids", "observer_ids")
+
+
+def involved(doc: Document) -> set[str]:
+    """The people a task counts for (author, responsible, participants, observers)."""
+    return {
+        doc["author_id"],
+        doc["responsible_id"],
+        *doc.get("participant_ids", []),
+        *doc.get("observer_ids", []),
+    }
+
+
+class TaskService:
+    def __init__(
+        self,
+        store: Store,
+        streams: StreamLog,
+        directory: DirectoryService,
+        im: ImService,
+        bus: EventBus,
+    ) -> None:
+        self._store = store
+        self._streams = streams
+        self._directory = directory
+        self._im = im
+        self._bus = bus
+        self.on_schedule_changed: list[Any] = []  # the scheduler wakes up on these
+
+    @property
+    def tasks(self) -> Any:
+        return self._store["tasks"]
+
+    # who is who ------------------------------------------------------------------------------
+
+    async def _people(self) -> tuple[list[Person], dict[str, DepartmentNode]]:
+        people = [
+            person(d)
+            async for d in self._store.users.find(
+                {"is_active": True},
+                projection={"department_id": True, "is_external": True, "is_active": True},
+            )
+        ]
+        return people, await self._directory.department_tree()
+
+    async def viewer(self, user: Document) -> Viewer:
+        people, tree = await self._people()
+        user_id = str(user["_id"])
+        return Viewer(user_id, bool(user.get("is_admin")), supervised_by(user_id, people, tree))
+
+    async def facts(self, doc: Document) -> TaskFacts:
+        group_members: frozenset[str] = frozenset()
+        members_see = False
+        if doc.get("group_id"):
+            group = await self._store.workgroups.find_one({"_id": doc["group_id"]})
+            if group is not None:
+                group_members = frozenset(group.get("member_ids", []))
+                members_see = bool(group.get("members_see_tasks", True))
+        return TaskFacts(
+            id=doc["_id"],
+            status=Status(doc["status"]),
+            author_id=doc["author_id"],
+            responsible_id=doc["responsible_id"],
+            participant_ids=frozenset(doc.get("participant_ids", [])),
+            observer_ids=frozenset(doc.get("observer_ids", [])),
+            group_id=doc.get("group_id"),
+            group_members_see_tasks=members_see,
+            group_member_ids=group_members,
+            require_approval=bool(doc.get("require_approval")),
+            responsible_may_change_deadline=bool(doc.get("responsible_may_change_deadline")),
+            deadline=doc.get("deadline"),
+            parent_id=doc.get("parent_id"),
+        )
+
+    async def viewers_of(self, doc: Document, facts: TaskFacts) -> set[str]:
+        """Everyone who may see the task and so hears of its changes (admins only when on it)."""
+        people, tree = await self._people()
+        responsible = next((p for p in people if p.id == doc["responsible_id"]), None)
+        heads = set(supervisors_of(responsible, tree)) if responsible else set()
+        members = set(facts.group_member_ids) if facts.group_members_see_tasks else set()
+        return involved(doc) | heads | members
+
+    async def _visible(
+        self, user: Document, task_id: str
+    ) -> tuple[Document, TaskFacts, frozenset[Role]]:
+        doc = await self.tasks.find_one({"_id": task_id})
+        if doc is None:
+            raise not_found(f"task {task_id}")
+        facts = await self.facts(doc)
+        roles = roles_of(await self.viewer(user), facts)
+        if not roles:
+            raise not_found(f"task {task_id}")  # not "forbidden": its existence is private too
+        return doc, facts, roles
+
+    async def _require_users(self, user_ids: list[str]) -> None:
+        found = {
+            str(d["_id"])
+            async for d in self._store.users.find(
+                {"_id": {"$in": user_ids}, "is_active": True}, projection={"_id": True}
+            )
+        }
+        missing = [u for u in user_ids if u not in found]
+        if missing:
+            raise Problem(
+                422, "unknown-reference", "Unknown reference", f"no active user {missing[0]}"
+            )
+
+    # reading ---------------------------------------------------------------------------------
+
+    async def out(
+        self,
+        doc: Document,
+        facts: TaskFacts,
+        user_id: str,
+        roles: frozenset[Role],
+        view: Document | None = None,
+    ) -> TaskOut:
+        if view is None:
+            view = await self._store["task_views"].find_one({"_id": f"{doc['_id']}|{user_id}"})
+        seen = view or {}
+        return TaskOut(
+            id=doc["_id"],
+            title=doc["title"],
+            description=doc.get("description", ""),
+            status=int(doc["status"]),
+            status_name=STATUS_NAMES[Status(doc["status"])],
+            overdue=is_overdue(facts, utcnow()),
+            author_id=doc["author_id"],
+            responsible_id=doc["responsible_id"],
+            participant_ids=doc.get("participant_ids", []),
+            observer_ids=doc.get("observer_ids", []),
+            group_id=doc.get("group_id"),
+            parent_id=doc.get("parent_id"),
+            master_id=doc.get("master_id"),
+            predecessor_ids=doc.get("predecessor_ids", []),
+            tags=doc.get("tags", []),
+            priority=doc.get("priority", "medium"),
+            deadline=doc.get("deadline"),
+            planned_start=doc.get("planned_start"),
+            planned_end=doc.get("planned_end"),
+            require_approval=bool(doc.get("require_approval")),
+            responsible_may_change_deadline=bool(doc.get("responsible_may_change_deadline")),
+            include_in_report=bool(doc.get("include_in_report", True)),
+            rating=doc.get("rating"),
+            time_spent_seconds=int(doc.get("time_spent_seconds", 0)),
+            timer_started_at=doc.get("timer_started_at"),
+            created_at=doc["created_at"],
+            updated_at=doc["updated_at"],
+            closed_at=doc.get("closed_at"),
+            comment_count=int(doc.get("comment_count", 0)),
+            my_roles=sorted(r.value for r in roles),
+            allowed_actions=sorted(a.value for a in allowed_actions(roles, facts)),
+            unseen_updates=max(
+                0, int(doc.get("update_count", 0)) - int(seen.get("updates_seen", 0))
+            ),
+            unseen_comments=max(
+                0, int(doc.get("comment_count", 0)) - int(seen.get("comments_seen", 0))
+            ),
+        )
+
+    async def get(self, user: Document, task_id: str) -> TaskOut:
+        """The task; opening it marks it seen (new, updates, comments) for this user."""
+        doc, facts, roles = await self._visible(user, task_id)
+        user_id = str(user["_id"])
+        before = await self._store["task_views"].find_one({"_id": f"{task_id}|{user_id}"})
+        view = await self._store["task_views"].find_one_and_update(
+            {"_id": f"{task_id}|{user_id}"},
+            {
+                "$set": {
+                    "task_id": task_id,
+                    "user_id": user_id,
+                    "viewed_at": utcnow(),
+                    "updates_seen": int(doc.get("update_count", 0)),
+                    "comments_seen": int(doc.get("comment_count", 0)),
+                }
+            },
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+        assert view is not None
+        changed_view = (
+            before is None
+            or before.get("updates_seen") != view.get("updates_seen")
+            or before.get("comments_seen") != view.get("comments_seen")
+        )
+        if changed_view and user_id in involved(doc):
+            await self.push_counters([user_id])
+        return await self.out(doc, facts, user_id, roles, view)
+
+    async def find(self, user: Document, query: TaskQuery) -> list[TaskOut]:
+        viewer = await self.viewer(user)
+        user_id = viewer.user_id
+        filters: Document = {}
+        by_role = {
+            "responsible": {"responsible_id": user_id},
+            "author": {"author_id": user_id},
+            "participant": {"participant_ids": user_id},
+            "observer": {"observer_ids": user_id},
+        }
+        if query.subordinates:
+            filters["responsible_id"] = {"$in": sorted(viewer.supervised_ids)}
+        elif query.role != "all":
+            filters.update(by_role[query.role])
+        if query.group_id:
+            filters["group_id"] = query.group_id
+        if query.tag:
+            filters["tags"] = query.tag
+        if query.status in STATUS_BY_NAME:
+            filters["status"] = int(STATUS_BY_NAME[query.status])
+        elif query.status in ("open", "overdue"):
+            filters["status"] = {"$in": [1, 2, 3]}
+        if query.status == "overdue":
+            filters["deadline"] = {"$lte": utcnow()}
+        results: list[TaskOut] = []
+        skipped = 0
+        async for doc in self.tasks.find(filters, sort=[("created_at", -1)]):
+            facts = await self.facts(doc)
+            roles = roles_of(viewer, facts)
+            if not roles:
+                continue
+            if query.status == "overdue" and not is_overdue(facts, utcnow()):
+                continue
+            if skipped < query.offset:
+                skipped += 1
+                continue
+            results.append(await self.out(doc, facts, user_id, roles))
+            if len(results) >= query.limit:
+                break
+        return results
+
+    async def comments(self, user: Document, task_id: str) -> list[CommentOut]:
+        await self._visible(user, task_id)
+        return [
+            CommentOut(
+                id=c["_id"],
+                task_id=c["task_id"],
+                author_id=c["author_id"],
+                text=c["text"],
+                created_at=c["created_at"],
+            )
+            async for c in self._store["task_comments"].find(
+                {"task_id": task_id}, sort=[("_id", 1)]
+            )
+        ]
+
+    async def history(self, user: Document, task_id: str) -> list[HistoryEntry]:
+        await self._visible(user, task_id)
+        return [
+            HistoryEntry(
+                id=h["_id"],
+                task_id=h["task_id"],
+                user_id=h.get("user_id"),
+                kind=h["kind"],
+                action=h.get("action"),
+                field=h.get("field"),
+                before=h.get("before"),
+                after=h.get("after"),
+                at=h["at"],
+            )
+            async for h in self._store["task_history"].find({"task_id": task_id}, sort=[("_id", 1)])
+        ]
+
+    # writing ---------------------------------------------------------------------------------
+
+    async def create(self, user: Document, data: TaskCreate) -> list[TaskOut]:
+        actor_id = str(user["_id"])
+        author_id = data.author_id or actor_id
+        if author_id != actor_id and not user.get("is_admin"):
+            raise Problem(
+                403,
+                "forbidden",
+                "Forbidden",
+                "only administrators create tasks on behalf of someone else",
+            )
+        responsible_ids = list(dict.fromkeys(data.responsible_ids))
+        await self._require_users(
+            list(
+                {
+                    author_id,
+                    *responsible_ids,
+                    *(data.participant_ids or []),
+                    *(data.observer_ids or []),
+                }
+            )
+        )
+        if data.parent_id is not None:
+            await self._visible(user, data.parent_id)
+        for predecessor in data.predecessor_ids:
+            await self._visible(user, predecessor)
+        if (
+            data.group_id is not None
+            and await self._store.workgroups.find_one({"_id": data.group_id}) is None
+        ):
+            raise Problem(
+                422,
+                "unknown-reference",
+                "Unknown reference",
+                f"workgroup {data.group_id} does not exist",
+            )
+        if len(responsible_ids) == 1:
+            doc = await self._insert(data, author_id, responsible_ids[0], data.parent_id, None)
+            return [await self._after_create(user, doc)]
+        # Several responsible people: a master task (the author's) and a copy for each.
+        master = await self._insert(data, author_id, author_id, data.parent_id, None)
+        created = [await self._after_create(user, master)]
+        for responsible in responsible_ids:
+            copy = await self._insert(data, author_id, responsible, master["_id"], master["_id"])
+            created.append(await self._after_create(user, copy))
+        return created
+
+    async def _insert(
+        self,
+        data: TaskCreate,
+        author_id: str,
+        responsible_id: str,
+        parent_id: str | None,
+        master_id: str | None,
+    ) -> Document:
+        people, tree = await self._people()
+        responsible = next((p for p in people if p.id == responsible_id), None)
+        supervises = responsible is not None and author_id in supervisors_of(responsible, tree)
+        now = utcnow()
+        doc: Document = {
+            "_id": new_id(),
+            "title": data.title,
+            "description": data.description or "",
+            "status": int(initial_status(author_id, responsible_id, supervises)),
+            "author_id": author_id,
+            "responsible_id": responsible_id,
+            "participant_ids": list(dict.fromkeys(data.participant_ids or [])),
+            "observer_ids": list(dict.fromkeys(data.observer_ids or [])),
+            "group_id": data.group_id,
+            "parent_id": parent_id,
+            "master_id": master_id,
+            "predecessor_ids": data.predecessor_ids,
+            "tags": data.tags or [],
+            "priority": data.priority or "medium",
+            "deadline": data.deadline,
+            "planned_start": data.planned_start,
+            "planned_end": data.planned_end,
+            "require_approval": bool(data.require_approval),
+            "responsible_may_change_deadline": bool(data.responsible_may_change_deadline),
+            "include_in_report": True if data.include_in_report is None else data.include_in_report,
+            "rating": None,
+            "time_spent_seconds": 0,
+            "timer_started_at": None,
+            "created_at": now,
+            "updated_at": now,
+            "closed_at": None,
+            "comment_count": 0,
+            "update_count": 0,
+        }
+        await self.tasks.insert_one(doc)
+        return doc
+
+    async def _after_create(self, user: Document, doc: Document) -> TaskOut:
+        actor_id = str(user["_id"])
+        await self._record(doc["_id"], actor_id, "created")
+        facts = await self.facts(doc)
+        await self._announce(doc, facts, ["created"], actor_id, before=set())
+        return await self.out(doc, facts, actor_id, roles_of(await self.viewer(user), facts))
+
+    async def update(self, user: Document, task_id: str, patch: TaskUpdate) -> TaskOut:
+        doc, facts, roles = await self._visible(user, task_id)
+        actor_id = str(user["_id"])
+        requested = patch.model_dump(exclude_unset=True)
+        changes: Document = {}
+        for name, value in requested.items():
+            if name == "rating":
+                if not roles & {Role.AUTHOR, Role.ADMIN}:
+                    raise Problem(403, "forbidden", "Forbidden", "only the author rates a task")
+            elif not may_change_field(FIELD_RULES[name], roles, facts):
+                raise Problem(403, "forbidden", "Forbidden", f"you may not change {name}")
+            if doc.get(name) != value:
+                changes[name] = value
+        people = [
+            changes.get("responsible_id"),
+            *changes.get("participant_ids", []),
+            *changes.get("observer_ids", []),
+        ]
+        if any(people):
+            await self._require_users([p for p in people if p])
+        if not changes:
+            return await self.out(doc, facts, actor_id, roles)
+        before_people = involved(doc)
+        changes["updated_at"] = utcnow()
+        doc = await self.tasks.find_one_and_update(
+            {"_id": task_id},
+            {"$set": changes, "$inc": {"update_count": 1}},
+            return_document=ReturnDocument.AFTER,
+        )
+        for name in changes:
+            if name != "updated_at":
+                await self._record(
+                    task_id, actor_id, "field", field=name, after=_plain(changes[name])
+                )
+        facts = await self.facts(doc)
+        await self._mark_own_change_seen(doc, actor_id)
+        await self._announce(
+            doc,
+            facts,
+            sorted(k for k in changes if k != "updated_at"),
+            actor_id,
+            before=before_people,
+        )
+        return await self.out(doc, facts, actor_id, roles_of(await self.viewer(user), facts))
+
+    async def act(self, user: Document, task_id: str, action: Action) -> TaskOut | None:
+        doc, facts, roles = await self._visible(user, task_id)
+        actor_id = str(user["_id"])
+        try:
+            status = transition(action, facts, roles)
+        except NotAllowed as refused:
+            raise Problem(
+                409
+                if roles
+                & {Role.RESPONSIBLE, Role.PARTICIPANT, Role.AUTHOR, Role.ADMIN, Role.SUPERVISOR}
+                else 403,
+                "action-not-allowed",
+                "Action not allowed",
+                refused.reason,
+                action=action.value,
+                task_status=STATUS_NAMES[facts.status],
+            ) from None
+        if action is Action.START and await self._blocked(doc):
+            raise Problem(
+                409,
+                "action-not-allowed",
+                "Action not allowed",
+                "a predecessor task is not completed yet",
+                action=action.value,
+            )
+        if action is Action.DELETE:
+            await self._delete(doc, facts, actor_id)
+            return None
+        if action is Action.COPY:
+            copy = await self._copy(user, doc)
+            return await self.out(
+                copy,
+                await self.facts(copy),
+                actor_id,
+                roles_of(await self.viewer(user), await self.facts(copy)),
+            )
+        if action is Action.COMMENT or action is Action.EDIT:
+            raise Problem(
+                422,
+                "validation-error",
+                "Invalid request",
+                f"use the {action.value} endpoint",
+                errors=[],
+            )
+        now = utcnow()
+        changes: Document = {"status": int(status), "updated_at": now}
+        if status is Status.IN_PROGRESS and facts.status is not Status.IN_PROGRESS:
+            changes["timer_started_at"] = now
+        elif facts.status is Status.IN_PROGRESS and status is not Status.IN_PROGRESS:
+            started = doc.get("timer_started_at")
+            changes["timer_started_at"] = None
+            if started is not None:
+                changes["time_spent_seconds"] = int(doc.get("time_spent_seconds", 0)) + int(
+                    (now - started).total_seconds()
+                )
+        if status in (Status.COMPLETED, Status.DECLINED):
+            changes["closed_at"] = now
+        elif facts.status in (Status.COMPLETED, Status.DECLINED):
+            changes["closed_at"] = None
+        doc = await self.tasks.find_one_and_update(
+            {"_id": task_id, "status": int(facts.status)},  # a concurrent change loses cleanly
+            {"$set": changes, "$inc": {"update_count": 1}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            raise Problem(409, "conflict", "Conflict", "the task changed meanwhile; reload it")
+        await self._record(
+            task_id,
+            actor_id,
+            "action",
+            action=action.value,
+            before=STATUS_NAMES[facts.status],
+            after=STATUS_NAMES[status],
+        )
+        facts = await self.facts(doc)
+        await self._mark_own_change_seen(doc, actor_id)  # before the counters are computed
+        await self._announce(
+            doc, facts, ["status"], actor_id, before=involved(doc), action=action.value
+        )
+        return await self.out(doc, facts, actor_id, roles_of(await self.viewer(user), facts))
+
+    async def _blocked(self, doc: Document) -> bool:
+        if not doc.get("predecessor_ids"):
+            return False
+        open_one = await self.tasks.find_one(
+            {"_id": {"$in": doc["predecessor_ids"]}, "status": {"$ne": int(Status.COMPLETED)}},
+            projection={"_id": True},
+        )
+        return open_one is not None
+
+    async def _copy(self, user: Document, doc: Document) -> Document:
+        data = TaskCreate(
+            title=doc["title"],
+            description=doc.get("description", ""),
+            responsible_ids=[doc["responsible_id"]],
+            participant_ids=doc.get("participant_ids", []),
+            observer_ids=doc.get("observer_ids", []),
+            group_id=doc.get("group_id"),
+            deadline=doc.get("deadline"),
+            tags=doc.get("tags", []),
+            priority=doc.get("priority", "medium"),
+            require_approval=bool(doc.get("require_approval")),
+        )
+        copy = await self._insert(data, str(user["_id"]), doc["responsible_id"], doc["_id"], None)
+        await self._after_create(user, copy)
+        return copy
+
+    async def _delete(self, doc: Document, facts: TaskFacts, actor_id: str) -> None:
+        viewers = await self.viewers_of(doc, facts)
+        await self.tasks.delete_one({"_id": doc["_id"]})
+        for name in ("task_comments", "task_views", "task_history"):
+            await self._store[name].delete_many({"task_id": doc["_id"]})
+        await self._store["schedule"].delete_many({"task_id": doc["_id"]})
+        for user_id in sorted(viewers):
+            await self._streams.append(
+                user_stream(user_id), "task.removed", {"task_id": doc["_id"], "by": actor_id}
+            )
+        await self.push_counters(sorted(involved(doc)))
+
+    async def add_comment(self, user: Document, task_id: str, text: str) -> CommentOut:
+        doc, facts, _roles = await self._visible(user, task_id)
+        actor_id = str(user["_id"])
+        comment = {
+            "_id": new_id(),
+            "task_id": task_id,
+            "author_id": actor_id,
+            "text": text,
+            "created_at": utcnow(),
+        }
+        await self._store["task_comments"].insert_one(comment)
+        doc = await self.tasks.find_one_and_update(
+            {"_id": task_id},
+            {"$inc": {"comment_count": 1}, "$set": {"updated_at": utcnow()}},
+            return_document=ReturnDocument.AFTER,
+        )
+        await self._record(task_id, actor_id, "comment")
+        out = CommentOut(
+            id=comment["_id"],
+            task_id=task_id,
+            author_id=actor_id,
+            text=text,
+            created_at=comment["created_at"],
+        )
+        await self._mark_own_change_seen(doc, actor_id)
+        await self._announce(
+            doc,
+            facts,
+            ["comments"],
+            actor_id,
+            before=involved(doc),
+            comment=out.model_dump(mode="json"),
+        )
+        return out
+
+    async def _mark_own_change_seen(self, doc: Document, user_id: str) -> None:
+        """One's own change or comment is not news to oneself."""
+        await self._store["task_views"].update_one(
+            {"_id": f"{doc['_id']}|{user_id}"},
+            {
+                "$set": {
+                    "task_id": doc["_id"],
+                    "user_id": user_id,
+                    "viewed_at": utcnow(),
+                    "updates_seen": int(doc.get("update_count", 0)),
+                    "comments_seen": int(doc.get("comment_count", 0)),
+                }
+            },
+            upsert=True,
+        )
+
+    async def _record(self, task_id: str, user_id: str | None, kind: str, **data: Any) -> None:
+        await self._store["task_history"].insert_one(
+            {
+                "_id": new_id(),
+                "task_id": task_id,
+                "user_id": user_id,
+                "kind": kind,
+                "at": utcnow(),
+                **data,
+            }
+        )
+
+    # telling people --------------------------------------------------------------------------
+
+    async def _announce(
+        self,
+        doc: Document,
+        facts: TaskFacts,
+        changed: list[str],
+        actor_id: str | None,
+        *,
+        before: set[str],
+        action: str | None = None,
+        comment: dict[str, Any] | None = None,
+    ) -> None:
+        viewers = await self.viewers_of(doc, facts)
+        people, tree = await self._people()
+        for user_id in sorted(viewers):
+            user_doc = await self._store.users.find_one({"_id": user_id})
+            if user_doc is None:
+                continue
+            supervised = supervised_by(user_id, people, tree)
+            roles = roles_of(Viewer(user_id, bool(user_doc.get("is_admin")), supervised), facts)
+            data: dict[str, Any] = {
+                "task": (await self.out(doc, facts, user_id, roles)).model_dump(mode="json"),
+                "changed": changed,
+                "by": actor_id,
+            }
+            if action:
+                data["action"] = action
+            if comment:
+                data["comment"] = comment
+            await self._streams.append(user_stream(user_id), "task.updated", data)
+        now_involved = involved(doc)
+        for user_id in sorted((before | now_involved) - viewers):
+            await self._streams.append(
+                user_stream(user_id), "task.removed", {"task_id": doc["_id"], "by": actor_id}
+            )
+        await self._notify_newcomers(doc, before, actor_id)
+        await self.push_counters(sorted(before | now_involved))
+        await self.reschedule(doc, facts)
+
+    async def _notify_newcomers(
+        self, doc: Document, before: set[str], actor_id: str | None
+    ) -> None:
+        """A system notice to each person newly on the task (not to the one who did it)."""
+        actor = await self._store.users.find_one({"_id": actor_id}) if actor_id else None
+        who = (
+            f"{actor.get('first_name', '')} {actor.get('last_name', '')}".strip()
+            if actor
+            else "Someone"
+        )
+        who = who or (str(actor["login"]) if actor else "Someone")
+        roles = [
+            (doc["responsible_id"], "assigned you the task"),
+            *[
+                (p, "added you as a participant to the task")
+                for p in doc.get("participant_ids", [])
+            ],
+            *[(o, "added you as an observer to the task") for o in doc.get("observer_ids", [])],
+        ]
+        told: set[str] = set()
+        for user_id, what in roles:
+            if user_id in before or user_id == actor_id or user_id in told:
+                continue
+            told.add(user_id)
+            await self._im.post_system_notice(user_id, f"{who} {what} “{doc['title']}”")
+
+    async def counters(self, user_id: str) -> dict[str, Any]:
+        items: list[TaskForUser] = []
+        query = {
+            "$or": [
+                {"author_id": user_id},
+                {"responsible_id": user_id},
+                {"participant_ids": user_id},
+                {"observer_ids": user_id},
+            ]
+        }
+        views = {
+            v["task_id"]: v async for v in self._store["task_views"].find({"user_id": user_id})
+        }
+        async for doc in self.tasks.find(query):
+            view = views.get(doc["_id"], {})
+            items.append(
+                TaskForUser(
+                    task=await self.facts(doc),
+                    created_at=doc["created_at"],
+                    viewed_at=view.get("viewed_at"),
+                    comments_after_view=max(
+                        0, int(doc.get("comment_count", 0)) - int(view.get("comments_seen", 0))
+                    ),
+                )
+            )
+        return dataclasses.asdict(counters_for(user_id, items, utcnow()))
+
+    async def push_counters(self, user_ids: list[str]) -> None:
+        for user_id in user_ids:
+            await self._bus.publish_ephemeral(
+                EphemeralEvent(
+                    "counters.changed",
+                    {"tasks": await self.counters(user_id)},
+                    (user_stream(user_id),),
+                )
+            )
+
+    # time ------------------------------------------------------------------------------------
+
+    async def reschedule(self, doc: Document, facts: TaskFacts) -> None:
+        """Keep one persisted wake-up per task: the next moment its counters change by time."""
+        due = next_deadline_change([facts], utcnow())
+        schedule = self._store["schedule"]
+        if due is None:
+            await schedule.delete_one({"_id": f"task-deadline|{doc['_id']}"})
+            return
+        await schedule.update_one(
+            {"_id": f"task-deadline|{doc['_id']}"},
+            {"$set": {"task_id": doc["_id"], "due_at": due, "kind": "task-deadline"}},
+            upsert=True,
+        )
+        for wake in self.on_schedule_changed:
+            wake(due)
+
+    async def deadline_reached(self, task_id: str) -> None:
+        """The scheduler's call: a task just became overdue or expiring soon."""
+        doc = await self.tasks.find_one({"_id": task_id})
+        if doc is None:
+            return
+        facts = await self.facts(doc)
+        if is_overdue(facts, utcnow()):
+            await self._record(task_id, None, "overdue")
+        await self._announce(doc, facts, ["deadline_state"], None, before=involved(doc))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value

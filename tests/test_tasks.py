@@ -1,0 +1,327 @@
+"""Tasks over the real stack: REST, Socket.IO events and counters, the deadline scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from server.settings import Settings
+from server.store.database import Store
+from tests.harness import HubHarness, SocketClient, start_hub
+
+
+async def create(hub: HubHarness, token: str, **body: Any) -> list[dict[str, Any]]:
+    resp = await hub.request("POST", "/api/v1/tasks", token=token, json=body)
+    assert resp.status == 201, resp.body
+    tasks: list[dict[str, Any]] = resp.body["tasks"]
+    return tasks
+
+
+async def act(hub: HubHarness, token: str, task_id: str, action: str) -> dict[str, Any]:
+    resp = await hub.request("POST", f"/api/v1/tasks/{task_id}/actions/{action}", token=token)
+    assert resp.status == 200, (action, resp.body)
+    task: dict[str, Any] = resp.body
+    return task
+
+
+def task_events(client: SocketClient, task_id: str) -> list[dict[str, Any]]:
+    return [e["data"] for e in client.of_type("task.updated") if e["data"]["task"]["id"] == task_id]
+
+
+def notices(client: SocketClient) -> list[str]:
+    return [
+        e["data"]["message"]["text"]
+        for e in client.of_type("im.message")
+        if e["data"]["message"]["system"]
+    ]
+
+
+def last_task_counters(client: SocketClient) -> dict[str, Any] | None:
+    pushed = [c["tasks"] for c in client.of_type("counters.changed") if "tasks" in c]
+    return pushed[-1] if pushed else None
+
+
+async def test_controlled_task_for_three_employees_with_an_observer(hub: HubHarness) -> None:
+    _, admin = await hub.create_user("root", admin=True)
+    company = await hub.request("POST", "/api/v1/departments", token=admin, json={"name": "Co"})
+    depts = {}
+    for name in ("New York finance", "Berlin accounts", "Paris finance"):
+        resp = await hub.request(
+            "POST",
+            "/api/v1/departments",
+            token=admin,
+            json={"name": name, "parent_id": company.body["id"]},
+        )
+        depts[name] = resp.body["id"]
+    john_id, john = await hub.create_user(
+        "john", department_id=depts["New York finance"], first_name="John"
+    )
+    sophie_id, sophie = await hub.create_user("sophie", department_id=depts["Paris finance"])
+    for name, head in (("New York finance", john_id), ("Paris finance", sophie_id)):
+        await hub.request(
+            "PATCH", f"/api/v1/departments/{depts[name]}", token=admin, json={"head_id": head}
+        )
+    berlin = [
+        await hub.create_user(login, department_id=depts["Berlin accounts"])
+        for login in ("anna", "jonas", "lena")
+    ]
+    outsider_id, outsider = await hub.create_user("outsider")
+    clients = {
+        "john": await hub.connect(john),
+        "sophie": await hub.connect(sophie),
+        "outsider": await hub.connect(outsider),
+    }
+    for login, (_uid, token) in zip(("anna", "jonas", "lena"), berlin, strict=True):
+        clients[login] = await hub.connect(token)
+    for client in clients.values():
+        await client.wait_for("snapshot")
+
+    created = await create(
+        hub,
+        john,
+        title="Reconcile Q3 accounts",
+        responsible_ids=[uid for uid, _ in berlin],
+        observer_ids=[sophie_id],
+        require_approval=True,
+    )
+    master, copies = created[0], created[1:]
+    assert len(copies) == 3
+    assert master["responsible_id"] == john_id and master["parent_id"] is None
+    assert [c["responsible_id"] for c in copies] == [uid for uid, _ in berlin]
+    assert all(c["parent_id"] == master["id"] == c["master_id"] for c in copies)
+    assert all(c["status_name"] == "new" for c in copies)  # john is not their head
+    for login in ("anna", "jonas", "lena"):
+        client = clients[login]
+        await client.wait_until(
+            lambda c=client: any(  # type: ignore[misc]
+                "assigned you the task “Reconcile Q3 accounts”" in n for n in notices(c)
+            )
+        )
+    await clients["sophie"].wait_until(
+        lambda: len([n for n in notices(clients["sophie"]) if "observer" in n]) == 4
+    )
+
+    for (uid, token), copy in zip(berlin, copies, strict=True):
+        assert (
+            "start"
+            in (await hub.request("GET", f"/api/v1/tasks/{copy['id']}", token=token)).body[
+                "allowed_actions"
+            ]
+        )
+        await act(hub, token, copy["id"], "start")
+        done = await act(hub, token, copy["id"], "complete")
+        assert done["status_name"] == "awaiting_control" and uid
+    mine = (
+        await hub.request("GET", "/api/v1/tasks?role=author&status=awaiting_control", token=john)
+    ).body["tasks"]
+    assert sorted(t["id"] for t in mine) == sorted(c["id"] for c in copies)
+    await clients["john"].wait_until(
+        lambda: (
+            (last_task_counters(clients["john"]) or {}).get("author", {}).get("awaiting_control")
+            == 3
+        )
+    )
+
+    assert (await act(hub, john, copies[0]["id"], "approve"))["status_name"] == "completed"
+    assert (await act(hub, john, copies[1]["id"], "approve"))["status_name"] == "completed"
+    returned = await act(hub, john, copies[2]["id"], "return")
+    assert returned["status_name"] == "pending"
+    await clients["john"].wait_until(
+        lambda: (
+            (last_task_counters(clients["john"]) or {}).get("author", {}).get("awaiting_control")
+            == 0
+        )
+    )
+
+    # the observer heard of every step of every copy: created, start, complete, the verdict
+    for copy in copies:
+        steps = [
+            e.get("action", e["changed"][0]) for e in task_events(clients["sophie"], copy["id"])
+        ]
+        assert steps[0] == "created" and steps[1:] == [
+            "start",
+            "complete",
+            "approve" if copy is not copies[2] else "return",
+        ]
+    # a returned task comes back to its responsible person, live
+    lena = clients["lena"]
+    await lena.wait_until(
+        lambda: any(e.get("action") == "return" for e in task_events(lena, copies[2]["id"]))
+    )
+    # nobody else heard anything, nor can read it
+    assert clients["outsider"].of_type("task.updated") == []
+    for task in created:
+        resp = await hub.request("GET", f"/api/v1/tasks/{task['id']}", token=outsider)
+        assert resp.status == 404
+    assert outsider_id
+
+
+async def test_a_passing_deadline_pushes_overdue_counters(hub: HubHarness) -> None:
+    _, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    bob_client = await hub.connect(bob)
+    await bob_client.wait_for("snapshot")
+    deadline = datetime.now(UTC) + timedelta(seconds=1.5)
+    [task] = await create(
+        hub, alice, title="Quick one", responsible_ids=[bob_id], deadline=deadline.isoformat()
+    )
+    assert task["overdue"] is False
+
+    def overdue() -> int:
+        counters = last_task_counters(bob_client) or {}
+        return int(counters.get("responsible", {}).get("overdue", 0))
+
+    await bob_client.wait_until(lambda: overdue() == 1, timeout=10)
+    # nobody asked: the push came from the scheduler, and the task says so too
+    assert any(e["changed"] == ["deadline_state"] for e in task_events(bob_client, task["id"]))
+    fetched = await hub.request("GET", f"/api/v1/tasks/{task['id']}", token=bob)
+    assert fetched.body["overdue"] is True
+    overdue_list = await hub.request("GET", "/api/v1/tasks?status=overdue", token=bob)
+    assert [t["id"] for t in overdue_list.body["tasks"]] == [task["id"]]
+
+
+async def test_deadline_jobs_survive_a_restart(settings: Settings, store: Store) -> None:
+    async with start_hub(settings, store) as first:
+        _, alice = await first.create_user("alice")
+        bob_id, _ = await first.create_user("bob")
+        deadline = datetime.now(UTC) + timedelta(seconds=30)
+        await create(
+            first, alice, title="Later", responsible_ids=[bob_id], deadline=deadline.isoformat()
+        )
+    job = await store["schedule"].find_one({})
+    assert job is not None and job["kind"] == "task-deadline"
+    # the job is persisted; a new hub (or another node) fires it once when due
+    await store["schedule"].update_one({"_id": job["_id"]}, {"$set": {"due_at": datetime.now(UTC)}})
+    async with start_hub(settings, store) as second:
+        fired = await second.services.scheduler.run_due()
+        assert fired in (0, 1)  # the background loop may have taken it first: once in all
+        assert await store["schedule"].count_documents({"_id": job["_id"]}) in (0, 1)
+        await asyncio.sleep(1.5)
+        assert await second.services.scheduler.run_due() == 0
+
+
+async def test_permissions_fields_and_comments(hub: HubHarness) -> None:
+    alice_id, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    carol_id, carol = await hub.create_user("carol")
+    [task] = await create(
+        hub, alice, title="Write report", responsible_ids=[bob_id], participant_ids=[carol_id]
+    )
+    path = f"/api/v1/tasks/{task['id']}"
+    assert (await hub.request("PATCH", path, token=bob, json={"title": "Mine now"})).status == 403
+    soon = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    assert (await hub.request("PATCH", path, token=bob, json={"deadline": soon})).status == 403
+    allowed = await hub.request(
+        "PATCH", path, token=alice, json={"responsible_may_change_deadline": True, "tags": ["q3"]}
+    )
+    assert allowed.status == 200 and allowed.body["tags"] == ["q3"]
+    assert (await hub.request("PATCH", path, token=bob, json={"deadline": soon})).status == 200
+    refused = await hub.request("POST", f"{path}/actions/approve", token=bob)
+    assert refused.status == 409
+    assert refused.body["type"] == "urn:portalhub:problem:action-not-allowed"
+    assert (await hub.request("POST", f"{path}/actions/fly", token=bob)).status == 404
+    comment = await hub.request("POST", f"{path}/comments", token=carol, json={"text": "Draft?"})
+    assert comment.status == 201
+    listed = await hub.request("GET", f"{path}/comments", token=alice)
+    assert [c["text"] for c in listed.body["comments"]] == ["Draft?"]
+    bob_view = await hub.request("GET", path, token=bob)
+    assert bob_view.body["comment_count"] == 1
+    history = await hub.request("GET", f"{path}/history", token=alice)
+    kinds = [h["kind"] for h in history.body["history"]]
+    assert kinds[0] == "created" and "comment" in kinds and "field" in kinds
+    assert (await hub.request("DELETE", path, token=bob)).status == 409
+    assert (await hub.request("DELETE", path, token=alice)).status == 204
+    assert (await hub.request("GET", path, token=alice)).status == 404
+    assert alice_id
+
+
+@pytest.fixture
+def base_settings(settings: Settings) -> Settings:
+    return settings
+
+
+ACTORS = ("author", "responsible", "participant", "observer")
+ACTIONS = (
+    "accept",
+    "decline",
+    "start",
+    "pause",
+    "resume",
+    "complete",
+    "approve",
+    "return",
+    "reopen",
+    "defer",
+    "view",
+    "comment",
+)
+
+
+async def run_sequence(settings: Settings, steps: list[tuple[str, str]]) -> None:
+    assert settings.mongodb_url is not None
+    store = Store(settings.mongodb_url.get_secret_value(), f"t_{uuid.uuid4().hex[:12]}")
+    await store.ensure_indexes()
+    try:
+        async with start_hub(settings, store) as hub:
+            users = {role: await hub.create_user(role) for role in ACTORS}
+            clients = {role: await hub.connect(token) for role, (_i, token) in users.items()}
+            for client in clients.values():
+                await client.wait_for("snapshot")
+            [task] = await create(
+                hub,
+                users["author"][1],
+                title="Random walk",
+                responsible_ids=[users["responsible"][0]],
+                participant_ids=[users["participant"][0]],
+                observer_ids=[users["observer"][0]],
+                require_approval=True,
+                deadline=(datetime.now(UTC) + timedelta(hours=3)).isoformat(),
+            )
+            path = f"/api/v1/tasks/{task['id']}"
+            for actor, action in steps:
+                token = users[actor][1]
+                if action == "view":
+                    await hub.request("GET", path, token=token)
+                elif action == "comment":
+                    await hub.request("POST", f"{path}/comments", token=token, json={"text": "x"})
+                else:
+                    resp = await hub.request("POST", f"{path}/actions/{action}", token=token)
+                    assert resp.status in (200, 403, 409), resp.body
+            for role, (user_id, _token) in users.items():
+                expected = await hub.services.tasks.counters(user_id)
+                client = clients[role]
+                await client.wait_until(
+                    lambda c=client, e=expected: (  # type: ignore[misc]
+                        last_task_counters(c) == e
+                    ),
+                    timeout=10,
+                )
+    finally:
+        await store.client.drop_database(store.db.name)
+        await store.close()
+
+
+@hypothesis_settings(
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(ACTORS), st.sampled_from(ACTIONS)), min_size=1, max_size=10
+    )
+)
+def test_pushed_counters_always_equal_recomputed(
+    base_settings: Settings, steps: list[tuple[str, str]]
+) -> None:
+    """Whatever happens to a task, the last counters each person received over Socket.IO are
+    the ones recomputed from the database."""
+    asyncio.run(run_sequence(base_settings, steps))
