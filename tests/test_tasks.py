@@ -325,3 +325,50 @@ def test_pushed_counters_always_equal_recomputed(
     """Whatever happens to a task, the last counters each person received over Socket.IO are
     the ones recomputed from the database."""
     asyncio.run(run_sequence(base_settings, steps))
+
+
+async def test_heads_auto_accept_see_subordinates_and_predecessors_block(hub: HubHarness) -> None:
+    _, admin = await hub.create_user("root", admin=True)
+    top = await hub.request("POST", "/api/v1/departments", token=admin, json={"name": "Top"})
+    team = await hub.request(
+        "POST",
+        "/api/v1/departments",
+        token=admin,
+        json={"name": "Team", "parent_id": top.body["id"]},
+    )
+    boss_id, boss = await hub.create_user("boss", department_id=top.body["id"])
+    await hub.request(
+        "PATCH", f"/api/v1/departments/{top.body['id']}", token=admin, json={"head_id": boss_id}
+    )
+    worker_id, worker = await hub.create_user("worker", department_id=team.body["id"])
+    peer_id, peer = await hub.create_user("peer", department_id=team.body["id"])
+
+    # a head two levels up assigns: accepted at once; a peer assigns: new
+    [from_head] = await create(hub, boss, title="From the boss", responsible_ids=[worker_id])
+    [from_peer] = await create(hub, peer, title="From a peer", responsible_ids=[worker_id])
+    assert from_head["status_name"] == "pending" and from_peer["status_name"] == "new"
+    # the head sees the subordinate's tasks, including the one the peer set
+    mine = await hub.request("GET", "/api/v1/tasks?subordinates=true", token=boss)
+    assert {t["id"] for t in mine.body["tasks"]} == {from_head["id"], from_peer["id"]}
+    seen = await hub.request("GET", f"/api/v1/tasks/{from_peer['id']}", token=boss)
+    assert "supervisor" in seen.body["my_roles"] and "approve" not in seen.body["allowed_actions"]
+
+    # a task cannot start before its predecessor is completed
+    [follow_up] = await create(
+        hub, peer, title="Next", responsible_ids=[worker_id], predecessor_ids=[from_peer["id"]]
+    )
+    blocked = await hub.request(
+        "POST", f"/api/v1/tasks/{follow_up['id']}/actions/start", token=worker
+    )
+    assert blocked.status == 409 and "predecessor" in blocked.body["detail"]
+    await act(hub, worker, from_peer["id"], "start")
+    await asyncio.sleep(1.1)
+    completed = await act(hub, worker, from_peer["id"], "complete")
+    assert completed["status_name"] == "completed" and completed["time_spent_seconds"] >= 1
+    assert completed["closed_at"] is not None
+    assert (await act(hub, worker, follow_up["id"], "start"))["status_name"] == "in_progress"
+
+    # copy makes a subtask of the original, by the one who copied it
+    copy = await act(hub, peer, from_peer["id"], "copy")
+    assert copy["parent_id"] == from_peer["id"] and copy["author_id"] == peer_id
+    assert copy["status_name"] == "new"
