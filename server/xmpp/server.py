@@ -41,6 +41,7 @@ IqHandler = Callable[[C2SSession, ET.Element, ET.Element], Awaitable[ET.Element 
 StanzaHandler = Callable[[C2SSession, ET.Element], Awaitable[bool]]
 SessionHook = Callable[[C2SSession], Awaitable[None]]
 TRANSPORT = "xmpp"
+LISTEN_BACKLOG = 1024
 
 
 class XmppServer:
@@ -135,16 +136,23 @@ class XmppServer:
         self.ssl_context = server_context(cert, key)
         self.fingerprint = fingerprint(cert)
         host = settings.xmpp_host or settings.host
+        # A deep accept queue: a burst of connections (a reconnect storm after a network
+        # blip, or an attack) must not overflow the kernel's queue and leave clients hanging.
         starttls = await asyncio.start_server(
-            lambda r, w: self._accept(r, w, tls=False), host, settings.xmpp_port, limit=64 * 1024
+            lambda r, w: self._accept(r, w, tls=False),
+            host,
+            settings.xmpp_port,
+            limit=64 * 1024,
+            backlog=LISTEN_BACKLOG,
         )
         direct = await asyncio.start_server(
             lambda r, w: self._accept(r, w, tls=True),
             host,
             settings.xmpp_tls_port,
             ssl=self.ssl_context,
-            ssl_handshake_timeout=15,
+            ssl_handshake_timeout=min(15.0, settings.xmpp_auth_timeout_seconds),
             limit=64 * 1024,
+            backlog=LISTEN_BACKLOG,
         )
         self._servers = [starttls, direct]
         self.ports = {

@@ -106,7 +106,9 @@ class C2SSession:
         return self.jid is not None
 
     def _new_parser(self) -> XmlStreamParser:
-        limit = self.settings.xmpp_max_stanza_bytes if self.authenticated else PRE_AUTH_STANZA_BYTES
+        limit = self.settings.xmpp_max_stanza_bytes
+        if not self.authenticated:
+            limit = min(limit, PRE_AUTH_STANZA_BYTES)
         return XmlStreamParser(
             lambda attrs: self._inbox.append(("open", attrs)),
             lambda stanza: self._inbox.append(("stanza", stanza)),
@@ -152,20 +154,25 @@ class C2SSession:
             deficit = len(data) - self._bucket.tokens
             await asyncio.sleep(min(deficit / self._bucket.rate, 5.0))
             self._bucket.take(time.monotonic(), min(len(data), self._bucket.tokens))
-        self._parser.feed(data)
+        parser = self._parser
+        parser.feed(data)
         inbox, self._inbox = self._inbox, []
-        for kind, value in inbox:
+        for index, (kind, value) in enumerate(inbox):
             if kind == "open":
                 await self._on_stream_open(value)
             elif kind == "close":
                 await self._send_raw(b"</stream:stream>")
                 raise Closing
             else:
+                # Anything after <starttls/> or SASL success in the same read belongs to the
+                # old stream: refusing it (before <proceed/>, for STARTTLS) is what stops
+                # command injection. That includes an unfinished stanza the parser holds.
+                last = index == len(inbox) - 1 and parser.idle()
+                if value.tag == q(TLS_NS, "starttls") and not last:
+                    raise StreamError("policy-violation", "data after <starttls/>")
                 restart = await self._on_stanza(value)
                 if restart:
-                    # Anything after <starttls/> or SASL success in the same read belongs to
-                    # the old stream: dropping it is what stops STARTTLS command injection.
-                    if self._inbox or inbox[-1][1] is not value:
+                    if not last:
                         raise StreamError("policy-violation", "data after stream restart")
                     break
         self.server.touched(self)
@@ -249,11 +256,14 @@ class C2SSession:
     async def _starttls(self) -> bool:
         if self.tls or self.authenticated:
             raise StreamError("policy-violation", "TLS is already on or too late")
-        await self.send(element("proceed", ns=TLS_NS))
-        buffered = getattr(self.reader, "_buffer", b"")
-        if buffered:
+        if getattr(self.reader, "_buffer", b""):
             raise StreamError("policy-violation", "data after <starttls/>")
+        await self.send(element("proceed", ns=TLS_NS))
         await self.writer.drain()
+        # Checked again with no await in between: what is buffered now would be read as if it
+        # had come over TLS.
+        if getattr(self.reader, "_buffer", b""):
+            raise StreamError("policy-violation", "data after <starttls/>")
         assert self.server.ssl_context is not None
         await self.writer.start_tls(self.server.ssl_context)
         self.tls = True

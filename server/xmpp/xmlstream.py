@@ -9,6 +9,7 @@ billion laughs), no comments, no processing instructions. Any of them ends the s
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,15 @@ from xml.parsers import expat
 
 STREAM_NS = "http://etherx.jabber.org/streams"
 STREAM_TAG = f"{{{STREAM_NS}}}stream"
+RECENT_BYTES = 1024  # raw input kept from before the current chunk, to look back at tokens
+_END_TAG_THEN_SPACE = re.compile(rb"(?:</[^>]*>)?[ \t\r\n]*")
+# Expat errors that mean restricted XML rather than broken XML (RFC 6120 11.1): a reference
+# to an entity that is not predefined, an XML declaration (a PI, to expat) mid-stream.
+_RESTRICTED_ERRORS = {
+    expat.errors.codes[expat.errors.XML_ERROR_UNDEFINED_ENTITY],
+    expat.errors.codes[expat.errors.XML_ERROR_MISPLACED_XML_PI],
+}
+_INVALID_TOKEN = expat.errors.codes[expat.errors.XML_ERROR_INVALID_TOKEN]
 
 
 class StreamError(Exception):
@@ -63,21 +73,48 @@ class XmlStreamParser:
         self._depth = 0
         self._stack: list[ET.Element] = []
         self._stanza_start = 0
+        self._mark = 0  # where the unfinished thing began: what was fed after it is buffered
+        self._last_end = 0  # where the last stanza's end tag began (or its empty tag ended)
         self._fed = 0
+        self._recent = b""  # the last chunk fed, and up to RECENT_BYTES from before it
+        self._recent_start = 0
         self.closed = False
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``; raises StreamError. Callbacks run synchronously from here."""
         if self.closed:
             return
+        kept = self._recent[-RECENT_BYTES:]
+        self._recent_start = self._fed - len(kept)
+        self._recent = kept + data
         self._fed += len(data)
         try:
             self._parser.Parse(data, False)
         except expat.ExpatError as exc:
-            raise StreamError("not-well-formed", str(exc)) from None
-        # An unfinished stanza must not grow without bound while we wait for its end.
-        if self._depth >= 2 and self._fed - self._stanza_start > self.max_stanza_bytes:
+            raise StreamError(self._condition_of(exc), str(exc)) from None
+        # Nothing unfinished may grow without bound while we wait for its end: neither a
+        # stanza nor a tag (a start tag with megabytes of attributes is still at depth 1).
+        if self._fed - self._mark > self.max_stanza_bytes:
             raise StreamError("policy-violation", "stanza too large")
+
+    def idle(self) -> bool:
+        """Whether nothing but whitespace was fed after the last complete stanza."""
+        start = self._last_end - self._recent_start
+        return (
+            self._depth == 1
+            and start >= 0
+            and _END_TAG_THEN_SPACE.fullmatch(self._recent, start) is not None
+        )
+
+    def _condition_of(self, exc: expat.ExpatError) -> str:
+        if exc.code in _RESTRICTED_ERRORS:
+            return "restricted-xml"
+        # A DOCTYPE or ENTITY declaration inside the stream is an invalid token to expat,
+        # reported just after its "<!".
+        at = self._parser.ErrorByteIndex - self._recent_start
+        if exc.code == _INVALID_TOKEN and b"<!" in self._recent[max(at - 2, 0) : at + 2]:
+            return "restricted-xml"
+        return "not-well-formed"
 
     def _forbidden(self, *args: Any) -> None:
         raise StreamError("restricted-xml", "DOCTYPE, entities, comments and PIs are not allowed")
@@ -96,7 +133,7 @@ class XmlStreamParser:
             self._on_open(attributes)
             return
         if self._depth == 2:
-            self._stanza_start = self._parser.CurrentByteIndex
+            self._stanza_start = self._mark = self._parser.CurrentByteIndex
             element = ET.Element(tag, attributes)
         else:
             element = ET.SubElement(self._stack[-1], tag, attributes)
@@ -112,7 +149,7 @@ class XmlStreamParser:
             return
         element = self._stack.pop()
         if self._depth == 1:
-            end = self._parser.CurrentByteIndex
+            end = self._last_end = self._mark = self._parser.CurrentByteIndex
             if end - self._stanza_start > self.max_stanza_bytes:
                 raise StreamError("policy-violation", "stanza too large")
             self._on_stanza(element)
@@ -121,6 +158,10 @@ class XmlStreamParser:
         if self._depth < 2 or not self._stack:
             if data.strip():
                 raise StreamError("not-well-formed", "text outside stanzas")
+            # Whitespace keep-alives are consumed: what is pending starts after them. (Expat
+            # reports buffered text at its start or at the next event; never count past _fed.)
+            end = min(self._parser.CurrentByteIndex + len(data), self._fed)
+            self._mark = max(self._mark, end)
             return
         element = self._stack[-1]
         if len(element):
