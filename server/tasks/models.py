@@ -17,9 +17,12 @@ Ids = list[str]
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.utcoffset() is None:
+    if value is None:
+        return None
+    if value.utcoffset() is None:
         raise ValueError("needs a time zone, e.g. 2026-11-23T18:00:00Z")
-    return value
+    # stored to the millisecond (BSON): answer with what a later read will show
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
 class TaskFields(Patch):

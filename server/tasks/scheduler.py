@@ -1,8 +1,9 @@
 """A persisted scheduler for time-driven changes (deadlines passing).
 
-Jobs are documents in ``schedule`` with a ``due_at``. A due job is claimed by deleting it
-(``find_one_and_delete``): exactly one node wins it, so each deadline fires once however many
-nodes run the loop, and a restart loses nothing (the job is still in the database).
+Jobs are documents in ``schedule`` with a ``due_at``. A due job is claimed with a lease
+(``claimed_until``, set atomically): one node wins it, runs it and then deletes it. A node
+that dies or fails mid-job leaves the lease to expire, and the job runs again: a deadline is
+never lost, and handlers are written to be safe to repeat. A restart loses nothing.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
+from pymongo import ReturnDocument
+
 from server.store.database import Store, utcnow
 
 log = logging.getLogger(__name__)
 
 MAX_SLEEP = timedelta(seconds=1)  # also catches jobs written by other nodes or a CLI
+LEASE = timedelta(seconds=30)
 
 
 class Scheduler:
@@ -47,20 +51,34 @@ class Scheduler:
         fired = 0
         schedule = self._store["schedule"]
         while True:
-            job = await schedule.find_one_and_delete(
-                {"due_at": {"$lte": utcnow()}}, sort=[("due_at", 1)]
+            now = utcnow()
+            lease = now + LEASE
+            job = await schedule.find_one_and_update(
+                {
+                    "due_at": {"$lte": now},
+                    "$or": [{"claimed_until": None}, {"claimed_until": {"$lt": now}}],
+                },
+                {"$set": {"claimed_until": lease}},
+                sort=[("due_at", 1)],
+                return_document=ReturnDocument.AFTER,
             )
             if job is None:
                 return fired
             handler = self._handlers.get(job.get("kind", ""))
             if handler is None:
                 log.warning("no handler for scheduled job %s", job["_id"])
+                await schedule.delete_one({"_id": job["_id"], "claimed_until": lease})
                 continue
             try:
                 await handler(job["task_id"])
-                fired += 1
             except Exception:
-                log.exception("scheduled job %s failed", job["_id"])
+                log.exception("scheduled job %s failed; it runs again after its lease", job["_id"])
+                continue
+            # Only our own claim: a job rescheduled meanwhile (new due_at) stays.
+            await schedule.delete_one(
+                {"_id": job["_id"], "claimed_until": lease, "due_at": job["due_at"]}
+            )
+            fired += 1
 
     async def _run(self) -> None:
         while True:

@@ -170,6 +170,27 @@ class TaskService:
             raise not_found(f"task {task_id}")  # not "forbidden": its existence is private too
         return doc, facts, roles
 
+    async def _require_people(self, actor: Document, user_ids: list[str]) -> None:
+        """Everyone put on a task exists, is active, and is someone the actor may see."""
+        await self._require_users(user_ids)
+        async for other in self._store.users.find({"_id": {"$in": user_ids}}):
+            if not await self._directory.may_see(actor, other):
+                raise Problem(
+                    422, "unknown-reference", "Unknown reference", f"no active user {other['_id']}"
+                )
+
+    async def _require_group(self, actor: Document, group_id: str) -> None:
+        group = await self._store.workgroups.find_one({"_id": group_id})
+        if group is None or (
+            not actor.get("is_admin") and str(actor["_id"]) not in group.get("member_ids", [])
+        ):
+            raise Problem(
+                422,
+                "unknown-reference",
+                "Unknown reference",
+                f"workgroup {group_id} does not exist or you are not in it",
+            )
+
     async def _require_users(self, user_ids: list[str]) -> None:
         found = {
             str(d["_id"])
@@ -351,7 +372,8 @@ class TaskService:
                 "only administrators create tasks on behalf of someone else",
             )
         responsible_ids = list(dict.fromkeys(data.responsible_ids))
-        await self._require_users(
+        await self._require_people(
+            user,
             list(
                 {
                     author_id,
@@ -359,22 +381,14 @@ class TaskService:
                     *(data.participant_ids or []),
                     *(data.observer_ids or []),
                 }
-            )
+            ),
         )
         if data.parent_id is not None:
             await self._visible(user, data.parent_id)
         for predecessor in data.predecessor_ids:
             await self._visible(user, predecessor)
-        if (
-            data.group_id is not None
-            and await self._store.workgroups.find_one({"_id": data.group_id}) is None
-        ):
-            raise Problem(
-                422,
-                "unknown-reference",
-                "Unknown reference",
-                f"workgroup {data.group_id} does not exist",
-            )
+        if data.group_id is not None:
+            await self._require_group(user, data.group_id)
         if len(responsible_ids) == 1:
             doc = await self._insert(data, author_id, responsible_ids[0], data.parent_id, None)
             return [await self._after_create(user, doc)]
@@ -457,20 +471,39 @@ class TaskService:
             *changes.get("observer_ids", []),
         ]
         if any(people):
-            await self._require_users([p for p in people if p])
+            await self._require_people(user, [p for p in people if p])
+        if changes.get("group_id"):
+            await self._require_group(user, changes["group_id"])
         if not changes:
             return await self.out(doc, facts, actor_id, roles)
+        old = dict(doc)
         before_people = involved(doc)
+        before_viewers = await self.viewers_of(doc, facts)
+        if changes.get("responsible_id"):
+            # A new responsible person starts afresh: their acceptance, their timer.
+            people_list, tree = await self._people()
+            newcomer = next((p for p in people_list if p.id == changes["responsible_id"]), None)
+            supervises = newcomer is not None and doc["author_id"] in supervisors_of(newcomer, tree)
+            if Status(doc["status"]) in (Status.NEW, Status.PENDING, Status.IN_PROGRESS):
+                changes["status"] = int(
+                    initial_status(doc["author_id"], changes["responsible_id"], supervises)
+                )
+            changes.update(_stop_timer(doc, utcnow()))
         changes["updated_at"] = utcnow()
         doc = await self.tasks.find_one_and_update(
             {"_id": task_id},
             {"$set": changes, "$inc": {"update_count": 1}},
             return_document=ReturnDocument.AFTER,
         )
-        for name in changes:
-            if name != "updated_at":
+        for name in requested:
+            if name in changes:
                 await self._record(
-                    task_id, actor_id, "field", field=name, after=_plain(changes[name])
+                    task_id,
+                    actor_id,
+                    "field",
+                    field=name,
+                    before=_plain(old.get(name)),
+                    after=_plain(changes[name]),
                 )
         facts = await self.facts(doc)
         await self._mark_own_change_seen(doc, actor_id)
@@ -480,6 +513,7 @@ class TaskService:
             sorted(k for k in changes if k != "updated_at"),
             actor_id,
             before=before_people,
+            before_viewers=before_viewers,
         )
         return await self.out(doc, facts, actor_id, roles_of(await self.viewer(user), facts))
 
@@ -532,12 +566,7 @@ class TaskService:
         if status is Status.IN_PROGRESS and facts.status is not Status.IN_PROGRESS:
             changes["timer_started_at"] = now
         elif facts.status is Status.IN_PROGRESS and status is not Status.IN_PROGRESS:
-            started = doc.get("timer_started_at")
-            changes["timer_started_at"] = None
-            if started is not None:
-                changes["time_spent_seconds"] = int(doc.get("time_spent_seconds", 0)) + int(
-                    (now - started).total_seconds()
-                )
+            changes.update(_stop_timer(doc, now))
         if status in (Status.COMPLETED, Status.DECLINED):
             changes["closed_at"] = now
         elif facts.status in (Status.COMPLETED, Status.DECLINED):
@@ -585,6 +614,11 @@ class TaskService:
             tags=doc.get("tags", []),
             priority=doc.get("priority", "medium"),
             require_approval=bool(doc.get("require_approval")),
+            responsible_may_change_deadline=bool(doc.get("responsible_may_change_deadline")),
+            include_in_report=bool(doc.get("include_in_report", True)),
+            planned_start=doc.get("planned_start"),
+            planned_end=doc.get("planned_end"),
+            predecessor_ids=doc.get("predecessor_ids", []),
         )
         copy = await self._insert(data, str(user["_id"]), doc["responsible_id"], doc["_id"], None)
         await self._after_create(user, copy)
@@ -593,6 +627,8 @@ class TaskService:
     async def _delete(self, doc: Document, facts: TaskFacts, actor_id: str) -> None:
         viewers = await self.viewers_of(doc, facts)
         await self.tasks.delete_one({"_id": doc["_id"]})
+        # Subtasks and copies live on, as tasks of their own.
+        await self.tasks.update_many({"parent_id": doc["_id"]}, {"$set": {"parent_id": None}})
         for name in ("task_comments", "task_views", "task_history"):
             await self._store[name].delete_many({"task_id": doc["_id"]})
         await self._store["schedule"].delete_many({"task_id": doc["_id"]})
@@ -675,6 +711,7 @@ class TaskService:
         actor_id: str | None,
         *,
         before: set[str],
+        before_viewers: set[str] | None = None,
         action: str | None = None,
         comment: dict[str, Any] | None = None,
     ) -> None:
@@ -697,7 +734,7 @@ class TaskService:
                 data["comment"] = comment
             await self._streams.append(user_stream(user_id), "task.updated", data)
         now_involved = involved(doc)
-        for user_id in sorted((before | now_involved) - viewers):
+        for user_id in sorted((before | now_involved | (before_viewers or set())) - viewers):
             await self._streams.append(
                 user_stream(user_id), "task.removed", {"task_id": doc["_id"], "by": actor_id}
             )
@@ -779,7 +816,14 @@ class TaskService:
             return
         await schedule.update_one(
             {"_id": f"task-deadline|{doc['_id']}"},
-            {"$set": {"task_id": doc["_id"], "due_at": due, "kind": "task-deadline"}},
+            {
+                "$set": {
+                    "task_id": doc["_id"],
+                    "due_at": due,
+                    "kind": "task-deadline",
+                    "claimed_until": None,
+                }
+            },
             upsert=True,
         )
         for wake in self.on_schedule_changed:
@@ -791,9 +835,22 @@ class TaskService:
         if doc is None:
             return
         facts = await self.facts(doc)
-        if is_overdue(facts, utcnow()):
+        deadline = facts.deadline
+        already = deadline is not None and await self._store["task_history"].find_one(
+            {"task_id": task_id, "kind": "overdue", "at": {"$gte": deadline}}
+        )
+        if is_overdue(facts, utcnow()) and not already:  # a repeated run records it once
             await self._record(task_id, None, "overdue")
         await self._announce(doc, facts, ["deadline_state"], None, before=involved(doc))
+
+
+def _stop_timer(doc: Document, now: datetime) -> Document:
+    """The changes that stop a running timer, adding its time to the time spent."""
+    started = doc.get("timer_started_at")
+    if started is None:
+        return {}
+    spent = int(doc.get("time_spent_seconds", 0)) + int((now - started).total_seconds())
+    return {"timer_started_at": None, "time_spent_seconds": spent}
 
 
 def _plain(value: Any) -> Any:
