@@ -12,7 +12,14 @@ import type {
   Message,
   PresenceView,
   SendResult,
+  Task,
+  TaskComment,
+  TaskCounters,
+  TaskCreate,
+  TaskHistoryEntry,
+  TaskUpdate,
   User,
+  Workgroup,
 } from "./core/types";
 
 type Method = "GET" | "POST" | "PUT" | "PATCH" | "DELETE";
@@ -119,5 +126,45 @@ export class Api {
   /** Jabber client settings for the caller; 404 when XMPP is turned off. */
   xmppAccount() {
     return this.call<XmppAccount>("GET", "/xmpp/account");
+  }
+
+  // tasks -------------------------------------------------------------------------------------
+  tasks(params: { role?: string; status?: string; limit?: number; offset?: number } = {}) {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(params)) if (v !== undefined) q.set(k, String(v));
+    return this.call<{ tasks: Task[] }>("GET", `/tasks?${q}`);
+  }
+  /** The task; reading it marks it seen for the caller. */
+  task(taskId: string) {
+    return this.call<Task>("GET", `/tasks/${encodeURIComponent(taskId)}`);
+  }
+  createTask(body: TaskCreate) {
+    return this.call<{ tasks: Task[] }>("POST", "/tasks", body);
+  }
+  updateTask(taskId: string, body: TaskUpdate) {
+    return this.call<Task>("PATCH", `/tasks/${encodeURIComponent(taskId)}`, body);
+  }
+  /** Answers the task after the action (the new copy for `copy`), nothing for `delete`. */
+  taskAction(taskId: string, action: string) {
+    return this.call<Task | undefined>(
+      "POST",
+      `/tasks/${encodeURIComponent(taskId)}/actions/${encodeURIComponent(action)}`,
+    );
+  }
+  taskComments(taskId: string) {
+    return this.call<{ comments: TaskComment[] }>("GET", `/tasks/${encodeURIComponent(taskId)}/comments`);
+  }
+  commentTask(taskId: string, text: string) {
+    return this.call<TaskComment>("POST", `/tasks/${encodeURIComponent(taskId)}/comments`, { text });
+  }
+  taskHistory(taskId: string) {
+    return this.call<{ history: TaskHistoryEntry[] }>("GET", `/tasks/${encodeURIComponent(taskId)}/history`);
+  }
+  /** Every counter of the caller: messenger and tasks. */
+  allCounters() {
+    return this.call<{ im: ImCounters; tasks: TaskCounters }>("GET", "/counters");
+  }
+  workgroups() {
+    return this.call<Workgroup[]>("GET", "/workgroups");
   }
 }

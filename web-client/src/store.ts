@@ -7,6 +7,7 @@ import { mergeMessages, newClientId, newestConfirmed, oldestConfirmed, pendingMe
 import * as presence from "./core/presence";
 import { ApiError } from "./core/problem";
 import { isEnvelope, StreamTracker } from "./core/streams";
+import * as tasks from "./core/tasks";
 import {
   HEARTBEAT_EVERY_MS,
   IdleTracker,
@@ -29,7 +30,13 @@ import type {
   PresenceStatus,
   PresenceView,
   Snapshot,
+  Task,
+  TaskComment,
+  TaskHistoryEntry,
+  TaskRemovedData,
+  TaskUpdatedData,
   User,
+  Workgroup,
 } from "./core/types";
 import * as unread from "./core/unread";
 import { Realtime } from "./realtime";
@@ -37,8 +44,9 @@ import { beep, notifySystem } from "./notify";
 
 const TOKEN_KEY = "portalhub.token";
 const PAGE_SIZE = 50;
+const TASK_PAGE = 500;
 
-export type View = "messenger" | "employees" | "jabber";
+export type View = "messenger" | "employees" | "jabber" | "tasks";
 
 export interface Toast {
   id: number;
@@ -81,9 +89,26 @@ export const state = reactive({
   composeOpen: false,
   pageVisible: true,
   pageFocused: true,
+  // tasks
+  tasks: {} as tasks.TaskMap,
+  tasksLoaded: false,
+  taskCounters: tasks.emptyTaskCounters(),
+  workgroups: [] as Workgroup[],
+  taskRole: "all" as tasks.RoleFilter,
+  taskStatus: "all" as tasks.StatusFilter,
+  /** Tasks whose subtasks are unfolded in the list. */
+  taskExpanded: {} as Record<string, boolean>,
+  openTaskId: null as string | null,
+  taskComments: {} as Record<string, TaskComment[]>,
+  taskHistory: {} as Record<string, TaskHistoryEntry[]>,
+  /** The new-task form, open with these presets (e.g. the parent of a subtask); null: closed. */
+  taskForm: null as Partial<tasks.TaskForm> | null,
 });
 
 export const totalUnread = computed(() => unread.total(state.unread));
+/** The Tasks badge: see `tasksBadge` for what it counts. */
+export const tasksBadgeCount = computed(() => tasks.tasksBadge(state.taskCounters));
+export const openTask = computed<Task | null>(() => (state.openTaskId ? (state.tasks[state.openTaskId] ?? null) : null));
 export const openChat = computed(() => state.chats.find((c) => c.id === state.openChatId) ?? null);
 export const ownStatus = computed<PresenceStatus>(() => {
   if (state.own && presence.isStatus(state.own.status)) return state.own.status;
@@ -218,6 +243,7 @@ function clearSession(): void {
   localStorage.removeItem(TOKEN_KEY);
   stopTimers();
   tracker.clear();
+  askedForGroups.clear();
   api.token = null;
   Object.assign(state, {
     token: null,
@@ -238,6 +264,17 @@ function clearSession(): void {
     toasts: [],
     composeOpen: false,
     view: "messenger",
+    tasks: {},
+    tasksLoaded: false,
+    taskCounters: tasks.emptyTaskCounters(),
+    workgroups: [],
+    taskRole: "all",
+    taskStatus: "all",
+    taskExpanded: {},
+    openTaskId: null,
+    taskComments: {},
+    taskHistory: {},
+    taskForm: null,
   });
 }
 
@@ -252,6 +289,7 @@ function installPageListeners(): void {
     state.pageVisible = document.visibilityState === "visible";
     state.pageFocused = document.hasFocus();
     if (state.openChatId) void markRead(state.openChatId);
+    if (state.openTaskId) void markTaskSeen(state.openTaskId);
   };
   document.addEventListener("visibilitychange", refresh);
   window.addEventListener("focus", refresh);
@@ -341,8 +379,10 @@ function handleEvent(name: string, payload: unknown): void {
       break;
     }
     case "counters.changed": {
+      // One key per module ({im}, {tasks}, or both): each one replaces only its own part.
       const im = data.im as ImCounters | undefined;
       if (im) state.unread = unread.applyCounters(state.unread, im);
+      state.taskCounters = tasks.applyTaskCounters(state.taskCounters, data);
       break;
     }
     case "im.typing": {
@@ -371,12 +411,15 @@ async function onSnapshot(snapshot: Snapshot): Promise<void> {
   const { reload } = tracker.onSnapshot(snapshot.streams ?? {});
   state.presence = presence.fromSnapshot(snapshot.presence, state.presence);
   if (snapshot.counters?.im) state.unread = unread.applyCounters(state.unread, snapshot.counters.im);
+  state.taskCounters = tasks.applyTaskCounters(state.taskCounters, snapshot.counters);
   if (snapshot.settings?.im) state.settings = { ...snapshot.settings.im };
   state.connection = "connected";
   state.everConnected = true;
   const me = state.me;
   if (!me) return;
   if (first || reload.includes(`user:${me.id}`)) {
+    void loadTasks();
+    void loadWorkgroups();
     await loadDialogs(!first);
     void loadOwnPresence();
   } else if (reload.length) {
@@ -426,6 +469,12 @@ function applyEnvelope(type: string, data: Record<string, unknown>, afterSnapsho
     }
     case "im.settings":
       state.settings = { ...(data.settings as ImSettings) };
+      break;
+    case "task.updated":
+      onTaskUpdated(data as unknown as TaskUpdatedData);
+      break;
+    case "task.removed":
+      onTaskRemoved(data as unknown as TaskRemovedData);
       break;
     case "user.updated": {
       const user = data.user as User;
@@ -493,13 +542,16 @@ async function reloadStream(stream: string): Promise<void> {
     } catch (error) {
       reportError(error, "Reload failed");
     }
-    await loadDialogs(true);
+    await Promise.all([loadDialogs(true), loadTasks()]);
+    if (state.openTaskId) void refreshOpenTask(state.openTaskId);
   } else if (stream.startsWith("chat:")) {
     await loadDialogs(false);
     resetChat(stream.slice(5));
   }
   try {
-    state.unread = unread.applyCounters(state.unread, await api.counters());
+    const counters = await api.allCounters();
+    state.unread = unread.applyCounters(state.unread, counters.im);
+    state.taskCounters = tasks.applyTaskCounters(state.taskCounters, counters);
   } catch {
     // the next counters.changed will do
   }
@@ -606,6 +658,11 @@ export async function loadOlder(chatId: string): Promise<number> {
 export function setView(view: View): void {
   state.view = view;
   if (view === "messenger" && state.openChatId) void markRead(state.openChatId);
+  if (view === "tasks") {
+    if (!state.tasksLoaded) void loadTasks();
+    void loadWorkgroups();
+    if (state.openTaskId) void markTaskSeen(state.openTaskId);
+  }
 }
 
 export async function openChatById(chatId: string): Promise<void> {
@@ -744,4 +801,266 @@ export async function setOwnPresence(choice: presence.OwnChoice): Promise<void> 
 export async function reconnectNow(): Promise<void> {
   if (!state.token) return;
   realtime.start();
+}
+
+// tasks -------------------------------------------------------------------------------------------
+
+/** Live changes seen while a full task reload is on its way (one map per reload running). */
+const taskLoads = new Set<Map<string, tasks.Touch>>();
+
+/** A task from the hub (event or REST answer) into the list; a newer copy known stays. */
+function putTask(task: Task): void {
+  state.tasks = tasks.upsertTask(state.tasks, task);
+  const kept = state.tasks[task.id];
+  if (kept) for (const touched of taskLoads) touched.set(task.id, { kind: "updated", task: kept });
+  const group = task.group_id;
+  if (group && !askedForGroups.has(group) && !state.workgroups.some((g) => g.id === group)) {
+    askedForGroups.add(group); // once: a group I may not see stays "Other workgroup"
+    void loadWorkgroups();
+  }
+}
+
+const askedForGroups = new Set<string>();
+
+function dropTask(taskId: string): void {
+  state.tasks = tasks.removeTask(state.tasks, taskId);
+  for (const touched of taskLoads) touched.set(taskId, { kind: "removed" });
+}
+
+/** Every task the user may see (the filters apply to this list, as the hub's would). */
+export async function loadTasks(): Promise<void> {
+  const touched = new Map<string, tasks.Touch>();
+  taskLoads.add(touched);
+  try {
+    const all: Task[] = [];
+    for (let offset = 0; offset < 10_000; offset += TASK_PAGE) {
+      const page = (await api.tasks({ role: "all", limit: TASK_PAGE, offset })).tasks;
+      all.push(...page);
+      if (page.length < TASK_PAGE) break;
+    }
+    state.tasks = tasks.replaceTasks(all, touched);
+    state.tasksLoaded = true;
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 401)) reportError(error, "Could not load tasks");
+  } finally {
+    taskLoads.delete(touched);
+  }
+}
+
+const workgroupsCall = { running: false, again: false };
+
+export async function loadWorkgroups(): Promise<void> {
+  if (workgroupsCall.running) {
+    workgroupsCall.again = true;
+    return;
+  }
+  workgroupsCall.running = true;
+  try {
+    state.workgroups = await api.workgroups();
+  } catch {
+    // the list shows "Other workgroup" until the next load
+  } finally {
+    workgroupsCall.running = false;
+    if (workgroupsCall.again) {
+      workgroupsCall.again = false;
+      void loadWorkgroups();
+    }
+  }
+}
+
+function onTaskUpdated(data: TaskUpdatedData): void {
+  const task = data.task;
+  putTask(task);
+  if (data.comment) {
+    const known = state.taskComments[task.id];
+    if (known) state.taskComments = { ...state.taskComments, [task.id]: tasks.mergeComments(known, [data.comment]) };
+  }
+  if (state.openTaskId === task.id) {
+    void loadTaskHistory(task.id);
+    if (data.comment && !state.taskComments[task.id]) void loadTaskComments(task.id);
+    void markTaskSeen(task.id);
+  }
+}
+
+function onTaskRemoved(data: TaskRemovedData): void {
+  const wasOpen = state.openTaskId === data.task_id;
+  const title = state.tasks[data.task_id]?.title;
+  dropTask(data.task_id);
+  if (wasOpen) {
+    state.openTaskId = null;
+    const by = data.by && data.by !== state.me?.id ? ` by ${userName(data.by)}` : "";
+    toast({
+      kind: "info",
+      title: "Task closed",
+      text: `“${title ?? "The task"}” was deleted${by}, or is no longer visible to you.`,
+    });
+  }
+}
+
+/** The open task page is being read: shown, the page visible and focused. */
+function readingTask(taskId: string): boolean {
+  return state.openTaskId === taskId && state.view === "tasks" && state.pageVisible && state.pageFocused;
+}
+
+const seenCalls: Record<string, { running: boolean; again: boolean }> = {};
+
+/**
+ * Changes by others to the task on screen are read as they come: reading the task again
+ * marks it seen on the hub (and its counters follow with counters.changed).
+ */
+async function markTaskSeen(taskId: string): Promise<void> {
+  const task = state.tasks[taskId];
+  if (!task || !readingTask(taskId) || (task.unseen_updates === 0 && task.unseen_comments === 0)) return;
+  const entry = (seenCalls[taskId] ??= { running: false, again: false });
+  if (entry.running) {
+    entry.again = true;
+    return;
+  }
+  entry.running = true;
+  try {
+    putTask(await api.task(taskId));
+  } catch {
+    // the next change or opening will do
+  } finally {
+    entry.running = false;
+    if (entry.again) {
+      entry.again = false;
+      void markTaskSeen(taskId);
+    }
+  }
+}
+
+const historyCalls: Record<string, { running: boolean; again: boolean }> = {};
+
+async function loadTaskHistory(taskId: string): Promise<void> {
+  const entry = (historyCalls[taskId] ??= { running: false, again: false });
+  if (entry.running) {
+    entry.again = true;
+    return;
+  }
+  entry.running = true;
+  try {
+    const { history } = await api.taskHistory(taskId);
+    state.taskHistory = { ...state.taskHistory, [taskId]: history };
+  } catch {
+    // shown as it was
+  } finally {
+    entry.running = false;
+    if (entry.again) {
+      entry.again = false;
+      void loadTaskHistory(taskId);
+    }
+  }
+}
+
+async function loadTaskComments(taskId: string): Promise<void> {
+  try {
+    const { comments } = await api.taskComments(taskId);
+    state.taskComments = {
+      ...state.taskComments,
+      [taskId]: tasks.mergeComments(state.taskComments[taskId] ?? [], comments),
+    };
+  } catch {
+    // shown as they were
+  }
+}
+
+/** The task itself (marking it seen), its comments and its history, from the hub. */
+async function refreshOpenTask(taskId: string): Promise<void> {
+  try {
+    putTask(await api.task(taskId));
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) {
+      dropTask(taskId);
+      if (state.openTaskId === taskId) state.openTaskId = null;
+      toast({ kind: "error", title: "Task not found", text: "It was deleted, or it is not visible to you." });
+      return;
+    }
+    reportError(error, "Could not load the task");
+    return;
+  }
+  await Promise.all([loadTaskComments(taskId), loadTaskHistory(taskId)]);
+}
+
+export async function openTaskById(taskId: string): Promise<void> {
+  state.view = "tasks";
+  state.openTaskId = taskId;
+  state.taskForm = null;
+  await refreshOpenTask(taskId);
+}
+
+export function closeTask(): void {
+  state.openTaskId = null;
+}
+
+export function setTaskFilter(role: tasks.RoleFilter, status: tasks.StatusFilter): void {
+  state.taskRole = role;
+  state.taskStatus = status;
+  state.openTaskId = null;
+}
+
+export function toggleTaskExpanded(taskId: string): void {
+  const next = { ...state.taskExpanded };
+  if (next[taskId]) delete next[taskId];
+  else next[taskId] = true;
+  state.taskExpanded = next;
+}
+
+export function openTaskForm(presets: Partial<tasks.TaskForm> = {}): void {
+  state.taskForm = presets;
+  void loadWorkgroups();
+}
+
+/** Create the task(s) of the form: the answer (master first) goes into the list at once. */
+export async function createTask(form: tasks.TaskForm): Promise<Task[]> {
+  const created = (await api.createTask(tasks.taskCreateBody(form))).tasks;
+  for (const t of created) putTask(t);
+  if (form.parentId) state.taskExpanded = { ...state.taskExpanded, [form.parentId]: true };
+  return created;
+}
+
+/** An action of the task page (one of the task's `allowed_actions`). */
+export async function runTaskAction(taskId: string, action: string): Promise<void> {
+  try {
+    const answer = await api.taskAction(taskId, action);
+    if (action === "delete") {
+      dropTask(taskId);
+      if (state.openTaskId === taskId) state.openTaskId = null;
+      return;
+    }
+    if (!answer) return;
+    putTask(answer);
+    if (action === "copy") await openTaskById(answer.id);
+  } catch (error) {
+    reportError(error, "Could not do that");
+    if (error instanceof ApiError && error.status === 409) void refreshOpenTask(taskId);
+  }
+}
+
+export async function commentTask(taskId: string, text: string): Promise<boolean> {
+  if (!text.trim()) return false;
+  try {
+    const comment = await api.commentTask(taskId, text);
+    state.taskComments = {
+      ...state.taskComments,
+      [taskId]: tasks.mergeComments(state.taskComments[taskId] ?? [], [comment]),
+    };
+    return true;
+  } catch (error) {
+    reportError(error, "Comment not posted");
+    return false;
+  }
+}
+
+export async function rateTask(taskId: string, rating: "positive" | "negative" | null): Promise<void> {
+  try {
+    putTask(await api.updateTask(taskId, { rating }));
+  } catch (error) {
+    reportError(error, "Could not rate the task");
+  }
+}
+
+export function workgroupName(groupId: string | null | undefined): string {
+  if (!groupId) return tasks.NO_WORKGROUP;
+  return state.workgroups.find((g) => g.id === groupId)?.name ?? "Other workgroup";
 }

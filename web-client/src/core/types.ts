@@ -91,7 +91,7 @@ export interface PresenceView {
 }
 
 export interface Snapshot {
-  counters?: { im?: ImCounters };
+  counters?: { im?: ImCounters; tasks?: TaskCounters };
   presence?: Record<string, PresenceStatus>;
   settings?: { im?: ImSettings };
   streams: Record<string, number>;
@@ -130,4 +130,148 @@ export interface Problem {
   status?: number;
   detail?: string;
   errors?: { loc: string[]; msg: string; type: string }[];
+}
+
+// tasks (server/tasks/models.py) -------------------------------------------------------------------
+
+export type TaskStatusName =
+  | "new"
+  | "pending"
+  | "in_progress"
+  | "awaiting_control"
+  | "completed"
+  | "deferred"
+  | "declined";
+
+export type TaskPriority = "low" | "medium" | "high";
+
+/** TaskOut: a task as one user sees it (`my_roles`, `allowed_actions` and `unseen_*` are theirs). */
+export interface Task {
+  id: string;
+  title: string;
+  description: string;
+  /** 1 new, 2 pending, 3 in progress, 4 awaiting control, 5 completed, 6 deferred, 7 declined */
+  status: number;
+  status_name: TaskStatusName;
+  overdue: boolean;
+  author_id: string;
+  responsible_id: string;
+  participant_ids: string[];
+  observer_ids: string[];
+  group_id: string | null;
+  parent_id: string | null;
+  master_id: string | null;
+  predecessor_ids: string[];
+  tags: string[];
+  priority: TaskPriority;
+  deadline: string | null;
+  planned_start: string | null;
+  planned_end: string | null;
+  require_approval: boolean;
+  responsible_may_change_deadline: boolean;
+  include_in_report: boolean;
+  rating: "positive" | "negative" | null;
+  time_spent_seconds: number;
+  timer_started_at: string | null;
+  created_at: string;
+  updated_at: string;
+  closed_at: string | null;
+  comment_count: number;
+  my_roles: string[];
+  allowed_actions: string[];
+  unseen_updates: number;
+  unseen_comments: number;
+}
+
+/** TaskCreate: with several `responsible_ids` the hub makes a master task and one copy each. */
+export interface TaskCreate {
+  title: string;
+  description?: string;
+  responsible_ids: string[];
+  participant_ids?: string[];
+  observer_ids?: string[];
+  group_id?: string | null;
+  parent_id?: string | null;
+  predecessor_ids?: string[];
+  tags?: string[];
+  priority?: TaskPriority;
+  deadline?: string | null;
+  planned_start?: string | null;
+  planned_end?: string | null;
+  require_approval?: boolean;
+  responsible_may_change_deadline?: boolean;
+  include_in_report?: boolean;
+}
+
+export interface TaskUpdate {
+  title?: string;
+  description?: string;
+  priority?: TaskPriority;
+  deadline?: string | null;
+  rating?: "positive" | "negative" | null;
+  [field: string]: unknown;
+}
+
+export interface TaskComment {
+  id: string;
+  task_id: string;
+  author_id: string;
+  text: string;
+  created_at: string;
+}
+
+export interface TaskHistoryEntry {
+  id: string;
+  task_id: string;
+  user_id: string | null;
+  /** created, action, field, comment, overdue */
+  kind: string;
+  action?: string | null;
+  field?: string | null;
+  before?: unknown;
+  after?: unknown;
+  at: string;
+}
+
+/** One role's task counters (server/tasks/rules.py `RoleCounters`). */
+export interface RoleCounters {
+  new: number;
+  in_progress: number;
+  awaiting_control: number;
+  overdue: number;
+  expiring_soon: number;
+  without_deadline: number;
+  deferred: number;
+  new_comments: number;
+}
+
+export interface TaskCounters {
+  responsible: RoleCounters;
+  participant: RoleCounters;
+  observer: RoleCounters;
+  author: RoleCounters;
+  total: RoleCounters;
+}
+
+/** `task.updated` on the personal stream: the task with the recipient's roles and actions. */
+export interface TaskUpdatedData {
+  task: Task;
+  changed: string[];
+  by: string | null;
+  action?: string;
+  comment?: TaskComment;
+}
+
+export interface TaskRemovedData {
+  task_id: string;
+  by: string | null;
+}
+
+export interface Workgroup {
+  id: string;
+  name: string;
+  description: string;
+  owner_id: string;
+  member_ids: string[];
+  moderator_ids: string[];
 }

@@ -1,0 +1,95 @@
+"""``python -m bench [--quick] [--no-doc] [--keep]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.procs import REPO, BenchError, ensure_node_modules
+from bench.profiles import FULL, QUICK
+from bench.report import markdown, update_doc
+from bench.runner import Run, machine_busy
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DOC = REPO / "docs" / "benchmarks.md"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="a 1-2 minute smoke run (small N, short phases)"
+    )
+    doc = parser.add_mutually_exclusive_group()
+    doc.add_argument(
+        "--no-doc", action="store_true", help="do not update docs/benchmarks.md (full run)"
+    )
+    doc.add_argument(
+        "--doc", action="store_true", help="update docs/benchmarks.md even after --quick"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the hub's data directory")
+    parser.add_argument(
+        "--hub-db-options",
+        default="",
+        metavar="OPTIONS",
+        help="experiment: start the hub's database here and let the hub reach it through "
+        "PORTALHUB_MONGODB_URL with these URL options (e.g. retryWrites=false); "
+        "the results then do not go into docs/benchmarks.md",
+    )
+    parser.add_argument(
+        "--no-client-deflate",
+        action="store_true",
+        help="experiment: clients do not offer permessage-deflate (browsers do); "
+        "the results then do not go into docs/benchmarks.md",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"bench [{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    try:
+        ensure_node_modules(sys.stderr)
+        busy = machine_busy(2.0)
+        if busy > 30:
+            say(f"warning: other processes use {busy:.0f}% of a core; the figures will be low")
+        run = Run(
+            profile,
+            say,
+            hub_db_options=args.hub_db_options,
+            client_deflate=not args.no_client_deflate,
+        )
+        results = asyncio.run(run.run(keep=args.keep))
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    RESULTS_DIR.mkdir(exist_ok=True)
+    payload = json.dumps(results, indent=2, sort_keys=True)
+    stamp = results["meta"]["date"].replace(":", "").replace("-", "")
+    experiment = bool(args.hub_db_options or args.no_client_deflate)
+    name = profile.name + ("-experiment" if experiment else "")
+    if not experiment:
+        (RESULTS_DIR / "latest.json").write_text(payload + "\n")
+    (RESULTS_DIR / f"{name}-{stamp}.json").write_text(payload + "\n")
+    block = markdown(results)
+    print(block)
+    say(f"results in {RESULTS_DIR}")
+    if experiment:
+        return 0
+    if (not args.quick and not args.no_doc) or args.doc:
+        if update_doc(DOC, block):
+            say(f"updated the results block of {DOC}")
+        else:
+            say(f"{DOC} has no results markers: paste the block above by hand")
+    return 0

@@ -1,0 +1,73 @@
+"""The parameters of a run: ``full`` (what docs/benchmarks.md reports) and ``quick`` (smoke)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    # users created through the API; fan-out connections are spread over them round-robin
+    users: int
+    # 1:1 latency: one sender posts to one receiver at a fixed rate
+    direct_rate: float
+    direct_seconds: float
+    # 1:1 throughput: this many senders, each in its own dialog, one request in flight each
+    senders: int
+    saturation_seconds: float
+    # the database ceiling loop, sequential and with ``senders`` workers
+    ceiling_seconds: float
+    # fan-out: one group chat, this many connected clients (cumulative steps)
+    fanout_ns: tuple[int, ...]
+    # steady fan-out: messages/s offered at each N (the same for the hub and the reference)
+    fanout_rates: tuple[float, ...]
+    fanout_seconds: float
+    # saturated fan-out: publish whenever fewer than ``window`` messages are still on their way
+    window: int
+    fanout_saturation_seconds: float
+    # at the end: this many clients connect again, now that the group chat has a history
+    reconnect_clients: int = 50
+    warmup: float = 2.0
+    settle: float = 3.0
+
+    def fanout_rate(self, n: int) -> float:
+        return self.fanout_rates[self.fanout_ns.index(n)]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FULL = Profile(
+    name="full",
+    users=100,
+    direct_rate=20.0,
+    direct_seconds=20.0,
+    senders=8,
+    saturation_seconds=15.0,
+    ceiling_seconds=8.0,
+    fanout_ns=(100, 500, 1000),
+    fanout_rates=(5.0, 2.0, 1.0),
+    fanout_seconds=15.0,
+    window=4,
+    fanout_saturation_seconds=10.0,
+)
+
+QUICK = Profile(
+    name="quick",
+    users=20,
+    direct_rate=20.0,
+    direct_seconds=5.0,
+    senders=4,
+    saturation_seconds=4.0,
+    ceiling_seconds=3.0,
+    fanout_ns=(50, 200),
+    fanout_rates=(5.0, 2.0),
+    fanout_seconds=4.0,
+    window=4,
+    fanout_saturation_seconds=4.0,
+    reconnect_clients=20,
+    warmup=1.0,
+    settle=1.0,
+)

@@ -1,0 +1,364 @@
+"""Results as markdown tables: printed after a run and kept in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+Results = dict[str, Any]
+
+BEGIN = "<!-- bench:results:begin -->"
+END = "<!-- bench:results:end -->"
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    return f"{float(value):,.{digits}f}"
+
+
+def _ms(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    v = float(value)
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def _lat(summary: Results | None, keys: tuple[str, ...] = ("p50", "p99", "max")) -> str:
+    if not summary or not summary.get("n"):
+        return "n/a"
+    return " / ".join(_ms(summary.get(k)) for k in keys) + " ms"
+
+
+def _ratio(ours: Any, theirs: Any) -> str:
+    if ours is None or theirs is None or float(theirs) == 0:
+        return "n/a"
+    r = float(ours) / float(theirs)
+    return f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
+
+
+def _kib(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value) / 1024:,.1f} KiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _steps(side: Results) -> dict[int, Results]:
+    return {int(s["n"]): s for s in side.get("fanout", {}).get("steps", [])}
+
+
+def summary_rows(results: Results) -> list[list[str]]:
+    hub, ref = results.get("hub", {}), results.get("reference", {})
+    p = results["meta"]["profile"]
+    rows: list[list[str]] = []
+    hl, rl = hub.get("direct_latency", {}), ref.get("direct_latency", {})
+    hlat, rlat = hl.get("latency_ms", {}), rl.get("latency_ms", {})
+    rows.append(
+        [
+            f"1:1 latency p50 / p99 / max, {p['direct_rate']:g} msg/s "
+            f"for {p['direct_seconds']:g} s",
+            _lat(hlat),
+            _lat(rlat),
+            f"p50 {_ratio(hlat.get('p50'), rlat.get('p50'))}, "
+            f"p99 {_ratio(hlat.get('p99'), rlat.get('p99'))}",
+        ]
+    )
+    rows.append(
+        [
+            "1:1 POST answered, p50 / p99",
+            _lat(hl.get("http_ms"), ("p50", "p99")),
+            _lat(rl.get("http_ms"), ("p50", "p99")),
+            "",
+        ]
+    )
+    ceiling = results.get("db_ceiling", {})
+    k = p["senders"]
+
+    def ops(key: str) -> Any:
+        return ceiling.get(key, {}).get("ops_per_second")
+
+    seq, conc = ops("sequential"), ops("concurrent")
+    rows.append(
+        [
+            f"database ceiling ($inc + insert_one) ops/s, 1 / {k} workers, retryWrites on "
+            "(as the hub's client)",
+            f"{_num(seq)} / {_num(conc)}",
+            "",
+            "",
+        ]
+    )
+    rows.append(
+        [
+            f"database ceiling ops/s, 1 / {k} workers, retryWrites off",
+            f"{_num(ops('sequential_no_retry'))} / {_num(ops('concurrent_no_retry'))}",
+            "",
+            "",
+        ]
+    )
+    sat = hub.get("direct_saturation", {})
+    mps = sat.get("deliveries_per_second")
+    rows.append(
+        [
+            f"1:1 throughput, {k} senders in own dialogs (messages/s delivered)",
+            _num(mps),
+            "",
+            f"of the DB ceiling with 1 / {k} workers: {_ratio(mps, seq)} / {_ratio(mps, conc)} "
+            f"(retryWrites off: {_ratio(mps, ops('sequential_no_retry'))} / "
+            f"{_ratio(mps, ops('concurrent_no_retry'))})",
+        ]
+    )
+    hsteps, rsteps = _steps(hub), _steps(ref)
+    for n in p["fanout_ns"]:
+        hs, rs = hsteps.get(n, {}), rsteps.get(n, {})
+        hsat, rsat = hs.get("saturation", {}), rs.get("saturation", {})
+        hd, rd = hsat.get("deliveries_per_second"), rsat.get("deliveries_per_second")
+        rows.append(
+            [
+                f"fan-out to {n}: deliveries/s, saturated (≤{p['window']} msgs in flight)",
+                _num(hd),
+                _num(rd),
+                _ratio(hd, rd),
+            ]
+        )
+        hst, rst = hs.get("steady", {}), rs.get("steady", {})
+        hlat, rlat = hst.get("latency_ms", {}), rst.get("latency_ms", {})
+        rate = p["fanout_rates"][p["fanout_ns"].index(n)]
+        rows.append(
+            [
+                f"fan-out to {n}: latency p50 / p99 / max at {rate:g} msg/s",
+                _lat(hlat),
+                _lat(rlat),
+                f"p50 {_ratio(hlat.get('p50'), rlat.get('p50'))}, "
+                f"p99 {_ratio(hlat.get('p99'), rlat.get('p99'))}",
+            ]
+        )
+    hm = hub.get("fanout", {}).get("per_idle_connection", {})
+    rm = ref.get("fanout", {}).get("per_idle_connection", {})
+    top = max(p["fanout_ns"])
+    rows.append(
+        [
+            f"memory per idle connection, server process, (RSS - baseline) / {top}",
+            _kib(hm.get("server")),
+            _kib(rm.get("server")),
+            _ratio(hm.get("server"), rm.get("server")),
+        ]
+    )
+    rows.append(
+        [
+            "memory per idle connection, hub's database child",
+            _kib(hm.get("db")),
+            "",
+            "",
+        ]
+    )
+    hc = hsteps.get(top, {}).get("connect", {})
+    rc = rsteps.get(top, {}).get("connect", {})
+    rows.append(
+        [
+            f"connection set-up, step to {top}, empty chat (connections/s)",
+            _num(hc.get("per_second")),
+            _num(rc.get("per_second")),
+            _ratio(hc.get("per_second"), rc.get("per_second")),
+        ]
+    )
+    hr = hub.get("fanout", {}).get("reconnect", {})
+    rr = ref.get("fanout", {}).get("reconnect", {})
+    stored = hr.get("stored_before", {})
+    rows.append(
+        [
+            f"connection set-up of {p['reconnect_clients']} clients after the fan-out, "
+            f"{stored.get('messages', '?')} messages stored (connections/s)",
+            _num(hr.get("per_second"), 1),
+            _num(rr.get("per_second")),
+            _ratio(hr.get("per_second"), rr.get("per_second")),
+        ]
+    )
+    return rows
+
+
+def fanout_rows(results: Results) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for side in ("hub", "reference"):
+        for n, step in sorted(_steps(results.get(side, {})).items()):
+            for kind in ("steady", "saturation"):
+                r = step.get(kind, {})
+                lat = r.get("latency_ms", {})
+                rows.append(
+                    [
+                        side,
+                        str(n),
+                        kind,
+                        _num(r.get("messages_per_second"), 1),
+                        _num(r.get("deliveries_per_second")),
+                        _ms(lat.get("p50")),
+                        _ms(lat.get("p90")),
+                        _ms(lat.get("p99")),
+                        _ms(lat.get("max")),
+                        str(r.get("lost_deliveries", "n/a")),
+                        _ms(r.get("http_ms", {}).get("p50")),
+                    ]
+                )
+    return rows
+
+
+def memory_rows(results: Results) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for side in ("hub", "reference"):
+        fanout = results.get(side, {}).get("fanout", {})
+        base = fanout.get("baseline_rss", {})
+        for role in base:
+            cells = [side, role, f"{base[role] / 2**20:,.1f}"]
+            for step in fanout.get("steps", []):
+                mem = step["memory"]
+                cells.append(
+                    f"{mem['rss'][role] / 2**20:,.1f} ({_kib(mem['per_connection'][role])})"
+                )
+            rows.append(cells)
+    return rows
+
+
+def _ends(timeline: list[int] | None) -> str:
+    if not timeline:
+        return "n/a"
+    inner = timeline[:-1] if len(timeline) > 2 else timeline  # the last second may be partial
+    return f"{inner[0]:,} → {inner[-1]:,}"
+
+
+def history_rows(results: Results) -> list[list[str]]:
+    """What the hub had stored when each phase started, and how its rate moved in the phase."""
+    rows: list[list[str]] = []
+    for key, c in results.get("db_ceiling", {}).items():
+        rows.append(
+            [
+                f"database ceiling, {c['workers']} worker(s), "
+                f"retryWrites {'on' if c['retry_writes'] else 'off'} ({key})",
+                "",
+                _num(c["ops_per_second"]),
+                _ends(c.get("timeline")),
+            ]
+        )
+    hub = results.get("hub", {})
+    phases: list[Results] = [hub.get("direct_latency", {}), hub.get("direct_saturation", {})]
+    for step in _steps(hub).values():
+        phases += [step.get("steady", {}), step.get("saturation", {})]
+    phases.append(hub.get("fanout", {}).get("reconnect", {}))
+    for r in phases:
+        if not r:
+            continue
+        stored = r.get("stored_before", {})
+        rows.append(
+            [
+                r.get("phase", "?"),
+                f"{stored.get('messages', 'n/a')} / {stored.get('events', 'n/a')}",
+                _num(r.get("deliveries_per_second", r.get("per_second")), 1),
+                _ends(r.get("timeline")),
+            ]
+        )
+    return rows
+
+
+def cpu_rows(results: Results) -> list[list[str]]:
+    names = ["hub", "db", "reference", "loadgen", "bench", "other"]
+    rows = []
+    for phase in results.get("cpu_phases", []):
+        pct = phase["percent"]
+        rows.append(
+            [phase["name"], f"{phase['seconds']:.0f}"]
+            + [f"{pct[k]:.0f}" if k in pct else "" for k in names]
+        )
+    return rows
+
+
+def markdown(results: Results) -> str:
+    meta = results["meta"]
+    machine, versions, p = meta["machine"], meta["versions"], meta["profile"]
+    parts = [
+        f"Run of {meta['date']} (profile `{p['name']}`, {meta.get('seconds', 0):.0f} s), "
+        f"{machine['cores']} cores ({machine['cpu']}), {machine['memory_gib']} GiB, "
+        f"Linux {machine['kernel']}; load average at start "
+        f"{' / '.join(f'{x:.2f}' for x in meta['loadavg_start'])}, other processes busy "
+        f"{meta.get('busy_before_start_percent', 0):.0f}% of a core just before.",
+        "",
+        *(
+            [
+                "**Experiment, not the hub as shipped:** "
+                + (
+                    f"the hub reached its database with URL options `{meta['hub_db_options']}`. "
+                    if meta.get("hub_db_options")
+                    else ""
+                )
+                + (
+                    "Clients did not offer permessage-deflate."
+                    if meta.get("client_deflate") is False
+                    else ""
+                ),
+                "",
+            ]
+            if meta.get("hub_db_options") or meta.get("client_deflate") is False
+            else []
+        ),
+        "Versions: "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + ". Ratios are Portal Hub / Node socket.io (or / the database ceiling).",
+        "",
+        _table(["measurement", "Portal Hub", "Node socket.io", "ratio"], summary_rows(results)),
+        "",
+        "Fan-out detail (latency from just before the publishing POST to each receipt, ms; "
+        "`http` is the POST's own answer time):",
+        "",
+        _table(
+            [
+                "server",
+                "N",
+                "phase",
+                "msgs/s",
+                "deliveries/s",
+                "p50",
+                "p90",
+                "p99",
+                "max",
+                "lost",
+                "http p50",
+            ],
+            fanout_rows(results),
+        ),
+        "",
+        "History: messages / events the hub had stored when a phase began, and the rate "
+        "(ops/s or deliveries/s) over the phase, with its first and last whole second:",
+        "",
+        _table(["phase", "stored before", "rate", "first → last second"], history_rows(results)),
+        "",
+        "Memory: RSS in MiB with no client, then with N idle clients connected (before any "
+        "message was published to them), and in brackets (RSS - baseline) / N:",
+        "",
+        _table(
+            ["server", "process", "no client"] + [f"N = {n}" for n in p["fanout_ns"]],
+            memory_rows(results),
+        ),
+        "",
+        "CPU during each phase, % of one core (the machine has "
+        f"{machine['cores']}; `other` is everything else running on it):",
+        "",
+        _table(
+            ["phase", "s", "hub", "db", "reference", "loadgen", "bench", "other"],
+            cpu_rows(results),
+        ),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def update_doc(path: Path, block: str) -> bool:
+    """Replace the results block of ``path``; False when the file has no markers."""
+    if not path.exists():
+        return False
+    text = path.read_text()
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
+    if not pattern.search(text):
+        return False
+    path.write_text(pattern.sub(lambda _: f"{BEGIN}\n{block}{END}", text, count=1))
+    return True

@@ -1,0 +1,412 @@
+"""One benchmark run: the hub and the Node reference under the same load, one after the other."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import dbceiling
+from bench.fixtures import Fixtures, make_fixtures
+from bench.loadgen import LoadGen, Reply
+from bench.procs import (
+    CLOCK_TICKS,
+    HUB_LIMITS,
+    NODE_DIR,
+    CpuMeter,
+    machine_ticks,
+    node_version,
+    rss_bytes,
+    start_hub,
+    start_reference,
+)
+from bench.profiles import Profile
+
+Results = dict[str, Any]
+Say = Callable[[str], None]
+
+
+async def _no_gc() -> None:
+    return None
+
+
+async def _nothing_stored() -> dict[str, int]:
+    return {}
+
+
+@dataclass
+class Target:
+    """A server under test, as the scenarios see it."""
+
+    name: str
+    url: str
+    pids: dict[str, int]  # "server", and "db" for the hub
+    # per dialog: (sender for the load generator, receiver's auth object)
+    dialogs: list[tuple[dict[str, Any], dict[str, str]]]
+    fanout_auths: list[dict[str, str]]
+    fanout_sender: dict[str, Any]
+    gc: Callable[[], Awaitable[None]] = _no_gc
+    # the server's history size (messages, events) at the start of a phase
+    stored: Callable[[], Awaitable[dict[str, int]]] = _nothing_stored
+    results: Results = field(default_factory=dict)
+
+    def rss(self) -> dict[str, int]:
+        return {role: rss_bytes(pid) for role, pid in self.pids.items()}
+
+
+def hub_target(url: str, pids: dict[str, int], db_port: int, fx: Fixtures) -> Target:
+    post = f"{url}/api/v1/im/messages"
+
+    async def stored() -> dict[str, int]:
+        return await asyncio.to_thread(dbceiling.stored, db_port)
+
+    def sender(token: str, chat_id: str) -> dict[str, Any]:
+        return {
+            "url": post,
+            "headers": {"Authorization": f"Bearer {token}"},
+            "body": {"chat_id": chat_id},
+        }
+
+    return Target(
+        name="hub",
+        url=url,
+        pids=pids,
+        dialogs=[
+            (sender(d.sender.token, d.chat_id), {"token": d.receiver.token}) for d in fx.dialogs
+        ],
+        fanout_auths=[{"token": u.token} for u in fx.users],
+        fanout_sender=sender(fx.group_owner.token, fx.group_chat_id),
+        stored=stored,
+    )
+
+
+def reference_target(url: str, pid: int, dialogs: int, users: int) -> Target:
+    post = f"{url}/publish"
+
+    async def gc() -> None:
+        async with aiohttp.ClientSession() as session, session.post(f"{url}/gc") as response:
+            await response.read()
+
+    return Target(
+        name="reference",
+        url=url,
+        pids={"server": pid},
+        dialogs=[
+            ({"url": post, "body": {"room": f"dm-{k}"}}, {"token": f"r{k}", "room": f"dm-{k}"})
+            for k in range(dialogs)
+        ],
+        fanout_auths=[{"token": f"u{i}", "room": "chat"} for i in range(users)],
+        fanout_sender={"url": post, "body": {"room": "chat"}},
+        gc=gc,
+    )
+
+
+class Run:
+    def __init__(
+        self, profile: Profile, say: Say, hub_db_options: str = "", client_deflate: bool = True
+    ) -> None:
+        self.profile = profile
+        self.say = say
+        self.hub_db_options = hub_db_options
+        self.client_deflate = client_deflate
+        self.meter = CpuMeter()
+
+    @contextlib.asynccontextmanager
+    async def _phase(self, target: Target, name: str) -> AsyncIterator[Results]:
+        """One measured phase: the history size before it, the CPU used during it."""
+        info: Results = {"phase": name, "stored_before": await target.stored()}
+        self.say(name)
+        with self.meter.phase(name) as cpu:
+            yield info
+        info["cpu_percent"] = {k: round(v, 1) for k, v in cpu.percent.items()}
+
+    async def direct_latency(self, target: Target, loadgen: LoadGen) -> Reply:
+        p = self.profile
+        sender, receiver = target.dialogs[0]
+        await loadgen.connect(target.url, [receiver], 1, deflate=self.client_deflate)
+        async with self._phase(
+            target, f"{target.name}: 1:1 latency at {p.direct_rate:g}/s"
+        ) as info:
+            reply = await loadgen.publish(
+                mode="rate",
+                senders=[sender],
+                rate=p.direct_rate,
+                duration=p.direct_seconds,
+                warmup=p.warmup,
+                expect=1,
+            )
+        await loadgen.disconnect()
+        return {**reply, **info}
+
+    async def direct_saturation(self, target: Target, loadgen: LoadGen) -> Reply:
+        p = self.profile
+        dialogs = target.dialogs[: p.senders]
+        receivers = [receiver for _, receiver in dialogs]
+        await loadgen.connect(target.url, receivers, len(dialogs), deflate=self.client_deflate)
+        name = f"{target.name}: 1:1 saturation, {len(dialogs)} senders"
+        async with self._phase(target, name) as info:
+            reply = await loadgen.publish(
+                mode="closed",
+                senders=[sender for sender, _ in dialogs],
+                duration=p.saturation_seconds,
+                warmup=p.warmup,
+                expect=1,
+            )
+        await loadgen.disconnect()
+        return {**reply, **info}
+
+    async def fanout(self, target: Target, loadgen: LoadGen) -> Results:
+        """Memory first: idle clients connected in steps up to the largest N, RSS after each.
+        Then fan-out from the largest N down, closing clients between the steps."""
+        p = self.profile
+        await asyncio.sleep(p.settle)
+        await target.gc()
+        baseline = target.rss()
+        connected = 0
+        steps: dict[int, Results] = {}
+        for n in sorted(p.fanout_ns):
+            async with self._phase(target, f"{target.name}: connect {connected} -> {n}") as info:
+                reply = await loadgen.connect(
+                    target.url, target.fanout_auths, n - connected, deflate=self.client_deflate
+                )
+            await asyncio.sleep(p.settle)
+            await target.gc()
+            rss = target.rss()
+            steps[n] = {
+                "n": n,
+                "connect": {**reply, **info},
+                "memory": {
+                    "rss": rss,
+                    "added": n - connected,
+                    "per_connection": {role: (rss[role] - baseline[role]) / n for role in rss},
+                },
+            }
+            connected = n
+        for n in sorted(p.fanout_ns, reverse=True):
+            step = steps[n]
+            if connected > n:
+                await loadgen.disconnect(keep=n)
+                connected = n
+                await asyncio.sleep(p.settle)
+            rate = p.fanout_rate(n)
+            async with self._phase(
+                target, f"{target.name}: fan-out to {n}, {rate:g} msg/s"
+            ) as info:
+                reply = await loadgen.publish(
+                    mode="rate",
+                    senders=[target.fanout_sender],
+                    rate=rate,
+                    duration=p.fanout_seconds,
+                    warmup=p.warmup,
+                    expect=n,
+                )
+            step["steady"] = {**reply, **info, "rate": rate}
+            name = f"{target.name}: fan-out to {n}, saturated (window {p.window})"
+            async with self._phase(target, name) as info:
+                reply = await loadgen.publish(
+                    mode="window",
+                    senders=[target.fanout_sender],
+                    window=p.window,
+                    duration=p.fanout_saturation_seconds,
+                    warmup=p.warmup,
+                    expect=n,
+                )
+            step["saturation"] = {**reply, **info}
+        await loadgen.disconnect()
+        await asyncio.sleep(p.settle)
+        # Connecting costs the hub more once the chat has a history: measure that too.
+        name = f"{target.name}: connect {p.reconnect_clients} again, after the fan-out"
+        async with self._phase(target, name) as info:
+            reply = await loadgen.connect(
+                target.url,
+                target.fanout_auths,
+                p.reconnect_clients,
+                parallel=10,
+                deflate=self.client_deflate,
+            )
+        reconnect = {**reply, **info}
+        await loadgen.disconnect()
+        top = steps[max(p.fanout_ns)]["memory"]["per_connection"]
+        return {
+            "baseline_rss": baseline,
+            "steps": [steps[n] for n in sorted(steps)],
+            "per_idle_connection": top,
+            "reconnect": reconnect,
+        }
+
+    async def ceiling(self, db_port: int) -> Results:
+        """The database ceiling: first without retryable writes (they leave no trace in the
+        database), then as the hub's client is configured (pymongo's default, retryWrites on)."""
+        p = self.profile
+        out: Results = {}
+        for retry in (False, True):
+            for label, workers in (("sequential", 1), ("concurrent", p.senders)):
+                key = f"{label}{'' if retry else '_no_retry'}"
+                phase = f"database ceiling, {workers} worker(s), retryWrites={str(retry).lower()}"
+                self.say(phase)
+                with self.meter.phase(phase) as cpu:
+                    result = await asyncio.to_thread(
+                        dbceiling.measure, db_port, workers, p.ceiling_seconds, retry
+                    )
+                out[key] = {
+                    "workers": workers,
+                    "retry_writes": retry,
+                    "ops": result.ops,
+                    "seconds": result.seconds,
+                    "ops_per_second": result.ops_per_second,
+                    "timeline": result.timeline,
+                    "cpu_percent": {k: round(v, 1) for k, v in cpu.percent.items()},
+                }
+        await asyncio.to_thread(dbceiling.drop, db_port)
+        return out
+
+    async def run_hub(self, results: Results, keep: bool) -> None:
+        p = self.profile
+        data_dir = Path(tempfile.mkdtemp(prefix="portalhub-bench-"))
+        self.say(f"starting the hub on {data_dir}")
+        hub = await start_hub(data_dir, self.hub_db_options)
+        loadgen: LoadGen | None = None
+        try:
+            self.meter.pids.update(hub=hub.pid, db=hub.db_pid)
+            self.say(f"hub pid {hub.pid} at {hub.url}, database pid {hub.db_pid}")
+            fx = await make_fixtures(hub.url, p.users, p.senders)
+            self.say(f"fixtures: {len(fx.users)} users, dialogs, a group chat in {fx.seconds:.1f}s")
+            results["fixtures"] = {"users": len(fx.users), "seconds": fx.seconds}
+            target = hub_target(hub.url, {"server": hub.pid, "db": hub.db_pid}, hub.db_port, fx)
+            loadgen = await LoadGen.start()
+            self.meter.pids["loadgen"] = loadgen.pid
+            target.results["direct_latency"] = await self.direct_latency(target, loadgen)
+            results["db_ceiling"] = await self.ceiling(hub.db_port)
+            target.results["direct_saturation"] = await self.direct_saturation(target, loadgen)
+            target.results["fanout"] = await self.fanout(target, loadgen)
+            target.results["stored_end"] = await target.stored()
+            results["hub"] = target.results
+        finally:
+            if loadgen is not None:
+                await loadgen.close()
+                self.meter.pids.pop("loadgen", None)
+            await hub.stop()
+            self.meter.pids.pop("hub", None)
+            self.meter.pids.pop("db", None)
+            if keep:
+                self.say(f"kept {data_dir}")
+            else:
+                shutil.rmtree(data_dir, ignore_errors=True)
+
+    async def run_reference(self, results: Results) -> None:
+        p = self.profile
+        reference = await start_reference()
+        loadgen: LoadGen | None = None
+        try:
+            self.meter.pids["reference"] = reference.pid
+            self.say(f"reference pid {reference.pid} at {reference.url}")
+            target = reference_target(reference.url, reference.pid, p.senders, p.users)
+            loadgen = await LoadGen.start()
+            self.meter.pids["loadgen"] = loadgen.pid
+            target.results["direct_latency"] = await self.direct_latency(target, loadgen)
+            target.results["fanout"] = await self.fanout(target, loadgen)
+            results["reference"] = target.results
+        finally:
+            if loadgen is not None:
+                await loadgen.close()
+                self.meter.pids.pop("loadgen", None)
+            await reference.stop()
+            self.meter.pids.pop("reference", None)
+
+    async def run(self, keep: bool = False) -> Results:
+        started = time.monotonic()
+        results: Results = {"meta": metadata(self.profile)}
+        results["meta"]["hub_db_options"] = self.hub_db_options
+        results["meta"]["client_deflate"] = self.client_deflate
+        await self.run_hub(results, keep)
+        await self.run_reference(results)
+        results["cpu_phases"] = [asdict(phase) for phase in self.meter.phases]
+        results["meta"]["seconds"] = time.monotonic() - started
+        results["meta"]["loadavg_end"] = os.getloadavg()
+        return results
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _memory_gib() -> float:
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 1024 / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _node_package(name: str) -> str:
+    try:
+        meta = json.loads((NODE_DIR / "node_modules" / name / "package.json").read_text())
+        return str(meta["version"])
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def machine_busy(seconds: float = 3.0) -> float:
+    """CPU in use on the whole machine over ``seconds``, in % of one core."""
+    busy0, _ = machine_ticks()
+    time.sleep(seconds)
+    busy1, _ = machine_ticks()
+    return 100.0 * (busy1 - busy0) / CLOCK_TICKS / seconds
+
+
+def metadata(profile: Profile) -> Results:
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "profile": profile.as_dict(),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "memory_gib": round(_memory_gib(), 1),
+            "kernel": platform.release(),
+        },
+        "versions": {
+            "python": sys.version.split()[0],
+            "node": node_version().strip(),
+            "aiohttp": _version("aiohttp"),
+            "python-socketio": _version("python-socketio"),
+            "python-engineio": _version("python-engineio"),
+            "pymongo": _version("pymongo"),
+            "secantusdb": _version("secantusdb"),
+            "socket.io": _node_package("socket.io"),
+            "socket.io-client": _node_package("socket.io-client"),
+        },
+        "hub_env": HUB_LIMITS,
+        "loadavg_start": os.getloadavg(),
+        "busy_before_start_percent": round(machine_busy(), 1),
+    }
