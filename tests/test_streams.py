@@ -136,3 +136,16 @@ async def test_a_failing_subscriber_does_not_stop_delivery(store: Store) -> None
     log = stream_log(store, bus)
     assert (await log.append("test:bus", "test.tick", {})).seq == 1
     assert seen == [1]
+
+
+async def test_a_lagging_head_is_repaired_without_a_gap(store: Store) -> None:
+    """A crash between an insert and the head update leaves the head behind: the next
+    writer loses a race against the stored events, recounts, and carries on gap-free."""
+    log = stream_log(store)
+    for n in range(5):
+        await log.append("test:lag", "test.tick", {"n": n})
+    await store.streams.update_one({"_id": "test:lag"}, {"$set": {"head": 2}})
+    fresh = stream_log(store)  # a restarted node: no cached head
+    assert (await fresh.append("test:lag", "test.tick", {"n": 5})).seq == 6
+    assert await stored_seqs(store, "test:lag") == list(range(1, 7))
+    assert await fresh.last_seq("test:lag") == 6

@@ -413,10 +413,8 @@ class ImService:
             "client_id": client_id,
         }
         if client_id is not None:
+            # The unique index decides: a retry fails to insert and finds the first one.
             doc["dedup_key"] = f"{author_id}|{chat['_id']}|{client_id}"
-            earlier = await messages.find_one({"dedup_key": doc["dedup_key"]})
-            if earlier is not None:
-                return MessageOut.from_document(earlier), True
         try:
             await messages.insert_one(doc)
         except DuplicateKeyError:

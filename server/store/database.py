@@ -28,12 +28,7 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("expires_at", ASCENDING)], name="expires"),
     ],
     "chats": [
-        IndexModel(
-            [("pair_key", ASCENDING)],
-            unique=True,
-            name="pair_key_unique",
-            partialFilterExpression={"pair_key": {"$exists": True}},
-        ),
+        IndexModel([("pair_key", ASCENDING)], unique=True, sparse=True, name="pair_key_sparse"),
         IndexModel([("workgroup_id", ASCENDING)], name="workgroup"),
     ],
     "chat_members": [
@@ -42,12 +37,8 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     "messages": [
         IndexModel([("chat_id", ASCENDING), ("_id", ASCENDING)], name="chat_order"),
-        IndexModel(
-            [("dedup_key", ASCENDING)],
-            unique=True,
-            name="dedup_unique",
-            partialFilterExpression={"dedup_key": {"$exists": True}},
-        ),
+        # sparse, not partial: the embedded database uses a sparse index for lookups
+        IndexModel([("dedup_key", ASCENDING)], unique=True, sparse=True, name="dedup_sparse"),
     ],
     "tasks": [
         IndexModel([("responsible_id", ASCENDING)], name="responsible"),
@@ -65,6 +56,14 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("stream", ASCENDING), ("seq", ASCENDING)], unique=True, name="stream_seq"),
         IndexModel([("ts", ASCENDING)], name="ts"),
     ],
+}
+
+
+# Indexes replaced by others (partial ones, which the embedded database does not use for
+# lookups, became sparse ones); dropped at start-up so the new ones can be created.
+OBSOLETE_INDEXES: dict[str, list[str]] = {
+    "chats": ["pair_key_unique"],
+    "messages": ["dedup_unique"],
 }
 
 
@@ -130,6 +129,11 @@ class Store:
 
     async def ensure_indexes(self) -> None:
         """Create every index; safe to run at each start (same spec, same name: no-op)."""
+        for collection, names in OBSOLETE_INDEXES.items():
+            existing = await self.db[collection].index_information()
+            for name in names:
+                if name in existing:
+                    await self.db[collection].drop_index(name)
         for collection, indexes in INDEXES.items():
             await self.db[collection].create_indexes(indexes)
 

@@ -71,7 +71,11 @@ def _die_with_parent() -> None:
 
 
 def mongodb_url(host: str, port: int) -> str:
-    return f"mongodb://{host}:{port}/?directConnection=true"
+    # No retryable writes on the embedded server: SecantusDB (0.7) keeps every retryable write
+    # for 30 minutes and scans them all on each write, which made writes 10x slower within
+    # seconds under load (measured by the benchmark). A single local node has no failover to
+    # retry across anyway.
+    return f"mongodb://{host}:{port}/?directConnection=true&retryWrites=false"
 
 
 def running_endpoint(db_dir: Path) -> str | None:
