@@ -56,6 +56,7 @@ def build_services(settings: Settings, store: Store) -> Services:
     im = ImService(store, streams, directory, bus, settings)
     directory.workgroup_hooks.append(im)
     tasks = TaskService(store, streams, directory, im, bus)
+    directory.workgroup_hooks.append(tasks)
     scheduler = Scheduler(store)
     scheduler.handle("task-deadline", tasks.deadline_reached)
     tasks.on_schedule_changed.append(scheduler.wake)

@@ -372,3 +372,40 @@ async def test_heads_auto_accept_see_subordinates_and_predecessors_block(hub: Hu
     copy = await act(hub, peer, from_peer["id"], "copy")
     assert copy["parent_id"] == from_peer["id"] and copy["author_id"] == peer_id
     assert copy["status_name"] == "new"
+
+
+async def test_workgroup_members_follow_the_groups_tasks_live(hub: HubHarness) -> None:
+    alice_id, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    carol_id, carol = await hub.create_user("carol")
+    group = await hub.request(
+        "POST", "/api/v1/workgroups", token=alice, json={"name": "Launch", "member_ids": [bob_id]}
+    )
+    [task] = await create(
+        hub, alice, title="Group work", responsible_ids=[bob_id], group_id=group.body["id"]
+    )
+    carol_client = await hub.connect(carol)
+    await carol_client.wait_for("snapshot")
+    assert (await hub.request("GET", f"/api/v1/tasks/{task['id']}", token=carol)).status == 404
+    added = await hub.request(
+        "POST",
+        f"/api/v1/workgroups/{group.body['id']}/members",
+        token=alice,
+        json={"user_ids": [carol_id]},
+    )
+    assert added.status == 200
+    await carol_client.wait_until(lambda: len(task_events(carol_client, task["id"])) == 1)
+    [event] = task_events(carol_client, task["id"])
+    assert event["task"]["my_roles"] == ["group_member"]
+    assert (await hub.request("GET", f"/api/v1/tasks/{task['id']}", token=carol)).status == 200
+    removed = await hub.request(
+        "DELETE", f"/api/v1/workgroups/{group.body['id']}/members/{carol_id}", token=alice
+    )
+    assert removed.status == 200
+    await carol_client.wait_until(
+        lambda: any(
+            e["data"]["task_id"] == task["id"] for e in carol_client.of_type("task.removed")
+        )
+    )
+    assert (await hub.request("GET", f"/api/v1/tasks/{task['id']}", token=carol)).status == 404
+    assert alice_id and bob

@@ -315,7 +315,9 @@ class TaskService:
         async for doc in self.tasks.find(filters, sort=[("created_at", -1)]):
             facts = await self.facts(doc)
             roles = roles_of(viewer, facts)
-            if not roles:
+            # Lists show the tasks one is concerned with; an administrator's power to open any
+            # task (by id) does not fill their lists with everyone's work.
+            if not roles - {Role.ADMIN}:
                 continue
             if query.status == "overdue" and not is_overdue(facts, utcnow()):
                 continue
@@ -716,8 +718,33 @@ class TaskService:
         comment: dict[str, Any] | None = None,
     ) -> None:
         viewers = await self.viewers_of(doc, facts)
+        extra: dict[str, Any] = {}
+        if action:
+            extra["action"] = action
+        if comment:
+            extra["comment"] = comment
+        await self._tell(sorted(viewers), doc, facts, changed, actor_id, extra)
+        now_involved = involved(doc)
+        for user_id in sorted((before | now_involved | (before_viewers or set())) - viewers):
+            await self._streams.append(
+                user_stream(user_id), "task.removed", {"task_id": doc["_id"], "by": actor_id}
+            )
+        await self._notify_newcomers(doc, before, actor_id)
+        await self.push_counters(sorted(before | now_involved))
+        await self.reschedule(doc, facts)
+
+    async def _tell(
+        self,
+        user_ids: list[str],
+        doc: Document,
+        facts: TaskFacts,
+        changed: list[str],
+        actor_id: str | None,
+        extra: dict[str, Any],
+    ) -> None:
+        """``task.updated`` on each person's stream, with their own roles and actions."""
         people, tree = await self._people()
-        for user_id in sorted(viewers):
+        for user_id in user_ids:
             user_doc = await self._store.users.find_one({"_id": user_id})
             if user_doc is None:
                 continue
@@ -727,20 +754,35 @@ class TaskService:
                 "task": (await self.out(doc, facts, user_id, roles)).model_dump(mode="json"),
                 "changed": changed,
                 "by": actor_id,
+                **extra,
             }
-            if action:
-                data["action"] = action
-            if comment:
-                data["comment"] = comment
             await self._streams.append(user_stream(user_id), "task.updated", data)
-        now_involved = involved(doc)
-        for user_id in sorted((before | now_involved | (before_viewers or set())) - viewers):
-            await self._streams.append(
-                user_stream(user_id), "task.removed", {"task_id": doc["_id"], "by": actor_id}
-            )
-        await self._notify_newcomers(doc, before, actor_id)
-        await self.push_counters(sorted(before | now_involved))
-        await self.reschedule(doc, facts)
+
+    # workgroups (the directory tells us) -----------------------------------------------------
+
+    async def workgroup_created(self, owner: Document, group: Any) -> None:
+        return None  # a new group has no tasks yet
+
+    async def workgroup_members_added(self, group_id: str, user_ids: list[str]) -> None:
+        """New members of a group whose tasks members see get those tasks, live."""
+        async for doc in self.tasks.find({"group_id": group_id}):
+            facts = await self.facts(doc)
+            if facts.group_members_see_tasks:
+                await self._tell(
+                    sorted(set(user_ids) - involved(doc)), doc, facts, ["group_members"], None, {}
+                )
+
+    async def workgroup_member_removed(self, group_id: str, user_id: str) -> None:
+        """A member who leaves stops seeing the group's tasks they are not on."""
+        user = await self._store.users.find_one({"_id": user_id})
+        if user is None:
+            return
+        viewer = await self.viewer(user)
+        async for doc in self.tasks.find({"group_id": group_id}):
+            if not roles_of(viewer, await self.facts(doc)):
+                await self._streams.append(
+                    user_stream(user_id), "task.removed", {"task_id": doc["_id"], "by": None}
+                )
 
     async def _notify_newcomers(
         self, doc: Document, before: set[str], actor_id: str | None
