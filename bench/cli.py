@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--no-doc] [--keep]``."""
+"""``python -m bench [--quick] [--no-doc] [--keep] [--only socketio|xmpp]``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from bench.procs import REPO, BenchError, ensure_node_modules
 from bench.profiles import FULL, QUICK
-from bench.report import markdown, update_doc
-from bench.runner import Run, machine_busy
+from bench.report import XMPP_BEGIN, XMPP_END, markdown, update_doc, xmpp_markdown
+from bench.runner import PARTS, Run, machine_busy
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--doc", action="store_true", help="update docs/benchmarks.md even after --quick"
     )
     parser.add_argument("--keep", action="store_true", help="keep the hub's data directory")
+    parser.add_argument(
+        "--only",
+        choices=PARTS,
+        help="run one part: socketio (hub vs Node socket.io) or xmpp (hub vs Prosody)",
+    )
     parser.add_argument(
         "--hub-db-options",
         default="",
@@ -57,8 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(text: str) -> None:
         print(f"bench [{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
+    parts = (args.only,) if args.only else PARTS
     try:
-        ensure_node_modules(sys.stderr)
+        if "socketio" in parts:
+            ensure_node_modules(sys.stderr)
         busy = machine_busy(2.0)
         if busy > 30:
             say(f"warning: other processes use {busy:.0f}% of a core; the figures will be low")
@@ -68,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hub_db_options=args.hub_db_options,
             client_deflate=not args.no_client_deflate,
         )
-        results = asyncio.run(run.run(keep=args.keep))
+        results = asyncio.run(run.run(keep=args.keep, parts=parts))
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -79,17 +86,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = results["meta"]["date"].replace(":", "").replace("-", "")
     experiment = bool(args.hub_db_options or args.no_client_deflate)
     name = profile.name + ("-experiment" if experiment else "")
+    latest = RESULTS_DIR / "latest.json"
     if not experiment:
-        (RESULTS_DIR / "latest.json").write_text(payload + "\n")
+        merged = results
+        if args.only and latest.exists():
+            # one part: the other part's figures stay in latest.json as they were
+            merged = json.loads(latest.read_text())
+            merged.update({k: v for k, v in results.items() if k != "meta"})
+            merged.setdefault("meta_parts", {})[args.only] = results["meta"]
+        latest.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     (RESULTS_DIR / f"{name}-{stamp}.json").write_text(payload + "\n")
-    block = markdown(results)
-    print(block)
+    blocks: list[tuple[str, str | None, str | None]] = []
+    if "socketio" in parts:
+        blocks.append((markdown(results), None, None))
+    if "xmpp" in parts:
+        blocks.append((xmpp_markdown(results), XMPP_BEGIN, XMPP_END))
+    for block, _, _ in blocks:
+        print(block)
     say(f"results in {RESULTS_DIR}")
     if experiment:
         return 0
     if (not args.quick and not args.no_doc) or args.doc:
-        if update_doc(DOC, block):
-            say(f"updated the results block of {DOC}")
-        else:
-            say(f"{DOC} has no results markers: paste the block above by hand")
+        for block, begin, end in blocks:
+            if update_doc(DOC, block, begin, end):
+                say(f"updated a results block of {DOC}")
+            else:
+                say(f"{DOC} lacks the results markers {begin or ''}: paste the block by hand")
     return 0

@@ -216,7 +216,12 @@ async def _start_database(
         return process, port
 
 
-async def start_hub(data_dir: Path, db_options: str = "", timeout: float = 180.0) -> Hub:
+async def start_hub(
+    data_dir: Path,
+    db_options: str = "",
+    timeout: float = 180.0,
+    extra_env: dict[str, str] | None = None,
+) -> Hub:
     """The hub with its embedded database; with ``db_options`` (e.g. ``retryWrites=false``)
     the database is started here and the hub reaches it through PORTALHUB_MONGODB_URL with
     those options, to measure the effect of a client setting without changing the server."""
@@ -228,6 +233,7 @@ async def start_hub(data_dir: Path, db_options: str = "", timeout: float = 180.0
         "PORTALHUB_DATA_DIR": str(data_dir),
         "PORTALHUB_HTTP_PORT": str(port),
         "PORTALHUB_HOST": "127.0.0.1",
+        **(extra_env or {}),
     }
     db_process: asyncio.subprocess.Process | None = None
     if db_options:

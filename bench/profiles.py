@@ -31,6 +31,17 @@ class Profile:
     reconnect_clients: int = 50
     warmup: float = 2.0
     settle: float = 3.0
+    # XMPP (the hub and Prosody): users registered in both, full logins (``xmpp_login_parallel``
+    # at a time), one pair at ``xmpp_rate`` msg/s, then ``xmpp_pairs`` pairs with up to
+    # ``xmpp_window`` messages in flight each
+    xmpp_users: int = 40
+    xmpp_logins: int = 100
+    xmpp_login_parallel: int = 10
+    xmpp_rate: float = 20.0
+    xmpp_latency_seconds: float = 15.0
+    xmpp_pairs: int = 8
+    xmpp_window: int = 10
+    xmpp_saturation_seconds: float = 10.0
 
     def fanout_rate(self, n: int) -> float:
         return self.fanout_rates[self.fanout_ns.index(n)]
@@ -70,4 +81,9 @@ QUICK = Profile(
     reconnect_clients=20,
     warmup=1.0,
     settle=1.0,
+    xmpp_users=12,
+    xmpp_logins=30,
+    xmpp_latency_seconds=4.0,
+    xmpp_pairs=4,
+    xmpp_saturation_seconds=4.0,
 )

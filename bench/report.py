@@ -10,6 +10,8 @@ Results = dict[str, Any]
 
 BEGIN = "<!-- bench:results:begin -->"
 END = "<!-- bench:results:end -->"
+XMPP_BEGIN = "<!-- bench:xmpp:begin -->"
+XMPP_END = "<!-- bench:xmpp:end -->"
 
 
 def _num(value: Any, digits: int = 0) -> str:
@@ -40,6 +42,10 @@ def _ratio(ours: Any, theirs: Any) -> str:
 
 def _kib(value: Any) -> str:
     return "n/a" if value is None else f"{float(value) / 1024:,.1f} KiB"
+
+
+def _mib(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value) / 1024 / 1024:,.1f} MiB"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -352,13 +358,106 @@ def markdown(results: Results) -> str:
     return "\n".join(parts) + "\n"
 
 
-def update_doc(path: Path, block: str) -> bool:
-    """Replace the results block of ``path``; False when the file has no markers."""
+def update_doc(path: Path, block: str, begin: str | None = None, end: str | None = None) -> bool:
+    """Replace a results block of ``path`` (by default the Socket.IO one); False when the
+    file has no such markers."""
+    begin, end = begin or BEGIN, end or END
     if not path.exists():
         return False
     text = path.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
         return False
-    path.write_text(pattern.sub(lambda _: f"{BEGIN}\n{block}{END}", text, count=1))
+    path.write_text(pattern.sub(lambda _: f"{begin}\n{block}{end}", text, count=1))
     return True
+
+
+def _cpu(side: Results, key: str) -> str:
+    pct = side.get(key, {}).get("cpu_percent", {})
+    return " / ".join(f"{name} {value:.0f}" for name, value in sorted(pct.items()))
+
+
+def xmpp_rows(x: Results) -> list[list[str]]:
+    hub, pro = x.get("hub", {}), x.get("prosody", {})
+    hl, pl = hub.get("logins", {}), pro.get("logins", {})
+    ht, pt = hub.get("latency", {}), pro.get("latency", {})
+    hs, ps = hub.get("saturation", {}), pro.get("saturation", {})
+    htl, ptl = ht.get("latency_ms", {}), pt.get("latency_ms", {})
+    hsl, psl = hs.get("latency_ms", {}), ps.get("latency_ms", {})
+    return [
+        [
+            f"logins/s: {pl.get('logins', 0)} full logins, {pl.get('parallel', 0)} at a time "
+            "(STARTTLS, SCRAM-SHA-1, bind, presence, ping answered)",
+            f"{_num(hl.get('logins_per_second'), 1)} ({hl.get('failed', 0)} failed)",
+            f"{_num(pl.get('logins_per_second'), 1)} ({pl.get('failed', 0)} failed)",
+            _ratio(hl.get("logins_per_second"), pl.get("logins_per_second")),
+        ],
+        [
+            "one login, p50 / p99 / max",
+            _lat(hl.get("login_ms")),
+            _lat(pl.get("login_ms")),
+            f"p50 {_ratio(hl.get('login_ms', {}).get('p50'), pl.get('login_ms', {}).get('p50'))}",
+        ],
+        [
+            f"1:1 latency p50 / p99 / max, {_num(pt.get('rate'))} msg/s "
+            f"for {_num(pt.get('seconds'))} s",
+            _lat(htl),
+            _lat(ptl),
+            f"p50 {_ratio(htl.get('p50'), ptl.get('p50'))}, "
+            f"p99 {_ratio(htl.get('p99'), ptl.get('p99'))}",
+        ],
+        [
+            f"messages/s delivered, {ps.get('pairs', 0)} pairs, "
+            f"≤{ps.get('window', 0)} in flight each, {_num(ps.get('seconds'))} s",
+            _num(hs.get("delivered_per_second")),
+            _num(ps.get("delivered_per_second")),
+            _ratio(hs.get("delivered_per_second"), ps.get("delivered_per_second")),
+        ],
+        [
+            "latency at saturation, p50 / p99 / max",
+            _lat(hsl),
+            _lat(psl),
+            f"p50 {_ratio(hsl.get('p50'), psl.get('p50'))}",
+        ],
+        [
+            "lost (sent - received, after 3 s of drain): logins+latency / saturation",
+            f"{ht.get('lost', 'n/a')} / {hs.get('lost', 'n/a')}",
+            f"{pt.get('lost', 'n/a')} / {ps.get('lost', 'n/a')}",
+            "",
+        ],
+        [
+            "RSS at the end, server process (the hub's database child not included)",
+            _mib(hub.get("rss_end", {}).get("server")),
+            _mib(pro.get("rss_end", {}).get("server")),
+            "",
+        ],
+    ]
+
+
+def xmpp_markdown(results: Results) -> str:
+    meta, x = results["meta"], results.get("xmpp", {})
+    machine = meta["machine"]
+    hub, pro = x.get("hub", {}), x.get("prosody", {})
+    cpu_rows = [
+        [label, _cpu(hub, key), _cpu(pro, key)]
+        for label, key in (
+            ("logins", "logins"),
+            ("1:1 latency", "latency"),
+            ("saturation", "saturation"),
+        )
+    ]
+    parts = [
+        f"Run of {meta['date']} (profile `{meta['profile']['name']}`), {machine['cores']} cores "
+        f"({machine['cpu']}), load average at start "
+        f"{' / '.join(f'{v:.2f}' for v in meta['loadavg_start'])}. Prosody "
+        f"{x.get('prosody_version', '?')}, slixmpp {meta['versions'].get('slixmpp', '?')}, "
+        f"Python {meta['versions']['python']}. Ratios are Portal Hub / Prosody.",
+        "",
+        _table(["measurement", "Portal Hub", "Prosody", "ratio"], xmpp_rows(x)),
+        "",
+        "CPU during each scenario, % of one core (`loadgen` is the slixmpp generator, `db` the "
+        "hub's database child):",
+        "",
+        _table(["scenario", "Portal Hub run", "Prosody run"], cpu_rows),
+    ]
+    return "\n".join(parts) + "\n"

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import dbceiling
+from bench import dbceiling, xmpp
 from bench.fixtures import Fixtures, make_fixtures
 from bench.loadgen import LoadGen, Reply
 from bench.procs import (
@@ -38,6 +38,7 @@ from bench.profiles import Profile
 
 Results = dict[str, Any]
 Say = Callable[[str], None]
+PARTS = ("socketio", "xmpp")
 
 
 async def _no_gc() -> None:
@@ -327,13 +328,19 @@ class Run:
             await reference.stop()
             self.meter.pids.pop("reference", None)
 
-    async def run(self, keep: bool = False) -> Results:
+    async def run(self, keep: bool = False, parts: tuple[str, ...] = PARTS) -> Results:
         started = time.monotonic()
         results: Results = {"meta": metadata(self.profile)}
         results["meta"]["hub_db_options"] = self.hub_db_options
         results["meta"]["client_deflate"] = self.client_deflate
-        await self.run_hub(results, keep)
-        await self.run_reference(results)
+        results["meta"]["parts"] = list(parts)
+        if "socketio" in parts:
+            await self.run_hub(results, keep)
+            await self.run_reference(results)
+        if "xmpp" in parts:
+            results["xmpp"] = await xmpp.run(self.profile, self.say)
+            results["meta"]["versions"]["prosody"] = results["xmpp"]["prosody_version"]
+            results["meta"]["versions"]["slixmpp"] = _version("slixmpp")
         results["cpu_phases"] = [asdict(phase) for phase in self.meter.phases]
         results["meta"]["seconds"] = time.monotonic() - started
         results["meta"]["loadavg_end"] = os.getloadavg()
