@@ -252,6 +252,19 @@ class DirectoryService:
             ]
         return may_see_user(person(viewer), person(other), shared)
 
+    async def first_unreachable(self, actor: Document, user_ids: list[str]) -> str | None:
+        """The first of ``user_ids`` that is not an active colleague ``actor`` may see, if any:
+        whom one may not write to, put on a task or add to a chat."""
+        found = {
+            str(u["_id"]): u
+            async for u in self._store.users.find({"_id": {"$in": user_ids}, "is_active": True})
+        }
+        for user_id in user_ids:
+            other = found.get(user_id)
+            if other is None or not await self.may_see(actor, other):
+                return user_id
+        return None
+
     async def workgroup_peer_ids(self, user_id: str) -> list[str]:
         peers = {user_id}
         async for group in self._store.workgroups.find({"member_ids": user_id}):

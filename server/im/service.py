@@ -151,19 +151,14 @@ class ImService:
         return await self.chat_document(chat["_id"])
 
     async def _require_users(self, actor: Document, user_ids: list[str]) -> None:
-        found = {
-            str(u["_id"]): u
-            async for u in self._store.users.find({"_id": {"$in": user_ids}, "is_active": True})
-        }
-        for user_id in user_ids:
-            other = found.get(user_id)
-            if other is None or not await self._directory.may_see(actor, other):
-                raise Problem(
-                    422,
-                    "invalid-recipient",
-                    "Invalid recipient",
-                    f"user {user_id} does not exist or cannot be added",
-                )
+        unreachable = await self._directory.first_unreachable(actor, user_ids)
+        if unreachable is not None:
+            raise Problem(
+                422,
+                "invalid-recipient",
+                "Invalid recipient",
+                f"user {unreachable} does not exist or cannot be added",
+            )
 
     async def _add_members(self, chat: Document, user_ids: list[str]) -> list[str]:
         """Add memberships; announce each on the member's personal stream. Returns the new ones."""

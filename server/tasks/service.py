@@ -172,12 +172,11 @@ class TaskService:
 
     async def _require_people(self, actor: Document, user_ids: list[str]) -> None:
         """Everyone put on a task exists, is active, and is someone the actor may see."""
-        await self._require_users(user_ids)
-        async for other in self._store.users.find({"_id": {"$in": user_ids}}):
-            if not await self._directory.may_see(actor, other):
-                raise Problem(
-                    422, "unknown-reference", "Unknown reference", f"no active user {other['_id']}"
-                )
+        unreachable = await self._directory.first_unreachable(actor, user_ids)
+        if unreachable is not None:
+            raise Problem(
+                422, "unknown-reference", "Unknown reference", f"no active user {unreachable}"
+            )
 
     async def _require_group(self, actor: Document, group_id: str) -> None:
         group = await self._store.workgroups.find_one({"_id": group_id})
@@ -189,19 +188,6 @@ class TaskService:
                 "unknown-reference",
                 "Unknown reference",
                 f"workgroup {group_id} does not exist or you are not in it",
-            )
-
-    async def _require_users(self, user_ids: list[str]) -> None:
-        found = {
-            str(d["_id"])
-            async for d in self._store.users.find(
-                {"_id": {"$in": user_ids}, "is_active": True}, projection={"_id": True}
-            )
-        }
-        missing = [u for u in user_ids if u not in found]
-        if missing:
-            raise Problem(
-                422, "unknown-reference", "Unknown reference", f"no active user {missing[0]}"
             )
 
     # reading ---------------------------------------------------------------------------------
