@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 
 from tests.harness import HubHarness, Refused
@@ -47,3 +48,12 @@ async def test_connecting_client_gets_snapshot(hub: HubHarness) -> None:
     await bob_client.wait_until(lambda: seen("online"))
     await client.close()
     await bob_client.wait_until(lambda: seen("offline"))
+
+
+async def test_websocket_frames_are_not_compressed(hub: HubHarness) -> None:
+    """A browser offers permessage-deflate; the hub declines it (memory and CPU per socket)."""
+    url = hub.base_url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, compress=15) as ws:
+        opened = await ws.receive(timeout=5)
+        assert opened.data.startswith("0{")  # the engine.io handshake still works
+        assert ws.compress == 0

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from server.auth.service import AuthService, token_hash
 from server.channels.ratelimit import TokenBucket
 from server.channels.rooms import may_subscribe
+from server.channels.websocket import disable_compression
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent, Event
 from server.events.streams import StreamLog, user_stream
@@ -124,6 +125,7 @@ class Hub:
             logger=False,
             engineio_logger=False,
         )
+        disable_compression(self.sio.eio)
         self._connections: dict[str, Connection] = {}
         self._by_user: dict[str, set[str]] = {}
         self._replaying: dict[str, set[str]] = {}
