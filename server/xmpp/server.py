@@ -42,6 +42,7 @@ StanzaHandler = Callable[[C2SSession, ET.Element], Awaitable[bool]]
 SessionHook = Callable[[C2SSession], Awaitable[None]]
 TRANSPORT = "xmpp"
 LISTEN_BACKLOG = 1024
+MAX_CACHED_LOGINS = 100_000
 
 
 class XmppServer:
@@ -85,6 +86,7 @@ class XmppServer:
         self.cert_path: Path | None = None
         self.fingerprint = ""
         self.ports: dict[str, int] = {}
+        self._logins: dict[str, str] = {}
         presence.on_drop(TRANSPORT, self._drop_source)
         bus.subscribe_ephemeral(self._on_revoked)
 
@@ -319,6 +321,19 @@ class XmppServer:
         if jid.domain != self.domain or not jid.local:
             return None
         return await self.directory.user_by_login(jid.local)
+
+    async def login_of(self, user_id: str | None) -> str | None:
+        """A user's login (their JID's localpart), cached: logins never change."""
+        if user_id is None:
+            return None
+        if user_id not in self._logins:
+            doc = await self.store.users.find_one({"_id": user_id}, projection={"login": True})
+            if doc is None:
+                return None
+            if len(self._logins) > MAX_CACHED_LOGINS:
+                self._logins.clear()
+            self._logins[user_id] = str(doc["login"])
+        return self._logins[user_id]
 
     def jid_of(self, user: Document) -> Jid:
         return Jid(str(user["login"]), self.domain)

@@ -120,7 +120,7 @@ def install(server: XmppServer) -> None:
                 (m for m in (chat or {}).get("member_ids", []) if m != doc.get("author_id")),
                 session.user_id,
             )
-            to_login = await bridge.login_of(other) or ""
+            to_login = await server.login_of(other) or ""
             original = await bridge.stanza(message, Jid(to_login, server.domain))
             wrapper = element("message", {"to": str(session.jid), "from": str(session.jid.bare)})
             res = child(wrapper, "result", {"id": str(doc["_id"])}, ns=MAM)

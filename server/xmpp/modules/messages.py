@@ -53,6 +53,17 @@ PROBLEM_CONDITIONS = {
 }
 
 
+def as_stanza_error(exc: Exception) -> StanzaError:
+    """A messenger refusal (validation or problem) as the stanza error a client understands."""
+    if isinstance(exc, ValidationError):
+        return StanzaError("bad-request", str(exc.errors()[0]["msg"]))
+    if isinstance(exc, Problem):
+        return StanzaError(
+            PROBLEM_CONDITIONS.get(exc.status, "undefined-condition"), exc.detail or exc.title
+        )
+    raise exc
+
+
 def client_id_for(stanza_id: str | None) -> str | None:
     """A client's stanza id as an idempotency key: a resent stanza stores no second message."""
     if not stanza_id:
@@ -70,20 +81,7 @@ class Bridge:
     def __init__(self, server: XmppServer) -> None:
         self.server = server
         self.chats: dict[str, Document] = {}
-        self.logins: dict[str, str] = {}
         self.origins: dict[tuple[str, str], str] = {}  # (user, client id) -> session id
-
-    async def login_of(self, user_id: str | None) -> str | None:
-        if user_id is None:
-            return None
-        if user_id not in self.logins:
-            doc = await self.server.store.users.find_one(
-                {"_id": user_id}, projection={"login": True}
-            )
-            if doc is None:
-                return None
-            self.logins[user_id] = str(doc["login"])
-        return self.logins[user_id]
 
     async def chat(self, chat_id: str) -> Document | None:
         if chat_id not in self.chats:
@@ -96,7 +94,7 @@ class Bridge:
         return self.chats[chat_id]
 
     async def author_jid(self, message: dict[str, Any]) -> str:
-        login = await self.login_of(message.get("author_id"))
+        login = await self.server.login_of(message.get("author_id"))
         return f"{login}@{self.server.domain}" if login else self.server.domain
 
     async def stanza(
@@ -150,10 +148,7 @@ class Bridge:
             if chat is not None and await self._change(session, stanza, chat, body):
                 return True
         except Problem as problem:
-            raise StanzaError(
-                PROBLEM_CONDITIONS.get(problem.status, "undefined-condition"),
-                problem.detail or problem.title,
-            ) from None
+            raise as_stanza_error(problem) from None
         if body is None or not body.strip():
             return True
         client_id = client_id_for(stanza.get("id"))
@@ -164,13 +159,8 @@ class Bridge:
         try:
             request = SendMessage(to=[recipient_id], text=body, client_id=client_id)
             await self.server.im.send(session.user, request)
-        except ValidationError as exc:
-            raise StanzaError("bad-request", str(exc.errors()[0]["msg"])) from None
-        except Problem as problem:
-            raise StanzaError(
-                PROBLEM_CONDITIONS.get(problem.status, "undefined-condition"),
-                problem.detail or problem.title,
-            ) from None
+        except (ValidationError, Problem) as exc:
+            raise as_stanza_error(exc) from None
         return True
 
     async def _change(
@@ -247,7 +237,7 @@ class Bridge:
                 continue
             if member == author:
                 other = next((m for m in chat["member_ids"] if m != member), member)
-                other_login = await self.login_of(other)
+                other_login = await self.server.login_of(other)
                 for session in sessions:
                     if session.carbons and session.id != origin and session.jid is not None:
                         to = Jid(other_login or "", self.server.domain)
@@ -293,7 +283,7 @@ class Bridge:
         if chat is None or chat["kind"] != "private":
             return
         typer = str(event.data.get("user_id"))
-        login = await self.login_of(typer)
+        login = await self.server.login_of(typer)
         for member in chat["member_ids"]:
             if member == typer:
                 continue

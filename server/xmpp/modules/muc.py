@@ -37,9 +37,9 @@ from server.xmpp.modules.messages import (
     DELAY,
     FALLBACK,
     MARKERS,
-    PROBLEM_CONDITIONS,
     RETRACT,
     SID,
+    as_stanza_error,
     client_id_for,
     stamp,
 )
@@ -115,23 +115,12 @@ def presence_extras(stanza: ET.Element) -> list[ET.Element]:
     ]
 
 
-def as_stanza_error(exc: Exception) -> StanzaError:
-    if isinstance(exc, ValidationError):
-        return StanzaError("bad-request", str(exc.errors()[0]["msg"]))
-    if isinstance(exc, Problem):
-        return StanzaError(
-            PROBLEM_CONDITIONS.get(exc.status, "undefined-condition"), exc.detail or exc.title
-        )
-    raise exc
-
-
 class Muc:
     def __init__(self, server: XmppServer) -> None:
         self.server = server
         self.domain = f"conference.{server.domain}"
         self.rooms: dict[str, Room] = {}  # chat id -> room with occupants
         self.joined: dict[str, set[str]] = {}  # session id -> chat ids
-        self.logins: dict[str, str] = {}
         # (author, client id) -> (session id, stanza id): the echo keeps the sender's id
         self.origins: dict[tuple[str, str], tuple[str, str]] = {}
         # (session id, message id) -> the id that session knows the message by
@@ -146,18 +135,6 @@ class Muc:
         room = self.room_jid(chat_id)
         return f"{room}/{nick}" if nick else room
 
-    async def login_of(self, user_id: str) -> str | None:
-        if user_id not in self.logins:
-            doc = await self.server.store.users.find_one(
-                {"_id": user_id}, projection={"login": True}
-            )
-            if doc is None:
-                return None
-            if len(self.logins) > MAX_REMEMBERED:
-                self.logins.clear()
-            self.logins[user_id] = str(doc["login"])
-        return self.logins[user_id]
-
     async def nick_of(self, room: Room, user_id: str | None) -> str | None:
         """An occupant's nick, else the login: what a web author is called in the room."""
         if user_id is None:
@@ -165,7 +142,7 @@ class Muc:
         for occupant in room.occupants.values():
             if occupant.user_id == user_id:
                 return occupant.nick
-        return await self.login_of(user_id)
+        return await self.server.login_of(user_id)
 
     async def nick_taken(self, room: Room | None, nick: str, user_id: str) -> bool:
         folded = nick.casefold()

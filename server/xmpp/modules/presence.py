@@ -39,7 +39,6 @@ CSI = "urn:xmpp:csi:0"
 
 
 def install(server: XmppServer) -> None:
-    logins: dict[str, str] = {}
     # Client State Indication (XEP-0352): while a client says it is inactive (a phone in a
     # pocket), colleagues' presence changes wait, latest per contact, until it is active.
     held: dict[str, dict[str, ET.Element]] = {}
@@ -64,14 +63,6 @@ def install(server: XmppServer) -> None:
     server.add_stream_feature(lambda: element("csi", ns=CSI))
     server.on_message(csi)
 
-    async def login_of(user_id: str) -> str | None:
-        if user_id not in logins:
-            doc = await server.store.users.find_one({"_id": user_id}, projection={"login": True})
-            if doc is None:
-                return None
-            logins[user_id] = str(doc["login"])
-        return logins[user_id]
-
     async def send_colleagues(session: C2SSession) -> None:
         """Initial presence: the current state of every colleague one may see who is online."""
         assert session.user is not None and session.jid is not None
@@ -79,7 +70,7 @@ def install(server: XmppServer) -> None:
         for user_id in await server.presence.online_user_ids():
             if user_id in visible and user_id != session.user_id:
                 status = await server.presence.seen_status(user_id)
-                login = await login_of(user_id)
+                login = await server.login_of(user_id)
                 if login and status != "offline":
                     deliver(session, presence_stanza(server, login, status, session.jid))
 
@@ -154,7 +145,7 @@ def install(server: XmppServer) -> None:
         if event.type != "presence.changed":
             return
         user_id = str(event.data.get("user_id", ""))
-        login = await login_of(user_id)
+        login = await server.login_of(user_id)
         if login is None:
             return
         status = str(event.data.get("status", "offline"))
