@@ -70,6 +70,12 @@ def phone_digits(phones: list[Phone]) -> list[str]:
     return [re.sub(r"\D", "", p.number) for p in phones]
 
 
+def display_name(doc: dict[str, Any]) -> str:
+    """How a person is named everywhere: first and last name, or the login."""
+    first, last = doc.get("first_name", ""), doc.get("last_name", "")
+    return " ".join(p for p in (first, last) if p) or str(doc["login"])
+
+
 class UserOut(BaseModel):
     id: str
     login: str
@@ -94,7 +100,7 @@ class UserOut(BaseModel):
             email=doc.get("email", ""),
             first_name=first,
             last_name=last,
-            name=" ".join(p for p in (first, last) if p) or doc["login"],
+            name=display_name(doc),
             position=doc.get("position", ""),
             phones=[Phone.model_validate(p) for p in doc.get("phones", [])],
             department_id=doc.get("department_id"),

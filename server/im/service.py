@@ -16,6 +16,7 @@ from typing import Any
 from pymongo.errors import DuplicateKeyError
 
 from server.channels.ratelimit import TokenBucket
+from server.directory.models import display_name
 from server.directory.rules import descendants
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
@@ -273,7 +274,7 @@ class ImService:
                 title = names[other]
             else:
                 doc = await self._store.users.find_one({"_id": other})
-                title = _display_name(doc) if doc else "Unknown user"
+                title = display_name(doc) if doc else "Unknown user"
         elif chat["kind"] == "system":
             title = PORTAL_NAME
         last = chat.get("last_message")
@@ -616,7 +617,7 @@ class ImService:
         chats = [c async for c in self._store["chats"].find({"_id": {"$in": list(memberships)}})]
         others = {m for c in chats if c["kind"] == "private" for m in c["member_ids"]}
         names = {
-            str(u["_id"]): _display_name(u)
+            str(u["_id"]): display_name(u)
             async for u in self._store.users.find({"_id": {"$in": list(others)}})
         }
         dialogs = []
@@ -703,8 +704,3 @@ class ImService:
         chat = await self._store["chats"].find_one({"workgroup_id": group_id})
         if chat is not None:
             await self._remove_members(chat, [user_id])
-
-
-def _display_name(doc: Document) -> str:
-    name = f"{doc.get('first_name', '')} {doc.get('last_name', '')}".strip()
-    return name or str(doc.get("login", ""))

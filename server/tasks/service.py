@@ -14,6 +14,7 @@ from typing import Any
 
 from pymongo import ReturnDocument
 
+from server.directory.models import display_name
 from server.directory.rules import DepartmentNode, Person, supervisors_of
 from server.directory.service import DirectoryService, person
 from server.events.bus import EventBus
@@ -79,6 +80,9 @@ FIELD_RULES: dict[str, Field] = {
 COUNTED = ("author_id", "responsible_id", "participant_ids", "observer_ids")
 
 
+PeopleAndTree = tuple[list[Person], dict[str, DepartmentNode]]
+
+
 def involved(doc: Document) -> set[str]:
     """The people a task counts for (author, responsible, participants, observers)."""
     return {
@@ -111,7 +115,7 @@ class TaskService:
 
     # who is who ------------------------------------------------------------------------------
 
-    async def _people(self) -> tuple[list[Person], dict[str, DepartmentNode]]:
+    async def _people(self) -> PeopleAndTree:
         people = [
             person(d)
             async for d in self._store.users.find(
@@ -150,9 +154,14 @@ class TaskService:
             parent_id=doc.get("parent_id"),
         )
 
-    async def viewers_of(self, doc: Document, facts: TaskFacts) -> set[str]:
-        """Everyone who may see the task and so hears of its changes (admins only when on it)."""
-        people, tree = await self._people()
+    async def viewers_of(
+        self, doc: Document, facts: TaskFacts, known: PeopleAndTree | None = None
+    ) -> set[str]:
+        """Everyone who may see the task and so hears of its changes (admins only when on it).
+
+        ``known``: the directory already read for this change, so it is read once, not per use.
+        """
+        people, tree = known or await self._people()
         responsible = next((p for p in people if p.id == doc["responsible_id"]), None)
         heads = set(supervisors_of(responsible, tree)) if responsible else set()
         members = set(facts.group_member_ids) if facts.group_members_see_tasks else set()
@@ -703,13 +712,14 @@ class TaskService:
         action: str | None = None,
         comment: dict[str, Any] | None = None,
     ) -> None:
-        viewers = await self.viewers_of(doc, facts)
+        known = await self._people()
+        viewers = await self.viewers_of(doc, facts, known)
         extra: dict[str, Any] = {}
         if action:
             extra["action"] = action
         if comment:
             extra["comment"] = comment
-        await self._tell(sorted(viewers), doc, facts, changed, actor_id, extra)
+        await self._tell(sorted(viewers), doc, facts, changed, actor_id, extra, known)
         now_involved = involved(doc)
         for user_id in sorted((before | now_involved | (before_viewers or set())) - viewers):
             await self._streams.append(
@@ -727,11 +737,18 @@ class TaskService:
         changed: list[str],
         actor_id: str | None,
         extra: dict[str, Any],
+        known: PeopleAndTree | None = None,
     ) -> None:
         """``task.updated`` on each person's stream, with their own roles and actions."""
-        people, tree = await self._people()
+        people, tree = known or await self._people()
+        users = {
+            str(u["_id"]): u
+            async for u in self._store.users.find(
+                {"_id": {"$in": user_ids}}, projection={"is_admin": True}
+            )
+        }
         for user_id in user_ids:
-            user_doc = await self._store.users.find_one({"_id": user_id})
+            user_doc = users.get(user_id)
             if user_doc is None:
                 continue
             supervised = supervised_by(user_id, people, tree)
@@ -775,12 +792,7 @@ class TaskService:
     ) -> None:
         """A system notice to each person newly on the task (not to the one who did it)."""
         actor = await self._store.users.find_one({"_id": actor_id}) if actor_id else None
-        who = (
-            f"{actor.get('first_name', '')} {actor.get('last_name', '')}".strip()
-            if actor
-            else "Someone"
-        )
-        who = who or (str(actor["login"]) if actor else "Someone")
+        who = display_name(actor) if actor else "Someone"
         roles = [
             (doc["responsible_id"], "assigned you the task"),
             *[

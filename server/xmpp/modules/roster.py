@@ -8,6 +8,7 @@ import hashlib
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
+from server.directory.models import display_name
 from server.directory.rules import ancestors
 from server.events.models import EphemeralEvent
 from server.store.database import Document
@@ -21,11 +22,6 @@ if TYPE_CHECKING:
 ROSTER = "jabber:iq:roster"
 ROSTERVER = "urn:xmpp:features:rosterver"
 Item = tuple[str, tuple[str, ...]]  # (name, groups)
-
-
-def display_name(user: Document) -> str:
-    name = f"{user.get('first_name', '')} {user.get('last_name', '')}".strip()
-    return name or str(user["login"])
 
 
 def version_of(items: dict[str, Item]) -> str:
