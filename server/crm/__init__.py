@@ -1,0 +1,1 @@
+"""CRM: leads, contacts, companies, deals, their links and activities."""
