@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     domain: str = "localhost"
+    default_time_zone: str = Field(
+        default="UTC", description="For users who have not set theirs (CRM days, midnight)"
+    )
     data_dir: Path = Path("var")
     db_dir: Path | None = Field(
         default=None, description="Embedded database files; defaults to <data_dir>/db"

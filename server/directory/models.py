@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -89,6 +90,7 @@ class UserOut(BaseModel):
     is_admin: bool
     is_external: bool = Field(description="Extranet user: sees only their workgroups' members")
     is_active: bool
+    time_zone: str | None = Field(description="null: the portal's default time zone")
     created_at: datetime
 
     @classmethod
@@ -107,8 +109,24 @@ class UserOut(BaseModel):
             is_admin=bool(doc.get("is_admin")),
             is_external=bool(doc.get("is_external")),
             is_active=bool(doc.get("is_active", True)),
+            time_zone=doc.get("time_zone"),
             created_at=doc["created_at"],
         )
+
+
+def _known_time_zone(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {value!r}; use an IANA name such as Europe/Berlin"
+        ) from None
+    return value
+
+
+TimeZone = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 
 
 class ProfileFields(Patch):
@@ -116,6 +134,11 @@ class ProfileFields(Patch):
     last_name: Name | None = None
     position: Name | None = None
     phones: list[Phone] | None = Field(default=None, max_length=10)
+    time_zone: TimeZone | None = Field(
+        default=None, description='IANA name; days (CRM "due today") are counted in it'
+    )
+
+    _time_zone = field_validator("time_zone")(_known_time_zone)
 
 
 class UserCreate(ProfileFields):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from pymongo.errors import DuplicateKeyError
@@ -69,6 +70,8 @@ class DirectoryService:
         self._streams = streams
         self._bus = bus
         self.workgroup_hooks: list[WorkgroupHooks] = []
+        # Told which fields of a user changed (the CRM recounts on a new time zone or department).
+        self.user_hooks: list[Callable[[str, frozenset[str]], Awaitable[None]]] = []
 
     # users -----------------------------------------------------------------------------------
 
@@ -85,6 +88,7 @@ class DirectoryService:
             "position": data.position or "",
             "phones": [p.model_dump() for p in data.phones or []],
             "phone_digits": phone_digits(data.phones or []),
+            "time_zone": data.time_zone,
             "department_id": data.department_id,
             "is_admin": data.is_admin,
             "is_external": data.is_external,
@@ -209,6 +213,8 @@ class DirectoryService:
             )
         if visible.keys() & DIRECTORY_FIELDS:
             await self.directory_changed([user_id])
+        for hook in self.user_hooks:
+            await hook(user_id, frozenset(visible))
         return user
 
     async def directory_changed(self, user_ids: list[str]) -> None:
