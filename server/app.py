@@ -13,6 +13,7 @@ from aiohttp import web
 
 from server.auth.service import AuthService
 from server.channels.hub import Hub, typing_handler
+from server.crm.service import Crm
 from server.directory.service import DirectoryService
 from server.events.bus import InProcessBus
 from server.events.streams import StreamLog
@@ -60,6 +61,9 @@ def build_services(settings: Settings, store: Store) -> Services:
     scheduler = Scheduler(store)
     scheduler.handle("task-deadline", tasks.deadline_reached)
     tasks.on_schedule_changed.append(scheduler.wake)
+    crm = Crm.build(settings, store, streams, bus, directory, im)
+    scheduler.handle("crm-counters", crm.counters.time_reached)
+    crm.counters.on_schedule_changed.append(scheduler.wake)
     hub = Hub(settings, auth_service, streams, bus, presence, member_streams=im.member_streams)
     hub.on_client_event("im.typing", typing_handler(im.typing))
 
@@ -78,6 +82,7 @@ def build_services(settings: Settings, store: Store) -> Services:
         return {
             "im": (await im.counters(user_id)).model_dump(),
             "tasks": await tasks.counters(user_id),
+            "crm": await crm.counters.current(user_id),
         }
 
     async def settings_snapshot(user: Document) -> dict[str, Any]:
@@ -103,6 +108,7 @@ def build_services(settings: Settings, store: Store) -> Services:
         hub,
         tasks,
         scheduler,
+        crm,
         xmpp,
     )
 
@@ -164,6 +170,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
             await task
         await svc.presence.close()
         await svc.scheduler.close()
+        await svc.crm.counters.close()
         await svc.hub.close()
         await svc.streams.close()
 

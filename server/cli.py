@@ -9,12 +9,14 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from server.app import create_app
+from server.crm.service import Crm
 from server.demo import DEFAULT_PASSWORD, seed_demo
 from server.directory.models import Password, UserCreate
 from server.directory.service import DirectoryService
@@ -159,6 +161,49 @@ async def user_passwd(settings: Settings, login: str, password: str) -> None:
     print(f"password of {login} changed; their sessions were ended")
 
 
+async def counters_check(settings: Settings, repair: bool, as_json: bool) -> bool:
+    """Recount every user's CRM counters from the activities; True when nothing differed."""
+    async with open_store(settings, reuse_running=True) as store:
+        bus = InProcessBus()
+        streams = StreamLog(store, bus, retention_seconds=settings.event_retention_seconds)
+        directory = _directory(store, settings)
+        im = ImService(store, streams, directory, bus, settings)
+        crm = Crm.build(settings, store, streams, bus, directory, im)
+        started = time.perf_counter()
+        report = await crm.counters.check(repair=repair)
+        elapsed = time.perf_counter() - started
+    summary = {
+        "users": report.users_checked,
+        "open_activities": report.activities_checked,
+        "users_with_differences": len(report.counter_differences),
+        "stale_activities": report.stale_activities,
+        "stale_records": report.stale_records,
+        "repaired": report.repaired,
+        "seconds": round(elapsed, 3),
+    }
+    if as_json:
+        print(json.dumps({**summary, "differences": report.counter_differences}, indent=2))
+    else:
+        print(
+            f"checked {summary['users']} users, {summary['open_activities']} open activities "
+            f"in {summary['seconds']} s"
+        )
+        for user_id, delta in sorted(report.counter_differences.items()):
+            print(f"  user {user_id}: stored numbers differ: {json.dumps(delta)}")
+        if report.stale_activities or report.stale_records:
+            print(
+                f"  {report.stale_activities} activities and {report.stale_records} records "
+                "carried stale copies of counted fields"
+            )
+        if report.clean:
+            print("counters are correct")
+        elif repair:
+            print("repaired (a running hub's clients see the new numbers at their next update)")
+        else:
+            print("run with --repair to fix")
+    return report.clean or repair
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portalhub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     passwd = user_sub.add_parser("passwd", help="set a user's password")
     passwd.add_argument("login")
     passwd.add_argument("--password-stdin", action="store_true")
+    counters_p = sub.add_parser("counters", help="CRM counters")
+    counters_sub = counters_p.add_subparsers(dest="counters_command", required=True)
+    check = counters_sub.add_parser(
+        "check", help="recount everyone's CRM counters from the activities; exit 1 on drift"
+    )
+    check.add_argument("--repair", action="store_true", help="write the recounted numbers")
+    check.add_argument("--json", action="store_true", help="machine-readable report")
     return parser
 
 
@@ -227,6 +279,9 @@ def run_command(args: argparse.Namespace, settings: Settings) -> None:
         asyncio.run(demo_command(settings, args.password))
     elif args.command == "config":
         print(json.dumps(settings.masked(), indent=2))
+    elif args.command == "counters":
+        if not asyncio.run(counters_check(settings, args.repair, args.json)):
+            raise SystemExit(1)
     elif args.user_command == "add":
         password = read_password(args.password_stdin)
         asyncio.run(user_add(settings, args, password))

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from server.auth.service import AuthService
 from server.channels.hub import Hub
+from server.crm.service import Crm
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
 from server.events.streams import StreamLog
@@ -33,6 +34,7 @@ class Services:
     hub: Hub
     tasks: TaskService
     scheduler: Scheduler
+    crm: Crm
     xmpp: XmppServer | None = None
 
 

@@ -52,6 +52,56 @@ INDEXES: dict[str, list[IndexModel]] = {
     "task_history": [IndexModel([("task_id", ASCENDING)], name="task")],
     "task_views": [IndexModel([("user_id", ASCENDING)], name="user")],
     "schedule": [IndexModel([("due_at", ASCENDING)], name="due")],
+    "crm_records": [
+        IndexModel([("type", ASCENDING), ("_id", DESCENDING)], name="type_order"),
+        IndexModel(
+            [("type", ASCENDING), ("responsible_id", ASCENDING), ("_id", DESCENDING)],
+            name="responsible_order",
+        ),
+        # idle counters: a user's open records without any open activity
+        IndexModel(
+            [
+                ("responsible_id", ASCENDING),
+                ("type", ASCENDING),
+                ("open", ASCENDING),
+                ("open_activities", ASCENDING),
+            ],
+            name="idle",
+        ),
+        IndexModel([("email_keys", ASCENDING)], name="email_keys"),
+        IndexModel([("phone_keys", ASCENDING)], name="phone_keys"),
+        IndexModel([("name_key", ASCENDING)], name="name_key"),
+        IndexModel([("company_key", ASCENDING)], name="company_key"),
+        IndexModel([("company_ids", ASCENDING)], name="companies"),
+        IndexModel([("company_id", ASCENDING)], name="company"),
+        IndexModel([("contact_ids", ASCENDING)], name="contacts"),
+    ],
+    # Counting reads one index range per (user, record type, kind) under either mode.
+    "crm_activities": [
+        IndexModel(
+            [
+                ("record_responsible_id", ASCENDING),
+                ("owner_type", ASCENDING),
+                ("completed", ASCENDING),
+                ("incoming", ASCENDING),
+                ("deadline", ASCENDING),
+            ],
+            name="count_item",
+        ),
+        IndexModel(
+            [
+                ("responsible_id", ASCENDING),
+                ("owner_type", ASCENDING),
+                ("completed", ASCENDING),
+                ("incoming", ASCENDING),
+                ("deadline", ASCENDING),
+            ],
+            name="count_activity",
+        ),
+        IndexModel([("owner_id", ASCENDING), ("completed", ASCENDING)], name="owner"),
+    ],
+    "crm_history": [IndexModel([("record_id", ASCENDING), ("at", ASCENDING)], name="record")],
+    "crm_roles": [IndexModel([("subject_id", ASCENDING)], name="subject")],
     "events": [
         IndexModel([("stream", ASCENDING), ("seq", ASCENDING)], unique=True, name="stream_seq"),
         IndexModel([("ts", ASCENDING)], name="ts"),

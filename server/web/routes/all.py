@@ -3,6 +3,7 @@
 from server.web.routes import (
     api,
     auth,
+    crm,
     departments,
     im,
     portal,
@@ -13,6 +14,6 @@ from server.web.routes import (
     xmpp,
 )
 
-ROUTE_MODULES = (auth, users, departments, workgroups, im, presence, tasks, xmpp, portal)
+ROUTE_MODULES = (auth, users, departments, workgroups, im, presence, tasks, crm, xmpp, portal)
 
 __all__ = ["ROUTE_MODULES", "api"]

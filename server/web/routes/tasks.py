@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from server.services import services
 from server.tasks.models import (
@@ -184,6 +184,10 @@ async def task_history(call: Call) -> HistoryList:
 class AllCounters(BaseModel):
     im: dict[str, Any]
     tasks: dict[str, Any]
+    crm: dict[str, dict[str, Any]] = Field(
+        description="By record type (deal, lead, contact, company): incoming, due, overdue, "
+        "total, idle and colour (none, green, red, red-green)"
+    )
 
 
 @api.route(
@@ -198,4 +202,5 @@ async def all_counters(call: Call) -> AllCounters:
     return AllCounters(
         im=(await svc.im.counters(call.user_id)).model_dump(),
         tasks=await svc.tasks.counters(call.user_id),
+        crm=await svc.crm.counters.current(call.user_id),
     )

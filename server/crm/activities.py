@@ -1,0 +1,279 @@
+"""Calls, meetings, emails, tasks and messages on CRM records.
+
+An activity carries copies of what counting needs (its record's type and responsible person,
+whether it is an unprocessed incoming one) so each counter is one index range; the record
+carries how many of its activities are open (for the idle counter). Both are kept in step
+here and re-derived by ``portalhub counters check``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from server.counters.crm import counted_field
+from server.counters.rules import INCOMING_TYPES, due_threshold
+from server.crm.access import Viewer
+from server.crm.core import CrmCore, activity_state, record_title
+from server.crm.models import ActivityCreate, ActivityFields, ActivityOut, ActivityQuery
+from server.directory.models import display_name
+from server.store.database import Document, new_id, utcnow
+from server.web.problems import Problem, forbidden, not_found
+
+
+def is_incoming(act: Document) -> bool:
+    return (
+        not act.get("completed")
+        and act.get("direction") == "incoming"
+        and act.get("type") in INCOMING_TYPES
+    )
+
+
+class ActivityService:
+    def __init__(self, core: CrmCore) -> None:
+        self.core = core
+
+    async def _viewer(self, actor_id: str) -> Viewer:
+        return await self.core.access.viewer(actor_id)
+
+    async def _require_user(self, user_id: str) -> Document:
+        user = await self.core.store.users.find_one({"_id": user_id})
+        if user is None or user.get("is_active") is False:
+            raise Problem(422, "validation", "Invalid responsible person", f"no user {user_id}")
+        return user
+
+    async def _owned(self, viewer: Viewer, activity_id: str) -> tuple[Document, Document]:
+        """The activity and its record, if the caller sees the record or is the activity's
+        responsible person."""
+        act = await self.core.activities.find_one({"_id": activity_id})
+        if act is None:
+            raise not_found(f"activity {activity_id}")
+        owner = await self.core.records.find_one({"_id": act["owner_id"]})
+        if owner is None:
+            raise not_found(f"activity {activity_id}")
+        if not viewer.sees(owner["responsible_id"]) and act["responsible_id"] != viewer.user_id:
+            raise not_found(f"activity {activity_id}")
+        return act, owner
+
+    async def _out(self, viewer_id: str, act: Document, owner_title: str) -> ActivityOut:
+        cfg = await self.core.config.counter_config()
+        state = activity_state(act, utcnow(), await self.core.zone(viewer_id), cfg.window)
+        return self.core.activity_out(act, owner_title, state)
+
+    # create ----------------------------------------------------------------------------------
+
+    async def create(self, actor_id: str, data: ActivityCreate) -> ActivityOut:
+        viewer = await self._viewer(actor_id)
+        owner = await self.core.visible_record(viewer, data.owner_type, data.owner_id)
+        responsible = data.responsible_id or actor_id
+        await self._require_user(responsible)
+        return await self.add(
+            owner,
+            actor_id=actor_id,
+            responsible_id=responsible,
+            type_=data.type,
+            direction=data.direction,
+            subject=data.subject or "",
+            description=data.description or "",
+            deadline=data.deadline,
+            completed=bool(data.completed),
+            missed=data.missed,
+            viewer_id=actor_id,
+        )
+
+    async def add(
+        self,
+        owner: Document,
+        *,
+        actor_id: str | None,
+        responsible_id: str,
+        type_: str,
+        direction: str,
+        subject: str,
+        description: str = "",
+        deadline: datetime | None = None,
+        completed: bool = False,
+        missed: bool = False,
+        extra: Document | None = None,
+        viewer_id: str | None = None,
+    ) -> ActivityOut:
+        """Append an activity to a record; also the entry point of the mail bridge."""
+        now = utcnow()
+        act: Document = {
+            "_id": new_id(),
+            "owner_type": owner["type"],
+            "owner_id": owner["_id"],
+            "record_responsible_id": owner["responsible_id"],
+            "responsible_id": responsible_id,
+            "type": type_,
+            "direction": direction,
+            "missed": missed,
+            "subject": subject,
+            "description": description,
+            "deadline": deadline,
+            "completed": completed,
+            "completed_at": now if completed else None,
+            "created_by": actor_id or "",
+            "created_at": now,
+            "modified_at": now,
+            **(extra or {}),
+        }
+        act["incoming"] = is_incoming(act)
+        await self.core.activities.insert_one(act)
+        if not completed:
+            owner = await self._count_open(owner, +1)
+        await self.core.record_history(
+            owner, actor_id, "activity_added", "activity", None, {"id": act["_id"], "type": type_}
+        )
+        await self._tell(act, owner, {responsible_id})
+        if actor_id is not None and responsible_id != actor_id:
+            actor = await self.core.store.users.find_one({"_id": actor_id})
+            who = display_name(actor) if actor else "Someone"
+            await self.core.im.post_system_notice(
+                responsible_id,
+                f"{who} assigned you a {type_} on “{record_title(owner)}”: "
+                f"{subject or '(no subject)'}",
+            )
+        return await self._out(viewer_id or responsible_id, act, record_title(owner))
+
+    async def _count_open(self, owner: Document, delta: int) -> Document:
+        await self.core.records.update_one(
+            {"_id": owner["_id"]}, {"$inc": {"open_activities": delta}}
+        )
+        return {**owner, "open_activities": int(owner.get("open_activities", 0)) + delta}
+
+    async def _tell(
+        self, act: Document, owner: Document, touched: set[str], also: set[str] | None = None
+    ) -> None:
+        await self.core.announce_activity(act, owner, also=also or set())
+        await self.core.announce_record(owner)
+        self.core.counters.touch(sorted(touched | {owner["responsible_id"]}), [owner["type"]])
+
+    # read ------------------------------------------------------------------------------------
+
+    async def get(self, actor_id: str, activity_id: str) -> ActivityOut:
+        viewer = await self._viewer(actor_id)
+        act, owner = await self._owned(viewer, activity_id)
+        return await self._out(actor_id, act, record_title(owner))
+
+    async def find(self, actor_id: str, query: ActivityQuery) -> list[ActivityOut]:
+        viewer = await self._viewer(actor_id)
+        filters: Document = {}
+        if query.owner_id is not None:
+            owner = await self.core.visible_record(viewer, query.owner_type, query.owner_id)
+            filters["owner_id"] = owner["_id"]
+            if query.responsible_id is not None:
+                filters["responsible_id"] = query.responsible_id
+        else:
+            responsible = query.responsible_id or actor_id
+            if responsible != actor_id and not viewer.sees(responsible):
+                raise forbidden("you may not see this person's activities")
+            filters["responsible_id"] = responsible
+            if query.owner_type is not None:
+                filters["owner_type"] = query.owner_type
+        if query.type is not None:
+            filters["type"] = query.type
+        if query.status == "open":
+            filters["completed"] = False
+        elif query.status == "completed":
+            filters["completed"] = True
+        cfg = await self.core.config.counter_config()
+        tz = await self.core.zone(actor_id)
+        now = utcnow()
+        if query.deadline is not None:
+            filters["completed"] = False
+            threshold = due_threshold(now, tz, cfg.window)
+            if query.deadline == "incoming":
+                filters["incoming"] = True
+            elif query.deadline == "overdue":
+                filters.update(incoming=False, deadline={"$lte": now})
+            elif query.deadline == "due":
+                filters.update(incoming=False, deadline={"$gt": now, "$lt": threshold})
+            else:
+                filters.update(
+                    incoming=False,
+                    **{"$or": [{"deadline": {"$gte": threshold}}, {"deadline": None}]},
+                )
+        acts = [
+            a
+            async for a in self.core.activities.find(filters)
+            .sort([("deadline", 1), ("_id", 1)])
+            .skip(query.offset)
+            .limit(query.limit)
+        ]
+        owner_ids = list({a["owner_id"] for a in acts})
+        titles = {
+            r["_id"]: record_title(r)
+            async for r in self.core.records.find({"_id": {"$in": owner_ids}}, {"title": 1})
+        }
+        return [
+            self.core.activity_out(
+                a, titles.get(a["owner_id"], ""), activity_state(a, now, tz, cfg.window)
+            )
+            for a in acts
+        ]
+
+    # change ----------------------------------------------------------------------------------
+
+    async def update(self, actor_id: str, activity_id: str, patch: ActivityFields) -> ActivityOut:
+        viewer = await self._viewer(actor_id)
+        act, owner = await self._owned(viewer, activity_id)
+        fields = patch.model_dump(exclude_unset=True)
+        if "responsible_id" in fields:
+            await self._require_user(fields["responsible_id"])
+        sets: dict[str, Any] = {k: v for k, v in fields.items() if act.get(k) != v}
+        if not sets:
+            return await self._out(actor_id, act, record_title(owner))
+        now = utcnow()
+        if "completed" in sets:
+            sets["completed_at"] = now if sets["completed"] else None
+        after = {**act, **sets}
+        sets["incoming"] = is_incoming(after)
+        sets["modified_at"] = now
+        after.update(sets)
+        # Guarded by the completed flag read, so two people completing at once count once.
+        result = await self.core.activities.update_one(
+            {"_id": activity_id, "completed": bool(act.get("completed"))}, {"$set": sets}
+        )
+        if result.matched_count == 0:
+            raise Problem(409, "conflict", "Conflict", "the activity changed meanwhile; try again")
+        if "completed" in fields and bool(act.get("completed")) != bool(after["completed"]):
+            owner = await self._count_open(owner, -1 if after["completed"] else +1)
+            await self.core.record_history(
+                owner,
+                actor_id,
+                "activity_completed" if after["completed"] else "activity_reopened",
+                "activity",
+                None,
+                {"id": activity_id, "type": act["type"]},
+            )
+        previous = act["responsible_id"]
+        await self._tell(after, owner, {previous, after["responsible_id"]}, also={previous})
+        if after["responsible_id"] != previous and after["responsible_id"] != actor_id:
+            actor = await self.core.store.users.find_one({"_id": actor_id})
+            who = display_name(actor) if actor else "Someone"
+            await self.core.im.post_system_notice(
+                after["responsible_id"],
+                f"{who} assigned you a {act['type']} on “{record_title(owner)}”: "
+                f"{after.get('subject') or '(no subject)'}",
+            )
+        return await self._out(actor_id, after, record_title(owner))
+
+    async def delete(self, actor_id: str, activity_id: str) -> None:
+        viewer = await self._viewer(actor_id)
+        act, owner = await self._owned(viewer, activity_id)
+        result = await self.core.activities.delete_one({"_id": activity_id})
+        if result.deleted_count == 0:
+            return  # deleted meanwhile: nothing left to count
+        if not act.get("completed"):
+            owner = await self._count_open(owner, -1)
+        await self.core.record_history(
+            owner, actor_id, "activity_removed", "activity", {"id": activity_id}, None
+        )
+        await self.core.announce_activity(act, owner, removed=True)
+        await self.core.announce_record(owner)
+        self.core.counters.touch([owner["responsible_id"], act["responsible_id"]], [owner["type"]])
+
+    async def counted_for(self, user_id: str) -> dict[str, Any]:
+        cfg = await self.core.config.counter_config()
+        return {"mode": cfg.mode.value, "field": counted_field(cfg.mode)}

@@ -1,0 +1,776 @@
+"""Leads, contacts, companies and deals: create, read, list, change, link, convert, delete.
+
+Every operation goes: the caller's CRM role and scope -> pure rules -> store write ->
+history -> the record's viewers told (each with their own indicator) -> counters queued.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from pymongo import ReturnDocument
+
+from server.counters.crm import counted_field
+from server.counters.rules import RECORD_TYPES, due_threshold
+from server.crm.access import Viewer
+from server.crm.config import field_defs, stages_of
+from server.crm.core import CrmCore, record_title
+from server.crm.models import (
+    ConversionResult,
+    DuplicateList,
+    DuplicateMatch,
+    DuplicateProbe,
+    HistoryEntry,
+    RecordDetail,
+    RecordFields,
+    RecordList,
+    RecordOut,
+    RecordQuery,
+    RecordRef,
+)
+from server.crm.rules import (
+    MIN_SUFFIX_DIGITS,
+    Candidate,
+    ConversionMode,
+    FieldChange,
+    Probe,
+    StageSemantics,
+    changes,
+    clean_custom_values,
+    company_from_lead,
+    contact_from_lead,
+    contacts_for_company_link,
+    creates,
+    deal_from_lead,
+    find_duplicates,
+    may_convert,
+    normal_email,
+    normal_name,
+    phone_digits,
+    record_is_open,
+    remembered_selection,
+    with_added,
+)
+from server.store.database import Document, new_id, utcnow
+from server.web.problems import Problem, conflict, forbidden, not_found
+
+# Fields whose changes are recorded in a record's history, by type.
+TRACKED: dict[str, tuple[str, ...]] = {
+    "lead": (
+        "title",
+        "first_name",
+        "last_name",
+        "company_title",
+        "status",
+        "amount",
+        "currency",
+        "responsible_id",
+        "emails",
+        "phones",
+        "source",
+        "comments",
+        "custom_fields",
+    ),
+    "contact": (
+        "first_name",
+        "last_name",
+        "responsible_id",
+        "emails",
+        "phones",
+        "source",
+        "comments",
+        "custom_fields",
+        "company_ids",
+    ),
+    "company": (
+        "title",
+        "responsible_id",
+        "emails",
+        "phones",
+        "source",
+        "comments",
+        "custom_fields",
+    ),
+    "deal": (
+        "title",
+        "stage_id",
+        "amount",
+        "currency",
+        "responsible_id",
+        "emails",
+        "phones",
+        "source",
+        "comments",
+        "custom_fields",
+        "company_id",
+        "contact_ids",
+    ),
+}
+
+
+def phone_key(number: str) -> str:
+    """What phones are looked up by: the subscriber tail, the last seven digits once leading
+    zeros are dropped, so +49 30 1234567 finds 030 1234567; ``phones_match`` then decides."""
+    digits = phone_digits(number)
+    stripped = digits.lstrip("0")
+    return stripped[-MIN_SUFFIX_DIGITS:] if len(stripped) >= MIN_SUFFIX_DIGITS else digits
+
+
+def full_name(first: str, last: str) -> str:
+    return " ".join(p for p in (first, last) if p)
+
+
+def search_keys(doc: Document) -> Document:
+    """The normalised copies duplicate control and search look records up by."""
+    t = doc["type"]
+    names = full_name(doc.get("first_name", ""), doc.get("last_name", ""))
+    company = doc.get("title", "") if t == "company" else doc.get("company_title", "")
+    return {
+        "email_keys": sorted({normal_email(e["value"]) for e in doc.get("emails", [])}),
+        "phone_keys": sorted({phone_key(p["number"]) for p in doc.get("phones", [])} - {""}),
+        "name_key": normal_name(names) if t in ("lead", "contact") else "",
+        "company_key": normal_name(company) if t in ("lead", "company") else "",
+        "search_text": " ".join(
+            part
+            for part in (
+                normal_name(doc.get("title", "")),
+                normal_name(names),
+                normal_name(doc.get("company_title", "")),
+            )
+            if part
+        ),
+    }
+
+
+def derived_title(doc: Document) -> str:
+    t = doc["type"]
+    name = full_name(doc.get("first_name", ""), doc.get("last_name", ""))
+    if t == "contact":
+        return name
+    if t == "lead":
+        return str(doc.get("title") or name or doc.get("company_title") or "")
+    return str(doc.get("title") or "")
+
+
+class RecordService:
+    def __init__(self, core: CrmCore) -> None:
+        self.core = core
+
+    @property
+    def _records(self) -> Any:
+        return self.core.records
+
+    async def _viewer(self, actor_id: str) -> Viewer:
+        viewer = await self.core.access.viewer(actor_id)
+        if viewer.scope.everyone is False and not viewer.scope.user_ids:
+            raise forbidden("you have no CRM role")
+        return viewer
+
+    async def _require_assignable(self, viewer: Viewer, user_id: str) -> None:
+        """A record can be given to an active user whose records the giver sees: a manager
+        keeps records to themself, a head gives them within the department."""
+        user = await self.core.store.users.find_one({"_id": user_id})
+        if user is None or user.get("is_active") is False:
+            raise Problem(422, "validation", "Invalid responsible person", f"no user {user_id}")
+        if not viewer.sees(user_id):
+            raise forbidden("you may not give records to this person")
+
+    async def _stage_semantics(self, stage_id: str) -> str:
+        for stage in stages_of(await self.core.config.settings()):
+            if stage.id == stage_id:
+                return stage.semantics.value
+        raise Problem(422, "validation", "Unknown stage", f"no deal stage {stage_id!r}")
+
+    async def _linked_ids(self, viewer: Viewer, record_type: str, ids: list[str]) -> list[str]:
+        """Checks that linked records exist and the caller sees them."""
+        unique = list(dict.fromkeys(ids))
+        found = {
+            d["_id"]: d
+            async for d in self._records.find({"_id": {"$in": unique}, "type": record_type})
+        }
+        for rid in unique:
+            doc = found.get(rid)
+            if doc is None or not viewer.sees(doc["responsible_id"]):
+                raise Problem(422, "validation", "Unknown link", f"no {record_type} {rid}")
+        return unique
+
+    async def _custom(self, record_type: str, values: dict[str, Any] | None, partial: bool) -> Any:
+        settings = await self.core.config.settings()
+        defs = field_defs(settings.custom_fields.get(record_type, []))  # type: ignore[call-overload]
+        try:
+            return clean_custom_values(defs, values or {}, partial=partial)
+        except ValueError as exc:
+            raise Problem(422, "validation", "Invalid custom field", str(exc)) from None
+
+    # create ----------------------------------------------------------------------------------
+
+    async def create(self, actor_id: str, record_type: str, data: RecordFields) -> RecordDetail:
+        viewer = await self._viewer(actor_id)
+        fields = data.model_dump(exclude_unset=True, exclude={"ignore_duplicates"})
+        responsible = fields.pop("responsible_id", None) or actor_id
+        await self._require_assignable(viewer, responsible)
+        now = utcnow()
+        doc: Document = {
+            "_id": new_id(),
+            "type": record_type,
+            "responsible_id": responsible,
+            "emails": fields.pop("emails", []),
+            "phones": fields.pop("phones", []),
+            "source": fields.pop("source", ""),
+            "comments": fields.pop("comments", ""),
+            "custom_fields": await self._custom(
+                record_type, fields.pop("custom_fields", {}), False
+            ),
+            "created_by": actor_id,
+            "created_at": now,
+            "modified_by": actor_id,
+            "modified_at": now,
+            "open_activities": 0,
+        }
+        company_contacts: list[str] | None = None
+        if record_type == "lead":
+            doc.update(
+                title=fields.get("title", ""),
+                first_name=fields.get("first_name", ""),
+                last_name=fields.get("last_name", ""),
+                company_title=fields.get("company_title", ""),
+                status=fields.get("status", "new"),
+                amount=fields.get("amount"),
+                currency=fields.get("currency", "USD"),
+            )
+        elif record_type == "contact":
+            doc.update(
+                first_name=fields.get("first_name", ""),
+                last_name=fields.get("last_name", ""),
+                company_ids=await self._linked_ids(
+                    viewer, "company", fields.get("company_ids", [])
+                ),
+            )
+        elif record_type == "company":
+            doc["title"] = fields.get("title", "")
+            company_contacts = await self._linked_ids(
+                viewer, "contact", fields.get("contact_ids", [])
+            )
+        else:
+            stages = stages_of(await self.core.config.settings())
+            doc.update(
+                title=fields.get("title", ""),
+                stage_id=fields.get("stage_id", stages[0].id),
+                amount=fields.get("amount"),
+                currency=fields.get("currency", "USD"),
+                company_id=None,
+                contact_ids=await self._linked_ids(
+                    viewer, "contact", fields.get("contact_ids", [])
+                ),
+            )
+            doc["stage_semantics"] = await self._stage_semantics(doc["stage_id"])
+            if fields.get("company_id"):
+                await self._link_company(viewer, doc, fields["company_id"], "contact_ids" in fields)
+        doc["title"] = derived_title(doc)
+        if not doc["title"]:
+            raise Problem(
+                422,
+                "validation",
+                "A title is needed",
+                "give a title, or a first or last name"
+                if record_type != "company"
+                else "give a title",
+            )
+        doc["open"] = record_is_open(record_type, doc.get("status"), _semantics(doc))
+        doc.update(search_keys(doc))
+        if record_type != "deal" and not getattr(data, "ignore_duplicates", False):
+            found = await self._duplicates(viewer, _probe_of(doc), None)
+            if found:
+                raise Problem(
+                    409,
+                    "possible-duplicates",
+                    "Possible duplicates",
+                    "records with the same email, phone, name or company exist; "
+                    "send ignore_duplicates: true to create anyway",
+                    duplicates=[d.model_dump() for d in found],
+                )
+        await self._records.insert_one(doc)
+        if company_contacts:
+            await self._records.update_many(
+                {"_id": {"$in": company_contacts}}, {"$addToSet": {"company_ids": doc["_id"]}}
+            )
+        if record_type == "deal" and doc.get("company_id"):
+            await self._remember(doc)
+        await self.core.record_history(doc, actor_id, "created")
+        await self.core.announce_record(doc)
+        await self._announce_linked(doc, company_contacts or [])
+        self.core.counters.touch([responsible], [record_type])
+        return await self.detail_of(viewer, doc)
+
+    async def _link_company(
+        self, viewer: Viewer, deal: Document, company_id: str, contacts_given: bool
+    ) -> None:
+        """A deal's company; unless the caller chose the contacts in the same request, the
+        company's contacts are added (those left on a deal the last time, once remembered)."""
+        (company,) = await self._linked_ids(viewer, "company", [company_id])
+        deal["company_id"] = company
+        if contacts_given:
+            return
+        memory = await self.core.store["crm_link_memory"].find_one({"_id": company})
+        added = contacts_for_company_link(
+            await self.core.company_contacts(company),
+            memory["contact_ids"] if memory is not None else None,
+        )
+        deal["contact_ids"] = with_added(deal.get("contact_ids", []), added)
+
+    async def _remember(self, deal: Document) -> None:
+        company = deal.get("company_id")
+        if not company:
+            return
+        kept = remembered_selection(
+            await self.core.company_contacts(company), deal.get("contact_ids", [])
+        )
+        await self.core.store["crm_link_memory"].update_one(
+            {"_id": company}, {"$set": {"contact_ids": kept, "at": utcnow()}}, upsert=True
+        )
+
+    async def _announce_linked(self, doc: Document, contact_ids: list[str]) -> None:
+        """Contacts whose company list changed from the company's side."""
+        async for contact in self._records.find({"_id": {"$in": contact_ids}}):
+            await self.core.announce_record(contact)
+
+    # read ------------------------------------------------------------------------------------
+
+    async def get(self, actor_id: str, record_type: str, record_id: str) -> RecordDetail:
+        viewer = await self._viewer(actor_id)
+        doc = await self.core.visible_record(viewer, record_type, record_id)
+        return await self.detail_of(viewer, doc)
+
+    async def detail_of(self, viewer: Viewer, doc: Document) -> RecordDetail:
+        out = await self.core.record_for(viewer, doc)
+        links: dict[str, list[RecordRef]] = {}
+        queries: dict[str, Document] = {}
+        t, rid = doc["type"], doc["_id"]
+        if t == "contact":
+            queries["company"] = {"_id": {"$in": doc.get("company_ids", [])}, "type": "company"}
+            queries["deal"] = {"type": "deal", "contact_ids": rid}
+        elif t == "company":
+            queries["contact"] = {"type": "contact", "company_ids": rid}
+            queries["deal"] = {"type": "deal", "company_id": rid}
+        elif t == "deal":
+            queries["company"] = {"_id": doc.get("company_id"), "type": "company"}
+            queries["contact"] = {"_id": {"$in": doc.get("contact_ids", [])}, "type": "contact"}
+        else:
+            made = list((doc.get("converted") or {}).values())
+            queries["converted"] = {"_id": {"$in": made}}
+        for key, query in queries.items():
+            refs = []
+            async for linked in self._records.find(query).sort("_id", 1).limit(200):
+                if viewer.sees(linked["responsible_id"]):
+                    refs.append(
+                        RecordRef(type=linked["type"], id=linked["_id"], title=record_title(linked))
+                    )
+            links[key] = refs
+        return RecordDetail(**out.model_dump(), links=links)
+
+    async def find(self, actor_id: str, record_type: str, query: RecordQuery) -> RecordList:
+        viewer = await self._viewer(actor_id)
+        filters: list[Document] = [{"type": record_type}]
+        if not viewer.scope.everyone:
+            filters.append({"responsible_id": {"$in": sorted(viewer.scope.user_ids)}})
+        if query.responsible_id:
+            filters.append({"responsible_id": query.responsible_id})
+        if query.status:
+            key = "status" if record_type == "lead" else "stage_id"
+            filters.append({key: query.status})
+        if query.open is not None:
+            filters.append({"open": query.open})
+        if query.q:
+            filters.append(_text_filter(query.q))
+        if query.activity_responsible_id:
+            owners = await self.core.activities.distinct(
+                "owner_id",
+                {
+                    "responsible_id": query.activity_responsible_id,
+                    "owner_type": record_type,
+                    "completed": False,
+                },
+            )
+            filters.append({"_id": {"$in": owners}})
+        if query.counted:
+            filters.append({"_id": {"$in": await self._counted_owner_ids(viewer, record_type)}})
+        if query.cursor:
+            filters.append({"_id": {"$lt": _cursor(query.cursor)}})
+        docs = [
+            d
+            async for d in self._records.find({"$and": filters})
+            .sort("_id", -1)
+            .limit(query.limit + 1)
+        ]
+        more = len(docs) > query.limit
+        docs = docs[: query.limit]
+        indicators = (await self.core.indicators([viewer], docs))[viewer.user_id]
+        records: list[RecordOut] = []
+        for doc in docs:
+            contacts = (
+                await self.core.company_contacts(doc["_id"]) if record_type == "company" else None
+            )
+            records.append(self.core.record_out(doc, indicators[doc["_id"]], contacts))
+        return RecordList(records=records, next_cursor=docs[-1]["_id"] if more and docs else None)
+
+    async def _counted_owner_ids(self, viewer: Viewer, record_type: str) -> list[Any]:
+        cfg = await self.core.config.counter_config()
+        tz = await self.core.zone(viewer.user_id)
+        now = utcnow()
+        return list(
+            await self.core.activities.distinct(
+                "owner_id",
+                {
+                    counted_field(cfg.mode): viewer.user_id,
+                    "owner_type": record_type,
+                    "completed": False,
+                    "$or": [
+                        {"incoming": True},
+                        {"deadline": {"$lt": due_threshold(now, tz, cfg.window)}},
+                    ],
+                },
+            )
+        )
+
+    async def history(self, actor_id: str, record_type: str, record_id: str) -> list[HistoryEntry]:
+        viewer = await self._viewer(actor_id)
+        await self.core.visible_record(viewer, record_type, record_id)
+        return [
+            HistoryEntry(
+                id=h["_id"],
+                record_type=h["record_type"],
+                record_id=h["record_id"],
+                user_id=h.get("user_id"),
+                kind=h["kind"],
+                field=h.get("field"),
+                before=h.get("before"),
+                after=h.get("after"),
+                at=h["at"],
+            )
+            async for h in self.core.store["crm_history"]
+            .find({"record_id": record_id})
+            .sort([("at", 1), ("_id", 1)])
+            .limit(1000)
+        ]
+
+    # duplicates ------------------------------------------------------------------------------
+
+    async def check_duplicates(self, actor_id: str, probe: DuplicateProbe) -> DuplicateList:
+        viewer = await self._viewer(actor_id)
+        doc: Document = {
+            "type": probe.type,
+            "first_name": probe.first_name,
+            "last_name": probe.last_name,
+            "title": probe.title,
+            "company_title": probe.company_title if probe.type == "lead" else "",
+            "emails": [{"value": e} for e in probe.emails],
+            "phones": [{"number": p} for p in probe.phones],
+        }
+        if probe.type == "company":
+            doc["company_title"] = probe.title
+        exclude = (probe.type, probe.exclude_id) if probe.exclude_id else None
+        return DuplicateList(duplicates=await self._duplicates(viewer, _probe_of(doc), exclude))
+
+    async def _duplicates(
+        self, viewer: Viewer, probe: Probe, exclude: tuple[str, str] | None
+    ) -> list[DuplicateMatch]:
+        ors: list[Document] = []
+        if probe.emails:
+            ors.append({"email_keys": {"$in": sorted(probe.emails)}})
+        if probe.phones:
+            ors.append({"phone_keys": {"$in": sorted(phone_key(p) for p in probe.phones)}})
+        if probe.full_name:
+            ors.append({"name_key": probe.full_name})
+        if probe.company_title:
+            ors.append({"company_key": probe.company_title})
+        if not ors:
+            return []
+        candidates = [
+            Candidate.of(
+                type=d["type"],
+                id=d["_id"],
+                title=record_title(d),
+                responsible_id=d["responsible_id"],
+                emails=[e["value"] for e in d.get("emails", [])],
+                phones=[p["number"] for p in d.get("phones", [])],
+                first_name=d.get("first_name", "") if d["type"] != "company" else "",
+                last_name=d.get("last_name", "") if d["type"] != "company" else "",
+                company_title=d.get("title", "")
+                if d["type"] == "company"
+                else d.get("company_title", ""),
+            )
+            async for d in self._records.find(
+                {"type": {"$in": ["lead", "contact", "company"]}, "$or": ors}
+            ).limit(100)
+        ]
+        return [
+            DuplicateMatch(
+                type=c.type,
+                id=c.id,
+                title=c.title,
+                responsible_id=c.responsible_id,
+                matched=list(fields),
+                visible=viewer.sees(c.responsible_id),
+            )
+            for c, fields in find_duplicates(probe, candidates, exclude)[:20]
+        ]
+
+    # update ----------------------------------------------------------------------------------
+
+    async def update(
+        self, actor_id: str, record_type: str, record_id: str, patch: RecordFields
+    ) -> RecordDetail:
+        viewer = await self._viewer(actor_id)
+        doc = await self.core.visible_record(viewer, record_type, record_id)
+        fields = patch.model_dump(exclude_unset=True)
+        before = dict(doc)
+        after = dict(doc)
+        company_contacts: list[str] | None = None
+        if "responsible_id" in fields:
+            await self._require_assignable(viewer, fields["responsible_id"])
+        if "custom_fields" in fields:
+            cleaned = await self._custom(record_type, fields.pop("custom_fields"), True)
+            merged = {**doc.get("custom_fields", {}), **cleaned}
+            after["custom_fields"] = {k: v for k, v in merged.items() if v is not None}
+        if record_type == "lead" and doc.get("status") == "converted" and "status" in fields:
+            raise conflict("a converted lead keeps its status")
+        if record_type == "contact" and "company_ids" in fields:
+            fields["company_ids"] = await self._linked_ids(viewer, "company", fields["company_ids"])
+        if record_type == "company" and "contact_ids" in fields:
+            company_contacts = await self._linked_ids(viewer, "contact", fields.pop("contact_ids"))
+        if record_type == "deal":
+            if "contact_ids" in fields:
+                fields["contact_ids"] = await self._linked_ids(
+                    viewer, "contact", fields["contact_ids"]
+                )
+            if "stage_id" in fields:
+                after["stage_semantics"] = await self._stage_semantics(fields["stage_id"])
+            if "company_id" in fields:
+                new_company = fields.pop("company_id")
+                if new_company is None:
+                    after["company_id"] = None
+                elif new_company != doc.get("company_id"):
+                    after["contact_ids"] = fields.get("contact_ids", doc.get("contact_ids", []))
+                    await self._link_company(viewer, after, new_company, "contact_ids" in fields)
+        after.update(fields)
+        after["title"] = derived_title(after)
+        if not after["title"]:
+            raise Problem(422, "validation", "A title is needed", "the record would have no title")
+        after["open"] = record_is_open(record_type, after.get("status"), _semantics(after))
+        after.update(search_keys(after))
+        changed = changes(before, after, TRACKED[record_type])
+        contacts_before: list[str] = []
+        if company_contacts is not None:
+            contacts_before = await self.core.company_contacts(record_id)
+        if not changed and company_contacts is None:
+            return await self.detail_of(viewer, doc)
+        now = utcnow()
+        after["modified_by"] = actor_id
+        after["modified_at"] = now
+        sets = {k: v for k, v in after.items() if k != "_id" and before.get(k) != v}
+        await self._records.update_one({"_id": record_id}, {"$set": sets})
+        for change in changed:
+            await self.core.record_history(
+                after, actor_id, "field", change.field, change.old, change.new
+            )
+        if company_contacts is not None:
+            await self._set_company_contacts(after, actor_id, contacts_before, company_contacts)
+        if record_type == "deal" and ("company_id" in sets or "contact_ids" in sets):
+            await self._remember(after)
+        await self._after_change(after, before, changed)
+        return await self.detail_of(viewer, after)
+
+    async def _set_company_contacts(
+        self, company: Document, actor_id: str, before: list[str], wanted: list[str]
+    ) -> None:
+        added = [c for c in wanted if c not in before]
+        removed = [c for c in before if c not in wanted]
+        if added:
+            await self._records.update_many(
+                {"_id": {"$in": added}}, {"$addToSet": {"company_ids": company["_id"]}}
+            )
+        if removed:
+            await self._records.update_many(
+                {"_id": {"$in": removed}}, {"$pull": {"company_ids": company["_id"]}}
+            )
+        if added or removed:
+            await self.core.record_history(
+                company, actor_id, "field", "contact_ids", before, wanted
+            )
+            await self._announce_linked(company, added + removed)
+
+    async def _after_change(
+        self, after: Document, before: Document, changed: list[FieldChange]
+    ) -> None:
+        """Activities follow their record's responsible person; counters follow both."""
+        touched = {after["responsible_id"]}
+        if before["responsible_id"] != after["responsible_id"]:
+            touched.add(before["responsible_id"])
+            await self.core.activities.update_many(
+                {"owner_id": after["_id"]},
+                {"$set": {"record_responsible_id": after["responsible_id"]}},
+            )
+            async for act in self.core.activities.find(
+                {"owner_id": after["_id"], "completed": False}, {"responsible_id": 1}
+            ):
+                touched.add(act["responsible_id"])
+        await self.core.announce_record(after, before["responsible_id"])
+        if touched and (
+            before["responsible_id"] != after["responsible_id"]
+            or before.get("open") != after.get("open")
+        ):
+            self.core.counters.touch(sorted(touched), [after["type"]])
+
+    # conversion ------------------------------------------------------------------------------
+
+    async def convert(self, actor_id: str, lead_id: str, mode: ConversionMode) -> ConversionResult:
+        viewer = await self._viewer(actor_id)
+        lead = await self.core.visible_record(viewer, "lead", lead_id)
+        if not may_convert(lead.get("status", "new")):
+            raise conflict(f"a lead with status {lead.get('status')!r} cannot be converted")
+        token = new_id()
+        # Claimed first so that two people converting at once make one set of records.
+        claimed = await self._records.find_one_and_update(
+            {"_id": lead_id, "status": {"$nin": ["converted", "junk"]}, "converting": None},
+            {"$set": {"converting": token}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if claimed is None:
+            raise conflict("the lead is being converted or was converted already")
+        source = {**lead, "id": lead_id}
+        made: dict[str, Document] = {}
+        now = utcnow()
+        for record_type in creates(mode):
+            if record_type == "company":
+                fields = company_from_lead(source)
+            elif record_type == "contact":
+                fields = contact_from_lead(source)
+                if "company" in made:
+                    fields["company_ids"] = [made["company"]["_id"]]
+            else:
+                fields = deal_from_lead(source)
+                stages = stages_of(await self.core.config.settings())
+                fields.update(
+                    stage_id=stages[0].id,
+                    stage_semantics=stages[0].semantics.value,
+                    company_id=made["company"]["_id"] if "company" in made else None,
+                    contact_ids=[made["contact"]["_id"]] if "contact" in made else [],
+                )
+            doc: Document = {
+                "emails": [],
+                "phones": [],
+                "source": "",
+                "comments": "",
+                "custom_fields": {},
+                **fields,
+                "_id": new_id(),
+                "type": record_type,
+                "lead_id": lead_id,
+                "created_by": actor_id,
+                "created_at": now,
+                "modified_by": actor_id,
+                "modified_at": now,
+                "open_activities": 0,
+            }
+            doc["title"] = derived_title(doc) or record_title(lead)
+            doc["open"] = record_is_open(record_type, doc.get("status"), _semantics(doc))
+            doc.update(search_keys(doc))
+            await self._records.insert_one(doc)
+            await self.core.record_history(doc, actor_id, "created", "lead_id", None, lead_id)
+            made[record_type] = doc
+        converted = {t: d["_id"] for t, d in made.items()}
+        updated = await self._records.find_one_and_update(
+            {"_id": lead_id, "converting": token},
+            {
+                "$set": {
+                    "status": "converted",
+                    "open": False,
+                    "converted": converted,
+                    "converting": None,
+                    "modified_by": actor_id,
+                    "modified_at": now,
+                }
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        assert updated is not None
+        await self.core.record_history(updated, actor_id, "converted", "mode", None, mode.value)
+        for doc in made.values():
+            if doc["type"] == "deal":
+                await self._remember(doc)
+            await self.core.announce_record(doc)
+        await self.core.announce_record(updated)
+        self.core.counters.touch([lead["responsible_id"]], ["lead", *converted])
+        created: dict[str, RecordOut] = {}
+        for t, doc in made.items():
+            created[t] = await self.core.record_for(viewer, doc)
+        return ConversionResult(lead=await self.core.record_for(viewer, updated), created=created)
+
+    # delete ----------------------------------------------------------------------------------
+
+    async def delete(self, actor_id: str, record_type: str, record_id: str) -> None:
+        viewer = await self._viewer(actor_id)
+        doc = await self.core.visible_record(viewer, record_type, record_id)
+        touched = {doc["responsible_id"]}
+        async for act in self.core.activities.find({"owner_id": record_id, "completed": False}):
+            touched.add(act["responsible_id"])
+        await self.core.activities.delete_many({"owner_id": record_id})
+        await self._records.delete_one({"_id": record_id})
+        if record_type == "company":
+            await self._records.update_many(
+                {"type": "contact", "company_ids": record_id}, {"$pull": {"company_ids": record_id}}
+            )
+            await self._records.update_many(
+                {"type": "deal", "company_id": record_id}, {"$set": {"company_id": None}}
+            )
+            await self.core.store["crm_link_memory"].delete_one({"_id": record_id})
+        elif record_type == "contact":
+            await self._records.update_many(
+                {"type": "deal", "contact_ids": record_id}, {"$pull": {"contact_ids": record_id}}
+            )
+        await self.core.record_history(doc, actor_id, "deleted")
+        await self.core.announce_record_removed(doc)
+        self.core.counters.touch(sorted(touched), [record_type])
+
+
+def _semantics(doc: Document) -> StageSemantics | None:
+    value = doc.get("stage_semantics")
+    return StageSemantics(value) if value else None
+
+
+def _probe_of(doc: Document) -> Probe:
+    t = doc["type"]
+    company = doc.get("title", "") if t == "company" else doc.get("company_title", "")
+    return Probe.of(
+        emails=[e["value"] for e in doc.get("emails", [])],
+        phones=[p["number"] for p in doc.get("phones", [])],
+        first_name=doc.get("first_name", "") if t != "company" else "",
+        last_name=doc.get("last_name", "") if t != "company" else "",
+        company_title=company,
+    )
+
+
+def _text_filter(q: str) -> Document:
+    needle = q.strip()
+    pattern = re.escape(normal_name(needle))
+    ors: list[Document] = [{"search_text": {"$regex": pattern}}]
+    if "@" in needle:
+        ors.append({"email_keys": normal_email(needle)})
+    digits = phone_digits(needle)
+    if len(digits) >= 5:
+        ors.append({"phone_keys": phone_key(needle)})
+    return {"$or": ors}
+
+
+def _cursor(value: str) -> str:
+    try:
+        ObjectId(value)
+    except (InvalidId, TypeError):
+        raise Problem(422, "validation", "Invalid cursor", "pass next_cursor as given") from None
+    return value
+
+
+__all__ = ["RECORD_TYPES", "RecordService", "not_found"]

@@ -1,0 +1,396 @@
+"""CRM over the real stack: records, links, conversion, duplicates, roles and their events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.harness import HubHarness, SocketClient
+
+
+async def make(hub: HubHarness, token: str, kind: str, **body: Any) -> dict[str, Any]:
+    resp = await hub.request("POST", f"/api/v1/crm/{kind}", token=token, json=body)
+    assert resp.status == 201, resp.body
+    record: dict[str, Any] = resp.body
+    return record
+
+
+async def patch(hub: HubHarness, token: str, kind: str, rid: str, **body: Any) -> dict[str, Any]:
+    resp = await hub.request("PATCH", f"/api/v1/crm/{kind}/{rid}", token=token, json=body)
+    assert resp.status == 200, resp.body
+    record: dict[str, Any] = resp.body
+    return record
+
+
+def record_events(client: SocketClient, rid: str) -> list[dict[str, Any]]:
+    return [
+        e["data"]["record"]
+        for e in client.of_type("crm.record.updated")
+        if e["data"]["record"]["id"] == rid
+    ]
+
+
+async def test_smoke_create_list_get(hub: HubHarness) -> None:
+    _, mary = await hub.create_user("mary")
+    lead = await make(hub, mary, "leads", title="Website enquiry", first_name="Ann")
+    assert lead["type"] == "lead" and lead["status"] == "new" and lead["open"]
+    assert lead["indicator"] == {"number": 0, "colour": "none", "dot": None}
+    listed = await hub.request("GET", "/api/v1/crm/leads", token=mary)
+    assert listed.status == 200, listed.body
+    assert [r["id"] for r in listed.body["records"]] == [lead["id"]]
+    got = await hub.request("GET", f"/api/v1/crm/leads/{lead['id']}", token=mary)
+    assert got.status == 200 and got.body["links"] == {"converted": []}
+    counters = await hub.request("GET", "/api/v1/counters", token=mary)
+    assert counters.body["crm"]["lead"]["idle"] == 1
+
+
+async def grant(hub: HubHarness, admin: str, role: str, kind: str, subject: str) -> None:
+    resp = await hub.request(
+        "PUT",
+        "/api/v1/crm/roles",
+        token=admin,
+        json={"role": role, "subject_kind": kind, "subject_id": subject},
+    )
+    assert resp.status == 200, resp.body
+
+
+async def department(hub: HubHarness, admin: str, name: str, parent: str | None = None) -> str:
+    body: dict[str, Any] = {"name": name}
+    if parent:
+        body["parent_id"] = parent
+    resp = await hub.request("POST", "/api/v1/departments", token=admin, json=body)
+    assert resp.status == 201, resp.body
+    dept_id: str = resp.body["id"]
+    return dept_id
+
+
+# links ---------------------------------------------------------------------------------------
+
+
+async def test_contacts_and_companies_are_many_to_many(hub: HubHarness) -> None:
+    _, mary = await hub.create_user("mary")
+    acme = await make(hub, mary, "companies", title="Acme")
+    globex = await make(hub, mary, "companies", title="Globex")
+    ann = await make(
+        hub, mary, "contacts", first_name="Ann", company_ids=[acme["id"], globex["id"]]
+    )
+    assert ann["title"] == "Ann" and ann["company_ids"] == [acme["id"], globex["id"]]
+    bob = await make(hub, mary, "contacts", first_name="Bob")
+    # the company's side: Bob joins Acme
+    acme = await patch(hub, mary, "companies", acme["id"], contact_ids=[ann["id"], bob["id"]])
+    assert sorted(acme["contact_ids"]) == sorted([ann["id"], bob["id"]])
+    assert {r["id"] for r in acme["links"]["contact"]} == {ann["id"], bob["id"]}
+    got = await hub.request("GET", f"/api/v1/crm/contacts/{bob['id']}", token=mary)
+    assert got.body["company_ids"] == [acme["id"]]
+    assert [r["title"] for r in got.body["links"]["company"]] == ["Acme"]
+    # and Ann leaves Globex from her side
+    await patch(hub, mary, "contacts", ann["id"], company_ids=[acme["id"]])
+    globex_now = await hub.request("GET", f"/api/v1/crm/companies/{globex['id']}", token=mary)
+    assert globex_now.body["contact_ids"] == []
+
+
+async def test_a_deal_has_one_company_and_remembers_the_contacts_left_on_it(
+    hub: HubHarness,
+) -> None:
+    _, mary = await hub.create_user("mary")
+    acme = await make(hub, mary, "companies", title="Acme")
+    other = await make(hub, mary, "companies", title="Other")
+    people = [
+        await make(hub, mary, "contacts", first_name=name, company_ids=[acme["id"]])
+        for name in ("Ann", "Bob", "Cid")
+    ]
+    ids = [p["id"] for p in people]
+    outsider = await make(hub, mary, "contacts", first_name="Dan")
+    # first time: all of the company's contacts come with it
+    deal1 = await make(hub, mary, "deals", title="First", company_id=acme["id"])
+    assert deal1["company_id"] == acme["id"] and sorted(deal1["contact_ids"]) == sorted(ids)
+    # the user removes Bob from the deal, adds an outsider
+    deal1 = await patch(
+        hub, mary, "deals", deal1["id"], contact_ids=[ids[0], ids[2], outsider["id"]]
+    )
+    # next deal with the same company: only those left on the deal the last time
+    deal2 = await make(hub, mary, "deals", title="Second", company_id=acme["id"])
+    assert sorted(deal2["contact_ids"]) == sorted([ids[0], ids[2]])
+    # a new contact of the company is not added once a selection is remembered
+    await make(hub, mary, "contacts", first_name="Eve", company_ids=[acme["id"]])
+    deal3 = await make(hub, mary, "deals", title="Third")
+    deal3 = await patch(hub, mary, "deals", deal3["id"], company_id=acme["id"])
+    assert sorted(deal3["contact_ids"]) == sorted([ids[0], ids[2]])
+    # at most one company: switching replaces it and adds the new company's contacts
+    deal3 = await patch(hub, mary, "deals", deal3["id"], company_id=other["id"])
+    assert deal3["company_id"] == other["id"]
+    assert [r["id"] for r in deal3["links"]["company"]] == [other["id"]]
+    # contacts chosen in the same request win over the remembered ones
+    deal4 = await make(
+        hub, mary, "deals", title="Fourth", company_id=acme["id"], contact_ids=[ids[1]]
+    )
+    assert deal4["contact_ids"] == [ids[1]]
+    bad = await hub.request(
+        "POST", "/api/v1/crm/deals", token=mary, json={"title": "x", "company_id": ids[0]}
+    )
+    assert bad.status == 422, bad.body
+
+
+# conversion ----------------------------------------------------------------------------------
+
+
+EXPECTED_TYPES = {
+    "contact": {"contact"},
+    "company": {"company"},
+    "contact+company": {"contact", "company"},
+    "deal": {"deal"},
+    "deal+contact": {"deal", "contact"},
+    "deal+contact+company": {"deal", "contact", "company"},
+}
+
+
+async def test_each_conversion_mode_creates_links_and_marks_the_lead(hub: HubHarness) -> None:
+    _, mary = await hub.create_user("mary")
+    for mode, types in EXPECTED_TYPES.items():
+        lead = await make(
+            hub,
+            mary,
+            "leads",
+            title=f"Enquiry {mode}",
+            first_name="Ann",
+            last_name=f"Lee {mode}",
+            company_title=f"Acme {mode}",
+            emails=[{"type": "work", "value": f"ann.{len(mode)}.{mode.count('+')}@acme.test"}],
+            amount=1200,
+            currency="EUR",
+            ignore_duplicates=True,
+        )
+        resp = await hub.request(
+            "POST", f"/api/v1/crm/leads/{lead['id']}/convert", token=mary, json={"mode": mode}
+        )
+        assert resp.status == 201, (mode, resp.body)
+        created = resp.body["created"]
+        assert set(created) == types, mode
+        assert resp.body["lead"]["status"] == "converted" and not resp.body["lead"]["open"]
+        assert resp.body["lead"]["converted"] == {t: r["id"] for t, r in created.items()}
+        for record in created.values():
+            assert record["lead_id"] == lead["id"]
+        if "contact" in created:
+            assert created["contact"]["last_name"] == f"Lee {mode}"
+            assert created["contact"]["emails"] == lead["emails"]
+        if "company" in created:
+            assert created["company"]["title"] == f"Acme {mode}"
+        if "contact" in created and "company" in created:
+            assert created["contact"]["company_ids"] == [created["company"]["id"]]
+        if "deal" in created:
+            deal = created["deal"]
+            assert deal["title"] == f"Enquiry {mode}" and deal["amount"] == 1200
+            assert deal["currency"] == "EUR"
+            assert deal["company_id"] == created.get("company", {}).get("id")
+            assert deal["contact_ids"] == (
+                [created["contact"]["id"]] if "contact" in created else []
+            )
+        detail = await hub.request("GET", f"/api/v1/crm/leads/{lead['id']}", token=mary)
+        assert {r["id"] for r in detail.body["links"]["converted"]} == {
+            r["id"] for r in created.values()
+        }
+        again = await hub.request(
+            "POST", f"/api/v1/crm/leads/{lead['id']}/convert", token=mary, json={"mode": mode}
+        )
+        assert again.status == 409, again.body
+    junk = await make(hub, mary, "leads", title="Spam", status="junk")
+    refused = await hub.request(
+        "POST", f"/api/v1/crm/leads/{junk['id']}/convert", token=mary, json={"mode": "deal"}
+    )
+    assert refused.status == 409
+
+
+async def test_converting_twice_at_once_makes_one_set_of_records(hub: HubHarness) -> None:
+    import asyncio
+
+    _, mary = await hub.create_user("mary")
+    lead = await make(hub, mary, "leads", title="Race")
+    answers = await asyncio.gather(
+        *(
+            hub.request(
+                "POST", f"/api/v1/crm/leads/{lead['id']}/convert", token=mary, json={"mode": "deal"}
+            )
+            for _ in range(4)
+        )
+    )
+    assert sorted(a.status for a in answers) == [201, 409, 409, 409]
+    deals = await hub.request("GET", "/api/v1/crm/deals", token=mary)
+    assert len(deals.body["records"]) == 1
+
+
+# duplicates ----------------------------------------------------------------------------------
+
+
+async def test_duplicate_warnings_name_the_matched_fields_and_hide_what_the_user_may_not_see(
+    hub: HubHarness,
+) -> None:
+    _, mary = await hub.create_user("mary")
+    bob_id, bob = await hub.create_user("bob")
+    mine = await make(
+        hub,
+        mary,
+        "contacts",
+        first_name="Ann",
+        last_name="Lee",
+        emails=[{"value": "Ann@Acme.test"}],
+        phones=[{"number": "+49 30 1234567"}],
+    )
+    theirs = await make(hub, bob, "companies", title="Acme GmbH", phones=[{"number": "555-0100"}])
+    # same email (case), same phone written differently, same name
+    resp = await hub.request(
+        "POST",
+        "/api/v1/crm/contacts",
+        token=mary,
+        json={
+            "first_name": "ann",
+            "last_name": " LEE",
+            "emails": [{"value": "ann@acme.test"}],
+            "phones": [{"number": "030 1234567"}],
+        },
+    )
+    assert resp.status == 409, resp.body
+    assert resp.body["type"] == "urn:portalhub:problem:possible-duplicates"
+    (match,) = resp.body["duplicates"]
+    assert match["id"] == mine["id"] and match["matched"] == ["email", "phone", "name"]
+    assert match["visible"] is True
+    # while typing: a company title that belongs to someone else's record
+    probe = await hub.request(
+        "POST",
+        "/api/v1/crm/duplicates",
+        token=mary,
+        json={"type": "company", "title": "acme   gmbh"},
+    )
+    assert probe.status == 200
+    (other,) = probe.body["duplicates"]
+    assert other == {
+        "type": "company",
+        "id": theirs["id"],
+        "title": "Acme GmbH",
+        "responsible_id": bob_id,
+        "matched": ["company"],
+        "visible": False,
+    }
+    # the client may create anyway
+    forced = await hub.request(
+        "POST",
+        "/api/v1/crm/contacts",
+        token=mary,
+        json={"first_name": "Ann", "last_name": "Lee", "ignore_duplicates": True},
+    )
+    assert forced.status == 201
+    # and editing a record does not report the record itself
+    self_probe = await hub.request(
+        "POST",
+        "/api/v1/crm/duplicates",
+        token=mary,
+        json={"type": "contact", "emails": ["ann@acme.test"], "exclude_id": mine["id"]},
+    )
+    assert self_probe.body["duplicates"] == []
+    # the invisible one still cannot be read
+    hidden = await hub.request("GET", f"/api/v1/crm/companies/{theirs['id']}", token=mary)
+    assert hidden.status == 404
+
+
+# roles ---------------------------------------------------------------------------------------
+
+
+async def test_roles_decide_whose_records_and_events_each_user_sees(hub: HubHarness) -> None:
+    _, root = await hub.create_user("root", admin=True)
+    company = await department(hub, root, "Company")
+    sales = await department(hub, root, "Sales", company)
+    east = await department(hub, root, "Sales East", sales)
+    support = await department(hub, root, "Support", company)
+    head_id, head = await hub.create_user("hank", department_id=sales)
+    m1_id, m1 = await hub.create_user("mia", department_id=east)
+    m2_id, m2 = await hub.create_user("max", department_id=sales)
+    s_id, sup = await hub.create_user("sue", department_id=support)
+    ceo_id, ceo = await hub.create_user("cleo", department_id=company)
+    await grant(hub, root, "head", "user", head_id)
+    await grant(hub, root, "chief", "user", ceo_id)
+    clients = {
+        name: await hub.connect(tok)
+        for name, tok in (("hank", head), ("mia", m1), ("max", m2), ("sue", sup), ("cleo", ceo))
+    }
+    deal = await make(hub, m1, "deals", title="East deal")
+    other = await make(hub, m2, "deals", title="Max deal")
+    support_deal = await make(hub, sup, "deals", title="Support deal")
+    await clients["cleo"].wait_until(
+        lambda: len(clients["cleo"].of_type("crm.record.updated")) >= 3
+    )
+    await clients["hank"].wait_until(
+        lambda: len(clients["hank"].of_type("crm.record.updated")) >= 2
+    )
+
+    async def visible(token: str) -> set[str]:
+        resp = await hub.request("GET", "/api/v1/crm/deals", token=token)
+        assert resp.status == 200, resp.body
+        return {r["title"] for r in resp.body["records"]}
+
+    assert await visible(m1) == {"East deal"}
+    assert await visible(m2) == {"Max deal"}
+    assert await visible(head) == {"East deal", "Max deal"}  # department + subdepartments
+    assert await visible(ceo) == {"East deal", "Max deal", "Support deal"}
+    assert await visible(sup) == {"Support deal"}
+    # reads, writes and activities on others' records are refused as "not found"
+    for method, body in (("GET", None), ("PATCH", {"title": "mine now"}), ("DELETE", None)):
+        resp = await hub.request(method, f"/api/v1/crm/deals/{deal['id']}", token=m2, json=body)
+        assert resp.status == 404, (method, resp.body)
+    act = await hub.request(
+        "POST",
+        "/api/v1/crm/activities",
+        token=m2,
+        json={"owner_type": "deal", "owner_id": deal["id"], "type": "call"},
+    )
+    assert act.status == 404
+    # a manager may not hand a record to someone else's care; a head may, within the department
+    give = await hub.request(
+        "PATCH", f"/api/v1/crm/deals/{other['id']}", token=m2, json={"responsible_id": m1_id}
+    )
+    assert give.status == 403
+    moved = await patch(hub, head, "deals", deal["id"], responsible_id=m2_id)
+    assert moved["responsible_id"] == m2_id
+    # events: Mia loses the deal, Max gains it, Sue never heard of any of it
+    await clients["mia"].wait_until(lambda: bool(clients["mia"].of_type("crm.record.removed")))
+    await clients["max"].wait_until(lambda: bool(record_events(clients["max"], deal["id"])))
+    titles_seen_by_sue = {
+        e["data"]["record"]["title"] for e in clients["sue"].of_type("crm.record.updated")
+    }
+    assert titles_seen_by_sue == {"Support deal"}
+    assert not record_events(clients["mia"], other["id"])
+    assert not record_events(clients["max"], support_deal["id"])
+    # a role given to a department reaches its subdepartments: everyone in Sales is a head
+    # of their own department: Max (Sales) sees Sales and East, Mia (East) only East
+    await make(hub, m1, "deals", title="Mia's second")
+    await grant(hub, root, "head", "department", sales)
+    assert await visible(m2) == {"East deal", "Max deal", "Mia's second"}
+    assert await visible(m1) == {"Mia's second"}
+    # a workgroup grant: the highest role wins
+    group = await hub.request("POST", "/api/v1/workgroups", token=root, json={"name": "Board"})
+    assert group.status == 201, group.body
+    added = await hub.request(
+        "POST",
+        f"/api/v1/workgroups/{group.body['id']}/members",
+        token=root,
+        json={"user_ids": [s_id]},
+    )
+    assert added.status in (200, 201, 204), added.body
+    await grant(hub, root, "chief", "workgroup", group.body["id"])
+    assert await visible(sup) == {"East deal", "Max deal", "Support deal", "Mia's second"}
+    me = await hub.request("GET", "/api/v1/crm/me", token=sup)
+    assert me.body["role"] == "chief" and me.body["sees_others"] is True
+    # settings and role grants are for CRM administrators only
+    assert (
+        await hub.request(
+            "PATCH", "/api/v1/crm/settings", token=ceo, json={"counter_mode": "activity"}
+        )
+    ).status == 403
+    assert (await hub.request("GET", "/api/v1/crm/roles", token=head)).status == 403
+    # a "none" grant closes the CRM for a user with no higher role
+    await grant(hub, root, "none", "user", m1_id)
+    await hub.request("DELETE", "/api/v1/crm/roles/x", token=root)
+    grants = (await hub.request("GET", "/api/v1/crm/roles", token=root)).body["grants"]
+    dept_grant = next(g for g in grants if g["subject_id"] == sales)
+    assert (
+        await hub.request("DELETE", f"/api/v1/crm/roles/{dept_grant['id']}", token=root)
+    ).status == 204
+    closed = await hub.request("GET", "/api/v1/crm/deals", token=m1)
+    assert closed.status == 403, closed.body

@@ -1,0 +1,472 @@
+"""CRM counters over the real stack: what each connected client is pushed, live, always equals
+the counters recomputed from the database by the pure rules."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from server.counters.rules import (
+    ActivityFacts,
+    CounterMode,
+    DueWindow,
+    RecordFacts,
+    badges_for,
+)
+from server.crm.models import CrmSettingsUpdate
+from server.settings import Settings
+from server.store.database import Store, utcnow
+from tests.harness import HubHarness, SocketClient, start_hub
+
+ZERO = {"incoming": 0, "due": 0, "overdue": 0, "total": 0, "idle": 0, "colour": "none"}
+
+
+def pushed_crm(client: SocketClient) -> dict[str, dict[str, Any]]:
+    """The client's view: every push merged number by number, as the web client does."""
+    state: dict[str, dict[str, Any]] = {}
+    for data in client.of_type("counters.changed"):
+        for record_type, numbers in (data.get("crm") or {}).items():
+            state.setdefault(record_type, {}).update(numbers)
+    return state
+
+
+async def recomputed(hub: HubHarness, user_id: str) -> dict[str, dict[str, Any]]:
+    """From scratch, with the pure rules, from every record and activity in the database."""
+    store = hub.services.store
+    settings = await hub.services.crm.config.settings()
+    user = await store.users.find_one({"_id": user_id})
+    assert user is not None
+    tz = ZoneInfo(user.get("time_zone") or "UTC")
+    records = {r["_id"]: r async for r in store["crm_records"].find({})}
+    activities = [
+        ActivityFacts(
+            id=a["_id"],
+            owner_type=records[a["owner_id"]]["type"],
+            owner_id=a["owner_id"],
+            record_responsible_id=records[a["owner_id"]]["responsible_id"],
+            responsible_id=a["responsible_id"],
+            type=a["type"],
+            direction=a["direction"],
+            deadline=a.get("deadline"),
+            completed=bool(a.get("completed")),
+        )
+        async for a in store["crm_activities"].find({})
+    ]
+    facts = [
+        RecordFacts(r["type"], r["_id"], r["responsible_id"], bool(r["open"]))
+        for r in records.values()
+    ]
+    badges = badges_for(
+        user_id,
+        activities,
+        facts,
+        CounterMode(settings.counter_mode),
+        utcnow(),
+        tz,
+        DueWindow(settings.due_minutes_before),
+    )
+    return {t: b.as_dict() for t, b in badges.items()}
+
+
+async def settle_and_compare(
+    hub: HubHarness, clients: dict[str, SocketClient], ids: dict[str, str]
+) -> None:
+    await hub.services.crm.counters.settled()
+    for name, client in clients.items():
+        expected = await recomputed(hub, ids[name])
+        try:
+            await client.wait_until(lambda c=client, e=expected: pushed_crm(c) == e, timeout=10)  # type: ignore[misc]
+        except TimeoutError:
+            raise AssertionError(f"{name}: pushed {pushed_crm(client)} != {expected}") from None
+
+
+async def post(hub: HubHarness, token: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    resp = await hub.request("POST", path, token=token, json=body)
+    assert resp.status == 201, resp.body
+    found: dict[str, Any] = resp.body
+    return found
+
+
+async def change(hub: HubHarness, token: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    resp = await hub.request("PATCH", path, token=token, json=body)
+    assert resp.status == 200, resp.body
+    found: dict[str, Any] = resp.body
+    return found
+
+
+async def chief(hub: HubHarness, login: str) -> tuple[str, str]:
+    """A user holding the Chief executive role (sees everyone's records)."""
+    user_id, token = await hub.create_user(login)
+    root = await hub.services.directory.user_by_login("root")
+    if root is None:
+        await hub.create_user("root", admin=True)
+    admin_token = await hub.services.auth.issue_token(
+        str((await hub.services.directory.user_by_login("root") or {})["_id"])
+    )
+    resp = await hub.request(
+        "PUT",
+        "/api/v1/crm/roles",
+        token=admin_token,
+        json={"role": "chief", "subject_kind": "user", "subject_id": user_id},
+    )
+    assert resp.status == 200, resp.body
+    return user_id, token
+
+
+def later_today() -> datetime | None:
+    """A deadline still today (UTC), a little ahead; None too close to midnight."""
+    now = datetime.now(UTC)
+    soon = now + timedelta(minutes=20)
+    return soon.astimezone(UTC) if soon.date() == now.date() else None
+
+
+async def test_a_managers_deal_turns_green_then_red_green_then_drops(hub: HubHarness) -> None:
+    mary_id, mary = await hub.create_user("mary")
+    _, colleague = await chief(hub, "cleo")
+    client = await hub.connect(mary)
+    await client.wait_for("snapshot")
+    deal = await post(hub, mary, "/api/v1/crm/deals", {"title": "Big deal"})
+    await client.wait_until(lambda: pushed_crm(client).get("deal", {}).get("idle") == 1)
+
+    call = await post(
+        hub,
+        colleague,
+        "/api/v1/crm/activities",
+        {
+            "owner_type": "deal",
+            "owner_id": deal["id"],
+            "type": "call",
+            "direction": "incoming",
+            "subject": "Called back",
+        },
+    )
+    assert call["state"] == "incoming" and call["responsible_id"] != mary_id
+    await client.wait_until(lambda: pushed_crm(client)["deal"]["colour"] == "green")
+    assert pushed_crm(client)["deal"] == {**ZERO, "incoming": 1, "total": 1, "colour": "green"}
+    # only what changed travels: the last push names no record type but deals
+    last = [c["crm"] for c in client.of_type("counters.changed") if "crm" in c][-1]
+    assert set(last) == {"deal"} and "overdue" not in last["deal"]
+    # the record's indicator follows, for mary
+    await client.wait_until(
+        lambda: any(
+            e["data"]["record"]["indicator"] == {"number": 1, "colour": "green", "dot": None}
+            for e in client.of_type("crm.record.updated")
+        )
+    )
+
+    deadline = later_today()
+    if deadline is None:  # within 20 minutes of midnight: light "due" by a minutes window
+        await hub.services.crm.config.update(CrmSettingsUpdate(due_minutes_before=60))
+        deadline = datetime.now(UTC) + timedelta(minutes=20)
+    meeting = await post(
+        hub,
+        colleague,
+        "/api/v1/crm/activities",
+        {
+            "owner_type": "deal",
+            "owner_id": deal["id"],
+            "type": "meeting",
+            "subject": "Demo",
+            "deadline": deadline.isoformat(),
+            "responsible_id": mary_id,
+        },
+    )
+    assert meeting["state"] == "due"
+    await client.wait_until(lambda: pushed_crm(client)["deal"]["colour"] == "red-green")
+    assert pushed_crm(client)["deal"]["total"] == 2 and pushed_crm(client)["deal"]["due"] == 1
+
+    for activity in (call, meeting):
+        await change(
+            hub, colleague, f"/api/v1/crm/activities/{activity['id']}", {"completed": True}
+        )
+    await client.wait_until(lambda: pushed_crm(client)["deal"] == {**ZERO, "idle": 1})
+    all_counters = await hub.request("GET", "/api/v1/counters", token=mary)
+    assert all_counters.body["crm"]["deal"] == {**ZERO, "idle": 1}
+    assert set(all_counters.body) == {"im", "tasks", "crm"}
+
+
+async def test_a_deadline_passing_and_a_due_window_opening_are_pushed(hub: HubHarness) -> None:
+    mary_id, mary = await hub.create_user("mary")
+    client = await hub.connect(mary)
+    await client.wait_for("snapshot")
+    _, root = await hub.create_user("root", admin=True)
+    assert (
+        await hub.request(
+            "PATCH", "/api/v1/crm/settings", token=root, json={"due_minutes_before": 1}
+        )
+    ).status == 200
+    deal = await post(hub, mary, "/api/v1/crm/deals", {"title": "Timed"})
+    now = datetime.now(UTC)
+    # becomes due in ~2 s (its last minute starts), overdue in ~3 s
+    await post(
+        hub,
+        mary,
+        "/api/v1/crm/activities",
+        {
+            "owner_type": "deal",
+            "owner_id": deal["id"],
+            "type": "task",
+            "deadline": (now + timedelta(seconds=62)).isoformat(),
+        },
+    )
+    await post(
+        hub,
+        mary,
+        "/api/v1/crm/activities",
+        {
+            "owner_type": "deal",
+            "owner_id": deal["id"],
+            "type": "call",
+            "deadline": (now + timedelta(seconds=3)).isoformat(),
+        },
+    )
+    await client.wait_until(lambda: pushed_crm(client).get("deal", {}).get("due") == 1)
+    await client.wait_until(lambda: pushed_crm(client)["deal"].get("due") == 2, timeout=15)
+    await client.wait_until(lambda: pushed_crm(client)["deal"].get("overdue") == 1, timeout=15)
+    assert pushed_crm(client)["deal"]["due"] == 1
+    assert await recomputed(hub, mary_id) == pushed_crm(client)
+
+
+async def test_switching_the_mode_repushes_everyones_counters(hub: HubHarness) -> None:
+    mary_id, mary = await hub.create_user("mary")
+    bob_id, bob = await hub.create_user("bob")
+    _, root = await hub.create_user("root", admin=True)
+    clients = {"mary": await hub.connect(mary), "bob": await hub.connect(bob)}
+    for c in clients.values():
+        await c.wait_for("snapshot")
+    deal = await post(hub, mary, "/api/v1/crm/deals", {"title": "Shared work"})
+    # mary's deal, an incoming email assigned to bob
+    await post(
+        hub,
+        mary,
+        "/api/v1/crm/activities",
+        {
+            "owner_type": "deal",
+            "owner_id": deal["id"],
+            "type": "email",
+            "direction": "incoming",
+            "responsible_id": bob_id,
+        },
+    )
+    ids = {"mary": mary_id, "bob": bob_id}
+    await settle_and_compare(hub, clients, ids)
+    assert pushed_crm(clients["mary"])["deal"]["incoming"] == 1
+    assert pushed_crm(clients["bob"]).get("deal", ZERO)["incoming"] == 0
+    resp = await hub.request(
+        "PATCH", "/api/v1/crm/settings", token=root, json={"counter_mode": "activity"}
+    )
+    assert resp.status == 200 and resp.body["counter_mode"] == "activity"
+    await settle_and_compare(hub, clients, ids)
+    assert pushed_crm(clients["mary"])["deal"]["incoming"] == 0
+    assert pushed_crm(clients["bob"])["deal"]["incoming"] == 1
+    # the indicator for mary is now a gray... no: mary is a manager, she may not see others'
+    # numbers; the record shows nothing counted for her
+    listed = await hub.request("GET", "/api/v1/crm/deals", token=mary)
+    assert listed.body["records"][0]["indicator"] == {"number": 0, "colour": "none", "dot": None}
+
+
+async def test_counters_check_finds_and_repairs_drift(hub: HubHarness) -> None:
+    mary_id, mary = await hub.create_user("mary")
+    _, root = await hub.create_user("root", admin=True)
+    client = await hub.connect(mary)
+    await client.wait_for("snapshot")
+    deal = await post(hub, mary, "/api/v1/crm/deals", {"title": "Drifting"})
+    await post(
+        hub,
+        mary,
+        "/api/v1/crm/activities",
+        {"owner_type": "deal", "owner_id": deal["id"], "type": "call", "direction": "incoming"},
+    )
+    await hub.services.crm.counters.settled()
+    clean = await hub.request("POST", "/api/v1/crm/counters/check", token=root, json={})
+    assert clean.status == 200 and clean.body["differences"] == {}, clean.body
+    # simulate a crash between the activity write and its bookkeeping
+    store = hub.services.store
+    await store["crm_records"].update_one({"_id": deal["id"]}, {"$set": {"open_activities": 5}})
+    await store["crm_counters"].update_one(
+        {"_id": mary_id}, {"$set": {"values.deal.incoming": 7, "values.deal.total": 7}}
+    )
+    found = await hub.request("POST", "/api/v1/crm/counters/check", token=root, json={})
+    assert found.body["stale_records"] == 1
+    assert found.body["differences"][mary_id]["deal"]["incoming"] == 1
+    assert (
+        await hub.request("POST", "/api/v1/crm/counters/check", token=mary, json={})
+    ).status == 403
+    repaired = await hub.request(
+        "POST", "/api/v1/crm/counters/check", token=root, json={"repair": True}
+    )
+    assert repaired.body["repaired"] is True
+    again = await hub.request("POST", "/api/v1/crm/counters/check", token=root, json={})
+    assert again.body["differences"] == {} and again.body["stale_records"] == 0
+    doc = await store["crm_records"].find_one({"_id": deal["id"]})
+    assert doc is not None and doc["open_activities"] == 1
+
+
+# the property: random operations, several users, both modes -----------------------------------
+
+USERS = ("ann", "ben", "cat")
+NEW_ACTIVITY = st.tuples(
+    st.just("activity"),
+    st.sampled_from(USERS),  # who logs it
+    st.integers(0, 9),  # on which record
+    st.sampled_from(["incoming", "overdue", "due", "future", "none"]),
+    st.sampled_from(USERS),  # its responsible person
+)
+OPS = st.one_of(
+    st.tuples(
+        st.just("record"), st.sampled_from(USERS), st.sampled_from(["deal", "lead", "contact"])
+    ),
+    NEW_ACTIVITY,
+    st.tuples(st.just("complete"), st.integers(0, 19)),
+    st.tuples(st.just("reopen"), st.integers(0, 19)),
+    st.tuples(st.just("reassign_activity"), st.integers(0, 19), st.sampled_from(USERS)),
+    st.tuples(st.just("redate"), st.integers(0, 19), st.sampled_from(["overdue", "future", "due"])),
+    st.tuples(st.just("reassign_record"), st.integers(0, 9), st.sampled_from(USERS)),
+    st.tuples(st.just("close_record"), st.integers(0, 9)),
+    st.tuples(st.just("delete_activity"), st.integers(0, 19)),
+    st.tuples(st.just("mode"), st.sampled_from(["item", "activity"])),
+)
+
+
+def deadline_for(kind: str) -> str | None:
+    now = datetime.now(UTC)
+    if kind == "overdue":
+        return (now - timedelta(hours=2)).isoformat()
+    if kind == "future":
+        return (now + timedelta(days=3)).isoformat()
+    if kind == "due":  # a minutes window of a day makes this due whatever the hour
+        return (now + timedelta(hours=2)).isoformat()
+    return None
+
+
+async def run_operations(settings: Settings, mode: str, ops: list[tuple[Any, ...]]) -> None:
+    assert settings.mongodb_url is not None
+    store = Store(settings.mongodb_url.get_secret_value(), f"t_{uuid.uuid4().hex[:12]}")
+    await store.ensure_indexes()
+    try:
+        async with start_hub(settings, store) as hub:
+            _, root = await hub.create_user("root", admin=True)
+            # everyone a chief: any of them may act on any record (roles have their own tests)
+            ids: dict[str, str] = {}
+            tokens: dict[str, str] = {}
+            for name in USERS:
+                ids[name], tokens[name] = await chief(hub, name)
+            await hub.request(
+                "PATCH",
+                "/api/v1/crm/settings",
+                token=root,
+                json={"due_minutes_before": 24 * 60, "counter_mode": mode},
+            )
+            clients = {name: await hub.connect(tokens[name]) for name in USERS}
+            for c in clients.values():
+                await c.wait_for("snapshot")
+            records: list[dict[str, Any]] = []
+            activities: list[dict[str, Any]] = []
+            # a populated CRM to start from: a deal and a lead each
+            for name in USERS:
+                for record_type in ("deal", "lead"):
+                    await apply(
+                        hub, root, tokens, ids, records, activities, ("record", name, record_type)
+                    )
+            for op in ops:
+                await apply(hub, root, tokens, ids, records, activities, op)
+                await settle_and_compare(hub, clients, ids)
+    finally:
+        await store.client.drop_database(store.db.name)
+        await store.close()
+
+
+async def apply(
+    hub: HubHarness,
+    root: str,
+    tokens: dict[str, str],
+    ids: dict[str, str],
+    records: list[dict[str, Any]],
+    activities: list[dict[str, Any]],
+    op: tuple[Any, ...],
+) -> None:
+    kind = op[0]
+    plural = {"deal": "deals", "lead": "leads", "contact": "contacts"}
+    if kind == "record":
+        _, who, record_type = op
+        body: dict[str, Any] = {"ignore_duplicates": True}
+        body["title" if record_type != "contact" else "first_name"] = f"R{len(records)}"
+        records.append(await post(hub, tokens[who], f"/api/v1/crm/{plural[record_type]}", body))
+        return
+    if kind == "mode":
+        resp = await hub.request(
+            "PATCH", "/api/v1/crm/settings", token=root, json={"counter_mode": op[1]}
+        )
+        assert resp.status == 200
+        return
+    if kind in ("activity", "reassign_record", "close_record"):
+        if not records:
+            return
+        record = records[op[2 if kind == "activity" else 1] % len(records)]
+        path = f"/api/v1/crm/{plural[record['type']]}/{record['id']}"
+        if kind == "activity":
+            _, who, _, state, responsible = op
+            body = {"owner_type": record["type"], "owner_id": record["id"], "subject": "x"}
+            body["type"] = "call" if state == "incoming" else "meeting"
+            body["direction"] = "incoming" if state == "incoming" else "outgoing"
+            body["responsible_id"] = ids[responsible]
+            if (deadline := deadline_for(state)) is not None:
+                body["deadline"] = deadline
+            activities.append(await post(hub, tokens[who], "/api/v1/crm/activities", body))
+        elif kind == "reassign_record":
+            record.update(await change(hub, root, path, {"responsible_id": ids[op[2]]}))
+        elif record["type"] == "deal":
+            await change(hub, root, path, {"stage_id": "won"})
+        elif record["type"] == "lead":
+            await change(hub, root, path, {"status": "junk"})
+        return
+    if not activities:
+        return
+    activity = activities[op[1] % len(activities)]
+    path = f"/api/v1/crm/activities/{activity['id']}"
+    if kind == "delete_activity":
+        resp = await hub.request("DELETE", path, token=root)
+        assert resp.status in (204, 404)
+        return
+    patch: dict[str, Any] = {
+        "complete": {"completed": True},
+        "reopen": {"completed": False},
+    }.get(kind, {})
+    if kind == "reassign_activity":
+        patch = {"responsible_id": ids[op[2]]}
+    elif kind == "redate":
+        patch = {"deadline": deadline_for(op[2])}
+    resp = await hub.request("PATCH", path, token=root, json=patch)
+    assert resp.status in (200, 404), resp.body
+
+
+@pytest.fixture
+def base_settings(settings: Settings) -> Settings:
+    return settings
+
+
+@hypothesis_settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    mode=st.sampled_from(["item", "activity"]),
+    first=st.lists(NEW_ACTIVITY, min_size=3, max_size=6),
+    then=st.lists(OPS, min_size=2, max_size=12),
+)
+def test_pushed_counters_always_equal_counters_recomputed_from_scratch(
+    base_settings: Settings, mode: str, first: list[tuple[Any, ...]], then: list[tuple[Any, ...]]
+) -> None:
+    """After every operation, whoever did it, in either mode, every connected user's merged
+    pushes equal their counters recomputed from all records and activities."""
+    asyncio.run(run_operations(base_settings, mode, first + then))
