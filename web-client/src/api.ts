@@ -1,9 +1,28 @@
 // REST client for /api/v1: JSON in, JSON out, problem+json errors as ApiError.
 
 import type { XmppAccount } from "./core/jabber";
+import { PLURAL } from "./core/crm";
 import { ApiError } from "./core/problem";
 import type {
   Chat,
+  CrmActivity,
+  CrmActivityCreate,
+  CrmActivityQuery,
+  CrmActivityUpdate,
+  CrmConversionMode,
+  CrmConversionResult,
+  CrmCounters,
+  CrmDuplicateMatch,
+  CrmDuplicateProbe,
+  CrmHistoryEntry,
+  CrmMe,
+  CrmRecordBody,
+  CrmRecordDetail,
+  CrmRecordList,
+  CrmRecordQuery,
+  CrmRecordType,
+  CrmRoleGrant,
+  CrmSettings,
   Department,
   Dialog,
   ImCounters,
@@ -160,11 +179,72 @@ export class Api {
   taskHistory(taskId: string) {
     return this.call<{ history: TaskHistoryEntry[] }>("GET", `/tasks/${encodeURIComponent(taskId)}/history`);
   }
-  /** Every counter of the caller: messenger and tasks. */
+  /** Every counter of the caller: messenger, tasks and CRM. */
   allCounters() {
-    return this.call<{ im: ImCounters; tasks: TaskCounters }>("GET", "/counters");
+    return this.call<{ im: ImCounters; tasks: TaskCounters; crm?: CrmCounters }>("GET", "/counters");
   }
   workgroups() {
     return this.call<Workgroup[]>("GET", "/workgroups");
+  }
+
+  // crm ---------------------------------------------------------------------------------------
+  crmRecords(type: CrmRecordType, query: CrmRecordQuery = {}) {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(query)) if (v !== undefined && v !== null && v !== "") q.set(k, String(v));
+    return this.call<CrmRecordList>("GET", `/crm/${PLURAL[type]}?${q}`);
+  }
+  crmRecord(type: CrmRecordType, id: string) {
+    return this.call<CrmRecordDetail>("GET", `/crm/${PLURAL[type]}/${encodeURIComponent(id)}`);
+  }
+  /** 409 `possible-duplicates` (with `duplicates`) unless `ignore_duplicates` is set. */
+  createCrmRecord(type: CrmRecordType, body: CrmRecordBody) {
+    return this.call<CrmRecordDetail>("POST", `/crm/${PLURAL[type]}`, body);
+  }
+  updateCrmRecord(type: CrmRecordType, id: string, body: CrmRecordBody) {
+    return this.call<CrmRecordDetail>("PATCH", `/crm/${PLURAL[type]}/${encodeURIComponent(id)}`, body);
+  }
+  deleteCrmRecord(type: CrmRecordType, id: string) {
+    return this.call<void>("DELETE", `/crm/${PLURAL[type]}/${encodeURIComponent(id)}`);
+  }
+  crmHistory(type: CrmRecordType, id: string) {
+    return this.call<{ history: CrmHistoryEntry[] }>("GET", `/crm/${PLURAL[type]}/${encodeURIComponent(id)}/history`);
+  }
+  crmDuplicates(probe: CrmDuplicateProbe) {
+    return this.call<{ duplicates: CrmDuplicateMatch[] }>("POST", "/crm/duplicates", probe);
+  }
+  convertLead(id: string, mode: CrmConversionMode) {
+    return this.call<CrmConversionResult>("POST", `/crm/leads/${encodeURIComponent(id)}/convert`, { mode });
+  }
+  crmActivities(query: CrmActivityQuery = {}) {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(query)) if (v !== undefined && v !== null && v !== "") q.set(k, String(v));
+    return this.call<{ activities: CrmActivity[] }>("GET", `/crm/activities?${q}`);
+  }
+  createCrmActivity(body: CrmActivityCreate) {
+    return this.call<CrmActivity>("POST", "/crm/activities", body);
+  }
+  updateCrmActivity(id: string, body: CrmActivityUpdate) {
+    return this.call<CrmActivity>("PATCH", `/crm/activities/${encodeURIComponent(id)}`, body);
+  }
+  deleteCrmActivity(id: string) {
+    return this.call<void>("DELETE", `/crm/activities/${encodeURIComponent(id)}`);
+  }
+  crmMe() {
+    return this.call<CrmMe>("GET", "/crm/me");
+  }
+  crmSettings() {
+    return this.call<CrmSettings>("GET", "/crm/settings");
+  }
+  updateCrmSettings(body: Partial<CrmSettings>) {
+    return this.call<CrmSettings>("PATCH", "/crm/settings", body);
+  }
+  crmRoles() {
+    return this.call<{ grants: CrmRoleGrant[] }>("GET", "/crm/roles");
+  }
+  grantCrmRole(body: Omit<CrmRoleGrant, "id">) {
+    return this.call<CrmRoleGrant>("PUT", "/crm/roles", body);
+  }
+  revokeCrmRole(id: string) {
+    return this.call<void>("DELETE", `/crm/roles/${encodeURIComponent(id)}`);
   }
 }

@@ -2,6 +2,7 @@
 
 import { computed, reactive } from "vue";
 import { Api } from "./api";
+import * as crm from "./core/crm";
 import * as dialogs from "./core/dialogs";
 import { mergeMessages, newClientId, newestConfirmed, oldestConfirmed, pendingMessage } from "./core/messages";
 import * as presence from "./core/presence";
@@ -20,6 +21,19 @@ import {
 import type {
   Chat,
   ChatJoinedData,
+  CrmActivity,
+  CrmActivityRemovedData,
+  CrmConversionMode,
+  CrmConversionResult,
+  CrmDuplicateMatch,
+  CrmDuplicateProbe,
+  CrmHistoryEntry,
+  CrmMe,
+  CrmRecord,
+  CrmRecordDetail,
+  CrmRecordRemovedData,
+  CrmRecordType,
+  CrmSettings,
   ChatLeftData,
   ChatMembersData,
   Department,
@@ -46,7 +60,21 @@ const TOKEN_KEY = "portalhub.token";
 const PAGE_SIZE = 50;
 const TASK_PAGE = 500;
 
-export type View = "messenger" | "employees" | "jabber" | "tasks";
+export type View = "messenger" | "employees" | "jabber" | "tasks" | "crm";
+
+/** The CRM's tabs: a record type's list, "my activities", or the settings (administrators). */
+export type CrmTab = CrmRecordType | "activities" | "settings";
+
+/** The record form: a new record of `type` (with presets), or `edit`ing one. */
+export interface CrmFormState {
+  type: CrmRecordType;
+  presets: Partial<crm.RecordForm>;
+  edit?: CrmRecord;
+}
+
+function emptyCrmLists(): Record<CrmRecordType, CrmRecord[]> {
+  return { deal: [], lead: [], contact: [], company: [] };
+}
 
 export interface Toast {
   id: number;
@@ -103,11 +131,34 @@ export const state = reactive({
   taskHistory: {} as Record<string, TaskHistoryEntry[]>,
   /** The new-task form, open with these presets (e.g. the parent of a subtask); null: closed. */
   taskForm: null as Partial<tasks.TaskForm> | null,
+  // crm
+  crmCounters: crm.emptyCrmCounters(),
+  crmMe: null as CrmMe | null,
+  /** The caller has no CRM role: the hub refuses the CRM (403). */
+  crmDenied: false,
+  crmSettings: null as CrmSettings | null,
+  crmTab: "deal" as CrmTab,
+  crmLists: emptyCrmLists(),
+  crmListLoaded: {} as Partial<Record<CrmRecordType, boolean>>,
+  crmNextCursor: {} as Partial<Record<CrmRecordType, string | null>>,
+  crmFilter: crm.emptyListFilter(),
+  crmOpen: null as { type: CrmRecordType; id: string } | null,
+  crmRecord: null as CrmRecordDetail | null,
+  crmTimeline: [] as CrmActivity[],
+  crmHistory: [] as CrmHistoryEntry[],
+  crmMyActivities: [] as CrmActivity[],
+  crmMyActivitiesLoaded: false,
+  crmMyStatus: "open" as "open" | "all",
+  crmForm: null as CrmFormState | null,
+  /** The lead whose conversion dialog is open. */
+  crmConvert: null as CrmRecord | null,
 });
 
 export const totalUnread = computed(() => unread.total(state.unread));
 /** The Tasks badge: see `tasksBadge` for what it counts. */
 export const tasksBadgeCount = computed(() => tasks.tasksBadge(state.taskCounters));
+/** The CRM item of the top bar: the four CRM counters together. */
+export const crmNavBadge = computed(() => crm.crmNavBadge(state.crmCounters));
 export const openTask = computed<Task | null>(() => (state.openTaskId ? (state.tasks[state.openTaskId] ?? null) : null));
 export const openChat = computed(() => state.chats.find((c) => c.id === state.openChatId) ?? null);
 export const ownStatus = computed<PresenceStatus>(() => {
@@ -275,7 +326,26 @@ function clearSession(): void {
     taskComments: {},
     taskHistory: {},
     taskForm: null,
+    crmCounters: crm.emptyCrmCounters(),
+    crmMe: null,
+    crmDenied: false,
+    crmSettings: null,
+    crmTab: "deal",
+    crmLists: emptyCrmLists(),
+    crmListLoaded: {},
+    crmNextCursor: {},
+    crmFilter: crm.emptyListFilter(),
+    crmOpen: null,
+    crmRecord: null,
+    crmTimeline: [],
+    crmHistory: [],
+    crmMyActivities: [],
+    crmMyActivitiesLoaded: false,
+    crmMyStatus: "open",
+    crmForm: null,
+    crmConvert: null,
   });
+  crmListRuns.clear();
 }
 
 // page state --------------------------------------------------------------------------------------
@@ -379,10 +449,13 @@ function handleEvent(name: string, payload: unknown): void {
       break;
     }
     case "counters.changed": {
-      // One key per module ({im}, {tasks}, or both): each one replaces only its own part.
+      // One key per module ({im}, {tasks}, {crm}, or several): each one replaces only its own
+      // part; crm carries only the numbers that changed, merged field by field.
       const im = data.im as ImCounters | undefined;
       if (im) state.unread = unread.applyCounters(state.unread, im);
       state.taskCounters = tasks.applyTaskCounters(state.taskCounters, data);
+      state.crmCounters = crm.applyCrmCounters(state.crmCounters, data);
+      onCrmCountersPushed(data.crm);
       break;
     }
     case "im.typing": {
@@ -412,6 +485,7 @@ async function onSnapshot(snapshot: Snapshot): Promise<void> {
   state.presence = presence.fromSnapshot(snapshot.presence, state.presence);
   if (snapshot.counters?.im) state.unread = unread.applyCounters(state.unread, snapshot.counters.im);
   state.taskCounters = tasks.applyTaskCounters(state.taskCounters, snapshot.counters);
+  state.crmCounters = crm.applyCrmCounters(state.crmCounters, snapshot.counters);
   if (snapshot.settings?.im) state.settings = { ...snapshot.settings.im };
   state.connection = "connected";
   state.everConnected = true;
@@ -420,6 +494,8 @@ async function onSnapshot(snapshot: Snapshot): Promise<void> {
   if (first || reload.includes(`user:${me.id}`)) {
     void loadTasks();
     void loadWorkgroups();
+    if (first) void loadCrmBasics();
+    else void reloadCrm();
     await loadDialogs(!first);
     void loadOwnPresence();
   } else if (reload.length) {
@@ -475,6 +551,18 @@ function applyEnvelope(type: string, data: Record<string, unknown>, afterSnapsho
       break;
     case "task.removed":
       onTaskRemoved(data as unknown as TaskRemovedData);
+      break;
+    case "crm.record.updated":
+      onCrmRecordUpdated(data.record as CrmRecord);
+      break;
+    case "crm.record.removed":
+      onCrmRecordRemoved(data as unknown as CrmRecordRemovedData);
+      break;
+    case "crm.activity.updated":
+      onCrmActivityUpdated(data.activity as CrmActivity);
+      break;
+    case "crm.activity.removed":
+      onCrmActivityRemoved(data as unknown as CrmActivityRemovedData);
       break;
     case "user.updated": {
       const user = data.user as User;
@@ -544,6 +632,7 @@ async function reloadStream(stream: string): Promise<void> {
     }
     await Promise.all([loadDialogs(true), loadTasks()]);
     if (state.openTaskId) void refreshOpenTask(state.openTaskId);
+    void reloadCrm();
   } else if (stream.startsWith("chat:")) {
     await loadDialogs(false);
     resetChat(stream.slice(5));
@@ -552,6 +641,7 @@ async function reloadStream(stream: string): Promise<void> {
     const counters = await api.allCounters();
     state.unread = unread.applyCounters(state.unread, counters.im);
     state.taskCounters = tasks.applyTaskCounters(state.taskCounters, counters);
+    state.crmCounters = crm.applyCrmCounters(state.crmCounters, counters);
   } catch {
     // the next counters.changed will do
   }
@@ -662,6 +752,10 @@ export function setView(view: View): void {
     if (!state.tasksLoaded) void loadTasks();
     void loadWorkgroups();
     if (state.openTaskId) void markTaskSeen(state.openTaskId);
+  }
+  if (view === "crm") {
+    if (!state.crmMe) void loadCrmBasics();
+    loadCrmTab(state.crmTab);
   }
 }
 
@@ -1063,4 +1157,413 @@ export async function rateTask(taskId: string, rating: "positive" | "negative" |
 export function workgroupName(groupId: string | null | undefined): string {
   if (!groupId) return tasks.NO_WORKGROUP;
   return state.workgroups.find((g) => g.id === groupId)?.name ?? "Other workgroup";
+}
+
+// crm ---------------------------------------------------------------------------------------------
+
+/** The caller's CRM role and the portal's CRM settings (deal stages, due window). */
+export async function loadCrmBasics(): Promise<void> {
+  try {
+    const [me, settings] = await Promise.all([api.crmMe(), api.crmSettings()]);
+    state.crmMe = me;
+    state.crmSettings = settings;
+    state.crmDenied = me.role === "none";
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 403) state.crmDenied = true;
+    // otherwise the CRM view asks again when opened
+  }
+}
+
+/** After a reconnect that missed events: everything of the CRM on screen, loaded again. */
+async function reloadCrm(): Promise<void> {
+  await loadCrmBasics();
+  for (const type of crm.RECORD_TYPES) if (state.crmListLoaded[type]) void loadCrmList(type);
+  if (state.crmMyActivitiesLoaded) void loadMyActivities();
+  if (state.crmOpen) void refreshCrmRecord(state.crmOpen.type, state.crmOpen.id);
+}
+
+/** Live events seen while a list load is on its way (one buffer per type's load running). */
+type CrmTouch = { kind: "updated"; record: CrmRecord } | { kind: "removed"; id: string };
+const crmListRuns = new Map<CrmRecordType, { seq: number; touched: CrmTouch[] }>();
+let crmListSeq = 0;
+
+/** The first page of a record type's list, with the filters; events during the load are kept. */
+export async function loadCrmList(type: CrmRecordType): Promise<void> {
+  const run = { seq: ++crmListSeq, touched: [] as CrmTouch[] };
+  crmListRuns.set(type, run);
+  const filter = state.crmFilter;
+  try {
+    const page = await api.crmRecords(type, {
+      q: filter.q.trim() || undefined,
+      activity_responsible_id: filter.activityResponsibleId ?? undefined,
+      counted: filter.counted || undefined,
+      limit: 50,
+    });
+    if (crmListRuns.get(type) !== run) return; // a newer load (other filters) won
+    let list = crm.sortRecords(page.records);
+    for (const touch of run.touched) {
+      list =
+        touch.kind === "removed"
+          ? crm.removeRecord(list, touch.id)
+          : crm.applyRecordEvent(list, touch.record, state.crmFilter).list;
+    }
+    state.crmLists = { ...state.crmLists, [type]: list };
+    state.crmNextCursor = { ...state.crmNextCursor, [type]: page.next_cursor };
+    state.crmListLoaded = { ...state.crmListLoaded, [type]: true };
+    state.crmDenied = false;
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 403) state.crmDenied = true;
+    else if (!(error instanceof ApiError && error.status === 401)) reportError(error, "Could not load the CRM list");
+  } finally {
+    if (crmListRuns.get(type) === run) crmListRuns.delete(type);
+  }
+}
+
+/** The next page of a list (older records). */
+export async function loadMoreCrm(type: CrmRecordType): Promise<void> {
+  const cursor = state.crmNextCursor[type];
+  if (!cursor) return;
+  const filter = state.crmFilter;
+  try {
+    const page = await api.crmRecords(type, {
+      q: filter.q.trim() || undefined,
+      activity_responsible_id: filter.activityResponsibleId ?? undefined,
+      counted: filter.counted || undefined,
+      limit: 50,
+      cursor,
+    });
+    let list = state.crmLists[type];
+    for (const r of page.records) list = crm.upsertRecord(list, r);
+    state.crmLists = { ...state.crmLists, [type]: list };
+    state.crmNextCursor = { ...state.crmNextCursor, [type]: page.next_cursor };
+  } catch (error) {
+    reportError(error, "Could not load more");
+  }
+}
+
+const listReloads: Partial<Record<CrmRecordType, ReturnType<typeof setTimeout>>> = {};
+
+function scheduleListReload(type: CrmRecordType): void {
+  if (listReloads[type]) return;
+  listReloads[type] = setTimeout(() => {
+    delete listReloads[type];
+    if (state.crmListLoaded[type]) void loadCrmList(type);
+  }, 300);
+}
+
+/**
+ * The first page of a list read again and merged in (not replaced: pages loaded with "Show
+ * more" stay). Indicators change with time too - a planned activity turning due at midnight -
+ * and the hub then pushes only the counters, not the records.
+ */
+async function refreshCrmListInPlace(type: CrmRecordType): Promise<void> {
+  if (crmListRuns.has(type) || !state.crmListLoaded[type]) return;
+  const filter = state.crmFilter;
+  try {
+    const page = await api.crmRecords(type, {
+      q: filter.q.trim() || undefined,
+      activity_responsible_id: filter.activityResponsibleId ?? undefined,
+      counted: filter.counted || undefined,
+      limit: 50,
+    });
+    if (crmListRuns.has(type) || filter !== state.crmFilter || !state.crmListLoaded[type]) return;
+    let list = state.crmLists[type];
+    for (const r of page.records) list = crm.upsertRecord(list, r);
+    state.crmLists = { ...state.crmLists, [type]: list };
+  } catch {
+    // the next event or load will do
+  }
+}
+
+const indicatorRefreshes: Partial<Record<CrmRecordType, ReturnType<typeof setTimeout>>> = {};
+
+/** CRM counters changed: the indicators on screen of that type may have too. */
+function onCrmCountersPushed(part: unknown): void {
+  if (typeof part !== "object" || part === null) return;
+  for (const type of Object.keys(part)) {
+    if (!crm.isRecordType(type) || indicatorRefreshes[type]) continue;
+    indicatorRefreshes[type] = setTimeout(() => {
+      delete indicatorRefreshes[type];
+      if (state.view !== "crm") return;
+      if (state.crmOpen?.type === type) scheduleOpenRefresh();
+      else if (state.crmTab === type) void refreshCrmListInPlace(type);
+    }, 1000);
+  }
+}
+
+/** A record from the hub (event or REST answer) into its list and onto the open page. */
+function putCrmRecord(given: CrmRecord): void {
+  const record = crm.plainRecord(given);
+  const run = crmListRuns.get(record.type);
+  if (run) run.touched.push({ kind: "updated", record });
+  if (state.crmListLoaded[record.type]) {
+    const { list, needsReload } = crm.applyRecordEvent(state.crmLists[record.type], record, state.crmFilter);
+    if (list !== state.crmLists[record.type]) state.crmLists = { ...state.crmLists, [record.type]: list };
+    if (needsReload) scheduleListReload(record.type);
+  }
+  if (state.crmRecord && state.crmRecord.id === record.id) state.crmRecord = crm.mergeDetail(state.crmRecord, record);
+}
+
+function dropCrmRecord(type: CrmRecordType, id: string): void {
+  const run = crmListRuns.get(type);
+  if (run) run.touched.push({ kind: "removed", id });
+  const list = crm.removeRecord(state.crmLists[type], id);
+  if (list !== state.crmLists[type]) state.crmLists = { ...state.crmLists, [type]: list };
+}
+
+function onCrmRecordUpdated(record: CrmRecord): void {
+  if (!record || !crm.isRecordType(record.type)) return;
+  putCrmRecord(record);
+  const open = state.crmRecord;
+  if (open && (open.id === record.id || linksTo(open, record.id))) scheduleOpenRefresh();
+}
+
+function linksTo(detail: CrmRecordDetail, id: string): boolean {
+  return Object.values(detail.links).some((refs) => refs?.some((r) => r.id === id));
+}
+
+function onCrmRecordRemoved(data: CrmRecordRemovedData): void {
+  if (!crm.isRecordType(data.type)) return;
+  dropCrmRecord(data.type, data.id);
+  if (state.crmOpen?.id === data.id) {
+    const title = state.crmRecord?.title;
+    closeCrmRecord();
+    toast({
+      kind: "info",
+      title: `${crm.TYPE_LABELS[data.type]} closed`,
+      text: `“${title ?? "The record"}” was deleted, or is no longer visible to you.`,
+    });
+  } else if (state.crmRecord && linksTo(state.crmRecord, data.id)) {
+    scheduleOpenRefresh();
+  }
+}
+
+function acceptsMine(activity: CrmActivity): boolean {
+  if (!state.me || activity.responsible_id !== state.me.id) return false;
+  return state.crmMyStatus === "all" || !activity.completed;
+}
+
+function onCrmActivityUpdated(activity: CrmActivity): void {
+  if (!activity) return;
+  if (state.crmOpen && activity.owner_id === state.crmOpen.id) {
+    state.crmTimeline = crm.upsertActivity(state.crmTimeline, activity);
+    scheduleOpenRefresh();
+  }
+  if (state.crmMyActivitiesLoaded) {
+    state.crmMyActivities = crm.applyActivityEvent(state.crmMyActivities, activity, acceptsMine);
+  }
+}
+
+function onCrmActivityRemoved(data: CrmActivityRemovedData): void {
+  state.crmTimeline = crm.removeActivity(state.crmTimeline, data.id);
+  state.crmMyActivities = crm.removeActivity(state.crmMyActivities, data.id);
+  if (state.crmOpen && data.owner_id === state.crmOpen.id) scheduleOpenRefresh();
+}
+
+let openRefreshTimer: ReturnType<typeof setTimeout> | null = null;
+
+/** The open record's links and history follow its changes (several events, one reload). */
+function scheduleOpenRefresh(): void {
+  if (openRefreshTimer) return;
+  openRefreshTimer = setTimeout(() => {
+    openRefreshTimer = null;
+    const open = state.crmOpen;
+    if (open) void refreshCrmRecord(open.type, open.id, false);
+  }, 250);
+}
+
+/** Show a tab of the CRM (the list of a record type, my activities, the settings). */
+export function setCrmTab(tab: CrmTab): void {
+  state.crmTab = tab;
+  state.crmOpen = null;
+  state.crmRecord = null;
+  loadCrmTab(tab);
+}
+
+function loadCrmTab(tab: CrmTab): void {
+  if (crm.isRecordType(tab)) {
+    if (state.crmListLoaded[tab]) void refreshCrmListInPlace(tab);
+    else if (!crmListRuns.has(tab)) void loadCrmList(tab);
+  } else if (tab === "activities") {
+    void loadMyActivities();
+  } else if (tab === "settings") {
+    void loadCrmBasics();
+  }
+}
+
+/** New filters: every list is loaded again (the one shown now, the others when shown). */
+export function setCrmFilter(filter: Partial<crm.CrmListFilter>): void {
+  state.crmFilter = { ...state.crmFilter, ...filter };
+  state.crmListLoaded = {};
+  if (crm.isRecordType(state.crmTab)) void loadCrmList(state.crmTab);
+}
+
+export async function loadMyActivities(): Promise<void> {
+  try {
+    const { activities } = await api.crmActivities({ status: state.crmMyStatus, limit: 500 });
+    state.crmMyActivities = crm.sortActivities(activities);
+    state.crmMyActivitiesLoaded = true;
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 403) state.crmDenied = true;
+    else reportError(error, "Could not load your activities");
+  }
+}
+
+export function setMyActivitiesStatus(status: "open" | "all"): void {
+  state.crmMyStatus = status;
+  void loadMyActivities();
+}
+
+/** Open a record's page (from a list, a link, a duplicate warning). */
+export async function openCrmRecord(type: CrmRecordType, id: string): Promise<void> {
+  state.view = "crm";
+  state.crmTab = type;
+  state.crmForm = null;
+  if (state.crmOpen?.id !== id) {
+    state.crmRecord = null;
+    state.crmTimeline = [];
+    state.crmHistory = [];
+  }
+  state.crmOpen = { type, id };
+  if (!state.crmSettings) void loadCrmBasics();
+  await refreshCrmRecord(type, id);
+}
+
+export function closeCrmRecord(): void {
+  state.crmOpen = null;
+  state.crmRecord = null;
+  state.crmTimeline = [];
+  state.crmHistory = [];
+  if (crm.isRecordType(state.crmTab)) loadCrmTab(state.crmTab);
+}
+
+/** The open record, its timeline (open and completed activities) and its history. */
+async function refreshCrmRecord(type: CrmRecordType, id: string, loud = true): Promise<void> {
+  try {
+    const [detail, timeline, history] = await Promise.all([
+      api.crmRecord(type, id),
+      api.crmActivities({ owner_type: type, owner_id: id, status: "all", limit: 500 }),
+      api.crmHistory(type, id),
+    ]);
+    if (state.crmOpen?.id !== id) return;
+    state.crmRecord = detail;
+    state.crmTimeline = crm.sortActivities(timeline.activities);
+    state.crmHistory = [...history.history].sort((a, b) => Date.parse(b.at) - Date.parse(a.at));
+    putCrmRecord(detail);
+  } catch (error) {
+    if (state.crmOpen?.id !== id) return;
+    if (error instanceof ApiError && (error.status === 404 || error.status === 403)) {
+      dropCrmRecord(type, id);
+      closeCrmRecord();
+      toast({ kind: "error", title: "Record not found", text: "It was deleted, or it is not visible to you." });
+      return;
+    }
+    if (loud) reportError(error, "Could not load the record");
+  }
+}
+
+export function openCrmForm(type: CrmRecordType, presets: Partial<crm.RecordForm> = {}, edit?: CrmRecord): void {
+  state.crmForm = { type, presets, edit };
+  if (!state.crmSettings) void loadCrmBasics();
+}
+
+export function closeCrmForm(): void {
+  state.crmForm = null;
+}
+
+/** Create a record; a 409 with possible duplicates is thrown for the form to show. */
+export async function createCrmRecord(type: CrmRecordType, form: crm.RecordForm, ignoreDuplicates = false): Promise<CrmRecordDetail> {
+  const created = await api.createCrmRecord(type, crm.recordCreateBody(type, form, ignoreDuplicates));
+  putCrmRecord(created);
+  return created;
+}
+
+export async function updateCrmRecord(record: CrmRecord, form: crm.RecordForm): Promise<CrmRecordDetail | null> {
+  const patch = crm.recordPatchBody(record, form);
+  if (Object.keys(patch).length === 0) return null;
+  const updated = await api.updateCrmRecord(record.type, record.id, patch);
+  putCrmRecord(updated);
+  if (state.crmRecord?.id === updated.id) state.crmRecord = updated;
+  scheduleOpenRefresh();
+  return updated;
+}
+
+/** A quick change of the open record (a deal's company or contacts, a stage, a status). */
+export async function patchCrmRecord(record: CrmRecord, patch: Parameters<Api["updateCrmRecord"]>[2]): Promise<void> {
+  try {
+    const updated = await api.updateCrmRecord(record.type, record.id, patch);
+    putCrmRecord(updated);
+    if (state.crmRecord?.id === updated.id) state.crmRecord = updated;
+    scheduleOpenRefresh();
+  } catch (error) {
+    reportError(error, "Could not change the record");
+  }
+}
+
+export async function deleteCrmRecord(record: CrmRecord): Promise<void> {
+  try {
+    await api.deleteCrmRecord(record.type, record.id);
+    dropCrmRecord(record.type, record.id);
+    if (state.crmOpen?.id === record.id) closeCrmRecord();
+  } catch (error) {
+    reportError(error, "Could not delete the record");
+  }
+}
+
+export function checkCrmDuplicates(probe: CrmDuplicateProbe): Promise<{ duplicates: CrmDuplicateMatch[] }> {
+  return api.crmDuplicates(probe);
+}
+
+export async function addCrmActivity(owner: CrmRecord, form: crm.ActivityForm): Promise<CrmActivity> {
+  const activity = await api.createCrmActivity(crm.activityCreateBody(owner, form));
+  if (state.crmOpen?.id === owner.id) state.crmTimeline = crm.upsertActivity(state.crmTimeline, activity);
+  scheduleOpenRefresh();
+  return activity;
+}
+
+export async function setCrmActivityCompleted(activity: CrmActivity, completed: boolean): Promise<void> {
+  try {
+    const updated = await api.updateCrmActivity(activity.id, { completed });
+    onCrmActivityUpdated(updated);
+  } catch (error) {
+    reportError(error, completed ? "Could not complete the activity" : "Could not reopen the activity");
+  }
+}
+
+export async function deleteCrmActivity(activity: CrmActivity): Promise<void> {
+  try {
+    await api.deleteCrmActivity(activity.id);
+    onCrmActivityRemoved({ id: activity.id, owner_id: activity.owner_id });
+  } catch (error) {
+    reportError(error, "Could not delete the activity");
+  }
+}
+
+export function openConvertDialog(lead: CrmRecord): void {
+  state.crmConvert = lead;
+}
+
+export function closeConvertDialog(): void {
+  state.crmConvert = null;
+}
+
+export async function convertLead(lead: CrmRecord, mode: CrmConversionMode): Promise<CrmConversionResult> {
+  const result = await api.convertLead(lead.id, mode);
+  putCrmRecord(result.lead);
+  for (const record of Object.values(result.created)) if (record) putCrmRecord(record);
+  if (state.crmOpen?.id === lead.id) void refreshCrmRecord("lead", lead.id, false);
+  return result;
+}
+
+export async function saveCrmSettings(patch: Partial<CrmSettings>): Promise<boolean> {
+  try {
+    state.crmSettings = await api.updateCrmSettings(patch);
+    // the indicators of the lists depend on the counter settings
+    state.crmListLoaded = {};
+    if (crm.isRecordType(state.crmTab)) void loadCrmList(state.crmTab);
+    return true;
+  } catch (error) {
+    reportError(error, "Could not save the CRM settings");
+    return false;
+  }
 }

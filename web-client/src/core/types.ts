@@ -21,6 +21,8 @@ export interface User {
   is_admin: boolean;
   is_external: boolean;
   is_active: boolean;
+  /** IANA name; null: the portal's default (CRM "due today" is counted in it). */
+  time_zone?: string | null;
   created_at: string;
 }
 
@@ -91,7 +93,7 @@ export interface PresenceView {
 }
 
 export interface Snapshot {
-  counters?: { im?: ImCounters; tasks?: TaskCounters };
+  counters?: { im?: ImCounters; tasks?: TaskCounters; crm?: Partial<Record<CrmRecordType, Partial<CrmBadge>>> };
   presence?: Record<string, PresenceStatus>;
   settings?: { im?: ImSettings };
   streams: Record<string, number>;
@@ -274,4 +276,284 @@ export interface Workgroup {
   owner_id: string;
   member_ids: string[];
   moderator_ids: string[];
+}
+
+// CRM (server/crm/models.py, server/counters/rules.py) ---------------------------------------------
+
+export type CrmRecordType = "lead" | "contact" | "company" | "deal";
+export type CrmColour = "none" | "green" | "red" | "red-green" | "gray";
+export type CrmDot = "blue" | "gray";
+
+/** The activity column of a record list, for the caller. */
+export interface CrmIndicator {
+  number: number;
+  colour: CrmColour;
+  dot: CrmDot | null;
+}
+
+export interface TypedEmail {
+  type: "work" | "home" | "other";
+  value: string;
+}
+
+export interface TypedPhone {
+  type: "work" | "mobile" | "home" | "fax" | "other";
+  number: string;
+}
+
+/** RecordOut: a lead, contact, company or deal as one user sees it. */
+export interface CrmRecord {
+  id: string;
+  type: CrmRecordType;
+  /** Contacts: the full name. */
+  title: string;
+  first_name?: string | null;
+  last_name?: string | null;
+  company_title?: string | null;
+  /** Leads: new, in_progress, processed, converted, junk. */
+  status?: string | null;
+  /** Deals. */
+  stage_id?: string | null;
+  open: boolean;
+  amount?: number | null;
+  currency?: string | null;
+  responsible_id: string;
+  emails: TypedEmail[];
+  phones: TypedPhone[];
+  source: string;
+  comments: string;
+  custom_fields: Record<string, unknown>;
+  company_ids?: string[] | null;
+  company_id?: string | null;
+  contact_ids?: string[] | null;
+  lead_id?: string | null;
+  converted?: Record<string, string> | null;
+  created_by: string;
+  created_at: string;
+  modified_by: string;
+  modified_at: string;
+  open_activities: number;
+  indicator: CrmIndicator;
+}
+
+export interface CrmRecordRef {
+  type: CrmRecordType;
+  id: string;
+  title: string;
+}
+
+export type CrmLinkKey = "company" | "contact" | "deal" | "converted";
+
+/** RecordDetail: the record with its links. */
+export interface CrmRecordDetail extends CrmRecord {
+  links: Partial<Record<CrmLinkKey, CrmRecordRef[]>>;
+}
+
+export interface CrmRecordList {
+  records: CrmRecord[];
+  next_cursor: string | null;
+}
+
+export interface CrmRecordQuery {
+  q?: string;
+  responsible_id?: string;
+  activity_responsible_id?: string;
+  status?: string;
+  open?: boolean;
+  counted?: boolean;
+  limit?: number;
+  cursor?: string;
+}
+
+/** The writable fields of a record (create and PATCH bodies). */
+export interface CrmRecordBody {
+  title?: string;
+  first_name?: string;
+  last_name?: string;
+  company_title?: string;
+  status?: string;
+  stage_id?: string;
+  amount?: number | null;
+  currency?: string;
+  responsible_id?: string;
+  emails?: TypedEmail[];
+  phones?: TypedPhone[];
+  source?: string;
+  comments?: string;
+  company_id?: string | null;
+  company_ids?: string[];
+  contact_ids?: string[];
+  ignore_duplicates?: boolean;
+}
+
+export type CrmMatched = "email" | "phone" | "name" | "company";
+
+export interface CrmDuplicateMatch {
+  type: CrmRecordType;
+  id: string;
+  title: string;
+  responsible_id: string;
+  matched: CrmMatched[];
+  /** false: a record the caller may not see; only its title and responsible person. */
+  visible: boolean;
+}
+
+export interface CrmDuplicateProbe {
+  type: CrmRecordType;
+  first_name: string;
+  last_name: string;
+  title: string;
+  company_title: string;
+  emails: string[];
+  phones: string[];
+  exclude_id?: string;
+}
+
+export type CrmConversionMode =
+  | "contact"
+  | "company"
+  | "contact+company"
+  | "deal"
+  | "deal+contact"
+  | "deal+contact+company";
+
+export interface CrmConversionResult {
+  lead: CrmRecord;
+  created: Partial<Record<CrmRecordType, CrmRecord>>;
+}
+
+export interface CrmHistoryEntry {
+  id: string;
+  record_type: CrmRecordType;
+  record_id: string;
+  user_id: string | null;
+  kind: string;
+  field?: string | null;
+  before?: unknown;
+  after?: unknown;
+  at: string;
+}
+
+export type CrmActivityType = "call" | "meeting" | "email" | "task" | "message";
+export type CrmActivityState = "incoming" | "overdue" | "due" | "future" | "completed";
+
+export interface CrmActivity {
+  id: string;
+  owner_type: CrmRecordType;
+  owner_id: string;
+  owner_title: string;
+  type: CrmActivityType;
+  direction: "incoming" | "outgoing";
+  missed: boolean;
+  subject: string;
+  description: string;
+  responsible_id: string;
+  deadline: string | null;
+  completed: boolean;
+  completed_at: string | null;
+  /** For the receiver's time zone and the due-window setting. */
+  state: CrmActivityState;
+  created_by: string;
+  created_at: string;
+  modified_at: string;
+}
+
+export interface CrmActivityCreate {
+  owner_type: CrmRecordType;
+  owner_id: string;
+  type: CrmActivityType;
+  direction: "incoming" | "outgoing";
+  subject: string;
+  description?: string;
+  responsible_id?: string;
+  deadline?: string | null;
+  completed?: boolean;
+  missed?: boolean;
+}
+
+export interface CrmActivityUpdate {
+  subject?: string;
+  description?: string;
+  responsible_id?: string;
+  deadline?: string | null;
+  completed?: boolean;
+}
+
+export interface CrmActivityQuery {
+  responsible_id?: string;
+  owner_type?: CrmRecordType;
+  owner_id?: string;
+  type?: CrmActivityType;
+  status?: "open" | "completed" | "all";
+  deadline?: "incoming" | "overdue" | "due" | "future";
+  limit?: number;
+}
+
+export type CrmRoleName = "none" | "manager" | "head" | "chief" | "admin";
+
+export interface CrmMe {
+  role: CrmRoleName;
+  sees_others: boolean;
+  may_manage_settings: boolean;
+  time_zone: string;
+}
+
+export interface CrmStage {
+  id: string;
+  name: string;
+  semantics: "process" | "won" | "lost";
+}
+
+export interface CrmFieldDef {
+  code: string;
+  name: string;
+  type: "string" | "number" | "date" | "bool" | "list";
+  options: string[];
+  required: boolean;
+}
+
+export interface CrmSettings {
+  counter_mode: "item" | "activity";
+  due_minutes_before: number | null;
+  deal_stages: CrmStage[];
+  custom_fields: Partial<Record<CrmRecordType, CrmFieldDef[]>>;
+  default_role: CrmRoleName;
+}
+
+export interface CrmRoleGrant {
+  id: string;
+  role: CrmRoleName;
+  subject_kind: "user" | "department" | "workgroup";
+  subject_id: string;
+}
+
+/** One record type's counters (server/counters/rules.py `Badge.as_dict`). */
+export interface CrmBadge {
+  incoming: number;
+  due: number;
+  overdue: number;
+  total: number;
+  idle: number;
+  colour: CrmColour;
+}
+
+export type CrmCounters = Record<CrmRecordType, CrmBadge>;
+
+/** `crm.record.updated`: the record with the receiver's indicator. */
+export interface CrmRecordUpdatedData {
+  record: CrmRecord;
+}
+
+export interface CrmRecordRemovedData {
+  type: CrmRecordType;
+  id: string;
+}
+
+export interface CrmActivityUpdatedData {
+  activity: CrmActivity;
+}
+
+export interface CrmActivityRemovedData {
+  id: string;
+  owner_id: string;
 }
