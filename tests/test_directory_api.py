@@ -111,6 +111,7 @@ async def test_admin_creates_a_user_with_every_field(hub: HubHarness) -> None:
             "department_id": sales,
             "is_admin": False,
             "is_external": False,
+            "time_zone": "Europe/Berlin",
         },
     )
     assert resp.status == 201, resp.body
@@ -133,6 +134,7 @@ async def test_admin_creates_a_user_with_every_field(hub: HubHarness) -> None:
         "is_admin": False,
         "is_external": False,
         "is_active": True,
+        "time_zone": "Europe/Berlin",
     }
     fetched = await hub.request("GET", f"/api/v1/users/{user['id']}", token=admin)
     assert fetched.status == 200
@@ -1140,3 +1142,15 @@ async def test_department_filter_can_include_subdepartments(hub: HubHarness) -> 
         "GET", f"/api/v1/users?department_id={top.body['id']}&subtree=true", token=admin
     )
     assert {u["id"] for u in tree.body} == {upper_id, lower_id}
+
+
+async def test_a_time_zone_must_be_a_known_iana_name(hub: HubHarness) -> None:
+    _, token = await hub.create_user("tess")
+    bad = await hub.request(
+        "PATCH", "/api/v1/users/me", token=token, json={"time_zone": "Mars/Olympus"}
+    )
+    assert bad.status == 422 and "Mars/Olympus" in str(bad.body)
+    good = await hub.request(
+        "PATCH", "/api/v1/users/me", token=token, json={"time_zone": "Asia/Tokyo"}
+    )
+    assert good.status == 200 and good.body["time_zone"] == "Asia/Tokyo"
