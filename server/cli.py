@@ -55,7 +55,8 @@ async def serve(settings: Settings, demo: bool, demo_password: str | None) -> No
         await runner.setup()
         try:
             if demo:  # before listening, so that "ready" means the demo logins work
-                logins = await seed_demo(store, app[SERVICES].directory, demo_password)
+                svc = app[SERVICES]
+                logins = await seed_demo(store, svc.directory, demo_password, svc.crm)
                 print_logins(logins, demo_password or DEFAULT_PASSWORD)
             site = web.TCPSite(runner, settings.host, settings.http_port)
             await site.start()
@@ -79,9 +80,25 @@ async def serve(settings: Settings, demo: bool, demo_password: str | None) -> No
             await runner.cleanup()
 
 
+def _crm(store: Store, settings: Settings) -> Crm:
+    bus = InProcessBus()
+    streams = StreamLog(store, bus, retention_seconds=settings.event_retention_seconds)
+    directory = _directory(store, settings)
+    return Crm.build(
+        settings,
+        store,
+        streams,
+        bus,
+        directory,
+        ImService(store, streams, directory, bus, settings),
+    )
+
+
 async def demo_command(settings: Settings, password: str | None) -> None:
     async with open_store(settings, reuse_running=True) as store:
-        logins = await seed_demo(store, _directory(store, settings), password)
+        crm = _crm(store, settings)
+        logins = await seed_demo(store, _directory(store, settings), password, crm)
+        await crm.counters.settled()
     print_logins(logins, password or DEFAULT_PASSWORD)
 
 
@@ -164,11 +181,7 @@ async def user_passwd(settings: Settings, login: str, password: str) -> None:
 async def counters_check(settings: Settings, repair: bool, as_json: bool) -> bool:
     """Recount every user's CRM counters from the activities; True when nothing differed."""
     async with open_store(settings, reuse_running=True) as store:
-        bus = InProcessBus()
-        streams = StreamLog(store, bus, retention_seconds=settings.event_retention_seconds)
-        directory = _directory(store, settings)
-        im = ImService(store, streams, directory, bus, settings)
-        crm = Crm.build(settings, store, streams, bus, directory, im)
+        crm = _crm(store, settings)
         started = time.perf_counter()
         report = await crm.counters.check(repair=repair)
         elapsed = time.perf_counter() - started

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.crm.demo import seed_crm_demo
+from server.crm.service import Crm
 from server.directory.models import DepartmentIn, Phone, UserCreate, WorkgroupIn
 from server.directory.service import DirectoryService
 from server.store.database import Store
@@ -64,7 +66,10 @@ WORKGROUP_MEMBERS = ["mike", "sarah", "emma", "marco", "olga"]
 
 
 async def seed_demo(
-    store: Store, directory: DirectoryService, password: str | None = None
+    store: Store,
+    directory: DirectoryService,
+    password: str | None = None,
+    crm: Crm | None = None,
 ) -> list[tuple[str, str]]:
     """Create what is missing of the demo company; returns (login, position) pairs.
 
@@ -117,4 +122,6 @@ async def seed_demo(
                 name=WORKGROUP, description="Relaunch of the company website", member_ids=members
             ),
         )
+    if crm is not None:
+        await seed_crm_demo(crm, user_ids)
     return [(p.login, p.position) for p in PEOPLE]

@@ -394,3 +394,22 @@ async def test_roles_decide_whose_records_and_events_each_user_sees(hub: HubHarn
     ).status == 204
     closed = await hub.request("GET", "/api/v1/crm/deals", token=m1)
     assert closed.status == 403, closed.body
+
+
+async def test_the_demo_crm_is_seeded_once_with_every_counter_state(hub: HubHarness) -> None:
+    from server.demo import seed_demo
+
+    svc = hub.services
+    await seed_demo(svc.store, svc.directory, crm=svc.crm)
+    await seed_demo(svc.store, svc.directory, crm=svc.crm)  # idempotent
+    assert await svc.store["crm_records"].count_documents({"type": "deal"}) == 5
+    sarah = await hub.login("sarah", "demo-pass")
+    counters = (await hub.request("GET", "/api/v1/counters", token=sarah)).body["crm"]
+    assert counters["deal"]["colour"] == "red-green" and counters["lead"]["colour"] == "green"
+    ceo = await hub.login("ceo", "demo-pass")
+    deals = (await hub.request("GET", "/api/v1/crm/deals", token=ceo)).body["records"]
+    colours = {r["indicator"]["colour"] for r in deals}
+    assert "gray" in colours  # the chief sees others' urgent work as gray numbers
+    await svc.crm.counters.settled()
+    report = await svc.crm.counters.check()
+    assert report.clean, report
