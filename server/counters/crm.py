@@ -107,6 +107,8 @@ class CrmCounters:
         self._idle = asyncio.Event()
         self._idle.set()
         self.on_schedule_changed: list[Callable[[datetime | None], None]] = []
+        # Told which records' activities changed state by time alone (their indicators moved).
+        self.on_time_passed: list[Callable[[list[str]], Awaitable[None]]] = []
 
     # reading ---------------------------------------------------------------------------------
 
@@ -265,6 +267,7 @@ class CrmCounters:
             if nxt is not None:
                 deadlines.append(nxt["deadline"])
         due = next_change(now, tz, cfg.window, deadlines)
+        threshold = due_threshold(now, tz, cfg.window)
         schedule = self._store["schedule"]
         job_id = f"crm-counters|{user_id}"
         if due is None:
@@ -278,6 +281,9 @@ class CrmCounters:
                     "due_at": due,
                     "kind": "crm-counters",
                     "claimed_until": None,
+                    # the moment counted from: what changed by the firing is what lies between
+                    "since": now,
+                    "threshold": threshold,
                 }
             },
             upsert=True,
@@ -287,7 +293,30 @@ class CrmCounters:
 
     async def time_reached(self, user_id: str) -> None:
         """The scheduler's call: a deadline passed or a day began for this user."""
+        job = await self._store["schedule"].find_one({"_id": f"crm-counters|{user_id}"})
         await self.recount({user_id: set(RECORD_TYPES)})
+        if job is None or "since" not in job or not self.on_time_passed:
+            return
+        cfg = await self._settings()
+        tz = (await self.time_zones([user_id]))[user_id]
+        now = utcnow()
+        threshold = due_threshold(now, tz, cfg.window)
+        # Activities that became overdue, or entered the due window, since the job was set.
+        owners = await self._store["crm_activities"].distinct(
+            "owner_id",
+            {
+                counted_field(cfg.mode): user_id,
+                "completed": False,
+                "incoming": False,
+                "$or": [
+                    {"deadline": {"$gt": job["since"], "$lte": now}},
+                    {"deadline": {"$gte": job["threshold"], "$lt": threshold}},
+                ],
+            },
+        )
+        if owners:
+            for hook in self.on_time_passed:
+                await hook(sorted(owners))
 
     async def recount_everyone(self) -> None:
         """After the mode or the due window changed: every user's numbers, pushed if changed."""

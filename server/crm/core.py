@@ -269,6 +269,11 @@ class CrmCore:
             )
         await asyncio.gather(*sends)
 
+    async def announce_records(self, record_ids: list[str]) -> None:
+        """Re-send records whose indicators changed without a write (time passing)."""
+        async for doc in self.records.find({"_id": {"$in": record_ids}}):
+            await self.announce_record(doc)
+
     async def announce_record_removed(self, doc: Document) -> None:
         snapshot = await self.access.snapshot()
         await asyncio.gather(

@@ -51,6 +51,7 @@ class Crm:
         core = CrmCore(store, streams, access, config, counters, directory, im)
         crm = cls(access, config, counters, RecordService(core), ActivityService(core))
         config.on_counter_rules_changed.append(counters.recount_everyone)
+        counters.on_time_passed.append(core.announce_records)
         directory.user_hooks.append(crm.user_changed)
         directory.workgroup_hooks.append(crm)
         return crm
