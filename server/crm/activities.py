@@ -39,7 +39,9 @@ class ActivityService:
     async def _require_user(self, user_id: str) -> Document:
         user = await self.core.store.users.find_one({"_id": user_id})
         if user is None or user.get("is_active") is False:
-            raise Problem(422, "validation", "Invalid responsible person", f"no user {user_id}")
+            raise Problem(
+                422, "unknown-reference", "Invalid responsible person", f"no user {user_id}"
+            )
         return user
 
     async def _owned(self, viewer: Viewer, activity_id: str) -> tuple[Document, Document]:

@@ -93,7 +93,7 @@ class CrmConfig:
             for defs in merged.custom_fields.values():
                 validate_field_defs(field_defs(defs))
         except ValueError as exc:
-            raise Problem(422, "validation", "Invalid settings", str(exc)) from None
+            raise Problem(422, "validation-error", "Invalid settings", str(exc)) from None
         await self._store["crm_settings"].update_one(
             {"_id": "settings"},
             {"$set": {**merged.model_dump(), "updated_at": utcnow()}},

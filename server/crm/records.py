@@ -35,8 +35,10 @@ from server.crm.rules import (
     MIN_SUFFIX_DIGITS,
     Candidate,
     ConversionMode,
+    CrmRole,
     FieldChange,
     Probe,
+    Scope,
     StageSemantics,
     changes,
     clean_custom_values,
@@ -56,6 +58,8 @@ from server.crm.rules import (
 )
 from server.store.database import Document, new_id, utcnow
 from server.web.problems import Problem, conflict, forbidden, not_found
+
+SYSTEM = "system"  # created_by / modified_by of what the portal itself made
 
 # Fields whose changes are recorded in a record's history, by type.
 TRACKED: dict[str, tuple[str, ...]] = {
@@ -174,7 +178,9 @@ class RecordService:
         keeps records to themself, a head gives them within the department."""
         user = await self.core.store.users.find_one({"_id": user_id})
         if user is None or user.get("is_active") is False:
-            raise Problem(422, "validation", "Invalid responsible person", f"no user {user_id}")
+            raise Problem(
+                422, "unknown-reference", "Invalid responsible person", f"no user {user_id}"
+            )
         if not viewer.sees(user_id):
             raise forbidden("you may not give records to this person")
 
@@ -182,7 +188,7 @@ class RecordService:
         for stage in stages_of(await self.core.config.settings()):
             if stage.id == stage_id:
                 return stage.semantics.value
-        raise Problem(422, "validation", "Unknown stage", f"no deal stage {stage_id!r}")
+        raise Problem(422, "validation-error", "Unknown stage", f"no deal stage {stage_id!r}")
 
     async def _linked_ids(self, viewer: Viewer, record_type: str, ids: list[str]) -> list[str]:
         """Checks that linked records exist and the caller sees them."""
@@ -194,7 +200,7 @@ class RecordService:
         for rid in unique:
             doc = found.get(rid)
             if doc is None or not viewer.sees(doc["responsible_id"]):
-                raise Problem(422, "validation", "Unknown link", f"no {record_type} {rid}")
+                raise Problem(422, "unknown-reference", "Unknown link", f"no {record_type} {rid}")
         return unique
 
     async def _custom(self, record_type: str, values: dict[str, Any] | None, partial: bool) -> Any:
@@ -203,12 +209,28 @@ class RecordService:
         try:
             return clean_custom_values(defs, values or {}, partial=partial)
         except ValueError as exc:
-            raise Problem(422, "validation", "Invalid custom field", str(exc)) from None
+            raise Problem(422, "validation-error", "Invalid custom field", str(exc)) from None
 
     # create ----------------------------------------------------------------------------------
 
     async def create(self, actor_id: str, record_type: str, data: RecordFields) -> RecordDetail:
         viewer = await self._viewer(actor_id)
+        doc = await self._create(viewer, actor_id, record_type, data)
+        return await self.detail_of(viewer, doc)
+
+    async def create_for_system(
+        self, responsible_id: str, record_type: str, data: RecordFields
+    ) -> Document:
+        """A record made by the portal itself (a lead from an unknown sender's mail): no
+        caller's scope applies; the history says "system"."""
+        everyone = Viewer(SYSTEM, CrmRole.ADMIN, Scope(everyone=True, user_ids=frozenset()))
+        data = data.model_copy(update={"responsible_id": responsible_id})
+        data.model_fields_set.add("responsible_id")
+        return await self._create(everyone, SYSTEM, record_type, data)
+
+    async def _create(
+        self, viewer: Viewer, actor_id: str, record_type: str, data: RecordFields
+    ) -> Document:
         fields = data.model_dump(exclude_unset=True, exclude={"ignore_duplicates"})
         responsible = fields.pop("responsible_id", None) or actor_id
         await self._require_assignable(viewer, responsible)
@@ -273,7 +295,7 @@ class RecordService:
         if not doc["title"]:
             raise Problem(
                 422,
-                "validation",
+                "validation-error",
                 "A title is needed",
                 "give a title, or a first or last name"
                 if record_type != "company"
@@ -299,11 +321,11 @@ class RecordService:
             )
         if record_type == "deal" and doc.get("company_id"):
             await self._remember(doc)
-        await self.core.record_history(doc, actor_id, "created")
+        await self.core.record_history(doc, None if actor_id == SYSTEM else actor_id, "created")
         await self.core.announce_record(doc)
         await self._announce_linked(doc, company_contacts or [])
         self.core.counters.touch([responsible], [record_type])
-        return await self.detail_of(viewer, doc)
+        return doc
 
     async def _link_company(
         self, viewer: Viewer, deal: Document, company_id: str, contacts_given: bool
@@ -558,7 +580,9 @@ class RecordService:
         after.update(fields)
         after["title"] = derived_title(after)
         if not after["title"]:
-            raise Problem(422, "validation", "A title is needed", "the record would have no title")
+            raise Problem(
+                422, "validation-error", "A title is needed", "the record would have no title"
+            )
         after["open"] = record_is_open(record_type, after.get("status"), _semantics(after))
         after.update(search_keys(after))
         changed = changes(before, after, TRACKED[record_type])
@@ -769,7 +793,9 @@ def _cursor(value: str) -> str:
     try:
         ObjectId(value)
     except (InvalidId, TypeError):
-        raise Problem(422, "validation", "Invalid cursor", "pass next_cursor as given") from None
+        raise Problem(
+            422, "validation-error", "Invalid cursor", "pass next_cursor as given"
+        ) from None
     return value
 
 
