@@ -211,7 +211,10 @@ async def counters_check(settings: Settings, repair: bool, as_json: bool) -> boo
         if report.clean:
             print("counters are correct")
         elif repair:
-            print("repaired (a running hub's clients see the new numbers at their next update)")
+            print(
+                "repaired; clients connected to a running hub see the new numbers when they "
+                "reconnect (POST /api/v1/crm/counters/check with repair pushes them at once)"
+            )
         else:
             print("run with --repair to fix")
     return report.clean or repair

@@ -1154,3 +1154,5 @@ async def test_a_time_zone_must_be_a_known_iana_name(hub: HubHarness) -> None:
         "PATCH", "/api/v1/users/me", token=token, json={"time_zone": "Asia/Tokyo"}
     )
     assert good.status == 200 and good.body["time_zone"] == "Asia/Tokyo"
+    back = await hub.request("PATCH", "/api/v1/users/me", token=token, json={"time_zone": None})
+    assert back.status == 200 and back.body["time_zone"] is None

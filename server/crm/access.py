@@ -2,9 +2,9 @@
 
 The rules are pure (``server.crm.rules``); this module gathers their inputs - grants, the
 department tree, every user's department and workgroups - into one snapshot. A snapshot is
-reused for a short time because every record event needs the list of its viewers; local
-changes (grants, departments, users) drop it at once, and other nodes' changes are seen
-within ``TTL_SECONDS``.
+reused for a short time because every record event needs the list of its viewers; grant,
+workgroup and user changes made on this node drop it at once; department changes and other
+nodes' changes are seen within ``TTL_SECONDS``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from server.counters.rules import INCOMING_TYPES, due_threshold
 from server.crm.access import Viewer
 from server.crm.core import CrmCore, activity_state, record_title
 from server.crm.models import ActivityCreate, ActivityFields, ActivityOut, ActivityQuery
+from server.crm.rules import CrmRole
 from server.directory.models import display_name
 from server.store.database import Document, new_id, utcnow
 from server.web.problems import Problem, forbidden, not_found
@@ -34,14 +35,15 @@ class ActivityService:
         self.core = core
 
     async def _viewer(self, actor_id: str) -> Viewer:
-        return await self.core.access.viewer(actor_id)
+        viewer = await self.core.access.viewer(actor_id)
+        if viewer.role is CrmRole.NONE:
+            raise forbidden("you have no CRM role")
+        return viewer
 
     async def _require_user(self, user_id: str) -> Document:
         user = await self.core.store.users.find_one({"_id": user_id})
         if user is None or user.get("is_active") is False:
-            raise Problem(
-                422, "unknown-reference", "Invalid responsible person", f"no user {user_id}"
-            )
+            raise Problem(422, "unknown-reference", "Unknown reference", f"no user {user_id}")
         return user
 
     async def _owned(self, viewer: Viewer, activity_id: str) -> tuple[Document, Document]:
@@ -133,7 +135,7 @@ class ActivityService:
             who = display_name(actor) if actor else "Someone"
             await self.core.im.post_system_notice(
                 responsible_id,
-                f"{who} assigned you a {type_} on “{record_title(owner)}”: "
+                f"{who} assigned you {_article(type_)} {type_} on “{record_title(owner)}”: "
                 f"{subject or '(no subject)'}",
             )
         return await self._out(viewer_id or responsible_id, act, record_title(owner))
@@ -256,8 +258,8 @@ class ActivityService:
             who = display_name(actor) if actor else "Someone"
             await self.core.im.post_system_notice(
                 after["responsible_id"],
-                f"{who} assigned you a {act['type']} on “{record_title(owner)}”: "
-                f"{after.get('subject') or '(no subject)'}",
+                f"{who} assigned you {_article(act['type'])} {act['type']} on "
+                f"“{record_title(owner)}”: {after.get('subject') or '(no subject)'}",
             )
         return await self._out(actor_id, after, record_title(owner))
 
@@ -279,3 +281,7 @@ class ActivityService:
     async def counted_for(self, user_id: str) -> dict[str, Any]:
         cfg = await self.core.config.counter_config()
         return {"mode": cfg.mode.value, "field": counted_field(cfg.mode)}
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"

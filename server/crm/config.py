@@ -29,7 +29,7 @@ from server.crm.rules import (
     validate_stages,
 )
 from server.store.database import Store, new_id, utcnow
-from server.web.problems import Problem, not_found
+from server.web.problems import Problem, conflict, not_found
 
 SETTINGS_TTL_SECONDS = 2.0
 
@@ -65,6 +65,8 @@ class CrmConfig:
         self._cached_at = 0.0
         # Told when the counter mode or due window changes: every counter is recounted.
         self.on_counter_rules_changed: list[Callable[[], Awaitable[None]]] = []
+        # Told whose deals opened or closed because a stage's meaning changed (idle counters).
+        self.on_deals_reopened: list[Callable[[list[str]], Awaitable[None]]] = []
 
     async def settings(self) -> CrmSettings:
         if self._cached is not None and time.monotonic() - self._cached_at < SETTINGS_TTL_SECONDS:
@@ -87,18 +89,34 @@ class CrmConfig:
     async def update(self, patch: CrmSettingsUpdate) -> CrmSettings:
         current = await self.settings()
         changes = patch.model_dump(exclude_unset=True)
+        if "custom_fields" in changes:  # per record type: types left out keep their fields
+            changes["custom_fields"] = {
+                **current.model_dump()["custom_fields"],
+                **changes["custom_fields"],
+            }
         merged = CrmSettings.model_validate({**current.model_dump(), **changes})
         try:
             validate_stages(stages_of(merged))
             for defs in merged.custom_fields.values():
                 validate_field_defs(field_defs(defs))
         except ValueError as exc:
-            raise Problem(422, "validation-error", "Invalid settings", str(exc)) from None
+            raise Problem(422, "invalid-value", "Invalid value", str(exc)) from None
+        if "deal_stages" in changes:
+            kept = {stage.id for stage in merged.deal_stages}
+            in_use = await self._store["crm_records"].distinct("stage_id", {"type": "deal"})
+            orphaned = sorted(set(in_use) - kept)
+            if orphaned:
+                raise conflict(
+                    f"deals are in the stage(s) {', '.join(orphaned)}: move them before "
+                    "removing the stage"
+                )
         await self._store["crm_settings"].update_one(
             {"_id": "settings"},
             {"$set": {**merged.model_dump(), "updated_at": utcnow()}},
             upsert=True,
         )
+        if "deal_stages" in changes:
+            await self._apply_stage_semantics(merged)
         self._cached = merged
         self._cached_at = time.monotonic()
         self._access.invalidate()
@@ -107,6 +125,29 @@ class CrmConfig:
             for hook in self.on_counter_rules_changed:
                 await hook()
         return merged
+
+    async def _apply_stage_semantics(self, settings: CrmSettings) -> None:
+        """A stage that became won/lost closes its deals (and reopens them the other way)."""
+        touched: set[str] = set()
+        for stage in settings.deal_stages:
+            query = {
+                "type": "deal",
+                "stage_id": stage.id,
+                "stage_semantics": {"$ne": stage.semantics},
+            }
+            touched.update(await self._store["crm_records"].distinct("responsible_id", query))
+            await self._store["crm_records"].update_many(
+                query,
+                {
+                    "$set": {
+                        "stage_semantics": stage.semantics,
+                        "open": stage.semantics == "process",
+                    }
+                },
+            )
+        if touched:
+            for hook in self.on_deals_reopened:
+                await hook(sorted(touched))
 
     # role grants -----------------------------------------------------------------------------
 
@@ -122,7 +163,7 @@ class CrmConfig:
             await self._store[collection[data.subject_kind]].find_one({"_id": data.subject_id})
             is None
         ):
-            raise not_found(f"no {data.subject_kind} {data.subject_id}")
+            raise not_found(f"the {data.subject_kind} {data.subject_id}")
         existing = await self._store["crm_roles"].find_one(
             {"subject_kind": data.subject_kind, "subject_id": data.subject_id}
         )

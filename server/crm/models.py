@@ -208,7 +208,7 @@ class DuplicateProbe(Strict):
     type: RecordType
     first_name: Name = ""
     last_name: Name = ""
-    title: Title = Field(default="", description="Company title (companies), or a lead's")
+    title: Title = Field(default="", description="Companies: the company title")
     company_title: Title = ""
     emails: list[Email] = Field(default_factory=list, max_length=20)
     phones: list[PhoneNumber] = Field(default_factory=list, max_length=20)
@@ -217,7 +217,7 @@ class DuplicateProbe(Strict):
 
 class DuplicateMatch(BaseModel):
     type: RecordType
-    id: str
+    id: str | None = Field(description="null for a record the caller may not see")
     title: str
     responsible_id: str
     matched: list[Literal["email", "phone", "name", "company"]]
@@ -251,8 +251,8 @@ class HistoryEntry(BaseModel):
     record_id: str
     user_id: str | None
     kind: str = Field(
-        description="created, field, linked, unlinked, converted, activity_added, "
-        "activity_completed, activity_removed"
+        description="created, field, converted, deleted, activity_added, "
+        "activity_completed, activity_reopened, activity_removed"
     )
     field: str | None = None
     before: Any = None

@@ -178,9 +178,7 @@ class RecordService:
         keeps records to themself, a head gives them within the department."""
         user = await self.core.store.users.find_one({"_id": user_id})
         if user is None or user.get("is_active") is False:
-            raise Problem(
-                422, "unknown-reference", "Invalid responsible person", f"no user {user_id}"
-            )
+            raise Problem(422, "unknown-reference", "Unknown reference", f"no user {user_id}")
         if not viewer.sees(user_id):
             raise forbidden("you may not give records to this person")
 
@@ -188,7 +186,7 @@ class RecordService:
         for stage in stages_of(await self.core.config.settings()):
             if stage.id == stage_id:
                 return stage.semantics.value
-        raise Problem(422, "validation-error", "Unknown stage", f"no deal stage {stage_id!r}")
+        raise Problem(422, "invalid-value", "Invalid value", f"no deal stage {stage_id!r}")
 
     async def _linked_ids(self, viewer: Viewer, record_type: str, ids: list[str]) -> list[str]:
         """Checks that linked records exist and the caller sees them."""
@@ -200,7 +198,9 @@ class RecordService:
         for rid in unique:
             doc = found.get(rid)
             if doc is None or not viewer.sees(doc["responsible_id"]):
-                raise Problem(422, "unknown-reference", "Unknown link", f"no {record_type} {rid}")
+                raise Problem(
+                    422, "unknown-reference", "Unknown reference", f"no {record_type} {rid}"
+                )
         return unique
 
     async def _custom(self, record_type: str, values: dict[str, Any] | None, partial: bool) -> Any:
@@ -209,7 +209,7 @@ class RecordService:
         try:
             return clean_custom_values(defs, values or {}, partial=partial)
         except ValueError as exc:
-            raise Problem(422, "validation-error", "Invalid custom field", str(exc)) from None
+            raise Problem(422, "invalid-value", "Invalid value", str(exc)) from None
 
     # create ----------------------------------------------------------------------------------
 
@@ -295,8 +295,8 @@ class RecordService:
         if not doc["title"]:
             raise Problem(
                 422,
-                "validation-error",
-                "A title is needed",
+                "invalid-value",
+                "Invalid value",
                 "give a title, or a first or last name"
                 if record_type != "company"
                 else "give a title",
@@ -323,7 +323,8 @@ class RecordService:
             await self._remember(doc)
         await self.core.record_history(doc, None if actor_id == SYSTEM else actor_id, "created")
         await self.core.announce_record(doc)
-        await self._announce_linked(doc, company_contacts or [])
+        # The other side of a link shows it too: a company's contacts, a contact's companies.
+        await self._announce_linked(doc, company_contacts or doc.get("company_ids", []))
         self.core.counters.touch([responsible], [record_type])
         return doc
 
@@ -354,10 +355,11 @@ class RecordService:
             {"_id": company}, {"$set": {"contact_ids": kept, "at": utcnow()}}, upsert=True
         )
 
-    async def _announce_linked(self, doc: Document, contact_ids: list[str]) -> None:
-        """Contacts whose company list changed from the company's side."""
-        async for contact in self._records.find({"_id": {"$in": contact_ids}}):
-            await self.core.announce_record(contact)
+    async def _announce_linked(self, doc: Document, record_ids: list[str]) -> None:
+        """Records whose links changed from the other side (a company's contacts, a contact's
+        companies)."""
+        async for other in self._records.find({"_id": {"$in": record_ids}}):
+            await self.core.announce_record(other)
 
     # read ------------------------------------------------------------------------------------
 
@@ -401,6 +403,10 @@ class RecordService:
         if query.responsible_id:
             filters.append({"responsible_id": query.responsible_id})
         if query.status:
+            if record_type not in ("lead", "deal"):
+                raise Problem(
+                    422, "invalid-value", "Invalid value", "only leads and deals have a status"
+                )
             key = "status" if record_type == "lead" else "stage_id"
             filters.append({key: query.status})
         if query.open is not None:
@@ -531,7 +537,7 @@ class RecordService:
         return [
             DuplicateMatch(
                 type=c.type,
-                id=c.id,
+                id=c.id if viewer.sees(c.responsible_id) else None,
                 title=c.title,
                 responsible_id=c.responsible_id,
                 matched=list(fields),
@@ -580,9 +586,7 @@ class RecordService:
         after.update(fields)
         after["title"] = derived_title(after)
         if not after["title"]:
-            raise Problem(
-                422, "validation-error", "A title is needed", "the record would have no title"
-            )
+            raise Problem(422, "invalid-value", "Invalid value", "the record would have no title")
         after["open"] = record_is_open(record_type, after.get("status"), _semantics(after))
         after.update(search_keys(after))
         changed = changes(before, after, TRACKED[record_type])
@@ -604,6 +608,9 @@ class RecordService:
             await self._set_company_contacts(after, actor_id, contacts_before, company_contacts)
         if record_type == "deal" and ("company_id" in sets or "contact_ids" in sets):
             await self._remember(after)
+        if record_type == "contact" and "company_ids" in sets:
+            moved = set(before.get("company_ids", [])) ^ set(after.get("company_ids", []))
+            await self._announce_linked(after, sorted(moved))
         await self._after_change(after, before, changed)
         return await self.detail_of(viewer, after)
 
@@ -664,9 +671,24 @@ class RecordService:
         )
         if claimed is None:
             raise conflict("the lead is being converted or was converted already")
+        try:
+            return await self._convert(viewer, actor_id, lead, mode, token)
+        except BaseException:
+            # Records made before the failure stay (linked to the lead); the lead can be
+            # converted again.
+            await self._records.update_one(
+                {"_id": lead_id, "converting": token}, {"$set": {"converting": None}}
+            )
+            raise
+
+    async def _convert(
+        self, viewer: Viewer, actor_id: str, lead: Document, mode: ConversionMode, token: str
+    ) -> ConversionResult:
+        lead_id = lead["_id"]
         source = {**lead, "id": lead_id}
         made: dict[str, Document] = {}
         now = utcnow()
+        settings = await self.core.config.settings()
         for record_type in creates(mode):
             if record_type == "company":
                 fields = company_from_lead(source)
@@ -698,6 +720,11 @@ class RecordService:
                 "modified_by": actor_id,
                 "modified_at": now,
                 "open_activities": 0,
+            }
+            # Only the custom fields the new record's type defines come along.
+            known = {d.code for d in settings.custom_fields.get(record_type, [])}  # type: ignore[call-overload]
+            doc["custom_fields"] = {
+                k: v for k, v in doc.get("custom_fields", {}).items() if k in known
             }
             doc["title"] = derived_title(doc) or record_title(lead)
             doc["open"] = record_is_open(record_type, doc.get("status"), _semantics(doc))
@@ -739,10 +766,23 @@ class RecordService:
         viewer = await self._viewer(actor_id)
         doc = await self.core.visible_record(viewer, record_type, record_id)
         touched = {doc["responsible_id"]}
-        async for act in self.core.activities.find({"owner_id": record_id, "completed": False}):
-            touched.add(act["responsible_id"])
+        activities = [a async for a in self.core.activities.find({"owner_id": record_id})]
+        touched.update(a["responsible_id"] for a in activities if not a.get("completed"))
         await self.core.activities.delete_many({"owner_id": record_id})
         await self._records.delete_one({"_id": record_id})
+        linked = [
+            r["_id"]
+            async for r in self._records.find(
+                {
+                    "$or": [
+                        {"company_ids": record_id},
+                        {"company_id": record_id},
+                        {"contact_ids": record_id},
+                    ]
+                },
+                {"_id": 1},
+            )
+        ]
         if record_type == "company":
             await self._records.update_many(
                 {"type": "contact", "company_ids": record_id}, {"$pull": {"company_ids": record_id}}
@@ -757,6 +797,13 @@ class RecordService:
             )
         await self.core.record_history(doc, actor_id, "deleted")
         await self.core.announce_record_removed(doc)
+        for act in activities:
+            await self.core.announce_activity(act, doc, removed=True)
+        async for other in self._records.find({"_id": {"$in": linked}}):
+            await self.core.record_history(
+                other, actor_id, "field", "unlinked", {"type": record_type, "id": record_id}, None
+            )
+            await self.core.announce_record(other)
         self.core.counters.touch(sorted(touched), [record_type])
 
 
@@ -793,9 +840,7 @@ def _cursor(value: str) -> str:
     try:
         ObjectId(value)
     except (InvalidId, TypeError):
-        raise Problem(
-            422, "validation-error", "Invalid cursor", "pass next_cursor as given"
-        ) from None
+        raise Problem(422, "invalid-value", "Invalid value", "pass next_cursor as given") from None
     return value
 
 

@@ -52,6 +52,11 @@ class Crm:
         crm = cls(access, config, counters, RecordService(core), ActivityService(core))
         config.on_counter_rules_changed.append(counters.recount_everyone)
         counters.on_time_passed.append(core.announce_records)
+
+        async def deals_reopened(user_ids: list[str]) -> None:
+            counters.touch(user_ids, ["deal"])
+
+        config.on_deals_reopened.append(deals_reopened)
         directory.user_hooks.append(crm.user_changed)
         directory.workgroup_hooks.append(crm)
         return crm

@@ -130,6 +130,8 @@ TimeZone = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
 
 
 class ProfileFields(Patch):
+    nullable: ClassVar[frozenset[str]] = frozenset({"time_zone"})
+
     first_name: Name | None = None
     last_name: Name | None = None
     position: Name | None = None
@@ -142,7 +144,7 @@ class ProfileFields(Patch):
 
 
 class UserCreate(ProfileFields):
-    nullable = frozenset({"department_id", "password"})
+    nullable = frozenset({"department_id", "password", "time_zone"})
 
     login: Login
     email: Email
@@ -165,7 +167,7 @@ class RegisterRequest(ProfileFields):
 class UserUpdate(ProfileFields):
     """Admin edit. Fields left out stay as they are."""
 
-    nullable = frozenset({"department_id"})
+    nullable = frozenset({"department_id", "time_zone"})
 
     email: Email | None = None
     department_id: str | None = None

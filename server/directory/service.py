@@ -182,7 +182,7 @@ class DirectoryService:
         if fields.get("department_id") is not None:
             await self._require_department(fields["department_id"])
         for key, value in fields.items():
-            if value is None and key not in ("department_id",):
+            if value is None and key not in ("department_id", "time_zone"):
                 continue
             if doc.get(key) != value:
                 changes[key] = value
