@@ -260,12 +260,18 @@ class CrmCounters:
         if cfg.window.minutes_before is not None:
             lookups.append(now + timedelta(minutes=cfg.window.minutes_before))
         deadlines: list[datetime] = []
+        # One lookup per record type: each is then a range of the counting index (user, type,
+        # completed, incoming, deadline), already in deadline order - without the type the
+        # index cannot serve the sort and the whole collection is scanned.
         for after in lookups:
-            nxt = await activities.find_one(
-                {**base, "deadline": {"$gt": after}}, {"deadline": 1}, sort=[("deadline", 1)]
-            )
-            if nxt is not None:
-                deadlines.append(nxt["deadline"])
+            for record_type in RECORD_TYPES:
+                nxt = await activities.find_one(
+                    {**base, "owner_type": record_type, "deadline": {"$gt": after}},
+                    {"deadline": 1},
+                    sort=[("deadline", 1)],
+                )
+                if nxt is not None:
+                    deadlines.append(nxt["deadline"])
         due = next_change(now, tz, cfg.window, deadlines)
         threshold = due_threshold(now, tz, cfg.window)
         schedule = self._store["schedule"]
