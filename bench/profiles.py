@@ -42,6 +42,18 @@ class Profile:
     xmpp_pairs: int = 8
     xmpp_window: int = 10
     xmpp_saturation_seconds: float = 10.0
+    # CRM counters (``bench/crm.py``): ``crm_users`` users own the deals, ``crm_connected`` of
+    # them are connected; the data set grows through ``crm_sizes`` open activities (about
+    # ``crm_activities_per_deal`` per deal) and at each size ``crm_changes`` activity changes
+    # (after ``crm_warmup_changes``) are made one at a time, each once the hub is idle again
+    # after the one before, and at most one per ``crm_change_interval`` seconds
+    crm_users: int = 200
+    crm_connected: int = 20
+    crm_sizes: tuple[int, ...] = (100_000, 1_000_000)
+    crm_activities_per_deal: int = 20
+    crm_changes: int = 300
+    crm_warmup_changes: int = 10
+    crm_change_interval: float = 0.2
 
     def fanout_rate(self, n: int) -> float:
         return self.fanout_rates[self.fanout_ns.index(n)]
@@ -86,4 +98,9 @@ QUICK = Profile(
     xmpp_latency_seconds=4.0,
     xmpp_pairs=4,
     xmpp_saturation_seconds=4.0,
+    crm_users=50,
+    crm_connected=10,
+    crm_sizes=(20_000, 100_000),
+    crm_changes=60,
+    crm_warmup_changes=4,
 )

@@ -461,3 +461,213 @@ def xmpp_markdown(results: Results) -> str:
         _table(["scenario", "Portal Hub run", "Prosody run"], cpu_rows),
     ]
     return "\n".join(parts) + "\n"
+
+
+CRM_BEGIN = "<!-- bench:crm:begin -->"
+CRM_END = "<!-- bench:crm:end -->"
+
+
+def _s(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    v = float(value)
+    return f"{v:.2f} s" if v < 10 else f"{v:.1f} s" if v < 100 else f"{v:.0f} s"
+
+
+def _times(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    v = float(value)
+    return f"{v:.2f}x" if v < 10 else f"{v:,.0f}x"
+
+
+def crm_rows(c: Results) -> list[list[str]]:
+    rows: list[list[str]] = []
+    by_size = {r["open_activities"]: r for r in c.get("ratios", {}).get("check_vs_live", [])}
+    for size in c.get("sizes", []):
+        lat = size.get("latency", {})
+        check = size.get("check", {})
+        ratio = by_size.get(size["open_activities"], {})
+        lost = sum(lat.get(k, {}).get("lost", 0) for k in ("create", "complete"))
+        wrong = sum(lat.get(k, {}).get("wrong", 0) for k in ("create", "complete"))
+        rows.append(
+            [
+                f"{size['open_activities']:,}",
+                f"{size.get('deals', 0):,}",
+                f"{c.get('users', 0)} ({c.get('connected', 0)})",
+                _lat(lat.get("all", {}).get("latency_ms"), ("p50", "p99")),
+                _lat(lat.get("create", {}).get("latency_ms"), ("p50", "p99")),
+                _lat(lat.get("complete", {}).get("latency_ms"), ("p50", "p99")),
+                f"{lat.get('all', {}).get('changes', 0)} / {lost} / {wrong}",
+                f"{_s(check.get('seconds'))} ({_s(check.get('wall_seconds'))})",
+                f"{check.get('users_with_differences', '?')} / "
+                f"{check.get('stale_activities', '?')} / {check.get('stale_records', '?')}",
+                _times(ratio.get("check_over_p50")),
+            ]
+        )
+    return rows
+
+
+def crm_detail_rows(c: Results) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for size in c.get("sizes", []):
+        seed = size.get("seed", {})
+        repair = size.get("repair", {})
+        lat = size.get("latency", {}).get("all", {})
+        rss = size.get("rss", {})
+        rows.append(
+            [
+                f"{size['open_activities']:,}",
+                f"{seed.get('open_activities', 0):,} + {seed.get('completed_activities', 0):,} "
+                f"completed, {seed.get('deals', 0):,} deals in {_s(seed.get('seconds'))} "
+                f"({_num(seed.get('documents_per_second'))}/s)",
+                f"{_s(repair.get('seconds'))}, {repair.get('users_with_differences', '?')} users",
+                _lat(lat.get("http_ms"), ("p50", "p99")),
+                _lat(lat.get("busy_ms"), ("p50", "p99")),
+                _s(size.get("check", {}).get("cli_cpu_seconds")),
+                f"{_mib(rss.get('hub'))} / {_mib(rss.get('db'))}",
+                _mib(size.get("db_bytes")),
+            ]
+        )
+    return rows
+
+
+def crm_cpu_rows(c: Results) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for size in c.get("sizes", []):
+        for label, part in (
+            ("seeding", size.get("seed", {})),
+            ("counters check --repair", size.get("repair", {})),
+            ("changes", size.get("latency", {})),
+            ("counters check", size.get("check", {})),
+        ):
+            pct = part.get("cpu_percent", {})
+            rows.append(
+                [f"{size['open_activities']:,}", label]
+                + [f"{pct[k]:.0f}" if k in pct else "" for k in ("hub", "db", "bench", "other")]
+            )
+    return rows
+
+
+def _query_order(label: str) -> tuple[int, int, str]:
+    """A record type's four counts in the hub's order, then the other queries."""
+    kinds = ["incoming", "overdue", "due", "idle records"]
+    record_type, _, kind = label.partition(": ")
+    if kind in kinds:
+        return (0 if record_type == "deal" else 1, kinds.index(kind), label)
+    others = ["indicators", "reschedule", "whole collection"]
+    return (2, next((i for i, k in enumerate(others) if k in label), len(others)), label)
+
+
+def crm_query_rows(c: Results) -> tuple[list[str], list[list[str]]]:
+    sizes = c.get("sizes", [])
+    header = ["query"]
+    for size in sizes:
+        n = f"{size['open_activities']:,}"
+        header += [f"{n}: ms (counted)", f"{n}: plan, keys / documents read"]
+    labels: list[str] = []
+    for size in sizes:
+        labels += [k for k in size.get("queries", {}) if k not in labels]
+    rows = []
+    for label in sorted(labels, key=_query_order):
+        cells = [label]
+        for size in sizes:
+            q = size.get("queries", {}).get(label)
+            if not q:
+                cells += ["n/a", "n/a"]
+                continue
+            cells.append(f"{_ms(q['ms'])} ({q['documents']:,})")
+            if q.get("plan"):
+                cells.append(
+                    f"{q['plan']}, {_num(q.get('keys_examined'))} / {_num(q.get('docs_examined'))}"
+                )
+            else:
+                cells.append("")
+        rows.append(cells)
+    return header, rows
+
+
+def crm_markdown(results: Results) -> str:
+    meta, c = results["meta"], results.get("crm", {})
+    machine = meta["machine"]
+    p = meta["profile"]
+    big = c.get("ratios", {}).get("largest_vs_smallest", {})
+    problems = c.get("problems", [])
+    parts = [
+        f"Run of {meta['date']} (`python -m bench --only crm"
+        f"{' --quick' if p['name'] == 'quick' else ''}`, profile `{p['name']}`, "
+        f"{meta.get('seconds', 0):.0f} s), {machine['cores']} cores ({machine['cpu']}), "
+        f"{machine['memory_gib']} GiB, Linux {machine['kernel']}; load average at start "
+        f"{' / '.join(f'{x:.2f}' for x in meta['loadavg_start'])}. Python "
+        f"{meta['versions']['python']}, python-socketio {meta['versions']['python-socketio']}, "
+        f"pymongo {meta['versions']['pymongo']}, secantusdb {meta['versions']['secantusdb']}. "
+        f"{c.get('users', 0)} users (time zone {c.get('time_zone', '?')}), "
+        f"{c.get('connected', 0)} connected; {p['crm_changes']} changes per size after "
+        f"{p['crm_warmup_changes']} of warm-up, one at a time, each once the hub and its "
+        "database were idle again. Latency: from just before the request to the "
+        "`counters.changed` with the user's new `crm.deal.incoming` at their client.",
+        "",
+        _table(
+            [
+                "open activities",
+                "deals",
+                "users (connected)",
+                "counter update p50 / p99",
+                "incoming call created (POST)",
+                "activity completed (PATCH)",
+                "changes / lost / wrong",
+                "`counters check` (CLI wall)",
+                "check: differing users / stale activities / stale records",
+                "check / live p50",
+            ],
+            crm_rows(c),
+        ),
+        "",
+    ]
+    if big:
+        parts += [
+            f"Scaling, {big['large']:,} against {big['small']:,} open activities "
+            f"({_times(big.get('size'))} the data): counter update latency p50 "
+            f"{_times(big.get('latency_p50'))}, p99 {_times(big.get('latency_p99'))}; "
+            f"`counters check` {_times(big.get('check'))}.",
+            "",
+        ]
+    parts += [
+        "Set-up and resources at each size: what was inserted (open + completed activities, "
+        "deals) and how fast; `counters check --repair` storing the numbers of the users the "
+        "new data changed (the hub recounts a user only after a change touching them); the "
+        "change requests' own answer time; each change's busy time (from the request until "
+        "the hub and its database used under 20% of a core over 100 ms, at which point the "
+        "next change was sent); the CPU time of the `counters check` process (the database's "
+        "share is in the CPU table below); RSS of the hub / its database after the check; "
+        "the database's files:",
+        "",
+        _table(
+            [
+                "open activities",
+                "seeded",
+                "check --repair",
+                "POST/PATCH answered p50 / p99",
+                "busy per change p50 / p99",
+                "`counters check` CPU",
+                "RSS hub / db",
+                "db on disk",
+            ],
+            crm_detail_rows(c),
+        ),
+        "",
+        "The database queries of one user's recount (the first connected user, type `deal`, "
+        "and `lead` where the user has nothing), each run alone after the changes: median of "
+        "5 runs, how many documents each counts, and the database's plan (`explain`) with "
+        "the index keys and documents it reads:",
+        "",
+        _table(*crm_query_rows(c)),
+        "",
+        "CPU, % of one core (in the two check phases `other` is mostly the `counters check` "
+        "process itself):",
+        "",
+        _table(["open activities", "phase", "hub", "db", "bench", "other"], crm_cpu_rows(c)),
+    ]
+    if problems:
+        parts += ["", "**Problems found:**", "", *(f"- {text}" for text in problems)]
+    return "\n".join(parts) + "\n"
