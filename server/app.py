@@ -18,6 +18,7 @@ from server.directory.service import DirectoryService
 from server.events.bus import InProcessBus
 from server.events.streams import StreamLog
 from server.im.service import ImService
+from server.mailbridge.service import MailBridge
 from server.presence.service import PresenceService
 from server.presence.store import InMemoryPresenceStore
 from server.services import SERVICES, Services
@@ -63,6 +64,7 @@ def build_services(settings: Settings, store: Store) -> Services:
     tasks.on_schedule_changed.append(scheduler.wake)
     crm = Crm.build(settings, store, streams, bus, directory, im)
     scheduler.handle("crm-counters", crm.counters.time_reached)
+    mail = MailBridge(settings, store, crm, im)
     crm.counters.on_schedule_changed.append(scheduler.wake)
     hub = Hub(settings, auth_service, streams, bus, presence, member_streams=im.member_streams)
     hub.on_client_event("im.typing", typing_handler(im.typing))
@@ -109,6 +111,7 @@ def build_services(settings: Settings, store: Store) -> Services:
         tasks,
         scheduler,
         crm,
+        mail,
         xmpp,
     )
 
@@ -162,7 +165,9 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         svc.scheduler.start()
         if svc.xmpp is not None:
             await svc.xmpp.start()
+        await svc.mail.start()
         yield
+        await svc.mail.stop()
         if svc.xmpp is not None:
             await svc.xmpp.stop()
         task.cancel()

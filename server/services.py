@@ -13,6 +13,7 @@ from server.directory.service import DirectoryService
 from server.events.bus import EventBus
 from server.events.streams import StreamLog
 from server.im.service import ImService
+from server.mailbridge.service import MailBridge
 from server.presence.service import PresenceService
 from server.settings import Settings
 from server.store.database import Store
@@ -35,6 +36,7 @@ class Services:
     tasks: TaskService
     scheduler: Scheduler
     crm: Crm
+    mail: MailBridge
     xmpp: XmppServer | None = None
 
 

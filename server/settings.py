@@ -69,6 +69,24 @@ class Settings(BaseSettings):
     xmpp_max_connections: int = Field(default=5000, ge=1)
     xmpp_ping_interval_seconds: float = Field(default=60.0, gt=0)
     xmpp_ping_timeout_seconds: float = Field(default=30.0, gt=0)
+    crm_inbox: str | None = Field(
+        default=None, description="The CRM's mail address; defaults to crm@<domain>"
+    )
+    smtp_relay_url: SecretStr | None = Field(
+        default=None,
+        description="Outgoing mail relay, e.g. smtp://user:pass@host:587 (STARTTLS) or "
+        "smtps://host:465; unset: mail stays in the outbox",
+    )
+    smtp_enabled: bool = Field(default=True, description="Run the SMTP ingress listener")
+    smtp_host: str | None = Field(default=None, description="Defaults to host")
+    smtp_port: int = Field(default=2525, ge=0, le=65535, description="SMTP ingress listener")
+    lmtp_port: int | None = Field(
+        default=None, ge=0, le=65535, description="LMTP listener (for a local MTA); off if unset"
+    )
+    smtp_cert_file: Path | None = None
+    smtp_key_file: Path | None = None
+    mail_max_message_bytes: int = Field(default=25 * 1024 * 1024, ge=64 * 1024)
+    mail_max_recipients: int = Field(default=50, ge=1)
     web_client_dir: Path | None = None
     log_level: str = "INFO"
 
@@ -81,7 +99,13 @@ class Settings(BaseSettings):
     def _certificate_pair(self) -> Settings:
         if (self.xmpp_cert_file is None) != (self.xmpp_key_file is None):
             raise ValueError("set both xmpp_cert_file and xmpp_key_file, or neither")
+        if (self.smtp_cert_file is None) != (self.smtp_key_file is None):
+            raise ValueError("set both smtp_cert_file and smtp_key_file, or neither")
         return self
+
+    @property
+    def crm_inbox_address(self) -> str:
+        return (self.crm_inbox or f"crm@{self.domain}").lower()
 
     @property
     def embedded_db_dir(self) -> Path:

@@ -101,6 +101,7 @@ def settings(mongo_url: str, tmp_path: Path) -> Settings:
         presence_grace_seconds=0.3,
         xmpp_port=0,
         xmpp_tls_port=0,
+        smtp_port=0,
     )
 
 

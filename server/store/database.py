@@ -99,7 +99,26 @@ INDEXES: dict[str, list[IndexModel]] = {
             name="count_activity",
         ),
         IndexModel([("owner_id", ASCENDING), ("completed", ASCENDING)], name="owner"),
+        # One activity per received message, however often it is processed.
+        IndexModel([("mail.raw_id", ASCENDING)], unique=True, sparse=True, name="mail_raw"),
+        IndexModel(
+            [("mail.incoming_message_id", ASCENDING)],
+            unique=True,
+            sparse=True,
+            name="mail_incoming_message_id",
+        ),
+        IndexModel([("mail.message_id", ASCENDING)], sparse=True, name="mail_message_id"),
+        IndexModel([("mail.attachments.id", ASCENDING)], sparse=True, name="mail_attachments"),
     ],
+    "mail_raw": [
+        IndexModel([("sha256", ASCENDING)], unique=True, name="sha256_unique"),
+        IndexModel([("imap_key", ASCENDING)], unique=True, sparse=True, name="imap_key_sparse"),
+        IndexModel([("status", ASCENDING), ("received_at", ASCENDING)], name="status"),
+        IndexModel([("message_id", ASCENDING)], sparse=True, name="message_id"),
+        IndexModel([("source.mailbox_id", ASCENDING), ("status", ASCENDING)], name="mailbox"),
+    ],
+    "mail_outbox": [IndexModel([("status", ASCENDING), ("next_at", ASCENDING)], name="due")],
+    "mail_lead_log": [IndexModel([("sender", ASCENDING), ("at", ASCENDING)], name="sender")],
     "crm_history": [IndexModel([("record_id", ASCENDING), ("at", ASCENDING)], name="record")],
     "crm_roles": [IndexModel([("subject_id", ASCENDING)], name="subject")],
     "events": [

@@ -6,6 +6,7 @@ from server.web.routes import (
     crm,
     departments,
     im,
+    mail,
     portal,
     presence,
     tasks,
@@ -14,6 +15,6 @@ from server.web.routes import (
     xmpp,
 )
 
-ROUTE_MODULES = (auth, users, departments, workgroups, im, presence, tasks, crm, xmpp, portal)
+ROUTE_MODULES = (auth, users, departments, workgroups, im, presence, tasks, crm, mail, xmpp, portal)
 
 __all__ = ["ROUTE_MODULES", "api"]

@@ -1,0 +1,353 @@
+"""IMAP collection: one supervised collector per configured mailbox.
+
+A collector logs in, selects the folder and fetches by UID above the last one it stored,
+checking each message's size first (an oversize one is reported and skipped, never
+blocking those after it). It waits with IDLE when the server offers it - renewed before the
+29-minute limit and guarded by our own timeouts, since aioimaplib's IDLE can hang when the
+server says BYE - and polls otherwise. Any failure ends the session; the supervisor
+reconnects with back-off.
+
+A message is stored (``RawInbox.put``) before its UID is recorded as collected, and moved to
+the processed folder or deleted only after the pipeline committed its activity; a new
+UIDVALIDITY starts the folder over (the raw inbox's SHA-256 key keeps copies out).
+
+With several hub nodes, a lease on the mailbox document lets one node collect at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import aioimaplib
+
+from server.mailbridge.inbox import RawInbox, Source
+from server.store.database import Document, Store, utcnow
+
+log = logging.getLogger(__name__)
+
+IDLE_RENEW_SECONDS = 25 * 60  # under RFC 2177's 29 minutes
+COMMAND_TIMEOUT_SECONDS = 60.0
+MAX_BACKOFF_SECONDS = 300.0
+LEASE = timedelta(seconds=90)
+FETCH_BATCH = 50
+
+_UIDVALIDITY = re.compile(rb"UIDVALIDITY (\d+)")
+_SIZE = re.compile(rb"UID (\d+) RFC822\.SIZE (\d+)|RFC822\.SIZE (\d+) UID (\d+)")
+
+
+class ImapError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxConfig:
+    id: str
+    host: str
+    port: int
+    security: str
+    login: str
+    password: str
+    folder: str
+    processed_folder: str | None
+    delete_after_delivery: bool
+    poll_seconds: int
+
+    @classmethod
+    def of(cls, doc: Document) -> MailboxConfig:
+        return cls(
+            id=doc["_id"],
+            host=doc["host"],
+            port=int(doc["port"]),
+            security=doc.get("security", "tls"),
+            login=doc["login"],
+            password=doc["password"],
+            folder=doc.get("folder", "INBOX"),
+            processed_folder=doc.get("processed_folder"),
+            delete_after_delivery=bool(doc.get("delete_after_delivery")),
+            poll_seconds=int(doc.get("poll_seconds", 60)),
+        )
+
+
+def _ok(response: Any, what: str) -> Any:
+    if response.result != "OK":
+        raise ImapError(f"{what}: {response.result} {response.lines!r}"[:500])
+    return response
+
+
+async def _call(coro: Any, what: str) -> Any:
+    try:
+        return _ok(await asyncio.wait_for(coro, COMMAND_TIMEOUT_SECONDS), what)
+    except TimeoutError:
+        raise ImapError(f"{what}: no answer in {COMMAND_TIMEOUT_SECONDS:.0f} s") from None
+
+
+async def connect(cfg: MailboxConfig, timeout: float = 15.0) -> aioimaplib.IMAP4:
+    if cfg.security == "tls":
+        client: aioimaplib.IMAP4 = aioimaplib.IMAP4_SSL(
+            cfg.host, cfg.port, timeout=timeout, ssl_context=ssl.create_default_context()
+        )
+    else:
+        client = aioimaplib.IMAP4(cfg.host, cfg.port, timeout=timeout)
+    try:
+        await asyncio.wait_for(client.wait_hello_from_server(), timeout)
+    except TimeoutError:
+        raise ImapError("the server did not greet") from None
+    await _call(client.login(cfg.login, cfg.password), "LOGIN")
+    return client
+
+
+async def select(client: aioimaplib.IMAP4, folder: str) -> tuple[int, int]:
+    """Selects the folder; returns (UIDVALIDITY, EXISTS)."""
+    response = await _call(client.select(_quoted(folder)), f"SELECT {folder}")
+    uidvalidity, exists = 0, 0
+    for line in response.lines:
+        raw = line if isinstance(line, bytes) else str(line).encode()
+        if (m := _UIDVALIDITY.search(raw)) is not None:
+            uidvalidity = int(m.group(1))
+        if raw.endswith(b" EXISTS"):
+            with contextlib.suppress(ValueError):
+                exists = int(raw.split()[0])
+    return uidvalidity, exists
+
+
+def _quoted(folder: str) -> str:
+    if any(c in folder for c in '"\\\r\n'):
+        raise ImapError("a folder name may not contain quotes, backslashes or line breaks")
+    return f'"{folder}"'
+
+
+class MailboxCollector:
+    def __init__(
+        self, store: Store, inbox: RawInbox, cfg: MailboxConfig, max_bytes: int, node: str
+    ) -> None:
+        self._store = store
+        self._inbox = inbox
+        self.cfg = cfg
+        self._max_bytes = max_bytes
+        self._node = node
+        self._stored_hooks: list[Any] = []
+        self._pending_actions = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def on_stored(self, hook: Any) -> None:
+        self._stored_hooks.append(hook)
+
+    def after_delivery(self) -> None:
+        """A message of ours reached its outcome: move or delete it at the next chance."""
+        self._pending_actions.set()
+
+    async def _state(self, **fields: Any) -> None:
+        await self._store["mail_mailboxes"].update_one(
+            {"_id": self.cfg.id}, {"$set": {f"state.{k}": v for k, v in fields.items()}}
+        )
+
+    async def _lease(self) -> bool:
+        now = utcnow()
+        won = await self._store["mail_mailboxes"].find_one_and_update(
+            {
+                "_id": self.cfg.id,
+                "$or": [
+                    {"lease.until": None},
+                    {"lease.until": {"$lt": now}},
+                    {"lease.node": self._node},
+                ],
+            },
+            {"$set": {"lease": {"node": self._node, "until": now + LEASE}}},
+        )
+        return won is not None
+
+    async def supervise(self) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                if not await self._lease():
+                    await asyncio.sleep(LEASE.total_seconds() / 3)
+                    continue
+                await self.session()
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("mailbox %s: %s; reconnecting in %.0f s", self.cfg.id, exc, backoff)
+                await self._state(connected=False, idle=False, last_error=str(exc)[:500])
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    async def session(self) -> None:
+        """One connection's life: collect, act on delivered mail, wait, repeat."""
+        client = await connect(self.cfg)
+        try:
+            await self._state(connected=True, last_error=None)
+            uidvalidity, _exists = await select(client, self.cfg.folder)
+            while True:
+                await self._lease()
+                await self.collect(client, uidvalidity)
+                await self.act_on_delivered(client, uidvalidity)
+                await self._wait(client)
+                # a BYE during the wait ends the connection: select again to find out
+                uidvalidity, _exists = await select(client, self.cfg.folder)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.logout(), 5)
+
+    async def collect(self, client: aioimaplib.IMAP4, uidvalidity: int) -> int:
+        box = await self._store["mail_mailboxes"].find_one({"_id": self.cfg.id}) or {}
+        state = box.get("state", {})
+        last_uid = int(state.get("last_uid", 0))
+        if state.get("uidvalidity") != uidvalidity:
+            last_uid = 0  # a new UIDVALIDITY: every UID is new; stored bytes dedupe copies
+            await self._state(uidvalidity=uidvalidity, last_uid=0)
+        response = await _call(client.uid_search(f"UID {last_uid + 1}:*"), "UID SEARCH")
+        uids = sorted(
+            int(u)
+            for line in response.lines
+            for u in (line.decode() if isinstance(line, bytes) else str(line)).split()
+            if u.isdigit() and int(u) > last_uid
+        )
+        collected = 0
+        for start in range(0, len(uids), FETCH_BATCH):
+            for uid in uids[start : start + FETCH_BATCH]:
+                await self._collect_one(client, uidvalidity, uid)
+                collected += 1
+                await self._state(last_uid=uid, last_poll_at=utcnow())
+        await self._state(last_poll_at=utcnow())
+        return collected
+
+    async def _collect_one(self, client: aioimaplib.IMAP4, uidvalidity: int, uid: int) -> None:
+        size_resp = await _call(client.uid("fetch", str(uid), "(RFC822.SIZE)"), "FETCH SIZE")
+        size = None
+        for line in size_resp.lines:
+            raw = line if isinstance(line, bytes) else str(line).encode()
+            m = re.search(rb"RFC822\.SIZE (\d+)", raw)
+            if m:
+                size = int(m.group(1))
+        if size is None:
+            return  # expunged meanwhile
+        if size > self._max_bytes:
+            await self._store["mail_skipped"].update_one(
+                {"_id": f"{self.cfg.id}|{uidvalidity}|{uid}"},
+                {
+                    "$set": {
+                        "mailbox_id": self.cfg.id,
+                        "uid": uid,
+                        "size": size,
+                        "reason": f"{size} bytes is over the {self._max_bytes}-byte limit",
+                        "at": utcnow(),
+                    }
+                },
+                upsert=True,
+            )
+            log.warning("mailbox %s: UID %s skipped (%s bytes)", self.cfg.id, uid, size)
+            return
+        body_resp = await _call(client.uid("fetch", str(uid), "BODY.PEEK[]"), "FETCH BODY")
+        raw_message = _literal(body_resp.lines)
+        if raw_message is None:
+            return
+        await self._inbox.put(
+            raw_message,
+            Source("imap", mailbox_id=self.cfg.id, uidvalidity=uidvalidity, uid=uid),
+        )
+        for hook in self._stored_hooks:
+            hook()
+
+    async def act_on_delivered(self, client: aioimaplib.IMAP4, uidvalidity: int) -> int:
+        """Move (or delete) messages whose outcome is committed; never before."""
+        self._pending_actions.clear()
+        done = [
+            d
+            async for d in self._inbox.collection.find(
+                {
+                    "source.mailbox_id": self.cfg.id,
+                    "source.uidvalidity": uidvalidity,
+                    "status": {"$in": ["done", "duplicate", "bounce", "ignored"]},
+                    "imap_done": {"$ne": True},
+                },
+                {"source.uid": 1},
+            ).limit(500)
+        ]
+        if not done:
+            return 0
+        uid_set = ",".join(str(d["source"]["uid"]) for d in done)
+        if self.cfg.delete_after_delivery:
+            await _call(client.uid("store", uid_set, r"+FLAGS.SILENT (\Deleted)"), "STORE")
+            await _call(client.expunge(), "EXPUNGE")
+        else:
+            await _call(client.uid("store", uid_set, r"+FLAGS.SILENT (\Seen)"), "STORE")
+            if self.cfg.processed_folder:
+                folder = _quoted(self.cfg.processed_folder)
+                created = await client.create(folder)
+                del created  # "already exists" is fine
+                await _call(client.uid("copy", uid_set, folder), "COPY")
+                await _call(client.uid("store", uid_set, r"+FLAGS.SILENT (\Deleted)"), "STORE")
+                await _call(client.expunge(), "EXPUNGE")
+        await self._inbox.collection.update_many(
+            {"_id": {"$in": [d["_id"] for d in done]}}, {"$set": {"imap_done": True}}
+        )
+        return len(done)
+
+    async def _wait(self, client: aioimaplib.IMAP4) -> None:
+        """Until new mail, a delivered message to move, or the poll interval."""
+        if not client.has_capability("IDLE"):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pending_actions.wait(), self.cfg.poll_seconds)
+            return
+        await self._state(idle=True)
+        idle = await asyncio.wait_for(client.idle_start(timeout=IDLE_RENEW_SECONDS), 30)
+        try:
+            push = asyncio.ensure_future(client.wait_server_push(timeout=IDLE_RENEW_SECONDS))
+            action = asyncio.ensure_future(self._pending_actions.wait())
+            lease = asyncio.ensure_future(asyncio.sleep(LEASE.total_seconds() / 3))
+            finished, pending = await asyncio.wait(
+                {push, action, lease},
+                timeout=IDLE_RENEW_SECONDS + 30,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for task in pending:
+                task.cancel()
+            if push in finished and push.exception() is None:
+                for line in push.result() or []:
+                    text = line.decode() if isinstance(line, bytes) else str(line)
+                    if text.upper().startswith("BYE"):
+                        raise ImapError(f"server said {text[:200]}")
+        finally:
+            if client.has_pending_idle():
+                client.idle_done()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(idle, 10)
+            await self._state(idle=False)
+
+
+def _literal(lines: list[Any]) -> bytes | None:
+    """The message bytes of a FETCH BODY[] answer (aioimaplib hands them as a bytearray)."""
+    for line in lines:
+        if isinstance(line, bytearray):
+            return bytes(line)
+    return None
+
+
+async def test_connection(cfg: MailboxConfig) -> dict[str, Any]:
+    try:
+        client = await connect(cfg)
+    except Exception as exc:
+        return {"ok": False, "detail": f"could not log in: {exc}"[:500], "capabilities": []}
+    try:
+        _uidvalidity, exists = await select(client, cfg.folder)
+        capabilities = sorted(getattr(client.protocol, "capabilities", set()))
+        return {
+            "ok": True,
+            "detail": f"logged in; {cfg.folder} has {exists} messages",
+            "capabilities": capabilities,
+            "messages": exists,
+        }
+    except Exception as exc:
+        return {"ok": False, "detail": str(exc)[:500], "capabilities": []}
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.logout(), 5)

@@ -1,0 +1,140 @@
+"""Raw incoming mail, stored before anything is done with it.
+
+Both ways in (the SMTP/LMTP listener and the IMAP collector) hand the raw bytes here first;
+the listener answers 250 and the collector moves on only once this write is done. The
+pipeline then claims stored messages with a lease, so a crash at any point leaves the
+message to be processed again at start-up: nothing accepted is lost.
+
+The same message arriving twice is stored once: the SHA-256 of the bytes is unique, and so
+is (mailbox, UIDVALIDITY, UID) for IMAP. A resent copy with other bytes but the same
+Message-ID is caught by the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from bson import Binary
+from gridfs import AsyncGridFSBucket
+from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
+
+from server.store.database import Document, Store, new_id, utcnow
+
+INLINE_LIMIT = 8 * 1024 * 1024  # larger messages go to GridFS (a document holds 16 MB)
+LEASE = timedelta(seconds=120)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    kind: str  # "smtp", "lmtp", "imap", "api"
+    mailbox_id: str | None = None
+    uidvalidity: int | None = None
+    uid: int | None = None
+    peer: str | None = None
+    recipients: tuple[str, ...] = ()
+
+    def imap_key(self) -> str | None:
+        if self.kind != "imap" or self.uid is None:
+            return None
+        return f"{self.mailbox_id}|{self.uidvalidity}|{self.uid}"
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    id: str
+    new: bool
+
+
+class RawInbox:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._files = AsyncGridFSBucket(store.db, bucket_name="mail_raw_files")
+
+    @property
+    def collection(self) -> Any:
+        return self._store["mail_raw"]
+
+    async def put(self, raw: bytes, source: Source) -> Stored:
+        digest = hashlib.sha256(raw).hexdigest()
+        existing = await self.collection.find_one({"sha256": digest}, {"_id": 1})
+        if existing is not None:
+            return Stored(existing["_id"], False)
+        key = source.imap_key()
+        if key is not None:
+            seen = await self.collection.find_one({"imap_key": key}, {"_id": 1})
+            if seen is not None:
+                return Stored(seen["_id"], False)
+        doc: Document = {
+            "_id": new_id(),
+            "sha256": digest,
+            "size": len(raw),
+            "received_at": utcnow(),
+            "status": "pending",
+            "attempts": 0,
+            "claimed_until": None,
+            "source": {
+                "kind": source.kind,
+                "mailbox_id": source.mailbox_id,
+                "uidvalidity": source.uidvalidity,
+                "uid": source.uid,
+                "peer": source.peer,
+                "recipients": list(source.recipients),
+            },
+        }
+        if key is not None:
+            doc["imap_key"] = key
+        file_id = None
+        if len(raw) <= INLINE_LIMIT:
+            doc["data"] = Binary(raw)
+        else:
+            file_id = await self._files.upload_from_stream(f"{digest}.eml", raw)
+            doc["file_id"] = file_id
+        try:
+            await self.collection.insert_one(doc)
+        except DuplicateKeyError:
+            # The same bytes (or the same IMAP message) stored meanwhile by another path.
+            if file_id is not None:
+                await self._files.delete(file_id)
+            found = await self.collection.find_one(
+                {"$or": [{"sha256": digest}, *([{"imap_key": key}] if key else [])]}, {"_id": 1}
+            )
+            return Stored(found["_id"] if found else doc["_id"], False)
+        return Stored(doc["_id"], True)
+
+    async def raw_of(self, doc: Document) -> bytes:
+        if "data" not in doc and "file_id" not in doc:  # read without its bytes
+            doc = await self.collection.find_one({"_id": doc["_id"]}) or doc
+        if "data" in doc:
+            return bytes(doc["data"])
+        stream = await self._files.open_download_stream(doc["file_id"])
+        return bytes(await stream.read())
+
+    async def claim(self) -> Document | None:
+        """The oldest message waiting (or whose processing lease ran out)."""
+        now = utcnow()
+        found: Document | None = await self.collection.find_one_and_update(
+            {
+                "status": "pending",
+                "$or": [{"claimed_until": None}, {"claimed_until": {"$lt": now}}],
+            },
+            {"$set": {"claimed_until": now + LEASE}, "$inc": {"attempts": 1}},
+            sort=[("received_at", 1)],
+            return_document=ReturnDocument.AFTER,
+            projection={"data": 0},
+        )
+        return found
+
+    async def finish(self, raw_id: str, status: str, result: Document) -> None:
+        await self.collection.update_one(
+            {"_id": raw_id},
+            {"$set": {"status": status, "result": result, "processed_at": utcnow()}},
+        )
+
+    async def release(self, raw_id: str, error: str, retry_at: datetime) -> None:
+        await self.collection.update_one(
+            {"_id": raw_id}, {"$set": {"claimed_until": retry_at, "last_error": error}}
+        )

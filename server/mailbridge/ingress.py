@@ -1,0 +1,153 @@
+"""The SMTP and LMTP listeners: mail for the CRM inbox, stored before it is acknowledged.
+
+Never an open relay: only the CRM address and its plus-addresses are accepted as
+recipients. A message over the size limit gets 552 from aiosmtpd itself; one too complex to
+parse safely (a MIME bomb) gets 552 here; a database that cannot store it gets 451 so the
+sender's MTA retries. 250 means the raw message is durably stored.
+
+The servers run on the hub's own event loop (``loop.create_server`` with aiosmtpd's protocol
+classes), not in aiosmtpd's threaded ``Controller``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from server.mailbridge.inbox import RawInbox, Source
+from server.mailbridge.parsing import Limits, MailTooComplex, parse
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_SECONDS = 60
+COMMAND_CALL_LIMIT = 50  # per command per session: a client looping on RCPT is cut off
+
+
+def accepts(address: str, inbox: str) -> bool:
+    """The CRM inbox itself or one of its plus-addresses, case-insensitively."""
+    local, _, domain = address.strip().lower().rpartition("@")
+    inbox_local, _, inbox_domain = inbox.lower().rpartition("@")
+    if domain != inbox_domain:
+        return False
+    return local == inbox_local or local.startswith(inbox_local + "+")
+
+
+class IngressHandler:
+    def __init__(
+        self,
+        inbox: RawInbox,
+        inbox_address: str,
+        limits: Limits,
+        max_recipients: int,
+        stored: Callable[[], None],
+        kind: str = "smtp",
+    ) -> None:
+        self._inbox = inbox
+        self._address = inbox_address
+        self._limits = limits
+        self._max_recipients = max_recipients
+        self._stored = stored
+        self._kind = kind
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if not accepts(address, self._address):
+            return "550 5.7.1 Relaying denied: this server only takes mail for the CRM inbox"
+        if len(envelope.rcpt_tos) >= self._max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        try:
+            await asyncio.to_thread(parse, raw, self._limits)
+        except MailTooComplex as exc:
+            return f"552 5.3.4 Message refused: {exc}"
+        peer = session.peer
+        try:
+            stored = await self._inbox.put(
+                raw,
+                Source(
+                    self._kind,
+                    peer=str(peer[0]) if isinstance(peer, tuple) else str(peer),
+                    recipients=tuple(envelope.rcpt_tos),
+                ),
+            )
+        except Exception:
+            log.exception("could not store an incoming message")
+            return "451 4.3.0 Temporary failure storing the message; try again later"
+        self._stored()
+        return f"250 2.0.0 OK: stored as {stored.id}"
+
+
+class IngressServers:
+    """Owns the listening SMTP (and optional LMTP) sockets."""
+
+    def __init__(
+        self,
+        handler_for: Callable[[str], IngressHandler],
+        host: str,
+        smtp_port: int | None,
+        lmtp_port: int | None,
+        hostname: str,
+        max_bytes: int,
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        self._handler_for = handler_for
+        self._host = host
+        self._smtp_port = smtp_port
+        self._lmtp_port = lmtp_port
+        self._hostname = hostname
+        self._max_bytes = max_bytes
+        self._tls = tls
+        self._servers: list[asyncio.Server] = []
+        self.ports: dict[str, int] = {}
+
+    def _protocol(self, cls: type[SMTP], kind: str) -> Callable[[], Any]:
+        handler = self._handler_for(kind)
+
+        def make() -> SMTP:
+            return cls(
+                handler,
+                data_size_limit=self._max_bytes,
+                enable_SMTPUTF8=True,
+                hostname=self._hostname,
+                ident="Portal Hub CRM mail",
+                tls_context=self._tls,
+                timeout=IDLE_TIMEOUT_SECONDS,
+                command_call_limit=COMMAND_CALL_LIMIT,
+            )
+
+        return make
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for kind, cls, port in (("smtp", SMTP, self._smtp_port), ("lmtp", LMTP, self._lmtp_port)):
+            if port is None:
+                continue
+            server = await loop.create_server(self._protocol(cls, kind), self._host, port)
+            self._servers.append(server)
+            self.ports[kind] = server.sockets[0].getsockname()[1]
+            log.info("%s listener on %s:%s", kind.upper(), self._host, self.ports[kind])
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()

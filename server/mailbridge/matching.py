@@ -1,0 +1,158 @@
+"""Which CRM record an incoming mail belongs to, in the order the issue lays down:
+
+1. a reply code (plus-address, subject, body text or HTML) that verifies;
+2. ``In-Reply-To`` / ``References`` naming a ``Message-ID`` we sent;
+3. an admin's subject rule that extracts a service code;
+4. the sender's address belonging to exactly one lead, contact or company;
+5. otherwise the caller decides: a new lead, or the unmatched list.
+
+A code that fails verification is not a match; matching falls through to the next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.crm.rules import normal_email
+from server.mailbridge.codes import code_from_address, find_codes, verify
+from server.mailbridge.keys import CodeKeys
+from server.mailbridge.models import MailSettings
+from server.mailbridge.parsing import ParsedMail
+from server.mailbridge.rules import SubjectRule, apply_rules, sender_matches
+from server.store.database import Document, Store
+
+SENDER_TYPES = ("lead", "contact", "company")
+
+
+@dataclass
+class Match:
+    how: str  # code, thread, rule, sender, none
+    record: Document | None = None
+    activity_id: str | None = None  # the outgoing mail replied to, when known
+    flagged: bool = False  # a valid code, but the sender is not one of the record's addresses
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    reason: str = ""
+
+
+class Matcher:
+    def __init__(self, store: Store, keys: CodeKeys, inbox_address: str) -> None:
+        self._store = store
+        self._keys = keys
+        self._inbox_local = inbox_address.split("@", 1)[0]
+
+    async def match(self, mail: ParsedMail, recipients: list[str], settings: MailSettings) -> Match:
+        for step in (self._by_code, self._by_thread):
+            found = await step(mail, recipients)
+            if found is not None:
+                return found
+        found = await self._by_rule(mail, settings)
+        if found is not None:
+            return found
+        return await self._by_sender(mail)
+
+    # 1 ---------------------------------------------------------------------------------------
+
+    async def _by_code(self, mail: ParsedMail, recipients: list[str]) -> Match | None:
+        tokens: list[str] = []
+        for address in [*recipients, *mail.to, *mail.cc]:
+            local = address.split("@", 1)[0]
+            token = code_from_address(local, self._inbox_local)
+            if token:
+                tokens.append(token)
+        for text in (mail.subject, mail.text, mail.html_sanitised or ""):
+            tokens.extend(find_codes(text))
+        if not tokens:
+            return None
+        _current, keys = await self._keys.keys()
+        for token in dict.fromkeys(tokens):
+            ref = verify(token, keys)
+            if ref is None:
+                continue  # forged, altered or retired: not a code
+            activity = await self._store["crm_activities"].find_one({"_id": ref.activity_id})
+            if activity is None:
+                continue
+            record = await self._store["crm_records"].find_one({"_id": activity["owner_id"]})
+            if record is None:
+                continue
+            emails = [e["value"] for e in record.get("emails", [])]
+            emails += await self._linked_contact_emails(record)
+            return Match(
+                "code",
+                record,
+                activity_id=activity["_id"],
+                flagged=not sender_matches(mail.from_address, emails),
+            )
+        return None
+
+    async def _linked_contact_emails(self, record: Document) -> list[str]:
+        """A deal's or company's mail goes to its contacts: their addresses count as the
+        record's."""
+        query: Document | None = None
+        if record["type"] == "deal" and record.get("contact_ids"):
+            query = {"_id": {"$in": record["contact_ids"]}}
+        elif record["type"] == "company":
+            query = {"type": "contact", "company_ids": record["_id"]}
+        if query is None:
+            return []
+        return [
+            e["value"]
+            async for c in self._store["crm_records"].find(query, {"emails": 1}).limit(500)
+            for e in c.get("emails", [])
+        ]
+
+    # 2 ---------------------------------------------------------------------------------------
+
+    async def _by_thread(self, mail: ParsedMail, recipients: list[str]) -> Match | None:
+        ids = [i for i in [mail.in_reply_to, *reversed(mail.references)] if i]
+        if not ids:
+            return None
+        activity = await self._store["crm_activities"].find_one(
+            {"mail.message_id": {"$in": ids}, "direction": "outgoing"}
+        )
+        if activity is None:
+            return None
+        record = await self._store["crm_records"].find_one({"_id": activity["owner_id"]})
+        if record is None:
+            return None
+        return Match("thread", record, activity_id=activity["_id"])
+
+    # 3 ---------------------------------------------------------------------------------------
+
+    async def _by_rule(self, mail: ParsedMail, settings: MailSettings) -> Match | None:
+        rules = [
+            SubjectRule(r.id, r.pattern, r.record_type, r.field) for r in settings.subject_rules
+        ]
+        hit = apply_rules(rules, mail.subject)
+        if hit is None:
+            return None
+        rule, code = hit
+        key = "_id" if rule.field == "id" else f"custom_fields.{rule.field}"
+        record = await self._store["crm_records"].find_one({"type": rule.record_type, key: code})
+        if record is None:
+            return None
+        return Match("rule", record)
+
+    # 4 ---------------------------------------------------------------------------------------
+
+    async def _by_sender(self, mail: ParsedMail) -> Match:
+        sender = normal_email(mail.from_address)
+        if not sender:
+            return Match("none", reason="no sender address")
+        found = [
+            r
+            async for r in self._store["crm_records"]
+            .find({"type": {"$in": list(SENDER_TYPES)}, "email_keys": sender})
+            .limit(20)
+        ]
+        if len(found) == 1:
+            return Match("sender", found[0])
+        if found:
+            return Match(
+                "none",
+                candidates=[
+                    {"type": r["type"], "id": r["_id"], "title": r.get("title", "")} for r in found
+                ],
+                reason="the sender's address belongs to several records",
+            )
+        return Match("none", reason="unknown sender")

@@ -1,0 +1,183 @@
+"""Mail bridge shapes at the API boundary."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, SecretStr, StringConstraints
+
+from server.directory.models import Email, Patch, Strict
+
+# No line breaks: a subject cannot smuggle a header (compose() checks again).
+Subject = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\r\n\x00]*$")]
+Body = Annotated[str, StringConstraints(max_length=500_000)]
+
+
+class SendEmail(Strict):
+    to: list[Email] = Field(
+        min_length=1, max_length=100, description="Addresses of the record (or its contacts)"
+    )
+    subject: Subject = ""
+    text: Body = Field(default="", description="Plain text body (placeholders allowed)")
+    html: Body | None = Field(default=None, description="HTML body; sanitised before sending")
+    template_id: str | None = Field(default=None, description="Fills subject and text if empty")
+    attachment_ids: list[str] = Field(default_factory=list, max_length=20)
+    bulk: bool = Field(default=False, description="One mail per recipient instead of one to all")
+
+
+class SentEmail(BaseModel):
+    activity_id: str
+    to: list[str]
+    message_id: str
+    code: str
+    status: str
+
+
+class SentEmails(BaseModel):
+    emails: list[SentEmail]
+
+
+class TemplateIn(Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    subject: Subject = ""
+    text: Body = ""
+
+
+class TemplateOut(TemplateIn):
+    id: str
+
+
+class TemplateList(BaseModel):
+    templates: list[TemplateOut]
+
+
+class SubjectRuleIn(Strict):
+    pattern: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    record_type: Literal["lead", "contact", "company", "deal"]
+    field: str = Field(
+        default="id",
+        description="What the captured code is: the record id, or the code of one of the "
+        "record type's custom fields",
+    )
+
+
+class SubjectRuleOut(SubjectRuleIn):
+    id: str
+
+
+class MailSettings(BaseModel):
+    code_in: Literal["subject", "body"] = Field(
+        default="subject", description="Where the reply code goes (always in Reply-To too)"
+    )
+    create_leads: bool = Field(default=True, description="A lead for mail from unknown senders")
+    lead_exceptions: list[str] = Field(
+        default_factory=list, description="Addresses and domains (@example.com) never made leads"
+    )
+    max_new_leads_per_sender: int = Field(default=3, ge=0, le=1000)
+    lead_period_minutes: int = Field(default=24 * 60, ge=1, le=365 * 24 * 60)
+    lead_responsible_id: str | None = Field(
+        default=None, description="Who new leads from mail go to; default: the first admin"
+    )
+    subject_rules: list[SubjectRuleOut] = Field(default_factory=list)
+
+
+class MailSettingsUpdate(Patch):
+    nullable: ClassVar[frozenset[str]] = frozenset({"lead_responsible_id"})
+
+    code_in: Literal["subject", "body"] | None = None
+    create_leads: bool | None = None
+    lead_exceptions: list[Annotated[str, StringConstraints(max_length=254)]] | None = Field(
+        default=None, max_length=1000
+    )
+    max_new_leads_per_sender: int | None = Field(default=None, ge=0, le=1000)
+    lead_period_minutes: int | None = Field(default=None, ge=1, le=365 * 24 * 60)
+    lead_responsible_id: str | None = None
+    subject_rules: list[SubjectRuleIn] | None = Field(default=None, max_length=50)
+
+
+class MailboxIn(Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    host: Annotated[str, StringConstraints(min_length=1, max_length=253)]
+    port: int = Field(default=993, ge=1, le=65535)
+    security: Literal["tls", "starttls", "none"] = "tls"
+    login: Annotated[str, StringConstraints(min_length=1, max_length=254)]
+    password: SecretStr
+    folder: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "INBOX"
+    processed_folder: str | None = Field(
+        default="Processed", description="Where delivered mail is moved (unless deleted)"
+    )
+    delete_after_delivery: bool = False
+    poll_seconds: int = Field(default=60, ge=5, le=3600)
+    enabled: bool = True
+
+
+class MailboxUpdate(Patch):
+    nullable: ClassVar[frozenset[str]] = frozenset({"processed_folder"})
+
+    name: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: Literal["tls", "starttls", "none"] | None = None
+    login: str | None = None
+    password: SecretStr | None = None
+    folder: str | None = None
+    processed_folder: str | None = None
+    delete_after_delivery: bool | None = None
+    poll_seconds: int | None = Field(default=None, ge=5, le=3600)
+    enabled: bool | None = None
+
+
+class MailboxOut(BaseModel):
+    id: str
+    name: str
+    host: str
+    port: int
+    security: str
+    login: str
+    folder: str
+    processed_folder: str | None
+    delete_after_delivery: bool
+    poll_seconds: int
+    enabled: bool
+    state: dict[str, Any] = Field(
+        description="uidvalidity, last_uid, connected, idle, last_error, last_poll_at"
+    )
+
+
+class MailboxList(BaseModel):
+    mailboxes: list[MailboxOut]
+
+
+class ConnectionTest(BaseModel):
+    ok: bool
+    detail: str
+    capabilities: list[str] = Field(default_factory=list)
+    messages: int | None = None
+
+
+class UnmatchedMail(BaseModel):
+    id: str
+    received_at: datetime
+    from_address: str
+    subject: str
+    reason: str
+    candidates: list[dict[str, Any]] = Field(
+        default_factory=list, description="Records the sender's address belongs to"
+    )
+
+
+class UnmatchedList(BaseModel):
+    mails: list[UnmatchedMail]
+
+
+class AssignMail(Strict):
+    record_type: Literal["lead", "contact", "company", "deal"]
+    record_id: str
+
+
+class AttachmentOut(BaseModel):
+    id: str
+    filename: str
+    content_type: str
+    size: int

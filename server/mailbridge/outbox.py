@@ -1,0 +1,269 @@
+"""Outgoing CRM mail: composed here, queued in a persisted outbox, sent by a background loop.
+
+A relay that is down, slow or answering 4xx delays a message (retried with back-off, for up
+to ``GIVE_UP_AFTER``); a 5xx answer is permanent and is written on the email activity.
+Messages are claimed with a lease, so with several nodes each is sent by one of them, and a
+node dying mid-send leaves it to be sent again (at least once: SMTP has no way to ask a
+relay whether it already took a message).
+
+Header injection is refused before anything is composed: no CR, LF or NUL in a subject,
+name or address, and every address must parse as one mailbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+from bson import Binary
+from pymongo import ReturnDocument
+
+from server.store.database import Document, Store, new_id, utcnow
+
+log = logging.getLogger(__name__)
+
+ORIGIN_HEADER = "X-PortalHub-Origin"
+LEASE = timedelta(minutes=5)
+HOLD = timedelta(minutes=1)
+GIVE_UP_AFTER = timedelta(days=2)
+IDLE_POLL_SECONDS = 5.0
+SEND_TIMEOUT_SECONDS = 60.0
+
+
+class HeaderInjection(ValueError):
+    pass
+
+
+def safe_header(value: str, what: str) -> str:
+    if any(c in value for c in "\r\n\x00"):
+        raise HeaderInjection(f"{what} may not contain line breaks")
+    return value
+
+
+def mailbox(address: str, name: str = "") -> Address:
+    """One mailbox, or HeaderInjection: a display name or address cannot smuggle headers
+    or a second recipient."""
+    safe_header(address, "an address")
+    safe_header(name, "a name")
+    local, sep, domain = address.strip().rpartition("@")
+    if not sep or not local or not domain or any(c in address for c in ',;<>"() \t'):
+        raise HeaderInjection(f"not one mail address: {address!r}")
+    try:
+        return Address(display_name=name, username=local, domain=domain)
+    except (ValueError, IndexError) as exc:
+        raise HeaderInjection(f"not one mail address: {address!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingAttachment:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def compose(
+    *,
+    sender_name: str,
+    from_address: str,
+    reply_to: str,
+    to: list[str],
+    subject: str,
+    text: str,
+    html: str | None,
+    message_id: str,
+    origin: str,
+    attachments: list[OutgoingAttachment],
+) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = mailbox(from_address, sender_name)
+    msg["Reply-To"] = mailbox(reply_to, sender_name)
+    msg["To"] = [mailbox(a) for a in to]
+    msg["Subject"] = safe_header(subject, "the subject")
+    msg["Date"] = formatdate(localtime=False)
+    msg["Message-ID"] = safe_header(message_id, "the Message-ID")
+    # Repeated in References: some relays rewrite Message-ID, replies still name the original.
+    msg["References"] = message_id
+    msg[ORIGIN_HEADER] = safe_header(origin, "the origin")
+    msg.set_content(text or "")
+    if html:
+        msg.add_alternative(html, subtype="html")
+    for part in attachments:
+        maintype, _, subtype = part.content_type.partition("/")
+        msg.add_attachment(
+            part.data,
+            maintype=maintype or "application",
+            subtype=subtype or "octet-stream",
+            filename=safe_header(part.filename, "an attachment name"),
+        )
+    return msg.as_bytes()
+
+
+def new_message_id(domain: str) -> str:
+    return f"<{new_id()}.{secrets.token_hex(4)}@{domain}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    host: str
+    port: int
+    use_tls: bool  # implicit TLS (smtps)
+    start_tls: bool | None  # None: if offered
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def from_url(cls, url: str) -> Relay:
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise ValueError("the relay URL must look like smtp://host:587 or smtps://host:465")
+        implicit = parts.scheme == "smtps"
+        return cls(
+            host=parts.hostname,
+            port=parts.port or (465 if implicit else 587),
+            use_tls=implicit,
+            start_tls=None if not implicit else False,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+
+class Outbox:
+    def __init__(self, store: Store, relay_url: str | None) -> None:
+        self._store = store
+        self._relay = Relay.from_url(relay_url) if relay_url else None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def collection(self) -> Any:
+        return self._store["mail_outbox"]
+
+    async def queue(
+        self, activity_id: str, envelope_from: str, recipients: list[str], raw: bytes
+    ) -> str:
+        """Stored, but held until ``release``: its activity is written in between, so the
+        sender never reports on an activity that does not exist yet. A hold left by a crash
+        lapses after ``HOLD``."""
+        doc = {
+            "_id": new_id(),
+            "activity_id": activity_id,
+            "envelope_from": envelope_from,
+            "recipients": recipients,
+            "raw": Binary(raw),
+            "status": "queued",
+            "attempts": 0,
+            "next_at": utcnow(),
+            "claimed_until": None,
+            "held": True,
+            "created_at": utcnow(),
+        }
+        await self.collection.insert_one(doc)
+        return str(doc["_id"])
+
+    async def release(self, outbox_id: str) -> None:
+        await self.collection.update_one({"_id": outbox_id}, {"$set": {"held": False}})
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="mail-outbox")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.send_due()
+            except Exception:
+                log.exception("outbox round failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+
+    async def send_due(self) -> int:
+        sent = 0
+        while self._relay is not None:
+            now = utcnow()
+            doc = await self.collection.find_one_and_update(
+                {
+                    "status": "queued",
+                    "next_at": {"$lte": now},
+                    "$and": [
+                        {"$or": [{"claimed_until": None}, {"claimed_until": {"$lt": now}}]},
+                        {"$or": [{"held": False}, {"created_at": {"$lt": now - HOLD}}]},
+                    ],
+                },
+                {"$set": {"claimed_until": now + LEASE}, "$inc": {"attempts": 1}},
+                sort=[("next_at", 1)],
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is None:
+                break
+            await self._send_one(doc)
+            sent += 1
+        return sent
+
+    async def _send_one(self, doc: Document) -> None:
+        relay = self._relay
+        assert relay is not None
+        try:
+            await aiosmtplib.send(
+                bytes(doc["raw"]),
+                sender=doc["envelope_from"],
+                recipients=doc["recipients"],
+                hostname=relay.host,
+                port=relay.port,
+                username=relay.username,
+                password=relay.password,
+                use_tls=relay.use_tls,
+                start_tls=relay.start_tls,
+                timeout=SEND_TIMEOUT_SECONDS,
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            if 500 <= exc.code < 600:
+                await self._failed(doc, f"{exc.code} {exc.message}")
+            else:
+                await self._later(doc, f"{exc.code} {exc.message}")
+            return
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await self._later(doc, repr(exc))
+            return
+        await self.collection.update_one(
+            {"_id": doc["_id"]}, {"$set": {"status": "sent", "sent_at": utcnow()}}
+        )
+        await self._mark_activity(doc, {"mail.status": "sent", "mail.sent_at": utcnow()})
+
+    async def _later(self, doc: Document, error: str) -> None:
+        if utcnow() - doc["created_at"] > GIVE_UP_AFTER:
+            await self._failed(doc, f"gave up after {doc['attempts']} attempts: {error}")
+            return
+        delay = min(timedelta(seconds=30) * 2 ** min(doc["attempts"] - 1, 10), timedelta(hours=1))
+        await self.collection.update_one(
+            {"_id": doc["_id"]},
+            {"$set": {"next_at": utcnow() + delay, "claimed_until": None, "last_error": error}},
+        )
+        await self._mark_activity(doc, {"mail.status": "retrying", "mail.error": error})
+
+    async def _failed(self, doc: Document, error: str) -> None:
+        await self.collection.update_one(
+            {"_id": doc["_id"]}, {"$set": {"status": "failed", "last_error": error}}
+        )
+        await self._mark_activity(doc, {"mail.status": "failed", "mail.error": error})
+
+    async def _mark_activity(self, doc: Document, fields: Document) -> None:
+        await self._store["crm_activities"].update_one(
+            {"_id": doc["activity_id"]}, {"$set": {**fields, "modified_at": utcnow()}}
+        )

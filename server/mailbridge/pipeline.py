@@ -1,0 +1,335 @@
+"""From a stored raw message to an incoming email activity on the right record.
+
+One loop per node claims stored messages with a lease and processes them: parse (in a
+thread: large MIME is slow), sort out noise (our own mail coming back, bounces,
+auto-replies), drop copies already delivered, match, and append the activity. Every outcome
+is written back on the raw message - ``done``, ``duplicate``, ``bounce``, ``ignored``,
+``unmatched`` (kept for an admin to assign), ``refused`` (too complex to parse safely) - so
+nothing is silently dropped. The activity carries the raw message's id under a unique index:
+a message processed again after a crash cannot make a second activity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+from gridfs import AsyncGridFSBucket
+from pymongo.errors import DuplicateKeyError
+
+from server.crm.models import LeadCreate, TypedEmail
+from server.crm.service import Crm
+from server.im.service import ImService
+from server.mailbridge.inbox import RawInbox
+from server.mailbridge.matching import Match, Matcher
+from server.mailbridge.models import MailSettings
+from server.mailbridge.noise import Noise, bounce_info, classify
+from server.mailbridge.parsing import Limits, MailTooComplex, ParsedMail, parse
+from server.mailbridge.rules import lead_allowed
+from server.store.database import Document, Store, utcnow
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER = timedelta(seconds=30)
+IDLE_POLL_SECONDS = 5.0
+
+
+class MailPipeline:
+    def __init__(
+        self,
+        store: Store,
+        inbox: RawInbox,
+        matcher: Matcher,
+        crm: Crm,
+        im: ImService,
+        settings: Callable[[], Awaitable[MailSettings]],
+        limits: Limits,
+    ) -> None:
+        self._store = store
+        self._inbox = inbox
+        self._matcher = matcher
+        self._crm = crm
+        self._im = im
+        self._settings = settings
+        self._limits = limits
+        self._files = AsyncGridFSBucket(store.db, bucket_name="mail_attachments")
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
+        self.on_finished: list[Callable[[Document], Awaitable[None]]] = []
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="mail-pipeline")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.drain()
+            except Exception:
+                log.exception("mail pipeline round failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+
+    async def drain(self) -> int:
+        """Process every message waiting; returns how many reached an outcome here."""
+        done = 0
+        while (doc := await self._inbox.claim()) is not None:
+            try:
+                await self.process(doc)
+                done += 1
+            except Exception as exc:
+                log.exception("mail %s failed; it is retried", doc["_id"])
+                await self._inbox.release(doc["_id"], repr(exc), utcnow() + RETRY_AFTER)
+        return done
+
+    async def _finish(self, doc: Document, status: str, result: Document) -> None:
+        await self._inbox.finish(doc["_id"], status, result)
+        finished = {**doc, "status": status, "result": result}
+        for hook in self.on_finished:
+            try:
+                await hook(finished)
+            except Exception:
+                log.exception("after-delivery step for mail %s failed", doc["_id"])
+
+    async def process(self, doc: Document) -> None:
+        raw = await self._inbox.raw_of(doc)
+        try:
+            mail = await asyncio.to_thread(parse, raw, self._limits)
+        except MailTooComplex as exc:
+            await self._finish(doc, "refused", {"reason": f"refused: {exc}"})
+            return
+        summary = {"from": mail.from_address, "subject": mail.subject[:500]}
+        noise = classify(mail)
+        if noise is Noise.OUR_OWN:
+            await self._finish(doc, "ignored", {**summary, "reason": "our own mail came back"})
+            return
+        if noise is Noise.BOUNCE:
+            await self._finish(doc, "bounce", {**summary, **await self._bounced(raw)})
+            return
+        if mail.message_id:
+            await self._inbox.collection.update_one(
+                {"_id": doc["_id"]}, {"$set": {"message_id": mail.message_id}}
+            )
+            earlier = await self._inbox.collection.find_one(
+                {"message_id": mail.message_id, "status": "done", "_id": {"$ne": doc["_id"]}},
+                {"_id": 1},
+            )
+            if earlier is not None:
+                await self._finish(doc, "duplicate", {**summary, "of": earlier["_id"]})
+                return
+        settings = await self._settings()
+        recipients = list(doc.get("source", {}).get("recipients", []))
+        match = await self._matcher.match(mail, recipients, settings)
+        if (
+            match.record is None
+            and not match.candidates
+            and noise is Noise.NORMAL
+            and settings.create_leads
+        ):
+            lead = await self._lead_for(mail, settings)
+            if lead is not None:
+                match = Match("new_lead", lead)
+            else:
+                match.reason = "unknown sender; no lead made (exception or too many)"
+        if match.record is None:
+            reason = match.reason or "no record matched"
+            if noise is Noise.AUTO_REPLY:
+                reason = f"auto-reply: {reason}"
+            await self._finish(
+                doc, "unmatched", {**summary, "reason": reason, "candidates": match.candidates}
+            )
+            return
+        activity_id = await self.deliver(doc, mail, match, auto_reply=noise is Noise.AUTO_REPLY)
+        await self._finish(
+            doc,
+            "done" if activity_id else "duplicate",
+            {
+                **summary,
+                "how": match.how,
+                "record_type": match.record["type"],
+                "record_id": match.record["_id"],
+                "activity_id": activity_id,
+                "flagged": match.flagged,
+            },
+        )
+
+    async def deliver(
+        self, doc: Document, mail: ParsedMail, match: Match, auto_reply: bool = False
+    ) -> str | None:
+        """Append the incoming email activity; None when this message already has one."""
+        record = match.record
+        assert record is not None
+        attachments = await self._save_attachments(doc["_id"], mail)
+        extra = {
+            "mail": {
+                "raw_id": doc["_id"],
+                "from": mail.from_address,
+                "from_name": mail.from_name,
+                "to": mail.to,
+                "cc": mail.cc,
+                "html": mail.html_sanitised,
+                "text": mail.text,
+                "quoted": mail.quoted_text,
+                "attachments": attachments,
+                "match": match.how,
+                "flagged": match.flagged,
+                "auto_reply": auto_reply,
+                "in_reply_to_activity": match.activity_id,
+            }
+        }
+        if mail.message_id:  # left out, not null, without one: the unique index is sparse
+            extra["mail"]["incoming_message_id"] = mail.message_id
+        try:
+            activity = await self._crm.activities.add(
+                record,
+                actor_id=None,
+                responsible_id=record["responsible_id"],
+                type_="email",
+                direction="incoming",
+                subject=mail.subject[:250],
+                description=(mail.new_text or mail.text)[:20_000],
+                completed=auto_reply,  # an auto-reply is shown, never counted
+                extra=extra,
+            )
+        except DuplicateKeyError:
+            mine = await self._store["crm_activities"].find_one({"mail.raw_id": doc["_id"]})
+            if mine is None:
+                return None  # the same message, delivered by the other path
+            # Written by an earlier attempt that stopped before its outcome: finish that.
+            self._crm.counters.touch([record["responsible_id"]], [record["type"]])
+            return str(mine["_id"])
+        if not auto_reply:
+            sender = mail.from_name or mail.from_address
+            await self._im.post_system_notice(
+                record["responsible_id"],
+                f"New email from {sender} on “{record.get('title', '')}”: "
+                f"{mail.subject or '(no subject)'}",
+            )
+        return activity.id
+
+    async def _save_attachments(self, raw_id: str, mail: ParsedMail) -> list[dict[str, Any]]:
+        saved = []
+        for index, part in enumerate(mail.attachments):
+            name = f"{raw_id}/{index}"
+            existing = await self._store["mail_attachments.files"].find_one({"filename": name})
+            if existing is None:
+                file_id = await self._files.upload_from_stream(
+                    name,
+                    part.data,
+                    metadata={"filename": part.filename, "content_type": part.content_type},
+                )
+            else:
+                file_id = existing["_id"]
+            saved.append(
+                {
+                    "id": str(file_id),
+                    "filename": part.filename,
+                    "content_type": part.content_type,
+                    "size": part.size,
+                }
+            )
+        return saved
+
+    async def _bounced(self, raw: bytes) -> Document:
+        info = await asyncio.to_thread(bounce_info, raw)
+        if info is None or not info.original_message_id:
+            return {"reason": "bounce for a message we cannot identify"}
+        activity = await self._store["crm_activities"].find_one(
+            {"mail.message_id": info.original_message_id}
+        )
+        if activity is None:
+            return {"reason": "bounce for a message we did not send"}
+        await self._store["crm_activities"].update_one(
+            {"_id": activity["_id"]},
+            {
+                "$set": {
+                    "mail.status": "bounced",
+                    "mail.bounced_recipients": list(info.recipients),
+                    "modified_at": utcnow(),
+                }
+            },
+        )
+        owner = await self._store["crm_records"].find_one({"_id": activity["owner_id"]})
+        if owner is not None:
+            fresh = await self._store["crm_activities"].find_one({"_id": activity["_id"]})
+            if fresh is not None:
+                await self._crm.records.core.announce_activity(fresh, owner)
+        return {"activity_id": activity["_id"], "recipients": list(info.recipients)}
+
+    async def _lead_for(self, mail: ParsedMail, settings: MailSettings) -> Document | None:
+        """One lead per unknown sender, however many of their mails arrive at once."""
+        sender = mail.from_address.lower()
+        since = utcnow() - timedelta(minutes=settings.lead_period_minutes)
+        recent = await self._store["mail_lead_log"].count_documents(
+            {"sender": sender, "at": {"$gte": since}}
+        )
+        if not lead_allowed(
+            sender, settings.lead_exceptions, recent, settings.max_new_leads_per_sender
+        ):
+            return None
+        claims = self._store["mail_lead_claims"]
+        try:
+            await claims.insert_one({"_id": sender, "lead_id": None, "at": utcnow()})
+        except DuplicateKeyError:
+            # Another delivery from this sender is making the lead: wait for it, then use it.
+            for _ in range(100):
+                claim = await claims.find_one({"_id": sender})
+                if claim is None:
+                    break
+                if claim.get("lead_id"):
+                    lead = await self._store["crm_records"].find_one({"_id": claim["lead_id"]})
+                    if lead is not None:
+                        return lead
+                    await claims.delete_one({"_id": sender, "lead_id": claim["lead_id"]})
+                    return await self._lead_for(mail, settings)
+                await asyncio.sleep(0.05)
+            return None
+        try:
+            responsible = await self._lead_owner(settings)
+            if responsible is None:
+                return None
+            created = await self._crm.records.create_for_system(
+                responsible,
+                "lead",
+                LeadCreate(
+                    title=f"Lead from {mail.from_name or sender}"[:250],
+                    last_name=(mail.from_name or "")[:100],
+                    emails=[TypedEmail(value=sender)],
+                    source="email",
+                    ignore_duplicates=True,
+                ),
+            )
+            await claims.update_one({"_id": sender}, {"$set": {"lead_id": created["_id"]}})
+            await self._store["mail_lead_log"].insert_one(
+                {"sender": sender, "at": utcnow(), "lead_id": created["_id"]}
+            )
+            return created
+        except Exception:
+            await claims.delete_one({"_id": sender, "lead_id": None})
+            raise
+
+    async def _lead_owner(self, settings: MailSettings) -> str | None:
+        if settings.lead_responsible_id:
+            user = await self._store.users.find_one(
+                {"_id": settings.lead_responsible_id, "is_active": {"$ne": False}}
+            )
+            if user is not None:
+                return str(user["_id"])
+        admin = await self._store.users.find_one(
+            {"is_admin": True, "is_active": {"$ne": False}}, sort=[("_id", 1)]
+        )
+        return str(admin["_id"]) if admin else None

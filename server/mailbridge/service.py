@@ -1,0 +1,522 @@
+"""The mail bridge, wired: settings, templates, mailboxes, sending from records, the two ways
+in, the pipeline, and the unmatched list."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+import ssl
+import time
+from typing import Any
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from gridfs import AsyncGridFSBucket
+from gridfs.errors import NoFile
+from pydantic import ValidationError
+
+from server.crm.core import record_title
+from server.crm.models import PLURAL
+from server.crm.service import Crm
+from server.directory.models import display_name
+from server.im.service import ImService
+from server.mailbridge.codes import body_line, issue, subject_with_code
+from server.mailbridge.imap import MailboxCollector, MailboxConfig, test_connection
+from server.mailbridge.inbox import RawInbox, Source
+from server.mailbridge.ingress import IngressHandler, IngressServers
+from server.mailbridge.keys import CodeKeys
+from server.mailbridge.matching import Match, Matcher
+from server.mailbridge.models import (
+    AttachmentOut,
+    ConnectionTest,
+    MailboxIn,
+    MailboxOut,
+    MailboxUpdate,
+    MailSettings,
+    MailSettingsUpdate,
+    SendEmail,
+    SentEmail,
+    SubjectRuleOut,
+    TemplateIn,
+    TemplateOut,
+    UnmatchedMail,
+)
+from server.mailbridge.outbox import (
+    ORIGIN_HEADER,
+    HeaderInjection,
+    Outbox,
+    OutgoingAttachment,
+    compose,
+    new_message_id,
+)
+from server.mailbridge.parsing import Limits, parse
+from server.mailbridge.pipeline import MailPipeline
+from server.mailbridge.rules import validate_rule
+from server.settings import Settings
+from server.store.database import Document, Store, new_id, utcnow
+from server.web.problems import Problem, not_found
+
+log = logging.getLogger(__name__)
+
+SETTINGS_TTL_SECONDS = 2.0
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+_PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\.([a-z_]+)\s*\}\}")
+
+
+def fill(template: str, values: dict[str, dict[str, str]]) -> str:
+    """{{record.title}}, {{contact.first_name}}, {{user.name}}; unknown ones are left blank."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), {}).get(m.group(2), ""), template)
+
+
+class MailBridge:
+    def __init__(self, settings: Settings, store: Store, crm: Crm, im: ImService) -> None:
+        self._settings = settings
+        self._store = store
+        self._crm = crm
+        self.keys = CodeKeys(store)
+        self.inbox = RawInbox(store)
+        self.address = settings.crm_inbox_address
+        self.limits = Limits(max_attachment_bytes=min(settings.mail_max_message_bytes, 25 << 20))
+        self.matcher = Matcher(store, self.keys, self.address)
+        self.pipeline = MailPipeline(
+            store, self.inbox, self.matcher, crm, im, self.settings, self.limits
+        )
+        self.pipeline.on_finished.append(self._finished)
+        relay = settings.smtp_relay_url.get_secret_value() if settings.smtp_relay_url else None
+        self.outbox = Outbox(store, relay)
+        self._files = AsyncGridFSBucket(store.db, bucket_name="mail_attachments")
+        self._uploads = AsyncGridFSBucket(store.db, bucket_name="mail_uploads")
+        self._cached: MailSettings | None = None
+        self._cached_at = 0.0
+        self._collectors: dict[str, MailboxCollector] = {}
+        self._node = f"{socket.gethostname()}:{new_id()}"
+        self.ingress: IngressServers | None = None
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.pipeline.start()
+        self.outbox.start()
+        if self._settings.smtp_enabled:
+            self.ingress = IngressServers(
+                self._handler,
+                self._settings.smtp_host or self._settings.host,
+                self._settings.smtp_port,
+                self._settings.lmtp_port,
+                self._settings.domain,
+                self._settings.mail_max_message_bytes,
+                self._tls(),
+            )
+            await self.ingress.start()
+        async for box in self._store["mail_mailboxes"].find({"enabled": True}):
+            self._start_collector(box)
+
+    async def stop(self) -> None:
+        if self.ingress is not None:
+            await self.ingress.stop()
+        for collector in list(self._collectors.values()):
+            await self._stop_collector(collector)
+        await self.pipeline.close()
+        await self.outbox.close()
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if self._settings.smtp_cert_file is None or self._settings.smtp_key_file is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self._settings.smtp_cert_file, self._settings.smtp_key_file)
+        return context
+
+    def _handler(self, kind: str) -> IngressHandler:
+        return IngressHandler(
+            self.inbox,
+            self.address,
+            self.limits,
+            self._settings.mail_max_recipients,
+            self.pipeline.wake,
+            kind,
+        )
+
+    def _start_collector(self, box: Document) -> None:
+        collector = MailboxCollector(
+            self._store,
+            self.inbox,
+            MailboxConfig.of(box),
+            self._settings.mail_max_message_bytes,
+            self._node,
+        )
+        collector.on_stored(self.pipeline.wake)
+        collector.task = asyncio.create_task(collector.supervise(), name=f"imap:{box['_id']}")
+        self._collectors[box["_id"]] = collector
+
+    async def _stop_collector(self, collector: MailboxCollector) -> None:
+        self._collectors.pop(collector.cfg.id, None)
+        if collector.task is not None:
+            collector.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector.task
+
+    async def _finished(self, doc: Document) -> None:
+        mailbox_id = doc.get("source", {}).get("mailbox_id")
+        if mailbox_id and mailbox_id in self._collectors:
+            self._collectors[mailbox_id].after_delivery()
+
+    async def receive(self, raw: bytes, source: Source) -> str:
+        """Store a raw message (tests, tools) and let the pipeline take it."""
+        stored = await self.inbox.put(raw, source)
+        self.pipeline.wake()
+        return stored.id
+
+    # settings --------------------------------------------------------------------------------
+
+    async def settings(self) -> MailSettings:
+        if self._cached is not None and time.monotonic() - self._cached_at < SETTINGS_TTL_SECONDS:
+            return self._cached
+        taken = time.monotonic()
+        doc = await self._store["mail_settings"].find_one({"_id": "settings"}) or {}
+        doc.pop("_id", None)
+        found = MailSettings.model_validate(doc)
+        self._cached, self._cached_at = found, taken
+        return found
+
+    async def update_settings(self, patch: MailSettingsUpdate) -> MailSettings:
+        current = (await self.settings()).model_dump()
+        changes = patch.model_dump(exclude_unset=True)
+        if "subject_rules" in changes:
+            rules = []
+            for rule in changes["subject_rules"]:
+                try:
+                    validate_rule(rule["pattern"])
+                except ValueError as exc:
+                    raise Problem(422, "invalid-value", "Invalid value", str(exc)) from None
+                rules.append({"id": new_id(), **rule})
+            changes["subject_rules"] = rules
+        owner = changes.get("lead_responsible_id")
+        if owner and await self._store.users.find_one({"_id": owner}) is None:
+            raise Problem(422, "invalid-value", "Invalid value", "no such lead owner")
+        try:
+            merged = MailSettings.model_validate({**current, **changes})
+        except ValidationError as exc:
+            raise Problem(422, "invalid-value", "Invalid value", str(exc)) from None
+        await self._store["mail_settings"].update_one(
+            {"_id": "settings"}, {"$set": merged.model_dump()}, upsert=True
+        )
+        self._cached, self._cached_at = merged, time.monotonic()
+        return merged
+
+    def test_rule(self, rule: SubjectRuleOut, subject: str) -> str | None:
+        from server.mailbridge.rules import SubjectRule, apply_rules
+
+        hit = apply_rules(
+            [SubjectRule(rule.id, rule.pattern, rule.record_type, rule.field)], subject
+        )
+        return hit[1] if hit else None
+
+    # templates -------------------------------------------------------------------------------
+
+    async def templates(self) -> list[TemplateOut]:
+        return [
+            TemplateOut(id=t["_id"], name=t["name"], subject=t["subject"], text=t["text"])
+            async for t in self._store["mail_templates"].find({}).sort("name", 1)
+        ]
+
+    async def save_template(self, data: TemplateIn, template_id: str | None = None) -> TemplateOut:
+        tid = template_id or new_id()
+        result = await self._store["mail_templates"].update_one(
+            {"_id": tid}, {"$set": data.model_dump()}, upsert=template_id is None
+        )
+        if template_id is not None and result.matched_count == 0:
+            raise not_found(f"template {template_id}")
+        return TemplateOut(id=tid, **data.model_dump())
+
+    async def delete_template(self, template_id: str) -> None:
+        if (
+            await self._store["mail_templates"].delete_one({"_id": template_id})
+        ).deleted_count == 0:
+            raise not_found(f"template {template_id}")
+
+    # mailboxes -------------------------------------------------------------------------------
+
+    def _mailbox_out(self, doc: Document) -> MailboxOut:
+        return MailboxOut(
+            id=doc["_id"],
+            name=doc["name"],
+            host=doc["host"],
+            port=doc["port"],
+            security=doc["security"],
+            login=doc["login"],
+            folder=doc["folder"],
+            processed_folder=doc.get("processed_folder"),
+            delete_after_delivery=bool(doc.get("delete_after_delivery")),
+            poll_seconds=int(doc.get("poll_seconds", 60)),
+            enabled=bool(doc.get("enabled")),
+            state=doc.get("state", {}),
+        )
+
+    async def mailboxes(self) -> list[MailboxOut]:
+        return [
+            self._mailbox_out(d) async for d in self._store["mail_mailboxes"].find({}).sort("_id")
+        ]
+
+    async def add_mailbox(self, data: MailboxIn) -> MailboxOut:
+        doc = {
+            "_id": new_id(),
+            **data.model_dump(exclude={"password"}),
+            # IMAP needs the password itself to log in: it is stored, never shown again.
+            "password": data.password.get_secret_value(),
+            "state": {},
+        }
+        await self._store["mail_mailboxes"].insert_one(doc)
+        if doc["enabled"]:
+            self._start_collector(doc)
+        return self._mailbox_out(doc)
+
+    async def update_mailbox(self, mailbox_id: str, patch: MailboxUpdate) -> MailboxOut:
+        changes = patch.model_dump(exclude_unset=True)
+        if "password" in changes and patch.password is not None:
+            changes["password"] = patch.password.get_secret_value()
+        if changes:
+            result = await self._store["mail_mailboxes"].update_one(
+                {"_id": mailbox_id}, {"$set": changes}
+            )
+            if result.matched_count == 0:
+                raise not_found(f"mailbox {mailbox_id}")
+        doc = await self._store["mail_mailboxes"].find_one({"_id": mailbox_id})
+        if doc is None:
+            raise not_found(f"mailbox {mailbox_id}")
+        running = self._collectors.get(mailbox_id)
+        if running is not None:
+            await self._stop_collector(running)
+        if doc.get("enabled"):
+            self._start_collector(doc)
+        return self._mailbox_out(doc)
+
+    async def delete_mailbox(self, mailbox_id: str) -> None:
+        running = self._collectors.get(mailbox_id)
+        if running is not None:
+            await self._stop_collector(running)
+        if (await self._store["mail_mailboxes"].delete_one({"_id": mailbox_id})).deleted_count == 0:
+            raise not_found(f"mailbox {mailbox_id}")
+
+    async def test_mailbox(self, data: MailboxIn) -> ConnectionTest:
+        cfg = MailboxConfig.of(
+            {"_id": "test", **data.model_dump(), "password": data.password.get_secret_value()}
+        )
+        return ConnectionTest(**await test_connection(cfg))
+
+    # sending ---------------------------------------------------------------------------------
+
+    async def upload(self, owner_id: str, filename: str, content_type: str, data: bytes) -> str:
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise Problem(413, "body-too-large", "Attachment too large", "10 MiB at most")
+        file_id = await self._uploads.upload_from_stream(
+            filename[:200],
+            data,
+            metadata={"owner_id": owner_id, "content_type": content_type, "filename": filename},
+        )
+        return str(file_id)
+
+    async def _upload(self, owner_id: str, upload_id: str) -> OutgoingAttachment:
+        try:
+            oid = ObjectId(upload_id)
+        except (InvalidId, TypeError):
+            raise not_found(f"attachment {upload_id}") from None
+        meta = await self._store["mail_uploads.files"].find_one({"_id": oid})
+        if meta is None or meta.get("metadata", {}).get("owner_id") != owner_id:
+            raise not_found(f"attachment {upload_id}")
+        stream = await self._uploads.open_download_stream(oid)
+        return OutgoingAttachment(
+            meta["metadata"]["filename"], meta["metadata"]["content_type"], await stream.read()
+        )
+
+    async def send(
+        self, actor_id: str, record_type: str, record_id: str, data: SendEmail
+    ) -> list[SentEmail]:
+        core = self._crm.records.core
+        viewer = await core.access.viewer(actor_id)
+        record = await core.visible_record(viewer, record_type, record_id)
+        allowed = {e["value"].lower() for e in record.get("emails", [])}
+        allowed.update(e.lower() for e in await self.matcher._linked_contact_emails(record))
+        strangers = [a for a in data.to if a.lower() not in allowed]
+        if strangers:
+            raise Problem(
+                422,
+                "invalid-value",
+                "Invalid value",
+                f"{', '.join(strangers)} is not an address of this record or its contacts",
+            )
+        actor = await self._store.users.find_one({"_id": actor_id}) or {"login": "?"}
+        subject, text = data.subject, data.text
+        if data.template_id:
+            template = await self._store["mail_templates"].find_one({"_id": data.template_id})
+            if template is None:
+                raise not_found(f"template {data.template_id}")
+            subject = subject or template["subject"]
+            text = text or template["text"]
+        values = {
+            "record": {
+                "title": record_title(record),
+                "first_name": record.get("first_name", ""),
+                "last_name": record.get("last_name", ""),
+            },
+            "user": {"name": display_name(actor), "email": actor.get("email", "")},
+        }
+        subject, text = fill(subject, values), fill(text, values)
+        html = None
+        if data.html:
+            import nh3
+
+            html = nh3.clean(fill(data.html, values))
+        attachments = [await self._upload(actor_id, u) for u in data.attachment_ids]
+        settings = await self.settings()
+        current_kid, keys = await self.keys.keys()
+        batches = [[a] for a in data.to] if data.bulk else [list(data.to)]
+        sent: list[SentEmail] = []
+        for to in batches:
+            activity_id = new_id()
+            code = issue(_code_ref(record_type, activity_id), current_kid, keys[current_kid])
+            message_id = new_message_id(self._settings.domain)
+            local, _, domain = self.address.partition("@")
+            reply_to = f"{local}+{code}@{domain}"
+            mail_subject = (
+                subject_with_code(subject, code) if settings.code_in == "subject" else subject
+            )
+            mail_text = text if settings.code_in == "subject" else f"{text}\n\n{body_line(code)}\n"
+            mail_html = html
+            if html is not None and settings.code_in == "body":
+                mail_html = f"{html}<p>{body_line(code)}</p>"
+            try:
+                raw = compose(
+                    sender_name=display_name(actor),
+                    from_address=self.address,
+                    reply_to=reply_to,
+                    to=to,
+                    subject=mail_subject,
+                    text=mail_text,
+                    html=mail_html,
+                    message_id=message_id,
+                    origin=self._settings.domain,
+                    attachments=attachments,
+                )
+            except HeaderInjection as exc:
+                raise Problem(422, "invalid-value", "Invalid value", str(exc)) from None
+            # Queued first: a crash after this loses no mail (the activity may be missing).
+            outbox_id = await self.outbox.queue(activity_id, self.address, to, raw)
+            activity = await self._crm.activities.add(
+                record,
+                actor_id=actor_id,
+                responsible_id=actor_id,
+                type_="email",
+                direction="outgoing",
+                subject=mail_subject[:250],
+                description=text[:20_000],
+                completed=True,
+                extra={
+                    "_id": activity_id,
+                    "mail": {
+                        "message_id": message_id,
+                        "code": code,
+                        "to": to,
+                        "status": "queued",
+                        "html": mail_html,
+                        "text": mail_text,
+                        "attachments": [
+                            {
+                                "filename": a.filename,
+                                "content_type": a.content_type,
+                                "size": len(a.data),
+                            }
+                            for a in attachments
+                        ],
+                    },
+                },
+                viewer_id=actor_id,
+            )
+            await self.outbox.release(outbox_id)
+            sent.append(
+                SentEmail(
+                    activity_id=activity.id,
+                    to=to,
+                    message_id=message_id,
+                    code=code,
+                    status="queued",
+                )
+            )
+        return sent
+
+    # reading mail ------------------------------------------------------------------------------
+
+    async def attachment(self, actor_id: str, file_id: str) -> tuple[AttachmentOut, bytes]:
+        """An attachment of a mail on a record the caller sees."""
+        core = self._crm.records.core
+        viewer = await core.access.viewer(actor_id)
+        try:
+            oid = ObjectId(file_id)
+        except (InvalidId, TypeError):
+            raise not_found(f"attachment {file_id}") from None
+        activity = await self._store["crm_activities"].find_one({"mail.attachments.id": file_id})
+        if activity is None:
+            raise not_found(f"attachment {file_id}")
+        await core.visible_record(viewer, None, activity["owner_id"])
+        meta = next(a for a in activity["mail"]["attachments"] if a.get("id") == file_id)
+        try:
+            stream = await self._files.open_download_stream(oid)
+        except NoFile:
+            raise not_found(f"attachment {file_id}") from None
+        return AttachmentOut(**meta), await stream.read()
+
+    async def unmatched(self, limit: int = 200) -> list[UnmatchedMail]:
+        return [
+            UnmatchedMail(
+                id=d["_id"],
+                received_at=d["received_at"],
+                from_address=d.get("result", {}).get("from", ""),
+                subject=d.get("result", {}).get("subject", ""),
+                reason=d.get("result", {}).get("reason", ""),
+                candidates=d.get("result", {}).get("candidates", []),
+            )
+            async for d in self.inbox.collection.find(
+                {"status": {"$in": ["unmatched", "refused"]}}, {"data": 0}
+            )
+            .sort("received_at", -1)
+            .limit(limit)
+        ]
+
+    async def assign(self, raw_id: str, record_type: str, record_id: str) -> str:
+        """An admin puts an unmatched mail on a record."""
+        doc = await self.inbox.collection.find_one({"_id": raw_id, "status": "unmatched"})
+        if doc is None:
+            raise not_found(f"unmatched mail {raw_id}")
+        record = await self._store["crm_records"].find_one({"_id": record_id, "type": record_type})
+        if record is None:
+            raise not_found(f"{record_type} {record_id}")
+        raw = await self.inbox.raw_of(doc)
+        mail = await asyncio.to_thread(parse, raw, self.limits)
+        activity_id = await self.pipeline.deliver(doc, mail, Match("assigned", record))
+        await self.inbox.finish(
+            raw_id,
+            "done",
+            {
+                **doc.get("result", {}),
+                "how": "assigned",
+                "record_type": record_type,
+                "record_id": record_id,
+                "activity_id": activity_id,
+            },
+        )
+        return activity_id or ""
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return dict(self.ingress.ports) if self.ingress is not None else {}
+
+
+def _code_ref(record_type: str, activity_id: str) -> Any:
+    from server.mailbridge.codes import CodeRef
+
+    return CodeRef(record_type=record_type, activity_id=activity_id)
+
+
+__all__ = ["ORIGIN_HEADER", "PLURAL", "MailBridge", "utcnow"]

@@ -1,0 +1,497 @@
+"""The mail bridge over real SMTP: CRM mail out through a relay (an aiosmtpd sink), replies in
+through the hub's own listener, matched to records, counted live."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from pydantic import SecretStr
+
+from server.mailbridge.inbox import Source
+from server.settings import Settings
+from server.store.database import Store
+from tests.harness import HubHarness, SocketClient, start_hub
+
+
+@dataclass
+class Sink:
+    """A relay that keeps what it is given (or refuses, when told to)."""
+
+    port: int = 0
+    received: list[Envelope] = field(default_factory=list)
+    refuse_with: str | None = None
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.refuse_with:
+            return self.refuse_with
+        self.received.append(envelope)
+        return "250 OK"
+
+    def messages(self) -> list[EmailMessage]:
+        return [
+            email.message_from_bytes(bytes(e.original_content or b""), policy=email.policy.default)
+            for e in self.received
+        ]
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    found = Sink()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(found), "127.0.0.1", 0)
+    found.port = server.sockets[0].getsockname()[1]
+    yield found
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def mailhub(settings: Settings, store: Store, sink: Sink) -> AsyncIterator[HubHarness]:
+    configured = settings.model_copy(
+        update={
+            "smtp_relay_url": SecretStr(f"smtp://127.0.0.1:{sink.port}"),
+            "domain": "portal.test",
+        }
+    )
+    async with start_hub(configured, store) as harness:
+        yield harness
+
+
+def pushed_crm(client: SocketClient) -> dict[str, dict[str, Any]]:
+    state: dict[str, dict[str, Any]] = {}
+    for data in client.of_type("counters.changed"):
+        for record_type, numbers in (data.get("crm") or {}).items():
+            state.setdefault(record_type, {}).update(numbers)
+    return state
+
+
+async def deliver(hub: HubHarness, msg: EmailMessage | bytes, to: list[str]) -> str:
+    raw = msg if isinstance(msg, bytes) else msg.as_bytes()
+    port = hub.services.mail.ports["smtp"]
+    errors, response = await aiosmtplib.send(
+        raw, sender="client@example.test", recipients=to, hostname="127.0.0.1", port=port
+    )
+    assert not errors, errors
+    return response
+
+
+async def settled(hub: HubHarness) -> None:
+    """Every stored message reached its outcome (here or in the hub's own pipeline loop)."""
+    raw = hub.services.store["mail_raw"]
+    for _ in range(200):
+        await hub.services.mail.pipeline.drain()
+        if await raw.count_documents({"status": "pending"}) == 0:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("mail still pending")
+    await hub.services.crm.counters.settled()
+
+
+async def mail_setup(hub: HubHarness) -> dict[str, Any]:
+    mary_id, mary = await hub.create_user("mary")
+    contact = await hub.request(
+        "POST",
+        "/api/v1/crm/contacts",
+        token=mary,
+        json={
+            "first_name": "Carl",
+            "last_name": "Client",
+            "emails": [{"value": "client@example.test"}],
+        },
+    )
+    assert contact.status == 201, contact.body
+    deal = await hub.request(
+        "POST",
+        "/api/v1/crm/deals",
+        token=mary,
+        json={"title": "Big order", "contact_ids": [contact.body["id"]]},
+    )
+    assert deal.status == 201, deal.body
+    return {"mary_id": mary_id, "mary": mary, "contact": contact.body, "deal": deal.body}
+
+
+async def send_from_deal(
+    hub: HubHarness, ctx: dict[str, Any], sink: Sink, **body: Any
+) -> EmailMessage:
+    before = len(sink.received)
+    resp = await hub.request(
+        "POST",
+        f"/api/v1/crm/deals/{ctx['deal']['id']}/emails",
+        token=ctx["mary"],
+        json={"to": ["client@example.test"], "subject": "Your quote", "text": "Hello Carl", **body},
+    )
+    assert resp.status == 201, resp.body
+    await hub.services.mail.outbox.send_due()
+    for _ in range(100):  # the hub's own outbox loop may be the one sending it
+        if len(sink.received) > before:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        outbox = [d async for d in hub.services.store["mail_outbox"].find({}, {"raw": 0})]
+        raise AssertionError(f"the relay got nothing: {outbox}")
+    return sink.messages()[-1]
+
+
+def reply_to(
+    original: EmailMessage, *, prefix: str = "RE: ", text: str = "Yes, go ahead."
+) -> EmailMessage:
+    """A reply as a mail program makes it: to the Reply-To, the subject prefixed, quoting."""
+    reply = EmailMessage()
+    reply["From"] = "Carl Client <client@example.test>"
+    reply["To"] = str(original["Reply-To"])
+    reply["Subject"] = prefix + str(original["Subject"])
+    reply["Message-ID"] = f"<{uuid.uuid4().hex}@example.test>"
+    reply.set_content(f"{text}\n\n> {original.get_body(('plain',)).get_content()}")  # type: ignore[union-attr]
+    return reply
+
+
+async def test_a_reply_lands_on_the_deal_and_lights_the_counter_green(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    ctx = await mail_setup(mailhub)
+    client = await mailhub.connect(ctx["mary"])
+    await client.wait_for("snapshot")
+    sent = await send_from_deal(mailhub, ctx, sink)
+    assert sink.received[-1].rcpt_tos == ["client@example.test"]
+    code_local = str(sent["Reply-To"]).split("<")[-1].split("@")[0]
+    assert code_local.startswith("crm+")
+    assert "[CRM-" in str(sent["Subject"])
+    assert sent["References"] == sent["Message-ID"]
+    assert sent["X-PortalHub-Origin"] == "portal.test"
+    activities = await mailhub.request(
+        "GET",
+        f"/api/v1/crm/activities?owner_type=deal&owner_id={ctx['deal']['id']}&status=all",
+        token=ctx["mary"],
+    )
+    (outgoing,) = activities.body["activities"]
+    assert outgoing["direction"] == "outgoing" and outgoing["completed"]
+
+    reply = reply_to(sent)
+    response = await deliver(mailhub, reply, [str(sent["Reply-To"]).split("<")[-1].rstrip(">")])
+    assert response.startswith("2.0.0 OK") or "OK" in response
+    await settled(mailhub)
+    await client.wait_until(lambda: pushed_crm(client).get("deal", {}).get("incoming") == 1)
+    assert pushed_crm(client)["deal"]["colour"] == "green"
+    timeline = await mailhub.request(
+        "GET",
+        f"/api/v1/crm/activities?owner_type=deal&owner_id={ctx['deal']['id']}&status=all",
+        token=ctx["mary"],
+    )
+    incoming = [a for a in timeline.body["activities"] if a["direction"] == "incoming"]
+    assert len(incoming) == 1 and incoming[0]["state"] == "incoming"
+    assert incoming[0]["description"].startswith("Yes, go ahead.")
+    doc = await mailhub.services.store["crm_activities"].find_one({"_id": incoming[0]["id"]})
+    assert doc is not None and doc["mail"]["match"] == "code" and not doc["mail"]["flagged"]
+
+
+async def test_the_listener_is_no_open_relay_and_refuses_oversize_and_bombs(
+    settings: Settings, store: Store
+) -> None:
+    small = settings.model_copy(
+        update={"mail_max_message_bytes": 64 * 1024, "domain": "portal.test"}
+    )
+    async with start_hub(small, store) as hub:
+        port = hub.services.mail.ports["smtp"]
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port)
+        await smtp.connect()
+        await smtp.mail("someone@example.test")
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+            await smtp.rcpt("victim@elsewhere.test")
+        assert refused.value.code == 550
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused):
+            await smtp.rcpt("sales@portal.test")
+        await smtp.rcpt("CRM+anything@Portal.Test")
+        with pytest.raises(aiosmtplib.SMTPResponseException) as too_big:
+            await smtp.data(b"Subject: big\r\n\r\n" + (b"x" * 900 + b"\r\n") * 80)
+        assert too_big.value.code == 552
+        await smtp.quit()
+        # a MIME bomb: nesting deeper than anything a mail program makes
+        bomb = b"Subject: bomb\r\nMIME-Version: 1.0\r\n"
+        depth = 300
+        for i in range(depth):
+            bomb += f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'.encode()
+        bomb += b"Content-Type: text/plain\r\n\r\nboom\r\n"
+        with pytest.raises(aiosmtplib.SMTPResponseException) as refused_bomb:
+            await aiosmtplib.send(
+                bomb,
+                sender="a@example.test",
+                recipients=["crm@portal.test"],
+                hostname="127.0.0.1",
+                port=port,
+            )
+        assert refused_bomb.value.code == 552
+        assert await hub.services.store["mail_raw"].count_documents({}) == 0
+
+
+async def test_the_same_message_twice_by_both_paths_is_stored_and_delivered_once(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    ctx = await mail_setup(mailhub)
+    sent = await send_from_deal(mailhub, ctx, sink)
+    reply = reply_to(sent)
+    target = [str(sent["Reply-To"]).split("<")[-1].rstrip(">")]
+    await deliver(mailhub, reply, target)
+    await deliver(mailhub, reply, target)  # an SMTP retry: the very same bytes
+    await mailhub.services.mail.receive(reply.as_bytes(), Source("imap", "box", 7, 1))
+    resent = EmailMessage()
+    for key, value in reply.items():
+        resent[key] = value
+    resent["X-Relayed-By"] = "another hop"  # other bytes, the same Message-ID
+    resent.set_content("Yes, go ahead.")
+    await deliver(mailhub, resent, target)
+    await settled(mailhub)
+    store = mailhub.services.store
+    # the SMTP retry is the same bytes: stored once; the IMAP copy has bare LF line ends
+    # (SMTP made them CRLF) and the re-sent one other headers: stored, found out by Message-ID
+    assert await store["mail_raw"].count_documents({}) == 3
+    incoming = await store["crm_activities"].count_documents({"direction": "incoming"})
+    assert incoming == 1
+    statuses = sorted([d["status"] async for d in store["mail_raw"].find({})])
+    assert statuses == ["done", "duplicate", "duplicate"]
+
+
+async def test_a_forged_code_is_no_code_and_matching_falls_through_to_the_sender(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    ctx = await mail_setup(mailhub)
+    sent = await send_from_deal(mailhub, ctx, sink)
+    subject = str(sent["Subject"])
+    start = subject.index("[CRM-") + 5
+    code = subject[start : subject.index("]", start)]
+    forged_code = code[:-1] + ("0" if code[-1] != "0" else "1")
+    forged = EmailMessage()
+    forged["From"] = "client@example.test"
+    forged["To"] = f"crm+{forged_code}@portal.test"
+    forged["Subject"] = f"Re: [CRM-{forged_code}]"
+    forged["Message-ID"] = "<forged@example.test>"
+    forged.set_content("tampered")
+    await deliver(mailhub, forged, [f"crm+{forged_code}@portal.test"])
+    await settled(mailhub)
+    raw = await mailhub.services.store["mail_raw"].find_one({"message_id": "<forged@example.test>"})
+    assert raw is not None and raw["status"] == "done", raw
+    # not the deal (the code was the deal's): the contact, whose address the sender is
+    assert raw["result"]["how"] == "sender" and raw["result"]["record_type"] == "contact"
+
+
+async def test_unknown_senders_make_one_lead_within_limits_or_wait_for_an_admin(
+    mailhub: HubHarness,
+) -> None:
+    _, root = await mailhub.create_user("root", admin=True)
+
+    def stranger(sender: str, n: int) -> EmailMessage:
+        msg = EmailMessage()
+        msg["From"] = f"Nora New <{sender}>"
+        msg["To"] = "crm@portal.test"
+        msg["Subject"] = f"Question {n}"
+        msg["Message-ID"] = f"<{uuid.uuid4().hex}@example.test>"
+        msg.set_content("Do you ship to Norway?")
+        return msg
+
+    # concurrent deliveries from one new sender: one lead
+    await asyncio.gather(
+        *(deliver(mailhub, stranger("nora@new.test", n), ["crm@portal.test"]) for n in range(4))
+    )
+    await settled(mailhub)
+    store = mailhub.services.store
+    leads = [r async for r in store["crm_records"].find({"type": "lead"})]
+    assert len(leads) == 1 and leads[0]["title"] == "Lead from Nora New"
+    assert await store["crm_activities"].count_documents({"owner_id": leads[0]["_id"]}) == 4
+    # exceptions and the per-sender limit
+    resp = await mailhub.request(
+        "PATCH",
+        "/api/v1/mail/settings",
+        token=root,
+        json={"lead_exceptions": ["@partner.test"], "max_new_leads_per_sender": 1},
+    )
+    assert resp.status == 200, resp.body
+    await deliver(mailhub, stranger("bob@partner.test", 9), ["crm@portal.test"])
+    await settled(mailhub)
+    assert await store["crm_records"].count_documents({"type": "lead"}) == 1
+    unmatched = await mailhub.request("GET", "/api/v1/mail/unmatched", token=root)
+    assert [m["from_address"] for m in unmatched.body["mails"]] == ["bob@partner.test"]
+    # option off: everything unknown waits for an admin, who assigns it
+    await mailhub.request(
+        "PATCH", "/api/v1/mail/settings", token=root, json={"create_leads": False}
+    )
+    await deliver(mailhub, stranger("zed@other.test", 10), ["crm@portal.test"])
+    await settled(mailhub)
+    assert await store["crm_records"].count_documents({"type": "lead"}) == 1
+    unmatched = await mailhub.request("GET", "/api/v1/mail/unmatched", token=root)
+    assert len(unmatched.body["mails"]) == 2, [
+        d async for d in store["mail_raw"].find({}, {"data": 0})
+    ]
+    zed = next(m for m in unmatched.body["mails"] if m["from_address"] == "zed@other.test")
+    assigned = await mailhub.request(
+        "POST",
+        f"/api/v1/mail/unmatched/{zed['id']}/assign",
+        token=root,
+        json={"record_type": "lead", "record_id": leads[0]["_id"]},
+    )
+    assert assigned.status == 200, assigned.body
+    assert await store["crm_activities"].count_documents({"owner_id": leads[0]["_id"]}) == 5
+
+
+async def test_auto_replies_make_no_lead_and_bounces_mark_the_sent_mail(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    ctx = await mail_setup(mailhub)
+    sent = await send_from_deal(mailhub, ctx, sink)
+    auto = EmailMessage()
+    auto["From"] = "holiday@unknown.test"
+    auto["To"] = "crm@portal.test"
+    auto["Subject"] = "Out of office"
+    auto["Auto-Submitted"] = "auto-replied"
+    auto["Message-ID"] = "<auto@unknown.test>"
+    auto.set_content("I am away.")
+    await deliver(mailhub, auto, ["crm@portal.test"])
+    bounce = (
+        "From: MAILER-DAEMON@relay.test\r\n"
+        "To: crm@portal.test\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        "Message-ID: <bounce1@relay.test>\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="R"\r\n\r\n'
+        "--R\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+        "--R\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; relay.test\r\n\r\n"
+        "Final-Recipient: rfc822; client@example.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        "--R\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"Message-ID: {sent['Message-ID']}\r\nSubject: {sent['Subject']}\r\n"
+        "--R--\r\n"
+    ).encode()
+    await deliver(mailhub, bounce, ["crm@portal.test"])
+    await settled(mailhub)
+    store = mailhub.services.store
+    assert await store["crm_records"].count_documents({"type": "lead"}) == 0
+    auto_raw = await store["mail_raw"].find_one({"message_id": "<auto@unknown.test>"})
+    assert auto_raw is not None and auto_raw["status"] == "unmatched"
+    assert auto_raw["result"]["reason"].startswith("auto-reply")
+    outgoing = await store["crm_activities"].find_one({"mail.message_id": str(sent["Message-ID"])})
+    assert outgoing is not None and outgoing["mail"]["status"] == "bounced"
+    assert len(sink.received) == 1  # nothing was sent back to anyone
+
+
+async def test_a_crash_between_receipt_and_commit_loses_and_doubles_nothing(
+    settings: Settings, store: Store, sink: Sink
+) -> None:
+    configured = settings.model_copy(
+        update={
+            "smtp_relay_url": SecretStr(f"smtp://127.0.0.1:{sink.port}"),
+            "domain": "portal.test",
+        }
+    )
+    async with start_hub(configured, store) as hub:
+        ctx = await mail_setup(hub)
+        sent = await send_from_deal(hub, ctx, sink)
+        first, second = reply_to(sent, text="first"), reply_to(sent, text="second")
+        await hub.services.mail.pipeline.close()  # the node "dies" before processing
+        await deliver(hub, first, ["crm@portal.test"])
+        # and for the second, right after its activity was written, before the outcome
+        raw_id = await hub.services.mail.inbox.put(second.as_bytes(), Source("smtp"))
+        doc = await store["mail_raw"].find_one({"_id": raw_id.id})
+        assert doc is not None
+        from server.mailbridge.parsing import parse
+
+        match = await hub.services.mail.matcher.match(
+            parse(second.as_bytes()), [], await hub.services.mail.settings()
+        )
+        await hub.services.mail.pipeline.deliver(doc, parse(second.as_bytes()), match)
+    async with start_hub(configured, store) as hub:  # restart: the pending ones are taken up
+        await settled(hub)
+        texts = sorted(
+            [
+                a["description"].split("\n")[0]
+                async for a in store["crm_activities"].find({"direction": "incoming"})
+            ]
+        )
+        assert texts == ["first", "second"]
+        assert await store["mail_raw"].count_documents({"status": "done"}) == 2
+
+
+async def test_the_outbox_survives_a_relay_that_is_down_and_records_refusals(
+    settings: Settings, store: Store, sink: Sink
+) -> None:
+    down = settings.model_copy(
+        update={"smtp_relay_url": SecretStr("smtp://127.0.0.1:9"), "domain": "portal.test"}
+    )
+    async with start_hub(down, store) as hub:
+        ctx = await mail_setup(hub)
+        resp = await hub.request(
+            "POST",
+            f"/api/v1/crm/deals/{ctx['deal']['id']}/emails",
+            token=ctx["mary"],
+            json={"to": ["client@example.test"], "subject": "Quote", "text": "Hi"},
+        )
+        assert resp.status == 201
+        queued = None
+        for _ in range(100):  # the hub's outbox loop tries at once; wait for its first failure
+            await hub.services.mail.outbox.send_due()
+            queued = await store["mail_outbox"].find_one({"last_error": {"$exists": True}})
+            if queued is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert queued is not None and queued["status"] == "queued", queued
+        activity = await store["crm_activities"].find_one(
+            {"_id": resp.body["emails"][0]["activity_id"]}
+        )
+        assert activity is not None and activity["mail"]["status"] == "retrying"
+    up = down.model_copy(update={"smtp_relay_url": SecretStr(f"smtp://127.0.0.1:{sink.port}")})
+    async with start_hub(up, store) as hub:
+        await store["mail_outbox"].update_many({}, {"$set": {"next_at": queued["created_at"]}})
+        for _ in range(100):
+            await hub.services.mail.outbox.send_due()
+            if sink.received:
+                break
+            await asyncio.sleep(0.05)
+        assert len(sink.received) == 1
+        activity = await store["crm_activities"].find_one(
+            {"_id": resp.body["emails"][0]["activity_id"]}
+        )
+        assert activity is not None and activity["mail"]["status"] == "sent"
+        # a permanent refusal is written on the activity
+        sink.refuse_with = "550 5.1.1 no such user"
+        again = await hub.request(
+            "POST",
+            f"/api/v1/crm/deals/{ctx['deal']['id']}/emails",
+            token=ctx["mary"],
+            json={"to": ["client@example.test"], "subject": "Again", "text": "Hi"},
+        )
+        failed = None
+        for _ in range(100):
+            await hub.services.mail.outbox.send_due()
+            failed = await store["crm_activities"].find_one(
+                {"_id": again.body["emails"][0]["activity_id"], "mail.status": "failed"}
+            )
+            if failed is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert failed is not None and failed["mail"]["status"] == "failed"
+        assert "550" in failed["mail"]["error"]
+
+
+async def test_header_injection_and_strangers_are_refused(mailhub: HubHarness) -> None:
+    ctx = await mail_setup(mailhub)
+    path = f"/api/v1/crm/deals/{ctx['deal']['id']}/emails"
+    injected = await mailhub.request(
+        "POST",
+        path,
+        token=ctx["mary"],
+        json={"to": ["client@example.test"], "subject": "Hi\r\nBcc: victim@evil.test", "text": "x"},
+    )
+    assert injected.status == 422, injected.body
+    stranger = await mailhub.request(
+        "POST", path, token=ctx["mary"], json={"to": ["someone@evil.test"], "subject": "Hi"}
+    )
+    assert stranger.status == 422 and "not an address" in stranger.body["detail"]
+    assert await mailhub.services.store["mail_outbox"].count_documents({}) == 0
