@@ -398,9 +398,7 @@ async def test_leads_are_created_with_duplicate_warnings_and_converted(
     await company_box.locator("[data-testid=record-option][data-title='Tailspin Toys']").click()
     await expect(company_box.get_by_test_id("crm-link")).to_have_text("Tailspin Toys")
     await expect(contacts_box.get_by_test_id("crm-link")).to_have_text(["Ann Lee", "Bob Stone"])
-    deal = await web_hub.services.store["crm_records"].find_one(
-        {"_id": lead["converted"]["deal"]}
-    )
+    deal = await web_hub.services.store["crm_records"].find_one({"_id": lead["converted"]["deal"]})
     assert deal is not None
     assert deal["company_id"] == company["id"]
     assert buyer["id"] in deal["contact_ids"]
@@ -420,9 +418,7 @@ async def test_leads_are_created_with_duplicate_warnings_and_converted(
             has_text="changed the amount: 25000 → 30000"
         )
     ).to_have_count(1)
-    deal = await web_hub.services.store["crm_records"].find_one(
-        {"_id": lead["converted"]["deal"]}
-    )
+    deal = await web_hub.services.store["crm_records"].find_one({"_id": lead["converted"]["deal"]})
     assert deal is not None and deal["amount"] == 30000 and deal["stage_id"] == "negotiation"
 
     # The contact made by the conversion, through the link on the deal.
