@@ -495,3 +495,52 @@ async def test_header_injection_and_strangers_are_refused(mailhub: HubHarness) -
     )
     assert stranger.status == 422 and "not an address" in stranger.body["detail"]
     assert await mailhub.services.store["mail_outbox"].count_documents({}) == 0
+
+
+async def test_thread_headers_and_subject_rules_match_when_there_is_no_code(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    ctx = await mail_setup(mailhub)
+    _, root = await mailhub.create_user("root", admin=True)
+    sent = await send_from_deal(mailhub, ctx, sink)
+    # a mail program that drops the Reply-To and the code, but keeps In-Reply-To
+    threaded = EmailMessage()
+    threaded["From"] = "Someone Else <other@elsewhere.test>"
+    threaded["To"] = "crm@portal.test"
+    threaded["Subject"] = "AW: your quote"
+    threaded["In-Reply-To"] = str(sent["Message-ID"])
+    threaded["Message-ID"] = "<threaded@elsewhere.test>"
+    threaded.set_content("Forwarded to our buyer.")
+    await deliver(mailhub, threaded, ["crm@portal.test"])
+    # an admin rule: "Deal <id>" in a subject names the deal
+    rules = await mailhub.request(
+        "PATCH",
+        "/api/v1/mail/settings",
+        token=root,
+        json={"subject_rules": [{"pattern": r"Deal ([0-9a-f]{24})", "record_type": "deal"}]},
+    )
+    assert rules.status == 200, rules.body
+    catastrophic = await mailhub.request(
+        "PATCH",
+        "/api/v1/mail/settings",
+        token=root,
+        json={"subject_rules": [{"pattern": r"(a+)+$", "record_type": "deal"}]},
+    )
+    assert catastrophic.status == 422, catastrophic.body
+    ruled = EmailMessage()
+    ruled["From"] = "nobody@unknown.test"
+    ruled["To"] = "crm@portal.test"
+    ruled["Subject"] = f"Invoice for Deal {ctx['deal']['id']}"
+    ruled["Message-ID"] = "<ruled@unknown.test>"
+    ruled.set_content("Please find the invoice.")
+    await deliver(mailhub, ruled, ["crm@portal.test"])
+    await settled(mailhub)
+    store = mailhub.services.store
+    for message_id, how in (
+        ("<threaded@elsewhere.test>", "thread"),
+        ("<ruled@unknown.test>", "rule"),
+    ):
+        raw = await store["mail_raw"].find_one({"message_id": message_id})
+        assert raw is not None and raw["status"] == "done", raw
+        assert raw["result"]["how"] == how and raw["result"]["record_id"] == ctx["deal"]["id"]
+    assert await store["crm_records"].count_documents({"type": "lead"}) == 0
