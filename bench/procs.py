@@ -184,6 +184,7 @@ HUB_LIMITS = {
     # Jabber listeners on free ports, so that a hub already running here is no obstacle.
     "PORTALHUB_XMPP_PORT": "0",
     "PORTALHUB_XMPP_TLS_PORT": "0",
+    "PORTALHUB_SMTP_PORT": "0",  # the CRM mail listener, likewise
 }
 
 

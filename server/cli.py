@@ -68,6 +68,13 @@ async def serve(settings: Settings, demo: bool, demo_password: str | None) -> No
                     f"certificate SHA-256 fingerprint {xmpp.fingerprint}",
                     flush=True,
                 )
+            mail_ports = app[SERVICES].mail.ports
+            if mail_ports:
+                listeners = ", ".join(f"{k.upper()} port {v}" for k, v in mail_ports.items())
+                print(
+                    f"CRM mail for {app[SERVICES].mail.address} accepted on {listeners}",
+                    flush=True,
+                )
             host, port = runner.addresses[0][:2]
             print(f"Portal Hub is running at http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
             stop = asyncio.Event()

@@ -52,6 +52,7 @@ class Hub:
             PORTALHUB_HTTP_PORT=str(self.port),
             PORTALHUB_XMPP_PORT=str(free_loopback_port()),
             PORTALHUB_XMPP_TLS_PORT=str(free_loopback_port()),
+            PORTALHUB_SMTP_PORT=str(free_loopback_port()),
         )
         self.process: subprocess.Popen[str] | None = None
 
