@@ -30,6 +30,15 @@ class Sink:
     port: int = 0
     received: list[Envelope] = field(default_factory=list)
     refuse_with: str | None = None
+    refuse_rcpt: str | None = None
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if self.refuse_rcpt:
+            return self.refuse_rcpt
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.refuse_with:
@@ -544,3 +553,69 @@ async def test_thread_headers_and_subject_rules_match_when_there_is_no_code(
         assert raw is not None and raw["status"] == "done", raw
         assert raw["result"]["how"] == how and raw["result"]["record_id"] == ctx["deal"]["id"]
     assert await store["crm_records"].count_documents({"type": "lead"}) == 0
+
+
+async def test_another_portals_mail_is_a_customers_and_converted_leads_step_aside(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    mary_id, mary = await mailhub.create_user("mary")
+    lead = await mailhub.request(
+        "POST",
+        "/api/v1/crm/leads",
+        token=mary,
+        json={"title": "Partner", "emails": [{"value": "ops@partner2.test"}]},
+    )
+    converted = await mailhub.request(
+        "POST", f"/api/v1/crm/leads/{lead.body['id']}/convert", token=mary, json={"mode": "contact"}
+    )
+    assert converted.status == 201
+    contact_id = converted.body["created"]["contact"]["id"]
+    msg = EmailMessage()
+    msg["From"] = "ops@partner2.test"
+    msg["To"] = "crm@portal.test"
+    msg["Subject"] = "From their own Portal Hub"
+    msg["Message-ID"] = "<other-hub@partner2.test>"
+    msg["X-PortalHub-Origin"] = "partner2.test"  # not ours: a customer who runs Portal Hub
+    msg.set_content("Hello from the other side")
+    await deliver(mailhub, msg, ["crm@portal.test"])
+    ours = EmailMessage()
+    ours["From"] = "crm@portal.test"
+    ours["To"] = "crm@portal.test"
+    ours["Subject"] = "looped"
+    ours["Message-ID"] = "<loop@portal.test>"
+    ours["X-PortalHub-Origin"] = "portal.test"
+    ours.set_content("our own")
+    await deliver(mailhub, ours, ["crm@portal.test"])
+    await settled(mailhub)
+    store = mailhub.services.store
+    raw = await store["mail_raw"].find_one({"message_id": "<other-hub@partner2.test>"})
+    assert raw is not None and raw["status"] == "done", raw
+    assert raw["result"]["record_id"] == contact_id  # not "several records": the lead stepped aside
+    loop = await store["mail_raw"].find_one({"result.subject": "looped"})
+    assert loop is not None and loop["status"] == "ignored"
+    assert mary_id
+
+
+async def test_a_relay_refusing_every_recipient_fails_the_mail_at_once(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    ctx = await mail_setup(mailhub)
+    sink.refuse_rcpt = "550 5.1.1 no such user"
+    resp = await mailhub.request(
+        "POST",
+        f"/api/v1/crm/deals/{ctx['deal']['id']}/emails",
+        token=ctx["mary"],
+        json={"to": ["client@example.test"], "subject": "Quote", "text": "Hi"},
+    )
+    assert resp.status == 201
+    store = mailhub.services.store
+    failed = None
+    for _ in range(100):
+        await mailhub.services.mail.outbox.send_due()
+        failed = await store["crm_activities"].find_one(
+            {"_id": resp.body["emails"][0]["activity_id"], "mail.status": "failed"}
+        )
+        if failed is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert failed is not None and "550" in failed["mail"]["error"]

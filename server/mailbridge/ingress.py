@@ -77,7 +77,7 @@ class IngressHandler:
         try:
             await asyncio.to_thread(parse, raw, self._limits)
         except MailTooComplex as exc:
-            return f"552 5.3.4 Message refused: {exc}"
+            return self._each(envelope, f"552 5.3.4 Message refused: {exc}")
         peer = session.peer
         try:
             stored = await self._inbox.put(
@@ -90,9 +90,17 @@ class IngressHandler:
             )
         except Exception:
             log.exception("could not store an incoming message")
-            return "451 4.3.0 Temporary failure storing the message; try again later"
+            return self._each(
+                envelope, "451 4.3.0 Temporary failure storing the message; try again later"
+            )
         self._stored()
-        return f"250 2.0.0 OK: stored as {stored.id}"
+        return self._each(envelope, f"250 2.0.0 OK: stored as {stored.id}")
+
+    def _each(self, envelope: Envelope, answer: str) -> str:
+        """LMTP answers DATA once per accepted recipient (RFC 2033); SMTP once."""
+        if self._kind == "lmtp" and len(envelope.rcpt_tos) > 1:
+            return "\r\n".join(answer for _ in envelope.rcpt_tos)
+        return answer
 
 
 class IngressServers:

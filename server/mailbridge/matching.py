@@ -142,7 +142,16 @@ class Matcher:
         found = [
             r
             async for r in self._store["crm_records"]
-            .find({"type": {"$in": list(SENDER_TYPES)}, "email_keys": sender})
+            .find(
+                {
+                    "email_keys": sender,
+                    # a converted lead's address lives on in the records made from it
+                    "$or": [
+                        {"type": {"$in": ["contact", "company"]}},
+                        {"type": "lead", "status": {"$ne": "converted"}},
+                    ],
+                }
+            )
             .limit(20)
         ]
         if len(found) == 1:

@@ -100,7 +100,9 @@ class MailboxIn(Strict):
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
     host: Annotated[str, StringConstraints(min_length=1, max_length=253)]
     port: int = Field(default=993, ge=1, le=65535)
-    security: Literal["tls", "starttls", "none"] = "tls"
+    security: Literal["tls", "none"] = Field(
+        default="tls", description="tls: IMAPS (993). STARTTLS is not offered (aioimaplib lacks it)"
+    )
     login: Annotated[str, StringConstraints(min_length=1, max_length=254)]
     password: SecretStr
     folder: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "INBOX"
@@ -115,10 +117,13 @@ class MailboxIn(Strict):
 class MailboxUpdate(Patch):
     nullable: ClassVar[frozenset[str]] = frozenset({"processed_folder"})
 
-    name: str | None = None
-    host: str | None = None
+    name: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+        | None
+    ) = None
+    host: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
-    security: Literal["tls", "starttls", "none"] | None = None
+    security: Literal["tls", "none"] | None = None
     login: str | None = None
     password: SecretStr | None = None
     folder: str | None = None

@@ -102,10 +102,12 @@ def is_auto_reply(mail: ParsedMail) -> bool:
     return hinted and _AUTO_SUBJECT.search(mail.subject) is not None
 
 
-def classify(mail: ParsedMail) -> Noise:
+def classify(mail: ParsedMail, origin: str | None = None) -> Noise:
     """Our own mail first (never answer ourselves), then bounces (which also look automatic),
-    then auto-replies."""
-    if ORIGIN_HEADER in mail.headers:
+    then auto-replies. With ``origin`` (our domain), only mail stamped with it is ours: a mail
+    from another Portal Hub is a customer's mail like any other."""
+    stamped = mail.headers.get(ORIGIN_HEADER)
+    if stamped is not None and (origin is None or stamped.strip().lower() == origin.lower()):
         return Noise.OUR_OWN
     if is_bounce(mail):
         return Noise.BOUNCE

@@ -220,7 +220,7 @@ class Outbox:
         relay = self._relay
         assert relay is not None
         try:
-            await aiosmtplib.send(
+            refused, _answer = await aiosmtplib.send(
                 bytes(doc["raw"]),
                 sender=doc["envelope_from"],
                 recipients=doc["recipients"],
@@ -232,6 +232,14 @@ class Outbox:
                 start_tls=relay.start_tls,
                 timeout=SEND_TIMEOUT_SECONDS,
             )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            if codes and all(500 <= c < 600 for c in codes):
+                await self._failed(doc, detail)
+            else:
+                await self._later(doc, detail)
+            return
         except aiosmtplib.SMTPResponseException as exc:
             if 500 <= exc.code < 600:
                 await self._failed(doc, f"{exc.code} {exc.message}")
@@ -244,7 +252,10 @@ class Outbox:
         await self.collection.update_one(
             {"_id": doc["_id"]}, {"$set": {"status": "sent", "sent_at": utcnow()}}
         )
-        await self._mark_activity(doc, {"mail.status": "sent", "mail.sent_at": utcnow()})
+        fields: Document = {"mail.status": "sent", "mail.sent_at": utcnow()}
+        if refused:  # some recipients refused, the others took it
+            fields["mail.refused"] = {str(k): f"{v[0]} {v[1]}" for k, v in refused.items()}
+        await self._mark_activity(doc, fields)
 
     async def _later(self, doc: Document, error: str) -> None:
         if utcnow() - doc["created_at"] > GIVE_UP_AFTER:

@@ -57,6 +57,7 @@ class MailPipeline:
         self._settings = settings
         self._limits = limits
         self._files = AsyncGridFSBucket(store.db, bucket_name="mail_attachments")
+        self.origin: str | None = None  # our X-PortalHub-Origin value (the portal's domain)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
@@ -113,7 +114,7 @@ class MailPipeline:
             await self._finish(doc, "refused", {"reason": f"refused: {exc}"})
             return
         summary = {"from": mail.from_address, "subject": mail.subject[:500]}
-        noise = classify(mail)
+        noise = classify(mail, self.origin)
         if noise is Noise.OUR_OWN:
             await self._finish(doc, "ignored", {**summary, "reason": "our own mail came back"})
             return

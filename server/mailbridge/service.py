@@ -85,6 +85,7 @@ class MailBridge:
             store, self.inbox, self.matcher, crm, im, self.settings, self.limits
         )
         self.pipeline.on_finished.append(self._finished)
+        self.pipeline.origin = settings.domain
         relay = settings.smtp_relay_url.get_secret_value() if settings.smtp_relay_url else None
         self.outbox = Outbox(store, relay)
         self._files = AsyncGridFSBucket(store.db, bucket_name="mail_attachments")
