@@ -68,15 +68,18 @@ class CrmAccess:
         self._store = store
         self._snapshot: AccessSnapshot | None = None
         self._taken_at = 0.0
+        self._generation = 0
         self.default_role = CrmRole.MANAGER
 
     def invalidate(self) -> None:
         self._snapshot = None
+        self._generation += 1
 
     async def snapshot(self) -> AccessSnapshot:
         if self._snapshot is not None and time.monotonic() - self._taken_at < TTL_SECONDS:
             return self._snapshot
         taken_at = time.monotonic()
+        generation = self._generation
         settings = await self._store["crm_settings"].find_one({"_id": "settings"}) or {}
         default = ROLE_NAMES.get(str(settings.get("default_role", "manager")), CrmRole.MANAGER)
         grants = [
@@ -110,10 +113,13 @@ class CrmAccess:
             viewers[u["_id"]] = Viewer(
                 u["_id"], role, visibility_scope(person, role, tree, department_of)
             )
-        self._snapshot = AccessSnapshot(viewers)
-        self._taken_at = taken_at
+        snapshot = AccessSnapshot(viewers)
+        # A change that dropped the cache while this was being read may be missing from it:
+        # use it for this call, but do not keep it.
+        if generation == self._generation:
+            self._snapshot, self._taken_at = snapshot, taken_at
         self.default_role = default
-        return self._snapshot
+        return snapshot
 
     async def viewer(self, user_id: str) -> Viewer:
         snapshot = await self.snapshot()
