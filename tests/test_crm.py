@@ -310,6 +310,8 @@ async def test_roles_decide_whose_records_and_events_each_user_sees(hub: HubHarn
         name: await hub.connect(tok)
         for name, tok in (("hank", head), ("mia", m1), ("max", m2), ("sue", sup), ("cleo", ceo))
     }
+    for client in clients.values():  # a connection without `since` starts at its snapshot
+        await client.wait_for("snapshot")
     deal = await make(hub, m1, "deals", title="East deal")
     other = await make(hub, m2, "deals", title="Max deal")
     support_deal = await make(hub, sup, "deals", title="Support deal")
