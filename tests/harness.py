@@ -62,6 +62,15 @@ class SocketClient:
             if isinstance(data, dict) and data.get("stream") == stream and "type" in data
         ]
 
+    def crm_counters(self) -> dict[str, dict[str, Any]]:
+        """The CRM counters as a client sees them: every push merged number by number (a push
+        carries only the numbers that changed), as the web client does."""
+        state: dict[str, dict[str, Any]] = {}
+        for data in self.of_type("counters.changed"):
+            for record_type, numbers in (data.get("crm") or {}).items():
+                state.setdefault(record_type, {}).update(numbers)
+        return state
+
     async def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while not condition():

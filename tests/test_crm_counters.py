@@ -29,15 +29,6 @@ from tests.harness import HubHarness, SocketClient, start_hub
 ZERO = {"incoming": 0, "due": 0, "overdue": 0, "total": 0, "idle": 0, "colour": "none"}
 
 
-def pushed_crm(client: SocketClient) -> dict[str, dict[str, Any]]:
-    """The client's view: every push merged number by number, as the web client does."""
-    state: dict[str, dict[str, Any]] = {}
-    for data in client.of_type("counters.changed"):
-        for record_type, numbers in (data.get("crm") or {}).items():
-            state.setdefault(record_type, {}).update(numbers)
-    return state
-
-
 async def recomputed(hub: HubHarness, user_id: str) -> dict[str, dict[str, Any]]:
     """From scratch, with the pure rules, from every record and activity in the database."""
     store = hub.services.store
@@ -83,9 +74,9 @@ async def settle_and_compare(
     for name, client in clients.items():
         expected = await recomputed(hub, ids[name])
         try:
-            await client.wait_until(lambda c=client, e=expected: pushed_crm(c) == e, timeout=10)  # type: ignore[misc]
+            await client.wait_until(lambda c=client, e=expected: c.crm_counters() == e, timeout=10)  # type: ignore[misc]
         except TimeoutError:
-            raise AssertionError(f"{name}: pushed {pushed_crm(client)} != {expected}") from None
+            raise AssertionError(f"{name}: pushed {client.crm_counters()} != {expected}") from None
 
 
 async def post(hub: HubHarness, token: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +125,7 @@ async def test_a_managers_deal_turns_green_then_red_green_then_drops(hub: HubHar
     client = await hub.connect(mary)
     await client.wait_for("snapshot")
     deal = await post(hub, mary, "/api/v1/crm/deals", {"title": "Big deal"})
-    await client.wait_until(lambda: pushed_crm(client).get("deal", {}).get("idle") == 1)
+    await client.wait_until(lambda: client.crm_counters().get("deal", {}).get("idle") == 1)
 
     call = await post(
         hub,
@@ -149,8 +140,8 @@ async def test_a_managers_deal_turns_green_then_red_green_then_drops(hub: HubHar
         },
     )
     assert call["state"] == "incoming" and call["responsible_id"] != mary_id
-    await client.wait_until(lambda: pushed_crm(client)["deal"]["colour"] == "green")
-    assert pushed_crm(client)["deal"] == {**ZERO, "incoming": 1, "total": 1, "colour": "green"}
+    await client.wait_until(lambda: client.crm_counters()["deal"]["colour"] == "green")
+    assert client.crm_counters()["deal"] == {**ZERO, "incoming": 1, "total": 1, "colour": "green"}
     # only what changed travels: the last push names no record type but deals
     last = [c["crm"] for c in client.of_type("counters.changed") if "crm" in c][-1]
     assert set(last) == {"deal"} and "overdue" not in last["deal"]
@@ -180,14 +171,14 @@ async def test_a_managers_deal_turns_green_then_red_green_then_drops(hub: HubHar
         },
     )
     assert meeting["state"] == "due"
-    await client.wait_until(lambda: pushed_crm(client)["deal"]["colour"] == "red-green")
-    assert pushed_crm(client)["deal"]["total"] == 2 and pushed_crm(client)["deal"]["due"] == 1
+    await client.wait_until(lambda: client.crm_counters()["deal"]["colour"] == "red-green")
+    assert client.crm_counters()["deal"]["total"] == 2 and client.crm_counters()["deal"]["due"] == 1
 
     for activity in (call, meeting):
         await change(
             hub, colleague, f"/api/v1/crm/activities/{activity['id']}", {"completed": True}
         )
-    await client.wait_until(lambda: pushed_crm(client)["deal"] == {**ZERO, "idle": 1})
+    await client.wait_until(lambda: client.crm_counters()["deal"] == {**ZERO, "idle": 1})
     all_counters = await hub.request("GET", "/api/v1/counters", token=mary)
     assert all_counters.body["crm"]["deal"] == {**ZERO, "idle": 1}
     assert set(all_counters.body) == {"im", "tasks", "crm"}
@@ -228,8 +219,8 @@ async def test_a_deadline_passing_and_a_due_window_opening_are_pushed(hub: HubHa
             "deadline": (now + timedelta(seconds=3)).isoformat(),
         },
     )
-    await client.wait_until(lambda: pushed_crm(client).get("deal", {}).get("due") == 1)
-    await client.wait_until(lambda: pushed_crm(client)["deal"].get("due") == 2, timeout=15)
+    await client.wait_until(lambda: client.crm_counters().get("deal", {}).get("due") == 1)
+    await client.wait_until(lambda: client.crm_counters()["deal"].get("due") == 2, timeout=15)
     # time alone moved the record's indicator too: it is sent again
     await client.wait_until(
         lambda: any(
@@ -237,9 +228,9 @@ async def test_a_deadline_passing_and_a_due_window_opening_are_pushed(hub: HubHa
             for e in client.of_type("crm.record.updated")
         )
     )
-    await client.wait_until(lambda: pushed_crm(client)["deal"].get("overdue") == 1, timeout=15)
-    assert pushed_crm(client)["deal"]["due"] == 1
-    assert await recomputed(hub, mary_id) == pushed_crm(client)
+    await client.wait_until(lambda: client.crm_counters()["deal"].get("overdue") == 1, timeout=15)
+    assert client.crm_counters()["deal"]["due"] == 1
+    assert await recomputed(hub, mary_id) == client.crm_counters()
 
 
 async def test_switching_the_mode_repushes_everyones_counters(hub: HubHarness) -> None:
@@ -265,15 +256,15 @@ async def test_switching_the_mode_repushes_everyones_counters(hub: HubHarness) -
     )
     ids = {"mary": mary_id, "bob": bob_id}
     await settle_and_compare(hub, clients, ids)
-    assert pushed_crm(clients["mary"])["deal"]["incoming"] == 1
-    assert pushed_crm(clients["bob"]).get("deal", ZERO)["incoming"] == 0
+    assert clients["mary"].crm_counters()["deal"]["incoming"] == 1
+    assert clients["bob"].crm_counters().get("deal", ZERO)["incoming"] == 0
     resp = await hub.request(
         "PATCH", "/api/v1/crm/settings", token=root, json={"counter_mode": "activity"}
     )
     assert resp.status == 200 and resp.body["counter_mode"] == "activity"
     await settle_and_compare(hub, clients, ids)
-    assert pushed_crm(clients["mary"])["deal"]["incoming"] == 0
-    assert pushed_crm(clients["bob"])["deal"]["incoming"] == 1
+    assert clients["mary"].crm_counters()["deal"]["incoming"] == 0
+    assert clients["bob"].crm_counters()["deal"]["incoming"] == 1
     # the indicator for mary is now a gray... no: mary is a manager, she may not see others'
     # numbers; the record shows nothing counted for her
     listed = await hub.request("GET", "/api/v1/crm/deals", token=mary)

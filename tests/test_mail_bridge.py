@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from server.mailbridge.inbox import Source
 from server.settings import Settings
 from server.store.database import Store
-from tests.harness import HubHarness, SocketClient, start_hub
+from tests.harness import HubHarness, start_hub
 
 
 @dataclass
@@ -74,14 +74,6 @@ async def mailhub(settings: Settings, store: Store, sink: Sink) -> AsyncIterator
     )
     async with start_hub(configured, store) as harness:
         yield harness
-
-
-def pushed_crm(client: SocketClient) -> dict[str, dict[str, Any]]:
-    state: dict[str, dict[str, Any]] = {}
-    for data in client.of_type("counters.changed"):
-        for record_type, numbers in (data.get("crm") or {}).items():
-            state.setdefault(record_type, {}).update(numbers)
-    return state
 
 
 async def deliver(hub: HubHarness, msg: EmailMessage | bytes, to: list[str]) -> str:
@@ -190,8 +182,8 @@ async def test_a_reply_lands_on_the_deal_and_lights_the_counter_green(
     response = await deliver(mailhub, reply, [str(sent["Reply-To"]).split("<")[-1].rstrip(">")])
     assert response.startswith("2.0.0 OK") or "OK" in response
     await settled(mailhub)
-    await client.wait_until(lambda: pushed_crm(client).get("deal", {}).get("incoming") == 1)
-    assert pushed_crm(client)["deal"]["colour"] == "green"
+    await client.wait_until(lambda: client.crm_counters().get("deal", {}).get("incoming") == 1)
+    assert client.crm_counters()["deal"]["colour"] == "green"
     timeline = await mailhub.request(
         "GET",
         f"/api/v1/crm/activities?owner_type=deal&owner_id={ctx['deal']['id']}&status=all",

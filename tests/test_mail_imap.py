@@ -26,7 +26,7 @@ from server.settings import Settings
 from server.store.database import Store
 from server.store.embedded import free_loopback_port
 from tests.conftest import require_binary
-from tests.harness import HubHarness, SocketClient, start_hub
+from tests.harness import HubHarness, start_hub
 
 RECIPE = Path(__file__).parent / "dovecot" / "dovecot-test.conf"
 LOGIN, PASSWORD = "crm", "imap-secret"
@@ -113,14 +113,6 @@ def message(sender: str, subject: str, text: str = "Hello", size: int = 0) -> by
     return msg.as_bytes()
 
 
-def pushed_crm(client: SocketClient) -> dict[str, dict[str, Any]]:
-    state: dict[str, dict[str, Any]] = {}
-    for data in client.of_type("counters.changed"):
-        for record_type, numbers in (data.get("crm") or {}).items():
-            state.setdefault(record_type, {}).update(numbers)
-    return state
-
-
 @pytest.fixture
 async def hub(settings: Settings, store: Store) -> AsyncIterator[HubHarness]:
     configured = settings.model_copy(
@@ -173,7 +165,7 @@ async def test_a_reply_appended_to_the_mailbox_lands_on_the_contact_live(
     await add_mailbox(hub, dovecot)
     await append(dovecot, message("Carl <carl@client.test>", "Re: our call"))
     await client.wait_until(
-        lambda: pushed_crm(client).get("contact", {}).get("incoming") == 1, timeout=20
+        lambda: client.crm_counters().get("contact", {}).get("incoming") == 1, timeout=20
     )
     store = hub.services.store
     activity = await store["crm_activities"].find_one({"owner_id": contact.body["id"]})

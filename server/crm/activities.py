@@ -11,10 +11,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from server.counters.crm import counted_field
-from server.counters.rules import INCOMING_TYPES, due_threshold
+from server.counters.rules import due_threshold
 from server.crm.access import Viewer
-from server.crm.core import CrmCore, activity_state, record_title
+from server.crm.core import CrmCore, activity_facts, activity_state, record_title
 from server.crm.models import ActivityCreate, ActivityFields, ActivityOut, ActivityQuery
 from server.crm.rules import CrmRole
 from server.directory.models import display_name
@@ -23,11 +22,8 @@ from server.web.problems import Problem, forbidden, not_found
 
 
 def is_incoming(act: Document) -> bool:
-    return (
-        not act.get("completed")
-        and act.get("direction") == "incoming"
-        and act.get("type") in INCOMING_TYPES
-    )
+    """The counting rule's own answer, stored on the activity so counting is an index range."""
+    return activity_facts(act).is_incoming
 
 
 class ActivityService:
@@ -277,10 +273,6 @@ class ActivityService:
         await self.core.announce_activity(act, owner, removed=True)
         await self.core.announce_record(owner)
         self.core.counters.touch([owner["responsible_id"], act["responsible_id"]], [owner["type"]])
-
-    async def counted_for(self, user_id: str) -> dict[str, Any]:
-        cfg = await self.core.config.counter_config()
-        return {"mode": cfg.mode.value, "field": counted_field(cfg.mode)}
 
 
 def _article(word: str) -> str:

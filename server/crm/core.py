@@ -26,7 +26,7 @@ from server.crm.rules import sees_others
 from server.directory.service import DirectoryService
 from server.events.streams import StreamLog, user_stream
 from server.im.service import ImService
-from server.store.database import Document, Store, new_id, utcnow
+from server.store.database import Document, Store, new_id, plain, utcnow
 from server.web.problems import not_found
 
 
@@ -231,8 +231,8 @@ class CrmCore:
                 "user_id": actor_id,
                 "kind": kind,
                 "field": field,
-                "before": _plain(before),
-                "after": _plain(after),
+                "before": plain(before),
+                "after": plain(after),
                 "at": utcnow(),
             }
         )
@@ -325,9 +325,3 @@ def activity_state(act: Document, now: datetime, tz: ZoneInfo, window: DueWindow
         return "completed"
     kind = classify(activity_facts(act), now, tz, window)
     return kind.value if kind is not None else "completed"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value

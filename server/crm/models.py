@@ -403,10 +403,6 @@ class CrmMe(BaseModel):
     time_zone: str
 
 
-def aware(value: datetime | None) -> datetime | None:
-    return _aware(value)
-
-
 class CounterCheckRequest(Strict):
     repair: bool = Field(default=False, description="Write the recounted numbers and push them")
 

@@ -14,7 +14,7 @@ from bson.errors import InvalidId
 from pymongo import ReturnDocument
 
 from server.counters.crm import counted_field
-from server.counters.rules import RECORD_TYPES, due_threshold
+from server.counters.rules import due_threshold
 from server.crm.access import Viewer
 from server.crm.config import field_defs, stages_of
 from server.crm.core import CrmCore, record_title
@@ -57,7 +57,7 @@ from server.crm.rules import (
     with_added,
 )
 from server.store.database import Document, new_id, utcnow
-from server.web.problems import Problem, conflict, forbidden, not_found
+from server.web.problems import Problem, conflict, forbidden
 
 SYSTEM = "system"  # created_by / modified_by of what the portal itself made
 
@@ -842,6 +842,3 @@ def _cursor(value: str) -> str:
     except (InvalidId, TypeError):
         raise Problem(422, "invalid-value", "Invalid value", "pass next_cursor as given") from None
     return value
-
-
-__all__ = ["RECORD_TYPES", "RecordService", "not_found"]

@@ -10,8 +10,8 @@ import re
 import socket
 import ssl
 import time
-from typing import Any
 
+import nh3
 from bson import ObjectId
 from bson.errors import InvalidId
 from gridfs import AsyncGridFSBucket
@@ -19,11 +19,10 @@ from gridfs.errors import NoFile
 from pydantic import ValidationError
 
 from server.crm.core import record_title
-from server.crm.models import PLURAL
 from server.crm.service import Crm
 from server.directory.models import display_name
 from server.im.service import ImService
-from server.mailbridge.codes import body_line, issue, subject_with_code
+from server.mailbridge.codes import CodeRef, body_line, issue, subject_with_code
 from server.mailbridge.imap import MailboxCollector, MailboxConfig, test_connection
 from server.mailbridge.inbox import RawInbox, Source
 from server.mailbridge.ingress import IngressHandler, IngressServers
@@ -45,7 +44,6 @@ from server.mailbridge.models import (
     UnmatchedMail,
 )
 from server.mailbridge.outbox import (
-    ORIGIN_HEADER,
     HeaderInjection,
     Outbox,
     OutgoingAttachment,
@@ -54,9 +52,9 @@ from server.mailbridge.outbox import (
 )
 from server.mailbridge.parsing import Limits, parse
 from server.mailbridge.pipeline import MailPipeline
-from server.mailbridge.rules import validate_rule
+from server.mailbridge.rules import SubjectRule, apply_rules, validate_rule
 from server.settings import Settings
-from server.store.database import Document, Store, new_id, utcnow
+from server.store.database import Document, Store, new_id
 from server.web.problems import Problem, not_found
 
 log = logging.getLogger(__name__)
@@ -208,8 +206,6 @@ class MailBridge:
         return merged
 
     def test_rule(self, rule: SubjectRuleOut, subject: str) -> str | None:
-        from server.mailbridge.rules import SubjectRule, apply_rules
-
         hit = apply_rules(
             [SubjectRule(rule.id, rule.pattern, rule.record_type, rule.field)], subject
         )
@@ -367,8 +363,6 @@ class MailBridge:
         subject, text = fill(subject, values), fill(text, values)
         html = None
         if data.html:
-            import nh3
-
             html = nh3.clean(fill(data.html, values))
         attachments = [await self._upload(actor_id, u) for u in data.attachment_ids]
         settings = await self.settings()
@@ -377,7 +371,7 @@ class MailBridge:
         sent: list[SentEmail] = []
         for to in batches:
             activity_id = new_id()
-            code = issue(_code_ref(record_type, activity_id), current_kid, keys[current_kid])
+            code = issue(CodeRef(record_type, activity_id), current_kid, keys[current_kid])
             message_id = new_message_id(self._settings.domain)
             local, _, domain = self.address.partition("@")
             reply_to = f"{local}+{code}@{domain}"
@@ -512,12 +506,3 @@ class MailBridge:
     @property
     def ports(self) -> dict[str, int]:
         return dict(self.ingress.ports) if self.ingress is not None else {}
-
-
-def _code_ref(record_type: str, activity_id: str) -> Any:
-    from server.mailbridge.codes import CodeRef
-
-    return CodeRef(record_type=record_type, activity_id=activity_id)
-
-
-__all__ = ["ORIGIN_HEADER", "PLURAL", "MailBridge", "utcnow"]

@@ -142,6 +142,13 @@ def utcnow() -> datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+def plain(value: Any) -> Any:
+    """A value as history entries keep it: datetimes as ISO text, the rest as is."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
 def new_id() -> str:
     """A new document id: an ObjectId's hex form, sortable by creation time."""
     return str(ObjectId())

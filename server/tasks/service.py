@@ -21,7 +21,7 @@ from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.events.streams import StreamLog, user_stream
 from server.im.service import ImService
-from server.store.database import Document, Store, new_id, utcnow
+from server.store.database import Document, Store, new_id, plain, utcnow
 from server.tasks.models import (
     CommentOut,
     HistoryEntry,
@@ -499,8 +499,8 @@ class TaskService:
                     actor_id,
                     "field",
                     field=name,
-                    before=_plain(old.get(name)),
-                    after=_plain(changes[name]),
+                    before=plain(old.get(name)),
+                    after=plain(changes[name]),
                 )
         facts = await self.facts(doc)
         await self._mark_own_change_seen(doc, actor_id)
@@ -891,9 +891,3 @@ def _stop_timer(doc: Document, now: datetime) -> Document:
         return {}
     spent = int(doc.get("time_spent_seconds", 0)) + int((now - started).total_seconds())
     return {"timer_started_at": None, "time_spent_seconds": spent}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value

@@ -19,11 +19,13 @@ from server.mailbridge.models import (
     SendEmail,
     SentEmails,
     SubjectRuleIn,
+    SubjectRuleOut,
     TemplateIn,
     TemplateList,
     TemplateOut,
     UnmatchedList,
 )
+from server.mailbridge.rules import validate_rule
 from server.mailbridge.service import MAX_UPLOAD_BYTES
 from server.services import services
 from server.web.api import Call
@@ -176,9 +178,6 @@ async def update_mail_settings(call: Call) -> MailSettings:
     errors=(403, 422),
 )
 async def test_rule(call: Call) -> RuleTestResult:
-    from server.mailbridge.models import SubjectRuleOut
-    from server.mailbridge.rules import validate_rule
-
     await _admin(call)
     body = call.body_as(RuleTest)
     try:
