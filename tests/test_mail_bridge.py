@@ -611,3 +611,87 @@ async def test_a_relay_refusing_every_recipient_fails_the_mail_at_once(
             break
         await asyncio.sleep(0.05)
     assert failed is not None and "550" in failed["mail"]["error"]
+
+
+async def test_the_timeline_shows_the_mail_and_its_attachments_only_to_those_who_see_the_deal(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    ctx = await mail_setup(mailhub)
+    upload = await mailhub.request(
+        "POST",
+        "/api/v1/mail/attachments?filename=offer.txt",
+        token=ctx["mary"],
+        data=b"the offer",
+        headers={"Content-Type": "text/plain"},
+    )
+    assert upload.status == 201, upload.body
+    sent = await send_from_deal(mailhub, ctx, sink, attachment_ids=[upload.body["id"]])
+    reply = reply_to(sent, text="Signed copy attached.")
+    reply.add_attachment(
+        "signed".encode(), maintype="text", subtype="plain", filename="Vertrag \u00fcber\u00b7.txt"
+    )
+    await deliver(mailhub, reply, [str(sent["Reply-To"]).split("<")[-1].rstrip(">")])
+    await settled(mailhub)
+
+    listed = await mailhub.request(
+        "GET",
+        f"/api/v1/crm/activities?owner_type=deal&owner_id={ctx['deal']['id']}&status=all",
+        token=ctx["mary"],
+    )
+    by_direction = {a["direction"]: a for a in listed.body["activities"]}
+    out, incoming = by_direction["outgoing"], by_direction["incoming"]
+    assert out["mail"]["status"] == "sent" and out["mail"]["to"] == ["client@example.test"]
+    assert out["mail"]["code"] and out["mail"]["text"] is None  # bodies only one at a time
+    assert incoming["mail"]["from_address"] == "client@example.test"
+    assert incoming["mail"]["match"] == "code" and incoming["mail"]["html"] is None
+
+    one = await mailhub.request(
+        "GET", f"/api/v1/crm/activities/{incoming['id']}", token=ctx["mary"]
+    )
+    assert one.body["mail"]["text"].startswith("Signed copy attached.")
+    assert one.body["mail"]["quoted"].lstrip().startswith(">")
+    (received,) = one.body["mail"]["attachments"]
+    assert received["filename"] == "Vertrag \u00fcber\u00b7.txt" and received["size"] == 6
+    (offered,) = out["mail"]["attachments"]
+    assert offered["filename"] == "offer.txt" and offered["id"] == upload.body["id"]
+
+    got = await mailhub.request(
+        "GET", f"/api/v1/mail/attachments/{received['id']}", token=ctx["mary"]
+    )
+    assert got.status == 200 and got.body == "signed"
+    assert "filename*=UTF-8''Vertrag%20%C3%BCber%C2%B7.txt" in got.headers["Content-Disposition"]
+    got = await mailhub.request(
+        "GET", f"/api/v1/mail/attachments/{offered['id']}", token=ctx["mary"]
+    )
+    assert got.status == 200 and got.body == "the offer"
+
+    _, stranger = await mailhub.create_user("stranger")  # a manager: sees own records only
+    for file_id in (received["id"], offered["id"]):
+        denied = await mailhub.request("GET", f"/api/v1/mail/attachments/{file_id}", token=stranger)
+        assert denied.status == 404, denied.body
+    denied = await mailhub.request(
+        "GET", f"/api/v1/crm/activities/{incoming['id']}", token=stranger
+    )
+    assert denied.status == 404
+
+    # Without a CRM role, mail is closed like the rest of the CRM: forbidden, not "not found".
+    _, boss = await mailhub.create_user("boss", admin=True)
+    outsider_id, outsider = await mailhub.create_user("outsider")
+    grant = await mailhub.request(
+        "PUT",
+        "/api/v1/crm/roles",
+        token=boss,
+        json={"role": "none", "subject_kind": "user", "subject_id": outsider_id},
+    )
+    assert grant.status == 200, grant.body
+    closed = await mailhub.request(
+        "POST",
+        f"/api/v1/crm/deals/{ctx['deal']['id']}/emails",
+        token=outsider,
+        json={"to": ["client@example.test"], "subject": "Hi", "text": "Hi"},
+    )
+    assert closed.status == 403, closed.body
+    closed = await mailhub.request(
+        "POST", "/api/v1/mail/attachments?filename=x.txt", token=outsider, data=b"x"
+    )
+    assert closed.status == 403, closed.body

@@ -15,7 +15,6 @@ from server.counters.rules import due_threshold
 from server.crm.access import Viewer
 from server.crm.core import CrmCore, activity_facts, activity_state, record_title
 from server.crm.models import ActivityCreate, ActivityFields, ActivityOut, ActivityQuery
-from server.crm.rules import CrmRole
 from server.directory.models import display_name
 from server.store.database import Document, new_id, utcnow
 from server.web.problems import Problem, forbidden, not_found
@@ -31,10 +30,7 @@ class ActivityService:
         self.core = core
 
     async def _viewer(self, actor_id: str) -> Viewer:
-        viewer = await self.core.access.viewer(actor_id)
-        if viewer.role is CrmRole.NONE:
-            raise forbidden("you have no CRM role")
-        return viewer
+        return await self.core.member(actor_id)
 
     async def _require_user(self, user_id: str) -> Document:
         user = await self.core.store.users.find_one({"_id": user_id})
@@ -55,10 +51,12 @@ class ActivityService:
             raise not_found(f"activity {activity_id}")
         return act, owner
 
-    async def _out(self, viewer_id: str, act: Document, owner_title: str) -> ActivityOut:
+    async def _out(
+        self, viewer_id: str, act: Document, owner_title: str, bodies: bool = False
+    ) -> ActivityOut:
         cfg = await self.core.config.counter_config()
         state = activity_state(act, utcnow(), await self.core.zone(viewer_id), cfg.window)
-        return self.core.activity_out(act, owner_title, state)
+        return self.core.activity_out(act, owner_title, state, bodies)
 
     # create ----------------------------------------------------------------------------------
 
@@ -154,7 +152,7 @@ class ActivityService:
     async def get(self, actor_id: str, activity_id: str) -> ActivityOut:
         viewer = await self._viewer(actor_id)
         act, owner = await self._owned(viewer, activity_id)
-        return await self._out(actor_id, act, record_title(owner))
+        return await self._out(actor_id, act, record_title(owner), bodies=True)
 
     async def find(self, actor_id: str, query: ActivityQuery) -> list[ActivityOut]:
         viewer = await self._viewer(actor_id)

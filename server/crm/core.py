@@ -21,13 +21,13 @@ from server.counters.rules import (
 )
 from server.crm.access import CrmAccess, Viewer
 from server.crm.config import CrmConfig
-from server.crm.models import ActivityOut, Indicator, RecordOut
-from server.crm.rules import sees_others
+from server.crm.models import ActivityMail, ActivityOut, Indicator, MailAttachment, RecordOut
+from server.crm.rules import CrmRole, sees_others
 from server.directory.service import DirectoryService
 from server.events.streams import StreamLog, user_stream
 from server.im.service import ImService
 from server.store.database import Document, Store, new_id, plain, utcnow
-from server.web.problems import not_found
+from server.web.problems import forbidden, not_found
 
 
 def activity_facts(act: Document) -> ActivityFacts:
@@ -81,6 +81,13 @@ class CrmCore:
 
     async def zone(self, user_id: str) -> ZoneInfo:
         return (await self.counters.time_zones([user_id]))[user_id]
+
+    async def member(self, actor_id: str) -> Viewer:
+        """The caller as a CRM viewer; "forbidden" for a user without a CRM role."""
+        viewer = await self.access.viewer(actor_id)
+        if viewer.role is CrmRole.NONE:
+            raise forbidden("you have no CRM role")
+        return viewer
 
     async def visible_record(
         self, viewer: Viewer, record_type: str | None, record_id: str
@@ -191,7 +198,9 @@ class CrmCore:
         contacts = await self.company_contacts(doc["_id"]) if doc["type"] == "company" else None
         return self.record_out(doc, ind, contacts)
 
-    def activity_out(self, act: Document, owner_title: str, state: str) -> ActivityOut:
+    def activity_out(
+        self, act: Document, owner_title: str, state: str, bodies: bool = False
+    ) -> ActivityOut:
         return ActivityOut(
             id=act["_id"],
             owner_type=act["owner_type"],
@@ -210,6 +219,7 @@ class CrmCore:
             created_by=act["created_by"],
             created_at=act["created_at"],
             modified_at=act["modified_at"],
+            mail=activity_mail(act["mail"], bodies) if "mail" in act else None,
         )
 
     # history and events ----------------------------------------------------------------------
@@ -325,3 +335,25 @@ def activity_state(act: Document, now: datetime, tz: ZoneInfo, window: DueWindow
         return "completed"
     kind = classify(activity_facts(act), now, tz, window)
     return kind.value if kind is not None else "completed"
+
+
+def activity_mail(mail: Document, bodies: bool) -> ActivityMail:
+    out = ActivityMail(
+        status=mail.get("status"),
+        error=mail.get("error"),
+        from_address=mail.get("from"),
+        from_name=mail.get("from_name"),
+        to=mail.get("to", []),
+        cc=mail.get("cc", []),
+        message_id=mail.get("message_id") or mail.get("incoming_message_id"),
+        code=mail.get("code"),
+        match=mail.get("match"),
+        flagged=bool(mail.get("flagged")),
+        auto_reply=bool(mail.get("auto_reply")),
+        in_reply_to_activity=mail.get("in_reply_to_activity"),
+        bounced_recipients=mail.get("bounced_recipients", []),
+        attachments=[MailAttachment(**{"id": None, **a}) for a in mail.get("attachments", [])],
+    )
+    if bodies:
+        out.html, out.text, out.quoted = mail.get("html"), mail.get("text"), mail.get("quoted")
+    return out

@@ -289,6 +289,43 @@ class ActivityCreate(ActivityFields):
     missed: bool = Field(default=False, description="Calls: an incoming call nobody answered")
 
 
+class MailAttachment(BaseModel):
+    id: str | None = Field(description="For GET /api/v1/mail/attachments/{id}; null: not kept")
+    filename: str
+    content_type: str
+    size: int
+
+
+class ActivityMail(BaseModel):
+    """The mail behind an email activity. Bodies only in GET /crm/activities/{id}; lists and
+    events carry the rest (the activity's description is the mail's new text)."""
+
+    status: str | None = Field(
+        default=None,
+        description="Outgoing: queued, retrying, sent, failed or bounced; incoming: null",
+    )
+    error: str | None = None
+    from_address: str | None = None
+    from_name: str | None = None
+    to: list[str] = Field(default_factory=list)
+    cc: list[str] = Field(default_factory=list)
+    message_id: str | None = None
+    code: str | None = Field(default=None, description="Outgoing: the reply code it carries")
+    match: str | None = Field(
+        default=None, description="Incoming: code, thread, rule, sender, new-lead or assigned"
+    )
+    flagged: bool = Field(
+        default=False, description="Incoming: a valid code from an address not on the record"
+    )
+    auto_reply: bool = False
+    in_reply_to_activity: str | None = None
+    bounced_recipients: list[str] = Field(default_factory=list)
+    attachments: list[MailAttachment] = Field(default_factory=list)
+    html: str | None = Field(default=None, description="Sanitised HTML (bodies only)")
+    text: str | None = Field(default=None, description="Full text version (bodies only)")
+    quoted: str | None = Field(default=None, description="Quoted history (bodies only)")
+
+
 class ActivityOut(BaseModel):
     id: str
     owner_type: RecordType
@@ -309,6 +346,7 @@ class ActivityOut(BaseModel):
     created_by: str
     created_at: datetime
     modified_at: datetime
+    mail: ActivityMail | None = Field(default=None, description="Email activities only")
 
 
 class ActivityList(BaseModel):

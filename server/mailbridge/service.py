@@ -306,6 +306,7 @@ class MailBridge:
     # sending ---------------------------------------------------------------------------------
 
     async def upload(self, owner_id: str, filename: str, content_type: str, data: bytes) -> str:
+        await self._crm.records.core.member(owner_id)
         if len(data) > MAX_UPLOAD_BYTES:
             raise Problem(413, "body-too-large", "Attachment too large", "10 MiB at most")
         file_id = await self._uploads.upload_from_stream(
@@ -332,7 +333,7 @@ class MailBridge:
         self, actor_id: str, record_type: str, record_id: str, data: SendEmail
     ) -> list[SentEmail]:
         core = self._crm.records.core
-        viewer = await core.access.viewer(actor_id)
+        viewer = await core.member(actor_id)
         record = await core.visible_record(viewer, record_type, record_id)
         allowed = {e["value"].lower() for e in record.get("emails", [])}
         allowed.update(e.lower() for e in await self.matcher._linked_contact_emails(record))
@@ -419,11 +420,13 @@ class MailBridge:
                         "text": mail_text,
                         "attachments": [
                             {
+                                "id": upload_id,
+                                "bucket": "uploads",  # the upload is what was sent
                                 "filename": a.filename,
                                 "content_type": a.content_type,
                                 "size": len(a.data),
                             }
-                            for a in attachments
+                            for upload_id, a in zip(data.attachment_ids, attachments, strict=True)
                         ],
                     },
                 },
@@ -446,7 +449,7 @@ class MailBridge:
     async def attachment(self, actor_id: str, file_id: str) -> tuple[AttachmentOut, bytes]:
         """An attachment of a mail on a record the caller sees."""
         core = self._crm.records.core
-        viewer = await core.access.viewer(actor_id)
+        viewer = await core.member(actor_id)
         try:
             oid = ObjectId(file_id)
         except (InvalidId, TypeError):
@@ -456,8 +459,9 @@ class MailBridge:
             raise not_found(f"attachment {file_id}")
         await core.visible_record(viewer, None, activity["owner_id"])
         meta = next(a for a in activity["mail"]["attachments"] if a.get("id") == file_id)
+        bucket = self._uploads if meta.get("bucket") == "uploads" else self._files
         try:
-            stream = await self._files.open_download_stream(oid)
+            stream = await bucket.open_download_stream(oid)
         except NoFile:
             raise not_found(f"attachment {file_id}") from None
         return AttachmentOut(**meta), await stream.read()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from urllib.parse import quote
+
 from aiohttp import web
 from pydantic import BaseModel, Field
 
@@ -65,7 +68,7 @@ for _type, _plural in PLURAL.items():
             body=SendEmail,
             response=SentEmails,
             status=201,
-            errors=(404, 422),
+            errors=(403, 404, 422),
         )
         async def send(call: Call) -> SentEmails:
             """Each mail is stored as an outgoing email activity and queued; it carries a reply
@@ -89,7 +92,7 @@ for _type, _plural in PLURAL.items():
     tag=TAG,
     response=AttachmentOut,
     status=201,
-    errors=(413, 422),
+    errors=(403, 413, 422),
     description="The raw file as the body; `?filename=` names it; `Content-Type` types it. "
     "10 MiB at most.",
 )
@@ -110,19 +113,21 @@ async def upload_attachment(call: Call) -> AttachmentOut:
 @api.route(
     "GET",
     "/api/v1/mail/attachments/{file_id}",
-    summary="Download an attachment of a received mail",
+    summary="Download an attachment of a mail (received or sent)",
     tag=TAG,
-    errors=(404,),
+    errors=(403, 404),
     extra_responses={"200": {"description": "The file"}},
 )
 async def download_attachment(call: Call) -> web.Response:
     meta, data = await services(call.request).mail.attachment(call.user_id, call.path("file_id"))
-    safe = meta.filename.replace('"', "")
+    # A sender's file name may hold anything: an ASCII fallback plus RFC 6266's UTF-8 form.
+    fallback = re.sub(r'[^\x20-\x7e]|["\\]', "_", meta.filename) or "attachment"
+    disposition = f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(meta.filename)}"
     return web.Response(
         body=data,
         content_type="application/octet-stream",
         headers={
-            "Content-Disposition": f'attachment; filename="{safe}"',
+            "Content-Disposition": disposition,
             "X-Content-Type-Options": "nosniff",
         },
     )
