@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -23,9 +24,13 @@ from server.directory.service import DirectoryService
 from server.events.bus import InProcessBus
 from server.events.streams import StreamLog
 from server.im.service import ImService
+from server.mailbridge.inbox import RawInbox
+from server.mailbridge.keys import CodeKeys, KeyProblem
+from server.mailbridge.outbox import Outbox
 from server.services import SERVICES
 from server.settings import Settings
 from server.store import Store, open_store
+from server.store.database import utcnow
 from server.store.embedded import EmbeddedDatabaseError
 
 log = logging.getLogger("portalhub")
@@ -227,6 +232,35 @@ async def counters_check(settings: Settings, repair: bool, as_json: bool) -> boo
     return report.clean or repair
 
 
+async def mail_keys(settings: Settings, action: str, kid: str | None) -> None:
+    """List, rotate or retire the secrets that sign reply codes (shared by every node)."""
+    async with open_store(settings, reuse_running=True) as store:
+        keys = CodeKeys(store)
+        try:
+            if action == "rotate":
+                print(f"key {await keys.rotate()} is now current; older keys keep verifying")
+            elif action == "retire":
+                assert kid is not None
+                await keys.retire(kid)
+                print(f"key {kid.upper()} retired: codes signed with it no longer verify")
+        except KeyProblem as exc:
+            raise SystemExit(str(exc)) from None
+        for info in await keys.describe():
+            state = "current" if info.current else "retired" if info.retired else "verifying"
+            print(f"{info.id}  {info.created_at:%Y-%m-%d %H:%M}  {state}")
+
+
+async def mail_prune(settings: Settings, days: int | None) -> None:
+    keep = days or settings.mail_retention_days
+    async with open_store(settings, reuse_running=True) as store:
+        cutoff = utcnow() - timedelta(days=keep)
+        incoming = await RawInbox(store).prune(cutoff)
+        outgoing = await Outbox(store, None).prune(cutoff)
+    print(
+        f"dropped the bytes of {incoming} received and {outgoing} sent mails older than {keep} days"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portalhub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,6 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--repair", action="store_true", help="write the recounted numbers")
     check.add_argument("--json", action="store_true", help="machine-readable report")
+    mail_p = sub.add_parser("mail", help="the mail bridge")
+    mail_sub = mail_p.add_subparsers(dest="mail_command", required=True)
+    keys_p = mail_sub.add_parser("keys", help="the secrets that sign reply codes")
+    keys_p.add_argument(
+        "action",
+        nargs="?",
+        choices=("list", "rotate", "retire"),
+        default="list",
+        help="rotate: a new current key (older ones keep verifying); retire KEY: stop one",
+    )
+    keys_p.add_argument("key", nargs="?", help="with retire: the key id")
+    prune_p = mail_sub.add_parser(
+        "prune", help="drop stored bytes of processed mail (the hub also does this daily)"
+    )
+    prune_p.add_argument(
+        "--days", type=int, help="keep this many days (default: PORTALHUB_MAIL_RETENTION_DAYS)"
+    )
     return parser
 
 
@@ -302,6 +353,12 @@ def run_command(args: argparse.Namespace, settings: Settings) -> None:
         asyncio.run(demo_command(settings, args.password))
     elif args.command == "config":
         print(json.dumps(settings.masked(), indent=2))
+    elif args.command == "mail" and args.mail_command == "keys":
+        if args.action == "retire" and not args.key:
+            raise SystemExit("portalhub mail keys retire: which key? (see portalhub mail keys)")
+        asyncio.run(mail_keys(settings, args.action, args.key))
+    elif args.command == "mail":
+        asyncio.run(mail_prune(settings, args.days))
     elif args.command == "counters":
         if not asyncio.run(counters_check(settings, args.repair, args.json)):
             raise SystemExit(1)

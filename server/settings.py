@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     smtp_key_file: Path | None = None
     mail_max_message_bytes: int = Field(default=25 * 1024 * 1024, ge=64 * 1024)
     mail_max_recipients: int = Field(default=50, ge=1)
+    mail_retention_days: int = Field(
+        default=30,
+        ge=1,
+        description="Raw bytes of processed incoming mail and copies of sent mail are dropped "
+        "after this many days (the activities keep the text, HTML and attachments)",
+    )
     web_client_dir: Path | None = None
     log_level: str = "INFO"
 

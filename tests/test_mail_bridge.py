@@ -9,6 +9,7 @@ import email.policy
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from email.message import EmailMessage
 from typing import Any
 
@@ -19,7 +20,7 @@ from pydantic import SecretStr
 
 from server.mailbridge.inbox import Source
 from server.settings import Settings
-from server.store.database import Store
+from server.store.database import Store, utcnow
 from tests.harness import HubHarness, start_hub
 
 
@@ -435,18 +436,19 @@ async def test_the_outbox_survives_a_relay_that_is_down_and_records_refusals(
             json={"to": ["client@example.test"], "subject": "Quote", "text": "Hi"},
         )
         assert resp.status == 201
-        queued = None
+        queued = activity = None
         for _ in range(100):  # the hub's outbox loop tries at once; wait for its first failure
             await hub.services.mail.outbox.send_due()
             queued = await store["mail_outbox"].find_one({"last_error": {"$exists": True}})
-            if queued is not None:
+            # the activity is marked just after the outbox entry: wait for both
+            activity = await store["crm_activities"].find_one(
+                {"_id": resp.body["emails"][0]["activity_id"], "mail.status": "retrying"}
+            )
+            if queued is not None and activity is not None:
                 break
             await asyncio.sleep(0.05)
         assert queued is not None and queued["status"] == "queued", queued
-        activity = await store["crm_activities"].find_one(
-            {"_id": resp.body["emails"][0]["activity_id"]}
-        )
-        assert activity is not None and activity["mail"]["status"] == "retrying"
+        assert activity is not None and activity["mail"]["error"]
     up = down.model_copy(update={"smtp_relay_url": SecretStr(f"smtp://127.0.0.1:{sink.port}")})
     async with start_hub(up, store) as hub:
         await store["mail_outbox"].update_many({}, {"$set": {"next_at": queued["created_at"]}})
@@ -628,7 +630,7 @@ async def test_the_timeline_shows_the_mail_and_its_attachments_only_to_those_who
     sent = await send_from_deal(mailhub, ctx, sink, attachment_ids=[upload.body["id"]])
     reply = reply_to(sent, text="Signed copy attached.")
     reply.add_attachment(
-        "signed".encode(), maintype="text", subtype="plain", filename="Vertrag \u00fcber\u00b7.txt"
+        b"signed", maintype="text", subtype="plain", filename="Vertrag \u00fcber\u00b7.txt"
     )
     await deliver(mailhub, reply, [str(sent["Reply-To"]).split("<")[-1].rstrip(">")])
     await settled(mailhub)
@@ -695,3 +697,103 @@ async def test_the_timeline_shows_the_mail_and_its_attachments_only_to_those_who
         "POST", "/api/v1/mail/attachments?filename=x.txt", token=outsider, data=b"x"
     )
     assert closed.status == 403, closed.body
+
+
+def code_of(sent: EmailMessage) -> str:
+    subject = str(sent["Subject"])
+    start = subject.index("[CRM-") + 5
+    return subject[start : subject.index("]", start)]
+
+
+async def test_rotated_keys_keep_verifying_until_retired_then_matching_falls_through(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    ctx = await mail_setup(mailhub)
+    keys = mailhub.services.mail.keys
+    before = await send_from_deal(mailhub, ctx, sink)
+    old_kid = (await keys.keys())[0]
+    new_kid = await keys.rotate()
+    after = await send_from_deal(mailhub, ctx, sink)
+    assert code_of(after) != code_of(before)
+
+    await deliver(mailhub, reply_to(before, text="Old code, still good."), ["crm@portal.test"])
+    await settled(mailhub)
+    raw = mailhub.services.store["mail_raw"]
+    first = await raw.find_one({}, sort=[("received_at", -1)])
+    assert first is not None and first["result"]["how"] == "code", first
+    assert first["result"]["record_type"] == "deal"
+
+    await keys.retire(old_kid)
+    assert [(k.id, k.current, k.retired) for k in await keys.describe()] == [
+        (old_kid, False, True),
+        (new_kid, True, False),
+    ]
+    late = reply_to(before, text="Old code, now retired.")  # no thread headers: sender decides
+    await deliver(mailhub, late, ["crm@portal.test"])
+    await settled(mailhub)
+    second = await raw.find_one({"message_id": late["Message-ID"]})
+    assert second is not None and second["result"]["how"] == "sender", second
+    assert second["result"]["record_type"] == "contact"
+    # the retired key's id is given out again only when no unused id is left
+    assert await keys.rotate() not in {old_kid, new_kid}
+
+
+async def test_stored_mail_is_pruned_yet_copies_stay_duplicates_and_admins_clear_the_list(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    ctx = await mail_setup(mailhub)
+    _, root = await mailhub.create_user("root", admin=True)
+    sent = await send_from_deal(mailhub, ctx, sink)
+    reply = reply_to(sent)
+    await deliver(mailhub, reply, ["crm@portal.test"])
+    await settled(mailhub)
+    store = mailhub.services.store
+    assert await mailhub.services.mail.prune() == {"incoming": 0, "outgoing": 0}  # too young
+    future = await mailhub.services.mail.inbox.prune(utcnow() + timedelta(days=1))
+    assert future == 1
+    assert await mailhub.services.mail.outbox.prune(utcnow() + timedelta(days=1)) == 1
+    kept = await store["mail_raw"].find_one({})
+    assert kept is not None and "data" not in kept and kept["status"] == "done"
+    await deliver(mailhub, reply, ["crm@portal.test"])  # the same bytes again
+    await settled(mailhub)
+    assert await store["mail_raw"].count_documents({}) == 1
+    assert await store["crm_activities"].count_documents({"direction": "incoming"}) == 1
+
+    # refused mail (an IMAP server cannot refuse a bomb) can be read or dismissed, not assigned
+    bomb = b"From: x@example.test\r\nSubject: bomb\r\nMIME-Version: 1.0\r\n"
+    for i in range(300):
+        bomb += f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'.encode()
+    bomb += b"Content-Type: text/plain\r\n\r\nboom\r\n"
+    await mailhub.services.mail.receive(bomb, Source("imap", "box", 1, 7))
+    await mailhub.request(
+        "PATCH", "/api/v1/mail/settings", token=root, json={"create_leads": False}
+    )
+    stray = EmailMessage()
+    stray["From"] = "zed@other.test"
+    stray["To"] = "crm@portal.test"
+    stray["Subject"] = "Who are you?"
+    stray.set_content("?")
+    await deliver(mailhub, stray, ["crm@portal.test"])
+    await settled(mailhub)
+    listed = (await mailhub.request("GET", "/api/v1/mail/unmatched", token=root)).body["mails"]
+    by_status = {m["status"]: m for m in listed}
+    assert set(by_status) == {"unmatched", "refused"} and by_status["refused"]["size"] == len(bomb)
+    refused_id = by_status["refused"]["id"]
+    assign = await mailhub.request(
+        "POST",
+        f"/api/v1/mail/unmatched/{refused_id}/assign",
+        token=root,
+        json={"record_type": "deal", "record_id": ctx["deal"]["id"]},
+    )
+    assert assign.status == 409, assign.body
+    raw = await mailhub.request("GET", f"/api/v1/mail/unmatched/{refused_id}/raw", token=root)
+    assert raw.status == 200 and raw.body.startswith("From: x@example.test")
+    assert (
+        await mailhub.request("GET", f"/api/v1/mail/unmatched/{refused_id}/raw", token=ctx["mary"])
+    ).status == 403
+    for mail in listed:
+        gone = await mailhub.request("DELETE", f"/api/v1/mail/unmatched/{mail['id']}", token=root)
+        assert gone.status == 204, gone.body
+    assert (await mailhub.request("GET", "/api/v1/mail/unmatched", token=root)).body["mails"] == []
+    again = await mailhub.request("DELETE", f"/api/v1/mail/unmatched/{refused_id}", token=root)
+    assert again.status == 404

@@ -151,6 +151,20 @@ def test_serve_demo_restart_and_cli(hub_process: Hub) -> None:
     listed = hub.cli("user", "list")
     assert "carol" in listed.stdout and "john" in listed.stdout
 
+    # reply-code keys: rotate, list, retire (never the current one), and pruning of mail
+    first = hub.cli("mail", "keys").stdout.split()[0]  # listing makes the first key if none
+    rotated = hub.cli("mail", "keys", "rotate")
+    assert rotated.returncode == 0 and "is now current" in rotated.stdout, rotated.stderr
+    current = rotated.stdout.split()[1]
+    refused = hub.cli("mail", "keys", "retire", current)
+    assert refused.returncode != 0 and "rotate first" in refused.stderr
+    retired = hub.cli("mail", "keys", "retire", first)
+    assert retired.returncode == 0, retired.stderr
+    states = dict(line.split()[::3] for line in hub.cli("mail", "keys").stdout.splitlines())
+    assert states == {first: "retired", current: "current"}
+    pruned = hub.cli("mail", "prune", "--days", "7")
+    assert pruned.returncode == 0 and "older than 7 days" in pruned.stdout, pruned.stderr
+
     out = hub.stop(signal.SIGINT)
     assert hub.process is not None and hub.process.returncode == 0, out
     assert "Demo logins" in out and f"http://127.0.0.1:{hub.port}/" in out

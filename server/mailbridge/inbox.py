@@ -12,6 +12,7 @@ Message-ID is caught by the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from typing import Any
 
 from bson import Binary
 from gridfs import AsyncGridFSBucket
+from gridfs.errors import NoFile
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
@@ -138,3 +140,24 @@ class RawInbox:
         await self.collection.update_one(
             {"_id": raw_id}, {"$set": {"claimed_until": retry_at, "last_error": error}}
         )
+
+    async def prune(self, older_than: datetime) -> int:
+        """Drop the bytes of mail that reached its outcome before ``older_than``: the
+        document stays, so its keys (SHA-256, IMAP key) keep catching duplicates. Mail still
+        waiting for an admin (unmatched, refused) keeps its bytes."""
+        pruned = 0
+        query = {
+            "status": {"$nin": ["pending", "unmatched", "refused"]},
+            "processed_at": {"$lt": older_than},
+            "pruned_at": {"$exists": False},
+        }
+        async for doc in self.collection.find(query, {"file_id": 1}).limit(10_000):
+            if "file_id" in doc:
+                with contextlib.suppress(NoFile):
+                    await self._files.delete(doc["file_id"])
+            await self.collection.update_one(
+                {"_id": doc["_id"]},
+                {"$unset": {"data": "", "file_id": ""}, "$set": {"pruned_at": utcnow()}},
+            )
+            pruned += 1
+        return pruned

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
+from datetime import datetime
 
 from bson import Binary
 from pymongo.errors import DuplicateKeyError
@@ -16,6 +18,18 @@ from server.store.database import Store, utcnow
 
 KEY_IDS = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # one Crockford base32 character each
 CACHE_SECONDS = 5.0
+
+
+class KeyProblem(Exception):
+    """A rotation or retirement that cannot be done (said to the admin as is)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    id: str
+    created_at: datetime
+    current: bool
+    retired: bool
 
 
 class CodeKeys:
@@ -46,21 +60,50 @@ class CodeKeys:
         return self._cached
 
     async def rotate(self) -> str:
-        """Make a new current key; the previous ones keep verifying."""
-        used = {k["_id"] async for k in self._store["mail_keys"].find({}, {"_id": 1})}
-        for kid in KEY_IDS:
-            if kid in used:
-                continue
+        """Make a new current key; the previous ones keep verifying. Ids of retired keys are
+        reused last, oldest first (codes signed with a retired key are void anyway)."""
+        collection = self._store["mail_keys"]
+        known = {k["_id"]: k async for k in collection.find({}, {"secret": 0})}
+        retired = sorted(
+            (k for k in known.values() if k.get("retired")), key=lambda k: k["created_at"]
+        )
+        for kid in [k for k in KEY_IDS if k not in known] + [k["_id"] for k in retired]:
+            fresh = {"secret": Binary(secrets.token_bytes(32)), "created_at": utcnow()}
             try:
-                await self._store["mail_keys"].insert_one(
-                    {"_id": kid, "secret": Binary(secrets.token_bytes(32)), "created_at": utcnow()}
-                )
+                if kid in known:
+                    replaced = await collection.replace_one({"_id": kid, "retired": True}, fresh)
+                    if replaced.matched_count == 0:
+                        continue  # another node took it meanwhile
+                else:
+                    await collection.insert_one({"_id": kid, **fresh})
             except DuplicateKeyError:
                 continue  # another node rotated at the same moment
             self._cached = None
-            return kid
-        raise RuntimeError("all 32 key ids are used: retire old keys first")
+            return str(kid)
+        raise KeyProblem("all 32 key ids are in use: retire an old key first")
 
     async def retire(self, kid: str) -> None:
-        await self._store["mail_keys"].update_one({"_id": kid}, {"$set": {"retired": True}})
+        """Codes signed with this key stop verifying: replies carrying them are matched by
+        thread headers, rules or sender instead."""
+        current, _ = await self._load()
+        key = await self._store["mail_keys"].find_one({"_id": kid.upper()})
+        if key is None:
+            raise KeyProblem(f"no key {kid!r}")
+        if key["_id"] == current:
+            raise KeyProblem(f"key {kid} is the current one: rotate first")
+        await self._store["mail_keys"].update_one(
+            {"_id": key["_id"]}, {"$set": {"retired": True, "retired_at": utcnow()}}
+        )
         self._cached = None
+
+    async def describe(self) -> list[KeyInfo]:
+        current, _ = await self._load()
+        return [
+            KeyInfo(
+                k["_id"],
+                k["created_at"],
+                current=k["_id"] == current,
+                retired=bool(k.get("retired")),
+            )
+            async for k in self._store["mail_keys"].find({}, {"secret": 0}).sort("created_at", 1)
+        ]

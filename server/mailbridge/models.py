@@ -170,6 +170,12 @@ class UnmatchedMail(BaseModel):
     candidates: list[dict[str, Any]] = Field(
         default_factory=list, description="Records the sender's address belongs to"
     )
+    status: Literal["unmatched", "refused"] = Field(
+        default="unmatched",
+        description="refused: unsafe to parse (a MIME bomb, too deep): it can be downloaded "
+        "or dismissed, not assigned",
+    )
+    size: int = Field(default=0, description="Bytes as received")
 
 
 class UnmatchedList(BaseModel):

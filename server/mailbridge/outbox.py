@@ -17,7 +17,7 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -273,6 +273,19 @@ class Outbox:
             {"_id": doc["_id"]}, {"$set": {"status": "failed", "last_error": error}}
         )
         await self._mark_activity(doc, {"mail.status": "failed", "mail.error": error})
+
+    async def prune(self, older_than: datetime) -> int:
+        """Forget the copies of mail sent (or failed for good) before ``older_than``; what it
+        said stays on its activity."""
+        result = await self.collection.delete_many(
+            {
+                "$or": [
+                    {"status": "sent", "sent_at": {"$lt": older_than}},
+                    {"status": "failed", "created_at": {"$lt": older_than}},
+                ]
+            }
+        )
+        return int(result.deleted_count)
 
     async def _mark_activity(self, doc: Document, fields: Document) -> None:
         await self._store["crm_activities"].update_one(

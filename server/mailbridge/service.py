@@ -10,6 +10,7 @@ import re
 import socket
 import ssl
 import time
+from datetime import timedelta
 
 import nh3
 from bson import ObjectId
@@ -54,12 +55,14 @@ from server.mailbridge.parsing import Limits, parse
 from server.mailbridge.pipeline import MailPipeline
 from server.mailbridge.rules import SubjectRule, apply_rules, validate_rule
 from server.settings import Settings
-from server.store.database import Document, Store, new_id
-from server.web.problems import Problem, not_found
+from server.store.database import Document, Store, new_id, utcnow
+from server.web.problems import Problem, conflict, not_found
 
 log = logging.getLogger(__name__)
 
 SETTINGS_TTL_SECONDS = 2.0
+PRUNE_EVERY_SECONDS = 24 * 3600.0
+PRUNE_RETRY_SECONDS = 3600.0
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\.([a-z_]+)\s*\}\}")
 
@@ -93,12 +96,14 @@ class MailBridge:
         self._collectors: dict[str, MailboxCollector] = {}
         self._node = f"{socket.gethostname()}:{new_id()}"
         self.ingress: IngressServers | None = None
+        self._pruner: asyncio.Task[None] | None = None
 
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.pipeline.start()
         self.outbox.start()
+        self._pruner = asyncio.create_task(self._prune_daily(), name="mail-prune")
         if self._settings.smtp_enabled:
             self.ingress = IngressServers(
                 self._handler,
@@ -120,6 +125,30 @@ class MailBridge:
             await self._stop_collector(collector)
         await self.pipeline.close()
         await self.outbox.close()
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
+
+    async def prune(self, days: int | None = None) -> dict[str, int]:
+        """Drop stored mail bytes older than the retention (idempotent: any node may run it)."""
+        cutoff = utcnow() - timedelta(days=days or self._settings.mail_retention_days)
+        return {
+            "incoming": await self.inbox.prune(cutoff),
+            "outgoing": await self.outbox.prune(cutoff),
+        }
+
+    async def _prune_daily(self) -> None:
+        while True:
+            try:
+                pruned = await self.prune()
+                if any(pruned.values()):
+                    log.info("pruned stored mail: %s", pruned)
+            except Exception:
+                log.exception("pruning stored mail failed; tried again in an hour")
+                await asyncio.sleep(PRUNE_RETRY_SECONDS)
+                continue
+            await asyncio.sleep(PRUNE_EVERY_SECONDS)
 
     def _tls(self) -> ssl.SSLContext | None:
         if self._settings.smtp_cert_file is None or self._settings.smtp_key_file is None:
@@ -475,6 +504,8 @@ class MailBridge:
                 subject=d.get("result", {}).get("subject", ""),
                 reason=d.get("result", {}).get("reason", ""),
                 candidates=d.get("result", {}).get("candidates", []),
+                status=d["status"],
+                size=d.get("size", 0),
             )
             async for d in self.inbox.collection.find(
                 {"status": {"$in": ["unmatched", "refused"]}}, {"data": 0}
@@ -483,11 +514,31 @@ class MailBridge:
             .limit(limit)
         ]
 
-    async def assign(self, raw_id: str, record_type: str, record_id: str) -> str:
-        """An admin puts an unmatched mail on a record."""
-        doc = await self.inbox.collection.find_one({"_id": raw_id, "status": "unmatched"})
+    async def _waiting(self, raw_id: str) -> Document:
+        doc: Document | None = await self.inbox.collection.find_one(
+            {"_id": raw_id, "status": {"$in": ["unmatched", "refused"]}}, {"data": 0}
+        )
         if doc is None:
             raise not_found(f"unmatched mail {raw_id}")
+        return doc
+
+    async def unmatched_raw(self, raw_id: str) -> bytes:
+        """The message as received, for an admin to look at (refused mail included)."""
+        return await self.inbox.raw_of(await self._waiting(raw_id))
+
+    async def dismiss(self, raw_id: str) -> None:
+        """Off the list, on no record; kept (until pruned) so a copy is still a duplicate."""
+        doc = await self._waiting(raw_id)
+        await self.inbox.finish(raw_id, "dismissed", doc.get("result", {}))
+
+    async def assign(self, raw_id: str, record_type: str, record_id: str) -> str:
+        """An admin puts an unmatched mail on a record."""
+        doc = await self._waiting(raw_id)
+        if doc["status"] == "refused":
+            raise conflict(
+                "this mail was refused as unsafe to parse; it cannot go on a record "
+                "(download it to read it, or dismiss it)"
+            )
         record = await self._store["crm_records"].find_one({"_id": record_id, "type": record_type})
         if record is None:
             raise not_found(f"{record_type} {record_id}")

@@ -343,7 +343,7 @@ class Assigned(BaseModel):
     tag=TAG,
     body=AssignMail,
     response=Assigned,
-    errors=(403, 404),
+    errors=(403, 404, 409),
 )
 async def assign_unmatched(call: Call) -> Assigned:
     await _admin(call)
@@ -353,3 +353,37 @@ async def assign_unmatched(call: Call) -> Assigned:
             call.path("mail_id"), body.record_type, body.record_id
         )
     )
+
+
+@api.route(
+    "GET",
+    "/api/v1/mail/unmatched/{mail_id}/raw",
+    summary="The unmatched or refused mail as received (CRM administrators)",
+    tag=TAG,
+    errors=(403, 404),
+    extra_responses={"200": {"description": "The message (message/rfc822)"}},
+)
+async def unmatched_raw(call: Call) -> web.Response:
+    await _admin(call)
+    raw = await services(call.request).mail.unmatched_raw(call.path("mail_id"))
+    return web.Response(
+        body=raw,
+        content_type="application/octet-stream",  # never rendered by the browser
+        headers={
+            "Content-Disposition": f'attachment; filename="{call.path("mail_id")}.eml"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+@api.route(
+    "DELETE",
+    "/api/v1/mail/unmatched/{mail_id}",
+    summary="Dismiss an unmatched or refused mail: off the list, on no record",
+    tag=TAG,
+    status=204,
+    errors=(403, 404),
+)
+async def dismiss_unmatched(call: Call) -> None:
+    await _admin(call)
+    await services(call.request).mail.dismiss(call.path("mail_id"))
