@@ -148,6 +148,17 @@ class MailboxOut(BaseModel):
     state: dict[str, Any] = Field(
         description="uidvalidity, last_uid, connected, idle, last_error, last_poll_at"
     )
+    skipped: list[SkippedMail] = Field(
+        default_factory=list,
+        description="The latest messages left on the server as too large (newest first, 20)",
+    )
+
+
+class SkippedMail(BaseModel):
+    uid: int
+    size: int
+    reason: str
+    at: datetime
 
 
 class MailboxList(BaseModel):

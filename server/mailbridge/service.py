@@ -39,6 +39,7 @@ from server.mailbridge.models import (
     MailSettingsUpdate,
     SendEmail,
     SentEmail,
+    SkippedMail,
     SubjectRuleOut,
     TemplateIn,
     TemplateOut,
@@ -265,7 +266,14 @@ class MailBridge:
 
     # mailboxes -------------------------------------------------------------------------------
 
-    def _mailbox_out(self, doc: Document) -> MailboxOut:
+    async def _mailbox_out(self, doc: Document) -> MailboxOut:
+        skipped = [
+            SkippedMail(**d)
+            async for d in self._store["mail_skipped"]
+            .find({"mailbox_id": doc["_id"]})
+            .sort("at", -1)
+            .limit(20)
+        ]
         return MailboxOut(
             id=doc["_id"],
             name=doc["name"],
@@ -279,11 +287,13 @@ class MailBridge:
             poll_seconds=int(doc.get("poll_seconds", 60)),
             enabled=bool(doc.get("enabled")),
             state=doc.get("state", {}),
+            skipped=skipped,
         )
 
     async def mailboxes(self) -> list[MailboxOut]:
         return [
-            self._mailbox_out(d) async for d in self._store["mail_mailboxes"].find({}).sort("_id")
+            await self._mailbox_out(d)
+            async for d in self._store["mail_mailboxes"].find({}).sort("_id")
         ]
 
     async def add_mailbox(self, data: MailboxIn) -> MailboxOut:
@@ -297,7 +307,7 @@ class MailBridge:
         await self._store["mail_mailboxes"].insert_one(doc)
         if doc["enabled"]:
             self._start_collector(doc)
-        return self._mailbox_out(doc)
+        return await self._mailbox_out(doc)
 
     async def update_mailbox(self, mailbox_id: str, patch: MailboxUpdate) -> MailboxOut:
         changes = patch.model_dump(exclude_unset=True)
@@ -317,7 +327,7 @@ class MailBridge:
             await self._stop_collector(running)
         if doc.get("enabled"):
             self._start_collector(doc)
-        return self._mailbox_out(doc)
+        return await self._mailbox_out(doc)
 
     async def delete_mailbox(self, mailbox_id: str) -> None:
         running = self._collectors.get(mailbox_id)
