@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
@@ -21,6 +22,7 @@ from pydantic import SecretStr
 from server.mailbridge.inbox import Source
 from server.settings import Settings
 from server.store.database import Store, utcnow
+from server.xmpp.certs import ensure_self_signed
 from tests.harness import HubHarness, start_hub
 
 
@@ -797,3 +799,32 @@ async def test_stored_mail_is_pruned_yet_copies_stay_duplicates_and_admins_clear
     assert (await mailhub.request("GET", "/api/v1/mail/unmatched", token=root)).body["mails"] == []
     again = await mailhub.request("DELETE", f"/api/v1/mail/unmatched/{refused_id}", token=root)
     assert again.status == 404
+
+
+async def test_the_listener_offers_starttls_with_a_certificate_and_takes_mail_over_it(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    cert, key = ensure_self_signed(tmp_path, "portal.test")
+    secured = settings.model_copy(
+        update={"domain": "portal.test", "smtp_cert_file": cert, "smtp_key_file": key}
+    )
+    async with start_hub(secured, store) as hub:
+        smtp = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=hub.services.mail.ports["smtp"],
+            start_tls=False,
+            validate_certs=False,
+        )
+        await smtp.connect()
+        await smtp.ehlo()
+        assert smtp.supports_extension("starttls")
+        await smtp.starttls()
+        assert smtp.get_transport_info("sslcontext") is not None
+        msg = EmailMessage()
+        msg["From"] = "client@example.test"
+        msg["To"] = "crm@portal.test"
+        msg["Subject"] = "Over TLS"
+        msg.set_content("secret")
+        await smtp.send_message(msg)
+        await smtp.quit()
+        assert await hub.services.store["mail_raw"].count_documents({}) == 1
