@@ -5,18 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import socketio
 from aiohttp import web
 
 from server.auth.service import AuthService
 from server.channels.hub import Hub, typing_handler
 from server.crm.service import Crm
 from server.directory.service import DirectoryService
-from server.events.bus import InProcessBus
-from server.events.streams import StreamLog
+from server.events.bus import EventBus, InProcessBus
+from server.events.redis_bus import RedisBus
+from server.events.streams import StreamLog, user_stream
 from server.im.service import ImService
 from server.mailbridge.service import MailBridge
 from server.presence.service import PresenceService
@@ -30,6 +35,7 @@ from server.web.problems import problem_middleware
 from server.web.routes.all import api
 from server.xmpp.features import install_all
 from server.xmpp.server import XmppServer
+from server.xmpp.session import C2SSession
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +43,22 @@ MAINTENANCE_INTERVAL_SECONDS = 600.0
 PLACEHOLDER_DIR = Path(__file__).resolve().parent.parent / "web-client"
 
 
+def node_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
 def build_services(settings: Settings, store: Store) -> Services:
-    bus = InProcessBus()
+    bus: EventBus
+    redis_bus = client_manager = None
+    if settings.redis_url is not None:
+        url = settings.redis_url.get_secret_value()
+        bus = redis_bus = RedisBus(url, node_id())
+        client_manager = socketio.AsyncRedisManager(url)
+    else:
+        bus = InProcessBus()
     streams = StreamLog(store, bus, retention_seconds=settings.event_retention_seconds)
+    if redis_bus is not None:
+        redis_bus.attach(streams)
     directory = DirectoryService(store, streams, bus)
     auth_service = AuthService(store, directory, bus, settings)
 
@@ -66,7 +85,15 @@ def build_services(settings: Settings, store: Store) -> Services:
     scheduler.handle("crm-counters", crm.counters.time_reached)
     mail = MailBridge(settings, store, crm, im)
     crm.counters.on_schedule_changed.append(scheduler.wake)
-    hub = Hub(settings, auth_service, streams, bus, presence, member_streams=im.member_streams)
+    hub = Hub(
+        settings,
+        auth_service,
+        streams,
+        bus,
+        presence,
+        member_streams=im.member_streams,
+        client_manager=client_manager,
+    )
     hub.on_client_event("im.typing", typing_handler(im.typing))
 
     async def presence_snapshot(user: Document) -> dict[str, Any]:
@@ -95,6 +122,21 @@ def build_services(settings: Settings, store: Store) -> Services:
         xmpp = XmppServer(settings, store, auth_service, directory, presence, im, bus)
         install_all(xmpp)
 
+    if xmpp is not None and redis_bus is not None:
+        follower = redis_bus
+
+        async def follow_streams(session: C2SSession) -> None:
+            """Several nodes: this node now serves the user's streams over XMPP, so it must
+            follow them (and recover them after a Redis outage) from their current heads."""
+            if session.user is None:
+                return
+            user_streams = [user_stream(str(session.user["_id"]))]
+            user_streams += await im.member_streams(session.user)
+            for stream in user_streams:
+                await follower.caught_up(stream, await streams.last_seq(stream))
+
+        xmpp.on_bound(follow_streams)
+
     hub.add_snapshot_part("counters", counters_snapshot)
     hub.add_snapshot_part("presence", presence_snapshot)
     hub.add_snapshot_part("settings", settings_snapshot)
@@ -113,6 +155,7 @@ def build_services(settings: Settings, store: Store) -> Services:
         crm,
         mail,
         xmpp,
+        redis_bus,
     )
 
 
@@ -160,6 +203,8 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         app.router.add_static("/static/", client_dir, follow_symlinks=False)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        if svc.redis_bus is not None:
+            await svc.redis_bus.start()
         task = asyncio.create_task(_maintenance(svc), name="maintenance")
         svc.presence.start()
         svc.scheduler.start()
@@ -178,6 +223,8 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         await svc.crm.counters.close()
         await svc.hub.close()
         await svc.streams.close()
+        if svc.redis_bus is not None:
+            await svc.redis_bus.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -11,6 +11,7 @@ from server.channels.hub import Hub
 from server.crm.service import Crm
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
+from server.events.redis_bus import RedisBus
 from server.events.streams import StreamLog
 from server.im.service import ImService
 from server.mailbridge.service import MailBridge
@@ -38,6 +39,7 @@ class Services:
     crm: Crm
     mail: MailBridge
     xmpp: XmppServer | None = None
+    redis_bus: RedisBus | None = None  # set when PORTALHUB_REDIS_URL is: several nodes
 
 
 SERVICES = web.AppKey("services", Services)

@@ -18,6 +18,7 @@ from server.settings import Settings
 from server.store.database import Store
 from server.store.embedded import find_executable, free_loopback_port, mongodb_url
 from tests.harness import HubHarness, start_hub
+from tests.redis_server import RedisServer
 
 REQUIRE_SERVICES = os.environ.get("PORTALHUB_REQUIRE_SERVICES") == "1"
 
@@ -88,6 +89,17 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 process.wait(20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own (skipped, or failed under CI, when missing)."""
+    server = RedisServer(require_binary("redis-server", "redis-server"), tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -82,9 +82,14 @@ async def test_auth_is_required_and_admin_routes_are_guarded(hub: HubHarness) ->
 
 
 async def test_health_and_readiness(hub: HubHarness) -> None:
-    assert (await hub.request("GET", "/healthz")).body == {"status": "ok", "database": None}
+    health = await hub.request("GET", "/healthz")
+    assert health.body == {"status": "ok", "database": None, "redis": None}
     ready = await hub.request("GET", "/readyz")
-    assert ready.status == 200 and ready.body["status"] == "ready"
+    assert ready.status == 200 and ready.body == {
+        "status": "ready",
+        "database": "ok",
+        "redis": None,
+    }
 
 
 async def test_every_route_is_in_the_openapi_document(hub: HubHarness) -> None:

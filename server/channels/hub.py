@@ -110,6 +110,7 @@ class Hub:
         presence: PresenceService,
         *,
         member_streams: MemberStreams = no_member_streams,
+        client_manager: socketio.AsyncManager | None = None,
     ) -> None:
         self.settings = settings
         self._auth = auth
@@ -118,8 +119,10 @@ class Hub:
         self.member_streams = member_streams
         self._snapshot_parts: dict[str, SnapshotPart] = {}
         self._client_events: dict[str, ClientHandler] = {}
+        self._bus = bus
         self.sio = socketio.AsyncServer(
             async_mode="aiohttp",
+            client_manager=client_manager,
             max_http_buffer_size=settings.socket_max_message_bytes,
             always_connect=False,
             logger=False,
@@ -141,6 +144,15 @@ class Hub:
         self.on_client_event("unsubscribe", self._on_unsubscribe)
         self.on_client_event("ping", self._on_ping)
         self.on_client_event("presence.heartbeat", self._on_heartbeat)
+
+    async def _emit(self, event: str, data: Any, **target: Any) -> None:
+        """To this node's own connections. Every node gets every event from the bus and
+        delivers it to its connections, in order; the Socket.IO manager's queue (Redis, with
+        several nodes) would deliver a second copy, later and unordered."""
+        await self.sio.emit(event, data, ignore_queue=True, **target)
+
+    async def _disconnect(self, sid: str) -> None:
+        await self.sio.disconnect(sid, ignore_queue=True)
 
     def add_snapshot_part(self, key: str, part: SnapshotPart) -> None:
         """Register one piece of the ephemeral state a connecting client receives."""
@@ -211,7 +223,7 @@ class Hub:
     async def _drop(self, transport: str, sid: str) -> None:
         """The presence sweeper found this connection silent for too long."""
         if sid in self._connections:
-            await self.sio.disconnect(sid)
+            await self._disconnect(sid)
 
     async def _start_session(self, sid: str) -> None:
         try:
@@ -230,10 +242,10 @@ class Hub:
                 self._mark_joining(conn, stream)
                 await self.sio.enter_room(sid, stream)
             snapshot = await self._snapshot(conn)
-            await self.sio.emit("snapshot", snapshot, to=sid)
+            await self._emit("snapshot", snapshot, to=sid)
             conn.registered = True
             await self._presence.connected(conn.user_id, sid, TRANSPORT, conn.active)
-            await self.sio.emit(
+            await self._emit(
                 "presence.changed", await self._presence.own_view(conn.user_id), to=sid
             )
             for stream in streams:
@@ -246,17 +258,15 @@ class Hub:
             if counters is not None:
                 # Counters in the snapshot were computed before the stream heads were read:
                 # once caught up, the authoritative values close that window.
-                await self.sio.emit("counters.changed", await counters(conn.user), to=sid)
+                await self._emit("counters.changed", await counters(conn.user), to=sid)
             # A client that asked for streams it does not belong to learns it plainly.
             for stream in requested - conn.streams:
-                await self.sio.emit(
-                    "subscribe_error", {"stream": stream, "code": "forbidden"}, to=sid
-                )
+                await self._emit("subscribe_error", {"stream": stream, "code": "forbidden"}, to=sid)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("session start failed for %s", sid)
-            await self.sio.disconnect(sid)
+            await self._disconnect(sid)
         finally:
             self._tasks.pop(sid, None)
 
@@ -297,23 +307,27 @@ class Hub:
             missed = await self._streams.read_since(stream, since) if status == "ok" else None
             if missed is None:
                 last = await self._streams.last_seq(stream)
-                await self.sio.emit("resync", {"stream": stream, "seq": last}, to=conn.sid)
+                await self._emit("resync", {"stream": stream, "seq": last}, to=conn.sid)
             else:
                 last = since
                 for event in missed:
                     self._note_membership(conn, event)
-                    await self.sio.emit(event.type, event.envelope(), to=conn.sid)
+                    await self._emit(event.type, event.envelope(), to=conn.sid)
                     last = event.seq
         if last > 0:
             # An event read from the database may not be published yet; its live copy must
             # land in the buffer (and be dropped there), not reach the client a second time.
             await self._streams.wait_published(stream, last)
+        if last >= 0:
+            # The same for events stored by other nodes, whose live copies may still be on
+            # their way through Redis: the bus pulls them now and drops the copies later.
+            await self._bus.caught_up(stream, last)
         buffer = conn.buffers.get(stream)
         while buffer:
             event = buffer.popleft()
             if event.seq > last:
                 self._note_membership(conn, event)
-                await self.sio.emit(event.type, event.envelope(), to=conn.sid)
+                await self._emit(event.type, event.envelope(), to=conn.sid)
                 last = event.seq
             buffer = conn.buffers.get(stream)
         self._stop_replaying(stream, conn.sid)
@@ -343,7 +357,7 @@ class Hub:
                 conn = self._connections.get(sid)
                 if conn is not None and event.stream in conn.buffers:
                     conn.buffers[event.stream].append(event)
-        await self.sio.emit(event.type, event.envelope(), room=event.stream, skip_sid=skip)
+        await self._emit(event.type, event.envelope(), room=event.stream, skip_sid=skip)
         if event.stream.startswith("user:"):
             self._follow_membership(event)
 
@@ -381,7 +395,7 @@ class Hub:
         if event.type == "session.revoked":
             await self._revoke(event)
         elif event.streams:
-            await self.sio.emit(event.type, event.data, room=list(event.streams))
+            await self._emit(event.type, event.data, room=list(event.streams))
 
     async def _revoke(self, event: EphemeralEvent) -> None:
         """Close the connections of revoked sessions (one token, or all of a user's)."""
@@ -391,8 +405,8 @@ class Hub:
                 continue
             for conn in self.connections_of(stream.partition(":")[2]):
                 if token is None or conn.token_hash == token:
-                    await self.sio.emit("session.revoked", event.data, to=conn.sid)
-                    await self.sio.disconnect(conn.sid)
+                    await self._emit("session.revoked", event.data, to=conn.sid)
+                    await self._disconnect(conn.sid)
 
     # client events -----------------------------------------------------------------------------
 
@@ -405,7 +419,7 @@ class Hub:
             return {"ok": False, "error": "rate_limited"}
         handler = self._client_events.get(event)
         if handler is None:
-            await self.sio.emit(
+            await self._emit(
                 "error",
                 {"code": "unknown_event", "message": f"unknown event {event[:100]!r}"},
                 to=sid,
@@ -429,14 +443,14 @@ class Hub:
         conn.last_strike = now
         conn.strikes += 1
         if conn.strikes == 1 or conn.strikes % 10 == 0:
-            await self.sio.emit(
+            await self._emit(
                 "error",
                 {"code": "rate_limited", "message": "too many events; slow down"},
                 to=conn.sid,
             )
         if conn.strikes >= FLOOD_STRIKES_BEFORE_DISCONNECT:
             log.warning("disconnecting %s (user %s): flooding", conn.sid, conn.user_id)
-            await self.sio.disconnect(conn.sid)
+            await self._disconnect(conn.sid)
         return False
 
     async def _on_subscribe(self, conn: Connection, data: Any) -> dict[str, Any]:
@@ -478,9 +492,14 @@ class Hub:
         await asyncio.gather(*tasks, return_exceptions=True)
         for sid in list(self._connections):
             try:
-                await self.sio.disconnect(sid)
+                await self._disconnect(sid)
             except Exception:
                 log.debug("disconnect of %s at shutdown failed", sid, exc_info=True)
+        # With Redis, python-socketio's manager runs a listener it never stops by itself.
+        listener = getattr(self.sio.manager, "thread", None)
+        if isinstance(listener, asyncio.Task):
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
 
 
 def typing_handler(typing: Callable[[str, str], Awaitable[bool]]) -> ClientHandler:

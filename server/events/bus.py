@@ -27,6 +27,11 @@ class EventBus(Protocol):
 
     async def publish_ephemeral(self, event: EphemeralEvent) -> None: ...
 
+    async def caught_up(self, stream: str, seq: int) -> None:
+        """A reader has read ``stream`` through ``seq`` from the database; once this returns,
+        every event up to it has reached this node's subscribers (later copies are dropped)."""
+        ...
+
 
 class InProcessBus:
     """Calls every subscriber in subscription order; a failing subscriber is logged, not fatal."""
@@ -54,3 +59,7 @@ class InProcessBus:
                 await handler(event)
             except Exception:
                 log.exception("ephemeral handler %r failed on %s", handler, event.type)
+
+    async def caught_up(self, stream: str, seq: int) -> None:
+        """One node: every stored event is published here, in order (StreamLog waits for
+        the ones in flight), so there is nothing to pull."""

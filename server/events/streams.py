@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -234,6 +235,20 @@ class StreamLog:
         if len(events) > self.replay_limit:
             return None
         return events
+
+    async def read_range(self, stream: str, after_seq: int, through_seq: int) -> list[Event]:
+        """Events ``after_seq < seq <= through_seq`` in order (fewer where history was cut)."""
+        cursor = self._store.events.find(
+            {"stream": stream, "seq": {"$gt": after_seq, "$lte": through_seq}}, sort=[("seq", 1)]
+        )
+        return [Event.from_document(doc) async for doc in cursor]
+
+    async def heads(self, streams: Sequence[str]) -> dict[str, int]:
+        """The head of each stream, as far as its head document says (one query)."""
+        return {
+            doc["_id"]: int(doc.get("head", 0))
+            async for doc in self._store.streams.find({"_id": {"$in": list(streams)}})
+        }
 
     async def prune(self, now: datetime | None = None) -> int:
         """Drop events older than the retention window, remembering how far each stream was cut."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.services import services
 from server.web.api import Call
@@ -19,6 +19,7 @@ class PortalSettings(BaseModel):
 class Health(BaseModel):
     status: str
     database: str | None = None
+    redis: str | None = Field(default=None, description="With several nodes: ok or unreachable")
 
 
 @api.route(
@@ -70,9 +71,15 @@ async def healthz(call: Call) -> Health:
     },
 )
 async def readyz(call: Call) -> Health | web.Response:
-    if await services(call.request).store.ping():
-        return Health(status="ready", database="ok")
-    return web.json_response({"status": "unavailable", "database": "unreachable"}, status=503)
+    svc = services(call.request)
+    database = "ok" if await svc.store.ping() else "unreachable"
+    redis = None
+    if svc.redis_bus is not None:
+        redis = "ok" if svc.redis_bus.connected and await svc.redis_bus.ping() else "unreachable"
+    if database == "ok" and redis in (None, "ok"):
+        return Health(status="ready", database=database, redis=redis)
+    body = Health(status="unavailable", database=database, redis=redis)
+    return web.json_response(body.model_dump(), status=503)
 
 
 @api.route("GET", "/api/v1/openapi.json", summary="This document", tag="meta", auth="none")

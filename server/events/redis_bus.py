@@ -1,0 +1,280 @@
+"""The event bus across nodes: Redis pub/sub carries events, the database fills any gap.
+
+Every node publishes what it stores to its own subscribers at once (no round trip), then to
+Redis for the other nodes. Pub/sub is fast but forgets: a message is lost when a subscriber's
+connection drops, Redis restarts, or a publish fails. So it is used only as a fast path, and
+order and completeness come from the streams themselves (Centrifugo's recovery, done per
+node): each node remembers, per stream, the last ``seq`` it passed to its subscribers, and
+
+- drops an event it has already passed on (its own, coming back; a late copy);
+- on an event beyond the next one, first reads the missing ones from the database (a stream
+  is gap-free: ``seq`` n+1 is stored only after n) and passes them on in order;
+- when a reader (the hub, catching a connection up) has read a stream up to some ``seq``
+  from the database, pulls whatever of it this node has not passed on yet, so that a late
+  live copy is recognised as one;
+- after reconnecting to Redis, compares the heads of the streams it knows (has passed on
+  events of, or been told of through ``caught_up``: a subscriber that serves a stream says
+  so) with the database and pulls what it missed while it was away; and keeps what it could
+  not publish, to publish once Redis is back.
+
+Ephemeral events (presence, typing, counter values) are live-only by design: they go
+through Redis once, and one lost during an outage is not replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import bson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from server.events.bus import EphemeralHandler, EventHandler, InProcessBus
+from server.events.models import EphemeralEvent, Event
+
+log = logging.getLogger(__name__)
+
+MAX_KNOWN_STREAMS = 200_000  # per-stream positions kept; the least recently used go first
+MAX_UNSENT = 10_000  # publications kept while Redis is unreachable
+RECONNECT_MAX_SECONDS = 5.0
+HEADS_BATCH = 1000
+
+
+class StreamSource(Protocol):
+    """What the bus reads from the database (the StreamLog)."""
+
+    async def read_range(self, stream: str, after_seq: int, through_seq: int) -> list[Event]: ...
+
+    async def heads(self, streams: Sequence[str]) -> dict[str, int]: ...
+
+
+def _encode_event(node: str, event: Event) -> bytes:
+    return bson.encode(
+        {
+            "node": node,
+            "stream": event.stream,
+            "seq": event.seq,
+            "type": event.type,
+            "data": event.data,
+            "ts": event.ts,
+        }
+    )
+
+
+def _encode_ephemeral(node: str, event: EphemeralEvent) -> bytes:
+    return bson.encode(
+        {
+            "node": node,
+            "type": event.type,
+            "data": event.data,
+            "streams": list(event.streams),
+            "private": event.private,
+        }
+    )
+
+
+class RedisBus:
+    def __init__(self, url: str, node_id: str, *, channel_prefix: str = "portalhub:") -> None:
+        self.node_id = node_id
+        self._redis: Redis = Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
+        )
+        self._events_channel = f"{channel_prefix}events"
+        self._ephemeral_channel = f"{channel_prefix}ephemeral"
+        self._local = InProcessBus()
+        self._source: StreamSource | None = None
+        self._passed: OrderedDict[str, int] = OrderedDict()
+        self._locks: dict[str, list[Any]] = {}  # stream -> [lock, users]
+        self._unsent: deque[tuple[str, bytes]] = deque(maxlen=MAX_UNSENT)
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        self.connected = False
+        self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
+
+    def attach(self, source: StreamSource) -> None:
+        self._source = source
+
+    # the EventBus protocol ---------------------------------------------------------------------
+
+    def subscribe(self, handler: EventHandler) -> None:
+        self._local.subscribe(handler)
+
+    def subscribe_ephemeral(self, handler: EphemeralHandler) -> None:
+        self._local.subscribe_ephemeral(handler)
+
+    async def publish(self, event: Event) -> None:
+        await self._accept(event)
+        await self._send(self._events_channel, _encode_event(self.node_id, event))
+
+    async def publish_ephemeral(self, event: EphemeralEvent) -> None:
+        await self._local.publish_ephemeral(event)
+        await self._send(self._ephemeral_channel, _encode_ephemeral(self.node_id, event))
+
+    async def caught_up(self, stream: str, seq: int) -> None:
+        """A reader has read ``stream`` through ``seq`` from the database: pass on here
+        whatever of it this node has not, so that late copies are known as such."""
+        async with self._lock(stream):
+            passed = self._passed.get(stream)
+            if passed is None:
+                self._remember(stream, seq)  # nothing passed on yet: start from there
+                return
+            if seq > passed:
+                await self._fill(stream, passed, seq)
+
+    # lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="redis-bus")
+        # Not fatal when Redis is down at start: the node serves its own clients meanwhile.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), 5)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._redis.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    # receiving ---------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, stream: str) -> AsyncIterator[None]:
+        """One stream at a time. Per stream, not striped: a subscriber that appends to another
+        stream while handling an event must not wait on the lock its caller holds."""
+        entry = self._locks.get(stream)
+        if entry is None:
+            entry = self._locks[stream] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[stream]
+
+    def _remember(self, stream: str, seq: int) -> None:
+        self._passed[stream] = seq
+        self._passed.move_to_end(stream)
+        while len(self._passed) > MAX_KNOWN_STREAMS:
+            self._passed.popitem(last=False)
+
+    async def _accept(self, event: Event) -> None:
+        async with self._lock(event.stream):
+            passed = self._passed.get(event.stream)
+            if passed is not None:
+                if event.seq <= passed:
+                    return  # passed on already (pulled from the database, or our own)
+                if event.seq > passed + 1:
+                    await self._fill(event.stream, passed, event.seq - 1)
+            await self._pass(event)
+
+    async def _fill(self, stream: str, after: int, through: int) -> None:
+        if self._source is None:
+            return
+        for missing in await self._source.read_range(stream, after, through):
+            await self._pass(missing)
+        self._remember(stream, max(through, self._passed.get(stream, 0)))
+
+    async def _pass(self, event: Event) -> None:
+        self._remember(event.stream, event.seq)
+        await self._local.publish(event)
+
+    async def _received(self, channel: str, payload: bytes) -> None:
+        doc: dict[str, Any] = bson.decode(payload, codec_options=_CODEC)
+        if doc.get("node") == self.node_id:
+            return
+        if channel == self._events_channel:
+            await self._accept(
+                Event(doc["stream"], int(doc["seq"]), doc["type"], doc["data"], doc["ts"])
+            )
+        elif channel == self._ephemeral_channel:
+            await self._local.publish_ephemeral(
+                EphemeralEvent(doc["type"], doc["data"], tuple(doc["streams"]), doc["private"])
+            )
+
+    async def _listen(self) -> None:
+        delay = 0.1
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._events_channel, self._ephemeral_channel)
+                was_connected_before = self._subscribed.is_set()
+                self.connected = True
+                self._subscribed.set()
+                delay = 0.1
+                await self._flush_unsent()
+                if was_connected_before:
+                    await self._recover()
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    channel = message["channel"].decode()
+                    try:
+                        await self._received(channel, message["data"])
+                    except Exception:
+                        log.exception("a message from Redis could not be handled")
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if self.connected:
+                    log.warning("Redis bus: connection lost (%s); reconnecting", exc)
+                self.connected = False
+            except Exception:
+                log.exception("Redis bus listener failed; restarting it")
+                self.connected = False
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+    async def _recover(self) -> None:
+        """Back after an outage: pull what was stored meanwhile on the streams we know."""
+        if self._source is not None:
+            known = list(self._passed)
+            for start in range(0, len(known), HEADS_BATCH):
+                heads = await self._source.heads(known[start : start + HEADS_BATCH])
+                for stream, head in heads.items():
+                    async with self._lock(stream):
+                        passed = self._passed.get(stream)
+                        if passed is not None and head > passed:
+                            await self._fill(stream, passed, head)
+        for callback in self.on_reconnect:
+            try:
+                await callback()
+            except Exception:
+                log.exception("reconnect callback %r failed", callback)
+
+    # sending -----------------------------------------------------------------------------------
+
+    async def _send(self, channel: str, payload: bytes) -> None:
+        if self._unsent or not self.connected:
+            self._unsent.append((channel, payload))  # in order, after what waits already
+            return
+        try:
+            await self._redis.publish(channel, payload)
+        except (RedisError, OSError) as exc:
+            log.warning("Redis bus: publish failed (%s); kept until Redis is back", exc)
+            self._unsent.append((channel, payload))
+
+    async def _flush_unsent(self) -> None:
+        while self._unsent:
+            channel, payload = self._unsent[0]
+            await self._redis.publish(channel, payload)
+            self._unsent.popleft()
+
+
+_CODEC: bson.CodecOptions[dict[str, Any]] = bson.CodecOptions(tz_aware=True)

@@ -1,0 +1,107 @@
+"""Two hub nodes in one test process, sharing the database and a real redis-server, as they
+would behind a load balancer: users on different nodes get each other's events, once and in
+order, also across a Redis restart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from server.settings import Settings
+from server.store.database import Store
+from tests.harness import HubHarness, SocketClient, start_hub
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+async def two_nodes(
+    settings: Settings, store: Store, redis_server: RedisServer
+) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
+    shared = settings.model_copy(update={"redis_url": SecretStr(redis_server.url)})
+    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
+        yield one, two
+
+
+def texts(client: SocketClient) -> list[str]:
+    return [e["data"]["message"]["text"] for e in client.of_type("im.message")]
+
+
+async def send(hub: HubHarness, token: str, to: str, text: str) -> dict[str, Any]:
+    resp = await hub.request(
+        "POST", "/api/v1/im/messages", token=token, json={"to": [to], "text": text}
+    )
+    assert resp.status == 201, resp.body
+    result: dict[str, Any] = resp.body
+    return result
+
+
+async def test_users_on_different_nodes_chat_and_see_counters(
+    two_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_nodes
+    assert (await one.request("GET", "/readyz")).body["redis"] == "ok"
+    alice_id, alice = await one.create_user("alice")
+    bob_id, bob = await one.create_user("bob")
+    alice_on_one = await one.connect(alice)
+    bob_on_two = await two.connect(bob)
+    bob_on_one = await one.connect(bob)
+    for client in (alice_on_one, bob_on_two, bob_on_one):
+        await client.wait_for("snapshot")
+
+    # both write at once, through both nodes: one order, the same on every connection
+    sent = [f"a{i}" for i in range(15)] + [f"b{i}" for i in range(15)]
+    await asyncio.gather(
+        *(send(one, alice, bob_id, f"a{i}") for i in range(15)),
+        *(send(two, bob, alice_id, f"b{i}") for i in range(15)),
+    )
+    for client in (alice_on_one, bob_on_two, bob_on_one):
+        await client.wait_until(lambda c=client: len(texts(c)) >= 30)  # type: ignore[misc]
+    await asyncio.sleep(0.3)  # a duplicate would arrive by now
+    orders = [texts(c) for c in (alice_on_one, bob_on_two, bob_on_one)]
+    assert sorted(orders[0]) == sorted(sent)
+    assert orders[0] == orders[1] == orders[2]
+    seqs = [e["seq"] for e in bob_on_two.of_type("im.message")]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+    # unread counters, pushed as live-only events by whichever node counted them, reach
+    # bob's connections on both nodes alike
+    def last_unread(client: SocketClient) -> Any:
+        pushes = [c["im"] for c in client.of_type("counters.changed") if "im" in c]
+        return pushes[-1]["unread"] if pushes else None
+
+    await bob_on_two.wait_until(lambda: last_unread(bob_on_two) is not None)
+    await asyncio.sleep(0.3)
+    assert last_unread(bob_on_two) == last_unread(bob_on_one) and last_unread(bob_on_one) > 0
+
+
+async def test_a_client_reconnecting_to_the_other_node_resumes_where_it_was(
+    two_nodes: tuple[HubHarness, HubHarness], redis_server: RedisServer
+) -> None:
+    one, two = two_nodes
+    alice_id, alice = await one.create_user("alice")
+    bob_id, bob = await one.create_user("bob")
+    bob_on_one = await one.connect(bob)
+    await bob_on_one.wait_for("snapshot")
+    await send(one, alice, bob_id, "first")
+    await bob_on_one.wait_until(lambda: texts(bob_on_one) == ["first"])
+    position = {e["stream"]: e["seq"] for e in bob_on_one.of_type("im.message")}
+    await bob_on_one.close()  # node one "dies" for bob; he comes back on node two
+
+    await send(one, alice, bob_id, "while away")
+    bob_on_two = await two.connect(bob, since=position)
+    await bob_on_two.wait_until(lambda: texts(bob_on_two) == ["while away"])
+
+    # Redis goes away and comes back under traffic: nothing accepted is lost or doubled
+    redis_server.stop()
+    for i in range(5):
+        await send(one, alice, bob_id, f"outage {i}")
+    redis_server.start()
+    expected = ["while away", *(f"outage {i}" for i in range(5))]
+    await bob_on_two.wait_until(lambda: texts(bob_on_two) == expected, timeout=20)
+    await send(one, alice, bob_id, "after")
+    await bob_on_two.wait_until(lambda: texts(bob_on_two) == [*expected, "after"])
+    assert alice_id
