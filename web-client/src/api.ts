@@ -5,6 +5,7 @@ import { PLURAL } from "./core/crm";
 import { ApiError } from "./core/problem";
 import type {
   Chat,
+  ConnectionTest,
   CrmActivity,
   CrmActivityCreate,
   CrmActivityQuery,
@@ -27,16 +28,29 @@ import type {
   Dialog,
   ImCounters,
   ImSettings,
+  Mailbox,
+  MailboxIn,
+  MailboxUpdate,
+  MailInfo,
+  MailSettings,
+  MailSettingsUpdate,
+  MailTemplate,
+  MailTemplateIn,
   ManualStatus,
   Message,
   PresenceView,
+  SendEmailBody,
   SendResult,
+  SentEmail,
+  SubjectRuleIn,
   Task,
   TaskComment,
   TaskCounters,
   TaskCreate,
   TaskHistoryEntry,
   TaskUpdate,
+  UnmatchedMail,
+  UploadedAttachment,
   User,
   Workgroup,
 } from "./core/types";
@@ -49,19 +63,31 @@ export class Api {
   onUnauthorized: () => void = () => {};
 
   async call<T>(method: Method, path: string, body?: unknown): Promise<T> {
-    const headers: Record<string, string> = { Accept: "application/json" };
-    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const response = await this.fetch(method, path, {
+      body: body === undefined ? undefined : JSON.stringify(body),
+      contentType: body === undefined ? undefined : "application/json",
+    });
+    return this.answer<T>(response, path);
+  }
+
+  /** A request with the token; a network failure as ApiError(0). */
+  private async fetch(
+    method: Method,
+    path: string,
+    options: { body?: BodyInit; contentType?: string; accept?: string } = {},
+  ): Promise<Response> {
+    const headers: Record<string, string> = { Accept: options.accept ?? "application/json" };
+    if (options.contentType) headers["Content-Type"] = options.contentType;
     if (this.token) headers.Authorization = `Bearer ${this.token}`;
-    let response: Response;
     try {
-      response = await fetch(`/api/v1${path}`, {
-        method,
-        headers,
-        body: body === undefined ? undefined : JSON.stringify(body),
-      });
+      return await fetch(`/api/v1${path}`, { method, headers, body: options.body });
     } catch {
       throw new ApiError(0, { title: "Network error", detail: "The hub cannot be reached. Check your connection." });
     }
+  }
+
+  /** The JSON of an answer, or its problem as ApiError. */
+  private async answer<T>(response: Response, path: string): Promise<T> {
     if (response.status === 204) return undefined as T;
     const text = await response.text();
     let data: unknown = undefined;
@@ -246,5 +272,84 @@ export class Api {
   }
   revokeCrmRole(id: string) {
     return this.call<void>("DELETE", `/crm/roles/${encodeURIComponent(id)}`);
+  }
+  /** One activity; e-mails with their bodies (text, quoted history, sanitised HTML). */
+  crmActivity(id: string) {
+    return this.call<CrmActivity>("GET", `/crm/activities/${encodeURIComponent(id)}`);
+  }
+
+  // mail --------------------------------------------------------------------------------------
+  sendCrmEmail(type: CrmRecordType, id: string, body: SendEmailBody) {
+    return this.call<{ emails: SentEmail[] }>("POST", `/crm/${PLURAL[type]}/${encodeURIComponent(id)}/emails`, body);
+  }
+  /** Uploads a file to attach to a mail: the raw bytes, named by `?filename=`. */
+  async uploadMailAttachment(file: Blob, filename: string) {
+    const path = `/mail/attachments?filename=${encodeURIComponent(filename)}`;
+    const response = await this.fetch("POST", path, { body: file, contentType: file.type || "application/octet-stream" });
+    return this.answer<UploadedAttachment>(response, path);
+  }
+  /** An attachment of a mail, as bytes (the token goes in the header, so no plain link). */
+  mailAttachment(fileId: string): Promise<Blob> {
+    return this.blob(`/mail/attachments/${encodeURIComponent(fileId)}`);
+  }
+  /** An unmatched (or refused) mail exactly as received. */
+  unmatchedMailRaw(id: string): Promise<Blob> {
+    return this.blob(`/mail/unmatched/${encodeURIComponent(id)}/raw`);
+  }
+  private async blob(path: string): Promise<Blob> {
+    const response = await this.fetch("GET", path, { accept: "application/octet-stream, application/problem+json" });
+    if (!response.ok) return this.answer<never>(response, path);
+    return response.blob();
+  }
+  mailInfo() {
+    return this.call<MailInfo>("GET", "/mail/info");
+  }
+  mailSettings() {
+    return this.call<MailSettings>("GET", "/mail/settings");
+  }
+  updateMailSettings(body: MailSettingsUpdate) {
+    return this.call<MailSettings>("PATCH", "/mail/settings", body);
+  }
+  testMailRule(body: SubjectRuleIn & { subject: string }) {
+    return this.call<{ code: string | null }>("POST", "/mail/rules/test", body);
+  }
+  mailTemplates() {
+    return this.call<{ templates: MailTemplate[] }>("GET", "/mail/templates");
+  }
+  addMailTemplate(body: MailTemplateIn) {
+    return this.call<MailTemplate>("POST", "/mail/templates", body);
+  }
+  putMailTemplate(id: string, body: MailTemplateIn) {
+    return this.call<MailTemplate>("PUT", `/mail/templates/${encodeURIComponent(id)}`, body);
+  }
+  deleteMailTemplate(id: string) {
+    return this.call<void>("DELETE", `/mail/templates/${encodeURIComponent(id)}`);
+  }
+  mailboxes() {
+    return this.call<{ mailboxes: Mailbox[] }>("GET", "/mail/mailboxes");
+  }
+  addMailbox(body: MailboxIn) {
+    return this.call<Mailbox>("POST", "/mail/mailboxes", body);
+  }
+  testMailbox(body: MailboxIn) {
+    return this.call<ConnectionTest>("POST", "/mail/mailboxes/test", body);
+  }
+  updateMailbox(id: string, body: MailboxUpdate) {
+    return this.call<Mailbox>("PATCH", `/mail/mailboxes/${encodeURIComponent(id)}`, body);
+  }
+  deleteMailbox(id: string) {
+    return this.call<void>("DELETE", `/mail/mailboxes/${encodeURIComponent(id)}`);
+  }
+  unmatchedMail() {
+    return this.call<{ mails: UnmatchedMail[] }>("GET", "/mail/unmatched");
+  }
+  dismissUnmatchedMail(id: string) {
+    return this.call<void>("DELETE", `/mail/unmatched/${encodeURIComponent(id)}`);
+  }
+  assignUnmatchedMail(id: string, recordType: CrmRecordType, recordId: string) {
+    return this.call<{ activity_id: string }>("POST", `/mail/unmatched/${encodeURIComponent(id)}/assign`, {
+      record_type: recordType,
+      record_id: recordId,
+    });
   }
 }

@@ -4,6 +4,7 @@ import { computed, reactive } from "vue";
 import { Api } from "./api";
 import * as crm from "./core/crm";
 import * as dialogs from "./core/dialogs";
+import * as mail from "./core/mail";
 import { mergeMessages, newClientId, newestConfirmed, oldestConfirmed, pendingMessage } from "./core/messages";
 import * as presence from "./core/presence";
 import { ApiError } from "./core/problem";
@@ -34,12 +35,14 @@ import type {
   CrmRecordRemovedData,
   CrmRecordType,
   CrmSettings,
+  SentEmail,
   ChatLeftData,
   ChatMembersData,
   Department,
   Dialog,
   ImCounters,
   ImSettings,
+  MailAttachment,
   Message,
   PresenceStatus,
   PresenceView,
@@ -62,8 +65,11 @@ const TASK_PAGE = 500;
 
 export type View = "messenger" | "employees" | "jabber" | "tasks" | "crm";
 
-/** The CRM's tabs: a record type's list, "my activities", or the settings (administrators). */
-export type CrmTab = CrmRecordType | "activities" | "settings";
+/**
+ * The CRM's tabs: a record type's list, "my activities", and for administrators the settings,
+ * the CRM inbox (mail options, rules, templates, IMAP mailboxes) and the unmatched mail.
+ */
+export type CrmTab = CrmRecordType | "activities" | "settings" | "mail" | "unmatched";
 
 /** The record form: a new record of `type` (with presets), or `edit`ing one. */
 export interface CrmFormState {
@@ -1348,6 +1354,7 @@ function onCrmActivityUpdated(activity: CrmActivity): void {
   if (state.crmOpen && activity.owner_id === state.crmOpen.id) {
     state.crmTimeline = crm.upsertActivity(state.crmTimeline, activity);
     scheduleOpenRefresh();
+    watchPendingMail();
   }
   if (state.crmMyActivitiesLoaded) {
     state.crmMyActivities = crm.applyActivityEvent(state.crmMyActivities, activity, acceptsMine);
@@ -1423,6 +1430,7 @@ export async function openCrmRecord(type: CrmRecordType, id: string): Promise<vo
     state.crmRecord = null;
     state.crmTimeline = [];
     state.crmHistory = [];
+    mailWatchDelay = MAIL_WATCH_FIRST_MS;
   }
   state.crmOpen = { type, id };
   if (!state.crmSettings) void loadCrmBasics();
@@ -1450,6 +1458,7 @@ async function refreshCrmRecord(type: CrmRecordType, id: string, loud = true): P
     state.crmTimeline = crm.sortActivities(timeline.activities);
     state.crmHistory = [...history.history].sort((a, b) => Date.parse(b.at) - Date.parse(a.at));
     putCrmRecord(detail);
+    watchPendingMail();
   } catch (error) {
     if (state.crmOpen?.id !== id) return;
     if (error instanceof ApiError && (error.status === 404 || error.status === 403)) {
@@ -1565,5 +1574,84 @@ export async function saveCrmSettings(patch: Partial<CrmSettings>): Promise<bool
   } catch (error) {
     reportError(error, "Could not save the CRM settings");
     return false;
+  }
+}
+
+// crm mail ----------------------------------------------------------------------------------------
+
+const MAIL_WATCH_FIRST_MS = 1000;
+const MAIL_WATCH_MAX_MS = 30_000;
+let mailWatchTimer: ReturnType<typeof setTimeout> | null = null;
+let mailWatchDelay = MAIL_WATCH_FIRST_MS;
+
+/**
+ * While the open record has outgoing mail that is queued or retrying, its mails are asked for
+ * again now and then (1 s, doubling to 30 s): the hub's outbox changes a mail's delivery
+ * status without an event, so this is how "queued" becomes "sent" on screen.
+ */
+function watchPendingMail(): void {
+  if (mailWatchTimer) return;
+  const open = state.crmOpen;
+  if (!open || !state.crmTimeline.some(mail.isMailPending)) {
+    mailWatchDelay = MAIL_WATCH_FIRST_MS;
+    return;
+  }
+  mailWatchTimer = setTimeout(async () => {
+    try {
+      const { activities } = await api.crmActivities({ owner_type: open.type, owner_id: open.id, type: "email", status: "all", limit: 500 });
+      if (state.crmOpen?.id === open.id) {
+        let timeline = state.crmTimeline;
+        for (const a of activities) if (timeline.some((known) => known.id === a.id)) timeline = crm.upsertActivity(timeline, a);
+        state.crmTimeline = timeline;
+      }
+    } catch {
+      // tried again at the next turn
+    } finally {
+      mailWatchTimer = null;
+      mailWatchDelay = Math.min(mailWatchDelay * 2, MAIL_WATCH_MAX_MS);
+    }
+    watchPendingMail();
+  }, mailWatchDelay);
+}
+
+/** Send a mail from a record; its outgoing activities come by events (and are watched). */
+export async function sendCrmEmail(record: CrmRecord, form: mail.SendForm): Promise<SentEmail[]> {
+  const { emails } = await api.sendCrmEmail(record.type, record.id, mail.sendEmailBody(form));
+  if (state.crmOpen?.id === record.id) {
+    mailWatchDelay = MAIL_WATCH_FIRST_MS;
+    scheduleOpenRefresh();
+  }
+  return emails;
+}
+
+/** Hand bytes to the browser as a file to save. */
+function saveBlob(blob: Blob, filename: string): void {
+  const url = URL.createObjectURL(blob);
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = filename;
+  link.rel = "noopener";
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}
+
+/** Save an attachment of a mail: fetched with the token, then handed to the browser as a file. */
+export async function saveMailAttachment(attachment: MailAttachment): Promise<void> {
+  if (!attachment.id) return;
+  try {
+    saveBlob(await api.mailAttachment(attachment.id), attachment.filename || "attachment");
+  } catch (error) {
+    reportError(error, `Could not download ${attachment.filename}`);
+  }
+}
+
+/** Save an unmatched mail as received (an .eml file, to open in a mail program). */
+export async function saveUnmatchedMail(id: string): Promise<void> {
+  try {
+    saveBlob(await api.unmatchedMailRaw(id), `${id}.eml`);
+  } catch (error) {
+    reportError(error, "Could not download the mail");
   }
 }

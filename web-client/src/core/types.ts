@@ -456,6 +456,8 @@ export interface CrmActivity {
   created_by: string;
   created_at: string;
   modified_at: string;
+  /** E-mail activities of the mail bridge: the mail (bodies only from GET /crm/activities/{id}). */
+  mail?: CrmActivityMail | null;
 }
 
 export interface CrmActivityCreate {
@@ -556,4 +558,178 @@ export interface CrmActivityUpdatedData {
 export interface CrmActivityRemovedData {
   id: string;
   owner_id: string;
+}
+
+// mail bridge (server/mailbridge/models.py, server/crm/models.py ActivityMail) -----------------------
+
+export type MailStatus = "queued" | "retrying" | "sent" | "failed" | "bounced";
+export type MailMatch = "code" | "thread" | "rule" | "sender" | "new_lead" | "assigned";
+
+export interface MailAttachment {
+  /** For GET /mail/attachments/{id}; null: not kept. */
+  id: string | null;
+  filename: string;
+  content_type: string;
+  size: number;
+}
+
+/** The mail behind an e-mail activity. */
+export interface CrmActivityMail {
+  /** Outgoing: the delivery status; incoming: null. */
+  status: MailStatus | null;
+  error: string | null;
+  from_address: string | null;
+  from_name: string | null;
+  to: string[];
+  cc: string[];
+  message_id: string | null;
+  code: string | null;
+  match: string | null;
+  flagged: boolean;
+  auto_reply: boolean;
+  in_reply_to_activity: string | null;
+  bounced_recipients: string[];
+  attachments: MailAttachment[];
+  /** Bodies: only in GET /crm/activities/{id}. The sanitised HTML. */
+  html: string | null;
+  /** The whole text, quoted history included. */
+  text: string | null;
+  /** The quoted history that the activity's description leaves out. */
+  quoted: string | null;
+}
+
+export interface SendEmailBody {
+  to: string[];
+  subject?: string;
+  text?: string;
+  html?: string;
+  template_id?: string;
+  attachment_ids?: string[];
+  bulk?: boolean;
+}
+
+export interface SentEmail {
+  activity_id: string;
+  to: string[];
+  message_id: string;
+  code: string;
+  status: string;
+}
+
+/** POST /mail/attachments */
+export interface UploadedAttachment {
+  id: string;
+  filename: string;
+  content_type: string;
+  size: number;
+}
+
+export interface MailInfo {
+  address: string;
+  smtp_port: number | null;
+  lmtp_port: number | null;
+  relay_configured: boolean;
+}
+
+export interface SubjectRuleIn {
+  pattern: string;
+  record_type: CrmRecordType;
+  field: string;
+}
+
+export interface SubjectRule extends SubjectRuleIn {
+  id: string;
+}
+
+export interface MailSettings {
+  code_in: "subject" | "body";
+  create_leads: boolean;
+  lead_exceptions: string[];
+  max_new_leads_per_sender: number;
+  lead_period_minutes: number;
+  lead_responsible_id: string | null;
+  subject_rules: SubjectRule[];
+}
+
+export interface MailSettingsUpdate {
+  code_in?: "subject" | "body";
+  create_leads?: boolean;
+  lead_exceptions?: string[];
+  max_new_leads_per_sender?: number;
+  lead_period_minutes?: number;
+  lead_responsible_id?: string | null;
+  subject_rules?: SubjectRuleIn[];
+}
+
+export interface MailTemplateIn {
+  name: string;
+  subject: string;
+  text: string;
+}
+
+export interface MailTemplate extends MailTemplateIn {
+  id: string;
+}
+
+export type MailboxSecurity = "tls" | "none";
+
+/** MailboxIn: the body of POST /mail/mailboxes and /mail/mailboxes/test. */
+export interface MailboxIn {
+  name: string;
+  host: string;
+  port: number;
+  security: MailboxSecurity;
+  login: string;
+  password: string;
+  folder: string;
+  processed_folder: string | null;
+  delete_after_delivery: boolean;
+  poll_seconds: number;
+  enabled: boolean;
+}
+
+export type MailboxUpdate = Partial<MailboxIn>;
+
+export interface MailboxState {
+  uidvalidity?: number | null;
+  last_uid?: number | null;
+  connected?: boolean;
+  idle?: boolean;
+  last_error?: string | null;
+  last_poll_at?: string | null;
+}
+
+/** A message the collector left on the IMAP server as too large. */
+export interface SkippedMail {
+  uid: number;
+  size: number;
+  reason: string;
+  at: string;
+}
+
+export interface Mailbox extends Omit<MailboxIn, "password"> {
+  id: string;
+  state: MailboxState;
+  /** The latest 20 messages left on the server as too large, newest first. */
+  skipped?: SkippedMail[];
+}
+
+export interface ConnectionTest {
+  ok: boolean;
+  detail: string;
+  capabilities: string[];
+  messages: number | null;
+}
+
+export interface UnmatchedMail {
+  id: string;
+  received_at: string;
+  from_address: string;
+  subject: string;
+  reason: string;
+  candidates: CrmRecordRef[];
+  /** refused: unsafe to parse; it can be downloaded or dismissed, not assigned. */
+  status?: "unmatched" | "refused";
+  /** Bytes as received. */
+  size?: number;
 }

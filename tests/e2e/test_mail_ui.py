@@ -1,0 +1,430 @@
+"""CRM mail in real browsers: a manager sends a mail with an attachment from a deal through the
+send dialog (out through a relay, an aiosmtpd sink), the customer's reply comes back over SMTP to
+the hub's listener and shows up live in the deal's timeline (quoted history folded, the HTML in a
+sandboxed frame, the attachment downloadable); an administrator works the CRM inbox page (the
+options, the subject-rule tester, an IMAP connection test) and puts an unmatched mail on a deal."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from playwright.async_api import Browser, FilePayload, Page, expect
+from pydantic import SecretStr
+
+from server.settings import Settings
+from server.store.database import Store
+from tests.e2e.browser import DIST, log_in, new_context
+from tests.harness import HubHarness, start_hub
+
+DOMAIN = "portal.test"
+
+
+@dataclass
+class Sink:
+    """The relay: keeps every message it is given."""
+
+    port: int = 0
+    received: list[Envelope] = field(default_factory=list)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.received.append(envelope)
+        return "250 OK"
+
+    def messages(self) -> list[EmailMessage]:
+        return [
+            email.message_from_bytes(bytes(e.original_content or b""), policy=email.policy.default)
+            for e in self.received
+        ]
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    found = Sink()
+    server = await asyncio.get_running_loop().create_server(lambda: SMTP(found), "127.0.0.1", 0)
+    found.port = server.sockets[0].getsockname()[1]
+    yield found
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def mail_hub(
+    chromium_path: str, settings: Settings, store: Store, sink: Sink
+) -> AsyncIterator[HubHarness]:
+    """A hub serving the built client, sending through the sink, its listener on a free port."""
+    if not (DIST / "index.html").is_file():
+        pytest.fail(f"{DIST}/index.html is missing: build the web client first with `make web`")
+    configured = settings.model_copy(
+        update={
+            "web_client_dir": DIST,
+            "smtp_relay_url": SecretStr(f"smtp://127.0.0.1:{sink.port}"),
+            "domain": DOMAIN,
+        }
+    )
+    async with start_hub(configured, store) as harness:
+        yield harness
+
+
+async def call(hub: HubHarness, token: str, method: str, path: str, body: Any = None) -> Any:
+    resp = await hub.request(method, path, token=token, json=body)
+    assert resp.status in (200, 201, 204), (method, path, resp.status, resp.body)
+    return resp.body
+
+
+async def deliver(hub: HubHarness, msg: EmailMessage, sender: str, to: str) -> None:
+    """Hand a message to the hub's own SMTP listener, as the mail server in front would."""
+    port = hub.services.mail.ports["smtp"]
+    errors, _ = await aiosmtplib.send(
+        msg.as_bytes(), sender=sender, recipients=[to], hostname="127.0.0.1", port=port
+    )
+    assert not errors, errors
+
+
+async def settled(hub: HubHarness) -> None:
+    """Every stored message has its outcome."""
+    raw = hub.services.store["mail_raw"]
+    for _ in range(200):
+        await hub.services.mail.pipeline.drain()
+        if await raw.count_documents({"status": "pending"}) == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("mail still pending")
+
+
+async def sales_deal(hub: HubHarness, token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A contact with an address, and a deal with that contact (the deal has no address)."""
+    carl = await call(
+        hub,
+        token,
+        "POST",
+        "/api/v1/crm/contacts",
+        {
+            "first_name": "Carl",
+            "last_name": "Client",
+            "emails": [{"type": "work", "value": "client@example.test"}],
+        },
+    )
+    deal = await call(
+        hub, token, "POST", "/api/v1/crm/deals", {"title": "Big order", "contact_ids": [carl["id"]]}
+    )
+    return carl, deal
+
+
+async def open_record(page: Page, tab: str, title: str) -> None:
+    await page.get_by_test_id("nav-crm").click()
+    await page.locator(f"[data-testid=crm-tab][data-tab={tab}]").click()
+    await page.locator(f'[data-testid=crm-row][data-title="{title}"]').click()
+    await expect(page.get_by_test_id("crm-record-title")).to_have_text(title)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then let go)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_a_mail_sent_from_a_deal_and_its_reply_live_in_the_timeline(
+    mail_hub: HubHarness, sink: Sink, browser: Browser
+) -> None:
+    _, mary = await mail_hub.create_user("mary", first_name="Mary", last_name="Jones")
+    _, root = await mail_hub.create_user("root", admin=True)
+    await call(
+        mail_hub,
+        root,
+        "POST",
+        "/api/v1/mail/templates",
+        {
+            "name": "Quote",
+            "subject": "Your quote: {{record.title}}",
+            "text": "Hello Carl,\n\nthe offer is attached.\n\n{{user.name}}",
+        },
+    )
+    _, deal = await sales_deal(mail_hub, mary)
+
+    page = await (await new_context(browser)).new_page()
+    await log_in(page, mail_hub, "mary")
+    await open_record(page, "deal", "Big order")
+    await page.get_by_test_id("crm-send-email").click()
+    dialog = page.get_by_test_id("mail-compose")
+    carl = dialog.locator("[data-testid=mail-recipient][data-address='client@example.test']")
+    await expect(carl.locator("input")).to_be_checked()  # the contact's address, ticked
+    await expect(carl).to_contain_text("Carl Client (contact)")
+
+    # A stranger's address: the hub refuses, the dialog says why and stays open.
+    await dialog.get_by_test_id("mail-extra-address").fill("someone@evil.example")
+    await dialog.get_by_test_id("mail-extra-address").press("Enter")
+    await dialog.get_by_test_id("mail-template").select_option(label="Quote")
+    await expect(dialog.get_by_test_id("mail-subject")).to_have_value(
+        "Your quote: {{record.title}}"
+    )
+    await dialog.get_by_test_id("mail-send").click()
+    await expect(dialog.get_by_test_id("mail-compose-error")).to_have_text(
+        "someone@evil.example is not an address of this record or its contacts"
+    )
+    assert sink.received == []
+    stranger = dialog.locator("[data-testid=mail-recipient][data-address='someone@evil.example']")
+    await stranger.locator("input").uncheck()
+
+    # An attachment, uploaded as it is chosen; then sent.
+    offer_file: FilePayload = {
+        "name": "offer.txt",
+        "mimeType": "text/plain",
+        "buffer": b"the offer",
+    }
+    await dialog.get_by_test_id("mail-attach-input").set_input_files(files=[offer_file])
+    await expect(dialog.get_by_test_id("mail-compose-attachment")).to_have_attribute(
+        "data-filename", "offer.txt"
+    )
+    await expect(dialog.get_by_test_id("mail-compose-attachment")).to_contain_text("9 B")
+    await dialog.get_by_test_id("mail-send").click()
+    await expect(dialog).to_have_count(0)
+
+    timeline = page.get_by_test_id("crm-timeline")
+    sent_item = timeline.locator("[data-testid=mail-item][data-direction=outgoing]")
+    await expect(sent_item).to_have_count(1)
+    await expect(sent_item.get_by_test_id("mail-to")).to_have_text("client@example.test")
+    await expect(sent_item.get_by_test_id("mail-status")).to_have_text("Sent")
+    await expect(sent_item).to_have_attribute("data-status", "sent")
+    await expect(sent_item.get_by_test_id("mail-attachment")).to_have_attribute(
+        "data-filename", "offer.txt"
+    )
+    (sent,) = sink.messages()
+    assert str(sent["Subject"]).startswith("Your quote: Big order [CRM-")
+    assert sink.received[0].rcpt_tos == ["client@example.test"]
+    body = sent.get_body(("plain",))
+    assert body is not None and "Mary Jones" in body.get_content()
+    (offer,) = sent.iter_attachments()
+    assert offer.get_filename() == "offer.txt" and offer.get_content() == "the offer"
+
+    # Carl answers from his mail program, to the Reply-To: it comes in live, green.
+    reply_to = str(sent["Reply-To"]).split("<")[-1].rstrip(">")
+    assert reply_to.startswith("crm+") and reply_to.endswith("@" + DOMAIN)
+    reply = EmailMessage()
+    reply["From"] = "Carl Client <client@example.test>"
+    reply["To"] = reply_to
+    reply["Subject"] = "RE: " + str(sent["Subject"])
+    reply["Message-ID"] = f"<{uuid.uuid4().hex}@example.test>"
+    reply["In-Reply-To"] = str(sent["Message-ID"])
+    reply.set_content("Signed copy attached.\n\n> Hello Carl,\n> the offer is attached.\n")
+    reply.add_alternative(
+        "<p><b>Signed</b> copy attached.</p><blockquote>Hello Carl, the offer is attached."
+        '</blockquote><img src="https://tracker.example/pixel.gif" alt="">'
+        '<script>document.title = "pwned"</script>',
+        subtype="html",
+    )
+    reply.add_attachment(b"signed", maintype="text", subtype="plain", filename="signed.txt")
+    await deliver(mail_hub, reply, "client@example.test", reply_to)
+
+    got = timeline.locator("[data-testid=mail-item][data-direction=incoming]")
+    await expect(got).to_have_count(1)
+    item = timeline.locator(
+        "li.crm-activity", has=page.locator("[data-testid=mail-item][data-direction=incoming]")
+    )
+    await expect(item).to_have_attribute("data-state", "incoming")
+    await expect(got.get_by_test_id("mail-from")).to_have_text("Carl Client <client@example.test>")
+    await expect(got.get_by_test_id("mail-match")).to_contain_text("by its reply code")
+    await expect(got.get_by_test_id("mail-status")).to_have_count(0)
+    await expect(got.get_by_test_id("mail-flagged")).to_have_count(0)
+    await expect(got.get_by_test_id("mail-text")).to_have_text("Signed copy attached.")
+    indicator = page.get_by_test_id("crm-record").get_by_test_id(f"indicator-{deal['id']}")
+    await expect(indicator).to_have_attribute("data-colour", "green")
+    await expect(page.get_by_test_id("nav-crm-badge")).to_have_attribute("data-colour", "green")
+    await expect(page.get_by_test_id("nav-crm-badge")).to_have_text("1")
+
+    # The quoted history: folded, unfolded, folded again.
+    await expect(got.get_by_test_id("mail-quoted")).to_have_count(0)
+    await got.get_by_test_id("mail-quoted-toggle").click()
+    await expect(got.get_by_test_id("mail-quoted")).to_contain_text("> Hello Carl,")
+    await got.get_by_test_id("mail-quoted-toggle").click()
+    await expect(got.get_by_test_id("mail-quoted")).to_have_count(0)
+
+    # The original HTML in a frame that runs nothing.
+    await got.get_by_test_id("mail-html-toggle").click()
+    frame = got.get_by_test_id("mail-html")
+    await expect(frame).to_have_attribute("sandbox", "")
+    inside = page.frame_locator("[data-testid=mail-html]")
+    await expect(inside.locator("b")).to_have_text("Signed")
+    await expect(inside.locator("blockquote")).to_contain_text("Hello Carl")
+    await expect(inside.locator("script")).to_have_count(0)
+    srcdoc = await frame.get_attribute("srcdoc")
+    assert srcdoc is not None and "default-src 'none'" in srcdoc
+    assert await page.title() != "pwned"
+
+    # The attachment, downloaded with the token.
+    async with page.expect_download() as download_info:
+        await got.locator("[data-testid=mail-attachment][data-filename='signed.txt']").click()
+    download = await download_info.value
+    assert download.suggested_filename == "signed.txt"
+    path = await download.path()
+    assert path.read_bytes() == b"signed"
+
+    # Someone else answers with Carl's code: flagged. Carl's out-of-office: marked, not counted.
+    forwarded = EmailMessage()
+    forwarded["From"] = "Eve Other <eve@other.example>"
+    forwarded["To"] = reply_to
+    forwarded["Subject"] = "FW: " + str(sent["Subject"])
+    forwarded["Message-ID"] = f"<{uuid.uuid4().hex}@other.example>"
+    forwarded.set_content("Carl forwarded this to me. Any discount?")
+    await deliver(mail_hub, forwarded, "eve@other.example", reply_to)
+    flagged = timeline.locator("[data-testid=mail-item][data-flagged=true]")
+    await expect(flagged).to_have_count(1)
+    await expect(flagged.get_by_test_id("mail-flagged")).to_contain_text("eve@other.example")
+    await expect(page.get_by_test_id("nav-crm-badge")).to_have_text("2")
+
+    away = EmailMessage()
+    away["From"] = "Carl Client <client@example.test>"
+    away["To"] = reply_to
+    away["Subject"] = "Out of office: " + str(sent["Subject"])
+    away["Message-ID"] = f"<{uuid.uuid4().hex}@example.test>"
+    away["Auto-Submitted"] = "auto-replied"
+    away.set_content("I am away until Monday.")
+    await deliver(mail_hub, away, "client@example.test", reply_to)
+    auto = timeline.locator("[data-testid=mail-item]", has=page.get_by_test_id("mail-auto-reply"))
+    await expect(auto).to_have_count(1)
+    await expect(auto.get_by_test_id("mail-text")).to_have_text("I am away until Monday.")
+    await expect(timeline.locator("[data-state=incoming]")).to_have_count(2)
+    await expect(page.get_by_test_id("nav-crm-badge")).to_have_text("2")
+
+
+async def test_an_admin_tunes_the_inbox_and_puts_unmatched_mail_on_a_deal(
+    mail_hub: HubHarness, browser: Browser
+) -> None:
+    _, root = await mail_hub.create_user("root", admin=True, first_name="Rita", last_name="Admin")
+    _, deal = await sales_deal(mail_hub, root)
+
+    page = await (await new_context(browser)).new_page()
+    await log_in(page, mail_hub, "root")
+    await page.get_by_test_id("nav-crm").click()
+    await page.locator("[data-testid=crm-tab][data-tab=mail]").click()
+    admin = page.get_by_test_id("crm-mail-admin")
+    await expect(admin.get_by_test_id("mail-info-address")).to_have_text(f"crm@{DOMAIN}")
+    smtp = mail_hub.services.mail.ports["smtp"]
+    await expect(admin.get_by_test_id("mail-info-smtp")).to_have_text(f"port {smtp}")
+    await expect(admin.get_by_test_id("mail-info-relay")).to_have_text("configured")
+    await expect(admin.get_by_test_id("mail-dns-hint")).to_contain_text(f"MX 10 mx.{DOMAIN}.")
+
+    # No leads from strangers: their mail waits for an admin.
+    options = admin.get_by_test_id("mail-options")
+    await expect(options.get_by_test_id("mail-create-leads")).to_be_checked()
+    await options.get_by_test_id("mail-create-leads").uncheck()
+    await options.get_by_test_id("mail-lead-exceptions").fill(
+        "@partner.example\nNoReply@Shop.example"
+    )
+    await options.get_by_test_id("mail-options-save").click()
+    await expect(options.get_by_test_id("mail-options-saved")).to_be_visible()
+    await expect(options.get_by_test_id("mail-lead-exceptions")).to_have_value(
+        "@partner.example\nnoreply@shop.example"
+    )
+    stored = await call(mail_hub, root, "GET", "/api/v1/mail/settings")
+    assert stored["create_leads"] is False
+    assert stored["lead_exceptions"] == ["@partner.example", "noreply@shop.example"]
+
+    # The rule tester: what a rule takes from a subject, and a pattern the hub refuses.
+    rules = admin.get_by_test_id("mail-rules")
+    await rules.get_by_test_id("mail-rule-add").click()
+    await rules.get_by_test_id("mail-rule-pattern").fill(r"Order #(?P<code>\d{6})")
+    await rules.get_by_test_id("mail-rule-try").click()
+    tester = rules.get_by_test_id("mail-rule-tester")
+    await expect(tester.get_by_test_id("mail-test-pattern")).to_have_value(
+        r"Order #(?P<code>\d{6})"
+    )
+    await tester.get_by_test_id("mail-test-subject").fill("RE: Order #104233 shipped?")
+    await tester.get_by_test_id("mail-test-run").click()
+    await expect(tester.get_by_test_id("mail-test-result")).to_have_attribute("data-code", "104233")
+    await expect(tester.get_by_test_id("mail-test-result")).to_have_text("Extracts 104233")
+    await tester.get_by_test_id("mail-test-subject").fill("Nothing to see")
+    await tester.get_by_test_id("mail-test-run").click()
+    await expect(tester.get_by_test_id("mail-test-result")).to_have_text("No match")
+    await tester.get_by_test_id("mail-test-pattern").fill("(a+)+")
+    await tester.get_by_test_id("mail-test-run").click()
+    await expect(tester.get_by_test_id("mail-test-error")).to_contain_text("a repeated group")
+    await rules.get_by_test_id("mail-rules-save").click()
+    await expect(rules.get_by_test_id("mail-rules-saved")).to_be_visible()
+    stored = await call(mail_hub, root, "GET", "/api/v1/mail/settings")
+    assert [r["pattern"] for r in stored["subject_rules"]] == [r"Order #(?P<code>\d{6})"]
+
+    # An IMAP mailbox's settings tried before saving: nobody answers on that port.
+    boxes = admin.get_by_test_id("mail-mailboxes")
+    await boxes.get_by_test_id("mailbox-new").click()
+    form = boxes.get_by_test_id("mailbox-form")
+    await form.get_by_test_id("mailbox-name").fill("Hosted inbox")
+    await form.get_by_test_id("mailbox-host").fill("127.0.0.1")
+    await form.get_by_test_id("mailbox-security").select_option("none")
+    await form.get_by_test_id("mailbox-port").fill(str(free_port()))
+    await form.get_by_test_id("mailbox-login").fill("crm")
+    await form.get_by_test_id("mailbox-password").fill("imap-secret")
+    await form.get_by_test_id("mailbox-test").click()
+    result = form.get_by_test_id("mailbox-test-result")
+    await expect(result).to_have_attribute("data-ok", "false")
+    await expect(result.get_by_test_id("mailbox-test-detail")).not_to_be_empty()
+    assert await mail_hub.services.store["mail_mailboxes"].count_documents({}) == 0
+
+    # A stranger writes to the inbox: no lead, the unmatched list.
+    stray = EmailMessage()
+    stray["From"] = "Nora New <nora@new.example>"
+    stray["To"] = f"crm@{DOMAIN}"
+    stray["Subject"] = "About the big order"
+    stray["Message-ID"] = f"<{uuid.uuid4().hex}@new.example>"
+    stray.set_content("Can we add ten more units?")
+    await deliver(mail_hub, stray, "nora@new.example", f"crm@{DOMAIN}")
+    promo = EmailMessage()
+    promo["From"] = "promo@spam.example"
+    promo["To"] = f"crm@{DOMAIN}"
+    promo["Subject"] = "Cheap pens"
+    promo["Message-ID"] = f"<{uuid.uuid4().hex}@spam.example>"
+    promo.set_content("Buy now.")
+    await deliver(mail_hub, promo, "promo@spam.example", f"crm@{DOMAIN}")
+    await settled(mail_hub)
+    assert await mail_hub.services.store["crm_records"].count_documents({"type": "lead"}) == 0
+
+    await page.locator("[data-testid=crm-tab][data-tab=unmatched]").click()
+    # The advertisement: downloaded as received, then dismissed.
+    spam = page.locator("[data-testid=unmatched][data-from='promo@spam.example']")
+    await expect(spam).to_have_count(1)
+    async with page.expect_download() as download_info:
+        await spam.get_by_test_id("unmatched-download").click()
+    download = await download_info.value
+    assert download.suggested_filename.endswith(".eml")
+    assert b"Subject: Cheap pens" in (await download.path()).read_bytes()
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await spam.get_by_test_id("unmatched-dismiss").click()
+    await expect(spam).to_have_count(0)
+
+    waiting = page.locator("[data-testid=unmatched][data-from='nora@new.example']")
+    await expect(waiting).to_have_count(1)
+    await expect(waiting.get_by_test_id("unmatched-subject")).to_have_text("About the big order")
+    await expect(waiting.get_by_test_id("unmatched-reason")).to_have_text("unknown sender")
+    await waiting.get_by_test_id("unmatched-pick").click()
+    picker = waiting.get_by_test_id("unmatched-picker")
+    await picker.get_by_test_id("unmatched-type").select_option("deal")
+    await picker.get_by_test_id("record-picker-input").fill("Big")
+    await picker.locator("[data-testid=record-option][data-title='Big order']").click()
+    await picker.get_by_test_id("unmatched-assign").click()
+    await expect(waiting).to_have_count(0)
+    await expect(page.get_by_test_id("unmatched-empty")).to_be_visible()
+    opened = page.locator(f"[data-testid=unmatched-open-record][data-id='{deal['id']}']")
+    await expect(opened).to_have_text("Big order")
+
+    # On the deal: an incoming mail, assigned.
+    await opened.click()
+    await expect(page.get_by_test_id("crm-record")).to_have_attribute("data-id", deal["id"])
+    got = page.locator(
+        "[data-testid=crm-timeline] [data-testid=mail-item][data-direction=incoming]"
+    )
+    await expect(got).to_have_count(1)
+    await expect(got.get_by_test_id("mail-from")).to_have_text("Nora New <nora@new.example>")
+    await expect(got.get_by_test_id("mail-match")).to_contain_text("assigned by an administrator")
+    await expect(got.get_by_test_id("mail-text")).to_have_text("Can we add ten more units?")
