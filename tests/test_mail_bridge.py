@@ -621,6 +621,8 @@ async def test_the_timeline_shows_the_mail_and_its_attachments_only_to_those_who
     mailhub: HubHarness, sink: Sink
 ) -> None:
     ctx = await mail_setup(mailhub)
+    watcher = await mailhub.connect(ctx["mary"])
+    await watcher.wait_for("snapshot")
     upload = await mailhub.request(
         "POST",
         "/api/v1/mail/attachments?filename=offer.txt",
@@ -630,6 +632,13 @@ async def test_the_timeline_shows_the_mail_and_its_attachments_only_to_those_who
     )
     assert upload.status == 201, upload.body
     sent = await send_from_deal(mailhub, ctx, sink, attachment_ids=[upload.body["id"]])
+    # the sender's timeline learns the delivery status live, not only on the next read
+    await watcher.wait_until(
+        lambda: any(
+            (e["data"]["activity"].get("mail") or {}).get("status") == "sent"
+            for e in watcher.of_type("crm.activity.updated")
+        )
+    )
     reply = reply_to(sent, text="Signed copy attached.")
     reply.add_attachment(
         b"signed", maintype="text", subtype="plain", filename="Vertrag \u00fcber\u00b7.txt"

@@ -11,7 +11,8 @@ from server.directory.models import Email, Patch, Strict
 
 # No line breaks: a subject cannot smuggle a header (compose() checks again).
 Subject = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\r\n\x00]*$")]
-Body = Annotated[str, StringConstraints(max_length=500_000)]
+# The whole request is capped by PORTALHUB_MAX_BODY_BYTES too (413 beyond it).
+Body = Annotated[str, StringConstraints(max_length=100_000)]
 
 
 class SendEmail(Strict):

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.headerregistry import Address
@@ -143,6 +144,8 @@ class Outbox:
         self._relay = Relay.from_url(relay_url) if relay_url else None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Called with the activity id after its delivery status changed.
+        self.on_marked: list[Callable[[str], Awaitable[None]]] = []
 
     @property
     def collection(self) -> Any:
@@ -291,3 +294,8 @@ class Outbox:
         await self._store["crm_activities"].update_one(
             {"_id": doc["activity_id"]}, {"$set": {**fields, "modified_at": utcnow()}}
         )
+        for callback in self.on_marked:
+            try:
+                await callback(doc["activity_id"])
+            except Exception:
+                log.exception("announcing the delivery status of %s failed", doc["activity_id"])

@@ -264,12 +264,17 @@ class MailPipeline:
                 }
             },
         )
+        await self.announce(activity["_id"])
+        return {"activity_id": activity["_id"], "recipients": list(info.recipients)}
+
+    async def announce(self, activity_id: str) -> None:
+        """An email activity's mail part changed (delivery status, bounce): tell its viewers."""
+        activity = await self._store["crm_activities"].find_one({"_id": activity_id})
+        if activity is None:
+            return
         owner = await self._store["crm_records"].find_one({"_id": activity["owner_id"]})
         if owner is not None:
-            fresh = await self._store["crm_activities"].find_one({"_id": activity["_id"]})
-            if fresh is not None:
-                await self._crm.records.core.announce_activity(fresh, owner)
-        return {"activity_id": activity["_id"], "recipients": list(info.recipients)}
+            await self._crm.records.core.announce_activity(activity, owner)
 
     async def _lead_for(self, mail: ParsedMail, settings: MailSettings) -> Document | None:
         """One lead per unknown sender, however many of their mails arrive at once."""

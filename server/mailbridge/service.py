@@ -90,6 +90,7 @@ class MailBridge:
         self.pipeline.origin = settings.domain
         relay = settings.smtp_relay_url.get_secret_value() if settings.smtp_relay_url else None
         self.outbox = Outbox(store, relay)
+        self.outbox.on_marked.append(self.pipeline.announce)
         self._files = AsyncGridFSBucket(store.db, bucket_name="mail_attachments")
         self._uploads = AsyncGridFSBucket(store.db, bucket_name="mail_uploads")
         self._cached: MailSettings | None = None
