@@ -284,6 +284,11 @@ def test_apple_mail_html_only_reply() -> None:
         ("Vale.\n\nEl lun, 3 mar 2025 a las 10:12, Bob (<b@x.example>) escribió:\n> Hola", "Vale."),
         ("Да.\n\nпн, 3 мар. 2025 г. в 10:12, Bob <b@x.example>:\n> Привет", "Да."),
         (
+            "Спасибо, берём.\n\nВы писали 23 ноября 2026 г., 10:00:\n\n> Здравствуйте",
+            "Спасибо, берём.",
+        ),
+        ("Ок.\n\n23.11.2026 10:00, Иван написал:\n> Привет", "Ок."),
+        (
             "Passt.\n\nVon: Bob <b@x.example>\nGesendet: Montag, 3. März 2025 10:12\n"
             "An: Anna\nBetreff: Angebot\n\nHallo",
             "Passt.",

@@ -653,7 +653,8 @@ def html_to_text(sanitised_html: str) -> str:
 _VERBS = (
     *("wrote", "schrieb", "a écrit", "escribió", "ha scritto", "schreef", "napisał"),
     *("napisała", "skrev", "kirjoitti", "írta", "napsal", "napsala", "escreveu"),
-    *("пишет", "написал", "написала", "yazd\u0131", "έγραψε", "写道", "寫道", "작성"),
+    # "писал" also finds написал, написала and The Bat!'s "Вы писали"
+    *("пишет", "писал", "yazd\u0131", "έγραψε", "写道", "寫道", "작성"),
 )
 _SEPARATOR = re.compile(
     r"[-_=]{2,}\s*(?:original message|ursprüngliche nachricht|message d'origine"
