@@ -4,6 +4,30 @@ Flapping is coalesced: when a user's last source goes, "offline" is announced on
 grace period, and a source that comes back within it cancels the announcement, so a reconnect
 produces no offline/online pair. Sources that stop sending heartbeats without a clean
 disconnect are dropped by the sweeper after the heartbeat timeout.
+
+Several nodes (a shared ``RedisPresenceStore``): every decision is taken from the shared
+state, never from what this node alone has seen, because a user's tabs and Jabber sessions
+may sit on any node. Why each piece is where it is:
+
+- The published status is changed by compare-and-set in the store, and only the winner
+  announces. Several nodes may decide the same transition (two tabs connecting on two nodes,
+  every survivor noticing a dead node's user); one announcement must come out, not one per
+  node. A loser simply decides again from the fresh state, so nodes converge.
+- Each node keeps the sources of its own connections (``_own``): only it can close them, so
+  only it sweeps them for silence; another node's connections are its business, or, if that
+  node died, the TTL's. The copy also lets a heartbeat re-create a source Redis lost.
+- Who notices a dead node's users? Nobody is told when a key expires, so every sweep compares
+  who is published with who still has sources, and decides again for the users that differ.
+  That also repairs a node that died between storing a source and announcing it.
+- Any node may run a grace task for a user (the one whose tab closed, any that noticed the
+  loss). The grace counts from the shared offline mark, not from when this node heard of it,
+  so a later observer does not lengthen it and an earlier task does not cut short the grace of
+  a second disconnect; "offline" is swapped in only if no source has come back meanwhile.
+- The snapshot view (``published()``) is the store's local copy, which follows Redis, so a
+  snapshot made on one node shows users online only through another.
+
+With the in-memory store these steps reduce to what one node did before: the swap always
+wins and there is no offline mark.
 """
 
 from __future__ import annotations
@@ -37,6 +61,9 @@ ViewersOf = Callable[[str], Awaitable[list[str]]]
 DropSource = Callable[[str, str], Awaitable[None]]  # (transport, source id): close it
 
 
+RACE_RETRIES = 5  # lost compare-and-sets in a row before one decision gives up (logged)
+
+
 class PresenceService:
     def __init__(
         self,
@@ -54,13 +81,12 @@ class PresenceService:
         self._viewers_of = viewers_of
         self.grace_seconds = grace_seconds
         self.heartbeat_timeout = heartbeat_timeout_seconds
-        self._manual: dict[str, Manual] = {}
-        self._published: dict[str, Status] = {}
-        self._last_seen: dict[str, datetime] = {}
+        self._own: dict[str, tuple[str, Source]] = {}  # source id -> (user, source): this node's
         self._pending_offline: dict[str, asyncio.Task[None]] = {}
         self._droppers: dict[str, DropSource] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self._closed = False
 
     def on_drop(self, transport: str, dropper: DropSource) -> None:
         """How to close a source of ``transport`` the sweeper found dead."""
@@ -73,41 +99,50 @@ class PresenceService:
     ) -> None:
         source = Source(source_id, transport, active, time.monotonic(), dnd)
         await self._sources.put(user_id, source)
+        self._own[source_id] = (user_id, source)
         await self._recompute(user_id)
 
     async def heartbeat(
         self, user_id: str, source_id: str, active: bool, dnd: bool | None = None
     ) -> None:
         """A sign of life from a source, with its activity (and, for XMPP, its dnd flag)."""
-        for source in await self._sources.sources(user_id):
-            if source.id == source_id:
-                keep_dnd = source.dnd if dnd is None else dnd
-                await self._sources.put(
-                    user_id,
-                    Source(source_id, source.transport, active, time.monotonic(), keep_dnd),
-                )
-                if source.active != active or source.dnd != keep_dnd:
-                    await self._recompute(user_id)
-                return
+        own = self._own.get(source_id)
+        if own is None or own[0] != user_id:
+            return  # unknown, or dropped by the sweeper already
+        source = own[1]
+        keep_dnd = source.dnd if dnd is None else dnd
+        beat = Source(source_id, source.transport, active, time.monotonic(), keep_dnd)
+        await self._sources.put(user_id, beat)  # also brings back one the store lost
+        self._own[source_id] = (user_id, beat)
+        if source.active != active or source.dnd != keep_dnd:
+            await self._recompute(user_id)
 
     async def disconnected(self, user_id: str, source_id: str) -> None:
-        if await self._sources.remove(user_id, source_id):
+        if self._closed:
+            return  # shutting down: close() has taken this node's sources away already
+        own = self._own.pop(source_id, None)
+        # Also when the store had lost it already (expired): this node still owned it.
+        if await self._sources.remove(user_id, source_id) or own is not None:
             await self._recompute(user_id)
 
     # manual state ------------------------------------------------------------------------------
 
     async def manual(self, user_id: str) -> Manual:
-        if user_id not in self._manual:
-            doc = await self._db.users.find_one(
-                {"_id": user_id}, projection={"presence": True, "last_seen": True}
-            )
-            stored = (doc or {}).get("presence") or {}
-            self._manual[user_id] = Manual(
-                stored.get("status"), stored.get("until"), bool(stored.get("invisible"))
-            )
-            if doc and doc.get("last_seen"):
-                self._last_seen.setdefault(user_id, doc["last_seen"])
-        return self._manual[user_id]
+        cached = await self._sources.manual(user_id)
+        if cached is not None:
+            return cached
+        doc = await self._db.users.find_one(
+            {"_id": user_id}, projection={"presence": True, "last_seen": True}
+        )
+        stored = (doc or {}).get("presence") or {}
+        manual = await self._sources.keep_manual(
+            user_id,
+            Manual(stored.get("status"), stored.get("until"), bool(stored.get("invisible"))),
+            if_missing=True,  # a value set meanwhile (here or on another node) is newer
+        )
+        if doc and doc.get("last_seen"):
+            await self._sources.keep_last_seen(user_id, doc["last_seen"], if_missing=True)
+        return manual
 
     async def set_manual(
         self, user_id: str, status: ManualStatus | None, until: datetime | None, invisible: bool
@@ -125,7 +160,7 @@ class PresenceService:
                 }
             },
         )
-        self._manual[user_id] = manual
+        await self._sources.keep_manual(user_id, manual)
         await self._recompute(user_id, force_own=True)
         return await self.own_view(user_id)
 
@@ -138,8 +173,9 @@ class PresenceService:
 
     async def seen_status(self, user_id: str) -> Status:
         """What colleagues see: the last published status (flaps are not shown)."""
-        if user_id in self._published:
-            return self._published[user_id]
+        published = await self._sources.published_status(user_id)
+        if published != "offline":
+            return published
         own = await self.own_status(user_id)
         return status_seen_by_others(own, await self.manual(user_id))
 
@@ -151,7 +187,7 @@ class PresenceService:
             "manual": manual.current(datetime.now(UTC)),
             "until": _iso(manual.until) if manual.current(datetime.now(UTC)) else None,
             "invisible": manual.invisible,
-            "last_seen": _iso(self._last_seen.get(user_id)),
+            "last_seen": _iso(await self._sources.last_seen(user_id)),
         }
 
     async def view(self, viewer_id: str, user_id: str) -> dict[str, Any]:
@@ -162,7 +198,7 @@ class PresenceService:
         view: dict[str, Any] = {
             "user_id": user_id,
             "status": status,
-            "last_seen": _iso(self._last_seen.get(user_id)),
+            "last_seen": _iso(await self._sources.last_seen(user_id)),
         }
         if status == "dnd" and manual.until is not None:
             view["until"] = _iso(manual.until)
@@ -170,54 +206,74 @@ class PresenceService:
 
     def published(self) -> dict[str, Status]:
         """What colleagues currently see of everyone not offline (flaps are not shown)."""
-        return dict(self._published)
+        return self._sources.published()
 
     async def sources_of(self, user_id: str) -> list[Source]:
         return await self._sources.sources(user_id)
 
     async def online_user_ids(self) -> set[str]:
-        return {u for u in await self._sources.users() if await self._sources.sources(u)}
+        return set(await self._sources.users())
 
     # announcing --------------------------------------------------------------------------------
 
     async def _recompute(self, user_id: str, force_own: bool = False) -> None:
         # One user's changes are decided one at a time: two tabs connecting together must not
-        # both see "was offline" and both announce "online".
+        # both see "was offline" and both announce "online". (Across nodes the store's
+        # compare-and-set does the same.)
         # (One small lock per user who ever connected: bounded by the directory's size.)
         async with self._locks.setdefault(user_id, asyncio.Lock()):
             await self._decide(user_id, force_own)
 
     async def _decide(self, user_id: str, force_own: bool) -> None:
-        manual = await self.manual(user_id)
-        own = own_status(await self._sources.sources(user_id), manual, datetime.now(UTC))
-        seen = status_seen_by_others(own, manual)
-        previous = self._published.get(user_id, "offline")
-        if seen == "offline" and previous != "offline":
-            if own == "offline":
-                self._last_seen[user_id] = utcnow()
-                await self._db.users.update_one(
-                    {"_id": user_id}, {"$set": {"last_seen": self._last_seen[user_id]}}
-                )
-                if user_id not in self._pending_offline:
-                    self._pending_offline[user_id] = asyncio.create_task(
-                        self._offline_after_grace(user_id), name=f"presence-grace:{user_id}"
-                    )
+        for _ in range(RACE_RETRIES):
+            manual = await self.manual(user_id)
+            own = own_status(await self._sources.sources(user_id), manual, datetime.now(UTC))
+            seen = status_seen_by_others(own, manual)
+            previous = await self._sources.published_status(user_id)
+            if seen == "offline" and previous != "offline":
+                if own == "offline":
+                    await self._went_offline(user_id)
+                    return
+                if await self._publish(user_id, seen, previous):  # went invisible: at once
+                    return
+                continue  # another node changed it meanwhile: decide again
+            if own != "offline":
+                await self._sources.clear_offline(user_id)
+            pending = self._pending_offline.pop(user_id, None)
+            if pending is not None:
+                pending.cancel()
+            if seen == previous:
+                if force_own:
+                    await self._announce_to_self(user_id)
                 return
-            await self._publish(user_id, seen)  # went invisible: at once
-            return
-        pending = self._pending_offline.pop(user_id, None)
-        if pending is not None:
-            pending.cancel()
-        if seen != previous:
-            await self._publish(user_id, seen)
-        elif force_own:
-            await self._announce_to_self(user_id)
+            if await self._publish(user_id, seen, previous):
+                return
+        log.warning("presence of %s: lost %s races in a row, left as it is", user_id, RACE_RETRIES)
+
+    async def _went_offline(self, user_id: str) -> None:
+        now = utcnow()
+        _, first = await self._sources.mark_offline(user_id, now)
+        if first:
+            await self._sources.keep_last_seen(user_id, now)
+            await self._db.users.update_one({"_id": user_id}, {"$set": {"last_seen": now}})
+        if user_id not in self._pending_offline:
+            self._pending_offline[user_id] = asyncio.create_task(
+                self._offline_after_grace(user_id), name=f"presence-grace:{user_id}"
+            )
 
     async def _offline_after_grace(self, user_id: str) -> None:
         try:
             await asyncio.sleep(self.grace_seconds)
+            # Several nodes: the grace counts from when the last source went, wherever.
+            while (since := await self._sources.offline_since(user_id)) is not None:
+                left = self.grace_seconds - (utcnow() - since).total_seconds()
+                if left <= 0:
+                    break
+                await asyncio.sleep(left)
             if await self.own_status(user_id) == "offline":
-                await self._publish(user_id, "offline")
+                previous = await self._sources.published_status(user_id)
+                if previous != "offline":
+                    await self._publish(user_id, "offline", previous, only_if_gone=True)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -226,11 +282,14 @@ class PresenceService:
             if self._pending_offline.get(user_id) is asyncio.current_task():
                 del self._pending_offline[user_id]
 
-    async def _publish(self, user_id: str, seen: Status) -> None:
-        if seen == "offline":
-            self._published.pop(user_id, None)
-        else:
-            self._published[user_id] = seen
+    async def _publish(
+        self, user_id: str, seen: Status, previous: Status, *, only_if_gone: bool = False
+    ) -> bool:
+        """Announce ``seen`` if the published status still is ``previous``; False if not."""
+        if not await self._sources.swap_published(
+            user_id, previous, seen, only_if_gone=only_if_gone
+        ):
+            return False
         online = await self.online_user_ids()
         viewers = [v for v in await self._viewers_of(user_id) if v in online and v != user_id]
         if viewers:
@@ -242,6 +301,7 @@ class PresenceService:
                 )
             )
         await self._announce_to_self(user_id)
+        return True
 
     async def _announce_to_self(self, user_id: str) -> None:
         # The user's own devices get their full state (manual state, invisible flag).
@@ -254,16 +314,25 @@ class PresenceService:
     # sweeping ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._sources.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="presence-sweeper")
 
+    async def ready(self) -> None:
+        """Once this returns, ``published()`` knows what other nodes published before."""
+        await self._sources.ready()
+
     async def sweep(self) -> None:
-        """Drop sources without a recent heartbeat; let expired do-not-disturb lapse."""
+        """Drop this node's sources without a recent heartbeat; let expired do-not-disturb
+        lapse; decide again for users whose sources vanished elsewhere (a dead node)."""
         deadline = time.monotonic() - self.heartbeat_timeout
         now = datetime.now(UTC)
-        for user_id in await self._sources.users():
-            sources = await self._sources.sources(user_id)
-            dead = set(stale(sources, deadline))
-            for source in sources:
+        mine: dict[str, list[Source]] = {}
+        for user_id, source in list(self._own.values()):
+            mine.setdefault(user_id, []).append(source)
+        dead_by_user = {u: set(stale(s, deadline)) for u, s in mine.items()}
+        for user_id in dict.fromkeys([*await self._sources.users(), *mine]):
+            dead = dead_by_user.get(user_id, set())
+            for source in mine.get(user_id, []):
                 if source.id in dead:
                     log.info(
                         "presence: %s source %s of %s timed out",
@@ -271,30 +340,52 @@ class PresenceService:
                         source.id,
                         user_id,
                     )
+                    self._own.pop(source.id, None)
                     await self._sources.remove(user_id, source.id)
                     dropper = self._droppers.get(source.transport)
                     if dropper is not None:
                         await dropper(source.transport, source.id)
-            manual = self._manual.get(user_id)
-            expired = manual is not None and manual.status and manual.current(now) is None
+            manual = await self._sources.manual(user_id)
+            expired = bool(manual is not None and manual.status and manual.current(now) is None)
             if manual is not None and expired:
-                # A lapsed away/dnd is cleared once, in memory and in the database.
+                # A lapsed away/dnd is cleared once, in the cache and in the database (by
+                # one node: the others lose the swap).
                 cleared = Manual(None, None, manual.invisible)
-                self._manual[user_id] = cleared
-                await self._db.users.update_one(
-                    {"_id": user_id},
-                    {
-                        "$set": {
-                            "presence": {
-                                "status": None,
-                                "until": None,
-                                "invisible": cleared.invisible,
+                if await self._sources.replace_manual(user_id, manual, cleared):
+                    await self._db.users.update_one(
+                        {
+                            "_id": user_id,
+                            "presence.status": manual.status,
+                            "presence.until": manual.until,
+                        },
+                        {
+                            "$set": {
+                                "presence": {
+                                    "status": None,
+                                    "until": None,
+                                    "invisible": cleared.invisible,
+                                }
                             }
-                        }
-                    },
-                )
+                        },
+                    )
+                else:
+                    expired = False  # cleared by another node, or set anew
             if dead or expired:
-                await self._recompute(user_id, force_own=bool(expired))
+                await self._recompute(user_id, force_own=expired)
+        await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Decide again wherever what was published and who has sources disagree: a user
+        published but without sources (a dead node's, expired), or with sources but published
+        offline (a node died before announcing; Redis lost its state). Invisible users are in
+        the second kind too, and deciding again leaves them as they are."""
+        live = set(await self._sources.users())
+        published = await self._sources.published_now()
+        for user_id in published.keys() - live:
+            if user_id not in self._pending_offline:
+                await self._recompute(user_id)
+        for user_id in live - published.keys():
+            await self._recompute(user_id)
 
     async def _sweep_forever(self) -> None:
         interval = max(0.2, min(self.heartbeat_timeout / 4, 10.0))
@@ -306,6 +397,9 @@ class PresenceService:
                 log.exception("presence sweep failed")
 
     async def close(self) -> None:
+        """Stop; this node's sources go from the store at once (other nodes then announce
+        them offline after the grace period), and later disconnects are ignored."""
+        self._closed = True
         tasks = list(self._pending_offline.values())
         if self._sweeper is not None:
             tasks.append(self._sweeper)
@@ -314,6 +408,14 @@ class PresenceService:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        own, self._own = self._own, {}
+        for source_id, (user_id, _) in own.items():
+            try:
+                await self._sources.remove(user_id, source_id)
+            except Exception:
+                log.warning("presence: could not remove source %s at shutdown", source_id)
+                break  # the store is unreachable: the TTL will do it
+        await self._sources.close()
 
 
 def _iso(value: datetime | None) -> str | None:
