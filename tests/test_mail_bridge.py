@@ -837,3 +837,41 @@ async def test_the_listener_offers_starttls_with_a_certificate_and_takes_mail_ov
         await smtp.send_message(msg)
         await smtp.quit()
         assert await hub.services.store["mail_raw"].count_documents({}) == 1
+
+
+async def test_concurrent_first_sends_share_one_first_key(mailhub: HubHarness, sink: Sink) -> None:
+    ctx = await mail_setup(mailhub)
+    statuses = await asyncio.gather(
+        *(
+            mailhub.request(
+                "POST",
+                f"/api/v1/crm/deals/{ctx['deal']['id']}/emails",
+                token=ctx["mary"],
+                json={"to": ["client@example.test"], "subject": f"Quote {n}", "text": "Hi"},
+            )
+            for n in range(6)
+        )
+    )
+    assert [r.status for r in statuses] == [201] * 6, [r.body for r in statuses]
+    keys = [k["_id"] async for k in mailhub.services.store["mail_keys"].find({})]
+    assert keys == ["0"]
+    codes = {r.body["emails"][0]["code"][0] for r in statuses}
+    assert codes == {"0"}
+
+
+async def test_a_relay_may_pass_a_burst_over_one_session(mailhub: HubHarness) -> None:
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=mailhub.services.mail.ports["smtp"])
+    await smtp.connect()
+    for n in range(60):  # more than the old per-session budget of 50 MAIL commands
+        msg = EmailMessage()
+        msg["From"] = "client@example.test"
+        msg["To"] = "crm@portal.test"
+        msg["Subject"] = f"Burst {n}"
+        msg["Message-ID"] = f"<burst-{n}@example.test>"
+        msg.set_content(f"number {n}")
+        await smtp.send_message(msg)
+    with pytest.raises(aiosmtplib.SMTPResponseException) as cut:
+        for _ in range(60):
+            await smtp.noop()  # a loop on one command is still cut off
+    assert cut.value.code == 421
+    assert await mailhub.services.store["mail_raw"].count_documents({}) == 60

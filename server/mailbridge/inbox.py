@@ -77,7 +77,9 @@ class RawInbox:
             "received_at": utcnow(),
             "status": "pending",
             "attempts": 0,
-            "claimed_until": None,
+            # Not before: arrival, then a lease's end or a retry time. The claim filters on
+            # indexed fields only (the embedded database scans the collection otherwise).
+            "claimed_until": utcnow(),
             "source": {
                 "kind": source.kind,
                 "mailbox_id": source.mailbox_id,
@@ -118,17 +120,21 @@ class RawInbox:
     async def claim(self) -> Document | None:
         """The oldest message waiting (or whose processing lease ran out)."""
         now = utcnow()
+        # No sort: the index (status, claimed_until) yields the longest-waiting first, and a
+        # sort would read every pending message.
         found: Document | None = await self.collection.find_one_and_update(
-            {
-                "status": "pending",
-                "$or": [{"claimed_until": None}, {"claimed_until": {"$lt": now}}],
-            },
+            {"status": "pending", "claimed_until": {"$lt": now}},
             {"$set": {"claimed_until": now + LEASE}, "$inc": {"attempts": 1}},
-            sort=[("received_at", 1)],
             return_document=ReturnDocument.AFTER,
             projection={"data": 0},
         )
         return found
+
+    async def upgrade(self) -> None:
+        """Messages stored by an older version waited with no time at all."""
+        await self.collection.update_many(
+            {"status": "pending", "claimed_until": None}, {"$set": {"claimed_until": utcnow()}}
+        )
 
     async def finish(self, raw_id: str, status: str, result: Document) -> None:
         await self.collection.update_one(

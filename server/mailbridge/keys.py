@@ -6,6 +6,7 @@ before a rotation until they are retired.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -39,17 +40,28 @@ class CodeKeys:
         self._cached_at = 0.0
 
     async def _load(self) -> tuple[str, dict[str, bytes]]:
-        keys = {
-            k["_id"]: bytes(k["secret"])
-            async for k in self._store["mail_keys"].find({"retired": {"$ne": True}})
-        }
-        current = await self._store["mail_keys"].find_one(
-            {"retired": {"$ne": True}}, sort=[("created_at", -1)]
-        )
-        if current is None:
-            await self.rotate()
+        # One read, so the current key is always among the keys read with it.
+        found = [
+            k
+            async for k in self._store["mail_keys"]
+            .find({"retired": {"$ne": True}})
+            .sort([("created_at", 1), ("_id", 1)])
+        ]
+        if not found:
+            await self._first()
             return await self._load()
-        return current["_id"], keys
+        return found[-1]["_id"], {k["_id"]: bytes(k["secret"]) for k in found}
+
+    async def _first(self) -> None:
+        """The first key, "0": made once however many senders ask for it at the same time
+        (a rotation each would use up key ids)."""
+        fresh = {
+            "_id": KEY_IDS[0],
+            "secret": Binary(secrets.token_bytes(32)),
+            "created_at": utcnow(),
+        }
+        with contextlib.suppress(DuplicateKeyError):
+            await self._store["mail_keys"].insert_one(fresh)
 
     async def keys(self) -> tuple[str, dict[str, bytes]]:
         """(the current key id, every key that still verifies)."""

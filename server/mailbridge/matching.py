@@ -107,9 +107,9 @@ class Matcher:
         ids = [i for i in [mail.in_reply_to, *reversed(mail.references)] if i]
         if not ids:
             return None
-        activity = await self._store["crm_activities"].find_one(
-            {"mail.message_id": {"$in": ids}, "direction": "outgoing"}
-        )
+        # Only our own outgoing mail carries mail.message_id (incoming mail keeps its id in
+        # mail.incoming_message_id), so the indexed field alone selects it.
+        activity = await self._store["crm_activities"].find_one({"mail.message_id": {"$in": ids}})
         if activity is None:
             return None
         record = await self._store["crm_records"].find_one({"_id": activity["owner_id"]})
@@ -141,19 +141,11 @@ class Matcher:
             return Match("none", reason="no sender address")
         found = [
             r
-            async for r in self._store["crm_records"]
-            .find(
-                {
-                    "email_keys": sender,
-                    # a converted lead's address lives on in the records made from it
-                    "$or": [
-                        {"type": {"$in": ["contact", "company"]}},
-                        {"type": "lead", "status": {"$ne": "converted"}},
-                    ],
-                }
-            )
-            .limit(20)
-        ]
+            async for r in self._store["crm_records"].find({"email_keys": sender}).limit(50)
+            # a converted lead's address lives on in the records made from it; deals have none
+            if r["type"] in ("contact", "company")
+            or (r["type"] == "lead" and r.get("status") != "converted")
+        ][:20]
         if len(found) == 1:
             return Match("sender", found[0])
         if found:

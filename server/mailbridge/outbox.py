@@ -165,16 +165,16 @@ class Outbox:
             "raw": Binary(raw),
             "status": "queued",
             "attempts": 0,
-            "next_at": utcnow(),
-            "claimed_until": None,
-            "held": True,
+            # Not before: the hold's end now, later a lease's end or a retry time. One field,
+            # so the claim names only indexed fields (the embedded database scans otherwise).
+            "next_at": utcnow() + HOLD,
             "created_at": utcnow(),
         }
         await self.collection.insert_one(doc)
         return str(doc["_id"])
 
     async def release(self, outbox_id: str) -> None:
-        await self.collection.update_one({"_id": outbox_id}, {"$set": {"held": False}})
+        await self.collection.update_one({"_id": outbox_id}, {"$set": {"next_at": utcnow()}})
         self._wake.set()
 
     def start(self) -> None:
@@ -201,16 +201,8 @@ class Outbox:
         while self._relay is not None:
             now = utcnow()
             doc = await self.collection.find_one_and_update(
-                {
-                    "status": "queued",
-                    "next_at": {"$lte": now},
-                    "$and": [
-                        {"$or": [{"claimed_until": None}, {"claimed_until": {"$lt": now}}]},
-                        {"$or": [{"held": False}, {"created_at": {"$lt": now - HOLD}}]},
-                    ],
-                },
-                {"$set": {"claimed_until": now + LEASE}, "$inc": {"attempts": 1}},
-                sort=[("next_at", 1)],
+                {"status": "queued", "next_at": {"$lte": now}},
+                {"$set": {"next_at": now + LEASE}, "$inc": {"attempts": 1}},
                 return_document=ReturnDocument.AFTER,
             )
             if doc is None:
@@ -267,7 +259,7 @@ class Outbox:
         delay = min(timedelta(seconds=30) * 2 ** min(doc["attempts"] - 1, 10), timedelta(hours=1))
         await self.collection.update_one(
             {"_id": doc["_id"]},
-            {"$set": {"next_at": utcnow() + delay, "claimed_until": None, "last_error": error}},
+            {"$set": {"next_at": utcnow() + delay, "last_error": error}},
         )
         await self._mark_activity(doc, {"mail.status": "retrying", "mail.error": error})
 

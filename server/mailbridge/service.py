@@ -103,6 +103,7 @@ class MailBridge:
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.inbox.upgrade()
         self.pipeline.start()
         self.outbox.start()
         self._pruner = asyncio.create_task(self._prune_daily(), name="mail-prune")

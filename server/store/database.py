@@ -114,6 +114,7 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("sha256", ASCENDING)], unique=True, name="sha256_unique"),
         IndexModel([("imap_key", ASCENDING)], unique=True, sparse=True, name="imap_key_sparse"),
         IndexModel([("status", ASCENDING), ("received_at", ASCENDING)], name="status"),
+        IndexModel([("status", ASCENDING), ("claimed_until", ASCENDING)], name="claimable"),
         IndexModel([("message_id", ASCENDING)], sparse=True, name="message_id"),
         IndexModel([("source.mailbox_id", ASCENDING), ("status", ASCENDING)], name="mailbox"),
     ],
