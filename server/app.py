@@ -21,11 +21,15 @@ from server.crm.service import Crm
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus, InProcessBus
 from server.events.redis_bus import RedisBus
-from server.events.streams import StreamLog, user_stream
+from server.events.streams import user_stream
 from server.im.service import ImService
 from server.mailbridge.service import MailBridge
+from server.observability.http import request_middleware
+from server.observability.runtime import OBSERVABILITY, Observability
+from server.observability.tracing import ObservedBus, TracedStreamLog
+from server.presence.redis_store import RedisPresenceStore
 from server.presence.service import PresenceService
-from server.presence.store import InMemoryPresenceStore
+from server.presence.store import InMemoryPresenceStore, PresenceStore
 from server.services import SERVICES, Services
 from server.settings import Settings
 from server.store.database import Document, Store, utcnow
@@ -40,6 +44,7 @@ from server.xmpp.session import C2SSession
 log = logging.getLogger(__name__)
 
 MAINTENANCE_INTERVAL_SECONDS = 600.0
+MAIL_DRAIN_SECONDS = 10.0  # for an SMTP transaction under way to finish
 PLACEHOLDER_DIR = Path(__file__).resolve().parent.parent / "web-client"
 
 
@@ -47,16 +52,18 @@ def node_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def build_services(settings: Settings, store: Store) -> Services:
+def build_services(settings: Settings, store: Store, node: str | None = None) -> Services:
     bus: EventBus
     redis_bus = client_manager = None
     if settings.redis_url is not None:
         url = settings.redis_url.get_secret_value()
-        bus = redis_bus = RedisBus(url, node_id())
+        bus = redis_bus = RedisBus(url, node or node_id())
         client_manager = socketio.AsyncRedisManager(url)
     else:
         bus = InProcessBus()
-    streams = StreamLog(store, bus, retention_seconds=settings.event_retention_seconds)
+    # Counted and traced (request and event ids in the logs): server/observability/tracing.py
+    bus = observed = ObservedBus(bus)
+    streams = TracedStreamLog(store, observed, retention_seconds=settings.event_retention_seconds)
     if redis_bus is not None:
         redis_bus.attach(streams)
     directory = DirectoryService(store, streams, bus)
@@ -66,9 +73,17 @@ def build_services(settings: Settings, store: Store) -> Services:
         doc = await store.users.find_one({"_id": user_id})
         return await directory.visible_user_ids(doc) if doc else []
 
+    presence_store: PresenceStore
+    if settings.redis_url is not None:
+        presence_store = RedisPresenceStore(
+            settings.redis_url.get_secret_value(),
+            ttl_seconds=settings.presence_heartbeat_timeout_seconds,
+        )
+    else:
+        presence_store = InMemoryPresenceStore()
     presence = PresenceService(
         store,
-        InMemoryPresenceStore(),
+        presence_store,
         bus,
         viewers_of,
         grace_seconds=settings.presence_grace_seconds,
@@ -179,10 +194,32 @@ async def _maintenance(svc: Services) -> None:
         await asyncio.sleep(MAINTENANCE_INTERVAL_SECONDS)
 
 
+async def drain(app: web.Application, mail_seconds: float = MAIL_DRAIN_SECONDS) -> None:
+    """The node is going away: clients are told to reconnect elsewhere and no new ones are
+    taken (closing the HTTP listener is the caller's). Socket.IO clients get `server.draining`
+    and are disconnected; Jabber sessions end with `system-shutdown`; the mail listener stops
+    accepting and lets a session in the middle of a transaction finish it. In-flight HTTP
+    requests and the background work end afterwards, in the runner's cleanup."""
+    svc = app[SERVICES]
+    jobs = [svc.hub.drain()]
+    if svc.xmpp is not None:
+        jobs.append(svc.xmpp.drain())
+    if svc.mail.ingress is not None:
+        jobs.append(svc.mail.ingress.drain(mail_seconds))
+    for failed in await asyncio.gather(*jobs, return_exceptions=True):
+        if isinstance(failed, BaseException):
+            log.error("drain step failed", exc_info=failed)
+
+
 def create_app(settings: Settings, store: Store) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[problem_middleware])
-    svc = build_services(settings, store)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[request_middleware, problem_middleware],
+    )
+    node = node_id()
+    svc = build_services(settings, store, node)
     app[SERVICES] = svc
+    observability = app[OBSERVABILITY] = Observability(svc, node)
 
     async def authenticate(request: web.Request) -> Document | None:
         header = request.headers.get("Authorization", "")
@@ -207,11 +244,14 @@ def create_app(settings: Settings, store: Store) -> web.Application:
             await svc.redis_bus.start()
         task = asyncio.create_task(_maintenance(svc), name="maintenance")
         svc.presence.start()
+        await svc.presence.ready()  # the published statuses of every node, for snapshots
         svc.scheduler.start()
         if svc.xmpp is not None:
             await svc.xmpp.start()
         await svc.mail.start()
+        await observability.start()
         yield
+        await observability.stop()
         await svc.mail.stop()
         if svc.xmpp is not None:
             await svc.xmpp.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -16,7 +17,7 @@ from datetime import timedelta
 from aiohttp import web
 from pydantic import ValidationError
 
-from server.app import create_app
+from server.app import create_app, drain
 from server.crm.service import Crm
 from server.demo import DEFAULT_PASSWORD, seed_demo
 from server.directory.models import Password, UserCreate
@@ -27,6 +28,9 @@ from server.im.service import ImService
 from server.mailbridge.inbox import RawInbox
 from server.mailbridge.keys import CodeKeys, KeyProblem
 from server.mailbridge.outbox import Outbox
+from server.observability import nodes
+from server.observability.logs import configure_logging
+from server.observability.runtime import OBSERVABILITY
 from server.services import SERVICES
 from server.settings import Settings
 from server.store import Store, open_store
@@ -81,13 +85,23 @@ async def serve(settings: Settings, demo: bool, demo_password: str | None) -> No
                     flush=True,
                 )
             host, port = runner.addresses[0][:2]
+            app[OBSERVABILITY].listening(host, port)  # for the node registry
             print(f"Portal Hub is running at http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
-            stop = asyncio.Event()
+            signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+                loop.add_signal_handler(sig, signals.put_nowait, sig)
+            grace = settings.drain_grace_seconds
+            if await signals.get() == signal.SIGTERM and grace > 0:
+                # Readiness fails at once so that load balancers send no new clients; until
+                # they have noticed, this node keeps serving. A second signal cuts it short.
+                app[SERVICES].hub.draining = True
+                print(f"draining: /readyz answers 503 for {grace:g} s", flush=True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(signals.get(), grace)
             print("stopping...", flush=True)
+            await site.stop()  # no new connections; requests under way finish in cleanup
+            await drain(app)  # clients are told to reconnect elsewhere
         finally:
             await runner.cleanup()
 
@@ -261,6 +275,12 @@ async def mail_prune(settings: Settings, days: int | None) -> None:
     )
 
 
+async def status(settings: Settings, as_json: bool) -> None:
+    """The running hubs, from the node registry they write every few seconds."""
+    async with open_store(settings, reuse_running=True) as store:
+        print(await nodes.status_report(store, as_json))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portalhub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -316,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune_p.add_argument(
         "--days", type=int, help="keep this many days (default: PORTALHUB_MAIL_RETENTION_DAYS)"
     )
+    status_p = sub.add_parser("status", help="the cluster's nodes and their load")
+    status_p.add_argument("--json", action="store_true", help="machine-readable")
     return parser
 
 
@@ -330,9 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         updates = {k: v for k, v in (("host", args.host), ("http_port", args.port)) if v}
         if updates:
             settings = settings.model_copy(update=updates)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         run_command(args, settings)
     except EmbeddedDatabaseError as exc:
@@ -359,6 +379,8 @@ def run_command(args: argparse.Namespace, settings: Settings) -> None:
         asyncio.run(mail_keys(settings, args.action, args.key))
     elif args.command == "mail":
         asyncio.run(mail_prune(settings, args.days))
+    elif args.command == "status":
+        asyncio.run(status(settings, args.json))
     elif args.command == "counters":
         if not asyncio.run(counters_check(settings, args.repair, args.json)):
             raise SystemExit(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 CONFIG_FILE_ENV = "PORTALHUB_CONFIG"
+DEFAULT_DRAIN_SECONDS = 10.0
 
 
 class Settings(BaseSettings):
@@ -35,6 +36,13 @@ class Settings(BaseSettings):
     mongodb_url: SecretStr | None = None
     mongodb_database: str = "portalhub"
     redis_url: SecretStr | None = None
+    drain_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="On SIGTERM, how long /readyz answers 503 'draining' (so that a load "
+        "balancer stops sending new clients) before the node stops accepting and tells its "
+        "clients to reconnect elsewhere; default 10 with Redis (several nodes), else 0",
+    )
     token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=1)
     event_retention_seconds: int = Field(default=3 * 24 * 3600, ge=1)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
@@ -95,6 +103,19 @@ class Settings(BaseSettings):
     )
     web_client_dir: Path | None = None
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: one readable line per record; json: one JSON object per line "
+        "(ts, level, logger, msg, node, request_id, event_id, exc_info)",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token that GET /metrics requires; unset: /metrics answers "
+        "loopback only",
+    )
+    node_heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="How often a node writes its entry in the node registry"
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -112,6 +133,12 @@ class Settings(BaseSettings):
     @property
     def crm_inbox_address(self) -> str:
         return (self.crm_inbox or f"crm@{self.domain}").lower()
+
+    @property
+    def drain_grace_seconds(self) -> float:
+        if self.drain_seconds is not None:
+            return self.drain_seconds
+        return DEFAULT_DRAIN_SECONDS if self.redis_url is not None else 0.0
 
     @property
     def embedded_db_dir(self) -> Path:

@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
+from slixmpp import JID
 
 from server.settings import Settings
 from server.store.database import Store
 from tests.harness import HubHarness, SocketClient, start_hub
 from tests.redis_server import RedisServer
+from tests.xmpp_client import xmpp_login
 
 
 @pytest.fixture
@@ -105,3 +107,63 @@ async def test_a_client_reconnecting_to_the_other_node_resumes_where_it_was(
     await send(one, alice, bob_id, "after")
     await bob_on_two.wait_until(lambda: texts(bob_on_two) == [*expected, "after"])
     assert alice_id
+
+
+def statuses(observer: SocketClient, user_id: str) -> list[str]:
+    return [c["status"] for c in observer.of_type("presence.changed") if c["user_id"] == user_id]
+
+
+async def test_presence_spans_nodes_one_announcement_per_change(
+    two_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_nodes
+    alice_id, alice = await one.create_user("alice")
+    _, bob = await one.create_user("bob")
+    watcher_on_one, watcher_on_two = await one.connect(bob), await two.connect(bob)
+    for watcher in (watcher_on_one, watcher_on_two):
+        watcher.keep_alive()
+        await watcher.wait_for("snapshot")
+    tab_on_one, tab_on_two = await one.connect(alice), await two.connect(alice)
+    tab_on_one.keep_alive()
+    tab_on_two.keep_alive()
+    for watcher in (watcher_on_one, watcher_on_two):
+        await watcher.wait_until(lambda w=watcher: statuses(w, alice_id) == ["online"])  # type: ignore[misc]
+    # a snapshot made on node two knows alice is online through either node
+    late = await two.connect(bob)
+    (snapshot,) = await late.wait_for("snapshot")
+    assert snapshot["presence"][alice_id] == "online"
+
+    await tab_on_one.close()  # her tab on node two still counts
+    await asyncio.sleep(1.0)  # longer than the grace period
+    await tab_on_two.close()
+    for watcher in (watcher_on_one, watcher_on_two):
+        await watcher.wait_until(
+            lambda w=watcher: statuses(w, alice_id) == ["online", "offline"]  # type: ignore[misc]
+        )
+    await asyncio.sleep(1.0)  # a second announcement, from the other node, would come by now
+    assert statuses(watcher_on_one, alice_id) == ["online", "offline"]
+    assert statuses(watcher_on_two, alice_id) == ["online", "offline"]
+    assert alice
+
+
+async def test_jabber_users_on_different_nodes_chat_and_see_presence(
+    two_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_nodes
+    await one.create_user("alice")
+    await one.create_user("bob")
+    alice = await xmpp_login(one, "alice")  # Pidgin on node one
+    bob = await xmpp_login(two, "bob")  # Gajim on node two
+    domain = one.services.xmpp.domain  # type: ignore[union-attr]
+    await bob.wait_for_condition(
+        lambda: any(
+            str(p["from"].bare) == f"alice@{domain}" and p["type"] != "unavailable"
+            for p in bob.presences
+        )
+    )
+    alice.send_message(mto=JID(f"bob@{domain}"), mbody="across nodes", mtype="chat")
+    await bob.wait_for_condition(lambda: bob.bodies() == ["across nodes"])
+    bob.send_message(mto=JID(f"alice@{domain}"), mbody="and back", mtype="chat")
+    await alice.wait_for_condition(lambda: alice.bodies() == ["and back"])
+    await asyncio.sleep(0.3)
+    assert bob.bodies() == ["across nodes"] and alice.bodies() == ["and back"]

@@ -137,6 +137,7 @@ async def cluster(
         PORTALHUB_REDIS_URL=redis_server.url,
         PORTALHUB_PRESENCE_GRACE_SECONDS="0.5",
         PORTALHUB_LOG_LEVEL="WARNING",
+        PORTALHUB_DRAIN_SECONDS="0",  # stopping at teardown; draining has its own tests
     )
     nodes = [Node(f"node{i}", env, tmp_path) for i in range(3)]
     add_root = [

@@ -165,6 +165,12 @@ def test_serve_demo_restart_and_cli(hub_process: Hub) -> None:
     pruned = hub.cli("mail", "prune", "--days", "7")
     assert pruned.returncode == 0 and "older than 7 days" in pruned.stdout, pruned.stderr
 
+    # the node registry: this hub, up, on its HTTP port
+    status = hub.cli("status")
+    assert status.returncode == 0, status.stderr
+    [node] = [line.split() for line in status.stdout.splitlines() if " up " in line]
+    assert node[2] == str(hub.port), status.stdout
+
     out = hub.stop(signal.SIGINT)
     assert hub.process is not None and hub.process.returncode == 0, out
     assert "Demo logins" in out and f"http://127.0.0.1:{hub.port}/" in out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from server.channels.websocket import disable_compression
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent, Event
 from server.events.streams import StreamLog, user_stream
+from server.observability import instruments
 from server.presence.service import PresenceService
 from server.settings import Settings
 from server.store.database import Document
@@ -48,6 +50,9 @@ CONNECT_WAIT_SECONDS = 10.0
 # A client that keeps flooding after being told is cut off.
 FLOOD_STRIKES_BEFORE_DISCONNECT = 20
 STRIKE_MEMORY_SECONDS = 10.0
+# Draining clients reconnect after a random delay up to this, not all in the same instant.
+DRAIN_RECONNECT_SPREAD_MS = 3000
+ENGINE_CLOSE_WAIT = 2.0
 
 
 class ConnectAuth(BaseModel):
@@ -134,6 +139,8 @@ class Hub:
         self._replaying: dict[str, set[str]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.draining = False  # readiness answers "draining"; set on SIGTERM
+        self._refusing = False  # after drain(): new connections are refused
         bus.subscribe(self._on_event)
         bus.subscribe_ephemeral(self._on_ephemeral)
         presence.on_drop(TRANSPORT, self._drop)
@@ -162,6 +169,11 @@ class Hub:
         """Register a client-to-server event; its return value is the acknowledgement."""
         self._client_events[name] = handler
 
+    def load(self) -> tuple[int, int]:
+        """Open connections, and live events held for connections still catching up."""
+        held = sum(len(b) for conn in self._connections.values() for b in conn.buffers.values())
+        return len(self._connections), held
+
     def connections_of(self, user_id: str) -> list[Connection]:
         return [
             self._connections[s] for s in self._by_user.get(user_id, ()) if s in self._connections
@@ -170,6 +182,10 @@ class Hub:
     # connect / disconnect ----------------------------------------------------------------------
 
     async def _on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
+        if self._refusing:
+            raise socketio.exceptions.ConnectionRefusedError(
+                "this node is shutting down: connect again", {"code": "draining"}
+            )
         if not isinstance(auth, dict):
             raise socketio.exceptions.ConnectionRefusedError(
                 "authentication required: connect with auth {token}", {"code": "auth_required"}
@@ -314,6 +330,7 @@ class Hub:
                     self._note_membership(conn, event)
                     await self._emit(event.type, event.envelope(), to=conn.sid)
                     last = event.seq
+                instruments.socketio_caught_up(replayed=len(missed))
         if last > 0:
             # An event read from the database may not be published yet; its live copy must
             # land in the buffer (and be dropped there), not reach the client a second time.
@@ -328,6 +345,7 @@ class Hub:
             if event.seq > last:
                 self._note_membership(conn, event)
                 await self._emit(event.type, event.envelope(), to=conn.sid)
+                instruments.socketio_caught_up(buffered=1)
                 last = event.seq
             buffer = conn.buffers.get(stream)
         self._stop_replaying(stream, conn.sid)
@@ -357,7 +375,10 @@ class Hub:
                 conn = self._connections.get(sid)
                 if conn is not None and event.stream in conn.buffers:
                     conn.buffers[event.stream].append(event)
+        room = self.sio.manager.rooms.get("/", {}).get(event.stream, ())
+        copies = len(room) - sum(1 for sid in skip or () if sid in room)
         await self._emit(event.type, event.envelope(), room=event.stream, skip_sid=skip)
+        instruments.socketio_delivered(event, copies)
         if event.stream.startswith("user:"):
             self._follow_membership(event)
 
@@ -484,6 +505,39 @@ class Hub:
         if conn.registered:
             await self._presence.heartbeat(conn.user_id, conn.sid, beat.active)
         return {"ok": True}
+
+    async def drain(self, reconnect_spread_ms: int = DRAIN_RECONNECT_SPREAD_MS) -> None:
+        """The node is going away: refuse new connections, tell every client to reconnect
+        (through the load balancer, to another node) after a random delay, and disconnect it.
+        The client reconnects with its ``since`` positions and misses nothing."""
+        self.draining = self._refusing = True
+        sids = list(self._connections)
+        engine_sids: list[str] = []
+        for sid in sids:
+            delay = random.randint(0, max(0, reconnect_spread_ms))
+            engine_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+            try:
+                await self._emit("server.draining", {"reconnect_after_ms": delay}, to=sid)
+                await self._disconnect(sid)
+            except Exception:
+                log.debug("drain of %s failed", sid, exc_info=True)
+            if engine_sid is not None:
+                engine_sids.append(engine_sid)
+        # A Socket.IO disconnect leaves the Engine.IO connection open: close it as well, or a
+        # long-poll request would hold up the HTTP server's shutdown. The close waits for the
+        # client to fetch what is queued, briefly.
+        engines = [self.sio.eio.sockets.get(e) for e in engine_sids]
+        await asyncio.gather(
+            *(asyncio.wait_for(self.sio.eio.disconnect(e), ENGINE_CLOSE_WAIT) for e in engine_sids),
+            return_exceptions=True,
+        )
+        # A client that closed first leaves its last long-poll waiting out the ping timeout
+        # (python-engineio answers it only then): answer it now, empty.
+        for engine in engines:
+            if engine is not None:
+                engine.queue.put_nowait(None)
+        if sids:
+            log.info("drained %s Socket.IO connections", len(sids))
 
     async def close(self) -> None:
         tasks = [*self._tasks.values(), *self._background]

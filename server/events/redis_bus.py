@@ -141,6 +141,11 @@ class RedisBus:
                 await self._task
         await self._redis.aclose()
 
+    @property
+    def unsent_count(self) -> int:
+        """Publications kept until Redis is reachable again."""
+        return len(self._unsent)
+
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())

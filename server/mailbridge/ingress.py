@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,9 @@ from server.mailbridge.parsing import Limits, MailTooComplex, parse
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_SECONDS = 60
-COMMAND_CALL_LIMIT = 50  # per command per session: a client looping on RCPT is cut off
+# Per command per session: a client looping on one command is cut off, while a mail server in
+# front may pass a burst of messages over one connection (each costs a MAIL, RCPTs, a DATA).
+COMMAND_CALL_LIMIT = {"MAIL": 1000, "RCPT": 5000, "DATA": 1000, "RSET": 1000, "*": 50}
 
 
 def accepts(address: str, inbox: str) -> bool:
@@ -124,13 +127,14 @@ class IngressServers:
         self._max_bytes = max_bytes
         self._tls = tls
         self._servers: list[asyncio.Server] = []
+        self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self.ports: dict[str, int] = {}
 
     def _protocol(self, cls: type[SMTP], kind: str) -> Callable[[], Any]:
         handler = self._handler_for(kind)
 
         def make() -> SMTP:
-            return cls(
+            protocol = cls(
                 handler,
                 data_size_limit=self._max_bytes,
                 enable_SMTPUTF8=True,
@@ -140,6 +144,8 @@ class IngressServers:
                 timeout=IDLE_TIMEOUT_SECONDS,
                 command_call_limit=COMMAND_CALL_LIMIT,
             )
+            self._sessions.add(protocol)
+            return protocol
 
         return make
 
@@ -152,6 +158,27 @@ class IngressServers:
             self._servers.append(server)
             self.ports[kind] = server.sockets[0].getsockname()[1]
             log.info("%s listener on %s:%s", kind.upper(), self._host, self.ports[kind])
+
+    async def drain(self, timeout: float) -> None:
+        """The node is going away: accept no new sessions; a session in the middle of a
+        transaction may finish it (up to ``timeout``), an idle one is closed with 421 at once.
+        A transaction cut short never got its 250, so the sending MTA retries it later."""
+        for server in self._servers:
+            server.close()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            live = [s for s in self._sessions if s.transport is not None]
+            for session in live:
+                if session.envelope is None or not session.envelope.mail_from:
+                    transport = session.transport
+                    if isinstance(transport, asyncio.WriteTransport) and not (
+                        transport.is_closing()
+                    ):
+                        transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+                        transport.close()
+            if not live or asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         for server in self._servers:

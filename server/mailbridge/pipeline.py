@@ -30,12 +30,15 @@ from server.mailbridge.models import MailSettings
 from server.mailbridge.noise import Noise, bounce_info, classify
 from server.mailbridge.parsing import Limits, MailTooComplex, ParsedMail, parse
 from server.mailbridge.rules import lead_allowed
+from server.observability import instruments
+from server.observability.context import traced
 from server.store.database import Document, Store, utcnow
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER = timedelta(seconds=30)
 IDLE_POLL_SECONDS = 5.0
+WORKERS = 4
 
 
 class MailPipeline:
@@ -59,21 +62,25 @@ class MailPipeline:
         self._files = AsyncGridFSBucket(store.db, bucket_name="mail_attachments")
         self.origin: str | None = None  # our X-PortalHub-Origin value (the portal's domain)
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
         self.on_finished: list[Callable[[Document], Awaitable[None]]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="mail-pipeline")
+        # Several messages at once: each waits mostly on the database, and every step is
+        # already safe against another node doing the same (claims, unique keys).
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"mail-pipeline-{n}") for n in range(WORKERS)
+        ]
 
     def wake(self) -> None:
         self._wake.set()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
 
     async def _run(self) -> None:
         while True:
@@ -90,7 +97,8 @@ class MailPipeline:
         done = 0
         while (doc := await self._inbox.claim()) is not None:
             try:
-                await self.process(doc)
+                with traced(request_id=f"mail-{doc['_id']}"):  # for the logs and events it makes
+                    await self.process(doc)
                 done += 1
             except Exception as exc:
                 log.exception("mail %s failed; it is retried", doc["_id"])
@@ -99,6 +107,7 @@ class MailPipeline:
 
     async def _finish(self, doc: Document, status: str, result: Document) -> None:
         await self._inbox.finish(doc["_id"], status, result)
+        instruments.mail_finished(status)
         finished = {**doc, "status": status, "result": result}
         for hook in self.on_finished:
             try:
@@ -125,12 +134,16 @@ class MailPipeline:
             await self._inbox.collection.update_one(
                 {"_id": doc["_id"]}, {"$set": {"message_id": mail.message_id}}
             )
-            earlier = await self._inbox.collection.find_one(
-                {"message_id": mail.message_id, "status": "done", "_id": {"$ne": doc["_id"]}},
-                {"_id": 1},
-            )
-            if earlier is not None:
-                await self._finish(doc, "duplicate", {**summary, "of": earlier["_id"]})
+            # Filtered on the indexed field only, the rest here: the embedded database uses an
+            # index only when the filter names nothing else.
+            copies = self._inbox.collection.find({"message_id": mail.message_id}, {"status": 1})
+            earlier = [
+                d
+                async for d in copies.limit(100)
+                if d["status"] == "done" and d["_id"] != doc["_id"]
+            ]
+            if earlier:
+                await self._finish(doc, "duplicate", {**summary, "of": earlier[0]["_id"]})
                 return
         settings = await self._settings()
         recipients = list(doc.get("source", {}).get("recipients", []))

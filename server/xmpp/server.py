@@ -24,6 +24,7 @@ from server.directory.service import DirectoryService
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.im.service import ImService
+from server.observability.context import context_for
 from server.presence.service import PresenceService
 from server.settings import Settings
 from server.store.database import Document, Store
@@ -170,6 +171,23 @@ class XmppServer:
             self.fingerprint,
         )
 
+    async def drain(self, timeout: float = 5.0) -> None:
+        """The node is going away: stop accepting, and end every session with
+        ``system-shutdown`` (RFC 6120 4.9.3.20), which clients answer by reconnecting - through
+        the load balancer, to another node. Waits up to ``timeout`` for the sessions to end;
+        stop() does the rest."""
+        for srv in self._servers:
+            srv.close()
+        sessions = list(self._all)
+        await asyncio.gather(
+            *(session.terminate("system-shutdown") for session in sessions),
+            return_exceptions=True,
+        )
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        if sessions:
+            log.info("drained %s XMPP sessions", len(sessions))
+
     async def stop(self) -> None:
         for srv in self._servers:
             srv.close()
@@ -193,7 +211,9 @@ class XmppServer:
             return
         session = C2SSession(self, reader, writer, tls=tls)
         self._all.add(session)
-        task = asyncio.create_task(session.run(), name=f"xmpp:{session.peer}")
+        task = asyncio.create_task(  # its logs carry the session's id as their request id
+            session.run(), name=f"xmpp:{session.peer}", context=context_for(f"xmpp-{session.id}")
+        )
         self._tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
@@ -310,6 +330,16 @@ class XmppServer:
         if not await self.directory.may_see(session.user, target):
             return None
         return peer
+
+    @property
+    def connection_count(self) -> int:
+        """Open client streams, logged in or not."""
+        return len(self._all)
+
+    @property
+    def session_count(self) -> int:
+        """Bound sessions (one per logged-in resource)."""
+        return sum(len(resources) for resources in self.sessions.values())
 
     def sessions_of(self, user_id: str) -> list[C2SSession]:
         return list(self.sessions.get(user_id, {}).values())

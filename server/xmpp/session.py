@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from scramp import ScramException, ScramMechanism
 
 from server.channels.ratelimit import TokenBucket
+from server.observability import instruments
 from server.store.database import Document
 from server.xmpp.jid import Jid
 from server.xmpp.sasl import SCRAM_MECHANISMS, auth_info, parse_plain
@@ -396,6 +397,7 @@ class C2SSession:
         if self._closed.is_set() or self.writer.is_closing():
             return
         self.writer.write(serialize(stanza))
+        instruments.xmpp_stanza_sent()
         if self.writer.transport.get_write_buffer_size() > MAX_OUTPUT_BUFFER:
             log.warning("xmpp %s: output backlog too large; closing", self.jid)
             self.writer.transport.abort()

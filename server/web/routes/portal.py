@@ -59,13 +59,13 @@ async def healthz(call: Call) -> Health:
 @api.route(
     "GET",
     "/readyz",
-    summary="The hub can serve: its database answers",
+    summary="The hub can serve: its database (and Redis) answer, and it is not draining",
     tag="health",
     auth="none",
     response=Health,
     extra_responses={
         "503": {
-            "description": "Not ready",
+            "description": "Not ready, or draining (shutting down)",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
         }
     },
@@ -76,9 +76,13 @@ async def readyz(call: Call) -> Health | web.Response:
     redis = None
     if svc.redis_bus is not None:
         redis = "ok" if svc.redis_bus.connected and await svc.redis_bus.ping() else "unreachable"
-    if database == "ok" and redis in (None, "ok"):
+    if svc.hub.draining:  # shutting down: load balancers send new clients elsewhere
+        status = "draining"
+    elif database == "ok" and redis in (None, "ok"):
         return Health(status="ready", database=database, redis=redis)
-    body = Health(status="unavailable", database=database, redis=redis)
+    else:
+        status = "unavailable"
+    body = Health(status=status, database=database, redis=redis)
     return web.json_response(body.model_dump(), status=503)
 
 
