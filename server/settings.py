@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     )
     mongodb_url: SecretStr | None = None
     mongodb_database: str = "portalhub"
+    mongodb_socket_timeout_ms: int = Field(
+        default=20_000,
+        ge=1000,
+        description="A database round trip slower than this fails (503 over REST) "
+        "instead of hanging the request",
+    )
     redis_url: SecretStr | None = None
     drain_seconds: float | None = Field(
         default=None,

@@ -158,10 +158,12 @@ def new_id() -> str:
 class Store:
     """Owns one AsyncMongoClient. Domain services reach collections through it."""
 
-    def __init__(self, url: str, database: str) -> None:
+    def __init__(self, url: str, database: str, *, socket_timeout_ms: int = 20_000) -> None:
         self.url = url
+        # A database that hangs must not hang requests with it: a round trip slower than
+        # this fails (a 503 over REST) instead of waiting forever.
         self.client: AsyncMongoClient[Document] = AsyncMongoClient(
-            url, serverSelectionTimeoutMS=5000, tz_aware=True
+            url, serverSelectionTimeoutMS=5000, socketTimeoutMS=socket_timeout_ms, tz_aware=True
         )
         self.db: AsyncDatabase[Document] = self.client[database]
 

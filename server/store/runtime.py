@@ -28,7 +28,9 @@ async def open_store(settings: Settings, *, reuse_running: bool) -> AsyncIterato
         else:
             embedded = EmbeddedDatabase(settings.embedded_db_dir)
             url = await embedded.start()
-    store = Store(url, settings.mongodb_database)
+    store = Store(
+        url, settings.mongodb_database, socket_timeout_ms=settings.mongodb_socket_timeout_ms
+    )
     try:
         await store.ensure_indexes()
         yield store

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from pymongo.errors import PyMongoError
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,17 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+    except PyMongoError as exc:
+        # The database failed or hung (socket timeout): the client may retry, and writes
+        # that must not happen twice carry their own keys (client_id for messages).
+        log.warning("database error on %s %s: %s", request.method, request.path, exc)
+        return Problem(
+            503,
+            "unavailable",
+            "Service unavailable",
+            "the database did not complete the request; retry in a moment",
+            headers={"Retry-After": "1"},
+        ).response(request.path)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return Problem(
