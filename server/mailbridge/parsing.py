@@ -189,6 +189,7 @@ _CHARSET_SUPERSETS: Mapping[str, tuple[str, ...]] = {
     "iso-8859-9": ("cp1254", "iso-8859-9"),
 }
 _UNLABELLED = ("utf-8", "cp1252")
+_NOT_CHARSETS = frozenset({"punycode", "idna", "undefined"})  # codecs.lookup(...).name
 
 
 def decode_bytes(data: bytes, charset: str | None) -> str:
@@ -199,10 +200,13 @@ def decode_bytes(data: bytes, charset: str | None) -> str:
     known = []
     for name in candidates:
         try:
-            codecs.lookup(name)
-        except LookupError:
+            info = codecs.lookup(name)
+        except (LookupError, ValueError):  # unknown, or not a name at all ("utf\x008")
             continue
-        known.append(name)
+        # Only a charset: not base64, zlib or rot13 (bytes.decode raises LookupError on those),
+        # nor punycode (quadratic: 400 KB take two minutes), idna or undefined.
+        if getattr(info, "_is_text_encoding", True) and info.name not in _NOT_CHARSETS:
+            known.append(name)
     if not known:
         known = list(_UNLABELLED)
     for name in known:
@@ -957,7 +961,7 @@ def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
 
     senders = _addresses(_all(message, "from"), top_charset)
     headers: dict[str, str] = {}
-    for name, value in message.items():
+    for name, value in message.raw_items():  # items() wraps 8-bit values in Header objects
         key = name.strip().lower()
         if (key in NOISE_HEADERS or key.startswith(OUR_HEADER_PREFIX)) and key not in headers:
             headers[key] = decode_header_value(value, top_charset).strip()[:1000]
