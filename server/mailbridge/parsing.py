@@ -289,8 +289,10 @@ _MESSAGE_ID = re.compile(r"<([^<>\s]{1,996})>")
 
 def _message_ids(value: str) -> list[str]:
     """The ids in a Message-ID / In-Reply-To / References field, as ``<id>``; a bare id without
-    brackets (some clients) is taken whole."""
-    value = _FOLD.sub("", value)
+    brackets (some clients) is taken whole. 8-bit bytes (raw in the header, kept as lone
+    surrogates by the stdlib) are decoded first: a lone surrogate cannot be stored."""
+    value = _FOLD.sub("", _plain_header_text(value, "utf-8"))
+    value = "".join(c for c in value if c.isprintable() or c in " \t")
     found = [f"<{m}>" for m in _MESSAGE_ID.findall(value)]
     if not found:
         bare = value.strip()
@@ -890,9 +892,19 @@ def _is_attachment(part: Message, filename: str | None) -> bool:
 
 
 def parse(raw: bytes, limits: Limits | None = None) -> ParsedMail:
-    """``raw`` read into a ``ParsedMail``; ``MailTooComplex`` when it exceeds ``limits``."""
+    """``raw`` read into a ``ParsedMail``; ``MailTooComplex`` when it exceeds ``limits``, or
+    when the standard library cannot read it at all: such mail is refused (552 over SMTP,
+    "refused" and kept for an admin from IMAP), never retried for ever."""
     limits = limits or Limits()
-    return from_message(message_from_bytes(raw, limits), limits)
+    try:
+        return from_message(message_from_bytes(raw, limits), limits)
+    except MailTooComplex:
+        raise
+    except (LookupError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        # Shapes found by fuzzing: a codec that is no charset (idna, undefined) decoding an
+        # 8-bit payload inside the stdlib, RFC 2231 continuations mixed with a plain
+        # parameter (decode_params raises TypeError), a NUL in a charset name.
+        raise MailTooComplex(f"unreadable MIME ({type(exc).__name__})") from exc
 
 
 def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
