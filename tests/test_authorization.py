@@ -837,14 +837,9 @@ async def test_xmpp_refuses_what_each_user_must_not_see(hub: HubHarness) -> None
     assert not mismatches, "\n".join(mismatches)
 
 
-# --- known holes: presence over XMPP ignores who may see whom ------------------------------
+# --- presence over XMPP follows who may see whom --------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug (server/xmpp/modules/presence.py): <presence type='probe'/> answers the "
-    "status of any user, also one the sender may not see (GET /presence leaves them out)",
-)
 async def test_xmpp_presence_probe_reveals_nothing_of_an_invisible_user(
     hub: HubHarness, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -861,11 +856,6 @@ async def test_xmpp_presence_probe_reveals_nothing_of_an_invisible_user(
     assert not any("alice@" in a for a in answers), answers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug (server/xmpp/modules/presence.py): <presence type='subscribe'/> to a user "
-    "the sender may not see is answered 'subscribed', which tells that the login exists",
-)
 async def test_xmpp_subscription_request_reveals_nothing_of_an_invisible_user(
     hub: HubHarness,
 ) -> None:

@@ -909,11 +909,6 @@ async def open_bound(hub: HubHarness, login: str) -> RawXmpp:
     return raw
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: MAM's RSM <max> passes str.isdigit() with '²' or 5000 digits, then "
-    "int() raises ValueError: the session fails with internal-server-error",
-)
 @pytest.mark.parametrize("maximum", ["²", "9" * 5000])
 async def test_mam_max_that_int_refuses_is_a_bad_request(
     fuzz_hub: HubHarness, caplog: pytest.LogCaptureFixture, maximum: str
@@ -928,11 +923,6 @@ async def test_mam_max_that_int_refuses_is_a_bad_request(
     assert not server_failures(caplog)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: MUC <history> attributes pass str.isdigit() with '²', and seconds "
-    "beyond timedelta overflow: joining fails the session with internal-server-error",
-)
 @pytest.mark.parametrize(
     "history", ["maxstanzas='²'", "maxchars='²'", "seconds='²'", "seconds='99999999999999'"]
 )

@@ -430,11 +430,6 @@ async def test_every_operation_conforms_to_the_openapi_document(hub: HubHarness)
     assert not missed, missed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: SASLprep (for the SCRAM verifiers) raises on a password with an emoji "
-    "or a control character, and the request answers 500 instead of 201 or 422",
-)
 @pytest.mark.parametrize(
     ("method", "path", "field"),
     [

@@ -23,9 +23,15 @@ ITERATIONS = 50_000
 def _verifiers(password: str) -> dict[str, Any]:
     stored: dict[str, Any] = {}
     for name in SCRAM_MECHANISMS:
-        salt, stored_key, server_key, iterations = ScramMechanism(name).make_auth_info(
-            password, iteration_count=ITERATIONS
-        )
+        try:
+            salt, stored_key, server_key, iterations = ScramMechanism(name).make_auth_info(
+                password, iteration_count=ITERATIONS
+            )
+        except (ScramException, ValueError, UnicodeError):
+            # SASLprep refuses some characters (unassigned code points such as many emoji,
+            # control characters): such a password works on the web and over XMPP PLAIN
+            # (on TLS), not with SCRAM.
+            return {}
         stored[name.replace("-", "_")] = {
             "salt": base64.b64encode(salt).decode(),
             "stored_key": base64.b64encode(stored_key).decode(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 
 CLIENT = "jabber:client"
@@ -110,3 +111,14 @@ def result(iq: ET.Element, payload_el: ET.Element | None = None) -> ET.Element:
     if payload_el is not None:
         reply.append(payload_el)
     return reply
+
+
+_DIGITS = re.compile(r"[0-9]{1,9}")
+
+
+def small_int(text: str | None) -> int | None:
+    """A count or a number of seconds from an attribute or element: ASCII digits, at most
+    nine of them, else None. ``str.isdigit`` would let "²" and endless digits through."""
+    if text is None or not _DIGITS.fullmatch(text):
+        return None
+    return int(text)

@@ -12,7 +12,7 @@ from server.store.database import Document
 from server.xmpp.jid import Jid
 from server.xmpp.modules.messages import DELAY, stamp
 from server.xmpp.session import C2SSession
-from server.xmpp.stanza import StanzaError, child, element, q, result
+from server.xmpp.stanza import StanzaError, child, element, q, result, small_int
 
 if TYPE_CHECKING:
     from server.xmpp.server import XmppServer
@@ -81,7 +81,8 @@ def install(server: XmppServer) -> None:
         if rsm is not None:
             max_text = rsm.findtext(q(RSM, "max"))
             if max_text:
-                limit = max(0, min(int(max_text) if max_text.isdigit() else DEFAULT_PAGE, MAX_PAGE))
+                wanted = small_int(max_text)
+                limit = max(0, min(DEFAULT_PAGE if wanted is None else wanted, MAX_PAGE))
             before_el = rsm.find(q(RSM, "before"))
             if before_el is not None:
                 before = before_el.text or None

@@ -44,7 +44,16 @@ from server.xmpp.modules.messages import (
     stamp,
 )
 from server.xmpp.session import C2SSession
-from server.xmpp.stanza import CLIENT, StanzaError, child, element, error_reply, q, result
+from server.xmpp.stanza import (
+    CLIENT,
+    StanzaError,
+    child,
+    element,
+    error_reply,
+    q,
+    result,
+    small_int,
+)
 from server.xmpp.xmlstream import serialize
 
 if TYPE_CHECKING:
@@ -342,16 +351,14 @@ class Muc:
         max_chars: int | None = None
         query: Document = {"chat_id": room.chat_id, "deleted": False}
         if wanted is not None:
-            maxstanzas = wanted.get("maxstanzas", "")
-            if maxstanzas.isdigit():
-                limit = min(int(maxstanzas), MAX_HISTORY)
-            maxchars = wanted.get("maxchars", "")
-            if maxchars.isdigit():
-                max_chars = int(maxchars)
-            seconds = wanted.get("seconds", "")
+            maxstanzas = small_int(wanted.get("maxstanzas"))
+            if maxstanzas is not None:
+                limit = min(maxstanzas, MAX_HISTORY)
+            max_chars = small_int(wanted.get("maxchars"))
+            seconds = small_int(wanted.get("seconds"))
             since: datetime | None = None
-            if seconds.isdigit():
-                since = datetime.now(UTC) - timedelta(seconds=int(seconds))
+            if seconds is not None:
+                since = datetime.now(UTC) - timedelta(seconds=seconds)
             elif wanted.get("since"):
                 with contextlib.suppress(ValueError):
                     since = datetime.fromisoformat(wanted.get("since", "").replace("Z", "+00:00"))

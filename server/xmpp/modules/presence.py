@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
 from server.events.models import EphemeralEvent
+from server.store.database import Document
 from server.xmpp.jid import Jid
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import CLIENT, child, element, q
@@ -82,7 +83,17 @@ def install(server: XmppServer) -> None:
             target = Jid.parse(to)
             if target.domain != server.domain:
                 return False  # e.g. a MUC room: another module's
-            if kind == "subscribe" and await server.user_for(target) is not None:
+            async def visible_user() -> Document | None:
+                """The addressed colleague, if the sender may see them: for anyone else the
+                answer is the same as for a login nobody has (nothing), so neither a status
+                nor an account's existence leaks."""
+                user = await server.user_for(target)
+                if user is None or session.user is None:
+                    return None
+                visible = await server.directory.visible_user_ids(session.user)
+                return user if str(user["_id"]) in visible else None
+
+            if kind == "subscribe" and await visible_user() is not None:
                 # The roster is the company: every subscription already exists.
                 session.send_nowait(
                     element(
@@ -96,7 +107,7 @@ def install(server: XmppServer) -> None:
                 )
                 return True
             if kind == "probe":
-                user = await server.user_for(target)
+                user = await visible_user()
                 if user is not None:
                     status = await server.presence.seen_status(str(user["_id"]))
                     session.send_nowait(
