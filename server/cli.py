@@ -29,6 +29,7 @@ from server.mailbridge.inbox import RawInbox
 from server.mailbridge.keys import CodeKeys, KeyProblem
 from server.mailbridge.outbox import Outbox
 from server.observability import nodes
+from server.observability.http import IN_FLIGHT
 from server.observability.logs import configure_logging
 from server.observability.runtime import OBSERVABILITY
 from server.services import SERVICES
@@ -38,6 +39,7 @@ from server.store.database import utcnow
 from server.store.embedded import EmbeddedDatabaseError
 
 log = logging.getLogger("portalhub")
+IN_FLIGHT_SECONDS = 30.0  # a draining node waits this long for requests under way
 
 
 def _directory(store: Store, settings: Settings) -> DirectoryService:
@@ -100,8 +102,12 @@ async def serve(settings: Settings, demo: bool, demo_password: str | None) -> No
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(signals.get(), grace)
             print("stopping...", flush=True)
-            await site.stop()  # no new connections; requests under way finish in cleanup
+            await site.stop()  # no new connections
             await drain(app)  # clients are told to reconnect elsewhere
+            # Requests under way finish here: once aiohttp's shutdown starts, it stops reading
+            # from their connections, so a body still arriving would never be read.
+            if not await IN_FLIGHT.wait_idle(IN_FLIGHT_SECONDS):
+                print(f"{IN_FLIGHT.count} requests still under way; stopping anyway", flush=True)
         finally:
             await runner.cleanup()
 

@@ -36,6 +36,36 @@ CLIENT_GONE = 499  # the client closed the connection before the answer (nginx's
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class InFlight:
+    """Requests under way in this process, so that a draining node can let them finish
+    before aiohttp's shutdown stops reading from their connections."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def started(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def finished(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no request is under way; False when ``timeout`` ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+IN_FLIGHT = InFlight()
+
+
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Gives the request its id (the client's ``X-Request-ID`` when usable, else a new one),
@@ -44,6 +74,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     token = REQUEST_ID.set(request_id)
     started = time.perf_counter()
     status = 500
+    IN_FLIGHT.started()
     try:
         response = await handler(request)
         status = response.status
@@ -58,6 +89,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = CLIENT_GONE if isinstance(exc, asyncio.CancelledError) else 500
         raise
     finally:
+        IN_FLIGHT.finished()
         elapsed = time.perf_counter() - started
         method = request.method if request.method in METHODS else "OTHER"
         HTTP_REQUESTS.inc(method=method, status=str(status))
