@@ -1,4 +1,5 @@
-"""``python -m bench [--quick] [--no-doc] [--keep] [--only socketio|xmpp|crm]``."""
+"""``python -m bench [--quick] [--no-doc] [--keep] [--only socketio|xmpp|crm|mail|soak]
+[--set FIELD=NUMBER]``."""
 
 from __future__ import annotations
 
@@ -11,18 +12,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.procs import REPO, BenchError, ensure_node_modules
-from bench.profiles import FULL, QUICK
+from bench.profiles import FULL, QUICK, with_settings
 from bench.report import (
     CRM_BEGIN,
     CRM_END,
+    MAIL_BEGIN,
+    MAIL_END,
     XMPP_BEGIN,
     XMPP_END,
     crm_markdown,
+    mail_markdown,
     markdown,
     update_doc,
     xmpp_markdown,
 )
 from bench.runner import DEFAULT_PARTS, PARTS, Run, machine_busy
+from bench.soak import SOAK_BEGIN, SOAK_END, soak_markdown
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -44,8 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         choices=PARTS,
-        help="run one part: socketio (hub vs Node socket.io), xmpp (hub vs Prosody) or crm "
-        "(CRM counters with up to a million open activities; not part of the default run)",
+        help="run one part: socketio (hub vs Node socket.io), xmpp (hub vs Prosody), crm "
+        "(CRM counters with up to a million open activities) or mail (CRM replies over SMTP "
+        "against a bare aiosmtpd) or soak (two nodes on Redis: a bounded load run with every "
+        "message accounted for, one node against two); crm, mail and soak are not part of the "
+        "default run",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=NUMBER",
+        help="change one size of the profile (bench/profiles.py), e.g. --set mail_replies=3000; "
+        "may be repeated",
     )
     parser.add_argument(
         "--hub-db-options",
@@ -65,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    profile = QUICK if args.quick else FULL
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        profile = with_settings(QUICK if args.quick else FULL, args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     started = time.monotonic()
 
     def say(text: str) -> None:
@@ -86,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             client_deflate=not args.no_client_deflate,
         )
         results = asyncio.run(run.run(keep=args.keep, parts=parts))
+        results["meta"]["settings"] = list(args.set)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -113,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         blocks.append((xmpp_markdown(results), XMPP_BEGIN, XMPP_END))
     if "crm" in parts:
         blocks.append((crm_markdown(results), CRM_BEGIN, CRM_END))
+    if "mail" in parts:
+        blocks.append((mail_markdown(results), MAIL_BEGIN, MAIL_END))
+    if "soak" in parts:
+        blocks.append((soak_markdown(results), SOAK_BEGIN, SOAK_END))
     for block, _, _ in blocks:
         print(block)
     say(f"results in {RESULTS_DIR}")
@@ -128,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"updated a results block of {DOC}")
             else:
                 say(f"{DOC} lacks the results markers {begin or ''}: paste the block by hand")
-    problems = results.get("crm", {}).get("problems", [])
-    for text in problems:
-        say(f"crm problem: {text}")
+    problems = []
+    for part in ("crm", "mail", "soak"):
+        for text in results.get(part, {}).get("problems", []):
+            problems.append(text)
+            say(f"{part} problem: {text}")
     return 1 if problems or aborted else 0

@@ -59,6 +59,17 @@ class Api:
             assert isinstance(data, dict)
             return data
 
+    async def get(self, path: str, token: str) -> dict[str, Any]:
+        """A GET (with its query in ``path``): no body."""
+        async with self._session.get(
+            self._base + path, headers={"Authorization": f"Bearer {token}"}
+        ) as response:
+            data = await response.json(content_type=None)
+            if response.status >= 300:
+                raise BenchError(f"GET {path}: {response.status} {data}")
+            assert isinstance(data, dict)
+            return data
+
     async def login(self, login: str, password: str) -> User:
         data = await self.call("POST", "/auth/login", {"login": login, "password": password})
         return User(login, str(data["user"]["id"]), str(data["token"]))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 
@@ -54,6 +55,47 @@ class Profile:
     crm_changes: int = 300
     crm_warmup_changes: int = 10
     crm_change_interval: float = 0.2
+    # CRM mail (``bench/mail.py``): ``mail_users`` users with ``mail_records_per_user`` deals
+    # (a contact each) and one mail sent from each deal; ``mail_latency_replies`` replies one
+    # at a time (after ``mail_latency_warmup``); ``mail_replies`` replies over
+    # ``mail_connections`` SMTP sessions at once, ``mail_per_session`` messages per session
+    # (the hub's listener cuts a session off at the 51st MAIL); then ``mail_loaded_probes``
+    # replies one at a time, one per ``mail_probe_interval`` s, while replies are
+    # offered at ``mail_load_fraction`` of the committed rate. Every
+    # ``mail_attachment_every``-th reply carries ``mail_attachment_bytes``; ``mail_mix`` is
+    # the share of replies matched by code, by thread headers and by sender
+    mail_users: int = 8
+    mail_records_per_user: int = 15
+    mail_latency_replies: int = 200
+    mail_latency_warmup: int = 10
+    mail_latency_after: int = 50  # quiet again, after the throughput phase
+    mail_replies: int = 1000
+    mail_connections: int = 8
+    mail_per_session: int = 50
+    mail_loaded_probes: int = 60
+    mail_peer_runs: int = 3
+    mail_probe_interval: float = 0.5
+    mail_load_fraction: float = 0.5
+    mail_attachment_every: int = 10
+    mail_attachment_bytes: int = 50_000
+    mail_mix: tuple[tuple[str, int], ...] = (("code", 6), ("thread", 2), ("sender", 2))
+
+    # soak (``bench/soak.py``): ``soak_users`` users in group chats of ``soak_group_size`` and
+    # dialogs, ``soak_clients`` Socket.IO clients; one node then two (each after a warm-up of
+    # one message per chat, not measured), offered ``soak_rates``
+    # msg/s for ``soak_step_seconds`` each (sustained: no loss, p99 < ``soak_p99_ms``); then
+    # ``soak_seconds`` on two nodes at ``soak_load_fraction`` of the sustained rate, sampled
+    # every ``soak_sample_seconds``, trends after the first ``soak_warmup_fraction``
+    soak_users: int = 200
+    soak_group_size: int = 10
+    soak_clients: int = 2000
+    soak_rates: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0)
+    soak_step_seconds: float = 15.0
+    soak_p99_ms: float = 500.0
+    soak_seconds: float = 480.0
+    soak_load_fraction: float = 0.5
+    soak_sample_seconds: float = 10.0
+    soak_warmup_fraction: float = 0.2
 
     def fanout_rate(self, n: int) -> float:
         return self.fanout_rates[self.fanout_ns.index(n)]
@@ -103,4 +145,31 @@ QUICK = Profile(
     crm_sizes=(20_000, 100_000),
     crm_changes=60,
     crm_warmup_changes=4,
+    mail_users=4,
+    mail_records_per_user=5,
+    mail_latency_replies=40,
+    mail_latency_warmup=4,
+    mail_replies=300,
+    mail_loaded_probes=15,
+    mail_latency_after=15,
+    soak_users=40,
+    soak_clients=200,
+    soak_rates=(10.0, 20.0),
+    soak_step_seconds=5.0,
+    soak_seconds=60.0,
+    soak_sample_seconds=5.0,
 )
+
+
+def with_settings(profile: Profile, settings: Sequence[str]) -> Profile:
+    """``profile`` with ``FIELD=VALUE`` changes (numbers only), for ``--set``."""
+    known = {f.name: getattr(profile, f.name) for f in fields(profile)}
+    changes: dict[str, Any] = {}
+    for setting in settings:
+        name, sep, text = setting.partition("=")
+        current = known.get(name)
+        if not sep or name == "name" or not isinstance(current, int | float):
+            numeric = sorted(k for k, v in known.items() if isinstance(v, int | float))
+            raise ValueError(f"--set {setting}: use FIELD=NUMBER with one of {', '.join(numeric)}")
+        changes[name] = type(current)(float(text)) if isinstance(current, int) else float(text)
+    return replace(profile, **changes)

@@ -671,3 +671,263 @@ def crm_markdown(results: Results) -> str:
     if problems:
         parts += ["", "**Problems found:**", "", *(f"- {text}" for text in problems)]
     return "\n".join(parts) + "\n"
+
+
+MAIL_BEGIN = "<!-- bench:mail:begin -->"
+MAIL_END = "<!-- bench:mail:end -->"
+
+
+def _rate(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    v = float(value)
+    return f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
+
+
+def _pct_of(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    v = 100 * float(value)
+    return f"{v:.1f}%" if v < 10 else f"{v:.0f}%"
+
+
+def mail_rows(m: Results) -> list[list[str]]:
+    hub, peer, r = m.get("hub", {}), m.get("peer", {}), m.get("ratios", {})
+    committed = hub.get("committed", {})
+    runs = ", ".join(_rate(x) for x in peer.get("runs", []))
+    return [
+        [
+            "accepted (`250`: the raw message stored), msg/s",
+            _rate(hub.get("accepted_per_second")),
+            f"{_rate(peer.get('accepted_per_second'))} (median of {runs})",
+            _pct_of(r.get("accepted")),
+        ],
+        [
+            "matched and committed (the activity on its record), msg/s",
+            _rate(committed.get("per_second")),
+            "",
+            _pct_of(r.get("committed")),
+        ],
+        [
+            "counted (the users' pushed incoming numbers complete), msg/s",
+            _rate(committed.get("counted_per_second")),
+            "",
+            _pct_of(r.get("counted")),
+        ],
+        [
+            "committed, each quarter of the replies in turn, msg/s",
+            " / ".join(_rate(q) for q in committed.get("quarters_per_second", [])),
+            "",
+            "",
+        ],
+        [
+            "last commit after the last `250`; from `250` to committed p50 / p99",
+            f"{_s(committed.get('behind_acceptance_seconds'))}; "
+            + " / ".join(
+                _s((committed.get("answered_to_committed_ms") or {}).get(k, 0) / 1000)
+                for k in ("p50", "p99")
+            ),
+            "",
+            "",
+        ],
+    ]
+
+
+def _kinds(part: Results) -> list[str]:
+    return [_lat(part.get(k, {}).get("latency_ms"), ("p50", "p99")) for k in KINDS]
+
+
+KINDS = ("code", "thread", "sender")
+
+
+def mail_latency_rows(m: Results) -> list[list[str]]:
+    rows = []
+    loaded = m.get("loaded") or {}
+    for label, part in (
+        ("quiet, before the throughput phase", m.get("quiet")),
+        ("quiet, after the throughput phase", m.get("quiet_after")),
+        (
+            f"under load: replies to the other users offered at "
+            f"{_rate(loaded.get('offered_rate'))}/s",
+            m.get("loaded"),
+        ),
+    ):
+        if not part:
+            continue
+        a = part.get("all", {})
+        rows.append(
+            [
+                label,
+                f"{part.get('stored_raw', 0):,}",
+                str(a.get("replies", 0)),
+                _lat(a.get("latency_ms"), ("p50", "p99", "max")),
+                _lat(a.get("accepted_ms"), ("p50", "p99")),
+                *_kinds(part),
+                str(a.get("lost", 0)),
+            ]
+        )
+    return rows
+
+
+def mail_db_rows(m: Results, top: int = 8) -> tuple[list[str], list[list[str]]]:
+    phases = [
+        (
+            f"one at a time, {m.get('quiet', {}).get('stored_raw', 0):,} stored",
+            m.get("quiet", {}).get("database", {}),
+        ),
+        (
+            f"one at a time, {m.get('quiet_after', {}).get('stored_raw', 0):,} stored",
+            m.get("quiet_after", {}).get("database", {}),
+        ),
+        ("throughput", m.get("hub", {}).get("database", {})),
+    ]
+    phases = [(label, db) for label, db in phases if db]
+    header = ["per reply"] + [f"{label}: ops / ms" for label, _ in phases]
+    rows = []
+    kinds = ("query", "insert", "update", "delete", "command")
+    rows.append(
+        ["operations: " + " / ".join(kinds)]
+        + [
+            " / ".join(f"{db.get('ops_per_reply', {}).get(k, 0):.1f}" for k in kinds)
+            + f" (all {sum(db.get('ops_per_reply', {}).get(k, 0) for k in kinds):.1f})"
+            for _, db in phases
+        ]
+    )
+    names: list[str] = []
+    for _, db in reversed(phases):
+        names += [c["collection"] for c in db.get("collections", [])[:top]]
+    for name in dict.fromkeys(names):
+        cells = [f"`{name}`"]
+        for _, db in phases:
+            c = next((c for c in db.get("collections", []) if c["collection"] == name), None)
+            cells.append(f"{c['ops_per_reply']:.1f} / {c['ms_per_reply']:.1f}" if c else "n/a")
+        rows.append(cells)
+    rows.append(
+        ["all collections, ms"]
+        + [f"{sum(c['ms_per_reply'] for c in db.get('collections', [])):.1f}" for _, db in phases]
+    )
+    return header, rows
+
+
+def mail_cpu_rows(results: Results) -> list[list[str]]:
+    rows = []
+    for phase in results.get("cpu_phases", []):
+        if not phase["name"].startswith("mail: "):
+            continue
+        pct = phase["percent"]
+        rows.append(
+            [phase["name"][len("mail: ") :], f"{phase['seconds']:.1f}"]
+            + [
+                f"{pct[k]:.0f}" if k in pct else ""
+                for k in ("hub", "db", "loadgen", "peer", "bench", "other")
+            ]
+        )
+    return rows
+
+
+def mail_markdown(results: Results) -> str:
+    meta, m = results["meta"], results.get("mail", {})
+    machine, p, v = meta["machine"], meta["profile"], meta["versions"]
+    hub, verify = m.get("hub", {}), m.get("verify", {})
+    mix = ", ".join(f"{w}/{sum(x[1] for x in p['mail_mix'])} by {k}" for k, w in p["mail_mix"])
+    settings = "".join(f" --set {s}" for s in meta.get("settings", []))
+    parts = [
+        f"Run of {meta['date']} (`python -m bench --only mail"
+        f"{' --quick' if p['name'] == 'quick' else ''}{settings}`, profile `{p['name']}`, "
+        f"{meta.get('seconds', 0):.0f} s), {machine['cores']} cores ({machine['cpu']}), "
+        f"{machine['memory_gib']} GiB, Linux {machine['kernel']}; load average at start "
+        f"{' / '.join(f'{x:.2f}' for x in meta['loadavg_start'])}, other processes busy "
+        f"{meta.get('busy_before_start_percent', 0):.0f}% of a core just before. Python "
+        f"{v['python']}, aiosmtpd {v.get('aiosmtpd', '?')}, aiosmtplib {v.get('aiosmtplib', '?')}, "
+        f"python-socketio {v['python-socketio']}, secantusdb {v['secantusdb']}. "
+        f"{m.get('users', 0)} users, {m.get('setup', {}).get('records', 0)} deals with a "
+        f"contact each, one mail sent from each deal through the relay. "
+        f"Throughput: {hub.get('messages', 0):,} replies ({_kib(hub.get('mean_bytes'))} on "
+        f"average, every {p['mail_attachment_every']}th with a "
+        f"{p['mail_attachment_bytes'] // 1000} KB attachment; {mix}) over "
+        f"{hub.get('connections', 0)} SMTP sessions at once, {hub.get('per_session', 0)} "
+        f"messages per session.",
+        "",
+        _table(["throughput", "Portal Hub", "bare aiosmtpd", "hub / bare"], mail_rows(m)),
+        "",
+        "Reply-to-counter latency: from just before the SMTP connection is opened to the "
+        "`counters.changed` showing the responsible user's incoming number one higher, at "
+        "their client; `250` is the SMTP answer to the message's data. Quiet: each reply "
+        "once the hub and its database were idle. Stored: raw messages the hub held when "
+        "the phase began:",
+        "",
+        _table(
+            [
+                "replies one at a time",
+                "stored",
+                "replies",
+                "to the counter p50 / p99 / max",
+                "`250` p50 / p99",
+                "by code",
+                "by thread",
+                "by sender",
+                "lost",
+            ],
+            mail_latency_rows(m),
+        ),
+        "",
+    ]
+    how = verify.get("matched_by", {})
+    parts += [
+        f"Every reply accounted for, through the API: {verify.get('replies', 0):,} sent, "
+        f"{verify.get('found', 0):,} found on the users' activities; lost "
+        f"{verify.get('lost', '?')}, duplicated {verify.get('duplicated', '?')}, on another "
+        f"record {verify.get('misplaced', '?')}, unexpected {verify.get('unexpected', '?')}, "
+        f"unmatched list {verify.get('unmatched', '?')}. Matched as written: "
+        + "; ".join(
+            f"{kind}: " + ", ".join(f"{n:,} by {k}" for k, n in sorted(counts.items()))
+            for kind, counts in sorted(how.items())
+        )
+        + ".",
+        "",
+        "The database's own counters (`serverStatus` operations, `top` time per collection), "
+        "per reply, over the two quiet phases and the throughput phase (with several "
+        "operations in flight, `top`'s times overlap):",
+        "",
+        _table(*mail_db_rows(m)),
+        "",
+    ]
+    queries = m.get("queries", {})
+    if queries:
+        stored = queries.get("stored", {})
+        sizes = queries.get("mean_bytes", {})
+        parts += [
+            "The pipeline's queries for one reply, each run alone at the end of the run "
+            f"({stored.get('mail_raw', 0):,} raw messages of "
+            f"{_kib(sizes.get('mail_raw'))} on average stored, "
+            f"{stored.get('crm_activities', 0):,} activities of "
+            f"{_kib(sizes.get('crm_activities'))}, {stored.get('crm_records', 0):,} records), "
+            "median of 5, with the database's plan and the index keys and documents it read:",
+            "",
+            _table(
+                ["query", "ms", "plan", "keys / documents read"],
+                [
+                    [
+                        label,
+                        _ms(q.get("ms")),
+                        str(q.get("plan", "")),
+                        f"{_num(q.get('keys_examined'))} / {_num(q.get('docs_examined'))}",
+                    ]
+                    for label, q in queries.get("queries", {}).items()
+                ],
+            ),
+            "",
+        ]
+    parts += [
+        "CPU, % of one core (`loadgen`: the SMTP client process; `peer`: the bare aiosmtpd "
+        "server; `bench`: this process with the Socket.IO clients and the relay):",
+        "",
+        _table(
+            ["phase", "seconds", "hub", "db", "loadgen", "peer", "bench", "other"],
+            mail_cpu_rows(results),
+        ),
+    ]
+    problems = m.get("problems", [])
+    if problems:
+        parts += ["", "**Problems found:**", "", *(f"- {text}" for text in problems)]
+    return "\n".join(parts) + "\n"

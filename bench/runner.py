@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import crm, dbceiling, xmpp
+from bench import crm, dbceiling, mail, soak, xmpp
 from bench.fixtures import Fixtures, make_fixtures
 from bench.loadgen import LoadGen, Reply
 from bench.procs import (
@@ -38,9 +38,9 @@ from bench.profiles import Profile
 
 Results = dict[str, Any]
 Say = Callable[[str], None]
-PARTS = ("socketio", "xmpp", "crm")
+PARTS = ("socketio", "xmpp", "crm", "mail", "soak")
 # what a run without --only measures: the CRM part seeds a million activities and takes
-# about a quarter of an hour, so it runs only when asked for
+# about a quarter of an hour, so it runs only when asked for; so does the mail part
 DEFAULT_PARTS = ("socketio", "xmpp")
 
 
@@ -346,6 +346,13 @@ class Run:
             results["meta"]["versions"]["slixmpp"] = _version("slixmpp")
         if "crm" in parts:
             results["crm"] = await crm.run(self.profile, self.say, self.meter, keep)
+        if "mail" in parts:
+            results["mail"] = await mail.run(self.profile, self.say, self.meter, keep)
+            results["meta"]["versions"]["aiosmtpd"] = _version("aiosmtpd")
+            results["meta"]["versions"]["aiosmtplib"] = _version("aiosmtplib")
+        if "soak" in parts:
+            results["soak"] = await soak.run(self.profile, self.say, self.meter, keep)
+            results["meta"]["versions"]["redis"] = _version("redis")
         results["cpu_phases"] = [asdict(phase) for phase in self.meter.phases]
         results["meta"]["seconds"] = time.monotonic() - started
         results["meta"]["loadavg_end"] = os.getloadavg()
