@@ -83,6 +83,7 @@ def install(server: XmppServer) -> None:
             target = Jid.parse(to)
             if target.domain != server.domain:
                 return False  # e.g. a MUC room: another module's
+
             async def visible_user() -> Document | None:
                 """The addressed colleague, if the sender may see them: for anyone else the
                 answer is the same as for a login nobody has (nothing), so neither a status
