@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import bson
@@ -94,7 +94,6 @@ class RedisBus:
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self.connected = False
-        self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
 
     def attach(self, source: StreamSource) -> None:
         self._source = source
@@ -257,11 +256,6 @@ class RedisBus:
                         passed = self._passed.get(stream)
                         if passed is not None and head > passed:
                             await self._fill(stream, passed, head)
-        for callback in self.on_reconnect:
-            try:
-                await callback()
-            except Exception:
-                log.exception("reconnect callback %r failed", callback)
 
     # sending -----------------------------------------------------------------------------------
 
