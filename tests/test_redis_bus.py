@@ -31,8 +31,8 @@ class Node:
         self.ephemeral.append(event.type)
 
 
-async def make_node(store: Store, url: str, name: str) -> Node:
-    bus = RedisBus(url, name)
+async def make_node(store: Store, url: str, name: str, alive_seconds: float = 3.0) -> Node:
+    bus = RedisBus(url, name, alive_seconds=alive_seconds)
     node = Node(bus, StreamLog(store, bus, retention_seconds=3600))
     bus.attach(node.streams)
     bus.subscribe(node.on_event)
@@ -139,3 +139,34 @@ async def test_redis_restarting_under_traffic_loses_nothing(
     await until(lambda: b.seen["s"] == list(range(1, 12)))
     await asyncio.sleep(0.2)
     assert b.seen["s"] == list(range(1, 12)) and a.seen["t"] == list(range(1, 6))
+
+
+async def test_what_a_dead_node_stored_but_never_published_reaches_the_others(
+    store: Store, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node killed between storing an event and publishing it: on a quiet stream no later
+    event reveals the gap, so the survivors notice the node gone and read what it stored."""
+    survivor = await make_node(store, redis_server.url, "survivor", alive_seconds=0.6)
+    doomed = await make_node(store, redis_server.url, "doomed", alive_seconds=0.6)
+    try:
+        await doomed.streams.append("quiet", "m", {})
+        await until(lambda: survivor.seen.get("quiet") == [1])
+
+        async def killed_before_publishing(channel: str, payload: bytes) -> None:
+            return
+
+        monkeypatch.setattr(doomed.bus, "_send", killed_before_publishing)
+        await doomed.streams.append("quiet", "m", {})  # stored; the process dies right here
+        for task in (doomed.bus._task, doomed.bus._watcher):  # no goodbye
+            assert task is not None
+            task.cancel()
+        await asyncio.sleep(0.3)
+        assert survivor.seen["quiet"] == [1]  # nothing told it yet
+        await until(lambda: survivor.seen["quiet"] == [1, 2], timeout=5)
+        await asyncio.sleep(0.8)
+        assert survivor.seen["quiet"] == [1, 2]
+    finally:
+        await doomed.streams.close()
+        await doomed.bus._redis.aclose()  # its tasks are gone already
+        await survivor.streams.close()
+        await survivor.bus.close()

@@ -15,7 +15,12 @@ node): each node remembers, per stream, the last ``seq`` it passed to its subscr
 - after reconnecting to Redis, compares the heads of the streams it knows (has passed on
   events of, or been told of through ``caught_up``: a subscriber that serves a stream says
   so) with the database and pulls what it missed while it was away; and keeps what it could
-  not publish, to publish once Redis is back.
+  not publish, to publish once Redis is back;
+- does the same when a peer node dies. A node killed between storing an event and
+  publishing it leaves a gap nobody notices until the stream's next event, which on a quiet
+  stream may be never (the last message of a conversation). So every node keeps a key alive
+  in Redis while it runs, watches the keys of the peers it has heard from, and recovers when
+  one runs out.
 
 Ephemeral events (presence, typing, counter values) are live-only by design: they go
 through Redis once, and one lost during an outage is not replayed.
@@ -43,6 +48,7 @@ MAX_KNOWN_STREAMS = 200_000  # per-stream positions kept; the least recently use
 MAX_UNSENT = 10_000  # publications kept while Redis is unreachable
 RECONNECT_MAX_SECONDS = 5.0
 HEADS_BATCH = 1000
+ALIVE_SECONDS = 3.0  # a node's alive key lives this long; refreshed (and peers checked) thrice
 
 
 class StreamSource(Protocol):
@@ -79,19 +85,30 @@ def _encode_ephemeral(node: str, event: EphemeralEvent) -> bytes:
 
 
 class RedisBus:
-    def __init__(self, url: str, node_id: str, *, channel_prefix: str = "portalhub:") -> None:
+    def __init__(
+        self,
+        url: str,
+        node_id: str,
+        *,
+        channel_prefix: str = "portalhub:",
+        alive_seconds: float = ALIVE_SECONDS,
+    ) -> None:
         self.node_id = node_id
         self._redis: Redis = Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
         )
         self._events_channel = f"{channel_prefix}events"
         self._ephemeral_channel = f"{channel_prefix}ephemeral"
+        self._alive_prefix = f"{channel_prefix}bus:alive:"
+        self._alive_ms = max(1, round(alive_seconds * 1000))
+        self._peers: set[str] = set()  # nodes heard from, watched until their key runs out
         self._local = InProcessBus()
         self._source: StreamSource | None = None
         self._passed: OrderedDict[str, int] = OrderedDict()
         self._locks: dict[str, list[Any]] = {}  # stream -> [lock, users]
         self._unsent: deque[tuple[str, bytes]] = deque(maxlen=MAX_UNSENT)
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self.connected = False
 
@@ -129,15 +146,21 @@ class RedisBus:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="redis-bus")
+        self._watcher = asyncio.create_task(self._watch_peers(), name="redis-bus-peers")
         # Not fatal when Redis is down at start: the node serves its own clients meanwhile.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), 5)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        # Gone on purpose: peers recover at once rather than when the key runs out. Whatever
+        # this node stored it has published or still holds unsent, so they find nothing new.
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.delete(self._alive_prefix + self.node_id)
         await self._redis.aclose()
 
     @property
@@ -198,8 +221,11 @@ class RedisBus:
 
     async def _received(self, channel: str, payload: bytes) -> None:
         doc: dict[str, Any] = bson.decode(payload, codec_options=_CODEC)
-        if doc.get("node") == self.node_id:
+        node = doc.get("node")
+        if node == self.node_id:
             return
+        if isinstance(node, str):
+            self._peers.add(node)
         if channel == self._events_channel:
             await self._accept(
                 Event(doc["stream"], int(doc["seq"]), doc["type"], doc["data"], doc["ts"])
@@ -245,8 +271,35 @@ class RedisBus:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
+    async def _watch_peers(self) -> None:
+        beat = self._alive_ms / 3000
+        own = self._alive_prefix + self.node_id
+        while True:
+            try:
+                await self._redis.set(own, b"1", px=self._alive_ms)
+                peers = sorted(self._peers)
+                if peers:
+                    alive = await self._redis.mget([self._alive_prefix + p for p in peers])
+                    gone = [peer for peer, value in zip(peers, alive, strict=True) if not value]
+                    if gone:
+                        self._peers.difference_update(gone)
+                        log.warning(
+                            "Redis bus: node(s) %s gone; pulling what they stored and "
+                            "may not have published",
+                            ", ".join(gone),
+                        )
+                        await self._recover()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError):
+                pass  # the listener reports the outage, and recovers after it
+            except Exception:
+                log.exception("Redis bus: watching peer nodes failed")
+            await asyncio.sleep(beat)
+
     async def _recover(self) -> None:
-        """Back after an outage: pull what was stored meanwhile on the streams we know."""
+        """Back after an outage, or a peer died: pull what was stored meanwhile on the streams
+        we know."""
         if self._source is not None:
             known = list(self._passed)
             for start in range(0, len(known), HEADS_BATCH):
