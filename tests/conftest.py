@@ -17,6 +17,7 @@ from pymongo import MongoClient
 from server.settings import Settings
 from server.store.database import Store
 from server.store.embedded import find_executable, free_loopback_port, mongodb_url
+from tests.hang_guard import pytest_configure, pytest_runtest_protocol  # noqa: F401 - hooks
 from tests.harness import HubHarness, start_hub
 from tests.redis_server import RedisServer
 
