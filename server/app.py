@@ -126,7 +126,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
         return {
             "im": (await im.counters(user_id)).model_dump(),
             "tasks": await tasks.counters(user_id),
-            "crm": await crm.counters.current(user_id),
+            "crm": await crm.counters.baseline(user_id),
         }
 
     async def settings_snapshot(user: Document) -> dict[str, Any]:

@@ -63,12 +63,16 @@ class SocketClient:
         ]
 
     def crm_counters(self) -> dict[str, dict[str, Any]]:
-        """The CRM counters as a client sees them: every push merged number by number (a push
-        carries only the numbers that changed), as the web client does."""
+        """The CRM counters as a client sees them: the snapshot's, then every push merged
+        number by number (a push carries only the numbers that changed), as the web client
+        does."""
         state: dict[str, dict[str, Any]] = {}
-        for data in self.of_type("counters.changed"):
-            for record_type, numbers in (data.get("crm") or {}).items():
-                state.setdefault(record_type, {}).update(numbers)
+        for name, data in self.events:
+            if name == "snapshot":  # whole, as the client starts from it
+                state = {t: dict(n) for t, n in data.get("counters", {}).get("crm", {}).items()}
+            elif name == "counters.changed":
+                for record_type, numbers in (data.get("crm") or {}).items():
+                    state.setdefault(record_type, {}).update(numbers)
         return state
 
     async def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -22,6 +22,7 @@ from server.counters.rules import (
     badges_for,
 )
 from server.crm.models import CrmSettingsUpdate
+from server.events.models import EphemeralEvent
 from server.settings import Settings
 from server.store.database import Store, utcnow
 from tests.harness import HubHarness, SocketClient, start_hub
@@ -184,6 +185,39 @@ async def test_a_managers_deal_turns_green_then_red_green_then_drops(hub: HubHar
     all_counters = await hub.request("GET", "/api/v1/counters", token=mary)
     assert all_counters.body["crm"]["deal"] == {**ZERO, "idle": 1}
     assert set(all_counters.body) == {"im", "tasks", "crm"}
+
+
+async def test_a_lost_push_is_made_good_by_the_next(
+    hub: HubHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pushes carry only changed numbers; one lost on its way (Redis in an outage) must not
+    leave a number wrong for ever: the next push brings the connection up to date."""
+    mary_id, mary = await hub.create_user("mary")
+    client = await hub.connect(mary)
+    await client.wait_for("snapshot")
+    await post(hub, mary, "/api/v1/crm/deals", {"title": "One"})
+    await client.wait_until(lambda: client.crm_counters()["deal"]["idle"] == 1)
+
+    counters = hub.services.crm.counters
+    bus = counters._bus
+    publish = bus.publish_ephemeral
+    lost: list[EphemeralEvent] = []
+
+    async def losing_one(event: EphemeralEvent) -> None:
+        if event.type == "counters.changed" and not lost:
+            lost.append(event)
+            return
+        await publish(event)
+
+    monkeypatch.setattr(bus, "publish_ephemeral", losing_one)
+    await post(hub, mary, "/api/v1/crm/deals", {"title": "Two"})  # idle 2: never told
+    await counters.settled()
+    assert lost and client.crm_counters()["deal"]["idle"] == 1
+
+    # a change to another record type: its push must also put the deals right
+    await post(hub, mary, "/api/v1/crm/leads", {"title": "Walk-in"})
+    await settle_and_compare(hub, {"mary": client}, {"mary": mary_id})
+    assert client.crm_counters()["deal"]["idle"] == 2
 
 
 async def test_a_deadline_passing_and_a_due_window_opening_are_pushed(hub: HubHarness) -> None:

@@ -29,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from server.auth.service import AuthService, token_hash
 from server.channels.ratelimit import TokenBucket
 from server.channels.rooms import may_subscribe
+from server.channels.state import HeldStates
 from server.channels.websocket import disable_compression
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent, Event
+from server.events.models import EphemeralEvent, Event, VersionedState
 from server.events.streams import StreamLog, user_stream
 from server.observability import instruments
 from server.presence.service import PresenceService
@@ -95,6 +96,7 @@ class Connection:
     strikes: int = 0
     last_strike: float = 0.0
     registered: bool = False
+    states: HeldStates = field(default_factory=HeldStates)
 
     @property
     def user_id(self) -> str:
@@ -258,7 +260,9 @@ class Hub:
                 self._mark_joining(conn, stream)
                 await self.sio.enter_room(sid, stream)
             snapshot = await self._snapshot(conn)
-            await self._emit("snapshot", snapshot, to=sid)
+            # No await between noting what the connection holds and sending it: a push
+            # handled in between would be diffed against a state it does not have yet.
+            await self._emit("snapshot", _in_full(conn, snapshot), to=sid)
             conn.registered = True
             await self._presence.connected(conn.user_id, sid, TRANSPORT, conn.active)
             await self._emit(
@@ -274,7 +278,9 @@ class Hub:
             if counters is not None:
                 # Counters in the snapshot were computed before the stream heads were read:
                 # once caught up, the authoritative values close that window.
-                await self._emit("counters.changed", await counters(conn.user), to=sid)
+                # Versioned parts (the CRM's) go only as far as what this connection lacks.
+                update = _changes_only(conn, await counters(conn.user))
+                await self._emit("counters.changed", update, to=sid)
             # A client that asked for streams it does not belong to learns it plainly.
             for stream in requested - conn.streams:
                 await self._emit("subscribe_error", {"stream": stream, "code": "forbidden"}, to=sid)
@@ -415,8 +421,20 @@ class Hub:
     async def _on_ephemeral(self, event: EphemeralEvent) -> None:
         if event.type == "session.revoked":
             await self._revoke(event)
+        elif (state := VersionedState.from_private(event.private)) is not None:
+            await self._offer_state(event, state)
         elif event.streams:
             await self._emit(event.type, event.data, room=list(event.streams))
+
+    async def _offer_state(self, event: EphemeralEvent, state: VersionedState) -> None:
+        """Each of the user's connections gets the difference from what it holds."""
+        for stream in event.streams:
+            if not stream.startswith("user:"):
+                continue
+            for conn in self.connections_of(stream.partition(":")[2]):
+                update = conn.states.offer(state)
+                if update:
+                    await self._emit(event.type, {state.key: update}, to=conn.sid)
 
     async def _revoke(self, event: EphemeralEvent) -> None:
         """Close the connections of revoked sessions (one token, or all of a user's)."""
@@ -566,3 +584,25 @@ def typing_handler(typing: Callable[[str, str], Awaitable[bool]]) -> ClientHandl
         return {"ok": True}
 
     return handle
+
+
+def _in_full(conn: Connection, data: Any) -> Any:
+    """``data`` with each versioned state in it whole, noted as what ``conn`` now holds."""
+    if isinstance(data, VersionedState):
+        return conn.states.reset(data)
+    if isinstance(data, dict):
+        return {key: _in_full(conn, value) for key, value in data.items()}
+    return data
+
+
+def _changes_only(conn: Connection, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each versioned state in it cut to what ``conn`` lacks (or left out)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, VersionedState):
+            update = conn.states.offer(value)
+            if update:
+                out[key] = update
+        else:
+            out[key] = value
+    return out

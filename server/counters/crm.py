@@ -40,7 +40,7 @@ from server.counters.rules import (
     next_change,
 )
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent
+from server.events.models import EphemeralEvent, VersionedState
 from server.events.streams import user_stream
 from server.store.database import Document, Store, utcnow
 
@@ -161,6 +161,17 @@ class CrmCounters:
         found = await asyncio.gather(*(one_type(t) for t in types))
         return {t: badge.as_dict() for t, badge in found}
 
+    async def baseline(self, user_id: str) -> VersionedState:
+        """The numbers last pushed to the user, with their version: what a connecting client
+        starts from, since pushes are differences from exactly these. A recount is queued
+        too, so that numbers gone stale without a push (a missed touch) are put right."""
+        doc = await self._store["crm_counters"].find_one({"_id": user_id})
+        self.touch([user_id])
+        if doc is None:
+            return VersionedState("crm", 0, zero_counts())
+        values: Counts = {**zero_counts(), **doc.get("values", {})}
+        return VersionedState("crm", int(doc.get("version", 0)), values)
+
     async def current(self, user_id: str) -> Counts:
         """All four record types, counted now (for the counters document and snapshots)."""
         cfg = await self._settings()
@@ -243,8 +254,14 @@ class CrmCounters:
                 )
                 if won is None:
                     continue
+            state = VersionedState("crm", version + 1, values)
             await self._bus.publish_ephemeral(
-                EphemeralEvent("counters.changed", {"crm": changed}, (user_stream(user_id),))
+                EphemeralEvent(
+                    "counters.changed",
+                    {"crm": changed},
+                    (user_stream(user_id),),
+                    private=state.as_private(),
+                )
             )
             return
 

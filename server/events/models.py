@@ -46,3 +46,29 @@ class EphemeralEvent:
     streams: tuple[str, ...] = field(default=())
     private: dict[str, Any] = field(default_factory=dict)
     """Routing data for the server's own transports; never sent to clients."""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionedState:
+    """Numbers a client holds and is sent only the changes of (the CRM counters).
+
+    Changes travel as differences, so a connection must receive them against exactly what it
+    was last sent: each transport remembers that per connection, with the ``version`` it had,
+    and sends each connection the difference from there. A push that arrives late or twice
+    (an older or equal version) changes nothing; one that was lost is made good by the next,
+    which carries the whole state."""
+
+    key: str
+    version: int
+    values: dict[str, dict[str, Any]]
+
+    def as_private(self) -> dict[str, Any]:
+        """For ``EphemeralEvent.private``: plain data, so it crosses nodes."""
+        return {"state": {"key": self.key, "version": self.version, "values": self.values}}
+
+    @classmethod
+    def from_private(cls, private: dict[str, Any]) -> VersionedState | None:
+        found = private.get("state")
+        if not isinstance(found, dict):
+            return None
+        return cls(str(found["key"]), int(found["version"]), dict(found["values"]))

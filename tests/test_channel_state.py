@@ -1,0 +1,36 @@
+"""What a connection is sent of a versioned state (the CRM counters): differences from what
+it holds, never older, whole after a snapshot."""
+
+from __future__ import annotations
+
+from server.channels.state import HeldStates, changes
+from server.events.models import VersionedState
+
+
+def state(version: int, idle: int, incoming: int = 0) -> VersionedState:
+    return VersionedState("crm", version, {"deal": {"idle": idle, "incoming": incoming}})
+
+
+def test_changes_name_only_the_numbers_that_moved() -> None:
+    before = {"deal": {"idle": 1, "incoming": 0}, "lead": {"idle": 0}}
+    after = {"deal": {"idle": 1, "incoming": 2}, "lead": {"idle": 0}, "company": {"idle": 3}}
+    assert changes(before, after) == {"deal": {"incoming": 2}, "company": {"idle": 3}}
+    assert changes(after, after) == {}
+
+
+def test_nothing_before_the_snapshot_then_differences_from_what_was_sent() -> None:
+    held = HeldStates()
+    assert held.offer(state(1, idle=1)) is None  # no snapshot yet: it will bring the state
+    assert held.reset(state(1, idle=1)) == {"deal": {"idle": 1, "incoming": 0}}
+    assert held.offer(state(1, idle=1)) is None  # the same version again
+    # version 2 was lost on its way; 3 is measured against what the connection holds (1)
+    assert held.offer(state(3, idle=2, incoming=1)) == {"deal": {"idle": 2, "incoming": 1}}
+    assert held.offer(state(2, idle=2)) is None  # late
+    assert held.offer(state(4, idle=2, incoming=1)) is None  # newer, but nothing moved
+    assert held.offer(state(5, idle=0, incoming=1)) == {"deal": {"idle": 0}}
+
+
+def test_states_travel_as_plain_data() -> None:
+    sent = state(7, idle=3)
+    assert VersionedState.from_private(sent.as_private()) == sent
+    assert VersionedState.from_private({}) is None
