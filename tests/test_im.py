@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
+from server.im.service import ANNOUNCE_GRACE_SECONDS
+from server.store.database import new_id, utcnow
 from tests.harness import HubHarness, SocketClient
 
 
@@ -105,6 +108,9 @@ async def test_concurrent_retries_with_one_client_id_store_one(hub: HubHarness) 
     assert {r.status for r in results} == {201}
     assert len({r.body["messages"][0]["id"] for r in results}) == 1
     assert await hub.services.store["messages"].count_documents({"chat_id": chat["id"]}) == 1
+    # the retries racing the first attempt waited for its event rather than adding theirs
+    events = hub.services.store.events
+    assert await events.count_documents({"type": "im.message", "stream": f"chat:{chat['id']}"}) == 1
 
 
 async def test_multi_recipient_send_is_one_private_message_each(hub: HubHarness) -> None:
@@ -405,3 +411,39 @@ async def test_an_owner_who_leaves_hands_the_chat_on(hub: HubHarness) -> None:
     assert left.status == 204
     chat = (await hub.request("GET", f"/api/v1/im/chats/{chat_id}", token=bob)).body
     assert chat["owner_id"] == bob_id and chat["member_ids"] == [bob_id]
+
+
+async def test_a_retry_announces_what_a_dead_node_stored_but_never_announced(
+    hub: HubHarness,
+) -> None:
+    """The first attempt's node stored the message and died before its event: the retry
+    (same client_id, any node) finds the message and announces it, once."""
+    alice_id, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    chat = await open_dialog(hub, alice, bob_id)
+    bob_client = await hub.connect(bob)
+    await bob_client.wait_for("snapshot")
+    await hub.services.store["messages"].insert_one(  # what the dead node left
+        {
+            "_id": new_id(),
+            "chat_id": chat["id"],
+            "author_id": alice_id,
+            "text": "stored, never told",
+            # older than the grace a retry gives a first attempt still under way
+            "created_at": utcnow() - timedelta(seconds=ANNOUNCE_GRACE_SECONDS + 1),
+            "edited_at": None,
+            "deleted": False,
+            "system": False,
+            "client_id": "c-9",
+            "dedup_key": f"{alice_id}|{chat['id']}|c-9",
+        }
+    )
+    retried = await send(hub, alice, chat_id=chat["id"], text="stored, never told", client_id="c-9")
+    assert retried["duplicate"] is True
+    await bob_client.wait_until(lambda: texts(bob_client) == ["stored, never told"])
+    again = await send(hub, alice, chat_id=chat["id"], text="stored, never told", client_id="c-9")
+    assert again["messages"][0]["id"] == retried["messages"][0]["id"]
+    await asyncio.sleep(0.2)
+    assert texts(bob_client) == ["stored, never told"]
+    events = hub.services.store.events
+    assert await events.count_documents({"type": "im.message", "stream": f"chat:{chat['id']}"}) == 1

@@ -268,6 +268,7 @@ async def test_a_node_killed_under_traffic_loses_and_doubles_nothing(cluster: Cl
     traffic = asyncio.gather(*(talk(a, 30) for a in range(6)))
     await asyncio.sleep(1.0)
     nodes[0].kill()  # mid-traffic, no goodbye
+    killed_at = datetime.now(UTC)
     await traffic
     assert len(sent) == 180
 
@@ -286,7 +287,7 @@ async def test_a_node_killed_under_traffic_loses_and_doubles_nothing(cluster: Cl
     for i, listener in enumerate(listeners):
         expected = {m for m, who in sent.items() if str(i) in who}
         got = listener.ids()
-        assert set(got) == expected, f"user {i}: missing {len(expected - set(got))}"
+        assert set(got) == expected, missing_report(cluster, listener, expected, killed_at)
         assert len(got) == len(set(got)), f"user {i}: duplicates"
         for stream in {s for s, _, _ in listener.received}:
             seqs = [seq for s, seq, _ in listener.received if s == stream]
@@ -325,3 +326,24 @@ async def test_a_task_deadline_fires_once_across_nodes(cluster: Cluster) -> None
     assert events.count_documents(query) == 1
     history = cluster.database["task_history"]
     assert history.count_documents({"task_id": task["id"], "kind": "overdue"}) == 1
+
+
+def missing_report(
+    cluster: Cluster, listener: Listener, expected: set[str], killed_at: datetime
+) -> str:
+    """Which messages a listener lacks, where they were stored and what it got around them."""
+    lines = [f"{len(expected - set(listener.ids()))} missing; node0 killed at {killed_at:%T.%f}"]
+    lines.append(f"listener on {listener.node.name}, reconnected {listener.reconnects} times")
+    for message_id in sorted(expected - set(listener.ids())):
+        event = cluster.database["events"].find_one(
+            {"type": "im.message", "data.message.id": message_id}
+        )
+        if event is None:
+            lines.append(f"{message_id}: no event stored")
+            continue
+        seqs = sorted(seq for s, seq, _ in listener.received if s == event["stream"])
+        lines.append(
+            f"{message_id}: {event['stream']} seq {event['seq']} stored {event['ts']:%T.%f}; "
+            f"the listener got seqs {seqs}, position {listener.positions.get(event['stream'])}"
+        )
+    return "\n".join(lines)

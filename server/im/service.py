@@ -8,6 +8,8 @@ subscribe live connections, and reconnecting ones replay the chat from where the
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 from datetime import UTC, datetime, timedelta
@@ -47,8 +49,13 @@ from server.settings import Settings
 from server.store.database import Document, Store, new_id, utcnow
 from server.web.problems import Problem, forbidden, not_found
 
+log = logging.getLogger(__name__)
+
 PREVIEW_CHARS = 200
 PORTAL_NAME = "Portal"
+# How long a retried send waits for its first attempt's event before announcing the message
+# itself (that attempt's node may have died between storing the message and its event).
+ANNOUNCE_GRACE_SECONDS = 5.0
 
 
 class ImService:
@@ -417,7 +424,38 @@ class ImService:
             earlier = await messages.find_one({"dedup_key": doc["dedup_key"]})
             if earlier is None:
                 raise
+            if not await self._announced(earlier):
+                # The first attempt stored the message, and its node died before the event
+                # went into the stream: without it now, nobody would ever be told.
+                return await self._announce(chat, earlier, author_id), True
             return MessageOut.from_document(earlier), True
+        return await self._announce(chat, doc, author_id), False
+
+    async def _announced(self, doc: Document) -> bool:
+        """Whether the message's event was stored. A retry can race the first attempt, still
+        between its two writes: the event is given that long to appear before it is taken
+        as lost (announcing it twice would show the message twice)."""
+        created = doc["created_at"]
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)
+        if utcnow() - created > self._streams.retention:
+            return True  # its event, if any, is trimmed by now; too late to tell anyone
+        give_up = created + timedelta(seconds=ANNOUNCE_GRACE_SECONDS)
+        while True:
+            found = await self._store.events.find_one(
+                {"data.message.id": doc["_id"], "type": "im.message"}, projection={"_id": True}
+            )
+            if found is not None:
+                return True
+            if utcnow() >= give_up:
+                log.warning("message %s was stored without its event; announcing it", doc["_id"])
+                return False
+            await asyncio.sleep(0.1)
+
+    async def _announce(self, chat: Document, doc: Document, author_id: str | None) -> MessageOut:
+        """The message's event, then what follows from it (the chat's preview, the author's
+        read mark)."""
+        messages = self._store["messages"]
         message = MessageOut.from_document(doc)
         payload = message.model_dump(mode="json")
         try:
@@ -444,7 +482,7 @@ class ImService:
             )
             if before is not None and await self._had_unread(chat["_id"], author_id, before):
                 await self.push_counters(author_id)
-        return message, False
+        return message
 
     async def _own_message(self, user_id: str, message_id: str) -> tuple[Document, Document]:
         doc = await self._store["messages"].find_one({"_id": message_id})

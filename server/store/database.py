@@ -125,6 +125,8 @@ INDEXES: dict[str, list[IndexModel]] = {
     "events": [
         IndexModel([("stream", ASCENDING), ("seq", ASCENDING)], unique=True, name="stream_seq"),
         IndexModel([("ts", ASCENDING)], name="ts"),
+        # A retried send finds whether its first attempt's event was stored (im/service.py).
+        IndexModel([("data.message.id", ASCENDING)], sparse=True, name="message_id"),
     ],
 }
 
