@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+from server.im.rules import private_pair_key
 from server.im.service import ANNOUNCE_GRACE_SECONDS
 from server.store.database import new_id, utcnow
 from tests.harness import HubHarness, SocketClient
@@ -447,3 +448,34 @@ async def test_a_retry_announces_what_a_dead_node_stored_but_never_announced(
     assert texts(bob_client) == ["stored, never told"]
     events = hub.services.store.events
     assert await events.count_documents({"type": "im.message", "stream": f"chat:{chat['id']}"}) == 1
+
+
+async def test_a_dialog_left_without_members_gets_them_from_its_next_message(
+    hub: HubHarness,
+) -> None:
+    """Its creator stored the dialog and died before adding the two (or is still adding them
+    while the other's first message crosses): whoever finds it adds them, from its start."""
+    alice_id, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    bob_client = await hub.connect(bob)
+    await bob_client.wait_for("snapshot")
+    chat_id = new_id()
+    await hub.services.store["chats"].insert_one(
+        {
+            "_id": chat_id,
+            "kind": "private",
+            "title": "",
+            "member_ids": [],
+            "owner_id": None,
+            "workgroup_id": None,
+            "created_at": utcnow(),
+            "last_message": None,
+            "last_message_at": None,
+            "pair_key": private_pair_key(alice_id, bob_id),
+        }
+    )
+    sent = await send(hub, alice, to=[bob_id], text="first")
+    assert sent["messages"][0]["chat_id"] == chat_id
+    await bob_client.wait_until(lambda: texts(bob_client) == ["first"])
+    [joined] = bob_client.of_type("im.chat.joined")
+    assert joined["data"]["from_seq"] == 0

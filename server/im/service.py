@@ -110,7 +110,7 @@ class ImService:
         key = private_pair_key(user_id, other_id)
         existing = await self._store["chats"].find_one({"pair_key": key})
         if existing is not None:
-            return existing
+            return await self._with_members(existing, [user_id, other_id])
         return await self._create_chat(
             "private", [user_id, other_id], title="", owner_id=None, pair_key=key
         )
@@ -154,8 +154,17 @@ class ImService:
             existing = await self._store["chats"].find_one({"pair_key": pair_key})
             if existing is None:
                 raise
-            return existing
-        await self._add_members(chat, members)
+            return await self._with_members(existing, members)
+        await self._add_members(chat, members, from_start=True)
+        return await self.chat_document(chat["_id"])
+
+    async def _with_members(self, chat: Document, members: list[str]) -> Document:
+        """A private dialog found rather than made: its creator may still be adding the two
+        members (two first messages crossing), or have died before. Adding them here is
+        idempotent, and whoever adds a member announces it."""
+        if set(members) <= set(chat.get("member_ids", [])):
+            return chat
+        await self._add_members(chat, members, from_start=True)
         return await self.chat_document(chat["_id"])
 
     async def _require_users(self, actor: Document, user_ids: list[str]) -> None:
@@ -168,8 +177,15 @@ class ImService:
                 f"user {unreachable} does not exist or cannot be added",
             )
 
-    async def _add_members(self, chat: Document, user_ids: list[str]) -> list[str]:
-        """Add memberships; announce each on the member's personal stream. Returns the new ones."""
+    async def _add_members(
+        self, chat: Document, user_ids: list[str], *, from_start: bool = False
+    ) -> list[str]:
+        """Add memberships; announce each on the member's personal stream. Returns the new ones.
+
+        ``from_start``: a new chat, whose stream is wholly its members'. Its joins say so
+        (``from_seq`` 0) rather than naming the head: a first message crossing the creation
+        (posted by whoever lost the race to create the dialog) may be in the stream already,
+        and it must not fall before the join."""
         added: list[str] = []
         stream = chat_stream(chat["_id"])
         for user_id in user_ids:
@@ -192,7 +208,7 @@ class ImService:
             {"_id": chat["_id"]}, {"$addToSet": {"member_ids": {"$each": added}}}
         )
         chat = await self.chat_document(chat["_id"])
-        head = await self._streams.last_seq(stream)
+        head = 0 if from_start else await self._streams.last_seq(stream)
         for user_id in added:
             out = await self.chat_out(chat, user_id)
             await self._streams.append(
