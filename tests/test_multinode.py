@@ -70,17 +70,21 @@ async def test_users_on_different_nodes_chat_and_see_counters(
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
     # unread counters, pushed as live-only events by whichever node counted them, reach
-    # bob's connections on both nodes alike
-    def last_unread(client: SocketClient) -> Any:
-        pushes = [c["im"] for c in client.of_type("counters.changed") if "im" in c]
-        return pushes[-1]["unread"] if pushes else None
+    # bob's connections on both nodes alike: one more from alice, bob reads it through
+    # node one, and the push that follows reaches his connection on node two too
+    def im_pushes(client: SocketClient) -> list[Any]:
+        return [c["im"] for c in client.of_type("counters.changed") if "im" in c]
 
-    # Pushes are coalesced and may trail the last message: wait for each connection to be
-    # told the number the server holds, whichever node pushed it.
-    unread = (await two.request("GET", "/api/v1/im/counters", token=bob)).body["unread"]
-    assert unread > 0
-    await bob_on_two.wait_until(lambda: last_unread(bob_on_two) == unread)
-    await bob_on_one.wait_until(lambda: last_unread(bob_on_one) == unread)
+    last = await send(one, alice, bob_id, "one more")
+    pushes_before = len(im_pushes(bob_on_two))
+    chat_id, message_id = last["messages"][0]["chat_id"], last["messages"][0]["id"]
+    read = await one.request(
+        "POST", f"/api/v1/im/chats/{chat_id}/read", token=bob, json={"up_to": message_id}
+    )
+    assert read.status == 200 and read.body["unread"] == 0, read.body
+    for client in (bob_on_two, bob_on_one):
+        await client.wait_until(lambda c=client: im_pushes(c)[-1:] == [read.body])  # type: ignore[misc]
+    assert len(im_pushes(bob_on_two)) > pushes_before
 
 
 async def test_a_client_reconnecting_to_the_other_node_resumes_where_it_was(

@@ -199,6 +199,11 @@ class Listener:
                 stream, seq = data["stream"], int(data["seq"])
                 if event == "im.message":
                     self.received.append((stream, seq, data["data"]["message"]["id"]))
+                if event == "im.chat.joined":
+                    # as the web client does: the chat is followed from there, and a
+                    # reconnect before its first message still asks for everything after
+                    joined = data["data"]
+                    self.positions.setdefault(joined["join_stream"], int(joined["from_seq"]))
                 self.positions[stream] = max(seq, self.positions.get(stream, 0))
 
         async def on_disconnect(reason: Any = None) -> None:
