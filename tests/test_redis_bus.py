@@ -157,7 +157,7 @@ async def test_what_a_dead_node_stored_but_never_published_reaches_the_others(
 
         monkeypatch.setattr(doomed.bus, "_send", killed_before_publishing)
         await doomed.streams.append("quiet", "m", {})  # stored; the process dies right here
-        for task in (doomed.bus._task, doomed.bus._watcher):  # no goodbye
+        for task in (doomed.bus._subscription._task, doomed.bus._watcher):  # no goodbye
             assert task is not None
             task.cancel()
         await asyncio.sleep(0.3)

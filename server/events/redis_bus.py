@@ -41,12 +41,12 @@ from redis.exceptions import RedisError
 
 from server.events.bus import EphemeralHandler, EventHandler, InProcessBus
 from server.events.models import EphemeralEvent, Event
+from server.events.redis_subscription import RedisSubscription
 
 log = logging.getLogger(__name__)
 
 MAX_KNOWN_STREAMS = 200_000  # per-stream positions kept; the least recently used go first
 MAX_UNSENT = 10_000  # publications kept while Redis is unreachable
-RECONNECT_MAX_SECONDS = 5.0
 HEADS_BATCH = 1000
 ALIVE_SECONDS = 3.0  # a node's alive key lives this long; refreshed (and peers checked) thrice
 
@@ -107,10 +107,15 @@ class RedisBus:
         self._passed: OrderedDict[str, int] = OrderedDict()
         self._locks: dict[str, list[Any]] = {}  # stream -> [lock, users]
         self._unsent: deque[tuple[str, bytes]] = deque(maxlen=MAX_UNSENT)
-        self._task: asyncio.Task[None] | None = None
+        self._subscription = RedisSubscription(
+            self._redis,
+            [self._events_channel, self._ephemeral_channel],
+            name="redis-bus",
+            on_subscribed=self._on_subscribed,
+            on_message=self._received,
+        )
         self._watcher: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
-        self.connected = False
 
     def attach(self, source: StreamSource) -> None:
         self._source = source
@@ -145,23 +150,27 @@ class RedisBus:
     # lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="redis-bus")
+        self._subscription.start()
         self._watcher = asyncio.create_task(self._watch_peers(), name="redis-bus-peers")
         # Not fatal when Redis is down at start: the node serves its own clients meanwhile.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), 5)
 
     async def close(self) -> None:
-        for task in (self._task, self._watcher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._subscription.close()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         # Gone on purpose: peers recover at once rather than when the key runs out. Whatever
         # this node stored it has published or still holds unsent, so they find nothing new.
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(self._alive_prefix + self.node_id)
         await self._redis.aclose()
+
+    @property
+    def connected(self) -> bool:
+        return self._subscription.connected
 
     @property
     def unsent_count(self) -> int:
@@ -219,7 +228,7 @@ class RedisBus:
         self._remember(event.stream, event.seq)
         await self._local.publish(event)
 
-    async def _received(self, channel: str, payload: bytes) -> None:
+    async def _received(self, channel: str, payload: Any) -> None:
         doc: dict[str, Any] = bson.decode(payload, codec_options=_CODEC)
         node = doc.get("node")
         if node == self.node_id:
@@ -235,41 +244,11 @@ class RedisBus:
                 EphemeralEvent(doc["type"], doc["data"], tuple(doc["streams"]), doc["private"])
             )
 
-    async def _listen(self) -> None:
-        delay = 0.1
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(self._events_channel, self._ephemeral_channel)
-                was_connected_before = self._subscribed.is_set()
-                self.connected = True
-                self._subscribed.set()
-                delay = 0.1
-                await self._flush_unsent()
-                if was_connected_before:
-                    await self._recover()
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    channel = message["channel"].decode()
-                    try:
-                        await self._received(channel, message["data"])
-                    except Exception:
-                        log.exception("a message from Redis could not be handled")
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                if self.connected:
-                    log.warning("Redis bus: connection lost (%s); reconnecting", exc)
-                self.connected = False
-            except Exception:
-                log.exception("Redis bus listener failed; restarting it")
-                self.connected = False
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+    async def _on_subscribed(self, first: bool) -> None:
+        self._subscribed.set()
+        await self._flush_unsent()
+        if not first:
+            await self._recover()
 
     async def _watch_peers(self) -> None:
         beat = self._alive_ms / 3000

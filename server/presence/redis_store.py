@@ -40,16 +40,14 @@ from datetime import datetime
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
+from server.events.redis_subscription import RedisSubscription
 from server.presence.rules import Manual, ManualStatus, Source, Status
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "portalhub:presence:"
 OFFLINE_MARK_TTL_MS = 24 * 3600 * 1000  # a mark outlives any grace period; never leaks
-RECONNECT_MAX_SECONDS = 5.0
 READY_TIMEOUT_SECONDS = 5.0
 
 _NOW_MS = """
@@ -195,9 +193,14 @@ class RedisPresenceStore:
         self._keep_if_missing = self._redis.register_script(_KEEP_IF_MISSING)
         self._mark = self._redis.register_script(_MARK)
         self._copy: dict[str, tuple[Status, int]] = {}  # user -> (published, generation)
-        self._listener: asyncio.Task[None] | None = None
+        self._subscription = RedisSubscription(
+            self._redis,
+            [self._channel],
+            name="presence store",
+            on_subscribed=self._on_subscribed,
+            on_message=self._on_message,
+        )
         self._ready = asyncio.Event()
-        self._connected = False
 
     # keys ----------------------------------------------------------------------------------------
 
@@ -340,7 +343,7 @@ class RedisPresenceStore:
     # lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._listener = asyncio.create_task(self._listen(), name="presence-store-listener")
+        self._subscription.start()
 
     async def ready(self) -> None:
         # Not fatal when Redis is down at start: the copy fills in once it is back.
@@ -348,42 +351,17 @@ class RedisPresenceStore:
             await asyncio.wait_for(self._ready.wait(), READY_TIMEOUT_SECONDS)
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        await self._subscription.close()
         await self._redis.aclose()
 
-    async def _listen(self) -> None:
-        delay = 0.1
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(self._channel)
-                await _subscribed(pubsub)
-                await self._refresh()  # after subscribing: nothing falls between the two
-                if not self._connected and self._ready.is_set():
-                    log.info("presence store: Redis is back; published statuses re-read")
-                self._connected = True
-                self._ready.set()
-                delay = 0.1
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._received(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                if self._connected:
-                    log.warning("presence store: Redis connection lost (%s); reconnecting", exc)
-                self._connected = False
-            except Exception:
-                log.exception("presence store listener failed; restarting it")
-                self._connected = False
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+    async def _on_subscribed(self, first: bool) -> None:
+        await self._refresh()  # after subscribing: nothing falls between the two
+        if not first:
+            log.info("presence store: Redis is back; published statuses re-read")
+        self._ready.set()
+
+    async def _on_message(self, channel: str, payload: Any) -> None:
+        self._received(payload)
 
     def _received(self, payload: str) -> None:
         try:
@@ -391,16 +369,6 @@ class RedisPresenceStore:
             self._learn(str(doc["u"]), _status(doc["s"]), int(doc["g"]))
         except (ValueError, KeyError, TypeError):
             log.warning("presence store: unreadable message %r", payload)
-
-
-async def _subscribed(pubsub: PubSub) -> None:
-    """Wait for the confirmation: from then on no change is missed."""
-    while True:
-        message = await pubsub.get_message(timeout=READY_TIMEOUT_SECONDS)
-        if message is None:
-            raise TimeoutError("no subscription confirmation from Redis")
-        if message.get("type") == "subscribe":
-            return
 
 
 def _text(value: str | bytes) -> str:
