@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -16,6 +15,7 @@ import socketio
 from aiohttp import web
 
 from server.auth.service import AuthService
+from server.background import raise_if_stopping, stop
 from server.channels.hub import Hub, typing_handler
 from server.crm.service import Crm
 from server.directory.service import DirectoryService
@@ -190,6 +190,7 @@ async def _maintenance(svc: Services) -> None:
             if removed or tokens:
                 log.info("maintenance: pruned %s events, %s tokens", removed, tokens)
         except Exception:
+            raise_if_stopping()
             log.exception("maintenance round failed")
         await asyncio.sleep(MAINTENANCE_INTERVAL_SECONDS)
 
@@ -255,9 +256,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         await svc.mail.stop()
         if svc.xmpp is not None:
             await svc.xmpp.stop()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop(task)
         await svc.presence.close()
         await svc.scheduler.close()
         await svc.crm.counters.close()

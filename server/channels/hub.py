@@ -27,6 +27,7 @@ import socketio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.auth.service import AuthService, token_hash
+from server.background import stop
 from server.channels.ratelimit import TokenBucket
 from server.channels.rooms import may_subscribe
 from server.channels.state import HeldStates
@@ -558,10 +559,7 @@ class Hub:
             log.info("drained %s Socket.IO connections", len(sids))
 
     async def close(self) -> None:
-        tasks = [*self._tasks.values(), *self._background]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop(*self._tasks.values(), *self._background)
         for sid in list(self._connections):
             try:
                 await self._disconnect(sid)

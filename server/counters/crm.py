@@ -16,7 +16,6 @@ rules (not from the denormalised fields the live path counts on) and can repair 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from zoneinfo import ZoneInfo
 
 from pymongo import ReturnDocument, UpdateOne
 
+from server.background import stop
 from server.counters.rules import (
     COUNTED_KINDS,
     RECORD_TYPES,
@@ -195,10 +195,7 @@ class CrmCounters:
         await self._idle.wait()
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        await stop(self._flusher)
 
     async def _flush(self) -> None:
         try:

@@ -39,6 +39,7 @@ import bson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from server.background import raise_if_stopping, stop
 from server.events.bus import EphemeralHandler, EventHandler, InProcessBus
 from server.events.models import EphemeralEvent, Event
 from server.events.redis_subscription import RedisSubscription
@@ -158,10 +159,7 @@ class RedisBus:
 
     async def close(self) -> None:
         await self._subscription.close()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await stop(self._watcher)
         # Gone on purpose: peers recover at once rather than when the key runs out. Whatever
         # this node stored it has published or still holds unsent, so they find nothing new.
         with contextlib.suppress(RedisError, OSError):
@@ -271,8 +269,9 @@ class RedisBus:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError):
-                pass  # the listener reports the outage, and recovers after it
+                raise_if_stopping()  # else the subscription reports the outage
             except Exception:
+                raise_if_stopping()
                 log.exception("Redis bus: watching peer nodes failed")
             await asyncio.sleep(beat)
 

@@ -20,6 +20,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from server.background import raise_if_stopping, stop
+
 log = logging.getLogger(__name__)
 
 RECONNECT_FIRST_SECONDS = 0.1
@@ -54,11 +56,8 @@ class RedisSubscription:
         self._task = asyncio.create_task(self._run(), name=self._name)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         delay = RECONNECT_FIRST_SECONDS
@@ -87,10 +86,12 @@ class RedisSubscription:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                raise_if_stopping()
                 if self.connected:
                     log.warning("%s: Redis connection lost (%s); reconnecting", self._name, exc)
                 self.connected = False
             except Exception:
+                raise_if_stopping()
                 log.exception("%s: subscription failed; starting it again", self._name)
                 self.connected = False
             finally:

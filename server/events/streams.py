@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pymongo import DESCENDING
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from server.background import stop
 from server.events.bus import EventBus
 from server.events.models import Event
 from server.store.database import Store, utcnow
@@ -274,7 +275,4 @@ class StreamLog:
         return removed
 
     async def close(self) -> None:
-        tasks = list(self._flushers.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop(*self._flushers.values())

@@ -29,6 +29,7 @@ import aiosmtplib
 from bson import Binary
 from pymongo import ReturnDocument
 
+from server.background import raise_if_stopping, stop
 from server.store.database import Document, Store, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -181,16 +182,14 @@ class Outbox:
         self._task = asyncio.create_task(self._run(), name="mail-outbox")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
 
     async def _run(self) -> None:
         while True:
             try:
                 await self.send_due()
             except Exception:
+                raise_if_stopping()
                 log.exception("outbox round failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

@@ -21,6 +21,7 @@ from typing import Any
 from gridfs import AsyncGridFSBucket
 from pymongo.errors import DuplicateKeyError
 
+from server.background import raise_if_stopping, stop
 from server.crm.models import LeadCreate, TypedEmail
 from server.crm.service import Crm
 from server.im.service import ImService
@@ -78,9 +79,7 @@ class MailPipeline:
         self._wake.set()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop(*self._tasks)
         self._tasks = []
 
     async def _run(self) -> None:
@@ -88,6 +87,7 @@ class MailPipeline:
             try:
                 await self.drain()
             except Exception:
+                raise_if_stopping()
                 log.exception("mail pipeline round failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

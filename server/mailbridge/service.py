@@ -4,7 +4,6 @@ in, the pipeline, and the unmatched list."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import socket
@@ -19,6 +18,7 @@ from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
 from pydantic import ValidationError
 
+from server.background import raise_if_stopping, stop
 from server.crm.core import record_title
 from server.crm.service import Crm
 from server.directory.models import display_name
@@ -128,10 +128,7 @@ class MailBridge:
             await self._stop_collector(collector)
         await self.pipeline.close()
         await self.outbox.close()
-        if self._pruner is not None:
-            self._pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pruner
+        await stop(self._pruner)
 
     async def prune(self, days: int | None = None) -> dict[str, int]:
         """Drop stored mail bytes older than the retention (idempotent: any node may run it)."""
@@ -148,6 +145,7 @@ class MailBridge:
                 if any(pruned.values()):
                     log.info("pruned stored mail: %s", pruned)
             except Exception:
+                raise_if_stopping()
                 log.exception("pruning stored mail failed; tried again in an hour")
                 await asyncio.sleep(PRUNE_RETRY_SECONDS)
                 continue
@@ -184,10 +182,7 @@ class MailBridge:
 
     async def _stop_collector(self, collector: MailboxCollector) -> None:
         self._collectors.pop(collector.cfg.id, None)
-        if collector.task is not None:
-            collector.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await collector.task
+        await stop(collector.task)
 
     async def _finished(self, doc: Document) -> None:
         mailbox_id = doc.get("source", {}).get("mailbox_id")

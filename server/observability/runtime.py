@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from server import __version__
+from server.background import raise_if_stopping, stop
 from server.observability import logs, nodes
 from server.observability.instruments import EVENTS_DELIVERED
 from server.observability.metrics import Family, open_fds, process_families, resident_memory_bytes
@@ -187,6 +188,7 @@ class Observability:
                     log.info("node heartbeat written again")
                 failing = False
             except Exception:
+                raise_if_stopping()
                 if not failing:  # once per outage, not every few seconds
                     log.exception("node heartbeat failed; retrying every %s s", self.interval)
                 failing = True
@@ -201,9 +203,7 @@ class Observability:
         forgotten)."""
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await stop(self._task)
         self._task = None
         try:
             await asyncio.wait_for(

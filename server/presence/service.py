@@ -33,13 +33,13 @@ wins and there is no offline mark.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from server.background import raise_if_stopping, stop
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.events.streams import user_stream
@@ -394,6 +394,7 @@ class PresenceService:
             try:
                 await self.sweep()
             except Exception:
+                raise_if_stopping()
                 log.exception("presence sweep failed")
 
     async def close(self) -> None:
@@ -403,11 +404,7 @@ class PresenceService:
         tasks = list(self._pending_offline.values())
         if self._sweeper is not None:
             tasks.append(self._sweeper)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(*tasks)
         own, self._own = self._own, {}
         for source_id, (user_id, _) in own.items():
             try:

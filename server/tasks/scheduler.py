@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from pymongo import ReturnDocument
 
+from server.background import stop
 from server.store.database import Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,7 @@ class Scheduler:
         self._task = asyncio.create_task(self._run(), name="scheduler")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
 
     async def run_due(self) -> int:
         """Fire every job that is due; returns how many fired here."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.auth.service import AuthService
+from server.background import stop
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
@@ -195,10 +196,7 @@ class XmppServer:
             self._housekeeper.cancel()
         for session in list(self._all):
             await session.terminate("system-shutdown")
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop(*self._tasks, self._housekeeper)
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 5)

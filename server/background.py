@@ -1,0 +1,57 @@
+"""Owned background tasks: stopped for sure on shutdown, their failures logged, not lost.
+
+A loop that retries on errors must not outlive its cancellation. A library may turn the
+``CancelledError`` thrown into it into an error of its own (redis-py's connection clean-up was
+caught doing so: a node's peer watcher then kept sleeping and retrying, and whoever awaited it
+after ``cancel()`` waited for ever). So loops check ``stopping()`` when they catch an error, and
+``stop()`` cancels again a task that is still running, and gives up on one that will not end
+rather than hold a shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STOP_ATTEMPTS = 3
+STOP_WAIT_SECONDS = 2.0
+
+
+def stopping() -> bool:
+    """Whether the running task has been asked to stop (even if the request was swallowed)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def raise_if_stopping() -> None:
+    """For the error handler of a retrying loop: a cancellation disguised as an error ends it."""
+    if stopping():
+        raise asyncio.CancelledError
+
+
+async def stop(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel the tasks and wait for them to end; report any that failed or will not end."""
+    owned = [task for task in tasks if task is not None]
+    running = {task for task in owned if not task.done()}
+    for attempt in range(STOP_ATTEMPTS):
+        if not running:
+            break
+        for task in running:
+            task.cancel()
+        _, running = await asyncio.wait(running, timeout=STOP_WAIT_SECONDS)
+        for task in running:
+            log.warning(
+                "%s still running %.0f s after being cancelled (attempt %d of %d)",
+                task.get_name(),
+                STOP_WAIT_SECONDS,
+                attempt + 1,
+                STOP_ATTEMPTS,
+            )
+    for task in running:
+        log.error("%s would not stop; left behind", task.get_name())
+    for task in owned:
+        if task.done() and not task.cancelled() and (failure := task.exception()) is not None:
+            log.error("%s had failed", task.get_name(), exc_info=failure)

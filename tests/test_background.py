@@ -1,0 +1,90 @@
+"""Stopping background tasks: a task that swallows its cancellation (as redis-py's clean-up
+was seen to make a retrying loop do) is cancelled again; one that will not end is reported
+and left, never waited on for ever; a failure is logged, not lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from server import background
+from server.background import raise_if_stopping, stop
+
+
+async def test_a_swallowed_cancellation_is_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(background, "STOP_WAIT_SECONDS", 0.1)
+    rounds = 0
+
+    async def retrying_loop() -> None:
+        nonlocal rounds
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                rounds += 1
+                if rounds == 1:  # the first one disguised as an error, and caught
+                    continue
+                raise
+
+    task = asyncio.create_task(retrying_loop())
+    await asyncio.sleep(0)
+    await stop(task)
+    assert task.cancelled() and rounds == 2
+
+
+async def test_a_loop_checking_stopping_ends_at_the_first_cancellation() -> None:
+    rounds = 0
+
+    async def loop() -> None:
+        nonlocal rounds
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError as exc:
+                rounds += 1
+                try:
+                    raise OSError("connection reset") from exc  # what a library made of it
+                except OSError:
+                    raise_if_stopping()
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0)
+    await stop(task)
+    assert task.cancelled() and rounds == 1
+
+
+async def test_one_that_will_not_end_is_left_and_reported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(background, "STOP_WAIT_SECONDS", 0.05)
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                continue
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="server.background"):
+        await stop(task)
+    assert not task.done()
+    assert "stubborn would not stop; left behind" in caplog.text
+    release.set()
+    task.cancel()
+    await asyncio.wait({task})
+
+
+async def test_a_failure_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def failing() -> None:
+        raise RuntimeError("boom")
+
+    task = asyncio.create_task(failing(), name="failing")
+    await asyncio.sleep(0.01)
+    with caplog.at_level(logging.ERROR, logger="server.background"):
+        await stop(task, None)
+    assert "failing had failed" in caplog.text and "boom" in caplog.text
