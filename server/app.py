@@ -124,7 +124,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     async def counters_snapshot(user: Document) -> dict[str, Any]:
         user_id = str(user["_id"])
         return {
-            "im": (await im.counters(user_id)).model_dump(),
+            "im": await im.counters_state(user_id),
             "tasks": await tasks.counters(user_id),
             "crm": await crm.counters.baseline(user_id),
         }

@@ -34,3 +34,14 @@ def test_states_travel_as_plain_data() -> None:
     sent = state(7, idle=3)
     assert VersionedState.from_private(sent.as_private()) == sent
     assert VersionedState.from_private({}) is None
+
+
+def test_a_whole_state_goes_whole_and_never_older() -> None:
+    held = HeldStates()
+    unread = VersionedState("im", 10, {"unread": 3, "chats": {"c1": 3}}, whole=True)
+    held.reset(unread)
+    later = VersionedState("im", 12, {"unread": 0, "chats": {}}, whole=True)
+    assert held.offer(later) == {"unread": 0, "chats": {}}  # not a difference: "chats" emptied
+    counted_before = VersionedState("im", 11, {"unread": 3, "chats": {"c1": 3}}, whole=True)
+    assert held.offer(counted_before) is None  # arrived last, but counted earlier
+    assert VersionedState.from_private(later.as_private()) == later

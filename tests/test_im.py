@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+from server.events.models import EphemeralEvent, VersionedState
 from server.im.rules import private_pair_key
 from server.im.service import ANNOUNCE_GRACE_SECONDS
 from server.store.database import new_id, utcnow
@@ -479,3 +480,29 @@ async def test_a_dialog_left_without_members_gets_them_from_its_next_message(
     await bob_client.wait_until(lambda: texts(bob_client) == ["first"])
     [joined] = bob_client.of_type("im.chat.joined")
     assert joined["data"]["from_seq"] == 0
+
+
+async def test_of_two_unread_pushes_the_later_count_stays(hub: HubHarness) -> None:
+    """Two pushes counted at once (a read mark, a new message) may be published in either
+    order; a connection keeps the one counted last."""
+    bob_id, bob = await hub.create_user("bob")
+    client = await hub.connect(bob)
+    await client.wait_for("snapshot")
+    await client.wait_for("counters.changed")  # the session's own, once caught up
+    im = hub.services.im
+    first = await im.counters_state(bob_id)
+    second = await im.counters_state(bob_id)
+    second = VersionedState("im", second.version, {"unread": 2, "chats": {"c": 2}}, whole=True)
+    for state in (second, first):  # the later count published first
+        await hub.services.bus.publish_ephemeral(
+            EphemeralEvent(
+                "counters.changed",
+                {"im": state.values},
+                (f"user:{bob_id}",),
+                private=state.as_private(),
+            )
+        )
+    await client.wait_until(lambda: {"im": second.values} in client.of_type("counters.changed"))
+    await asyncio.sleep(0.2)
+    pushes = [c["im"] for c in client.of_type("counters.changed") if "im" in c]
+    assert pushes[-1] == second.values

@@ -6,7 +6,7 @@ from typing import Any
 
 from server.events.models import VersionedState
 
-Values = dict[str, dict[str, Any]]
+Values = dict[str, Any]
 
 
 def changes(before: Values, after: Values) -> Values:
@@ -30,11 +30,13 @@ class HeldStates:
         return state.values
 
     def offer(self, state: VersionedState) -> Values | None:
-        """What to send the connection of ``state``: the difference from what it holds, or
-        None when there is nothing new for it. Before its snapshot a connection holds
-        nothing and is sent nothing: the snapshot brings the state whole."""
+        """What to send the connection of ``state``: the difference from what it holds (all
+        of it, for a whole state), or None when there is nothing new for it. Before its
+        snapshot a connection holds nothing and is sent nothing: the snapshot brings it."""
         held = self._held.get(state.key)
         if held is None or state.version <= held[0]:
             return None
         self._held[state.key] = (state.version, state.values)
+        if state.whole:
+            return state.values
         return changes(held[1], state.values) or None

@@ -50,25 +50,39 @@ class EphemeralEvent:
 
 @dataclass(frozen=True, slots=True)
 class VersionedState:
-    """Numbers a client holds and is sent only the changes of (the CRM counters).
+    """State a client holds, pushed with a version: the CRM counters (sent as differences)
+    and the unread counters (sent whole).
 
-    Changes travel as differences, so a connection must receive them against exactly what it
-    was last sent: each transport remembers that per connection, with the ``version`` it had,
-    and sends each connection the difference from there. A push that arrives late or twice
-    (an older or equal version) changes nothing; one that was lost is made good by the next,
-    which carries the whole state."""
+    Each transport remembers per connection what it sent and at which ``version``. A push
+    that arrives late or twice (an older or equal version) changes nothing, so two pushes
+    computed at once cannot leave the older on screen. Differences are taken from exactly
+    what the connection holds, so one lost on its way is made good by the next, which
+    carries the whole state. ``whole`` states are sent as they are."""
 
     key: str
     version: int
-    values: dict[str, dict[str, Any]]
+    values: dict[str, Any]
+    whole: bool = False
 
     def as_private(self) -> dict[str, Any]:
         """For ``EphemeralEvent.private``: plain data, so it crosses nodes."""
-        return {"state": {"key": self.key, "version": self.version, "values": self.values}}
+        return {
+            "state": {
+                "key": self.key,
+                "version": self.version,
+                "values": self.values,
+                "whole": self.whole,
+            }
+        }
 
     @classmethod
     def from_private(cls, private: dict[str, Any]) -> VersionedState | None:
         found = private.get("state")
         if not isinstance(found, dict):
             return None
-        return cls(str(found["key"]), int(found["version"]), dict(found["values"]))
+        return cls(
+            str(found["key"]),
+            int(found["version"]),
+            dict(found["values"]),
+            bool(found.get("whole", False)),
+        )

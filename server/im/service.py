@@ -22,7 +22,7 @@ from server.directory.models import display_name
 from server.directory.rules import descendants
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent
+from server.events.models import EphemeralEvent, VersionedState
 from server.events.streams import StreamLog, user_stream
 from server.im.models import (
     ChatOut,
@@ -553,13 +553,23 @@ class ImService:
 
     async def push_counters(self, user_id: str) -> Counters:
         """Send the user's authoritative unread counters to all their devices."""
-        counters = await self.counters(user_id)
+        state = await self.counters_state(user_id)
         await self._bus.publish_ephemeral(
             EphemeralEvent(
-                "counters.changed", {"im": counters.model_dump()}, (user_stream(user_id),)
+                "counters.changed",
+                {"im": state.values},
+                (user_stream(user_id),),
+                private=state.as_private(),
             )
         )
-        return counters
+        return Counters.model_validate(state.values)
+
+    async def counters_state(self, user_id: str) -> VersionedState:
+        """The unread counters, versioned by when they were counted: of two pushes counted
+        at once (a read mark and a message), the later count is the one that stays."""
+        counted_at = time.time_ns()
+        counters = await self.counters(user_id)
+        return VersionedState("im", counted_at, counters.model_dump(), whole=True)
 
     async def _refresh_preview(self, chat_id: str, message: MessageOut) -> None:
         # Only while this message is still the chat's last one: a newer message stays shown.
