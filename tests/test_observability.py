@@ -23,7 +23,7 @@ from server import cli
 from server.observability import nodes
 from server.observability.context import REQUEST_ID, traced, valid_request_id
 from server.observability.http import is_loopback
-from server.observability.logs import ContextFilter, JsonFormatter
+from server.observability.logs import ContextFilter, JsonFormatter, configure_logging
 from server.observability.metrics import Registry, render
 from server.observability.runtime import OBSERVABILITY
 from server.settings import Settings
@@ -499,3 +499,16 @@ async def test_nodes_register_their_ports_and_load_and_status_prints_them(
     # a clean stop leaves the registry
     assert await registry.find_one({"_id": node}) is None
     assert await registry.count_documents({}) == 1
+
+
+def test_smtp_connection_chatter_is_kept_for_debug() -> None:
+    """aiosmtpd's per-connection INFO lines ("mail.log") are hidden at INFO, shown at DEBUG."""
+    chatter = logging.getLogger("mail.log")
+    before = chatter.level
+    try:
+        configure_logging("INFO", "text")
+        assert not chatter.isEnabledFor(logging.INFO) and chatter.isEnabledFor(logging.WARNING)
+        configure_logging("debug", "text")
+        assert chatter.level == logging.NOTSET
+    finally:
+        chatter.setLevel(before)

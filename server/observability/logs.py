@@ -84,3 +84,8 @@ def handler(log_format: str) -> logging.Handler:
 def configure_logging(level: str, log_format: str) -> None:
     """The root logger's set-up for the CLI (a no-op when the root logger has handlers)."""
     logging.basicConfig(level=level, handlers=[handler(log_format)])
+    # aiosmtpd logs every SMTP connection (peer, EOF, connection lost) at INFO as "mail.log",
+    # which drowns a node's own lines; the mail bridge logs each message's outcome itself.
+    # Still shown at DEBUG.
+    quiet = logging.getLevelName(level.upper()) != logging.DEBUG
+    logging.getLogger("mail.log").setLevel(logging.WARNING if quiet else logging.NOTSET)
