@@ -3,8 +3,8 @@ it holds, never older, whole after a snapshot."""
 
 from __future__ import annotations
 
-from server.channels.state import HeldStates, changes
-from server.events.models import VersionedState
+from server.channels.state import HeldStates
+from server.events.models import VersionedState, changed_numbers
 
 
 def state(version: int, idle: int, incoming: int = 0) -> VersionedState:
@@ -14,8 +14,8 @@ def state(version: int, idle: int, incoming: int = 0) -> VersionedState:
 def test_changes_name_only_the_numbers_that_moved() -> None:
     before = {"deal": {"idle": 1, "incoming": 0}, "lead": {"idle": 0}}
     after = {"deal": {"idle": 1, "incoming": 2}, "lead": {"idle": 0}, "company": {"idle": 3}}
-    assert changes(before, after) == {"deal": {"incoming": 2}, "company": {"idle": 3}}
-    assert changes(after, after) == {}
+    assert changed_numbers(before, after) == {"deal": {"incoming": 2}, "company": {"idle": 3}}
+    assert changed_numbers(after, after) == {}
 
 
 def test_nothing_before_the_snapshot_then_differences_from_what_was_sent() -> None:

@@ -4,20 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.events.models import VersionedState
+from server.events.models import VersionedState, changed_numbers
 
 Values = dict[str, Any]
-
-
-def changes(before: Values, after: Values) -> Values:
-    """The numbers of ``after`` that differ from ``before``, grouped as they are."""
-    found: Values = {}
-    for group, numbers in after.items():
-        held = before.get(group, {})
-        changed = {name: value for name, value in numbers.items() if held.get(name) != value}
-        if changed:
-            found[group] = changed
-    return found
 
 
 class HeldStates:
@@ -39,4 +28,4 @@ class HeldStates:
         self._held[state.key] = (state.version, state.values)
         if state.whole:
             return state.values
-        return changes(held[1], state.values) or None
+        return changed_numbers(held[1], state.values) or None

@@ -40,7 +40,7 @@ from server.counters.rules import (
     next_change,
 )
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent, VersionedState
+from server.events.models import EphemeralEvent, VersionedState, changed_numbers
 from server.events.streams import user_stream
 from server.store.database import Document, Store, utcnow
 
@@ -77,17 +77,6 @@ def zero_counts() -> Counts:
 
 def counted_field(mode: CounterMode) -> str:
     return "record_responsible_id" if mode is CounterMode.ITEM else "responsible_id"
-
-
-def diff(before: Counts, after: Counts) -> Counts:
-    """The numbers that changed, per record type."""
-    changed: Counts = {}
-    for record_type, numbers in after.items():
-        old = before.get(record_type, {})
-        delta = {k: v for k, v in numbers.items() if old.get(k) != v}
-        if delta:
-            changed[record_type] = delta
-    return changed
 
 
 class CrmCounters:
@@ -233,7 +222,7 @@ class CrmCounters:
         for _attempt in range(5):
             doc = await stored.find_one({"_id": user_id})
             before: Counts = {**zero_counts(), **(doc or {}).get("values", {})}
-            changed = diff(before, fresh)
+            changed = changed_numbers(before, fresh)
             if not changed:
                 return
             values = {**before, **fresh}
@@ -443,7 +432,7 @@ class CrmCounters:
         }
         report.users_checked = len(users)
         for uid, counts in expected.items():
-            delta = diff({**zero_counts(), **stored.get(uid, {})}, counts)
+            delta = changed_numbers({**zero_counts(), **stored.get(uid, {})}, counts)
             if delta:
                 report.counter_differences[uid] = delta
         if repair:

@@ -48,6 +48,20 @@ class EphemeralEvent:
     """Routing data for the server's own transports; never sent to clients."""
 
 
+def changed_numbers(
+    before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The numbers of ``after`` that differ from ``before``, grouped as they are (per record
+    type, for the CRM counters)."""
+    found: dict[str, dict[str, Any]] = {}
+    for group, numbers in after.items():
+        held = before.get(group, {})
+        changed = {name: value for name, value in numbers.items() if held.get(name) != value}
+        if changed:
+            found[group] = changed
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class VersionedState:
     """State a client holds, pushed with a version: the CRM counters (sent as differences)
