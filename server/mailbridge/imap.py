@@ -27,6 +27,7 @@ from typing import Any
 
 import aioimaplib
 
+from server.background import raise_if_stopping
 from server.mailbridge.inbox import RawInbox, Source
 from server.store.database import Document, Store, utcnow
 
@@ -175,6 +176,7 @@ class MailboxCollector:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                raise_if_stopping()
                 log.warning("mailbox %s: %s; reconnecting in %.0f s", self.cfg.id, exc, backoff)
                 await self._state(connected=False, idle=False, last_error=str(exc)[:500])
                 await asyncio.sleep(backoff)

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from pymongo import ReturnDocument
 
-from server.background import stop
+from server.background import raise_if_stopping, stop
 from server.store.database import Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class Scheduler:
                 if upcoming is not None:
                     delay = min(MAX_SLEEP, max(timedelta(0), upcoming["due_at"] - utcnow()))
             except Exception:
+                raise_if_stopping()
                 log.exception("scheduler round failed")
                 delay = MAX_SLEEP
             self._wake.clear()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.auth.service import AuthService
-from server.background import stop
+from server.background import raise_if_stopping, stop
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
@@ -192,11 +192,10 @@ class XmppServer:
     async def stop(self) -> None:
         for srv in self._servers:
             srv.close()
-        if self._housekeeper is not None:
-            self._housekeeper.cancel()
+        await stop(self._housekeeper)  # no pings to sessions being ended
         for session in list(self._all):
             await session.terminate("system-shutdown")
-        await stop(*self._tasks, self._housekeeper)
+        await stop(*self._tasks)
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 5)
@@ -238,6 +237,7 @@ class XmppServer:
                     elif quiet > interval and not session._pending_pings:
                         await session.ping()
                 except Exception:
+                    raise_if_stopping()
                     log.exception("keep-alive of %s failed", session.jid)
 
     def touched(self, session: C2SSession) -> None:
