@@ -18,8 +18,8 @@ every mismatch is reported at once.
 The cast (``World``): an admin; Sales (head Hank, CRM role ``head``; Mary and Sam, CRM
 managers) and Finance (Fred, CRM manager); Nora (CRM role ``none``); the employees Alice and
 Bob, who share a group chat, a dialog and a task; Oscar, an employee in none of them; Eve, an
-extranet user in Alice's workgroup; Xavier, an extranet user in no workgroup; Dave,
-deactivated.
+extranet user in Alice's workgroup; Xavier, an extranet user in no workgroup (neither has a
+CRM role); Erin, an extranet user given the CRM role ``manager`` by name; Dave, deactivated.
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ async def build_world(hub: HubHarness) -> World:
     await call(hub, admin, "PATCH", f"/api/v1/departments/{sales['id']}", {"head_id": ids["hank"]})
     for who in ("alice", "bob", "oscar", "nora", "dave"):
         ids[who], tokens[who] = await hub.create_user(who, first_name=who.title())
-    for who in ("eve", "xavier"):
+    for who in ("eve", "xavier", "erin"):
         ids[who], tokens[who] = await hub.create_user(who, external=True)
-    for who, role in (("hank", "head"), ("nora", "none")):
+    for who, role in (("hank", "head"), ("nora", "none"), ("erin", "manager")):
         grant = {"role": role, "subject_kind": "user", "subject_id": ids[who]}
         await call(hub, admin, "PUT", "/api/v1/crm/roles", grant)
 
@@ -190,6 +190,11 @@ RECORD_PATHS = ("/api/v1/crm/deals/{deal}", "/api/v1/crm/deals/{deal}/history")
 CRM_ADMIN_ONLY: tuple[tuple[str, str, Any], ...] = (
     ("GET", "/api/v1/crm/roles", None),
     ("PUT", "/api/v1/crm/roles", {"role": "chief", "subject_kind": "user", "subject_id": "{sam}"}),
+    (
+        "PUT",
+        "/api/v1/crm/roles",
+        {"role": "chief", "subject_kind": "workgroup", "subject_id": "{group}"},
+    ),
     ("PATCH", "/api/v1/crm/settings", {"default_role": "chief"}),
     ("POST", "/api/v1/crm/counters/check", {}),
     ("GET", "/api/v1/mail/settings", None),
@@ -345,7 +350,40 @@ REST_ROWS: list[Rest] = [
     *[Rest("fred", "GET", p, 404, "not-found") for p in RECORD_PATHS],
     *[Rest("alice", "GET", p, 404, "not-found") for p in RECORD_PATHS],
     *[Rest("nora", "GET", p, 403, "forbidden") for p in RECORD_PATHS],
-    *[Rest("eve", "GET", p, 404, "not-found") for p in RECORD_PATHS],
+    # extranet users: no CRM role unless one is granted to them by name (Erin)
+    *[Rest(who, "GET", p, 403, "forbidden") for who in ("eve", "xavier") for p in RECORD_PATHS],
+    *[
+        Rest(who, method, path, 403, "forbidden", body)
+        for who in ("eve", "xavier")
+        for method, path, body in (
+            ("GET", "/api/v1/crm/deals", None),
+            ("GET", "/api/v1/crm/settings", None),
+            ("POST", "/api/v1/crm/leads", {"title": "Mine"}),
+            ("POST", "/api/v1/crm/duplicates", {"type": "contact", "first_name": "Carl"}),
+            ("GET", "/api/v1/crm/activities", None),
+        )
+    ],
+    *[Rest("erin", "GET", p, 404, "not-found") for p in RECORD_PATHS],
+    Rest("erin", "GET", "/api/v1/crm/deals", 200),
+    Rest("erin", "GET", "/api/v1/crm/settings", 200),
+    Rest("mary", "GET", "/api/v1/crm/settings", 200),
+    # nor are they made responsible for CRM work, which would tell them of it
+    Rest(
+        "mary",
+        "POST",
+        "/api/v1/crm/activities",
+        422,
+        "unknown-reference",
+        {"owner_type": "deal", "owner_id": "{deal}", "type": "call", "responsible_id": "{eve}"},
+    ),
+    Rest(
+        "admin",
+        "PATCH",
+        "/api/v1/crm/deals/{fred_deal}",
+        422,
+        "unknown-reference",
+        {"responsible_id": "{xavier}"},
+    ),
     *[Rest("mary", "GET", p, 200) for p in RECORD_PATHS],
     *[Rest("hank", "GET", p, 200) for p in RECORD_PATHS],
     *[Rest("admin", "GET", p, 200) for p in RECORD_PATHS],
@@ -405,10 +443,11 @@ REST_ROWS: list[Rest] = [
     Rest("hank", "GET", "/api/v1/mail/attachments/{file}", 200),
     Rest("alice", "GET", "/api/v1/mail/templates", 200),
     Rest("alice", "GET", "/api/v1/mail/info", 200),
-    # CRM administrators' routes: managers, heads and plain employees are refused
+    # CRM administrators' routes: managers, heads and plain employees (Alice moderates a
+    # workgroup: that gives no right to its CRM role) are refused
     *[
         Rest(who, m, p, 403, "forbidden", b)
-        for who in ("mary", "hank")
+        for who in ("mary", "hank", "alice")
         for m, p, b in CRM_ADMIN_ONLY
     ],
     Rest("admin", "GET", "/api/v1/crm/roles", 200),
@@ -420,12 +459,19 @@ REST_ROWS: list[Rest] = [
 @dataclass(frozen=True)
 class Absent:
     """``who`` lists ``path`` and must not find the id ``hidden`` anywhere in the answer,
-    while ``allowed`` lists the same path and finds it."""
+    while ``allowed`` lists the same path and finds it; both get ``status``."""
 
     who: str
     allowed: str
     path: str
     hidden: str
+    method: str = "GET"
+    body: Any = None
+    status: int = 200
+
+
+CARL_PROBE = {"type": "contact", "emails": ["carl@client.example"]}
+CARL_AGAIN = {"first_name": "Carl", "emails": [{"value": "carl@client.example"}]}
 
 
 REST_ABSENT = [
@@ -442,6 +488,15 @@ REST_ABSENT = [
     Absent("xavier", "eve", "/api/v1/presence?ids={alice}", "alice"),
     Absent("xavier", "eve", "/api/v1/workgroups", "group"),
     Absent("sam", "mary", "/api/v1/crm/activities?status=all", "activity"),
+    # duplicate control: of a match one may not see, not even the responsible person
+    *[
+        Absent("sam", "mary", "/api/v1/crm/duplicates", hidden, "POST", CARL_PROBE)
+        for hidden in ("contact", "mary")
+    ],
+    *[
+        Absent("sam", "mary", "/api/v1/crm/contacts", hidden, "POST", CARL_AGAIN, 409)
+        for hidden in ("contact", "mary")
+    ],
 ]
 
 
@@ -465,14 +520,17 @@ async def test_rest_refuses_what_each_role_must_not_see(hub: HubHarness) -> None
                 mismatches.append(f"{row.who} {row.method} {row.path}: no WWW-Authenticate")
     for absent in REST_ABSENT:
         hidden = world.ids[absent.hidden]
-        denied = await hub.request("GET", world.path(absent.path), token=world.tokens[absent.who])
-        allowed = await hub.request(
-            "GET", world.path(absent.path), token=world.tokens[absent.allowed]
-        )
-        if denied.status != 200 or hidden in str(denied.body):
-            mismatches.append(f"{absent.who} GET {absent.path}: sees {absent.hidden}")
-        if allowed.status != 200 or hidden not in str(allowed.body):
-            mismatches.append(f"{absent.allowed} GET {absent.path}: misses {absent.hidden}")
+        path, body = world.path(absent.path), fill(absent.body, world)
+        denied, allowed = [
+            await hub.request(absent.method, path, token=world.tokens[who], json=body)
+            for who in (absent.who, absent.allowed)
+        ]
+        if denied.status != absent.status or hidden in str(denied.body):
+            mismatches.append(f"{absent.who} {absent.method} {absent.path}: sees {absent.hidden}")
+        if allowed.status != absent.status or hidden not in str(allowed.body):
+            mismatches.append(
+                f"{absent.allowed} {absent.method} {absent.path}: misses {absent.hidden}"
+            )
     # one's own presence settings are private: colleagues see "offline", no manual or invisible
     bob = world.tokens["bob"]
     await call(hub, bob, "PUT", "/api/v1/presence/me", {"status": "dnd", "invisible": True})
@@ -614,6 +672,54 @@ async def test_socketio_forged_since_gets_subscribe_error_and_nothing_else(
         # the ids appear only in the refusals, which name the streams asked for
         told = repr([e for e in client.events if e[0] != "subscribe_error"])
         assert ids["deal"] not in told and ids["task"] not in told, name
+
+
+async def test_a_workgroup_moderator_cannot_hand_out_the_workgroups_crm_role(
+    hub: HubHarness,
+) -> None:
+    """Adding someone to a workgroup that holds a CRM role gives them that role: Hank, a
+    moderator but no CRM admin, is refused over REST and Bob hears nothing over Socket.IO;
+    the admin, doing the same, is let through and Bob's events follow (positive controls)."""
+    world = await build_world(hub)
+    ids, tokens = world.ids, world.tokens
+    hank, admin = tokens["hank"], tokens["admin"]
+    desk = await call(hub, hank, "POST", "/api/v1/workgroups", {"name": "Deal desk"})
+    grant = {"role": "chief", "subject_kind": "workgroup", "subject_id": desk["id"]}
+    await call(hub, admin, "PUT", "/api/v1/crm/roles", grant)
+    bob = await hub.connect(tokens["bob"])
+    await bob.wait_for("snapshot")
+    members = f"/api/v1/workgroups/{desk['id']}/members"
+    mismatches: list[str] = []
+
+    for who in ("bob", "oscar"):
+        resp = await hub.request("POST", members, token=hank, json={"user_ids": [ids[who]]})
+        if resp.status != 403 or resp.content_type != "application/problem+json":
+            mismatches.append(f"hank adds {who}: {resp.status} {resp.body}")
+    # Eve joins (a workgroup's role does not reach extranet users) and stays outside the CRM
+    resp = await hub.request("POST", members, token=hank, json={"user_ids": [ids["eve"]]})
+    if resp.status != 200:
+        mismatches.append(f"hank adds eve: {resp.status} {resp.body}")
+    eve_deals = await hub.request("GET", "/api/v1/crm/deals", token=tokens["eve"])
+    if eve_deals.status != 403:
+        mismatches.append(f"eve lists deals after joining: {eve_deals.status}")
+    bob_deal = await hub.request("GET", world.path("/api/v1/crm/deals/{deal}"), token=tokens["bob"])
+    if bob_deal.status != 404:
+        mismatches.append(f"bob reads Mary's deal after the refusal: {bob_deal.status}")
+    await call(
+        hub, tokens["mary"], "PATCH", world.path("/api/v1/crm/deals/{deal}"), {"title": "T1"}
+    )
+
+    await call(hub, admin, "POST", members, {"user_ids": [ids["bob"]]})
+    await call(
+        hub, tokens["mary"], "PATCH", world.path("/api/v1/crm/deals/{deal}"), {"title": "T2"}
+    )
+    await bob.wait_until(lambda: "T2" in repr(bob.of_type("crm.record.updated")))
+    if "'T1'" in repr(bob.events):
+        mismatches.append("bob got the deal's update from before he was given the role")
+    bob_deal = await hub.request("GET", world.path("/api/v1/crm/deals/{deal}"), token=tokens["bob"])
+    if bob_deal.status != 200:
+        mismatches.append(f"bob reads Mary's deal once the admin added him: {bob_deal.status}")
+    assert not mismatches, "\n".join(mismatches)
 
 
 async def test_socketio_refuses_anonymous_and_bad_tokens(hub: HubHarness) -> None:

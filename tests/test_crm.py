@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from tests.harness import HubHarness, SocketClient
+import pytest
+from pydantic import SecretStr
+
+from server.settings import Settings
+from server.store.database import Store
+from tests.harness import HubHarness, SocketClient, start_hub
+from tests.redis_server import RedisServer
 
 
 async def make(hub: HubHarness, token: str, kind: str, **body: Any) -> dict[str, Any]:
@@ -251,7 +258,7 @@ async def test_duplicate_warnings_name_the_matched_fields_and_hide_what_the_user
     assert resp.body["type"] == "urn:portalhub:problem:possible-duplicates"
     (match,) = resp.body["duplicates"]
     assert match["id"] == mine["id"] and match["matched"] == ["email", "phone", "name"]
-    assert match["visible"] is True
+    assert resp.body["hidden"] is False
     # while typing: a company title that belongs to someone else's record
     probe = await hub.request(
         "POST",
@@ -260,15 +267,8 @@ async def test_duplicate_warnings_name_the_matched_fields_and_hide_what_the_user
         json={"type": "company", "title": "acme   gmbh"},
     )
     assert probe.status == 200
-    (other,) = probe.body["duplicates"]
-    assert other == {
-        "type": "company",
-        "id": None,  # only its title and responsible person
-        "title": "Acme GmbH",
-        "responsible_id": bob_id,
-        "matched": ["company"],
-        "visible": False,
-    }
+    # nothing of it but that it exists: no id, type, title, responsible person or fields
+    assert probe.body == {"duplicates": [], "hidden": True}
     # the client may create anyway
     forced = await hub.request(
         "POST",
@@ -288,6 +288,63 @@ async def test_duplicate_warnings_name_the_matched_fields_and_hide_what_the_user
     # the invisible one still cannot be read
     hidden = await hub.request("GET", f"/api/v1/crm/companies/{theirs['id']}", token=mary)
     assert hidden.status == 404
+    assert bob_id  # Bob's id is what the hidden match must not give away (see the next test)
+
+
+async def test_duplicate_control_tells_nothing_of_records_the_user_may_not_see(
+    hub: HubHarness,
+) -> None:
+    """Issue 13, item 10: the 409 and the probe gave the title and responsible person of
+    records the caller may not see. Now only that such a record exists, once, whatever
+    their number."""
+    bob_id, bob = await hub.create_user("bob")
+    _, mary = await hub.create_user("mary")
+    secret = {
+        "first_name": "Zed",
+        "last_name": "Quill",
+        "emails": [{"value": "zed@rival.example"}],
+        "phones": [{"number": "+44 20 7946 0958"}],
+    }
+    theirs = [
+        await make(hub, bob, "leads", title="Rival takeover", **secret),
+        await make(hub, bob, "contacts", ignore_duplicates=True, **secret),
+    ]
+    secrets = [bob_id, "Rival", "takeover", "Zed", "Quill"] + [r["id"] for r in theirs]
+
+    def reveals(body: object) -> list[str]:
+        return [s for s in secrets if s in str(body)]
+
+    same = {"first_name": "zed", "last_name": "QUILL", "emails": [{"value": "ZED@rival.example"}]}
+    refused = await hub.request("POST", "/api/v1/crm/contacts", token=mary, json=same)
+    assert refused.status == 409, refused.body
+    assert refused.content_type == "application/problem+json"
+    assert refused.body["duplicates"] == [] and refused.body["hidden"] is True
+    assert reveals(refused.body) == []
+    probes = [
+        {"type": "contact", "first_name": "Zed", "last_name": "Quill"},
+        {"type": "lead", "emails": ["zed@rival.example"], "phones": ["020 7946 0958"]},
+        # naming the hidden record as the one being edited changes nothing
+        {"type": "contact", "emails": ["zed@rival.example"], "exclude_id": theirs[1]["id"]},
+    ]
+    for body in probes:
+        probe = await hub.request("POST", "/api/v1/crm/duplicates", token=mary, json=body)
+        assert probe.status == 200, probe.body
+        assert probe.body == {"duplicates": [], "hidden": True}, body
+    # Mary's own match is listed in full, next to the flag; creating anyway still works
+    own = await make(hub, mary, "contacts", ignore_duplicates=True, **same)
+    both = await hub.request("POST", "/api/v1/crm/contacts", token=mary, json=same)
+    assert both.status == 409
+    assert [d["id"] for d in both.body["duplicates"]] == [own["id"]]
+    assert both.body["hidden"] is True and reveals(both.body) == []
+    # positive control: Bob, who sees his records, gets them listed
+    bobs = await hub.request(
+        "POST",
+        "/api/v1/crm/duplicates",
+        token=bob,
+        json={"type": "contact", "emails": ["zed@rival.example"]},
+    )
+    assert {d["id"] for d in bobs.body["duplicates"]} == {r["id"] for r in theirs}
+    assert bobs.body["hidden"] is True  # Mary's contact
 
 
 # roles ---------------------------------------------------------------------------------------
@@ -415,3 +472,210 @@ async def test_the_demo_crm_is_seeded_once_with_every_counter_state(hub: HubHarn
     await svc.crm.counters.settled()
     report = await svc.crm.counters.check()
     assert report.clean, report
+
+
+# extranet users and who gives CRM roles (issue 13, item 10) ---------------------------------
+
+
+async def role_of(hub: HubHarness, token: str) -> str:
+    resp = await hub.request("GET", "/api/v1/crm/me", token=token)
+    assert resp.status == 200, resp.body
+    role: str = resp.body["role"]
+    return role
+
+
+async def add_members(
+    hub: HubHarness, token: str, group_id: str, *user_ids: str
+) -> tuple[int, dict[str, Any]]:
+    resp = await hub.request(
+        "POST",
+        f"/api/v1/workgroups/{group_id}/members",
+        token=token,
+        json={"user_ids": list(user_ids)},
+    )
+    return resp.status, resp.body
+
+
+async def test_extranet_users_have_no_crm_role_unless_one_is_granted_to_them(
+    hub: HubHarness,
+) -> None:
+    """They got the default role `manager`, like employees; a department or workgroup grant
+    reached them too. Now only a grant naming them does."""
+    _, root = await hub.create_user("root", admin=True)
+    sales = await department(hub, root, "Sales")
+    _, alice = await hub.create_user("alice", department_id=sales)
+    eve_id, eve = await hub.create_user("eve", external=True, department_id=sales)
+    group = await hub.request(
+        "POST", "/api/v1/workgroups", token=alice, json={"name": "Project", "member_ids": [eve_id]}
+    )
+    assert group.status == 201, group.body
+    await grant(hub, root, "chief", "department", sales)
+    await grant(hub, root, "admin", "workgroup", group.body["id"])
+    resp = await hub.request(
+        "PATCH", "/api/v1/crm/settings", token=root, json={"default_role": "head"}
+    )
+    assert resp.status == 200, resp.body
+
+    assert await role_of(hub, eve) == "none"
+    assert await role_of(hub, alice) == "admin"  # positive control: the same grants, an employee
+    for method, path, body in (
+        ("GET", "/api/v1/crm/deals", None),
+        ("GET", "/api/v1/crm/settings", None),
+        ("POST", "/api/v1/crm/leads", {"title": "Mine"}),
+        ("POST", "/api/v1/crm/duplicates", {"type": "lead", "last_name": "X"}),
+        ("GET", "/api/v1/crm/activities", None),
+    ):
+        refused = await hub.request(method, path, token=eve, json=body)
+        assert refused.status == 403, (path, refused.body)
+        assert refused.content_type == "application/problem+json"
+        assert refused.body["detail"] == "you have no CRM role"
+    # nor can she be made responsible for CRM work, which would tell her of it
+    deal = await make(hub, alice, "deals", title="Secret deal")
+    for method, path, body in (
+        ("PATCH", f"/api/v1/crm/deals/{deal['id']}", {"responsible_id": eve_id}),
+        (
+            "POST",
+            "/api/v1/crm/activities",
+            {
+                "owner_type": "deal",
+                "owner_id": deal["id"],
+                "type": "call",
+                "responsible_id": eve_id,
+            },
+        ),
+    ):
+        refused = await hub.request(method, path, token=alice, json=body)
+        assert refused.status == 422, refused.body
+        assert refused.body["type"] == "urn:portalhub:problem:unknown-reference"
+
+    # a grant naming her gives her that role, at once
+    await grant(hub, root, "manager", "user", eve_id)
+    assert await role_of(hub, eve) == "manager"
+    lead = await make(hub, eve, "leads", title="Her lead")
+    listed = await hub.request("GET", "/api/v1/crm/deals", token=eve)
+    assert listed.status == 200 and listed.body["records"] == []  # Alice's deal stays hers
+    assert (await hub.request("GET", "/api/v1/crm/settings", token=eve)).status == 200
+    moved = await hub.request(
+        "PATCH", f"/api/v1/crm/deals/{deal['id']}", token=alice, json={"responsible_id": eve_id}
+    )
+    assert moved.status == 200, moved.body
+    assert lead["responsible_id"] == eve_id
+
+    # made an employee, the department's and workgroup's roles reach her at once; and back
+    turned = await hub.request(
+        "PATCH", f"/api/v1/users/{eve_id}", token=root, json={"is_external": False}
+    )
+    assert turned.status == 200, turned.body
+    assert await role_of(hub, eve) == "admin"
+    await hub.request("PATCH", f"/api/v1/users/{eve_id}", token=root, json={"is_external": True})
+    assert await role_of(hub, eve) == "manager"
+
+
+async def test_only_crm_admins_give_a_workgroups_crm_role_to_new_members(
+    hub: HubHarness,
+) -> None:
+    """A moderator adding people to a workgroup that holds a CRM role gave them that role (up
+    to chief), extranet users included. Now that takes a CRM administrator."""
+    _, root = await hub.create_user("root", admin=True)
+    _, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    carl_id, _ = await hub.create_user("carl")
+    eve_id, eve = await hub.create_user("eve", external=True)
+    crm_admin_id, crm_admin = await hub.create_user("cora")
+    await grant(hub, root, "admin", "user", crm_admin_id)
+    _, mary = await hub.create_user("mary")
+    group = await hub.request(
+        "POST", "/api/v1/workgroups", token=alice, json={"name": "Key accounts"}
+    )
+    assert group.status == 201, group.body
+    group_id = group.body["id"]
+    await grant(hub, root, "chief", "workgroup", group_id)
+    # the moderator may not grant the role directly either
+    direct = await hub.request(
+        "PUT",
+        "/api/v1/crm/roles",
+        token=alice,
+        json={"role": "chief", "subject_kind": "user", "subject_id": bob_id},
+    )
+    assert direct.status == 403 and direct.content_type == "application/problem+json"
+
+    bob_client = await hub.connect(bob)
+    await bob_client.wait_for("snapshot")
+    status, body = await add_members(hub, alice, group_id, eve_id, bob_id)
+    assert status == 403, body
+    assert body["type"] == "urn:portalhub:problem:forbidden"
+    assert "CRM administrators" in body["detail"]
+    # refused as a whole: nobody joined, nobody's role changed
+    got = await hub.request("GET", f"/api/v1/workgroups/{group_id}", token=alice)
+    assert bob_id not in got.body["member_ids"] and eve_id not in got.body["member_ids"]
+    assert await role_of(hub, bob) == "manager"
+    await make(hub, mary, "deals", title="Mary's secret deal")
+    await asyncio.sleep(0.3)
+    assert not bob_client.of_type("crm.record.updated")
+
+    # what raises nobody's role stays the moderators' business: an extranet user (workgroup
+    # roles do not reach them), or someone who holds as much already
+    assert (await add_members(hub, alice, group_id, eve_id))[0] == 200
+    assert await role_of(hub, eve) == "none"
+    await grant(hub, root, "chief", "user", carl_id)
+    assert (await add_members(hub, alice, group_id, carl_id))[0] == 200
+    # positive controls: a portal admin and a CRM admin (made a moderator) may give the role
+    promoted = await hub.request(
+        "POST",
+        f"/api/v1/workgroups/{group_id}/members",
+        token=root,
+        json={"user_ids": [crm_admin_id], "moderator": True},
+    )
+    assert promoted.status == 200, promoted.body
+    dan_id, dan = await hub.create_user("dan")
+    assert (await add_members(hub, crm_admin, group_id, dan_id))[0] == 200
+    assert await role_of(hub, dan) == "chief"
+    assert (await add_members(hub, root, group_id, bob_id))[0] == 200
+    assert await role_of(hub, bob) == "chief"
+    await make(hub, mary, "deals", title="Mary's next deal")
+    await bob_client.wait_until(lambda: bool(bob_client.of_type("crm.record.updated")))
+
+
+async def test_a_revoked_role_ends_the_events_on_every_node_at_once(
+    settings: Settings,
+    store: Store,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each node keeps the CRM roles in a snapshot. A grant revoked on one node left the
+    others telling the user about records for as long as they kept theirs; now the change
+    drops every node's snapshot through the bus. The snapshots are kept for a minute here, so
+    only that can make the other node forget."""
+    monkeypatch.setattr("server.crm.access.TTL_SECONDS", 60.0)
+    shared = settings.model_copy(update={"redis_url": SecretStr(redis_server.url)})
+    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
+        _, root = await one.create_user("root", admin=True)
+        _, mary = await one.create_user("mary")
+        bob_id, bob = await one.create_user("bob")
+        await grant(one, root, "chief", "user", bob_id)
+        deal = await make(one, mary, "deals", title="Watched")
+        bob_on_two = await two.connect(bob)
+        mary_on_two = await two.connect(mary)
+        for client in (bob_on_two, mary_on_two):
+            await client.wait_for("snapshot")
+        await patch(two, mary, "deals", deal["id"], title="Seen by Bob")
+        await bob_on_two.wait_until(
+            lambda: "Seen by Bob" in repr(record_events(bob_on_two, deal["id"]))
+        )
+        assert await role_of(two, bob) == "chief"  # node two holds its snapshot now
+
+        grants = (await one.request("GET", "/api/v1/crm/roles", token=root)).body["grants"]
+        revoked = await one.request("DELETE", f"/api/v1/crm/roles/{grants[0]['id']}", token=root)
+        assert revoked.status == 204
+        for _ in range(200):  # 10 s: the bus is quick, but the machine may be busy
+            if await role_of(two, bob) == "manager":
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("node two kept the revoked role")
+        await patch(two, mary, "deals", deal["id"], title="Not for Bob")
+        await mary_on_two.wait_until(
+            lambda: "Not for Bob" in repr(record_events(mary_on_two, deal["id"]))
+        )
+        await asyncio.sleep(0.3)
+        assert "Not for Bob" not in repr(bob_on_two.events)

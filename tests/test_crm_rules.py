@@ -15,11 +15,13 @@ from server.crm.rules import (
     DEFAULT_DEAL_STAGES,
     LEAD_STATUSES,
     MATCH_FIELDS,
+    MAX_DUPLICATES_SHOWN,
     RECORD_TYPES,
     Candidate,
     ConversionMode,
     CrmRole,
     CrmUser,
+    DuplicateReport,
     FieldChange,
     FieldDef,
     FieldType,
@@ -35,10 +37,13 @@ from server.crm.rules import (
     contacts_for_company_link,
     creates,
     deal_from_lead,
+    duplicate_report,
     effective_role,
     find_duplicates,
+    joining_raises_role,
     matched_fields,
     may_convert,
+    may_grant_roles,
     may_manage_settings,
     may_see,
     normal_email,
@@ -266,6 +271,83 @@ def test_portal_admins_are_crm_admins_whatever_the_grants() -> None:
     admin = user("fred", is_portal_admin=True)
     assert effective_role(admin, [RoleGrant(CrmRole.NONE, "user", "fred")], TREE) is CrmRole.ADMIN
     assert effective_role(admin, [], TREE, default=CrmRole.NONE) is CrmRole.ADMIN
+
+
+# Extranet users: only a grant naming them counts (issue 13, item 10).
+
+EVERY_GRANT_BUT_THEIR_OWN = [
+    RoleGrant(CrmRole.CHIEF, "department", "company"),
+    RoleGrant(CrmRole.CHIEF, "department", "north-field"),
+    RoleGrant(CrmRole.CHIEF, "workgroup", "g1"),
+    RoleGrant(CrmRole.ADMIN, "user", "nick"),
+]
+
+
+def outsider(**changes: Any) -> CrmUser:
+    """An extranet user placed in a department (an admin may) and in workgroup g1."""
+    return dataclasses.replace(
+        CrmUser("fred", "north-field", frozenset({"g1"}), is_external=True), **changes
+    )
+
+
+def test_extranet_users_do_not_get_the_default_role() -> None:
+    for default in CrmRole:
+        assert effective_role(outsider(), [], TREE, default=default) is CrmRole.NONE
+    assert effective_role(user("fred"), [], TREE) is CrmRole.MANAGER  # the employee does
+
+
+def test_department_and_workgroup_grants_do_not_reach_extranet_users() -> None:
+    assert effective_role(outsider(), EVERY_GRANT_BUT_THEIR_OWN, TREE) is CrmRole.NONE
+    # the same person as an employee would be chief twice over
+    employee = outsider(is_external=False)
+    assert effective_role(employee, EVERY_GRANT_BUT_THEIR_OWN, TREE) is CrmRole.CHIEF
+
+
+@pytest.mark.parametrize("role", list(CrmRole))
+def test_a_grant_naming_the_extranet_user_gives_them_that_role(role: CrmRole) -> None:
+    grants = [*EVERY_GRANT_BUT_THEIR_OWN, RoleGrant(role, "user", "fred")]
+    assert effective_role(outsider(), grants, TREE, default=CrmRole.ADMIN) is role
+
+
+def test_an_extranet_portal_admin_is_still_a_crm_admin() -> None:
+    assert effective_role(outsider(is_portal_admin=True), [], TREE) is CrmRole.ADMIN
+
+
+def test_joining_a_workgroup_with_a_higher_role_raises_an_employee() -> None:
+    grants = [RoleGrant(CrmRole.CHIEF, "workgroup", "g7")]
+    assert joining_raises_role(user("ivan"), "g7", grants, TREE)
+    assert not joining_raises_role(user("ivan"), "g8", grants, TREE)  # a group without a role
+
+
+def test_joining_raises_nobody_who_holds_as_much_already() -> None:
+    grants = [
+        RoleGrant(CrmRole.HEAD, "workgroup", "g7"),
+        RoleGrant(CrmRole.CHIEF, "user", "sue"),
+        RoleGrant(CrmRole.HEAD, "department", "sales"),
+    ]
+    assert not joining_raises_role(user("sue"), "g7", grants, TREE)  # chief anyway
+    assert not joining_raises_role(user("fred"), "g7", grants, TREE)  # head through sales
+    assert joining_raises_role(user("ivan"), "g7", grants, TREE)
+    # a role no higher than the default gives nothing; with a lower default it does
+    manager = [RoleGrant(CrmRole.MANAGER, "workgroup", "g7")]
+    assert not joining_raises_role(user("ivan"), "g7", manager, TREE)
+    assert joining_raises_role(user("ivan"), "g7", manager, TREE, default=CrmRole.NONE)
+    # a NONE grant never takes anything away, so it never raises either
+    deny = [RoleGrant(CrmRole.NONE, "workgroup", "g7")]
+    assert not joining_raises_role(user("ivan"), "g7", deny, TREE, default=CrmRole.NONE)
+    # already a member: nothing changes
+    member = user("ivan", workgroup_ids=frozenset({"g7"}))
+    assert not joining_raises_role(member, "g7", grants, TREE)
+
+
+def test_joining_raises_no_extranet_user() -> None:
+    grants = [RoleGrant(CrmRole.ADMIN, "workgroup", "g7")]
+    assert not joining_raises_role(outsider(), "g7", grants, TREE)
+    assert not joining_raises_role(outsider(), "g7", grants, TREE, default=CrmRole.ADMIN)
+
+
+def test_only_crm_admins_grant_roles() -> None:
+    assert [r for r in CrmRole if may_grant_roles(r)] == [CrmRole.ADMIN]
 
 
 def test_unknown_grant_subject_kind_is_refused() -> None:
@@ -718,6 +800,82 @@ def test_find_duplicates_lists_a_candidate_once() -> None:
     by_email = cand("contact", "c1", emails=["a@b.example"], phones=["030 1234567"])
     found = find_duplicates(probe, [by_email, by_email])
     assert [(c.id, fields) for c, fields in found] == [("c1", ("email", "phone"))]
+
+
+def owned(candidate: Candidate, responsible_id: str) -> Candidate:
+    return dataclasses.replace(candidate, responsible_id=responsible_id)
+
+
+def test_duplicate_report_lists_only_visible_matches_and_flags_the_others() -> None:
+    probe = Probe.of(emails=["a@b.example"], first_name="Ann", last_name="Lee")
+    mine = owned(cand("contact", "c1", emails=["a@b.example"]), "me")
+    theirs = owned(
+        cand("lead", "l1", emails=["a@b.example"], first_name="Ann", last_name="Lee"), "x"
+    )
+    stranger = owned(cand("company", "k1", emails=["z@b.example"]), "x")
+    report = duplicate_report(probe, [theirs, mine, stranger], lambda uid: uid == "me")
+    assert report == DuplicateReport(shown=[(mine, ("email",))], hidden=True)
+    # nothing matches that the caller may not see: no flag
+    report = duplicate_report(probe, [mine, stranger], lambda uid: uid == "me")
+    assert report == DuplicateReport(shown=[(mine, ("email",))], hidden=False)
+    # only invisible matches: nothing listed, but the caller is warned
+    assert duplicate_report(probe, [theirs], lambda uid: False) == DuplicateReport([], True)
+
+
+def test_duplicate_report_does_not_count_invisible_matches() -> None:
+    probe = Probe.of(emails=["a@b.example"])
+    hidden = [owned(cand("lead", f"h{i}", emails=["a@b.example"]), "x") for i in range(30)]
+    shown = [owned(cand("contact", f"s{i}", emails=["a@b.example"]), "me") for i in range(30)]
+    one = duplicate_report(probe, [*hidden[:1], *shown], lambda uid: uid == "me")
+    many = duplicate_report(probe, [*hidden, *shown], lambda uid: uid == "me")
+    # one invisible match or thirty: the same answer, and they crowd out no visible one
+    assert one == many
+    assert [c.id for c, _ in many.shown] == [f"s{i}" for i in range(MAX_DUPLICATES_SHOWN)]
+
+
+def test_duplicate_report_excludes_only_a_record_the_caller_sees() -> None:
+    probe = Probe.of(emails=["a@b.example"])
+    mine = owned(cand("contact", "c1", emails=["a@b.example"]), "me")
+    theirs = owned(cand("contact", "c2", emails=["a@b.example"]), "x")
+
+    def sees(responsible_id: str) -> bool:
+        return responsible_id == "me"
+
+    assert duplicate_report(probe, [mine], sees, exclude=("contact", "c1")) == DuplicateReport(
+        [], False
+    )
+    # "exclude c2" must not turn the warning off: that would tell that c2 is the match
+    assert duplicate_report(probe, [theirs], sees, exclude=("contact", "c2")).hidden
+    assert duplicate_report(probe, [theirs], sees, exclude=("contact", "nope")).hidden
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["lead", "contact", "company"]),
+            st.sampled_from(["a@b.example", "c@d.example"]),
+            st.sampled_from(["me", "boss", "other"]),
+        ),
+        max_size=40,
+    )
+)
+def test_duplicate_report_tells_nothing_but_one_flag_of_what_is_hidden(
+    rows: list[tuple[str, str, str]],
+) -> None:
+    probe = Probe.of(emails=["a@b.example"])
+    visible = {"me", "boss"}
+    candidates = [
+        owned(cand(t, f"r{i}", emails=[email]), who) for i, (t, email, who) in enumerate(rows)
+    ]
+    report = duplicate_report(probe, candidates, visible.__contains__)
+    # the answer is the one for the visible records alone, plus whether anything else matched
+    alone = duplicate_report(
+        probe, [c for c in candidates if c.responsible_id in visible], visible.__contains__
+    )
+    assert report.shown == alone.shown
+    assert report.hidden == any(
+        c.responsible_id not in visible and "a@b.example" in c.emails for c in candidates
+    )
 
 
 # --- custom fields --------------------------------------------------------------------------

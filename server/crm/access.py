@@ -1,16 +1,18 @@
 """Who holds which CRM role and whose records they see, read from the store.
 
 The rules are pure (``server.crm.rules``); this module gathers their inputs - grants, the
-department tree, every user's department and workgroups - into one snapshot. A snapshot is
-reused for a short time because every record event needs the list of its viewers; grant,
-workgroup and user changes made on this node drop it at once; department changes and other
-nodes' changes are seen within ``TTL_SECONDS``.
+department tree, every user's department, workgroups and extranet flag - into one snapshot. A
+snapshot is reused for a short time because every record event needs the list of its viewers.
+Whatever changes a role or a scope drops it on every node at once: grants and CRM settings
+(``crm.access.changed``), users, departments and workgroup members (``directory.changed``),
+both live-only events on the bus. ``TTL_SECONDS`` only bounds how long a node that missed one
+(Redis down) keeps an outdated snapshot.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.crm.rules import (
     CrmRole,
@@ -18,11 +20,18 @@ from server.crm.rules import (
     RoleGrant,
     Scope,
     effective_role,
+    joining_raises_role,
     may_see,
     visibility_scope,
 )
 from server.directory.rules import DepartmentNode
-from server.store.database import Store
+from server.events.bus import EventBus
+from server.events.models import EphemeralEvent
+from server.store.database import Document, Store
+
+ACCESS_CHANGED = "crm.access.changed"
+"""Live-only bus event: CRM grants or settings changed; every node drops its snapshot."""
+INVALIDATING = frozenset({ACCESS_CHANGED, "directory.changed"})
 
 TTL_SECONDS = 2.0
 ROLE_NAMES: dict[str, CrmRole] = {
@@ -48,9 +57,23 @@ class Viewer:
         return may_see(self.scope, responsible_id)
 
 
+def crm_user(doc: Document, workgroup_ids: set[str] | frozenset[str]) -> CrmUser:
+    return CrmUser(
+        id=str(doc["_id"]),
+        department_id=doc.get("department_id"),
+        workgroup_ids=frozenset(workgroup_ids),
+        is_portal_admin=bool(doc.get("is_admin")),
+        is_external=bool(doc.get("is_external")),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class AccessSnapshot:
     viewers: dict[str, Viewer]  # every active user
+    grants: list[RoleGrant] = field(default_factory=list)
+    tree: dict[str, DepartmentNode] = field(default_factory=dict)
+    workgroups_of: dict[str, set[str]] = field(default_factory=dict)
+    default: CrmRole = CrmRole.MANAGER
 
     def viewer(self, user_id: str) -> Viewer:
         found = self.viewers.get(user_id)
@@ -64,19 +87,38 @@ class AccessSnapshot:
 
 
 class CrmAccess:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, bus: EventBus | None = None) -> None:
         self._store = store
+        self._bus = bus
         self._snapshot: AccessSnapshot | None = None
         self._taken_at = 0.0
         self._generation = 0
         self.default_role = CrmRole.MANAGER
+        if bus is not None:
+            bus.subscribe_ephemeral(self._on_ephemeral)
 
     def invalidate(self) -> None:
         self._snapshot = None
         self._generation += 1
 
-    async def snapshot(self) -> AccessSnapshot:
-        if self._snapshot is not None and time.monotonic() - self._taken_at < TTL_SECONDS:
+    async def changed(self) -> None:
+        """Roles may have changed (a grant, the settings, a user's flags): every node's
+        snapshot goes, so that no node keeps telling a user about records they lost."""
+        self.invalidate()
+        if self._bus is not None:
+            await self._bus.publish_ephemeral(EphemeralEvent(ACCESS_CHANGED, {}))
+
+    async def _on_ephemeral(self, event: EphemeralEvent) -> None:
+        if event.type in INVALIDATING:
+            self.invalidate()
+
+    async def snapshot(self, fresh: bool = False) -> AccessSnapshot:
+        """``fresh``: read now, for a decision that must not rest on a cached grant."""
+        if (
+            not fresh
+            and self._snapshot is not None
+            and time.monotonic() - self._taken_at < TTL_SECONDS
+        ):
             return self._snapshot
         taken_at = time.monotonic()
         generation = self._generation
@@ -97,23 +139,18 @@ class CrmAccess:
         users = [
             u
             async for u in self._store.users.find(
-                {"is_active": {"$ne": False}}, {"department_id": 1, "is_admin": 1}
+                {"is_active": {"$ne": False}}, {"department_id": 1, "is_admin": 1, "is_external": 1}
             )
         ]
         department_of = {u["_id"]: u.get("department_id") for u in users}
         viewers: dict[str, Viewer] = {}
         for u in users:
-            person = CrmUser(
-                id=u["_id"],
-                department_id=u.get("department_id"),
-                workgroup_ids=frozenset(workgroups.get(u["_id"], ())),
-                is_portal_admin=bool(u.get("is_admin")),
-            )
+            person = crm_user(u, workgroups.get(u["_id"], set()))
             role = effective_role(person, grants, tree, default)
             viewers[u["_id"]] = Viewer(
                 u["_id"], role, visibility_scope(person, role, tree, department_of)
             )
-        snapshot = AccessSnapshot(viewers)
+        snapshot = AccessSnapshot(viewers, grants, tree, workgroups, default)
         # A change that dropped the cache while this was being read may be missing from it:
         # use it for this call, but do not keep it.
         if generation == self._generation:
@@ -127,3 +164,19 @@ class CrmAccess:
             self.invalidate()
             snapshot = await self.snapshot()
         return snapshot.viewer(user_id)
+
+    async def raised_by_joining(self, workgroup_id: str, user_ids: list[str]) -> list[str]:
+        """Those of ``user_ids`` whose CRM role joining the workgroup would raise, read fresh:
+        a grant to the workgroup given a moment ago on another node counts. Inactive users
+        count as they would be when reactivated."""
+        snapshot = await self.snapshot(fresh=True)
+        raised: list[str] = []
+        async for doc in self._store.users.find(
+            {"_id": {"$in": user_ids}}, {"department_id": 1, "is_admin": 1, "is_external": 1}
+        ):
+            person = crm_user(doc, snapshot.workgroups_of.get(doc["_id"], set()))
+            if joining_raises_role(
+                person, workgroup_id, snapshot.grants, snapshot.tree, snapshot.default
+            ):
+                raised.append(str(doc["_id"]))
+        return sorted(raised)

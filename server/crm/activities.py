@@ -33,9 +33,12 @@ class ActivityService:
         return await self.core.member(actor_id)
 
     async def _require_user(self, user_id: str) -> Document:
+        """An activity's responsible person: active, and holding a CRM role, since they are
+        told about the activity and its record (events, a messenger notice)."""
         user = await self.core.store.users.find_one({"_id": user_id})
         if user is None or user.get("is_active") is False:
             raise Problem(422, "unknown-reference", "Unknown reference", f"no user {user_id}")
+        await self.core.require_crm_user(user_id)
         return user
 
     async def _owned(self, viewer: Viewer, activity_id: str) -> tuple[Document, Document]:

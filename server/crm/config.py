@@ -119,7 +119,7 @@ class CrmConfig:
             await self._apply_stage_semantics(merged)
         self._cached = merged
         self._cached_at = time.monotonic()
-        self._access.invalidate()
+        await self._access.changed()
         counting = (current.counter_mode, current.due_minutes_before)
         if counting != (merged.counter_mode, merged.due_minutes_before):
             for hook in self.on_counter_rules_changed:
@@ -171,11 +171,11 @@ class CrmConfig:
         await self._store["crm_roles"].update_one(
             {"_id": grant_id}, {"$set": data.model_dump()}, upsert=True
         )
-        self._access.invalidate()
+        await self._access.changed()
         return RoleGrantOut(id=grant_id, **data.model_dump())
 
     async def revoke(self, grant_id: str) -> None:
         result = await self._store["crm_roles"].delete_one({"_id": grant_id})
         if result.deleted_count == 0:
             raise not_found(f"no role grant {grant_id}")
-        self._access.invalidate()
+        await self._access.changed()

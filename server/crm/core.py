@@ -27,7 +27,7 @@ from server.directory.service import DirectoryService
 from server.events.streams import StreamLog, user_stream
 from server.im.service import ImService
 from server.store.database import Document, Store, new_id, plain, utcnow
-from server.web.problems import forbidden, not_found
+from server.web.problems import Problem, forbidden, not_found
 
 
 def activity_facts(act: Document) -> ActivityFacts:
@@ -88,6 +88,13 @@ class CrmCore:
         if viewer.role is CrmRole.NONE:
             raise forbidden("you have no CRM role")
         return viewer
+
+    async def require_crm_user(self, user_id: str) -> None:
+        """``user_id`` may be made responsible for CRM work: they hold a CRM role."""
+        if (await self.access.viewer(user_id)).role is CrmRole.NONE:
+            raise Problem(
+                422, "unknown-reference", "Unknown reference", f"user {user_id} has no CRM role"
+            )
 
     async def visible_record(
         self, viewer: Viewer, record_type: str | None, record_id: str
@@ -302,8 +309,13 @@ class CrmCore:
         previous responsible person)."""
         snapshot = await self.access.snapshot()
         recipients = set(snapshot.viewers_of(owner["responsible_id"]))
-        recipients.add(act["responsible_id"])
-        recipients.update(also)
+        # The activity's people only while they hold a CRM role: one who lost it (an extranet
+        # user once a manager by default, a revoked grant) hears no more of the record.
+        recipients.update(
+            uid
+            for uid in (act["responsible_id"], *also)
+            if snapshot.viewer(uid).role is not CrmRole.NONE
+        )
         if removed:
             payload: dict[str, Any] = {"id": act["_id"], "owner_id": act["owner_id"]}
             await asyncio.gather(

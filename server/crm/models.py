@@ -216,19 +216,23 @@ class DuplicateProbe(Strict):
 
 
 class DuplicateMatch(BaseModel):
+    """A matching record the caller may see."""
+
     type: RecordType
-    id: str | None = Field(description="null for a record the caller may not see")
+    id: str
     title: str
     responsible_id: str
     matched: list[Literal["email", "phone", "name", "company"]]
-    visible: bool = Field(
-        description="False: a record the caller may not see; only its title and responsible "
-        "person are shown"
-    )
 
 
 class DuplicateList(BaseModel):
-    duplicates: list[DuplicateMatch]
+    duplicates: list[DuplicateMatch] = Field(
+        description="The matches the caller may see, strongest first, at most 20"
+    )
+    hidden: bool = Field(
+        description="Whether records the caller may not see match too; nothing else about "
+        "them is told"
+    )
 
 
 ConversionMode = Literal[
@@ -401,7 +405,8 @@ class CrmSettings(BaseModel):
     deal_stages: list[StageIn]
     custom_fields: dict[RecordType, list[FieldDefIn]]
     default_role: Literal["none", "manager", "head", "chief", "admin"] = Field(
-        default="manager", description="The role of users no grant applies to"
+        default="manager",
+        description="The role of employees no grant applies to (extranet users: none)",
     )
 
 

@@ -47,7 +47,7 @@ from server.crm.rules import (
     contacts_for_company_link,
     creates,
     deal_from_lead,
-    find_duplicates,
+    duplicate_report,
     may_convert,
     normal_email,
     normal_name,
@@ -175,12 +175,18 @@ class RecordService:
 
     async def _require_assignable(self, viewer: Viewer, user_id: str) -> None:
         """A record can be given to an active user whose records the giver sees: a manager
-        keeps records to themself, a head gives them within the department."""
+        keeps records to themself, a head gives them within the department. A person people
+        give records to must hold a CRM role: a chief, who sees everyone, could otherwise
+        hand a record to an extranet user, who would be told of it (counters, notices) without
+        being let into the CRM. The portal's own records (mail leads) go where the CRM
+        administrators' mail settings say."""
         user = await self.core.store.users.find_one({"_id": user_id})
         if user is None or user.get("is_active") is False:
             raise Problem(422, "unknown-reference", "Unknown reference", f"no user {user_id}")
         if not viewer.sees(user_id):
             raise forbidden("you may not give records to this person")
+        if viewer.user_id != SYSTEM:
+            await self.core.require_crm_user(user_id)
 
     async def _stage_semantics(self, stage_id: str) -> str:
         for stage in stages_of(await self.core.config.settings()):
@@ -305,14 +311,14 @@ class RecordService:
         doc.update(search_keys(doc))
         if record_type != "deal" and not getattr(data, "ignore_duplicates", False):
             found = await self._duplicates(viewer, _probe_of(doc), None)
-            if found:
+            if found.duplicates or found.hidden:
                 raise Problem(
                     409,
                     "possible-duplicates",
                     "Possible duplicates",
                     "records with the same email, phone, name or company exist; "
                     "send ignore_duplicates: true to create anyway",
-                    duplicates=[d.model_dump() for d in found],
+                    **found.model_dump(),
                 )
         await self._records.insert_one(doc)
         if company_contacts:
@@ -500,11 +506,13 @@ class RecordService:
         if probe.type == "company":
             doc["company_title"] = probe.title
         exclude = (probe.type, probe.exclude_id) if probe.exclude_id else None
-        return DuplicateList(duplicates=await self._duplicates(viewer, _probe_of(doc), exclude))
+        return await self._duplicates(viewer, _probe_of(doc), exclude)
 
     async def _duplicates(
         self, viewer: Viewer, probe: Probe, exclude: tuple[str, str] | None
-    ) -> list[DuplicateMatch]:
+    ) -> DuplicateList:
+        """Matches are looked for among every record, so that a hidden one still warns; what
+        the caller learns of those is decided by ``duplicate_report``."""
         ors: list[Document] = []
         if probe.emails:
             ors.append({"email_keys": {"$in": sorted(probe.emails)}})
@@ -515,7 +523,7 @@ class RecordService:
         if probe.company_title:
             ors.append({"company_key": probe.company_title})
         if not ors:
-            return []
+            return DuplicateList(duplicates=[], hidden=False)
         candidates = [
             Candidate.of(
                 type=d["type"],
@@ -534,17 +542,20 @@ class RecordService:
                 {"type": {"$in": ["lead", "contact", "company"]}, "$or": ors}
             ).limit(100)
         ]
-        return [
-            DuplicateMatch(
-                type=c.type,
-                id=c.id if viewer.sees(c.responsible_id) else None,
-                title=c.title,
-                responsible_id=c.responsible_id,
-                matched=list(fields),
-                visible=viewer.sees(c.responsible_id),
-            )
-            for c, fields in find_duplicates(probe, candidates, exclude)[:20]
-        ]
+        report = duplicate_report(probe, candidates, viewer.sees, exclude)
+        return DuplicateList(
+            duplicates=[
+                DuplicateMatch(
+                    type=c.type,
+                    id=c.id,
+                    title=c.title,
+                    responsible_id=c.responsible_id,
+                    matched=list(fields),
+                )
+                for c, fields in report.shown
+            ],
+            hidden=report.hidden,
+        )
 
     # update ----------------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ with the records they are responsible for, a head of department also with those 
 in the departments they belong to or head, a chief executive with everybody's, and an
 administrator also changes the settings. A user's role is the highest granted to them, to a
 department above them or to one of their workgroups, so adding a grant never takes a right
-away.
+away. Extranet (external) users are the exception, as in Bitrix24: only a grant naming them
+gives them a CRM role.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -136,6 +137,7 @@ class CrmUser:
     department_id: str | None
     workgroup_ids: frozenset[str] = frozenset()
     is_portal_admin: bool = False
+    is_external: bool = False
 
 
 def effective_role(
@@ -150,9 +152,17 @@ def effective_role(
     Portal admins are always CRM admins, so that no grant can lock the portal's owners out of
     the CRM settings. A grant of NONE is the lowest of all: it only denies access where
     nothing higher applies, since "highest wins" is what makes grants predictable.
+
+    An extranet user gets only what a grant naming them gives, else NONE: not the default
+    (meant for the staff), not a department's grant (the company's structure is not theirs),
+    and not a workgroup's - their workgroups are where the staff work with outsiders, and any
+    moderator may add an outsider to one, so a workgroup's role would reach them by accident.
     """
     if user.is_portal_admin:
         return CrmRole.ADMIN
+    if user.is_external:
+        named = (g.role for g in grants if g.subject_kind == "user" and g.subject_id == user.id)
+        return max(named, default=CrmRole.NONE)
     departments = set(ancestors(user.department_id, tree))
     applicable = [
         grant.role
@@ -162,6 +172,30 @@ def effective_role(
         or (grant.subject_kind == "workgroup" and grant.subject_id in user.workgroup_ids)
     ]
     return max(applicable, default=default)
+
+
+def joining_raises_role(
+    user: CrmUser,
+    workgroup_id: str,
+    grants: Iterable[RoleGrant],
+    tree: Mapping[str, DepartmentNode],
+    default: CrmRole = CrmRole.MANAGER,
+) -> bool:
+    """Whether ``user`` joining the workgroup would give them a higher CRM role: adding them
+    is then granting a role, which only CRM administrators may do. Joining a workgroup whose
+    role they hold anyway, or whose role does not reach them (extranet users), grants nothing.
+    """
+    grants = list(grants)
+    joined = replace(user, workgroup_ids=user.workgroup_ids | {workgroup_id})
+    return effective_role(joined, grants, tree, default) > effective_role(
+        user, grants, tree, default
+    )
+
+
+def may_grant_roles(role: CrmRole) -> bool:
+    """Giving or changing CRM roles, also by adding someone to a workgroup holding one, is for
+    CRM administrators (portal admins are always CRM admins)."""
+    return role is CrmRole.ADMIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,6 +542,50 @@ def find_duplicates(
         found.values(),
         key=lambda item: (-len(item[1]), _TYPE_ORDER.get(item[0].type, len(_TYPE_ORDER))),
     )
+
+
+MAX_DUPLICATES_SHOWN = 20
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateReport:
+    """What a caller is told about the records a probe matches: those they may see, strongest
+    first, and whether any they may not see match too."""
+
+    shown: list[tuple[Candidate, tuple[str, ...]]]
+    hidden: bool
+
+
+def duplicate_report(
+    probe: Probe,
+    candidates: Iterable[Candidate],
+    sees: Callable[[str], bool],
+    exclude: tuple[str, str] | None = None,
+    limit: int = MAX_DUPLICATES_SHOWN,
+) -> DuplicateReport:
+    """The duplicates of ``probe`` as the caller may learn them. ``sees`` says whether the
+    caller sees the records of a responsible person.
+
+    Of a record the caller may not see, nothing is told: not its id, type, title, responsible
+    person or matched fields, nor how many such records there are - only, once, that one
+    exists (Bitrix24 says as much: "a duplicate you have no access to"), so that the user can
+    ask around before entering it again. Invisible matches do not count towards ``limit``.
+    ``exclude`` (the record being edited) is left out only if the caller sees it: leaving out
+    an invisible record would tell whether that record matches.
+    """
+    listed = list(candidates)
+    if exclude is not None and not any(
+        (c.type, c.id) == exclude and sees(c.responsible_id) for c in listed
+    ):
+        exclude = None
+    shown: list[tuple[Candidate, tuple[str, ...]]] = []
+    hidden = False
+    for candidate, fields in find_duplicates(probe, listed, exclude):
+        if not sees(candidate.responsible_id):
+            hidden = True
+        elif len(shown) < limit:
+            shown.append((candidate, fields))
+    return DuplicateReport(shown, hidden)
 
 
 # --- custom fields --------------------------------------------------------------------------

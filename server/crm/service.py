@@ -11,7 +11,7 @@ from server.crm.config import CrmConfig
 from server.crm.core import CrmCore
 from server.crm.models import CrmMe
 from server.crm.records import RecordService
-from server.crm.rules import may_manage_settings, sees_others
+from server.crm.rules import may_grant_roles, may_manage_settings, sees_others
 from server.directory.models import WorkgroupOut
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
@@ -40,7 +40,7 @@ class Crm:
         directory: DirectoryService,
         im: ImService,
     ) -> Crm:
-        access = CrmAccess(store)
+        access = CrmAccess(store, bus)
         config = CrmConfig(store, access)
 
         async def counter_settings() -> CounterSettings:
@@ -59,6 +59,7 @@ class Crm:
         config.on_deals_reopened.append(deals_reopened)
         directory.user_hooks.append(crm.user_changed)
         directory.workgroup_hooks.append(crm)
+        directory.membership_guards.append(crm.check_new_members)
         return crm
 
     # Workgroups can hold CRM roles: a membership change changes who sees what.
@@ -71,9 +72,22 @@ class Crm:
     async def workgroup_member_removed(self, group_id: str, user_id: str) -> None:
         self.access.invalidate()
 
+    async def check_new_members(self, actor: Document, group_id: str, user_ids: list[str]) -> None:
+        """Adding people to a workgroup that holds a CRM role gives them that role: only CRM
+        administrators may, as with any grant. Members whose role it does not raise (they hold
+        as much anyway, or are extranet users, whom workgroup roles do not reach) may be added
+        by the workgroup's moderators as before."""
+        if may_grant_roles((await self.access.viewer(str(actor["_id"]))).role):
+            return
+        if await self.access.raised_by_joining(group_id, user_ids):
+            raise forbidden(
+                "this workgroup holds a CRM role that these members would gain; only CRM "
+                "administrators may give CRM roles"
+            )
+
     async def user_changed(self, user_id: str, fields: frozenset[str]) -> None:
-        if fields & {"department_id", "is_active", "is_admin"}:
-            self.access.invalidate()
+        if fields & {"department_id", "is_active", "is_admin", "is_external"}:
+            await self.access.changed()
         if "time_zone" in fields:
             self.counters.touch([user_id])
 
@@ -90,3 +104,7 @@ class Crm:
     async def require_admin(self, user_id: str) -> None:
         if not may_manage_settings((await self.access.viewer(user_id)).role):
             raise forbidden("CRM administrators only")
+
+    async def require_member(self, user_id: str) -> None:
+        """Any CRM role: what the CRM is set up like is the CRM's own business too."""
+        await self.records.core.member(user_id)

@@ -72,6 +72,9 @@ class DirectoryService:
         self.workgroup_hooks: list[WorkgroupHooks] = []
         # Told which fields of a user changed (the CRM recounts on a new time zone or department).
         self.user_hooks: list[Callable[[str, frozenset[str]], Awaitable[None]]] = []
+        # Asked before members join a workgroup (actor, group id, new member ids); raise a
+        # Problem to refuse. The CRM refuses what would give someone a CRM role.
+        self.membership_guards: list[Callable[[Document, str, list[str]], Awaitable[None]]] = []
 
     # users -----------------------------------------------------------------------------------
 
@@ -422,6 +425,10 @@ class DirectoryService:
         group = await self._moderated_group(actor, group_id)
         for user_id in user_ids:
             await self._require_user(user_id)
+        joining = [u for u in dict.fromkeys(user_ids) if u not in group.member_ids]
+        if joining:
+            for guard in self.membership_guards:
+                await guard(actor, group_id, joining)
         update: Document = {"$addToSet": {"member_ids": {"$each": user_ids}}}
         if moderator:
             update["$addToSet"]["moderator_ids"] = {"$each": user_ids}
@@ -434,11 +441,10 @@ class DirectoryService:
                     "workgroup.joined",
                     {"workgroup": result.model_dump(mode="json")},
                 )
-        new = [u for u in dict.fromkeys(user_ids) if u not in group.member_ids]
         for hooks in self.workgroup_hooks:
-            await hooks.workgroup_members_added(group_id, new)
-        if new:
-            await self.directory_changed(new)
+            await hooks.workgroup_members_added(group_id, joining)
+        if joining:
+            await self.directory_changed(joining)
         return result
 
     async def remove_workgroup_member(

@@ -304,7 +304,7 @@ async def test_a_managers_deal_counter_follows_a_colleagues_activities_live(
 async def test_leads_are_created_with_duplicate_warnings_and_converted(
     web_hub: HubHarness, browser: Browser
 ) -> None:
-    mary_id, mary, _cleo, _root = await crm_team(web_hub)
+    mary_id, mary, cleo, _root = await crm_team(web_hub)
     company = await call(web_hub, mary, "POST", "/api/v1/crm/companies", {"title": "Tailspin Toys"})
     buyer = await call(
         web_hub,
@@ -356,7 +356,7 @@ async def test_leads_are_created_with_duplicate_warnings_and_converted(
     await form.get_by_test_id("crm-form-email").fill("Ann.Lee@example.test")
     warning = form.locator(f"[data-testid=crm-duplicate][data-id='{first_id}']")
     await expect(warning).to_have_count(1)
-    await expect(warning).to_have_attribute("data-visible", "true")
+    await expect(form.get_by_test_id("crm-duplicate-hidden")).to_have_count(0)
     await expect(warning.get_by_test_id("crm-duplicate-open")).to_have_text("Website redesign")
     await expect(warning.get_by_test_id("crm-duplicate-matched")).to_have_text("same e-mail")
     await form.get_by_test_id("crm-form-submit").click()
@@ -366,6 +366,31 @@ async def test_leads_are_created_with_duplicate_warnings_and_converted(
     await expect(form).to_have_count(0)
     await expect(page.get_by_test_id("crm-record-title")).to_have_text("Newsletter sign-up")
     assert await web_hub.services.store["crm_records"].count_documents({"type": "lead"}) == 2
+
+    # A lead that only Cleo's matches: Mary is told that one exists, and nothing about it.
+    await call(
+        web_hub,
+        cleo,
+        "POST",
+        "/api/v1/crm/leads",
+        {"title": "Rival takeover", "emails": [{"value": "zed@rival.example"}]},
+    )
+    await page.get_by_test_id("crm-back").click()
+    await page.get_by_test_id("crm-new").click()
+    form = page.get_by_test_id("crm-form")
+    await form.get_by_test_id("crm-form-title").fill("Zed's enquiry")
+    await form.get_by_test_id("crm-form-email").fill("zed@rival.example")
+    await expect(form.get_by_test_id("crm-duplicate-hidden")).to_contain_text(
+        "At least one record you have no access to matches:"
+    )
+    await expect(form.get_by_test_id("crm-duplicate")).to_have_count(0)
+    await form.get_by_test_id("crm-form-submit").click()
+    await expect(form.get_by_test_id("crm-duplicates")).to_have_attribute("data-refused", "true")
+    await expect(form.get_by_test_id("crm-duplicate-hidden")).to_have_count(1)
+    assert "Rival" not in await form.inner_text()
+    await form.get_by_test_id("crm-form-create-anyway").click()
+    await expect(form).to_have_count(0)
+    await expect(page.get_by_test_id("crm-record-title")).to_have_text("Zed's enquiry")
 
     # Convert the first lead into a deal and a contact.
     await page.get_by_test_id("crm-back").click()

@@ -13,8 +13,8 @@ import type {
   CrmConversionMode,
   CrmConversionResult,
   CrmCounters,
-  CrmDuplicateMatch,
   CrmDuplicateProbe,
+  CrmDuplicates,
   CrmHistoryEntry,
   CrmMe,
   CrmRecordBody,
@@ -236,7 +236,7 @@ export class Api {
     return this.call<{ history: CrmHistoryEntry[] }>("GET", `/crm/${PLURAL[type]}/${encodeURIComponent(id)}/history`);
   }
   crmDuplicates(probe: CrmDuplicateProbe) {
-    return this.call<{ duplicates: CrmDuplicateMatch[] }>("POST", "/crm/duplicates", probe);
+    return this.call<CrmDuplicates>("POST", "/crm/duplicates", probe);
   }
   convertLead(id: string, mode: CrmConversionMode) {
     return this.call<CrmConversionResult>("POST", `/crm/leads/${encodeURIComponent(id)}/convert`, { mode });

@@ -26,8 +26,8 @@ import type {
   CrmActivityRemovedData,
   CrmConversionMode,
   CrmConversionResult,
-  CrmDuplicateMatch,
   CrmDuplicateProbe,
+  CrmDuplicates,
   CrmHistoryEntry,
   CrmMe,
   CrmRecord,
@@ -1519,7 +1519,7 @@ export async function deleteCrmRecord(record: CrmRecord): Promise<void> {
   }
 }
 
-export function checkCrmDuplicates(probe: CrmDuplicateProbe): Promise<{ duplicates: CrmDuplicateMatch[] }> {
+export function checkCrmDuplicates(probe: CrmDuplicateProbe): Promise<CrmDuplicates> {
   return api.crmDuplicates(probe);
 }
 

@@ -360,9 +360,14 @@ describe("duplicates", () => {
   });
 
   it("reads the duplicates of a 409 answer", () => {
-    const match = { type: "lead", id: "l1", title: "Ann", responsible_id: "mary", matched: ["email"], visible: true };
-    const error = new ApiError(409, { type: "urn:portalhub:problem:possible-duplicates", duplicates: [match] } as never);
-    expect(duplicatesOf(error)).toEqual([match]);
+    const match = { type: "lead", id: "l1", title: "Ann", responsible_id: "mary", matched: ["email"] };
+    const error = new ApiError(409, { type: "urn:portalhub:problem:possible-duplicates", duplicates: [match], hidden: true } as never);
+    expect(duplicatesOf(error)).toEqual({ duplicates: [match], hidden: true });
+    // only records the caller may not see match: nothing listed, but still a refusal to show
+    const onlyHidden = new ApiError(409, { type: "urn:portalhub:problem:possible-duplicates", duplicates: [], hidden: true } as never);
+    expect(duplicatesOf(onlyHidden)).toEqual({ duplicates: [], hidden: true });
+    const bare = new ApiError(409, { type: "urn:portalhub:problem:possible-duplicates" } as never);
+    expect(duplicatesOf(bare)).toEqual({ duplicates: [], hidden: false });
     expect(duplicatesOf(new ApiError(409, { type: "urn:portalhub:problem:conflict" }))).toBeNull();
     expect(duplicatesOf(new Error("x"))).toBeNull();
     expect(describeMatched(["email", "phone"])).toBe("same e-mail, same phone");

@@ -89,9 +89,10 @@ def _declare_record_routes(record_type: str) -> None:
                 "response": RecordDetail,
                 "status": 201,
                 "errors": (403, 409, 422),
-                "description": "Answers 409 `possible-duplicates` with a `duplicates` list when "
-                "records with the same email, phone, name or company title exist "
-                "(not for deals); send `ignore_duplicates: true` to create anyway.",
+                "description": "Answers 409 `possible-duplicates` when records with the same "
+                "email, phone, name or company title exist (not for deals): `duplicates` lists "
+                "those the caller may see, `hidden` says whether others match too; send "
+                "`ignore_duplicates: true` to create anyway.",
             },
             create,
         ),
@@ -169,8 +170,8 @@ for _type in PLURAL:
 )
 async def check_duplicates(call: Call) -> DuplicateList:
     """Same email, same phone digits, same full name or company title, across leads,
-    contacts and companies. A match the caller may not see shows only its title and
-    responsible person (`visible: false`)."""
+    contacts and companies. Only matches the caller may see are listed; `hidden` says whether
+    any other record matches, and nothing more about it."""
     return await services(call.request).crm.records.check_duplicates(
         call.user_id, call.body_as(DuplicateProbe)
     )
@@ -280,9 +281,18 @@ async def crm_me(call: Call) -> CrmMe:
     return await services(call.request).crm.me(call.user_id)
 
 
-@api.route("GET", "/api/v1/crm/settings", summary="CRM settings", tag=TAG, response=CrmSettings)
+@api.route(
+    "GET",
+    "/api/v1/crm/settings",
+    summary="CRM settings (any CRM role)",
+    tag=TAG,
+    response=CrmSettings,
+    errors=(403,),
+)
 async def get_crm_settings(call: Call) -> CrmSettings:
-    return await services(call.request).crm.config.settings()
+    crm = services(call.request).crm
+    await crm.require_member(call.user_id)
+    return await crm.config.settings()
 
 
 @api.route(
@@ -327,7 +337,8 @@ async def list_roles(call: Call) -> RoleGrantList:
 )
 async def grant_role(call: Call) -> RoleGrantOut:
     """One grant per subject: giving another role replaces it. A user holding several
-    (own, department's, workgroups') gets the highest."""
+    (own, department's, workgroups') gets the highest. Extranet users get only a role granted
+    to them by name."""
     crm = services(call.request).crm
     await crm.require_admin(call.user_id)
     return await crm.config.grant(call.body_as(RoleGrantIn))

@@ -23,6 +23,7 @@ import type {
   CrmCounters,
   CrmDuplicateMatch,
   CrmDuplicateProbe,
+  CrmDuplicates,
   CrmHistoryEntry,
   CrmIndicator,
   CrmMatched,
@@ -787,11 +788,11 @@ export function describeMatched(matched: readonly CrmMatched[]): string {
   return matched.map((m) => MATCHED_LABELS[m] ?? m).join(", ");
 }
 
-/** The duplicates listed by a 409 `possible-duplicates` answer; null for any other error. */
-export function duplicatesOf(error: unknown): CrmDuplicateMatch[] | null {
+/** The duplicates of a 409 `possible-duplicates` answer; null for any other error. */
+export function duplicatesOf(error: unknown): CrmDuplicates | null {
   if (!(error instanceof ApiError) || error.status !== 409 || error.slug !== "possible-duplicates") return null;
-  const list = (error.problem as { duplicates?: unknown }).duplicates;
-  return Array.isArray(list) ? (list as CrmDuplicateMatch[]) : [];
+  const { duplicates, hidden } = error.problem as { duplicates?: unknown; hidden?: unknown };
+  return { duplicates: Array.isArray(duplicates) ? (duplicates as CrmDuplicateMatch[]) : [], hidden: hidden === true };
 }
 
 // --- conversion ----------------------------------------------------------------------------

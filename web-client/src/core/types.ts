@@ -388,14 +388,20 @@ export interface CrmRecordBody {
 
 export type CrmMatched = "email" | "phone" | "name" | "company";
 
+/** A matching record the caller may see. */
 export interface CrmDuplicateMatch {
   type: CrmRecordType;
   id: string;
   title: string;
   responsible_id: string;
   matched: CrmMatched[];
-  /** false: a record the caller may not see; only its title and responsible person. */
-  visible: boolean;
+}
+
+/** What duplicate control answers: the visible matches, and whether records the caller may not
+ * see match too (nothing else is told about those). */
+export interface CrmDuplicates {
+  duplicates: CrmDuplicateMatch[];
+  hidden: boolean;
 }
 
 export interface CrmDuplicateProbe {
