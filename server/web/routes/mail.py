@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
 from urllib.parse import quote
 
 from aiohttp import web
@@ -31,6 +32,7 @@ from server.mailbridge.models import (
 from server.mailbridge.rules import validate_rule
 from server.mailbridge.service import MAX_UPLOAD_BYTES
 from server.services import services
+from server.text import XML_TEXT
 from server.web.api import Call
 from server.web.problems import Problem
 from server.web.routes import api
@@ -46,7 +48,7 @@ class MailInfo(BaseModel):
 
 
 class RuleTest(SubjectRuleIn):
-    subject: str = Field(max_length=1000)
+    subject: Annotated[str, XML_TEXT] = Field(max_length=1000)
 
 
 class RuleTestResult(BaseModel):
