@@ -48,8 +48,7 @@ _NAME_ILLEGAL = re.compile(
     "[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff\ufffe\uffff]"
 )
 _BREAK = "\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff"
-# A run of such characters with the spaces around it: "Anna \x07 Bob" is "Anna Bob".
-_NAME_BREAKS = re.compile(f"[ {_BREAK}]*[{_BREAK}][ {_BREAK}]*")
+_NAME_BREAKS = re.compile(f"[{_BREAK}]+")
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 
@@ -82,7 +81,13 @@ def clean_name(text: str) -> str:
     """``text`` made into a name, for names the portal does not control (a mail sender's):
     bidirectional scopes dropped, every run of control characters, line breaks and what XML
     cannot carry (with the spaces around it) made one space, the ends stripped."""
-    return _NAME_BREAKS.sub(" ", _BIDI.sub("", text)).strip()
+    # Split, not one regex with the spaces around each run: "[ C]*[C][ C]*" backtracks
+    # quadratically over a long run of spaces without a control character after it.
+    parts = _NAME_BREAKS.split(_BIDI.sub("", text))
+    if len(parts) > 1:
+        inner = (p.strip(" ") for p in parts[1:-1])
+        parts = [parts[0].rstrip(" "), *inner, parts[-1].lstrip(" ")]
+    return " ".join(p for p in parts if p).strip()
 
 
 def describe(char: str) -> str:
