@@ -31,7 +31,7 @@ from server.text import (
 )
 from server.web.routes.all import api
 from server.xmpp.stanza import child, element
-from server.xmpp.xmlstream import STREAM_NS, XmlStreamParser, serialize
+from server.xmpp.xmlstream import STREAM_NS, StreamError, XmlStreamParser, serialize
 
 # Any code point, surrogates included, with the interesting ones drawn often.
 SPECIAL = "\x00\x01\x07\x08\x09\x0a\x0b\x0c\x0d\x1b\x1f\x7f\x85\x9f\u200e\u200f\u2028\u2029"
@@ -167,6 +167,19 @@ def read_back(data: bytes) -> ET.Element:
     parser.feed(HEADER + data)  # raises StreamError unless well-formed
     [stanza] = got
     return stanza
+
+
+@pytest.mark.parametrize(
+    "reference", ["&#0;", "&#1;", "&#x7;", "&#x1B;", "&#xFFFE;", "&#xFFFF;", "&#xD800;", "\x07"]
+)
+def test_from_clients_such_characters_are_not_well_formed_even_as_references(
+    reference: str,
+) -> None:
+    """So no stanza from a Jabber client carries one: the stream ends (RFC 6120, 4.9.3.13)."""
+    stanza = f"<message to='bob@localhost' type='chat'><body>a{reference}b</body></message>"
+    with pytest.raises(StreamError) as ended:
+        read_back(stanza.encode())
+    assert ended.value.condition == "not-well-formed"
 
 
 @given(texts, texts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
+from urllib.parse import quote
 
 import aiosmtplib
 import pytest
@@ -148,6 +149,20 @@ async def test_every_kind_of_name_refuses_control_and_bidi_characters(hub: HubHa
         assert_refused(resp, field, character)
     # the same name without the override is fine
     resp = await hub.request("POST", "/api/v1/departments", token=admin, json={"name": "Sales"})
+    assert resp.status == 201, resp.body
+
+
+async def test_an_attachment_name_is_a_name_too(hub: HubHarness) -> None:
+    _, alice = await hub.create_user("alice")
+    for name, bad in (("invoice\u202efdp.exe", "U+202E"), ("a\x07.txt", "U+0007")):
+        resp = await hub.request(
+            "POST", f"/api/v1/mail/attachments?filename={quote(name)}", token=alice, data=b"x"
+        )
+        assert resp.status == 422, resp.body
+        assert bad in resp.body["detail"]
+    resp = await hub.request(
+        "POST", "/api/v1/mail/attachments?filename=invoice.pdf", token=alice, data=b"x"
+    )
     assert resp.status == 201, resp.body
 
 
