@@ -51,6 +51,7 @@ from server.mailbridge.noise import Noise, bounce_info, classify
 from server.mailbridge.parsing import Limits, MailTooComplex, ParsedMail, parse
 from server.settings import Settings
 from server.store.database import Store
+from server.text import find_name_illegal, find_xml_illegal
 from server.xmpp.xmlstream import StreamError, XmlStreamParser, serialize
 from tests.harness import HubHarness, start_hub
 from tests.test_xmpp_hostile import (
@@ -615,6 +616,15 @@ def storable(mail: ParsedMail) -> None:
     for text in texts:
         assert isinstance(text, str)
         text.encode("utf-8")  # raises on a lone surrogate
+    # What is shown, stored on records and quoted in Jabber notices keeps to the text rules
+    # (server/text.py): XML can carry it, and the one-line parts are valid names.
+    shown = [mail.text, mail.new_text, mail.quoted_text, mail.html_sanitised or ""]
+    shown += [mail.from_address, *mail.to, *mail.cc, *mail.reply_to]
+    names = [mail.subject, mail.from_name, *(a.filename for a in mail.attachments)]
+    for text in shown + names:
+        assert find_xml_illegal(text) is None, text
+    for name in names:
+        assert find_name_illegal(name) is None, name
 
 
 # --- end to end: hostile streams at a running hub's XMPP port ----------------------------------

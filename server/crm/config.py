@@ -14,10 +14,10 @@ from server.crm.access import CrmAccess
 from server.crm.models import (
     CrmSettings,
     CrmSettingsUpdate,
-    FieldDefIn,
+    FieldDefOut,
     RoleGrantIn,
     RoleGrantOut,
-    StageIn,
+    StageOut,
 )
 from server.crm.rules import (
     DEFAULT_DEAL_STAGES,
@@ -43,13 +43,13 @@ class CounterConfig:
 def default_settings() -> CrmSettings:
     return CrmSettings(
         deal_stages=[
-            StageIn(id=s.id, name=s.name, semantics=s.semantics.value) for s in DEFAULT_DEAL_STAGES
+            StageOut(id=s.id, name=s.name, semantics=s.semantics.value) for s in DEFAULT_DEAL_STAGES
         ],
         custom_fields={"lead": [], "contact": [], "company": [], "deal": []},
     )
 
 
-def field_defs(defs: list[FieldDefIn]) -> list[FieldDef]:
+def field_defs(defs: list[FieldDefOut]) -> list[FieldDef]:
     return [FieldDef(d.code, d.name, FieldType(d.type), tuple(d.options), d.required) for d in defs]
 
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from server.directory.models import Email, Patch, PhoneNumber, Strict
 from server.tasks.models import _aware
+from server.text import NAME_TEXT, XML_TEXT
 
 RecordType = Literal["lead", "contact", "company", "deal"]
 PLURAL: dict[str, str] = {
@@ -19,10 +20,15 @@ PLURAL: dict[str, str] = {
 }
 SINGULAR: dict[str, str] = {plural: single for single, plural in PLURAL.items()}
 
-Title = Annotated[str, StringConstraints(strip_whitespace=True, max_length=250)]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)]
-Text = Annotated[str, StringConstraints(max_length=20_000)]
-Source = Annotated[str, StringConstraints(strip_whitespace=True, max_length=50)]
+# Titles, names and sources are shown inside other text (lists, notices): one line each.
+Title = Annotated[str, StringConstraints(strip_whitespace=True, max_length=250), NAME_TEXT]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100), NAME_TEXT]
+Text = Annotated[str, StringConstraints(max_length=20_000), XML_TEXT]
+Source = Annotated[str, StringConstraints(strip_whitespace=True, max_length=50), NAME_TEXT]
+# Names of stages and custom fields, and a list field's options.
+Label = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=60), NAME_TEXT
+]
 Currency = Annotated[
     str, StringConstraints(strip_whitespace=True, to_upper=True, pattern=r"^[A-Za-z]{3}$")
 ]
@@ -32,6 +38,14 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 class TypedEmail(Strict):
     type: Literal["work", "home", "other"] = "work"
     value: Email
+
+
+class TypedEmailOut(BaseModel):
+    """An address as stored: not checked again on the way out, so that one stored before a
+    rule was tightened cannot make its record unreadable."""
+
+    type: Literal["work", "home", "other"] = "work"
+    value: str
 
 
 class TypedPhone(Strict):
@@ -157,7 +171,7 @@ class RecordOut(BaseModel):
     amount: float | None = None
     currency: str | None = None
     responsible_id: str
-    emails: list[TypedEmail]
+    emails: list[TypedEmailOut]
     phones: list[TypedPhone]
     source: str
     comments: str
@@ -373,20 +387,40 @@ class ActivityQuery(Strict):
 # Settings and roles --------------------------------------------------------------------------
 
 
-class StageIn(Strict):
-    id: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=60)]
+class StageOut(Strict):
+    """A deal stage as stored and shown. What is stored is not checked again on reading, so
+    that a name stored before a rule was tightened cannot make the settings unreadable."""
+
+    id: str
+    name: str
     semantics: Literal["process", "won", "lost"] = "process"
 
 
-class FieldDefIn(Strict):
-    code: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=60)]
+class StageIn(StageOut):
+    """A deal stage as a request sets it."""
+
+    id: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]
+    name: Label
+
+
+class FieldDefOut(Strict):
+    """A custom field's definition as stored and shown (not checked again, as ``StageOut``)."""
+
+    code: str
+    name: str
     type: Literal["string", "number", "date", "bool", "list"]
-    options: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(
-        default_factory=list, max_length=100
-    )
+    options: list[str] = Field(default_factory=list)
     required: bool = False
+
+
+class FieldDefIn(FieldDefOut):
+    """A custom field's definition as a request sets it."""
+
+    code: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+    name: Label
+    options: list[Annotated[str, StringConstraints(min_length=1, max_length=100), NAME_TEXT]] = (
+        Field(default_factory=list, max_length=100)
+    )
 
 
 class CrmSettings(BaseModel):
@@ -402,8 +436,8 @@ class CrmSettings(BaseModel):
         description="null: an activity is due all day on its deadline's day; N: only in "
         "the last N minutes before its deadline",
     )
-    deal_stages: list[StageIn]
-    custom_fields: dict[RecordType, list[FieldDefIn]]
+    deal_stages: list[StageOut]
+    custom_fields: dict[RecordType, list[FieldDefOut]]
     default_role: Literal["none", "manager", "head", "chief", "admin"] = Field(
         default="manager",
         description="The role of employees no grant applies to (extranet users: none)",

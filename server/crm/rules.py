@@ -22,6 +22,7 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 from server.directory.rules import DepartmentNode, ancestors, descendants
+from server.text import describe, find_xml_illegal
 
 RECORD_TYPES: tuple[str, ...] = ("lead", "contact", "company", "deal")
 
@@ -653,6 +654,9 @@ def _clean_value(d: FieldDef, value: Any) -> Any:
             raise ValueError(f"{where}: expected text")
         if len(value) > MAX_STRING_LENGTH:
             raise ValueError(f"{where}: at most {MAX_STRING_LENGTH} characters")
+        bad = find_xml_illegal(value)
+        if bad is not None:
+            raise ValueError(f"{where}: must not contain {describe(bad)}")
         return value
     if d.type is FieldType.NUMBER:
         # bool is an int to Python, but True is no amount anyone typed

@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from server.text import NAME_TEXT, XML_TEXT
+
 Login = Annotated[
     str,
     StringConstraints(
@@ -31,8 +33,13 @@ Email = Annotated[
     StringConstraints(
         strip_whitespace=True, to_lower=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
     ),
+    XML_TEXT,
 ]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100), NAME_TEXT]
+# Department and workgroup names: required, one line.
+GroupName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), NAME_TEXT
+]
 Password = Annotated[str, StringConstraints(min_length=8, max_length=1024)]
 PhoneNumber = Annotated[
     str,
@@ -212,7 +219,7 @@ class UserQuery(Strict):
 
 
 class DepartmentIn(Strict):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    name: GroupName
     parent_id: str | None = None
     head_id: str | None = None
 
@@ -220,10 +227,7 @@ class DepartmentIn(Strict):
 class DepartmentUpdate(Patch):
     nullable = frozenset({"parent_id", "head_id"})
 
-    name: (
-        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-        | None
-    ) = None
+    name: GroupName | None = None
     parent_id: str | None = None
     head_id: str | None = None
 
@@ -245,8 +249,8 @@ class DepartmentOut(BaseModel):
 
 
 class WorkgroupIn(Strict):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-    description: Annotated[str, StringConstraints(max_length=2000)] = ""
+    name: GroupName
+    description: Annotated[str, StringConstraints(max_length=2000), XML_TEXT] = ""
     member_ids: list[str] = Field(default_factory=list, max_length=1000)
 
 

@@ -7,10 +7,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from server.text import NAME_TEXT, XML_TEXT
+
 ClientId = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
 ]
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Title = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), NAME_TEXT
+]
+# The message length limit is a setting (ImService checks it), not part of the shape.
+MessageText = Annotated[str, StringConstraints(min_length=1), XML_TEXT]
 
 
 class Strict(BaseModel):
@@ -69,7 +75,7 @@ class SendMessage(Strict):
     to_department: str | None = Field(
         default=None, description="Send to every member of the department and its subdepartments"
     )
-    text: Annotated[str, StringConstraints(min_length=1)]
+    text: MessageText
     client_id: ClientId | None = Field(
         default=None, description="Client-chosen id: a retry with the same id stores nothing new"
     )
@@ -90,7 +96,7 @@ class SendResult(BaseModel):
 
 
 class EditMessage(Strict):
-    text: Annotated[str, StringConstraints(min_length=1)]
+    text: MessageText
 
 
 class CreateChat(Strict):

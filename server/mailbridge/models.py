@@ -8,11 +8,21 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, Field, SecretStr, StringConstraints
 
 from server.directory.models import Email, Patch, Strict
+from server.text import NAME_TEXT, XML_TEXT
 
-# No line breaks: a subject cannot smuggle a header (compose() checks again).
-Subject = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\r\n\x00]*$")]
+# One line, as a name: a subject cannot smuggle a header (compose() checks again).
+Subject = Annotated[str, StringConstraints(max_length=500), NAME_TEXT]
 # The whole request is capped by PORTALHUB_MAX_BODY_BYTES too (413 beyond it).
-Body = Annotated[str, StringConstraints(max_length=100_000)]
+Body = Annotated[str, StringConstraints(max_length=100_000), XML_TEXT]
+# What names a template or a mailbox in the settings.
+Label = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), NAME_TEXT
+]
+# Server names, logins, folders: refused only what no text may hold.
+Host = Annotated[str, StringConstraints(min_length=1, max_length=253), XML_TEXT]
+Setting = Annotated[str, StringConstraints(min_length=1, max_length=254), XML_TEXT]
+Folder = Annotated[str, StringConstraints(min_length=1, max_length=200), XML_TEXT]
+Plain = Annotated[str, XML_TEXT]
 
 
 class SendEmail(Strict):
@@ -40,13 +50,18 @@ class SentEmails(BaseModel):
 
 
 class TemplateIn(Strict):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    name: Label
     subject: Subject = ""
     text: Body = ""
 
 
-class TemplateOut(TemplateIn):
+class TemplateOut(BaseModel):
+    """A template as stored: not checked again on reading (see ``crm.models.StageOut``)."""
+
     id: str
+    name: str
+    subject: str
+    text: str
 
 
 class TemplateList(BaseModel):
@@ -54,17 +69,26 @@ class TemplateList(BaseModel):
 
 
 class SubjectRuleIn(Strict):
-    pattern: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    pattern: Annotated[str, StringConstraints(min_length=1, max_length=500), XML_TEXT]
     record_type: Literal["lead", "contact", "company", "deal"]
-    field: str = Field(
+    field: Plain = Field(
         default="id",
         description="What the captured code is: the record id, or the code of one of the "
         "record type's custom fields",
     )
 
 
-class SubjectRuleOut(SubjectRuleIn):
+class SubjectRuleOut(BaseModel):
+    """A rule as stored: not checked again on reading (see ``crm.models.StageOut``)."""
+
     id: str
+    pattern: str
+    record_type: Literal["lead", "contact", "company", "deal"]
+    field: str = Field(
+        default="id",
+        description="What the captured code is: the record id, or the code of one of the "
+        "record type's custom fields",
+    )
 
 
 class MailSettings(BaseModel):
@@ -88,8 +112,8 @@ class MailSettingsUpdate(Patch):
 
     code_in: Literal["subject", "body"] | None = None
     create_leads: bool | None = None
-    lead_exceptions: list[Annotated[str, StringConstraints(max_length=254)]] | None = Field(
-        default=None, max_length=1000
+    lead_exceptions: list[Annotated[str, StringConstraints(max_length=254), XML_TEXT]] | None = (
+        Field(default=None, max_length=1000)
     )
     max_new_leads_per_sender: int | None = Field(default=None, ge=0, le=1000)
     lead_period_minutes: int | None = Field(default=None, ge=1, le=365 * 24 * 60)
@@ -98,16 +122,16 @@ class MailSettingsUpdate(Patch):
 
 
 class MailboxIn(Strict):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-    host: Annotated[str, StringConstraints(min_length=1, max_length=253)]
+    name: Label
+    host: Host
     port: int = Field(default=993, ge=1, le=65535)
     security: Literal["tls", "none"] = Field(
         default="tls", description="tls: IMAPS (993). STARTTLS is not offered (aioimaplib lacks it)"
     )
-    login: Annotated[str, StringConstraints(min_length=1, max_length=254)]
+    login: Setting
     password: SecretStr
-    folder: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "INBOX"
-    processed_folder: str | None = Field(
+    folder: Folder = "INBOX"
+    processed_folder: Plain | None = Field(
         default="Processed", description="Where delivered mail is moved (unless deleted)"
     )
     delete_after_delivery: bool = False
@@ -118,17 +142,14 @@ class MailboxIn(Strict):
 class MailboxUpdate(Patch):
     nullable: ClassVar[frozenset[str]] = frozenset({"processed_folder"})
 
-    name: (
-        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-        | None
-    ) = None
-    host: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
+    name: Label | None = None
+    host: Host | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     security: Literal["tls", "none"] | None = None
-    login: str | None = None
+    login: Plain | None = None
     password: SecretStr | None = None
-    folder: str | None = None
-    processed_folder: str | None = None
+    folder: Plain | None = None
+    processed_folder: Plain | None = None
     delete_after_delivery: bool | None = None
     poll_seconds: int | None = Field(default=None, ge=5, le=3600)
     enabled: bool | None = None

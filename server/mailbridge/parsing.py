@@ -25,6 +25,13 @@ message. Three decisions follow from that:
 
 Attachments are kept exactly as sent and never unpacked: an archive is stored as the archive,
 so a zip bomb is only ever as large as its compressed size, which the limits already bound.
+
+The text read out of a mail is what the portal shows, stores and passes on (activities,
+notices over XMPP), so it keeps to ``server.text``'s rules: a character XML 1.0 cannot carry
+becomes U+FFFD in bodies and addresses, and the one-line texts (subject, display names,
+attachment file names) are cleaned as names (no control characters, no bidirectional scopes
+that would turn "invoice\u202efdp.exe" around). Mail is never refused for them; the raw
+message is kept as it came.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from html.parser import HTMLParser
 from typing import Any
 
 import nh3
+
+from server.text import clean_name, xml_safe
 
 # --- limits -------------------------------------------------------------------------------------
 
@@ -321,7 +330,9 @@ def _addresses(values: list[str], fallback_charset: str | None) -> tuple[Address
         address = _plain_header_text(address.strip(), fallback_charset)
         if "@" not in address:
             continue
-        found.append(Address(address, decode_header_value(name, fallback_charset).strip()))
+        found.append(
+            Address(xml_safe(address), clean_name(decode_header_value(name, fallback_charset)))
+        )
     return tuple(found)
 
 
@@ -945,7 +956,7 @@ def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
         content_ids = _message_ids(_first(entity, "content-id") or "")
         attachments.append(
             Attachment(
-                filename or _default_name(ctype, len(attachments)),
+                clean_name(filename or "") or _default_name(ctype, len(attachments)),
                 ctype,
                 len(data),
                 data,
@@ -963,10 +974,12 @@ def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
         if len(html) > limits.max_html_chars:
             html, truncated = html[: limits.max_html_chars], True
         html_sanitised, cut = sanitise_html(html, limits.max_html_tags)
+        html_sanitised = xml_safe(html_sanitised)  # nh3 writes "&#1;" out as U+0001
         truncated = truncated or cut
     text = "\n\n".join(p.strip("\n") for p in plains if p.strip())
     if not text and html_sanitised:
-        text = html_to_text(html_sanitised)
+        text = html_to_text(html_sanitised)  # character references decoded: "&#1;" is U+0001
+    text = xml_safe(text)
     if len(text) > limits.max_text_chars:
         text, truncated = text[: limits.max_text_chars], True
     new_text, quoted_text = split_reply(text)
@@ -985,7 +998,7 @@ def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
         message_id=message_ids[0] if message_ids else None,
         in_reply_to=in_reply_to[0] if in_reply_to else None,
         references=tuple(references[-100:]),  # the newest; a long thread's list is endless
-        subject=decode_header_value(subject, top_charset).strip() if subject else "",
+        subject=clean_name(decode_header_value(subject, top_charset)) if subject else "",
         from_address=senders[0].address if senders else "",
         from_name=senders[0].name if senders else "",
         to=tuple(a.address for a in _addresses(_all(message, "to"), top_charset)),

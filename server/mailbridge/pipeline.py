@@ -34,6 +34,7 @@ from server.mailbridge.rules import lead_allowed
 from server.observability import instruments
 from server.observability.context import traced
 from server.store.database import Document, Store, utcnow
+from server.text import clean_name
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,8 @@ class MailPipeline:
                 responsible,
                 "lead",
                 LeadCreate(
-                    title=f"Lead from {mail.from_name or sender}"[:250],
+                    # (an address may hold what a name may not, such as U+202E)
+                    title=clean_name(f"Lead from {mail.from_name or sender}")[:250],
                     last_name=(mail.from_name or "")[:100],
                     emails=[TypedEmail(value=sender)],
                     source="email",

@@ -8,10 +8,15 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from server.directory.models import Patch
+from server.text import NAME_TEXT, XML_TEXT
 
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=250)]
-Description = Annotated[str, StringConstraints(max_length=20_000)]
-Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=50)]
+Title = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=250), NAME_TEXT
+]
+Description = Annotated[str, StringConstraints(max_length=20_000), XML_TEXT]
+Tag = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=50), NAME_TEXT
+]
 Priority = Literal["low", "medium", "high"]
 Ids = list[str]
 
@@ -145,7 +150,9 @@ class TaskQuery(BaseModel):
 class CommentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10_000)]
+    text: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10_000), XML_TEXT
+    ]
 
 
 class CommentOut(BaseModel):

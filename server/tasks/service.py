@@ -49,6 +49,7 @@ from server.tasks.rules import (
     supervised_by,
     transition,
 )
+from server.text import clean_name, xml_safe
 from server.web.problems import Problem, not_found
 
 STATUS_NAMES = {
@@ -600,15 +601,17 @@ class TaskService:
         return open_one is not None
 
     async def _copy(self, user: Document, doc: Document) -> Document:
+        # A task stored before the text rules may hold what they refuse: its copy is cleaned
+        # rather than refused.
         data = TaskCreate(
-            title=doc["title"],
-            description=doc.get("description", ""),
+            title=clean_name(doc["title"]) or "(untitled)",
+            description=xml_safe(doc.get("description", "")),
             responsible_ids=[doc["responsible_id"]],
             participant_ids=doc.get("participant_ids", []),
             observer_ids=doc.get("observer_ids", []),
             group_id=doc.get("group_id"),
             deadline=doc.get("deadline"),
-            tags=doc.get("tags", []),
+            tags=[t for t in map(clean_name, doc.get("tags", [])) if t],
             priority=doc.get("priority", "medium"),
             require_approval=bool(doc.get("require_approval")),
             responsible_may_change_deadline=bool(doc.get("responsible_may_change_deadline")),

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 from xml.parsers import expat
 
+from server.text import xml_safe
+
 STREAM_NS = "http://etherx.jabber.org/streams"
 STREAM_TAG = f"{{{STREAM_NS}}}stream"
 RECENT_BYTES = 1024  # raw input kept from before the current chunk, to look back at tokens
@@ -177,7 +179,10 @@ def serialize(element: ET.Element, default_ns: str = "jabber:client") -> bytes:
 
 
 def _escape_text(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    # xml_safe: what XML 1.0 cannot carry becomes U+FFFD. Entry points refuse such text, but
+    # anything stored before that (or by a path that missed it) would otherwise end the
+    # recipient's stream, and again each time it is sent (roster, MAM, offline delivery).
+    return xml_safe(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _escape_attr(text: str) -> str:

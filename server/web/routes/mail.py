@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
 from urllib.parse import quote
 
 from aiohttp import web
@@ -31,6 +32,7 @@ from server.mailbridge.models import (
 from server.mailbridge.rules import validate_rule
 from server.mailbridge.service import MAX_UPLOAD_BYTES
 from server.services import services
+from server.text import XML_TEXT, describe, find_name_illegal
 from server.web.api import Call
 from server.web.problems import Problem
 from server.web.routes import api
@@ -46,7 +48,7 @@ class MailInfo(BaseModel):
 
 
 class RuleTest(SubjectRuleIn):
-    subject: str = Field(max_length=1000)
+    subject: Annotated[str, XML_TEXT] = Field(max_length=1000)
 
 
 class RuleTestResult(BaseModel):
@@ -101,6 +103,11 @@ async def upload_attachment(call: Call) -> AttachmentOut:
     filename = request.query.get("filename", "attachment").strip()[:200] or "attachment"
     if any(c in filename for c in "\r\n\x00/\\"):
         raise Problem(422, "invalid-value", "Invalid value", "no line breaks or slashes")
+    bad = find_name_illegal(filename)  # a name: no controls, no U+202E turning "exe" around
+    if bad is not None:
+        raise Problem(
+            422, "invalid-value", "Invalid value", f"the file name must not contain {describe(bad)}"
+        )
     # Read past the JSON body cap, but never more than the attachment limit.
     data = await request.content.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
