@@ -13,12 +13,11 @@ from datetime import UTC, datetime, timedelta
 from server.auth.addresses import UNKNOWN, client_key, networks
 from server.auth.hashing import Busy, HashingPool, Ticket
 from server.auth.passwords import needs_rehash, password_fields, verify_blocking
+from server.auth.sessions import SessionGuard, announce_revocation
 from server.auth.throttle import LoginThrottle
 from server.directory.models import RegisterRequest, UserCreate
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent
-from server.events.streams import user_stream
 from server.settings import Settings
 from server.store.database import Document, Store, utcnow
 from server.web.problems import Problem
@@ -131,6 +130,7 @@ class AuthService:
             per_address_waiting=settings.login_address_queue,
             max_waiting=settings.login_queue,
         )
+        self.sessions = SessionGuard(store, bus)
         self._trusted_proxies = networks(settings.trusted_proxies)
 
     def client_address(self, peer: str | None, forwarded_for: str | None = None) -> str:
@@ -220,6 +220,11 @@ class AuthService:
 
     async def authenticate(self, token: str | None) -> Document | None:
         """The active user a token belongs to, or None (unknown, revoked, expired, inactive)."""
+        found = await self.session_for(token)
+        return found[0] if found else None
+
+    async def session_for(self, token: str | None) -> tuple[Document, Document] | None:
+        """(user, token record) for a valid token of an active user, else None."""
         if not token or len(token) > 256:
             return None
         record = await self._store.tokens.find_one({"_id": token_hash(token)})
@@ -228,24 +233,18 @@ class AuthService:
         user = await self._store.users.find_one({"_id": record["user_id"]})
         if user is None or not user.get("is_active", True):
             return None
-        return user
+        return user, record
 
     async def logout(self, token: str) -> None:
         """Revoke this token; connections opened with it are closed, the user's others stay."""
         hashed = token_hash(token)
         record = await self._store.tokens.find_one_and_delete({"_id": hashed})
         if record is not None:
-            await self._bus.publish_ephemeral(
-                EphemeralEvent(
-                    "session.revoked",
-                    {"reason": "logout"},
-                    (user_stream(record["user_id"]),),
-                    private={"token_hash": hashed},
-                )
-            )
+            await announce_revocation(self._store, self._bus, record["user_id"], "logout", hashed)
 
     async def prune_expired_tokens(self) -> int:
         result = await self._store.tokens.delete_many({"expires_at": {"$lte": datetime.now(UTC)}})
+        await self.sessions.prune()  # old revocation records go with them
         return result.deleted_count
 
     async def self_registration_enabled(self) -> bool:

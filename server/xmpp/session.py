@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from scramp import ScramException, ScramMechanism
 
 from server.auth.service import LoginAttempt, LoginRefused
+from server.auth.sessions import LiveSession
 from server.channels.ratelimit import TokenBucket
 from server.observability import instruments
 from server.store.database import Document
@@ -88,6 +89,7 @@ class C2SSession:
         self._scram: Any = None
         self._scram_user: Document | None = None
         self._attempt: LoginAttempt | None = None  # a SCRAM exchange's reserved check
+        self._auth_mark = 0
         self._closed = asyncio.Event()
         self._terminating = False
         self._pending_pings: dict[str, float] = {}
@@ -313,6 +315,7 @@ class C2SSession:
         auth = self.server.auth
         if mechanism == "PLAIN":
             _authzid, login, password = parse_plain(initial)
+            mark = auth.sessions.mark()
             try:
                 user = await auth.check_password(login, password, self.address)
             except LoginRefused:  # throttled, or too many checks waiting
@@ -321,7 +324,7 @@ class C2SSession:
             if user is None:
                 await self._sasl_failure("not-authorized")
                 return False
-            return await self._sasl_success(user, b"")
+            return await self._sasl_success(user, b"", mark)
         client_first = initial.decode("utf-8")
         match = _USERNAME.search(client_first.split(",", 2)[-1] if "," in client_first else "")
         if match is None:
@@ -333,6 +336,7 @@ class C2SSession:
         except LoginRefused:
             await self._sasl_failure("temporary-auth-failure")
             return False
+        self._auth_mark = auth.sessions.mark()
         user = await self.server.directory.user_by_login(login)
         info = auth_info(
             user.get("scram") if user and user.get("is_active", True) else None, mechanism
@@ -378,7 +382,7 @@ class C2SSession:
             return False
         attempt.succeeded()
         self._attempt = None
-        return await self._sasl_success(user, scram.get_server_final().encode())
+        return await self._sasl_success(user, scram.get_server_final().encode(), self._auth_mark)
 
     def _end_attempt(self) -> None:
         """A SCRAM exchange that ends without a verdict (aborted, failed to parse, restarted,
@@ -387,8 +391,18 @@ class C2SSession:
             self._attempt.released()
             self._attempt = None
 
-    async def _sasl_success(self, user: Document, additional: bytes) -> bool:
+    async def _sasl_success(self, user: Document, additional: bytes, mark: int) -> bool:
         self.user = user
+        # Ended when the password changes or the user is deactivated, on any node.
+        self.server.auth.sessions.track(
+            LiveSession(
+                self.session_key,
+                str(user["_id"]),
+                self._revoked,
+                password_stamp=user.get("password_stamp"),
+            ),
+            mark,
+        )
         success = element("success", ns=SASL_NS)
         if additional:
             success.text = base64.b64encode(additional).decode()
@@ -470,11 +484,25 @@ class C2SSession:
         self._pending_pings[ping_id] = time.monotonic()
         self.send_nowait(iq)
 
+    @property
+    def session_key(self) -> str:
+        return f"xmpp:{self.id}"
+
+    async def _revoked(self, reason: str) -> None:
+        """The session's credentials ended (server/auth/sessions.py). As Prosody does: a new
+        password is ``reset`` (RFC 6120 4.9.3.16: authenticate again, which the old password
+        no longer does), a deactivation ``not-authorized``."""
+        if reason == "password_changed":
+            await self.terminate("reset", "the password was changed")
+        else:
+            await self.terminate("not-authorized", "the account's sessions were ended")
+
     async def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
         self._end_attempt()
+        self.server.auth.sessions.untrack(self.session_key)
         try:
             await self.server.unbind(self)
         finally:
