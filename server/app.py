@@ -244,6 +244,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         if svc.redis_bus is not None:
             await svc.redis_bus.start()
         task = asyncio.create_task(_maintenance(svc), name="maintenance")
+        svc.auth.sessions.start()  # revocations written elsewhere (another node, the CLI)
         svc.presence.start()
         await svc.presence.ready()  # the published statuses of every node, for snapshots
         svc.scheduler.start()
@@ -257,6 +258,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         if svc.xmpp is not None:
             await svc.xmpp.stop()
         await stop(task)
+        await svc.auth.sessions.close()
         await svc.presence.close()
         await svc.scheduler.close()
         await svc.crm.counters.close()

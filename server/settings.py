@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,32 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     login_max_failures: int = Field(default=10, ge=1)
     login_lockout_seconds: int = Field(default=300, ge=1)
+    login_address_max_failures: int = Field(
+        default=50,
+        ge=1,
+        description="Failed logins from one client address within login_lockout_seconds "
+        "before that address is locked for as long (any login; successes do not clear it)",
+    )
+    login_hash_workers: int | None = Field(
+        default=None, ge=1, description="Password checks run at once; default one per CPU"
+    )
+    login_queue: int = Field(
+        default=64,
+        ge=0,
+        description="Logins that may wait for a password check, in all; more answer 503",
+    )
+    login_address_queue: int = Field(
+        default=8,
+        ge=0,
+        description="Logins of one client address that may wait for a password check; more "
+        "answer 429",
+    )
+    trusted_proxies: str = Field(
+        default="127.0.0.1,::1",
+        description="Comma-separated addresses or networks of proxies whose X-Forwarded-For "
+        "names the client (for the per-address login limits); their own connections count "
+        "as no address",
+    )
     socket_max_message_bytes: int = Field(default=64 * 1024, ge=1024)
     socket_events_per_second: float = Field(default=20.0, gt=0)
     socket_event_burst: int = Field(default=40, ge=1)
@@ -122,6 +149,14 @@ class Settings(BaseSettings):
     node_heartbeat_seconds: float = Field(
         default=5.0, gt=0, description="How often a node writes its entry in the node registry"
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        for spec in value.split(","):
+            if spec.strip():
+                ipaddress.ip_network(spec.strip(), strict=False)  # ValueError names the bad one
+        return value
 
     @field_validator("log_level")
     @classmethod

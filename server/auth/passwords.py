@@ -18,7 +18,8 @@ async def hash_password(password: str) -> str:
     return await asyncio.to_thread(_hasher.hash, password)
 
 
-def _verify(stored_hash: str | None, password: str) -> bool:
+def verify_blocking(stored_hash: str | None, password: str) -> bool:
+    """``verify_password`` without the thread, for a caller that runs it in one of its own."""
     try:
         return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
@@ -27,7 +28,7 @@ def _verify(stored_hash: str | None, password: str) -> bool:
 
 async def verify_password(stored_hash: str | None, password: str) -> bool:
     """True only for a real hash matching ``password``; a missing hash still costs a check."""
-    return await asyncio.to_thread(_verify, stored_hash, password)
+    return await asyncio.to_thread(verify_blocking, stored_hash, password)
 
 
 async def password_fields(password: str) -> dict[str, Any]:

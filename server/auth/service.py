@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from server.auth.passwords import needs_rehash, password_fields, verify_password
+from server.auth.addresses import UNKNOWN, client_key, networks
+from server.auth.hashing import Busy, HashingPool, Ticket
+from server.auth.passwords import needs_rehash, password_fields, verify_blocking
+from server.auth.sessions import SessionGuard, announce_revocation
 from server.auth.throttle import LoginThrottle
 from server.directory.models import RegisterRequest, UserCreate
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent
-from server.events.streams import user_stream
 from server.settings import Settings
 from server.store.database import Document, Store, utcnow
 from server.web.problems import Problem
@@ -26,6 +30,85 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def login_key(login: str) -> str:
+    return login.strip().lower()
+
+
+class LoginRefused(Problem):
+    """A login refused before its password was checked: throttled (429) or busy (503).
+
+    A ``Problem``, so REST answers it as it is; XMPP answers ``temporary-auth-failure``.
+    """
+
+
+def _refused(scope: str, wait: float) -> LoginRefused:
+    seconds = max(1, math.ceil(wait))
+    headers = {"Retry-After": str(seconds)}
+    if scope == "server":
+        return LoginRefused(
+            503,
+            "login-busy",
+            "Too many logins under way",
+            "the server is checking too many passwords; try again in a moment",
+            headers=headers,
+            retry_after=seconds,
+        )
+    detail = {
+        "login": "this login is locked after repeated failures, or has attempts under way; "
+        "try again later",
+        "address": "too many failed or simultaneous logins from this address; try again later",
+    }[scope]
+    return LoginRefused(
+        429,
+        "login-throttled",
+        "Too many failed logins",
+        detail,
+        headers=headers,
+        retry_after=seconds,
+        scope=scope,
+    )
+
+
+@dataclass
+class LoginAttempt:
+    """One password check, reserved in both throttles before it is made (see throttle.py).
+
+    It ends exactly once: ``failed``, ``succeeded`` or ``released`` (no verdict: not counted).
+    """
+
+    _auth: AuthService
+    login: str
+    address: str
+    ended: bool = False
+
+    def _end(self) -> bool:
+        if self.ended:
+            return False
+        self.ended = True
+        return True
+
+    def failed(self) -> None:
+        if self._end():
+            now = time.monotonic()
+            self._auth.throttle.failed(self.login, now)
+            if self.address != UNKNOWN:
+                self._auth.address_throttle.failed(self.address, now)
+
+    def succeeded(self) -> None:
+        if self._end():
+            now = time.monotonic()
+            self._auth.throttle.succeeded(self.login, now)
+            if self.address != UNKNOWN:
+                self._auth.address_throttle.succeeded(self.address, now)
+
+    def released(self) -> None:
+        if self._end():
+            now = time.monotonic()
+            self._auth.throttle.released(self.login, now)
+            if self.address != UNKNOWN:
+                self._auth.address_throttle.released(self.address, now)
+
+
 class AuthService:
     def __init__(
         self, store: Store, directory: DirectoryService, bus: EventBus, settings: Settings
@@ -34,41 +117,87 @@ class AuthService:
         self._bus = bus
         self._directory = directory
         self._ttl = timedelta(seconds=settings.token_ttl_seconds)
+        # Both in memory, per node: see docs/architecture.md (Login throttling).
         self.throttle = LoginThrottle(settings.login_max_failures, settings.login_lockout_seconds)
+        self.address_throttle = LoginThrottle(
+            settings.login_address_max_failures,
+            settings.login_lockout_seconds,
+            window_seconds=settings.login_lockout_seconds,
+            reset_on_success=False,
+        )
+        self.hashing = HashingPool(
+            settings.login_hash_workers or os.cpu_count() or 1,
+            per_address_waiting=settings.login_address_queue,
+            max_waiting=settings.login_queue,
+        )
+        self.sessions = SessionGuard(store, bus)
+        self._trusted_proxies = networks(settings.trusted_proxies)
 
-    async def login(self, login: str, password: str) -> tuple[str, Document]:
-        key = login.strip().lower()
-        wait = self.throttle.retry_after(key, time.monotonic())
-        if wait > 0:
-            raise Problem(
-                429,
-                "login-throttled",
-                "Too many failed logins",
-                "this login is locked after repeated failures; try again later",
-                headers={"Retry-After": str(int(wait) + 1)},
-                retry_after=int(wait) + 1,
-            )
-        user = await self.check_password(key, password)
+    def client_address(self, peer: str | None, forwarded_for: str | None = None) -> str:
+        """The per-address key of a client (see addresses.py): the peer, or the client a
+        trusted proxy names."""
+        return client_key(peer, forwarded_for, self._trusted_proxies)
+
+    async def login(
+        self, login: str, password: str, address: str = UNKNOWN
+    ) -> tuple[str, Document]:
+        user = await self.check_password(login, password, address)
         if user is None:
             raise Problem(
                 401, "invalid-credentials", "Invalid credentials", "wrong login or password"
             )
         return await self.issue_token(str(user["_id"])), user
 
-    async def check_password(self, login: str, password: str) -> Document | None:
+    def begin_attempt(self, login: str, address: str = UNKNOWN) -> LoginAttempt:
+        """Reserve a password check for ``login`` from ``address``, or raise ``LoginRefused``.
+
+        Both counts are checked, then both reserved, with no await in between: concurrent
+        attempts see each other's reservations.
+        """
+        key = login_key(login)
+        now = time.monotonic()
+        wait = self.throttle.retry_after(key, now)
+        if wait > 0:
+            raise _refused("login", wait)
+        if address != UNKNOWN:
+            wait = self.address_throttle.retry_after(address, now)
+            if wait > 0:
+                raise _refused("address", wait)
+            self.address_throttle.reserve(address, now)
+        self.throttle.reserve(key, now)
+        return LoginAttempt(self, key, address)
+
+    def hashing_ticket(self, address: str) -> Ticket:
+        """A place in the password-checking pool, or ``LoginRefused`` at once."""
+        try:
+            return self.hashing.admit(address)
+        except Busy as exc:
+            raise _refused(exc.scope, 1.0) from None
+
+    async def check_password(
+        self, login: str, password: str, address: str = UNKNOWN
+    ) -> Document | None:
         """The active user with this login and password, or None (counted as a failure).
 
-        The caller checks ``throttle`` first. Shared by web logins and XMPP PLAIN, so failures
-        over either count together.
+        Raises ``LoginRefused`` when throttled or when too many checks wait already. Shared by
+        web logins and XMPP PLAIN, so failures over either count together.
         """
-        key = login.strip().lower()
-        user = await self._directory.user_by_login(key)
-        stored = user.get("password_hash") if user else None
-        ok = await verify_password(stored, password)
+        attempt = self.begin_attempt(login, address)
+        try:
+            ticket = self.hashing_ticket(address)
+            try:
+                user = await self._directory.user_by_login(attempt.login)
+                stored = user.get("password_hash") if user else None
+                ok = await ticket.run(verify_blocking, stored, password)
+            finally:
+                ticket.cancel()
+        except BaseException:
+            attempt.released()  # no verdict reached: nothing learnt, nothing counted
+            raise
         if not ok or user is None or not user.get("is_active", True):
-            self.throttle.failure(key, time.monotonic())
+            attempt.failed()
             return None
-        self.throttle.success(key)
+        attempt.succeeded()
         if (stored and needs_rehash(stored)) or not user.get("scram"):
             # Users from before SCRAM (or an older hash) get fresh fields on their next login.
             fields = await password_fields(password)
@@ -91,6 +220,11 @@ class AuthService:
 
     async def authenticate(self, token: str | None) -> Document | None:
         """The active user a token belongs to, or None (unknown, revoked, expired, inactive)."""
+        found = await self.session_for(token)
+        return found[0] if found else None
+
+    async def session_for(self, token: str | None) -> tuple[Document, Document] | None:
+        """(user, token record) for a valid token of an active user, else None."""
         if not token or len(token) > 256:
             return None
         record = await self._store.tokens.find_one({"_id": token_hash(token)})
@@ -99,24 +233,18 @@ class AuthService:
         user = await self._store.users.find_one({"_id": record["user_id"]})
         if user is None or not user.get("is_active", True):
             return None
-        return user
+        return user, record
 
     async def logout(self, token: str) -> None:
         """Revoke this token; connections opened with it are closed, the user's others stay."""
         hashed = token_hash(token)
         record = await self._store.tokens.find_one_and_delete({"_id": hashed})
         if record is not None:
-            await self._bus.publish_ephemeral(
-                EphemeralEvent(
-                    "session.revoked",
-                    {"reason": "logout"},
-                    (user_stream(record["user_id"]),),
-                    private={"token_hash": hashed},
-                )
-            )
+            await announce_revocation(self._store, self._bus, record["user_id"], "logout", hashed)
 
     async def prune_expired_tokens(self) -> int:
         result = await self._store.tokens.delete_many({"expires_at": {"$lte": datetime.now(UTC)}})
+        await self.sessions.prune()  # old revocation records go with them
         return result.deleted_count
 
     async def self_registration_enabled(self) -> bool:

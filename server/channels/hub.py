@@ -15,6 +15,7 @@ client that replays such an event has the stream replayed from there too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -27,6 +28,7 @@ import socketio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.auth.service import AuthService, token_hash
+from server.auth.sessions import LiveSession
 from server.background import stop
 from server.channels.ratelimit import TokenBucket
 from server.channels.rooms import may_subscribe
@@ -200,11 +202,13 @@ class Hub:
                 "malformed auth: expected {token: string, since?: {stream: seq}}",
                 {"code": "bad_auth"},
             ) from None
-        user = await self._auth.authenticate(parsed.token)
-        if user is None:
+        mark = self._auth.sessions.mark()
+        found = await self._auth.session_for(parsed.token)
+        if found is None:
             raise socketio.exceptions.ConnectionRefusedError(
                 "invalid or expired token", {"code": "invalid_token"}
             )
+        user, token = found
         since = {s: n for s, n in parsed.since.items() if len(s) <= MAX_STREAM_NAME}
         conn = Connection(
             sid,
@@ -220,9 +224,22 @@ class Hub:
         )
         self._connections[sid] = conn
         self._by_user.setdefault(conn.user_id, set()).add(sid)
+        # Ended when the token is revoked or expires, on whichever node that happens.
+        self._auth.sessions.track(
+            LiveSession(
+                f"{TRANSPORT}:{sid}",
+                conn.user_id,
+                functools.partial(self._end_session, sid),
+                token_hash=conn.token_hash,
+                expires_at=token["expires_at"],
+                password_stamp=user.get("password_stamp"),
+            ),
+            mark,
+        )
         self._tasks[sid] = asyncio.create_task(self._start_session(sid), name=f"session:{sid}")
 
     async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
+        self._auth.sessions.untrack(f"{TRANSPORT}:{sid}")
         task = self._tasks.pop(sid, None)
         if task is not None and not task.done():
             task.cancel()
@@ -421,7 +438,7 @@ class Hub:
 
     async def _on_ephemeral(self, event: EphemeralEvent) -> None:
         if event.type == "session.revoked":
-            await self._revoke(event)
+            return  # the SessionGuard checks the sessions and calls _end_session
         elif (state := VersionedState.from_private(event.private)) is not None:
             await self._offer_state(event, state)
         elif event.streams:
@@ -437,16 +454,16 @@ class Hub:
                 if update:
                     await self._emit(event.type, {state.key: update}, to=conn.sid)
 
-    async def _revoke(self, event: EphemeralEvent) -> None:
-        """Close the connections of revoked sessions (one token, or all of a user's)."""
-        token = event.private.get("token_hash")
-        for stream in event.streams:
-            if not stream.startswith("user:"):
-                continue
-            for conn in self.connections_of(stream.partition(":")[2]):
-                if token is None or conn.token_hash == token:
-                    await self._emit("session.revoked", event.data, to=conn.sid)
-                    await self._disconnect(conn.sid)
+    async def _end_session(self, sid: str, reason: str) -> None:
+        """The connection's token was revoked or expired: say why, then disconnect."""
+        deadline = time.monotonic() + CONNECT_WAIT_SECONDS
+        while sid in self._connections and not self.sio.manager.is_connected(sid, "/"):
+            if time.monotonic() > deadline:  # revoked while connecting: nothing before CONNECT
+                break
+            await asyncio.sleep(0.005)
+        if sid in self._connections:
+            await self._emit("session.revoked", {"reason": reason}, to=sid)
+            await self._disconnect(sid)
 
     # client events -----------------------------------------------------------------------------
 

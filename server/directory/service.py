@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from pymongo.errors import DuplicateKeyError
 
 from server.auth.passwords import password_fields
+from server.auth.sessions import announce_revocation
 from server.directory.models import (
     DepartmentIn,
     DepartmentOut,
@@ -52,6 +54,15 @@ DIRECTORY_FIELDS = frozenset(
         "is_external",
     }
 )
+
+# Stored with a user, never shown nor announced as a change.
+HIDDEN_FIELDS = frozenset({"password_hash", "scram", "password_stamp", "phone_digits"})
+
+
+def password_stamp() -> str:
+    """A new value for ``users.password_stamp`` at each password change: a Jabber session
+    opened with the old password sees it differ and ends (server/auth/sessions.py)."""
+    return secrets.token_hex(8)
 
 
 class WorkgroupHooks(Protocol):
@@ -190,10 +201,8 @@ class DirectoryService:
             if doc.get(key) != value:
                 changes[key] = value
         if password is not None:
-            changes.update(await password_fields(password))
-        visible = {
-            k: v for k, v in changes.items() if k not in ("password_hash", "scram", "phone_digits")
-        }
+            changes.update(await password_fields(password), password_stamp=password_stamp())
+        visible = {k: v for k, v in changes.items() if k not in HIDDEN_FIELDS}
         if not changes:
             return UserOut.from_document(doc)
         changes["updated_at"] = utcnow()
@@ -235,17 +244,17 @@ class DirectoryService:
             {
                 "$set": {
                     **(await password_fields(password)),
+                    "password_stamp": password_stamp(),
                     "updated_at": utcnow(),
                 }
             },
         )
 
     async def revoke_tokens(self, user_id: str, reason: str) -> None:
-        """End every session of the user: tokens go, and open connections are closed."""
+        """End every session of the user: tokens go, and open connections (Socket.IO and
+        Jabber, on every node) are closed within a second (server/auth/sessions.py)."""
         await self._store.tokens.delete_many({"user_id": user_id})
-        await self._bus.publish_ephemeral(
-            EphemeralEvent("session.revoked", {"reason": reason}, (user_stream(user_id),))
-        )
+        await announce_revocation(self._store, self._bus, user_id, reason)
 
     async def may_see(self, viewer: Document, other: Document) -> bool:
         if viewer.get("is_admin"):

@@ -27,6 +27,8 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("user_id", ASCENDING)], name="user"),
         IndexModel([("expires_at", ASCENDING)], name="expires"),
     ],
+    # Every node reads the last seconds of it, several times a second (auth/sessions.py).
+    "revocations": [IndexModel([("at", ASCENDING)], name="at")],
     "chats": [
         IndexModel([("pair_key", ASCENDING)], unique=True, sparse=True, name="pair_key_sparse"),
         IndexModel([("workgroup_id", ASCENDING)], name="workgroup"),
@@ -187,6 +189,10 @@ class Store:
     @property
     def tokens(self) -> AsyncCollection[Document]:
         return self.db["tokens"]
+
+    @property
+    def revocations(self) -> AsyncCollection[Document]:
+        return self.db["revocations"]
 
     @property
     def events(self) -> AsyncCollection[Document]:

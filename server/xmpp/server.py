@@ -23,7 +23,6 @@ from server.auth.service import AuthService
 from server.background import raise_if_stopping, stop
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent
 from server.im.service import ImService
 from server.observability.context import context_for
 from server.presence.service import PresenceService
@@ -90,7 +89,7 @@ class XmppServer:
         self.ports: dict[str, int] = {}
         self._logins: dict[str, str] = {}
         presence.on_drop(TRANSPORT, self._drop_source)
-        bus.subscribe_ephemeral(self._on_revoked)
+        # Revocation: sessions register with auth.sessions, which ends them (session.py).
 
     # registration ----------------------------------------------------------------------------
 
@@ -296,15 +295,6 @@ class XmppServer:
                 await hook(session)
             except Exception:
                 log.exception("unbind hook failed for %s", session.jid)
-
-    async def _on_revoked(self, event: EphemeralEvent) -> None:
-        """Deactivation or a new password ends Jabber sessions too (they hold no token, so a
-        web logout, which revokes one token, leaves them alone)."""
-        if event.type != "session.revoked" or event.private.get("token_hash"):
-            return
-        for stream in event.streams:
-            for session in self.sessions_of(stream.partition(":")[2]):
-                await session.terminate("not-authorized", "the account's sessions were ended")
 
     async def _drop_source(self, transport: str, source_id: str) -> None:
         for session in list(self._all):

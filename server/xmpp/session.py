@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from scramp import ScramException, ScramMechanism
 
+from server.auth.service import LoginAttempt, LoginRefused
+from server.auth.sessions import LiveSession
 from server.channels.ratelimit import TokenBucket
 from server.observability import instruments
 from server.store.database import Document
@@ -65,7 +67,12 @@ class C2SSession:
         self.writer = writer
         self.tls = tls
         self.id = secrets.token_hex(8)
-        self.peer = str(writer.get_extra_info("peername"))
+        peername = writer.get_extra_info("peername")
+        self.peer = str(peername)
+        # The per-address login limits' key (empty behind a trusted proxy: no client named).
+        self.address = server.auth.client_address(
+            peername[0] if isinstance(peername, tuple) and peername else None
+        )
         self.user: Document | None = None
         self.jid: Jid | None = None  # full JID once bound
         self.available = False  # sent initial presence: receives presence and messages
@@ -81,6 +88,8 @@ class C2SSession:
         self._auth_attempts = 0
         self._scram: Any = None
         self._scram_user: Document | None = None
+        self._attempt: LoginAttempt | None = None  # a SCRAM exchange's reserved check
+        self._auth_mark = 0
         self._closed = asyncio.Event()
         self._terminating = False
         self._pending_pings: dict[str, float] = {}
@@ -300,63 +309,100 @@ class C2SSession:
         self._auth_attempts += 1
         if self._auth_attempts > MAX_AUTH_ATTEMPTS:
             raise StreamError("policy-violation", "too many authentication attempts")
+        self._end_attempt()  # a new <auth> abandons an unfinished exchange
         text = (stanza.text or "").strip()
         initial = base64.b64decode(text, validate=True) if text and text != "=" else b""
+        auth = self.server.auth
         if mechanism == "PLAIN":
             _authzid, login, password = parse_plain(initial)
-            user = await self._check_throttled(
-                login, lambda: self.server.auth.check_password(login, password)
-            )
+            mark = auth.sessions.mark()
+            try:
+                user = await auth.check_password(login, password, self.address)
+            except LoginRefused:  # throttled, or too many checks waiting
+                await self._sasl_failure("temporary-auth-failure")
+                return False
             if user is None:
                 await self._sasl_failure("not-authorized")
                 return False
-            return await self._sasl_success(user, b"")
+            return await self._sasl_success(user, b"", mark)
         client_first = initial.decode("utf-8")
         match = _USERNAME.search(client_first.split(",", 2)[-1] if "," in client_first else "")
         if match is None:
             raise ValueError("no username in SCRAM client-first message")
         login = match.group(1).replace("=2C", ",").replace("=3D", "=").lower()
-        if self.server.auth.throttle.retry_after(login, time.monotonic()) > 0:
+        try:
+            # Reserved now, decided at the client's proof: concurrent exchanges count too.
+            self._attempt = auth.begin_attempt(login, self.address)
+        except LoginRefused:
             await self._sasl_failure("temporary-auth-failure")
             return False
+        self._auth_mark = auth.sessions.mark()
         user = await self.server.directory.user_by_login(login)
         info = auth_info(
             user.get("scram") if user and user.get("is_active", True) else None, mechanism
         )
-        # Unknown users get made-up verifiers, so the answer does not reveal who exists.
-        stored = info or ScramMechanism(mechanism).make_auth_info(secrets.token_hex(16))
+        if info is None:
+            # Unknown users get made-up verifiers, so the answer does not reveal who exists;
+            # PBKDF2 is password hashing, so it runs in the bounded pool, off the loop.
+            try:
+                ticket = auth.hashing_ticket(self.address)
+            except LoginRefused:
+                await self._sasl_failure("temporary-auth-failure")
+                return False
+            try:
+                info = await ticket.run(
+                    ScramMechanism(mechanism).make_auth_info, secrets.token_hex(16)
+                )
+            finally:
+                ticket.cancel()
+            user = None
+        stored = info
         scram = ScramMechanism(mechanism).make_server(lambda _username: stored)
         scram.set_client_first(client_first)
-        self._scram, self._scram_user = scram, (user if info else None)
-        self._scram_login = login
+        self._scram, self._scram_user = scram, user
         challenge = base64.b64encode(scram.get_server_first().encode()).decode()
         await self.send(element("challenge", ns=SASL_NS, text=challenge))
         return False
 
     async def _scram_final(self, stanza: ET.Element) -> bool:
-        scram, user, login = self._scram, self._scram_user, self._scram_login
+        scram, user, attempt = self._scram, self._scram_user, self._attempt
         self._scram = self._scram_user = None
+        assert attempt is not None
         text = (stanza.text or "").strip()
+        # A client-final that cannot be read is no guess: _sasl_failure releases the attempt.
+        final = base64.b64decode(text, validate=True).decode("utf-8")
         try:
-            scram.set_client_final(base64.b64decode(text, validate=True).decode("utf-8"))
+            scram.set_client_final(final)
         except ScramException:
-            self.server.auth.throttle.failure(login, time.monotonic())
+            attempt.failed()
             raise
         if user is None:
-            self.server.auth.throttle.failure(login, time.monotonic())
+            attempt.failed()
             await self._sasl_failure("not-authorized")
             return False
-        self.server.auth.throttle.success(login)
-        return await self._sasl_success(user, scram.get_server_final().encode())
+        attempt.succeeded()
+        self._attempt = None
+        return await self._sasl_success(user, scram.get_server_final().encode(), self._auth_mark)
 
-    async def _check_throttled(self, login: str, check: Any) -> Document | None:
-        if self.server.auth.throttle.retry_after(login.strip().lower(), time.monotonic()) > 0:
-            return None
-        user: Document | None = await check()
-        return user
+    def _end_attempt(self) -> None:
+        """A SCRAM exchange that ends without a verdict (aborted, failed to parse, restarted,
+        the connection gone) counts for nothing."""
+        if self._attempt is not None:
+            self._attempt.released()
+            self._attempt = None
 
-    async def _sasl_success(self, user: Document, additional: bytes) -> bool:
+    async def _sasl_success(self, user: Document, additional: bytes, mark: int) -> bool:
         self.user = user
+        # Ended when the password changes or the user is deactivated, on any node.
+        self.server.auth.sessions.track(
+            LiveSession(
+                self.session_key,
+                str(user["_id"]),
+                self._revoked,
+                password_stamp=user.get("password_stamp"),
+            ),
+            mark,
+        )
         success = element("success", ns=SASL_NS)
         if additional:
             success.text = base64.b64encode(additional).decode()
@@ -366,6 +412,7 @@ class C2SSession:
 
     async def _sasl_failure(self, condition: str) -> None:
         self._scram = None
+        self._end_attempt()
         failure = element("failure", ns=SASL_NS)
         child(failure, condition, ns=SASL_NS)
         await self.send(failure)
@@ -437,10 +484,25 @@ class C2SSession:
         self._pending_pings[ping_id] = time.monotonic()
         self.send_nowait(iq)
 
+    @property
+    def session_key(self) -> str:
+        return f"xmpp:{self.id}"
+
+    async def _revoked(self, reason: str) -> None:
+        """The session's credentials ended (server/auth/sessions.py). As Prosody does: a new
+        password is ``reset`` (RFC 6120 4.9.3.16: authenticate again, which the old password
+        no longer does), a deactivation ``not-authorized``."""
+        if reason == "password_changed":
+            await self.terminate("reset", "the password was changed")
+        else:
+            await self.terminate("not-authorized", "the account's sessions were ended")
+
     async def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
+        self._end_attempt()
+        self.server.auth.sessions.untrack(self.session_key)
         try:
             await self.server.unbind(self)
         finally:

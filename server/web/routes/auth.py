@@ -37,12 +37,18 @@ def bearer_token(call: Call) -> str:
     auth="none",
     body=LoginRequest,
     response=TokenResponse,
-    errors=(401, 429),
+    errors=(401, 429, 503),
 )
 async def login(call: Call) -> TokenResponse:
-    """Returns a bearer token. Ten failures in a row lock the login for a while (429)."""
+    """Returns a bearer token. Ten failures in a row lock the login for a while, and too many
+    failed or simultaneous logins from one address lock that address (429, with
+    Retry-After); too many password checks waiting on the server answer 503."""
     body = call.body_as(LoginRequest)
-    token, user = await services(call.request).auth.login(body.login, body.password)
+    auth = services(call.request).auth
+    request = call.request
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", []))
+    address = auth.client_address(request.remote, forwarded)
+    token, user = await auth.login(body.login, body.password, address)
     return TokenResponse(token=token, user=UserOut.from_document(user))
 
 
