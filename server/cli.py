@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 
-from aiohttp import web
 from pydantic import ValidationError
 
 from server.app import create_app, drain
@@ -37,6 +36,7 @@ from server.settings import Settings
 from server.store import Store, open_store
 from server.store.database import utcnow
 from server.store.embedded import EmbeddedDatabaseError
+from server.web.limits import LimitedSite, http_runner
 
 log = logging.getLogger("portalhub")
 IN_FLIGHT_SECONDS = 30.0  # a draining node waits this long for requests under way
@@ -62,14 +62,16 @@ def print_logins(logins: list[tuple[str, str]], password: str) -> None:
 async def serve(settings: Settings, demo: bool, demo_password: str | None) -> None:
     async with open_store(settings, reuse_running=False) as store:
         app = create_app(settings, store)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        runner = http_runner(app, settings, handle_signals=False)
         await runner.setup()
         try:
             if demo:  # before listening, so that "ready" means the demo logins work
                 svc = app[SERVICES]
                 logins = await seed_demo(store, svc.directory, demo_password, svc.crm)
                 print_logins(logins, demo_password or DEFAULT_PASSWORD)
-            site = web.TCPSite(runner, settings.host, settings.http_port)
+            site = LimitedSite(
+                runner, settings.host, settings.http_port, settings.http_max_connections_per_address
+            )
             await site.start()
             xmpp = app[SERVICES].xmpp
             if xmpp is not None:

@@ -52,6 +52,25 @@ class Settings(BaseSettings):
     token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=1)
     event_retention_seconds: int = Field(default=3 * 24 * 3600, ge=1)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    http_header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request's line and headers must have arrived this long after the "
+        "connection opened or the previous answer on it was sent; idle keep-alive "
+        "connections are closed after it too",
+    )
+    http_body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A request body must have arrived this long after the request's headers "
+        "(a large upload gets more time for every byte that has come)",
+    )
+    http_max_connections_per_address: int = Field(
+        default=200,
+        ge=0,
+        description="Open HTTP connections (Socket.IO included) from one client address, "
+        "an IPv6 /64 counting as one; 0: no cap (behind a proxy, which limits per client)",
+    )
     login_max_failures: int = Field(default=10, ge=1)
     login_lockout_seconds: int = Field(default=300, ge=1)
     socket_max_message_bytes: int = Field(default=64 * 1024, ge=1024)

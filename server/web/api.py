@@ -235,8 +235,9 @@ class Api:
             entry["responses"].update(op.extra_responses)
             codes = set(op.errors) | {500}
             if op.body is not None or op.query is not None:
-                # a body that is not JSON at all: 400 malformed-json (docs/api.md, Errors)
-                codes |= {400, 413, 422} if op.body is not None else {422}
+                # a body that is not JSON at all (or nested too deep): 400 malformed-json;
+                # a body that did not arrive in time: 408 (docs/api.md, Errors)
+                codes |= {400, 408, 413, 422} if op.body is not None else {422}
             if op.auth != "none":
                 codes.add(401)
             if op.auth == "admin":
