@@ -35,6 +35,7 @@ from server.settings import Settings
 from server.store.database import Document, Store, utcnow
 from server.tasks.scheduler import Scheduler
 from server.tasks.service import TaskService
+from server.web import headers as security_headers
 from server.web.limits import body_deadline
 from server.web.problems import problem_middleware
 from server.web.routes.all import api
@@ -222,6 +223,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
             problem_middleware,
         ],
     )
+    security_headers.install(app)
     node = node_id()
     svc = build_services(settings, store, node)
     app[SERVICES] = svc

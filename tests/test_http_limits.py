@@ -1,5 +1,5 @@
 """Slow and greedy HTTP clients with no proxy in front: header and body deadlines, connections
-per address (server/web/limits.py)."""
+per address (server/web/limits.py), and the security headers of every answer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from server.settings import Settings
 from server.store.database import Store
@@ -167,3 +168,35 @@ def test_addresses_are_counted_per_ipv4_address_and_ipv6_64() -> None:
     assert a == address_key(("2001:db8:1:2:ffff::9", 6000, 0, 0)) == "2001:db8:1:2::/64"
     assert a != address_key(("2001:db8:1:3::1", 5000, 0, 0))
     assert address_key("/run/hub.sock") is None
+
+
+async def test_every_answer_carries_the_security_headers(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    client = tmp_path / "client"
+    (client / "assets").mkdir(parents=True)
+    (client / "index.html").write_text("<!doctype html><title>Portal Hub</title>")
+    (client / "assets" / "app.js").write_text("console.log('hi')")
+    async with limited_hub(settings, store, web_client_dir=client) as hub:
+        page = await hub.request("GET", "/")
+        static = await hub.request("GET", "/static/assets/app.js")
+        api = await hub.request("GET", "/api/v1/openapi.json")
+        problem = await hub.request("GET", "/api/v1/nothing-here")
+    for resp in (page, static, api, problem):
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert resp.headers["X-Frame-Options"] == "DENY"
+        assert resp.headers["Referrer-Policy"] == "no-referrer"
+        assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+    assert page.status == 200 and page.content_type == "text/html"
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in page.headers["Content-Security-Policy"].split(";")
+    )
+    assert policy["script-src"] == "'self'"  # no inline script, nothing from elsewhere
+    assert policy["connect-src"] == "'self'"
+    assert policy["object-src"] == "'none'"
+    assert static.status == 200
+    assert static.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert api.status == 200
+    assert api.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert problem.status == 404
