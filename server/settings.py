@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     socket_max_message_bytes: int = Field(default=64 * 1024, ge=1024)
     socket_events_per_second: float = Field(default=20.0, gt=0)
     socket_event_burst: int = Field(default=40, ge=1)
+    socket_max_connections_per_user: int = Field(
+        default=20, ge=1, description="Socket.IO connections of one user on a node"
+    )
+    socket_auth_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="An Engine.IO connection with no authenticated Socket.IO connection "
+        "this long after opening is closed",
+    )
     presence_grace_seconds: float = Field(default=5.0, ge=0)
     presence_heartbeat_timeout_seconds: float = Field(default=140.0, gt=0)
     im_max_message_chars: int = Field(default=10_000, ge=1)
