@@ -93,7 +93,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     )
     im = ImService(store, streams, directory, bus, settings)
     directory.workgroup_hooks.append(im)
-    tasks = TaskService(store, streams, directory, im, bus)
+    tasks = TaskService(store, streams, directory, im, bus, settings)
     directory.workgroup_hooks.append(tasks)
     scheduler = Scheduler(store)
     scheduler.handle("task-deadline", tasks.deadline_reached)

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     im_messages_per_second: float = Field(default=5.0, gt=0)
     im_message_burst: int = Field(default=20, ge=1)
     im_max_recipients: int = Field(default=500, ge=1)
+    task_creates_per_second: float = Field(
+        default=1.0, gt=0, description="Task creation requests a user may make per second"
+    )
+    task_create_burst: int = Field(default=30, ge=1)
     xmpp_enabled: bool = True
     xmpp_host: str | None = Field(default=None, description="Defaults to host")
     xmpp_port: int = Field(default=5222, ge=0, le=65535, description="STARTTLS listener")
