@@ -32,7 +32,7 @@ from server.observability.http import IN_FLIGHT
 from server.observability.logs import configure_logging
 from server.observability.runtime import OBSERVABILITY
 from server.services import SERVICES
-from server.settings import Settings
+from server.settings import ConfigFileError, Settings, describe_errors
 from server.store import Store, open_store
 from server.store.database import utcnow
 from server.store.embedded import EmbeddedDatabaseError
@@ -354,7 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        for line in describe_errors(exc):
+            print(f"portalhub: {line}", file=sys.stderr)
+        return 2
+    except ConfigFileError as exc:
+        print(f"portalhub: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
         updates = {k: v for k, v in (("host", args.host), ("http_port", args.port)) if v}

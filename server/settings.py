@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -16,6 +17,11 @@ from pydantic_settings import (
 
 CONFIG_FILE_ENV = "PORTALHUB_CONFIG"
 DEFAULT_DRAIN_SECONDS = 10.0
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class ConfigFileError(ValueError):
+    """The file named by PORTALHUB_CONFIG is missing or is not valid TOML."""
 
 
 class Settings(BaseSettings):
@@ -140,7 +146,7 @@ class Settings(BaseSettings):
         "after this many days (the activities keep the text, HTML and attachments)",
     )
     web_client_dir: Path | None = None
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = Field(
         default="text",
         description="text: one readable line per record; json: one JSON object per line "
@@ -155,10 +161,10 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="How often a node writes its entry in the node registry"
     )
 
-    @field_validator("log_level")
+    @field_validator("log_level", mode="before")
     @classmethod
-    def _upper(cls, value: str) -> str:
-        return value.upper()
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _certificate_pair(self) -> Settings:
@@ -194,7 +200,14 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get(CONFIG_FILE_ENV)
         if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+            path = Path(config_file)
+            # A file named but not there would otherwise be skipped without a word.
+            if not path.is_file():
+                raise ConfigFileError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigFileError(f"{CONFIG_FILE_ENV}={config_file}: {exc}") from None
         return tuple(sources)
 
     def masked(self) -> dict[str, Any]:
@@ -209,3 +222,24 @@ class Settings(BaseSettings):
             else:
                 shown[name] = value
         return shown
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, naming its variable; secret values are never echoed."""
+    lines: list[str] = []
+    fields = Settings.model_fields
+    for error in exc.errors(include_url=False):
+        msg = str(error["msg"]).removeprefix("Value error, ")
+        if not error["loc"]:  # a rule across settings
+            lines.append(f"invalid configuration: {msg}")
+            continue
+        name = str(error["loc"][0])
+        if name not in fields:
+            lines.append(f"unknown setting {name!r} (in the {CONFIG_FILE_ENV} file)")
+            continue
+        line = f"invalid setting PORTALHUB_{name.upper()}: {msg}"
+        if fields[name].annotation not in (SecretStr, SecretStr | None):
+            shown = repr(error.get("input"))
+            line += f" (got {shown[:60] + '...' if len(shown) > 60 else shown})"
+        lines.append(line)
+    return lines
