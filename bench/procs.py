@@ -178,6 +178,9 @@ HUB_LIMITS = {
     "PORTALHUB_IM_MESSAGE_BURST": "1000000",
     "PORTALHUB_SOCKET_EVENTS_PER_SECOND": "100000",
     "PORTALHUB_SOCKET_EVENT_BURST": "100000",
+    # Every benchmark client comes from loopback, many of them as the same user.
+    "PORTALHUB_HTTP_MAX_CONNECTIONS_PER_ADDRESS": "0",
+    "PORTALHUB_SOCKET_MAX_CONNECTIONS_PER_USER": "1000000",
     # Idle benchmark connections send no presence heartbeats; the sweeper must not drop them.
     "PORTALHUB_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS": "3600",
     "PORTALHUB_LOG_LEVEL": "WARNING",

@@ -35,6 +35,8 @@ from server.settings import Settings
 from server.store.database import Document, Store, utcnow
 from server.tasks.scheduler import Scheduler
 from server.tasks.service import TaskService
+from server.web import headers as security_headers
+from server.web.limits import body_deadline
 from server.web.problems import problem_middleware
 from server.web.routes.all import api
 from server.xmpp.features import install_all
@@ -91,7 +93,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     )
     im = ImService(store, streams, directory, bus, settings)
     directory.workgroup_hooks.append(im)
-    tasks = TaskService(store, streams, directory, im, bus)
+    tasks = TaskService(store, streams, directory, im, bus, settings)
     directory.workgroup_hooks.append(tasks)
     scheduler = Scheduler(store)
     scheduler.handle("task-deadline", tasks.deadline_reached)
@@ -215,8 +217,13 @@ async def drain(app: web.Application, mail_seconds: float = MAIL_DRAIN_SECONDS) 
 def create_app(settings: Settings, store: Store) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[request_middleware, problem_middleware],
+        middlewares=[
+            request_middleware,
+            body_deadline(settings.http_body_timeout_seconds),
+            problem_middleware,
+        ],
     )
+    security_headers.install(app)
     node = node_id()
     svc = build_services(settings, store, node)
     app[SERVICES] = svc

@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 
-from aiohttp import web
 from pydantic import ValidationError
 
 from server.app import create_app, drain
@@ -33,10 +32,11 @@ from server.observability.http import IN_FLIGHT
 from server.observability.logs import configure_logging
 from server.observability.runtime import OBSERVABILITY
 from server.services import SERVICES
-from server.settings import Settings
+from server.settings import ConfigFileError, Settings, describe_errors
 from server.store import Store, open_store
 from server.store.database import utcnow
 from server.store.embedded import EmbeddedDatabaseError
+from server.web.limits import LimitedSite, http_runner
 
 log = logging.getLogger("portalhub")
 IN_FLIGHT_SECONDS = 30.0  # a draining node waits this long for requests under way
@@ -62,14 +62,16 @@ def print_logins(logins: list[tuple[str, str]], password: str) -> None:
 async def serve(settings: Settings, demo: bool, demo_password: str | None) -> None:
     async with open_store(settings, reuse_running=False) as store:
         app = create_app(settings, store)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        runner = http_runner(app, settings, handle_signals=False)
         await runner.setup()
         try:
             if demo:  # before listening, so that "ready" means the demo logins work
                 svc = app[SERVICES]
                 logins = await seed_demo(store, svc.directory, demo_password, svc.crm)
                 print_logins(logins, demo_password or DEFAULT_PASSWORD)
-            site = web.TCPSite(runner, settings.host, settings.http_port)
+            site = LimitedSite(
+                runner, settings.host, settings.http_port, settings.http_max_connections_per_address
+            )
             await site.start()
             xmpp = app[SERVICES].xmpp
             if xmpp is not None:
@@ -352,7 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        for line in describe_errors(exc):
+            print(f"portalhub: {line}", file=sys.stderr)
+        return 2
+    except ConfigFileError as exc:
+        print(f"portalhub: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
         updates = {k: v for k, v in (("host", args.host), ("http_port", args.port)) if v}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -17,6 +18,11 @@ from pydantic_settings import (
 
 CONFIG_FILE_ENV = "PORTALHUB_CONFIG"
 DEFAULT_DRAIN_SECONDS = 10.0
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class ConfigFileError(ValueError):
+    """The file named by PORTALHUB_CONFIG is missing or is not valid TOML."""
 
 
 class Settings(BaseSettings):
@@ -53,6 +59,25 @@ class Settings(BaseSettings):
     token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=1)
     event_retention_seconds: int = Field(default=3 * 24 * 3600, ge=1)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    http_header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request's line and headers must have arrived this long after the "
+        "connection opened or the previous answer on it was sent; idle keep-alive "
+        "connections are closed after it too",
+    )
+    http_body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A request body must have arrived this long after the request's headers "
+        "(a large upload gets more time for every byte that has come)",
+    )
+    http_max_connections_per_address: int = Field(
+        default=200,
+        ge=0,
+        description="Open HTTP connections (Socket.IO included) from one client address, "
+        "an IPv6 /64 counting as one; 0: no cap (behind a proxy, which limits per client)",
+    )
     login_max_failures: int = Field(default=10, ge=1)
     login_lockout_seconds: int = Field(default=300, ge=1)
     login_address_max_failures: int = Field(
@@ -84,12 +109,25 @@ class Settings(BaseSettings):
     socket_max_message_bytes: int = Field(default=64 * 1024, ge=1024)
     socket_events_per_second: float = Field(default=20.0, gt=0)
     socket_event_burst: int = Field(default=40, ge=1)
+    socket_max_connections_per_user: int = Field(
+        default=20, ge=1, description="Socket.IO connections of one user on a node"
+    )
+    socket_auth_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="An Engine.IO connection with no authenticated Socket.IO connection "
+        "this long after opening is closed",
+    )
     presence_grace_seconds: float = Field(default=5.0, ge=0)
     presence_heartbeat_timeout_seconds: float = Field(default=140.0, gt=0)
     im_max_message_chars: int = Field(default=10_000, ge=1)
     im_messages_per_second: float = Field(default=5.0, gt=0)
     im_message_burst: int = Field(default=20, ge=1)
     im_max_recipients: int = Field(default=500, ge=1)
+    task_creates_per_second: float = Field(
+        default=1.0, gt=0, description="Task creation requests a user may make per second"
+    )
+    task_create_burst: int = Field(default=30, ge=1)
     xmpp_enabled: bool = True
     xmpp_host: str | None = Field(default=None, description="Defaults to host")
     xmpp_port: int = Field(default=5222, ge=0, le=65535, description="STARTTLS listener")
@@ -135,7 +173,7 @@ class Settings(BaseSettings):
         "after this many days (the activities keep the text, HTML and attachments)",
     )
     web_client_dir: Path | None = None
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = Field(
         default="text",
         description="text: one readable line per record; json: one JSON object per line "
@@ -158,10 +196,10 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(spec.strip(), strict=False)  # ValueError names the bad one
         return value
 
-    @field_validator("log_level")
+    @field_validator("log_level", mode="before")
     @classmethod
-    def _upper(cls, value: str) -> str:
-        return value.upper()
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _certificate_pair(self) -> Settings:
@@ -197,7 +235,14 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get(CONFIG_FILE_ENV)
         if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+            path = Path(config_file)
+            # A file named but not there would otherwise be skipped without a word.
+            if not path.is_file():
+                raise ConfigFileError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigFileError(f"{CONFIG_FILE_ENV}={config_file}: {exc}") from None
         return tuple(sources)
 
     def masked(self) -> dict[str, Any]:
@@ -212,3 +257,24 @@ class Settings(BaseSettings):
             else:
                 shown[name] = value
         return shown
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, naming its variable; secret values are never echoed."""
+    lines: list[str] = []
+    fields = Settings.model_fields
+    for error in exc.errors(include_url=False):
+        msg = str(error["msg"]).removeprefix("Value error, ")
+        if not error["loc"]:  # a rule across settings
+            lines.append(f"invalid configuration: {msg}")
+            continue
+        name = str(error["loc"][0])
+        if name not in fields:
+            lines.append(f"unknown setting {name!r} (in the {CONFIG_FILE_ENV} file)")
+            continue
+        line = f"invalid setting PORTALHUB_{name.upper()}: {msg}"
+        if fields[name].annotation not in (SecretStr, SecretStr | None):
+            shown = repr(error.get("input"))
+            line += f" (got {shown[:60] + '...' if len(shown) > 60 else shown})"
+        lines.append(line)
+    return lines

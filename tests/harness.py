@@ -19,6 +19,7 @@ from server.directory.models import UserCreate
 from server.services import SERVICES, Services
 from server.settings import Settings
 from server.store.database import Store
+from server.web.limits import LimitedSite, http_runner
 
 DEFAULT_PASSWORD = "correct horse battery"
 
@@ -208,9 +209,11 @@ class HubHarness:
 @asynccontextmanager
 async def start_hub(settings: Settings, store: Store) -> AsyncIterator[HubHarness]:
     app = create_app(settings, store)
-    runner = web.AppRunner(app, access_log=None)
+    # The limits of `portalhub serve` (server/web/limits.py): header and body deadlines and
+    # the cap on connections per address.
+    runner = http_runner(app, settings)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = LimitedSite(runner, "127.0.0.1", 0, settings.http_max_connections_per_address)
     await site.start()
     host, port = runner.addresses[0][:2]
     async with aiohttp.ClientSession() as http:

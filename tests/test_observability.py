@@ -23,7 +23,14 @@ from server import cli
 from server.observability import nodes
 from server.observability.context import REQUEST_ID, traced, valid_request_id
 from server.observability.http import is_loopback
-from server.observability.logs import ContextFilter, JsonFormatter, configure_logging
+from server.observability.logs import (
+    OWN,
+    THIRD_PARTY,
+    ContextFilter,
+    JsonFormatter,
+    TextFormatter,
+    configure_logging,
+)
 from server.observability.metrics import Registry, render
 from server.observability.runtime import OBSERVABILITY
 from server.settings import Settings
@@ -501,14 +508,70 @@ async def test_nodes_register_their_ports_and_load_and_status_prints_them(
     assert await registry.count_documents({}) == 1
 
 
-def test_smtp_connection_chatter_is_kept_for_debug() -> None:
-    """aiosmtpd's per-connection INFO lines ("mail.log") are hidden at INFO, shown at DEBUG."""
-    chatter = logging.getLogger("mail.log")
-    before = chatter.level
+def test_debug_is_for_the_hubs_own_loggers() -> None:
+    """PORTALHUB_LOG_LEVEL=DEBUG opens the hub's loggers; the libraries that echo what passes
+    through them stay above that: PyMongo's command log, python-engineio's and
+    python-socketio's packets, aiosmtpd's mail lines. aiosmtpd's per-connection INFO lines
+    ("mail.log") are hidden at INFO and shown at DEBUG."""
+    names = [*OWN, *THIRD_PARTY]
+    before = {name: logging.getLogger(name).level for name in names}
+    mail = logging.getLogger("mail.log")
     try:
         configure_logging("INFO", "text")
-        assert not chatter.isEnabledFor(logging.INFO) and chatter.isEnabledFor(logging.WARNING)
+        assert not mail.isEnabledFor(logging.INFO) and mail.isEnabledFor(logging.WARNING)
+        assert not logging.getLogger("server.im.service").isEnabledFor(logging.DEBUG)
         configure_logging("debug", "text")
-        assert chatter.level == logging.NOTSET
+        assert logging.getLogger("server.im.service").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("portalhub").isEnabledFor(logging.DEBUG)
+        assert mail.isEnabledFor(logging.INFO) and not mail.isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("pymongo.command").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("engineio.server").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("socketio.server").isEnabledFor(logging.INFO)
+        configure_logging("ERROR", "json")
+        assert not mail.isEnabledFor(logging.WARNING)
     finally:
-        chatter.setLevel(before)
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def test_log_lines_are_redacted() -> None:
+    """The second line of defence: whatever slips into a log line is masked on the way out."""
+    argon2 = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
+    document = {
+        "login": "bob",
+        "password_hash": argon2,
+        "scram": {"SCRAM_SHA_256": {"salt": "c2FsdA==", "stored_key": "S+/k=", "server_key": "K"}},
+        "text": 'the "secret" plan, with a \\ and a comma',
+    }
+    messages = [
+        ("command %s", (json.dumps({"command": json.dumps(document)}),)),  # PyMongo's form
+        ("document %r", (document,)),
+        ("login %s", ('{"login": "bob", "password": "hunter2-hunter2"}',)),
+        ("GET /x?token=tok3n-value&page=2 Authorization: Bearer tok3n-value", ()),
+        ("connecting to mongodb://admin:hunter2-hunter2@db:27017/portalhub", ()),
+        ("hash %s", (argon2,)),
+    ]
+    secrets = [
+        argon2,
+        "c2FsdA==",
+        "S+/k=",
+        "secret",
+        "hunter2-hunter2",
+        "tok3n-value",
+        "aGFzaGhhc2hoYXNo",
+    ]
+    for formatter in (TextFormatter(), JsonFormatter()):
+        for msg, args in messages:
+            record = logging.LogRecord("server.x", logging.INFO, __file__, 1, msg, args, None)
+            line = formatter.format(record)
+            for secret in secrets:
+                assert secret not in line, (secret, line)
+            assert "***" in line
+    plain = logging.LogRecord("server.x", logging.INFO, __file__, 1, "user %s", ("bob",), None)
+    assert TextFormatter().format(plain).endswith("server.x: user bob")
+    try:
+        raise ValueError('duplicate key: {"password_hash": "' + argon2 + '"}')
+    except ValueError:
+        failed = logging.LogRecord("server.x", logging.ERROR, __file__, 1, "x", (), sys.exc_info())
+    for formatter in (TextFormatter(), JsonFormatter()):
+        assert argon2 not in formatter.format(failed)

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from server.settings import Settings, describe_errors
 from server.store.embedded import free_loopback_port
 
 pytestmark = pytest.mark.slow
@@ -242,3 +244,52 @@ def test_config_show_masks_secrets(tmp_path: Path) -> None:
     assert settings["host"] == "127.0.0.1"
     assert settings["mongodb_url"] == "********"
     assert "hunter2" not in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [
+        ("PORTALHUB_LOG_LEVEL", "LOUD", "PORTALHUB_LOG_LEVEL"),
+        ("PORTALHUB_HTTP_PORT", "eighty", "PORTALHUB_HTTP_PORT"),
+        ("PORTALHUB_HTTP_MAX_CONNECTIONS_PER_ADDRESS", "-1", "PORTALHUB_HTTP_MAX_CONNECTIONS"),
+        ("PORTALHUB_CONFIG", "/nonexistent/portalhub.toml", "PORTALHUB_CONFIG"),
+    ],
+)
+def test_a_bad_setting_is_one_clear_line(
+    tmp_path: Path, setting: str, value: str, named: str
+) -> None:
+    """`serve`, and for one setting the other commands too: one line naming the setting, exit
+    status 2, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTALHUB_")}
+    env.update({"PORTALHUB_DATA_DIR": str(tmp_path / "var"), setting: value})
+    commands = [["serve"]]
+    if setting == "PORTALHUB_LOG_LEVEL":
+        commands += [["user", "list"], ["config", "show"]]
+    for command in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "server", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (command, done.stderr)
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("portalhub: "), done.stderr
+        assert named in lines[0], lines[0]
+        assert done.stdout == ""
+    assert not (tmp_path / "var").exists()  # nothing was started
+
+
+def test_setting_errors_name_the_variable_and_never_echo_a_secret() -> None:
+    with pytest.raises(ValidationError) as invalid:
+        Settings(http_port="zz", metrics_token=["hunter2"], xmpp_cert_file="/x.pem")
+    lines = describe_errors(invalid.value)
+    assert "invalid setting PORTALHUB_HTTP_PORT: " in lines[0] and "(got 'zz')" in lines[0]
+    assert lines[1].startswith("invalid setting PORTALHUB_METRICS_TOKEN: ")
+    assert "hunter2" not in " ".join(lines)
+    with pytest.raises(ValidationError) as pair:
+        Settings(xmpp_cert_file="/x.pem")
+    assert describe_errors(pair.value) == [
+        "invalid configuration: set both xmpp_cert_file and xmpp_key_file, or neither"
+    ]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 
+import pytest
+
+from server.web.api import MAX_JSON_DEPTH
 from tests.harness import HubHarness
 
 PROBLEM = "application/problem+json"
@@ -25,6 +30,39 @@ async def test_malformed_json_is_a_400_problem(hub: HubHarness) -> None:
     )
     assert resp.status == 400 and resp.content_type == PROBLEM
     assert_problem(resp.body, 400, "malformed-json")
+
+
+async def test_deeply_nested_json_is_a_400_problem(
+    hub: HubHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the parser's depth it used to be a 500 with a traceback in the log; deeper than
+    MAX_JSON_DEPTH it is refused before validation (a custom field could carry it)."""
+    _, token = await hub.create_user("alice")
+
+    def nested(depth: int) -> object:
+        value: object = "x"
+        for _ in range(depth):
+            value = {"a": value}
+        return value
+
+    bodies = [
+        ("/api/v1/auth/login", None, "[" * 100_000 + "]" * 100_000),
+        ("/api/v1/auth/login", None, '{"login": ' + "[" * 5000 + "]" * 5000 + "}"),
+        ("/api/v1/auth/login", None, json.dumps({"login": "a", "password": nested(40)})),
+        ("/api/v1/crm/contacts", token, json.dumps({"title": "A", "custom_fields": nested(40)})),
+    ]
+    for path, auth, body in bodies:
+        resp = await hub.request(
+            "POST", path, token=auth, data=body, headers={"Content-Type": "application/json"}
+        )
+        assert resp.status == 400 and resp.content_type == PROBLEM, (path, resp.body)
+        assert_problem(resp.body, 400, "malformed-json")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # nesting within the limit is judged by the schema as before
+    fine = await hub.request(
+        "POST", "/api/v1/auth/login", json={"login": "a", "password": nested(MAX_JSON_DEPTH - 1)}
+    )
+    assert fine.status == 422
 
 
 async def test_wrong_types_and_unknown_fields_are_422_with_locations(hub: HubHarness) -> None:

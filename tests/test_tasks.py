@@ -409,3 +409,24 @@ async def test_workgroup_members_follow_the_groups_tasks_live(hub: HubHarness) -
     )
     assert (await hub.request("GET", f"/api/v1/tasks/{task['id']}", token=carol)).status == 404
     assert alice_id and bob
+
+
+async def test_task_creation_is_rate_limited_per_user(settings: Settings, store: Store) -> None:
+    limited = settings.model_copy(update={"task_creates_per_second": 0.2, "task_create_burst": 3})
+    async with start_hub(limited, store) as hub:
+        alice_id, alice = await hub.create_user("alice")
+        _, bob = await hub.create_user("bob")
+        body = {"title": "Write the report", "responsible_ids": [alice_id]}
+        for _ in range(3):
+            await create(hub, alice, **body)
+        refused = await hub.request("POST", "/api/v1/tasks", token=alice, json=body)
+        assert refused.status == 429 and refused.content_type == "application/problem+json"
+        assert refused.body["type"] == "urn:portalhub:problem:rate-limited"
+        assert refused.headers["Retry-After"] == str(refused.body["retry_after"])
+        assert 1 <= refused.body["retry_after"] <= 5
+        # nothing was created by the refused request
+        listed = await hub.request("GET", "/api/v1/tasks?role=all", token=alice)
+        assert listed.status == 200, listed.body
+        assert len(listed.body["tasks"]) == 3
+        # another user has a bucket of their own
+        await create(hub, bob, title="Another", responsible_ids=[alice_id])

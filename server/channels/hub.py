@@ -30,10 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from server.auth.service import AuthService, token_hash
 from server.auth.sessions import LiveSession
 from server.background import stop
+from server.channels.frames import BadFrame, StrictPacket, event_namespace
 from server.channels.ratelimit import TokenBucket
 from server.channels.rooms import may_subscribe
 from server.channels.state import HeldStates
-from server.channels.websocket import disable_compression
+from server.channels.websocket import end_session, install_drivers
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent, Event, VersionedState
 from server.events.streams import StreamLog, user_stream
@@ -135,10 +136,14 @@ class Hub:
             client_manager=client_manager,
             max_http_buffer_size=settings.socket_max_message_bytes,
             always_connect=False,
-            logger=False,
-            engineio_logger=False,
+            serializer=StrictPacket,  # a packet it cannot decode raises BadFrame
+            logger=_library_logger("socketio.server"),
+            engineio_logger=_library_logger("engineio.server"),
         )
-        disable_compression(self.sio.eio)
+        install_drivers(self.sio.eio)
+        # Engine.IO connections that have not authenticated yet, and when they must have.
+        self._auth_deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._wrap_engine_handlers()
         self._connections: dict[str, Connection] = {}
         self._by_user: dict[str, set[str]] = {}
         self._replaying: dict[str, set[str]] = {}
@@ -156,6 +161,68 @@ class Hub:
         self.on_client_event("unsubscribe", self._on_unsubscribe)
         self.on_client_event("ping", self._on_ping)
         self.on_client_event("presence.heartbeat", self._on_heartbeat)
+
+    def _wrap_engine_handlers(self) -> None:
+        """python-socketio's Engine.IO handlers, with a bad packet closing the connection (one
+        log line, not the library's traceback) and a deadline for authenticating."""
+        engine = self.sio.eio
+        on_connect, on_message = engine.handlers["connect"], engine.handlers["message"]
+        on_disconnect = engine.handlers["disconnect"]
+
+        async def connected(eio_sid: str, environ: dict[str, Any]) -> Any:
+            result = await on_connect(eio_sid, environ)
+            self._auth_deadlines[eio_sid] = asyncio.get_running_loop().call_later(
+                self.settings.socket_auth_timeout_seconds, self._auth_deadline_passed, eio_sid
+            )
+            return result
+
+        async def message(eio_sid: str, data: Any) -> None:
+            engine_socket = engine.sockets.get(eio_sid)
+            if engine_socket is None or engine_socket.closing or engine_socket.closed:
+                return  # what was still on its way when a bad frame closed the connection
+            try:
+                namespace = event_namespace(data)
+                if namespace is not None and not self.sio.manager.is_connected(
+                    self.sio.manager.sid_from_eio_sid(eio_sid, namespace), namespace
+                ):
+                    # python-socketio would log a warning for each and carry on
+                    raise BadFrame("event while not connected")
+                await on_message(eio_sid, data)
+            except BadFrame as problem:
+                await self._bad_frame(eio_sid, problem)
+
+        async def disconnected(eio_sid: str, reason: Any = None) -> None:
+            deadline = self._auth_deadlines.pop(eio_sid, None)
+            if deadline is not None:
+                deadline.cancel()
+            await on_disconnect(eio_sid, reason)
+
+        engine.on("connect", connected)
+        engine.on("message", message)
+        engine.on("disconnect", disconnected)
+
+    def _peer(self, eio_sid: str) -> str:
+        request = self.sio.environ.get(eio_sid, {}).get("aiohttp.request")
+        return str(request.remote) if request is not None else "?"
+
+    async def _bad_frame(self, eio_sid: str, problem: BadFrame) -> None:
+        sid = self.sio.manager.sid_from_eio_sid(eio_sid, "/")
+        conn = self._connections.get(sid) if sid is not None else None
+        log.info(
+            "closing Socket.IO connection from %s (%s): bad frame: %s",
+            self._peer(eio_sid),
+            f"user {conn.user_id}" if conn is not None else "not authenticated",
+            problem,
+        )
+        await end_session(self.sio.eio, eio_sid)
+
+    def _auth_deadline_passed(self, eio_sid: str) -> None:
+        self._auth_deadlines.pop(eio_sid, None)
+        sid = self.sio.manager.sid_from_eio_sid(eio_sid, "/")
+        if (sid is not None and sid in self._connections) or eio_sid not in self.sio.eio.sockets:
+            return
+        log.debug("closing Engine.IO connection from %s: not authenticated", self._peer(eio_sid))
+        self._spawn(end_session(self.sio.eio, eio_sid))
 
     async def _emit(self, event: str, data: Any, **target: Any) -> None:
         """To this node's own connections. Every node gets every event from the bus and
@@ -209,6 +276,14 @@ class Hub:
                 "invalid or expired token", {"code": "invalid_token"}
             )
         user, token = found
+        # Counted and registered below with no await in between: concurrent connects of one
+        # user cannot slip past the limit together.
+        limit = self.settings.socket_max_connections_per_user
+        if len(self._by_user.get(str(user["_id"]), ())) >= limit:
+            raise socketio.exceptions.ConnectionRefusedError(
+                f"too many connections: at most {limit} per user; close another tab or device",
+                {"code": "too_many_connections"},
+            )
         since = {s: n for s, n in parsed.since.items() if len(s) <= MAX_STREAM_NAME}
         conn = Connection(
             sid,
@@ -576,6 +651,9 @@ class Hub:
             log.info("drained %s Socket.IO connections", len(sids))
 
     async def close(self) -> None:
+        for deadline in self._auth_deadlines.values():
+            deadline.cancel()
+        self._auth_deadlines.clear()
         await stop(*self._tasks.values(), *self._background)
         for sid in list(self._connections):
             try:
@@ -587,6 +665,17 @@ class Hub:
         if isinstance(listener, asyncio.Task):
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
+
+
+def _library_logger(name: str) -> logging.Logger:
+    """python-socketio's and python-engineio's logger. They log every packet, message text
+    included, at INFO: unless logging was set up otherwise, theirs stops at WARNING (and
+    ``configure_logging`` holds it there). Given explicitly, so that the libraries add no
+    handler of their own (which wrote a second, unformatted copy of each line)."""
+    logger = logging.getLogger(name)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+    return logger
 
 
 def typing_handler(typing: Callable[[str, str], Awaitable[bool]]) -> ClientHandler:

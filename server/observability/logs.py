@@ -3,6 +3,11 @@
 A JSON line has ``ts`` (UTC, milliseconds), ``level``, ``logger``, ``msg``, ``node``, and when
 known ``request_id`` and ``event_id`` (from the context variables at the time of the call),
 ``exc_info`` (the traceback as a string) and any ``extra`` fields given by the caller.
+
+No secret and no message body is logged, at any level. ``PORTALHUB_LOG_LEVEL=DEBUG`` is for
+the hub's own loggers (``server.*``, ``portalhub``): the third-party ones stay at INFO and
+above, because several of them echo what passes through them at DEBUG or INFO (see
+``THIRD_PARTY``). Every line is also passed through ``redact`` before it is written.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from server.observability.context import current_event_id, current_request_id
+from server.observability.redact import redact
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FORMATS = ("text", "json")
@@ -70,22 +76,68 @@ class JsonFormatter(logging.Formatter):
             doc["exc_info"] = record.exc_text
         if record.stack_info:
             doc["stack_info"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, default=str, ensure_ascii=False)
+        return json.dumps(_redacted(doc), default=str, ensure_ascii=False)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(item) for item in value]
+    return value
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT`` lines, the traceback included, passed through ``redact``."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def handler(log_format: str) -> logging.Handler:
     """A stderr handler writing ``log_format`` (``text`` or ``json``)."""
     out = logging.StreamHandler()
     out.addFilter(ContextFilter())
-    out.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    out.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     return out
 
 
+# The hub's own loggers: these follow PORTALHUB_LOG_LEVEL all the way down to DEBUG.
+OWN = ("server", "portalhub")
+# Third-party loggers held above the levels where they write what passes through them,
+# whatever PORTALHUB_LOG_LEVEL says (every other one stays at INFO or above):
+# - python-engineio and python-socketio log every packet, message text included, at INFO;
+# - PyMongo's command log writes every command and reply with its documents (password
+#   hashes, SCRAM keys, token hashes, message bodies) at DEBUG;
+# - aioimaplib writes lines of the IMAP server's answers it did not expect (mail data among
+#   them) at INFO;
+# - aiosmtpd ("mail.log") writes every line of a mail and of an AUTH exchange at DEBUG. Its
+#   INFO lines (peers, commands with AUTH masked, connection lost) are kept for DEBUG runs:
+#   at INFO they would drown a node's own lines, and the bridge logs each mail's outcome.
+THIRD_PARTY = {
+    "engineio": logging.WARNING,
+    "socketio": logging.WARNING,
+    "pymongo": logging.INFO,
+    "aioimaplib": logging.WARNING,
+    "mail.log": logging.INFO,
+}
+
+
 def configure_logging(level: str, log_format: str) -> None:
-    """The root logger's set-up for the CLI (a no-op when the root logger has handlers)."""
-    logging.basicConfig(level=level, handlers=[handler(log_format)])
-    # aiosmtpd logs every SMTP connection (peer, EOF, connection lost) at INFO as "mail.log",
-    # which drowns a node's own lines; the mail bridge logs each message's outcome itself.
-    # Still shown at DEBUG.
-    quiet = logging.getLevelName(level.upper()) != logging.DEBUG
-    logging.getLogger("mail.log").setLevel(logging.WARNING if quiet else logging.NOTSET)
+    """The CLI's logging: a stderr handler on the root logger (unless it has handlers
+    already), the hub's loggers at ``level``, everyone else's at INFO or above."""
+    number = logging.getLevelName(level.upper())
+    if not isinstance(number, int):
+        raise ValueError(f"unknown log level {level!r}")
+    logging.basicConfig(level=max(number, logging.INFO), handlers=[handler(log_format)])
+    for name in OWN:
+        logging.getLogger(name).setLevel(number)
+    for name, floor in THIRD_PARTY.items():
+        logging.getLogger(name).setLevel(max(floor, number))
+    if number > logging.DEBUG:
+        logging.getLogger("mail.log").setLevel(max(logging.WARNING, number))

@@ -9,11 +9,14 @@ actions. Counters are recomputed from the database for the people concerned and 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from datetime import datetime
 from typing import Any
 
 from pymongo import ReturnDocument
 
+from server.channels.ratelimit import TokenBucket
 from server.directory.models import display_name
 from server.directory.rules import DepartmentNode, Person, supervisors_of
 from server.directory.service import DirectoryService, person
@@ -21,6 +24,7 @@ from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.events.streams import StreamLog, user_stream
 from server.im.service import ImService
+from server.settings import Settings
 from server.store.database import Document, Store, new_id, plain, utcnow
 from server.tasks.models import (
     CommentOut,
@@ -102,12 +106,16 @@ class TaskService:
         directory: DirectoryService,
         im: ImService,
         bus: EventBus,
+        settings: Settings,
     ) -> None:
         self._store = store
         self._streams = streams
         self._directory = directory
         self._im = im
         self._bus = bus
+        self._settings = settings
+        # Task creation per user: a burst, then a steady rate (per node, like messages).
+        self._buckets: dict[str, TokenBucket] = {}
         self.on_schedule_changed: list[Any] = []  # the scheduler wakes up on these
 
     @property
@@ -359,8 +367,31 @@ class TaskService:
 
     # writing ---------------------------------------------------------------------------------
 
+    def _take_token(self, user_id: str) -> None:
+        """One token per creation request (with up to 50 responsible people, the request
+        makes up to 51 tasks: their number is capped by validation)."""
+        now = time.monotonic()
+        bucket = self._buckets.get(user_id)
+        if bucket is None:
+            if len(self._buckets) > 100_000:
+                self._buckets.clear()
+            bucket = self._buckets[user_id] = TokenBucket(
+                self._settings.task_creates_per_second, self._settings.task_create_burst, now
+            )
+        if not bucket.take(now):
+            wait = max(1, math.ceil((1 - bucket.tokens) / bucket.rate))
+            raise Problem(
+                429,
+                "rate-limited",
+                "Too many tasks",
+                "slow down: too many tasks created in a short time",
+                headers={"Retry-After": str(wait)},
+                retry_after=wait,
+            )
+
     async def create(self, user: Document, data: TaskCreate) -> list[TaskOut]:
         actor_id = str(user["_id"])
+        self._take_token(actor_id)
         author_id = data.author_id or actor_id
         if author_id != actor_id and not user.get("is_admin"):
             raise Problem(

@@ -235,8 +235,9 @@ class Api:
             entry["responses"].update(op.extra_responses)
             codes = set(op.errors) | {500}
             if op.body is not None or op.query is not None:
-                # a body that is not JSON at all: 400 malformed-json (docs/api.md, Errors)
-                codes |= {400, 413, 422} if op.body is not None else {422}
+                # a body that is not JSON at all (or nested too deep): 400 malformed-json;
+                # a body that did not arrive in time: 408 (docs/api.md, Errors)
+                codes |= {400, 408, 413, 422} if op.body is not None else {422}
             if op.auth != "none":
                 codes.add(401)
             if op.auth == "admin":
@@ -276,6 +277,24 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 }
 
 
+MAX_JSON_DEPTH = 32  # no request body nests deeper; the database takes at most 100
+
+
+def json_depth_exceeds(data: Any, limit: int) -> bool:
+    """True when ``data`` has arrays or objects nested more than ``limit`` deep."""
+    level: list[Any] = [data]  # the values at one depth; containers there sit one deeper
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return False
+    return any(isinstance(item, dict | list) for item in level)
+
+
 async def _parse_body(request: web.Request, model: type[M]) -> M:
     raw = await request.read()  # aiohttp enforces client_max_size here (413)
     try:
@@ -284,6 +303,21 @@ async def _parse_body(request: web.Request, model: type[M]) -> M:
         raise Problem(
             400, "malformed-json", "Malformed JSON", "the request body is not valid JSON"
         ) from None
+    except RecursionError:  # deeper than the parser goes (about a thousand levels)
+        data = None
+        too_deep = True
+    else:
+        # Counting brackets is quick; the walk is for bodies that have enough of them.
+        too_deep = raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth_exceeds(
+            data, MAX_JSON_DEPTH
+        )
+    if too_deep:
+        raise Problem(
+            400,
+            "malformed-json",
+            "Malformed JSON",
+            f"the request body nests arrays or objects more than {MAX_JSON_DEPTH} deep",
+        )
     if not isinstance(data, dict):
         raise Problem(
             422,

@@ -26,6 +26,12 @@ _HTTP_SLUGS = {
 }
 
 
+class BodyTimeout(TimeoutError):
+    """The request body did not arrive in time (``server/web/limits.py``); set on the body
+    stream, so that whoever reads it gets this, and the client a 408. A TimeoutError, so that
+    aiohttp, draining the rest of the body after the answer, gives up quietly."""
+
+
 class Problem(Exception):
     """Raise anywhere below a handler to answer with a problem document."""
 
@@ -101,6 +107,13 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+    except BodyTimeout:
+        # Logged once where the deadline passed; the connection is not reused.
+        timed_out = Problem(
+            408, "request-timeout", "Request timeout", "the request body did not arrive in time"
+        ).response(request.path)
+        timed_out.force_close()
+        return timed_out
     except PyMongoError as exc:
         # The database failed or hung (socket timeout): the client may retry, and writes
         # that must not happen twice carry their own keys (client_id for messages).

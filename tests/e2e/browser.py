@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from playwright.async_api import Browser, BrowserContext, Locator, Page, ViewportSize, expect
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Locator,
+    Page,
+    ViewportSize,
+    expect,
+)
 
 from tests.harness import DEFAULT_PASSWORD, HubHarness
 
@@ -25,14 +33,28 @@ VIEWPORT: ViewportSize = {"width": 1280, "height": 800}
 
 expect.set_options(timeout=15_000)
 
-# Uncaught errors in any page of the current test: a test with one fails.
+# Uncaught errors and content security policy violations in any page of the current test: a
+# test with one fails.
 PAGE_ERRORS: list[str] = []
+
+
+def _csp_violation(message: ConsoleMessage) -> None:
+    """Something the hub's content security policy refused, in the page itself. A received
+    mail's frame (about:srcdoc) refuses remote images and the like on purpose."""
+    in_page = not message.location.get("url", "").startswith("about:")
+    if message.type == "error" and "Content Security Policy" in message.text and in_page:
+        PAGE_ERRORS.append(message.text)
+
+
+def _watch(page: Page) -> None:
+    page.on("pageerror", lambda e: PAGE_ERRORS.append(str(e)))
+    page.on("console", _csp_violation)
 
 
 async def new_context(browser: Browser) -> BrowserContext:
     context = await browser.new_context(viewport=VIEWPORT, locale="en-US", timezone_id="UTC")
     context.set_default_timeout(15_000)
-    context.on("page", lambda page: page.on("pageerror", lambda e: PAGE_ERRORS.append(str(e))))
+    context.on("page", _watch)
     return context
 
 

@@ -41,7 +41,7 @@ class CommentList(BaseModel):
     body=TaskCreate,
     response=TaskList,
     status=201,
-    errors=(403, 404, 422),
+    errors=(403, 404, 422, 429),
 )
 async def create_task(call: Call) -> TaskList:
     """With several `responsible_ids`, a master task and one copy (subtask) per person;
