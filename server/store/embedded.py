@@ -212,14 +212,22 @@ class ChildOutput:
         self._task = asyncio.create_task(self._pump(), name="secantusd-output")
 
     async def _pump(self) -> None:
-        fd = open_private(self._log_path, os.O_WRONLY | os.O_APPEND)
+        # The output is read whatever happens to the log file: a child whose pipe is full
+        # would stop.
+        fd: int | None = None
         write_failed = False
+        try:
+            fd = open_private(self._log_path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            log.warning("cannot open %s: %s", self._log_path, exc)
         try:
             while chunk := await self._stream.read(64 * 1024):
                 if PANIC_MARK in bytes(self._tail[-len(PANIC_MARK) :]) + chunk:
                     self.panicked.set()
                 self._tail += chunk
                 del self._tail[:-TAIL_BYTES]
+                if fd is None:
+                    continue
                 try:
                     os.write(fd, chunk)
                 except OSError as exc:
@@ -229,7 +237,8 @@ class ChildOutput:
                 else:
                     write_failed = False
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def tail(self) -> str:
         lines = self._tail.decode(errors="replace").splitlines()
@@ -502,7 +511,6 @@ class EmbeddedDatabase:
 
     async def _end_child(self, timeout: float) -> None:
         process, output = self._process, self._output
-        self._process = None
         if process is not None and process.returncode is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -511,6 +519,9 @@ class EmbeddedDatabase:
                 log.warning("embedded database did not stop in %ss; killing it", timeout)
                 process.kill()
                 await process.wait()
+        # Forgotten only once it is gone: a stop() interrupted here ends it next time.
+        if self._process is process:
+            self._process = None
         if output is not None:
             await output.finished()
 
