@@ -230,7 +230,7 @@ class CrmBench:
     ) -> Results:
         """The numbers each client got at connection (counted by the hub's live queries)
         against the stored ones (all four record types) and what was seeded for its user."""
-        stored = await asyncio.to_thread(stored_counters, hub.db_port, [w.user.id for w in watches])
+        stored = await asyncio.to_thread(stored_counters, hub.db_url, [w.user.id for w in watches])
         wrong: list[str] = []
         for w in watches:
             first = w.first or {}
@@ -454,7 +454,7 @@ class CrmBench:
             await asyncio.gather(*(w.close() for w in watches))
         first = connected[0].id
         out["queries"] = await asyncio.to_thread(
-            query_times, hub.db_port, first, midday_zone(self.started), seeder.busy_of[first][0]
+            query_times, hub.db_url, first, midday_zone(self.started), seeder.busy_of[first][0]
         )
         lat = out["latency"]["all"]["latency_ms"]
         busy = out["latency"]["all"]["busy_ms"]
@@ -494,7 +494,7 @@ class CrmBench:
                 ids, connected, actor = await self._users(api, admin)
                 results["users_seconds"] = time.monotonic() - started
                 results["time_zone"] = midday_zone(self.started)
-                seeder = Seeder(hub.db_port, ids, self.started)
+                seeder = Seeder(hub.db_url, ids, self.started)
                 for size in sorted(p.crm_sizes):
                     try:
                         results["sizes"].append(

@@ -62,12 +62,10 @@ def _median_ms(run: Callable[[], object], repeat: int) -> float:
 
 
 def query_times(
-    db_port: int, user_id: str, zone: str, deal_id: str, repeat: int = 5
+    db_url: str, user_id: str, zone: str, deal_id: str, repeat: int = 5
 ) -> dict[str, Any]:
     """Median milliseconds of each query, and how many documents each one counts."""
-    client: MongoClient[Document] = MongoClient(
-        f"mongodb://127.0.0.1:{db_port}/?directConnection=true", retryWrites=False, tz_aware=True
-    )
+    client: MongoClient[Document] = MongoClient(db_url, retryWrites=False, tz_aware=True)
     try:
         db = client[DATABASE]
         activities, records = db["crm_activities"], db["crm_records"]
@@ -139,11 +137,9 @@ def query_times(
         client.close()
 
 
-def stored_counters(db_port: int, user_ids: list[str]) -> dict[str, Any]:
+def stored_counters(db_url: str, user_ids: list[str]) -> dict[str, Any]:
     """The numbers the hub last stored (and pushed) for each of ``user_ids``."""
-    client: MongoClient[Document] = MongoClient(
-        f"mongodb://127.0.0.1:{db_port}/?directConnection=true", retryWrites=False
-    )
+    client: MongoClient[Document] = MongoClient(db_url, retryWrites=False)
     try:
         found = client[DATABASE]["crm_counters"].find({"_id": {"$in": user_ids}})
         return {str(doc["_id"]): doc.get("values") for doc in found}

@@ -168,7 +168,7 @@ class Seeder:
     """Deals of ``user_ids`` and their activities, grown in steps; keeps what the counters of
     each user must show for the parts that do not depend on time (incoming, idle deals)."""
 
-    db_port: int
+    db_url: str
     user_ids: list[str]
     started: datetime  # the run's start: the deadline gap is around it
     seed: int = 20261123
@@ -301,7 +301,7 @@ class Seeder:
 
         started = time.monotonic()
         client: MongoClient[Document] = MongoClient(
-            f"mongodb://127.0.0.1:{self.db_port}/?directConnection=true",
+            self.db_url,
             retryWrites=False,
             tz_aware=True,
         )
@@ -321,9 +321,7 @@ class Seeder:
 
     def open_incoming(self, user_id: str, limit: int) -> list[str]:
         """Ids of open incoming activities on ``user_id``'s deals (to be completed)."""
-        client: MongoClient[Document] = MongoClient(
-            f"mongodb://127.0.0.1:{self.db_port}/?directConnection=true", retryWrites=False
-        )
+        client: MongoClient[Document] = MongoClient(self.db_url, retryWrites=False)
         try:
             found = client[DATABASE]["crm_activities"].find(
                 {

@@ -2,7 +2,8 @@
 
 One "op" is a sequence allocation (``find_one_and_update`` with ``$inc`` on a counter document
 that exists beforehand) followed by an ``insert_one`` of a message-sized document. The loop
-runs against the hub's embedded database (address from ``endpoint.json``) in a database of
+runs against the hub's embedded database (address from ``endpoint.json``, password from
+``credentials.json``) in a database of
 its own, with one worker (sequential) and with as many workers as the 1:1 senders, each on
 its own counter (as the senders each write to their own dialog).
 
@@ -73,9 +74,9 @@ def _worker(
     counts.append(n)
 
 
-def measure(db_port: int, workers: int, seconds: float, retry_writes: bool) -> CeilingResult:
+def measure(db_url: str, workers: int, seconds: float, retry_writes: bool) -> CeilingResult:
     client: MongoClient[dict[str, object]] = MongoClient(
-        f"mongodb://127.0.0.1:{db_port}/?directConnection=true",
+        db_url,
         maxPoolSize=max(workers, 1) + 2,
         retryWrites=retry_writes,
     )
@@ -108,21 +109,17 @@ def measure(db_port: int, workers: int, seconds: float, retry_writes: bool) -> C
         client.close()
 
 
-def drop(db_port: int) -> None:
-    client: MongoClient[dict[str, object]] = MongoClient(
-        f"mongodb://127.0.0.1:{db_port}/?directConnection=true"
-    )
+def drop(db_url: str) -> None:
+    client: MongoClient[dict[str, object]] = MongoClient(db_url)
     try:
         client.drop_database(DATABASE)
     finally:
         client.close()
 
 
-def stored(db_port: int, database: str = "portalhub") -> dict[str, int]:
+def stored(db_url: str, database: str = "portalhub") -> dict[str, int]:
     """How many messages and events the hub has stored (its history size)."""
-    client: MongoClient[dict[str, object]] = MongoClient(
-        f"mongodb://127.0.0.1:{db_port}/?directConnection=true"
-    )
+    client: MongoClient[dict[str, object]] = MongoClient(db_url)
     try:
         db = client[database]
         return {name: db[name].estimated_document_count() for name in ("messages", "events")}

@@ -419,9 +419,9 @@ def _wall(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def db_top(port: int) -> Results:
+def db_top(db_url: str) -> Results:
     """The database's operation counters and its time per collection (``top``)."""
-    client = _client(port)
+    client = _client(db_url)
     try:
         status = client.admin.command("serverStatus")
         top = client.admin.command("top")
@@ -437,15 +437,13 @@ def db_top(port: int) -> Results:
     }
 
 
-def _client(port: int) -> pymongo.MongoClient[Results]:
-    return pymongo.MongoClient(
-        f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=10_000
-    )
+def _client(db_url: str) -> pymongo.MongoClient[Results]:
+    return pymongo.MongoClient(db_url, serverSelectionTimeoutMS=10_000)
 
 
-def stored_raw(port: int) -> int:
+def stored_raw(db_url: str) -> int:
     """Raw messages the hub holds (every one received: nothing is pruned)."""
-    client = _client(port)
+    client = _client(db_url)
     try:
         return int(client["portalhub"]["mail_raw"].estimated_document_count())
     finally:
@@ -630,8 +628,8 @@ class MailBench:
         """``warmup`` + ``replies_n`` replies one at a time, each once the hub and its
         database are idle; with the database's counters over the phase."""
         replies = self._make(prefix, threads, warmup + replies_n)
-        stored = await asyncio.to_thread(stored_raw, hub.db_port)
-        db_before = await asyncio.to_thread(db_top, hub.db_port)
+        stored = await asyncio.to_thread(stored_raw, hub.db_url)
+        db_before = await asyncio.to_thread(db_top, hub.db_url)
         probes: list[Probe] = []
         misses = 0
         when = "before" if prefix == "Q" else "after"
@@ -649,7 +647,7 @@ class MailBench:
                         f"push within {PUSH_TIMEOUT:g} s ({probe.error}); the phase stopped"
                     )
                     break
-        db_after = await asyncio.to_thread(db_top, hub.db_port)
+        db_after = await asyncio.to_thread(db_top, hub.db_url)
         out = probe_results(probes, warmup)
         out["database"] = top_delta(db_before, db_after, max(1, len(probes)))
         out["cpu_percent"] = _pct(cpu.percent)
@@ -724,8 +722,8 @@ class MailBench:
         )
         before = self._counted()
         self.replies += replies
-        stored = await asyncio.to_thread(stored_raw, hub.db_port)
-        db_before = await asyncio.to_thread(db_top, hub.db_port)
+        stored = await asyncio.to_thread(stored_raw, hub.db_url)
+        db_before = await asyncio.to_thread(db_top, hub.db_url)
         async with self._generator() as generator:
             with self.meter.phase("mail: throughput, hub") as cpu:
                 counting = asyncio.create_task(
@@ -740,7 +738,7 @@ class MailBench:
                 else:
                     counted = await counting
                 await self._idle(hub)
-        db_after = await asyncio.to_thread(db_top, hub.db_port)
+        db_after = await asyncio.to_thread(db_top, hub.db_url)
         gen["database"] = top_delta(db_before, db_after, max(1, accepted))
         _own_cpu(cpu, gen)
         gen["cpu_percent"] = _pct(cpu.percent)
@@ -811,7 +809,7 @@ class MailBench:
         self.replies += background
         before = self._counted()
         probes: list[Probe] = []
-        stored = await asyncio.to_thread(stored_raw, hub.db_port)
+        stored = await asyncio.to_thread(stored_raw, hub.db_url)
         async with self._generator() as generator:
             with self.meter.phase(f"mail: latency under load ({rate:.0f}/s)") as cpu:
                 gen_task = asyncio.create_task(
@@ -1047,7 +1045,7 @@ class MailBench:
                 results["verify"] = await self._verify(api, admin, users)
                 hub_gen["committed"] = self._committed(hub_gen, "T")
                 results["queries"] = await asyncio.to_thread(
-                    pipeline_queries, hub.db_port, users[0].id
+                    pipeline_queries, hub.db_url, users[0].id
                 )
                 results["rss"] = {"hub": rss_bytes(hub.pid), "db": rss_bytes(hub.db_pid)}
                 results["pushes"] = sum(w.pushes for w in self.watches)

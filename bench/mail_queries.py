@@ -21,12 +21,10 @@ Document = dict[str, Any]
 REPEAT = 5
 
 
-def pipeline_queries(port: int, user_id: str) -> Document:
+def pipeline_queries(db_url: str, user_id: str) -> Document:
     """Each query of one reply's way through the pipeline, for real documents of the run,
     and how many raw messages, activities and records there were."""
-    client: MongoClient[Document] = MongoClient(
-        f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=10_000
-    )
+    client: MongoClient[Document] = MongoClient(db_url, serverSelectionTimeoutMS=10_000)
     try:
         db: Database[Document] = client[DATABASE]
         raw = db["mail_raw"].find_one({"status": "done"}, {"data": 0}) or {}

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -153,6 +154,7 @@ class Hub:
     port: int
     db_pid: int
     db_port: int
+    db_url: str  # with the password of the hub's own database, to read its state
     log_file: IO[bytes]
     # only with ``db_options``: the database the benchmark started for the hub itself
     db_process: asyncio.subprocess.Process | None = None
@@ -268,15 +270,23 @@ async def start_hub(
         if db_process is None:
             info = json.loads(endpoint.read_text())
             db_pid, db_port = int(info["pid"]), int(info["port"])
+            credentials = json.loads((data_dir / "db" / "credentials.json").read_text())
+            user, password = (quote(credentials[k], safe="") for k in ("username", "password"))
+            # journaled as the hub's own writes are (server/store/embedded.py)
+            db_url = (
+                f"mongodb://{user}:{password}@127.0.0.1:{db_port}/"
+                "?directConnection=true&authSource=admin&journal=true"
+            )
         else:
             db_pid = db_process.pid
+            db_url = f"mongodb://127.0.0.1:{db_port}/?directConnection=true"
     except BaseException:
         await stop_process(process)
         if db_process is not None:
             await stop_process(db_process)
         log_file.close()
         raise
-    return Hub(process, data_dir, port, db_pid, db_port, log_file, db_process)
+    return Hub(process, data_dir, port, db_pid, db_port, db_url, log_file, db_process)
 
 
 @dataclass

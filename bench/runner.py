@@ -72,11 +72,11 @@ class Target:
         return {role: rss_bytes(pid) for role, pid in self.pids.items()}
 
 
-def hub_target(url: str, pids: dict[str, int], db_port: int, fx: Fixtures) -> Target:
+def hub_target(url: str, pids: dict[str, int], db_url: str, fx: Fixtures) -> Target:
     post = f"{url}/api/v1/im/messages"
 
     async def stored() -> dict[str, int]:
-        return await asyncio.to_thread(dbceiling.stored, db_port)
+        return await asyncio.to_thread(dbceiling.stored, db_url)
 
     def sender(token: str, chat_id: str) -> dict[str, Any]:
         return {
@@ -252,7 +252,7 @@ class Run:
             "reconnect": reconnect,
         }
 
-    async def ceiling(self, db_port: int) -> Results:
+    async def ceiling(self, db_url: str) -> Results:
         """The database ceiling: first without retryable writes (they leave no trace in the
         database), then as the hub's client is configured (pymongo's default, retryWrites on)."""
         p = self.profile
@@ -264,7 +264,7 @@ class Run:
                 self.say(phase)
                 with self.meter.phase(phase) as cpu:
                     result = await asyncio.to_thread(
-                        dbceiling.measure, db_port, workers, p.ceiling_seconds, retry
+                        dbceiling.measure, db_url, workers, p.ceiling_seconds, retry
                     )
                 out[key] = {
                     "workers": workers,
@@ -275,7 +275,7 @@ class Run:
                     "timeline": result.timeline,
                     "cpu_percent": {k: round(v, 1) for k, v in cpu.percent.items()},
                 }
-        await asyncio.to_thread(dbceiling.drop, db_port)
+        await asyncio.to_thread(dbceiling.drop, db_url)
         return out
 
     async def run_hub(self, results: Results, keep: bool) -> None:
@@ -290,11 +290,11 @@ class Run:
             fx = await make_fixtures(hub.url, p.users, p.senders)
             self.say(f"fixtures: {len(fx.users)} users, dialogs, a group chat in {fx.seconds:.1f}s")
             results["fixtures"] = {"users": len(fx.users), "seconds": fx.seconds}
-            target = hub_target(hub.url, {"server": hub.pid, "db": hub.db_pid}, hub.db_port, fx)
+            target = hub_target(hub.url, {"server": hub.pid, "db": hub.db_pid}, hub.db_url, fx)
             loadgen = await LoadGen.start()
             self.meter.pids["loadgen"] = loadgen.pid
             target.results["direct_latency"] = await self.direct_latency(target, loadgen)
-            results["db_ceiling"] = await self.ceiling(hub.db_port)
+            results["db_ceiling"] = await self.ceiling(hub.db_url)
             target.results["direct_saturation"] = await self.direct_saturation(target, loadgen)
             target.results["fanout"] = await self.fanout(target, loadgen)
             target.results["stored_end"] = await target.stored()

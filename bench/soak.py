@@ -497,7 +497,7 @@ async def run(profile: Profile, say: Say, meter: CpuMeter, keep: bool) -> Result
             dir_b,
             {
                 **common,
-                "PORTALHUB_MONGODB_URL": f"mongodb://127.0.0.1:{hub.db_port}/?directConnection=true",
+                "PORTALHUB_MONGODB_URL": hub.db_url,
                 "PORTALHUB_MONGODB_DATABASE": "portalhub",
             },
         )

@@ -235,7 +235,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
             return None
         return await svc.auth.authenticate(header[7:].strip())
 
-    api.install(app, authenticate)
+    api.install(app, authenticate, store.space.refusal)
     svc.hub.sio.attach(app)
     client_dir = web_client_dir(settings)
     if client_dir.is_dir():

@@ -8,6 +8,7 @@ import contextlib
 import getpass
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from server.settings import ConfigFileError, Settings, describe_errors
 from server.store import Store, open_store
 from server.store.database import utcnow
 from server.store.embedded import EmbeddedDatabaseError
+from server.store.files import PRIVATE_UMASK
 from server.web.limits import LimitedSite, http_runner
 
 log = logging.getLogger("portalhub")
@@ -60,6 +62,8 @@ def print_logins(logins: list[tuple[str, str]], password: str) -> None:
 
 
 async def serve(settings: Settings, demo: bool, demo_password: str | None) -> None:
+    # Whatever the hub writes (database, keys, mail) is for its own user only.
+    os.umask(PRIVATE_UMASK)
     async with open_store(settings, reuse_running=False) as store:
         app = create_app(settings, store)
         runner = http_runner(app, settings, handle_signals=False)

@@ -48,6 +48,19 @@ class Settings(BaseSettings):
         description="A database round trip slower than this fails (503 over REST) "
         "instead of hanging the request",
     )
+    disk_reserve_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        description="Embedded database: new writes are refused (REST 507, SMTP 452) while "
+        "its disk has less free space than this (WiredTiger panics on a full disk)",
+    )
+    disk_reserve_percent: float = Field(
+        default=0.0,
+        ge=0,
+        le=50,
+        description="Embedded database: a reserve as a share of the disk's size; the larger "
+        "of the two reserves applies",
+    )
     redis_url: SecretStr | None = None
     drain_seconds: float | None = Field(
         default=None,

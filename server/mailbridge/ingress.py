@@ -2,8 +2,8 @@
 
 Never an open relay: only the CRM address and its plus-addresses are accepted as
 recipients. A message over the size limit gets 552 from aiosmtpd itself; one too complex to
-parse safely (a MIME bomb) gets 552 here; a database that cannot store it gets 451 so the
-sender's MTA retries. 250 means the raw message is durably stored.
+parse safely (a MIME bomb) gets 552 here; a database that cannot store it gets 451, and a disk
+nearly full 452 4.3.1, so the sender's MTA retries. 250 means the raw message is durably stored.
 
 The servers run on the hub's own event loop (``loop.create_server`` with aiosmtpd's protocol
 classes), not in aiosmtpd's threaded ``Controller``.
@@ -27,6 +27,8 @@ from server.mailbridge.parsing import Limits, MailTooComplex, parse
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_SECONDS = 60
+# The disk is nearly full: temporary (RFC 3463 4.3.1), the sender's server tries again later.
+INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage; try again later"
 # Per command per session: a client looping on one command is cut off, while a mail server in
 # front may pass a burst of messages over one connection (each costs a MAIL, RCPTs, a DATA).
 COMMAND_CALL_LIMIT = {"MAIL": 1000, "RCPT": 5000, "DATA": 1000, "RSET": 1000, "*": 50}
@@ -50,8 +52,10 @@ class IngressHandler:
         max_recipients: int,
         stored: Callable[[], None],
         kind: str = "smtp",
+        write_refusal: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._inbox = inbox
+        self._write_refusal = write_refusal
         self._address = inbox_address
         self._limits = limits
         self._max_recipients = max_recipients
@@ -70,6 +74,8 @@ class IngressHandler:
             return "550 5.7.1 Relaying denied: this server only takes mail for the CRM inbox"
         if len(envelope.rcpt_tos) >= self._max_recipients:
             return "452 4.5.3 Too many recipients"
+        if self._write_refusal() is not None:  # before the sender transfers the message
+            return INSUFFICIENT_STORAGE
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
@@ -81,6 +87,8 @@ class IngressHandler:
             await asyncio.to_thread(parse, raw, self._limits)
         except MailTooComplex as exc:
             return self._each(envelope, f"552 5.3.4 Message refused: {exc}")
+        if self._write_refusal() is not None:
+            return self._each(envelope, INSUFFICIENT_STORAGE)
         peer = session.peer
         try:
             stored = await self._inbox.put(

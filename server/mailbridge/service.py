@@ -166,6 +166,7 @@ class MailBridge:
             self._settings.mail_max_recipients,
             self.pipeline.wake,
             kind,
+            self._store.space.refusal,
         )
 
     def _start_collector(self, box: Document) -> None:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pymongo
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+
+from server.store.space import DiskSpace
+
+if TYPE_CHECKING:
+    from server.store.credentials import Credentials
+    from server.store.embedded import EmbeddedDatabase
 
 Document = dict[str, Any]
 PING_TIMEOUT_SECONDS = 2.0
@@ -160,16 +166,34 @@ def new_id() -> str:
 
 
 class Store:
-    """Owns one AsyncMongoClient. Domain services reach collections through it."""
+    """Owns one AsyncMongoClient. Domain services reach collections through it.
 
-    def __init__(self, url: str, database: str, *, socket_timeout_ms: int = 20_000) -> None:
+    ``space`` says whether new writes are refused for want of disk space (it watches the
+    embedded database's disk; with an external MongoDB it never refuses). ``embedded`` is the
+    database child process when this process runs one, for the health endpoints.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        database: str,
+        *,
+        socket_timeout_ms: int = 20_000,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.url = url
         # A database that hangs must not hang requests with it: a round trip slower than
         # this fails (a 503 over REST) instead of waiting forever.
         self.client: AsyncMongoClient[Document] = AsyncMongoClient(
-            url, serverSelectionTimeoutMS=5000, socketTimeoutMS=socket_timeout_ms, tz_aware=True
+            url,
+            serverSelectionTimeoutMS=5000,
+            socketTimeoutMS=socket_timeout_ms,
+            tz_aware=True,
+            **(credentials.client_options() if credentials is not None else {}),
         )
         self.db: AsyncDatabase[Document] = self.client[database]
+        self.space = DiskSpace()
+        self.embedded: EmbeddedDatabase | None = None
 
     def __getitem__(self, name: str) -> AsyncCollection[Document]:
         return self.db[name]

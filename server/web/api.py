@@ -54,6 +54,11 @@ Result = BaseModel | Sequence[BaseModel] | dict[str, Any] | None | web.StreamRes
 HandlerFn = Callable[[Call], Awaitable[Result]]
 Precheck = Callable[[web.Request], Awaitable[None]]
 Authenticator = Callable[[web.Request], Awaitable[dict[str, Any] | None]]
+# Why new writes are refused right now (the disk is nearly full), or None.
+WriteRefusal = Callable[[], str | None]
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+INSUFFICIENT_STORAGE = 507
+STORAGE_RETRY_SECONDS = 30
 
 
 @dataclass
@@ -73,6 +78,8 @@ class Operation:
     description: str = ""
     extra_responses: dict[str, Any] = field(default_factory=dict)
     precheck: Precheck | None = None
+    # Refused with 507 while the disk is nearly full: every route that stores something.
+    stores: bool = True
 
 
 def validation_problem(exc: ValidationError, where: str) -> Problem:
@@ -114,7 +121,13 @@ class Api:
         description: str = "",
         extra_responses: dict[str, Any] | None = None,
         precheck: Precheck | None = None,
+        stores: bool | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
+        """``stores``: whether the route writes what a client sent, and so is refused (507)
+        while the disk is nearly full. By default every POST, PUT, PATCH and DELETE does;
+        a POST that only reads (a search, a test) or whose small write keeps people able to
+        read (login, logout) says ``stores=False``."""
+
         def register(fn: HandlerFn) -> HandlerFn:
             self.operations.append(
                 Operation(
@@ -133,18 +146,24 @@ class Api:
                     description or (fn.__doc__ or "").strip(),
                     extra_responses or {},
                     precheck,
+                    method.upper() in UNSAFE_METHODS if stores is None else stores,
                 )
             )
             return fn
 
         return register
 
-    def install(self, app: web.Application, authenticate: Authenticator) -> None:
+    def install(
+        self,
+        app: web.Application,
+        authenticate: Authenticator,
+        write_refusal: WriteRefusal = lambda: None,
+    ) -> None:
         for op in self.operations:
-            app.router.add_route(op.method, op.path, self._wrap(op, authenticate))
+            app.router.add_route(op.method, op.path, self._wrap(op, authenticate, write_refusal))
 
     def _wrap(
-        self, op: Operation, authenticate: Authenticator
+        self, op: Operation, authenticate: Authenticator, write_refusal: WriteRefusal
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             user = None
@@ -160,6 +179,15 @@ class Api:
                     )
                 if op.auth == "admin" and not user.get("is_admin"):
                     raise Problem(403, "forbidden", "Forbidden", "administrators only")
+            if op.stores and (refused := write_refusal()) is not None:
+                # Before the body is read: nothing of it would be kept.
+                raise Problem(
+                    INSUFFICIENT_STORAGE,
+                    "insufficient-storage",
+                    "Insufficient storage",
+                    refused,
+                    headers={"Retry-After": str(STORAGE_RETRY_SECONDS)},
+                )
             if op.precheck is not None:
                 # Refusals that do not depend on the body come before its validation.
                 await op.precheck(request)
@@ -242,6 +270,8 @@ class Api:
                 codes.add(401)
             if op.auth == "admin":
                 codes.add(403)
+            if op.stores:
+                codes.add(INSUFFICIENT_STORAGE)
             for code in sorted(codes):
                 entry["responses"][str(code)] = {
                     "description": "Problem",

@@ -14,13 +14,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from server.store.files import private_dir, write_private
+
 
 def ensure_self_signed(directory: Path, domain: str) -> tuple[Path, Path]:
     """A certificate for ``domain`` (and conference.<domain>) kept in ``directory``."""
     cert_path, key_path = directory / f"{domain}.crt", directory / f"{domain}.key"
+    # Private whatever an older version left: the key in a 0700 directory, mode 0600.
+    private_dir(directory)
+    if key_path.exists():
+        key_path.chmod(0o600)
     if cert_path.exists() and key_path.exists() and not _expires_soon(cert_path):
         return cert_path, key_path
-    directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(
         [
@@ -44,15 +49,16 @@ def ensure_self_signed(directory: Path, domain: str) -> tuple[Path, Path]:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    key_path.write_bytes(
+    # Written 0600 from the start (a write then a chmod left it readable for a moment).
+    write_private(
+        key_path,
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
-        )
+        ),
     )
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
 

@@ -366,6 +366,11 @@ class XmppServer:
             if kind == q(CLIENT, "iq"):
                 await self._route_iq(session, stanza)
             elif kind == q(CLIENT, "message"):
+                refused = self.store.space.refusal()
+                if refused is not None and stanza.find(q(CLIENT, "body")) is not None:
+                    # A message to store (or a correction) while the disk is nearly full:
+                    # "wait" tells the client to try again later.
+                    raise StanzaError("resource-constraint", refused)
                 for handler in self._message_handlers:
                     if await handler(session, stanza):
                         return

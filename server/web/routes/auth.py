@@ -38,6 +38,7 @@ def bearer_token(call: Call) -> str:
     body=LoginRequest,
     response=TokenResponse,
     errors=(401, 429, 503),
+    stores=False,  # a session is small, and without one nobody can read
 )
 async def login(call: Call) -> TokenResponse:
     """Returns a bearer token. Ten failures in a row lock the login for a while, and too many
@@ -58,6 +59,7 @@ async def login(call: Call) -> TokenResponse:
     summary="Revoke the token used for this request",
     tag="auth",
     status=204,
+    stores=False,
 )
 async def logout(call: Call) -> None:
     await services(call.request).auth.logout(bearer_token(call))

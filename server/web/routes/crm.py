@@ -167,6 +167,7 @@ for _type in PLURAL:
     body=DuplicateProbe,
     response=DuplicateList,
     errors=(403,),
+    stores=False,  # a search
 )
 async def check_duplicates(call: Call) -> DuplicateList:
     """Same email, same phone digits, same full name or company title, across leads,

@@ -188,6 +188,7 @@ async def update_mail_settings(call: Call) -> MailSettings:
     body=RuleTest,
     response=RuleTestResult,
     errors=(403, 422),
+    stores=False,
 )
 async def test_rule(call: Call) -> RuleTestResult:
     await _admin(call)
@@ -291,6 +292,7 @@ async def add_mailbox(call: Call) -> MailboxOut:
     body=MailboxIn,
     response=ConnectionTest,
     errors=(403,),
+    stores=False,
 )
 async def test_mailbox(call: Call) -> ConnectionTest:
     await _admin(call)
