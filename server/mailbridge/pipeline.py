@@ -29,6 +29,7 @@ from server.background import raise_if_stopping, stop
 from server.crm.models import LeadCreate, TypedEmail
 from server.crm.service import Crm
 from server.im.service import ImService
+from server.mailbridge.authresults import UNCHECKED, Verdict, judge, trusted_results
 from server.mailbridge.inbox import RawInbox
 from server.mailbridge.leases import LEASE, orphaned, renewing
 from server.mailbridge.matching import Match, Matcher
@@ -64,6 +65,7 @@ class MailPipeline:
         limits: Limits,
         node: str,
         sole_node: bool = False,
+        trusted_authserv_ids: frozenset[str] = frozenset(),
     ) -> None:
         self._store = store
         self._inbox = inbox
@@ -78,6 +80,7 @@ class MailPipeline:
         self._tasks: list[asyncio.Task[None]] = []
         self._node = node
         self._sole_node = sole_node  # the embedded database: no other node can exist
+        self.trusted_authserv_ids = trusted_authserv_ids
         self._held: set[str] = set()  # raw messages this node has claimed and not finished
         # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
         self.on_finished: list[Callable[[Document], Awaitable[None]]] = []
@@ -196,12 +199,18 @@ class MailPipeline:
                 return
         settings = await self._settings()
         recipients = list(doc.get("source", {}).get("recipients", []))
-        match = await self._matcher.match(mail, recipients, settings)
+        verdict = self.verdict(mail)
+        match = await self._matcher.match(
+            mail, recipients, settings, distrusted=verdict.reason if verdict.suspicious else None
+        )
+        if verdict.suspicious:
+            summary["suspicious"] = verdict.reason
         if (
             match.record is None
             and not match.candidates
             and noise is Noise.NORMAL
             and settings.create_leads
+            and not verdict.suspicious  # a forged address does not go into the CRM
         ):
             lead = await self._lead_for(mail, settings)
             if lead is not None:
@@ -216,7 +225,9 @@ class MailPipeline:
                 doc, "unmatched", {**summary, "reason": reason, "candidates": match.candidates}
             )
             return
-        activity_id = await self.deliver(doc, mail, match, auto_reply=noise is Noise.AUTO_REPLY)
+        activity_id = await self.deliver(
+            doc, mail, match, auto_reply=noise is Noise.AUTO_REPLY, verdict=verdict
+        )
         await self._finish(
             doc,
             "done" if activity_id else "duplicate",
@@ -230,8 +241,19 @@ class MailPipeline:
             },
         )
 
+    def verdict(self, mail: ParsedMail) -> Verdict:
+        """What the trusted mail server in front says of the sender (``authresults.py``)."""
+        if not self.trusted_authserv_ids:
+            return UNCHECKED
+        return judge(trusted_results(mail.trace, self.trusted_authserv_ids), mail.from_address)
+
     async def deliver(
-        self, doc: Document, mail: ParsedMail, match: Match, auto_reply: bool = False
+        self,
+        doc: Document,
+        mail: ParsedMail,
+        match: Match,
+        auto_reply: bool = False,
+        verdict: Verdict = UNCHECKED,
     ) -> str | None:
         """Append the incoming email activity; None when this message already has one."""
         record = match.record
@@ -250,6 +272,8 @@ class MailPipeline:
                 "attachments": attachments,
                 "match": match.how,
                 "flagged": match.flagged,
+                "suspicious": verdict.suspicious,
+                "suspicious_reason": verdict.reason,
                 "auto_reply": auto_reply,
                 "in_reply_to_activity": match.activity_id,
             }
@@ -277,9 +301,10 @@ class MailPipeline:
             return str(mine["_id"])
         if not auto_reply:
             sender = mail.from_name or mail.from_address
+            warning = " (sender not authenticated)" if verdict.suspicious else ""
             await self._im.post_system_notice(
                 record["responsible_id"],
-                f"New email from {sender} on “{record.get('title', '')}”: "
+                f"New email from {sender}{warning} on “{record.get('title', '')}”: "
                 f"{mail.subject or '(no subject)'}",
             )
         return activity.id

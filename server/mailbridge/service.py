@@ -100,6 +100,7 @@ class MailBridge:
             self.limits,
             node=self._node,
             sole_node=self._sole_node,
+            trusted_authserv_ids=frozenset(settings.mail_trusted_authserv_ids or ()),
         )
         self.pipeline.on_finished.append(self._finished)
         self.pipeline.origin = settings.domain
@@ -535,6 +536,7 @@ class MailBridge:
                 candidates=d.get("result", {}).get("candidates", []),
                 status=d["status"],
                 size=d.get("size", 0),
+                suspicious=bool(d.get("result", {}).get("suspicious")),
             )
             async for d in self.inbox.collection.find(
                 {"status": {"$in": ["unmatched", "refused"]}}, {"data": 0}
@@ -573,7 +575,10 @@ class MailBridge:
             raise not_found(f"{record_type} {record_id}")
         raw = await self.inbox.raw_of(doc)
         mail = await asyncio.to_thread(parse, raw, self.limits)
-        activity_id = await self.pipeline.deliver(doc, mail, Match("assigned", record))
+        # An admin's choice, but a forged sender stays flagged on the record.
+        activity_id = await self.pipeline.deliver(
+            doc, mail, Match("assigned", record), verdict=self.pipeline.verdict(mail)
+        )
         await self.inbox.finish(
             raw_id,
             "done",
