@@ -100,7 +100,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     tasks.on_schedule_changed.append(scheduler.wake)
     crm = Crm.build(settings, store, streams, bus, directory, im)
     scheduler.handle("crm-counters", crm.counters.time_reached)
-    mail = MailBridge(settings, store, crm, im)
+    mail = MailBridge(settings, store, crm, im, node)
     crm.counters.on_schedule_changed.append(scheduler.wake)
     hub = Hub(
         settings,

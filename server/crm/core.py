@@ -361,6 +361,8 @@ def activity_mail(mail: Document, bodies: bool) -> ActivityMail:
         code=mail.get("code"),
         match=mail.get("match"),
         flagged=bool(mail.get("flagged")),
+        suspicious=bool(mail.get("suspicious")),
+        suspicious_reason=mail.get("suspicious_reason"),
         auto_reply=bool(mail.get("auto_reply")),
         in_reply_to_activity=mail.get("in_reply_to_activity"),
         bounced_recipients=mail.get("bounced_recipients", []),

@@ -335,6 +335,14 @@ class ActivityMail(BaseModel):
     flagged: bool = Field(
         default=False, description="Incoming: a valid code from an address not on the record"
     )
+    suspicious: bool = Field(
+        default=False,
+        description="Incoming: the trusted mail server in front reported that the sender "
+        "failed authentication (DMARC, or SPF without a DKIM signature of the From domain)",
+    )
+    suspicious_reason: str | None = Field(
+        default=None, description="Incoming, when suspicious: what failed, e.g. dmarc=fail"
+    )
     auto_reply: bool = False
     in_reply_to_activity: str | None = None
     bounced_recipients: list[str] = Field(default_factory=list)

@@ -3,7 +3,9 @@
 1. a reply code (plus-address, subject, body text or HTML) that verifies;
 2. ``In-Reply-To`` / ``References`` naming a ``Message-ID`` we sent;
 3. an admin's subject rule that extracts a service code;
-4. the sender's address belonging to exactly one lead, contact or company;
+4. the sender's address belonging to exactly one lead, contact or company - unless the
+   mail server in front reported that the sender failed authentication
+   (``authresults.py``): a forged ``From`` must not put a stranger's mail on a customer;
 5. otherwise the caller decides: a new lead, or the unmatched list.
 
 A code that fails verification is not a match; matching falls through to the next step.
@@ -41,7 +43,15 @@ class Matcher:
         self._keys = keys
         self._inbox_local = inbox_address.split("@", 1)[0]
 
-    async def match(self, mail: ParsedMail, recipients: list[str], settings: MailSettings) -> Match:
+    async def match(
+        self,
+        mail: ParsedMail,
+        recipients: list[str],
+        settings: MailSettings,
+        distrusted: str | None = None,
+    ) -> Match:
+        """``distrusted``: why the sender's address is not to be believed (its authentication
+        failed); then the sender step only names the records it belongs to, as candidates."""
         for step in (self._by_code, self._by_thread):
             found = await step(mail, recipients)
             if found is not None:
@@ -49,7 +59,20 @@ class Matcher:
         found = await self._by_rule(mail, settings)
         if found is not None:
             return found
-        return await self._by_sender(mail)
+        by_sender = await self._by_sender(mail)
+        if distrusted is None:
+            return by_sender
+        candidates = by_sender.candidates
+        if by_sender.record is not None:
+            record = by_sender.record
+            candidates = [
+                {"type": record["type"], "id": record["_id"], "title": record.get("title", "")}
+            ]
+        return Match(
+            "none",
+            candidates=candidates,
+            reason=f"sender not authenticated ({distrusted}): not matched by its address",
+        )
 
     # 1 ---------------------------------------------------------------------------------------
 

@@ -209,6 +209,12 @@ class UnmatchedMail(BaseModel):
         "or dismissed, not assigned",
     )
     size: int = Field(default=0, description="Bytes as received")
+    suspicious: bool = Field(
+        default=False,
+        description="The sender failed authentication at the mail server in front; the "
+        "reason says what failed. Not matched by its address: the candidates are whose "
+        "address it claims",
+    )
 
 
 class UnmatchedList(BaseModel):

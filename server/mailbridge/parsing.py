@@ -351,6 +351,10 @@ NOISE_HEADERS: tuple[str, ...] = (
 )
 """Headers kept in ``ParsedMail.headers`` for telling automatic mail from people's mail."""
 
+TRACE_HEADERS = frozenset({"received", "authentication-results"})
+MAX_TRACE_FIELDS = 100
+MAX_TRACE_CHARS = 8192
+
 OUR_HEADER_PREFIX = "x-portalhub-"
 """Our own headers on mail we send (``X-PortalHub-Origin`` and so on), kept in
 ``ParsedMail.headers`` so that our own mail coming back is recognised."""
@@ -853,6 +857,9 @@ class ParsedMail:
     quoted_text: str
     attachments: tuple[Attachment, ...]
     truncated: bool = False  # text or HTML cut at ``Limits.max_text_chars``/``max_html_*``
+    # Authentication-Results and Received fields, (lower-case name, value) from the top, for
+    # ``authresults.trusted_results``: where they stand tells the trusted server's apart.
+    trace: tuple[tuple[str, str], ...] = ()
 
     @property
     def auto_submitted(self) -> str | None:
@@ -986,10 +993,13 @@ def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
 
     senders = _addresses(_all(message, "from"), top_charset)
     headers: dict[str, str] = {}
+    trace: list[tuple[str, str]] = []
     for name, value in message.raw_items():  # items() wraps 8-bit values in Header objects
         key = name.strip().lower()
         if (key in NOISE_HEADERS or key.startswith(OUR_HEADER_PREFIX)) and key not in headers:
             headers[key] = decode_header_value(value, top_charset).strip()[:1000]
+        if key in TRACE_HEADERS and len(trace) < MAX_TRACE_FIELDS and isinstance(value, str):
+            trace.append((key, _FOLD.sub(" ", value[:MAX_TRACE_CHARS]).strip()))
     message_ids = _message_ids(_first(message, "message-id") or "")
     in_reply_to = _message_ids(_first(message, "in-reply-to") or "")
     references = [i for v in _all(message, "references") for i in _message_ids(v)]
@@ -1015,6 +1025,7 @@ def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
         quoted_text=quoted_text,
         attachments=tuple(attachments),
         truncated=truncated,
+        trace=tuple(trace),
     )
 
 

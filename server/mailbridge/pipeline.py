@@ -7,6 +7,9 @@ is written back on the raw message - ``done``, ``duplicate``, ``bounce``, ``igno
 ``unmatched`` (kept for an admin to assign), ``refused`` (too complex to parse safely) - so
 nothing is silently dropped. The activity carries the raw message's id under a unique index:
 a message processed again after a crash cannot make a second activity.
+
+A claim is a lease held by this node (``leases.py``): renewed while the message is processed,
+given back when the node stops, taken over at once after a crash on the embedded database.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from gridfs import AsyncGridFSBucket
@@ -25,7 +29,9 @@ from server.background import raise_if_stopping, stop
 from server.crm.models import LeadCreate, TypedEmail
 from server.crm.service import Crm
 from server.im.service import ImService
+from server.mailbridge.authresults import UNCHECKED, Verdict, judge, trusted_results
 from server.mailbridge.inbox import RawInbox
+from server.mailbridge.leases import LEASE, orphaned, renewing
 from server.mailbridge.matching import Match, Matcher
 from server.mailbridge.models import MailSettings
 from server.mailbridge.noise import Noise, bounce_info, classify
@@ -41,6 +47,11 @@ log = logging.getLogger(__name__)
 RETRY_AFTER = timedelta(seconds=30)
 IDLE_POLL_SECONDS = 5.0
 WORKERS = 1
+LEAD_WAIT_SECONDS = 5.0
+
+
+class TryLater(Exception):
+    """Not a failure: the message waits for something another delivery is doing."""
 
 
 class MailPipeline:
@@ -53,6 +64,9 @@ class MailPipeline:
         im: ImService,
         settings: Callable[[], Awaitable[MailSettings]],
         limits: Limits,
+        node: str,
+        sole_node: bool = False,
+        trusted_authserv_ids: frozenset[str] = frozenset(),
     ) -> None:
         self._store = store
         self._inbox = inbox
@@ -65,8 +79,29 @@ class MailPipeline:
         self.origin: str | None = None  # our X-PortalHub-Origin value (the portal's domain)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._node = node
+        self._sole_node = sole_node  # the embedded database: no other node can exist
+        self.trusted_authserv_ids = trusted_authserv_ids
+        self._held: set[str] = set()  # raw messages this node has claimed and not finished
         # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
         self.on_finished: list[Callable[[Document], Awaitable[None]]] = []
+
+    async def take_orphans(self) -> None:
+        """At start-up on the embedded database: what a process that died held is free now
+        (its messages' leases, and the claims it made to create a lead)."""
+        if not self._sole_node:
+            return
+        taken = await self._inbox.take_orphans(self._node, self._sole_node)
+        claims = self._store["mail_lead_claims"]
+        stale = [
+            c["_id"]
+            async for c in claims.find({"lead_id": None})
+            if orphaned(c.get("node"), self._node, self._sole_node) or "node" not in c
+        ]
+        if stale:
+            await claims.delete_many({"_id": {"$in": stale}, "lead_id": None})
+        if taken or stale:
+            log.info("took over %s mail leases and %s lead claims of a stopped node", taken, stale)
 
     def start(self) -> None:
         # One worker per node. Four ran faster (14 against 8 replies/s in the benchmark), but
@@ -82,6 +117,13 @@ class MailPipeline:
     async def close(self) -> None:
         await stop(*self._tasks)
         self._tasks = []
+        held, self._held = sorted(self._held), set()
+        if held:
+            # Given back, so that the next start (or another node) takes them at once.
+            try:
+                await self._inbox.give_back(held, self._node)
+            except Exception:
+                log.warning("could not give back %s mail leases", len(held), exc_info=True)
 
     async def _run(self) -> None:
         while True:
@@ -97,14 +139,23 @@ class MailPipeline:
     async def drain(self) -> int:
         """Process every message waiting; returns how many reached an outcome here."""
         done = 0
-        while (doc := await self._inbox.claim()) is not None:
+        while (doc := await self._inbox.claim(self._node)) is not None:
+            raw_id = doc["_id"]
+            self._held.add(raw_id)
             try:
-                with traced(request_id=f"mail-{doc['_id']}"):  # for the logs and events it makes
-                    await self.process(doc)
+                with traced(request_id=f"mail-{raw_id}"):  # for the logs and events it makes
+                    async with renewing(
+                        partial(self._inbox.renew, raw_id, self._node), f"mail {raw_id}"
+                    ):
+                        await self.process(doc)
                 done += 1
+            except TryLater as exc:
+                log.info("mail %s waits: %s", raw_id, exc)
+                await self._inbox.release(raw_id, str(exc), utcnow() + RETRY_AFTER)
             except Exception as exc:
-                log.exception("mail %s failed; it is retried", doc["_id"])
-                await self._inbox.release(doc["_id"], repr(exc), utcnow() + RETRY_AFTER)
+                log.exception("mail %s failed; it is retried", raw_id)
+                await self._inbox.release(raw_id, repr(exc), utcnow() + RETRY_AFTER)
+            self._held.discard(raw_id)
         return done
 
     async def _finish(self, doc: Document, status: str, result: Document) -> None:
@@ -124,7 +175,7 @@ class MailPipeline:
         except MailTooComplex as exc:
             await self._finish(doc, "refused", {"reason": f"refused: {exc}"})
             return
-        summary = {"from": mail.from_address, "subject": mail.subject[:500]}
+        summary: Document = {"from": mail.from_address, "subject": mail.subject[:500]}
         noise = classify(mail, self.origin)
         if noise is Noise.OUR_OWN:
             await self._finish(doc, "ignored", {**summary, "reason": "our own mail came back"})
@@ -149,12 +200,18 @@ class MailPipeline:
                 return
         settings = await self._settings()
         recipients = list(doc.get("source", {}).get("recipients", []))
-        match = await self._matcher.match(mail, recipients, settings)
+        verdict = self.verdict(mail)
+        match = await self._matcher.match(
+            mail, recipients, settings, distrusted=verdict.reason if verdict.suspicious else None
+        )
+        if verdict.suspicious:
+            summary["suspicious"] = verdict.reason
         if (
             match.record is None
             and not match.candidates
             and noise is Noise.NORMAL
             and settings.create_leads
+            and not verdict.suspicious  # a forged address does not go into the CRM
         ):
             lead = await self._lead_for(mail, settings)
             if lead is not None:
@@ -169,7 +226,9 @@ class MailPipeline:
                 doc, "unmatched", {**summary, "reason": reason, "candidates": match.candidates}
             )
             return
-        activity_id = await self.deliver(doc, mail, match, auto_reply=noise is Noise.AUTO_REPLY)
+        activity_id = await self.deliver(
+            doc, mail, match, auto_reply=noise is Noise.AUTO_REPLY, verdict=verdict
+        )
         await self._finish(
             doc,
             "done" if activity_id else "duplicate",
@@ -183,8 +242,19 @@ class MailPipeline:
             },
         )
 
+    def verdict(self, mail: ParsedMail) -> Verdict:
+        """What the trusted mail server in front says of the sender (``authresults.py``)."""
+        if not self.trusted_authserv_ids:
+            return UNCHECKED
+        return judge(trusted_results(mail.trace, self.trusted_authserv_ids), mail.from_address)
+
     async def deliver(
-        self, doc: Document, mail: ParsedMail, match: Match, auto_reply: bool = False
+        self,
+        doc: Document,
+        mail: ParsedMail,
+        match: Match,
+        auto_reply: bool = False,
+        verdict: Verdict = UNCHECKED,
     ) -> str | None:
         """Append the incoming email activity; None when this message already has one."""
         record = match.record
@@ -203,6 +273,8 @@ class MailPipeline:
                 "attachments": attachments,
                 "match": match.how,
                 "flagged": match.flagged,
+                "suspicious": verdict.suspicious,
+                "suspicious_reason": verdict.reason,
                 "auto_reply": auto_reply,
                 "in_reply_to_activity": match.activity_id,
             }
@@ -230,9 +302,10 @@ class MailPipeline:
             return str(mine["_id"])
         if not auto_reply:
             sender = mail.from_name or mail.from_address
+            warning = " (sender not authenticated)" if verdict.suspicious else ""
             await self._im.post_system_notice(
                 record["responsible_id"],
-                f"New email from {sender} on “{record.get('title', '')}”: "
+                f"New email from {sender}{warning} on “{record.get('title', '')}”: "
                 f"{mail.subject or '(no subject)'}",
             )
         return activity.id
@@ -304,21 +377,29 @@ class MailPipeline:
             return None
         claims = self._store["mail_lead_claims"]
         try:
-            await claims.insert_one({"_id": sender, "lead_id": None, "at": utcnow()})
+            await claims.insert_one(
+                {"_id": sender, "lead_id": None, "at": utcnow(), "node": self._node}
+            )
         except DuplicateKeyError:
             # Another delivery from this sender is making the lead: wait for it, then use it.
-            for _ in range(100):
+            deadline = asyncio.get_running_loop().time() + LEAD_WAIT_SECONDS
+            while asyncio.get_running_loop().time() < deadline:
                 claim = await claims.find_one({"_id": sender})
                 if claim is None:
-                    break
+                    return await self._lead_for(mail, settings)
                 if claim.get("lead_id"):
                     lead = await self._store["crm_records"].find_one({"_id": claim["lead_id"]})
                     if lead is not None:
                         return lead
                     await claims.delete_one({"_id": sender, "lead_id": claim["lead_id"]})
                     return await self._lead_for(mail, settings)
+                if self._abandoned(claim):
+                    # Its maker died half-way. A lead it did make is found by its address
+                    # when this message is matched again; none was made if it is not.
+                    await claims.delete_one({"_id": sender, "lead_id": None, "at": claim["at"]})
+                    raise TryLater(f"cleared a stopped node's lead claim: {sender}") from None
                 await asyncio.sleep(0.05)
-            return None
+            raise TryLater("another delivery is still making the lead for this sender") from None
         try:
             responsible = await self._lead_owner(settings)
             if responsible is None:
@@ -343,6 +424,17 @@ class MailPipeline:
         except Exception:
             await claims.delete_one({"_id": sender, "lead_id": None})
             raise
+
+    def _abandoned(self, claim: Document) -> bool:
+        """A lead claim nobody will finish: its node is gone, or it is older than a lease."""
+        if orphaned(claim.get("node"), self._node, self._sole_node):
+            return True
+        at = claim.get("at")
+        if not isinstance(at, datetime):
+            return True
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        return utcnow() - at > LEASE
 
     async def _lead_owner(self, settings: MailSettings) -> str | None:
         if settings.lead_responsible_id:

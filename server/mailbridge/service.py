@@ -74,29 +74,44 @@ def fill(template: str, values: dict[str, dict[str, str]]) -> str:
 
 
 class MailBridge:
-    def __init__(self, settings: Settings, store: Store, crm: Crm, im: ImService) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, crm: Crm, im: ImService, node: str | None = None
+    ) -> None:
         self._settings = settings
         self._store = store
         self._crm = crm
+        # Leases name this node: the node registry's id when the app gives it.
+        self._node = node or f"{socket.gethostname()}:{new_id()}"
+        # The embedded database belongs to this one process (its data directory's lock):
+        # no other node can hold a lease there, so one not ours is a dead process's.
+        self._sole_node = settings.mongodb_url is None
         self.keys = CodeKeys(store)
         self.inbox = RawInbox(store)
         self.address = settings.crm_inbox_address
         self.limits = Limits(max_attachment_bytes=min(settings.mail_max_message_bytes, 25 << 20))
         self.matcher = Matcher(store, self.keys, self.address)
         self.pipeline = MailPipeline(
-            store, self.inbox, self.matcher, crm, im, self.settings, self.limits
+            store,
+            self.inbox,
+            self.matcher,
+            crm,
+            im,
+            self.settings,
+            self.limits,
+            node=self._node,
+            sole_node=self._sole_node,
+            trusted_authserv_ids=frozenset(settings.mail_trusted_authserv_ids or ()),
         )
         self.pipeline.on_finished.append(self._finished)
         self.pipeline.origin = settings.domain
         relay = settings.smtp_relay_url.get_secret_value() if settings.smtp_relay_url else None
-        self.outbox = Outbox(store, relay)
+        self.outbox = Outbox(store, relay, self._node, self._sole_node)
         self.outbox.on_marked.append(self.pipeline.announce)
         self._files = AsyncGridFSBucket(store.db, bucket_name="mail_attachments")
         self._uploads = AsyncGridFSBucket(store.db, bucket_name="mail_uploads")
         self._cached: MailSettings | None = None
         self._cached_at = 0.0
         self._collectors: dict[str, MailboxCollector] = {}
-        self._node = f"{socket.gethostname()}:{new_id()}"
         self.ingress: IngressServers | None = None
         self._pruner: asyncio.Task[None] | None = None
 
@@ -104,6 +119,8 @@ class MailBridge:
 
     async def start(self) -> None:
         await self.inbox.upgrade()
+        await self.pipeline.take_orphans()
+        await self.outbox.take_orphans()
         self.pipeline.start()
         self.outbox.start()
         self._pruner = asyncio.create_task(self._prune_daily(), name="mail-prune")
@@ -122,10 +139,14 @@ class MailBridge:
             self._start_collector(box)
 
     async def stop(self) -> None:
+        """Stops taking mail, lets the journaled writes under way finish, and gives every
+        lease back (messages being processed or sent, mailboxes), so that the next start -
+        here or on another node - takes them up at once."""
         if self.ingress is not None:
             await self.ingress.stop()
         for collector in list(self._collectors.values()):
             await self._stop_collector(collector)
+        await self.inbox.close()
         await self.pipeline.close()
         await self.outbox.close()
         await stop(self._pruner)
@@ -176,6 +197,7 @@ class MailBridge:
             MailboxConfig.of(box),
             self._settings.mail_max_message_bytes,
             self._node,
+            self._sole_node,
         )
         collector.on_stored(self.pipeline.wake)
         collector.task = asyncio.create_task(collector.supervise(), name=f"imap:{box['_id']}")
@@ -184,6 +206,7 @@ class MailBridge:
     async def _stop_collector(self, collector: MailboxCollector) -> None:
         self._collectors.pop(collector.cfg.id, None)
         await stop(collector.task)
+        await collector.give_back()
 
     async def _finished(self, doc: Document) -> None:
         mailbox_id = doc.get("source", {}).get("mailbox_id")
@@ -514,6 +537,7 @@ class MailBridge:
                 candidates=d.get("result", {}).get("candidates", []),
                 status=d["status"],
                 size=d.get("size", 0),
+                suspicious=bool(d.get("result", {}).get("suspicious")),
             )
             async for d in self.inbox.collection.find(
                 {"status": {"$in": ["unmatched", "refused"]}}, {"data": 0}
@@ -552,7 +576,10 @@ class MailBridge:
             raise not_found(f"{record_type} {record_id}")
         raw = await self.inbox.raw_of(doc)
         mail = await asyncio.to_thread(parse, raw, self.limits)
-        activity_id = await self.pipeline.deliver(doc, mail, Match("assigned", record))
+        # An admin's choice, but a forged sender stays flagged on the record.
+        activity_id = await self.pipeline.deliver(
+            doc, mail, Match("assigned", record), verdict=self.pipeline.verdict(mail)
+        )
         await self.inbox.finish(
             raw_id,
             "done",

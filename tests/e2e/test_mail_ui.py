@@ -70,6 +70,7 @@ async def mail_hub(
             "web_client_dir": DIST,
             "smtp_relay_url": SecretStr(f"smtp://127.0.0.1:{sink.port}"),
             "domain": DOMAIN,
+            "mail_trusted_authserv_ids": ["mx.portal.test"],
         }
     )
     async with start_hub(configured, store) as harness:
@@ -271,8 +272,12 @@ async def test_a_mail_sent_from_a_deal_and_its_reply_live_in_the_timeline(
     path = await download.path()
     assert path.read_bytes() == b"signed"
 
-    # Someone else answers with Carl's code: flagged. Carl's out-of-office: marked, not counted.
+    # Someone else answers with Carl's code: flagged; and the mail server in front found that
+    # she is not who she says: suspicious. Carl's out-of-office: marked, not counted.
     forwarded = EmailMessage()
+    forwarded["Authentication-Results"] = (
+        "mx.portal.test; spf=fail smtp.mailfrom=other.example; dmarc=fail header.from=other.example"
+    )
     forwarded["From"] = "Eve Other <eve@other.example>"
     forwarded["To"] = reply_to
     forwarded["Subject"] = "FW: " + str(sent["Subject"])
@@ -282,6 +287,8 @@ async def test_a_mail_sent_from_a_deal_and_its_reply_live_in_the_timeline(
     flagged = timeline.locator("[data-testid=mail-item][data-flagged=true]")
     await expect(flagged).to_have_count(1)
     await expect(flagged.get_by_test_id("mail-flagged")).to_contain_text("eve@other.example")
+    await expect(flagged.get_by_test_id("mail-suspicious")).to_contain_text("dmarc=fail")
+    await expect(timeline.locator("[data-testid=mail-item][data-suspicious=true]")).to_have_count(1)
     await expect(page.get_by_test_id("nav-crm-badge")).to_have_text("2")
 
     away = EmailMessage()

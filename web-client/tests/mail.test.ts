@@ -45,6 +45,8 @@ function mail(over: Partial<CrmActivityMail> = {}): CrmActivityMail {
     code: null,
     match: null,
     flagged: false,
+    suspicious: false,
+    suspicious_reason: null,
     auto_reply: false,
     in_reply_to_activity: null,
     bounced_recipients: [],

@@ -592,6 +592,10 @@ export interface CrmActivityMail {
   code: string | null;
   match: string | null;
   flagged: boolean;
+  /** Incoming: the trusted mail server in front says the sender failed authentication. */
+  suspicious: boolean;
+  /** What failed, e.g. "dmarc=fail (header.from=client.example)". */
+  suspicious_reason: string | null;
   auto_reply: boolean;
   in_reply_to_activity: string | null;
   bounced_recipients: string[];
@@ -738,4 +742,7 @@ export interface UnmatchedMail {
   status?: "unmatched" | "refused";
   /** Bytes as received. */
   size?: number;
+  /** The sender failed authentication at the mail server in front: the candidates are whose
+   * address it claims, not who wrote it. */
+  suspicious?: boolean;
 }
