@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
+from server.store.credentials import read_credentials
 from server.store.embedded import mongodb_url
 from tests.test_process import Hub, alive, wait_for
 
@@ -65,7 +66,14 @@ def api(hub: Hub, method: str, path: str, token: str | None = None, body: Any = 
 
 def database(hub: Hub) -> MongoClient[dict[str, Any]]:
     endpoint = json.loads((hub.data_dir / "db" / "endpoint.json").read_text())
-    return MongoClient(mongodb_url(endpoint["host"], endpoint["port"]), tz_aware=True)
+    # the embedded database has its own password (server/store/credentials.py)
+    credentials = read_credentials(hub.data_dir / "db")
+    assert credentials is not None
+    return MongoClient(
+        mongodb_url(endpoint["host"], endpoint["port"]),
+        tz_aware=True,
+        **credentials.client_options(),
+    )
 
 
 def message(round_no: int) -> tuple[str, str, bytes]:
