@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run of about 5 minutes (small N, a small history, short phases)",
+        help="a smoke run of 5-7 minutes (small N, a small history, short phases)",
     )
     doc = parser.add_mutually_exclusive_group()
     doc.add_argument(
