@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import time  # bounds on super-linear work count CPU time, so a busy machine cannot fail them
 
 import pytest
 
@@ -262,9 +262,9 @@ def test_strip_reply_prefixes(subject: str, bare: str) -> None:
 
 
 def test_hostile_subjects_take_linear_time() -> None:
-    started = time.perf_counter()
+    started = time.process_time()
     assert strip_reply_prefixes("Re" + " " * 50_000 + "x").endswith("x")
     assert strip_reply_prefixes("Re: " * 50_000 + "x") == "x"
     assert find_codes("[CRM-" * 50_000) == []
     subject_with_code("CRM-" + "A" * 100_000, code())
-    assert time.perf_counter() - started < 1
+    assert time.process_time() - started < 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import quopri
-import time
+import time  # bounds on super-linear work count CPU time, so a busy machine cannot fail them
 from datetime import UTC, datetime
 
 import pytest
@@ -316,9 +316,9 @@ def test_split_reply_keeps_everything() -> None:
 
 def test_split_reply_is_linear_on_hostile_text() -> None:
     for line in ("On " * 10_000, "From: x\n" * 20_000, "> " * 100_000, ("-" * 40 + "\n") * 5000):
-        started = time.perf_counter()
+        started = time.process_time()
         split_reply(line * 3)
-        assert time.perf_counter() - started < 1.0
+        assert time.process_time() - started < 1.0
 
 
 # --- charsets and headers -----------------------------------------------------------------------
@@ -410,9 +410,9 @@ def test_addresses_survive_hostile_headers() -> None:
         "To: " + ", ".join(f"u{i}@x.example" for i in range(2000)) + "\n"
         "Subject: x\n\nhi\n"
     )
-    started = time.perf_counter()
+    started = time.process_time()
     mail = parse(raw)
-    assert time.perf_counter() - started < 2
+    assert time.process_time() - started < 2
     assert len(mail.to) == 2000
 
 
@@ -503,10 +503,10 @@ def nested(depth: int) -> bytes:
 
 
 def quickly_refused(raw: bytes, limits: Limits | None = None, seconds: float = 1.0) -> str:
-    started = time.perf_counter()
+    started = time.process_time()
     with pytest.raises(MailTooComplex) as refused:
         parse(raw, limits)
-    assert time.perf_counter() - started < seconds
+    assert time.process_time() - started < seconds
     return refused.value.reason
 
 
@@ -601,9 +601,9 @@ def test_hostile_content_type_fields_are_refused_or_read_quickly() -> None:
         + "(" * 3000
         + ' boundary="x"\n\n--x\nContent-Type: text/plain\n\nhi\n--x--\n'
     )
-    started = time.perf_counter()
+    started = time.process_time()
     parse(comments)
-    assert time.perf_counter() - started < 1
+    assert time.process_time() - started < 1
 
 
 @settings(max_examples=300, deadline=None)
@@ -674,9 +674,9 @@ def test_html_is_sanitised() -> None:
 
 def test_deeply_nested_html_is_cut_not_slow() -> None:
     raw = crlf("From: a@b.example\nContent-Type: text/html\n\n") + b"<div>" * 100_000 + b"x"
-    started = time.perf_counter()
+    started = time.process_time()
     mail = parse(raw)
-    assert time.perf_counter() - started < 5
+    assert time.process_time() - started < 5
     assert mail.truncated and mail.html_sanitised is not None
 
 
@@ -693,9 +693,9 @@ def test_deeply_nested_html_is_cut_not_slow() -> None:
 )
 def test_hostile_html_takes_bounded_time(body: bytes) -> None:
     raw = crlf("From: a@b.example\nContent-Type: text/html; charset=utf-8\n\n") + body
-    started = time.perf_counter()
+    started = time.process_time()
     parse(raw)
-    assert time.perf_counter() - started < 3
+    assert time.process_time() - started < 3
 
 
 def test_long_runs_of_ampersands_keep_their_text() -> None:
