@@ -103,7 +103,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     crm = Crm.build(settings, store, streams, bus, directory, im)
     scheduler.handle("crm-counters", crm.counters.time_reached)
     scheduler.handle(CHECK_JOB, crm.counters.check_some)
-    mail = MailBridge(settings, store, crm, im, node)
+    mail = MailBridge(settings, store, crm, im, node, bus)
     crm.counters.on_schedule_changed.append(scheduler.wake)
     hub = Hub(
         settings,
@@ -160,6 +160,11 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     hub.add_snapshot_part("counters", counters_snapshot)
     hub.add_snapshot_part("presence", presence_snapshot)
     hub.add_snapshot_part("settings", settings_snapshot)
+
+    async def mail_snapshot(user: Document) -> dict[str, Any]:
+        return await mail.unmatched_snapshot(str(user["_id"]))
+
+    hub.add_snapshot_part("mail", mail_snapshot)
     return Services(
         settings,
         store,

@@ -407,6 +407,82 @@ async def test_the_periodic_check_repairs_numbers_that_drifted(hub: HubHarness) 
     await settle_and_compare(hub, {"mary": client}, {"mary": mary_id})
 
 
+async def test_moved_and_converted_mail_moves_the_counters_by_differences(
+    hub: HubHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Moving an e-mail to another person's record, and a conversion taking the lead's mail
+    to the deal, apply their differences in the write path like every other change: no
+    recount of anyone, and what each client is pushed equals a recount from scratch."""
+    boss_id, boss = await chief(hub, "boss")
+    mary_id, mary = await hub.create_user("mary")
+    ben_id, ben = await hub.create_user("ben")
+    clients = {}
+    for name, token in (("boss", boss), ("mary", mary), ("ben", ben)):
+        clients[name] = await hub.connect(token)
+        await clients[name].wait_for("snapshot")
+    ids = {"boss": boss_id, "mary": mary_id, "ben": ben_id}
+    lead = await post(hub, mary, "/api/v1/crm/leads", {"title": "From mail", "last_name": "Li"})
+    contact = await post(hub, mary, "/api/v1/crm/contacts", {"last_name": "Ko"})
+    deal = await post(hub, ben, "/api/v1/crm/deals", {"title": "Ben's"})
+    mails = []
+    for owner_type, owner_id in (
+        ("lead", lead["id"]),
+        ("lead", lead["id"]),
+        ("contact", contact["id"]),
+    ):
+        mails.append(
+            await post(
+                hub,
+                mary,
+                "/api/v1/crm/activities",
+                {
+                    "owner_type": owner_type,
+                    "owner_id": owner_id,
+                    "type": "email",
+                    "direction": "incoming",
+                    "subject": "hello",
+                },
+            )
+        )
+    await change(hub, mary, f"/api/v1/crm/activities/{mails[1]['id']}", {"completed": True})
+    await settle_and_compare(hub, clients, ids)
+    assert clients["mary"].crm_counters()["lead"]["incoming"] == 1
+    assert clients["mary"].crm_counters()["contact"]["incoming"] == 1
+
+    recounted: list[list[str]] = []
+    touch = hub.services.crm.counters.touch
+
+    def spied(user_ids: Iterable[str], *args: Any) -> None:
+        users = list(user_ids)
+        recounted.append(users)
+        touch(users, *args)
+
+    monkeypatch.setattr(hub.services.crm.counters, "touch", spied)
+    # mary's contact's mail onto ben's deal, by the boss who sees both
+    moved = await hub.request(
+        "POST",
+        f"/api/v1/crm/activities/{mails[2]['id']}/move",
+        token=boss,
+        json={"owner_type": "deal", "owner_id": deal["id"]},
+    )
+    assert moved.status == 200, moved.body
+    await settle_and_compare(hub, clients, ids)
+    assert clients["mary"].crm_counters()["contact"]["incoming"] == 0
+    assert clients["ben"].crm_counters()["deal"]["incoming"] == 1
+    assert clients["ben"].crm_counters()["deal"]["idle"] == 0
+    # the lead's mail, open and completed, goes to the deal it becomes
+    converted = await hub.request(
+        "POST", f"/api/v1/crm/leads/{lead['id']}/convert", token=mary, json={"mode": "deal"}
+    )
+    assert converted.status == 201, converted.body
+    await settle_and_compare(hub, clients, ids)
+    assert clients["mary"].crm_counters()["lead"]["incoming"] == 0
+    assert clients["mary"].crm_counters()["deal"]["incoming"] == 1
+    assert recounted == []
+    stale = await hub.services.crm.counters.verify_some(None, 100)
+    assert stale == (0, None), stale
+
+
 # the property: random operations, several users, both modes -----------------------------------
 
 USERS = ("ann", "ben", "cat")

@@ -65,10 +65,11 @@ def api(hub: Hub, method: str, path: str, token: str | None = None, body: Any = 
 
 
 def database(hub: Hub) -> MongoClient[dict[str, Any]]:
-    endpoint = json.loads((hub.data_dir / "db" / "endpoint.json").read_text())
-    # the embedded database has its own password (server/store/credentials.py)
-    credentials = read_credentials(hub.data_dir / "db")
-    assert credentials is not None
+    """The hub's own database, with the password the hub keeps beside it (issue 13)."""
+    db_dir = hub.data_dir / "db"
+    endpoint = json.loads((db_dir / "endpoint.json").read_text())
+    credentials = read_credentials(db_dir)
+    assert credentials is not None, "the hub keeps its database password in credentials.json"
     return MongoClient(
         mongodb_url(endpoint["host"], endpoint["port"]),
         tz_aware=True,
