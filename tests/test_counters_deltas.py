@@ -338,6 +338,7 @@ class Portal:
             zone = self.zone
             delta = delta_of(changes, self.mode, zone, self.window, moment).get(user, {})
             held.values = added(held.values, delta)
+            held.as_of = moment  # CrmCounters._fast sets as_of to now, with the difference
             bound = boundaries_of(changes, self.mode, zone, self.window, moment).get(user)
             if bound is not None and bound < held.next_at:
                 held.next_at = bound

@@ -407,6 +407,68 @@ async def test_the_periodic_check_repairs_numbers_that_drifted(hub: HubHarness) 
     await settle_and_compare(hub, {"mary": client}, {"mary": mary_id})
 
 
+async def test_a_recount_that_changes_keep_overtaking_counts_nothing_twice(
+    hub: HubHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recount gives up when changes keep coming in while it counts (here at once: one
+    attempt). Changes it may have counted already are then not applied as differences on top;
+    the user is counted again once they stop."""
+    mary_id, mary = await hub.create_user("mary")
+    client = await hub.connect(mary)
+    await client.wait_for("snapshot")
+    deal = await post(hub, mary, "/api/v1/crm/deals", {"title": "Busy"})
+    await settle_and_compare(hub, {"mary": client}, {"mary": mary_id})
+    monkeypatch.setattr("server.counters.crm.GUARDED_ATTEMPTS", 1)
+    body = {"owner_type": "deal", "owner_id": deal["id"], "type": "call", "direction": "incoming"}
+    for _round in range(3):
+        hub.services.crm.counters.touch([mary_id])
+        await asyncio.gather(*(post(hub, mary, "/api/v1/crm/activities", body) for _ in range(10)))
+    await settle_and_compare(hub, {"mary": client}, {"mary": mary_id})
+    assert client.crm_counters()["deal"]["incoming"] == 30
+
+
+async def test_an_activity_due_when_made_turns_overdue_once(hub: HubHarness) -> None:
+    """A difference taken at the moment of the change moves the numbers' moment there too:
+    an activity already inside its due window when made (the window opened after the numbers
+    were last moved in time) is due once, then overdue once - not overdue on top of due,
+    as when time was moved on from the numbers' older moment."""
+    mary_id, mary = await hub.create_user("mary")
+    _, root = await hub.create_user("root", admin=True)
+    client = await hub.connect(mary)
+    await client.wait_for("snapshot")
+    deal = await post(hub, mary, "/api/v1/crm/deals", {"title": "Timed"})
+    ahead = [timedelta(0)]
+    counters = hub.services.crm.counters
+    counters.clock = lambda: utcnow() + ahead[0]
+    # everyone's numbers are counted again, as of now, under the hour's window
+    resp = await hub.request(
+        "PATCH", "/api/v1/crm/settings", token=root, json={"due_minutes_before": 60}
+    )
+    assert resp.status == 200, resp.body
+    await settle_and_compare(hub, {"mary": client}, {"mary": mary_id})
+    ahead[0] = timedelta(minutes=2)
+    # due within the hour from 1 minute on: already due when made, 2 minutes later
+    deadline = utcnow() + timedelta(minutes=61)
+    await post(
+        hub,
+        mary,
+        "/api/v1/crm/activities",
+        {
+            "owner_type": "deal",
+            "owner_id": deal["id"],
+            "type": "task",
+            "deadline": deadline.isoformat(),
+        },
+    )
+    await settle_and_compare(hub, {"mary": client}, {"mary": mary_id})
+    assert client.crm_counters()["deal"]["due"] == 1
+    ahead[0] = timedelta(minutes=63)  # past the deadline
+    await wake_up(hub, [mary_id])
+    await settle_and_compare(hub, {"mary": client}, {"mary": mary_id})
+    assert client.crm_counters()["deal"]["due"] == 0
+    assert client.crm_counters()["deal"]["overdue"] == 1
+
+
 async def test_moved_and_converted_mail_moves_the_counters_by_differences(
     hub: HubHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

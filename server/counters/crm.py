@@ -470,7 +470,11 @@ class CrmCounters:
                 "as_of": {"$lte": now},
                 "next_at": {"$gt": now},
             },
-            _update(delta, None, boundary),
+            # Held as of ``now`` from here: nothing counted changes kind between ``as_of`` and
+            # ``next_at``, so the numbers hold at ``now`` as they did at ``as_of``; and the
+            # difference was taken at ``now``, so moving forward in time must start there (an
+            # activity whose kind changed between the two would otherwise move twice).
+            _update(delta, {"as_of": now}, boundary),
         )
         if result.matched_count == 0:
             return False
@@ -615,6 +619,7 @@ class CrmCounters:
         queued before a count began are in it and are not applied again. Another node's
         change in that moment can still be counted twice: the periodic check mends that."""
         zone = (await self._zones_of([user_id], fresh=True))[user_id]
+        written_mark: int | None = None  # the sequence the last stored count took in
         for _attempt in range(GUARDED_ATTEMPTS):
             mark = self._seq
             doc = await self._coll.find_one({"_id": user_id})
@@ -648,6 +653,7 @@ class CrmCounters:
                         return False
                     continue
             assert stored is not None
+            written_mark = mark
             await self._push(user_id, _numbers_in(doc), numbers, int(stored["version"]))
             await asyncio.sleep(QUIET_SECONDS)
             if self._arrived.get(user_id, 0) > mark:
@@ -656,7 +662,13 @@ class CrmCounters:
             self._absorbed[user_id] = max(self._absorbed.get(user_id, 0), mark)
             await self._schedule(user_id, wake)
             return True
+        # Changes kept coming. The stored count holds every change queued before its mark;
+        # those queued later may be in it too, so they are not applied as differences (that
+        # counted them twice) but the user is counted again once the flusher comes round.
         log.warning("CRM counters of user %s kept changing during a recount", user_id)
+        if written_mark is not None:
+            self._absorbed[user_id] = max(self._absorbed.get(user_id, 0), written_mark)
+        self._queue(recount=[user_id])
         return False
 
     async def _push(self, user_id: str, before: Numbers, after: Numbers, version: int) -> None:
