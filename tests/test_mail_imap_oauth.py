@@ -344,3 +344,18 @@ async def test_starttls_is_required_when_asked_for(hub: HubHarness, dovecot: Dov
     )
     assert refused.status == 422, refused.body
     assert "token_url" in json.dumps(refused.body)
+    # a mailbox switched to XOAUTH2 needs its OAuth client, in full
+    made = await hub.request(
+        "POST",
+        "/api/v1/mail/mailboxes",
+        token=root,
+        json={**body, "security": "none", "enabled": False},
+    )
+    assert made.status == 201, made.body
+    path = f"/api/v1/mail/mailboxes/{made.body['id']}"
+    for patch, why in (
+        ({"auth": "xoauth2"}, "xoauth2 needs oauth"),
+        ({"auth": "xoauth2", "oauth": {"client_id": "x"}}, "oauth needs client_secret"),
+    ):
+        bad = await hub.request("PATCH", path, token=root, json=patch)
+        assert bad.status == 422 and why in bad.body["detail"], bad.body

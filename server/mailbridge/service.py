@@ -436,10 +436,12 @@ class MailBridge:
         changes = patch.model_dump(exclude_unset=True, exclude={"password", "oauth"})
         if patch.password is not None:
             changes["password"] = patch.password.get_secret_value()
-        if patch.oauth is not None:
+        current: Document | None = None
+        if patch.oauth is not None or "auth" in changes:
             current = await self._store["mail_mailboxes"].find_one({"_id": mailbox_id})
             if current is None:
                 raise not_found(f"mailbox {mailbox_id}")
+        if patch.oauth is not None and current is not None:
             merged = {**(current.get("oauth") or {}), **_oauth_fields(patch.oauth)}
             missing = [f for f in OAUTH_REQUIRED if not merged.get(f)]
             if missing:
@@ -448,6 +450,13 @@ class MailBridge:
                 )
             changes["oauth"] = merged
             self.tokens.forget(mailbox_id)
+        if current is not None:
+            # the way of logging in needs its credentials, stored or in this change
+            after = {**current, **changes}
+            if after.get("auth") == "xoauth2" and not after.get("oauth"):
+                raise Problem(422, "invalid-value", "Invalid value", "xoauth2 needs oauth")
+            if after.get("auth", "password") == "password" and not after.get("password"):
+                raise Problem(422, "invalid-value", "Invalid value", "password auth needs one")
         if changes:
             result = await self._store["mail_mailboxes"].update_one(
                 {"_id": mailbox_id}, {"$set": changes}
