@@ -135,6 +135,12 @@ class MailPipeline:
         if taken or stale:
             log.info("took over %s mail leases and %s lead claims of a stopped node", taken, stale)
 
+    @property
+    def busy(self) -> bool:
+        """Whether this node is still working on messages it claimed: an outcome is stored
+        before what follows it (the notices, the unmatched count) is done."""
+        return bool(self._held)
+
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._run(), name=f"mail-pipeline-{n}") for n in range(WORKERS)
