@@ -352,12 +352,16 @@ class CrmBench:
 
     async def _cli_check(self, hub: Hub, repair: bool) -> tuple[bytes, bytes, int, float, float]:
         """One run of the CLI: its output, exit code, wall time and CPU time."""
-        executable = Path(sys.executable).parent / "portalhub"
+        # ``python -m server`` from the checkout, as the hub is started (procs.start_hub): the
+        # ``portalhub`` script imports the package the virtualenv was installed from, which
+        # in a second worktree is another checkout's code.
         env = clean_env({"PORTALHUB_DATA_DIR": str(hub.data_dir), "PORTALHUB_LOG_LEVEL": "WARNING"})
         started = time.perf_counter()
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         process = await asyncio.create_subprocess_exec(
-            str(executable),
+            sys.executable,
+            "-m",
+            "server",
             "counters",
             "check",
             "--json",
