@@ -104,6 +104,10 @@ class CreateChat(Strict):
     member_ids: list[str] = Field(default_factory=list, max_length=5000)
 
 
+class RenameChat(Strict):
+    title: Title
+
+
 class OpenDialog(Strict):
     user_id: str
 
@@ -130,6 +134,11 @@ class SearchQuery(Strict):
 
 class ImSettings(Strict):
     sound: bool = True
+    send_key: Literal["enter", "ctrl_enter"] = Field(
+        default="enter",
+        description="What sends a message in the web client: Enter (Shift+Enter: a new line), "
+        "or Ctrl+Enter (Enter: a new line)",
+    )
 
 
 class Counters(BaseModel):

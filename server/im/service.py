@@ -236,6 +236,31 @@ class ImService:
         await self._add_members(chat, user_ids)
         return await self.chat_out(await self.chat_document(chat_id), str(actor["_id"]))
 
+    async def rename_group(self, actor: Document, chat_id: str, title: str) -> ChatOut:
+        """A group chat's new name, told to its members (``im.chat.updated``); the same people
+        may rename it as may change its members."""
+        actor_id = str(actor["_id"])
+        chat = await self.readable_chat(actor_id, chat_id)
+        if not may_manage_members(
+            actor_id,
+            chat["kind"],
+            chat.get("owner_id"),
+            chat.get("workgroup_id"),
+            bool(actor.get("is_admin")),
+        ):
+            raise forbidden(
+                "only the chat's owner may rename it"
+                if chat["kind"] == "group" and not chat.get("workgroup_id")
+                else "this chat cannot be renamed here"
+            )
+        if title != chat.get("title"):
+            await self._store["chats"].update_one({"_id": chat_id}, {"$set": {"title": title}})
+            chat = {**chat, "title": title}
+            await self._streams.append(
+                chat_stream(chat_id), "im.chat.updated", {"chat_id": chat_id, "title": title}
+            )
+        return await self.chat_out(chat, actor_id)
+
     async def remove_member(self, actor: Document, chat_id: str, user_id: str) -> None:
         actor_id = str(actor["_id"])
         chat = await self.readable_chat(actor_id, chat_id)
