@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import {
   compareIds,
+  idBefore,
   mergeMessages,
   newClientId,
   newestConfirmed,
@@ -88,5 +89,24 @@ describe("helpers", () => {
     for (const id of [a, b]) {
       expect(id).toMatch(/^[A-Za-z0-9._:-]{1,64}$/);
     }
+  });
+});
+
+describe("unconfirmed messages", () => {
+  it("keep a failed or sending message below the whole history, in the order written", () => {
+    const failed = { ...pendingMessage("c1", "me", "first", "web-1", new Date(Date.UTC(2026, 0, 1, 11))), pending: false, failed: true };
+    const sending = pendingMessage("c1", "me", "second", "web-2", new Date(Date.UTC(2026, 0, 1, 11, 1)));
+    // older than every stored message, and still last
+    const merged = mergeMessages([sending, failed], [msg(2), msg(1)]);
+    expect(merged.map((m) => m.text)).toEqual(["message 1", "message 2", "first", "second"]);
+  });
+});
+
+describe("the history around a message", () => {
+  it("asks for the id just below it, so that the page starts with the message", () => {
+    expect(idBefore(oid(0x100))).toBe(oid(0xff));
+    expect(idBefore("65f0c0ffee00000000000000")).toBe("65f0c0ffedffffffffffffff");
+    expect(idBefore(oid(0))).toBeNull();
+    expect(idBefore("pending:web-1")).toBeNull();
   });
 });

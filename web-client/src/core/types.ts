@@ -76,6 +76,8 @@ export interface ImCounters {
 
 export interface ImSettings {
   sound: boolean;
+  /** What sends a message: Enter (Shift+Enter a new line), or Ctrl+Enter (Enter a new line). */
+  send_key?: "enter" | "ctrl_enter";
 }
 
 export interface SendResult {
@@ -181,6 +183,8 @@ export interface Task {
   comment_count: number;
   my_roles: string[];
   allowed_actions: string[];
+  /** The PATCH fields the caller may change now, field by field (the hub's own rule). */
+  editable_fields?: string[];
   unseen_updates: number;
   unseen_comments: number;
 }
@@ -210,6 +214,12 @@ export interface TaskUpdate {
   description?: string;
   priority?: TaskPriority;
   deadline?: string | null;
+  responsible_id?: string;
+  participant_ids?: string[];
+  observer_ids?: string[];
+  group_id?: string | null;
+  require_approval?: boolean;
+  responsible_may_change_deadline?: boolean;
   rating?: "positive" | "negative" | null;
   [field: string]: unknown;
 }
@@ -352,6 +362,8 @@ export interface CrmRecordDetail extends CrmRecord {
 export interface CrmRecordList {
   records: CrmRecord[];
   next_cursor: string | null;
+  /** The companies and contacts the page links to that the caller may see, by id. */
+  linked?: Record<string, CrmRecordRef>;
 }
 
 export interface CrmRecordQuery {
@@ -555,6 +567,8 @@ export interface CrmRecordUpdatedData {
 export interface CrmRecordRemovedData {
   type: CrmRecordType;
   id: string;
+  /** Merged into this record (the survivor), which is shown instead. */
+  merged_into?: string;
 }
 
 export interface CrmActivityUpdatedData {
