@@ -244,7 +244,11 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         index = client_dir / "index.html"
 
         async def index_page(request: web.Request) -> web.FileResponse:
-            return web.FileResponse(index)
+            # The policy is the page's also on a 304: a browser revalidating the page on a
+            # reload takes the 304's headers, and the hook cannot tell it is the page there.
+            return web.FileResponse(
+                index, headers={"Content-Security-Policy": security_headers.PAGE_POLICY}
+            )
 
         app.router.add_get("/", index_page)
         # The client's own addresses (history API routing): a reload or a shared link of

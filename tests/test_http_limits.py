@@ -213,6 +213,7 @@ async def test_the_client_addresses_get_the_page_and_nothing_else_does(
     (client / "index.html").write_text("<!doctype html><title>Portal Hub</title>")
     async with limited_hub(settings, store, web_client_dir=client) as hub:
         for path in (
+            "/",
             "/messenger",
             "/messenger/65f0c0ffee0000000000abcd",
             "/employees/65f0c0ffee0000000000abcd",
@@ -227,6 +228,12 @@ async def test_the_client_addresses_get_the_page_and_nothing_else_does(
             assert "<title>Portal Hub</title>" in page.body
             assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
             assert page.headers["X-Frame-Options"] == "DENY"
+            # a reload revalidates: the 304 keeps the page's policy, which the browser takes
+            again = await hub.request(
+                "GET", path, headers={"If-Modified-Since": page.headers["Last-Modified"]}
+            )
+            assert again.status == 304, path
+            assert again.headers["Content-Security-Policy"].startswith("default-src 'self'")
         unknown_api = await hub.request("GET", "/api/v1/tasks-nothing")
         assert unknown_api.status == 404
         assert unknown_api.content_type == "application/problem+json"
