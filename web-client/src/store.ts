@@ -754,6 +754,11 @@ function onNewMessage(message: Message, afterSnapshot: boolean): void {
   const chatId = message.chat_id;
   const reading = readingNow(chatId) && !state.detached[chatId];
   putLive(chatId, message);
+  // One's own message stored (sent from here, whose answer may still be on its way or lost,
+  // or from another tab): nothing is left to send.
+  if (message.author_id === me.id && message.client_id && outboxEntries.some((e) => e.client_id === message.client_id)) {
+    writeOutbox(outbox.withoutEntry(readOutbox(), message.client_id));
+  }
   if (message.author_id) state.typing = typingStopped(state.typing, chatId, message.author_id);
   if (!state.chats.some((c) => c.id === chatId)) void fetchChat(chatId);
   state.chats = dialogs.applyMessage(state.chats, message);
