@@ -13,8 +13,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from server.settings import Settings
-from server.tasks.service import FIELD_RULES
 from server.store.database import Store
+from server.tasks.service import FIELD_RULES
 from tests.harness import HubHarness, SocketClient, start_hub
 
 
