@@ -134,6 +134,42 @@ async def test_main_screens_with_the_demo_company(web_hub: HubHarness, browser: 
     await expect(page.get_by_test_id("toast")).to_have_count(0)
     await shoot(page, "messenger")
 
+    # A group chat with its members (and their presence), made from the messenger.
+    await page.get_by_test_id("new-group").click()
+    form = page.get_by_test_id("group-form")
+    await form.get_by_test_id("group-title").fill("Q3 close")
+    for name in ("Mary Lopez", "Sophie Martin", "Klaus Becker"):
+        picker = form.get_by_test_id("group-members")
+        await picker.get_by_test_id("picker-input").fill(name.split()[0])
+        await picker.locator(f'[data-testid=picker-option][data-name="{name}"]').click()
+    await form.get_by_test_id("group-create").click()
+    await expect(page.get_by_test_id("chat-title")).to_have_text("Q3 close")
+    group_id = page.url.rsplit("/", 1)[-1]
+    for n, text in enumerate(
+        [
+            "Berlin's numbers are in the share, the invoice totals still to check.",
+            "Paris is done. I will send the summary tonight.",
+        ]
+    ):
+        resp = await web_hub.request(
+            "POST",
+            "/api/v1/im/messages",
+            token=mary_token,
+            json={"chat_id": group_id, "text": text, "client_id": f"group-{n}"},
+        )
+        assert resp.status == 201, resp.body
+    await send(page, "Thanks both. Let's close on Friday.")
+    await page.get_by_test_id("chat-members-toggle").click()
+    await expect(page.get_by_test_id("chat-members").get_by_test_id("member")).to_have_count(4)
+    await shoot(page, "group-chat")
+
+    # Message search across the chats: a result opens its chat at that message.
+    await page.get_by_test_id("messenger-search").fill("invoice")
+    await expect(page.get_by_test_id("search-result")).to_have_count(1)
+    await page.get_by_test_id("search-result").click()
+    await expect(page.locator("[data-testid=message][data-highlighted=true]")).to_have_count(1)
+    await shoot(page, "message-search")
+
 
 PHONE: ViewportSize = {"width": 390, "height": 844}
 
