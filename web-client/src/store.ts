@@ -44,14 +44,15 @@ import type {
   ChatJoinedData,
   CrmActivity,
   CrmActivityRemovedData,
-  CrmConversionMode,
   CrmConversionResult,
+  CrmConvertBody,
   CrmDuplicateProbe,
   CrmDuplicates,
   CrmHistoryEntry,
   CrmMe,
   CrmRecord,
   CrmRecordDetail,
+  CrmRecordRef,
   CrmRecordRemovedData,
   CrmRecordType,
   CrmSettings,
@@ -201,6 +202,8 @@ export const state = reactive({
   crmTitles: {} as Record<string, string>,
   /** The record whose merge dialog is open. */
   crmMerge: null as CrmRecordDetail | null,
+  /** CRM administrators: how many mails wait on the unmatched list (live); null for others. */
+  mailUnmatched: null as number | null,
 });
 
 export const totalUnread = computed(() => unread.total(state.unread));
@@ -216,7 +219,8 @@ export const ownStatus = computed<PresenceStatus>(() => {
 });
 
 export function userName(id: string | null | undefined): string {
-  if (!id) return "Portal";
+  if (!id || id === "system") return "Portal";
+  if (id === "email") return "E-mail"; // a lead the mail bridge made from a stranger's mail
   if (state.me && id === state.me.id) return state.me.name;
   return state.users[id]?.name ?? "Unknown user";
 }
@@ -494,6 +498,7 @@ function clearSession(): void {
     crmBoardMore: {},
     crmTitles: {},
     crmMerge: null,
+    mailUnmatched: null,
   });
   crmListRuns.clear();
   outboxEntries = [];
@@ -627,6 +632,9 @@ function handleEvent(name: string, payload: unknown): void {
       }
       break;
     }
+    case "mail.unmatched":
+      state.mailUnmatched = mail.unmatchedFromSnapshot({ unmatched: data.count });
+      break;
     case "session.revoked":
       endSession("Your session was ended. Please log in again.");
       break;
@@ -644,6 +652,7 @@ async function onSnapshot(snapshot: Snapshot): Promise<void> {
   state.taskCounters = tasks.applyTaskCounters(state.taskCounters, snapshot.counters);
   state.crmCounters = crm.applyCrmCounters(state.crmCounters, snapshot.counters);
   if (snapshot.settings?.im) state.settings = { ...snapshot.settings.im };
+  state.mailUnmatched = mail.unmatchedFromSnapshot(snapshot.mail);
   state.connection = "connected";
   state.everConnected = true;
   const me = state.me;
@@ -2210,8 +2219,8 @@ export function closeConvertDialog(): void {
   state.crmConvert = null;
 }
 
-export async function convertLead(lead: CrmRecord, mode: CrmConversionMode): Promise<CrmConversionResult> {
-  const result = await api.convertLead(lead.id, mode);
+export async function convertLead(lead: CrmRecord, body: CrmConvertBody): Promise<CrmConversionResult> {
+  const result = await api.convertLead(lead.id, body);
   putCrmRecord(result.lead);
   for (const record of Object.values(result.created)) if (record) putCrmRecord(record);
   if (state.crmOpen?.id === lead.id) void refreshCrmRecord("lead", lead.id, false);
@@ -2266,6 +2275,15 @@ function watchPendingMail(): void {
     }
     watchPendingMail();
   }, mailWatchDelay);
+}
+
+/** Put an e-mail on another record; both timelines follow by events. */
+export async function moveCrmActivity(activity: CrmActivity, to: CrmRecordRef): Promise<CrmActivity> {
+  const moved = await api.moveCrmActivity(activity.id, to.type, to.id);
+  // off the page at once (the events say the same, a moment later)
+  if (state.crmOpen?.id === activity.owner_id) state.crmTimeline = crm.removeActivity(state.crmTimeline, activity.id);
+  if (state.crmOpen) scheduleOpenRefresh();
+  return moved;
 }
 
 /** Send a mail from a record; its outgoing activities come by events (and are watched). */
