@@ -559,3 +559,56 @@ async def test_the_send_key_setting_is_kept_and_checked(hub: HubHarness) -> None
         "PUT", "/api/v1/im/settings", token=alice, json={"sound": True, "send_key": "alt"}
     )
     assert bad.status == 422
+
+
+async def test_a_private_dialog_says_how_far_the_other_side_has_read(hub: HubHarness) -> None:
+    """The "seen" mark: the other person's read position in a private dialog, live (im.read)
+    and in the dialog list after a reload; a group chat shows no one's read mark."""
+    _, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    alice_tab = await hub.connect(alice)
+    await alice_tab.wait_for("snapshot")
+    first = (await send(hub, alice, to=[bob_id], text="one"))["messages"][0]
+    second = (await send(hub, alice, to=[bob_id], text="two"))["messages"][0]
+    chat_id = first["chat_id"]
+
+    def peer_read(token_dialogs: list[dict[str, Any]], chat: str) -> Any:
+        [dialog] = [d for d in token_dialogs if d["chat"]["id"] == chat]
+        return dialog["peer_last_read_id"]
+
+    dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=alice)).body
+    assert peer_read(dialogs, chat_id) is None  # not read yet
+    resp = await hub.request(
+        "POST", f"/api/v1/im/chats/{chat_id}/read", token=bob, json={"up_to": first["id"]}
+    )
+    assert resp.status == 200
+    await alice_tab.wait_until(
+        lambda: any(
+            e == {"chat_id": chat_id, "user_id": bob_id, "up_to": first["id"]}
+            for e in alice_tab.of_type("im.read")
+        )
+    )
+    dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=alice)).body
+    assert peer_read(dialogs, chat_id) == first["id"]
+    # Bob's own list carries Alice's mark (sending reads up to one's own message), not his
+    bob_dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=bob)).body
+    assert peer_read(bob_dialogs, chat_id) == second["id"]
+    await hub.request(
+        "POST", f"/api/v1/im/chats/{chat_id}/read", token=bob, json={"up_to": second["id"]}
+    )
+    dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=alice)).body
+    assert peer_read(dialogs, chat_id) == second["id"]
+
+    group = await hub.request(
+        "POST", "/api/v1/im/chats", token=alice, json={"title": "Team", "member_ids": [bob_id]}
+    )
+    assert group.status == 201, group.body
+    said = await send(hub, alice, chat_id=group.body["id"], text="hello team")
+    await hub.request(
+        "POST",
+        f"/api/v1/im/chats/{group.body['id']}/read",
+        token=bob,
+        json={"up_to": said["messages"][0]["id"]},
+    )
+    dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=alice)).body
+    assert peer_read(dialogs, group.body["id"]) is None

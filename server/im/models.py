@@ -65,6 +65,11 @@ class DialogOut(BaseModel):
     chat: ChatOut
     unread: int
     last_read_id: str | None
+    peer_last_read_id: str | None = Field(
+        default=None,
+        description="Private dialogs: how far the other person has read (shown as seen); "
+        "null for group chats, whose members' read marks are not shown",
+    )
 
 
 class SendMessage(Strict):

@@ -709,6 +709,15 @@ class ImService:
             str(u["_id"]): display_name(u)
             async for u in self._store.users.find({"_id": {"$in": list(others)}})
         }
+        # The other side's read mark, for "seen"; only in private dialogs, where it is
+        # one person's and already pushed to this user as im.read.
+        private = [c["_id"] for c in chats if c["kind"] == "private"]
+        peer_read = {
+            m["chat_id"]: m.get("last_read_id")
+            async for m in self._store["chat_members"].find(
+                {"chat_id": {"$in": private}, "user_id": {"$ne": user_id}}
+            )
+        }
         dialogs = []
         for chat in chats:
             last_read = memberships[chat["_id"]].get("last_read_id")
@@ -717,6 +726,7 @@ class ImService:
                     chat=await self.chat_out(chat, user_id, names),
                     last_read_id=last_read,
                     unread=await self._unread_in(chat["_id"], user_id, last_read),
+                    peer_last_read_id=peer_read.get(chat["_id"]),
                 )
             )
         epoch = datetime.min.replace(tzinfo=UTC)

@@ -509,3 +509,45 @@ async def test_enter_sends_shift_enter_breaks_the_line_and_a_setting_swaps_to_ct
     await expect(other.get_by_test_id("composer")).to_have_value("three\n")
     token = await web_hub.login("ann")
     assert (await call(web_hub, token, "GET", "/api/v1/im/settings"))["send_key"] == "ctrl_enter"
+
+
+async def test_seen_shows_under_what_the_other_person_has_read_live_and_after_a_reload(
+    web_hub: HubHarness, browser: Browser
+) -> None:
+    await web_hub.create_user("alice", first_name="Alice", last_name="Archer")
+    await web_hub.create_user("bob", first_name="Bob", last_name="Baker")
+    alice = await (await new_context(browser)).new_page()
+    bob = await (await new_context(browser)).new_page()
+    await log_in(alice, web_hub, "alice")
+    await log_in(bob, web_hub, "bob")
+
+    await open_dialog_from_directory(alice, "Bob Baker")
+    await send(alice, "Are the slides ready?")
+    await send(alice, "I need them by noon.")
+    seen = alice.get_by_test_id("message-seen")
+    await expect(seen).to_have_count(0)  # Bob has not opened it
+
+    # Bob opens the dialog (which reads it): Alice sees "seen" under her newest message, live.
+    await bob.locator('[data-testid=dialog][data-title="Alice Archer"]').click()
+    await expect(message(bob, "I need them by noon.")).to_have_count(1)
+    await expect(
+        message(alice, "I need them by noon.").get_by_test_id("message-seen")
+    ).to_have_count(1)
+    await expect(seen).to_have_count(1)
+
+    # A new message Bob has not read yet: the mark stays on the one he has read.
+    await bob.get_by_test_id("nav-employees").click()
+    await send(alice, "Thanks!")
+    await expect(message(alice, "Thanks!").get_by_test_id("message-seen")).to_have_count(0)
+    await expect(
+        message(alice, "I need them by noon.").get_by_test_id("message-seen")
+    ).to_have_count(1)
+
+    # After a reload the mark comes from the dialog list.
+    await alice.reload()
+    await expect(
+        message(alice, "I need them by noon.").get_by_test_id("message-seen")
+    ).to_have_count(1)
+    await expect(seen).to_have_count(1)
+    # Bob's side marks Alice's read position over his own messages, not hers.
+    await expect(bob.get_by_test_id("message-seen")).to_have_count(0)

@@ -7,6 +7,7 @@ import * as dialogs from "./core/dialogs";
 import * as mail from "./core/mail";
 import {
   idBefore,
+  laterMark,
   mergeMessages,
   newClientId,
   newestConfirmed,
@@ -136,6 +137,8 @@ export const state = reactive({
   chats: [] as Chat[],
   dialogsLoaded: false,
   unread: unread.emptyUnread(),
+  /** Private dialogs: how far the other person has read ("seen"), by chat. */
+  peerRead: {} as Record<string, string>,
   presence: {} as presence.PresenceMap,
   own: null as PresenceView | null,
   settings: { sound: true, send_key: "enter" } as ImSettings,
@@ -446,6 +449,7 @@ function clearSession(): void {
     chats: [],
     dialogsLoaded: false,
     unread: unread.emptyUnread(),
+    peerRead: {},
     presence: {},
     own: null,
     openChatId: null,
@@ -627,8 +631,13 @@ function handleEvent(name: string, payload: unknown): void {
       break;
     }
     case "im.read": {
+      const chatId = String(data.chat_id);
       if (state.me && data.user_id === state.me.id) {
-        state.unread = unread.markedRead(state.unread, String(data.chat_id), String(data.up_to), false);
+        state.unread = unread.markedRead(state.unread, chatId, String(data.up_to), false);
+      } else if (state.chats.find((c) => c.id === chatId)?.kind === "private") {
+        // the other person read: "seen" moves (group chats show no one's read mark)
+        const mark = laterMark(state.peerRead[chatId], String(data.up_to));
+        if (mark) state.peerRead = { ...state.peerRead, [chatId]: mark };
       }
       break;
     }
@@ -862,6 +871,12 @@ async function loadDialogs(replace: boolean): Promise<void> {
     let u = state.unread;
     for (const d of list) if (d.last_read_id) u = unread.markedRead(u, d.chat.id, d.last_read_id, false);
     state.unread = u;
+    const peerRead = { ...state.peerRead };
+    for (const d of list) {
+      const mark = laterMark(peerRead[d.chat.id], d.peer_last_read_id);
+      if (mark) peerRead[d.chat.id] = mark;
+    }
+    state.peerRead = peerRead;
     state.dialogsLoaded = true;
   } catch (error) {
     reportError(error, "Could not load dialogs");

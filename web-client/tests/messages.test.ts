@@ -2,11 +2,13 @@ import { describe, expect, it } from "vitest";
 import {
   compareIds,
   idBefore,
+  laterMark,
   mergeMessages,
   newClientId,
   newestConfirmed,
   oldestConfirmed,
   pendingMessage,
+  seenMessageId,
 } from "../src/core/messages";
 import { msg, oid } from "./fixtures";
 
@@ -108,5 +110,36 @@ describe("the history around a message", () => {
     expect(idBefore("65f0c0ffee00000000000000")).toBe("65f0c0ffedffffffffffffff");
     expect(idBefore(oid(0))).toBeNull();
     expect(idBefore("pending:web-1")).toBeNull();
+  });
+});
+
+describe("seen in a private dialog", () => {
+  const mine = (n: number, over = {}) => msg(n, { author_id: "me", ...over });
+
+  it("marks the newest own message at or below the other person's read mark", () => {
+    const list = [mine(1), msg(2), mine(3), mine(5)];
+    expect(seenMessageId(list, "me", oid(4))).toBe(oid(3));
+    expect(seenMessageId(list, "me", oid(5))).toBe(oid(5));
+    expect(seenMessageId(list, "me", oid(9))).toBe(oid(5));
+  });
+
+  it("marks nothing before they have read one of the user's messages", () => {
+    expect(seenMessageId([msg(1), mine(3)], "me", null)).toBeNull();
+    expect(seenMessageId([msg(1), mine(3)], "me", oid(2))).toBeNull();
+    expect(seenMessageId([msg(1), msg(2)], "me", oid(2))).toBeNull();
+  });
+
+  it("never marks a message not yet stored, nor a deleted one", () => {
+    const sending = pendingMessage("c1", "me", "later", "cid-1");
+    expect(seenMessageId([mine(1), mine(2, { deleted: true }), sending], "me", oid(9))).toBe(oid(1));
+    expect(seenMessageId([mine(1), { ...mine(3), failed: true }], "me", oid(9))).toBe(oid(1));
+  });
+
+  it("a read mark only moves forward", () => {
+    expect(laterMark(null, oid(3))).toBe(oid(3));
+    expect(laterMark(oid(3), null)).toBe(oid(3));
+    expect(laterMark(oid(5), oid(3))).toBe(oid(5));
+    expect(laterMark(oid(3), oid(5))).toBe(oid(5));
+    expect(laterMark(undefined, undefined)).toBeNull();
   });
 });

@@ -120,6 +120,28 @@ export function idBefore(id: string): string | null {
   return (value - 1n).toString(16).padStart(24, "0");
 }
 
+/**
+ * Where a private dialog shows "seen": the newest of the user's own stored messages the other
+ * person has read up to (`peerReadId`, their read mark). null when they have read none of
+ * them. Messages not yet stored, and deleted ones, are never marked.
+ */
+export function seenMessageId(messages: readonly Message[], meId: string, peerReadId: string | null | undefined): string | null {
+  if (!peerReadId) return null;
+  for (let i = messages.length - 1; i >= 0; i--) {
+    const m = messages[i];
+    if (isUnconfirmed(m) || m.deleted || m.author_id !== meId) continue;
+    if (compareIds(m.id, peerReadId) <= 0) return m.id;
+  }
+  return null;
+}
+
+/** The later of two read marks (a mark only moves forward). */
+export function laterMark(a: string | null | undefined, b: string | null | undefined): string | null {
+  if (!a) return b ?? null;
+  if (!b) return a;
+  return compareIds(a, b) >= 0 ? a : b;
+}
+
 /** Group a message list by calendar day (local time) for day separators in the log. */
 export function dayKey(iso: string): string {
   const d = new Date(iso);

@@ -67,6 +67,8 @@ export interface Dialog {
   chat: Chat;
   unread: number;
   last_read_id: string | null;
+  /** Private dialogs: the other person's read mark ("seen"); null for group chats. */
+  peer_last_read_id?: string | null;
 }
 
 export interface ImCounters {
