@@ -27,7 +27,7 @@ import socketio.async_manager
 import socketio.async_server
 import socketio.base_manager
 import socketio.packet
-from aiohttp import WSMsgType, base_protocol
+from aiohttp import WSMsgType, base_protocol, web_protocol, web_response
 from aiohttp._websocket import writer as ws_writer
 
 from server.channels.engine import HubSocket
@@ -54,6 +54,8 @@ COPIED_OR_REPLACED = {
     "socketio.base_manager.BaseManager": "b393b4c05dbd88e2",
     "socketio.packet.Packet.encode": "513c45be75181da2",
     "aiohttp.base_protocol.BaseProtocol": "b8cbe831e85f09b9",
+    # its HTTP parser may be None once upgraded (every use after an upgrade checks)
+    "aiohttp.web_protocol.RequestHandler": "3960a24b6f6b63e0",
     "aiohttp._websocket.writer.WebSocketWriter.__init__": "9a91e56ed2c2c11c",
 }
 _OBJECTS: dict[str, Any] = {
@@ -76,6 +78,7 @@ _OBJECTS: dict[str, Any] = {
     "socketio.base_manager.BaseManager": socketio.base_manager.BaseManager,
     "socketio.packet.Packet.encode": socketio.packet.Packet.encode,
     "aiohttp.base_protocol.BaseProtocol": base_protocol.BaseProtocol,
+    "aiohttp.web_protocol.RequestHandler": web_protocol.RequestHandler,
     "aiohttp._websocket.writer.WebSocketWriter.__init__": ws_writer.WebSocketWriter.__init__,
 }
 
@@ -101,6 +104,14 @@ def test_the_libraries_are_the_ones_the_transport_was_written_against() -> None:
     )
     source = inspect.getsource(ws_writer.WebSocketWriter.__init__)
     assert "self.protocol = protocol" in source and "self.transport = transport" in source
+    # what _forget_handshake lets go of, and aiohttp's checks that make that safe
+    slots = {
+        name
+        for cls in web_protocol.RequestHandler.__mro__
+        for name in getattr(cls, "__slots__", ())
+    }
+    assert {"_parser", "_payload_parser", "_upgraded"} <= slots
+    assert "self._headers" in inspect.getsource(web_response.StreamResponse.__init__)
 
 
 def test_a_hub_socket_has_what_python_engineio_gives_a_socket() -> None:

@@ -22,8 +22,11 @@ their timers. Here, for a socket on the websocket transport:
   for long-polling, which keeps the library's behaviour (its queue and writer) unchanged.
 
 Written against python-engineio 4.15.1, python-socketio 5.18.1 and aiohttp 3.14.5; it copies
-``AsyncServer._handle_connect`` and ``AsyncSocket._websocket_handler``, and relies on
-aiohttp's ``BaseProtocol._paused``/``_drain_waiter`` and ``WebSocketWriter.transport``.
+``AsyncServer._handle_connect`` and ``AsyncSocket._websocket_handler`` (and opens a websocket
+session without going through them, ``HubEngineServer._open_websocket``), and relies on
+aiohttp's ``BaseProtocol._paused``/``_drain_waiter``, ``WebSocketWriter.transport``/``protocol``
+and, to free what a websocket no longer needs, ``RequestHandler._parser`` and
+``StreamResponse._headers``.
 ``tests/test_socket_transport.py`` fails when any of these versions changes: read the new
 library code, adjust this module, then update the versions there.
 """
@@ -36,12 +39,16 @@ import math
 import struct
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs
 
 import engineio
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
+from aiohttp.web import WebSocketResponse
 from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
+from multidict import CIMultiDict
 
 from server.channels.frames import BadFrame, check_engine_packet
 
@@ -206,6 +213,8 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
                 return
             backlog = self.backlog = deque()
             self._when_writable()
+        elif self._end_reason is not None:
+            return  # closing: its close frame is the last thing in the backlog
         backlog.append(frame)
         self.backlog_bytes += len(frame)
         if self.backlog_bytes > self.server.backlog_limit:
@@ -401,8 +410,13 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
         else:
             self.connected = True
             self.upgraded = True
-        sock = ws._sock
+        await self.serve(ws._sock, ws.environ)
+
+    async def serve(self, sock: WebSocketResponse, environ: Mapping[str, Any]) -> None:
+        """The websocket is up: write to it directly from now on, and read its frames until
+        it closes (in the aiohttp handler's own task), then close the session."""
         writer = sock._writer
+        assert writer is not None
         self.transport = writer.transport
         self._protocol = writer.protocol
         self._reader = asyncio.current_task()
@@ -418,8 +432,36 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
             if queued is not None:
                 self.write_frame(packet_frame(queued))
         self.server.logger.info("%s: Upgrade to websocket successful", self.sid)
+        limit = self.server.max_http_buffer_size
         try:
-            await self._read(sock, ws.environ)
+            while not self.closed:
+                msg = await sock.receive()
+                if msg.type is not WSMsgType.TEXT:
+                    if msg.type is WSMsgType.BINARY:
+                        _log_bad_frame(environ, BadFrame("binary frame"))
+                    break  # closed by the client, or broken
+                frame: str = msg.data
+                try:
+                    check_engine_packet(frame)
+                except BadFrame as problem:
+                    _log_bad_frame(environ, problem)
+                    break
+                if len(frame) > limit:
+                    break
+                kind = frame[0]
+                if kind == "4":
+                    await self.server._trigger_event(
+                        "message", self.sid, frame[1:], run_async=False
+                    )
+                elif kind == "3":
+                    self._pong()
+                elif kind == "1":
+                    await self.close(
+                        wait=False, abort=True, reason=self.server.reason.CLIENT_DISCONNECT
+                    )
+                elif kind == "5":
+                    self.send_now(eio_packet.Packet(eio_packet.NOOP))
+                # OPEN, PING and NOOP from a client mean nothing (python-engineio ignores them)
         finally:
             self._drop_backlog()
             await self.close(
@@ -428,40 +470,15 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
                 reason=self._end_reason or self.server.reason.TRANSPORT_CLOSE,
             )
 
-    async def _read(self, sock: Any, environ: dict[str, Any]) -> None:
-        limit = self.server.max_http_buffer_size
-        while not self.closed:
-            msg = await sock.receive()
-            if msg.type is not WSMsgType.TEXT:
-                if msg.type is WSMsgType.BINARY:
-                    _log_bad_frame(environ, BadFrame("binary frame"))
-                return  # closed by the client, or broken
-            frame: str = msg.data
-            try:
-                check_engine_packet(frame)
-            except BadFrame as problem:
-                _log_bad_frame(environ, problem)
-                return
-            if len(frame) > limit:
-                return
-            kind = frame[0]
-            if kind == "4":
-                try:
-                    await self.server._trigger_event(
-                        "message", self.sid, frame[1:], run_async=False
-                    )
-                except engineio.exceptions.SocketIsClosedError:  # pragma: no cover
-                    return
-            elif kind == "3":
-                self._pong()
-            elif kind == "1":
-                await self.close(
-                    wait=False, abort=True, reason=self.server.reason.CLIENT_DISCONNECT
-                )
-                return
-            elif kind == "5":
-                self.send_now(eio_packet.Packet(eio_packet.NOOP))
-            # OPEN, PING and NOOP from a client mean nothing here (python-engineio ignores them)
+
+def _forget_handshake(request: web.Request, sock: WebSocketResponse) -> None:
+    """Let go of what aiohttp keeps of the HTTP request once it is a websocket: its HTTP parser
+    (unused after an upgrade; aiohttp checks for None) and the answer's headers (sent). About
+    2.5 KiB of each idle connection (aiohttp 3.14; see the module docstring)."""
+    protocol = request.protocol
+    if protocol is not None and protocol._upgraded and protocol._payload_parser is not None:
+        protocol._parser = None
+    sock._headers = CIMultiDict()
 
 
 def _abort(transport: asyncio.Transport) -> None:
@@ -469,7 +486,7 @@ def _abort(transport: asyncio.Transport) -> None:
         transport.abort()
 
 
-def _log_bad_frame(environ: dict[str, Any], problem: BadFrame) -> None:
+def _log_bad_frame(environ: Mapping[str, Any], problem: BadFrame) -> None:
     request = environ.get("aiohttp.request")
     log.info(
         "closing Socket.IO connection from %s (websocket): bad frame: %s",
@@ -513,15 +530,68 @@ class HubEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         await asyncio.gather(*self._closing_tasks, return_exceptions=True)
         await super().shutdown()
 
-    async def _handle_connect(
-        self, environ: dict[str, Any], transport: str, jsonp_index: int | None = None
-    ) -> Any:
-        """python-engineio's, with a ``HubSocket``; on a websocket the OPEN packet is the
-        first frame written once the websocket is up, and no queue is made."""
+    async def handle_request(self, *args: Any, **kwargs: Any) -> Any:
+        """python-engineio's entry point, with a short way for what most clients do: open a
+        session straight on a websocket. Fewer coroutines stay suspended under the websocket
+        for its whole life (each one a frame of memory)."""
+        request = args[0] if args else None
+        if isinstance(request, web.Request) and not kwargs:
+            query = parse_qs(request.query_string)  # (request.query is kept on the request)
+            if (
+                request.method == "GET"
+                and query.get("transport") == ["websocket"]
+                and "sid" not in query
+                and "j" not in query
+                and query.get("EIO") == ["4"]
+                and "websocket" in self.transports
+                and request.headers.get("Upgrade", "").lower() == "websocket"
+            ):
+                response = await self._open_websocket(request)
+                if response is not None:
+                    return response
+        return await super().handle_request(*args, **kwargs)
+
+    async def _open_websocket(self, request: web.Request) -> web.StreamResponse | None:
+        """``_handle_connect`` and the websocket handler in one, for a new websocket session;
+        None when python-engineio must answer (a refused origin)."""
+        environ = self._async["translate_request"](request)
+        if self.cors_allowed_origins != []:
+            origin = environ.get("HTTP_ORIGIN")
+            if origin:
+                allowed = self._cors_allowed_origins(environ)
+                if allowed is not None and origin not in allowed:
+                    return None  # python-engineio's answer and log line
         sid = self.generate_id()
         s = HubSocket(self, sid)
         self.sockets[sid] = s
-        pkt = eio_packet.Packet(
+        s.opening = self._open_packet(sid, "websocket")
+        ret = await self._trigger_event("connect", sid, environ, run_async=False)
+        if ret is not None and ret is not True:
+            del self.sockets[sid]
+            self.logger.warning("Application rejected connection")
+            response: web.StreamResponse = await self._make_response(
+                self._unauthorized(ret or None), environ
+            )
+            return response
+        s.schedule_ping()
+        sock = WebSocketResponse(max_msg_size=self.max_http_buffer_size, compress=False)
+        try:
+            await sock.prepare(request)
+            _forget_handshake(request, sock)
+        except BaseException:
+            await s.close(wait=False, abort=True, reason=self.reason.TRANSPORT_ERROR)
+            self.sockets.pop(sid, None)
+            raise
+        s.connected = s.upgraded = True
+        try:
+            await s.serve(sock, environ)
+        finally:
+            if self.sockets.get(sid) is s:
+                del self.sockets[sid]
+        return sock
+
+    def _open_packet(self, sid: str, transport: str) -> eio_packet.Packet:
+        return eio_packet.Packet(
             eio_packet.OPEN,
             {
                 "sid": sid,
@@ -531,6 +601,16 @@ class HubEngineServer(engineio.AsyncServer):  # type: ignore[misc]
                 "maxPayload": self.max_http_buffer_size,
             },
         )
+
+    async def _handle_connect(
+        self, environ: dict[str, Any], transport: str, jsonp_index: int | None = None
+    ) -> Any:
+        """python-engineio's, with a ``HubSocket``; on a websocket the OPEN packet is the
+        first frame written once the websocket is up, and no queue is made."""
+        sid = self.generate_id()
+        s = HubSocket(self, sid)
+        self.sockets[sid] = s
+        pkt = self._open_packet(sid, transport)
         if transport == "websocket":
             s.opening = pkt
         else:
