@@ -344,3 +344,38 @@ async def test_a_session_ended_during_its_connect_leaves_nothing_behind(
         rooms = hub_.sio.manager.rooms.get("/", {})
         assert all(not members for members in rooms.values()), rooms
         await ws.close()
+
+
+async def test_a_replay_goes_at_the_pace_of_a_slow_reader(settings: Settings, store: Store) -> None:
+    """A reconnecting client is sent what it missed from history: far more than the backlog
+    may hold. The replay waits for the client instead of filling the backlog (and getting the
+    client cut off); the client gets it all, in order."""
+    async with hub_with(settings, store, socket_send_backlog_bytes=64 * 1024) as hub:
+        user_id, token = await hub.create_user("alice")
+        stream = f"user:{user_id}"
+        streams = hub.services.streams
+        for _ in range(4):
+            await asyncio.gather(
+                *(streams.append(stream, "test.big", {"text": "x" * 2000}) for _ in range(100))
+            )
+        async with aiohttp.ClientSession() as http:
+            url = hub.base_url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+            client = RawClient(await http.ws_connect(url, max_msg_size=0))
+            assert (await client.ws.receive_str(timeout=10)).startswith("0{")
+            await client.ws.send_str("40" + json.dumps({"token": token, "since": {stream: 0}}))
+            await client.read_until(lambda: bool(client.sid))
+            small_send_buffer(hub, client.sid)
+            engine_socket = hub.services.hub.sio.engine_socket(client.sid)
+            assert engine_socket is not None
+            # the client reads nothing for a while: the replay stops at the backlog
+            waited = False
+            for _ in range(40):
+                await asyncio.sleep(0.05)
+                waited = waited or engine_socket.backlog is not None
+            assert client.sid in hub.services.hub._connections, "cut off while catching up"
+            assert waited, "the replay never had to wait for the client"
+            assert engine_socket.backlog_bytes <= 64 * 1024
+            await client.read_until(lambda: len(client.seqs()) >= 400, timeout=30)
+            assert client.seqs() == list(range(1, 401))
+            assert client.sid in hub.services.hub._connections
+            await http.close()
