@@ -379,3 +379,19 @@ async def test_a_replay_goes_at_the_pace_of_a_slow_reader(settings: Settings, st
             assert client.seqs() == list(range(1, 401))
             assert client.sid in hub.services.hub._connections
             await http.close()
+
+
+async def test_connections_of_one_user_share_its_document(hub: HubHarness) -> None:
+    """Several tabs of one user: each connection kept its own copy of the user document, a
+    few KiB per idle connection. An equal document is shared; a changed one is not."""
+    user_id, token = await hub.create_user("alice")
+    await hub.connect(token)
+    await hub.connect(token)
+    first, second = hub.services.hub.connections_of(user_id)
+    assert first.user is second.user
+    users = hub.services.store.users
+    await users.update_one({"_id": first.user["_id"]}, {"$set": {"position": "Engineer"}})
+    await hub.connect(token)
+    [third] = [c for c in hub.services.hub.connections_of(user_id) if c not in (first, second)]
+    assert third.user is not first.user
+    assert third.user["position"] == "Engineer" and first.user.get("position") != "Engineer"

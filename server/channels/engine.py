@@ -431,6 +431,7 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
             queue.task_done()
             if queued is not None:
                 self.write_frame(packet_frame(queued))
+        queue = queued = None  # this frame lasts as long as the websocket
         self.server.logger.info("%s: Upgrade to websocket successful", self.sid)
         limit = self.server.max_http_buffer_size
         try:
@@ -535,21 +536,25 @@ class HubEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         session straight on a websocket. Fewer coroutines stay suspended under the websocket
         for its whole life (each one a frame of memory)."""
         request = args[0] if args else None
-        if isinstance(request, web.Request) and not kwargs:
-            query = parse_qs(request.query_string)  # (request.query is kept on the request)
-            if (
-                request.method == "GET"
-                and query.get("transport") == ["websocket"]
-                and "sid" not in query
-                and "j" not in query
-                and query.get("EIO") == ["4"]
-                and "websocket" in self.transports
-                and request.headers.get("Upgrade", "").lower() == "websocket"
-            ):
-                response = await self._open_websocket(request)
-                if response is not None:
-                    return response
+        if isinstance(request, web.Request) and not kwargs and self._new_websocket(request):
+            response = await self._open_websocket(request)
+            if response is not None:
+                return response
         return await super().handle_request(*args, **kwargs)
+
+    def _new_websocket(self, request: web.Request) -> bool:
+        # (a function of its own: what it parses is not kept in a frame that stays suspended
+        # as long as the websocket lasts; nor on the request, as request.query would be)
+        query = parse_qs(request.query_string)
+        return (
+            request.method == "GET"
+            and query.get("transport") == ["websocket"]
+            and "sid" not in query
+            and "j" not in query
+            and query.get("EIO") == ["4"]
+            and "websocket" in self.transports
+            and request.headers.get("Upgrade", "").lower() == "websocket"
+        )
 
     async def _open_websocket(self, request: web.Request) -> web.StreamResponse | None:
         """``_handle_connect`` and the websocket handler in one, for a new websocket session;

@@ -352,7 +352,11 @@ class Hub:
             )
         since = {s: n for s, n in parsed.since.items() if len(s) <= MAX_STREAM_NAME}
         conn = Connection(
-            sid, user, since, active=parsed.active, token_hash=token_hash(parsed.token)
+            sid,
+            self._same_user(user),
+            since,
+            active=parsed.active,
+            token_hash=token_hash(parsed.token),
         )
         self._connections[sid] = conn
         self._by_user.setdefault(conn.user_id, set()).add(sid)
@@ -369,6 +373,15 @@ class Hub:
             mark,
         )
         self._tasks[sid] = asyncio.create_task(self._start_session(sid), name=f"session:{sid}")
+
+    def _same_user(self, user: Document) -> Document:
+        """``user``, or the equal document another connection of the user holds already: each
+        connection keeping its own copy cost a few KiB per connection."""
+        for other in self._by_user.get(str(user["_id"]), ()):
+            conn = self._connections.get(other)
+            if conn is not None:
+                return conn.user if conn.user == user else user
+        return user
 
     async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
         self._auth.sessions.untrack(f"{TRANSPORT}:{sid}")
