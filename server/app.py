@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import socketio
 from aiohttp import web
 
 from server.auth.service import AuthService
 from server.background import raise_if_stopping, stop
+from server.channels.emit import HubRedisManager
 from server.channels.hub import Hub, typing_handler
 from server.crm.service import Crm
 from server.directory.service import DirectoryService
@@ -62,7 +62,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     if settings.redis_url is not None:
         url = settings.redis_url.get_secret_value()
         bus = redis_bus = RedisBus(url, node or node_id())
-        client_manager = socketio.AsyncRedisManager(url)
+        client_manager = HubRedisManager(url)
     else:
         bus = InProcessBus()
     # Counted and traced (request and event ids in the logs): server/observability/tracing.py
