@@ -1030,11 +1030,6 @@ class RecordService:
             )
             await self.core.announce_record(other)
 
-
-GUARDED_ATTEMPTS = 20
-# What the idle number reads of a record.
-COUNTED_RECORD_FIELDS = ("type", "responsible_id", "open", "open_activities")
-
     # merge -----------------------------------------------------------------------------------
 
     async def merge(
@@ -1144,6 +1139,11 @@ COUNTED_RECORD_FIELDS = ("type", "responsible_id", "open", "open_activities")
             linked.update([d["_id"] async for d in records.find(query, {"_id": 1})])
             await records.update_many(query, {"$set": {"lead_id": survivor_id}})
         return linked
+
+
+GUARDED_ATTEMPTS = 20
+# What the idle number reads of a record.
+COUNTED_RECORD_FIELDS = ("type", "responsible_id", "open", "open_activities")
 
 
 def _merged(mine: list[Document], theirs: list[Document], key: str) -> list[Document]:
