@@ -164,7 +164,12 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     if redis_bus is not None:
         # Back after a Redis outage: the invalidations lost meanwhile are made good by reading
         # everything again.
-        redis_bus.on_resubscribed += [directory.forget_all, auth_service.forget_all, im.forget_all]
+        redis_bus.on_resubscribed += [
+            directory.forget_all,
+            auth_service.forget_all,
+            im.forget_all,
+            tasks.forget_all,
+        ]
 
     hub.add_snapshot_part("counters", counters_snapshot)
     hub.add_snapshot_part("presence", presence_snapshot)

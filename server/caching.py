@@ -59,10 +59,11 @@ class Cache(Generic[K, V]):
         return entry[1]
 
     def put(self, key: K, value: V) -> None:
+        """Keep ``value`` (newer than anything a load under way may have read)."""
+        self.changed(key)
         self._entries[key] = (self._clock() + self._ttl, value)
         self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        self._trim()
 
     def replace(self, key: K, value: V) -> None:
         """Change a cached value in place (an event said how), keeping its expiry; a load of
@@ -124,7 +125,8 @@ class Cache(Generic[K, V]):
         finally:
             keep = self._end(key, token)
         if value is not None and keep:
-            self.put(key, value)
+            self._entries[key] = (self._clock() + self._ttl, value)
+            self._trim()
         return value
 
     async def get_or_load_many(
@@ -150,6 +152,11 @@ class Cache(Generic[K, V]):
             kept = {key for key, token in tokens if self._end(key, token)}
         for key, value in loaded.items():
             if key in kept:
-                self.put(key, value)
+                self._entries[key] = (self._clock() + self._ttl, value)
             found[key] = value
+        self._trim()
         return found
+
+    def _trim(self) -> None:
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
