@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import verdict
 from bench.procs import REPO, BenchError, ensure_node_modules
 from bench.profiles import FULL, QUICK, with_settings
 from bench.report import (
@@ -36,7 +37,9 @@ DOC = REPO / "docs" / "benchmarks.md"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "--quick", action="store_true", help="a 1-2 minute smoke run (small N, short phases)"
+        "--quick",
+        action="store_true",
+        help="a smoke run of 5-7 minutes (small N, a small history, short phases)",
     )
     doc = parser.add_mutually_exclusive_group()
     doc.add_argument(
@@ -125,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             merged = json.loads(latest.read_text())
             merged.update({k: v for k, v in results.items() if k != "meta"})
             merged.setdefault("meta_parts", {})[args.only] = results["meta"]
+            merged["done_when"] = verdict.done_when(merged)
         latest.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     (RESULTS_DIR / f"{name}-{stamp}.json").write_text(payload + "\n")
     blocks: list[tuple[str, str | None, str | None]] = []

@@ -1,26 +1,33 @@
-"""The raw ceiling of the hub's own embedded database for what one message needs at minimum.
+"""The raw ceiling of the hub's own database for what one message needs at minimum.
 
 One "op" is a sequence allocation (``find_one_and_update`` with ``$inc`` on a counter document
 that exists beforehand) followed by an ``insert_one`` of a message-sized document. The loop
-runs against the hub's embedded database (address from ``endpoint.json``, password from
-``credentials.json``) in a database of
-its own, with one worker (sequential) and with as many workers as the 1:1 senders, each on
-its own counter (as the senders each write to their own dialog).
+runs with one worker (sequential) and with as many workers as the 1:1 senders, each on its
+own counter (as the senders each write to their own dialog), in a database of its own on the
+hub's database process.
 
-``retry_writes`` is the client's ``retryWrites``: pymongo's default (on) is what the hub uses.
-SecantusDB keeps a record of every retryable write for 30 minutes (at most 10,000) and walks
-all of them on every write, so with it on the cost of a write grows with the recent writes.
+**The same client as the hub's.** The loop does not build a client of its own: it opens the
+store the way the hub's own command line does (``server.store.open_store`` with the hub's
+settings, read from the environment the hub was started with, ``reuse_running=True``). So the
+client has whatever the hub's has: the embedded database's URL (``journal=true``,
+``retryWrites=false``, see ``server/store/embedded.py``), its password, the timeouts, and
+PyMongo's asyncio client. If the hub's options change, the ceiling changes with them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from bson import ObjectId
 from pymongo import MongoClient, ReturnDocument
+
+from server.settings import Settings
+from server.store import open_store
 
 DATABASE = "portalhub_bench_ceiling"
 TEXT = "bench b1-12345 " + "x" * 40
@@ -29,39 +36,31 @@ TEXT = "bench b1-12345 " + "x" * 40
 @dataclass
 class CeilingResult:
     workers: int
-    retry_writes: bool
     seconds: float
     ops: int
     timeline: list[int]  # ops completed in each second
+    client: dict[str, Any]  # the client's options that bear on the cost of a write
 
     @property
     def ops_per_second(self) -> float:
         return self.ops / self.seconds
 
 
-def _worker(
-    client: MongoClient[dict[str, object]],
-    counter: str,
-    deadline: float,
-    counts: list[int],
-    done: list[float],
-) -> None:
-    db = client[DATABASE]
+async def _worker(db: Any, counter: str, deadline: float, done: list[float]) -> int:
     n = 0
     while time.monotonic() < deadline and n < 10_000_000:
-        doc = db.counters.find_one_and_update(
+        doc = await db.counters.find_one_and_update(
             {"_id": counter}, {"$inc": {"seq": 1}}, return_document=ReturnDocument.AFTER
         )
         assert doc is not None
-        now = time.time()
-        db.messages.insert_one(
+        await db.messages.insert_one(
             {
                 "_id": str(ObjectId()),
                 "chat_id": counter,
                 "seq": doc["seq"],
                 "author_id": "a" * 24,
                 "text": TEXT,
-                "created_at": now,
+                "created_at": datetime.now(UTC),
                 "edited_at": None,
                 "deleted": False,
                 "system": False,
@@ -71,50 +70,44 @@ def _worker(
         )
         n += 1
         done.append(time.monotonic())
-    counts.append(n)
+    return n
 
 
-def measure(db_url: str, workers: int, seconds: float, retry_writes: bool) -> CeilingResult:
-    client: MongoClient[dict[str, object]] = MongoClient(
-        db_url,
-        maxPoolSize=max(workers, 1) + 2,
-        retryWrites=retry_writes,
-    )
-    try:
+def _client_options(client: Any, settings: Settings) -> dict[str, Any]:
+    """What the client does with a write, read back from the client itself."""
+    return {
+        "write_concern": dict(client.write_concern.document),
+        "retry_writes": bool(client.options.retry_writes),
+        "max_pool_size": client.options.pool_options.max_pool_size,
+        "embedded": settings.mongodb_url is None,
+    }
+
+
+async def measure(settings: Settings, workers: int, seconds: float) -> CeilingResult:
+    """``workers`` concurrent loops for ``seconds`` through a client built as the hub's."""
+    async with open_store(settings, reuse_running=True) as store:
+        client = store.client
         db = client[DATABASE]
-        db.drop_collection("messages")
+        await db.drop_collection("messages")
         counters = [f"counter-{workers}-{i}" for i in range(workers)]
         for name in counters:
-            db.counters.replace_one({"_id": name}, {"_id": name, "seq": 0}, upsert=True)
+            await db.counters.replace_one({"_id": name}, {"_id": name, "seq": 0}, upsert=True)
         # a short warm-up: connections of the pool opened, collections created
-        _worker(client, counters[0], time.monotonic() + 0.5, [], [])
-        counts: list[int] = []
+        await _worker(db, counters[0], time.monotonic() + 0.5, [])
         done: list[float] = []
-        deadline = time.monotonic() + seconds
         started = time.monotonic()
-        threads = [
-            threading.Thread(target=_worker, args=(client, name, deadline, counts, done))
-            for name in counters
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(seconds + 60)
+        deadline = started + seconds
+        counts = await asyncio.wait_for(
+            asyncio.gather(*(_worker(db, name, deadline, done) for name in counters)),
+            seconds + 60,
+        )
         elapsed = time.monotonic() - started
         timeline = [0] * max(1, math.ceil(elapsed))
         for at in done:
             timeline[min(len(timeline) - 1, int(at - started))] += 1
-        return CeilingResult(workers, retry_writes, elapsed, sum(counts), timeline)
-    finally:
-        client.close()
-
-
-def drop(db_url: str) -> None:
-    client: MongoClient[dict[str, object]] = MongoClient(db_url)
-    try:
-        client.drop_database(DATABASE)
-    finally:
-        client.close()
+        options = _client_options(client, settings)
+        await client.drop_database(DATABASE)
+    return CeilingResult(workers, elapsed, sum(counts), timeline, options)
 
 
 def stored(db_url: str, database: str = "portalhub") -> dict[str, int]:

@@ -64,21 +64,25 @@ class LoadGen:
         parallel: int = 50,
         timeout: float = 60.0,
         deflate: bool = True,
+        max_seconds: float | None = None,
     ) -> Reply:
-        """``count`` more connections; ``deflate``: offer permessage-deflate, as browsers do."""
-        return await self.call(
-            {
-                "cmd": "connect",
-                "url": url,
-                "auths": auths,
-                "count": count,
-                "ready": "snapshot",
-                "parallel": parallel,
-                "timeout": timeout,
-                "deflate": deflate,
-            },
-            timeout=timeout * max(1, count // parallel + 1) + 30,
-        )
+        """``count`` more connections, each ready once it got its ``snapshot``; ``deflate``:
+        offer permessage-deflate, as browsers do; ``max_seconds``: start none after that."""
+        command: dict[str, Any] = {
+            "cmd": "connect",
+            "url": url,
+            "auths": auths,
+            "count": count,
+            "ready": "snapshot",
+            "parallel": parallel,
+            "timeout": timeout,
+            "deflate": deflate,
+        }
+        wait = timeout * max(1, count // parallel + 1) + 30
+        if max_seconds is not None:
+            command["max_seconds"] = max_seconds
+            wait = min(wait, max_seconds + timeout + 30)
+        return await self.call(command, timeout=wait)
 
     async def publish(
         self,

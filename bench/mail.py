@@ -301,6 +301,7 @@ class Watch:
         self.ready = asyncio.Event()
         self._changed_cb = changed
         self._waiting: list[tuple[str, int, asyncio.Future[float]]] = []
+        self.sio.on("snapshot", self._snapshot)
         self.sio.on("counters.changed", self._changed)
 
     def incoming(self, record_type: str) -> int:
@@ -308,6 +309,15 @@ class Watch:
 
     def total(self) -> int:
         return self.incoming("deal") + self.incoming("contact")
+
+    async def _snapshot(self, data: Any) -> None:
+        """The numbers to start from: a push carries only what changed since the snapshot
+        (or the last push), so nothing may come at all until a reply arrives."""
+        crm = data.get("counters", {}).get("crm") if isinstance(data, dict) else None
+        if isinstance(crm, dict):
+            self.numbers = {t: dict(n) for t, n in crm.items() if isinstance(n, dict)}
+        self.ready.set()
+        self._changed_cb()
 
     async def _changed(self, data: Any) -> None:
         at = time.perf_counter()

@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from unittest import mock
 from urllib.parse import quote
+
+from server.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -158,6 +161,7 @@ class Hub:
     log_file: IO[bytes]
     # only with ``db_options``: the database the benchmark started for the hub itself
     db_process: asyncio.subprocess.Process | None = None
+    env: dict[str, str] = field(default_factory=dict)  # the environment it was started with
 
     @property
     def url(self) -> str:
@@ -166,6 +170,12 @@ class Hub:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def settings(self) -> Settings:
+        """The hub's settings, read as the hub read them: from the environment it was
+        started with (``python -m server serve`` builds ``Settings()`` from it)."""
+        with mock.patch.dict(os.environ, self.env, clear=True):
+            return Settings()
 
     async def stop(self) -> None:
         await stop_process(self.process)
@@ -247,6 +257,7 @@ async def start_hub(
         overrides["PORTALHUB_MONGODB_URL"] = (
             f"mongodb://127.0.0.1:{db_port}/?directConnection=true&{db_options}"
         )
+    env = clean_env(overrides)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -254,7 +265,7 @@ async def start_hub(
         "serve",
         "--demo",
         cwd=REPO,
-        env=clean_env(overrides),
+        env=env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=log_file,
         stderr=subprocess.STDOUT,
@@ -286,7 +297,7 @@ async def start_hub(
             await stop_process(db_process)
         log_file.close()
         raise
-    return Hub(process, data_dir, port, db_pid, db_port, db_url, log_file, db_process)
+    return Hub(process, data_dir, port, db_pid, db_port, db_url, log_file, db_process, env)
 
 
 @dataclass

@@ -28,8 +28,24 @@ class Profile:
     # saturated fan-out: publish whenever fewer than ``window`` messages are still on their way
     window: int
     fanout_saturation_seconds: float
-    # at the end: this many clients connect again, now that the group chat has a history
-    reconnect_clients: int = 50
+    # connection set-up: the fan-out's steps (0 -> each N in turn), ``connect_parallel``
+    # connections under way at a time; a series of steps stops starting connections after
+    # ``connect_max_seconds`` (a hub that takes longer is measured on what it managed)
+    connect_parallel: int = 50
+    connect_max_seconds: float = 300.0
+    # history (``bench/history.py``): after the empty-history phases, ``history_chats`` chats
+    # among the users (``history_groups`` group chats of ``history_group_size``, the rest
+    # dialogs, the 1:1 senders' dialogs among them) get ``history_messages`` messages through
+    # the REST API, ``history_parallel`` requests in flight, in rounds of
+    # ``history_round_seconds``, for at most ``history_max_seconds``; then the ceiling, the
+    # 1:1 throughput and the connection set-up are measured again
+    history_messages: int = 100_000
+    history_chats: int = 1_000
+    history_groups: int = 200
+    history_group_size: int = 10
+    history_parallel: int = 32
+    history_round_seconds: float = 20.0
+    history_max_seconds: float = 1_500.0
     warmup: float = 2.0
     settle: float = 3.0
     # XMPP (the hub and Prosody): users registered in both, full logins (``xmpp_login_parallel``
@@ -132,7 +148,14 @@ QUICK = Profile(
     fanout_seconds=4.0,
     window=4,
     fanout_saturation_seconds=4.0,
-    reconnect_clients=20,
+    connect_max_seconds=60.0,
+    history_messages=1_000,
+    history_chats=40,
+    history_groups=8,
+    history_group_size=5,
+    history_parallel=16,
+    history_round_seconds=10.0,
+    history_max_seconds=120.0,
     warmup=1.0,
     settle=1.0,
     xmpp_users=12,

@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from bench import verdict
+
 Results = dict[str, Any]
 
 BEGIN = "<!-- bench:results:begin -->"
@@ -58,6 +60,39 @@ def _steps(side: Results) -> dict[int, Results]:
     return {int(s["n"]): s for s in side.get("fanout", {}).get("steps", [])}
 
 
+def done_when_rows(results: Results) -> list[list[str]]:
+    rows = results.get("done_when") or verdict.done_when(results)
+    out = []
+    for row in rows:
+        mark = verdict.verdict(row)
+        out.append(
+            [
+                row["item"],
+                row["what"],
+                row["shown"] + (f" ({row['note']})" if row.get("note") else ""),
+                row["target"],
+                f"**{mark}**" if mark == "not met" else mark,
+            ]
+        )
+    return out
+
+
+def _ceiling_label(results: Results) -> str:
+    client = _get(results, "db_ceiling", "sequential", "client") or {}
+    concern = client.get("write_concern")
+    parts = [f"write concern {concern}" if concern else "pymongo's default write concern"]
+    parts.append(f"retryWrites {'on' if client.get('retry_writes') else 'off'}")
+    return ", ".join(parts)
+
+
+def _get(data: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
 def summary_rows(results: Results) -> list[list[str]]:
     hub, ref = results.get("hub", {}), results.get("reference", {})
     p = results["meta"]["profile"]
@@ -82,42 +117,34 @@ def summary_rows(results: Results) -> list[list[str]]:
             "",
         ]
     )
-    ceiling = results.get("db_ceiling", {})
     k = p["senders"]
-
-    def ops(key: str) -> Any:
-        return ceiling.get(key, {}).get("ops_per_second")
-
-    seq, conc = ops("sequential"), ops("concurrent")
-    rows.append(
-        [
-            f"database ceiling ($inc + insert_one) ops/s, 1 / {k} workers, retryWrites on "
-            "(as the hub's client)",
-            f"{_num(seq)} / {_num(conc)}",
-            "",
-            "",
-        ]
-    )
-    rows.append(
-        [
-            f"database ceiling ops/s, 1 / {k} workers, retryWrites off",
-            f"{_num(ops('sequential_no_retry'))} / {_num(ops('concurrent_no_retry'))}",
-            "",
-            "",
-        ]
-    )
-    sat = hub.get("direct_saturation", {})
-    mps = sat.get("deliveries_per_second")
-    rows.append(
-        [
-            f"1:1 throughput, {k} senders in own dialogs (messages/s delivered)",
-            _num(mps),
-            "",
-            f"of the DB ceiling with 1 / {k} workers: {_ratio(mps, seq)} / {_ratio(mps, conc)} "
-            f"(retryWrites off: {_ratio(mps, ops('sequential_no_retry'))} / "
-            f"{_ratio(mps, ops('concurrent_no_retry'))})",
-        ]
-    )
+    for label, ceiling_key, sat_key in (
+        ("empty history", "db_ceiling", "direct_saturation"),
+        ("with history", "db_ceiling_history", "direct_saturation_history"),
+    ):
+        ceiling = results.get(ceiling_key, {})
+        seq = _get(ceiling, "sequential", "ops_per_second")
+        conc = _get(ceiling, "concurrent", "ops_per_second")
+        if not ceiling and not hub.get(sat_key):
+            continue
+        rows.append(
+            [
+                f"database ceiling ($inc + insert_one) ops/s, 1 / {k} workers, the hub's "
+                f"client ({_ceiling_label(results)}), {label}",
+                f"{_num(seq)} / {_num(conc)}",
+                "",
+                "",
+            ]
+        )
+        mps = _get(hub, sat_key, "deliveries_per_second")
+        rows.append(
+            [
+                f"1:1 throughput, {k} senders in own dialogs (messages/s delivered), {label}",
+                _num(mps),
+                "",
+                f"of the DB ceiling with {k} / 1 workers: {_ratio(mps, conc)} / {_ratio(mps, seq)}",
+            ]
+        )
     hsteps, rsteps = _steps(hub), _steps(ref)
     for n in p["fanout_ns"]:
         hs, rs = hsteps.get(n, {}), rsteps.get(n, {})
@@ -162,28 +189,75 @@ def summary_rows(results: Results) -> list[list[str]]:
             "",
         ]
     )
-    hc = hsteps.get(top, {}).get("connect", {})
-    rc = rsteps.get(top, {}).get("connect", {})
+    hc = _get(hub, "fanout", "connect_total") or {}
+    rc = _get(ref, "fanout", "connect_total") or {}
     rows.append(
         [
-            f"connection set-up, step to {top}, empty chat (connections/s)",
-            _num(hc.get("per_second")),
-            _num(rc.get("per_second")),
+            f"connection set-up, 0 -> {top} connections ({p['connect_parallel']} under way, "
+            "ready on `snapshot`), empty history (connections/s)",
+            _connect_cell(hc),
+            _connect_cell(rc),
             _ratio(hc.get("per_second"), rc.get("per_second")),
         ]
     )
-    hr = hub.get("fanout", {}).get("reconnect", {})
-    rr = ref.get("fanout", {}).get("reconnect", {})
-    stored = hr.get("stored_before", {})
-    rows.append(
-        [
-            f"connection set-up of {p['reconnect_clients']} clients after the fan-out, "
-            f"{stored.get('messages', '?')} messages stored (connections/s)",
-            _num(hr.get("per_second"), 1),
-            _num(rr.get("per_second")),
-            _ratio(hr.get("per_second"), rr.get("per_second")),
-        ]
-    )
+    hh = _get(hub, "connect_history", "total") or {}
+    if hh:
+        stored = hh.get("stored_before", {})
+        rows.append(
+            [
+                f"connection set-up, 0 -> {top} connections, with history "
+                f"({_count(stored.get('messages'))} messages stored) (connections/s)",
+                _connect_cell(hh),
+                "",
+                f"of the empty history: {_ratio(hh.get('per_second'), hc.get('per_second'))}",
+            ]
+        )
+    return rows
+
+
+def _count(value: Any) -> str:
+    return "?" if value is None else f"{int(value):,}"
+
+
+def _connect_cell(total: Results) -> str:
+    if not total:
+        return "n/a"
+    text = _num(total.get("per_second"), 1)
+    setup = []
+    if total.get("capped"):
+        setup.append(f"stopped at {total.get('connected')} after {_num(total.get('seconds'))} s")
+    failed = sum(int(v) for v in (total.get("failures") or {}).values())
+    if failed:
+        setup.append(f"{failed} failed")
+    return text + (f" ({', '.join(setup)})" if setup else "")
+
+
+def connect_rows(results: Results) -> list[list[str]]:
+    """Every step of every connection series: how many, how fast, how long one took."""
+    rows: list[list[str]] = []
+    series = [
+        ("hub", "empty history", _get(results, "hub", "fanout")),
+        ("hub", "with history", _get(results, "hub", "connect_history")),
+        ("reference", "", _get(results, "reference", "fanout")),
+    ]
+    for side, label, s in series:
+        if not s:
+            continue
+        for step in s.get("steps", []):
+            c = step.get("connect", {})
+            failed = sum(int(v) for v in (c.get("failures") or {}).values())
+            rows.append(
+                [
+                    side,
+                    label,
+                    f"{step['connected_total'] - c.get('connected', 0)} -> "
+                    f"{step['connected_total']}",
+                    _num(c.get("per_second"), 1),
+                    _lat(c.get("setup_ms"), ("p50", "p99", "max")),
+                    str(failed) + (" (stopped: time)" if c.get("capped") else ""),
+                    _kib(step.get("memory", {}).get("per_connection", {}).get("server")),
+                ]
+            )
     return rows
 
 
@@ -205,10 +279,45 @@ def fanout_rows(results: Results) -> list[list[str]]:
                         _ms(lat.get("p90")),
                         _ms(lat.get("p99")),
                         _ms(lat.get("max")),
-                        str(r.get("lost_deliveries", "n/a")),
+                        _faults(r),
                         _ms(r.get("http_ms", {}).get("p50")),
                     ]
                 )
+    return rows
+
+
+def _faults(r: Results) -> str:
+    """lost / doubled / out of order, over every accepted message of the phase."""
+    if "doubled" not in r:
+        return f"{r.get('lost_deliveries', 'n/a')} / n/a / n/a"
+    text = f"{r.get('lost', 0)} / {r.get('doubled', 0)} / {r.get('out_of_order', 0)}"
+    extra = []
+    if r.get("unexpected_deliveries"):
+        extra.append(f"{r['unexpected_deliveries']} unexpected")
+    if r.get("failed_messages"):
+        extra.append(f"{r['failed_messages']} POSTs failed")
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+def direct_rows(results: Results) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for side in ("hub", "reference"):
+        for key in ("direct_latency", "direct_saturation", "direct_saturation_history"):
+            r = results.get(side, {}).get(key)
+            if not r:
+                continue
+            lat = r.get("latency_ms", {})
+            rows.append(
+                [
+                    side,
+                    r.get("phase", key).split(": ", 1)[-1],
+                    _num(r.get("deliveries_per_second"), 1),
+                    _ms(lat.get("p50")),
+                    _ms(lat.get("p99")),
+                    _faults(r),
+                    _ms(r.get("http_ms", {}).get("p50")),
+                ]
+            )
     return rows
 
 
@@ -238,21 +347,24 @@ def _ends(timeline: list[int] | None) -> str:
 def history_rows(results: Results) -> list[list[str]]:
     """What the hub had stored when each phase started, and how its rate moved in the phase."""
     rows: list[list[str]] = []
-    for key, c in results.get("db_ceiling", {}).items():
-        rows.append(
-            [
-                f"database ceiling, {c['workers']} worker(s), "
-                f"retryWrites {'on' if c['retry_writes'] else 'off'} ({key})",
-                "",
-                _num(c["ops_per_second"]),
-                _ends(c.get("timeline")),
-            ]
-        )
+    for key in ("db_ceiling", "db_ceiling_history"):
+        for c in results.get(key, {}).values():
+            rows.append(
+                [
+                    f"database ceiling, {c['workers']} worker(s), {c.get('history', '')}",
+                    "",
+                    _num(c["ops_per_second"]),
+                    _ends(c.get("timeline")),
+                ]
+            )
     hub = results.get("hub", {})
-    phases: list[Results] = [hub.get("direct_latency", {}), hub.get("direct_saturation", {})]
+    phases: list[Results] = [
+        hub.get("direct_latency", {}),
+        hub.get("direct_saturation", {}),
+        hub.get("direct_saturation_history", {}),
+    ]
     for step in _steps(hub).values():
         phases += [step.get("steady", {}), step.get("saturation", {})]
-    phases.append(hub.get("fanout", {}).get("reconnect", {}))
     for r in phases:
         if not r:
             continue
@@ -268,6 +380,64 @@ def history_rows(results: Results) -> list[list[str]]:
     return rows
 
 
+def seeding_rows(results: Results) -> list[list[str]]:
+    """The history's seeding, round by round: the rate as the history grew."""
+    rows: list[list[str]] = []
+    for k, r in enumerate(_get(results, "history", "seed", "rounds") or []):
+        stored = r.get("stored_before", {})
+        rows.append(
+            [
+                str(k + 1),
+                _count(stored.get("messages")),
+                f"{int(r.get('posted', 0)):,}",
+                str(r.get("failed", 0)),
+                _num(r.get("seconds"), 1),
+                _num(r.get("per_second")),
+                _lat(r.get("http_ms"), ("p50", "p99")),
+            ]
+        )
+    return rows
+
+
+def history_summary(results: Results) -> list[str]:
+    h = results.get("history")
+    if not h:
+        return []
+    p = results["meta"]["profile"]
+    seed, chats = h.get("seed", {}), h.get("chats", {})
+    per_user = chats.get("per_user", {})
+    stored = h.get("stored_after", {})
+    status = ", ".join(f"{k}: {v:,}" for k, v in sorted(seed.get("http_status", {}).items()))
+    text = (
+        f"History, seeded through the REST API after the empty-history phases: "
+        f"{chats.get('total', 0):,} chats ({chats.get('dialogs', 0):,} dialogs, "
+        f"{chats.get('groups', 0):,} groups of {chats.get('group_size', 0)}; each user in "
+        f"{per_user.get('min', 0):.0f}-{per_user.get('max', 0):.0f} of them, "
+        f"opened in {_num(chats.get('seconds'), 1)} s), then "
+        f"{seed.get('posted', 0):,} of {seed.get('target_messages', 0):,} messages "
+        f"with {seed.get('parallel', 0)} POSTs in flight in {_num(seed.get('seconds'))} s: "
+        f"**{_num(seed.get('per_second'))} messages/s** (answers: {status or 'none'}). "
+        f"Stored afterwards: {_count(stored.get('messages'))} messages, "
+        f"{_count(stored.get('events'))} events."
+    )
+    if not seed.get("complete"):
+        why = f"; {seed['problem']}" if seed.get("problem") else ""
+        text += (
+            f" **Seeding stopped before the target** (history_max_seconds = "
+            f"{p.get('history_max_seconds', 0):g} s{why}): the with-history figures are for "
+            "the history shown."
+        )
+    return [
+        text,
+        "",
+        _table(
+            ["round", "stored before", "sent", "failed", "s", "msg/s", "POST p50 / p99"],
+            seeding_rows(results),
+        ),
+        "",
+    ]
+
+
 def cpu_rows(results: Results) -> list[list[str]]:
     names = ["hub", "db", "reference", "loadgen", "bench", "other"]
     rows = []
@@ -280,11 +450,23 @@ def cpu_rows(results: Results) -> list[list[str]]:
     return rows
 
 
+def command_line(meta: Results) -> str:
+    parts = ["python -m bench"]
+    p = meta["profile"]
+    if p["name"] == "quick":
+        parts.append("--quick")
+    if meta.get("parts") and list(meta["parts"]) != ["socketio", "xmpp"]:
+        parts += ["--only", ",".join(meta["parts"])]
+    parts += [f"--set {s}" for s in meta.get("settings", [])]
+    return " ".join(parts)
+
+
 def markdown(results: Results) -> str:
     meta = results["meta"]
     machine, versions, p = meta["machine"], meta["versions"], meta["profile"]
     parts = [
-        f"Run of {meta['date']} (profile `{p['name']}`, {meta.get('seconds', 0):.0f} s), "
+        f"Run of {meta['date']} (`{command_line(meta)}`, profile `{p['name']}`, "
+        f"{meta.get('seconds', 0):.0f} s), "
         f"{machine['cores']} cores ({machine['cpu']}), {machine['memory_gib']} GiB, "
         f"Linux {machine['kernel']}; load average at start "
         f"{' / '.join(f'{x:.2f}' for x in meta['loadavg_start'])}, other processes busy "
@@ -308,14 +490,47 @@ def markdown(results: Results) -> str:
             if meta.get("hub_db_options") or meta.get("client_deflate") is False
             else []
         ),
+        "Issue 14's \"done when\", from this run (items 6 and 7, the guarantees' tests and "
+        "the documents, are not measured here):",
+        "",
+        _table(["#", "done when", "measured", "target", "verdict"], done_when_rows(results)),
+        "",
         "Versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items())
         + ". Ratios are Portal Hub / Node socket.io (or / the database ceiling).",
         "",
         _table(["measurement", "Portal Hub", "Node socket.io", "ratio"], summary_rows(results)),
         "",
+        *history_summary(results),
+        "Connection set-up, step by step (ready = the client got its `snapshot`; the "
+        "reference sends its `snapshot` as soon as the client has joined its room), the time "
+        "one connection took, and (RSS - baseline) / connections after the step:",
+        "",
+        _table(
+            ["server", "history", "connections", "per s", "one: p50 / p99 / max", "failed", "RSS"],
+            connect_rows(results),
+        ),
+        "",
+        "1:1 phases (`lost / doubled / out of order` over every accepted message of the "
+        "phase, warm-up included, after the drain):",
+        "",
+        _table(
+            [
+                "server",
+                "phase",
+                "delivered/s",
+                "p50",
+                "p99",
+                "lost / doubled / out of order",
+                "http p50",
+            ],
+            direct_rows(results),
+        ),
+        "",
         "Fan-out detail (latency from just before the publishing POST to each receipt, ms; "
-        "`http` is the POST's own answer time):",
+        "`http` is the POST's own answer time; `lost / doubled / out of order` counted at "
+        "every client over every accepted message of the phase, warm-up included, after the "
+        "drain):",
         "",
         _table(
             [
@@ -328,7 +543,7 @@ def markdown(results: Results) -> str:
                 "p90",
                 "p99",
                 "max",
-                "lost",
+                "lost / doubled / out of order",
                 "http p50",
             ],
             fanout_rows(results),
@@ -377,7 +592,15 @@ def _cpu(side: Results, key: str) -> str:
     return " / ".join(f"{name} {value:.0f}" for name, value in sorted(pct.items()))
 
 
-def xmpp_rows(x: Results) -> list[list[str]]:
+def _stored_cell(part: Results) -> str:
+    s = part.get("stored")
+    if not s:
+        return "n/a"
+    return f"{s.get('stored', 0):,} of {s.get('sent', 0):,}"
+
+
+def xmpp_rows(x: Results, rest: Results | None = None) -> list[list[str]]:
+    """``rest``: the hub's REST 1:1 saturation phase of the same run, when it ran."""
     hub, pro = x.get("hub", {}), x.get("prosody", {})
     hl, pl = hub.get("logins", {}), pro.get("logins", {})
     ht, pt = hub.get("latency", {}), pro.get("latency", {})
@@ -414,6 +637,21 @@ def xmpp_rows(x: Results) -> list[list[str]]:
             _ratio(hs.get("delivered_per_second"), ps.get("delivered_per_second")),
         ],
         [
+            "messages stored (the hub: in its one history; Prosody: archived by mod_mam, each "
+            "in both users' archives) of those sent, latency and saturation phases",
+            _stored_cell(hub),
+            _stored_cell(pro),
+            "",
+        ],
+        [
+            "the hub's REST 1:1 rate, same run (Socket.IO part: "
+            f"{(rest or {}).get('phase', 'not run').split(': ', 1)[-1]}), messages/s",
+            _num((rest or {}).get("deliveries_per_second")),
+            "",
+            "XMPP / REST "
+            + _ratio(hs.get("delivered_per_second"), (rest or {}).get("deliveries_per_second")),
+        ],
+        [
             "latency at saturation, p50 / p99 / max",
             _lat(hsl),
             _lat(psl),
@@ -447,13 +685,19 @@ def xmpp_markdown(results: Results) -> str:
         )
     ]
     parts = [
-        f"Run of {meta['date']} (profile `{meta['profile']['name']}`), {machine['cores']} cores "
+        f"Run of {meta['date']} (`{command_line(meta)}`, profile `{meta['profile']['name']}`), "
+        f"{machine['cores']} cores "
         f"({machine['cpu']}), load average at start "
         f"{' / '.join(f'{v:.2f}' for v in meta['loadavg_start'])}. Prosody "
-        f"{x.get('prosody_version', '?')}, slixmpp {meta['versions'].get('slixmpp', '?')}, "
+        f"{x.get('prosody_version', '?')} with mod_mam ("
+        + ", ".join(f"`{k} = {v}`" for k, v in (x.get("prosody_archive") or {}).items())
+        + f"), slixmpp {meta['versions'].get('slixmpp', '?')}, "
         f"Python {meta['versions']['python']}. Ratios are Portal Hub / Prosody.",
         "",
-        _table(["measurement", "Portal Hub", "Prosody", "ratio"], xmpp_rows(x)),
+        _table(
+            ["measurement", "Portal Hub", "Prosody", "ratio"],
+            xmpp_rows(x, results.get("hub", {}).get("direct_saturation")),
+        ),
         "",
         "CPU during each scenario, % of one core (`loadgen` is the slixmpp generator, `db` the "
         "hub's database child):",

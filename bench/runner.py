@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import crm, dbceiling, mail, soak, xmpp
+from bench import crm, dbceiling, history, mail, soak, verdict, xmpp
 from bench.fixtures import Fixtures, make_fixtures
 from bench.loadgen import LoadGen, Reply
 from bench.procs import (
@@ -35,6 +35,7 @@ from bench.procs import (
     start_reference,
 )
 from bench.profiles import Profile
+from server.settings import Settings
 
 Results = dict[str, Any]
 Say = Callable[[str], None]
@@ -156,12 +157,14 @@ class Run:
         await loadgen.disconnect()
         return {**reply, **info}
 
-    async def direct_saturation(self, target: Target, loadgen: LoadGen) -> Reply:
+    async def direct_saturation(
+        self, target: Target, loadgen: LoadGen, history: str = "empty history"
+    ) -> Reply:
         p = self.profile
         dialogs = target.dialogs[: p.senders]
         receivers = [receiver for _, receiver in dialogs]
         await loadgen.connect(target.url, receivers, len(dialogs), deflate=self.client_deflate)
-        name = f"{target.name}: 1:1 saturation, {len(dialogs)} senders"
+        name = f"{target.name}: 1:1 saturation, {len(dialogs)} senders, {history}"
         async with self._phase(target, name) as info:
             reply = await loadgen.publish(
                 mode="closed",
@@ -173,39 +176,92 @@ class Run:
         await loadgen.disconnect()
         return {**reply, **info}
 
-    async def fanout(self, target: Target, loadgen: LoadGen) -> Results:
-        """Memory first: idle clients connected in steps up to the largest N, RSS after each.
-        Then fan-out from the largest N down, closing clients between the steps."""
+    async def connect_series(self, target: Target, loadgen: LoadGen, history: str) -> Results:
+        """Idle clients connected in steps up to the largest N (``connect_parallel`` under way
+        at a time, ready on ``snapshot``), RSS after each step; within
+        ``connect_max_seconds`` for the whole series. The clients stay connected."""
         p = self.profile
         await asyncio.sleep(p.settle)
         await target.gc()
         baseline = target.rss()
         connected = 0
-        steps: dict[int, Results] = {}
+        spent = 0.0
+        steps: list[Results] = []
         for n in sorted(p.fanout_ns):
-            async with self._phase(target, f"{target.name}: connect {connected} -> {n}") as info:
+            budget = p.connect_max_seconds - spent
+            if budget <= 0:
+                break
+            name = f"{target.name}: connect {connected} -> {n}"
+            name += f", {history}" if history else ""
+            async with self._phase(target, name) as info:
                 reply = await loadgen.connect(
-                    target.url, target.fanout_auths, n - connected, deflate=self.client_deflate
+                    target.url,
+                    target.fanout_auths,
+                    n - connected,
+                    parallel=p.connect_parallel,
+                    deflate=self.client_deflate,
+                    max_seconds=budget,
                 )
+            spent += float(reply["seconds"])
             await asyncio.sleep(p.settle)
             await target.gc()
             rss = target.rss()
-            steps[n] = {
-                "n": n,
-                "connect": {**reply, **info},
-                "memory": {
-                    "rss": rss,
-                    "added": n - connected,
-                    "per_connection": {role: (rss[role] - baseline[role]) / n for role in rss},
-                },
-            }
-            connected = n
-        for n in sorted(p.fanout_ns, reverse=True):
-            step = steps[n]
+            total = int(reply["total"])
+            steps.append(
+                {
+                    "n": n,
+                    "connected_total": total,
+                    "connect": {**reply, **info},
+                    "memory": {
+                        "rss": rss,
+                        "added": total - connected,
+                        "per_connection": {
+                            role: (rss[role] - baseline[role]) / max(total, 1) for role in rss
+                        },
+                    },
+                }
+            )
+            connected = total
+            if reply.get("capped"):
+                break
+        seconds = sum(float(s["connect"]["seconds"]) for s in steps)
+        made = sum(int(s["connect"]["connected"]) for s in steps)
+        failures: dict[str, int] = {}
+        for step in steps:
+            for why, count in step["connect"].get("failures", {}).items():
+                failures[why] = failures.get(why, 0) + int(count)
+        top = max(p.fanout_ns)
+        return {
+            "history": history,
+            "baseline_rss": baseline,
+            "steps": steps,
+            "total": {
+                "target": top,
+                "connected": made,
+                "seconds": seconds,
+                "per_second": made / seconds if seconds > 0 else None,
+                "failures": failures,
+                "capped": made < top,
+                "parallel": p.connect_parallel,
+                "stored_before": steps[0]["connect"].get("stored_before", {}) if steps else {},
+            },
+        }
+
+    async def fanout(self, target: Target, loadgen: LoadGen, history: str = "") -> Results:
+        """Memory and connection set-up first (``connect_series``), then fan-out from the
+        largest N down, closing clients between the steps."""
+        p = self.profile
+        series = await self.connect_series(target, loadgen, history)
+        by_n = {int(s["n"]): s for s in series["steps"]}
+        connected = int(series["steps"][-1]["connected_total"]) if series["steps"] else 0
+        for n in sorted(by_n, reverse=True):
+            step = by_n[n]
             if connected > n:
                 await loadgen.disconnect(keep=n)
                 connected = n
                 await asyncio.sleep(p.settle)
+            # what the connect series managed (all N unless it ran out of time)
+            expect = min(n, connected)
             rate = p.fanout_rate(n)
             async with self._phase(
                 target, f"{target.name}: fan-out to {n}, {rate:g} msg/s"
@@ -216,9 +272,9 @@ class Run:
                     rate=rate,
                     duration=p.fanout_seconds,
                     warmup=p.warmup,
-                    expect=n,
+                    expect=expect,
                 )
-            step["steady"] = {**reply, **info, "rate": rate}
+            step["steady"] = {**reply, **info, "rate": rate, "expect": expect}
             name = f"{target.name}: fan-out to {n}, saturated (window {p.window})"
             async with self._phase(target, name) as info:
                 reply = await loadgen.publish(
@@ -227,55 +283,40 @@ class Run:
                     window=p.window,
                     duration=p.fanout_saturation_seconds,
                     warmup=p.warmup,
-                    expect=n,
+                    expect=expect,
                 )
-            step["saturation"] = {**reply, **info}
+            step["saturation"] = {**reply, **info, "expect": expect}
         await loadgen.disconnect()
         await asyncio.sleep(p.settle)
-        # Connecting costs the hub more once the chat has a history: measure that too.
-        name = f"{target.name}: connect {p.reconnect_clients} again, after the fan-out"
-        async with self._phase(target, name) as info:
-            reply = await loadgen.connect(
-                target.url,
-                target.fanout_auths,
-                p.reconnect_clients,
-                parallel=10,
-                deflate=self.client_deflate,
-            )
-        reconnect = {**reply, **info}
-        await loadgen.disconnect()
-        top = steps[max(p.fanout_ns)]["memory"]["per_connection"]
+        steps = series["steps"]
+        top = steps[-1]["memory"]["per_connection"] if steps else {}
         return {
-            "baseline_rss": baseline,
-            "steps": [steps[n] for n in sorted(steps)],
+            "baseline_rss": series["baseline_rss"],
+            "steps": steps,
             "per_idle_connection": top,
-            "reconnect": reconnect,
+            "connect_total": series["total"],
         }
 
-    async def ceiling(self, db_url: str) -> Results:
-        """The database ceiling: first without retryable writes (they leave no trace in the
-        database), then as the hub's client is configured (pymongo's default, retryWrites on)."""
+    async def ceiling(self, settings: Settings, history: str) -> Results:
+        """The database ceiling, 1 and ``senders`` workers, through a client built as the
+        hub builds its own (``bench/dbceiling.py``)."""
         p = self.profile
         out: Results = {}
-        for retry in (False, True):
-            for label, workers in (("sequential", 1), ("concurrent", p.senders)):
-                key = f"{label}{'' if retry else '_no_retry'}"
-                phase = f"database ceiling, {workers} worker(s), retryWrites={str(retry).lower()}"
-                self.say(phase)
-                with self.meter.phase(phase) as cpu:
-                    result = await asyncio.to_thread(
-                        dbceiling.measure, db_url, workers, p.ceiling_seconds, retry
-                    )
-                out[key] = {
-                    "workers": workers,
-                    "retry_writes": retry,
-                    "ops": result.ops,
-                    "seconds": result.seconds,
-                    "ops_per_second": result.ops_per_second,
-                    "timeline": result.timeline,
-                    "cpu_percent": {k: round(v, 1) for k, v in cpu.percent.items()},
-                }
-        await asyncio.to_thread(dbceiling.drop, db_url)
+        for label, workers in (("sequential", 1), ("concurrent", p.senders)):
+            phase = f"database ceiling, {workers} worker(s), {history}"
+            self.say(phase)
+            with self.meter.phase(phase) as cpu:
+                result = await dbceiling.measure(settings, workers, p.ceiling_seconds)
+            out[label] = {
+                "workers": workers,
+                "history": history,
+                "client": result.client,
+                "ops": result.ops,
+                "seconds": result.seconds,
+                "ops_per_second": result.ops_per_second,
+                "timeline": result.timeline,
+                "cpu_percent": {k: round(v, 1) for k, v in cpu.percent.items()},
+            }
         return out
 
     async def run_hub(self, results: Results, keep: bool) -> None:
@@ -287,18 +328,34 @@ class Run:
         try:
             self.meter.pids.update(hub=hub.pid, db=hub.db_pid)
             self.say(f"hub pid {hub.pid} at {hub.url}, database pid {hub.db_pid}")
+            settings = hub.settings()
             fx = await make_fixtures(hub.url, p.users, p.senders)
             self.say(f"fixtures: {len(fx.users)} users, dialogs, a group chat in {fx.seconds:.1f}s")
             results["fixtures"] = {"users": len(fx.users), "seconds": fx.seconds}
             target = hub_target(hub.url, {"server": hub.pid, "db": hub.db_pid}, hub.db_url, fx)
             loadgen = await LoadGen.start()
             self.meter.pids["loadgen"] = loadgen.pid
-            target.results["direct_latency"] = await self.direct_latency(target, loadgen)
-            results["db_ceiling"] = await self.ceiling(hub.db_url)
-            target.results["direct_saturation"] = await self.direct_saturation(target, loadgen)
-            target.results["fanout"] = await self.fanout(target, loadgen)
-            target.results["stored_end"] = await target.stored()
-            results["hub"] = target.results
+            hr = target.results
+            # empty history
+            hr["direct_latency"] = await self.direct_latency(target, loadgen)
+            results["db_ceiling"] = await self.ceiling(settings, "empty history")
+            hr["direct_saturation"] = await self.direct_saturation(target, loadgen)
+            hr["fanout"] = await self.fanout(target, loadgen, "empty history")
+            # with history: seeded through the API, then the same measurements again
+            self.say(history.estimate(p, hr["direct_saturation"].get("deliveries_per_second")))
+            with self.meter.phase("hub: history seeded through the API") as cpu:
+                results["history"] = await history.make(
+                    loadgen, hub.url, fx, p, self.say, target.stored
+                )
+            results["history"]["cpu_percent"] = {k: round(v, 1) for k, v in cpu.percent.items()}
+            results["db_ceiling_history"] = await self.ceiling(settings, "with history")
+            hr["direct_saturation_history"] = await self.direct_saturation(
+                target, loadgen, "with history"
+            )
+            hr["connect_history"] = await self.connect_series(target, loadgen, "with history")
+            await loadgen.disconnect()
+            hr["stored_end"] = await target.stored()
+            results["hub"] = hr
         finally:
             if loadgen is not None:
                 await loadgen.close()
@@ -353,6 +410,7 @@ class Run:
         if "soak" in parts:
             results["soak"] = await soak.run(self.profile, self.say, self.meter, keep)
             results["meta"]["versions"]["redis"] = _version("redis")
+        results["done_when"] = verdict.done_when(results)
         results["cpu_phases"] = [asdict(phase) for phase in self.meter.phases]
         results["meta"]["seconds"] = time.monotonic() - started
         results["meta"]["loadavg_end"] = os.getloadavg()

@@ -6,11 +6,12 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -195,6 +196,12 @@ class Settings(BaseSettings):
         description="Raw bytes of processed incoming mail and copies of sent mail are dropped "
         "after this many days (the activities keep the text, HTML and attachments)",
     )
+    mail_trusted_authserv_ids: Annotated[list[str] | None, NoDecode] = Field(
+        default=None,
+        description="The authserv-ids (RFC 8601) of the mail server in front, comma-separated: "
+        "its Authentication-Results fields decide whether a sender failed SPF/DKIM/DMARC "
+        "(then not matched by its address alone, and flagged); unset: not checked",
+    )
     web_client_dir: Path | None = None
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = Field(
@@ -223,6 +230,15 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("mail_trusted_authserv_ids", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment: "mx1.example.com, mx2.example.com"
+            value = value.split(",")
+        if isinstance(value, list):
+            return [str(v).strip().lower() for v in value if str(v).strip()]
+        return value
 
     @model_validator(mode="after")
     def _certificate_pair(self) -> Settings:

@@ -875,3 +875,114 @@ async def test_a_relay_may_pass_a_burst_over_one_session(mailhub: HubHarness) ->
             await smtp.noop()  # a loop on one command is still cut off
     assert cut.value.code == 421
     assert await mailhub.services.store["mail_raw"].count_documents({}) == 60
+
+
+def authenticated(msg: EmailMessage, *results: str) -> bytes:
+    """``msg`` as the mail server in front passes it on: its Authentication-Results fields
+    (``results``: "mx.portal.test; dmarc=fail ...") and its Received on top of the sender's
+    header - which may carry a forged field of its own below."""
+    top = "".join(f"Authentication-Results: {r}\r\n" for r in results)
+    top += "Received: from mail.evil.test (203.0.113.9) by mx.portal.test with ESMTPS\r\n"
+    return top.encode() + msg.as_bytes(policy=email.policy.SMTP)
+
+
+async def test_a_forged_from_of_a_known_contact_is_flagged_and_not_matched_by_sender(
+    settings: Settings, store: Store, sink: Sink
+) -> None:
+    configured = settings.model_copy(
+        update={
+            "smtp_relay_url": SecretStr(f"smtp://127.0.0.1:{sink.port}"),
+            "domain": "portal.test",
+            "mail_trusted_authserv_ids": ["mx.portal.test"],
+        }
+    )
+    async with start_hub(configured, store) as hub:
+        ctx = await mail_setup(hub)
+        _, root = await hub.create_user("root", admin=True)
+
+        def from_carl(subject: str, forged_pass: bool = False) -> EmailMessage:
+            msg = EmailMessage()
+            if forged_pass:  # the sender's own field, claiming the trusted server's id
+                msg["Authentication-Results"] = "mx.portal.test; dmarc=pass header.from=ex"
+            msg["From"] = "Carl Client <client@example.test>"
+            msg["To"] = "crm@portal.test"
+            msg["Subject"] = subject
+            msg["Message-ID"] = f"<{uuid.uuid4().hex}@example.test>"
+            msg.set_content("Please pay the new account: DE00 1234.")
+            return msg
+
+        dmarc_fail = "mx.portal.test; spf=fail smtp.mailfrom=evil.test; dmarc=fail (p=reject) "
+        dmarc_fail += "header.from=example.test"
+        forged = from_carl("New bank details", forged_pass=True)
+        await deliver(hub, authenticated(forged, dmarc_fail), ["crm@portal.test"])
+        genuine = from_carl("Genuine")
+        passed = "mx.portal.test; spf=pass smtp.mailfrom=example.test; dmarc=pass"
+        await deliver(hub, authenticated(genuine, passed), ["crm@portal.test"])
+        # a failure reported by a server that is not trusted: ignored
+        elsewhere = from_carl("Relayed")
+        await deliver(
+            hub, authenticated(elsewhere, "mx.elsewhere.test; dmarc=fail"), ["crm@portal.test"]
+        )
+        # a forged From of a new address: no lead either
+        stranger = from_carl("Hello")
+        stranger.replace_header("From", "nobody@example.test")
+        await deliver(hub, authenticated(stranger, dmarc_fail), ["crm@portal.test"])
+        await settled(hub)
+
+        def raw_of(msg: EmailMessage) -> Any:
+            return store["mail_raw"].find_one({"message_id": str(msg["Message-ID"])})
+
+        doc = await raw_of(forged)
+        assert doc is not None and doc["status"] == "unmatched", doc
+        assert doc["result"]["suspicious"] == "dmarc=fail (header.from=example.test)"
+        assert doc["result"]["reason"].startswith("sender not authenticated (dmarc=fail")
+        assert doc["result"]["candidates"] == [
+            {"type": "contact", "id": ctx["contact"]["id"], "title": "Carl Client"}
+        ]
+        for fine in (genuine, elsewhere):
+            doc = await raw_of(fine)
+            assert doc is not None and doc["status"] == "done", doc
+            assert doc["result"]["how"] == "sender" and "suspicious" not in doc["result"]
+        doc = await raw_of(stranger)
+        assert doc is not None and doc["status"] == "unmatched"
+        assert await store["crm_records"].count_documents({"type": "lead"}) == 0
+        listed = await hub.request("GET", "/api/v1/mail/unmatched", token=root)
+        shown = {m["subject"]: m for m in listed.body["mails"]}
+        assert shown["New bank details"]["suspicious"] and shown["Hello"]["suspicious"]
+        assert shown["New bank details"]["candidates"][0]["id"] == ctx["contact"]["id"]
+
+        # a valid reply code is the code's business: on the deal, flagged as suspicious
+        sent = await send_from_deal(hub, ctx, sink)
+        reply = reply_to(sent)
+        target = [str(sent["Reply-To"]).split("<")[-1].rstrip(">")]
+        await deliver(hub, authenticated(reply, dmarc_fail), target)
+        await settled(hub)
+        doc = await raw_of(reply)
+        assert doc is not None and doc["status"] == "done" and doc["result"]["how"] == "code"
+        timeline = await hub.request(
+            "GET",
+            f"/api/v1/crm/activities?owner_type=deal&owner_id={ctx['deal']['id']}&status=all",
+            token=ctx["mary"],
+        )
+        (incoming,) = [a for a in timeline.body["activities"] if a["direction"] == "incoming"]
+        assert incoming["mail"]["suspicious"] is True
+        assert incoming["mail"]["suspicious_reason"] == "dmarc=fail (header.from=example.test)"
+        contact_timeline = await hub.request(
+            "GET",
+            f"/api/v1/crm/activities?owner_type=contact&owner_id={ctx['contact']['id']}&status=all",
+            token=ctx["mary"],
+        )
+        subjects = sorted(a["subject"] for a in contact_timeline.body["activities"])
+        assert subjects == ["Genuine", "Relayed"]  # never the forged one
+        assert all(not a["mail"]["suspicious"] for a in contact_timeline.body["activities"])
+        # an admin who knows better puts it on the contact: it stays flagged there
+        assigned = await hub.request(
+            "POST",
+            f"/api/v1/mail/unmatched/{shown['New bank details']['id']}/assign",
+            token=root,
+            json={"record_type": "contact", "record_id": ctx["contact"]["id"]},
+        )
+        assert assigned.status == 200, assigned.body
+        activity = await store["crm_activities"].find_one({"_id": assigned.body["activity_id"]})
+        assert activity is not None and activity["mail"]["match"] == "assigned"
+        assert activity["mail"]["suspicious"] is True

@@ -5,10 +5,11 @@
 //
 // Commands:
 //   {"cmd":"connect","url":...,"auths":[{...}],"count":N,"ready":"snapshot","parallel":50,
-//    "timeout":60}
+//    "timeout":60,"max_seconds":S}
 //       opens `count` more websocket-only connections, auth objects taken round-robin;
 //       answers once each got its `ready` event. With "deflate":false the client does not
-//       offer permessage-deflate (a browser always does).
+//       offer permessage-deflate (a browser always does). With "max_seconds", no connection
+//       is started after that many seconds (those under way finish or time out).
 //   {"cmd":"publish","mode":"rate"|"closed"|"window","senders":[{"url","headers","body"}],
 //    "rate":50,"window":4,"duration":20,"warmup":2,"expect":1,"drain":10,"key":"client_id",
 //    "max_messages":N}
@@ -16,6 +17,14 @@
 //       `im.message` carrying one of those ids; answers with the statistics. "rate": open
 //       loop at that many messages/s; "closed": one request in flight per sender; "window":
 //       a new message whenever fewer than `window` are not yet received by `expect` clients.
+//       Every client's receipts are checked: a message it got twice is "doubled", one whose
+//       stream seq is below one it already got on that stream is "out of order"; a message
+//       accepted (2xx) but not received by `expect` clients after the drain is "lost".
+//   {"cmd":"seed","url":...,"chats":[{"chat_id","tokens":[...]}],"start":I,"count":N,
+//    "parallel":32,"max_seconds":S}
+//       POSTs messages I .. I+N-1 with `parallel` in flight: message i goes to chat
+//       i % chats.length, written by that chat's token floor(i / chats.length) % tokens, with
+//       client_id "h-<i>". Stops after N messages or S seconds; answers how far it got.
 //   {"cmd":"disconnect","keep":K}   closes every connection but the first K (default 0).
 //   {"cmd":"exit"}
 // Every loop is bounded by a count or a deadline. On end of stdin it closes everything and exits.
@@ -37,16 +46,40 @@ function log(...args) {
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const GRACE_MS = 500; // after the drain, receipts still counted (doubles)
 
-function onMessage(envelope) {
+function onMessage(socket, envelope) {
   const r = run;
   if (r === null) return;
   const now = performance.now();
   const message = envelope && envelope.data && envelope.data.message;
   const id = message && message[r.key];
   if (typeof id !== 'string') return;
-  const t0 = r.sent.get(id);
-  if (t0 === undefined) return;
+  const sent = r.sent.get(id);
+  if (sent === undefined) return;
+  // This client's own account of the run: how often it got each message, and the last seq
+  // it got on each stream.
+  let mine = socket.benchRun;
+  if (mine === undefined || mine.run !== r.id) {
+    mine = socket.benchRun = { run: r.id, counts: new Uint8Array(256), last: new Map() };
+  }
+  if (sent.n >= mine.counts.length) {
+    const grown = new Uint8Array(Math.max(2 * mine.counts.length, sent.n + 1));
+    grown.set(mine.counts);
+    mine.counts = grown;
+  }
+  const before = mine.counts[sent.n];
+  if (before < 255) mine.counts[sent.n] = before + 1;
+  if (before > 0) {
+    r.doubled += 1;
+    return;
+  }
+  if (typeof envelope.seq === 'number') {
+    const last = mine.last.get(envelope.stream);
+    if (last !== undefined && envelope.seq <= last) r.outOfOrder += 1;
+    else mine.last.set(envelope.stream, envelope.seq);
+  }
+  const t0 = sent.t0;
   r.received += 1;
   const got = (r.receipts.get(id) || 0) + 1;
   r.receipts.set(id, got);
@@ -83,7 +116,7 @@ function connectOne(url, auth, ready, timeoutMs, deflate) {
       resolve({ ok, socket, seconds: (performance.now() - t0) / 1000, why });
     };
     const timer = setTimeout(() => finish(false, 'timeout'), timeoutMs);
-    socket.on('im.message', onMessage);
+    socket.on('im.message', (envelope) => onMessage(socket, envelope));
     socket.on('connect_error', (err) => finish(false, String(err && err.message)));
     socket.on('disconnect', (reason) => {
       if (!done) finish(false, 'disconnect: ' + reason);
@@ -99,11 +132,12 @@ async function connect(cmd) {
   const parallel = Math.max(1, cmd.parallel || 50);
   const timeoutMs = (cmd.timeout || 60) * 1000;
   const t0 = performance.now();
+  const stopAt = t0 + (cmd.max_seconds || 1e6) * 1000;
   const setup = [];
   const failures = {};
   let next = 0;
   async function worker() {
-    while (next < count) {
+    while (next < count && performance.now() < stopAt) {
       const i = next++;
       const auth = cmd.auths[(clients.length + i) % cmd.auths.length];
       const result = await connectOne(cmd.url, auth, cmd.ready || 'connect', timeoutMs, cmd.deflate);
@@ -122,6 +156,8 @@ async function connect(cmd) {
   return {
     ok: Object.keys(failures).length === 0,
     connected: setup.length,
+    attempted: next,
+    capped: next < count,
     total: clients.length,
     failures,
     seconds,
@@ -162,10 +198,11 @@ function summary(values) {
 }
 
 async function post(r, sender) {
-  const id = `b${r.id}-${r.count++}`;
+  const n = r.count++;
+  const id = `b${r.id}-${n}`;
   const body = Object.assign({}, sender.body, { [r.key]: id, text: `bench ${id}` });
   const t0 = performance.now();
-  r.sent.set(id, t0);
+  r.sent.set(id, { t0, n });
   if (t0 >= r.windowStart && t0 < r.windowEnd) r.windowSent += 1;
   r.inflight += 1;
   try {
@@ -207,6 +244,8 @@ async function publish(cmd) {
     inflight: 0,
     received: 0,
     complete: 0,
+    doubled: 0,
+    outOfOrder: 0,
     windowStart: start + warmupMs,
     windowEnd: start + warmupMs + durationMs,
     windowSent: 0,
@@ -273,14 +312,23 @@ async function publish(cmd) {
   const expected = () => (r.count - r.failed.size) * r.expect;
   while (r.received < expected() && performance.now() < drainDeadline) await sleep(20);
   const drained = performance.now();
+  // A copy sent after the first one of the last message would come after the drain is
+  // complete: listen a little longer, so that it is counted as doubled.
+  await sleep(GRACE_MS);
   run = null;
   const windowSeconds = (Math.min(r.windowEnd, sendEnd) - r.windowStart) / 1000;
   let windowExpected = 0;
   let windowLost = 0;
-  for (const [id, t0] of r.sent) {
-    if (t0 < r.windowStart || t0 >= r.windowEnd || r.failed.has(id)) continue;
+  let lostAll = 0;
+  let extra = 0;
+  for (const [id, sent] of r.sent) {
+    if (r.failed.has(id)) continue;
+    const got = r.receipts.get(id) || 0;
+    lostAll += Math.max(0, r.expect - got);
+    extra += Math.max(0, got - r.expect);
+    if (sent.t0 < r.windowStart || sent.t0 >= r.windowEnd) continue;
     windowExpected += r.expect;
-    windowLost += r.expect - (r.receipts.get(id) || 0);
+    windowLost += Math.max(0, r.expect - got);
   }
   return {
     ok: true,
@@ -292,6 +340,11 @@ async function publish(cmd) {
     deliveries_per_second: r.windowReceived / windowSeconds,
     expected_deliveries: windowExpected,
     lost_deliveries: windowLost,
+    // over every accepted message of the run, warm-up included, after the drain
+    lost: lostAll,
+    doubled: r.doubled,
+    out_of_order: r.outOfOrder,
+    unexpected_deliveries: extra,
     failed_messages: r.failed.size,
     http_status: r.status,
     http_ms: summary(r.http),
@@ -303,6 +356,60 @@ async function publish(cmd) {
   };
 }
 
+const FILLER = 'a message of the seeded history, about as long as a typical chat line';
+
+async function seed(cmd) {
+  const chats = cmd.chats;
+  const parallel = Math.max(1, cmd.parallel || 32);
+  const first = cmd.start || 0;
+  const end = first + cmd.count;
+  const t0 = performance.now();
+  const stopAt = t0 + (cmd.max_seconds || 1e6) * 1000;
+  const status = {};
+  const http = [];
+  let next = first;
+  let posted = 0;
+  let failed = 0;
+  async function worker() {
+    while (next < end && performance.now() < stopAt) {
+      const i = next++;
+      const chat = chats[i % chats.length];
+      const token = chat.tokens[Math.floor(i / chats.length) % chat.tokens.length];
+      const body = { chat_id: chat.chat_id, client_id: `h-${i}`, text: `history ${i}: ${FILLER}` };
+      const s = performance.now();
+      let why;
+      try {
+        const response = await fetch(cmd.url, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
+          body: JSON.stringify(body),
+        });
+        await response.arrayBuffer();
+        why = String(response.status);
+        if (response.status < 300) posted += 1;
+        else failed += 1;
+      } catch (err) {
+        why = 'error: ' + String((err && err.cause && err.cause.code) || err);
+        failed += 1;
+      }
+      status[why] = (status[why] || 0) + 1;
+      http.push(performance.now() - s);
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(parallel, Math.max(1, end - first)) }, worker));
+  const seconds = (performance.now() - t0) / 1000;
+  return {
+    ok: true,
+    next,
+    posted,
+    failed,
+    seconds,
+    per_second: posted / seconds,
+    http_status: status,
+    http_ms: summary(http),
+  };
+}
+
 async function handle(cmd) {
   switch (cmd.cmd) {
     case 'connect':
@@ -311,6 +418,8 @@ async function handle(cmd) {
       return publish(cmd);
     case 'disconnect':
       return disconnect(cmd.keep);
+    case 'seed':
+      return seed(cmd);
     case 'exit':
       await disconnect();
       out({ ok: true });

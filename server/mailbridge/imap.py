@@ -11,7 +11,9 @@ A message is stored (``RawInbox.put``) before its UID is recorded as collected, 
 the processed folder or deleted only after the pipeline committed its activity; a new
 UIDVALIDITY starts the folder over (the raw inbox's SHA-256 key keeps copies out).
 
-With several hub nodes, a lease on the mailbox document lets one node collect at a time.
+With several hub nodes, a lease on the mailbox document lets one node collect at a time
+(``leases.py``): renewed while the node collects, given back when it stops, taken over at
+once after a crash on the embedded database (where no other node can be).
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ import logging
 import re
 import ssl
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import aioimaplib
 
 from server.background import raise_if_stopping
 from server.mailbridge.inbox import RawInbox, Source
+from server.mailbridge.leases import LEASE, renewing
 from server.store.database import Document, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 IDLE_RENEW_SECONDS = 25 * 60  # under RFC 2177's 29 minutes
 COMMAND_TIMEOUT_SECONDS = 60.0
 MAX_BACKOFF_SECONDS = 300.0
-LEASE = timedelta(seconds=90)
+RECHECK_SECONDS = 30.0
 FETCH_BATCH = 50
 
 _UIDVALIDITY = re.compile(rb"UIDVALIDITY (\d+)")
@@ -126,13 +128,20 @@ def _quoted(folder: str) -> str:
 
 class MailboxCollector:
     def __init__(
-        self, store: Store, inbox: RawInbox, cfg: MailboxConfig, max_bytes: int, node: str
+        self,
+        store: Store,
+        inbox: RawInbox,
+        cfg: MailboxConfig,
+        max_bytes: int,
+        node: str,
+        sole_node: bool = False,
     ) -> None:
         self._store = store
         self._inbox = inbox
         self.cfg = cfg
         self._max_bytes = max_bytes
         self._node = node
+        self._sole_node = sole_node
         self._stored_hooks: list[Any] = []
         self._pending_actions = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -150,19 +159,30 @@ class MailboxCollector:
         )
 
     async def _lease(self) -> bool:
+        """Takes or renews this node's lease on the mailbox. With the embedded database this
+        is the only node, so a lease held by another is a dead process's: taken at once."""
         now = utcnow()
+        query: Document = {"_id": self.cfg.id}
+        if not self._sole_node:
+            query["$or"] = [
+                {"lease.until": None},
+                {"lease.until": {"$lt": now}},
+                {"lease.node": self._node},
+            ]
         won = await self._store["mail_mailboxes"].find_one_and_update(
-            {
-                "_id": self.cfg.id,
-                "$or": [
-                    {"lease.until": None},
-                    {"lease.until": {"$lt": now}},
-                    {"lease.node": self._node},
-                ],
-            },
-            {"$set": {"lease": {"node": self._node, "until": now + LEASE}}},
+            query, {"$set": {"lease": {"node": self._node, "until": now + LEASE}}}
         )
         return won is not None
+
+    async def give_back(self) -> None:
+        """The collector stopped: the next one (the next start, or another node) starts at
+        once instead of waiting for the lease to run out."""
+        try:
+            await self._store["mail_mailboxes"].update_one(
+                {"_id": self.cfg.id, "lease.node": self._node}, {"$set": {"lease": None}}
+            )
+        except Exception:
+            log.warning("mailbox %s: could not give its lease back", self.cfg.id, exc_info=True)
 
     async def supervise(self) -> None:
         backoff = 1.0
@@ -188,13 +208,15 @@ class MailboxCollector:
         try:
             await self._state(connected=True, last_error=None)
             uidvalidity, _exists = await select(client, self.cfg.folder)
-            while True:
-                await self._lease()
-                await self.collect(client, uidvalidity)
-                await self.act_on_delivered(client, uidvalidity)
-                await self._wait(client)
-                # a BYE during the wait ends the connection: select again to find out
-                uidvalidity, _exists = await select(client, self.cfg.folder)
+            async with renewing(self._lease, f"mailbox {self.cfg.id}"):
+                while True:
+                    if not await self._lease():
+                        raise ImapError("another node took the mailbox over")
+                    await self.collect(client, uidvalidity)
+                    await self.act_on_delivered(client, uidvalidity)
+                    await self._wait(client)
+                    # a BYE during the wait ends the connection: select again to find out
+                    uidvalidity, _exists = await select(client, self.cfg.folder)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.logout(), 5)
@@ -305,9 +327,10 @@ class MailboxCollector:
         try:
             push = asyncio.ensure_future(client.wait_server_push(timeout=IDLE_RENEW_SECONDS))
             action = asyncio.ensure_future(self._pending_actions.wait())
-            lease = asyncio.ensure_future(asyncio.sleep(LEASE.total_seconds() / 3))
+            # and a look of our own now and then, should a server's push go missing
+            recheck = asyncio.ensure_future(asyncio.sleep(RECHECK_SECONDS))
             finished, pending = await asyncio.wait(
-                {push, action, lease},
+                {push, action, recheck},
                 timeout=IDLE_RENEW_SECONDS + 30,
                 return_when=asyncio.FIRST_COMPLETED,
             )

@@ -1,9 +1,10 @@
 """Raw incoming mail, stored before anything is done with it.
 
 Both ways in (the SMTP/LMTP listener and the IMAP collector) hand the raw bytes here first;
-the listener answers 250 and the collector moves on only once this write is done. The
-pipeline then claims stored messages with a lease, so a crash at any point leaves the
-message to be processed again at start-up: nothing accepted is lost.
+the listener answers 250 and the collector moves on only once this write is on disk: it is
+journaled (``groupcommit.py``), as is the answer for a copy already stored. The pipeline then
+claims stored messages with a lease (``leases.py``), so a crash at any point leaves the
+message to be processed again: nothing accepted is lost.
 
 The same message arriving twice is stored once: the SHA-256 of the bytes is unique, and so
 is (mailbox, UIDVALIDITY, UID) for IMAP. A resent copy with other bytes but the same
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from bson import Binary
@@ -24,10 +25,11 @@ from gridfs.errors import NoFile
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
+from server.mailbridge.groupcommit import GroupCommit, journaled
+from server.mailbridge.leases import LEASE, orphaned
 from server.store.database import Document, Store, new_id, utcnow
 
 INLINE_LIMIT = 8 * 1024 * 1024  # larger messages go to GridFS (a document holds 16 MB)
-LEASE = timedelta(seconds=120)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,21 +57,31 @@ class RawInbox:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._files = AsyncGridFSBucket(store.db, bucket_name="mail_raw_files")
+        self.commits = GroupCommit(store["mail_raw"])
 
     @property
     def collection(self) -> Any:
         return self._store["mail_raw"]
 
+    async def close(self) -> None:
+        await self.commits.close()
+
     async def put(self, raw: bytes, source: Source) -> Stored:
+        """Stores ``raw``; returns once it is on disk (or its copy stored before is)."""
         digest = hashlib.sha256(raw).hexdigest()
-        existing = await self.collection.find_one({"sha256": digest}, {"_id": 1})
-        if existing is not None:
-            return Stored(existing["_id"], False)
         key = source.imap_key()
+        existing = await self.collection.find_one({"sha256": digest}, {"_id": 1, "imap_key": 1})
+        if existing is not None:
+            if key is not None and existing.get("imap_key") != key:
+                # The same bytes again, now in an IMAP folder (the SMTP copy came first, or
+                # another folder's): the hub has the mail; this copy is moved or deleted like
+                # any delivered mail, so it is recorded as a duplicate at its UID.
+                await self._imap_copy(existing["_id"], digest, source, key)
+            return await self._again(existing["_id"])
         if key is not None:
             seen = await self.collection.find_one({"imap_key": key}, {"_id": 1})
             if seen is not None:
-                return Stored(seen["_id"], False)
+                return await self._again(seen["_id"])
         doc: Document = {
             "_id": new_id(),
             "sha256": digest,
@@ -95,10 +107,12 @@ class RawInbox:
         if len(raw) <= INLINE_LIMIT:
             doc["data"] = Binary(raw)
         else:
+            # Not journaled by itself: the journaled insert of the document after it flushes
+            # the database's log through these chunks too.
             file_id = await self._files.upload_from_stream(f"{digest}.eml", raw)
             doc["file_id"] = file_id
         try:
-            await self.collection.insert_one(doc)
+            await self.commits.insert(doc, len(raw) if file_id is None else 1024)
         except DuplicateKeyError:
             # The same bytes (or the same IMAP message) stored meanwhile by another path.
             if file_id is not None:
@@ -106,8 +120,43 @@ class RawInbox:
             found = await self.collection.find_one(
                 {"$or": [{"sha256": digest}, *([{"imap_key": key}] if key else [])]}, {"_id": 1}
             )
-            return Stored(found["_id"] if found else doc["_id"], False)
+            if found is None:
+                raise
+            return await self._again(found["_id"])
         return Stored(doc["_id"], True)
+
+    async def _imap_copy(self, original_id: str, digest: str, source: Source, key: str) -> None:
+        """A document for an IMAP message whose bytes are stored already: no bytes of its own,
+        the outcome ``duplicate`` at once, found by its mailbox's collector to move it."""
+        now = utcnow()
+        doc: Document = {
+            "_id": new_id(),
+            # the unique key of the bytes is the original's; this one is keyed by its UID
+            "sha256": f"{digest}|{key}",
+            "imap_key": key,
+            "size": 0,
+            "received_at": now,
+            "processed_at": now,
+            "status": "duplicate",
+            "result": {"of": original_id, "reason": "the same bytes were stored already"},
+            "claimed_until": now,
+            "source": {
+                "kind": source.kind,
+                "mailbox_id": source.mailbox_id,
+                "uidvalidity": source.uidvalidity,
+                "uid": source.uid,
+                "recipients": [],
+            },
+        }
+        with contextlib.suppress(DuplicateKeyError):  # recorded by an earlier collection
+            await journaled(self.collection).insert_one(doc)
+
+    async def _again(self, raw_id: str) -> Stored:
+        """A copy stored before: answered only once that copy is on disk too. It may be
+        another session's, whose journaled write has not returned yet; a journaled write
+        made now flushes the log through it (and counts the copies)."""
+        await journaled(self.collection).update_one({"_id": raw_id}, {"$inc": {"copies": 1}})
+        return Stored(raw_id, False)
 
     async def raw_of(self, doc: Document) -> bytes:
         if "data" not in doc and "file_id" not in doc:  # read without its bytes
@@ -117,18 +166,58 @@ class RawInbox:
         stream = await self._files.open_download_stream(doc["file_id"])
         return bytes(await stream.read())
 
-    async def claim(self) -> Document | None:
-        """The oldest message waiting (or whose processing lease ran out)."""
+    async def claim(self, node: str) -> Document | None:
+        """The oldest message waiting (or whose processing lease ran out), leased to
+        ``node``."""
         now = utcnow()
         # No sort: the index (status, claimed_until) yields the longest-waiting first, and a
         # sort would read every pending message.
         found: Document | None = await self.collection.find_one_and_update(
             {"status": "pending", "claimed_until": {"$lt": now}},
-            {"$set": {"claimed_until": now + LEASE}, "$inc": {"attempts": 1}},
+            {
+                "$set": {"claimed_until": now + LEASE, "claimed_by": node},
+                "$inc": {"attempts": 1},
+            },
             return_document=ReturnDocument.AFTER,
             projection={"data": 0},
         )
         return found
+
+    async def renew(self, raw_id: str, node: str) -> bool:
+        result = await self.collection.update_one(
+            {"_id": raw_id, "claimed_by": node, "status": "pending"},
+            {"$set": {"claimed_until": utcnow() + LEASE}},
+        )
+        return bool(result.matched_count)
+
+    async def give_back(self, raw_ids: list[str], node: str) -> None:
+        """This node stops: the messages it holds may be taken at once, here or elsewhere."""
+        if raw_ids:
+            await self.collection.update_many(
+                {"_id": {"$in": raw_ids}, "claimed_by": node, "status": "pending"},
+                {"$set": {"claimed_until": utcnow()}, "$unset": {"claimed_by": ""}},
+            )
+
+    async def take_orphans(self, node: str, sole_node: bool) -> int:
+        """At start-up: the leases of a process that died (see ``leases.orphaned``) end now."""
+        if not sole_node:
+            return 0
+        now = utcnow()
+        # Filtered on the claim index only (the embedded database scans otherwise): what is
+        # leased or waiting for a retry; the holder is checked here.
+        held = [
+            d["_id"]
+            async for d in self.collection.find(
+                {"status": "pending", "claimed_until": {"$gt": now}}, {"claimed_by": 1}
+            )
+            if orphaned(d.get("claimed_by"), node, sole_node)
+        ]
+        if held:
+            await self.collection.update_many(
+                {"_id": {"$in": held}, "status": "pending"},
+                {"$set": {"claimed_until": now}, "$unset": {"claimed_by": ""}},
+            )
+        return len(held)
 
     async def upgrade(self) -> None:
         """Messages stored by an older version waited with no time at all."""
@@ -139,12 +228,20 @@ class RawInbox:
     async def finish(self, raw_id: str, status: str, result: Document) -> None:
         await self.collection.update_one(
             {"_id": raw_id},
-            {"$set": {"status": status, "result": result, "processed_at": utcnow()}},
+            {
+                "$set": {"status": status, "result": result, "processed_at": utcnow()},
+                "$unset": {"claimed_by": ""},
+            },
         )
 
     async def release(self, raw_id: str, error: str, retry_at: datetime) -> None:
+        """Processing failed: tried again at ``retry_at`` (by any node: no holder)."""
         await self.collection.update_one(
-            {"_id": raw_id}, {"$set": {"claimed_until": retry_at, "last_error": error}}
+            {"_id": raw_id},
+            {
+                "$set": {"claimed_until": retry_at, "last_error": error},
+                "$unset": {"claimed_by": ""},
+            },
         )
 
     async def prune(self, older_than: datetime) -> int:

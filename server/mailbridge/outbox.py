@@ -2,9 +2,9 @@
 
 A relay that is down, slow or answering 4xx delays a message (retried with back-off, for up
 to ``GIVE_UP_AFTER``); a 5xx answer is permanent and is written on the email activity.
-Messages are claimed with a lease, so with several nodes each is sent by one of them, and a
-node dying mid-send leaves it to be sent again (at least once: SMTP has no way to ask a
-relay whether it already took a message).
+Messages are claimed with a lease (``leases.py``), so with several nodes each is sent by one
+of them, and a node dying mid-send leaves it to be sent again (at least once: SMTP has no way
+to ask a relay whether it already took a message).
 
 Header injection is refused before anything is composed: no CR, LF or NUL in a subject,
 name or address, and every address must parse as one mailbox.
@@ -18,10 +18,11 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import format_datetime
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -30,12 +31,12 @@ from bson import Binary
 from pymongo import ReturnDocument
 
 from server.background import raise_if_stopping, stop
+from server.mailbridge.leases import LEASE, orphaned, renewing
 from server.store.database import Document, Store, new_id, utcnow
 
 log = logging.getLogger(__name__)
 
 ORIGIN_HEADER = "X-PortalHub-Origin"
-LEASE = timedelta(minutes=5)
 HOLD = timedelta(minutes=1)
 GIVE_UP_AFTER = timedelta(days=2)
 IDLE_POLL_SECONDS = 5.0
@@ -85,16 +86,30 @@ def compose(
     message_id: str,
     origin: str,
     attachments: list[OutgoingAttachment],
+    cc: list[str] | None = None,
+    in_reply_to: str | None = None,
+    references: list[str] | None = None,
+    date: datetime | None = None,
 ) -> bytes:
+    """The message as sent. Bcc recipients are not written in it: they are only in the SMTP
+    envelope. ``in_reply_to`` and ``references`` continue the thread of the mail answered."""
     msg = EmailMessage()
     msg["From"] = mailbox(from_address, sender_name)
     msg["Reply-To"] = mailbox(reply_to, sender_name)
     msg["To"] = [mailbox(a) for a in to]
+    if cc:
+        msg["Cc"] = [mailbox(a) for a in cc]
     msg["Subject"] = safe_header(subject, "the subject")
-    msg["Date"] = formatdate(localtime=False)
+    # "+0000", not formatdate's "-0000", which RFC 5322 (3.3) reserves for a time whose zone
+    # is unknown: ours is UTC, known.
+    msg["Date"] = format_datetime((date or datetime.now(UTC)).astimezone(UTC))
     msg["Message-ID"] = safe_header(message_id, "the Message-ID")
-    # Repeated in References: some relays rewrite Message-ID, replies still name the original.
-    msg["References"] = message_id
+    if in_reply_to:
+        msg["In-Reply-To"] = safe_header(in_reply_to, "In-Reply-To")
+    # The thread's ids, then ours: some relays rewrite Message-ID, and replies still name the
+    # original through References.
+    thread = [safe_header(r, "References") for r in (references or []) if r != message_id]
+    msg["References"] = " ".join([*thread, message_id])
     msg[ORIGIN_HEADER] = safe_header(origin, "the origin")
     msg.set_content(text or "")
     if html:
@@ -140,9 +155,14 @@ class Relay:
 
 
 class Outbox:
-    def __init__(self, store: Store, relay_url: str | None) -> None:
+    def __init__(
+        self, store: Store, relay_url: str | None, node: str = "", sole_node: bool = False
+    ) -> None:
         self._store = store
         self._relay = Relay.from_url(relay_url) if relay_url else None
+        self._node = node or new_id()
+        self._sole_node = sole_node
+        self._sending: str | None = None  # the message being sent, leased to this node
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Called with the activity id after its delivery status changed.
@@ -169,20 +189,62 @@ class Outbox:
             # Not before: the hold's end now, later a lease's end or a retry time. One field,
             # so the claim names only indexed fields (the embedded database scans otherwise).
             "next_at": utcnow() + HOLD,
+            "claimed_by": self._node,
             "created_at": utcnow(),
         }
         await self.collection.insert_one(doc)
         return str(doc["_id"])
 
     async def release(self, outbox_id: str) -> None:
-        await self.collection.update_one({"_id": outbox_id}, {"$set": {"next_at": utcnow()}})
+        await self.collection.update_one(
+            {"_id": outbox_id}, {"$set": {"next_at": utcnow()}, "$unset": {"claimed_by": ""}}
+        )
         self._wake.set()
+
+    async def take_orphans(self) -> int:
+        """At start-up on the embedded database: holds and leases of a process that died
+        end now (``leases.orphaned``)."""
+        if not self._sole_node:
+            return 0
+        now = utcnow()
+        held = [
+            d["_id"]
+            async for d in self.collection.find(
+                {"status": "queued", "next_at": {"$gt": now}}, {"claimed_by": 1}
+            )
+            if orphaned(d.get("claimed_by"), self._node, self._sole_node)
+        ]
+        if held:
+            await self.collection.update_many(
+                {"_id": {"$in": held}, "status": "queued"},
+                {"$set": {"next_at": now}, "$unset": {"claimed_by": ""}},
+            )
+        return len(held)
+
+    async def _renew(self, outbox_id: str) -> bool:
+        result = await self.collection.update_one(
+            {"_id": outbox_id, "claimed_by": self._node, "status": "queued"},
+            {"$set": {"next_at": utcnow() + LEASE}},
+        )
+        return bool(result.matched_count)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mail-outbox")
 
     async def close(self) -> None:
         await stop(self._task)
+        self._task = None
+        if self._sending is not None:
+            # Stopped mid-send: whether the relay took it is unknown; sent again at the next
+            # start (at least once) rather than after the lease.
+            outbox_id, self._sending = self._sending, None
+            try:
+                await self.collection.update_one(
+                    {"_id": outbox_id, "claimed_by": self._node, "status": "queued"},
+                    {"$set": {"next_at": utcnow()}, "$unset": {"claimed_by": ""}},
+                )
+            except Exception:
+                log.warning("could not give back outgoing mail %s", outbox_id, exc_info=True)
 
     async def _run(self) -> None:
         while True:
@@ -201,12 +263,19 @@ class Outbox:
             now = utcnow()
             doc = await self.collection.find_one_and_update(
                 {"status": "queued", "next_at": {"$lte": now}},
-                {"$set": {"next_at": now + LEASE}, "$inc": {"attempts": 1}},
+                {
+                    "$set": {"next_at": now + LEASE, "claimed_by": self._node},
+                    "$inc": {"attempts": 1},
+                },
                 return_document=ReturnDocument.AFTER,
             )
             if doc is None:
                 break
-            await self._send_one(doc)
+            outbox_id = str(doc["_id"])
+            self._sending = outbox_id
+            async with renewing(partial(self._renew, outbox_id), f"outgoing mail {outbox_id}"):
+                await self._send_one(doc)
+            self._sending = None
             sent += 1
         return sent
 
@@ -244,7 +313,8 @@ class Outbox:
             await self._later(doc, repr(exc))
             return
         await self.collection.update_one(
-            {"_id": doc["_id"]}, {"$set": {"status": "sent", "sent_at": utcnow()}}
+            {"_id": doc["_id"]},
+            {"$set": {"status": "sent", "sent_at": utcnow()}, "$unset": {"claimed_by": ""}},
         )
         fields: Document = {"mail.status": "sent", "mail.sent_at": utcnow()}
         if refused:  # some recipients refused, the others took it
@@ -258,13 +328,17 @@ class Outbox:
         delay = min(timedelta(seconds=30) * 2 ** min(doc["attempts"] - 1, 10), timedelta(hours=1))
         await self.collection.update_one(
             {"_id": doc["_id"]},
-            {"$set": {"next_at": utcnow() + delay, "last_error": error}},
+            {
+                "$set": {"next_at": utcnow() + delay, "last_error": error},
+                "$unset": {"claimed_by": ""},
+            },
         )
         await self._mark_activity(doc, {"mail.status": "retrying", "mail.error": error})
 
     async def _failed(self, doc: Document, error: str) -> None:
         await self.collection.update_one(
-            {"_id": doc["_id"]}, {"$set": {"status": "failed", "last_error": error}}
+            {"_id": doc["_id"]},
+            {"$set": {"status": "failed", "last_error": error}, "$unset": {"claimed_by": ""}},
         )
         await self._mark_activity(doc, {"mail.status": "failed", "mail.error": error})
 

@@ -7,6 +7,9 @@ is written back on the raw message - ``done``, ``duplicate``, ``bounce``, ``igno
 ``unmatched`` (kept for an admin to assign), ``refused`` (too complex to parse safely) - so
 nothing is silently dropped. The activity carries the raw message's id under a unique index:
 a message processed again after a crash cannot make a second activity.
+
+A claim is a lease held by this node (``leases.py``): renewed while the message is processed,
+given back when the node stops, taken over at once after a crash on the embedded database.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from gridfs import AsyncGridFSBucket
@@ -23,14 +27,18 @@ from pymongo.errors import DuplicateKeyError
 
 from server.background import raise_if_stopping, stop
 from server.crm.models import LeadCreate, TypedEmail
+from server.crm.records import MAIL_CREATOR
+from server.crm.rules import may_manage_settings
 from server.crm.service import Crm
 from server.im.service import ImService
+from server.mailbridge.authresults import UNCHECKED, Verdict, judge, trusted_results
 from server.mailbridge.inbox import RawInbox
+from server.mailbridge.leases import LEASE, orphaned, renewing
 from server.mailbridge.matching import Match, Matcher
 from server.mailbridge.models import MailSettings
-from server.mailbridge.noise import Noise, bounce_info, classify
+from server.mailbridge.noise import Noise, bounce_info, classify, failed_in_text
 from server.mailbridge.parsing import Limits, MailTooComplex, ParsedMail, parse
-from server.mailbridge.rules import lead_allowed
+from server.mailbridge.rules import lead_allowed, split_name
 from server.observability import instruments
 from server.observability.context import traced
 from server.store.database import Document, Store, utcnow
@@ -41,6 +49,35 @@ log = logging.getLogger(__name__)
 RETRY_AFTER = timedelta(seconds=30)
 IDLE_POLL_SECONDS = 5.0
 WORKERS = 1
+LEAD_WAIT_SECONDS = 5.0
+PREVIEW_CHARS = 500  # of an unmatched mail's text, for the list admins assign from
+MAX_REFERENCES_KEPT = 20  # of an incoming mail's References, for a reply's own
+# Final outcomes a copy of a mail (the same Message-ID) is a duplicate of: delivered, or
+# waiting on (or dismissed from) the unmatched list, which shows each mail once.
+COPY_OF = frozenset({"done", "unmatched", "dismissed"})
+WAITING = ("unmatched", "refused")
+NO_LEAD = "unknown sender; no lead made (exception or too many)"
+
+
+def is_postmaster(address: str) -> bool:
+    """RFC 5321's ``postmaster`` (with or without a domain): the listener takes it for the
+    administrators, never for a record."""
+    bare = address.strip().strip("<>")
+    local = bare.rpartition("@")[0] if "@" in bare else bare
+    return local.lower() == "postmaster"
+
+
+def _sender(mail: ParsedMail) -> str:
+    return mail.from_name or mail.from_address
+
+
+def hour_bucket(now: datetime) -> str:
+    """The clock hour (UTC) the global limit on leads from mail counts in."""
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H")
+
+
+class TryLater(Exception):
+    """Not a failure: the message waits for something another delivery is doing."""
 
 
 class MailPipeline:
@@ -53,6 +90,9 @@ class MailPipeline:
         im: ImService,
         settings: Callable[[], Awaitable[MailSettings]],
         limits: Limits,
+        node: str,
+        sole_node: bool = False,
+        trusted_authserv_ids: frozenset[str] = frozenset(),
     ) -> None:
         self._store = store
         self._inbox = inbox
@@ -65,8 +105,31 @@ class MailPipeline:
         self.origin: str | None = None  # our X-PortalHub-Origin value (the portal's domain)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._node = node
+        self._sole_node = sole_node  # the embedded database: no other node can exist
+        self.trusted_authserv_ids = trusted_authserv_ids
+        self._held: set[str] = set()  # raw messages this node has claimed and not finished
         # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
         self.on_finished: list[Callable[[Document], Awaitable[None]]] = []
+        # Told when the unmatched list changed (its count is a live badge for CRM admins).
+        self.on_unmatched: list[Callable[[], Awaitable[None]]] = []
+
+    async def take_orphans(self) -> None:
+        """At start-up on the embedded database: what a process that died held is free now
+        (its messages' leases, and the claims it made to create a lead)."""
+        if not self._sole_node:
+            return
+        taken = await self._inbox.take_orphans(self._node, self._sole_node)
+        claims = self._store["mail_lead_claims"]
+        stale = [
+            c["_id"]
+            async for c in claims.find({"lead_id": None})
+            if orphaned(c.get("node"), self._node, self._sole_node) or "node" not in c
+        ]
+        if stale:
+            await claims.delete_many({"_id": {"$in": stale}, "lead_id": None})
+        if taken or stale:
+            log.info("took over %s mail leases and %s lead claims of a stopped node", taken, stale)
 
     def start(self) -> None:
         # One worker per node. Four ran faster (14 against 8 replies/s in the benchmark), but
@@ -82,6 +145,13 @@ class MailPipeline:
     async def close(self) -> None:
         await stop(*self._tasks)
         self._tasks = []
+        held, self._held = sorted(self._held), set()
+        if held:
+            # Given back, so that the next start (or another node) takes them at once.
+            try:
+                await self._inbox.give_back(held, self._node)
+            except Exception:
+                log.warning("could not give back %s mail leases", len(held), exc_info=True)
 
     async def _run(self) -> None:
         while True:
@@ -97,14 +167,23 @@ class MailPipeline:
     async def drain(self) -> int:
         """Process every message waiting; returns how many reached an outcome here."""
         done = 0
-        while (doc := await self._inbox.claim()) is not None:
+        while (doc := await self._inbox.claim(self._node)) is not None:
+            raw_id = doc["_id"]
+            self._held.add(raw_id)
             try:
-                with traced(request_id=f"mail-{doc['_id']}"):  # for the logs and events it makes
-                    await self.process(doc)
+                with traced(request_id=f"mail-{raw_id}"):  # for the logs and events it makes
+                    async with renewing(
+                        partial(self._inbox.renew, raw_id, self._node), f"mail {raw_id}"
+                    ):
+                        await self.process(doc)
                 done += 1
+            except TryLater as exc:
+                log.info("mail %s waits: %s", raw_id, exc)
+                await self._inbox.release(raw_id, str(exc), utcnow() + RETRY_AFTER)
             except Exception as exc:
-                log.exception("mail %s failed; it is retried", doc["_id"])
-                await self._inbox.release(doc["_id"], repr(exc), utcnow() + RETRY_AFTER)
+                log.exception("mail %s failed; it is retried", raw_id)
+                await self._inbox.release(raw_id, repr(exc), utcnow() + RETRY_AFTER)
+            self._held.discard(raw_id)
         return done
 
     async def _finish(self, doc: Document, status: str, result: Document) -> None:
@@ -116,6 +195,15 @@ class MailPipeline:
                 await hook(finished)
             except Exception:
                 log.exception("after-delivery step for mail %s failed", doc["_id"])
+        if status in WAITING:
+            await self.unmatched_changed()
+
+    async def unmatched_changed(self) -> None:
+        for unmatched_hook in self.on_unmatched:
+            try:
+                await unmatched_hook()
+            except Exception:
+                log.exception("telling about the unmatched mail failed")
 
     async def process(self, doc: Document) -> None:
         raw = await self._inbox.raw_of(doc)
@@ -124,13 +212,17 @@ class MailPipeline:
         except MailTooComplex as exc:
             await self._finish(doc, "refused", {"reason": f"refused: {exc}"})
             return
-        summary = {"from": mail.from_address, "subject": mail.subject[:500]}
+        summary: Document = {
+            "from": mail.from_address,
+            "from_name": mail.from_name[:200],
+            "subject": mail.subject[:500],
+        }
         noise = classify(mail, self.origin)
         if noise is Noise.OUR_OWN:
             await self._finish(doc, "ignored", {**summary, "reason": "our own mail came back"})
             return
         if noise is Noise.BOUNCE:
-            await self._finish(doc, "bounce", {**summary, **await self._bounced(raw)})
+            await self._finish(doc, "bounce", {**summary, **await self._bounced(raw, mail)})
             return
         if mail.message_id:
             await self._inbox.collection.update_one(
@@ -142,25 +234,43 @@ class MailPipeline:
             earlier = [
                 d
                 async for d in copies.limit(100)
-                if d["status"] == "done" and d["_id"] != doc["_id"]
+                if d["status"] in COPY_OF and d["_id"] != doc["_id"]
             ]
             if earlier:
-                await self._finish(doc, "duplicate", {**summary, "of": earlier[0]["_id"]})
+                original = earlier[0]
+                if original["status"] == "unmatched":  # one entry on the list, counting copies
+                    await self._inbox.collection.update_one(
+                        {"_id": original["_id"]}, {"$inc": {"copies": 1}}
+                    )
+                await self._finish(doc, "duplicate", {**summary, "of": original["_id"]})
+                if original["status"] == "unmatched":
+                    await self.unmatched_changed()
                 return
-        settings = await self._settings()
+        summary["date"] = mail.date
+        summary["preview"] = (mail.new_text or mail.text)[:PREVIEW_CHARS]
         recipients = list(doc.get("source", {}).get("recipients", []))
-        match = await self._matcher.match(mail, recipients, settings)
+        if recipients and all(is_postmaster(r) for r in recipients):
+            await self._to_postmaster(doc, mail, summary)
+            return
+        settings = await self._settings()
+        verdict = self.verdict(mail)
+        match = await self._matcher.match(
+            mail, recipients, settings, distrusted=verdict.reason if verdict.suspicious else None
+        )
+        if verdict.suspicious:
+            summary["suspicious"] = verdict.reason
         if (
             match.record is None
             and not match.candidates
             and noise is Noise.NORMAL
             and settings.create_leads
+            and not verdict.suspicious  # a forged address does not go into the CRM
         ):
-            lead = await self._lead_for(mail, settings)
+            lead, why_not = await self._lead_for(mail, settings)
             if lead is not None:
                 match = Match("new_lead", lead)
             else:
-                match.reason = "unknown sender; no lead made (exception or too many)"
+                match.reason = why_not
         if match.record is None:
             reason = match.reason or "no record matched"
             if noise is Noise.AUTO_REPLY:
@@ -169,7 +279,9 @@ class MailPipeline:
                 doc, "unmatched", {**summary, "reason": reason, "candidates": match.candidates}
             )
             return
-        activity_id = await self.deliver(doc, mail, match, auto_reply=noise is Noise.AUTO_REPLY)
+        activity_id = await self.deliver(
+            doc, mail, match, auto_reply=noise is Noise.AUTO_REPLY, verdict=verdict
+        )
         await self._finish(
             doc,
             "done" if activity_id else "duplicate",
@@ -183,8 +295,43 @@ class MailPipeline:
             },
         )
 
+    async def _to_postmaster(self, doc: Document, mail: ParsedMail, summary: Document) -> None:
+        """Mail to ``postmaster@`` (RFC 5321 wants the address to work) is for the people who
+        run the portal's mail: it waits in the unmatched list, never on a record nor as a
+        lead, and the CRM administrators are told."""
+        await self._finish(
+            doc,
+            "unmatched",
+            {**summary, "reason": "addressed to postmaster: for the administrators"},
+        )
+        sender = mail.from_name or mail.from_address or "(no sender)"
+        for admin in await self.crm_admins():
+            await self._im.post_system_notice(
+                admin,
+                f"Mail to postmaster from {sender}: {mail.subject or '(no subject)'} "
+                "(in the CRM's unmatched mail)",
+            )
+
+    async def crm_admins(self) -> list[str]:
+        """The CRM administrators (portal admins among them), who look after the inbox."""
+        snapshot = await self._crm.access.snapshot()
+        return sorted(
+            uid for uid, viewer in snapshot.viewers.items() if may_manage_settings(viewer.role)
+        )
+
+    def verdict(self, mail: ParsedMail) -> Verdict:
+        """What the trusted mail server in front says of the sender (``authresults.py``)."""
+        if not self.trusted_authserv_ids:
+            return UNCHECKED
+        return judge(trusted_results(mail.trace, self.trusted_authserv_ids), mail.from_address)
+
     async def deliver(
-        self, doc: Document, mail: ParsedMail, match: Match, auto_reply: bool = False
+        self,
+        doc: Document,
+        mail: ParsedMail,
+        match: Match,
+        auto_reply: bool = False,
+        verdict: Verdict = UNCHECKED,
     ) -> str | None:
         """Append the incoming email activity; None when this message already has one."""
         record = match.record
@@ -201,8 +348,13 @@ class MailPipeline:
                 "text": mail.text,
                 "quoted": mail.quoted_text,
                 "attachments": attachments,
+                "date": mail.date,  # as the sender's Date: says; received_at as we got it
+                "received_at": doc.get("received_at"),
+                "references": list(mail.references[-MAX_REFERENCES_KEPT:]),
                 "match": match.how,
                 "flagged": match.flagged,
+                "suspicious": verdict.suspicious,
+                "suspicious_reason": verdict.reason,
                 "auto_reply": auto_reply,
                 "in_reply_to_activity": match.activity_id,
             }
@@ -220,6 +372,8 @@ class MailPipeline:
                 description=(mail.new_text or mail.text)[:20_000],
                 completed=auto_reply,  # an auto-reply is shown, never counted
                 extra=extra,
+                # the history names who wrote it
+                history={"from": _sender(mail), "from_address": mail.from_address},
             )
         except DuplicateKeyError:
             mine = await self._store["crm_activities"].find_one({"mail.raw_id": doc["_id"]})
@@ -229,10 +383,11 @@ class MailPipeline:
             self._crm.counters.touch([record["responsible_id"]], [record["type"]])
             return str(mine["_id"])
         if not auto_reply:
-            sender = mail.from_name or mail.from_address
+            sender = _sender(mail)
+            warning = " (sender not authenticated)" if verdict.suspicious else ""
             await self._im.post_system_notice(
                 record["responsible_id"],
-                f"New email from {sender} on “{record.get('title', '')}”: "
+                f"New email from {sender}{warning} on “{record.get('title', '')}”: "
                 f"{mail.subject or '(no subject)'}",
             )
         return activity.id
@@ -260,7 +415,7 @@ class MailPipeline:
             )
         return saved
 
-    async def _bounced(self, raw: bytes) -> Document:
+    async def _bounced(self, raw: bytes, mail: ParsedMail) -> Document:
         info = await asyncio.to_thread(bounce_info, raw)
         if info is None or not info.original_message_id:
             return {"reason": "bounce for a message we cannot identify"}
@@ -269,18 +424,45 @@ class MailPipeline:
         )
         if activity is None:
             return {"reason": "bounce for a message we did not send"}
+        sent = activity.get("mail", {})
+        failed = list(info.recipients)
+        if not failed:  # a plain-text bounce no detector reads: its words name them
+            sent_to = [*sent.get("to", []), *sent.get("cc", []), *sent.get("bcc", [])]
+            failed = list(failed_in_text(mail.text, sent_to))
+        known = list(sent.get("bounced_recipients", []))
+        news = [a for a in failed if a not in known]
         await self._store["crm_activities"].update_one(
             {"_id": activity["_id"]},
             {
                 "$set": {
                     "mail.status": "bounced",
-                    "mail.bounced_recipients": list(info.recipients),
+                    "mail.bounced_recipients": known + news,
                     "modified_at": utcnow(),
                 }
             },
         )
         await self.announce(activity["_id"])
-        return {"activity_id": activity["_id"], "recipients": list(info.recipients)}
+        if news or sent.get("status") != "bounced":
+            await self._tell_sender_of_bounce(activity, news or failed, info.diagnostic)
+        return {"activity_id": activity["_id"], "recipients": failed}
+
+    async def _tell_sender_of_bounce(
+        self, activity: Document, failed: list[str], diagnostic: str | None
+    ) -> None:
+        """The person who sent the mail learns in the messenger that it came back: the record's
+        timeline says so too, but nobody watches a mail already sent."""
+        sender = activity.get("created_by")
+        if not sender or await self._store.users.find_one({"_id": sender}) is None:
+            return
+        owner = await self._store["crm_records"].find_one({"_id": activity["owner_id"]})
+        where = f" on “{owner.get('title', '')}”" if owner is not None else ""
+        who = ", ".join(failed) if failed else "a recipient"
+        why = f" ({diagnostic[:200]})" if diagnostic else ""
+        await self._im.post_system_notice(
+            sender,
+            f"Your e-mail “{activity.get('subject') or '(no subject)'}”{where} bounced: "
+            f"{who} did not get it{why}",
+        )
 
     async def announce(self, activity_id: str) -> None:
         """An email activity's mail part changed (delivery status, bounce): tell its viewers."""
@@ -291,8 +473,11 @@ class MailPipeline:
         if owner is not None:
             await self._crm.records.core.announce_activity(activity, owner)
 
-    async def _lead_for(self, mail: ParsedMail, settings: MailSettings) -> Document | None:
-        """One lead per unknown sender, however many of their mails arrive at once."""
+    async def _lead_for(
+        self, mail: ParsedMail, settings: MailSettings
+    ) -> tuple[Document | None, str]:
+        """One lead per unknown sender, however many of their mails arrive at once; or why
+        none was made."""
         sender = mail.from_address.lower()
         since = utcnow() - timedelta(minutes=settings.lead_period_minutes)
         recent = await self._store["mail_lead_log"].count_documents(
@@ -301,48 +486,120 @@ class MailPipeline:
         if not lead_allowed(
             sender, settings.lead_exceptions, recent, settings.max_new_leads_per_sender
         ):
-            return None
+            return None, NO_LEAD
         claims = self._store["mail_lead_claims"]
         try:
-            await claims.insert_one({"_id": sender, "lead_id": None, "at": utcnow()})
+            await claims.insert_one(
+                {"_id": sender, "lead_id": None, "at": utcnow(), "node": self._node}
+            )
         except DuplicateKeyError:
             # Another delivery from this sender is making the lead: wait for it, then use it.
-            for _ in range(100):
+            deadline = asyncio.get_running_loop().time() + LEAD_WAIT_SECONDS
+            while asyncio.get_running_loop().time() < deadline:
                 claim = await claims.find_one({"_id": sender})
                 if claim is None:
-                    break
+                    return await self._lead_for(mail, settings)
                 if claim.get("lead_id"):
                     lead = await self._store["crm_records"].find_one({"_id": claim["lead_id"]})
                     if lead is not None:
-                        return lead
+                        return lead, ""
                     await claims.delete_one({"_id": sender, "lead_id": claim["lead_id"]})
                     return await self._lead_for(mail, settings)
+                if self._abandoned(claim):
+                    # Its maker died half-way. A lead it did make is found by its address
+                    # when this message is matched again; none was made if it is not.
+                    await claims.delete_one({"_id": sender, "lead_id": None, "at": claim["at"]})
+                    raise TryLater(f"cleared a stopped node's lead claim: {sender}") from None
                 await asyncio.sleep(0.05)
-            return None
+            raise TryLater("another delivery is still making the lead for this sender") from None
+        bucket: str | None = None
         try:
             responsible = await self._lead_owner(settings)
             if responsible is None:
-                return None
+                await claims.delete_one({"_id": sender, "lead_id": None})
+                return None, NO_LEAD
+            bucket = await self._reserve_lead(settings, responsible)
+            if bucket is None:
+                await claims.delete_one({"_id": sender, "lead_id": None})
+                return None, (
+                    f"unknown sender; no lead made: {settings.max_new_leads_per_hour} leads "
+                    "from mail this hour, the limit"
+                )
+            first, last = split_name(mail.from_name, sender)
             created = await self._crm.records.create_for_system(
                 responsible,
                 "lead",
                 LeadCreate(
                     # (an address may hold what a name may not, such as U+202E)
                     title=clean_name(f"Lead from {mail.from_name or sender}")[:250],
-                    last_name=(mail.from_name or "")[:100],
+                    first_name=clean_name(first)[:100],
+                    last_name=clean_name(last)[:100],
                     emails=[TypedEmail(value=sender)],
                     source="email",
                     ignore_duplicates=True,
                 ),
+                creator=MAIL_CREATOR,
             )
             await claims.update_one({"_id": sender}, {"$set": {"lead_id": created["_id"]}})
             await self._store["mail_lead_log"].insert_one(
                 {"sender": sender, "at": utcnow(), "lead_id": created["_id"]}
             )
-            return created
+            return created, ""
         except Exception:
             await claims.delete_one({"_id": sender, "lead_id": None})
+            if bucket is not None:
+                await self._store["mail_lead_budget"].update_one(
+                    {"_id": bucket}, {"$inc": {"n": -1}}
+                )
             raise
+
+    async def _reserve_lead(self, settings: MailSettings, owner: str) -> str | None:
+        """One lead of this clock hour's allowance (``max_new_leads_per_hour``, all senders
+        together), taken atomically; None past it. The first mail past it tells the lead owner
+        and the CRM administrators, once an hour: not one notice per mail."""
+        limit = settings.max_new_leads_per_hour
+        if limit <= 0:
+            return None  # no leads from mail at all: nothing is paused, nobody is told
+        now = utcnow()
+        bucket = hour_bucket(now)
+        budgets = self._store["mail_lead_budget"]
+        try:
+            # Matches only while under the limit; otherwise the upsert's insert collides with
+            # the hour's document: refused, with nothing counted.
+            result = await budgets.update_one(
+                {"_id": bucket, "n": {"$lt": limit}},
+                {"$inc": {"n": 1}, "$setOnInsert": {"at": now}},
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            result = None
+        if result is not None and (result.modified_count or result.upserted_id is not None):
+            if result.upserted_id is not None:  # a new hour: forget those of days ago
+                await budgets.delete_many({"at": {"$lt": now - timedelta(days=2)}})
+            return bucket
+        first = await budgets.update_one(
+            {"_id": bucket, "noticed": {"$ne": True}}, {"$set": {"noticed": True}}
+        )
+        if first.modified_count:
+            text = (
+                f"Leads from e-mail are paused: {limit} leads were made from mail this hour, "
+                "the limit. Mail from new senders waits in the CRM's unmatched mail until the "
+                "next hour."
+            )
+            for user_id in sorted({owner, *await self.crm_admins()}):
+                await self._im.post_system_notice(user_id, text)
+        return None
+
+    def _abandoned(self, claim: Document) -> bool:
+        """A lead claim nobody will finish: its node is gone, or it is older than a lease."""
+        if orphaned(claim.get("node"), self._node, self._sole_node):
+            return True
+        at = claim.get("at")
+        if not isinstance(at, datetime):
+            return True
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        return utcnow() - at > LEASE
 
     async def _lead_owner(self, settings: MailSettings) -> str | None:
         if settings.lead_responsible_id:

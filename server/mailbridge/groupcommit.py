@@ -1,0 +1,127 @@
+"""Journaled inserts, gathered: many messages' ``250`` for one flush of the database's log.
+
+A ``250`` hands the responsibility for a message over to us (RFC 5321, 6.1): the sending
+server deletes its copy. So a raw message is inserted with ``writeConcern {j: true}``, which
+returns only once the database's journal holds it on disk; with the default write concern a
+commit may still sit in a log buffer, and a crash of the database right after the ``250``
+lost it (issue 13: six of six). Journaling one insert at a time costs a flush each, so while
+one journaled write is in flight, the messages arriving meanwhile wait and go together in the
+next one: one ``insert_many``, one flush (group commit). Every caller gets its own answer:
+stored, or the ``DuplicateKeyError`` of its own document.
+
+The database's log is written in order, so a journaled write also makes every earlier write
+durable: the GridFS chunks of a large message, written before its document, need no journal
+flush of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from pymongo import WriteConcern
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
+
+from server.background import stop
+from server.store.database import Document
+
+log = logging.getLogger(__name__)
+
+JOURNALED = WriteConcern(w=1, j=True)
+MAX_BATCH_DOCS = 64
+MAX_BATCH_BYTES = 16 << 20  # an 8 MiB message alone is one flush anyway
+CLOSE_WAIT_SECONDS = 10.0
+
+_Waiter = tuple[Document, int, "asyncio.Future[None]"]
+
+
+def journaled(collection: AsyncCollection[Document]) -> AsyncCollection[Document]:
+    """The same collection, every write of it flushed to the journal before it returns."""
+    return collection.with_options(write_concern=JOURNALED)
+
+
+class GroupCommit:
+    def __init__(self, collection: AsyncCollection[Document]) -> None:
+        self._collection = journaled(collection)
+        self._pending: list[_Waiter] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.batches = 0  # journaled writes made, for tests and the benchmark
+        self.inserted = 0
+
+    async def insert(self, doc: Document, size: int) -> None:
+        """Returns once ``doc`` is on disk; raises ``DuplicateKeyError`` for a unique key
+        already taken, or whatever failed the write (nothing was acknowledged then)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((doc, size, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_all(), name="mail-group-commit")
+        # A caller cancelled here (its SMTP session dropped) leaves its document in the batch:
+        # it is stored without a 250, and the sender's retry finds it by its SHA-256.
+        await future
+
+    async def _write_all(self) -> None:
+        # One turn of the loop first, for the sessions whose data ended in the same read; the
+        # rest gather while the write before them is flushed.
+        await asyncio.sleep(0)
+        while self._pending:
+            batch: list[_Waiter] = []
+            size = 0
+            while self._pending and len(batch) < MAX_BATCH_DOCS:
+                if batch and size + self._pending[0][1] > MAX_BATCH_BYTES:
+                    break
+                batch.append(self._pending.pop(0))
+                size += batch[-1][1]
+            try:
+                await self._write(batch)
+            except BaseException as exc:  # cancelled at shutdown: nobody may wait for ever
+                failure = exc if isinstance(exc, Exception) else ConnectionError("shutting down")
+                for _doc, _size, future in [*batch, *self._pending]:
+                    if not future.done():
+                        future.set_exception(failure)
+                self._pending.clear()
+                raise
+
+    async def _write(self, batch: list[_Waiter]) -> None:
+        errors: dict[int, dict[str, Any]] = {}
+        try:
+            await self._collection.insert_many([doc for doc, _, _ in batch], ordered=False)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                # Inserted but perhaps not journaled: no 250 for any of them. A retry finds
+                # its copy by SHA-256 and is answered after a journaled write of its own.
+                for _doc, _size, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            errors = {int(e["index"]): e for e in exc.details.get("writeErrors", [])}
+        except Exception as exc:
+            for _doc, _size, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.batches += 1
+        self.inserted += len(batch) - len(errors)
+        for index, (_doc, _size, future) in enumerate(batch):
+            if future.done():
+                continue
+            error = errors.get(index)
+            if error is None:
+                future.set_result(None)
+            elif error.get("code") == 11000:
+                future.set_exception(DuplicateKeyError(error.get("errmsg", ""), 11000, error))
+            else:
+                future.set_exception(WriteError(error.get("errmsg", ""), error.get("code"), error))
+
+    async def close(self) -> None:
+        """Let the write under way finish (its senders are waiting for their answer), then
+        stop."""
+        writer = self._writer
+        if writer is None or writer.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), CLOSE_WAIT_SECONDS)
+        except Exception:
+            log.warning("the last journaled mail write did not finish in time", exc_info=True)
+        await stop(writer)
