@@ -15,13 +15,14 @@ from server.directory.models import UserCreate
 from server.directory.service import DirectoryService
 from server.events.bus import InProcessBus
 from server.events.models import Event
-from server.events.streams import StreamLog
+from server.events.streams import Append, StreamLog
 from server.im.check import ImCheck
 from server.im.migration import number_messages
 from server.im.models import SendMessage
 from server.im.service import ImService
 from server.settings import Settings
 from server.store.database import Document, Store
+from server.web.problems import Problem
 
 
 class Inserts(monitoring.CommandListener):
@@ -191,9 +192,66 @@ async def test_two_nodes_writing_into_one_chat_keep_its_ordinals(
         assert numbers == list(range(1, 71))
         report = await ImCheck(store).check()
         assert report.clean, report
+        # A node that read nothing yet gives everyone what a recount gives: the messages by
+        # others after their own last one (posting reads the chat).
+        stored = [d async for d in store["messages"].find({"chat_id": chat["_id"]})]
         fresh = node(store, fast)
-        assert (await fresh.im.counters(alice["_id"])).chats[chat["_id"]] > 0
-        await fresh.close()
+        try:
+            for who in (alice, bob, carol):
+                own = max(d["n"] for d in stored if d["author_id"] == who["_id"])
+                expected = sum(1 for d in stored if d["n"] > own)
+                counted = (await fresh.im.counters(who["_id"])).chats.get(chat["_id"], 0)
+                assert counted == expected, who["login"]
+        finally:
+            await fresh.close()
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_a_message_taken_back_under_another_nodes_message_counts_as_deleted(
+    store: Store, fast: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node one stores message n but not its event; meanwhile node two numbers its own
+    message n + 1. Node one takes n back (503): the ordinal cannot be given again, so it
+    must count as deleted, or everyone's unread number in the chat is one too high."""
+    await number_messages(store, "test")
+    one, two = node(store, fast), node(store, fast)
+    try:
+        alice, bob, carol = await users(one, "alice", "bob", "carol")
+        chat = (await one.im.create_group(alice, "Team", [bob["_id"], carol["_id"]]))["_id"]
+        await one.im.send(alice, SendMessage(chat_id=chat, text="before"))
+        await one.im.settled()
+        held: list[asyncio.Future[Event]] = []
+        holding = asyncio.Event()
+
+        def hold(items: list[Append]) -> list[asyncio.Future[Event]]:
+            futures = [asyncio.get_running_loop().create_future() for _ in items]
+            held.extend(futures)
+            holding.set()
+            return futures
+
+        monkeypatch.setattr(one.streams, "enqueue", hold)
+        lost = await one.im.submit(alice, SendMessage(chat_id=chat, text="lost"))
+        await asyncio.wait_for(holding.wait(), 10)  # stored as n = 2, its event on its way
+        stored = await two.im.send(bob, SendMessage(chat_id=chat, text="kept"))
+        assert stored.messages[0].n == 3
+        for future in held:
+            future.set_exception(RuntimeError("the event could not be stored"))
+        with pytest.raises(Problem) as refused:
+            await lost
+        assert refused.value.status == 503
+        await one.im.settled()
+        await two.im.settled()
+        assert [d["n"] async for d in store["messages"].find({"chat_id": chat})] == [1, 3]
+        report = await ImCheck(store).check()
+        assert report.clean, report
+        fresh = node(store, fast)
+        try:
+            # carol: "before" and "kept" unread; the taken-back one is nobody's
+            assert (await fresh.im.counters(carol["_id"])).chats[chat] == 2
+        finally:
+            await fresh.close()
     finally:
         await one.close()
         await two.close()

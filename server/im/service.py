@@ -102,7 +102,9 @@ class ImService:
             ttl_seconds=settings.cache_ttl_seconds,
             max_entries=settings.cache_max_entries,
         )
-        self._writer = MessageWriter(store, streams, self._resolve_duplicate)
+        self._writer = MessageWriter(
+            store, streams, self._resolve_duplicate, self._state.chat_changed
+        )
         self._sides: set[asyncio.Task[Any]] = set()
         bus.subscribe(self._on_event)
         bus.subscribe_ephemeral(self._on_ephemeral)
