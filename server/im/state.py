@@ -11,8 +11,8 @@ Every node applies every messenger event it sees (its own and other nodes', thro
 - ``im.message`` (chat stream): the chat's ``msg_count`` and preview, the author's read
   position;
 - ``im.message.updated``: the preview, if it is that message;
-- ``im.message.deleted``, ``im.chat.members``: the chat is read again, and so are the
-  memberships of the people added or removed;
+- ``im.message.deleted``, ``im.chat.updated`` (a new title), ``im.chat.members``: the chat is
+  read again, and so are the memberships of the people added or removed;
 - ``im.chat.joined``, ``im.chat.left`` (user stream): the user's memberships and the chat
   are read again;
 - ``im.read`` (ephemeral, chat stream): the reader's read position.
@@ -150,7 +150,7 @@ class ImState:
                 self._message_stored(chat_id, data.get("message") or {})
             elif event.type == "im.message.updated":
                 self._message_edited(chat_id, data.get("message") or {})
-            elif event.type == "im.message.deleted":
+            elif event.type in ("im.message.deleted", "im.chat.updated"):  # deleted_ns, title
                 self.chats.invalidate(chat_id)
             elif event.type == "im.chat.members":
                 self.chats.invalidate(chat_id)
