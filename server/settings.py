@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     )
     token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=1)
     event_retention_seconds: int = Field(default=3 * 24 * 3600, ge=1)
+    cache_ttl_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="In-process copies of tokens, users, the directory, chats and memberships "
+        "are corrected through the event bus at once; this is the backstop for an event lost "
+        "(e.g. while Redis was unreachable)",
+    )
+    cache_max_entries: int = Field(
+        default=100_000, ge=100, description="Entries per in-process cache (least recent go)"
+    )
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     http_header_timeout_seconds: float = Field(
         default=10.0,
