@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from server.events.models import EphemeralEvent, Event
-from server.im.models import SendMessage
+from server.im.models import SendMessage, SendResult
 from server.store.database import Document
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
@@ -42,6 +42,8 @@ from server.xmpp.modules.messages import (
     as_stanza_error,
     client_id_for,
     stamp,
+    stored,
+    submit_message,
 )
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import (
@@ -54,7 +56,7 @@ from server.xmpp.stanza import (
     result,
     small_int,
 )
-from server.xmpp.xmlstream import serialize
+from server.xmpp.xmlstream import addressed, serialize
 
 if TYPE_CHECKING:
     from server.xmpp.server import IqHandler, XmppServer
@@ -99,11 +101,14 @@ class Occupant:
     jid: str  # the session's full JID, kept: it may be gone when the session ends
     nick: str
     extras: list[ET.Element]  # what the occupant's presence carries (show, status, caps...)
-    buffer: list[tuple[str | None, ET.Element]] | None = None  # held back while joining
+    # held back while joining: a stanza, or one serialised already
+    buffer: list[tuple[str | None, ET.Element | bytes]] | None = None
 
-    def deliver(self, stanza: ET.Element, message_id: str | None = None) -> None:
+    def deliver(self, stanza: ET.Element | bytes, message_id: str | None = None) -> None:
         if self.buffer is not None:
             self.buffer.append((message_id, stanza))
+        elif isinstance(stanza, bytes):
+            self.session.send_bytes(stanza)
         else:
             self.session.send_nowait(stanza)
 
@@ -341,7 +346,10 @@ class Muc:
             held, occupant.buffer = occupant.buffer or [], None
             for held_id, held_stanza in held:
                 if held_id is None or held_id not in sent:
-                    session.send_nowait(held_stanza)
+                    if isinstance(held_stanza, bytes):
+                        session.send_bytes(held_stanza)
+                    else:
+                        session.send_nowait(held_stanza)
 
     async def history(
         self, room: Room, occupant: Occupant, request: ET.Element | None
@@ -540,25 +548,45 @@ class Muc:
         stanza_id = stanza.get("id")
         client_id = client_id_for(stanza_id)
         key = (session.user_id, client_id) if client_id and stanza_id else None
-        if key is not None and stanza_id:
+        origin = (session.id, stanza_id or "")  # this submission's (compared by identity)
+        if key is not None:
             if len(self.origins) > MAX_REMEMBERED:
                 self.origins.clear()
-            self.origins[key] = (session.id, stanza_id)
+            self.origins[key] = origin
+        request = SendMessage(chat_id=room.chat_id, text=body, client_id=client_id)
         try:
-            sent = await im.send(
-                session.user, SendMessage(chat_id=room.chat_id, text=body, client_id=client_id)
-            )
-        finally:
-            # (the echo, if there was one, has been sent by now: send returns once published)
-            origin = self.origins.pop(key, None) if key is not None else None
-        if sent.duplicate and origin is not None:
-            # A resent stanza stores nothing new and publishes nothing: echo it once more.
+            pending = await submit_message(im, session.user, request)
+        except BaseException:
+            self.forget_origin(key, origin)
+            raise
+
+        async def finished() -> SendResult:
+            try:
+                return await stored(pending)
+            finally:
+                # (the echo, if there was one, has been sent by now: a store resolves once
+                # its event is published). A resend of the same id may be in flight behind
+                # this one: its origin is its own.
+                self.forget_origin(key, origin)
+
+        def echo(sent: SendResult) -> None:
             occupant = room.occupants.get(session.id)
-            if occupant is not None:
-                message = sent.messages[0]
-                nick = await self.nick_of(room, session.user_id)
-                echo = {"id": message.id, "text": message.text}
-                occupant.deliver(self.message(room, nick, occupant.jid, echo, origin[1]))
+            if not sent.duplicate or key is None or occupant is None:
+                return
+            # A resent stanza stores nothing new and publishes nothing: echo it once more.
+            nick = next(
+                (o.nick for o in room.occupants.values() if o.user_id == session.user_id),
+                occupant.nick,
+            )
+            message = sent.messages[0]
+            reflected = {"id": message.id, "text": message.text}
+            occupant.deliver(self.message(room, nick, occupant.jid, reflected, origin[1]))
+
+        session.pipeline.add(finished(), stanza, echo)
+
+    def forget_origin(self, key: tuple[str, str] | None, origin: tuple[str, str]) -> None:
+        if key is not None and self.origins.get(key) is origin:
+            del self.origins[key]
 
     async def own_message(self, session: C2SSession, room: Room, ident: str | None) -> str:
         """The portal message a client refers to: by the message id (the stanza-id and the id
@@ -595,16 +623,24 @@ class Muc:
         origin: tuple[str, str] | None = None
         if event.type == "im.message" and author and message.get("client_id"):
             origin = self.origins.get((str(author), str(message["client_id"])))
+        # One serialisation for every occupant (each gets it with its own "to"); the sender's
+        # own session gets its reflection under the id it sent.
+        shared = (
+            addressed(self.message(room, nick, "", message, message_id))
+            if event.type == "im.message"
+            else None
+        )
         for occupant in list(room.occupants.values()):
-            if event.type == "im.message":
-                ident = message_id
+            if shared is not None:
                 if origin is not None and origin[0] == occupant.session.id:
                     ident = origin[1]
                     if len(self.known_as) > MAX_REMEMBERED:
                         self.known_as.clear()
                     self.known_as[(occupant.session.id, message_id)] = ident
-                stanza = self.message(room, nick, occupant.jid, message, ident)
-                occupant.deliver(stanza, message_id)
+                    stanza = self.message(room, nick, occupant.jid, message, ident)
+                    occupant.deliver(stanza, message_id)
+                else:
+                    occupant.deliver(shared(occupant.jid), message_id)
                 continue
             stanza = self.groupchat(room, nick, occupant.jid, f"{message_id}-{event.seq}")
             if event.type == "im.message.updated":
