@@ -56,6 +56,7 @@ class Pipeline:
         self._entries: deque[_Entry] = deque()
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # set whenever an entry finishes
+        self.peak = 0  # the most stanzas ever unfinished at once (for tests and metrics)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -73,6 +74,7 @@ class Pipeline:
         """A store handed to the write path; ``pending`` raises ``StanzaError`` for the client
         (anything else is logged and answered ``internal-server-error``)."""
         self._entries.append(_Entry(pending, stanza, done=done))
+        self.peak = max(self.peak, len(self._entries))
         self._start()
 
     def answer(self, stanza: ET.Element, reply: ET.Element) -> None:

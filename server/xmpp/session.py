@@ -182,6 +182,10 @@ class C2SSession:
         parser.feed(data)
         inbox, self._inbox = self._inbox, []
         for index, (kind, value) in enumerate(inbox):
+            if self._terminating or self._closing:
+                # Ended from outside (revoked, replaced, shut down) while this read was being
+                # handled, maybe waiting for room: what is left of it is not the user's any more.
+                raise Closing
             if kind == "open":
                 await self._on_stream_open(value)
             elif kind == "close":

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Generator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +84,17 @@ async def submit_message(
     Until then ``send`` does the checks and the store together, started by the session's
     pipeline, one after the other in arrival order (``server/xmpp/pipeline.py``).
     """
-    return im.send(user, request)
+    return _Deferred(im, user, request)
+
+
+class _Deferred:
+    """``ImService.send`` once awaited (a session that ends first leaves nothing half-done)."""
+
+    def __init__(self, im: ImService, user: Document, request: SendMessage) -> None:
+        self.im, self.user, self.request = im, user, request
+
+    def __await__(self) -> Generator[Any, None, SendResult]:
+        return self.im.send(self.user, self.request).__await__()
 
 
 async def stored(pending: Awaitable[SendResult]) -> SendResult:
