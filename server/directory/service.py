@@ -58,6 +58,9 @@ DIRECTORY_FIELDS = frozenset(
 # Stored with a user, never shown nor announced as a change.
 HIDDEN_FIELDS = frozenset({"password_hash", "scram", "password_stamp", "phone_digits"})
 
+# Never kept in memory: what checks a password is read from the database when it is needed.
+SECRET_FIELDS = {"password_hash": False, "scram": False}
+
 
 def password_stamp() -> str:
     """A new value for ``users.password_stamp`` at each password change: a Jabber session
@@ -125,6 +128,20 @@ class DirectoryService:
         if doc is None:
             raise not_found(f"user {user_id}")
         return doc
+
+    async def cached_user(self, user_id: str) -> Document | None:
+        """The user's document without its secrets, or None if there is none. A copy: the
+        caller may change it."""
+        return await self._store.users.find_one({"_id": user_id}, projection=SECRET_FIELDS)
+
+    async def cached_users(self, user_ids: list[str]) -> dict[str, Document]:
+        """The documents of those of ``user_ids`` who exist (copies, without secrets)."""
+        return {
+            str(doc["_id"]): doc
+            async for doc in self._store.users.find(
+                {"_id": {"$in": user_ids}}, projection=SECRET_FIELDS
+            )
+        }
 
     async def user_by_login(self, login: str) -> Document | None:
         return await self._store.users.find_one({"login": login.strip().lower()})

@@ -88,7 +88,8 @@ class XmppServer:
         self.cert_path: Path | None = None
         self.fingerprint = ""
         self.ports: dict[str, int] = {}
-        self._logins: dict[str, str] = {}
+        self._logins: dict[str, str] = {}  # user id -> login (neither ever changes)
+        self._ids: dict[str, str] = {}  # login -> user id
         presence.on_drop(TRANSPORT, self._drop_source)
         # Revocation: sessions register with auth.sessions, which ends them (session.py).
 
@@ -347,22 +348,39 @@ class XmppServer:
         return [s for s in self.sessions_of(user_id) if s.available]
 
     async def user_for(self, jid: Jid) -> Document | None:
+        """The user a JID of this domain names, or None. Their document comes from the
+        directory (its cache), found by id: a login never changes, so which id it names is
+        remembered here, and a message to a colleague costs no lookup by login."""
         if jid.domain != self.domain or not jid.local:
             return None
-        return await self.directory.user_by_login(jid.local)
+        user_id = self._ids.get(jid.local)
+        if user_id is not None:
+            return await self.directory.cached_user(user_id)
+        doc = await self.directory.user_by_login(jid.local)
+        if doc is None:
+            return None
+        self._remember(str(doc["_id"]), str(doc["login"]))
+        for secret in ("password_hash", "scram"):
+            doc.pop(secret, None)
+        return doc
 
     async def login_of(self, user_id: str | None) -> str | None:
-        """A user's login (their JID's localpart), cached: logins never change."""
+        """A user's login (their JID's localpart), remembered: logins never change."""
         if user_id is None:
             return None
         if user_id not in self._logins:
-            doc = await self.store.users.find_one({"_id": user_id}, projection={"login": True})
+            doc = await self.directory.cached_user(user_id)
             if doc is None:
                 return None
-            if len(self._logins) > MAX_CACHED_LOGINS:
-                self._logins.clear()
-            self._logins[user_id] = str(doc["login"])
+            self._remember(user_id, str(doc["login"]))
         return self._logins[user_id]
+
+    def _remember(self, user_id: str, login: str) -> None:
+        if len(self._logins) > MAX_CACHED_LOGINS:
+            self._logins.clear()
+            self._ids.clear()
+        self._logins[user_id] = login
+        self._ids[login] = user_id
 
     def jid_of(self, user: Document) -> Jid:
         return Jid(str(user["login"]), self.domain)

@@ -761,9 +761,8 @@ class Muc:
         wanted = {i.get("affiliation") for i in payload.findall(q(MUC_ADMIN, "item"))}
         query = element("query", ns=MUC_ADMIN)
         members = [str(m) for m in chat.get("member_ids", [])]
-        async for user in self.server.store.users.find(
-            {"_id": {"$in": members}}, projection={"login": True}
-        ):
+        found = await self.server.directory.cached_users(members)
+        for user in (found[m] for m in members if m in found):
             affiliation = "owner" if user["_id"] == chat.get("owner_id") else "member"
             if not wanted - {None} or affiliation in wanted:
                 jid = f"{user['login']}@{self.server.domain}"
