@@ -14,15 +14,16 @@ import contextlib
 import hashlib
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from bson import ObjectId
 from pydantic import ValidationError
 from pymongo import UpdateOne
 
 from server.events.models import EphemeralEvent, Event
-from server.im.models import SendMessage, SendResult
+from server.im.models import HistoryQuery, MessageOut, SendMessage, SendResult
 from server.im.rules import private_pair_key
 from server.im.service import ImService
 from server.store.database import Document
@@ -103,6 +104,56 @@ async def stored(pending: Awaitable[SendResult]) -> SendResult:
         return await pending
     except (ValidationError, Problem) as exc:
         raise as_stanza_error(exc) from None
+
+
+HISTORY_PAGE = 100
+
+
+def id_at(moment: datetime) -> str:
+    """The smallest message id of ``moment``'s second: ids are ObjectIds, time first, so a
+    time range becomes an id range the history's index can serve."""
+    return str(ObjectId.from_datetime(moment))
+
+
+async def read_history(
+    im: ImService,
+    user: Document,
+    chat_id: str,
+    limit: int,
+    *,
+    after: str | None = None,
+    before: str | None = None,
+    oldest_first: bool = False,
+    keep: Callable[[MessageOut], bool] = lambda _m: True,
+) -> list[MessageOut]:
+    """Up to ``limit`` messages of a chat strictly between ``after`` and ``before`` that are
+    not deleted and that ``keep`` accepts: the newest ones, newest first, or with
+    ``oldest_first`` the oldest ones, oldest first. Read through the messenger's history page
+    by page (by chat and id, which its index serves whatever the size of the history: a filter
+    on ``deleted`` or ``created_at`` would make the embedded database scan every message)."""
+    found: list[MessageOut] = []
+    cursor = after if oldest_first else before
+    while len(found) < limit:
+        if oldest_first:
+            query = HistoryQuery(after=cursor, limit=HISTORY_PAGE)
+        else:
+            query = HistoryQuery(before=cursor, limit=HISTORY_PAGE)
+        page = await im.history(user, chat_id, query)  # oldest first either way
+        if not oldest_first:
+            page.reverse()
+        for message in page:
+            if (after is not None and message.id <= after) or (
+                before is not None and message.id >= before
+            ):
+                return found  # past the range: nothing further is in it
+            if not message.deleted and keep(message):
+                found.append(message)
+                if len(found) == limit:
+                    return found
+        if len(page) < HISTORY_PAGE:
+            return found
+        cursor = page[-1].id
+    return found
 
 
 def client_id_for(stanza_id: str | None) -> str | None:
@@ -390,53 +441,54 @@ class Bridge:
 
     async def deliver_offline(self, session: C2SSession) -> None:
         """Messages that came while the user had no Jabber session and were not read on the web,
-        with their original time (XEP-0203), each delivered once."""
-        assert session.jid is not None
+        with their original time (XEP-0203), each delivered once.
+
+        The messenger's unread numbers say which chats to look at: none (the usual login)
+        costs no read of the history at all."""
+        assert session.jid is not None and session.user is not None
+        user_id = session.user_id
+        unread = (await self.server.im.counters(user_id)).chats
+        if not unread:
+            return
         store = self.server.store
         user = await store.users.find_one(
-            {"_id": session.user_id}, projection={"xmpp_delivered_upto": True}
+            {"_id": user_id}, projection={"xmpp_delivered_upto": True}
         )
-        marks = ((user or {}).get("xmpp_delivered_upto"), self.marks.get(session.user_id))
+        marks = ((user or {}).get("xmpp_delivered_upto"), self.marks.get(user_id))
         upto = max(filter(None, marks), default=None)
-        memberships = {
+        read_marks = {
             m["chat_id"]: m.get("last_read_id")
-            async for m in store["chat_members"].find({"user_id": session.user_id})
-        }
-        chats = [
-            c
-            async for c in store["chats"].find(
-                {"_id": {"$in": list(memberships)}, "kind": {"$in": ["private", "system"]}}
+            async for m in store["chat_members"].find(
+                {"_id": {"$in": [f"{chat_id}|{user_id}" for chat_id in unread]}}
             )
-        ]
-        pending: list[Document] = []
-        for chat in chats:
-            floor = max(filter(None, (upto, memberships[chat["_id"]])), default=None)
-            query: Document = {
-                "chat_id": chat["_id"],
-                "deleted": False,
-                "author_id": {"$ne": session.user_id},
-            }
-            if floor is not None:
-                query["_id"] = {"$gt": floor}
-            pending += [
-                m
-                async for m in store["messages"].find(
-                    query, sort=[("_id", -1)], limit=OFFLINE_LIMIT
-                )
-            ]
-        pending.sort(key=lambda m: m["_id"])
-        for doc in pending[-OFFLINE_LIMIT:]:
-            message = {"id": doc["_id"], "author_id": doc.get("author_id"), "text": doc["text"]}
+        }
+        pending: list[MessageOut] = []
+        for chat_id in sorted(unread):
+            chat = await self.chat(chat_id)
+            if chat is None or chat["kind"] not in ("private", "system"):
+                continue  # group chats: their rooms' history
+            floor = max(filter(None, (upto, read_marks.get(chat_id))), default=None)
+            pending += await read_history(
+                self.server.im,
+                session.user,
+                chat_id,
+                OFFLINE_LIMIT,
+                after=floor,
+                keep=lambda m: m.author_id != user_id,
+            )
+        pending.sort(key=lambda m: m.id)
+        for found in pending[-OFFLINE_LIMIT:]:
+            message = {"id": found.id, "author_id": found.author_id, "text": found.text}
             stanza = await self.stanza(message, session.jid)
             child(
                 stanza,
                 "delay",
-                {"from": self.server.domain, "stamp": stamp(doc["created_at"])},
+                {"from": self.server.domain, "stamp": stamp(found.created_at)},
                 ns=DELAY,
             )
             session.send_nowait(stanza)
         if pending:
-            self.delivered(session.user_id, str(pending[-1]["_id"]))
+            self.delivered(user_id, pending[-1].id)
 
 
 def install(server: XmppServer) -> None:

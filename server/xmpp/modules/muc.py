@@ -41,6 +41,8 @@ from server.xmpp.modules.messages import (
     SID,
     as_stanza_error,
     client_id_for,
+    id_at,
+    read_history,
     stamp,
     stored,
     submit_message,
@@ -357,14 +359,13 @@ class Muc:
         wanted = request.find(q(MUC, "history")) if request is not None else None
         limit = DEFAULT_HISTORY
         max_chars: int | None = None
-        query: Document = {"chat_id": room.chat_id, "deleted": False}
+        since: datetime | None = None
         if wanted is not None:
             maxstanzas = small_int(wanted.get("maxstanzas"))
             if maxstanzas is not None:
                 limit = min(maxstanzas, MAX_HISTORY)
             max_chars = small_int(wanted.get("maxchars"))
             seconds = small_int(wanted.get("seconds"))
-            since: datetime | None = None
             if seconds is not None:
                 since = datetime.now(UTC) - timedelta(seconds=seconds)
             elif wanted.get("since"):
@@ -372,27 +373,35 @@ class Muc:
                     since = datetime.fromisoformat(wanted.get("since", "").replace("Z", "+00:00"))
                     if since.tzinfo is None:
                         since = since.replace(tzinfo=UTC)
-            if since is not None:
-                query["created_at"] = {"$gt": since}
         if limit <= 0 or max_chars == 0:
             return []
-        docs = [
-            doc
-            async for doc in self.server.store["messages"].find(
-                query, sort=[("_id", -1)], limit=limit
+        occupant_user = await self.server.directory.cached_user(occupant.user_id)
+        if occupant_user is None:
+            return []
+        newer = since
+        try:
+            docs = await read_history(
+                self.server.im,
+                occupant_user,
+                room.chat_id,
+                limit,
+                # a second early: ids carry whole seconds; created_at decides
+                after=id_at(newer - timedelta(seconds=1)) if newer is not None else None,
+                keep=lambda m: newer is None or m.created_at > newer,
             )
-        ]
+        except Problem:  # no longer a member (removed meanwhile): no history
+            return []
         out: list[tuple[ET.Element, str]] = []
         chars = 0
-        for doc in docs:  # newest first, to cut at maxchars
-            message_id = str(doc["_id"])
-            message = {"id": message_id, "text": doc["text"]}
-            nick = await self.nick_of(room, doc.get("author_id"))
+        for found in docs:  # newest first, to cut at maxchars
+            message_id = found.id
+            message = {"id": message_id, "text": found.text}
+            nick = await self.nick_of(room, found.author_id)
             stanza = self.message(room, nick, occupant.jid, message, message_id)
             child(
                 stanza,
                 "delay",
-                {"from": self.room_jid(room.chat_id), "stamp": stamp(doc["created_at"])},
+                {"from": self.room_jid(room.chat_id), "stamp": stamp(found.created_at)},
                 ns=DELAY,
             )
             if max_chars is not None:
