@@ -170,8 +170,12 @@ class Muc:
         return other is not None and str(other["_id"]) != user_id
 
     async def member_chat(self, session: C2SSession, chat_id: str) -> Document | None:
-        chat = await self.server.store["chats"].find_one({"_id": chat_id, "kind": "group"})
-        if chat is None or session.user_id not in chat.get("member_ids", []):
+        """The group chat, if the session's user is a member (the messenger's answer)."""
+        try:
+            chat = await self.server.im.readable_chat(session.user_id, chat_id)
+        except Problem:
+            return None
+        if chat.get("kind") != "group" or session.user_id not in chat.get("member_ids", []):
             return None
         return chat
 
@@ -739,9 +743,13 @@ class Muc:
         member_of = [
             m["chat_id"] async for m in store["chat_members"].find({"user_id": session.user_id})
         ]
-        async for chat in store["chats"].find(
-            {"_id": {"$in": member_of}, "kind": "group"}, sort=[("title", 1)]
-        ):
+        # by _id alone: a filter on kind too would make the embedded database scan every chat
+        groups = [
+            chat
+            async for chat in store["chats"].find({"_id": {"$in": member_of}})
+            if chat.get("kind") == "group"
+        ]
+        for chat in sorted(groups, key=lambda c: str(c.get("title", ""))):
             jid = self.room_jid(str(chat["_id"]))
             child(query, "item", {"jid": jid, "name": str(chat.get("title", ""))})
         return result(iq, query)
