@@ -100,7 +100,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     tasks.on_schedule_changed.append(scheduler.wake)
     crm = Crm.build(settings, store, streams, bus, directory, im)
     scheduler.handle("crm-counters", crm.counters.time_reached)
-    mail = MailBridge(settings, store, crm, im, node)
+    mail = MailBridge(settings, store, crm, im, node, bus)
     crm.counters.on_schedule_changed.append(scheduler.wake)
     hub = Hub(
         settings,
@@ -157,6 +157,11 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     hub.add_snapshot_part("counters", counters_snapshot)
     hub.add_snapshot_part("presence", presence_snapshot)
     hub.add_snapshot_part("settings", settings_snapshot)
+
+    async def mail_snapshot(user: Document) -> dict[str, Any]:
+        return await mail.unmatched_snapshot(str(user["_id"]))
+
+    hub.add_snapshot_part("mail", mail_snapshot)
     return Services(
         settings,
         store,

@@ -4,7 +4,7 @@ test_mail_bridge.py."""
 
 from __future__ import annotations
 
-import time
+import time  # bounds on super-linear work count CPU time, so a busy machine cannot fail them
 
 import pytest
 from hypothesis import given
@@ -86,9 +86,9 @@ def test_hostile_fields_take_bounded_time() -> None:
         'mx; x="' + "\\" * 100_000,
         "mx; " + "k" * 200_000,
     ):
-        started = time.perf_counter()
+        started = time.process_time()
         parse_field(value)
-        assert time.perf_counter() - started < 0.5
+        assert time.process_time() - started < 0.5
 
 
 def field(value: str) -> tuple[str, str]:

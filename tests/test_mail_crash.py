@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
+from server.store.credentials import read_credentials
 from server.store.embedded import mongodb_url
 from tests.test_process import Hub, alive, wait_for
 
@@ -64,8 +65,16 @@ def api(hub: Hub, method: str, path: str, token: str | None = None, body: Any = 
 
 
 def database(hub: Hub) -> MongoClient[dict[str, Any]]:
-    endpoint = json.loads((hub.data_dir / "db" / "endpoint.json").read_text())
-    return MongoClient(mongodb_url(endpoint["host"], endpoint["port"]), tz_aware=True)
+    """The hub's own database, with the password the hub keeps beside it (issue 13)."""
+    db_dir = hub.data_dir / "db"
+    endpoint = json.loads((db_dir / "endpoint.json").read_text())
+    credentials = read_credentials(db_dir)
+    assert credentials is not None, "the hub keeps its database password in credentials.json"
+    return MongoClient(
+        mongodb_url(endpoint["host"], endpoint["port"]),
+        tz_aware=True,
+        **credentials.client_options(),
+    )
 
 
 def message(round_no: int) -> tuple[str, str, bytes]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import quopri
-import time
+import time  # bounds on super-linear work count CPU time, so a busy machine cannot fail them
 from datetime import UTC, datetime
 
 import pytest
@@ -17,7 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.mailbridge.codes import CodeRef, body_line, find_codes, in_text, issue, verify
-from server.mailbridge.noise import BounceInfo, Noise, bounce_info, classify, is_bounce
+from server.mailbridge.noise import (
+    BounceInfo,
+    Noise,
+    bounce_info,
+    classify,
+    failed_in_text,
+    is_bounce,
+)
 from server.mailbridge.parsing import (
     Limits,
     MailTooComplex,
@@ -316,9 +323,9 @@ def test_split_reply_keeps_everything() -> None:
 
 def test_split_reply_is_linear_on_hostile_text() -> None:
     for line in ("On " * 10_000, "From: x\n" * 20_000, "> " * 100_000, ("-" * 40 + "\n") * 5000):
-        started = time.perf_counter()
+        started = time.process_time()
         split_reply(line * 3)
-        assert time.perf_counter() - started < 1.0
+        assert time.process_time() - started < 1.0
 
 
 # --- charsets and headers -----------------------------------------------------------------------
@@ -410,9 +417,9 @@ def test_addresses_survive_hostile_headers() -> None:
         "To: " + ", ".join(f"u{i}@x.example" for i in range(2000)) + "\n"
         "Subject: x\n\nhi\n"
     )
-    started = time.perf_counter()
+    started = time.process_time()
     mail = parse(raw)
-    assert time.perf_counter() - started < 2
+    assert time.process_time() - started < 2
     assert len(mail.to) == 2000
 
 
@@ -503,10 +510,10 @@ def nested(depth: int) -> bytes:
 
 
 def quickly_refused(raw: bytes, limits: Limits | None = None, seconds: float = 1.0) -> str:
-    started = time.perf_counter()
+    started = time.process_time()
     with pytest.raises(MailTooComplex) as refused:
         parse(raw, limits)
-    assert time.perf_counter() - started < seconds
+    assert time.process_time() - started < seconds
     return refused.value.reason
 
 
@@ -601,9 +608,9 @@ def test_hostile_content_type_fields_are_refused_or_read_quickly() -> None:
         + "(" * 3000
         + ' boundary="x"\n\n--x\nContent-Type: text/plain\n\nhi\n--x--\n'
     )
-    started = time.perf_counter()
+    started = time.process_time()
     parse(comments)
-    assert time.perf_counter() - started < 1
+    assert time.process_time() - started < 1
 
 
 @settings(max_examples=300, deadline=None)
@@ -674,9 +681,9 @@ def test_html_is_sanitised() -> None:
 
 def test_deeply_nested_html_is_cut_not_slow() -> None:
     raw = crlf("From: a@b.example\nContent-Type: text/html\n\n") + b"<div>" * 100_000 + b"x"
-    started = time.perf_counter()
+    started = time.process_time()
     mail = parse(raw)
-    assert time.perf_counter() - started < 5
+    assert time.process_time() - started < 5
     assert mail.truncated and mail.html_sanitised is not None
 
 
@@ -693,9 +700,9 @@ def test_deeply_nested_html_is_cut_not_slow() -> None:
 )
 def test_hostile_html_takes_bounded_time(body: bytes) -> None:
     raw = crlf("From: a@b.example\nContent-Type: text/html; charset=utf-8\n\n") + body
-    started = time.perf_counter()
+    started = time.process_time()
     parse(raw)
-    assert time.perf_counter() - started < 3
+    assert time.process_time() - started < 3
 
 
 def test_long_runs_of_ampersands_keep_their_text() -> None:
@@ -870,6 +877,74 @@ def test_mailer_daemon_without_a_report() -> None:
     assert info is not None
     assert info.original_message_id == ORIGINAL_ID
     assert info.recipients == ("gone@client.example",)
+
+
+PLAIN_BOUNCES = {
+    "own words, then a quoted copy": (
+        "Hello, this is the mail system at mx.example.test.\n\n"
+        "I could not deliver your message to gone@client.example: the mailbox is full.\n\n"
+        "--- Original message follows ---\n"
+        "> Message-ID: {id}\n> To: gone@client.example, stays@client.example\n"
+    ),
+    "exchange": (
+        "Delivery has failed to these recipients or groups:\n\n"
+        "GONE@client.example\nThe e-mail address you entered couldn't be found.\n\n"
+        "Original message headers:\n\n"
+        "Message-ID: {id}\nTo: gone@client.example, stays@client.example\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("style", sorted(PLAIN_BOUNCES))
+def test_a_plain_text_bounce_names_the_failed_one_of_the_mails_recipients(style: str) -> None:
+    raw = crlf(
+        "From: Mail Delivery System <MAILER-DAEMON@mx.example.test>\n"
+        "To: crm@portal.example\nSubject: Undelivered Mail Returned to Sender\n\n"
+        + PLAIN_BOUNCES[style].format(id=ORIGINAL_ID)
+    )
+    info = bounce_info(raw)
+    assert info is not None and info.original_message_id == ORIGINAL_ID
+    assert info.recipients == ()  # no detector reads these: the text has to
+    text = parse(raw).text
+    assert failed_in_text(text, ["gone@client.example", "stays@client.example"]) == (
+        "gone@client.example",
+    )
+
+
+def test_failed_in_text_reads_only_the_bounces_own_words() -> None:
+    copy = "--- Below this line is a copy of the message.\n\nTo: a@x.example, b@x.example\n"
+    assert failed_in_text(f"Could not deliver.\n\n{copy}", ["a@x.example", "b@x.example"]) == ()
+    # one recipient: the bounce is about it, named or not
+    assert failed_in_text(f"Could not deliver.\n\n{copy}", ["A@x.example"]) == ("a@x.example",)
+    # a longer address holding a recipient's is not it
+    assert failed_in_text("no such user: ba@x.example\n", ["a@x.example", "c@x.example"]) == ()
+    assert failed_in_text("anything", []) == ()
+
+
+def test_codes_of_attached_messages_are_read_as_well() -> None:
+    inner = simple(f"Reply with {in_text(CODE)} quoted", subject="Re: offer")
+    as_message = crlf(
+        "From: fwd@client.example\nSubject: Fwd\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/mixed; boundary="B"\n\n--B\nContent-Type: text/plain\n\n'
+        "See below\n--B\nContent-Type: message/rfc822\n\n"
+    )
+    as_message += inner + b"\r\n--B--\r\n"
+    as_file = crlf(
+        "From: fwd@client.example\nSubject: Fwd\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/mixed; boundary="B"\n\n--B\nContent-Type: text/plain\n\n'
+        "See attached\n--B\nContent-Type: application/octet-stream\n"
+        'Content-Disposition: attachment; filename="reply.EML"\n'
+        "Content-Transfer-Encoding: base64\n\n"
+    )
+    as_file += base64.encodebytes(inner).replace(b"\n", b"\r\n") + b"--B--\r\n"
+    for raw in (as_message, as_file):
+        mail = parse(raw)
+        assert find_codes(mail.text) == []  # not the mail's own text
+        assert [c for t in mail.attached_texts for c in find_codes(t)] == [CODE]
+        assert len(mail.attachments) == 1
+    # a broken .eml is no error, and no code
+    broken = as_file.replace(base64.encodebytes(inner).replace(b"\n", b"\r\n"), b"AAAA\r\n")
+    assert not [c for t in parse(broken).attached_texts for c in find_codes(t)]
 
 
 def test_postmaster_mail_that_is_not_a_bounce() -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from server.mailbridge.ingress import accepts
+from server.mailbridge.outbox import HeaderInjection, compose
+from server.mailbridge.pipeline import is_postmaster
 from server.mailbridge.rules import (
     MAX_SUBJECT_CHARS,
     SubjectRule,
@@ -14,8 +18,10 @@ from server.mailbridge.rules import (
     lead_allowed,
     normal_address,
     sender_matches,
+    split_name,
     validate_rule,
 )
+from server.mailbridge.service import fill, placeholder_values, reply_subject
 
 # --- subject rules ------------------------------------------------------------------------------
 
@@ -156,3 +162,127 @@ def test_lead_rate_limit() -> None:
     assert not lead_allowed(sender, [], recent_count=3, max_per_period=3)
     assert not lead_allowed(sender, [], recent_count=0, max_per_period=0)
     assert lead_allowed(sender, ["", "  "], recent_count=0, max_per_period=1)
+
+
+# --- names of senders ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("display", "address", "expected"),
+    [
+        ("Carl Client", "carl@client.test", ("Carl", "Client")),
+        ("Client, Carl", "", ("Carl", "Client")),
+        ("  Anna   Maria  van der Berg ", "", ("Anna Maria", "van der Berg")),
+        ("Jean-Luc de la Fontaine", "", ("Jean-Luc", "de la Fontaine")),
+        ("Carl", "", ("Carl", "")),
+        ('"Carl Client (Sales)"', "", ("Carl", "Client")),
+        ("Carl Client via Partners List", "", ("Carl", "Client")),
+        ("carl@client.test", "carl@client.test", ("", "")),
+        ("Carl <carl@client.test>", "", ("", "")),
+        ("CARL@client.test", "carl@client.test", ("", "")),
+        ("", "", ("", "")),
+        ("Acme, Inc, Ltd", "", ("Acme Inc", "Ltd")),
+        ("Ёжик Туманов", "", ("Ёжик", "Туманов")),
+    ],
+)
+def test_a_senders_display_name_is_split_into_first_and_last(
+    display: str, address: str, expected: tuple[str, str]
+) -> None:
+    assert split_name(display, address) == expected
+
+
+def test_split_names_are_cut_to_the_fields_length() -> None:
+    first, last = split_name("A" * 300 + " " + "B" * 300)
+    assert len(first) == 100 and len(last) == 100
+
+
+# --- addresses taken, and mail composed --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "taken"),
+    [
+        ("crm@portal.test", True),
+        ("CRM+abc@Portal.Test", True),
+        ("Postmaster", True),  # RFC 5321 4.5.1: without a domain too
+        ("<postmaster>", True),
+        ("postmaster@portal.test", True),
+        ("POSTMASTER@hub.test", True),  # the portal's own domain
+        ("postmaster@elsewhere.test", False),
+        ("postmasters@portal.test", False),
+        ("sales@portal.test", False),
+        ("crm@elsewhere.test", False),
+    ],
+)
+def test_the_listener_takes_the_inbox_and_postmaster_only(address: str, taken: bool) -> None:
+    assert accepts(address, "crm@portal.test", ("hub.test",)) is taken
+
+
+def test_postmaster_recipients_are_told_apart() -> None:
+    assert is_postmaster("Postmaster") and is_postmaster("postmaster@portal.test")
+    assert not is_postmaster("crm@portal.test") and not is_postmaster("crm+postmaster@p.test")
+
+
+def test_composed_mail_dates_in_utc_and_continues_the_thread() -> None:
+    raw = compose(
+        sender_name="Mary",
+        from_address="crm@portal.test",
+        reply_to="crm+CODE@portal.test",
+        to=["carl@client.test"],
+        cc=["cleo@client.test"],
+        subject="Re: offer",
+        text="Fine",
+        html=None,
+        message_id="<new@portal.test>",
+        origin="portal.test",
+        attachments=[],
+        in_reply_to="<theirs@client.test>",
+        references=["<first@portal.test>", "<theirs@client.test>"],
+        date=datetime(2026, 11, 23, 22, 40, 25, tzinfo=timezone(timedelta(hours=1))),
+    )
+    head = raw.split(b"\n\n", 1)[0].decode()
+    assert "Date: Mon, 23 Nov 2026 21:40:25 +0000" in head
+    assert "In-Reply-To: <theirs@client.test>" in head
+    assert "References: <first@portal.test> <theirs@client.test> <new@portal.test>" in head
+    assert "Cc: cleo@client.test" in head and "Bcc" not in head
+    with pytest.raises(HeaderInjection):
+        compose(
+            sender_name="Mary",
+            from_address="crm@portal.test",
+            reply_to="crm+CODE@portal.test",
+            to=["carl@client.test"],
+            subject="x",
+            text="",
+            html=None,
+            message_id="<new@portal.test>",
+            origin="portal.test",
+            attachments=[],
+            references=["<a@b>\r\nBcc: victim@x.test"],
+        )
+
+
+def test_a_reply_subject_drops_prefixes_and_codes() -> None:
+    assert reply_subject("AW: RE: Your quote [CRM-ABC]") == "Re: Your quote [CRM-ABC]"
+    token = "0" + "1" * 36
+    assert reply_subject(f"RE: Your quote [CRM-{token}]") == "Re: Your quote"
+    assert reply_subject("") == "Re:"
+
+
+def test_placeholders_of_a_deal_are_its_contacts() -> None:
+    deal = {"type": "deal", "title": "Big order"}
+    contact = {"type": "contact", "first_name": "Carl", "last_name": "Client"}
+    values = placeholder_values(deal, contact, {"login": "mary", "email": "m@p.test"})
+    assert values["record"] == {"title": "Big order", "first_name": "Carl", "last_name": "Client"}
+    assert values["contact"]["name"] == "Carl Client"
+    assert fill("Dear {{record.first_name}}, {{ user.email }}{{x.y}}", values) == (
+        "Dear Carl, m@p.test"
+    )
+    lead = {"type": "lead", "title": "L", "first_name": "Nora", "last_name": ""}
+    assert placeholder_values(lead, None, {"login": "x"})["record"]["first_name"] == "Nora"
+    assert placeholder_values({"type": "company", "title": "Acme"}, None, {"login": "x"})[
+        "record"
+    ] == {
+        "title": "Acme",
+        "first_name": "",
+        "last_name": "",
+    }

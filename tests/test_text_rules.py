@@ -3,7 +3,7 @@ and a check that every free-text field of every request model carries one of the
 
 from __future__ import annotations
 
-import time
+import time  # bounds on super-linear work count CPU time, so a busy machine cannot fail them
 import types
 import typing
 import unicodedata
@@ -123,9 +123,9 @@ def test_clean_name_joins_the_words_around_what_it_drops() -> None:
 )
 def test_clean_name_takes_linear_time(text: str) -> None:
     # (mail headers are a stranger's; a regex around the spaces took minutes here)
-    started = time.perf_counter()
+    started = time.process_time()
     clean_name(text)
-    assert time.perf_counter() - started < 2
+    assert time.process_time() - started < 2
 
 
 def test_describe_names_the_character_and_its_kind() -> None:

@@ -97,8 +97,11 @@ class ActivityService:
         missed: bool = False,
         extra: Document | None = None,
         viewer_id: str | None = None,
+        history: Document | None = None,
     ) -> ActivityOut:
-        """Append an activity to a record; also the entry point of the mail bridge."""
+        """Append an activity to a record; also the entry point of the mail bridge.
+        ``history``: more for the record's history entry (who sent a mail, when no user
+        added it)."""
         now = utcnow()
         act: Document = {
             "_id": new_id(),
@@ -124,7 +127,12 @@ class ActivityService:
         if not completed:
             owner = await self._count_open(owner, +1)
         await self.core.record_history(
-            owner, actor_id, "activity_added", "activity", None, {"id": act["_id"], "type": type_}
+            owner,
+            actor_id,
+            "activity_added",
+            "activity",
+            None,
+            {"id": act["_id"], "type": type_, **(history or {})},
         )
         await self._tell(act, owner, {responsible_id})
         if actor_id is not None and responsible_id != actor_id:
@@ -274,6 +282,79 @@ class ActivityService:
         await self.core.announce_activity(act, owner, removed=True)
         await self.core.announce_record(owner)
         self.core.counters.touch([owner["responsible_id"], act["responsible_id"]], [owner["type"]])
+
+    # move ------------------------------------------------------------------------------------
+
+    async def move(
+        self, actor_id: str, activity_id: str, owner_type: str, owner_id: str
+    ) -> ActivityOut:
+        """An e-mail put on another record (misfiled by the sender's address, a reply that
+        belongs to the deal rather than the contact), by someone who may change both
+        records: who sees them. Its code and thread follow it, so later replies land on the
+        new record too."""
+        viewer = await self._viewer(actor_id)
+        act = await self.core.activities.find_one({"_id": activity_id})
+        if act is None:
+            raise not_found(f"activity {activity_id}")
+        source = await self.core.records.find_one({"_id": act["owner_id"]})
+        if source is None or not viewer.sees(source["responsible_id"]):
+            raise not_found(f"activity {activity_id}")
+        if act["type"] != "email":
+            raise Problem(
+                422, "invalid-value", "Invalid value", "only e-mail activities can be moved"
+            )
+        target = await self.core.visible_record(viewer, owner_type, owner_id)
+        if target["_id"] == source["_id"]:
+            return await self._out(actor_id, act, record_title(source))
+        moved = await self.relocate([act], source, target, actor_id)
+        if not moved:
+            raise Problem(409, "conflict", "Conflict", "the activity changed meanwhile; try again")
+        return await self._out(actor_id, moved[0], record_title(target))
+
+    async def relocate(
+        self, acts: list[Document], source: Document, target: Document, actor_id: str | None
+    ) -> list[Document]:
+        """Activities of ``source`` put on ``target``: the record's copies on them, both
+        records' open counts, a history entry on each record, both records' viewers told (the
+        old record's lose them, the new one's get them) and the counters of both. Returns the
+        activities as moved (one moved meanwhile by someone else is left out)."""
+        moved: list[Document] = []
+        now = utcnow()
+        sets = {
+            "owner_type": target["type"],
+            "owner_id": target["_id"],
+            "record_responsible_id": target["responsible_id"],
+            "modified_at": now,
+        }
+        for act in acts:
+            result = await self.core.activities.update_one(
+                {"_id": act["_id"], "owner_id": source["_id"]}, {"$set": sets}
+            )
+            if result.modified_count:
+                moved.append({**act, **sets})
+        if not moved:
+            return moved
+        opened = sum(1 for a in moved if not a.get("completed"))
+        if opened:
+            source = await self._count_open(source, -opened)
+            target = await self._count_open(target, +opened)
+        there = {"type": target["type"], "id": target["_id"], "title": record_title(target)}
+        here = {"type": source["type"], "id": source["_id"], "title": record_title(source)}
+        for act in moved:
+            what = {"id": act["_id"], "type": act["type"], "subject": act.get("subject", "")}
+            before, after = {"record": here, "activity": what}, {"record": there, "activity": what}
+            for record in (source, target):  # the same entry on both: from here, to there
+                await self.core.record_history(
+                    record, actor_id, "activity_moved", "activity", before, after
+                )
+            await self.core.announce_activity({**act, "owner_id": source["_id"]}, source, True)
+            await self.core.announce_activity(act, target, also={act["responsible_id"]})
+        await self.core.announce_record(source)
+        await self.core.announce_record(target)
+        people = {source["responsible_id"], target["responsible_id"]}
+        people.update(a["responsible_id"] for a in moved)
+        self.core.counters.touch(sorted(people), sorted({source["type"], target["type"]}))
+        return moved
 
 
 def _article(word: str) -> str:

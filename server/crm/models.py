@@ -256,6 +256,34 @@ ConversionMode = Literal[
 
 class ConvertRequest(Strict):
     mode: ConversionMode
+    contact_id: Id | None = Field(
+        default=None,
+        description="An existing contact to use instead of making one (modes with a contact)",
+    )
+    company_id: Id | None = Field(
+        default=None,
+        description="An existing company to use instead of making one (modes with a company)",
+    )
+    emails_to: Literal["deal", "contact", "company"] | None = Field(
+        default=None,
+        description="Which record the lead's e-mails (open and completed, with their threads "
+        "and reply codes) move to; default: the deal, else the contact, else the company",
+    )
+    ignore_duplicates: bool = Field(
+        default=False,
+        description="Make a new contact or company even when existing ones match (409 "
+        "`possible-duplicates` otherwise)",
+    )
+
+
+class ConversionCandidates(BaseModel):
+    contacts: list[DuplicateMatch] = Field(
+        description="Existing contacts like the one the lead would become, strongest first"
+    )
+    companies: list[DuplicateMatch] = Field(
+        description="Existing companies like the one the lead would become"
+    )
+    hidden: bool = Field(description="Whether records the caller may not see match too")
 
 
 class ConversionResult(BaseModel):
@@ -269,8 +297,11 @@ class HistoryEntry(BaseModel):
     record_id: str
     user_id: str | None
     kind: str = Field(
-        description="created, field, converted, deleted, activity_added, "
-        "activity_completed, activity_reopened, activity_removed"
+        description="created, field, linked, converted, deleted, activity_added, "
+        "activity_completed, activity_reopened, activity_removed, activity_moved. "
+        "activity_added of a received e-mail: `after.from` names the sender; "
+        "activity_moved (on both records): `before.record` and `after.record` are where "
+        "the activity (`after.activity`) was and went"
     )
     field: str | None = None
     before: Any = None
@@ -297,6 +328,11 @@ class ActivityFields(Patch):
     completed: bool | None = None
 
     _deadline = field_validator("deadline")(_aware)
+
+
+class ActivityMove(Strict):
+    owner_type: RecordType
+    owner_id: Id
 
 
 class ActivityCreate(ActivityFields):
@@ -327,13 +363,22 @@ class ActivityMail(BaseModel):
     from_name: str | None = None
     to: list[str] = Field(default_factory=list)
     cc: list[str] = Field(default_factory=list)
+    bcc: list[str] = Field(default_factory=list, description="Outgoing: the blind copies")
+    date: datetime | None = Field(
+        default=None, description="Incoming: when the sender wrote it (its Date: header)"
+    )
+    received_at: datetime | None = Field(
+        default=None, description="Incoming: when the hub received it"
+    )
     message_id: str | None = None
     code: str | None = Field(default=None, description="Outgoing: the reply code it carries")
     match: str | None = Field(
         default=None, description="Incoming: code, thread, rule, sender, new-lead or assigned"
     )
     flagged: bool = Field(
-        default=False, description="Incoming: a valid code from an address not on the record"
+        default=False,
+        description="Incoming: a valid code, or a reply in a thread of ours, from an address "
+        "not on the record",
     )
     suspicious: bool = Field(
         default=False,
@@ -344,7 +389,10 @@ class ActivityMail(BaseModel):
         default=None, description="Incoming, when suspicious: what failed, e.g. dmarc=fail"
     )
     auto_reply: bool = False
-    in_reply_to_activity: str | None = None
+    in_reply_to_activity: str | None = Field(
+        default=None,
+        description="Incoming: the mail of ours it answers; outgoing: the mail it answers",
+    )
     bounced_recipients: list[str] = Field(default_factory=list)
     attachments: list[MailAttachment] = Field(default_factory=list)
     html: str | None = Field(default=None, description="Sanitised HTML (bodies only)")

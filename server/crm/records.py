@@ -16,9 +16,11 @@ from pymongo import ReturnDocument
 from server.counters.crm import counted_field
 from server.counters.rules import due_threshold
 from server.crm.access import Viewer
+from server.crm.activities import ActivityService
 from server.crm.config import field_defs, stages_of
 from server.crm.core import CrmCore, record_title
 from server.crm.models import (
+    ConversionCandidates,
     ConversionResult,
     DuplicateList,
     DuplicateMatch,
@@ -60,6 +62,7 @@ from server.store.database import Document, new_id, utcnow
 from server.web.problems import Problem, conflict, forbidden
 
 SYSTEM = "system"  # created_by / modified_by of what the portal itself made
+MAIL_CREATOR = "email"  # created_by / modified_by of leads the mail bridge made from mail
 
 # Fields whose changes are recorded in a record's history, by type.
 TRACKED: dict[str, tuple[str, ...]] = {
@@ -160,8 +163,9 @@ def derived_title(doc: Document) -> str:
 
 
 class RecordService:
-    def __init__(self, core: CrmCore) -> None:
+    def __init__(self, core: CrmCore, activities: ActivityService) -> None:
         self.core = core
+        self.activities = activities  # conversion moves the lead's e-mails
 
     @property
     def _records(self) -> Any:
@@ -225,17 +229,23 @@ class RecordService:
         return await self.detail_of(viewer, doc)
 
     async def create_for_system(
-        self, responsible_id: str, record_type: str, data: RecordFields
+        self, responsible_id: str, record_type: str, data: RecordFields, creator: str = SYSTEM
     ) -> Document:
         """A record made by the portal itself (a lead from an unknown sender's mail): no
-        caller's scope applies; the history says "system"."""
+        caller's scope applies; the history names no person. ``creator`` is what the record's
+        ``created_by`` says instead of a user id: ``system``, or ``email`` (the mail bridge)."""
         everyone = Viewer(SYSTEM, CrmRole.ADMIN, Scope(everyone=True, user_ids=frozenset()))
         data = data.model_copy(update={"responsible_id": responsible_id})
         data.model_fields_set.add("responsible_id")
-        return await self._create(everyone, SYSTEM, record_type, data)
+        return await self._create(everyone, SYSTEM, record_type, data, creator)
 
     async def _create(
-        self, viewer: Viewer, actor_id: str, record_type: str, data: RecordFields
+        self,
+        viewer: Viewer,
+        actor_id: str,
+        record_type: str,
+        data: RecordFields,
+        creator: str | None = None,
     ) -> Document:
         fields = data.model_dump(exclude_unset=True, exclude={"ignore_duplicates"})
         responsible = fields.pop("responsible_id", None) or actor_id
@@ -252,9 +262,9 @@ class RecordService:
             "custom_fields": await self._custom(
                 record_type, fields.pop("custom_fields", {}), False
             ),
-            "created_by": actor_id,
+            "created_by": creator or actor_id,
             "created_at": now,
-            "modified_by": actor_id,
+            "modified_by": creator or actor_id,
             "modified_at": now,
             "open_activities": 0,
         }
@@ -509,10 +519,14 @@ class RecordService:
         return await self._duplicates(viewer, _probe_of(doc), exclude)
 
     async def _duplicates(
-        self, viewer: Viewer, probe: Probe, exclude: tuple[str, str] | None
+        self,
+        viewer: Viewer,
+        probe: Probe,
+        exclude: tuple[str, str] | None,
+        types: tuple[str, ...] = ("lead", "contact", "company"),
     ) -> DuplicateList:
-        """Matches are looked for among every record, so that a hidden one still warns; what
-        the caller learns of those is decided by ``duplicate_report``."""
+        """Matches are looked for among every record (of ``types``), so that a hidden one
+        still warns; what the caller learns of those is decided by ``duplicate_report``."""
         ors: list[Document] = []
         if probe.emails:
             ors.append({"email_keys": {"$in": sorted(probe.emails)}})
@@ -538,9 +552,7 @@ class RecordService:
                 if d["type"] == "company"
                 else d.get("company_title", ""),
             )
-            async for d in self._records.find(
-                {"type": {"$in": ["lead", "contact", "company"]}, "$or": ors}
-            ).limit(100)
+            async for d in self._records.find({"type": {"$in": list(types)}, "$or": ors}).limit(100)
         ]
         report = duplicate_report(probe, candidates, viewer.sees, exclude)
         return DuplicateList(
@@ -668,11 +680,64 @@ class RecordService:
 
     # conversion ------------------------------------------------------------------------------
 
-    async def convert(self, actor_id: str, lead_id: str, mode: ConversionMode) -> ConversionResult:
+    async def conversion_candidates(self, actor_id: str, lead_id: str) -> ConversionCandidates:
+        """The existing contacts and companies the lead's contact and company would duplicate,
+        by the duplicate rules (e-mail, phone, name, company title): offered in their place."""
+        viewer = await self._viewer(actor_id)
+        lead = await self.core.visible_record(viewer, "lead", lead_id)
+        return await self._candidates(viewer, lead)
+
+    async def _candidates(self, viewer: Viewer, lead: Document) -> ConversionCandidates:
+        source = {**lead, "id": lead["_id"]}
+        contact = {"type": "contact", **contact_from_lead(source)}
+        company = {"type": "company", **company_from_lead(source)}
+        contacts = await self._duplicates(viewer, _probe_of(contact), None, ("contact",))
+        companies = await self._duplicates(viewer, _probe_of(company), None, ("company",))
+        return ConversionCandidates(
+            contacts=contacts.duplicates,
+            companies=companies.duplicates,
+            hidden=contacts.hidden or companies.hidden,
+        )
+
+    async def convert(
+        self,
+        actor_id: str,
+        lead_id: str,
+        mode: ConversionMode,
+        existing: dict[str, str] | None = None,
+        emails_to: str | None = None,
+        ignore_duplicates: bool = False,
+    ) -> ConversionResult:
+        """``existing``: a contact or company (by type) to use instead of making one.
+        ``emails_to``: which of the records the lead's e-mails move to (default: the deal,
+        else the contact, else the company). Making a contact or company that duplicates
+        existing ones answers 409 ``possible-duplicates`` unless ``ignore_duplicates``."""
         viewer = await self._viewer(actor_id)
         lead = await self.core.visible_record(viewer, "lead", lead_id)
         if not may_convert(lead.get("status", "new")):
             raise conflict(f"a lead with status {lead.get('status')!r} cannot be converted")
+        types = creates(mode)
+        used: dict[str, Document] = {}
+        for record_type, record_id in (existing or {}).items():
+            if record_type not in types or record_type not in ("contact", "company"):
+                raise Problem(
+                    422,
+                    "invalid-value",
+                    "Invalid value",
+                    f"this conversion makes no {record_type} to use an existing one for",
+                )
+            (found,) = await self._linked_ids(viewer, record_type, [record_id])
+            used[record_type] = await self._records.find_one({"_id": found})
+        target = emails_to or next(t for t in ("deal", "contact", "company") if t in types)
+        if target not in types:
+            raise Problem(
+                422,
+                "invalid-value",
+                "Invalid value",
+                f"emails_to: this conversion makes no {target}",
+            )
+        if not ignore_duplicates:
+            await self._refuse_duplicates(viewer, lead, [t for t in types if t not in used])
         token = new_id()
         # Claimed first so that two people converting at once make one set of records.
         claimed = await self._records.find_one_and_update(
@@ -683,7 +748,7 @@ class RecordService:
         if claimed is None:
             raise conflict("the lead is being converted or was converted already")
         try:
-            return await self._convert(viewer, actor_id, lead, mode, token)
+            return await self._convert(viewer, actor_id, lead, mode, token, used, target)
         except BaseException:
             # Records made before the failure stay (linked to the lead); the lead can be
             # converted again.
@@ -692,8 +757,32 @@ class RecordService:
             )
             raise
 
+    async def _refuse_duplicates(self, viewer: Viewer, lead: Document, making: list[str]) -> None:
+        """409 when the contact or company the conversion would make exists already."""
+        found = await self._candidates(viewer, lead)
+        contacts = found.contacts if "contact" in making else []
+        companies = found.companies if "company" in making else []
+        if contacts or companies or (found.hidden and {"contact", "company"} & set(making)):
+            raise Problem(
+                409,
+                "possible-duplicates",
+                "Possible duplicates",
+                "a contact or company like the lead's exists already: pass its id in "
+                "contact_id or company_id to use it, or ignore_duplicates: true to make new ones",
+                contacts=[c.model_dump() for c in contacts],
+                companies=[c.model_dump() for c in companies],
+                hidden=found.hidden,
+            )
+
     async def _convert(
-        self, viewer: Viewer, actor_id: str, lead: Document, mode: ConversionMode, token: str
+        self,
+        viewer: Viewer,
+        actor_id: str,
+        lead: Document,
+        mode: ConversionMode,
+        token: str,
+        used: dict[str, Document],
+        emails_to: str,
     ) -> ConversionResult:
         lead_id = lead["_id"]
         source = {**lead, "id": lead_id}
@@ -701,6 +790,11 @@ class RecordService:
         now = utcnow()
         settings = await self.core.config.settings()
         for record_type in creates(mode):
+            if record_type in used:
+                made[record_type] = await self._use_existing(
+                    used[record_type], lead, actor_id, made.get("company")
+                )
+                continue
             if record_type == "company":
                 fields = company_from_lead(source)
             elif record_type == "contact":
@@ -760,16 +854,55 @@ class RecordService:
         )
         assert updated is not None
         await self.core.record_history(updated, actor_id, "converted", "mode", None, mode.value)
+        # The lead's mail goes with it, open and completed, and with it its codes and threads:
+        # replies to mail sent from the lead land on the record it became.
+        emails = [
+            a async for a in self.core.activities.find({"owner_id": lead_id, "type": "email"})
+        ]
+        if emails:
+            target = made[emails_to]
+            await self.activities.relocate(emails, updated, target, actor_id)
+            updated = await self._records.find_one({"_id": lead_id}) or updated
+            made[emails_to] = await self._records.find_one({"_id": target["_id"]}) or target
         for doc in made.values():
             if doc["type"] == "deal":
                 await self._remember(doc)
             await self.core.announce_record(doc)
         await self.core.announce_record(updated)
-        self.core.counters.touch([lead["responsible_id"]], ["lead", *converted])
+        self.core.counters.touch(
+            sorted({lead["responsible_id"], *(d["responsible_id"] for d in made.values())}),
+            ["lead", *converted],
+        )
         created: dict[str, RecordOut] = {}
         for t, doc in made.items():
             created[t] = await self.core.record_for(viewer, doc)
         return ConversionResult(lead=await self.core.record_for(viewer, updated), created=created)
+
+    async def _use_existing(
+        self, doc: Document, lead: Document, actor_id: str, company: Document | None
+    ) -> Document:
+        """An existing contact or company the lead converts into: it gets the lead's e-mails
+        and phones it lacks (so that the lead's mail keeps finding it) and, for a contact, the
+        conversion's company."""
+        before = dict(doc)
+        after = dict(doc)
+        after["emails"] = _merged(doc.get("emails", []), lead.get("emails", []), "value")
+        after["phones"] = _merged(doc.get("phones", []), lead.get("phones", []), "number")
+        if doc["type"] == "contact" and company is not None:
+            after["company_ids"] = with_added(doc.get("company_ids", []), [company["_id"]])
+        after.update(search_keys(after))
+        changed = changes(before, after, TRACKED[doc["type"]])
+        sets = {k: v for k, v in after.items() if k != "_id" and before.get(k) != v}
+        if sets:
+            after["modified_by"] = sets["modified_by"] = actor_id
+            after["modified_at"] = sets["modified_at"] = utcnow()
+            await self._records.update_one({"_id": doc["_id"]}, {"$set": sets})
+        for change in changed:
+            await self.core.record_history(
+                after, actor_id, "field", change.field, change.old, change.new
+            )
+        await self.core.record_history(after, actor_id, "linked", "lead_id", None, lead["_id"])
+        return after
 
     # delete ----------------------------------------------------------------------------------
 
@@ -816,6 +949,19 @@ class RecordService:
             )
             await self.core.announce_record(other)
         self.core.counters.touch(sorted(touched), [record_type])
+
+
+def _merged(mine: list[Document], theirs: list[Document], key: str) -> list[Document]:
+    """``mine`` and then those of ``theirs`` it lacks (compared as duplicate control does)."""
+    norm = normal_email if key == "value" else phone_key
+    known = {norm(str(e.get(key, ""))) for e in mine}
+    out = list(mine)
+    for entry in theirs:
+        value = norm(str(entry.get(key, "")))
+        if value and value not in known:
+            known.add(value)
+            out.append(dict(entry))
+    return out[:20]
 
 
 def _semantics(doc: Document) -> StageSemantics | None:

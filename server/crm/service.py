@@ -49,7 +49,8 @@ class Crm:
 
         counters = CrmCounters(store, bus, counter_settings, settings.default_time_zone)
         core = CrmCore(store, streams, access, config, counters, directory, im)
-        crm = cls(access, config, counters, RecordService(core), ActivityService(core))
+        activities = ActivityService(core)
+        crm = cls(access, config, counters, RecordService(core, activities), activities)
         config.on_counter_rules_changed.append(counters.recount_everyone)
         counters.on_time_passed.append(core.announce_records)
 

@@ -67,6 +67,10 @@ _IN_TEXT = re.compile(
     rf"(?<![0-9A-Z])CRM[{_DASHES}]?({_SYMBOL}{{{CODE_LENGTH}}})(?![0-9A-Z])", re.IGNORECASE
 )
 _TAG = re.compile(r"<[^<>]*>")
+# A line break with the quote markers and spaces around it: a client that wraps a quoted
+# subject line ("> Subject: Your quote [CRM-06TR4PB4K90J62SAW2K" / "> MDCZ8RB66YX30Y4J7S]")
+# cuts a code in two, and only the text without them joins it again.
+_BREAK = re.compile(r"[ \t]*\r?\n[ \t>]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,11 +180,17 @@ def find_codes(text: str) -> list[str]:
     Candidates still need ``verify``. The text is also read with its HTML tags taken out and
     its entities decoded, since editors put a code's pieces in separate elements or write its
     brackets and the spaces around it as entities; reply prefixes, quoting with ``>`` and edits
-    around the code do not matter because only the ``CRM-`` token itself is looked for.
+    around the code do not matter because only the ``CRM-`` token itself is looked for. A code
+    that a quoting client wrapped onto two lines is found in the text with its line breaks and
+    quote markers taken out.
     """
     views = [text]
     if "<" in text or "&" in text:
         views.append(html.unescape(_TAG.sub("", text)))
+    # The same again with line breaks and quote markers taken out (a code wrapped inside a
+    # quoted line). It glues words together too, which only ever loses candidates there,
+    # never makes a false one: whatever is found still has to verify.
+    views.extend([_BREAK.sub("", view) for view in views if "\n" in view])
     found: dict[str, None] = {}
     for view in views:
         for match in _IN_TEXT.finditer(view):
@@ -205,12 +215,17 @@ def plus_local_part(inbox_local: str, code: str) -> str:
     return f"{inbox_local}+{code}"
 
 
-def subject_with_code(subject: str, code: str) -> str:
-    """``subject`` with ``code`` at its end; a code already in it is replaced, so a thread
-    replied to from the CRM again carries just the newest code."""
+def subject_without_codes(subject: str) -> str:
+    """``subject`` without the codes in it (and the brackets they leave behind)."""
     bare = _IN_TEXT.sub("", subject)
-    bare = re.sub(r"\[\s*\]", "", bare)  # the brackets a replaced code leaves behind
-    bare = " ".join(bare.split())
+    bare = re.sub(r"\[\s*\]", "", bare)
+    return " ".join(bare.split())
+
+
+def subject_with_code(subject: str, code: str) -> str:
+    """``subject`` with ``code`` at its end; a code already in it is replaced, so a subject
+    carries one code (a reply from the CRM keeps its thread's, see the mail bridge's send)."""
+    bare = subject_without_codes(subject)
     return f"{bare} {in_text(code)}" if bare else in_text(code)
 
 

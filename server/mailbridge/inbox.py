@@ -69,10 +69,15 @@ class RawInbox:
     async def put(self, raw: bytes, source: Source) -> Stored:
         """Stores ``raw``; returns once it is on disk (or its copy stored before is)."""
         digest = hashlib.sha256(raw).hexdigest()
-        existing = await self.collection.find_one({"sha256": digest}, {"_id": 1})
-        if existing is not None:
-            return await self._again(existing["_id"])
         key = source.imap_key()
+        existing = await self.collection.find_one({"sha256": digest}, {"_id": 1, "imap_key": 1})
+        if existing is not None:
+            if key is not None and existing.get("imap_key") != key:
+                # The same bytes again, now in an IMAP folder (the SMTP copy came first, or
+                # another folder's): the hub has the mail; this copy is moved or deleted like
+                # any delivered mail, so it is recorded as a duplicate at its UID.
+                await self._imap_copy(existing["_id"], digest, source, key)
+            return await self._again(existing["_id"])
         if key is not None:
             seen = await self.collection.find_one({"imap_key": key}, {"_id": 1})
             if seen is not None:
@@ -119,6 +124,32 @@ class RawInbox:
                 raise
             return await self._again(found["_id"])
         return Stored(doc["_id"], True)
+
+    async def _imap_copy(self, original_id: str, digest: str, source: Source, key: str) -> None:
+        """A document for an IMAP message whose bytes are stored already: no bytes of its own,
+        the outcome ``duplicate`` at once, found by its mailbox's collector to move it."""
+        now = utcnow()
+        doc: Document = {
+            "_id": new_id(),
+            # the unique key of the bytes is the original's; this one is keyed by its UID
+            "sha256": f"{digest}|{key}",
+            "imap_key": key,
+            "size": 0,
+            "received_at": now,
+            "processed_at": now,
+            "status": "duplicate",
+            "result": {"of": original_id, "reason": "the same bytes were stored already"},
+            "claimed_until": now,
+            "source": {
+                "kind": source.kind,
+                "mailbox_id": source.mailbox_id,
+                "uidvalidity": source.uidvalidity,
+                "uid": source.uid,
+                "recipients": [],
+            },
+        }
+        with contextlib.suppress(DuplicateKeyError):  # recorded by an earlier collection
+            await journaled(self.collection).insert_one(doc)
 
     async def _again(self, raw_id: str) -> Stored:
         """A copy stored before: answered only once that copy is on disk too. It may be

@@ -1,9 +1,10 @@
 """The SMTP and LMTP listeners: mail for the CRM inbox, stored before it is acknowledged.
 
 Never an open relay: only the CRM address and its plus-addresses are accepted as
-recipients. A message over the size limit gets 552 from aiosmtpd itself; one too complex to
-parse safely (a MIME bomb) gets 552 here; a database that cannot store it gets 451, and a disk
-nearly full 452 4.3.1, so the sender's MTA retries. 250 means the raw message is durably stored.
+recipients, and ``postmaster`` (RFC 5321), whose mail goes to the administrators. A message
+over the size limit gets 552 from aiosmtpd itself; one too complex to parse safely (a MIME
+bomb) gets 552 here; a database that cannot store it gets 451, and a disk nearly full 452
+4.3.1, so the sender's MTA retries. 250 means the raw message is durably stored.
 
 The servers run on the hub's own event loop (``loop.create_server`` with aiosmtpd's protocol
 classes), not in aiosmtpd's threaded ``Controller``.
@@ -34,10 +35,17 @@ INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage; try again later"
 COMMAND_CALL_LIMIT = {"MAIL": 1000, "RCPT": 5000, "DATA": 1000, "RSET": 1000, "*": 50}
 
 
-def accepts(address: str, inbox: str) -> bool:
-    """The CRM inbox itself or one of its plus-addresses, case-insensitively."""
-    local, _, domain = address.strip().lower().rpartition("@")
+def accepts(address: str, inbox: str, domains: tuple[str, ...] = ()) -> bool:
+    """The CRM inbox itself or one of its plus-addresses, case-insensitively; and
+    ``postmaster`` - bare, at the inbox's domain or at one of ``domains`` (the portal's) -
+    which RFC 5321 (4.5.1) requires every receiving server to take."""
+    bare = address.strip().strip("<>").lower()
+    if bare == "postmaster":
+        return True
+    local, _, domain = bare.rpartition("@")
     inbox_local, _, inbox_domain = inbox.lower().rpartition("@")
+    if local == "postmaster" and domain in {inbox_domain, *(d.lower() for d in domains)}:
+        return True
     if domain != inbox_domain:
         return False
     return local == inbox_local or local.startswith(inbox_local + "+")
@@ -53,8 +61,10 @@ class IngressHandler:
         stored: Callable[[], None],
         kind: str = "smtp",
         write_refusal: Callable[[], str | None] = lambda: None,
+        domains: tuple[str, ...] = (),
     ) -> None:
         self._inbox = inbox
+        self._domains = domains  # whose postmaster@ is taken besides the inbox's domain
         self._write_refusal = write_refusal
         self._address = inbox_address
         self._limits = limits
@@ -70,7 +80,7 @@ class IngressHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        if not accepts(address, self._address):
+        if not accepts(address, self._address, self._domains):
             return "550 5.7.1 Relaying denied: this server only takes mail for the CRM inbox"
         if len(envelope.rcpt_tos) >= self._max_recipients:
             return "452 4.5.3 Too many recipients"

@@ -32,7 +32,8 @@ class Match:
     how: str  # code, thread, rule, sender, none
     record: Document | None = None
     activity_id: str | None = None  # the outgoing mail replied to, when known
-    flagged: bool = False  # a valid code, but the sender is not one of the record's addresses
+    # a valid code or thread, but the sender is not one of the record's addresses
+    flagged: bool = False
     candidates: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
 
@@ -83,7 +84,9 @@ class Matcher:
             token = code_from_address(local, self._inbox_local)
             if token:
                 tokens.append(token)
-        for text in (mail.subject, mail.text, mail.html_sanitised or ""):
+        # The mail's own text first; then messages it carries as attachments (a forward as
+        # .eml), whose code is the mail's own code forwarded.
+        for text in (mail.subject, mail.text, mail.html_sanitised or "", *mail.attached_texts):
             tokens.extend(find_codes(text))
         if not tokens:
             return None
@@ -98,19 +101,27 @@ class Matcher:
             record = await self._store["crm_records"].find_one({"_id": activity["owner_id"]})
             if record is None:
                 continue
-            emails = [e["value"] for e in record.get("emails", [])]
-            emails += await self._linked_contact_emails(record)
             return Match(
                 "code",
                 record,
                 activity_id=activity["_id"],
-                flagged=not sender_matches(mail.from_address, emails),
+                flagged=not await self._senders_record(mail, record),
             )
         return None
+
+    async def _senders_record(self, mail: ParsedMail, record: Document) -> bool:
+        """Whether the sender is one of the record's addresses (or its contacts')."""
+        emails = [e["value"] for e in record.get("emails", [])]
+        emails += await self._linked_contact_emails(record)
+        return sender_matches(mail.from_address, emails)
 
     async def _linked_contact_emails(self, record: Document) -> list[str]:
         """A deal's or company's mail goes to its contacts: their addresses count as the
         record's."""
+        return [e["value"] for c in await self.linked_contacts(record) for e in c.get("emails", [])]
+
+    async def linked_contacts(self, record: Document) -> list[Document]:
+        """A deal's contacts (in the deal's order) or a company's; none for others."""
         query: Document | None = None
         if record["type"] == "deal" and record.get("contact_ids"):
             query = {"_id": {"$in": record["contact_ids"]}}
@@ -118,11 +129,14 @@ class Matcher:
             query = {"type": "contact", "company_ids": record["_id"]}
         if query is None:
             return []
-        return [
-            e["value"]
-            async for c in self._store["crm_records"].find(query, {"emails": 1}).limit(500)
-            for e in c.get("emails", [])
+        found = [
+            c
+            async for c in self._store["crm_records"]
+            .find(query, {"emails": 1, "first_name": 1, "last_name": 1, "title": 1})
+            .limit(500)
         ]
+        order = {cid: i for i, cid in enumerate(record.get("contact_ids") or [])}
+        return sorted(found, key=lambda c: (order.get(c["_id"], len(order)), c["_id"]))
 
     # 2 ---------------------------------------------------------------------------------------
 
@@ -138,7 +152,14 @@ class Matcher:
         record = await self._store["crm_records"].find_one({"_id": activity["owner_id"]})
         if record is None:
             return None
-        return Match("thread", record, activity_id=activity["_id"])
+        # A Message-ID is no secret (it travels in every copy and every reply), so a stranger
+        # who was copied in, or wrote References by hand, matches too: flagged, as a code is.
+        return Match(
+            "thread",
+            record,
+            activity_id=activity["_id"],
+            flagged=not await self._senders_record(mail, record),
+        )
 
     # 3 ---------------------------------------------------------------------------------------
 

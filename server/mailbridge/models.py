@@ -29,6 +29,20 @@ class SendEmail(Strict):
     to: list[Email] = Field(
         min_length=1, max_length=100, description="Addresses of the record (or its contacts)"
     )
+    cc: list[Email] = Field(
+        default_factory=list, max_length=100, description="Copies, by the same rule as `to`"
+    )
+    bcc: list[Email] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Blind copies, by the same rule; in the envelope only, not in the mail",
+    )
+    in_reply_to: Annotated[str, StringConstraints(max_length=64), XML_TEXT] | None = Field(
+        default=None,
+        description="The e-mail activity of this record the mail answers: the mail continues "
+        "its thread (In-Reply-To, References) and keeps the thread's reply code; an empty "
+        "subject becomes `Re: ` and its subject",
+    )
     subject: Subject = ""
     text: Body = Field(default="", description="Plain text body (placeholders allowed)")
     html: Body | None = Field(default=None, description="HTML body; sanitised before sending")
@@ -40,9 +54,24 @@ class SendEmail(Strict):
 class SentEmail(BaseModel):
     activity_id: str
     to: list[str]
+    cc: list[str] = Field(default_factory=list)
+    bcc: list[str] = Field(default_factory=list)
     message_id: str
     code: str
     status: str
+
+
+class EmailPreview(BaseModel):
+    to: list[str]
+    subject: str = Field(description="With the placeholders filled, before the reply code")
+    text: str
+    html: str | None = None
+
+
+class EmailPreviews(BaseModel):
+    previews: list[EmailPreview] = Field(
+        description="One per mail that would be sent (one per recipient with `bulk`)"
+    )
 
 
 class SentEmails(BaseModel):
@@ -101,6 +130,13 @@ class MailSettings(BaseModel):
     )
     max_new_leads_per_sender: int = Field(default=3, ge=0, le=1000)
     lead_period_minutes: int = Field(default=24 * 60, ge=1, le=365 * 24 * 60)
+    max_new_leads_per_hour: int = Field(
+        default=20,
+        ge=0,
+        le=100_000,
+        description="At most this many leads from mail in each clock hour, from all senders "
+        "together; past it mail from new senders goes to the unmatched list (0: no leads)",
+    )
     lead_responsible_id: str | None = Field(
         default=None, description="Who new leads from mail go to; default: the first admin"
     )
@@ -117,6 +153,7 @@ class MailSettingsUpdate(Patch):
     )
     max_new_leads_per_sender: int | None = Field(default=None, ge=0, le=1000)
     lead_period_minutes: int | None = Field(default=None, ge=1, le=365 * 24 * 60)
+    max_new_leads_per_hour: int | None = Field(default=None, ge=0, le=100_000)
     lead_responsible_id: str | None = None
     subject_rules: list[SubjectRuleIn] | None = Field(default=None, max_length=50)
 
@@ -215,10 +252,23 @@ class UnmatchedMail(BaseModel):
         "reason says what failed. Not matched by its address: the candidates are whose "
         "address it claims",
     )
+    from_name: str = ""
+    date: datetime | None = Field(default=None, description="The mail's Date: header")
+    preview: str = Field(
+        default="", description="The beginning of its new text (without the quoted history)"
+    )
+    copies: int = Field(
+        default=1, description="How often it came (the same Message-ID by another path)"
+    )
 
 
 class UnmatchedList(BaseModel):
     mails: list[UnmatchedMail]
+    count: int = Field(description="How many mails wait on the list (refused ones included)")
+
+
+class UnmatchedCount(BaseModel):
+    count: int
 
 
 class AssignMail(Strict):

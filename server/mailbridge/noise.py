@@ -129,6 +129,10 @@ class BounceInfo:
 
 
 _MESSAGE_ID_LINE = re.compile(r"^message-id:[ \t]*(<[^<>\s]{1,996}>)", re.IGNORECASE | re.MULTILINE)
+# In a bounce's own text, the returned mail's header may be quoted ("> Message-ID: <…>").
+_QUOTED_MESSAGE_ID_LINE = re.compile(
+    r"^[> \t]{0,20}message-id:[ \t]*(<[^<>\s]{1,996}>)", re.IGNORECASE | re.MULTILINE
+)
 _MAX_DSN_TEXT = 256 << 10
 
 
@@ -240,7 +244,7 @@ def bounce_info(raw: bytes, limits: Limits | None = None) -> BounceInfo | None:
     original = _original_message_id(message)
     if original is None:
         # Servers that quote the returned mail in the body rather than attach it
-        found_id = _MESSAGE_ID_LINE.search(mail.text[:_MAX_DSN_TEXT])
+        found_id = _QUOTED_MESSAGE_ID_LINE.search(mail.text[:_MAX_DSN_TEXT])
         original = found_id.group(1) if found_id else None
     return BounceInfo(
         original_message_id=original,
@@ -249,3 +253,48 @@ def bounce_info(raw: bytes, limits: Limits | None = None) -> BounceInfo | None:
         status=status,
         diagnostic=diagnostic,
     )
+
+
+# Where a plain-text bounce's own words end and the copy of the returned mail begins (qmail,
+# Exim, Postfix, Sendmail, Exchange and the generic forms). The copy names every recipient of
+# the mail in its To and Cc, so only the text above it says which of them failed.
+_COPY_STARTS = re.compile(
+    r"^[ \t-]*(?:"
+    r"-+ ?below this line is a copy of the message"
+    r"|-+ ?this is a copy of the message"
+    r"|-+ ?original message"
+    r"|original message follows"
+    r"|-+ ?the original message"
+    r"|-+ ?returned message"
+    r"|-+ ?returned mail"
+    r"|-+ ?forwarded message"
+    r"|-+ ?message headers? follows?"
+    r"|(?:return-path|received|from|to|subject|message-id|date):"
+    r"|>"
+    r")",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def failed_in_text(text: str, recipients: list[str]) -> tuple[str, ...]:
+    """Which of ``recipients`` (those of the mail that bounced) a plain-text bounce names as
+    failed, for bounces without a delivery-status part that no detector reads.
+
+    Only the bounce's own words count: the text above the copy of the returned mail, which
+    names every recipient. When it names none of them but the mail went to one address only,
+    that address is the one that failed. Addresses are compared whole and case-insensitively.
+    """
+    wanted = [r for r in dict.fromkeys(a.strip().lower() for a in recipients) if r]
+    if not wanted:
+        return ()
+    own = text[:_MAX_DSN_TEXT]
+    cut = _COPY_STARTS.search(own)
+    if cut is not None:
+        own = own[: cut.start()]
+    own = own.lower()
+    named = tuple(
+        r for r in wanted if re.search(rf"(?<![\w.+-]){re.escape(r)}(?![\w-])", own) is not None
+    )
+    if named:
+        return named
+    return (wanted[0],) if len(wanted) == 1 else ()

@@ -18,10 +18,10 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import format_datetime
 from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -86,16 +86,30 @@ def compose(
     message_id: str,
     origin: str,
     attachments: list[OutgoingAttachment],
+    cc: list[str] | None = None,
+    in_reply_to: str | None = None,
+    references: list[str] | None = None,
+    date: datetime | None = None,
 ) -> bytes:
+    """The message as sent. Bcc recipients are not written in it: they are only in the SMTP
+    envelope. ``in_reply_to`` and ``references`` continue the thread of the mail answered."""
     msg = EmailMessage()
     msg["From"] = mailbox(from_address, sender_name)
     msg["Reply-To"] = mailbox(reply_to, sender_name)
     msg["To"] = [mailbox(a) for a in to]
+    if cc:
+        msg["Cc"] = [mailbox(a) for a in cc]
     msg["Subject"] = safe_header(subject, "the subject")
-    msg["Date"] = formatdate(localtime=False)
+    # "+0000", not formatdate's "-0000", which RFC 5322 (3.3) reserves for a time whose zone
+    # is unknown: ours is UTC, known.
+    msg["Date"] = format_datetime((date or datetime.now(UTC)).astimezone(UTC))
     msg["Message-ID"] = safe_header(message_id, "the Message-ID")
-    # Repeated in References: some relays rewrite Message-ID, replies still name the original.
-    msg["References"] = message_id
+    if in_reply_to:
+        msg["In-Reply-To"] = safe_header(in_reply_to, "In-Reply-To")
+    # The thread's ids, then ours: some relays rewrite Message-ID, and replies still name the
+    # original through References.
+    thread = [safe_header(r, "References") for r in (references or []) if r != message_id]
+    msg["References"] = " ".join([*thread, message_id])
     msg[ORIGIN_HEADER] = safe_header(origin, "the origin")
     msg.set_content(text or "")
     if html:

@@ -860,6 +860,9 @@ class ParsedMail:
     # Authentication-Results and Received fields, (lower-case name, value) from the top, for
     # ``authresults.trusted_results``: where they stand tells the trusted server's apart.
     trace: tuple[tuple[str, str], ...] = ()
+    # The subject and text of each attached message (a forward as ``.eml``), for reply codes
+    # and nothing else: what a customer forwards may carry the code of the mail it answers.
+    attached_texts: tuple[str, ...] = ()
 
     @property
     def auto_submitted(self) -> str | None:
@@ -925,8 +928,58 @@ def parse(raw: bytes, limits: Limits | None = None) -> ParsedMail:
         raise MailTooComplex(f"unreadable MIME ({type(exc).__name__})") from exc
 
 
-def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
-    """A ``ParsedMail`` of what ``message_from_bytes`` returned."""
+# What reading an attached message may raise, besides the limits (see ``parse``): such a
+# message is passed over, the mail around it is not lost.
+_UNREADABLE = (
+    MailTooComplex,
+    LookupError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    RecursionError,
+)
+MAX_ATTACHED_MESSAGES = 5  # read for codes; a forward carries one, a digest a few
+MAX_ATTACHED_TEXT_CHARS = 64 << 10
+
+
+def _attached_texts(inner: list[Message], limits: Limits) -> tuple[str, ...]:
+    """The subject and text of the attached messages: an attached ``message/rfc822`` (parsed
+    with the message around it, so inside its limits) or an ``.eml`` file sent as bytes (parsed
+    here, under the same limits). Each is read as a message of its own, without its own
+    attachments; one that cannot be read is passed over."""
+    texts: list[str] = []
+    for entity in inner[:MAX_ATTACHED_MESSAGES]:
+        try:
+            mail = from_message(entity, limits, nested=True)
+        except _UNREADABLE:
+            continue
+        parts = [mail.subject, mail.text[:MAX_ATTACHED_TEXT_CHARS]]
+        if mail.html_sanitised:
+            parts.append(mail.html_sanitised[:MAX_ATTACHED_TEXT_CHARS])
+        texts.append("\n".join(parts))
+    return tuple(texts)
+
+
+def _eml_attachment(part: Attachment, limits: Limits) -> Message | None:
+    """An attachment that is a message sent as a file (``forward.eml``,
+    ``application/octet-stream``), parsed; None for any other file or one that does not
+    parse."""
+    if part.content_type in ("message/rfc822", "message/global"):
+        return None  # read from the parsed entity already
+    if not part.filename.lower().endswith(".eml") or not part.data:
+        return None
+    try:
+        return message_from_bytes(part.data, limits)
+    except _UNREADABLE:
+        return None
+
+
+def from_message(
+    message: Message, limits: Limits | None = None, nested: bool = False
+) -> ParsedMail:
+    """A ``ParsedMail`` of what ``message_from_bytes`` returned. ``nested``: an attached
+    message, read for its text only (its own attached messages are not read again)."""
     limits = limits or Limits()
     top_charset = _param(message, "charset")
     budget = _Budget(limits)
@@ -936,6 +989,7 @@ def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
     attachments: list[Attachment] = []
     part_types: list[str] = []
     within: set[int] = set()  # ids of the entities inside an attached message or report
+    attached_messages: list[Message] = []
     for entity, _depth in _entities(message):
         if id(entity) in within:
             continue  # stored as part of the message or report they are in
@@ -952,6 +1006,14 @@ def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
             else:
                 data = _message_bytes(entity)
                 filename = filename or "message.eml"
+                payload = entity.get_payload()
+                if (
+                    not nested
+                    and isinstance(payload, list)
+                    and payload
+                    and isinstance(payload[0], Message)
+                ):
+                    attached_messages.append(payload[0])
             budget.spend(len(data))
         elif entity.is_multipart():
             continue
@@ -990,6 +1052,13 @@ def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
     if len(text) > limits.max_text_chars:
         text, truncated = text[: limits.max_text_chars], True
     new_text, quoted_text = split_reply(text)
+    if not nested:
+        for part in attachments:
+            if len(attached_messages) >= MAX_ATTACHED_MESSAGES:
+                break
+            eml = _eml_attachment(part, limits)
+            if eml is not None:
+                attached_messages.append(eml)
 
     senders = _addresses(_all(message, "from"), top_charset)
     headers: dict[str, str] = {}
@@ -1026,6 +1095,7 @@ def from_message(message: Message, limits: Limits | None = None) -> ParsedMail:
         attachments=tuple(attachments),
         truncated=truncated,
         trace=tuple(trace),
+        attached_texts=_attached_texts(attached_messages, limits),
     )
 
 

@@ -27,6 +27,8 @@ from pymongo.errors import DuplicateKeyError
 
 from server.background import raise_if_stopping, stop
 from server.crm.models import LeadCreate, TypedEmail
+from server.crm.records import MAIL_CREATOR
+from server.crm.rules import may_manage_settings
 from server.crm.service import Crm
 from server.im.service import ImService
 from server.mailbridge.authresults import UNCHECKED, Verdict, judge, trusted_results
@@ -34,9 +36,9 @@ from server.mailbridge.inbox import RawInbox
 from server.mailbridge.leases import LEASE, orphaned, renewing
 from server.mailbridge.matching import Match, Matcher
 from server.mailbridge.models import MailSettings
-from server.mailbridge.noise import Noise, bounce_info, classify
+from server.mailbridge.noise import Noise, bounce_info, classify, failed_in_text
 from server.mailbridge.parsing import Limits, MailTooComplex, ParsedMail, parse
-from server.mailbridge.rules import lead_allowed
+from server.mailbridge.rules import lead_allowed, split_name
 from server.observability import instruments
 from server.observability.context import traced
 from server.store.database import Document, Store, utcnow
@@ -48,6 +50,30 @@ RETRY_AFTER = timedelta(seconds=30)
 IDLE_POLL_SECONDS = 5.0
 WORKERS = 1
 LEAD_WAIT_SECONDS = 5.0
+PREVIEW_CHARS = 500  # of an unmatched mail's text, for the list admins assign from
+MAX_REFERENCES_KEPT = 20  # of an incoming mail's References, for a reply's own
+# Final outcomes a copy of a mail (the same Message-ID) is a duplicate of: delivered, or
+# waiting on (or dismissed from) the unmatched list, which shows each mail once.
+COPY_OF = frozenset({"done", "unmatched", "dismissed"})
+WAITING = ("unmatched", "refused")
+NO_LEAD = "unknown sender; no lead made (exception or too many)"
+
+
+def is_postmaster(address: str) -> bool:
+    """RFC 5321's ``postmaster`` (with or without a domain): the listener takes it for the
+    administrators, never for a record."""
+    bare = address.strip().strip("<>")
+    local = bare.rpartition("@")[0] if "@" in bare else bare
+    return local.lower() == "postmaster"
+
+
+def _sender(mail: ParsedMail) -> str:
+    return mail.from_name or mail.from_address
+
+
+def hour_bucket(now: datetime) -> str:
+    """The clock hour (UTC) the global limit on leads from mail counts in."""
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H")
 
 
 class TryLater(Exception):
@@ -85,6 +111,8 @@ class MailPipeline:
         self._held: set[str] = set()  # raw messages this node has claimed and not finished
         # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
         self.on_finished: list[Callable[[Document], Awaitable[None]]] = []
+        # Told when the unmatched list changed (its count is a live badge for CRM admins).
+        self.on_unmatched: list[Callable[[], Awaitable[None]]] = []
 
     async def take_orphans(self) -> None:
         """At start-up on the embedded database: what a process that died held is free now
@@ -167,6 +195,15 @@ class MailPipeline:
                 await hook(finished)
             except Exception:
                 log.exception("after-delivery step for mail %s failed", doc["_id"])
+        if status in WAITING:
+            await self.unmatched_changed()
+
+    async def unmatched_changed(self) -> None:
+        for unmatched_hook in self.on_unmatched:
+            try:
+                await unmatched_hook()
+            except Exception:
+                log.exception("telling about the unmatched mail failed")
 
     async def process(self, doc: Document) -> None:
         raw = await self._inbox.raw_of(doc)
@@ -175,13 +212,17 @@ class MailPipeline:
         except MailTooComplex as exc:
             await self._finish(doc, "refused", {"reason": f"refused: {exc}"})
             return
-        summary: Document = {"from": mail.from_address, "subject": mail.subject[:500]}
+        summary: Document = {
+            "from": mail.from_address,
+            "from_name": mail.from_name[:200],
+            "subject": mail.subject[:500],
+        }
         noise = classify(mail, self.origin)
         if noise is Noise.OUR_OWN:
             await self._finish(doc, "ignored", {**summary, "reason": "our own mail came back"})
             return
         if noise is Noise.BOUNCE:
-            await self._finish(doc, "bounce", {**summary, **await self._bounced(raw)})
+            await self._finish(doc, "bounce", {**summary, **await self._bounced(raw, mail)})
             return
         if mail.message_id:
             await self._inbox.collection.update_one(
@@ -193,13 +234,25 @@ class MailPipeline:
             earlier = [
                 d
                 async for d in copies.limit(100)
-                if d["status"] == "done" and d["_id"] != doc["_id"]
+                if d["status"] in COPY_OF and d["_id"] != doc["_id"]
             ]
             if earlier:
-                await self._finish(doc, "duplicate", {**summary, "of": earlier[0]["_id"]})
+                original = earlier[0]
+                if original["status"] == "unmatched":  # one entry on the list, counting copies
+                    await self._inbox.collection.update_one(
+                        {"_id": original["_id"]}, {"$inc": {"copies": 1}}
+                    )
+                await self._finish(doc, "duplicate", {**summary, "of": original["_id"]})
+                if original["status"] == "unmatched":
+                    await self.unmatched_changed()
                 return
-        settings = await self._settings()
+        summary["date"] = mail.date
+        summary["preview"] = (mail.new_text or mail.text)[:PREVIEW_CHARS]
         recipients = list(doc.get("source", {}).get("recipients", []))
+        if recipients and all(is_postmaster(r) for r in recipients):
+            await self._to_postmaster(doc, mail, summary)
+            return
+        settings = await self._settings()
         verdict = self.verdict(mail)
         match = await self._matcher.match(
             mail, recipients, settings, distrusted=verdict.reason if verdict.suspicious else None
@@ -213,11 +266,11 @@ class MailPipeline:
             and settings.create_leads
             and not verdict.suspicious  # a forged address does not go into the CRM
         ):
-            lead = await self._lead_for(mail, settings)
+            lead, why_not = await self._lead_for(mail, settings)
             if lead is not None:
                 match = Match("new_lead", lead)
             else:
-                match.reason = "unknown sender; no lead made (exception or too many)"
+                match.reason = why_not
         if match.record is None:
             reason = match.reason or "no record matched"
             if noise is Noise.AUTO_REPLY:
@@ -240,6 +293,30 @@ class MailPipeline:
                 "activity_id": activity_id,
                 "flagged": match.flagged,
             },
+        )
+
+    async def _to_postmaster(self, doc: Document, mail: ParsedMail, summary: Document) -> None:
+        """Mail to ``postmaster@`` (RFC 5321 wants the address to work) is for the people who
+        run the portal's mail: it waits in the unmatched list, never on a record nor as a
+        lead, and the CRM administrators are told."""
+        await self._finish(
+            doc,
+            "unmatched",
+            {**summary, "reason": "addressed to postmaster: for the administrators"},
+        )
+        sender = mail.from_name or mail.from_address or "(no sender)"
+        for admin in await self.crm_admins():
+            await self._im.post_system_notice(
+                admin,
+                f"Mail to postmaster from {sender}: {mail.subject or '(no subject)'} "
+                "(in the CRM's unmatched mail)",
+            )
+
+    async def crm_admins(self) -> list[str]:
+        """The CRM administrators (portal admins among them), who look after the inbox."""
+        snapshot = await self._crm.access.snapshot()
+        return sorted(
+            uid for uid, viewer in snapshot.viewers.items() if may_manage_settings(viewer.role)
         )
 
     def verdict(self, mail: ParsedMail) -> Verdict:
@@ -271,6 +348,9 @@ class MailPipeline:
                 "text": mail.text,
                 "quoted": mail.quoted_text,
                 "attachments": attachments,
+                "date": mail.date,  # as the sender's Date: says; received_at as we got it
+                "received_at": doc.get("received_at"),
+                "references": list(mail.references[-MAX_REFERENCES_KEPT:]),
                 "match": match.how,
                 "flagged": match.flagged,
                 "suspicious": verdict.suspicious,
@@ -292,6 +372,8 @@ class MailPipeline:
                 description=(mail.new_text or mail.text)[:20_000],
                 completed=auto_reply,  # an auto-reply is shown, never counted
                 extra=extra,
+                # the history names who wrote it
+                history={"from": _sender(mail), "from_address": mail.from_address},
             )
         except DuplicateKeyError:
             mine = await self._store["crm_activities"].find_one({"mail.raw_id": doc["_id"]})
@@ -301,7 +383,7 @@ class MailPipeline:
             self._crm.counters.touch([record["responsible_id"]], [record["type"]])
             return str(mine["_id"])
         if not auto_reply:
-            sender = mail.from_name or mail.from_address
+            sender = _sender(mail)
             warning = " (sender not authenticated)" if verdict.suspicious else ""
             await self._im.post_system_notice(
                 record["responsible_id"],
@@ -333,7 +415,7 @@ class MailPipeline:
             )
         return saved
 
-    async def _bounced(self, raw: bytes) -> Document:
+    async def _bounced(self, raw: bytes, mail: ParsedMail) -> Document:
         info = await asyncio.to_thread(bounce_info, raw)
         if info is None or not info.original_message_id:
             return {"reason": "bounce for a message we cannot identify"}
@@ -342,18 +424,45 @@ class MailPipeline:
         )
         if activity is None:
             return {"reason": "bounce for a message we did not send"}
+        sent = activity.get("mail", {})
+        failed = list(info.recipients)
+        if not failed:  # a plain-text bounce no detector reads: its words name them
+            sent_to = [*sent.get("to", []), *sent.get("cc", []), *sent.get("bcc", [])]
+            failed = list(failed_in_text(mail.text, sent_to))
+        known = list(sent.get("bounced_recipients", []))
+        news = [a for a in failed if a not in known]
         await self._store["crm_activities"].update_one(
             {"_id": activity["_id"]},
             {
                 "$set": {
                     "mail.status": "bounced",
-                    "mail.bounced_recipients": list(info.recipients),
+                    "mail.bounced_recipients": known + news,
                     "modified_at": utcnow(),
                 }
             },
         )
         await self.announce(activity["_id"])
-        return {"activity_id": activity["_id"], "recipients": list(info.recipients)}
+        if news or sent.get("status") != "bounced":
+            await self._tell_sender_of_bounce(activity, news or failed, info.diagnostic)
+        return {"activity_id": activity["_id"], "recipients": failed}
+
+    async def _tell_sender_of_bounce(
+        self, activity: Document, failed: list[str], diagnostic: str | None
+    ) -> None:
+        """The person who sent the mail learns in the messenger that it came back: the record's
+        timeline says so too, but nobody watches a mail already sent."""
+        sender = activity.get("created_by")
+        if not sender or await self._store.users.find_one({"_id": sender}) is None:
+            return
+        owner = await self._store["crm_records"].find_one({"_id": activity["owner_id"]})
+        where = f" on “{owner.get('title', '')}”" if owner is not None else ""
+        who = ", ".join(failed) if failed else "a recipient"
+        why = f" ({diagnostic[:200]})" if diagnostic else ""
+        await self._im.post_system_notice(
+            sender,
+            f"Your e-mail “{activity.get('subject') or '(no subject)'}”{where} bounced: "
+            f"{who} did not get it{why}",
+        )
 
     async def announce(self, activity_id: str) -> None:
         """An email activity's mail part changed (delivery status, bounce): tell its viewers."""
@@ -364,8 +473,11 @@ class MailPipeline:
         if owner is not None:
             await self._crm.records.core.announce_activity(activity, owner)
 
-    async def _lead_for(self, mail: ParsedMail, settings: MailSettings) -> Document | None:
-        """One lead per unknown sender, however many of their mails arrive at once."""
+    async def _lead_for(
+        self, mail: ParsedMail, settings: MailSettings
+    ) -> tuple[Document | None, str]:
+        """One lead per unknown sender, however many of their mails arrive at once; or why
+        none was made."""
         sender = mail.from_address.lower()
         since = utcnow() - timedelta(minutes=settings.lead_period_minutes)
         recent = await self._store["mail_lead_log"].count_documents(
@@ -374,7 +486,7 @@ class MailPipeline:
         if not lead_allowed(
             sender, settings.lead_exceptions, recent, settings.max_new_leads_per_sender
         ):
-            return None
+            return None, NO_LEAD
         claims = self._store["mail_lead_claims"]
         try:
             await claims.insert_one(
@@ -390,7 +502,7 @@ class MailPipeline:
                 if claim.get("lead_id"):
                     lead = await self._store["crm_records"].find_one({"_id": claim["lead_id"]})
                     if lead is not None:
-                        return lead
+                        return lead, ""
                     await claims.delete_one({"_id": sender, "lead_id": claim["lead_id"]})
                     return await self._lead_for(mail, settings)
                 if self._abandoned(claim):
@@ -400,30 +512,83 @@ class MailPipeline:
                     raise TryLater(f"cleared a stopped node's lead claim: {sender}") from None
                 await asyncio.sleep(0.05)
             raise TryLater("another delivery is still making the lead for this sender") from None
+        bucket: str | None = None
         try:
             responsible = await self._lead_owner(settings)
             if responsible is None:
-                return None
+                await claims.delete_one({"_id": sender, "lead_id": None})
+                return None, NO_LEAD
+            bucket = await self._reserve_lead(settings, responsible)
+            if bucket is None:
+                await claims.delete_one({"_id": sender, "lead_id": None})
+                return None, (
+                    f"unknown sender; no lead made: {settings.max_new_leads_per_hour} leads "
+                    "from mail this hour, the limit"
+                )
+            first, last = split_name(mail.from_name, sender)
             created = await self._crm.records.create_for_system(
                 responsible,
                 "lead",
                 LeadCreate(
                     # (an address may hold what a name may not, such as U+202E)
                     title=clean_name(f"Lead from {mail.from_name or sender}")[:250],
-                    last_name=(mail.from_name or "")[:100],
+                    first_name=clean_name(first)[:100],
+                    last_name=clean_name(last)[:100],
                     emails=[TypedEmail(value=sender)],
                     source="email",
                     ignore_duplicates=True,
                 ),
+                creator=MAIL_CREATOR,
             )
             await claims.update_one({"_id": sender}, {"$set": {"lead_id": created["_id"]}})
             await self._store["mail_lead_log"].insert_one(
                 {"sender": sender, "at": utcnow(), "lead_id": created["_id"]}
             )
-            return created
+            return created, ""
         except Exception:
             await claims.delete_one({"_id": sender, "lead_id": None})
+            if bucket is not None:
+                await self._store["mail_lead_budget"].update_one(
+                    {"_id": bucket}, {"$inc": {"n": -1}}
+                )
             raise
+
+    async def _reserve_lead(self, settings: MailSettings, owner: str) -> str | None:
+        """One lead of this clock hour's allowance (``max_new_leads_per_hour``, all senders
+        together), taken atomically; None past it. The first mail past it tells the lead owner
+        and the CRM administrators, once an hour: not one notice per mail."""
+        limit = settings.max_new_leads_per_hour
+        if limit <= 0:
+            return None  # no leads from mail at all: nothing is paused, nobody is told
+        now = utcnow()
+        bucket = hour_bucket(now)
+        budgets = self._store["mail_lead_budget"]
+        try:
+            # Matches only while under the limit; otherwise the upsert's insert collides with
+            # the hour's document: refused, with nothing counted.
+            result = await budgets.update_one(
+                {"_id": bucket, "n": {"$lt": limit}},
+                {"$inc": {"n": 1}, "$setOnInsert": {"at": now}},
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            result = None
+        if result is not None and (result.modified_count or result.upserted_id is not None):
+            if result.upserted_id is not None:  # a new hour: forget those of days ago
+                await budgets.delete_many({"at": {"$lt": now - timedelta(days=2)}})
+            return bucket
+        first = await budgets.update_one(
+            {"_id": bucket, "noticed": {"$ne": True}}, {"$set": {"noticed": True}}
+        )
+        if first.modified_count:
+            text = (
+                f"Leads from e-mail are paused: {limit} leads were made from mail this hour, "
+                "the limit. Mail from new senders waits in the CRM's unmatched mail until the "
+                "next hour."
+            )
+            for user_id in sorted({owner, *await self.crm_admins()}):
+                await self._im.post_system_notice(user_id, text)
+        return None
 
     def _abandoned(self, claim: Document) -> bool:
         """A lead claim nobody will finish: its node is gone, or it is older than a lease."""

@@ -269,3 +269,39 @@ def lead_allowed(
     if _excepted(address, exceptions):
         return False
     return recent_count < max_per_period
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+# Words a display name carries that are no part of a person's name.
+_NAME_NOISE = re.compile(r"\s*[(\[].*?[)\]]\s*|\s+via\s+.*$", re.IGNORECASE)
+
+
+def split_name(display_name: str, address: str = "") -> tuple[str, str]:
+    """(first name, last name) of a sender's display name, for a lead made from their mail.
+
+    "Carl Client" is Carl / Client, "Client, Carl" (the directory form) too, "Anna Maria van
+    der Berg" is Anna Maria / van der Berg (the particles go with the last name); one word is a
+    first name, so that "Dear {{record.first_name}}," reads right. A comment in brackets
+    ("Carl Client (Sales)") and a mailing list's "… via List" are dropped. A name that is the
+    address itself, or holds one, is no name: ("", "").
+    """
+    name = " ".join(_NAME_NOISE.sub(" ", display_name).replace('"', " ").split())
+    if not name or "@" in name or (address and name.lower() == address.strip().lower()):
+        return "", ""
+    if name.count(",") == 1:
+        last, first = (part.strip() for part in name.split(","))
+        if first and last and " " not in last.strip():
+            return first[:100], last[:100]
+    words = name.replace(",", " ").split()
+    if len(words) == 1:
+        return words[0][:100], ""
+    cut = len(words) - 1
+    while cut > 1 and words[cut - 1].lower() in _PARTICLES:
+        cut -= 1
+    return " ".join(words[:cut])[:100], " ".join(words[cut:])[:100]
+
+
+_PARTICLES = frozenset(
+    {"van", "von", "der", "den", "de", "del", "della", "di", "da", "du", "la", "le", "ten", "ter"}
+)

@@ -9,7 +9,9 @@ import re
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import nh3
 from bson import ObjectId
@@ -20,10 +22,22 @@ from pydantic import ValidationError
 
 from server.background import raise_if_stopping, stop
 from server.crm.core import record_title
+from server.crm.rules import may_manage_settings
 from server.crm.service import Crm
 from server.directory.models import display_name
+from server.events.bus import EventBus
+from server.events.models import EphemeralEvent
+from server.events.streams import user_stream
 from server.im.service import ImService
-from server.mailbridge.codes import CodeRef, body_line, issue, subject_with_code
+from server.mailbridge.codes import (
+    CodeRef,
+    body_line,
+    issue,
+    strip_reply_prefixes,
+    subject_with_code,
+    subject_without_codes,
+    verify,
+)
 from server.mailbridge.imap import MailboxCollector, MailboxConfig, test_connection
 from server.mailbridge.inbox import RawInbox, Source
 from server.mailbridge.ingress import IngressHandler, IngressServers
@@ -32,6 +46,7 @@ from server.mailbridge.matching import Match, Matcher
 from server.mailbridge.models import (
     AttachmentOut,
     ConnectionTest,
+    EmailPreview,
     MailboxIn,
     MailboxOut,
     MailboxUpdate,
@@ -53,7 +68,7 @@ from server.mailbridge.outbox import (
     new_message_id,
 )
 from server.mailbridge.parsing import Limits, parse
-from server.mailbridge.pipeline import MailPipeline
+from server.mailbridge.pipeline import WAITING, MailPipeline
 from server.mailbridge.rules import SubjectRule, apply_rules, validate_rule
 from server.settings import Settings
 from server.store.database import Document, Store, new_id, utcnow
@@ -65,6 +80,10 @@ SETTINGS_TTL_SECONDS = 2.0
 PRUNE_EVERY_SECONDS = 24 * 3600.0
 PRUNE_RETRY_SECONDS = 3600.0
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MAX_RECIPIENTS = 100  # To, Cc and Bcc of one request together
+MAX_REFERENCES = 20  # of the thread, in a reply's References
+UNMATCHED_EVENT = "mail.unmatched"
+"""Live-only, to CRM administrators: ``{count}`` of the unmatched list, after each change."""
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\.([a-z_]+)\s*\}\}")
 
 
@@ -73,13 +92,84 @@ def fill(template: str, values: dict[str, dict[str, str]]) -> str:
     return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), {}).get(m.group(2), ""), template)
 
 
+def placeholder_values(
+    record: Document, contact: Document | None, actor: Document
+) -> dict[str, dict[str, str]]:
+    """What the placeholders stand for in a mail from ``record`` to ``contact`` (the person
+    the mail goes to: a lead or contact is its own; a deal's or company's is the contact the
+    mail is addressed to, or else its first). A deal or company has no name of its own, so its
+    ``record.first_name`` and ``record.last_name`` are its contact's: "Dear
+    {{record.first_name}}," reads right from every record."""
+    person = record if record["type"] in ("lead", "contact") else (contact or {})
+    first = str(person.get("first_name") or "")
+    last = str(person.get("last_name") or "")
+    return {
+        "record": {"title": record_title(record), "first_name": first, "last_name": last},
+        "contact": {
+            "first_name": first,
+            "last_name": last,
+            "name": " ".join(p for p in (first, last) if p),
+        },
+        "user": {"name": display_name(actor), "email": str(actor.get("email", ""))},
+    }
+
+
+def _contact_for(record: Document, contacts: list[Document], to: list[str]) -> Document | None:
+    """The contact of a deal or company that a mail to ``to`` is for: whose address is its
+    first recipient (then any), else the record's first contact."""
+    addressed = [a.lower() for a in to]
+    for address in addressed:
+        for contact in contacts:
+            if address in {e["value"].lower() for e in contact.get("emails", [])}:
+                return contact
+    return contacts[0] if contacts else None
+
+
+def reply_subject(subject: str) -> str:
+    """``Re: `` and the subject answered, without its reply prefixes and reply codes."""
+    bare = strip_reply_prefixes(subject_without_codes(subject))
+    return f"Re: {bare}" if bare else "Re:"
+
+
+@dataclass(frozen=True, slots=True)
+class _Mail:
+    to: list[str]
+    subject: str
+    text: str
+    html: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Thread:
+    activity_id: str
+    subject: str
+    message_id: str | None
+    references: list[str]
+    code: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    record: Document
+    actor: Document
+    mails: list[_Mail]
+    thread: _Thread | None
+
+
 class MailBridge:
     def __init__(
-        self, settings: Settings, store: Store, crm: Crm, im: ImService, node: str | None = None
+        self,
+        settings: Settings,
+        store: Store,
+        crm: Crm,
+        im: ImService,
+        node: str | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._crm = crm
+        self._bus = bus
         # Leases name this node: the node registry's id when the app gives it.
         self._node = node or f"{socket.gethostname()}:{new_id()}"
         # The embedded database belongs to this one process (its data directory's lock):
@@ -103,6 +193,7 @@ class MailBridge:
             trusted_authserv_ids=frozenset(settings.mail_trusted_authserv_ids or ()),
         )
         self.pipeline.on_finished.append(self._finished)
+        self.pipeline.on_unmatched.append(self._unmatched_changed)
         self.pipeline.origin = settings.domain
         relay = settings.smtp_relay_url.get_secret_value() if settings.smtp_relay_url else None
         self.outbox = Outbox(store, relay, self._node, self._sole_node)
@@ -188,6 +279,7 @@ class MailBridge:
             self.pipeline.wake,
             kind,
             self._store.space.refusal,
+            (self._settings.domain,),
         )
 
     def _start_collector(self, box: Document) -> None:
@@ -389,15 +481,19 @@ class MailBridge:
             meta["metadata"]["filename"], meta["metadata"]["content_type"], await stream.read()
         )
 
-    async def send(
+    async def _plan(
         self, actor_id: str, record_type: str, record_id: str, data: SendEmail
-    ) -> list[SentEmail]:
+    ) -> _Plan:
+        """What sending ``data`` from the record would do: checked (recipients, the mail
+        answered, the template), the text filled per mail; nothing stored yet."""
         core = self._crm.records.core
         viewer = await core.member(actor_id)
         record = await core.visible_record(viewer, record_type, record_id)
+        contacts = await self.matcher.linked_contacts(record)
         allowed = {e["value"].lower() for e in record.get("emails", [])}
-        allowed.update(e.lower() for e in await self.matcher._linked_contact_emails(record))
-        strangers = [a for a in data.to if a.lower() not in allowed]
+        allowed.update(e["value"].lower() for c in contacts for e in c.get("emails", []))
+        everyone = [*data.to, *data.cc, *data.bcc]
+        strangers = list(dict.fromkeys(a for a in everyone if a.lower() not in allowed))
         if strangers:
             raise Problem(
                 422,
@@ -405,6 +501,18 @@ class MailBridge:
                 "Invalid value",
                 f"{', '.join(strangers)} is not an address of this record or its contacts",
             )
+        if len(everyone) > MAX_RECIPIENTS:
+            raise Problem(
+                422, "invalid-value", "Invalid value", f"at most {MAX_RECIPIENTS} recipients"
+            )
+        if data.bulk and (data.cc or data.bcc):
+            raise Problem(
+                422,
+                "invalid-value",
+                "Invalid value",
+                "a bulk mail goes to each recipient alone: it takes no Cc or Bcc",
+            )
+        thread = await self._thread(record, data.in_reply_to) if data.in_reply_to else None
         actor = await self._store.users.find_one({"_id": actor_id}) or {"login": "?"}
         subject, text = data.subject, data.text
         if data.template_id:
@@ -413,26 +521,81 @@ class MailBridge:
                 raise not_found(f"template {data.template_id}")
             subject = subject or template["subject"]
             text = text or template["text"]
-        values = {
-            "record": {
-                "title": record_title(record),
-                "first_name": record.get("first_name", ""),
-                "last_name": record.get("last_name", ""),
-            },
-            "user": {"name": display_name(actor), "email": actor.get("email", "")},
-        }
-        subject, text = fill(subject, values), fill(text, values)
-        html = None
-        if data.html:
-            html = nh3.clean(fill(data.html, values))
+        if not subject and thread is not None:
+            subject = reply_subject(thread.subject)
+        batches = [[a] for a in data.to] if data.bulk else [list(data.to)]
+        mails = []
+        for to in batches:
+            values = placeholder_values(record, _contact_for(record, contacts, to), actor)
+            html = nh3.clean(fill(data.html, values)) if data.html else None
+            mails.append(_Mail(to, fill(subject, values), fill(text, values), html))
+        return _Plan(record, actor, mails, thread)
+
+    async def _thread(self, record: Document, activity_id: str) -> _Thread:
+        """The e-mail activity of ``record`` being answered, with the ids its thread carries
+        and the reply code to keep (that of the mail of ours the thread started from, while it
+        is on this record and verifies)."""
+        answered = await self._store["crm_activities"].find_one(
+            {"_id": activity_id, "owner_id": record["_id"], "type": "email"}
+        )
+        if answered is None or "mail" not in answered:
+            raise Problem(
+                422,
+                "invalid-value",
+                "Invalid value",
+                f"in_reply_to: no e-mail {activity_id} on this record",
+            )
+        mail = answered["mail"]
+        message_id = mail.get("incoming_message_id") or mail.get("message_id")
+        references = [r for r in mail.get("references", []) if isinstance(r, str)]
+        if message_id:
+            references.append(message_id)
+        ours = answered if answered["direction"] == "outgoing" else None
+        if ours is None and mail.get("in_reply_to_activity"):
+            ours = await self._store["crm_activities"].find_one(
+                {"_id": mail["in_reply_to_activity"], "owner_id": record["_id"]}
+            )
+        code = (ours or {}).get("mail", {}).get("code")
+        if code:
+            _current, keys = await self.keys.keys()
+            ref = verify(code, keys)
+            # The code names the activity it was issued for: kept only if that is where it
+            # still leads (a retired key, a deleted or moved mail: a new code instead).
+            if ref is None or ours is None or ref.activity_id != ours["_id"]:
+                code = None
+        return _Thread(
+            activity_id=answered["_id"],
+            subject=str(answered.get("subject") or ""),
+            message_id=message_id,
+            references=references[-MAX_REFERENCES:],
+            code=code,
+        )
+
+    async def preview(
+        self, actor_id: str, record_type: str, record_id: str, data: SendEmail
+    ) -> list[EmailPreview]:
+        """The mails as they would go out, placeholders filled, for the send dialog."""
+        plan = await self._plan(actor_id, record_type, record_id, data)
+        return [
+            EmailPreview(to=m.to, subject=m.subject, text=m.text, html=m.html) for m in plan.mails
+        ]
+
+    async def send(
+        self, actor_id: str, record_type: str, record_id: str, data: SendEmail
+    ) -> list[SentEmail]:
+        plan = await self._plan(actor_id, record_type, record_id, data)
+        record, actor, thread = plan.record, plan.actor, plan.thread
         attachments = [await self._upload(actor_id, u) for u in data.attachment_ids]
         settings = await self.settings()
         current_kid, keys = await self.keys.keys()
-        batches = [[a] for a in data.to] if data.bulk else [list(data.to)]
         sent: list[SentEmail] = []
-        for to in batches:
+        for planned in plan.mails:
+            to, subject, text, html = planned.to, planned.subject, planned.text, planned.html
             activity_id = new_id()
-            code = issue(CodeRef(record_type, activity_id), current_kid, keys[current_kid])
+            # A reply keeps its thread's code, so the customer sees one conversation.
+            code = (thread.code if thread is not None else None) or issue(
+                CodeRef(record_type, activity_id), current_kid, keys[current_kid]
+            )
             message_id = new_message_id(self._settings.domain)
             local, _, domain = self.address.partition("@")
             reply_to = f"{local}+{code}@{domain}"
@@ -443,23 +606,28 @@ class MailBridge:
             mail_html = html
             if html is not None and settings.code_in == "body":
                 mail_html = f"{html}<p>{body_line(code)}</p>"
+            references = thread.references if thread is not None else []
             try:
                 raw = compose(
                     sender_name=display_name(actor),
                     from_address=self.address,
                     reply_to=reply_to,
                     to=to,
+                    cc=list(data.cc),
                     subject=mail_subject,
                     text=mail_text,
                     html=mail_html,
                     message_id=message_id,
                     origin=self._settings.domain,
                     attachments=attachments,
+                    in_reply_to=thread.message_id if thread is not None else None,
+                    references=references,
                 )
             except HeaderInjection as exc:
                 raise Problem(422, "invalid-value", "Invalid value", str(exc)) from None
             # Queued first: a crash after this loses no mail (the activity may be missing).
-            outbox_id = await self.outbox.queue(activity_id, self.address, to, raw)
+            envelope = list(dict.fromkeys([*to, *data.cc, *data.bcc]))
+            outbox_id = await self.outbox.queue(activity_id, self.address, envelope, raw)
             activity = await self._crm.activities.add(
                 record,
                 actor_id=actor_id,
@@ -475,6 +643,10 @@ class MailBridge:
                         "message_id": message_id,
                         "code": code,
                         "to": to,
+                        "cc": list(data.cc),
+                        "bcc": list(data.bcc),
+                        "references": references,
+                        "in_reply_to_activity": thread.activity_id if thread else None,
                         "status": "queued",
                         "html": mail_html,
                         "text": mail_text,
@@ -497,6 +669,8 @@ class MailBridge:
                 SentEmail(
                     activity_id=activity.id,
                     to=to,
+                    cc=list(data.cc),
+                    bcc=list(data.bcc),
                     message_id=message_id,
                     code=code,
                     status="queued",
@@ -532,19 +706,48 @@ class MailBridge:
                 id=d["_id"],
                 received_at=d["received_at"],
                 from_address=d.get("result", {}).get("from", ""),
+                from_name=d.get("result", {}).get("from_name", ""),
                 subject=d.get("result", {}).get("subject", ""),
                 reason=d.get("result", {}).get("reason", ""),
                 candidates=d.get("result", {}).get("candidates", []),
                 status=d["status"],
                 size=d.get("size", 0),
                 suspicious=bool(d.get("result", {}).get("suspicious")),
+                date=d.get("result", {}).get("date"),
+                preview=d.get("result", {}).get("preview", ""),
+                copies=1 + int(d.get("copies", 0)),
             )
             async for d in self.inbox.collection.find(
-                {"status": {"$in": ["unmatched", "refused"]}}, {"data": 0}
+                {"status": {"$in": list(WAITING)}}, {"data": 0}
             )
             .sort("received_at", -1)
             .limit(limit)
         ]
+
+    async def unmatched_count(self) -> int:
+        return int(await self.inbox.collection.count_documents({"status": {"$in": list(WAITING)}}))
+
+    async def _unmatched_changed(self) -> None:
+        """The unmatched list changed: its count goes to the CRM administrators' screens (a
+        live badge), on every node (the bus)."""
+        if self._bus is None:
+            return
+        admins = await self.pipeline.crm_admins()
+        if not admins:
+            return
+        await self._bus.publish_ephemeral(
+            EphemeralEvent(
+                UNMATCHED_EVENT,
+                {"count": await self.unmatched_count()},
+                tuple(user_stream(uid) for uid in admins),
+            )
+        )
+
+    async def unmatched_snapshot(self, user_id: str) -> dict[str, Any]:
+        """The part of a connecting client's snapshot: the count, for CRM administrators."""
+        if not may_manage_settings((await self._crm.access.viewer(user_id)).role):
+            return {}
+        return {"unmatched": await self.unmatched_count()}
 
     async def _waiting(self, raw_id: str) -> Document:
         doc: Document | None = await self.inbox.collection.find_one(
@@ -562,6 +765,7 @@ class MailBridge:
         """Off the list, on no record; kept (until pruned) so a copy is still a duplicate."""
         doc = await self._waiting(raw_id)
         await self.inbox.finish(raw_id, "dismissed", doc.get("result", {}))
+        await self.pipeline.unmatched_changed()
 
     async def assign(self, raw_id: str, record_type: str, record_id: str) -> str:
         """An admin puts an unmatched mail on a record."""
@@ -591,6 +795,7 @@ class MailBridge:
                 "activity_id": activity_id,
             },
         )
+        await self.pipeline.unmatched_changed()
         return activity_id or ""
 
     @property

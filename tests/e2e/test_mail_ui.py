@@ -435,3 +435,191 @@ async def test_an_admin_tunes_the_inbox_and_puts_unmatched_mail_on_a_deal(
     await expect(got.get_by_test_id("mail-from")).to_have_text("Nora New <nora@new.example>")
     await expect(got.get_by_test_id("mail-match")).to_contain_text("assigned by an administrator")
     await expect(got.get_by_test_id("mail-text")).to_have_text("Can we add ten more units?")
+
+
+async def test_reply_all_continues_the_thread_and_a_misfiled_mail_is_moved_live(
+    mail_hub: HubHarness, sink: Sink, browser: Browser
+) -> None:
+    """Issue 16: Reply all on an incoming mail (To and Cc as the record allows, a preview with
+    the placeholders filled), the answer in the customer's thread; a phone reply without a
+    code lands on the contact and is moved to the deal, live on the deal's page elsewhere."""
+    _, mary = await mail_hub.create_user("mary", first_name="Mary", last_name="Jones")
+    carl, deal = await sales_deal(mail_hub, mary)
+    cleo = await call(
+        mail_hub,
+        mary,
+        "POST",
+        "/api/v1/crm/contacts",
+        {
+            "first_name": "Cleo",
+            "last_name": "Colleague",
+            "emails": [{"value": "cleo@example.test"}],
+        },
+    )
+    await call(
+        mail_hub,
+        mary,
+        "PATCH",
+        f"/api/v1/crm/deals/{deal['id']}",
+        {"contact_ids": [carl["id"], cleo["id"]]},
+    )
+    await call(
+        mail_hub,
+        mary,
+        "POST",
+        f"/api/v1/crm/deals/{deal['id']}/emails",
+        {"to": ["client@example.test"], "subject": "Your quote", "text": "Hello"},
+    )
+    await mail_hub.services.mail.outbox.send_due()
+    for _ in range(100):
+        if sink.received:
+            break
+        await asyncio.sleep(0.05)
+    (first,) = sink.messages()
+    answer = EmailMessage()
+    answer["From"] = "Carl Client <client@example.test>"
+    answer["To"] = f"crm@{DOMAIN}"
+    answer["Cc"] = "cleo@example.test, outsider@elsewhere.test"
+    answer["Subject"] = "RE: Your quote"
+    answer["Message-ID"] = "<carl-answer@example.test>"
+    answer["In-Reply-To"] = str(first["Message-ID"])
+    answer["Date"] = "Tue, 24 Nov 2026 09:15:00 +0000"
+    answer.set_content("Please go ahead, and keep Cleo informed.")
+    await deliver(mail_hub, answer, "client@example.test", f"crm@{DOMAIN}")
+    await settled(mail_hub)
+
+    page = await (await new_context(browser)).new_page()
+    await log_in(page, mail_hub, "mary")
+    await open_record(page, "deal", "Big order")
+    got = page.locator(
+        "[data-testid=crm-timeline] [data-testid=mail-item][data-direction=incoming]"
+    )
+    await expect(got).to_have_count(1)
+    await expect(got.get_by_test_id("mail-received")).to_contain_text("2026")
+    await got.get_by_test_id("mail-reply-all").click()
+    dialog = page.get_by_test_id("mail-compose")
+    await expect(dialog.get_by_test_id("mail-reply-note")).to_contain_text("RE: Your quote")
+    carl_row = dialog.locator("[data-testid=mail-recipient][data-address='client@example.test']")
+    cleo_row = dialog.locator("[data-testid=mail-recipient][data-address='cleo@example.test']")
+    await expect(carl_row).to_have_attribute("data-kind", "to")
+    await expect(cleo_row).to_have_attribute("data-kind", "cc")
+    await expect(dialog.get_by_test_id("mail-left-out")).to_contain_text("outsider@elsewhere.test")
+    await expect(dialog.get_by_test_id("mail-subject")).to_have_value("Re: Your quote")
+    await dialog.get_by_test_id("mail-text-input").fill("Dear {{record.first_name}}, done.")
+    await dialog.get_by_test_id("mail-preview-toggle").click()
+    await expect(dialog.get_by_test_id("mail-preview-text")).to_have_text("Dear Carl, done.")
+    await dialog.get_by_test_id("mail-send").click()
+    await expect(dialog).to_have_count(0)
+    for _ in range(100):
+        if len(sink.received) == 2:
+            break
+        await mail_hub.services.mail.outbox.send_due()
+        await asyncio.sleep(0.05)
+    sent = sink.messages()[-1]
+    assert sent["In-Reply-To"] == "<carl-answer@example.test>"
+    assert str(sent["Cc"]) == "cleo@example.test"
+    assert sorted(sink.received[-1].rcpt_tos) == ["cleo@example.test", "client@example.test"]
+    assert str(first["Reply-To"]).split("+")[1].split("@")[0] in str(sent["Subject"])
+
+    # The deal open in another browser; Carl answers from his phone, without code or thread.
+    watcher = await (await new_context(browser)).new_page()
+    await log_in(watcher, mail_hub, "mary")
+    await open_record(watcher, "deal", "Big order")
+    watched = watcher.locator("[data-testid=crm-timeline] [data-testid=mail-item]")
+    await expect(watched).to_have_count(3)
+    phone = EmailMessage()
+    phone["From"] = "client@example.test"
+    phone["To"] = f"crm@{DOMAIN}"
+    phone["Subject"] = "ok"
+    phone["Message-ID"] = "<carl-phone@example.test>"
+    phone.set_content("ok, from my phone")
+    await deliver(mail_hub, phone, "client@example.test", f"crm@{DOMAIN}")
+    await settled(mail_hub)
+
+    await open_record(page, "contact", "Carl Client")
+    on_contact = page.locator("[data-testid=crm-timeline] [data-testid=mail-item]")
+    await expect(on_contact).to_have_count(1)
+    await on_contact.get_by_test_id("mail-move").click()
+    picker = on_contact.get_by_test_id("mail-move-picker")
+    await picker.get_by_test_id("mail-move-type").select_option("deal")
+    await picker.get_by_test_id("record-picker-input").fill("Big")
+    await picker.locator("[data-testid=record-option][data-title='Big order']").click()
+    await picker.get_by_test_id("mail-move-submit").click()
+    await expect(on_contact).to_have_count(0)
+    # live on the deal's page of the other browser, and in both histories
+    await expect(watched).to_have_count(4)
+    await expect(watched.filter(has_text="ok, from my phone")).to_have_count(1)
+    moved = page.locator("[data-testid=crm-history-entry][data-kind=activity_moved]")
+    await expect(moved).to_contain_text("moved an e-mail to deal “Big order”")
+    await expect(
+        watcher.locator("[data-testid=crm-history-entry][data-kind=activity_moved]")
+    ).to_contain_text("moved an e-mail here from contact “Carl Client”")
+
+
+async def test_leads_from_mail_a_live_unmatched_badge_and_conversion_into_an_existing_contact(
+    mail_hub: HubHarness, browser: Browser
+) -> None:
+    """Issue 16: the hourly limit sends the second stranger to the unmatched list, whose count
+    the admin sees live with a preview; the lead shows who made it ("E-mail"), who wrote the
+    mail and when; converting it offers the existing contact of the same name and uses it."""
+    _, root = await mail_hub.create_user("root", admin=True, first_name="Rita", last_name="Admin")
+    await call(mail_hub, root, "PATCH", "/api/v1/mail/settings", {"max_new_leads_per_hour": 1})
+    nina = await call(
+        mail_hub,
+        root,
+        "POST",
+        "/api/v1/crm/contacts",
+        {"first_name": "Nora", "last_name": "New", "emails": [{"value": "nora@old.example"}]},
+    )
+    page = await (await new_context(browser)).new_page()
+    await log_in(page, mail_hub, "root")
+    await page.get_by_test_id("nav-crm").click()
+    badge = page.get_by_test_id("unmatched-badge")
+    await expect(badge).to_have_count(0)
+
+    for sender, subject, text in (
+        ("Nora New <nora@new.example>", "Ten more units?", "Can we add ten more units?"),
+        ("Otto Other <otto@other.example>", "Catalogue", "Please send your catalogue."),
+    ):
+        stray = EmailMessage()
+        stray["From"] = sender
+        stray["To"] = f"crm@{DOMAIN}"
+        stray["Subject"] = subject
+        stray["Message-ID"] = f"<{uuid.uuid4().hex}@example.test>"
+        stray["Date"] = "Tue, 24 Nov 2026 09:15:00 +0000"
+        stray.set_content(text)
+        await deliver(mail_hub, stray, sender.split("<")[1].rstrip(">"), f"crm@{DOMAIN}")
+        await settled(mail_hub)
+    await expect(badge).to_have_text("1")  # live, nothing reloaded
+    await page.locator("[data-testid=crm-tab][data-tab=unmatched]").click()
+    waiting = page.locator("[data-testid=unmatched][data-from='otto@other.example']")
+    await expect(waiting.get_by_test_id("unmatched-preview")).to_have_text(
+        "Please send your catalogue."
+    )
+    await expect(waiting.get_by_test_id("unmatched-reason")).to_contain_text("this hour")
+    await expect(waiting.get_by_test_id("unmatched-from")).to_have_text(
+        "Otto Other <otto@other.example>"
+    )
+
+    await open_record(page, "lead", "Lead from Nora New")
+    info = page.get_by_test_id("crm-record-info")
+    await expect(info).to_contain_text("· E-mail")
+    await expect(info).not_to_contain_text("Unknown user")
+    added = page.locator("[data-testid=crm-history-entry][data-kind=activity_added]")
+    await expect(added).to_contain_text("E-mail received from Nora New <nora@new.example>")
+    got = page.locator("[data-testid=crm-timeline] [data-testid=mail-item]")
+    await expect(got.get_by_test_id("mail-received")).to_contain_text("2026")
+
+    await page.get_by_test_id("crm-convert-open").click()
+    dialog = page.get_by_test_id("crm-convert")
+    await dialog.locator("[data-testid=convert-mode][data-mode='deal+contact'] input").check()
+    existing = dialog.locator(f"[data-testid=convert-existing][data-id='{nina['id']}']")
+    await expect(existing).to_contain_text("Use Nora New")
+    await expect(existing.locator("input")).to_be_checked()  # the match, offered first
+    await dialog.get_by_test_id("crm-convert-submit").click()
+    await expect(dialog).to_have_count(0)
+    store = mail_hub.services.store
+    assert await store["crm_records"].count_documents({"type": "contact"}) == 1
+    deal = await store["crm_records"].find_one({"type": "deal"})
+    assert deal is not None and deal["contact_ids"] == [nina["id"]]
+    assert await store["crm_activities"].count_documents({"owner_id": deal["_id"]}) == 1

@@ -10,7 +10,8 @@ import type {
   CrmActivityCreate,
   CrmActivityQuery,
   CrmActivityUpdate,
-  CrmConversionMode,
+  CrmConversionCandidates,
+  CrmConvertBody,
   CrmConversionResult,
   CrmCounters,
   CrmDuplicateProbe,
@@ -41,6 +42,7 @@ import type {
   PresenceView,
   SendEmailBody,
   SendResult,
+  EmailPreview,
   SentEmail,
   SubjectRuleIn,
   Task,
@@ -238,8 +240,16 @@ export class Api {
   crmDuplicates(probe: CrmDuplicateProbe) {
     return this.call<CrmDuplicates>("POST", "/crm/duplicates", probe);
   }
-  convertLead(id: string, mode: CrmConversionMode) {
-    return this.call<CrmConversionResult>("POST", `/crm/leads/${encodeURIComponent(id)}/convert`, { mode });
+  convertLead(id: string, body: CrmConvertBody) {
+    return this.call<CrmConversionResult>("POST", `/crm/leads/${encodeURIComponent(id)}/convert`, body);
+  }
+  /** Existing contacts and companies the lead's conversion could use (the duplicate rules). */
+  conversionCandidates(id: string) {
+    return this.call<CrmConversionCandidates>("GET", `/crm/leads/${encodeURIComponent(id)}/convert/candidates`);
+  }
+  /** An e-mail activity put on another record. */
+  moveCrmActivity(id: string, ownerType: CrmRecordType, ownerId: string) {
+    return this.call<CrmActivity>("POST", `/crm/activities/${encodeURIComponent(id)}/move`, { owner_type: ownerType, owner_id: ownerId });
   }
   crmActivities(query: CrmActivityQuery = {}) {
     const q = new URLSearchParams();
@@ -281,6 +291,10 @@ export class Api {
   // mail --------------------------------------------------------------------------------------
   sendCrmEmail(type: CrmRecordType, id: string, body: SendEmailBody) {
     return this.call<{ emails: SentEmail[] }>("POST", `/crm/${PLURAL[type]}/${encodeURIComponent(id)}/emails`, body);
+  }
+  /** The mails as they would go out, placeholders filled; nothing is sent. */
+  previewCrmEmail(type: CrmRecordType, id: string, body: SendEmailBody) {
+    return this.call<{ previews: EmailPreview[] }>("POST", `/crm/${PLURAL[type]}/${encodeURIComponent(id)}/emails/preview`, body);
   }
   /** Uploads a file to attach to a mail: the raw bytes, named by `?filename=`. */
   async uploadMailAttachment(file: Blob, filename: string) {
@@ -341,7 +355,7 @@ export class Api {
     return this.call<void>("DELETE", `/mail/mailboxes/${encodeURIComponent(id)}`);
   }
   unmatchedMail() {
-    return this.call<{ mails: UnmatchedMail[] }>("GET", "/mail/unmatched");
+    return this.call<{ mails: UnmatchedMail[]; count: number }>("GET", "/mail/unmatched");
   }
   dismissUnmatchedMail(id: string) {
     return this.call<void>("DELETE", `/mail/unmatched/${encodeURIComponent(id)}`);

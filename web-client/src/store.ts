@@ -24,14 +24,15 @@ import type {
   ChatJoinedData,
   CrmActivity,
   CrmActivityRemovedData,
-  CrmConversionMode,
   CrmConversionResult,
+  CrmConvertBody,
   CrmDuplicateProbe,
   CrmDuplicates,
   CrmHistoryEntry,
   CrmMe,
   CrmRecord,
   CrmRecordDetail,
+  CrmRecordRef,
   CrmRecordRemovedData,
   CrmRecordType,
   CrmSettings,
@@ -158,6 +159,8 @@ export const state = reactive({
   crmForm: null as CrmFormState | null,
   /** The lead whose conversion dialog is open. */
   crmConvert: null as CrmRecord | null,
+  /** CRM administrators: how many mails wait on the unmatched list (live); null for others. */
+  mailUnmatched: null as number | null,
 });
 
 export const totalUnread = computed(() => unread.total(state.unread));
@@ -173,7 +176,8 @@ export const ownStatus = computed<PresenceStatus>(() => {
 });
 
 export function userName(id: string | null | undefined): string {
-  if (!id) return "Portal";
+  if (!id || id === "system") return "Portal";
+  if (id === "email") return "E-mail"; // a lead the mail bridge made from a stranger's mail
   if (state.me && id === state.me.id) return state.me.name;
   return state.users[id]?.name ?? "Unknown user";
 }
@@ -350,6 +354,7 @@ function clearSession(): void {
     crmMyStatus: "open",
     crmForm: null,
     crmConvert: null,
+    mailUnmatched: null,
   });
   crmListRuns.clear();
 }
@@ -476,6 +481,9 @@ function handleEvent(name: string, payload: unknown): void {
       }
       break;
     }
+    case "mail.unmatched":
+      state.mailUnmatched = mail.unmatchedFromSnapshot({ unmatched: data.count });
+      break;
     case "session.revoked":
       endSession("Your session was ended. Please log in again.");
       break;
@@ -493,6 +501,7 @@ async function onSnapshot(snapshot: Snapshot): Promise<void> {
   state.taskCounters = tasks.applyTaskCounters(state.taskCounters, snapshot.counters);
   state.crmCounters = crm.applyCrmCounters(state.crmCounters, snapshot.counters);
   if (snapshot.settings?.im) state.settings = { ...snapshot.settings.im };
+  state.mailUnmatched = mail.unmatchedFromSnapshot(snapshot.mail);
   state.connection = "connected";
   state.everConnected = true;
   const me = state.me;
@@ -1556,8 +1565,8 @@ export function closeConvertDialog(): void {
   state.crmConvert = null;
 }
 
-export async function convertLead(lead: CrmRecord, mode: CrmConversionMode): Promise<CrmConversionResult> {
-  const result = await api.convertLead(lead.id, mode);
+export async function convertLead(lead: CrmRecord, body: CrmConvertBody): Promise<CrmConversionResult> {
+  const result = await api.convertLead(lead.id, body);
   putCrmRecord(result.lead);
   for (const record of Object.values(result.created)) if (record) putCrmRecord(record);
   if (state.crmOpen?.id === lead.id) void refreshCrmRecord("lead", lead.id, false);
@@ -1612,6 +1621,15 @@ function watchPendingMail(): void {
     }
     watchPendingMail();
   }, mailWatchDelay);
+}
+
+/** Put an e-mail on another record; both timelines follow by events. */
+export async function moveCrmActivity(activity: CrmActivity, to: CrmRecordRef): Promise<CrmActivity> {
+  const moved = await api.moveCrmActivity(activity.id, to.type, to.id);
+  // off the page at once (the events say the same, a moment later)
+  if (state.crmOpen?.id === activity.owner_id) state.crmTimeline = crm.removeActivity(state.crmTimeline, activity.id);
+  if (state.crmOpen) scheduleOpenRefresh();
+  return moved;
 }
 
 /** Send a mail from a record; its outgoing activities come by events (and are watched). */

@@ -35,6 +35,7 @@ import {
   sortActivities,
   upsertActivity,
   upsertRecord,
+  conversionBody,
 } from "../src/core/crm";
 import { ApiError } from "../src/core/problem";
 import type { CrmActivity, CrmCounters, CrmRecord, CrmRecordDetail } from "../src/core/types";
@@ -460,5 +461,51 @@ describe("history", () => {
     expect(describeCrmHistory({ ...base, kind: "activity_added", after: { id: "a", type: "call" } })).toBe("added a call");
     expect(describeCrmHistory({ ...base, kind: "activity_completed", after: { id: "a", type: "meeting" } })).toBe("completed a meeting");
     expect(describeCrmHistory({ ...base, kind: "activity_reopened", after: { id: "a", type: "email" } })).toBe("reopened an e-mail");
+  });
+
+  it("names the sender of a received e-mail, which no person added", () => {
+    const base = { id: "h", record_type: "lead" as const, record_id: "l", user_id: null, at: "2026-03-01T00:00:00Z" };
+    const after = { id: "a", type: "email", from: "Nora Newman", from_address: "nora@new.example" };
+    expect(describeCrmHistory({ ...base, kind: "activity_added", after })).toBe("E-mail received from Nora Newman <nora@new.example>");
+    expect(describeCrmHistory({ ...base, kind: "activity_added", after: { ...after, from: "nora@new.example" } })).toBe(
+      "E-mail received from nora@new.example",
+    );
+    // a person who added it is named by the page; the line stays as it was
+    expect(describeCrmHistory({ ...base, user_id: "mary", kind: "activity_added", after })).toBe("added an e-mail");
+  });
+
+  it("says where a moved e-mail went, on both records", () => {
+    const moved = {
+      id: "h",
+      record_type: "contact" as const,
+      user_id: "mary",
+      at: "2026-03-01T00:00:00Z",
+      kind: "activity_moved",
+      field: "activity",
+      before: { record: { type: "contact", id: "c", title: "Carl Client" }, activity: { id: "a", type: "email" } },
+      after: { record: { type: "deal", id: "d", title: "Big order" }, activity: { id: "a", type: "email" } },
+    };
+    expect(describeCrmHistory({ ...moved, record_id: "c" })).toBe("moved an e-mail to deal “Big order”");
+    expect(describeCrmHistory({ ...moved, record_type: "deal", record_id: "d" })).toBe("moved an e-mail here from contact “Carl Client”");
+    expect(describeCrmHistory({ ...moved, record_id: "c", kind: "linked", field: "lead_id", before: null, after: "l" })).toBe(
+      "took over a lead converted into this record",
+    );
+  });
+});
+
+describe("conversion with existing records", () => {
+  it("uses the chosen existing contact and company of the types the mode makes", () => {
+    expect(conversionBody("deal+contact+company", { contact: "c1", company: "k1" }, "contact")).toEqual({
+      mode: "deal+contact+company",
+      contact_id: "c1",
+      company_id: "k1",
+      emails_to: "contact",
+      ignore_duplicates: true,
+    });
+    // a company chosen before the mode changed to one without a company is not sent
+    expect(conversionBody("deal+contact", { contact: "", company: "k1" }, "company")).toEqual({
+      mode: "deal+contact",
+      ignore_duplicates: true,
+    });
   });
 });

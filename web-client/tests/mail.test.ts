@@ -27,8 +27,16 @@ import {
   removeUnmatched,
   ruleErrors,
   rulesBody,
+  flaggedText,
+  receivedAt,
+  replyPlan,
+  replySubject,
+  roleOf,
   sendEmailBody,
   sendFormErrors,
+  unmatchedFromSnapshot,
+  unmatchedSender,
+  withRole,
 } from "../src/core/mail";
 import type { CrmActivity, CrmActivityMail, CrmRecord, Mailbox, MailSettings, UnmatchedMail } from "../src/core/types";
 import { oid } from "./fixtures";
@@ -321,5 +329,91 @@ describe("unmatched mail", () => {
     expect(isAssignable({ ...one, status: "refused", reason: "refused: nested too deep" })).toBe(false);
     expect(isAssignable({ ...one, status: "unmatched" })).toBe(true);
     expect(removeUnmatched([one, { ...one, id: "u2" }], "u1").map((m) => m.id)).toEqual(["u2"]);
+  });
+});
+
+describe("replies, copies and blind copies", () => {
+  const carl = contact(1, "Carl Client", "carl@client.example");
+  const cleo = contact(2, "Cleo Colleague", "cleo@client.example");
+  const deal = record({ contact_ids: [carl.id, cleo.id] });
+  const options = recipientOptions(deal, [carl, cleo]);
+  const answer = activity({
+    id: oid(7),
+    direction: "incoming",
+    subject: "AW: RE: Your quote [CRM-0123456789ABCDEFGHJKMNPQRSTVWXYZ01234]",
+    mail: mail({
+      from_address: "Carl@Client.example",
+      to: ["crm+0123456789ABCDEFGHJKMNPQRSTVWXYZ01234@portal.example", "cleo@client.example"],
+      cc: ["stranger@elsewhere.example", "crm@portal.example"],
+    }),
+  });
+
+  it("answers the sender, or everyone the record may be written to, in the thread", () => {
+    const one = replyPlan(answer, options, false, "crm@portal.example");
+    expect(one.form.to).toEqual(["carl@client.example"]);
+    expect(one.form.cc).toEqual([]);
+    expect(one.form.subject).toBe("Re: Your quote");
+    expect(one.form.inReplyTo).toBe(oid(7));
+    const all = replyPlan(answer, options, true, "crm@portal.example");
+    expect(all.form.to).toEqual(["carl@client.example"]);
+    expect(all.form.cc).toEqual(["cleo@client.example"]); // never the CRM inbox itself
+    expect(all.leftOut).toEqual(["stranger@elsewhere.example"]);
+    expect(sendEmailBody(all.form)).toEqual({
+      to: ["carl@client.example"],
+      cc: ["cleo@client.example"],
+      subject: "Re: Your quote",
+      text: "",
+      in_reply_to: oid(7),
+    });
+  });
+
+  it("puts an address in one of To, Cc and Bcc", () => {
+    let form = emptySendForm({ to: ["a@x.example"] });
+    form = withRole(form, "a@x.example", "bcc");
+    expect([form.to, form.cc, form.bcc]).toEqual([[], [], ["a@x.example"]]);
+    expect(roleOf(form, "a@x.example")).toBe("bcc");
+    form = withRole(form, "a@x.example", "");
+    expect(roleOf(form, "a@x.example")).toBe("");
+    const body = sendEmailBody(emptySendForm({ to: ["a@x.example"], cc: ["A@x.example", "b@x.example"], bcc: ["b@x.example", "c@x.example"], text: "Hi" }));
+    expect(body.cc).toEqual(["b@x.example"]);
+    expect(body.bcc).toEqual(["c@x.example"]);
+    expect(sendFormErrors(emptySendForm({ to: ["a@x.example", "b@x.example"], cc: ["c@x.example"], bulk: true, text: "x" }))).toEqual([
+      "One mail per recipient goes to each alone: no copies (Cc, Bcc).",
+    ]);
+    expect(sendFormErrors(emptySendForm({ to: ["a@x.example"], cc: ["nobody"], text: "x" }))).toEqual(["nobody is not an e-mail address."]);
+  });
+
+  it("makes reply subjects", () => {
+    expect(replySubject("RE[2]: Aw: offer")).toBe("Re: offer");
+    expect(replySubject("")).toBe("Re:");
+  });
+});
+
+describe("received mail", () => {
+  it("shows when it was written, else when it came", () => {
+    const written = receivedAt(mail({ date: "2026-11-24T08:15:00Z", received_at: "2026-11-24T08:16:00Z" }), "2026-11-24T09:00:00Z");
+    expect(written).toBe(new Date("2026-11-24T08:15:00Z").toLocaleString([], { day: "numeric", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit" }));
+    expect(receivedAt(mail(), "2026-11-24T09:00:00Z")).toBe(
+      new Date("2026-11-24T09:00:00Z").toLocaleString([], { day: "numeric", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit" }),
+    );
+    expect(receivedAt(mail(), "nonsense")).toBe("");
+  });
+
+  it("warns of outsiders in a thread as of outsiders with a code", () => {
+    expect(flaggedText(mail({ match: "thread", from_address: "olaf@x.example" }))).toContain("answers a mail sent from this record");
+    expect(flaggedText(mail({ match: "code", from_address: "olaf@x.example" }))).toContain("carries the code");
+  });
+
+  it("reads the unmatched count of the snapshot (administrators only)", () => {
+    expect(unmatchedFromSnapshot({ unmatched: 4 })).toBe(4);
+    expect(unmatchedFromSnapshot({})).toBeNull();
+    expect(unmatchedFromSnapshot(undefined)).toBeNull();
+    expect(unmatchedFromSnapshot({ unmatched: -1 })).toBeNull();
+  });
+
+  it("names the sender of an unmatched mail", () => {
+    const base: UnmatchedMail = { id: "m", received_at: "2026-11-24T08:00:00Z", from_address: "p@x.example", subject: "", reason: "", candidates: [] };
+    expect(unmatchedSender({ ...base, from_name: "Pat" })).toBe("Pat <p@x.example>");
+    expect(unmatchedSender(base)).toBe("p@x.example");
   });
 });

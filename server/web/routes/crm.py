@@ -13,8 +13,10 @@ from server.crm.models import (
     ActivityCreate,
     ActivityFields,
     ActivityList,
+    ActivityMove,
     ActivityOut,
     ActivityQuery,
+    ConversionCandidates,
     ConversionResult,
     ConvertRequest,
     CounterCheckReport,
@@ -186,13 +188,42 @@ async def check_duplicates(call: Call) -> DuplicateList:
     body=ConvertRequest,
     response=ConversionResult,
     status=201,
-    errors=(403, 404, 409),
+    errors=(403, 404, 409, 422),
 )
 async def convert_lead(call: Call) -> ConversionResult:
     """Modes: contact, company, contact+company, deal, deal+contact, deal+contact+company.
-    Creates and links the records, marks the lead converted, keeps references both ways."""
+    Creates (or, with `contact_id` / `company_id`, uses existing) records and links them,
+    marks the lead converted, keeps references both ways, and moves the lead's e-mails to
+    `emails_to`. A contact or company to make that matches existing ones by the duplicate
+    rules answers 409 `possible-duplicates` with `contacts`, `companies` and `hidden`, unless
+    `ignore_duplicates`."""
+    body = call.body_as(ConvertRequest)
+    existing = {
+        t: rid for t, rid in (("contact", body.contact_id), ("company", body.company_id)) if rid
+    }
     return await services(call.request).crm.records.convert(
-        call.user_id, call.path("record_id"), ConversionMode(call.body_as(ConvertRequest).mode)
+        call.user_id,
+        call.path("record_id"),
+        ConversionMode(body.mode),
+        existing=existing,
+        emails_to=body.emails_to,
+        ignore_duplicates=body.ignore_duplicates,
+    )
+
+
+@api.route(
+    "GET",
+    "/api/v1/crm/leads/{record_id}/convert/candidates",
+    summary="Existing contacts and companies a lead's conversion could use",
+    tag=TAG,
+    response=ConversionCandidates,
+    errors=(403, 404),
+)
+async def conversion_candidates(call: Call) -> ConversionCandidates:
+    """Found by the duplicate rules (same e-mail, phone, full name; a company's title) among
+    the records the caller sees; `hidden` says whether others match too."""
+    return await services(call.request).crm.records.conversion_candidates(
+        call.user_id, call.path("record_id")
     )
 
 
@@ -259,6 +290,25 @@ async def get_activity(call: Call) -> ActivityOut:
 async def update_activity(call: Call) -> ActivityOut:
     return await services(call.request).crm.activities.update(
         call.user_id, call.path("activity_id"), call.body_as(ActivityFields)
+    )
+
+
+@api.route(
+    "POST",
+    "/api/v1/crm/activities/{activity_id}/move",
+    summary="Put an e-mail activity on another record",
+    tag=TAG,
+    body=ActivityMove,
+    response=ActivityOut,
+    errors=(403, 404, 409, 422),
+)
+async def move_activity(call: Call) -> ActivityOut:
+    """By someone who sees both records. Its reply code and thread follow it (later replies
+    land on the new record); both records' viewers are told live (`crm.activity.removed` on
+    the old, `crm.activity.updated` on the new) and both histories get `activity_moved`."""
+    body = call.body_as(ActivityMove)
+    return await services(call.request).crm.activities.move(
+        call.user_id, call.path("activity_id"), body.owner_type, body.owner_id
     )
 
 

@@ -14,6 +14,7 @@ from server.mailbridge.models import (
     AssignMail,
     AttachmentOut,
     ConnectionTest,
+    EmailPreviews,
     MailboxIn,
     MailboxList,
     MailboxOut,
@@ -27,6 +28,7 @@ from server.mailbridge.models import (
     TemplateIn,
     TemplateList,
     TemplateOut,
+    UnmatchedCount,
     UnmatchedList,
 )
 from server.mailbridge.rules import validate_rule
@@ -83,6 +85,28 @@ for _type, _plural in PLURAL.items():
             )
 
         send.__name__ = f"send_email_{record_type}"
+
+        @api.route(
+            "POST",
+            f"/api/v1/crm/{plural}/{{record_id}}/emails/preview",
+            summary=f"What an email from a {record_type} would say, placeholders filled",
+            tag=TAG,
+            body=SendEmail,
+            response=EmailPreviews,
+            errors=(403, 404, 422),
+            stores=False,
+        )
+        async def preview(call: Call) -> EmailPreviews:
+            """Checked as sending is (recipients, the mail answered), nothing sent or stored.
+            The subject is shown without the reply code sending adds."""
+            mail = services(call.request).mail
+            return EmailPreviews(
+                previews=await mail.preview(
+                    call.user_id, record_type, call.path("record_id"), call.body_as(SendEmail)
+                )
+            )
+
+        preview.__name__ = f"preview_email_{record_type}"
 
     _declare(_type, _plural)
 
@@ -338,7 +362,23 @@ async def delete_mailbox(call: Call) -> None:
 )
 async def list_unmatched(call: Call) -> UnmatchedList:
     await _admin(call)
-    return UnmatchedList(mails=await services(call.request).mail.unmatched())
+    mail = services(call.request).mail
+    return UnmatchedList(mails=await mail.unmatched(), count=await mail.unmatched_count())
+
+
+@api.route(
+    "GET",
+    "/api/v1/mail/unmatched/count",
+    summary="How many mails wait on the unmatched list (CRM administrators)",
+    tag=TAG,
+    response=UnmatchedCount,
+    errors=(403,),
+    description="The same number comes live as the ephemeral Socket.IO event "
+    "`mail.unmatched` `{count}` after every change, and in the snapshot's `mail.unmatched`.",
+)
+async def count_unmatched(call: Call) -> UnmatchedCount:
+    await _admin(call)
+    return UnmatchedCount(count=await services(call.request).mail.unmatched_count())
 
 
 class Assigned(BaseModel):

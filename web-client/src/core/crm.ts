@@ -20,6 +20,7 @@ import type {
   CrmBadge,
   CrmColour,
   CrmConversionMode,
+  CrmConvertBody,
   CrmCounters,
   CrmDuplicateMatch,
   CrmDuplicateProbe,
@@ -812,6 +813,25 @@ export const CONVERSION_MODES: readonly ConversionOption[] = [
   { mode: "deal+contact+company", label: "Deal, contact and company", creates: ["deal", "contact", "company"] },
 ];
 
+/**
+ * The body of POST /crm/leads/{id}/convert: the existing contact / company chosen (ids; "" to
+ * make a new one) for the types the mode makes, where the e-mails go. The dialog showed the
+ * existing records the duplicate rules found, so making new ones is a choice made:
+ * `ignore_duplicates`.
+ */
+export function conversionBody(
+  mode: CrmConversionMode,
+  use: { contact?: string; company?: string },
+  emailsTo: CrmRecordType | null,
+): CrmConvertBody {
+  const makes = CONVERSION_MODES.find((m) => m.mode === mode)?.creates ?? [];
+  const body: CrmConvertBody = { mode, ignore_duplicates: true };
+  if (makes.includes("contact") && use.contact) body.contact_id = use.contact;
+  if (makes.includes("company") && use.company) body.company_id = use.company;
+  if (emailsTo && makes.includes(emailsTo)) body.emails_to = emailsTo;
+  return body;
+}
+
 /** A lead can be converted while it is neither converted nor junk. */
 export function mayConvert(record: CrmRecord): boolean {
   return record.type === "lead" && record.status !== "converted" && record.status !== "junk";
@@ -863,13 +883,30 @@ export function describeCrmHistory(entry: CrmHistoryEntry, names: (id: string) =
       return `changed ${what}`;
     }
     case "linked":
-      return "linked a record";
+      return entry.field === "lead_id" ? "took over a lead converted into this record" : "linked a record";
     case "unlinked":
       return "unlinked a record";
     case "converted":
       return "converted the lead";
-    case "activity_added":
+    case "activity_added": {
+      // a received e-mail: no person added it, the sender wrote it
+      const from = typeof after.from === "string" ? after.from : "";
+      if (!entry.user_id && from) {
+        const address = typeof after.from_address === "string" ? after.from_address : "";
+        const who = address && address.toLowerCase() !== from.toLowerCase() ? `${from} <${address}>` : from;
+        return `E-mail received from ${who}`;
+      }
       return `added ${withArticle((after.type as CrmActivityType) ?? "task")}`;
+    }
+    case "activity_moved": {
+      const before = (entry.before ?? {}) as Record<string, unknown>;
+      const there = (after.record ?? {}) as { type?: string; id?: string; title?: string };
+      const here = (before.record ?? {}) as { type?: string; id?: string; title?: string };
+      const what = withArticle((((after.activity ?? {}) as { type?: string }).type as CrmActivityType) ?? "email");
+      const name = (r: { type?: string; title?: string }) =>
+        `${isRecordType(r.type) ? TYPE_LABELS[r.type].toLowerCase() : "record"} “${r.title ?? ""}”`;
+      return there.id === entry.record_id ? `moved ${what} here from ${name(here)}` : `moved ${what} to ${name(there)}`;
+    }
     case "activity_completed":
       return `completed ${withArticle((after.type as CrmActivityType) ?? "task")}`;
     case "activity_reopened":

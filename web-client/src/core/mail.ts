@@ -184,15 +184,104 @@ export function contactIdsOf(record: CrmRecord & { links?: { contact?: { id: str
 
 export interface SendForm {
   to: string[];
+  cc: string[];
+  bcc: string[];
   subject: string;
   text: string;
   attachments: UploadedAttachment[];
   /** One mail per recipient instead of one to all. */
   bulk: boolean;
+  /** The e-mail activity answered (a reply continues its thread), or null. */
+  inReplyTo: string | null;
 }
 
 export function emptySendForm(over: Partial<SendForm> = {}): SendForm {
-  return { to: [], subject: "", text: "", attachments: [], bulk: false, ...over };
+  return { to: [], cc: [], bcc: [], subject: "", text: "", attachments: [], bulk: false, inReplyTo: null, ...over };
+}
+
+/** How an address is sent to: to, a copy, a blind copy, or not at all. */
+export type AddressRole = "to" | "cc" | "bcc" | "";
+
+export function roleOf(form: SendForm, address: string): AddressRole {
+  if (form.to.includes(address)) return "to";
+  if (form.cc.includes(address)) return "cc";
+  if (form.bcc.includes(address)) return "bcc";
+  return "";
+}
+
+/** The form with `address` in one of To, Cc, Bcc (or none): an address is in one at most. */
+export function withRole(form: SendForm, address: string, role: AddressRole): SendForm {
+  const out = { ...form, to: form.to.filter((a) => a !== address), cc: form.cc.filter((a) => a !== address), bcc: form.bcc.filter((a) => a !== address) };
+  if (role) out[role] = [...out[role], address];
+  return out;
+}
+
+const REPLY_PREFIX = /^\s*(?:(?:re|aw|antw|sv|vs|odp|rif|fwd?|wg|tr|rv)\s*(?:\[\d+\]|\(\d+\))?\s*[:\uff1a]\s*)+/i;
+const CODE_IN_SUBJECT = /\s*\[\s*CRM[-\u2010-\u2014_ ]?[0-9A-Za-z]{37}\s*\]/g;
+
+/** "Re: " and the subject answered, without its reply prefixes and reply code (the hub adds
+ * the thread's code again when it sends). */
+export function replySubject(subject: string): string {
+  const bare = subject.replace(CODE_IN_SUBJECT, "").replace(REPLY_PREFIX, "").trim();
+  return bare ? `Re: ${bare}` : "Re:";
+}
+
+export interface ReplyPlan {
+  form: SendForm;
+  /** Addresses of the mail answered the record does not have: a reply cannot go to them. */
+  leftOut: string[];
+}
+
+/**
+ * Reply (the sender) or Reply all (the sender, and the mail's To and Cc as copies) to an
+ * incoming mail: only addresses the record may be written to (`options`), never the CRM inbox
+ * itself; the others are named so that the person knows who was left out.
+ */
+export function replyPlan(
+  activity: CrmActivity,
+  options: readonly RecipientOption[],
+  all: boolean,
+  inbox = "",
+): ReplyPlan {
+  const m = activity.mail;
+  const allowed = new Set(options.map((o) => o.address));
+  const ours = (a: string) => {
+    const [local = "", domain = ""] = a.split("@");
+    const [inboxLocal = "", inboxDomain = ""] = inbox.toLowerCase().split("@");
+    return Boolean(inbox) && domain === inboxDomain && (local === inboxLocal || local.startsWith(`${inboxLocal}+`));
+  };
+  const leftOut: string[] = [];
+  const pick = (list: readonly string[]) => {
+    const out: string[] = [];
+    for (const raw of list) {
+      const a = raw.trim().toLowerCase();
+      if (!a || ours(a) || out.includes(a)) continue;
+      if (allowed.has(a)) out.push(a);
+      else if (!leftOut.includes(a)) leftOut.push(a);
+    }
+    return out;
+  };
+  const to = pick(m?.from_address ? [m.from_address] : []);
+  const cc = all ? pick([...(m?.to ?? []), ...(m?.cc ?? [])]).filter((a) => !to.includes(a)) : [];
+  return {
+    form: emptySendForm({ to, cc, subject: replySubject(activity.subject), inReplyTo: activity.id }),
+    leftOut,
+  };
+}
+
+/** "Received 24 Nov 2026, 09:15" of an incoming mail (its Date:, else when the hub got it). */
+export function receivedAt(mail: CrmActivityMail | null | undefined, fallback: string): string {
+  const iso = mail?.date || mail?.received_at || fallback;
+  const t = Date.parse(iso);
+  if (Number.isNaN(t)) return "";
+  return new Date(t).toLocaleString([], { day: "numeric", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit" });
+}
+
+/** The flagged warning's words: a code or a thread of this record, from an outsider. */
+export function flaggedText(mail: CrmActivityMail): string {
+  const who = mail.from_address || "an unknown address";
+  const what = mail.match === "thread" ? "answers a mail sent from this record" : "carries the code of a mail from this record";
+  return `⚠ This reply ${what}, but came from ${who}, which is not one of the record's addresses. Check who wrote it.`;
 }
 
 /** The first address is ticked when the dialog opens: the usual case is one person. */
@@ -208,9 +297,13 @@ export function applyTemplate(form: SendForm, template: MailTemplate): SendForm 
 
 export function sendFormErrors(form: SendForm): string[] {
   const errors: string[] = [];
+  const everyone = [...form.to, ...form.cc, ...form.bcc];
   if (form.to.length === 0) errors.push("Choose at least one recipient.");
-  if (form.to.length > MAX_RECIPIENTS) errors.push(`At most ${MAX_RECIPIENTS} recipients.`);
-  for (const a of form.to) if (!isEmail(a)) errors.push(`${a} is not an e-mail address.`);
+  if (everyone.length > MAX_RECIPIENTS) errors.push(`At most ${MAX_RECIPIENTS} recipients.`);
+  for (const a of everyone) if (!isEmail(a)) errors.push(`${a} is not an e-mail address.`);
+  if (form.bulk && form.to.length > 1 && (form.cc.length || form.bcc.length)) {
+    errors.push("One mail per recipient goes to each alone: no copies (Cc, Bcc).");
+  }
   if (/[\r\n\0]/.test(form.subject)) errors.push("The subject may not contain line breaks.");
   if (form.subject.length > MAX_SUBJECT) errors.push(`The subject is longer than ${MAX_SUBJECT} characters.`);
   if (!form.subject.trim() && !form.text.trim()) errors.push("Write a subject or a text.");
@@ -227,11 +320,17 @@ export function attachmentProblem(size: number, already: number): string | null 
 
 /** The body of POST /crm/{records}/{id}/emails. */
 export function sendEmailBody(form: SendForm): SendEmailBody {
+  const clean = (list: readonly string[]) => [...new Set(list.map((a) => a.trim().toLowerCase()))];
   const body: SendEmailBody = {
-    to: [...new Set(form.to.map((a) => a.trim().toLowerCase()))],
+    to: clean(form.to),
     subject: form.subject.trim(),
     text: form.text,
   };
+  const cc = clean(form.cc).filter((a) => !body.to.includes(a));
+  const bcc = clean(form.bcc).filter((a) => !body.to.includes(a) && !cc.includes(a));
+  if (cc.length) body.cc = cc;
+  if (bcc.length) body.bcc = bcc;
+  if (form.inReplyTo) body.in_reply_to = form.inReplyTo;
   if (form.attachments.length) body.attachment_ids = form.attachments.map((a) => a.id);
   if (form.bulk && body.to.length > 1) body.bulk = true;
   return body;
@@ -436,4 +535,18 @@ export function isAssignable(mail: UnmatchedMail): boolean {
 
 export function removeUnmatched(list: readonly UnmatchedMail[], id: string): UnmatchedMail[] {
   return list.filter((m) => m.id !== id);
+}
+
+/** The count of the snapshot's `mail` part: a number for CRM administrators, else null. */
+export function unmatchedFromSnapshot(part: unknown): number | null {
+  if (typeof part !== "object" || part === null) return null;
+  const n = Number((part as Record<string, unknown>).unmatched);
+  return Number.isFinite(n) && n >= 0 ? Math.floor(n) : null;
+}
+
+/** "Carl Client <carl@client.example>" of an unmatched mail, or its address. */
+export function unmatchedSender(mail: UnmatchedMail): string {
+  const name = (mail.from_name ?? "").trim();
+  const address = mail.from_address || "no sender address";
+  return name && name.toLowerCase() !== address.toLowerCase() ? `${name} <${address}>` : address;
 }

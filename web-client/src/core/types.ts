@@ -96,6 +96,8 @@ export interface Snapshot {
   counters?: { im?: ImCounters; tasks?: TaskCounters; crm?: Partial<Record<CrmRecordType, Partial<CrmBadge>>> };
   presence?: Record<string, PresenceStatus>;
   settings?: { im?: ImSettings };
+  /** CRM administrators: how many mails wait on the unmatched list. */
+  mail?: { unmatched?: number };
   streams: Record<string, number>;
 }
 
@@ -423,6 +425,24 @@ export type CrmConversionMode =
   | "deal+contact"
   | "deal+contact+company";
 
+/** POST /crm/leads/{id}/convert */
+export interface CrmConvertBody {
+  mode: CrmConversionMode;
+  /** An existing contact / company to use instead of making one. */
+  contact_id?: string;
+  company_id?: string;
+  /** Where the lead's e-mails go (default: the deal, else the contact, else the company). */
+  emails_to?: CrmRecordType;
+  ignore_duplicates?: boolean;
+}
+
+/** GET /crm/leads/{id}/convert/candidates */
+export interface CrmConversionCandidates {
+  contacts: CrmDuplicateMatch[];
+  companies: CrmDuplicateMatch[];
+  hidden: boolean;
+}
+
 export interface CrmConversionResult {
   lead: CrmRecord;
   created: Partial<Record<CrmRecordType, CrmRecord>>;
@@ -588,9 +608,15 @@ export interface CrmActivityMail {
   from_name: string | null;
   to: string[];
   cc: string[];
+  /** Outgoing: the blind copies. */
+  bcc?: string[];
+  /** Incoming: when the sender wrote it (its Date: header), and when the hub received it. */
+  date?: string | null;
+  received_at?: string | null;
   message_id: string | null;
   code: string | null;
   match: string | null;
+  /** A valid code, or a reply in a thread of ours, from an address not on the record. */
   flagged: boolean;
   /** Incoming: the trusted mail server in front says the sender failed authentication. */
   suspicious: boolean;
@@ -610,6 +636,10 @@ export interface CrmActivityMail {
 
 export interface SendEmailBody {
   to: string[];
+  cc?: string[];
+  bcc?: string[];
+  /** The e-mail activity answered: the mail continues its thread and keeps its code. */
+  in_reply_to?: string;
   subject?: string;
   text?: string;
   html?: string;
@@ -621,6 +651,8 @@ export interface SendEmailBody {
 export interface SentEmail {
   activity_id: string;
   to: string[];
+  cc?: string[];
+  bcc?: string[];
   message_id: string;
   code: string;
   status: string;
@@ -657,8 +689,18 @@ export interface MailSettings {
   lead_exceptions: string[];
   max_new_leads_per_sender: number;
   lead_period_minutes: number;
+  /** All senders together, per clock hour; past it mail waits in the unmatched list. */
+  max_new_leads_per_hour?: number;
   lead_responsible_id: string | null;
   subject_rules: SubjectRule[];
+}
+
+/** POST /crm/{records}/{id}/emails/preview */
+export interface EmailPreview {
+  to: string[];
+  subject: string;
+  text: string;
+  html: string | null;
 }
 
 export interface MailSettingsUpdate {
@@ -666,6 +708,7 @@ export interface MailSettingsUpdate {
   create_leads?: boolean;
   lead_exceptions?: string[];
   max_new_leads_per_sender?: number;
+  max_new_leads_per_hour?: number;
   lead_period_minutes?: number;
   lead_responsible_id?: string | null;
   subject_rules?: SubjectRuleIn[];
@@ -745,4 +788,11 @@ export interface UnmatchedMail {
   /** The sender failed authentication at the mail server in front: the candidates are whose
    * address it claims, not who wrote it. */
   suspicious?: boolean;
+  from_name?: string;
+  /** Its Date: header. */
+  date?: string | null;
+  /** The beginning of its new text. */
+  preview?: string;
+  /** How often it came (the same Message-ID by another path). */
+  copies?: number;
 }
