@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+from pymongo import monitoring
 from slixmpp import JID
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from tests.harness import HubHarness
+from server.settings import Settings
+from server.store.database import Document, Store
+from tests.harness import HubHarness, start_hub
 from tests.xmpp_client import XmppClient, xmpp_login
 
 MAM = "urn:xmpp:mam:2"
@@ -145,3 +150,98 @@ async def test_room_history_on_join_counts_only_live_messages(hub: HubHarness) -
     )
     assert [str(m["body"]) for m in backlog] == ["r1", "r2", "r5"]
     assert alice_id
+
+
+class FindRecorder(monitoring.CommandListener):
+    """The ``find`` commands on the messages collection, while ``finds`` is a list."""
+
+    def __init__(self) -> None:
+        self.finds: list[Document] | None = None
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        command = event.command
+        wanted = event.command_name == "find" and command.get("find") == "messages"
+        if self.finds is not None and wanted:
+            self.finds.append(dict(command))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+RECORDER = FindRecorder()
+_registered: list[bool] = []
+
+
+@pytest.fixture
+async def watched_hub(settings: Settings) -> AsyncIterator[HubHarness]:
+    """A hub whose database client reports its commands to ``RECORDER`` (listeners are
+    registered for clients made afterwards, once per test session)."""
+    if not _registered:
+        monitoring.register(RECORDER)
+        _registered.append(True)
+    assert settings.mongodb_url is not None
+    store = Store(settings.mongodb_url.get_secret_value(), settings.mongodb_database)
+    await store.ensure_indexes()
+    try:
+        async with start_hub(settings, store) as harness:
+            yield harness
+    finally:
+        RECORDER.finds = None
+        await store.client.drop_database(settings.mongodb_database)
+        await store.close()
+
+
+def access_stage(explained: Document) -> str:
+    """The winning plan's way into the collection (IXSCAN or COLLSCAN)."""
+    stage = explained["queryPlanner"]["winningPlan"]
+    while "inputStage" in stage:
+        stage = stage["inputStage"]
+    return str(stage["stage"])
+
+
+async def test_jabber_history_reads_use_an_index(watched_hub: HubHarness) -> None:
+    """Offline delivery, MAM and room history read messages only through an index: the
+    embedded database uses one only when every field of the filter is in it, so a filter on
+    ``deleted`` or ``chat_id $in`` scanned every message of every chat."""
+    hub = watched_hub
+    alice_id, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    first = await post(hub, bob, to=[alice_id], text="o1")
+    gone = await post(hub, bob, chat_id=first["chat_id"], text="o2")
+    deleted = await hub.request("DELETE", f"/api/v1/im/messages/{gone['id']}", token=bob)
+    assert deleted.status == 204, deleted.body
+    await post(hub, bob, chat_id=first["chat_id"], text="o3")
+    resp = await hub.request(
+        "POST", "/api/v1/im/chats", token=alice, json={"title": "Room", "member_ids": [bob_id]}
+    )
+    assert resp.status == 201, resp.body
+    room_id = resp.body["id"]
+    for n in range(3):
+        await post(hub, bob, chat_id=room_id, text=f"r{n}")
+
+    finds: list[Document] = []
+    RECORDER.finds = finds
+    client = await xmpp_login(hub, "alice", plugins=("xep_0045",))
+    await client.wait_for_condition(lambda: len(client.bodies()) >= 2)
+    assert client.bodies() == ["o1", "o3"]  # offline delivery
+    assert await mam(client, "<max>50</max>") == (["o1", "o3"], True)
+    assert await mam(client, "<max>1</max><before/>", start=first["created_at"]) == (
+        ["o3"],
+        False,
+    )
+    room = JID(f"{room_id}@conference.{domain(hub)}")
+    *_, backlog = await client.plugin["xep_0045"].join_muc_wait(
+        room, "alice", maxstanzas=2, timeout=10
+    )
+    assert [str(m["body"]) for m in backlog] == ["r1", "r2"]
+    RECORDER.finds = None
+
+    assert len(finds) >= 3, finds  # offline delivery, MAM and the room each read
+    messages = hub.services.store["messages"]
+    for command in finds:
+        cursor = messages.find(command.get("filter", {}), sort=command.get("sort"))
+        stage = access_stage(await cursor.explain())
+        assert stage != "COLLSCAN", (command.get("filter"), command.get("sort"))
