@@ -176,6 +176,13 @@ class Settings(BaseSettings):
     xmpp_read_bytes_per_second: float = Field(default=32 * 1024, gt=0)
     xmpp_read_burst_bytes: int = Field(default=512 * 1024, ge=16 * 1024)
     xmpp_max_sessions_per_user: int = Field(default=10, ge=1)
+    xmpp_max_stanzas_in_flight: int = Field(
+        default=32,
+        ge=1,
+        le=10_000,
+        description="Stanzas of one XMPP session read but not yet finished (stored); past "
+        "this the session stops reading until some finish",
+    )
     xmpp_max_connections: int = Field(default=5000, ge=1)
     xmpp_ping_interval_seconds: float = Field(default=60.0, gt=0)
     xmpp_ping_timeout_seconds: float = Field(default=30.0, gt=0)

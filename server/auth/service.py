@@ -12,7 +12,12 @@ from datetime import UTC, datetime, timedelta
 
 from server.auth.addresses import UNKNOWN, client_key, networks
 from server.auth.hashing import Busy, HashingPool, Ticket
-from server.auth.passwords import needs_rehash, password_fields, verify_blocking
+from server.auth.passwords import (
+    needs_rehash,
+    password_fields,
+    scram_outdated,
+    verify_blocking,
+)
 from server.auth.sessions import SessionGuard, announce_revocation
 from server.auth.throttle import LoginThrottle
 from server.caching import Cache
@@ -218,8 +223,9 @@ class AuthService:
             attempt.failed()
             return None
         attempt.succeeded()
-        if (stored and needs_rehash(stored)) or not user.get("scram"):
-            # Users from before SCRAM (or an older hash) get fresh fields on their next login.
+        if (stored and needs_rehash(stored)) or scram_outdated(user.get("scram")):
+            # Users from before SCRAM (or an older hash, or verifiers of another iteration
+            # count) get fresh fields on their next login.
             fields = await password_fields(password)
             await self._store.users.update_one({"_id": user["_id"]}, {"$set": fields})
             user.update(fields)
