@@ -1,7 +1,10 @@
-"""Where a live counter update spends its database time: each query the hub runs to recount
-one user (``CrmCounters.compute``, ``CrmCounters.reschedule``) and to build a record's
-indicator, timed alone against the hub's database with the same filters, for one user, with
-the database's plan (``explain``): the stages and how many index keys and documents it read.
+"""Where a counter update spends its database time: the queries of the live path (the
+guarded write of a user's numbers and its read back, ``CrmCounters._fast``; the deadlines a
+time-driven wake-up reads, ``CrmCounters._deadlines``), a record's indicator, and those of a
+recount of one user from index ranges (``CrmCounters._count``: the repair of last resort and
+the periodic check), each timed alone against the hub's database with the same filters, for
+one user, with the database's plan (``explain``): the stages and how many index keys and
+documents it read.
 
 The hub runs the four counts of a record type at once and the four types at once; here they
 run one after the other, so that each one's own cost shows. A whole-collection count is
@@ -20,6 +23,8 @@ from zoneinfo import ZoneInfo
 from pymongo import MongoClient
 from pymongo.database import Database
 
+from server.counters.crm import counts_of
+from server.counters.deltas import reading_range
 from server.counters.rules import DueWindow, due_threshold
 
 Document = dict[str, Any]
@@ -101,30 +106,44 @@ def query_times(
                 "documents": count(),
                 **explain(db, {"aggregate": collection.name, "pipeline": pipeline, "cursor": {}}),
             }
-        # CrmCounters.reschedule: one lookup per record type, each a range of count_item
-        reschedule = {
+        # CrmCounters._deadlines: what a wake-up reads, one range of count_item per type
+        lo, hi = reading_range(None, now, ZoneInfo(zone), DueWindow())
+        wake = {
             "record_responsible_id": user_id,
             "owner_type": "deal",
             "completed": False,
             "incoming": False,
-            "deadline": {"$gt": now},
+            "deadline": {"$gt": lo, "$lt": hi},
         }
-        out["next deadline, per record type (reschedule, x4)"] = {
-            "ms": _median_ms(
-                lambda: activities.find_one(reschedule, {"deadline": 1}, sort=[("deadline", 1)]),
-                repeat,
-            ),
+        out["wake-up: deadlines up to the horizon, per record type (x4)"] = {
+            "ms": _median_ms(lambda: list(activities.find(wake)), repeat),
+            "documents": activities.count_documents(wake),
+            **explain(db, {"find": "crm_activities", "filter": wake}),
+        }
+        # CrmCounters._fast: the guarded difference (here one of zero) and the read back
+        counters = db["crm_counters"]
+        stored = counters.find_one({"_id": user_id}) or {}
+        guard = {
+            "_id": user_id,
+            "rules": stored.get("rules"),
+            "zone": stored.get("zone"),
+            "as_of": {"$lte": now},
+            "next_at": {"$gt": now},
+        }
+        difference = {"$inc": {"values.deal.incoming": 0}}
+        # The database's explain of this update (and of a find with this filter) says
+        # COLLSCAN, but its update path looks the ``_id`` up first and checks the rest on that
+        # one document (its time stays flat with the collection's size): the plan shown is
+        # that of the ``_id`` lookup.
+        out["live: the guarded difference (update, crm_counters)"] = {
+            "ms": _median_ms(lambda: counters.update_one(guard, difference), repeat),
+            "documents": counters.count_documents(guard),
+            **explain(db, {"find": "crm_counters", "filter": {"_id": user_id}}),
+        }
+        out["live: the numbers read back (crm_counters)"] = {
+            "ms": _median_ms(lambda: counters.find_one({"_id": user_id}), repeat),
             "documents": 1,
-            **explain(
-                db,
-                {
-                    "find": "crm_activities",
-                    "filter": reschedule,
-                    "projection": {"deadline": 1},
-                    "sort": {"deadline": 1},
-                    "limit": 1,
-                },
-            ),
+            **explain(db, {"find": "crm_counters", "filter": {"_id": user_id}}),
         }
         started = time.perf_counter()
         total = activities.count_documents({"completed": False})
@@ -142,6 +161,7 @@ def stored_counters(db_url: str, user_ids: list[str]) -> dict[str, Any]:
     client: MongoClient[Document] = MongoClient(db_url, retryWrites=False)
     try:
         found = client[DATABASE]["crm_counters"].find({"_id": {"$in": user_ids}})
-        return {str(doc["_id"]): doc.get("values") for doc in found}
+        # stored as the four numbers per record type; pushed as badges (with total, colour)
+        return {str(doc["_id"]): counts_of(doc.get("values", {})) for doc in found}
     finally:
         client.close()

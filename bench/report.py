@@ -799,7 +799,9 @@ def _query_order(label: str) -> tuple[int, int, str]:
     record_type, _, kind = label.partition(": ")
     if kind in kinds:
         return (0 if record_type == "deal" else 1, kinds.index(kind), label)
-    others = ["indicators", "reschedule", "whole collection"]
+    if label.startswith(("live:", "wake-up:")):
+        return (-1, 0 if label.startswith("live:") else 1, label)
+    others = ["indicators", "whole collection"]
     return (2, next((i for i, k in enumerate(others) if k in label), len(others)), label)
 
 

@@ -8,6 +8,7 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from server.auth.service import AuthService
 from server.background import raise_if_stopping, stop
 from server.channels.emit import HubRedisManager
 from server.channels.hub import Hub, typing_handler
+from server.counters.crm import CHECK_JOB
 from server.crm.service import Crm
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus, InProcessBus
@@ -109,6 +111,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     tasks.on_schedule_changed.append(scheduler.wake)
     crm = Crm.build(settings, store, streams, bus, directory, im)
     scheduler.handle("crm-counters", crm.counters.time_reached)
+    scheduler.handle(CHECK_JOB, crm.counters.check_some)
     mail = MailBridge(settings, store, crm, im, node, bus)
     crm.counters.on_schedule_changed.append(scheduler.wake)
     hub = Hub(
@@ -291,6 +294,9 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         svc.auth.sessions.start()  # revocations written elsewhere (another node, the CLI)
         svc.presence.start()
         await svc.presence.ready()  # the published statuses of every node, for snapshots
+        await svc.crm.counters.start_checking(
+            timedelta(minutes=svc.settings.crm_counters_check_minutes)
+        )
         svc.scheduler.start()
         if svc.xmpp is not None:
             await svc.xmpp.start()

@@ -186,6 +186,13 @@ class Settings(BaseSettings):
     xmpp_max_connections: int = Field(default=5000, ge=1)
     xmpp_ping_interval_seconds: float = Field(default=60.0, gt=0)
     xmpp_ping_timeout_seconds: float = Field(default=30.0, gt=0)
+    crm_counters_check_minutes: int = Field(
+        default=360,
+        ge=0,
+        description="The CRM counters are kept by differences; every this many minutes a "
+        "background check recounts each user's numbers (a few users at a time) and repairs "
+        "any that drifted. 0: off (portalhub counters check still works)",
+    )
     crm_inbox: str | None = Field(
         default=None, description="The CRM's mail address; defaults to crm@<domain>"
     )

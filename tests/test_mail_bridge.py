@@ -90,11 +90,13 @@ async def deliver(hub: HubHarness, msg: EmailMessage | bytes, to: list[str]) -> 
 
 
 async def settled(hub: HubHarness) -> None:
-    """Every stored message reached its outcome (here or in the hub's own pipeline loop)."""
+    """Every stored message reached its outcome (here or in the hub's own pipeline workers)
+    and the workers are done with it (its notices are posted after the outcome is stored)."""
     raw = hub.services.store["mail_raw"]
+    pipeline = hub.services.mail.pipeline
     for _ in range(200):
-        await hub.services.mail.pipeline.drain()
-        if await raw.count_documents({"status": "pending"}) == 0:
+        await pipeline.drain()
+        if await raw.count_documents({"status": "pending"}) == 0 and not pipeline.busy:
             break
         await asyncio.sleep(0.05)
     else:

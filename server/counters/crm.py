@@ -1,44 +1,66 @@
-"""The live CRM counter engine.
+"""The live CRM counter engine: incremental.
 
-A user's numbers are counted in the database, never kept as running sums: each is the size
-of one index range (user, record type, kind), so a recount costs the same with a hundred or
-a million open activities, and an increment lost in a crash cannot make a number drift.
-After every change the users it touches are queued; a background flusher recounts them in a
-batch (bursts coalesce), compares with the last numbers stored in ``crm_counters`` and pushes
-only the numbers that changed. Time changes numbers too - a deadline passes, a local
-midnight turns future activities into due ones - so each user keeps one persisted wake-up in
-the scheduler at the next such moment.
+Each user's numbers are stored in ``crm_counters`` as the counts they are at one moment
+(``as_of``), with the earliest moment time alone changes one of them (``next_at``), the rules
+they were counted under (``rules``: the counter mode and due window) and the user's time zone
+(``zone``). The services report each write as its before and after (``activities_changed``,
+``records_changed``); a flusher takes what came in over a few milliseconds, works out each
+user's difference with the pure rules (``deltas.py``) and applies it with one ``$inc`` per
+user, guarded so that the difference is only applied where the stored numbers are right:
+same rules, same zone, ``as_of <= now < next_at``. Every write bumps ``version``; the node
+that made it pushes the changed numbers with that version.
 
-``check`` recomputes everything from the activities and records themselves with the pure
-rules (not from the denormalised fields the live path counts on) and can repair both.
+Time moves numbers too (a deadline passes, a local midnight or an N-minute window opens). Each
+user keeps one persisted wake-up in the scheduler at ``next_at``; at it (or when a change finds
+``next_at`` passed) the numbers are moved forward from the activities whose deadline lies where
+a kind changed - a bounded index range - not recounted.
+
+A recount of one user from index ranges (``touch``) is the repair of last resort and what a
+missing or outdated document, a new time zone or a settings switch gets; ``check`` recomputes
+everyone from the records and activities themselves and can repair, and ``verify_some`` runs
+as a periodic background check, a few users at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from pymongo import ReturnDocument, UpdateOne
+from pymongo import UpdateOne
+from pymongo.errors import DuplicateKeyError
 
 from server.background import stop
+from server.counters.deltas import (
+    ActivityChange,
+    Change,
+    Numbers,
+    RecordChange,
+    RecordCount,
+    added,
+    badge_of,
+    boundaries_of,
+    delta_of,
+    next_wake,
+    reading_range,
+    time_delta,
+    users_of,
+    zero_numbers,
+)
 from server.counters.rules import (
-    COUNTED_KINDS,
     RECORD_TYPES,
     ActivityFacts,
-    Badge,
     CounterMode,
     DueWindow,
     Kind,
     classify,
-    counted_user,
     due_threshold,
-    next_change,
+    kind_of,
+    waits_for_answer,
 )
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent, VersionedState, changed_numbers
@@ -47,16 +69,29 @@ from server.store.database import Document, Store, utcnow
 
 log = logging.getLogger(__name__)
 
-COALESCE_SECONDS = 0.01
-# A connect queues a recount of the user (to mend numbers gone stale) at most this often.
-MEND_ON_CONNECT_SECONDS = 600.0
+COALESCE_SECONDS = 0.002
+# A difference seen by a check is only taken for drift if the user's stored numbers did not
+# move for this long: a change written but not yet counted is counted well within it.
+STABLE_SECONDS = 1.0
+GUARDED_ATTEMPTS = 8
+# After a recount: how long a change written before it may take to be queued here.
+QUIET_SECONDS = 0.02
 Counts = dict[str, dict[str, Any]]  # record type -> Badge.as_dict()
+CHECK_JOB = "crm-counters-check"
+CHECK_USERS_AT_ONCE = 4
+CHECK_PAUSE = timedelta(seconds=2)
 
 
 @dataclass(frozen=True, slots=True)
 class CounterSettings:
     mode: CounterMode
     window: DueWindow
+
+    @property
+    def stamp(self) -> str:
+        """Stored with the numbers: numbers counted under other rules are recounted."""
+        minutes = self.window.minutes_before
+        return f"{self.mode.value}|{'day' if minutes is None else minutes}"
 
 
 @dataclass
@@ -67,6 +102,7 @@ class CheckReport:
     stale_activities: int = 0  # denormalised owner/responsible/incoming fields that drifted
     stale_records: int = 0  # open_activities counts that drifted
     repaired: bool = False
+    users_busy: int = 0  # changed while checked: not compared this time
 
     @property
     def clean(self) -> bool:
@@ -75,11 +111,78 @@ class CheckReport:
 
 def zero_counts() -> Counts:
     """What a user with nothing to count shows (and is assumed to have been shown)."""
-    return {t: Badge().as_dict() for t in RECORD_TYPES}
+    return counts_of(zero_numbers())
+
+
+def counts_of(numbers: Mapping[str, Mapping[str, int]]) -> Counts:
+    full = added(numbers, {})
+    return {t: badge_of(full[t]).as_dict() for t in RECORD_TYPES}
 
 
 def counted_field(mode: CounterMode) -> str:
     return "record_responsible_id" if mode is CounterMode.ITEM else "responsible_id"
+
+
+def activity_facts(act: Document) -> ActivityFacts:
+    """What counting knows of an activity document: its own copies of its record's type and
+    responsible person, as the index ranges count them."""
+    return ActivityFacts(
+        id=act["_id"],
+        owner_type=act["owner_type"],
+        owner_id=act["owner_id"],
+        record_responsible_id=act["record_responsible_id"],
+        responsible_id=act["responsible_id"],
+        type=act["type"],
+        direction=act["direction"],
+        deadline=act.get("deadline"),
+        completed=bool(act.get("completed")),
+    )
+
+
+def record_count(doc: Document) -> RecordCount:
+    return RecordCount(
+        doc["type"],
+        doc["_id"],
+        doc["responsible_id"],
+        bool(doc.get("open")),
+        int(doc.get("open_activities", 0)),
+    )
+
+
+def _numbers_in(doc: Document | None) -> Numbers:
+    """The numbers of a stored document (also of the older shape holding whole badges)."""
+    return added((doc or {}).get("values", {}), {})
+
+
+def _update(delta: Numbers | None, sets: Document | None, earliest: datetime | None) -> Document:
+    """The update of one user's numbers: every write bumps ``version``, so that a guarded
+    write knows nobody came first, and pushes are ordered."""
+    update: Document = {"$inc": {"version": 1}}
+    for record_type, numbers in (delta or {}).items():
+        for number, amount in numbers.items():
+            update["$inc"][f"values.{record_type}.{number}"] = amount
+    if sets:
+        update["$set"] = sets
+    if earliest is not None:
+        update["$min"] = {"next_at": earliest}
+    return update
+
+
+def _job_id(user_id: str) -> str:
+    return f"crm-counters|{user_id}"
+
+
+@dataclass
+class _Work:
+    """What the flusher takes in one go."""
+
+    changes: list[tuple[int, Change]] = field(default_factory=list)  # (sequence, change)
+    recount: set[str] = field(default_factory=set)
+    advance: set[str] = field(default_factory=set)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.changes or self.recount or self.advance or self.waiters)
 
 
 class CrmCounters:
@@ -89,21 +192,37 @@ class CrmCounters:
         bus: EventBus,
         settings: Callable[[], Awaitable[CounterSettings]],
         default_time_zone: str,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._store = store
         self._bus = bus
         self._settings = settings
         self._default_tz = default_time_zone
-        self._pending: dict[str, set[str]] = {}
-        self._mended: dict[str, float] = {}  # when a connect last queued the user's recount
+        self.clock = clock  # tests move it to let time pass
+        self._work = _Work()
         self._flusher: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        # Counting needs each counted user's zone on every change; it changes rarely, and a
+        # stale one here is caught by the zone stored with the numbers.
+        self._zones: dict[str, ZoneInfo] = {}
+        self._check_every = timedelta(0)
+        # Changes are numbered as they come in. A recount counts what was written before it
+        # started: each user's last recount start (``_absorbed``) tells which of their queued
+        # changes it already holds, and the last change touching them (``_arrived``) whether
+        # one came in while it counted (then it counts again).
+        self._seq = 0
+        self._arrived: dict[str, int] = {}
+        self._absorbed: dict[str, int] = {}
         self.on_schedule_changed: list[Callable[[datetime | None], None]] = []
         # Told which records' activities changed state by time alone (their indicators moved).
         self.on_time_passed: list[Callable[[list[str]], Awaitable[None]]] = []
 
-    # reading ---------------------------------------------------------------------------------
+    @property
+    def _coll(self) -> Any:
+        return self._store["crm_counters"]
+
+    # zones -----------------------------------------------------------------------------------
 
     async def time_zones(self, user_ids: Iterable[str]) -> dict[str, ZoneInfo]:
         ids = list(user_ids)
@@ -118,6 +237,15 @@ class CrmCounters:
         except Exception:  # a zone removed from the system's database since it was set
             return ZoneInfo("UTC")
 
+    async def _zones_of(self, user_ids: Iterable[str], fresh: bool = False) -> dict[str, ZoneInfo]:
+        ids = set(user_ids)
+        missing = ids if fresh else {u for u in ids if u not in self._zones}
+        if missing:
+            self._zones.update(await self.time_zones(missing))
+        return {u: self._zones[u] for u in ids}
+
+    # reading ---------------------------------------------------------------------------------
+
     async def compute(
         self,
         user_id: str,
@@ -126,13 +254,23 @@ class CrmCounters:
         types: Iterable[str] = RECORD_TYPES,
         now: datetime | None = None,
     ) -> Counts:
-        now = now or utcnow()
+        """A recount of one user from index ranges: four counts per record type."""
+        return counts_of(await self._count(user_id, cfg, tz, now or self.clock(), types))
+
+    async def _count(
+        self,
+        user_id: str,
+        cfg: CounterSettings,
+        tz: ZoneInfo,
+        now: datetime,
+        types: Iterable[str] = RECORD_TYPES,
+    ) -> Numbers:
         threshold = due_threshold(now, tz, cfg.window)
         who = counted_field(cfg.mode)
         activities = self._store["crm_activities"]
         records = self._store["crm_records"]
 
-        async def one_type(record_type: str) -> tuple[str, Badge]:
+        async def one_type(record_type: str) -> tuple[str, dict[str, int]]:
             base = {who: user_id, "owner_type": record_type, "completed": False}
             incoming, overdue, due, idle = await asyncio.gather(
                 activities.count_documents({**base, "incoming": True}),
@@ -149,50 +287,104 @@ class CrmCounters:
                     }
                 ),
             )
-            return record_type, Badge(incoming=incoming, due=due, overdue=overdue, idle=idle)
+            return record_type, {"incoming": incoming, "due": due, "overdue": overdue, "idle": idle}
 
         found = await asyncio.gather(*(one_type(t) for t in types))
-        return {t: badge.as_dict() for t, badge in found}
+        return added(dict(found), {})
 
     async def baseline(self, user_id: str) -> VersionedState:
         """The numbers last pushed to the user, with their version: what a connecting client
-        starts from, since pushes are differences from exactly these. A recount is queued
-        too (at most once per ``MEND_ON_CONNECT_SECONDS`` per user on this node), so that
-        numbers gone stale without a push (a missed touch) are put right."""
-        doc = await self._store["crm_counters"].find_one({"_id": user_id})
-        now = time.monotonic()
-        if now - self._mended.get(user_id, -MEND_ON_CONNECT_SECONDS) >= MEND_ON_CONNECT_SECONDS:
-            # Mending costs a recount (some twenty index reads): once a while per user and
-            # node is enough for a safety net, and a reconnecting crowd does not pay it each.
-            if len(self._mended) > 100_000:
-                self._mended.clear()
-            self._mended[user_id] = now
-            self.touch([user_id])
+        starts from, since pushes are differences from exactly these. Numbers that are
+        missing, counted under other rules or past a time-driven change are brought up to
+        date at once (and pushed)."""
+        doc = await self._coll.find_one({"_id": user_id})
+        cfg = await self._settings()
+        if not self._current(doc, cfg, self.clock()):
+            self._queue(advance=[user_id])
         if doc is None:
             return VersionedState("crm", 0, zero_counts())
-        values: Counts = {**zero_counts(), **doc.get("values", {})}
-        return VersionedState("crm", int(doc.get("version", 0)), values)
+        return VersionedState("crm", int(doc.get("version", 0)), counts_of(_numbers_in(doc)))
 
     async def current(self, user_id: str) -> Counts:
-        """All four record types, counted now (for the counters document and snapshots)."""
+        """All four record types as they are now (for the counters document)."""
+        doc = await self._coll.find_one({"_id": user_id})
         cfg = await self._settings()
-        zones = await self.time_zones([user_id])
-        return await self.compute(user_id, cfg, zones[user_id])
+        if not self._current(doc, cfg, self.clock()):
+            await self._settle_user(user_id, [], cfg)
+            doc = await self._coll.find_one({"_id": user_id})
+        return counts_of(_numbers_in(doc))
+
+    def _current(self, doc: Document | None, cfg: CounterSettings, now: datetime) -> bool:
+        """Whether stored numbers are right at ``now``, as far as this node knows."""
+        if doc is None or doc.get("rules") != cfg.stamp or "next_at" not in doc:
+            return False
+        zone = self._zones.get(doc["_id"])
+        if zone is not None and doc.get("zone") != zone.key:
+            return False
+        return bool(doc["as_of"] <= now < doc["next_at"])
 
     # changes ---------------------------------------------------------------------------------
 
+    def activities_changed(self, *pairs: tuple[Document | None, Document | None]) -> None:
+        """Activities as they were before a write and as it left them (None: not there).
+        Both must be the documents' real states around that write - a write guarded by the
+        fields read, say - not copies read at some point before."""
+        self._queue(
+            changes=[
+                ActivityChange(
+                    activity_facts(b) if b is not None else None,
+                    activity_facts(a) if a is not None else None,
+                )
+                for b, a in pairs
+            ]
+        )
+
+    def records_changed(self, *pairs: tuple[Document | None, Document | None]) -> None:
+        """Records before and after a write, for the idle numbers (``open``,
+        ``open_activities``, ``responsible_id``, ``type``)."""
+        self._queue(
+            changes=[
+                RecordChange(
+                    record_count(b) if b is not None else None,
+                    record_count(a) if a is not None else None,
+                )
+                for b, a in pairs
+            ]
+        )
+
     def touch(self, user_ids: Iterable[str], types: Iterable[str] = RECORD_TYPES) -> None:
-        """Queue a recount; the flusher pushes whatever changed."""
-        type_list = list(types)
-        for uid in user_ids:
-            if uid:
-                self._pending.setdefault(uid, set()).update(type_list)
-        if self._pending and self._flusher is None:
+        """Recount these users from scratch (index ranges) and push what changed: for changes
+        not reported as differences (a new time zone, a stage that changed meaning, a write
+        whose difference may have been lost)."""
+        users = [u for u in user_ids if u]
+        for uid in users:
+            self._zones.pop(uid, None)
+        self._queue(recount=users)
+
+    def _queue(
+        self,
+        changes: Iterable[Change] = (),
+        recount: Iterable[str] = (),
+        advance: Iterable[str] = (),
+        waiter: asyncio.Future[None] | None = None,
+    ) -> None:
+        for change in changes:
+            self._seq += 1
+            self._work.changes.append((self._seq, change))
+            for uid in users_of([change], CounterMode.ITEM) | users_of(
+                [change], CounterMode.ACTIVITY
+            ):
+                self._arrived[uid] = self._seq
+        self._work.recount.update(recount)
+        self._work.advance.update(advance)
+        if waiter is not None:
+            self._work.waiters.append(waiter)
+        if self._work and self._flusher is None:
             self._idle.clear()
             self._flusher = asyncio.create_task(self._flush(), name="crm-counters-flush")
 
     async def settled(self) -> None:
-        """Wait until every queued recount has been pushed."""
+        """Wait until everything queued has been applied and pushed."""
         await self._idle.wait()
 
     async def close(self) -> None:
@@ -200,111 +392,379 @@ class CrmCounters:
 
     async def _flush(self) -> None:
         try:
-            while self._pending:
+            while self._work:
                 await asyncio.sleep(COALESCE_SECONDS)
-                batch, self._pending = self._pending, {}
+                work, self._work = self._work, _Work()
                 try:
-                    await self.recount(batch)
+                    await self._apply(work)
                 except Exception:
-                    # Numbers stay as last pushed; the next change, tick or check mends them.
-                    log.exception("recounting CRM counters of %d users failed", len(batch))
+                    # What this batch held may be missing from the stored numbers: the next
+                    # periodic check finds and mends it.
+                    log.exception("applying CRM counter changes failed")
+                finally:
+                    for waiter in work.waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
         finally:
             self._flusher = None
-            if self._pending:  # touched while we were finishing
+            if self._work:  # queued while we were finishing
                 self._flusher = asyncio.create_task(self._flush(), name="crm-counters-flush")
             else:
                 self._idle.set()
 
-    async def recount(self, batch: dict[str, set[str]]) -> None:
+    async def _apply(self, work: _Work) -> None:
         cfg = await self._settings()
-        zones = await self.time_zones(batch)
-        await asyncio.gather(*(self._recount_one(u, t, cfg, zones[u]) for u, t in batch.items()))
+        now = self.clock()
+        mine: dict[str, list[Change]] = {}
+        for seq, change in work.changes:
+            for uid in users_of([change], cfg.mode):
+                if seq > self._absorbed.get(uid, 0):  # else a recount counted it already
+                    mine.setdefault(uid, []).append(change)
+        users = set(mine) | work.recount | work.advance
+        if not users:
+            return
+        zones = await self._zones_of(users)
+        deltas: dict[str, Numbers] = {}
+        bounds: dict[str, datetime] = {}
+        for uid, changes in mine.items():
+            deltas[uid] = delta_of(changes, cfg.mode, zones.__getitem__, cfg.window, now).get(
+                uid, {}
+            )
+            bound = boundaries_of(changes, cfg.mode, zones.__getitem__, cfg.window, now).get(uid)
+            if bound is not None:
+                bounds[uid] = bound
 
-    async def _recount_one(
-        self, user_id: str, types: set[str], cfg: CounterSettings, tz: ZoneInfo
-    ) -> None:
-        fresh = await self.compute(user_id, cfg, tz, sorted(types))
-        await self._store_and_push(user_id, fresh)
-        await self.reschedule(user_id, cfg, tz)
+        async def one(uid: str) -> None:
+            try:
+                if uid in work.recount:
+                    # What was written before is in what the recount reads.
+                    await self._recount_user(uid, cfg)
+                elif uid in work.advance and uid not in mine:
+                    await self._settle_user(uid, [], cfg)
+                elif not await self._fast(uid, deltas.get(uid, {}), bounds.get(uid), cfg, now):
+                    await self._settle_user(uid, mine.get(uid, []), cfg)
+            except Exception:
+                log.exception("CRM counters of user %s not applied; a check mends them", uid)
 
-    async def _store_and_push(self, user_id: str, fresh: Counts) -> None:
-        """Store the new numbers and push what changed. The version guard makes one writer win
-        when two nodes recount the same user, so a change is pushed once."""
-        stored = self._store["crm_counters"]
-        for _attempt in range(5):
-            doc = await stored.find_one({"_id": user_id})
-            before: Counts = {**zero_counts(), **(doc or {}).get("values", {})}
-            changed = changed_numbers(before, fresh)
-            if not changed:
+        await asyncio.gather(*(one(uid) for uid in sorted(users)))
+
+    async def _fast(
+        self,
+        user_id: str,
+        delta: Numbers,
+        boundary: datetime | None,
+        cfg: CounterSettings,
+        now: datetime,
+    ) -> bool:
+        """One write: the difference taken at ``now`` where the stored numbers hold at
+        ``now``. False when they do not (then ``_settle_user``)."""
+        if not delta and boundary is None:
+            return True
+        # ``_id`` first: the embedded database looks the document up by it and checks the
+        # rest on that one document (a findAndModify would scan the whole collection).
+        result = await self._coll.update_one(
+            {
+                "_id": user_id,
+                "rules": cfg.stamp,
+                "zone": self._zones[user_id].key,
+                "as_of": {"$lte": now},
+                "next_at": {"$gt": now},
+            },
+            # Held as of ``now`` from here: nothing counted changes kind between ``as_of`` and
+            # ``next_at``, so the numbers hold at ``now`` as they did at ``as_of``; and the
+            # difference was taken at ``now``, so moving forward in time must start there (an
+            # activity whose kind changed between the two would otherwise move twice).
+            _update(delta, {"as_of": now}, boundary),
+        )
+        if result.matched_count == 0:
+            return False
+        earlier = boundary is not None
+        if delta:
+            # Pushed as read back: a write by someone else in between is pushed with it, and
+            # the connections keep the highest version they were sent.
+            after = await self._coll.find_one({"_id": user_id})
+            if after is not None:
+                now_stored = _numbers_in(after)
+                undone = {t: {n: -v for n, v in d.items()} for t, d in delta.items()}
+                await self._push(
+                    user_id, added(now_stored, undone), now_stored, int(after["version"])
+                )
+                earlier = earlier and after.get("next_at") == boundary
+        if earlier and boundary is not None:
+            await self._schedule(user_id, boundary, earlier_only=True)
+        return True
+
+    async def _write(
+        self,
+        doc: Document,
+        delta: Numbers | None = None,
+        sets: Document | None = None,
+        earliest: datetime | None = None,
+    ) -> Document | None:
+        """One write of the numbers ``doc`` was read with, only if nobody wrote them since
+        (its ``version``): a difference, fields to set, an earlier ``next_at``. The document
+        as it is then, or None when another write came first."""
+        version = doc.get("version")
+        result = await self._coll.update_one(
+            {"_id": doc["_id"], "version": version}, _update(delta, sets, earliest)
+        )
+        if result.matched_count == 0:
+            return None
+        after = {**doc, **(sets or {}), "version": int(version or 0) + 1}
+        after["values"] = added(_numbers_in(after), delta or {})
+        if earliest is not None and ("next_at" not in after or earliest < after["next_at"]):
+            after["next_at"] = earliest
+        return after
+
+    async def _settle_user(self, user_id: str, changes: list[Change], cfg: CounterSettings) -> None:
+        """The careful path: the changes taken at the moment the stored numbers are right
+        (``as_of``), then the numbers moved forward in time if a change by time is due; or a
+        recount when there is nothing right to start from."""
+        for _attempt in range(GUARDED_ATTEMPTS):
+            doc = await self._coll.find_one({"_id": user_id})
+            zone = (await self._zones_of([user_id], fresh=True))[user_id]
+            if (
+                doc is None
+                or doc.get("rules") != cfg.stamp
+                or doc.get("zone") != zone.key
+                or "next_at" not in doc
+            ):
+                await self._recount_user(user_id, cfg)
                 return
-            values = {**before, **fresh}
+            as_of: datetime = doc["as_of"]
+            before = _numbers_in(doc)
+            zone_of = {user_id: zone}.__getitem__
+            delta = delta_of(changes, cfg.mode, zone_of, cfg.window, as_of).get(user_id, {})
+            bound = boundaries_of(changes, cfg.mode, zone_of, cfg.window, as_of).get(user_id)
+            if delta or bound is not None:
+                written = await self._write(doc, delta, None, bound)
+                if written is None:
+                    continue  # written meanwhile: read again
+                doc = written
+                changes = []  # applied; what follows is time alone
+            now = self.clock()
+            if doc["next_at"] <= now and as_of < now:
+                moved = await self._advance(user_id, doc, cfg, zone, now)
+                if moved is None:
+                    continue
+                doc = moved
+            else:
+                await self._schedule(user_id, doc["next_at"], earlier_only=True)
+            after = _numbers_in(doc)
+            await self._push(user_id, before, after, int(doc["version"]))
+            return
+        log.warning("CRM counters of user %s kept changing; left to the next change", user_id)
+
+    async def _deadlines(
+        self, user_id: str, cfg: CounterSettings, lo: datetime, hi: datetime
+    ) -> list[ActivityFacts]:
+        """The user's open, not incoming activities with ``lo < deadline < hi``: one range of
+        the counting index per record type (without the type the index cannot be used)."""
+        who = counted_field(cfg.mode)
+        activities = self._store["crm_activities"]
+
+        async def one_type(record_type: str) -> list[ActivityFacts]:
+            found = activities.find(
+                {
+                    who: user_id,
+                    "owner_type": record_type,
+                    "completed": False,
+                    "incoming": False,
+                    "deadline": {"$gt": lo, "$lt": hi},
+                }
+            )
+            return [activity_facts(a) async for a in found]
+
+        parts = await asyncio.gather(*(one_type(t) for t in RECORD_TYPES))
+        return [a for part in parts for a in part]
+
+    async def _advance(
+        self, user_id: str, doc: Document, cfg: CounterSettings, zone: ZoneInfo, now: datetime
+    ) -> Document | None:
+        """Move the user's numbers from ``as_of`` to ``now``: only the activities whose
+        deadline lies where a kind changed are read. None when written meanwhile."""
+        since: datetime = doc["as_of"]
+        lo, hi = reading_range(since, now, zone, cfg.window)
+        found = await self._deadlines(user_id, cfg, lo, hi)
+        delta = time_delta(user_id, found, cfg.mode, zone, cfg.window, since, now)
+        wake = next_wake(now, zone, cfg.window, [a.deadline for a in found if a.deadline])
+        moved = await self._write(doc, delta, {"as_of": now, "next_at": wake})
+        if moved is None:
+            return None
+        await self._schedule(user_id, wake)
+        crossed = sorted(
+            {
+                a.owner_id
+                for a in found
+                if classify(a, since, zone, cfg.window) != classify(a, now, zone, cfg.window)
+            }
+        )
+        if crossed:
+            for hook in self.on_time_passed:
+                try:
+                    await hook(crossed)
+                except Exception:
+                    log.exception("telling the records changed by time failed")
+        return moved
+
+    async def _recount_user(
+        self, user_id: str, cfg: CounterSettings, expected_version: int | None = None
+    ) -> bool:
+        """Count the user again from index ranges and store the numbers as the new start.
+        With ``expected_version``: only if the stored numbers are still at that version.
+        False when another write came first.
+
+        A change written while the count runs may or may not be in it, so when one touching
+        the user came in meanwhile (on this node) the user is counted again; the changes
+        queued before a count began are in it and are not applied again. Another node's
+        change in that moment can still be counted twice: the periodic check mends that."""
+        zone = (await self._zones_of([user_id], fresh=True))[user_id]
+        written_mark: int | None = None  # the sequence the last stored count took in
+        for _attempt in range(GUARDED_ATTEMPTS):
+            mark = self._seq
+            doc = await self._coll.find_one({"_id": user_id})
             version = int((doc or {}).get("version", 0))
+            if expected_version is not None and version != expected_version:
+                return False
+            now = self.clock()
+            numbers = await self._count(user_id, cfg, zone, now)
+            lo, hi = reading_range(None, now, zone, cfg.window)
+            found = await self._deadlines(user_id, cfg, lo, hi)
+            wake = next_wake(now, zone, cfg.window, [a.deadline for a in found if a.deadline])
+            fields = {
+                "values": numbers,
+                "as_of": now,
+                "next_at": wake,
+                "rules": cfg.stamp,
+                "zone": zone.key,
+            }
             if doc is None:
                 try:
-                    await stored.insert_one({"_id": user_id, "values": values, "version": 1})
-                except Exception:
-                    continue  # someone else created it: read again
-            else:
-                won = await stored.find_one_and_update(
-                    {"_id": user_id, "version": version},
-                    {"$set": {"values": values, "version": version + 1}},
-                    return_document=ReturnDocument.AFTER,
-                )
-                if won is None:
+                    await self._coll.insert_one({"_id": user_id, **fields, "version": 1})
+                except DuplicateKeyError:
+                    if expected_version is not None:
+                        return False
                     continue
-            state = VersionedState("crm", version + 1, values)
-            await self._bus.publish_ephemeral(
-                EphemeralEvent(
-                    "counters.changed",
-                    {"crm": changed},
-                    (user_stream(user_id),),
-                    private=state.as_private(),
-                )
-            )
+                stored: Document | None = {"version": 1}
+            else:
+                stored = await self._write(doc, None, fields)
+                if stored is None:
+                    if expected_version is not None:
+                        return False
+                    continue
+            assert stored is not None
+            written_mark = mark
+            await self._push(user_id, _numbers_in(doc), numbers, int(stored["version"]))
+            await asyncio.sleep(QUIET_SECONDS)
+            if self._arrived.get(user_id, 0) > mark:
+                expected_version = None  # the numbers are ours now: count them again
+                continue
+            self._absorbed[user_id] = max(self._absorbed.get(user_id, 0), mark)
+            await self._schedule(user_id, wake)
+            return True
+        # Changes kept coming. The stored count holds every change queued before its mark;
+        # those queued later may be in it too, so they are not applied as differences (that
+        # counted them twice) but the user is counted again once the flusher comes round.
+        log.warning("CRM counters of user %s kept changing during a recount", user_id)
+        if written_mark is not None:
+            self._absorbed[user_id] = max(self._absorbed.get(user_id, 0), written_mark)
+        self._queue(recount=[user_id])
+        return False
+
+    async def _push(self, user_id: str, before: Numbers, after: Numbers, version: int) -> None:
+        changed = changed_numbers(counts_of(before), counts_of(after))
+        if not changed:
             return
+        state = VersionedState("crm", version, counts_of(after))
+        await self._bus.publish_ephemeral(
+            EphemeralEvent(
+                "counters.changed",
+                {"crm": changed},
+                (user_stream(user_id),),
+                private=state.as_private(),
+            )
+        )
 
     # time ------------------------------------------------------------------------------------
 
-    async def reschedule(self, user_id: str, cfg: CounterSettings, tz: ZoneInfo) -> None:
-        """Keep one persisted wake-up per user at the next moment their numbers change by time."""
-        now = utcnow()
-        who = counted_field(cfg.mode)
-        activities = self._store["crm_activities"]
-        base = {who: user_id, "completed": False, "incoming": False}
-        lookups = [now]
-        if cfg.window.minutes_before is not None:
-            lookups.append(now + timedelta(minutes=cfg.window.minutes_before))
-        deadlines: list[datetime] = []
-        # One lookup per record type: each is then a range of the counting index (user, type,
-        # completed, incoming, deadline), already in deadline order - without the type the
-        # index cannot serve the sort and the whole collection is scanned.
-        for after in lookups:
-            for record_type in RECORD_TYPES:
-                nxt = await activities.find_one(
-                    {**base, "owner_type": record_type, "deadline": {"$gt": after}},
-                    {"deadline": 1},
-                    sort=[("deadline", 1)],
-                )
-                if nxt is not None:
-                    deadlines.append(nxt["deadline"])
-        due = next_change(now, tz, cfg.window, deadlines)
-        threshold = due_threshold(now, tz, cfg.window)
+    async def _schedule(self, user_id: str, at: datetime, earlier_only: bool = False) -> None:
+        """The user's one persisted wake-up, at their next time-driven change."""
         schedule = self._store["schedule"]
-        job_id = f"crm-counters|{user_id}"
-        if due is None:
-            await schedule.delete_one({"_id": job_id})
+        if earlier_only:
+            await schedule.update_one(
+                {"_id": _job_id(user_id)},
+                {
+                    "$min": {"due_at": at},
+                    "$set": {"task_id": user_id, "kind": "crm-counters"},
+                    "$setOnInsert": {"claimed_until": None},
+                },
+                upsert=True,
+            )
+        else:
+            await schedule.update_one(
+                {"_id": _job_id(user_id)},
+                {
+                    "$set": {
+                        "task_id": user_id,
+                        "due_at": at,
+                        "kind": "crm-counters",
+                        "claimed_until": None,
+                    }
+                },
+                upsert=True,
+            )
+        for wake in self.on_schedule_changed:
+            wake(at)
+
+    async def time_reached(self, user_id: str) -> None:
+        """The scheduler's call: a deadline passed or a day began for this user."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue(advance=[user_id], waiter=waiter)
+        await waiter
+
+    async def start_checking(self, every: timedelta) -> None:
+        """Keep the periodic check's job in the schedule (one for all nodes: whichever claims
+        it runs it), or remove it when ``every`` is zero."""
+        self._check_every = every
+        schedule = self._store["schedule"]
+        if not every:
+            await schedule.delete_one({"_id": CHECK_JOB})
             return
         await schedule.update_one(
-            {"_id": job_id},
+            {"_id": CHECK_JOB},
+            {
+                "$setOnInsert": {
+                    "kind": CHECK_JOB,
+                    "task_id": "",
+                    "due_at": self.clock() + every,
+                    "claimed_until": None,
+                    "after": None,
+                }
+            },
+            upsert=True,
+        )
+
+    async def check_some(self, _task_id: str) -> None:
+        """The scheduler's call for the periodic check: a few users, then the job is set for
+        the next few a moment later, or for the next round once everyone was seen. Short
+        steps, since the scheduler runs one job at a time."""
+        schedule = self._store["schedule"]
+        job = await schedule.find_one({"_id": CHECK_JOB})
+        after = (job or {}).get("after")
+        drifted, went_to = await self.verify_some(after, CHECK_USERS_AT_ONCE)
+        if drifted:
+            log.warning("periodic check: %d users' CRM counters had drifted; repaired", drifted)
+        every = self._check_every or timedelta(minutes=60)
+        due = self.clock() + (CHECK_PAUSE if went_to is not None else every)
+        await schedule.update_one(
+            {"_id": CHECK_JOB},
             {
                 "$set": {
-                    "task_id": user_id,
+                    "kind": CHECK_JOB,
+                    "task_id": "",
                     "due_at": due,
-                    "kind": "crm-counters",
                     "claimed_until": None,
-                    # the moment counted from: what changed by the firing is what lies between
-                    "since": now,
-                    "threshold": threshold,
+                    "after": went_to,
                 }
             },
             upsert=True,
@@ -312,88 +772,125 @@ class CrmCounters:
         for wake in self.on_schedule_changed:
             wake(due)
 
-    async def time_reached(self, user_id: str) -> None:
-        """The scheduler's call: a deadline passed or a day began for this user."""
-        job = await self._store["schedule"].find_one({"_id": f"crm-counters|{user_id}"})
-        await self.recount({user_id: set(RECORD_TYPES)})
-        if job is None or "since" not in job or not self.on_time_passed:
-            return
-        cfg = await self._settings()
-        tz = (await self.time_zones([user_id]))[user_id]
-        now = utcnow()
-        threshold = due_threshold(now, tz, cfg.window)
-        # Activities that became overdue, or entered the due window, since the job was set.
-        owners = await self._store["crm_activities"].distinct(
-            "owner_id",
-            {
-                counted_field(cfg.mode): user_id,
-                "completed": False,
-                "incoming": False,
-                "$or": [
-                    {"deadline": {"$gt": job["since"], "$lte": now}},
-                    {"deadline": {"$gte": job["threshold"], "$lt": threshold}},
-                ],
-            },
-        )
-        if owners:
-            for hook in self.on_time_passed:
-                await hook(sorted(owners))
-
     async def recount_everyone(self) -> None:
         """After the mode or the due window changed: every user's numbers, pushed if changed."""
         ids = [u["_id"] async for u in self._store.users.find({}, {"_id": 1})]
         for start in range(0, len(ids), 100):
-            await self.recount({uid: set(RECORD_TYPES) for uid in ids[start : start + 100]})
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queue(recount=ids[start : start + 100], waiter=waiter)
+            await waiter
 
     # checking --------------------------------------------------------------------------------
 
+    async def verify_user(self, user_id: str, repair: bool = True) -> tuple[str, Counts]:
+        """One user's stored numbers against a recount from index ranges (the periodic check,
+        and a user the full check saw change). ``("right", {})``; ``("drifted", the numbers
+        that differ)``: they differed for longer than a change takes to be counted, and were
+        repaired with ``repair``; ``("busy", {})``: the user changed meanwhile."""
+        cfg = await self._settings()
+        zone = (await self._zones_of([user_id], fresh=True))[user_id]
+        first = await self._coll.find_one({"_id": user_id})
+        now = self.clock()
+        if not self._current(first, cfg, now):
+            if not repair:
+                return "busy", {}
+            await self._settle_user(user_id, [], cfg)
+            first = await self._coll.find_one({"_id": user_id})
+            now = self.clock()
+            if not self._current(first, cfg, now):
+                return "busy", {}
+        assert first is not None
+        counted = await self._count(user_id, cfg, zone, now)
+        stored = _numbers_in(first)
+        if counted == stored:
+            return "right", {}
+        await asyncio.sleep(STABLE_SECONDS)
+        version = int(first.get("version", 0))
+        again = await self._coll.find_one({"_id": user_id})
+        if again is None or int(again.get("version", 0)) != version:
+            return "busy", {}
+        differences = changed_numbers(counts_of(stored), counts_of(counted))
+        if repair:
+            log.warning("CRM counters of user %s had drifted; repaired", user_id)
+            if not await self._recount_user(user_id, cfg, expected_version=version):
+                return "busy", {}
+        return "drifted", differences
+
+    async def verify_some(self, after: str | None, limit: int) -> tuple[int, str | None]:
+        """The periodic check: verify (and repair) up to ``limit`` users after ``after`` (by
+        id). Returns how many had drifted and where to go on from (None: round complete)."""
+        query: Document = {} if after is None else {"_id": {"$gt": after}}
+        ids = [
+            u["_id"]
+            async for u in self._store.users.find(query, {"_id": 1}).sort("_id", 1).limit(limit)
+        ]
+        drifted = 0
+        for uid in ids:
+            status, _ = await self.verify_user(uid)
+            drifted += status == "drifted"
+        return drifted, (ids[-1] if len(ids) == limit else None)
+
     async def check(self, repair: bool = False) -> CheckReport:
-        """Recompute every user's counters from the records and activities themselves."""
+        """Recompute every user's counters from the records and activities themselves (not
+        from the copies the live path counts with), in one pass over the open activities.
+
+        Each user's stored numbers are compared at the moment they hold for. A user whose
+        numbers were written while the pass ran is compared again on their own
+        (``verify_user``), after the copies are right. With ``repair``: stale copies are
+        rewritten, and the numbers of each user found to differ are stored and pushed."""
         report = CheckReport()
         cfg = await self._settings()
-        now = utcnow()
-        records: dict[str, Document] = {}
+        now = self.clock()
+        users = [u["_id"] async for u in self._store.users.find({}, {"_id": 1})]
+        zones = await self._zones_of(users, fresh=True)
+        before_pass = {d["_id"]: d async for d in self._coll.find({})}
+        # the moment each user's stored numbers hold for, and the due threshold then
+        moments: dict[str, datetime] = {}
+        thresholds: dict[str, datetime] = {}
+        for uid in users:
+            doc = before_pass.get(uid)
+            moment = now
+            if (
+                doc is not None
+                and doc.get("rules") == cfg.stamp
+                and "next_at" in doc
+                and not doc["as_of"] <= now < doc["next_at"]
+            ):
+                moment = doc["as_of"]  # a time-driven change is due and not yet applied
+            moments[uid] = moment
+            thresholds[uid] = due_threshold(moment, zones[uid], cfg.window)
+        records: dict[str, tuple[str, str, bool, int]] = {}
         async for rec in self._store["crm_records"].find(
             {}, {"type": 1, "responsible_id": 1, "open": 1, "open_activities": 1}
         ):
-            records[rec["_id"]] = rec
-        users = [u["_id"] async for u in self._store.users.find({}, {"_id": 1})]
-        zones = await self.time_zones(users)
-        tallies: dict[str, dict[str, dict[str, int]]] = {}
+            records[rec["_id"]] = (
+                rec["type"],
+                rec["responsible_id"],
+                bool(rec.get("open")),
+                int(rec.get("open_activities", 0)),
+            )
+        tallies: dict[str, Numbers] = {uid: zero_numbers() for uid in users}
         open_per_record: dict[str, int] = {}
         fixes: list[UpdateOne] = []
-        async for act in self._store["crm_activities"].find(
-            {"completed": False},
-            {
-                "owner_type": 1,
-                "owner_id": 1,
-                "record_responsible_id": 1,
-                "responsible_id": 1,
-                "type": 1,
-                "direction": 1,
-                "deadline": 1,
-                "incoming": 1,
-            },
-        ):
+        by_item = cfg.mode is CounterMode.ITEM
+        # per user, the earliest deadline still to pass and the earliest still to turn due:
+        # their next time-driven changes
+        next_over: dict[str, datetime] = {}
+        next_due: dict[str, datetime] = {}
+        # Whole documents: the embedded database spends more on a projection than on sending
+        # the fields it would leave out (benchmarks.md, "CRM counters").
+        async for act in self._store["crm_activities"].find({"completed": False}, batch_size=5000):
             report.activities_checked += 1
             owner = records.get(act["owner_id"])
             if owner is None:
                 continue  # an orphan (its record was deleted mid-way): not counted anywhere
-            open_per_record[owner["_id"]] = open_per_record.get(owner["_id"], 0) + 1
-            facts = ActivityFacts(
-                id=act["_id"],
-                owner_type=owner["type"],
-                owner_id=owner["_id"],
-                record_responsible_id=owner["responsible_id"],
-                responsible_id=act["responsible_id"],
-                type=act["type"],
-                direction=act["direction"],
-                deadline=act.get("deadline"),
-            )
+            owner_type, owner_responsible = owner[0], owner[1]
+            open_per_record[act["owner_id"]] = open_per_record.get(act["owner_id"], 0) + 1
+            incoming = waits_for_answer(act["type"], act["direction"], False)
             if (
-                act.get("record_responsible_id") != owner["responsible_id"]
-                or act.get("owner_type") != owner["type"]
-                or bool(act.get("incoming")) != facts.is_incoming
+                act.get("record_responsible_id") != owner_responsible
+                or act.get("owner_type") != owner_type
+                or bool(act.get("incoming")) != incoming
             ):
                 report.stale_activities += 1
                 fixes.append(
@@ -401,58 +898,109 @@ class CrmCounters:
                         {"_id": act["_id"]},
                         {
                             "$set": {
-                                "record_responsible_id": owner["responsible_id"],
-                                "owner_type": owner["type"],
-                                "incoming": facts.is_incoming,
+                                "record_responsible_id": owner_responsible,
+                                "owner_type": owner_type,
+                                "incoming": incoming,
                             }
                         },
                     )
                 )
-            user = counted_user(facts, cfg.mode)
-            kind = classify(facts, now, zones.get(user) or self._zone(None), cfg.window)
-            if kind in COUNTED_KINDS:
-                assert kind is not None
-                per_type = tallies.setdefault(user, {}).setdefault(facts.owner_type, {})
-                per_type[kind.value] = per_type.get(kind.value, 0) + 1
+            user = owner_responsible if by_item else act["responsible_id"]
+            tally = tallies.get(user)
+            if tally is None:
+                continue  # someone no longer among the users
+            deadline = act.get("deadline")
+            kind = kind_of(False, incoming, deadline, moments[user], thresholds[user])
+            if kind is Kind.INCOMING:
+                tally[owner_type]["incoming"] += 1
+            elif kind is Kind.OVERDUE:
+                tally[owner_type]["overdue"] += 1
+            elif deadline is not None:
+                if kind is Kind.DUE:
+                    tally[owner_type]["due"] += 1
+                if user not in next_over or deadline < next_over[user]:
+                    next_over[user] = deadline
+                if kind is Kind.FUTURE and (user not in next_due or deadline < next_due[user]):
+                    next_due[user] = deadline
         record_fixes: list[UpdateOne] = []
-        idle: dict[str, dict[str, int]] = {}
-        for rec in records.values():
-            real = open_per_record.get(rec["_id"], 0)
-            if int(rec.get("open_activities", 0)) != real:
+        for rid, (rtype, responsible, is_open, stored_open) in records.items():
+            real = open_per_record.get(rid, 0)
+            if stored_open != real:
                 report.stale_records += 1
-                record_fixes.append(
-                    UpdateOne({"_id": rec["_id"]}, {"$set": {"open_activities": real}})
-                )
-            if rec.get("open") and real == 0:
-                per_user = idle.setdefault(rec["responsible_id"], {})
-                per_user[rec["type"]] = per_user.get(rec["type"], 0) + 1
-        expected: dict[str, Counts] = {}
-        for uid in users:
-            counts: Counts = {}
-            for record_type in RECORD_TYPES:
-                t = tallies.get(uid, {}).get(record_type, {})
-                counts[record_type] = Badge(
-                    incoming=t.get(Kind.INCOMING.value, 0),
-                    due=t.get(Kind.DUE.value, 0),
-                    overdue=t.get(Kind.OVERDUE.value, 0),
-                    idle=idle.get(uid, {}).get(record_type, 0),
-                ).as_dict()
-            expected[uid] = counts
-        stored = {
-            d["_id"]: d.get("values", {})
-            async for d in self._store["crm_counters"].find({"_id": {"$in": users}})
-        }
+                record_fixes.append(UpdateOne({"_id": rid}, {"$set": {"open_activities": real}}))
+            if is_open and real == 0 and responsible in tallies:
+                tallies[responsible][rtype]["idle"] += 1
         report.users_checked = len(users)
-        for uid, counts in expected.items():
-            delta = changed_numbers({**zero_counts(), **stored.get(uid, {})}, counts)
-            if delta:
-                report.counter_differences[uid] = delta
+        after_pass = {d["_id"]: d async for d in self._coll.find({})}
+        suspects: list[str] = []
+        restamp: list[str] = []  # right numbers, stored under other rules
+        for uid in users:
+            doc, first = after_pass.get(uid), before_pass.get(uid)
+            stored = _numbers_in(doc)
+            if tallies[uid] == stored:
+                if doc is not None and doc.get("rules") != cfg.stamp:
+                    restamp.append(uid)
+                continue
+            if (doc or {}).get("version") != (first or {}).get("version"):
+                suspects.append(uid)  # written while we read: compared again below
+                continue
+            report.counter_differences[uid] = changed_numbers(
+                counts_of(stored), counts_of(tallies[uid])
+            )
         if repair:
             if fixes:
                 await self._store["crm_activities"].bulk_write(fixes, ordered=False)
             if record_fixes:
                 await self._store["crm_records"].bulk_write(record_fixes, ordered=False)
-            for uid in report.counter_differences:
-                await self._store_and_push(uid, expected[uid])
+        for uid in suspects:
+            status, differences = await self.verify_user(uid, repair=repair)
+            if status == "busy":
+                report.users_busy += 1
+            elif status == "drifted":
+                report.counter_differences[uid] = differences
+        if repair:
+            for uid in [*report.counter_differences, *restamp]:
+                if uid in suspects:
+                    continue  # verify_user repaired them
+                firsts = [d for d in (next_over.get(uid), next_due.get(uid)) if d is not None]
+                wake = next_wake(moments[uid], zones[uid], cfg.window, firsts)
+                if not await self._store_counted(
+                    uid, cfg, zones[uid], tallies[uid], moments[uid], wake, after_pass.get(uid)
+                ):
+                    await self._recount_user(uid, cfg)
             report.repaired = True
         return report
+
+    async def _store_counted(
+        self,
+        user_id: str,
+        cfg: CounterSettings,
+        zone: ZoneInfo,
+        numbers: Numbers,
+        moment: datetime,
+        wake: datetime,
+        doc: Document | None,
+    ) -> bool:
+        """Store numbers the check counted for ``moment``, unless the user's numbers were
+        written since the check read them (``doc``)."""
+        fields = {
+            "values": numbers,
+            "as_of": moment,
+            "next_at": wake,
+            "rules": cfg.stamp,
+            "zone": zone.key,
+        }
+        if doc is None:
+            try:
+                await self._coll.insert_one({"_id": user_id, **fields, "version": 1})
+            except DuplicateKeyError:
+                return False
+            version = 1
+        else:
+            stored = await self._write(doc, None, fields)
+            if stored is None:
+                return False
+            version = int(stored["version"])
+        await self._schedule(user_id, wake)
+        await self._push(user_id, _numbers_in(doc), numbers, version)
+        return True

@@ -109,7 +109,12 @@ class ActivityFacts:
     @property
     def is_incoming(self) -> bool:
         """Something came in and waits for an answer; meetings and tasks never do."""
-        return not self.completed and self.direction == "incoming" and self.type in INCOMING_TYPES
+        return waits_for_answer(self.type, self.direction, self.completed)
+
+
+def waits_for_answer(type_: str, direction: str, completed: bool) -> bool:
+    """An open incoming call, e-mail or message: ``ActivityFacts.is_incoming``."""
+    return not completed and direction == "incoming" and type_ in INCOMING_TYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +172,24 @@ def classify(
         return Kind.FUTURE
     if deadline <= now:
         return Kind.OVERDUE
-    if deadline < due_threshold(now, tz, window):
+    return kind_of(False, False, deadline, now, due_threshold(now, tz, window))
+
+
+def kind_of(
+    completed: bool, incoming: bool, deadline: datetime | None, now: datetime, threshold: datetime
+) -> Kind | None:
+    """``classify`` with the viewer's ``due_threshold`` at ``now`` worked out beforehand: what
+    a pass over every activity uses, with one threshold per viewer. ``incoming`` is
+    ``ActivityFacts.is_incoming``."""
+    if completed:
+        return None
+    if incoming:
+        return Kind.INCOMING
+    if deadline is None:
+        return Kind.FUTURE
+    if deadline <= now:
+        return Kind.OVERDUE
+    if deadline < threshold:
         return Kind.DUE
     return Kind.FUTURE
 

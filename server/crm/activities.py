@@ -3,7 +3,9 @@
 An activity carries copies of what counting needs (its record's type and responsible person,
 whether it is an unprocessed incoming one) so each counter is one index range; the record
 carries how many of its activities are open (for the idle counter). Both are kept in step
-here and re-derived by ``portalhub counters check``.
+here and re-derived by ``portalhub counters check``. Each write is told to the counters as
+the document's state before and after it, which they apply as a difference; the writes are
+guarded by the state read, so that "before" is what was really there.
 """
 
 from __future__ import annotations
@@ -11,13 +13,33 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from server.counters.crm import activity_facts
 from server.counters.rules import due_threshold
 from server.crm.access import Viewer
-from server.crm.core import CrmCore, activity_facts, activity_state, record_title
+from server.crm.core import CrmCore, activity_state, record_title
 from server.crm.models import ActivityCreate, ActivityFields, ActivityOut, ActivityQuery
 from server.directory.models import display_name
 from server.store.database import Document, new_id, utcnow
 from server.web.problems import Problem, forbidden, not_found
+
+GUARDED_ATTEMPTS = 20
+COUNTED_FIELDS = (
+    "owner_type",
+    "owner_id",
+    "record_responsible_id",
+    "responsible_id",
+    "type",
+    "direction",
+    "deadline",
+    "completed",
+)
+
+
+def counted_as(act: Document) -> Document:
+    """A filter matching the activity only while everything counting reads of it is as in
+    ``act``. ``_id`` first: the embedded database finds the document by it and checks the
+    rest on it alone (a findAndModify, which returns the document, scans the collection)."""
+    return {"_id": act["_id"], **{f: act.get(f) for f in COUNTED_FIELDS}}
 
 
 def is_incoming(act: Document) -> bool:
@@ -124,6 +146,7 @@ class ActivityService:
         }
         act["incoming"] = is_incoming(act)
         await self.core.activities.insert_one(act)
+        self.core.counters.activities_changed((None, act))
         if not completed:
             owner = await self._count_open(owner, +1)
         await self.core.record_history(
@@ -134,7 +157,7 @@ class ActivityService:
             None,
             {"id": act["_id"], "type": type_, **(history or {})},
         )
-        await self._tell(act, owner, {responsible_id})
+        await self._tell(act, owner)
         if actor_id is not None and responsible_id != actor_id:
             actor = await self.core.store.users.find_one({"_id": actor_id})
             who = display_name(actor) if actor else "Someone"
@@ -146,17 +169,34 @@ class ActivityService:
         return await self._out(viewer_id or responsible_id, act, record_title(owner))
 
     async def _count_open(self, owner: Document, delta: int) -> Document:
-        await self.core.records.update_one(
-            {"_id": owner["_id"]}, {"$inc": {"open_activities": delta}}
-        )
+        """Move the record's count of open activities; the record as it is then. The idle
+        number takes the count's real before and after: the write is guarded by the count
+        read, and read again when someone else moved it first."""
+        current: Document | None = owner
+        for _attempt in range(GUARDED_ATTEMPTS):
+            if current is None:
+                break  # the record was deleted meanwhile: nothing left to count
+            count = int(current.get("open_activities", 0))
+            result = await self.core.records.update_one(
+                {"_id": owner["_id"], "open_activities": current.get("open_activities")},
+                {"$inc": {"open_activities": delta}},
+            )
+            if result.matched_count:
+                after = {**current, "open_activities": count + delta}
+                self.core.counters.records_changed((current, after))
+                return after
+            current = await self.core.records.find_one({"_id": owner["_id"]})
+        else:
+            # Still moving after all these tries: count it unguarded and recount its owner.
+            await self.core.records.update_one(
+                {"_id": owner["_id"]}, {"$inc": {"open_activities": delta}}
+            )
+            self.core.counters.touch([owner["responsible_id"]])
         return {**owner, "open_activities": int(owner.get("open_activities", 0)) + delta}
 
-    async def _tell(
-        self, act: Document, owner: Document, touched: set[str], also: set[str] | None = None
-    ) -> None:
+    async def _tell(self, act: Document, owner: Document, also: set[str] | None = None) -> None:
         await self.core.announce_activity(act, owner, also=also or set())
         await self.core.announce_record(owner)
-        self.core.counters.touch(sorted(touched | {owner["responsible_id"]}), [owner["type"]])
 
     # read ------------------------------------------------------------------------------------
 
@@ -239,13 +279,14 @@ class ActivityService:
         after = {**act, **sets}
         sets["incoming"] = is_incoming(after)
         sets["modified_at"] = now
-        after.update(sets)
-        # Guarded by the completed flag read, so two people completing at once count once.
-        result = await self.core.activities.update_one(
-            {"_id": activity_id, "completed": bool(act.get("completed"))}, {"$set": sets}
-        )
+        # Guarded by what counting reads of the activity as read here (the completed flag
+        # among it, so two people completing at once count once): the counters then know
+        # exactly what it was before.
+        result = await self.core.activities.update_one(counted_as(act), {"$set": sets})
         if result.matched_count == 0:
             raise Problem(409, "conflict", "Conflict", "the activity changed meanwhile; try again")
+        after = {**act, **sets}
+        self.core.counters.activities_changed((act, after))
         if "completed" in fields and bool(act.get("completed")) != bool(after["completed"]):
             owner = await self._count_open(owner, -1 if after["completed"] else +1)
             await self.core.record_history(
@@ -257,7 +298,7 @@ class ActivityService:
                 {"id": activity_id, "type": act["type"]},
             )
         previous = act["responsible_id"]
-        await self._tell(after, owner, {previous, after["responsible_id"]}, also={previous})
+        await self._tell(after, owner, also={previous})
         if after["responsible_id"] != previous and after["responsible_id"] != actor_id:
             actor = await self.core.store.users.find_one({"_id": actor_id})
             who = display_name(actor) if actor else "Someone"
@@ -271,9 +312,12 @@ class ActivityService:
     async def delete(self, actor_id: str, activity_id: str) -> None:
         viewer = await self._viewer(actor_id)
         act, owner = await self._owned(viewer, activity_id)
-        result = await self.core.activities.delete_one({"_id": activity_id})
+        result = await self.core.activities.delete_one(counted_as(act))
         if result.deleted_count == 0:
-            return  # deleted meanwhile: nothing left to count
+            if await self.core.activities.find_one({"_id": activity_id}, {"_id": 1}) is None:
+                return  # deleted meanwhile: nothing left to count
+            raise Problem(409, "conflict", "Conflict", "the activity changed meanwhile; try again")
+        self.core.counters.activities_changed((act, None))
         if not act.get("completed"):
             owner = await self._count_open(owner, -1)
         await self.core.record_history(
@@ -281,7 +325,6 @@ class ActivityService:
         )
         await self.core.announce_activity(act, owner, removed=True)
         await self.core.announce_record(owner)
-        self.core.counters.touch([owner["responsible_id"], act["responsible_id"]], [owner["type"]])
 
     # move ------------------------------------------------------------------------------------
 
@@ -327,11 +370,9 @@ class ActivityService:
             "modified_at": now,
         }
         for act in acts:
-            result = await self.core.activities.update_one(
-                {"_id": act["_id"], "owner_id": source["_id"]}, {"$set": sets}
-            )
-            if result.modified_count:
-                moved.append({**act, **sets})
+            done = await self._put_on(act, source, sets)
+            if done is not None:
+                moved.append(done)
         if not moved:
             return moved
         opened = sum(1 for a in moved if not a.get("completed"))
@@ -351,10 +392,32 @@ class ActivityService:
             await self.core.announce_activity(act, target, also={act["responsible_id"]})
         await self.core.announce_record(source)
         await self.core.announce_record(target)
-        people = {source["responsible_id"], target["responsible_id"]}
-        people.update(a["responsible_id"] for a in moved)
-        self.core.counters.touch(sorted(people), sorted({source["type"], target["type"]}))
         return moved
+
+    async def _put_on(self, act: Document, source: Document, sets: Document) -> Document | None:
+        """One activity of ``source`` given the owner in ``sets``; the activity as moved, or
+        None when it left ``source`` (or was deleted) meanwhile. The write is guarded by what
+        counting reads of it, so its counters move by the exact difference (the record's
+        type and responsible person it is counted under), as any other change does."""
+        current: Document | None = act
+        for _attempt in range(GUARDED_ATTEMPTS):
+            if current is None or current["owner_id"] != source["_id"]:
+                return None
+            result = await self.core.activities.update_one(counted_as(current), {"$set": sets})
+            if result.matched_count:
+                after = {**current, **sets}
+                self.core.counters.activities_changed((current, after))
+                return after
+            current = await self.core.activities.find_one({"_id": act["_id"]})
+        # Still changing after all these tries: moved unguarded, its people recounted.
+        result = await self.core.activities.update_one(
+            {"_id": act["_id"], "owner_id": source["_id"]}, {"$set": sets}
+        )
+        if not result.matched_count:
+            return None
+        people = [act["responsible_id"], source["responsible_id"], sets["record_responsible_id"]]
+        self.core.counters.touch(people)
+        return {**act, **sets}
 
 
 def _article(word: str) -> str:

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 from pymongo.asynchronous.collection import AsyncCollection
 
-from server.counters.crm import CrmCounters
+from server.counters.crm import CrmCounters, activity_facts
 from server.counters.rules import (
     ActivityFacts,
     DueWindow,
@@ -28,20 +28,6 @@ from server.events.streams import StreamLog, user_stream
 from server.im.service import ImService
 from server.store.database import Document, Store, new_id, plain, utcnow
 from server.web.problems import Problem, forbidden, not_found
-
-
-def activity_facts(act: Document) -> ActivityFacts:
-    return ActivityFacts(
-        id=act["_id"],
-        owner_type=act["owner_type"],
-        owner_id=act["owner_id"],
-        record_responsible_id=act["record_responsible_id"],
-        responsible_id=act["responsible_id"],
-        type=act["type"],
-        direction=act["direction"],
-        deadline=act.get("deadline"),
-        completed=bool(act.get("completed")),
-    )
 
 
 def record_facts(doc: Document) -> RecordFacts:

@@ -61,7 +61,7 @@ from server.crm.rules import (
     with_added,
 )
 from server.store.database import Document, new_id, utcnow
-from server.web.problems import Problem, conflict, forbidden
+from server.web.problems import Problem, conflict, forbidden, not_found
 
 SYSTEM = "system"  # created_by / modified_by of what the portal itself made
 MAIL_CREATOR = "email"  # created_by / modified_by of leads the mail bridge made from mail
@@ -333,6 +333,7 @@ class RecordService:
                     **found.model_dump(),
                 )
         await self._records.insert_one(doc)
+        self.core.counters.records_changed((None, doc))
         if company_contacts:
             await self._records.update_many(
                 {"_id": {"$in": company_contacts}}, {"$addToSet": {"company_ids": doc["_id"]}}
@@ -343,7 +344,6 @@ class RecordService:
         await self.core.announce_record(doc)
         # The other side of a link shows it too: a company's contacts, a contact's companies.
         await self._announce_linked(doc, company_contacts or doc.get("company_ids", []))
-        self.core.counters.touch([responsible], [record_type])
         return doc
 
     async def _link_company(
@@ -671,7 +671,7 @@ class RecordService:
         after["modified_by"] = actor_id
         after["modified_at"] = now
         sets = {k: v for k, v in after.items() if k != "_id" and before.get(k) != v}
-        await self._records.update_one({"_id": record_id}, {"$set": sets})
+        await self._write_counted(doc, sets)
         for change in changed:
             await self.core.record_history(
                 after, actor_id, "field", change.field, change.old, change.new
@@ -685,6 +685,25 @@ class RecordService:
             await self._announce_linked(after, sorted(moved))
         await self._after_change(after, before, changed)
         return await self.detail_of(viewer, after)
+
+    async def _write_counted(self, doc: Document, sets: Document) -> None:
+        """Write ``sets`` on a record, telling the idle number the record as it really was
+        just before: guarded by what counting reads of it, read again if that moved (an
+        activity added meanwhile moves its count of open activities)."""
+        current: Document | None = doc
+        for _attempt in range(GUARDED_ATTEMPTS):
+            if current is None:
+                raise not_found(f"{doc['type']} {doc['_id']}")
+            result = await self._records.update_one(
+                {"_id": doc["_id"], **{f: current.get(f) for f in COUNTED_RECORD_FIELDS}},
+                {"$set": sets},
+            )
+            if result.matched_count:
+                self.core.counters.records_changed((current, {**current, **sets}))
+                return
+            current = await self._records.find_one({"_id": doc["_id"]})
+        await self._records.update_one({"_id": doc["_id"]}, {"$set": sets})
+        self.core.counters.touch([doc["responsible_id"], sets.get("responsible_id", "")])
 
     async def _set_company_contacts(
         self, company: Document, actor_id: str, before: list[str], wanted: list[str]
@@ -708,24 +727,22 @@ class RecordService:
     async def _after_change(
         self, after: Document, before: Document, changed: list[FieldChange]
     ) -> None:
-        """Activities follow their record's responsible person; counters follow both."""
-        touched = {after["responsible_id"]}
-        if before["responsible_id"] != after["responsible_id"]:
-            touched.add(before["responsible_id"])
+        """Activities follow their record's responsible person, and so do their counters
+        (in the "item" mode, where they count for the record's responsible person)."""
+        old, new = before["responsible_id"], after["responsible_id"]
+        if old != new:
             await self.core.activities.update_many(
-                {"owner_id": after["_id"]},
-                {"$set": {"record_responsible_id": after["responsible_id"]}},
+                {"owner_id": after["_id"]}, {"$set": {"record_responsible_id": new}}
             )
-            async for act in self.core.activities.find(
-                {"owner_id": after["_id"], "completed": False}, {"responsible_id": 1}
-            ):
-                touched.add(act["responsible_id"])
+            # Those the update moved: an activity added meanwhile with the old copy was
+            # counted for the old person, and the check puts its copy right.
+            moved = self.core.activities.find(
+                {"owner_id": after["_id"], "completed": False, "record_responsible_id": new}
+            )
+            self.core.counters.activities_changed(
+                *[({**act, "record_responsible_id": old}, act) async for act in moved]
+            )
         await self.core.announce_record(after, before["responsible_id"])
-        if touched and (
-            before["responsible_id"] != after["responsible_id"]
-            or before.get("open") != after.get("open")
-        ):
-            self.core.counters.touch(sorted(touched), [after["type"]])
 
     # conversion ------------------------------------------------------------------------------
 
@@ -884,6 +901,7 @@ class RecordService:
             doc["open"] = record_is_open(record_type, doc.get("status"), _semantics(doc))
             doc.update(search_keys(doc))
             await self._records.insert_one(doc)
+            self.core.counters.records_changed((None, doc))
             await self.core.record_history(doc, actor_id, "created", "lead_id", None, lead_id)
             made[record_type] = doc
         converted = {t: d["_id"] for t, d in made.items()}
@@ -902,6 +920,7 @@ class RecordService:
             return_document=ReturnDocument.AFTER,
         )
         assert updated is not None
+        self.core.counters.records_changed(({**updated, "open": bool(lead.get("open"))}, updated))
         await self.core.record_history(updated, actor_id, "converted", "mode", None, mode.value)
         # The lead's mail goes with it, open and completed, and with it its codes and threads:
         # replies to mail sent from the lead land on the record it became.
@@ -918,10 +937,6 @@ class RecordService:
                 await self._remember(doc)
             await self.core.announce_record(doc)
         await self.core.announce_record(updated)
-        self.core.counters.touch(
-            sorted({lead["responsible_id"], *(d["responsible_id"] for d in made.values())}),
-            ["lead", *converted],
-        )
         created: dict[str, RecordOut] = {}
         for t, doc in made.items():
             created[t] = await self.core.record_for(viewer, doc)
@@ -955,14 +970,31 @@ class RecordService:
 
     # delete ----------------------------------------------------------------------------------
 
+    async def _delete_counted(self, doc: Document) -> None:
+        """Delete a record, telling the idle number what it was (see ``_write_counted``)."""
+        current: Document | None = doc
+        for _attempt in range(GUARDED_ATTEMPTS):
+            if current is None:
+                return  # deleted meanwhile
+            result = await self._records.delete_one(
+                {"_id": doc["_id"], **{f: current.get(f) for f in COUNTED_RECORD_FIELDS}}
+            )
+            if result.deleted_count:
+                self.core.counters.records_changed((current, None))
+                return
+            current = await self._records.find_one({"_id": doc["_id"]})
+        await self._records.delete_one({"_id": doc["_id"]})
+        self.core.counters.touch([doc["responsible_id"]])
+
     async def delete(self, actor_id: str, record_type: str, record_id: str) -> None:
         viewer = await self._viewer(actor_id)
         doc = await self.core.visible_record(viewer, record_type, record_id)
-        touched = {doc["responsible_id"]}
         activities = [a async for a in self.core.activities.find({"owner_id": record_id})]
-        touched.update(a["responsible_id"] for a in activities if not a.get("completed"))
         await self.core.activities.delete_many({"owner_id": record_id})
-        await self._records.delete_one({"_id": record_id})
+        self.core.counters.activities_changed(
+            *[(a, None) for a in activities if not a.get("completed")]
+        )
+        await self._delete_counted(doc)
         linked = [
             r["_id"]
             async for r in self._records.find(
@@ -997,7 +1029,6 @@ class RecordService:
                 other, actor_id, "field", "unlinked", {"type": record_type, "id": record_id}, None
             )
             await self.core.announce_record(other)
-        self.core.counters.touch(sorted(touched), [record_type])
 
     # merge -----------------------------------------------------------------------------------
 
@@ -1108,6 +1139,11 @@ class RecordService:
             linked.update([d["_id"] async for d in records.find(query, {"_id": 1})])
             await records.update_many(query, {"$set": {"lead_id": survivor_id}})
         return linked
+
+
+GUARDED_ATTEMPTS = 20
+# What the idle number reads of a record.
+COUNTED_RECORD_FIELDS = ("type", "responsible_id", "open", "open_activities")
 
 
 def _merged(mine: list[Document], theirs: list[Document], key: str) -> list[Document]:

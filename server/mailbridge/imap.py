@@ -23,7 +23,8 @@ import contextlib
 import logging
 import re
 import ssl
-from dataclasses import dataclass
+from base64 import b64encode
+from dataclasses import dataclass, field
 from typing import Any
 
 import aioimaplib
@@ -31,6 +32,7 @@ import aioimaplib
 from server.background import raise_if_stopping
 from server.mailbridge.inbox import RawInbox, Source
 from server.mailbridge.leases import LEASE, renewing
+from server.mailbridge.oauth import OAuthClient, OAuthError, TokenSource
 from server.store.database import Document, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -54,27 +56,40 @@ class MailboxConfig:
     id: str
     host: str
     port: int
-    security: str
+    security: str  # "tls" (implicit, IMAPS), "starttls", "none"
     login: str
-    password: str
+    password: str = field(repr=False)
     folder: str
     processed_folder: str | None
     delete_after_delivery: bool
     poll_seconds: int
+    auth: str = "password"  # "password" (LOGIN) or "xoauth2"
+    oauth: OAuthClient | None = None
 
     @classmethod
     def of(cls, doc: Document) -> MailboxConfig:
+        oauth = doc.get("oauth")
         return cls(
             id=doc["_id"],
             host=doc["host"],
             port=int(doc["port"]),
             security=doc.get("security", "tls"),
             login=doc["login"],
-            password=doc["password"],
+            password=doc.get("password") or "",
             folder=doc.get("folder", "INBOX"),
             processed_folder=doc.get("processed_folder"),
             delete_after_delivery=bool(doc.get("delete_after_delivery")),
             poll_seconds=int(doc.get("poll_seconds", 60)),
+            auth=doc.get("auth", "password"),
+            oauth=OAuthClient(
+                client_id=oauth["client_id"],
+                client_secret=oauth["client_secret"],
+                token_url=oauth["token_url"],
+                refresh_token=oauth["refresh_token"],
+                scope=oauth.get("scope"),
+            )
+            if isinstance(oauth, dict)
+            else None,
         )
 
 
@@ -91,7 +106,11 @@ async def _call(coro: Any, what: str) -> Any:
         raise ImapError(f"{what}: no answer in {COMMAND_TIMEOUT_SECONDS:.0f} s") from None
 
 
-async def connect(cfg: MailboxConfig, timeout: float = 15.0) -> aioimaplib.IMAP4:
+async def connect(
+    cfg: MailboxConfig, tokens: TokenSource | None = None, timeout: float = 15.0
+) -> aioimaplib.IMAP4:
+    """A logged-in session: over implicit TLS, STARTTLS or plain, by LOGIN with the password
+    or by XOAUTH2 with an access token from the mailbox's OAuth client (``tokens``)."""
     if cfg.security == "tls":
         client: aioimaplib.IMAP4 = aioimaplib.IMAP4_SSL(
             cfg.host, cfg.port, timeout=timeout, ssl_context=ssl.create_default_context()
@@ -102,8 +121,105 @@ async def connect(cfg: MailboxConfig, timeout: float = 15.0) -> aioimaplib.IMAP4
         await asyncio.wait_for(client.wait_hello_from_server(), timeout)
     except TimeoutError:
         raise ImapError("the server did not greet") from None
-    await _call(client.login(cfg.login, cfg.password), "LOGIN")
+    if cfg.security == "starttls":
+        await starttls(client, cfg.host)
+    if cfg.auth == "xoauth2":
+        await _xoauth2(client, cfg, tokens or TokenSource(_nowhere))
+    else:
+        await _call(client.login(cfg.login, cfg.password), "LOGIN")
     return client
+
+
+async def starttls(client: aioimaplib.IMAP4, host: str) -> None:
+    """Upgrade the plain connection to TLS (RFC 3501, 6.2.1), checking the server's
+    certificate for ``host``. A server that does not offer STARTTLS is an error, never a
+    reason to go on in plain text. aioimaplib (2.0) knows the command but has no method for
+    it: the upgrade is asyncio's ``start_tls`` on the protocol's own transport."""
+    protocol = client.protocol
+    if "STARTTLS" not in protocol.capabilities:
+        await _capability(protocol)
+    if "STARTTLS" not in protocol.capabilities:
+        raise ImapError("the server does not offer STARTTLS")
+    command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
+    await _call(protocol.execute(command), "STARTTLS")
+    loop = asyncio.get_running_loop()
+    try:
+        transport = await asyncio.wait_for(
+            loop.start_tls(
+                protocol.transport,
+                protocol,
+                ssl.create_default_context(),
+                server_hostname=host,
+            ),
+            COMMAND_TIMEOUT_SECONDS,
+        )
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        raise ImapError(f"STARTTLS: the TLS handshake failed: {exc}"[:300]) from None
+    if transport is None:
+        raise ImapError("STARTTLS: the connection closed")
+    protocol.transport = transport
+    # What the server said before TLS may have been changed by a man in the middle: asked
+    # again (RFC 3501, 6.2.1).
+    protocol.capabilities = set()
+    await _capability(protocol)
+
+
+class _Authenticate(aioimaplib.Command):  # type: ignore[misc]
+    """AUTHENTICATE whose response is sent on the server's first continuation, not on the
+    command line: aioimaplib logs command lines (and the command itself) at DEBUG, and the
+    response holds the token. A server that refuses the token sends a second continuation
+    with the error's details and waits for an empty line before its NO (RFC 7628, 3.2.3);
+    aioimaplib would wait for ever there. It hands each continuation to the pending command
+    and calls its ``flush``: the answers are written from here."""
+
+    def __init__(self, protocol: Any, mechanism: str, response: str) -> None:
+        super().__init__("AUTHENTICATE", protocol.new_tag(), mechanism, loop=protocol.loop)
+        self._protocol = protocol
+        self._response: str | None = response
+
+    def flush(self) -> None:
+        response, self._response = self._response, None
+        self._protocol.transport.write((response or "").encode() + b"\r\n")
+
+
+async def _capability(protocol: Any) -> None:
+    """CAPABILITY, filling ``protocol.capabilities`` (aioimaplib returns no response)."""
+    try:
+        await asyncio.wait_for(protocol.capability(), COMMAND_TIMEOUT_SECONDS)
+    except TimeoutError:
+        raise ImapError("CAPABILITY: no answer") from None
+
+
+async def _xoauth2(client: aioimaplib.IMAP4, cfg: MailboxConfig, tokens: TokenSource) -> None:
+    if cfg.oauth is None:
+        raise ImapError("XOAUTH2 needs the mailbox's OAuth client")
+    if "AUTH=XOAUTH2" not in client.protocol.capabilities:
+        await _capability(client.protocol)
+    if "AUTH=XOAUTH2" not in client.protocol.capabilities:
+        raise ImapError("the server does not offer XOAUTH2")
+    for attempt in range(2):
+        try:
+            token = await tokens.access_token(cfg.id, cfg.oauth)
+        except OAuthError as exc:
+            raise ImapError(f"OAuth: {exc}") from None
+        sasl = f"user={cfg.login}\x01auth=Bearer {token}\x01\x01"
+        protocol = client.protocol
+        command = _Authenticate(protocol, "XOAUTH2", b64encode(sasl.encode()).decode())
+        try:
+            response = await asyncio.wait_for(protocol.execute(command), COMMAND_TIMEOUT_SECONDS)
+        except TimeoutError:
+            raise ImapError("AUTHENTICATE XOAUTH2: no answer") from None
+        if response.result == "OK":
+            protocol.state = aioimaplib.AUTH
+            return
+        # A token the server no longer takes (revoked, or expired early): one fresh try.
+        tokens.forget(cfg.id)
+        if attempt:
+            raise ImapError(f"AUTHENTICATE XOAUTH2: {response.result}")
+
+
+async def _nowhere(_mailbox_id: str, _refresh_token: str) -> None:
+    """A rotated refresh token with nowhere to be kept (a connection test)."""
 
 
 async def select(client: aioimaplib.IMAP4, folder: str) -> tuple[int, int]:
@@ -135,9 +251,11 @@ class MailboxCollector:
         max_bytes: int,
         node: str,
         sole_node: bool = False,
+        tokens: TokenSource | None = None,
     ) -> None:
         self._store = store
         self._inbox = inbox
+        self._tokens = tokens
         self.cfg = cfg
         self._max_bytes = max_bytes
         self._node = node
@@ -204,7 +322,7 @@ class MailboxCollector:
 
     async def session(self) -> None:
         """One connection's life: collect, act on delivered mail, wait, repeat."""
-        client = await connect(self.cfg)
+        client = await connect(self.cfg, self._tokens)
         try:
             await self._state(connected=True, last_error=None)
             uidvalidity, _exists = await select(client, self.cfg.folder)
@@ -357,9 +475,9 @@ def _literal(lines: list[Any]) -> bytes | None:
     return None
 
 
-async def test_connection(cfg: MailboxConfig) -> dict[str, Any]:
+async def test_connection(cfg: MailboxConfig, tokens: TokenSource | None = None) -> dict[str, Any]:
     try:
-        client = await connect(cfg)
+        client = await connect(cfg, tokens)
     except Exception as exc:
         return {"ok": False, "detail": f"could not log in: {exc}"[:500], "capabilities": []}
     try:

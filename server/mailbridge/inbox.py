@@ -22,7 +22,6 @@ from typing import Any
 from bson import Binary
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
-from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from server.mailbridge.groupcommit import GroupCommit, journaled
@@ -70,18 +69,18 @@ class RawInbox:
         """Stores ``raw``; returns once it is on disk (or its copy stored before is)."""
         digest = hashlib.sha256(raw).hexdigest()
         key = source.imap_key()
-        existing = await self.collection.find_one({"sha256": digest}, {"_id": 1, "imap_key": 1})
-        if existing is not None:
-            if key is not None and existing.get("imap_key") != key:
-                # The same bytes again, now in an IMAP folder (the SMTP copy came first, or
-                # another folder's): the hub has the mail; this copy is moved or deleted like
-                # any delivered mail, so it is recorded as a duplicate at its UID.
-                await self._imap_copy(existing["_id"], digest, source, key)
-            return await self._again(existing["_id"])
-        if key is not None:
-            seen = await self.collection.find_one({"imap_key": key}, {"_id": 1})
-            if seen is not None:
-                return await self._again(seen["_id"])
+        if len(raw) > INLINE_LIMIT or key is not None:
+            # Looked up first where a copy is likely (IMAP collects what it may have
+            # collected before, or what came by SMTP) or costly to store again; otherwise the
+            # unique indexes on the SHA-256 and the IMAP key find a copy at the insert,
+            # without a read per message.
+            existing = await self.collection.find_one({"sha256": digest}, {"_id": 1, "imap_key": 1})
+            if existing is not None:
+                return await self._copy_of(existing, digest, source, key)
+            if key is not None:
+                seen = await self.collection.find_one({"imap_key": key}, {"_id": 1})
+                if seen is not None:
+                    return await self._again(seen["_id"])
         doc: Document = {
             "_id": new_id(),
             "sha256": digest,
@@ -117,13 +116,26 @@ class RawInbox:
             # The same bytes (or the same IMAP message) stored meanwhile by another path.
             if file_id is not None:
                 await self._files.delete(file_id)
-            found = await self.collection.find_one(
-                {"$or": [{"sha256": digest}, *([{"imap_key": key}] if key else [])]}, {"_id": 1}
-            )
+            # One indexed field per read: with an ``$or`` the embedded database scans.
+            found = await self.collection.find_one({"sha256": digest}, {"_id": 1, "imap_key": 1})
+            if found is not None:
+                return await self._copy_of(found, digest, source, key)
+            if key is not None:
+                found = await self.collection.find_one({"imap_key": key}, {"_id": 1})
             if found is None:
                 raise
             return await self._again(found["_id"])
         return Stored(doc["_id"], True)
+
+    async def _copy_of(
+        self, existing: Document, digest: str, source: Source, key: str | None
+    ) -> Stored:
+        if key is not None and existing.get("imap_key") != key:
+            # The same bytes again, now in an IMAP folder (the SMTP copy came first, or
+            # another folder's): the hub has the mail; this copy is moved or deleted like
+            # any delivered mail, so it is recorded as a duplicate at its UID.
+            await self._imap_copy(existing["_id"], digest, source, key)
+        return await self._again(existing["_id"])
 
     async def _imap_copy(self, original_id: str, digest: str, source: Source, key: str) -> None:
         """A document for an IMAP message whose bytes are stored already: no bytes of its own,
@@ -169,23 +181,54 @@ class RawInbox:
     async def claim(self, node: str) -> Document | None:
         """The oldest message waiting (or whose processing lease ran out), leased to
         ``node``."""
+        found = await self.claim_some(node, 1)
+        return found[0] if found else None
+
+    async def claim_some(self, node: str, limit: int) -> list[Document]:
+        """Up to ``limit`` of the messages waiting longest (or whose processing lease ran
+        out), leased to ``node``, with their bytes; none when another node took them first.
+
+        Three reads and writes for the lot, none a findAndModify: the embedded database
+        answers one of those by scanning the whole collection (the raw bytes of every message
+        kept), which made each claim cost more the more mail had come in."""
         now = utcnow()
         # No sort: the index (status, claimed_until) yields the longest-waiting first, and a
         # sort would read every pending message.
-        found: Document | None = await self.collection.find_one_and_update(
-            {"status": "pending", "claimed_until": {"$lt": now}},
+        waiting = [
+            d["_id"]
+            async for d in self.collection.find(
+                {"status": "pending", "claimed_until": {"$lt": now}}, {"_id": 1}
+            ).limit(limit)
+        ]
+        if not waiting:
+            return []
+        token = new_id()
+        # ``_id`` first, and two conditions with operators: the database then looks the few
+        # messages up by ``_id`` rather than walking every pending one.
+        result = await self.collection.update_many(
+            {"_id": {"$in": waiting}, "claimed_until": {"$lt": now}, "status": "pending"},
             {
-                "$set": {"claimed_until": now + LEASE, "claimed_by": node},
+                "$set": {"claimed_until": now + LEASE, "claimed_by": node, "claim": token},
                 "$inc": {"attempts": 1},
             },
-            return_document=ReturnDocument.AFTER,
-            projection={"data": 0},
         )
-        return found
+        if not result.modified_count:
+            return []
+        claimed = {
+            d["_id"]: d
+            async for d in self.collection.find({"_id": {"$in": waiting}, "claim": token})
+        }
+        return [claimed[i] for i in waiting if i in claimed]
 
     async def renew(self, raw_id: str, node: str) -> bool:
-        result = await self.collection.update_one(
-            {"_id": raw_id, "claimed_by": node, "status": "pending"},
+        return await self.renew_some([raw_id], node)
+
+    async def renew_some(self, raw_ids: list[str], node: str) -> bool:
+        """The leases of messages still being processed; False when all were lost."""
+        if not raw_ids:
+            return True
+        result = await self.collection.update_many(
+            {"_id": {"$in": raw_ids}, "claimed_by": node, "status": "pending"},
             {"$set": {"claimed_until": utcnow() + LEASE}},
         )
         return bool(result.matched_count)
@@ -225,13 +268,14 @@ class RawInbox:
             {"status": "pending", "claimed_until": None}, {"$set": {"claimed_until": utcnow()}}
         )
 
-    async def finish(self, raw_id: str, status: str, result: Document) -> None:
+    async def finish(
+        self, raw_id: str, status: str, result: Document, message_id: str | None = None
+    ) -> None:
+        done: Document = {"status": status, "result": result, "processed_at": utcnow()}
+        if message_id:
+            done["message_id"] = message_id
         await self.collection.update_one(
-            {"_id": raw_id},
-            {
-                "$set": {"status": status, "result": result, "processed_at": utcnow()},
-                "$unset": {"claimed_by": ""},
-            },
+            {"_id": raw_id}, {"$set": done, "$unset": {"claimed_by": "", "claim": ""}}
         )
 
     async def release(self, raw_id: str, error: str, retry_at: datetime) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr, StringConstraints
+from pydantic import BaseModel, Field, SecretStr, StringConstraints, model_validator
 
 from server.directory.models import Email, Patch, Strict
+from server.mailbridge.oauth import check_token_url
 from server.text import NAME_TEXT, XML_TEXT
 
 # One line, as a name: a subject cannot smuggle a header (compose() checks again).
@@ -158,15 +159,76 @@ class MailSettingsUpdate(Patch):
     subject_rules: list[SubjectRuleIn] | None = Field(default=None, max_length=50)
 
 
+TokenUrl = Annotated[str, StringConstraints(min_length=8, max_length=2000), XML_TEXT]
+Secret = Annotated[SecretStr, Field(min_length=1, max_length=8000)]
+
+
+class OAuthClientIn(Strict):
+    """The OAuth client the portal uses for XOAUTH2: an access token is got from
+    ``token_url`` with the refresh token (the refresh flow). The secret and the refresh token
+    are stored, never shown again."""
+
+    client_id: Setting
+    client_secret: Secret
+    token_url: TokenUrl = Field(description="https, or http to this machine only")
+    refresh_token: Secret
+    scope: Setting | None = Field(
+        default=None, description="e.g. https://outlook.office365.com/IMAP.AccessAsUser.All"
+    )
+
+    @model_validator(mode="after")
+    def _safe_url(self) -> OAuthClientIn:
+        problem = check_token_url(self.token_url)
+        if problem is not None:
+            raise ValueError(f"token_url: {problem}")
+        return self
+
+
+class OAuthClientUpdate(Patch):
+    """Fields left out keep their stored value (the secret and the refresh token too)."""
+
+    client_id: Setting | None = None
+    client_secret: Secret | None = None
+    token_url: TokenUrl | None = None
+    refresh_token: Secret | None = None
+    scope: Setting | None = None
+
+    @model_validator(mode="after")
+    def _safe_url(self) -> OAuthClientUpdate:
+        problem = None if self.token_url is None else check_token_url(self.token_url)
+        if problem is not None:
+            raise ValueError(f"token_url: {problem}")
+        return self
+
+
+class OAuthClientOut(BaseModel):
+    client_id: str
+    token_url: str
+    scope: str | None = None
+
+
+Security = Literal["tls", "starttls", "none"]
+SECURITY_HELP = (
+    "tls: implicit TLS (IMAPS, usually port 993); starttls: plain connection upgraded with "
+    "STARTTLS before logging in (usually 143), refused if the server does not offer it; "
+    "none: no encryption (a server on this machine only)"
+)
+AuthMethod = Literal["password", "xoauth2"]
+AUTH_HELP = (
+    "password: LOGIN with login and password; xoauth2: AUTHENTICATE XOAUTH2 with an access "
+    "token from the oauth client (Microsoft 365, Gmail)"
+)
+
+
 class MailboxIn(Strict):
     name: Label
     host: Host
     port: int = Field(default=993, ge=1, le=65535)
-    security: Literal["tls", "none"] = Field(
-        default="tls", description="tls: IMAPS (993). STARTTLS is not offered (aioimaplib lacks it)"
-    )
+    security: Security = Field(default="tls", description=SECURITY_HELP)
+    auth: AuthMethod = Field(default="password", description=AUTH_HELP)
     login: Setting
-    password: SecretStr
+    password: SecretStr | None = Field(default=None, description="For auth password")
+    oauth: OAuthClientIn | None = Field(default=None, description="For auth xoauth2")
     folder: Folder = "INBOX"
     processed_folder: Plain | None = Field(
         default="Processed", description="Where delivered mail is moved (unless deleted)"
@@ -175,6 +237,14 @@ class MailboxIn(Strict):
     poll_seconds: int = Field(default=60, ge=5, le=3600)
     enabled: bool = True
 
+    @model_validator(mode="after")
+    def _credentials(self) -> MailboxIn:
+        if self.auth == "password" and not self.password:
+            raise ValueError("auth password needs a password")
+        if self.auth == "xoauth2" and self.oauth is None:
+            raise ValueError("auth xoauth2 needs the oauth client")
+        return self
+
 
 class MailboxUpdate(Patch):
     nullable: ClassVar[frozenset[str]] = frozenset({"processed_folder"})
@@ -182,9 +252,11 @@ class MailboxUpdate(Patch):
     name: Label | None = None
     host: Host | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
-    security: Literal["tls", "none"] | None = None
+    security: Security | None = None
+    auth: AuthMethod | None = None
     login: Plain | None = None
     password: SecretStr | None = None
+    oauth: OAuthClientUpdate | None = None
     folder: Plain | None = None
     processed_folder: Plain | None = None
     delete_after_delivery: bool | None = None
@@ -198,7 +270,11 @@ class MailboxOut(BaseModel):
     host: str
     port: int
     security: str
+    auth: str = "password"
     login: str
+    oauth: OAuthClientOut | None = Field(
+        default=None, description="The OAuth client, without its secret and refresh token"
+    )
     folder: str
     processed_folder: str | None
     delete_after_delivery: bool

@@ -48,7 +48,11 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER = timedelta(seconds=30)
 IDLE_POLL_SECONDS = 5.0
-WORKERS = 1
+# Workers per node, each claiming a few messages at a time: while one waits for the database
+# another parses or matches. The claims are plain reads and guarded writes (``inbox.py``):
+# concurrent findAndModify claims were seen to hang the embedded database.
+WORKERS = 4
+CLAIM_BATCH = 8
 LEAD_WAIT_SECONDS = 5.0
 PREVIEW_CHARS = 500  # of an unmatched mail's text, for the list admins assign from
 MAX_REFERENCES_KEPT = 20  # of an incoming mail's References, for a reply's own
@@ -131,10 +135,13 @@ class MailPipeline:
         if taken or stale:
             log.info("took over %s mail leases and %s lead claims of a stopped node", taken, stale)
 
+    @property
+    def busy(self) -> bool:
+        """Whether this node is still working on messages it claimed: an outcome is stored
+        before what follows it (the notices, the unmatched count) is done."""
+        return bool(self._held)
+
     def start(self) -> None:
-        # One worker per node. Four ran faster (14 against 8 replies/s in the benchmark), but
-        # concurrent claims (findAndModify on mail_raw) were seen to hang on the embedded
-        # database and with them the hub's shutdown; to look at again with a real MongoDB.
         self._tasks = [
             asyncio.create_task(self._run(), name=f"mail-pipeline-{n}") for n in range(WORKERS)
         ]
@@ -167,27 +174,34 @@ class MailPipeline:
     async def drain(self) -> int:
         """Process every message waiting; returns how many reached an outcome here."""
         done = 0
-        while (doc := await self._inbox.claim(self._node)) is not None:
-            raw_id = doc["_id"]
-            self._held.add(raw_id)
-            try:
-                with traced(request_id=f"mail-{raw_id}"):  # for the logs and events it makes
-                    async with renewing(
-                        partial(self._inbox.renew, raw_id, self._node), f"mail {raw_id}"
-                    ):
+        while batch := await self._inbox.claim_some(self._node, CLAIM_BATCH):
+            done += await self._process_claimed(batch)
+        return done
+
+    async def _process_claimed(self, batch: list[Document]) -> int:
+        """The messages of one claim, one after the other, their leases renewed together."""
+        left = [doc["_id"] for doc in batch]
+        self._held.update(left)
+        done = 0
+        async with renewing(partial(self._inbox.renew_some, left, self._node), "mail claim"):
+            for doc in batch:
+                raw_id = doc["_id"]
+                try:
+                    with traced(request_id=f"mail-{raw_id}"):  # for its logs and events
                         await self.process(doc)
-                done += 1
-            except TryLater as exc:
-                log.info("mail %s waits: %s", raw_id, exc)
-                await self._inbox.release(raw_id, str(exc), utcnow() + RETRY_AFTER)
-            except Exception as exc:
-                log.exception("mail %s failed; it is retried", raw_id)
-                await self._inbox.release(raw_id, repr(exc), utcnow() + RETRY_AFTER)
-            self._held.discard(raw_id)
+                    done += 1
+                except TryLater as exc:
+                    log.info("mail %s waits: %s", raw_id, exc)
+                    await self._inbox.release(raw_id, str(exc), utcnow() + RETRY_AFTER)
+                except Exception as exc:
+                    log.exception("mail %s failed; it is retried", raw_id)
+                    await self._inbox.release(raw_id, repr(exc), utcnow() + RETRY_AFTER)
+                left.remove(raw_id)
+                self._held.discard(raw_id)
         return done
 
     async def _finish(self, doc: Document, status: str, result: Document) -> None:
-        await self._inbox.finish(doc["_id"], status, result)
+        await self._inbox.finish(doc["_id"], status, result, doc.get("message_id"))
         instruments.mail_finished(status)
         finished = {**doc, "status": status, "result": result}
         for hook in self.on_finished:
@@ -225,9 +239,8 @@ class MailPipeline:
             await self._finish(doc, "bounce", {**summary, **await self._bounced(raw, mail)})
             return
         if mail.message_id:
-            await self._inbox.collection.update_one(
-                {"_id": doc["_id"]}, {"$set": {"message_id": mail.message_id}}
-            )
+            # Stored with the outcome (``_finish``): a later copy looks for a copy done.
+            doc["message_id"] = mail.message_id
             # Filtered on the indexed field only, the rest here: the embedded database uses an
             # index only when the filter names nothing else.
             copies = self._inbox.collection.find({"message_id": mail.message_id}, {"status": 1})

@@ -18,7 +18,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from server.background import raise_if_stopping, stop
 from server.crm.core import record_title
@@ -52,6 +52,9 @@ from server.mailbridge.models import (
     MailboxUpdate,
     MailSettings,
     MailSettingsUpdate,
+    OAuthClientIn,
+    OAuthClientOut,
+    OAuthClientUpdate,
     SendEmail,
     SentEmail,
     SkippedMail,
@@ -60,6 +63,7 @@ from server.mailbridge.models import (
     TemplateOut,
     UnmatchedMail,
 )
+from server.mailbridge.oauth import TokenSource
 from server.mailbridge.outbox import (
     HeaderInjection,
     Outbox,
@@ -202,6 +206,8 @@ class MailBridge:
         self._uploads = AsyncGridFSBucket(store.db, bucket_name="mail_uploads")
         self._cached: MailSettings | None = None
         self._cached_at = 0.0
+        # IMAP's XOAUTH2 access tokens, per mailbox (the mailboxes are this service's data)
+        self.tokens = TokenSource(self._rotated)
         self._collectors: dict[str, MailboxCollector] = {}
         self.ingress: IngressServers | None = None
         self._pruner: asyncio.Task[None] | None = None
@@ -290,6 +296,7 @@ class MailBridge:
             self._settings.mail_max_message_bytes,
             self._node,
             self._sole_node,
+            self.tokens,
         )
         collector.on_stored(self.pipeline.wake)
         collector.task = asyncio.create_task(collector.supervise(), name=f"imap:{box['_id']}")
@@ -387,13 +394,22 @@ class MailBridge:
             .sort("at", -1)
             .limit(20)
         ]
+        oauth = doc.get("oauth")
         return MailboxOut(
             id=doc["_id"],
             name=doc["name"],
             host=doc["host"],
             port=doc["port"],
             security=doc["security"],
+            auth=doc.get("auth", "password"),
             login=doc["login"],
+            oauth=OAuthClientOut(
+                client_id=oauth["client_id"],
+                token_url=oauth["token_url"],
+                scope=oauth.get("scope"),
+            )
+            if isinstance(oauth, dict)
+            else None,
             folder=doc["folder"],
             processed_folder=doc.get("processed_folder"),
             delete_after_delivery=bool(doc.get("delete_after_delivery")),
@@ -410,22 +426,37 @@ class MailBridge:
         ]
 
     async def add_mailbox(self, data: MailboxIn) -> MailboxOut:
-        doc = {
-            "_id": new_id(),
-            **data.model_dump(exclude={"password"}),
-            # IMAP needs the password itself to log in: it is stored, never shown again.
-            "password": data.password.get_secret_value(),
-            "state": {},
-        }
+        doc = {"_id": new_id(), **_mailbox_fields(data), "state": {}}
         await self._store["mail_mailboxes"].insert_one(doc)
         if doc["enabled"]:
             self._start_collector(doc)
         return await self._mailbox_out(doc)
 
     async def update_mailbox(self, mailbox_id: str, patch: MailboxUpdate) -> MailboxOut:
-        changes = patch.model_dump(exclude_unset=True)
-        if "password" in changes and patch.password is not None:
+        changes = patch.model_dump(exclude_unset=True, exclude={"password", "oauth"})
+        if patch.password is not None:
             changes["password"] = patch.password.get_secret_value()
+        current: Document | None = None
+        if patch.oauth is not None or "auth" in changes:
+            current = await self._store["mail_mailboxes"].find_one({"_id": mailbox_id})
+            if current is None:
+                raise not_found(f"mailbox {mailbox_id}")
+        if patch.oauth is not None and current is not None:
+            merged = {**(current.get("oauth") or {}), **_oauth_fields(patch.oauth)}
+            missing = [f for f in OAUTH_REQUIRED if not merged.get(f)]
+            if missing:
+                raise Problem(
+                    422, "invalid-value", "Invalid value", f"oauth needs {', '.join(missing)}"
+                )
+            changes["oauth"] = merged
+            self.tokens.forget(mailbox_id)
+        if current is not None:
+            # the way of logging in needs its credentials, stored or in this change
+            after = {**current, **changes}
+            if after.get("auth") == "xoauth2" and not after.get("oauth"):
+                raise Problem(422, "invalid-value", "Invalid value", "xoauth2 needs oauth")
+            if after.get("auth", "password") == "password" and not after.get("password"):
+                raise Problem(422, "invalid-value", "Invalid value", "password auth needs one")
         if changes:
             result = await self._store["mail_mailboxes"].update_one(
                 {"_id": mailbox_id}, {"$set": changes}
@@ -450,10 +481,15 @@ class MailBridge:
             raise not_found(f"mailbox {mailbox_id}")
 
     async def test_mailbox(self, data: MailboxIn) -> ConnectionTest:
-        cfg = MailboxConfig.of(
-            {"_id": "test", **data.model_dump(), "password": data.password.get_secret_value()}
+        cfg = MailboxConfig.of({"_id": f"test-{new_id()}", **_mailbox_fields(data)})
+        # its own tokens: a rotated refresh token of a test has no mailbox to go to
+        return ConnectionTest(**await test_connection(cfg, TokenSource(_kept_nowhere)))
+
+    async def _rotated(self, mailbox_id: str, refresh_token: str) -> None:
+        """The provider gave a new refresh token: the old one may stop working now."""
+        await self._store["mail_mailboxes"].update_one(
+            {"_id": mailbox_id}, {"$set": {"oauth.refresh_token": refresh_token}}
         )
-        return ConnectionTest(**await test_connection(cfg))
 
     # sending ---------------------------------------------------------------------------------
 
@@ -801,3 +837,28 @@ class MailBridge:
     @property
     def ports(self) -> dict[str, int]:
         return dict(self.ingress.ports) if self.ingress is not None else {}
+
+
+OAUTH_REQUIRED = ("client_id", "client_secret", "token_url", "refresh_token")
+
+
+def _oauth_fields(oauth: OAuthClientIn | OAuthClientUpdate) -> Document:
+    """The OAuth client as stored: its secrets in clear, since they are sent to the token
+    endpoint; never shown again (``MailboxOut`` has no place for them)."""
+    fields: Document = {}
+    for name, value in oauth.model_dump(exclude_unset=True).items():
+        fields[name] = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return fields
+
+
+def _mailbox_fields(data: MailboxIn) -> Document:
+    """A mailbox as stored. IMAP needs the password itself to log in: it is stored, never
+    shown again."""
+    fields: Document = data.model_dump(exclude={"password", "oauth"})
+    fields["password"] = data.password.get_secret_value() if data.password else None
+    fields["oauth"] = _oauth_fields(data.oauth) if data.oauth else None
+    return fields
+
+
+async def _kept_nowhere(_mailbox_id: str, _refresh_token: str) -> None:
+    """A connection test's rotated refresh token: the mailbox is not stored yet."""

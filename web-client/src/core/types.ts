@@ -740,7 +740,7 @@ export interface MailTemplate extends MailTemplateIn {
   id: string;
 }
 
-export type MailboxSecurity = "tls" | "none";
+export type MailboxSecurity = "tls" | "starttls" | "none";
 
 /** MailboxIn: the body of POST /mail/mailboxes and /mail/mailboxes/test. */
 export interface MailboxIn {
