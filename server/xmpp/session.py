@@ -467,12 +467,7 @@ class C2SSession:
             child(error, condition, ns=STREAMS_NS)
             if text:
                 child(error, "text", ns=STREAMS_NS, text=text)
-            data = (
-                serialize(error, default_ns="jabber:client")
-                .replace(b'<error xmlns="http://etherx.jabber.org/streams"', b"<stream:error", 1)
-                .replace(b"</error>", b"</stream:error>")
-            )
-            await self._send_raw(data + b"</stream:stream>")
+            await self._send_raw(serialize(error) + b"</stream:stream>")
 
     async def ping(self) -> None:
         """XEP-0199 from the server: any answer counts as a sign of life."""
