@@ -30,6 +30,7 @@ from server.im.models import (
     DialogOut,
     HistoryQuery,
     ImSettings,
+    MessageOrigin,
     MessageOut,
     SendMessage,
     SendResult,
@@ -352,7 +353,9 @@ class ImService:
                 retry_after=1,
             )
 
-    async def send(self, user: Document, request: SendMessage) -> SendResult:
+    async def send(
+        self, user: Document, request: SendMessage, *, origin: MessageOrigin | None = None
+    ) -> SendResult:
         user_id = str(user["_id"])
         self._check_length(request.text)
         self._take_token(user_id)
@@ -360,7 +363,9 @@ class ImService:
             chat = await self.readable_chat(user_id, request.chat_id)
             if not may_post(user_id, chat["kind"], chat["member_ids"]):
                 raise forbidden("nobody can post in this chat")
-            message, duplicate = await self._post(chat, user_id, request.text, request.client_id)
+            message, duplicate = await self._post(
+                chat, user_id, request.text, request.client_id, origin=origin
+            )
             return SendResult(messages=[message], duplicate=duplicate)
         targets = await self._expand_targets(user, request)
         # Every recipient is checked before the first message goes: all or nothing.
@@ -369,7 +374,9 @@ class ImService:
         duplicates = 0
         for target in targets:
             chat = await self.open_private(user, target)
-            message, duplicate = await self._post(chat, user_id, request.text, request.client_id)
+            message, duplicate = await self._post(
+                chat, user_id, request.text, request.client_id, origin=origin
+            )
             messages.append(message)
             duplicates += duplicate
         return SendResult(
@@ -418,6 +425,7 @@ class ImService:
         client_id: str | None,
         *,
         system: bool = False,
+        origin: MessageOrigin | None = None,
     ) -> tuple[MessageOut, bool]:
         messages = self._store["messages"]
         doc: Document = {
@@ -431,6 +439,8 @@ class ImService:
             "system": system,
             "client_id": client_id,
         }
+        if origin is not None:
+            doc["origin"] = origin.model_dump()
         if client_id is not None:
             # The unique index decides: a retry fails to insert and finds the first one.
             doc["dedup_key"] = f"{author_id}|{chat['_id']}|{client_id}"

@@ -31,7 +31,7 @@ from server.store.database import Document, Store
 from server.xmpp.certs import ensure_self_signed, fingerprint, server_context
 from server.xmpp.jid import InvalidJid, Jid
 from server.xmpp.session import C2SSession
-from server.xmpp.stanza import CLIENT, StanzaError, error_reply, q
+from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, StanzaError, error_reply, q
 
 if TYPE_CHECKING:
     pass
@@ -412,12 +412,25 @@ class XmppServer:
             target = Jid.parse(to)
             if target.domain not in (self.domain, f"conference.{self.domain}"):
                 raise StanzaError("remote-server-not-found", "no server-to-server here")
+            if unavailable_resource(session, target, self.domain):
+                # RFC 6121 8.5.3.1: no such resource online (or no such user, or one the
+                # sender may not see: the same answer); a ping must not "succeed".
+                raise StanzaError("service-unavailable")
         handler = self._iq.get((kind, iq[0].tag))
         if handler is None:
             raise StanzaError("service-unavailable")
         reply = await handler(session, iq, iq[0])
         if reply is not None:
             session.send_nowait(reply)
+
+
+def unavailable_resource(session: C2SSession, target: Jid, domain: str) -> bool:
+    """Whether an iq goes to a user's full JID that no session of this sender's reach holds:
+    not the sender's own, not a colleague's portal resource (the server answers for it)."""
+    if not (target.local and target.resource and target.domain == domain):
+        return False
+    own = session.jid
+    return not (own is not None and target == own) and target.resource != PORTAL_RESOURCE
 
 
 def _is_active(presence: ET.Element | None) -> bool:

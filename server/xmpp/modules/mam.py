@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from server.im.rules import private_pair_key
 from server.store.database import Document
 from server.xmpp.jid import Jid
-from server.xmpp.modules.messages import DELAY, stamp
+from server.xmpp.modules.messages import DELAY, archived, stamp
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import StanzaError, child, element, q, result, small_int
 
@@ -115,7 +115,7 @@ def install(server: XmppServer) -> None:
             page.reverse()
         bridge = server.bridge
         for doc in page:
-            message = {"id": doc["_id"], "author_id": doc.get("author_id"), "text": doc["text"]}
+            message = archived(doc)
             chat = await bridge.chat(doc["chat_id"])
             other = next(
                 (m for m in (chat or {}).get("member_ids", []) if m != doc.get("author_id")),

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from server.events.models import EphemeralEvent, Event
-from server.im.models import SendMessage
+from server.im.models import MessageOrigin, SendMessage
 from server.im.rules import private_pair_key
 from server.store.database import Document
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
 from server.xmpp.modules.carbons import sent_copy
 from server.xmpp.session import C2SSession
-from server.xmpp.stanza import CLIENT, StanzaError, child, element, q
+from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, StanzaError, child, element, q
 
 if TYPE_CHECKING:
     from server.xmpp.server import XmppServer
@@ -40,7 +40,12 @@ SID = "urn:xmpp:sid:0"
 CORRECT = "urn:xmpp:message-correct:0"
 RETRACT = "urn:xmpp:message-retract:1"
 FALLBACK = "urn:xmpp:fallback:0"
+RECEIPTS = "urn:xmpp:receipts"
+CONFERENCE = "jabber:x:conference"
+CHAT_STATES = ("active", "composing", "paused", "inactive", "gone")
 OFFLINE_LIMIT = 200
+MAX_ID_CHARS = 256
+MAX_SUBJECT_CHARS = 1024
 MAX_ORIGINS = 10_000
 
 PROBLEM_CONDITIONS = {
@@ -64,11 +69,109 @@ def as_stanza_error(exc: Exception) -> StanzaError:
     raise exc
 
 
-def client_id_for(stanza_id: str | None) -> str | None:
-    """A client's stanza id as an idempotency key: a resent stanza stores no second message."""
-    if not stanza_id:
+def _short(value: str | None, limit: int = MAX_ID_CHARS) -> str | None:
+    if value is not None and len(value) > limit:
+        raise StanzaError("not-acceptable", f"an id, thread or subject over {limit} chars")
+    return value or None
+
+
+def invitation_of(stanza: ET.Element) -> dict[str, str] | None:
+    """A direct MUC invitation (XEP-0249): the room and what goes with it."""
+    found = stanza.find(q(CONFERENCE, "x"))
+    if found is None or not found.get("jid"):
         return None
-    return "x" + hashlib.sha256(stanza_id.encode()).hexdigest()[:40]
+    invite = {
+        name: str(_short(found.get(name), MAX_SUBJECT_CHARS))
+        for name in ("jid", "reason", "password", "continue", "thread")
+        if found.get(name)
+    }
+    return invite
+
+
+def origin_of(stanza: ET.Element) -> MessageOrigin | None:
+    """What the client sent with its message besides the text, kept as sent: ids (stanza id,
+    XEP-0359 origin-id), thread, subject, receipt request, a room invitation."""
+    ident = _short(stanza.get("id"))
+    found = stanza.find(q(SID, "origin-id"))
+    thread = stanza.find(q(CLIENT, "thread"))
+    origin = MessageOrigin(
+        id=ident,
+        origin_id=_short(found.get("id")) if found is not None else None,
+        thread=_short(thread.text) if thread is not None else None,
+        thread_parent=_short(thread.get("parent")) if thread is not None else None,
+        subject=_short(stanza.findtext(q(CLIENT, "subject")), MAX_SUBJECT_CHARS),
+        receipt=stanza.find(q(RECEIPTS, "request")) is not None,
+        invite=invitation_of(stanza),
+    )
+    return origin if origin != MessageOrigin() else None
+
+
+def client_id_for(session_id: str, origin: MessageOrigin | None, body: str) -> str | None:
+    """The idempotency key of a message from a Jabber client: the same message sent twice
+    stores one. RFC 6120 makes a stanza id unique within one stream only (many clients count
+    from 1 at each start), so a stanza id counts within its stream; an origin-id is unique
+    for good (XEP-0359), so a copy resent on a new stream is still recognised. The body is
+    part of the key: a client that reuses an id for a different text loses nothing."""
+    if origin is None:
+        return None
+    if origin.origin_id is not None:
+        scope = f"o\0{origin.origin_id}"
+    else:
+        scope = f"s\0{session_id}\0{origin.id}"
+    return "x" + hashlib.sha256(f"{scope}\0{body}".encode()).hexdigest()[:40]
+
+
+def add_thread(stanza: ET.Element, origin: dict[str, Any]) -> None:
+    if origin.get("thread"):
+        thread = child(stanza, "thread", text=str(origin["thread"]), ns=CLIENT)
+        if origin.get("thread_parent"):
+            thread.set("parent", str(origin["thread_parent"]))
+
+
+def add_invitation(stanza: ET.Element, invite: dict[str, str] | None) -> None:
+    if invite:
+        child(stanza, "x", {k: str(v) for k, v in invite.items()}, ns=CONFERENCE)
+
+
+def add_ids(stanza: ET.Element, message: dict[str, Any], by: str) -> None:
+    """The message's ids on a stanza: the client's id and origin-id as it sent them (the
+    portal id for messages written elsewhere), and the server's XEP-0359 stanza-id."""
+    origin = message.get("origin") or {}
+    stanza.set("id", str(origin.get("id") or message["id"]))
+    if origin.get("origin_id"):
+        child(stanza, "origin-id", {"id": str(origin["origin_id"])}, ns=SID)
+    child(stanza, "stanza-id", {"id": str(message["id"]), "by": by}, ns=SID)
+
+
+async def find_own(
+    server: XmppServer, user_id: str, chat_id: str, ident: str | None
+) -> Document | None:
+    """A message a client refers to (a correction, a retraction): by the portal id (the
+    stanza-id, and the id others saw), or by the id or origin-id this user sent it with."""
+    if not ident:
+        return None
+    messages = server.store["messages"]
+    doc = await messages.find_one({"_id": ident, "chat_id": chat_id})
+    if doc is None:
+        doc = await messages.find_one(
+            {
+                "chat_id": chat_id,
+                "author_id": user_id,
+                "$or": [{"origin.id": ident}, {"origin.origin_id": ident}],
+            },
+            sort=[("_id", -1)],
+        )
+    return doc
+
+
+def archived(doc: Document) -> dict[str, Any]:
+    """A stored message as the shape events carry."""
+    return {
+        "id": doc["_id"],
+        "author_id": doc.get("author_id"),
+        "text": doc["text"],
+        "origin": doc.get("origin"),
+    }
 
 
 def stamp(value: Any) -> str:
@@ -102,15 +205,20 @@ class Bridge:
     ) -> ET.Element:
         stanza = element(
             "message",
-            {
-                "type": "chat",
-                "id": str(message["id"]),
-                "from": frm or await self.author_jid(message),
-                "to": str(to),
-            },
+            {"type": "chat", "from": frm or await self.author_jid(message), "to": str(to)},
         )
         child(stanza, "body", text=str(message.get("text", "")))
-        child(stanza, "stanza-id", {"id": str(message["id"]), "by": str(to.bare)}, ns=SID)
+        origin = message.get("origin") or {}
+        if origin.get("subject"):
+            child(stanza, "subject", text=str(origin["subject"]))
+        add_thread(stanza, origin)
+        # A message means its author is active in the conversation (XEP-0085 5.1); it also
+        # tells clients such as Pidgin that this contact takes chat states.
+        child(stanza, "active", ns=CHATSTATES)
+        if origin.get("receipt"):
+            child(stanza, "request", ns=RECEIPTS)
+        add_invitation(stanza, origin.get("invite"))
+        add_ids(stanza, message, str(to.bare))
         child(stanza, "markable", ns=MARKERS)
         return stanza
 
@@ -150,15 +258,21 @@ class Bridge:
         except Problem as problem:
             raise as_stanza_error(problem) from None
         if body is None or not body.strip():
+            await self._relay_signal(session, stanza, recipient_id, target, chat)
             return True
-        client_id = client_id_for(stanza.get("id"))
+        origin = origin_of(stanza)
+        if target.resource and target.resource != PORTAL_RESOURCE:
+            # Addressed to one of the recipient's resources: only that one gets it while it
+            # is online (RFC 6121 8.5.3.1).
+            origin = (origin or MessageOrigin()).model_copy(update={"resource": target.resource})
+        client_id = client_id_for(session.id, origin, body)
         if client_id is not None:
             if len(self.origins) > MAX_ORIGINS:
                 self.origins.clear()
             self.origins[(session.user_id, client_id)] = session.id
         try:
             request = SendMessage(to=[recipient_id], text=body, client_id=client_id)
-            await self.server.im.send(session.user, request)
+            await self.server.im.send(session.user, request, origin=origin)
         except (ValidationError, Problem) as exc:
             raise as_stanza_error(exc) from None
         return True
@@ -173,12 +287,7 @@ class Bridge:
         if retract is None and (replace is None or not (body or "").strip()):
             return False
         ident = (retract if retract is not None else replace).get("id")  # type: ignore[union-attr]
-        store = self.server.store["messages"]
-        doc = await store.find_one({"_id": ident, "chat_id": chat["_id"]}) if ident else None
-        if doc is None and ident:
-            doc = await store.find_one(
-                {"dedup_key": f"{session.user_id}|{chat['_id']}|{client_id_for(ident)}"}
-            )
+        doc = await find_own(self.server, session.user_id, chat["_id"], ident)
         if doc is None:
             raise StanzaError("item-not-found", f"no message {ident} in this dialog")
         if retract is not None:
@@ -203,6 +312,78 @@ class Bridge:
                 # (a marker for something that is not a portal message id is ignored)
                 with contextlib.suppress(Problem):
                     await self.server.im.mark_read(session.user, chat["_id"], marker.get("id", ""))
+
+    async def _relay_signal(
+        self,
+        session: C2SSession,
+        stanza: ET.Element,
+        recipient_id: str,
+        target: Jid,
+        chat: Document | None,
+    ) -> None:
+        """What a message without text carries from one Jabber client to another: chat states,
+        delivery receipts (XEP-0184), a room invitation (XEP-0249), the thread. Never stored:
+        it goes live, through the bus, to the recipient's sessions on any node."""
+        states = [s for s in CHAT_STATES if stanza.find(q(CHATSTATES, s)) is not None]
+        # "composing" in an existing dialog already went out as the messenger's typing event
+        # (on_typing relays it to Jabber sessions too): not twice.
+        if chat is not None:
+            states = [s for s in states if s != "composing"]
+        received = stanza.find(q(RECEIPTS, "received"))
+        signal: dict[str, Any] = {
+            "state": states[0] if states else None,
+            "received": _short(received.get("id")) if received is not None else None,
+            "invite": invitation_of(stanza),
+        }
+        if not any(signal.values()):
+            return
+        thread = stanza.find(q(CLIENT, "thread"))
+        signal.update(
+            id=_short(stanza.get("id")),
+            type=stanza.get("type") if stanza.get("type") in ("chat", "normal") else "chat",
+            thread=_short(thread.text) if thread is not None else None,
+        )
+        await self.server.bus.publish_ephemeral(
+            EphemeralEvent(
+                "xmpp.signal",
+                {
+                    "from": str(session.jid),
+                    "to": recipient_id,
+                    "resource": target.resource or None,
+                    "signal": signal,
+                },
+                (f"user:{recipient_id}",),
+            )
+        )
+
+    async def on_signal(self, event: EphemeralEvent) -> None:
+        if event.type != "xmpp.signal":
+            return
+        data = event.data
+        signal = data["signal"]
+        for session in self.server.available_sessions_of(str(data["to"])):
+            if session.jid is None:
+                continue
+            if data.get("resource") and session.jid.resource != data["resource"]:
+                continue
+            stanza = element(
+                "message",
+                {
+                    "type": signal.get("type") or "chat",
+                    "from": data["from"],
+                    "to": str(session.jid),
+                },
+            )
+            if signal.get("id"):
+                stanza.set("id", str(signal["id"]))
+            if signal.get("thread"):
+                child(stanza, "thread", text=str(signal["thread"]))
+            if signal.get("state"):
+                child(stanza, str(signal["state"]), ns=CHATSTATES)
+            if signal.get("received"):
+                child(stanza, "received", {"id": str(signal["received"])}, ns=RECEIPTS)
+            add_invitation(stanza, signal.get("invite"))
+            session.send_nowait(stanza)
 
     # to Jabber clients -----------------------------------------------------------------------
 
@@ -244,7 +425,9 @@ class Bridge:
                         original = await self._shaped(event, message, to, frm=str(session.jid.bare))
                         session.send_nowait(sent_copy(self.server, session, original))
                 continue
-            for session in sessions:
+            wanted = (message.get("origin") or {}).get("resource")
+            addressed = [s for s in sessions if s.jid is not None and s.jid.resource == wanted]
+            for session in addressed or sessions:
                 if session.jid is not None:
                     session.send_nowait(await self._shaped(event, message, session.jid))
             delivered.append(member)
@@ -267,12 +450,14 @@ class Bridge:
                 "id": f"{message['id']}-{event.seq}",
             },
         )
+        # Clients know the message by the id its author's client gave it, if it had one.
+        known = str((message.get("origin") or {}).get("id") or message["id"])
         if event.type == "im.message.updated":
             child(stanza, "body", text=str(message.get("text", "")))
-            child(stanza, "replace", {"id": str(message["id"])}, ns=CORRECT)
+            child(stanza, "replace", {"id": known}, ns=CORRECT)
         else:
             child(stanza, "body", text="(message deleted)")
-            child(stanza, "retract", {"id": str(message["id"])}, ns=RETRACT)
+            child(stanza, "retract", {"id": known}, ns=RETRACT)
             child(stanza, "fallback", {"for": RETRACT}, ns=FALLBACK)
         return stanza
 
@@ -336,8 +521,7 @@ class Bridge:
             ]
         pending.sort(key=lambda m: m["_id"])
         for doc in pending[-OFFLINE_LIMIT:]:
-            message = {"id": doc["_id"], "author_id": doc.get("author_id"), "text": doc["text"]}
-            stanza = await self.stanza(message, session.jid)
+            stanza = await self.stanza(archived(doc), session.jid)
             child(
                 stanza,
                 "delay",
@@ -357,5 +541,6 @@ def install(server: XmppServer) -> None:
     server.on_message(bridge.on_message)
     server.bus.subscribe(bridge.on_event)
     server.bus.subscribe_ephemeral(bridge.on_typing)
+    server.bus.subscribe_ephemeral(bridge.on_signal)
     server.on_available.append(bridge.deliver_offline)
     server.bridge = bridge

@@ -39,8 +39,11 @@ from server.xmpp.modules.messages import (
     MARKERS,
     RETRACT,
     SID,
+    add_ids,
     as_stanza_error,
     client_id_for,
+    find_own,
+    origin_of,
     stamp,
 )
 from server.xmpp.session import C2SSession
@@ -224,17 +227,12 @@ class Muc:
             stanza.set("id", ident)
         return stanza
 
-    def message(
-        self, room: Room, nick: str | None, to: str, message: dict[str, Any], ident: str
-    ) -> ET.Element:
-        stanza = self.groupchat(room, nick, to, ident)
+    def message(self, room: Room, nick: str | None, to: str, message: dict[str, Any]) -> ET.Element:
+        """A room message with the id and origin-id its author's client gave it (so the
+        author recognises its reflection), and the room's stanza-id."""
+        stanza = self.groupchat(room, nick, to, None)
         child(stanza, "body", text=str(message.get("text", "")))
-        child(
-            stanza,
-            "stanza-id",
-            {"id": str(message["id"]), "by": self.room_jid(room.chat_id)},
-            ns=SID,
-        )
+        add_ids(stanza, message, self.room_jid(room.chat_id))
         return stanza
 
     # presence: join, change, leave -----------------------------------------------------------
@@ -378,9 +376,9 @@ class Muc:
         chars = 0
         for doc in docs:  # newest first, to cut at maxchars
             message_id = str(doc["_id"])
-            message = {"id": message_id, "text": doc["text"]}
+            message = {"id": message_id, "text": doc["text"], "origin": doc.get("origin")}
             nick = await self.nick_of(room, doc.get("author_id"))
-            stanza = self.message(room, nick, occupant.jid, message, message_id)
+            stanza = self.message(room, nick, occupant.jid, message)
             child(
                 stanza,
                 "delay",
@@ -538,7 +536,8 @@ class Muc:
         if body is None or not body.strip():
             return
         stanza_id = stanza.get("id")
-        client_id = client_id_for(stanza_id)
+        origin_ids = origin_of(stanza)
+        client_id = client_id_for(session.id, origin_ids, body)
         key = (session.user_id, client_id) if client_id and stanza_id else None
         if key is not None and stanza_id:
             if len(self.origins) > MAX_REMEMBERED:
@@ -546,7 +545,9 @@ class Muc:
             self.origins[key] = (session.id, stanza_id)
         try:
             sent = await im.send(
-                session.user, SendMessage(chat_id=room.chat_id, text=body, client_id=client_id)
+                session.user,
+                SendMessage(chat_id=room.chat_id, text=body, client_id=client_id),
+                origin=origin_ids,
             )
         finally:
             # (the echo, if there was one, has been sent by now: send returns once published)
@@ -557,19 +558,15 @@ class Muc:
             if occupant is not None:
                 message = sent.messages[0]
                 nick = await self.nick_of(room, session.user_id)
-                echo = {"id": message.id, "text": message.text}
-                occupant.deliver(self.message(room, nick, occupant.jid, echo, origin[1]))
+                echo = message.model_dump(mode="json")
+                occupant.deliver(self.message(room, nick, occupant.jid, echo))
 
     async def own_message(self, session: C2SSession, room: Room, ident: str | None) -> str:
         """The portal message a client refers to: by the message id (the stanza-id and the id
         others saw), or by the stanza id this user sent it with."""
         if not ident:
             raise StanzaError("bad-request", "which message?")
-        messages = self.server.store["messages"]
-        doc = await messages.find_one({"_id": ident, "chat_id": room.chat_id})
-        if doc is None:
-            key = f"{session.user_id}|{room.chat_id}|{client_id_for(ident)}"
-            doc = await messages.find_one({"dedup_key": key})
+        doc = await find_own(self.server, session.user_id, room.chat_id, ident)
         if doc is None:
             raise StanzaError("item-not-found", f"no message {ident} here")
         return str(doc["_id"])
@@ -597,23 +594,24 @@ class Muc:
             origin = self.origins.get((str(author), str(message["client_id"])))
         for occupant in list(room.occupants.values()):
             if event.type == "im.message":
-                ident = message_id
                 if origin is not None and origin[0] == occupant.session.id:
-                    ident = origin[1]
                     if len(self.known_as) > MAX_REMEMBERED:
                         self.known_as.clear()
-                    self.known_as[(occupant.session.id, message_id)] = ident
-                stanza = self.message(room, nick, occupant.jid, message, ident)
+                    self.known_as[(occupant.session.id, message_id)] = origin[1]
+                stanza = self.message(room, nick, occupant.jid, message)
                 occupant.deliver(stanza, message_id)
                 continue
             stanza = self.groupchat(room, nick, occupant.jid, f"{message_id}-{event.seq}")
+            # Everyone saw the message under the id its author's client gave it.
+            known = (message.get("origin") or {}).get("id") or self.known_as.get(
+                (occupant.session.id, message_id), message_id
+            )
             if event.type == "im.message.updated":
-                known = self.known_as.get((occupant.session.id, message_id), message_id)
                 child(stanza, "body", text=str(message.get("text", "")))
                 child(stanza, "replace", {"id": known}, ns=CORRECT)
             else:
                 child(stanza, "body", text="(message deleted)")
-                child(stanza, "retract", {"id": message_id}, ns=RETRACT)
+                child(stanza, "retract", {"id": known}, ns=RETRACT)
                 child(stanza, "fallback", {"for": RETRACT}, ns=FALLBACK)
             occupant.deliver(stanza)
 
