@@ -3,15 +3,22 @@ streams (the real clients are driven in test_xmpp_terminal.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import re
+import ssl
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from slixmpp import JID
 from slixmpp.exceptions import IqError
 
-from tests.harness import HubHarness
+from server.settings import Settings
+from server.store.database import Store
+from tests.harness import HubHarness, start_hub
 from tests.test_xmpp_hostile import RawXmpp, domain_of
 from tests.test_xmpp_muc import create_group, join, muc_login, record_stanzas, send_groupchat
 from tests.xmpp_client import XmppClient, xmpp_login
@@ -336,3 +343,88 @@ async def test_full_jids_address_one_resource_and_iq_to_absent_ones_fail(hub: Hu
     # The server itself and one's own bare JID still answer.
     await alice.plugin["xep_0199"].send_ping(JID(d), timeout=10)
 
+
+# roster groups ---------------------------------------------------------------------------------
+
+
+async def test_a_slash_in_a_department_name_is_no_group_level(hub: HubHarness) -> None:
+    """ "/" is the nested-group delimiter (XEP-0083): a department named "Team A/B" must not
+    become two levels; its slash is shown as a look-alike DIVISION SLASH."""
+    _, admin = await hub.create_user("root", admin=True)
+    top = await hub.request("POST", "/api/v1/departments", token=admin, json={"name": "Acme"})
+    team = await hub.request(
+        "POST",
+        "/api/v1/departments",
+        token=admin,
+        json={"name": "Team A/B", "parent_id": top.body["id"]},
+    )
+    assert team.status == 201, team.body
+    await hub.create_user("alice", department_id=top.body["id"])
+    await hub.create_user("bob", department_id=team.body["id"])
+    client = await xmpp_login(hub, "alice")
+    groups = client.client_roster[JID(f"bob@{domain_of(hub)}")]["groups"]
+    assert groups == ["Acme/Team A\u2215B"]
+    assert groups[0].split("/") == ["Acme", "Team A\u2215B"]
+
+
+# the login timeout and certificate prompts ------------------------------------------------------
+
+AUTH_TIMEOUT = 2.0
+TLS_PROMPT = 5.0
+
+
+@pytest.fixture
+async def prompt_hub(settings: Settings, store: Store) -> AsyncIterator[HubHarness]:
+    tuned = settings.model_copy(
+        update={
+            "xmpp_auth_timeout_seconds": AUTH_TIMEOUT,
+            "xmpp_tls_prompt_seconds": TLS_PROMPT,
+        }
+    )
+    async with start_hub(tuned, store) as harness:
+        yield harness
+
+
+async def test_the_login_timeout_waits_while_the_user_checks_the_certificate(
+    prompt_hub: HubHarness,
+) -> None:
+    """Clients ask their user to accept an unknown certificate right after the TLS handshake
+    and say nothing meanwhile: the login timeout must not cut a careful user comparing
+    fingerprints, yet a connection silent for ever still ends."""
+    await prompt_hub.create_user("alice")
+    careful = await RawXmpp.connect(prompt_hub)
+    await careful.open_stream()
+    await careful.starttls()
+    await asyncio.sleep(AUTH_TIMEOUT + 1.5)  # reading the fingerprint
+    assert not careful.recorder.lost.is_set(), careful.transcript()
+    assert await careful.login("alice")
+
+    started = time.monotonic()
+    silent = await RawXmpp.connect(prompt_hub)
+    await silent.open_stream()
+    await silent.starttls()
+    await silent.expect_stream_error("connection-timeout", timeout=TLS_PROMPT + 10)
+    elapsed = time.monotonic() - started
+    assert TLS_PROMPT * 0.9 <= elapsed < TLS_PROMPT + 3, elapsed
+
+
+async def test_account_settings_give_both_fingerprints(hub: HubHarness) -> None:
+    """Profanity shows a SHA-1 fingerprint, most others SHA-256: the profile page gives both,
+    each of the certificate the listener really presents."""
+    _, token = await hub.create_user("alice")
+    xmpp = hub.services.xmpp
+    assert xmpp is not None
+    account = await hub.request("GET", "/api/v1/xmpp/account", token=token)
+    assert account.status == 200, account.body
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # self-signed
+    _, writer = await asyncio.open_connection("127.0.0.1", xmpp.ports["tls"], ssl=context)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+
+    def colons(digest: str) -> str:
+        return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2)).upper()
+
+    assert account.body["fingerprint"] == colons(hashlib.sha256(der).hexdigest())
+    assert account.body["fingerprint_sha1"] == colons(hashlib.sha1(der).hexdigest())

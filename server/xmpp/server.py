@@ -86,6 +86,7 @@ class XmppServer:
         self.ssl_context: ssl.SSLContext | None = None
         self.cert_path: Path | None = None
         self.fingerprint = ""
+        self.fingerprint_sha1 = ""
         self.ports: dict[str, int] = {}
         self._logins: dict[str, str] = {}
         presence.on_drop(TRANSPORT, self._drop_source)
@@ -138,6 +139,7 @@ class XmppServer:
         self.cert_path = cert
         self.ssl_context = server_context(cert, key)
         self.fingerprint = fingerprint(cert)
+        self.fingerprint_sha1 = fingerprint(cert, "sha1")
         host = settings.xmpp_host or settings.host
         # A deep accept queue: a burst of connections (a reconnect storm after a network
         # blip, or an attack) must not overflow the kernel's queue and leave clients hanging.

@@ -84,6 +84,7 @@ class C2SSession:
         self.last_read = time.monotonic()
         self._header_sent = False
         self._stream_open = False
+        self._tls_quiet = tls  # TLS is up and the client has not spoken on it yet
         self._inbox: list[tuple[str, Any]] = []
         self._auth_attempts = 0
         self._scram: Any = None
@@ -131,8 +132,16 @@ class C2SSession:
     async def run(self) -> None:
         try:
             async with asyncio.timeout(self.settings.xmpp_auth_timeout_seconds) as deadline:
+                loop = asyncio.get_running_loop()
                 while not self.bound:
+                    if not self._tls_quiet:
+                        await self._read_once()
+                        continue
+                    # The client may be waiting for its user to accept the certificate: the
+                    # login timeout starts again once it speaks.
+                    deadline.reschedule(loop.time() + self.settings.xmpp_tls_prompt_seconds)
                     await self._read_once()
+                    deadline.reschedule(loop.time() + self.settings.xmpp_auth_timeout_seconds)
                 deadline.reschedule(None)
             while True:
                 await self._read_once()
@@ -157,6 +166,7 @@ class C2SSession:
         data = await self.reader.read(READ_CHUNK)
         if not data:
             raise Closing
+        self._tls_quiet = False
         now = time.monotonic()
         self.last_read = now
         if not self._bucket.take(now, len(data)):
@@ -277,6 +287,7 @@ class C2SSession:
         assert self.server.ssl_context is not None
         await self.writer.start_tls(self.server.ssl_context)
         self.tls = True
+        self._tls_quiet = True
         self._restart()
         return True
 

@@ -24,6 +24,16 @@ ROSTERVER = "urn:xmpp:features:rosterver"
 Item = tuple[str, tuple[str, ...]]  # (name, groups)
 
 
+# A "/" inside a department's name would split it into two group levels: it is shown as a
+# DIVISION SLASH (U+2215), which looks the same and is no delimiter.
+NAME_SLASH = "\u2215"
+
+
+def group_name(names: list[str]) -> str:
+    """A department path as one XEP-0083 nested group, each name's own slashes escaped."""
+    return GROUP_DELIMITER.join(name.replace(GROUP_DELIMITER, NAME_SLASH) for name in names)
+
+
 def version_of(items: dict[str, Item]) -> str:
     digest = hashlib.sha256()
     for jid in sorted(items):
@@ -51,7 +61,7 @@ class Roster:
             {"_id": {"$in": sorted(visible)}, "is_active": True}
         ):
             path = list(reversed(ancestors(other.get("department_id"), tree)))
-            group = GROUP_DELIMITER.join(str(names.get(d, "")) for d in path)
+            group = group_name([str(names.get(d, "")) for d in path])
             groups = (group,) if group else (("Extranet",) if other.get("is_external") else ())
             items[str(server.jid_of(other))] = (display_name(other), groups)
         return items
