@@ -989,17 +989,8 @@ def test_every_codec_name_as_a_charset_is_read_quickly_or_not_at_all(body: str) 
 @pytest.mark.parametrize(
     "charset",
     [
-        *sorted(STDLIB_TRAPS - {"punycode"}),
+        *sorted(STDLIB_TRAPS),
         '"utf\x008"',
-        pytest.param(
-            "punycode",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="server bug: Message.get_payload() decodes an 8-bit payload with the "
-                "declared charset itself, and punycode takes quadratic time before the "
-                "refusal (unreadable MIME is refused, not retried, since parse() wraps it)",
-            ),
-        ),
     ],
 )
 def test_an_8bit_part_in_a_codec_the_stdlib_cannot_replace_with(charset: str) -> None:

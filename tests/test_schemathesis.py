@@ -468,12 +468,6 @@ async def test_a_password_that_saslprep_refuses_is_no_server_error(
     assert resp.status < 500, resp.body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: GET /presence takes up to 500 ids (docs/api.md), but 500 ids make a "
-    "12.5 KB request line and aiohttp refuses any over 8190 bytes with a text/plain 400 "
-    "(not problem+json) before the app sees it; from about 330 ids on",
-)
 async def test_presence_of_500_users_fits_in_a_request(hub: HubHarness) -> None:
     _, token = await hub.create_user("alice")
     ids = ",".join(f"{i:024x}" for i in range(500))

@@ -109,6 +109,19 @@ def _check_param_fields(raw: bytes) -> None:
             raise MailTooComplex("a Content-Type or Content-Disposition has too many parameters")
 
 
+class _Entity(Message):
+    """A parsed entity whose text payload ``get_payload()`` returns as stored: ASCII, with
+    8-bit bytes as surrogate escapes (what ``_raw_bytes`` undoes). The stdlib would decode
+    such a payload with the sender's declared charset on every call, and a sender may declare
+    ``punycode``, which decodes in quadratic time (120 KB took minutes)."""
+
+    def get_payload(self, i: int | None = None, decode: bool = False) -> Any:
+        if not decode and i is None and not self.is_multipart():
+            return vars(self)["_payload"]  # set by the parser; typeshed does not declare it
+        base: Any = super()  # typeshed's overloads cannot take a plain bool
+        return base.get_payload(i, decode)
+
+
 class _CountingFactory:
     """The parser's message factory: refuses the message as soon as it holds too many parts or
     nests too deep, long before the parser has worked through a bomb's thousands of parts."""
@@ -128,7 +141,7 @@ class _CountingFactory:
             depth = len(getattr(self.parser, "_msgstack", ()))
             if depth > self._limits.max_depth:
                 raise MailTooComplex(f"MIME parts nested more than {self._limits.max_depth} deep")
-        return Message(policy)
+        return _Entity(policy)
 
 
 def message_from_bytes(raw: bytes, limits: Limits | None = None) -> Message:

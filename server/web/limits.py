@@ -275,9 +275,18 @@ class LimitedSite(web.TCPSite):
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
+REQUEST_LINE_BYTES = 16 * 1024
+
+
 def http_runner(app: web.Application, settings: Settings, **kwargs: Any) -> web.AppRunner:
     """The AppRunner of the hub's HTTP server, with the header deadline (as aiohttp's
     keep-alive timeout: see the module docstring)."""
     return web.AppRunner(
-        app, access_log=None, keepalive_timeout=settings.http_header_timeout_seconds, **kwargs
+        app,
+        access_log=None,
+        keepalive_timeout=settings.http_header_timeout_seconds,
+        # GET /presence takes up to 500 ids (docs/api.md): a 12.5 KB request line, past
+        # aiohttp's default of 8190 bytes. 16 KiB fits it and HAProxy's default buffer.
+        max_line_size=REQUEST_LINE_BYTES,
+        **kwargs,
     )
