@@ -327,6 +327,12 @@ async def test_full_jids_address_one_resource_and_iq_to_absent_ones_fail(hub: Hu
 
     alice.send_message(mto=JID(f"bob@{d}/mobile"), mbody="only to the mobile", mtype="chat")
     await mobile.wait_for_condition(lambda: "only to the mobile" in mobile.bodies())
+    # Without ids, two alike messages are two messages (nothing to call them duplicates by).
+    for _ in range(2):
+        unnamed = alice.make_message(mto=JID(f"bob@{d}/mobile"), mbody="ok", mtype="chat")
+        del unnamed["id"]
+        unnamed.send()
+    await mobile.wait_for_condition(lambda: mobile.bodies().count("ok") == 2)
     # A resource that is not online: every resource gets it (as to the bare JID).
     alice.send_message(mto=JID(f"bob@{d}/tablet"), mbody="to an absent tablet", mtype="chat")
     for client in (desk, mobile):

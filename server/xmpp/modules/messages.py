@@ -112,8 +112,8 @@ def client_id_for(session_id: str, origin: MessageOrigin | None, body: str) -> s
     from 1 at each start), so a stanza id counts within its stream; an origin-id is unique
     for good (XEP-0359), so a copy resent on a new stream is still recognised. The body is
     part of the key: a client that reuses an id for a different text loses nothing."""
-    if origin is None:
-        return None
+    if origin is None or (origin.id is None and origin.origin_id is None):
+        return None  # nothing names the message: two alike are two messages
     if origin.origin_id is not None:
         scope = f"o\0{origin.origin_id}"
     else:
