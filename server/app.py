@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import socketio
 from aiohttp import web
 
 from server.auth.service import AuthService
 from server.background import raise_if_stopping, stop
+from server.channels.emit import HubRedisManager
 from server.channels.hub import Hub, typing_handler
 from server.crm.service import Crm
 from server.directory.service import DirectoryService
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 MAINTENANCE_INTERVAL_SECONDS = 600.0
 MAIL_DRAIN_SECONDS = 10.0  # for an SMTP transaction under way to finish
 PLACEHOLDER_DIR = Path(__file__).resolve().parent.parent / "web-client"
+# The first segment of the web client's screens (web-client/src/router.ts): served the page.
+CLIENT_PAGES = ("messenger", "employees", "tasks", "crm", "settings")
 
 
 def node_id() -> str:
@@ -60,7 +62,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     if settings.redis_url is not None:
         url = settings.redis_url.get_secret_value()
         bus = redis_bus = RedisBus(url, node or node_id())
-        client_manager = socketio.AsyncRedisManager(url)
+        client_manager = HubRedisManager(url)
     else:
         bus = InProcessBus()
     # Counted and traced (request and event ids in the logs): server/observability/tracing.py
@@ -247,9 +249,20 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         index = client_dir / "index.html"
 
         async def index_page(request: web.Request) -> web.FileResponse:
-            return web.FileResponse(index)
+            # The policy is the page's also on a 304: a browser revalidating the page on a
+            # reload takes the 304's headers, and the hook cannot tell it is the page there.
+            return web.FileResponse(
+                index, headers={"Content-Security-Policy": security_headers.PAGE_POLICY}
+            )
 
         app.router.add_get("/", index_page)
+        # The client's own addresses (history API routing): a reload or a shared link of
+        # /tasks/<id> gets the page, which then shows that screen. Only these prefixes, so
+        # that /api/, /socket.io/, /static/, /metrics, /healthz and /readyz keep their own
+        # answers, and an unknown API path stays a 404 problem rather than a page.
+        for name in CLIENT_PAGES:
+            app.router.add_get(f"/{name}", index_page)
+            app.router.add_get(f"/{name}/{{tail:.*}}", index_page)
         app.router.add_static("/static/", client_dir, follow_symlinks=False)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -126,6 +126,13 @@ class Settings(BaseSettings):
     socket_max_connections_per_user: int = Field(
         default=20, ge=1, description="Socket.IO connections of one user on a node"
     )
+    socket_send_backlog_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64 * 1024,
+        description="Bytes that may wait for one Socket.IO websocket client beyond what its "
+        "connection buffers; a client further behind (it does not read) is disconnected and "
+        "catches up when it reconnects",
+    )
     socket_auth_timeout_seconds: float = Field(
         default=30.0,
         gt=0,

@@ -45,3 +45,20 @@ def test_a_whole_state_goes_whole_and_never_older() -> None:
     counted_before = VersionedState("im", 11, {"unread": 3, "chats": {"c1": 3}}, whole=True)
     assert held.offer(counted_before) is None  # arrived last, but counted earlier
     assert VersionedState.from_private(later.as_private()) == later
+
+
+def test_what_connections_hold_costs_them_little() -> None:
+    """Held numbers equal between connections are one dict; a whole state holds only its
+    version (an idle connection must not cost memory for its counters)."""
+    first, second = HeldStates(), HeldStates()
+    first.reset(state(1, idle=0))
+    second.reset(state(1, idle=0))  # computed apart, equal numbers
+    [(_, _, held_first)] = first._held
+    [(_, _, held_second)] = second._held
+    assert held_first is held_second
+    first.reset(VersionedState("im", 10, {"unread": 3, "chats": {"c1": 3}}, whole=True))
+    assert [values for key, _, values in first._held if key == "im"] == [None]
+    # and the differences are still taken from what each one holds
+    assert first.offer(state(2, idle=1)) == {"deal": {"idle": 1}}
+    assert second.offer(state(3, idle=0, incoming=2)) == {"deal": {"incoming": 2}}
+    assert second.offer(state(4, idle=1, incoming=2)) == {"deal": {"idle": 1}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from pydantic import SecretStr
@@ -679,3 +680,154 @@ async def test_a_revoked_role_ends_the_events_on_every_node_at_once(
         )
         await asyncio.sleep(0.3)
         assert "Not for Bob" not in repr(bob_on_two.events)
+
+
+# search, list columns, merging duplicates -----------------------------------------------------
+
+
+async def titles(hub: HubHarness, token: str, kind: str, q: str) -> list[str]:
+    resp = await hub.request("GET", f"/api/v1/crm/{kind}?q={quote(q)}", token=token)
+    assert resp.status == 200, resp.body
+    return sorted(r["title"] for r in resp.body["records"])
+
+
+async def test_search_finds_part_of_an_email_a_phone_or_the_company(hub: HubHarness) -> None:
+    _, mary = await hub.create_user("mary")
+    _, olga = await hub.create_user("olga")
+    acme = await make(hub, mary, "companies", title="Acme Industries")
+    await make(
+        hub, mary, "contacts", first_name="Hans", last_name="Huber",
+        emails=[{"value": "hans@acme.example"}], phones=[{"number": "+1 555-1234 77"}],
+    )  # fmt: skip
+    await make(hub, mary, "contacts", first_name="Ina", company_ids=[acme["id"]])
+    await make(
+        hub, mary, "leads", title="Enquiry", emails=[{"value": "x@globex.example"}],
+        ignore_duplicates=True,
+    )  # fmt: skip
+    await make(hub, mary, "deals", title="Big order", company_id=acme["id"])
+    await make(hub, olga, "contacts", first_name="Otto", emails=[{"value": "otto@acme.example"}])
+    # part of an e-mail address: "acme" finds hans@acme.example (and Ina, of the Acme company)
+    assert await titles(hub, mary, "contacts", "acme") == ["Hans Huber", "Ina"]
+    assert await titles(hub, mary, "contacts", "ACME.EX") == ["Hans Huber"]
+    assert await titles(hub, mary, "leads", "globex") == ["Enquiry"]
+    # part of a phone number, typed with other spacing: the digits in order
+    assert await titles(hub, mary, "contacts", "5551234") == ["Hans Huber"]
+    assert await titles(hub, mary, "contacts", "555 12") == ["Hans Huber"]
+    assert await titles(hub, mary, "contacts", "34 77") == ["Hans Huber"]
+    assert await titles(hub, mary, "contacts", "999") == []
+    # the company a deal or contact belongs to
+    assert await titles(hub, mary, "deals", "industries") == ["Big order"]
+    assert await titles(hub, mary, "companies", "acme") == ["Acme Industries"]
+    # only what the caller may see; regex characters are literal
+    assert await titles(hub, olga, "contacts", "acme") == ["Otto"]
+    assert await titles(hub, mary, "contacts", ".*") == []
+
+
+async def test_lists_name_the_linked_companies_and_contacts_the_caller_may_see(
+    hub: HubHarness,
+) -> None:
+    _, mary = await hub.create_user("mary")
+    acme = await make(hub, mary, "companies", title="Acme")
+    ann = await make(hub, mary, "contacts", first_name="Ann", company_ids=[acme["id"]])
+    deal = await make(hub, mary, "deals", title="Order", company_id=acme["id"])
+    deals = await hub.request("GET", "/api/v1/crm/deals", token=mary)
+    assert deals.body["records"][0]["id"] == deal["id"]
+    assert deals.body["linked"] == {
+        acme["id"]: {"type": "company", "id": acme["id"], "title": "Acme"},
+        ann["id"]: {"type": "contact", "id": ann["id"], "title": "Ann"},
+    }
+    contacts = await hub.request("GET", "/api/v1/crm/contacts", token=mary)
+    assert set(contacts.body["linked"]) == {acme["id"]}
+    companies = await hub.request("GET", "/api/v1/crm/companies", token=mary)
+    assert set(companies.body["linked"]) == {ann["id"]}
+    assert (await hub.request("GET", "/api/v1/crm/leads", token=mary)).body["linked"] == {}
+
+
+async def test_merging_two_duplicates_moves_links_activities_and_history(hub: HubHarness) -> None:
+    mary_id, mary = await hub.create_user("mary")
+    _, olga = await hub.create_user("olga")
+    client = await hub.connect(mary)
+    await client.wait_for("snapshot")
+    acme = await make(hub, mary, "companies", title="Acme")
+    globex = await make(hub, mary, "companies", title="Globex")
+    keep = await make(
+        hub, mary, "contacts", first_name="Hans", emails=[{"value": "hans@acme.example"}],
+        company_ids=[acme["id"]],
+    )  # fmt: skip
+    dupe = await make(
+        hub, mary, "contacts", first_name="Hans", last_name="Huber",
+        emails=[{"value": "HANS@acme.example"}, {"value": "h.huber@mail.example"}],
+        phones=[{"number": "+49 30 1234567"}], company_ids=[globex["id"]],
+        ignore_duplicates=True,
+    )  # fmt: skip
+    deal = await make(hub, mary, "deals", title="Order", contact_ids=[dupe["id"]])
+    both = await make(hub, mary, "deals", title="Shared", contact_ids=[keep["id"], dupe["id"]])
+    call = await hub.request(
+        "POST",
+        "/api/v1/crm/activities",
+        token=mary,
+        json={"owner_type": "contact", "owner_id": dupe["id"], "type": "call", "subject": "Ring"},
+    )
+    assert call.status == 201, call.body
+    otto = await make(hub, olga, "contacts", first_name="Hans", last_name="Otto")
+
+    # refused: someone else's record (not found), another type, itself, a deal
+    url = f"/api/v1/crm/contacts/{keep['id']}/merge"
+    for other, status in ((otto["id"], 404), (acme["id"], 404), (keep["id"], 422)):
+        resp = await hub.request("POST", url, token=mary, json={"other_id": other})
+        assert resp.status == status, resp.body
+    refused = await hub.request(
+        "POST",
+        f"/api/v1/crm/contacts/{otto['id']}/merge",
+        token=olga,
+        json={"other_id": keep["id"]},
+    )
+    assert refused.status == 404
+    assert (
+        await hub.request("POST", f"/api/v1/crm/deals/{deal['id']}/merge", token=mary)
+    ).status in (404, 405)
+
+    merged = await hub.request("POST", url, token=mary, json={"other_id": dupe["id"]})
+    assert merged.status == 200, merged.body
+    survivor = merged.body
+    # the survivor keeps its own values and takes in what it lacked
+    assert survivor["id"] == keep["id"] and survivor["title"] == "Hans Huber"
+    assert [e["value"] for e in survivor["emails"]] == ["hans@acme.example", "h.huber@mail.example"]
+    assert [p["number"] for p in survivor["phones"]] == ["+49 30 1234567"]
+    assert survivor["company_ids"] == [acme["id"], globex["id"]]
+    assert {r["id"] for r in survivor["links"]["deal"]} == {deal["id"], both["id"]}
+    # the duplicate is gone; the deals name the survivor once
+    gone = await hub.request("GET", f"/api/v1/crm/contacts/{dupe['id']}", token=mary)
+    assert gone.status == 404
+    for d, expected in ((deal, [keep["id"]]), (both, [keep["id"]])):
+        got = await hub.request("GET", f"/api/v1/crm/deals/{d['id']}", token=mary)
+        assert got.body["contact_ids"] == expected
+    globex_now = await hub.request("GET", f"/api/v1/crm/companies/{globex['id']}", token=mary)
+    assert globex_now.body["contact_ids"] == [keep["id"]]
+    # its activity and its history are the survivor's
+    timeline = await hub.request(
+        "GET",
+        f"/api/v1/crm/activities?owner_type=contact&owner_id={keep['id']}&status=all",
+        token=mary,
+    )
+    assert [a["subject"] for a in timeline.body["activities"]] == ["Ring"]
+    assert survivor["open_activities"] == 1
+    history = await hub.request("GET", f"/api/v1/crm/contacts/{keep['id']}/history", token=mary)
+    kinds = [h["kind"] for h in history.body["history"]]
+    assert kinds.count("created") == 2 and "merged" in kinds and "activity_added" in kinds
+    # the duplicate now finds nothing; the survivor is found by the other's address
+    assert await titles(hub, mary, "contacts", "h.huber") == ["Hans Huber"]
+    # viewers are told: the duplicate removed (merged into the survivor), the survivor changed
+    await client.wait_until(
+        lambda: any(
+            e["data"] == {"type": "contact", "id": dupe["id"], "merged_into": keep["id"]}
+            for e in client.of_type("crm.record.removed")
+        )
+    )
+    await client.wait_until(
+        lambda: any(
+            e["data"]["activity"]["owner_id"] == keep["id"]
+            for e in client.of_type("crm.activity.updated")
+        )
+    )
+    assert mary_id in {survivor["responsible_id"]}

@@ -46,6 +46,7 @@ from server.crm.rules import (
     may_grant_roles,
     may_manage_settings,
     may_see,
+    merged_record,
     normal_email,
     normal_name,
     phone_digits,
@@ -1027,3 +1028,59 @@ def test_changes_compares_nested_values_and_ignores_other_fields() -> None:
     ]
     assert changes(before, dict(before), ["emails", "x"]) == []
     assert changes(before, after, []) == []
+
+
+# --- merging duplicates ---------------------------------------------------------------------
+
+
+def test_merge_keeps_the_survivors_values_and_takes_in_what_it_lacks() -> None:
+    survivor: dict[str, Any] = {
+        "type": "contact",
+        "first_name": "Hans",
+        "last_name": "",
+        "emails": [{"type": "work", "value": "Hans@Acme.example"}],
+        "phones": [{"type": "work", "number": "+49 30 1234567"}],
+        "source": "",
+        "comments": "met at the fair",
+        "custom_fields": {"size": None, "region": "north"},
+        "company_ids": ["c1"],
+    }
+    other = {
+        "type": "contact",
+        "first_name": "Hannes",
+        "last_name": "Meier",
+        "emails": [
+            {"type": "home", "value": "hans@acme.example"},
+            {"type": "home", "value": "h.meier@mail.example"},
+        ],
+        "phones": [
+            {"type": "mobile", "number": "+49-30-1234567"},
+            {"type": "mobile", "number": "0171 5"},
+        ],
+        "source": "web",
+        "comments": "asked for a quote",
+        "custom_fields": {"size": 50, "region": "south"},
+        "company_ids": ["c2", "c1"],
+    }
+    assert merged_record(survivor, other) == {
+        "last_name": "Meier",  # the survivor's first name stays
+        "emails": [survivor["emails"][0], {"type": "home", "value": "h.meier@mail.example"}],
+        "phones": [survivor["phones"][0], {"type": "mobile", "number": "0171 5"}],
+        "source": "web",
+        "comments": "met at the fair\n\nasked for a quote",
+        "custom_fields": {"size": 50, "region": "north"},
+        "company_ids": ["c1", "c2"],
+    }
+
+
+def test_merging_a_record_with_nothing_new_changes_nothing() -> None:
+    company = {"type": "company", "title": "Acme", "emails": [], "phones": [], "comments": "x"}
+    assert merged_record(company, {**company, "title": "ACME Inc"}) == {}
+    assert merged_record({**company, "comments": ""}, company) == {"comments": "x"}
+
+
+def test_only_leads_contacts_and_companies_of_one_type_are_merged() -> None:
+    with pytest.raises(ValueError):
+        merged_record({"type": "deal"}, {"type": "deal"})
+    with pytest.raises(ValueError):
+        merged_record({"type": "lead"}, {"type": "contact"})

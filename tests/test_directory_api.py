@@ -438,6 +438,39 @@ async def test_search_by_phone_digits(hub: HubHarness) -> None:
     assert no_digits.body["errors"][0]["loc"] == ["phone"]
 
 
+async def test_one_search_box_finds_name_position_department_email_and_phone(
+    hub: HubHarness,
+) -> None:
+    ctx = await directory_fixture(hub)
+    viewer = ctx["viewer"]
+    await hub.create_user(
+        "erin", department_id=ctx["it"], first_name="Erin", last_name="Evans",
+        position="Chief Accountant",
+    )  # fmt: skip
+    await hub.create_user("frank", first_name="Frank", last_name="Fox", position="Sales manager")
+    # position (job title), case-insensitive, any part of it
+    assert await list_logins(hub, viewer, q="accountant") == ["erin"]
+    assert await list_logins(hub, viewer, position="ACCOUNT") == ["erin"]
+    # the department's name: "sales" finds the Sales department and Frank's position
+    assert sorted(await list_logins(hub, viewer, q="sales")) == ["alice", "frank", "mali"]
+    # e-mail, name, login
+    assert await list_logins(hub, viewer, q="dave@example") == ["dave"]
+    assert sorted(await list_logins(hub, viewer, q="ALI")) == ["alice", "bob", "mali"]
+    # every word must be found somewhere: name and department together
+    assert await list_logins(hub, viewer, q="carl sales") == ["mali"]
+    assert await list_logins(hub, viewer, q="carl jones") == []
+    assert await list_logins(hub, viewer, q="chief it") == ["erin"]
+    # phone digits, whether typed as one number with punctuation or as a word
+    assert await list_logins(hub, viewer, q="+49 (30) 1234") == ["alice"]
+    assert await list_logins(hub, viewer, q="0171 555") == ["bob"]
+    assert await list_logins(hub, viewer, q="9876") == ["bob"]
+    # regex metacharacters are taken literally; nothing is found by nonsense
+    assert await list_logins(hub, viewer, q=".*") == []
+    assert await list_logins(hub, viewer, q="nobody") == []
+    # the other filters still narrow it
+    assert await list_logins(hub, viewer, q="a", department_id=ctx["it"]) == ["erin", "dave", "bob"]
+
+
 async def test_inactive_users_are_hidden_unless_an_admin_asks(hub: HubHarness) -> None:
     _, admin = await hub.create_user("root", admin=True)
     ctx = await directory_fixture(hub)

@@ -7,12 +7,16 @@ import itertools
 import pytest
 
 from server.directory.rules import (
+    MAX_SEARCH_WORDS,
     DepartmentNode,
     Person,
     ancestors,
+    departments_named,
     descendants,
     is_supervisor,
     may_see_user,
+    phone_search,
+    search_words,
     supervisors_of,
 )
 
@@ -238,3 +242,25 @@ def test_visibility_is_symmetric_between_active_users() -> None:
                 other.id,
                 shared,
             )
+
+
+def test_search_words_are_distinct_and_few() -> None:
+    assert search_words("  chief   it  chief ") == ["chief", "it"]
+    assert search_words("") == []
+    assert len(search_words(" ".join(f"w{n}" for n in range(20)))) == MAX_SEARCH_WORDS
+
+
+def test_a_phone_number_with_punctuation_is_searched_as_one_run_of_digits() -> None:
+    assert phone_search("+49 (30) 1234-567") == "49301234567"
+    assert phone_search("0100 105") == "0100105"
+    assert phone_search(" 12 ") == "12"
+    assert phone_search("7") is None  # one digit finds everyone
+    assert phone_search("sales 12") is None  # words: each is looked for on its own
+    assert phone_search("") is None
+
+
+def test_departments_are_found_by_part_of_their_name() -> None:
+    names = {"d1": "Sales Europe", "d2": "IT", "d3": "Presales"}
+    assert departments_named("SALES", names) == ["d1", "d3"]
+    assert departments_named("it", names) == ["d2"]
+    assert departments_named("finance", names) == []

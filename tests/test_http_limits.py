@@ -200,3 +200,52 @@ async def test_every_answer_carries_the_security_headers(
     assert api.status == 200
     assert api.headers["Content-Security-Policy"].startswith("default-src 'none'")
     assert problem.status == 404
+
+
+async def test_the_client_addresses_get_the_page_and_nothing_else_does(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    """A reload or a shared link of a screen (/tasks/<id>, /crm/deals/<id>...) gets the web
+    client's page with its policy; the API, Socket.IO, static files, metrics and health
+    answer as before, and an unknown path is not turned into a page."""
+    client = tmp_path / "client"
+    client.mkdir()
+    (client / "index.html").write_text("<!doctype html><title>Portal Hub</title>")
+    async with limited_hub(settings, store, web_client_dir=client) as hub:
+        for path in (
+            "/",
+            "/messenger",
+            "/messenger/65f0c0ffee0000000000abcd",
+            "/employees/65f0c0ffee0000000000abcd",
+            "/tasks/65f0c0ffee0000000000abcd",
+            "/crm/deals/kanban",
+            "/crm/contacts/65f0c0ffee0000000000abcd",
+            "/settings",
+        ):
+            page = await hub.request("GET", path)
+            assert page.status == 200, path
+            assert page.content_type == "text/html", path
+            assert "<title>Portal Hub</title>" in page.body
+            assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+            assert page.headers["X-Frame-Options"] == "DENY"
+            # a reload revalidates: the 304 keeps the page's policy, which the browser takes
+            again = await hub.request(
+                "GET", path, headers={"If-Modified-Since": page.headers["Last-Modified"]}
+            )
+            assert again.status == 304, path
+            assert again.headers["Content-Security-Policy"].startswith("default-src 'self'")
+        unknown_api = await hub.request("GET", "/api/v1/tasks-nothing")
+        assert unknown_api.status == 404
+        assert unknown_api.content_type == "application/problem+json"
+        assert (await hub.request("POST", "/api/v1/nothing")).status == 404
+        health = await hub.request("GET", "/healthz")
+        assert health.status == 200 and health.body["status"] == "ok"
+        ready = await hub.request("GET", "/readyz")
+        assert ready.content_type == "application/json"
+        metrics = await hub.request("GET", "/metrics")
+        assert metrics.content_type == "text/plain"
+        assert (await hub.request("GET", "/static/tasks/x.js")).status == 404
+        socket = await hub.request("GET", "/socket.io/?EIO=4&transport=polling")
+        assert socket.content_type != "text/html"
+        for path in ("/nothing-here", "/tasksx", "/index.php"):
+            assert (await hub.request("GET", path)).status == 404, path

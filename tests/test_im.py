@@ -506,3 +506,109 @@ async def test_of_two_unread_pushes_the_later_count_stays(hub: HubHarness) -> No
     await asyncio.sleep(0.2)
     pushes = [c["im"] for c in client.of_type("counters.changed") if "im" in c]
     assert pushes[-1] == second.values
+
+
+async def test_the_owner_renames_a_group_chat_and_its_members_are_told(hub: HubHarness) -> None:
+    _, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    _, eve = await hub.create_user("eve")
+    created = await hub.request(
+        "POST", "/api/v1/im/chats", token=alice, json={"title": "Plans", "member_ids": [bob_id]}
+    )
+    chat = created.body
+    bob_client = await hub.connect(bob)
+    await bob_client.wait_for("snapshot")
+    url = f"/api/v1/im/chats/{chat['id']}"
+    # a member who is not the owner may not; an outsider cannot tell the chat exists
+    assert (await hub.request("PATCH", url, token=bob, json={"title": "Mine"})).status == 403
+    assert (await hub.request("PATCH", url, token=eve, json={"title": "Mine"})).status == 404
+    blank = await hub.request("PATCH", url, token=alice, json={"title": "  "})
+    assert blank.status == 422
+    renamed = await hub.request("PATCH", url, token=alice, json={"title": " Q3 plans "})
+    assert renamed.status == 200, renamed.body
+    assert renamed.body["title"] == "Q3 plans"
+    [event] = await bob_client.wait_for("im.chat.updated")
+    assert event["stream"] == chat["stream"]
+    assert event["data"] == {"chat_id": chat["id"], "title": "Q3 plans"}
+    got = await hub.request("GET", url, token=bob)
+    assert got.body["title"] == "Q3 plans"
+    # the same name again is no change and tells nobody
+    assert (await hub.request("PATCH", url, token=alice, json={"title": "Q3 plans"})).status == 200
+    await asyncio.sleep(0.2)
+    assert len(bob_client.of_type("im.chat.updated")) == 1
+    # a private dialog has no name to change
+    dialog = await open_dialog(hub, alice, bob_id)
+    private = await hub.request(
+        "PATCH", f"/api/v1/im/chats/{dialog['id']}", token=alice, json={"title": "x"}
+    )
+    assert private.status == 403
+
+
+async def test_the_send_key_setting_is_kept_and_checked(hub: HubHarness) -> None:
+    _, alice = await hub.create_user("alice")
+    got = await hub.request("GET", "/api/v1/im/settings", token=alice)
+    assert got.body == {"sound": True, "send_key": "enter"}
+    put = await hub.request(
+        "PUT", "/api/v1/im/settings", token=alice, json={"sound": True, "send_key": "ctrl_enter"}
+    )
+    assert put.status == 200 and put.body["send_key"] == "ctrl_enter"
+    assert (await hub.request("GET", "/api/v1/im/settings", token=alice)).body["send_key"] == (
+        "ctrl_enter"
+    )
+    bad = await hub.request(
+        "PUT", "/api/v1/im/settings", token=alice, json={"sound": True, "send_key": "alt"}
+    )
+    assert bad.status == 422
+
+
+async def test_a_private_dialog_says_how_far_the_other_side_has_read(hub: HubHarness) -> None:
+    """The "seen" mark: the other person's read position in a private dialog, live (im.read)
+    and in the dialog list after a reload; a group chat shows no one's read mark."""
+    _, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    alice_tab = await hub.connect(alice)
+    await alice_tab.wait_for("snapshot")
+    first = (await send(hub, alice, to=[bob_id], text="one"))["messages"][0]
+    second = (await send(hub, alice, to=[bob_id], text="two"))["messages"][0]
+    chat_id = first["chat_id"]
+
+    def peer_read(token_dialogs: list[dict[str, Any]], chat: str) -> Any:
+        [dialog] = [d for d in token_dialogs if d["chat"]["id"] == chat]
+        return dialog["peer_last_read_id"]
+
+    dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=alice)).body
+    assert peer_read(dialogs, chat_id) is None  # not read yet
+    resp = await hub.request(
+        "POST", f"/api/v1/im/chats/{chat_id}/read", token=bob, json={"up_to": first["id"]}
+    )
+    assert resp.status == 200
+    await alice_tab.wait_until(
+        lambda: any(
+            e == {"chat_id": chat_id, "user_id": bob_id, "up_to": first["id"]}
+            for e in alice_tab.of_type("im.read")
+        )
+    )
+    dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=alice)).body
+    assert peer_read(dialogs, chat_id) == first["id"]
+    # Bob's own list carries Alice's mark (sending reads up to one's own message), not his
+    bob_dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=bob)).body
+    assert peer_read(bob_dialogs, chat_id) == second["id"]
+    await hub.request(
+        "POST", f"/api/v1/im/chats/{chat_id}/read", token=bob, json={"up_to": second["id"]}
+    )
+    dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=alice)).body
+    assert peer_read(dialogs, chat_id) == second["id"]
+
+    group = await hub.request(
+        "POST", "/api/v1/im/chats", token=alice, json={"title": "Team", "member_ids": [bob_id]}
+    )
+    assert group.status == 201, group.body
+    said = await send(hub, alice, chat_id=group.body["id"], text="hello team")
+    await hub.request(
+        "POST",
+        f"/api/v1/im/chats/{group.body['id']}/read",
+        token=bob,
+        json={"up_to": said["messages"][0]["id"]},
+    )
+    dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=alice)).body
+    assert peer_read(dialogs, group.body["id"]) is None

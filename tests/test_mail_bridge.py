@@ -986,3 +986,60 @@ async def test_a_forged_from_of_a_known_contact_is_flagged_and_not_matched_by_se
         activity = await store["crm_activities"].find_one({"_id": assigned.body["activity_id"]})
         assert activity is not None and activity["mail"]["match"] == "assigned"
         assert activity["mail"]["suspicious"] is True
+
+
+async def test_a_reply_to_a_merged_duplicates_mail_lands_on_the_survivor(
+    mailhub: HubHarness, sink: Sink
+) -> None:
+    """Merging two contacts moves the other's mail: its sent mail is on the survivor's
+    timeline, and the customer's reply to it arrives there."""
+    _, mary = await mailhub.create_user("mary")
+    keep = await mailhub.request(
+        "POST", "/api/v1/crm/contacts", token=mary, json={"first_name": "Carl", "last_name": "C"}
+    )
+    dupe = await mailhub.request(
+        "POST",
+        "/api/v1/crm/contacts",
+        token=mary,
+        json={
+            "first_name": "Carl",
+            "last_name": "Client",
+            "emails": [{"value": "client@example.test"}],
+        },
+    )
+    assert keep.status == 201 and dupe.status == 201, (keep.body, dupe.body)
+    sent = await mailhub.request(
+        "POST",
+        f"/api/v1/crm/contacts/{dupe.body['id']}/emails",
+        token=mary,
+        json={"to": ["client@example.test"], "subject": "Your quote", "text": "Hello Carl"},
+    )
+    assert sent.status == 201, sent.body
+    await mailhub.services.mail.outbox.send_due()
+    for _ in range(100):
+        if sink.received:
+            break
+        await asyncio.sleep(0.05)
+    original = sink.messages()[-1]
+    merged = await mailhub.request(
+        "POST",
+        f"/api/v1/crm/contacts/{keep.body['id']}/merge",
+        token=mary,
+        json={"other_id": dupe.body["id"]},
+    )
+    assert merged.status == 200, merged.body
+    assert [e["value"] for e in merged.body["emails"]] == ["client@example.test"]
+
+    reply = reply_to(original)
+    await deliver(mailhub, reply, [str(original["Reply-To"]).split("<")[-1].rstrip(">")])
+    await settled(mailhub)
+    timeline = await mailhub.request(
+        "GET",
+        f"/api/v1/crm/activities?owner_type=contact&owner_id={keep.body['id']}&status=all",
+        token=mary,
+    )
+    mails = sorted((a["direction"], a["type"]) for a in timeline.body["activities"])
+    assert mails == [("incoming", "email"), ("outgoing", "email")]
+    assert not await mailhub.services.store["crm_activities"].count_documents(
+        {"owner_id": dupe.body["id"]}
+    )

@@ -35,7 +35,7 @@ async def test_connecting_client_gets_snapshot(hub: HubHarness) -> None:
     assert snapshot["presence"][alice_id] == "online"
     assert snapshot["counters"]["im"] == {"unread": 0, "chats": {}}
     assert snapshot["counters"]["tasks"]["total"]["in_progress"] == 0
-    assert snapshot["settings"] == {"im": {"sound": True}}
+    assert snapshot["settings"] == {"im": {"sound": True, "send_key": "enter"}}
     assert snapshot["streams"] == {f"user:{alice_id}": 0}
 
     # bob sees alice come online, live

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from server.settings import Settings
 from server.store.database import Store
+from server.tasks.service import FIELD_RULES
 from tests.harness import HubHarness, SocketClient, start_hub
 
 
@@ -215,6 +216,11 @@ async def test_permissions_fields_and_comments(hub: HubHarness) -> None:
         hub, alice, title="Write report", responsible_ids=[bob_id], participant_ids=[carol_id]
     )
     path = f"/api/v1/tasks/{task['id']}"
+    # what each may change, field by field, is in the task as they get it
+    everything = sorted([*FIELD_RULES, "rating"])
+    assert task["editable_fields"] == everything
+    assert (await hub.request("GET", path, token=bob)).body["editable_fields"] == []
+    assert (await hub.request("GET", path, token=carol)).body["editable_fields"] == []
     assert (await hub.request("PATCH", path, token=bob, json={"title": "Mine now"})).status == 403
     soon = (datetime.now(UTC) + timedelta(days=2)).isoformat()
     assert (await hub.request("PATCH", path, token=bob, json={"deadline": soon})).status == 403
@@ -222,6 +228,8 @@ async def test_permissions_fields_and_comments(hub: HubHarness) -> None:
         "PATCH", path, token=alice, json={"responsible_may_change_deadline": True, "tags": ["q3"]}
     )
     assert allowed.status == 200 and allowed.body["tags"] == ["q3"]
+    assert allowed.body["editable_fields"] == everything
+    assert (await hub.request("GET", path, token=bob)).body["editable_fields"] == ["deadline"]
     assert (await hub.request("PATCH", path, token=bob, json={"deadline": soon})).status == 200
     refused = await hub.request("POST", f"{path}/actions/approve", token=bob)
     assert refused.status == 409

@@ -21,6 +21,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from server.auth.service import AuthService, token_hash
 from server.auth.sessions import LiveSession
 from server.background import stop
+from server.channels.emit import HubManager, HubServer
 from server.channels.frames import BadFrame, StrictPacket, event_namespace
 from server.channels.ratelimit import TokenBucket
 from server.channels.rooms import may_subscribe
@@ -59,6 +61,12 @@ STRIKE_MEMORY_SECONDS = 10.0
 DRAIN_RECONNECT_SPREAD_MS = 3000
 ENGINE_CLOSE_WAIT = 2.0
 
+# The connection a task works for alone (its session start, a join, a subscribe): what the
+# task sends that connection waits while its client is behind, so that a replay of thousands
+# of events goes at the client's pace instead of piling up in memory (and past the backlog
+# limit). Emits from shared paths (the bus) never wait.
+_paced: ContextVar[str | None] = ContextVar("paced", default=None)
+
 
 class ConnectAuth(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -87,12 +95,16 @@ class Typing(BaseModel):
     chat_id: str = Field(min_length=1, max_length=64)
 
 
-@dataclass
+@dataclass(slots=True)
 class Connection:
+    """One Socket.IO connection's state. Slotted, and what an idle connection does not use
+    is not made: the token bucket comes with the first client event, and ``buffers`` holds
+    a stream only while the connection catches up on it."""
+
     sid: str
     user: Document
     since: dict[str, int]
-    bucket: TokenBucket
+    bucket: TokenBucket | None = None
     active: bool = True
     streams: set[str] = field(default_factory=set)
     buffers: dict[str, deque[Event]] = field(default_factory=dict)
@@ -131,16 +143,22 @@ class Hub:
         self._snapshot_parts: dict[str, SnapshotPart] = {}
         self._client_events: dict[str, ClientHandler] = {}
         self._bus = bus
-        self.sio = socketio.AsyncServer(
+        # python-socketio's server, writing to websockets itself (server/channels/emit.py,
+        # engine.py)
+        self.sio = HubServer(
             async_mode="aiohttp",
-            client_manager=client_manager,
+            client_manager=client_manager if client_manager is not None else HubManager(),
             max_http_buffer_size=settings.socket_max_message_bytes,
             always_connect=False,
             serializer=StrictPacket,  # a packet it cannot decode raises BadFrame
             logger=_library_logger("socketio.server"),
             engineio_logger=_library_logger("engineio.server"),
+            backlog_limit=settings.socket_send_backlog_bytes,
         )
         install_drivers(self.sio.eio)
+        self.sio.on_connected = self._connected
+        # Tasks waiting for a connection's CONNECT packet to go out.
+        self._connect_waiters: dict[str, list[asyncio.Future[None]]] = {}
         # Engine.IO connections that have not authenticated yet, and when they must have.
         self._auth_deadlines: dict[str, asyncio.TimerHandle] = {}
         self._wrap_engine_handlers()
@@ -201,6 +219,38 @@ class Hub:
         engine.on("message", message)
         engine.on("disconnect", disconnected)
 
+    def _connected(self, sid: str) -> None:
+        """The CONNECT packet of ``sid`` has gone out: whatever waited for it may send."""
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        deadline = self._auth_deadlines.pop(eio_sid, None) if eio_sid is not None else None
+        if deadline is not None:
+            deadline.cancel()  # authenticated: no need to keep the timer for its 30 s
+        for waiter in self._connect_waiters.pop(sid, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _until_connected(self, sid: str) -> bool:
+        """Wait (up to ``CONNECT_WAIT_SECONDS``) for the CONNECT packet of ``sid`` to go out;
+        False if it does not, or the connection ends first."""
+        if self.sio.manager.is_connected(sid, "/"):
+            return True
+        if sid not in self._connections:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._connect_waiters.setdefault(sid, [])
+        waiters.append(waiter)
+        try:
+            async with asyncio.timeout(CONNECT_WAIT_SECONDS):
+                await waiter
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters and self._connect_waiters.get(sid) is waiters:
+                    del self._connect_waiters[sid]
+        return bool(self.sio.manager.is_connected(sid, "/"))
+
     def _peer(self, eio_sid: str) -> str:
         request = self.sio.environ.get(eio_sid, {}).get("aiohttp.request")
         return str(request.remote) if request is not None else "?"
@@ -224,11 +274,27 @@ class Hub:
         log.debug("closing Engine.IO connection from %s: not authenticated", self._peer(eio_sid))
         self._spawn(end_session(self.sio.eio, eio_sid))
 
-    async def _emit(self, event: str, data: Any, **target: Any) -> None:
-        """To this node's own connections. Every node gets every event from the bus and
-        delivers it to its connections, in order; the Socket.IO manager's queue (Redis, with
-        several nodes) would deliver a second copy, later and unordered."""
-        await self.sio.emit(event, data, ignore_queue=True, **target)
+    async def _emit(self, event: str, data: Any, **target: Any) -> int:
+        """To this node's own connections, written now, in one pass (``HubServer.emit_local``);
+        returns to how many. Every node gets every event from the bus and delivers it to its
+        connections, in order; the Socket.IO manager's queue (Redis, with several nodes) would
+        deliver a second copy, later and unordered.
+
+        In a paced task (``_paced``) an emit to one connection then waits while that
+        connection's client is behind."""
+        count = self.sio.emit_local(event, data, **target)
+        if count is None:
+            skip = target.get("skip_sid")
+            if isinstance(skip, set | frozenset):
+                target["skip_sid"] = list(skip)  # python-socketio takes a list
+            await self.sio.emit(event, data, ignore_queue=True, **target)
+            return 0
+        sid = target.get("to")
+        if count and sid is not None and sid == _paced.get():
+            socket = self.sio.engine_socket(sid)
+            if socket is not None and socket.backlog is not None:
+                await socket.flushed()
+        return count
 
     async def _disconnect(self, sid: str) -> None:
         await self.sio.disconnect(sid, ignore_queue=True)
@@ -287,14 +353,9 @@ class Hub:
         since = {s: n for s, n in parsed.since.items() if len(s) <= MAX_STREAM_NAME}
         conn = Connection(
             sid,
-            user,
+            self._same_user(user),
             since,
-            TokenBucket(
-                self.settings.socket_events_per_second,
-                self.settings.socket_event_burst,
-                time.monotonic(),
-            ),
-            parsed.active,
+            active=parsed.active,
             token_hash=token_hash(parsed.token),
         )
         self._connections[sid] = conn
@@ -313,12 +374,24 @@ class Hub:
         )
         self._tasks[sid] = asyncio.create_task(self._start_session(sid), name=f"session:{sid}")
 
+    def _same_user(self, user: Document) -> Document:
+        """``user``, or the equal document another connection of the user holds already: each
+        connection keeping its own copy cost a few KiB per connection."""
+        for other in self._by_user.get(str(user["_id"]), ()):
+            conn = self._connections.get(other)
+            if conn is not None:
+                return conn.user if conn.user == user else user
+        return user
+
     async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
         self._auth.sessions.untrack(f"{TRANSPORT}:{sid}")
         task = self._tasks.pop(sid, None)
         if task is not None and not task.done():
             task.cancel()
         conn = self._connections.pop(sid, None)
+        for waiter in self._connect_waiters.pop(sid, ()):
+            if not waiter.done():
+                waiter.set_result(None)  # it finds the connection gone
         if conn is None:
             return
         sids = self._by_user.get(conn.user_id)
@@ -337,6 +410,7 @@ class Hub:
             await self._disconnect(sid)
 
     async def _start_session(self, sid: str) -> None:
+        _paced.set(sid)
         try:
             await self._wait_connected(sid)
             conn = self._connections.get(sid)
@@ -387,12 +461,9 @@ class Hub:
 
     async def _wait_connected(self, sid: str) -> None:
         # The connect handler runs before the CONNECT packet goes out; nothing may be sent
-        # to the client before that packet, so wait for the manager to register it.
-        deadline = time.monotonic() + CONNECT_WAIT_SECONDS
-        while not self.sio.manager.is_connected(sid, "/"):
-            if sid not in self._connections or time.monotonic() > deadline:
-                raise asyncio.CancelledError
-            await asyncio.sleep(0.005)
+        # to the client before that packet, so wait for it (HubServer.on_connected).
+        if not await self._until_connected(sid):
+            raise asyncio.CancelledError
 
     async def _snapshot(self, conn: Connection) -> dict[str, Any]:
         snapshot: dict[str, Any] = {}
@@ -462,21 +533,23 @@ class Hub:
             if not sids:
                 del self._replaying[stream]
         conn = self._connections.get(sid)
-        if conn is not None:
+        if conn is not None and conn.buffers:
             conn.buffers.pop(stream, None)
+            if not conn.buffers:
+                conn.buffers = {}  # a dict emptied keeps its table; a new empty one has none
 
     async def _on_event(self, event: Event) -> None:
         replaying = self._replaying.get(event.stream)
-        skip: list[str] | None = None
         if replaying:
-            skip = list(replaying)
-            for sid in skip:
+            for sid in replaying:
                 conn = self._connections.get(sid)
                 if conn is not None and event.stream in conn.buffers:
                     conn.buffers[event.stream].append(event)
-        room = self.sio.manager.rooms.get("/", {}).get(event.stream, ())
-        copies = len(room) - sum(1 for sid in skip or () if sid in room)
-        await self._emit(event.type, event.envelope(), room=event.stream, skip_sid=skip)
+        # One synchronous pass over the room (HubServer.emit_local): the set of replaying
+        # connections cannot change under it.
+        copies = await self._emit(
+            event.type, event.envelope(), room=event.stream, skip_sid=replaying or None
+        )
         instruments.socketio_delivered(event, copies)
         if event.stream.startswith("user:"):
             self._follow_membership(event)
@@ -495,6 +568,7 @@ class Hub:
                 self._spawn(self.sio.leave_room(conn.sid, left))
 
     async def _join_live(self, conn: Connection, stream: str, from_seq: int) -> None:
+        _paced.set(conn.sid)  # a task of its own (_spawn), for this connection alone
         await self.sio.enter_room(conn.sid, stream)
         await self._catch_up(conn, stream, from_seq)
 
@@ -531,13 +605,11 @@ class Hub:
 
     async def _end_session(self, sid: str, reason: str) -> None:
         """The connection's token was revoked or expired: say why, then disconnect."""
-        deadline = time.monotonic() + CONNECT_WAIT_SECONDS
-        while sid in self._connections and not self.sio.manager.is_connected(sid, "/"):
-            if time.monotonic() > deadline:  # revoked while connecting: nothing before CONNECT
-                break
-            await asyncio.sleep(0.005)
+        # revoked while connecting: nothing may go out before CONNECT
+        connected = await self._until_connected(sid)
         if sid in self._connections:
-            await self._emit("session.revoked", {"reason": reason}, to=sid)
+            if connected:
+                await self._emit("session.revoked", {"reason": reason}, to=sid)
             await self._disconnect(sid)
 
     # client events -----------------------------------------------------------------------------
@@ -568,6 +640,10 @@ class Hub:
 
     async def _allow(self, conn: Connection) -> bool:
         now = time.monotonic()
+        if conn.bucket is None:  # made on first use: the same as made full at connect
+            conn.bucket = TokenBucket(
+                self.settings.socket_events_per_second, self.settings.socket_event_burst, now
+            )
         if conn.bucket.take(now):
             return True
         if now - conn.last_strike > STRIKE_MEMORY_SECONDS:
@@ -586,6 +662,7 @@ class Hub:
         return False
 
     async def _on_subscribe(self, conn: Connection, data: Any) -> dict[str, Any]:
+        _paced.set(conn.sid)  # this client event's own task
         request = SubscribeRequest.model_validate(data)
         member = await self.member_streams(conn.user)
         if not may_subscribe(conn.user_id, request.stream, member):
@@ -643,10 +720,10 @@ class Hub:
             return_exceptions=True,
         )
         # A client that closed first leaves its last long-poll waiting out the ping timeout
-        # (python-engineio answers it only then): answer it now, empty.
+        # (python-engineio answers it only then): answer it now, empty. A websocket closes.
         for engine in engines:
             if engine is not None:
-                engine.queue.put_nowait(None)
+                engine.close_now()
         if sids:
             log.info("drained %s Socket.IO connections", len(sids))
 
@@ -654,6 +731,7 @@ class Hub:
         for deadline in self._auth_deadlines.values():
             deadline.cancel()
         self._auth_deadlines.clear()
+        await self.sio.eio.shutdown()  # the ping timer, closes under way
         await stop(*self._tasks.values(), *self._background)
         for sid in list(self._connections):
             try:

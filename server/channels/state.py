@@ -1,7 +1,15 @@
-"""What one connection was last sent of each versioned state (see ``VersionedState``)."""
+"""What one connection was last sent of each versioned state (see ``VersionedState``).
+
+Every connection holds this for as long as it is open, so it is kept small: a tuple of
+``(key, version, values)``, with no values at all for a state sent whole (only its version
+matters), and the values of a state sent as differences shared by every connection that holds
+the same numbers (``_shared``): most users' CRM counters are all zeros, and a user's
+connections hold the same numbers. An idle connection costs a tuple and pointers.
+"""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from server.events.models import VersionedState, changed_numbers
@@ -9,23 +17,67 @@ from server.events.models import VersionedState, changed_numbers
 Values = dict[str, Any]
 
 
+class _SharedValues(dict[str, Any]):
+    """Held values, shared and never changed (a dict that can be referenced weakly)."""
+
+    __slots__ = ("__weakref__",)
+
+
+_SHARED: weakref.WeakValueDictionary[Any, _SharedValues] = weakref.WeakValueDictionary()
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("__list__", *(_frozen(v) for v in value))
+    return value
+
+
+def _shared(key: str, values: Values) -> Values:
+    """``values``, or an equal dict already held by another connection."""
+    try:
+        identity = (key, _frozen(values))
+        found = _SHARED.get(identity)
+    except TypeError:  # something unhashable in there: not shared
+        return values
+    if found is None:
+        found = _SHARED[identity] = _SharedValues(values)
+    return found
+
+
 class HeldStates:
+    __slots__ = ("_held",)
+
     def __init__(self) -> None:
-        self._held: dict[str, tuple[int, Values]] = {}
+        self._held: tuple[tuple[str, int, Values | None], ...] = ()
+
+    def _get(self, key: str) -> tuple[str, int, Values | None] | None:
+        for held in self._held:
+            if held[0] == key:
+                return held
+        return None
+
+    def _put(self, state: VersionedState) -> None:
+        values = None if state.whole else _shared(state.key, state.values)
+        self._held = (
+            *(held for held in self._held if held[0] != state.key),
+            (state.key, state.version, values),
+        )
 
     def reset(self, state: VersionedState) -> Values:
         """The connection is sent ``state`` whole (its snapshot)."""
-        self._held[state.key] = (state.version, state.values)
+        self._put(state)
         return state.values
 
     def offer(self, state: VersionedState) -> Values | None:
         """What to send the connection of ``state``: the difference from what it holds (all
         of it, for a whole state), or None when there is nothing new for it. Before its
         snapshot a connection holds nothing and is sent nothing: the snapshot brings it."""
-        held = self._held.get(state.key)
-        if held is None or state.version <= held[0]:
+        held = self._get(state.key)
+        if held is None or state.version <= held[1]:
             return None
-        self._held[state.key] = (state.version, state.values)
+        self._put(state)
         if state.whole:
             return state.values
-        return changed_numbers(held[1], state.values) or None
+        return changed_numbers(held[2] or {}, state.values) or None

@@ -291,13 +291,15 @@ class CrmCore:
         async for doc in self.records.find({"_id": {"$in": record_ids}}):
             await self.announce_record(doc)
 
-    async def announce_record_removed(self, doc: Document) -> None:
+    async def announce_record_removed(self, doc: Document, merged_into: str | None = None) -> None:
+        """``merged_into``: the record was merged into that one, which clients open instead."""
         snapshot = await self.access.snapshot()
+        payload: dict[str, Any] = {"type": doc["type"], "id": doc["_id"]}
+        if merged_into is not None:
+            payload["merged_into"] = merged_into
         await asyncio.gather(
             *(
-                self.streams.append(
-                    user_stream(uid), "crm.record.removed", {"type": doc["type"], "id": doc["_id"]}
-                )
+                self.streams.append(user_stream(uid), "crm.record.removed", payload)
                 for uid in snapshot.viewers_of(doc["responsible_id"])
             )
         )

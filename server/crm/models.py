@@ -201,6 +201,12 @@ class RecordDetail(RecordOut):
 class RecordList(BaseModel):
     records: list[RecordOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+    linked: dict[str, RecordRef] = Field(
+        default_factory=dict,
+        description="The records these link to (a contact's companies, a deal's company and "
+        "contacts, a company's contacts) that the caller may see, by id: for the list's "
+        "company and contact columns",
+    )
 
 
 class RecordQuery(Strict):
@@ -284,6 +290,13 @@ class ConversionCandidates(BaseModel):
         description="Existing companies like the one the lead would become"
     )
     hidden: bool = Field(description="Whether records the caller may not see match too")
+
+
+class MergeRequest(Strict):
+    other_id: str = Field(
+        description="The duplicate to merge into this record (of the same type); it is "
+        "deleted once its links, activities, mail and history are the survivor's"
+    )
 
 
 class ConversionResult(BaseModel):

@@ -34,6 +34,7 @@ from server.crm.models import (
     RecordRef,
 )
 from server.crm.rules import (
+    MERGEABLE_TYPES,
     MIN_SUFFIX_DIGITS,
     Candidate,
     ConversionMode,
@@ -51,6 +52,7 @@ from server.crm.rules import (
     deal_from_lead,
     duplicate_report,
     may_convert,
+    merged_record,
     normal_email,
     normal_name,
     phone_digits,
@@ -428,7 +430,7 @@ class RecordService:
         if query.open is not None:
             filters.append({"open": query.open})
         if query.q:
-            filters.append(_text_filter(query.q))
+            filters.append(await self._search_filter(record_type, query.q))
         if query.activity_responsible_id:
             owners = await self.core.activities.distinct(
                 "owner_id",
@@ -458,7 +460,54 @@ class RecordService:
                 await self.core.company_contacts(doc["_id"]) if record_type == "company" else None
             )
             records.append(self.core.record_out(doc, indicators[doc["_id"]], contacts))
-        return RecordList(records=records, next_cursor=docs[-1]["_id"] if more and docs else None)
+        return RecordList(
+            records=records,
+            next_cursor=docs[-1]["_id"] if more and docs else None,
+            linked=await self._linked_refs(viewer, records),
+        )
+
+    async def _linked_refs(self, viewer: Viewer, records: list[RecordOut]) -> dict[str, RecordRef]:
+        """The companies and contacts a page of records links to, as the caller sees them."""
+        ids: set[str] = set()
+        for r in records:
+            ids.update(r.company_ids or [])
+            ids.update(r.contact_ids or [])
+            if r.company_id:
+                ids.add(r.company_id)
+        if not ids:
+            return {}
+        return {
+            d["_id"]: RecordRef(type=d["type"], id=d["_id"], title=record_title(d))
+            async for d in self._records.find(
+                {"_id": {"$in": sorted(ids)}}, {"type": 1, "title": 1, "responsible_id": 1}
+            )
+            if viewer.sees(d["responsible_id"])
+        }
+
+    async def _search_filter(self, record_type: str, q: str) -> Document:
+        """The list's search box: a part of the title or name, of an e-mail address ("acme"
+        finds hans@acme.example), of a phone number as typed ("555 12"), or of the name of
+        the company a contact or deal belongs to."""
+        ors: list[Document] = [_text_filter(q)]
+        needle = q.strip()
+        if needle:
+            ors.append({"email_keys": {"$regex": re.escape(normal_email(needle))}})
+        digits = phone_digits(needle)
+        if len(digits) >= MIN_PARTIAL_PHONE_DIGITS and _PHONE_TEXT.match(needle):
+            # the digits in order, whatever is written between them: "555 12" finds 555-1234
+            ors.append({"phones.number": {"$regex": r"\D*".join(digits)}})
+        if record_type in ("contact", "deal") and normal_name(needle):
+            companies = [
+                d["_id"]
+                async for d in self._records.find(
+                    {"type": "company", "search_text": {"$regex": re.escape(normal_name(needle))}},
+                    {"_id": 1},
+                ).limit(500)
+            ]
+            if companies:
+                key = "company_ids" if record_type == "contact" else "company_id"
+                ors.append({key: {"$in": companies}})
+        return {"$or": ors}
 
     async def _counted_owner_ids(self, viewer: Viewer, record_type: str) -> list[Any]:
         cfg = await self.core.config.counter_config()
@@ -950,6 +999,116 @@ class RecordService:
             await self.core.announce_record(other)
         self.core.counters.touch(sorted(touched), [record_type])
 
+    # merge -----------------------------------------------------------------------------------
+
+    async def merge(
+        self, actor_id: str, record_type: str, survivor_id: str, other_id: str
+    ) -> RecordDetail:
+        """Two duplicates become one. The survivor takes in what the other has and it lacks
+        (``merged_record``), then the other's links, activities (its mail with them: replies
+        find their record through the activity) and history; the other is deleted. The caller
+        must see both."""
+        if record_type not in MERGEABLE_TYPES:
+            raise Problem(
+                422, "invalid-value", "Invalid value", "only leads, contacts and companies merge"
+            )
+        if survivor_id == other_id:
+            raise Problem(
+                422, "invalid-value", "Invalid value", "a record cannot be merged with itself"
+            )
+        viewer = await self._viewer(actor_id)
+        survivor = await self.core.visible_record(viewer, record_type, survivor_id)
+        other = await self.core.visible_record(viewer, record_type, other_id)
+        if record_type == "lead":
+            if survivor.get("converting") or other.get("converting"):
+                raise conflict("one of the leads is being converted")
+            if other.get("status") == "converted" and survivor.get("status") != "converted":
+                raise conflict("merge the other way round: the converted lead survives")
+        after = {**survivor, **merged_record(survivor, other)}
+        if record_type == "lead" and other.get("converted"):
+            after["converted"] = {**other["converted"], **(survivor.get("converted") or {})}
+        after["title"] = derived_title(after)
+        after["open"] = record_is_open(record_type, after.get("status"), _semantics(after))
+        after.update(search_keys(after))
+        after["modified_by"] = actor_id
+        after["modified_at"] = utcnow()
+        touched = {survivor["responsible_id"], other["responsible_id"]}
+
+        moved = [a async for a in self.core.activities.find({"owner_id": other_id})]
+        touched.update(a["responsible_id"] for a in moved if not a.get("completed"))
+        if moved:
+            await self.core.activities.update_many(
+                {"owner_id": other_id},
+                {
+                    "$set": {
+                        "owner_id": survivor_id,
+                        "record_responsible_id": after["responsible_id"],
+                    }
+                },
+            )
+        after["open_activities"] = await self.core.activities.count_documents(
+            {"owner_id": survivor_id, "completed": False}
+        )
+        linked = await self._move_links(record_type, survivor_id, other_id)
+        if record_type == "contact":
+            linked.update(after.get("company_ids", []))  # a company lists its contacts
+        await self.core.store["crm_history"].update_many(
+            {"record_id": other_id}, {"$set": {"record_id": survivor_id}}
+        )
+        sets = {k: v for k, v in after.items() if k != "_id" and survivor.get(k) != v}
+        await self._records.update_one({"_id": survivor_id}, {"$set": sets})
+        await self._records.delete_one({"_id": other_id})
+        for change in changes(survivor, after, TRACKED[record_type]):
+            await self.core.record_history(
+                after, actor_id, "field", change.field, change.old, change.new
+            )
+        await self.core.record_history(
+            after,
+            actor_id,
+            "merged",
+            "record",
+            None,
+            {"id": other_id, "title": record_title(other)},
+        )
+        await self.core.announce_record_removed(other, merged_into=survivor_id)
+        await self.core.announce_record(after)
+        for act in moved:
+            moved_act = {
+                **act,
+                "owner_id": survivor_id,
+                "record_responsible_id": after["responsible_id"],
+            }
+            await self.core.announce_activity(moved_act, after)
+        async for doc in self._records.find({"_id": {"$in": sorted(linked - {survivor_id})}}):
+            await self.core.announce_record(doc)
+        self.core.counters.touch(sorted(touched), [record_type])
+        return await self.detail_of(viewer, after)
+
+    async def _move_links(self, record_type: str, survivor_id: str, other_id: str) -> set[str]:
+        """What linked to the merged-away record links to the survivor; returns the records
+        whose links changed."""
+        records = self._records
+        linked: set[str] = set()
+        if record_type == "contact":
+            query: Document = {"type": "deal", "contact_ids": other_id}
+            linked.update([d["_id"] async for d in records.find(query, {"_id": 1})])
+            await records.update_many(query, {"$addToSet": {"contact_ids": survivor_id}})
+            await records.update_many(query, {"$pull": {"contact_ids": other_id}})
+        elif record_type == "company":
+            query = {"type": "contact", "company_ids": other_id}
+            linked.update([d["_id"] async for d in records.find(query, {"_id": 1})])
+            await records.update_many(query, {"$addToSet": {"company_ids": survivor_id}})
+            await records.update_many(query, {"$pull": {"company_ids": other_id}})
+            query = {"type": "deal", "company_id": other_id}
+            linked.update([d["_id"] async for d in records.find(query, {"_id": 1})])
+            await records.update_many(query, {"$set": {"company_id": survivor_id}})
+            await self.core.store["crm_link_memory"].delete_one({"_id": other_id})
+        else:
+            query = {"lead_id": other_id}
+            linked.update([d["_id"] async for d in records.find(query, {"_id": 1})])
+            await records.update_many(query, {"$set": {"lead_id": survivor_id}})
+        return linked
+
 
 def _merged(mine: list[Document], theirs: list[Document], key: str) -> list[Document]:
     """``mine`` and then those of ``theirs`` it lacks (compared as duplicate control does)."""
@@ -979,6 +1138,10 @@ def _probe_of(doc: Document) -> Probe:
         last_name=doc.get("last_name", "") if t != "company" else "",
         company_title=company,
     )
+
+
+MIN_PARTIAL_PHONE_DIGITS = 3
+_PHONE_TEXT = re.compile(r"^\+?[\d\s().\/-]+$")
 
 
 def _text_filter(q: str) -> Document:

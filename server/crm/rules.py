@@ -741,3 +741,68 @@ def changes(
         if old != new:
             found.append(FieldChange(name, old, new))
     return found
+
+
+# --- merging duplicates ---------------------------------------------------------------------
+
+MERGEABLE_TYPES: frozenset[str] = frozenset({"lead", "contact", "company"})
+"""The types duplicate control looks at; deals have none and are not merged."""
+
+# What a survivor lacks is taken from the duplicate: these, when empty on the survivor.
+_FILLED: dict[str, tuple[str, ...]] = {
+    "lead": ("title", "first_name", "last_name", "company_title", "amount", "source"),
+    "contact": ("first_name", "last_name", "source"),
+    "company": ("title", "source"),
+}
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == "" or value == [] or value == {}
+
+
+def merged_record(survivor: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+    """The survivor of two duplicates after taking in the other: its own values stay; what
+    it lacks (a name, a source, an amount) comes from the other; e-mails and phones are the
+    union, the survivor's first and no address or number twice; both comments are kept; custom
+    fields it has no value for come over; a contact keeps the companies of both.
+
+    Returns the changed fields only (an empty dict: nothing to take in)."""
+    kind = str(survivor["type"])
+    if kind != other.get("type") or kind not in MERGEABLE_TYPES:
+        raise ValueError("only two leads, two contacts or two companies are merged")
+    out: dict[str, Any] = {}
+    for name in _FILLED[kind]:
+        if _empty(survivor.get(name)) and not _empty(other.get(name)):
+            out[name] = other[name]
+    emails = list(survivor.get("emails", []))
+    seen_emails = {normal_email(e["value"]) for e in emails}
+    for e in other.get("emails", []):
+        if normal_email(e["value"]) not in seen_emails:
+            seen_emails.add(normal_email(e["value"]))
+            emails.append(e)
+    if len(emails) != len(survivor.get("emails", [])):
+        out["emails"] = emails
+    phones = list(survivor.get("phones", []))
+    seen_phones = {phone_digits(p["number"]) for p in phones}
+    for p in other.get("phones", []):
+        if phone_digits(p["number"]) not in seen_phones:
+            seen_phones.add(phone_digits(p["number"]))
+            phones.append(p)
+    if len(phones) != len(survivor.get("phones", [])):
+        out["phones"] = phones
+    mine, theirs = str(survivor.get("comments") or ""), str(other.get("comments") or "")
+    if theirs.strip() and theirs.strip() not in mine:
+        out["comments"] = f"{mine}\n\n{theirs}" if mine.strip() else theirs
+    custom = dict(survivor.get("custom_fields") or {})
+    for code, value in (other.get("custom_fields") or {}).items():
+        if _empty(custom.get(code)) and not _empty(value):
+            custom[code] = value
+    if custom != dict(survivor.get("custom_fields") or {}):
+        out["custom_fields"] = custom
+    if kind == "contact":
+        companies = list(
+            dict.fromkeys([*survivor.get("company_ids", []), *other.get("company_ids", [])])
+        )
+        if companies != list(survivor.get("company_ids", [])):
+            out["company_ids"] = companies
+    return out

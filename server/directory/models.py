@@ -189,8 +189,17 @@ class ProfileUpdate(ProfileFields):
 
 
 class UserQuery(Strict):
+    q: Annotated[str, StringConstraints(max_length=100)] | None = Field(
+        default=None,
+        description="Words to find, each in the name, login, position, department name, "
+        "e-mail or phone digits (case-insensitive); a phone number written with spaces or "
+        "punctuation is also looked for as one run of digits",
+    )
     name: Annotated[str, StringConstraints(max_length=100)] | None = Field(
         default=None, description="Part of the first name, last name or login (case-insensitive)"
+    )
+    position: Annotated[str, StringConstraints(max_length=100)] | None = Field(
+        default=None, description="Part of the position (job title), case-insensitive"
     )
     department_id: str | None = None
     email: Annotated[str, StringConstraints(max_length=254)] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -79,3 +80,32 @@ def may_see_user(viewer: Person, other: Person, shared_workgroup_ids: Iterable[s
     if viewer.is_external or other.is_external:
         return any(True for _ in shared_workgroup_ids)
     return True
+
+
+# --- directory search -----------------------------------------------------------------------
+
+MAX_SEARCH_WORDS = 8
+MIN_PHONE_DIGITS = 2
+_PHONE_TEXT = re.compile(r"^\+?[\d\s().\/-]+$")
+
+
+def search_words(text: str) -> list[str]:
+    """The words of one search box, each of which must be found somewhere in a person's
+    card (name, login, position, department, e-mail, phone); at most eight."""
+    return list(dict.fromkeys(text.split()))[:MAX_SEARCH_WORDS]
+
+
+def phone_search(text: str) -> str | None:
+    """A search box holding a phone number written with spaces or punctuation ("0100 105",
+    "+49 (30) 12"): its digits, to look for as one run in a person's numbers; else None."""
+    stripped = text.strip()
+    if not _PHONE_TEXT.match(stripped):
+        return None
+    digits = re.sub(r"\D", "", stripped)
+    return digits if len(digits) >= MIN_PHONE_DIGITS else None
+
+
+def departments_named(word: str, names: Mapping[str, str]) -> list[str]:
+    """The ids of departments whose name contains ``word`` (case-insensitive)."""
+    needle = word.casefold()
+    return sorted(dept_id for dept_id, name in names.items() if needle in name.casefold())

@@ -24,7 +24,17 @@ from server.directory.models import (
     WorkgroupOut,
     phone_digits,
 )
-from server.directory.rules import DepartmentNode, Person, ancestors, descendants, may_see_user
+from server.directory.rules import (
+    MIN_PHONE_DIGITS,
+    DepartmentNode,
+    Person,
+    ancestors,
+    departments_named,
+    descendants,
+    may_see_user,
+    phone_search,
+    search_words,
+)
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.events.streams import StreamLog, user_stream
@@ -153,6 +163,12 @@ class DirectoryService:
                     ]
                 }
             )
+        if query.position:
+            conditions.append(
+                {"position": {"$regex": re.escape(query.position.strip()), "$options": "i"}}
+            )
+        if query.q and query.q.strip():
+            conditions.append(await self._text_search(query.q))
         if query.department_id:
             if query.subtree:
                 tree = await self.department_tree()
@@ -181,6 +197,33 @@ class DirectoryService:
             limit=query.limit,
         )
         return [UserOut.from_document(doc) async for doc in cursor]
+
+    async def _text_search(self, text: str) -> Document:
+        """One search box over the whole card: every word is found in the name, login,
+        position, e-mail, phone digits or the department's name."""
+        names = {
+            d["_id"]: str(d.get("name", ""))
+            async for d in self._store.departments.find({}, projection={"name": True})
+        }
+        every_word: list[Document] = []
+        for word in search_words(text):
+            pattern = re.escape(word)
+            ors: list[Document] = [
+                {field: {"$regex": pattern, "$options": "i"}}
+                for field in ("first_name", "last_name", "login", "position", "email")
+            ]
+            departments = departments_named(word, names)
+            if departments:
+                ors.append({"department_id": {"$in": departments}})
+            digits = re.sub(r"\D", "", word)
+            if len(digits) >= MIN_PHONE_DIGITS:
+                ors.append({"phone_digits": {"$regex": re.escape(digits)}})
+            every_word.append({"$or": ors})
+        alternatives: list[Document] = [{"$and": every_word}]
+        number = phone_search(text)
+        if number is not None:
+            alternatives.append({"phone_digits": {"$regex": re.escape(number)}})
+        return {"$or": alternatives}
 
     async def update_user(
         self, user_id: str, patch: UserUpdate | ProfileFields, actor_id: str

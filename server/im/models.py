@@ -85,6 +85,11 @@ class DialogOut(BaseModel):
     chat: ChatOut
     unread: int
     last_read_id: str | None
+    peer_last_read_id: str | None = Field(
+        default=None,
+        description="Private dialogs: how far the other person has read (shown as seen); "
+        "null for group chats, whose members' read marks are not shown",
+    )
 
 
 class SendMessage(Strict):
@@ -124,6 +129,10 @@ class CreateChat(Strict):
     member_ids: list[str] = Field(default_factory=list, max_length=5000)
 
 
+class RenameChat(Strict):
+    title: Title
+
+
 class OpenDialog(Strict):
     user_id: str
 
@@ -150,6 +159,11 @@ class SearchQuery(Strict):
 
 class ImSettings(Strict):
     sound: bool = True
+    send_key: Literal["enter", "ctrl_enter"] = Field(
+        default="enter",
+        description="What sends a message in the web client: Enter (Shift+Enter: a new line), "
+        "or Ctrl+Enter (Enter: a new line)",
+    )
 
 
 class Counters(BaseModel):

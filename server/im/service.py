@@ -237,6 +237,31 @@ class ImService:
         await self._add_members(chat, user_ids)
         return await self.chat_out(await self.chat_document(chat_id), str(actor["_id"]))
 
+    async def rename_group(self, actor: Document, chat_id: str, title: str) -> ChatOut:
+        """A group chat's new name, told to its members (``im.chat.updated``); the same people
+        may rename it as may change its members."""
+        actor_id = str(actor["_id"])
+        chat = await self.readable_chat(actor_id, chat_id)
+        if not may_manage_members(
+            actor_id,
+            chat["kind"],
+            chat.get("owner_id"),
+            chat.get("workgroup_id"),
+            bool(actor.get("is_admin")),
+        ):
+            raise forbidden(
+                "only the chat's owner may rename it"
+                if chat["kind"] == "group" and not chat.get("workgroup_id")
+                else "this chat cannot be renamed here"
+            )
+        if title != chat.get("title"):
+            await self._store["chats"].update_one({"_id": chat_id}, {"$set": {"title": title}})
+            chat = {**chat, "title": title}
+            await self._streams.append(
+                chat_stream(chat_id), "im.chat.updated", {"chat_id": chat_id, "title": title}
+            )
+        return await self.chat_out(chat, actor_id)
+
     async def remove_member(self, actor: Document, chat_id: str, user_id: str) -> None:
         actor_id = str(actor["_id"])
         chat = await self.readable_chat(actor_id, chat_id)
@@ -694,6 +719,15 @@ class ImService:
             str(u["_id"]): display_name(u)
             async for u in self._store.users.find({"_id": {"$in": list(others)}})
         }
+        # The other side's read mark, for "seen"; only in private dialogs, where it is
+        # one person's and already pushed to this user as im.read.
+        private = [c["_id"] for c in chats if c["kind"] == "private"]
+        peer_read = {
+            m["chat_id"]: m.get("last_read_id")
+            async for m in self._store["chat_members"].find(
+                {"chat_id": {"$in": private}, "user_id": {"$ne": user_id}}
+            )
+        }
         dialogs = []
         for chat in chats:
             last_read = memberships[chat["_id"]].get("last_read_id")
@@ -702,6 +736,7 @@ class ImService:
                     chat=await self.chat_out(chat, user_id, names),
                     last_read_id=last_read,
                     unread=await self._unread_in(chat["_id"], user_id, last_read),
+                    peer_last_read_id=peer_read.get(chat["_id"]),
                 )
             )
         epoch = datetime.min.replace(tzinfo=UTC)

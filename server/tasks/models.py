@@ -112,6 +112,11 @@ class TaskOut(BaseModel):
     comment_count: int
     my_roles: list[str] = Field(description="The caller's roles on the task")
     allowed_actions: list[str] = Field(description="What the caller may do now")
+    editable_fields: list[str] = Field(
+        default_factory=list,
+        description="The fields of PATCH the caller may change now (field by field: a "
+        "responsible person may be allowed the deadline only)",
+    )
     unseen_updates: int = Field(description="Changes by others since the caller last opened it")
     unseen_comments: int = Field(description="Comments by others since the caller last opened it")
 

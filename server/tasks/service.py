@@ -85,6 +85,14 @@ FIELD_RULES: dict[str, Field] = {
 COUNTED = ("author_id", "responsible_id", "participant_ids", "observer_ids")
 
 
+def editable_fields(roles: frozenset[Role], facts: TaskFacts) -> list[str]:
+    """The PATCH fields ``update`` would accept from someone with ``roles``: the same checks."""
+    fields = [name for name, rule in FIELD_RULES.items() if may_change_field(rule, roles, facts)]
+    if roles & {Role.AUTHOR, Role.ADMIN}:
+        fields.append("rating")
+    return sorted(fields)
+
+
 PeopleAndTree = tuple[list[Person], dict[str, DepartmentNode]]
 
 
@@ -253,6 +261,7 @@ class TaskService:
             comment_count=int(doc.get("comment_count", 0)),
             my_roles=sorted(r.value for r in roles),
             allowed_actions=sorted(a.value for a in allowed_actions(roles, facts)),
+            editable_fields=editable_fields(roles, facts),
             unseen_updates=max(
                 0, int(doc.get("update_count", 0)) - int(seen.get("updates_seen", 0))
             ),

@@ -68,9 +68,9 @@ async def log_in(page: Page, hub: HubHarness, login: str, password: str = DEFAUL
 
 
 async def open_dialog_from_directory(page: Page, name: str) -> None:
-    """Employees -> click the person -> their dialog opens."""
+    """Employees -> the person's "Message" button -> their dialog opens."""
     await page.get_by_test_id("nav-employees").click()
-    await page.locator(f'[data-testid=person][data-name="{name}"] .person-name').click()
+    await page.locator(f'[data-testid=person][data-name="{name}"]').get_by_test_id("write").click()
     await expect(page.get_by_test_id("chat-title")).to_have_text(name)
 
 

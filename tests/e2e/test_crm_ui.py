@@ -452,3 +452,153 @@ async def test_leads_are_created_with_duplicate_warnings_and_converted(
     await expect(page.get_by_test_id("crm-links-deal").get_by_test_id("crm-link")).to_have_text(
         "Website redesign"
     )
+
+
+def card(page: Page, title: str) -> Locator:
+    return page.locator(f'[data-testid=crm-card][data-title="{title}"]')
+
+
+def column(page: Page, stage: str) -> Locator:
+    return page.locator(f"[data-testid=crm-column][data-stage={stage}]")
+
+
+async def test_the_deals_kanban_moves_deals_by_stage_live_for_other_viewers(
+    web_hub: HubHarness, browser: Browser
+) -> None:
+    _mary_id, mary, _cleo, _root = await crm_team(web_hub)
+    acme = await call(web_hub, mary, "POST", "/api/v1/crm/companies", {"title": "Acme Industries"})
+    hans = await call(
+        web_hub,
+        mary,
+        "POST",
+        "/api/v1/crm/contacts",
+        {"first_name": "Hans", "last_name": "Huber", "company_ids": [acme["id"]]},
+    )
+    big = await call(
+        web_hub,
+        mary,
+        "POST",
+        "/api/v1/crm/deals",
+        {"title": "Acme: 40 licences", "company_id": acme["id"], "amount": 48000},
+    )
+    await call(web_hub, mary, "POST", "/api/v1/crm/deals", {"title": "Small pilot", "amount": 900})
+    pages: dict[str, Page] = {}
+    for login in ("mary", "cleo"):
+        page = await (await new_context(browser)).new_page()
+        await log_in(page, web_hub, login)
+        pages[login] = page
+    mary_page, cleo_page = pages["mary"], pages["cleo"]
+
+    # the list names each deal's company and contacts
+    await open_crm(mary_page, "deal")
+    deal_row = row(mary_page, "Acme: 40 licences")
+    await expect(deal_row.get_by_test_id("crm-row-company")).to_have_text("Acme Industries")
+    await expect(deal_row.get_by_test_id("crm-row-contacts")).to_have_text("Hans Huber")
+    # the board, at its own address, for both
+    await mary_page.get_by_test_id("crm-view-kanban").click()
+    await expect(mary_page).to_have_url(f"{web_hub.base_url}/crm/deals/kanban")
+    await cleo_page.goto(f"{web_hub.base_url}/crm/deals/kanban")
+    for page in (mary_page, cleo_page):
+        await expect(column(page, "new").get_by_test_id("crm-card")).to_have_count(2)
+        await expect(column(page, "new").get_by_test_id("crm-column-summary")).to_have_text(
+            "2 deals · 48,900 USD"
+        )
+    await expect(
+        card(mary_page, "Acme: 40 licences").get_by_test_id("crm-card-company")
+    ).to_have_text("Acme Industries")
+    await shoot(mary_page, "crm-kanban")
+
+    # Mary drags the deal to Proposal: Cleo sees it move
+    await card(mary_page, "Acme: 40 licences").drag_to(column(mary_page, "proposal"))
+    await expect(column(mary_page, "proposal").get_by_test_id("crm-card")).to_have_count(1)
+    await expect(column(cleo_page, "proposal")).to_contain_text("Acme: 40 licences")
+    await expect(column(cleo_page, "new").get_by_test_id("crm-card")).to_have_count(1)
+    stored = await call(web_hub, mary, "GET", f"/api/v1/crm/deals/{big['id']}")
+    assert stored["stage_id"] == "proposal"
+    # Cleo moves it on with the card's stage menu (keyboards and phones): Mary sees it
+    await card(cleo_page, "Acme: 40 licences").get_by_test_id("crm-card-stage").select_option("won")
+    await expect(column(mary_page, "won")).to_contain_text("Acme: 40 licences")
+    await expect(column(mary_page, "proposal").get_by_test_id("crm-card")).to_have_count(0)
+    assert (await call(web_hub, mary, "GET", f"/api/v1/crm/deals/{big['id']}"))["open"] is False
+    # the board searches like the list: by the company's name
+    await mary_page.get_by_test_id("crm-search").fill("industries")
+    await expect(mary_page.get_by_test_id("crm-card")).to_have_count(1)
+    await expect(card(mary_page, "Small pilot")).to_have_count(0)
+    # and a reload keeps the board
+    await mary_page.reload()
+    await expect(mary_page.get_by_test_id("crm-kanban")).to_be_visible()
+    # the legend shows colours, not numbers that would read as live counters
+    legend = await mary_page.get_by_test_id("crm-legend").inner_text()
+    assert not any(ch.isdigit() for ch in legend), legend
+    assert hans["id"]
+
+
+async def test_search_by_part_of_an_email_and_merging_duplicates(
+    web_hub: HubHarness, browser: Browser
+) -> None:
+    _mary_id, mary, cleo, _root = await crm_team(web_hub)
+    keep = await call(
+        web_hub,
+        mary,
+        "POST",
+        "/api/v1/crm/contacts",
+        {"first_name": "Hans", "last_name": "Huber", "emails": [{"value": "hans@acme.example"}]},
+    )
+    dupe = await call(
+        web_hub,
+        mary,
+        "POST",
+        "/api/v1/crm/contacts",
+        {
+            "first_name": "Hans",
+            "last_name": "Huber",
+            "emails": [{"value": "HANS@acme.example"}],
+            "phones": [{"number": "+49 30 1234567"}],
+            "ignore_duplicates": True,
+        },
+    )
+    await call(web_hub, mary, "POST", "/api/v1/crm/contacts", {"first_name": "Otto"})
+    deal = await call(
+        web_hub,
+        mary,
+        "POST",
+        "/api/v1/crm/deals",
+        {"title": "Acme order", "contact_ids": [dupe["id"]]},
+    )
+    await activity(web_hub, mary, dupe, type="call", subject="Call about the order")
+
+    mary_page = await (await new_context(browser)).new_page()
+    await log_in(mary_page, web_hub, "mary")
+    await open_crm(mary_page, "contact")
+    await mary_page.get_by_test_id("crm-search").fill("acme")
+    await expect(mary_page.get_by_test_id("crm-row")).to_have_count(2)
+    await mary_page.get_by_test_id("crm-search").fill("1234")
+    await expect(mary_page.get_by_test_id("crm-row")).to_have_count(1)
+    await expect(mary_page.get_by_test_id("crm-row")).to_have_attribute("data-id", dupe["id"])
+    await mary_page.get_by_test_id("crm-search").fill("")
+
+    # Cleo has the duplicate open; Mary merges it into the other
+    cleo_page = await (await new_context(browser)).new_page()
+    await log_in(cleo_page, web_hub, "cleo")
+    await cleo_page.goto(f"{web_hub.base_url}/crm/contacts/{dupe['id']}")
+    await expect(cleo_page.get_by_test_id("crm-record-title")).to_have_text("Hans Huber")
+    await mary_page.goto(f"{web_hub.base_url}/crm/contacts/{keep['id']}")
+    await mary_page.get_by_test_id("crm-merge-open").click()
+    dialog = mary_page.get_by_test_id("crm-merge")
+    suggestion = dialog.locator(f'[data-testid=crm-merge-suggestion][data-id="{dupe["id"]}"]')
+    await suggestion.check()
+    await expect(dialog.get_by_test_id("crm-merge-explain")).to_contain_text("is deleted")
+    await dialog.get_by_test_id("crm-merge-submit").click()
+    await expect(dialog).to_have_count(0)
+    # the survivor has the other's phone, deal and activity
+    await expect(mary_page.get_by_test_id("crm-info-phones")).to_contain_text("+49 30 1234567")
+    await expect(mary_page.get_by_test_id("crm-links-deal")).to_contain_text("Acme order")
+    await expect(mary_page.get_by_test_id("crm-timeline")).to_contain_text("Call about the order")
+    # Cleo is taken to the survivor
+    await expect(cleo_page).to_have_url(f"{web_hub.base_url}/crm/contacts/{keep['id']}")
+    await expect(cleo_page.get_by_test_id("crm-timeline")).to_contain_text("Call about the order")
+    # and the old address says so
+    await mary_page.goto(f"{web_hub.base_url}/crm/contacts/{dupe['id']}")
+    await expect(mary_page.get_by_test_id("not-available")).to_be_visible()
+    stored = await call(web_hub, cleo, "GET", f"/api/v1/crm/deals/{deal['id']}")
+    assert stored["contact_ids"] == [keep["id"]]

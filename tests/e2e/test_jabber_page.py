@@ -87,7 +87,7 @@ async def test_jabber_page_shows_what_to_type(web_hub: HubHarness, browser: Brow
     # The "Jabber" item of the navigation leads there too, and away again.
     await page.get_by_test_id("nav-messenger").click()
     await expect(jabber).to_have_count(0)
-    await page.get_by_test_id("nav-jabber").click()
+    await page.get_by_test_id("nav-settings").click()
     await expect(jabber.get_by_test_id("jabber-jid")).to_have_text(f"john@{xmpp.domain}")
 
 
@@ -110,7 +110,7 @@ async def test_jabber_page_when_xmpp_is_off(web_hub: HubHarness, browser: Browse
 
     await page.route("**/api/v1/xmpp/account", xmpp_off)
     await log_in(page, web_hub, "ada")
-    await page.get_by_test_id("nav-jabber").click()
+    await page.get_by_test_id("nav-settings").click()
     jabber = page.get_by_test_id("jabber-page")
     await expect(jabber.get_by_test_id("jabber-off")).to_contain_text("Jabber is turned off")
     await expect(jabber.get_by_test_id("jabber-settings")).to_have_count(0)

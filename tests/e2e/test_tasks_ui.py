@@ -4,6 +4,7 @@ Screenshots of the list and of a task page go to docs/screenshots/."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from playwright.async_api import Browser, Locator, Page, expect
@@ -387,3 +388,99 @@ async def test_task_list_groups_folds_filters_and_colours(
     await expect(sarah.get_by_test_id("task-row")).to_have_count(3)
     await expect(sarah.get_by_test_id("nav-tasks-badge")).to_have_text("3")
     assert review["status_name"] == "pending"
+
+
+async def test_editing_follows_the_apis_rules_field_by_field_and_shows_live(
+    web_hub: HubHarness, browser: Browser
+) -> None:
+    """The author edits a task; the responsible person and an observer watch it change live.
+    The responsible person may edit only once the author lets them move the deadline, and then
+    only the deadline; the observer never. A past deadline is refused until confirmed."""
+    await web_hub.create_user("ann", first_name="Ann", last_name="Archer")
+    bob_id, _ = await web_hub.create_user("bob", first_name="Bob", last_name="Baker")
+    carl_id, _ = await web_hub.create_user("carl", first_name="Carl", last_name="Cole")
+    await web_hub.create_user("dina", first_name="Dina", last_name="Dale")
+    ann_token = await web_hub.login("ann")
+    [task] = (
+        await call(
+            web_hub,
+            ann_token,
+            "POST",
+            "/api/v1/tasks",
+            {
+                "title": "Draft the offer",
+                "responsible_ids": [bob_id],
+                "observer_ids": [carl_id],
+                "deadline": "2031-03-01T15:00:00Z",
+            },
+        )
+    )["tasks"]
+    url = f"{web_hub.base_url}/tasks/{task['id']}"
+    pages: dict[str, Page] = {}
+    for login in ("ann", "bob", "carl"):
+        page = await (await new_context(browser)).new_page()
+        await log_in(page, web_hub, login)
+        await page.goto(url)
+        await expect(page.get_by_test_id("task-page-title")).to_have_text("Draft the offer")
+        pages[login] = page
+    ann, bob, carl = pages["ann"], pages["bob"], pages["carl"]
+    await expect(bob.get_by_test_id("task-edit-open")).to_have_count(0)
+    await expect(carl.get_by_test_id("task-edit-open")).to_have_count(0)
+
+    # the author changes title, description, participants and the deadline
+    await ann.get_by_test_id("task-edit-open").click()
+    form = ann.get_by_test_id("task-edit")
+    await form.get_by_test_id("task-edit-title").fill("Draft the offer for Acme")
+    await form.get_by_test_id("task-edit-description").fill("Prices as agreed on the call.")
+    await pick(ann, "task-edit-participants", "Dina Dale")
+    # a deadline in the past: warned, and not saved without a yes
+    await form.get_by_test_id("task-edit-deadline").fill("2020-01-02T10:30")
+    await expect(form.get_by_test_id("task-deadline-past")).to_contain_text("already passed")
+    await form.get_by_test_id("task-edit-save").click()
+    await expect(form.get_by_test_id("task-deadline-past-refused")).to_be_visible()
+    await expect(form).to_be_visible()
+    assert (await call(web_hub, ann_token, "GET", f"/api/v1/tasks/{task['id']}"))[
+        "title"
+    ] == "Draft the offer"
+    await form.get_by_test_id("task-edit-deadline").fill("2031-04-02T10:30")
+    await expect(form.get_by_test_id("task-deadline-past")).to_have_count(0)
+    await form.get_by_test_id("task-edit-save").click()
+    await expect(form).to_have_count(0)
+    for page in (ann, bob, carl):
+        await expect(page.get_by_test_id("task-page-title")).to_have_text(
+            "Draft the offer for Acme"
+        )
+        await expect(page.get_by_test_id("task-description")).to_have_text(
+            "Prices as agreed on the call."
+        )
+        await expect(page.get_by_test_id("info-participants")).to_have_text("Dina Dale")
+        await expect(page.get_by_test_id("info-deadline")).to_contain_text("Apr 2, 2031")
+    stored = await call(web_hub, ann_token, "GET", f"/api/v1/tasks/{task['id']}")
+    assert stored["deadline"].startswith("2031-04-02T10:30")
+
+    # the author lets the responsible person move the deadline: an Edit button appears, live
+    await ann.get_by_test_id("task-edit-open").click()
+    await form.get_by_test_id("task-edit-deadline-right").check()
+    await form.get_by_test_id("task-edit-save").click()
+    await expect(form).to_have_count(0)
+    await expect(bob.get_by_test_id("task-edit-open")).to_be_visible()
+    await expect(carl.get_by_test_id("task-edit-open")).to_have_count(0)
+    await bob.get_by_test_id("task-edit-open").click()
+    bob_form = bob.get_by_test_id("task-edit")
+    await expect(bob_form.get_by_test_id("task-edit-deadline-only")).to_be_visible()
+    await expect(bob_form.get_by_test_id("task-edit-title")).to_be_disabled()
+    await expect(bob_form.get_by_test_id("task-edit-priority")).to_be_disabled()
+    await expect(bob_form.get_by_test_id("task-edit-participants")).to_have_count(0)
+    # a past deadline, confirmed: saved, and the task is overdue at once for everyone
+    await bob_form.get_by_test_id("task-edit-deadline").fill("2021-05-06T09:00")
+    await bob_form.get_by_test_id("task-deadline-past-confirm").check()
+    await bob_form.get_by_test_id("task-edit-save").click()
+    await expect(bob_form).to_have_count(0)
+    for page in (ann, bob, carl):
+        await expect(page.get_by_test_id("info-deadline")).to_contain_text("May 6, 2021")
+        await expect(page.get_by_test_id("task-status")).to_have_attribute(
+            "class", re.compile("pill-overdue")
+        )
+    stored = await call(web_hub, ann_token, "GET", f"/api/v1/tasks/{task['id']}")
+    assert stored["deadline"].startswith("2021-05-06T09:00") and stored["overdue"]
+    assert stored["title"] == "Draft the offer for Acme"

@@ -121,6 +121,10 @@ export class Api {
   users(query: string) {
     return this.call<User[]>("GET", `/users?${query}`);
   }
+  /** One user; 404 when they do not exist or the caller may not see them. */
+  user(userId: string) {
+    return this.call<User>("GET", `/users/${encodeURIComponent(userId)}`);
+  }
   departments() {
     return this.call<Department[]>("GET", "/departments");
   }
@@ -132,6 +136,22 @@ export class Api {
   }
   openDialog(userId: string) {
     return this.call<Chat>("POST", "/im/dialogs", { user_id: userId });
+  }
+  createChat(title: string, memberIds: string[]) {
+    return this.call<Chat>("POST", "/im/chats", { title, member_ids: memberIds });
+  }
+  renameChat(chatId: string, title: string) {
+    return this.call<Chat>("PATCH", `/im/chats/${encodeURIComponent(chatId)}`, { title });
+  }
+  addChatMembers(chatId: string, userIds: string[]) {
+    return this.call<Chat>("POST", `/im/chats/${encodeURIComponent(chatId)}/members`, { user_ids: userIds });
+  }
+  /** Remove a member (the owner), or leave (oneself). */
+  removeChatMember(chatId: string, userId: string) {
+    return this.call<void>(
+      "DELETE",
+      `/im/chats/${encodeURIComponent(chatId)}/members/${encodeURIComponent(userId)}`,
+    );
   }
   history(chatId: string, params: { before?: string; after?: string; limit?: number }) {
     const q = new URLSearchParams();
@@ -239,6 +259,12 @@ export class Api {
   }
   crmDuplicates(probe: CrmDuplicateProbe) {
     return this.call<CrmDuplicates>("POST", "/crm/duplicates", probe);
+  }
+  /** Merge the duplicate `otherId` into the record `id`, which survives. */
+  mergeCrmRecords(type: CrmRecordType, id: string, otherId: string) {
+    return this.call<CrmRecordDetail>("POST", `/crm/${PLURAL[type]}/${encodeURIComponent(id)}/merge`, {
+      other_id: otherId,
+    });
   }
   convertLead(id: string, body: CrmConvertBody) {
     return this.call<CrmConversionResult>("POST", `/crm/leads/${encodeURIComponent(id)}/convert`, body);

@@ -5,9 +5,30 @@ import { Api } from "./api";
 import * as crm from "./core/crm";
 import * as dialogs from "./core/dialogs";
 import * as mail from "./core/mail";
-import { mergeMessages, newClientId, newestConfirmed, oldestConfirmed, pendingMessage } from "./core/messages";
+import {
+  idBefore,
+  laterMark,
+  mergeMessages,
+  newClientId,
+  newestConfirmed,
+  oldestConfirmed,
+  pendingMessage,
+} from "./core/messages";
+import * as outbox from "./core/outbox";
 import * as presence from "./core/presence";
 import { ApiError } from "./core/problem";
+import {
+  chatPath,
+  crmRecordPath,
+  crmSectionPath,
+  isId,
+  parseScreen,
+  taskPath,
+  userPath,
+  type CrmSection,
+  type Screen,
+  type View,
+} from "./core/routes";
 import { isEnvelope, StreamTracker } from "./core/streams";
 import * as tasks from "./core/tasks";
 import {
@@ -52,6 +73,7 @@ import type {
   TaskComment,
   TaskHistoryEntry,
   TaskRemovedData,
+  TaskUpdate,
   TaskUpdatedData,
   User,
   Workgroup,
@@ -64,13 +86,13 @@ const TOKEN_KEY = "portalhub.token";
 const PAGE_SIZE = 50;
 const TASK_PAGE = 500;
 
-export type View = "messenger" | "employees" | "jabber" | "tasks" | "crm";
+export type { View } from "./core/routes";
 
 /**
  * The CRM's tabs: a record type's list, "my activities", and for administrators the settings,
  * the CRM inbox (mail options, rules, templates, IMAP mailboxes) and the unmatched mail.
  */
-export type CrmTab = CrmRecordType | "activities" | "settings" | "mail" | "unmatched";
+export type CrmTab = CrmSection;
 
 /** The record form: a new record of `type` (with presets), or `edit`ing one. */
 export interface CrmFormState {
@@ -103,14 +125,23 @@ export const state = reactive({
   bootMessage: "",
   sessionEndedReason: "",
   view: "messenger" as View,
+  /** The screen the address shows (core/routes.ts); `view` and the open things follow it. */
+  screen: parseScreen(location.pathname, Object.fromEntries(new URLSearchParams(location.search))) as Screen,
+  /** The address of a thing the user may not see (or that does not exist): "not available". */
+  unavailable: null as string | null,
+  /** The employee whose profile page is open. */
+  profileId: null as string | null,
+  profileUser: null as User | null,
   connection: "offline" as Connection,
   everConnected: false,
   chats: [] as Chat[],
   dialogsLoaded: false,
   unread: unread.emptyUnread(),
+  /** Private dialogs: how far the other person has read ("seen"), by chat. */
+  peerRead: {} as Record<string, string>,
   presence: {} as presence.PresenceMap,
   own: null as PresenceView | null,
-  settings: { sound: true } as ImSettings,
+  settings: { sound: true, send_key: "enter" } as ImSettings,
   users: {} as Record<string, User>,
   departments: [] as Department[],
   openChatId: null as string | null,
@@ -118,6 +149,11 @@ export const state = reactive({
   loaded: {} as Record<string, boolean>,
   noOlder: {} as Record<string, boolean>,
   loadingOlder: {} as Record<string, boolean>,
+  /** Chats showing a stretch of older history (a search result) rather than the newest. */
+  detached: {} as Record<string, boolean>,
+  loadingNewer: {} as Record<string, boolean>,
+  /** The message a search result or link points at, shown highlighted in its chat. */
+  highlight: null as { chatId: string; messageId: string } | null,
   typing: {} as TypingMap,
   now: Date.now(),
   toasts: [] as Toast[],
@@ -138,6 +174,8 @@ export const state = reactive({
   taskHistory: {} as Record<string, TaskHistoryEntry[]>,
   /** The new-task form, open with these presets (e.g. the parent of a subtask); null: closed. */
   taskForm: null as Partial<tasks.TaskForm> | null,
+  /** The edit form of the open task. */
+  taskEdit: false,
   // crm
   crmCounters: crm.emptyCrmCounters(),
   crmMe: null as CrmMe | null,
@@ -159,6 +197,14 @@ export const state = reactive({
   crmForm: null as CrmFormState | null,
   /** The lead whose conversion dialog is open. */
   crmConvert: null as CrmRecord | null,
+  /** Deals by stage, for the Kanban board. */
+  crmBoard: {} as Record<string, CrmRecord[]>,
+  crmBoardLoaded: false,
+  crmBoardMore: {} as Record<string, string | null>,
+  /** Titles of linked records (a deal's company and contacts...), for the list columns. */
+  crmTitles: {} as Record<string, string>,
+  /** The record whose merge dialog is open. */
+  crmMerge: null as CrmRecordDetail | null,
   /** CRM administrators: how many mails wait on the unmatched list (live); null for others. */
   mailUnmatched: null as number | null,
 });
@@ -205,6 +251,92 @@ export function dismissToast(id: number): void {
 function reportError(error: unknown, what: string): void {
   const text = error instanceof Error ? error.message : String(error);
   toast({ kind: "error", title: what, text });
+}
+
+// addresses ---------------------------------------------------------------------------------------
+
+type Navigate = (path: string, replace: boolean) => void;
+let navigate: Navigate = (path, replace) => {
+  if (replace) history.replaceState(null, "", path);
+  else history.pushState(null, "", path);
+  applyScreen(parseScreen(location.pathname, Object.fromEntries(new URLSearchParams(location.search))));
+};
+
+/** The router (src/router.ts) moves between addresses; the store only asks it to. */
+export function setNavigator(fn: Navigate): void {
+  navigate = fn;
+}
+
+/** Go to an address: the router shows it (applyScreen), Back returns. */
+export function goTo(path: string, replace = false): void {
+  navigate(path, replace);
+}
+
+/** The address shows a thing the user may not see: the "not available" page. */
+function markUnavailable(path: string): void {
+  state.unavailable = path;
+}
+
+/**
+ * Show the screen an address names: called by the router on every navigation (Back and
+ * Forward included) and when a session starts. Idempotent: the same screen again only
+ * reloads what is missing.
+ */
+export function applyScreen(screen: Screen): void {
+  const before = state.screen;
+  state.screen = screen;
+  if (before !== screen) state.unavailable = null;
+  const me = state.me;
+  if (!me) return;
+  switch (screen.view) {
+    case "messenger":
+      state.view = "messenger";
+      if (screen.chatId) void showChat(screen.chatId, screen.messageId);
+      else {
+        state.openChatId = null;
+        state.highlight = null;
+      }
+      break;
+    case "employees":
+      state.view = "employees";
+      state.profileId = screen.userId;
+      if (screen.userId) void loadProfile(screen.userId);
+      break;
+    case "tasks":
+      state.view = "tasks";
+      if (!state.tasksLoaded) void loadTasks();
+      void loadWorkgroups();
+      if (screen.taskId) void showTask(screen.taskId);
+      else state.openTaskId = null;
+      break;
+    case "crm":
+      state.view = "crm";
+      if (!state.crmMe) void loadCrmBasics();
+      state.crmTab = screen.section;
+      state.crmForm = null;
+      if (screen.recordId && crm.isRecordType(screen.section)) {
+        void showCrmRecord(screen.section, screen.recordId);
+      } else {
+        state.crmOpen = null;
+        state.crmRecord = null;
+        state.crmTimeline = [];
+        state.crmHistory = [];
+        if (screen.board) void loadCrmBoard();
+        else loadCrmTab(screen.section);
+      }
+      break;
+    case "settings":
+      state.view = "settings";
+      break;
+    case "notfound":
+      state.view = "notfound";
+      break;
+  }
+}
+
+/** The board is on screen (the deals' Kanban). */
+export function onBoard(): boolean {
+  return state.screen.view === "crm" && state.screen.board;
 }
 
 // session -----------------------------------------------------------------------------------------
@@ -275,9 +407,11 @@ async function startSession(token: string, me: User): Promise<void> {
   state.sessionEndedReason = "";
   state.users = { ...state.users, [me.id]: me };
   state.connection = "connecting";
+  loadOutbox();
   realtime.start();
   startTimers();
   void loadDirectory();
+  applyScreen(state.screen);
 }
 
 export async function logout(): Promise<void> {
@@ -291,6 +425,7 @@ export async function logout(): Promise<void> {
     }
   }
   clearSession();
+  goTo("/", true);
 }
 
 /** The hub ended the session (token revoked or expired): back to the login screen. */
@@ -314,6 +449,7 @@ function clearSession(): void {
     chats: [],
     dialogsLoaded: false,
     unread: unread.emptyUnread(),
+    peerRead: {},
     presence: {},
     own: null,
     openChatId: null,
@@ -321,6 +457,12 @@ function clearSession(): void {
     loaded: {},
     noOlder: {},
     loadingOlder: {},
+    detached: {},
+    loadingNewer: {},
+    highlight: null,
+    unavailable: null,
+    profileId: null,
+    profileUser: null,
     typing: {},
     toasts: [],
     composeOpen: false,
@@ -336,6 +478,7 @@ function clearSession(): void {
     taskComments: {},
     taskHistory: {},
     taskForm: null,
+    taskEdit: false,
     crmCounters: crm.emptyCrmCounters(),
     crmMe: null,
     crmDenied: false,
@@ -354,9 +497,16 @@ function clearSession(): void {
     crmMyStatus: "open",
     crmForm: null,
     crmConvert: null,
+    crmBoard: {},
+    crmBoardLoaded: false,
+    crmBoardMore: {},
+    crmTitles: {},
+    crmMerge: null,
     mailUnmatched: null,
   });
   crmListRuns.clear();
+  outboxEntries = [];
+  outboxUser = null;
 }
 
 // page state --------------------------------------------------------------------------------------
@@ -391,9 +541,14 @@ function installPageListeners(): void {
     if (!state.token) return;
     state.connection = "reconnecting";
     realtime.start();
+    void flushOutbox();
   });
   // Another tab logged out (or in as someone else): follow it.
   window.addEventListener("storage", (event) => {
+    if (outboxUser && event.key === outbox.outboxKey(outboxUser)) {
+      syncOutbox(outbox.parseOutbox(event.newValue));
+      return;
+    }
     if (event.key !== TOKEN_KEY) return;
     if (!event.newValue && state.token) endSession("You logged out in another tab.");
   });
@@ -476,8 +631,13 @@ function handleEvent(name: string, payload: unknown): void {
       break;
     }
     case "im.read": {
+      const chatId = String(data.chat_id);
       if (state.me && data.user_id === state.me.id) {
-        state.unread = unread.markedRead(state.unread, String(data.chat_id), String(data.up_to), false);
+        state.unread = unread.markedRead(state.unread, chatId, String(data.up_to), false);
+      } else if (state.chats.find((c) => c.id === chatId)?.kind === "private") {
+        // the other person read: "seen" moves (group chats show no one's read mark)
+        const mark = laterMark(state.peerRead[chatId], String(data.up_to));
+        if (mark) state.peerRead = { ...state.peerRead, [chatId]: mark };
       }
       break;
     }
@@ -519,6 +679,7 @@ async function onSnapshot(snapshot: Snapshot): Promise<void> {
   }
   if (!first) void loadDirectory();
   if (state.openChatId) void markRead(state.openChatId);
+  void flushOutbox();
 }
 
 function applyEnvelope(type: string, data: Record<string, unknown>, afterSnapshot: boolean): void {
@@ -529,12 +690,12 @@ function applyEnvelope(type: string, data: Record<string, unknown>, afterSnapsho
       onNewMessage(data.message as Message, afterSnapshot);
       break;
     case "im.message.updated":
-      putMessages((data.message as Message).chat_id, [data.message as Message]);
+      putLive((data.message as Message).chat_id, data.message as Message);
       state.chats = dialogs.applyMessage(state.chats, data.message as Message);
       break;
     case "im.message.deleted": {
       const message = data.message as Message;
-      putMessages(message.chat_id, [message]);
+      putLive(message.chat_id, message);
       state.chats = dialogs.applyMessage(state.chats, message);
       state.unread = unread.onDeleted(state.unread, message, { me: me.id, readingNow: false, afterSnapshot });
       break;
@@ -547,15 +708,32 @@ function applyEnvelope(type: string, data: Record<string, unknown>, afterSnapsho
     }
     case "im.chat.left": {
       const left = data as unknown as ChatLeftData;
+      const title = state.chats.find((c) => c.id === left.chat_id)?.title;
       tracker.forget(left.leave_stream);
       state.chats = dialogs.removeChat(state.chats, left.chat_id);
       state.unread = unread.forgetChat(state.unread, left.chat_id);
-      if (state.openChatId === left.chat_id) state.openChatId = null;
+      if (state.openChatId === left.chat_id) {
+        state.openChatId = null;
+        if (state.view === "messenger") {
+          goTo("/messenger", true);
+          if (!leaving.has(left.chat_id)) {
+            toast({ kind: "info", title: "Chat closed", text: `You are no longer a member of “${title ?? "the chat"}”.` });
+          }
+        }
+      }
+      leaving.delete(left.chat_id);
       break;
     }
     case "im.chat.members": {
       const m = data as unknown as ChatMembersData;
       state.chats = dialogs.applyMembers(state.chats, m.chat_id, m.member_ids);
+      // the owner may have changed (an owner who leaves hands the chat on)
+      if (m.member_ids.includes(me.id)) void fetchChat(m.chat_id);
+      break;
+    }
+    case "im.chat.updated": {
+      const chatId = String(data.chat_id);
+      if (typeof data.title === "string") state.chats = dialogs.renameChat(state.chats, chatId, data.title);
       break;
     }
     case "im.settings":
@@ -592,8 +770,13 @@ function onNewMessage(message: Message, afterSnapshot: boolean): void {
   const me = state.me;
   if (!me) return;
   const chatId = message.chat_id;
-  const reading = readingNow(chatId);
-  putMessages(chatId, [message]);
+  const reading = readingNow(chatId) && !state.detached[chatId];
+  putLive(chatId, message);
+  // One's own message stored (sent from here, whose answer may still be on its way or lost,
+  // or from another tab): nothing is left to send.
+  if (message.author_id === me.id && message.client_id && outboxEntries.some((e) => e.client_id === message.client_id)) {
+    writeOutbox(outbox.withoutEntry(readOutbox(), message.client_id));
+  }
   if (message.author_id) state.typing = typingStopped(state.typing, chatId, message.author_id);
   if (!state.chats.some((c) => c.id === chatId)) void fetchChat(chatId);
   state.chats = dialogs.applyMessage(state.chats, message);
@@ -620,7 +803,7 @@ function notifyMessage(message: Message): void {
   if (disturb && (!state.pageVisible || !state.pageFocused)) {
     notifySystem(title, text, () => {
       window.focus();
-      void openChatById(message.chat_id);
+      openChatById(message.chat_id);
     });
   }
 }
@@ -669,6 +852,9 @@ function resetChat(chatId: string): void {
   state.messages = messages;
   state.loaded = { ...state.loaded, [chatId]: false };
   state.noOlder = { ...state.noOlder, [chatId]: false };
+  state.detached = { ...state.detached, [chatId]: false };
+  liveBuffer.delete(chatId);
+  for (const e of outboxEntries) if (e.chat_id === chatId) putMessages(chatId, [pendingOf(e)]);
   if (state.openChatId === chatId) void loadLatest(chatId);
 }
 
@@ -685,6 +871,12 @@ async function loadDialogs(replace: boolean): Promise<void> {
     let u = state.unread;
     for (const d of list) if (d.last_read_id) u = unread.markedRead(u, d.chat.id, d.last_read_id, false);
     state.unread = u;
+    const peerRead = { ...state.peerRead };
+    for (const d of list) {
+      const mark = laterMark(peerRead[d.chat.id], d.peer_last_read_id);
+      if (mark) peerRead[d.chat.id] = mark;
+    }
+    state.peerRead = peerRead;
     state.dialogsLoaded = true;
   } catch (error) {
     reportError(error, "Could not load dialogs");
@@ -727,6 +919,29 @@ function putMessages(chatId: string, incoming: Message[]): void {
   state.messages = { ...state.messages, [chatId]: mergeMessages(state.messages[chatId] ?? [], incoming) };
 }
 
+/** Live messages of a chat showing older history: kept here until the newest is shown. */
+const liveBuffer = new Map<string, Message[]>();
+
+/**
+ * A live message (new, edited or deleted) into its chat; while the chat shows a stretch of
+ * older history, one not on screen waits aside, so the stretch keeps no gap.
+ */
+function putLive(chatId: string, message: Message): void {
+  if (state.detached[chatId] && !(state.messages[chatId] ?? []).some((m) => m.id === message.id)) {
+    liveBuffer.set(chatId, mergeMessages(liveBuffer.get(chatId) ?? [], [message]));
+    return;
+  }
+  putMessages(chatId, [message]);
+}
+
+/** The chat shows the newest messages again: what waited aside joins the list. */
+function reattach(chatId: string): void {
+  state.detached = { ...state.detached, [chatId]: false };
+  const waiting = liveBuffer.get(chatId);
+  liveBuffer.delete(chatId);
+  if (waiting?.length) putMessages(chatId, waiting);
+}
+
 async function loadLatest(chatId: string): Promise<void> {
   try {
     const page = await api.history(chatId, { limit: PAGE_SIZE });
@@ -760,27 +975,134 @@ export async function loadOlder(chatId: string): Promise<number> {
 
 // actions -----------------------------------------------------------------------------------------
 
-export function setView(view: View): void {
-  state.view = view;
-  if (view === "messenger" && state.openChatId) void markRead(state.openChatId);
-  if (view === "tasks") {
-    if (!state.tasksLoaded) void loadTasks();
-    void loadWorkgroups();
-    if (state.openTaskId) void markTaskSeen(state.openTaskId);
-  }
-  if (view === "crm") {
-    if (!state.crmMe) void loadCrmBasics();
-    loadCrmTab(state.crmTab);
+/** The address of a top-level screen: its list (the CRM: the tab last shown). */
+export function viewPath(view: View): string {
+  switch (view) {
+    case "messenger":
+      return "/messenger";
+    case "employees":
+      return "/employees";
+    case "tasks":
+      return "/tasks";
+    case "crm":
+      return crmSectionPath(state.crmTab);
+    case "settings":
+      return "/settings";
+    default:
+      return "/";
   }
 }
 
-export async function openChatById(chatId: string): Promise<void> {
-  state.view = "messenger";
+export function setView(view: View): void {
+  goTo(viewPath(view));
+}
+
+export function openChatById(chatId: string): void {
+  goTo(chatPath(chatId));
+}
+
+/** Open a chat at a message (a search result): its history around that message. */
+export function openMessage(chatId: string, messageId: string): void {
+  goTo(chatPath(chatId, messageId));
+}
+
+/** The chat of the address: fetched if not known, its history loaded; or "not available". */
+async function showChat(chatId: string, messageId: string | null): Promise<void> {
+  const path = chatPath(chatId, messageId);
   state.openChatId = chatId;
   state.toasts = state.toasts.filter((t) => t.chatId !== chatId);
+  if (!isId(chatId) || (messageId !== null && !isId(messageId))) {
+    markUnavailable(path);
+    return;
+  }
   if (!state.chats.some((c) => c.id === chatId)) await fetchChat(chatId);
-  if (!state.loaded[chatId]) await loadLatest(chatId);
+  if (state.openChatId !== chatId) return;
+  if (!state.chats.some((c) => c.id === chatId)) {
+    markUnavailable(path);
+    return;
+  }
+  if (messageId) {
+    await jumpToMessage(chatId, messageId);
+    return;
+  }
+  state.highlight = null;
+  if (state.detached[chatId]) await showLatest(chatId);
+  else if (!state.loaded[chatId]) await loadLatest(chatId);
   else void markRead(chatId);
+}
+
+const JUMP_PAGE = 25;
+
+/**
+ * The history around a message: the page before it, and it with the page after. When the
+ * chat's loaded history already holds the message, it is only shown; otherwise the chat shows
+ * that stretch (detached from the newest) until scrolled down or sent in.
+ */
+async function jumpToMessage(chatId: string, messageId: string): Promise<void> {
+  const path = chatPath(chatId, messageId);
+  const known = (state.messages[chatId] ?? []).some((m) => m.id === messageId);
+  if (!known) {
+    const below = idBefore(messageId);
+    try {
+      const [older, from] = await Promise.all([
+        api.history(chatId, { before: messageId, limit: JUMP_PAGE }),
+        below ? api.history(chatId, { after: below, limit: JUMP_PAGE + 1 }) : Promise.resolve([]),
+      ]);
+      if (state.openChatId !== chatId) return;
+      if (from[0]?.id !== messageId) {
+        markUnavailable(path);
+        return;
+      }
+      const pending = (state.messages[chatId] ?? []).filter((m) => m.pending || m.failed);
+      state.messages = { ...state.messages, [chatId]: mergeMessages(pending, [...older, ...from]) };
+      state.loaded = { ...state.loaded, [chatId]: true };
+      state.noOlder = { ...state.noOlder, [chatId]: older.length < JUMP_PAGE };
+      if (from.length < JUMP_PAGE + 1) reattach(chatId);
+      else state.detached = { ...state.detached, [chatId]: true };
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 404) markUnavailable(path);
+      else reportError(error, "Could not load the message");
+      return;
+    }
+  }
+  state.highlight = { chatId, messageId };
+  if (!state.detached[chatId]) void markRead(chatId);
+}
+
+/** Back to the newest messages of a chat showing older history. */
+export async function showLatest(chatId: string): Promise<void> {
+  const messages = { ...state.messages };
+  messages[chatId] = (state.messages[chatId] ?? []).filter((m) => m.pending || m.failed);
+  state.messages = messages;
+  state.noOlder = { ...state.noOlder, [chatId]: false };
+  state.highlight = null;
+  reattach(chatId);
+  await loadLatest(chatId);
+}
+
+/** Scrolled down in a stretch of older history: the next page towards the newest. */
+export async function loadNewer(chatId: string): Promise<void> {
+  if (!state.detached[chatId] || state.loadingNewer[chatId]) return;
+  const newest = newestConfirmed(state.messages[chatId] ?? []);
+  if (!newest) return;
+  state.loadingNewer = { ...state.loadingNewer, [chatId]: true };
+  try {
+    const page = await api.history(chatId, { after: newest.id, limit: PAGE_SIZE });
+    putMessages(chatId, page);
+    if (page.length < PAGE_SIZE) {
+      reattach(chatId);
+      void markRead(chatId);
+    }
+  } catch (error) {
+    reportError(error, "Could not load newer messages");
+  } finally {
+    state.loadingNewer = { ...state.loadingNewer, [chatId]: false };
+  }
+}
+
+/** Message search across the user's chats (only those they are in: the hub decides). */
+export function searchMessages(q: string): Promise<Message[]> {
+  return api.search(q);
 }
 
 /** The private dialog with a user: found in the list, or opened (created) on the hub. */
@@ -792,7 +1114,7 @@ export async function openDialogWith(userId: string): Promise<void> {
   try {
     const chat = await api.openDialog(userId);
     state.chats = dialogs.upsertChat(state.chats, chat);
-    await openChatById(chat.id);
+    openChatById(chat.id);
   } catch (error) {
     reportError(error, "Could not open the dialog");
   }
@@ -802,7 +1124,7 @@ const reads: Record<string, { running: boolean; again: boolean }> = {};
 
 /** Mark the open dialog read up to its newest message, if it is being read. */
 export async function markRead(chatId: string): Promise<void> {
-  if (!readingNow(chatId) || !state.loaded[chatId]) return;
+  if (!readingNow(chatId) || !state.loaded[chatId] || state.detached[chatId]) return;
   const entry = (reads[chatId] ??= { running: false, again: false });
   if (entry.running) {
     entry.again = true;
@@ -827,26 +1149,120 @@ export async function markRead(chatId: string): Promise<void> {
   }
 }
 
-/** Send a message to a chat; the optimistic copy is replaced by the stored one. */
+/**
+ * Send a message to a chat. It goes into the outbox first (kept across reloads) and shows at
+ * the bottom as "sending" until the hub has stored it; while the hub cannot be reached it is
+ * sent again, with the same client_id, whenever the connection is back.
+ */
 export async function sendMessage(chatId: string, text: string, clientId = newClientId()): Promise<void> {
   const me = state.me;
   if (!me || !text.trim()) return;
-  putMessages(chatId, [pendingMessage(chatId, me.id, text, clientId)]);
+  if (state.detached[chatId]) void showLatest(chatId);
+  const entry: outbox.OutboxEntry = { chat_id: chatId, text, client_id: clientId, created_at: new Date().toISOString() };
+  writeOutbox(outbox.withEntry(readOutbox(), entry));
+  putMessages(chatId, [pendingOf(entry)]);
   typingThrottle.reset(chatId);
-  try {
-    const result = await api.send({ chat_id: chatId, text, client_id: clientId });
-    putMessages(chatId, result.messages);
-    for (const m of result.messages) state.chats = dialogs.applyMessage(state.chats, m);
-  } catch (error) {
-    const failed = { ...pendingMessage(chatId, me.id, text, clientId), pending: false, failed: true };
-    putMessages(chatId, [failed]);
-    reportError(error, "Message not sent");
-  }
+  await flushOutbox();
 }
 
 /** Send again with the same client_id: the hub stores it at most once. */
 export function retryMessage(message: Message): Promise<void> {
   return sendMessage(message.chat_id, message.text, message.client_id ?? undefined);
+}
+
+// the outbox ------------------------------------------------------------------------------------
+
+let outboxUser: string | null = null;
+let outboxEntries: outbox.OutboxEntry[] = [];
+const inFlight = new Set<string>();
+const flushRun = { running: false, again: false };
+let retryTimer: ReturnType<typeof setTimeout> | null = null;
+let retryAttempt = 0;
+
+function pendingOf(entry: outbox.OutboxEntry): Message {
+  const me = state.me?.id ?? "";
+  return pendingMessage(entry.chat_id, me, entry.text, entry.client_id, new Date(entry.created_at));
+}
+
+function readOutbox(): outbox.OutboxEntry[] {
+  if (!outboxUser) return [];
+  try {
+    outboxEntries = outbox.parseOutbox(localStorage.getItem(outbox.outboxKey(outboxUser)));
+  } catch {
+    // storage unavailable: the copy in memory is all there is
+  }
+  return outboxEntries;
+}
+
+function writeOutbox(entries: outbox.OutboxEntry[]): void {
+  outboxEntries = entries;
+  if (!outboxUser) return;
+  try {
+    if (entries.length) localStorage.setItem(outbox.outboxKey(outboxUser), outbox.serializeOutbox(entries));
+    else localStorage.removeItem(outbox.outboxKey(outboxUser));
+  } catch {
+    // full or disabled storage: the message is still sent from memory
+  }
+}
+
+/** After a (re)load: the messages not sent yet are shown again, at the bottom of their chats. */
+function loadOutbox(): void {
+  outboxUser = state.me?.id ?? null;
+  syncOutbox(readOutbox());
+}
+
+/** Another tab changed the outbox: show what it holds as sending. */
+function syncOutbox(entries: outbox.OutboxEntry[]): void {
+  outboxEntries = entries;
+  for (const e of entries) putMessages(e.chat_id, [pendingOf(e)]);
+}
+
+/**
+ * Send what the outbox holds, oldest first, one at a time (the order is kept). A send the hub
+ * could not take stays and is tried again (2 s, doubling to 30 s; at once when the browser is
+ * online again or the live connection is back); a message the hub refuses for what it is
+ * (not a member, too long) is shown as not sent, with a retry button.
+ */
+export async function flushOutbox(): Promise<void> {
+  if (flushRun.running) {
+    flushRun.again = true;
+    return;
+  }
+  if (!state.me || navigator.onLine === false) return;
+  flushRun.running = true;
+  if (retryTimer) clearTimeout(retryTimer);
+  retryTimer = null;
+  try {
+    for (const entry of readOutbox()) {
+      if (inFlight.has(entry.client_id)) continue;
+      inFlight.add(entry.client_id);
+      try {
+        const result = await api.send({ chat_id: entry.chat_id, text: entry.text, client_id: entry.client_id });
+        writeOutbox(outbox.withoutEntry(readOutbox(), entry.client_id));
+        for (const m of result.messages) {
+          putLive(m.chat_id, m);
+          state.chats = dialogs.applyMessage(state.chats, m);
+        }
+        retryAttempt = 0;
+      } catch (error) {
+        if (outbox.isRetryable(error)) {
+          retryTimer = setTimeout(() => void flushOutbox(), outbox.retryDelay(retryAttempt++));
+          return;
+        }
+        writeOutbox(outbox.withoutEntry(readOutbox(), entry.client_id));
+        putMessages(entry.chat_id, [{ ...pendingOf(entry), pending: false, failed: true }]);
+        reportError(error, "Message not sent");
+      } finally {
+        inFlight.delete(entry.client_id);
+      }
+    }
+  } finally {
+    flushRun.running = false;
+    if (flushRun.again) {
+      flushRun.again = false;
+      void flushOutbox();
+    }
+  }
 }
 
 export async function editMessage(message: Message, text: string): Promise<void> {
@@ -882,8 +1298,98 @@ export async function sendToMany(
   return result.messages.length;
 }
 
+// group chats ------------------------------------------------------------------------------------
+
+/** Chats the user is leaving by their own hand: no "you are no longer a member" notice. */
+const leaving = new Set<string>();
+
+/** A new group chat with the given people; it opens at once. */
+export async function createGroupChat(title: string, memberIds: string[]): Promise<Chat> {
+  const chat = await api.createChat(title, memberIds);
+  state.chats = dialogs.upsertChat(state.chats, chat);
+  openChatById(chat.id);
+  return chat;
+}
+
+export async function renameGroupChat(chatId: string, title: string): Promise<void> {
+  const chat = await api.renameChat(chatId, title);
+  state.chats = dialogs.upsertChat(state.chats, chat);
+}
+
+export async function addChatMembers(chatId: string, userIds: string[]): Promise<void> {
+  const chat = await api.addChatMembers(chatId, userIds);
+  state.chats = dialogs.upsertChat(state.chats, chat);
+}
+
+export async function removeChatMember(chatId: string, userId: string): Promise<void> {
+  await api.removeChatMember(chatId, userId);
+  const chat = state.chats.find((c) => c.id === chatId);
+  if (chat) state.chats = dialogs.applyMembers(state.chats, chatId, chat.member_ids.filter((m) => m !== userId));
+}
+
+/** Leave a group chat: it goes from the list; the messenger shows no chat. */
+export async function leaveChat(chatId: string): Promise<void> {
+  const me = state.me;
+  if (!me) return;
+  leaving.add(chatId);
+  try {
+    await api.removeChatMember(chatId, me.id);
+  } catch (error) {
+    leaving.delete(chatId);
+    throw error;
+  }
+  state.chats = dialogs.removeChat(state.chats, chatId);
+  state.unread = unread.forgetChat(state.unread, chatId);
+  if (state.openChatId === chatId) goTo("/messenger", true);
+}
+
+// employees ----------------------------------------------------------------------------------------
+
+/** An employee's profile: known from the directory, or asked for; "not available" if hidden. */
+async function loadProfile(userId: string): Promise<void> {
+  state.profileUser = state.users[userId] ?? null;
+  if (!isId(userId)) {
+    markUnavailable(userPath(userId));
+    return;
+  }
+  try {
+    const user = await api.user(userId);
+    if (state.profileId !== userId) return;
+    state.profileUser = user;
+    state.users = { ...state.users, [user.id]: user };
+  } catch (error) {
+    if (state.profileId !== userId) return;
+    if (error instanceof ApiError && error.status === 404) {
+      state.profileUser = null;
+      markUnavailable(userPath(userId));
+    } else reportError(error, "Could not load the profile");
+  }
+}
+
+export function openProfile(userId: string): void {
+  goTo(userPath(userId));
+}
+
+/** "Assign a task" from a profile: the task form, with them responsible. */
+export function assignTaskTo(userId: string): void {
+  goTo("/tasks");
+  openTaskForm({ responsibleIds: [userId] });
+}
+
 export function typing(chatId: string): void {
   if (typingThrottle.shouldSend(chatId, Date.now())) void realtime.emit("im.typing", { chat_id: chatId });
+}
+
+/** Enter sends (Shift+Enter: a new line), or Ctrl+Enter sends (Enter: a new line). */
+export async function setSendKey(sendKey: ImSettings["send_key"]): Promise<void> {
+  const previous = state.settings;
+  state.settings = { ...state.settings, send_key: sendKey };
+  try {
+    state.settings = await api.putSettings({ ...previous, send_key: sendKey });
+  } catch (error) {
+    state.settings = previous;
+    reportError(error, "Could not change the setting");
+  }
 }
 
 export async function setSound(sound: boolean): Promise<void> {
@@ -997,6 +1503,7 @@ function onTaskRemoved(data: TaskRemovedData): void {
   dropTask(data.task_id);
   if (wasOpen) {
     state.openTaskId = null;
+    if (state.view === "tasks") goTo("/tasks", true);
     const by = data.by && data.by !== state.me?.id ? ` by ${userName(data.by)}` : "";
     toast({
       kind: "info",
@@ -1081,8 +1588,7 @@ async function refreshOpenTask(taskId: string): Promise<void> {
   } catch (error) {
     if (error instanceof ApiError && error.status === 404) {
       dropTask(taskId);
-      if (state.openTaskId === taskId) state.openTaskId = null;
-      toast({ kind: "error", title: "Task not found", text: "It was deleted, or it is not visible to you." });
+      if (state.openTaskId === taskId) markUnavailable(taskPath(taskId));
       return;
     }
     reportError(error, "Could not load the task");
@@ -1091,21 +1597,30 @@ async function refreshOpenTask(taskId: string): Promise<void> {
   await Promise.all([loadTaskComments(taskId), loadTaskHistory(taskId)]);
 }
 
-export async function openTaskById(taskId: string): Promise<void> {
-  state.view = "tasks";
+export function openTaskById(taskId: string): void {
+  goTo(taskPath(taskId));
+}
+
+/** The task of the address; "not available" when the hub does not know it for the user. */
+async function showTask(taskId: string): Promise<void> {
   state.openTaskId = taskId;
   state.taskForm = null;
+  state.taskEdit = false;
+  if (!isId(taskId)) {
+    markUnavailable(taskPath(taskId));
+    return;
+  }
   await refreshOpenTask(taskId);
 }
 
 export function closeTask(): void {
-  state.openTaskId = null;
+  goTo("/tasks");
 }
 
 export function setTaskFilter(role: tasks.RoleFilter, status: tasks.StatusFilter): void {
   state.taskRole = role;
   state.taskStatus = status;
-  state.openTaskId = null;
+  if (state.openTaskId) goTo("/tasks");
 }
 
 export function toggleTaskExpanded(taskId: string): void {
@@ -1134,12 +1649,12 @@ export async function runTaskAction(taskId: string, action: string): Promise<voi
     const answer = await api.taskAction(taskId, action);
     if (action === "delete") {
       dropTask(taskId);
-      if (state.openTaskId === taskId) state.openTaskId = null;
+      if (state.openTaskId === taskId) goTo("/tasks", true);
       return;
     }
     if (!answer) return;
     putTask(answer);
-    if (action === "copy") await openTaskById(answer.id);
+    if (action === "copy") openTaskById(answer.id);
   } catch (error) {
     reportError(error, "Could not do that");
     if (error instanceof ApiError && error.status === 409) void refreshOpenTask(taskId);
@@ -1159,6 +1674,15 @@ export async function commentTask(taskId: string, text: string): Promise<boolean
     reportError(error, "Comment not posted");
     return false;
   }
+}
+
+/** Change fields of a task (only those the caller may: `editable_fields`). */
+export async function updateTask(taskId: string, patch: TaskUpdate): Promise<Task | null> {
+  if (Object.keys(patch).length === 0) return null;
+  const updated = await api.updateTask(taskId, patch);
+  putTask(updated);
+  void loadTaskHistory(taskId);
+  return updated;
 }
 
 export async function rateTask(taskId: string, rating: "positive" | "negative" | null): Promise<void> {
@@ -1194,6 +1718,7 @@ async function reloadCrm(): Promise<void> {
   await loadCrmBasics();
   for (const type of crm.RECORD_TYPES) if (state.crmListLoaded[type]) void loadCrmList(type);
   if (state.crmMyActivitiesLoaded) void loadMyActivities();
+  if (state.crmBoardLoaded) void loadCrmBoard();
   if (state.crmOpen) void refreshCrmRecord(state.crmOpen.type, state.crmOpen.id);
 }
 
@@ -1215,6 +1740,7 @@ export async function loadCrmList(type: CrmRecordType): Promise<void> {
       limit: 50,
     });
     if (crmListRuns.get(type) !== run) return; // a newer load (other filters) won
+    rememberTitles(page);
     let list = crm.sortRecords(page.records);
     for (const touch of run.touched) {
       list =
@@ -1247,6 +1773,7 @@ export async function loadMoreCrm(type: CrmRecordType): Promise<void> {
       limit: 50,
       cursor,
     });
+    rememberTitles(page);
     let list = state.crmLists[type];
     for (const r of page.records) list = crm.upsertRecord(list, r);
     state.crmLists = { ...state.crmLists, [type]: list };
@@ -1282,6 +1809,7 @@ async function refreshCrmListInPlace(type: CrmRecordType): Promise<void> {
       limit: 50,
     });
     if (crmListRuns.has(type) || filter !== state.crmFilter || !state.crmListLoaded[type]) return;
+    rememberTitles(page);
     let list = state.crmLists[type];
     for (const r of page.records) list = crm.upsertRecord(list, r);
     state.crmLists = { ...state.crmLists, [type]: list };
@@ -1306,9 +1834,25 @@ function onCrmCountersPushed(part: unknown): void {
   }
 }
 
+/** Titles of linked records, for the company and contact columns. */
+function rememberTitles(page: { linked?: Record<string, { title: string }> }): void {
+  const linked = page.linked ?? {};
+  if (!Object.keys(linked).length) return;
+  const titles = { ...state.crmTitles };
+  for (const [id, ref] of Object.entries(linked)) titles[id] = ref.title;
+  state.crmTitles = titles;
+}
+
 /** A record from the hub (event or REST answer) into its list and onto the open page. */
 function putCrmRecord(given: CrmRecord): void {
   const record = crm.plainRecord(given);
+  if (state.crmTitles[record.id] !== record.title && (record.type === "company" || record.type === "contact")) {
+    state.crmTitles = { ...state.crmTitles, [record.id]: record.title };
+  }
+  if (record.type === "deal" && state.crmBoardLoaded) {
+    const board = crm.applyBoardEvent(state.crmBoard, record, state.crmFilter);
+    if (board !== state.crmBoard) state.crmBoard = board;
+  }
   const run = crmListRuns.get(record.type);
   if (run) run.touched.push({ kind: "updated", record });
   if (state.crmListLoaded[record.type]) {
@@ -1320,6 +1864,7 @@ function putCrmRecord(given: CrmRecord): void {
 }
 
 function dropCrmRecord(type: CrmRecordType, id: string): void {
+  if (type === "deal" && state.crmBoardLoaded) state.crmBoard = crm.removeFromBoard(state.crmBoard, id);
   const run = crmListRuns.get(type);
   if (run) run.touched.push({ kind: "removed", id });
   const list = crm.removeRecord(state.crmLists[type], id);
@@ -1342,7 +1887,18 @@ function onCrmRecordRemoved(data: CrmRecordRemovedData): void {
   dropCrmRecord(data.type, data.id);
   if (state.crmOpen?.id === data.id) {
     const title = state.crmRecord?.title;
-    closeCrmRecord();
+    state.crmOpen = null;
+    state.crmRecord = null;
+    if (data.merged_into) {
+      if (state.view === "crm") goTo(crmRecordPath(data.type, data.merged_into), true);
+      toast({
+        kind: "info",
+        title: `${crm.TYPE_LABELS[data.type]} merged`,
+        text: `“${title ?? "The record"}” was merged into another record, shown now.`,
+      });
+      return;
+    }
+    if (state.view === "crm") goTo(crmSectionPath(data.type), true);
     toast({
       kind: "info",
       title: `${crm.TYPE_LABELS[data.type]} closed`,
@@ -1390,10 +1946,7 @@ function scheduleOpenRefresh(): void {
 
 /** Show a tab of the CRM (the list of a record type, my activities, the settings). */
 export function setCrmTab(tab: CrmTab): void {
-  state.crmTab = tab;
-  state.crmOpen = null;
-  state.crmRecord = null;
-  loadCrmTab(tab);
+  goTo(crmSectionPath(tab));
 }
 
 function loadCrmTab(tab: CrmTab): void {
@@ -1411,7 +1964,95 @@ function loadCrmTab(tab: CrmTab): void {
 export function setCrmFilter(filter: Partial<crm.CrmListFilter>): void {
   state.crmFilter = { ...state.crmFilter, ...filter };
   state.crmListLoaded = {};
-  if (crm.isRecordType(state.crmTab)) void loadCrmList(state.crmTab);
+  state.crmBoardLoaded = false;
+  if (onBoard()) void loadCrmBoard();
+  else if (crm.isRecordType(state.crmTab)) void loadCrmList(state.crmTab);
+}
+
+// the deals' Kanban board ---------------------------------------------------------------------
+
+const BOARD_PAGE = 50;
+let boardSeq = 0;
+
+/** The board: the first deals of each stage, with the list's filters. */
+export async function loadCrmBoard(): Promise<void> {
+  const seq = ++boardSeq;
+  if (!state.crmSettings) await loadCrmBasics();
+  const stages = state.crmSettings?.deal_stages ?? [];
+  const filter = state.crmFilter;
+  try {
+    const pages = await Promise.all(
+      stages.map((stage) =>
+        api.crmRecords("deal", {
+          status: stage.id,
+          q: filter.q.trim() || undefined,
+          activity_responsible_id: filter.activityResponsibleId ?? undefined,
+          counted: filter.counted || undefined,
+          limit: BOARD_PAGE,
+        }),
+      ),
+    );
+    if (seq !== boardSeq) return;
+    const board: Record<string, CrmRecord[]> = {};
+    const more: Record<string, string | null> = {};
+    stages.forEach((stage, i) => {
+      const page = pages[i];
+      if (!page) return;
+      rememberTitles(page);
+      board[stage.id] = crm.sortRecords(page.records);
+      more[stage.id] = page.next_cursor;
+    });
+    state.crmBoard = board;
+    state.crmBoardMore = more;
+    state.crmBoardLoaded = true;
+    state.crmDenied = false;
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 403) state.crmDenied = true;
+    else if (!(error instanceof ApiError && error.status === 401)) reportError(error, "Could not load the deals");
+  }
+}
+
+/** More deals of one stage. */
+export async function loadMoreOfStage(stageId: string): Promise<void> {
+  const cursor = state.crmBoardMore[stageId];
+  if (!cursor) return;
+  const filter = state.crmFilter;
+  try {
+    const page = await api.crmRecords("deal", {
+      status: stageId,
+      q: filter.q.trim() || undefined,
+      activity_responsible_id: filter.activityResponsibleId ?? undefined,
+      counted: filter.counted || undefined,
+      limit: BOARD_PAGE,
+      cursor,
+    });
+    rememberTitles(page);
+    let column = state.crmBoard[stageId] ?? [];
+    for (const r of page.records) column = crm.upsertRecord(column, r);
+    state.crmBoard = { ...state.crmBoard, [stageId]: column };
+    state.crmBoardMore = { ...state.crmBoardMore, [stageId]: page.next_cursor };
+  } catch (error) {
+    reportError(error, "Could not load more");
+  }
+}
+
+/** A deal dragged to another stage: moved at once, put back if the hub refuses. */
+export async function moveDealToStage(deal: CrmRecord, stageId: string): Promise<void> {
+  if (deal.stage_id === stageId) return;
+  const before = state.crmBoard;
+  state.crmBoard = crm.moveOnBoard(state.crmBoard, deal, stageId);
+  try {
+    const updated = await api.updateCrmRecord("deal", deal.id, { stage_id: stageId });
+    putCrmRecord(updated);
+  } catch (error) {
+    state.crmBoard = before;
+    reportError(error, "Could not move the deal");
+  }
+}
+
+/** The list or the board of deals. */
+export function showDealsBoard(board: boolean): void {
+  goTo(crmSectionPath("deal", board));
 }
 
 export async function loadMyActivities(): Promise<void> {
@@ -1431,10 +2072,20 @@ export function setMyActivitiesStatus(status: "open" | "all"): void {
 }
 
 /** Open a record's page (from a list, a link, a duplicate warning). */
-export async function openCrmRecord(type: CrmRecordType, id: string): Promise<void> {
-  state.view = "crm";
+export function openCrmRecord(type: CrmRecordType, id: string): void {
+  goTo(crmRecordPath(type, id));
+}
+
+/** The record of the address; "not available" when the user may not see it. */
+async function showCrmRecord(type: CrmRecordType, id: string): Promise<void> {
   state.crmTab = type;
   state.crmForm = null;
+  if (!isId(id)) {
+    state.crmOpen = { type, id };
+    state.crmRecord = null;
+    markUnavailable(crmRecordPath(type, id));
+    return;
+  }
   if (state.crmOpen?.id !== id) {
     state.crmRecord = null;
     state.crmTimeline = [];
@@ -1447,11 +2098,7 @@ export async function openCrmRecord(type: CrmRecordType, id: string): Promise<vo
 }
 
 export function closeCrmRecord(): void {
-  state.crmOpen = null;
-  state.crmRecord = null;
-  state.crmTimeline = [];
-  state.crmHistory = [];
-  if (crm.isRecordType(state.crmTab)) loadCrmTab(state.crmTab);
+  goTo(crmSectionPath(state.crmTab));
 }
 
 /** The open record, its timeline (open and completed activities) and its history. */
@@ -1470,10 +2117,14 @@ async function refreshCrmRecord(type: CrmRecordType, id: string, loud = true): P
     watchPendingMail();
   } catch (error) {
     if (state.crmOpen?.id !== id) return;
-    if (error instanceof ApiError && (error.status === 404 || error.status === 403)) {
+    if (error instanceof ApiError && error.status === 403) {
+      state.crmDenied = true;
+      return;
+    }
+    if (error instanceof ApiError && error.status === 404) {
       dropCrmRecord(type, id);
-      closeCrmRecord();
-      toast({ kind: "error", title: "Record not found", text: "It was deleted, or it is not visible to you." });
+      state.crmRecord = null;
+      markUnavailable(crmRecordPath(type, id));
       return;
     }
     if (loud) reportError(error, "Could not load the record");
@@ -1522,7 +2173,7 @@ export async function deleteCrmRecord(record: CrmRecord): Promise<void> {
   try {
     await api.deleteCrmRecord(record.type, record.id);
     dropCrmRecord(record.type, record.id);
-    if (state.crmOpen?.id === record.id) closeCrmRecord();
+    if (state.crmOpen?.id === record.id) goTo(crmSectionPath(record.type), true);
   } catch (error) {
     reportError(error, "Could not delete the record");
   }
@@ -1555,6 +2206,24 @@ export async function deleteCrmActivity(activity: CrmActivity): Promise<void> {
   } catch (error) {
     reportError(error, "Could not delete the activity");
   }
+}
+
+export function openMergeDialog(record: CrmRecordDetail): void {
+  state.crmMerge = record;
+}
+
+export function closeMergeDialog(): void {
+  state.crmMerge = null;
+}
+
+/** Merge `other` into `survivor`: the other's links, activities and mail move; it goes. */
+export async function mergeCrmRecords(survivor: CrmRecord, otherId: string): Promise<CrmRecordDetail> {
+  const merged = await api.mergeCrmRecords(survivor.type, survivor.id, otherId);
+  dropCrmRecord(survivor.type, otherId);
+  putCrmRecord(merged);
+  if (state.crmRecord?.id === merged.id) state.crmRecord = merged;
+  scheduleOpenRefresh();
+  return merged;
 }
 
 export function openConvertDialog(lead: CrmRecord): void {

@@ -24,6 +24,12 @@ import {
   liveState,
   matchesFilter,
   mayConvert,
+  mayMerge,
+  applyBoardEvent,
+  columnSummary,
+  linkedNames,
+  moveOnBoard,
+  removeFromBoard,
   mergeDetail,
   plainRecord,
   probeKey,
@@ -255,6 +261,14 @@ describe("record lists and live events", () => {
     expect(matchesFilter(contact, { ...emptyListFilter(), q: "ZOE@example.test" })).toBe(true);
     expect(matchesFilter(contact, { ...emptyListFilter(), q: "030 1234567" })).toBe(true);
     expect(matchesFilter(contact, { ...emptyListFilter(), q: "smith" })).toBe(false);
+    // part of an e-mail, a phone's digits in order as typed
+    expect(matchesFilter(contact, { ...emptyListFilter(), q: "example" })).toBe(true);
+    expect(matchesFilter(contact, { ...emptyListFilter(), q: "30 123" })).toBe(true);
+    expect(matchesFilter(contact, { ...emptyListFilter(), q: "999" })).toBe(false);
+    // a contact of a company may be found by the company's name: only the hub can tell
+    const linked = { ...contact, company_ids: ["co1"] };
+    expect(matchesFilter(linked, { ...emptyListFilter(), q: "acme" })).toBeUndefined();
+    expect(matchesFilter({ ...linked, type: "company" }, { ...emptyListFilter(), q: "acme" })).toBe(false);
   });
 
   it("leaves new records to the hub when only it can tell (activity responsible)", () => {
@@ -507,5 +521,43 @@ describe("conversion with existing records", () => {
       mode: "deal+contact",
       ignore_duplicates: true,
     });
+  });
+});
+
+describe("the deals' Kanban board", () => {
+  const board = () => ({ new: [record(2), record(1)], won: [record(3, { stage_id: "won" })], lost: [] as CrmRecord[] });
+
+  it("moves a deal to the column of its new stage when it changes, live", () => {
+    const next = applyBoardEvent(board(), record(1, { stage_id: "won", modified_at: "2026-03-02T00:00:00.000Z" }), emptyListFilter());
+    expect(next.new?.map((r) => r.id)).toEqual([oid(2)]);
+    expect(next.won?.map((r) => r.id)).toEqual([oid(3), oid(1)]);
+  });
+
+  it("takes a deal off that no longer matches, or whose stage has no column", () => {
+    const filter = { ...emptyListFilter(), q: "Deal 2" };
+    expect(applyBoardEvent(board(), record(1), filter).new?.map((r) => r.id)).toEqual([oid(2)]);
+    const gone = applyBoardEvent(board(), record(2, { stage_id: "archived" }), emptyListFilter());
+    expect(Object.values(gone).flat().map((r) => r.id)).not.toContain(oid(2));
+    expect(applyBoardEvent(board(), record(9, { type: "lead" }), emptyListFilter())).toEqual(board());
+  });
+
+  it("shows a dragged deal in its new column at once, and only in known columns", () => {
+    const moved = moveOnBoard(board(), record(2), "lost");
+    expect(moved.lost?.map((r) => [r.id, r.stage_id])).toEqual([[oid(2), "lost"]]);
+    expect(moved.new?.map((r) => r.id)).toEqual([oid(1)]);
+    expect(moveOnBoard(board(), record(2), "nowhere")).toEqual(board());
+    expect(removeFromBoard(board(), oid(7))).toEqual(board());
+  });
+
+  it("sums a column per currency, and names linked records", () => {
+    const column = [record(1, { amount: 100 }), record(2, { amount: 50.5 }), record(3, { amount: 10, currency: "EUR" }), record(4)];
+    expect(columnSummary(column)).toBe("4 deals · 150.5 USD + 10 EUR");
+    expect(columnSummary([])).toBe("0 deals");
+    expect(linkedNames(["a", null, "b"], { a: "Acme" })).toBe("Acme, …");
+  });
+
+  it("merges leads, contacts and companies, not deals", () => {
+    expect(mayMerge(record(1))).toBe(false);
+    expect(mayMerge(record(1, { type: "contact" }))).toBe(true);
   });
 });

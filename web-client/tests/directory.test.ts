@@ -5,8 +5,10 @@ import {
   descendantIds,
   directoryQuery,
   flatten,
+  departmentPath,
   inSubtree,
   initials,
+  managerOf,
   membersOf,
   peopleByDepartment,
   toSearchParams,
@@ -79,16 +81,16 @@ describe("company structure", () => {
 });
 
 describe("directory search", () => {
-  it("searches names, e-mails or phone digits from one box", () => {
-    expect(directoryQuery("mary", null, "all")).toEqual({ name: "mary" });
-    expect(directoryQuery("mary@demo", null, "all")).toEqual({ email: "mary@demo" });
-    expect(directoryQuery("+1 555 0100", null, "all")).toEqual({ phone: "15550100" });
+  it("sends one box as q: the hub looks in names, positions, departments, e-mails, phones", () => {
+    expect(directoryQuery("mary", null, "all")).toEqual({ q: "mary" });
+    expect(directoryQuery(" chief accountant ", null, "all")).toEqual({ q: "chief accountant" });
+    expect(directoryQuery("+1 555 0100", null, "all")).toEqual({ q: "+1 555 0100" });
     expect(directoryQuery("  ", "d1", "online")).toEqual({ department_id: "d1", online: "true" });
     expect(directoryQuery("", null, "offline")).toEqual({ online: "false" });
   });
 
   it("builds the query string", () => {
-    expect(toSearchParams({ name: "a b", online: "true" }, 50)).toBe("name=a+b&online=true&limit=50");
+    expect(toSearchParams({ q: "a b", online: "true" }, 50)).toBe("q=a+b&online=true&limit=50");
   });
 
   it("makes initials", () => {
@@ -106,5 +108,24 @@ describe("department scope", () => {
     const users = [user("u1", "Ann Alpha", "eu"), user("u2", "Bob Beta", "fin"), user("u5", "No One", null)];
     expect(inSubtree(users, scope.subtree).map((u) => u.id)).toEqual(["u1"]);
     expect(inSubtree(users, null)).toHaveLength(3);
+  });
+});
+
+describe("profile", () => {
+  it("names the manager: the department's head, or for the head the next head above", () => {
+    // sales is headed by u3; eu (under sales) has no head; fin has none, nor has root
+    expect(managerOf(user("u1", "Ann Alpha", "eu"), departments)).toBe("u3");
+    expect(managerOf(user("u2", "Bob Beta", "sales"), departments)).toBe("u3");
+    expect(managerOf(user("u3", "Cid Head", "sales"), departments)).toBeNull();
+    expect(managerOf(user("u4", "Dan Fin", "fin"), departments)).toBeNull();
+    expect(managerOf(user("u5", "No One", null), departments)).toBeNull();
+    const looped = [dept("a", "A", "b", null), dept("b", "B", "a", null)];
+    expect(managerOf(user("u6", "Loop", "a"), looped)).toBeNull();
+  });
+
+  it("spells the department's place in the company", () => {
+    expect(departmentPath("eu", departments)).toBe("Company › Sales › Sales Europe");
+    expect(departmentPath(null, departments)).toBe("");
+    expect(departmentPath("gone", departments)).toBe("");
   });
 });

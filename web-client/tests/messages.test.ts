@@ -1,11 +1,14 @@
 import { describe, expect, it } from "vitest";
 import {
   compareIds,
+  idBefore,
+  laterMark,
   mergeMessages,
   newClientId,
   newestConfirmed,
   oldestConfirmed,
   pendingMessage,
+  seenMessageId,
 } from "../src/core/messages";
 import { msg, oid } from "./fixtures";
 
@@ -88,5 +91,55 @@ describe("helpers", () => {
     for (const id of [a, b]) {
       expect(id).toMatch(/^[A-Za-z0-9._:-]{1,64}$/);
     }
+  });
+});
+
+describe("unconfirmed messages", () => {
+  it("keep a failed or sending message below the whole history, in the order written", () => {
+    const failed = { ...pendingMessage("c1", "me", "first", "web-1", new Date(Date.UTC(2026, 0, 1, 11))), pending: false, failed: true };
+    const sending = pendingMessage("c1", "me", "second", "web-2", new Date(Date.UTC(2026, 0, 1, 11, 1)));
+    // older than every stored message, and still last
+    const merged = mergeMessages([sending, failed], [msg(2), msg(1)]);
+    expect(merged.map((m) => m.text)).toEqual(["message 1", "message 2", "first", "second"]);
+  });
+});
+
+describe("the history around a message", () => {
+  it("asks for the id just below it, so that the page starts with the message", () => {
+    expect(idBefore(oid(0x100))).toBe(oid(0xff));
+    expect(idBefore("65f0c0ffee00000000000000")).toBe("65f0c0ffedffffffffffffff");
+    expect(idBefore(oid(0))).toBeNull();
+    expect(idBefore("pending:web-1")).toBeNull();
+  });
+});
+
+describe("seen in a private dialog", () => {
+  const mine = (n: number, over = {}) => msg(n, { author_id: "me", ...over });
+
+  it("marks the newest own message at or below the other person's read mark", () => {
+    const list = [mine(1), msg(2), mine(3), mine(5)];
+    expect(seenMessageId(list, "me", oid(4))).toBe(oid(3));
+    expect(seenMessageId(list, "me", oid(5))).toBe(oid(5));
+    expect(seenMessageId(list, "me", oid(9))).toBe(oid(5));
+  });
+
+  it("marks nothing before they have read one of the user's messages", () => {
+    expect(seenMessageId([msg(1), mine(3)], "me", null)).toBeNull();
+    expect(seenMessageId([msg(1), mine(3)], "me", oid(2))).toBeNull();
+    expect(seenMessageId([msg(1), msg(2)], "me", oid(2))).toBeNull();
+  });
+
+  it("never marks a message not yet stored, nor a deleted one", () => {
+    const sending = pendingMessage("c1", "me", "later", "cid-1");
+    expect(seenMessageId([mine(1), mine(2, { deleted: true }), sending], "me", oid(9))).toBe(oid(1));
+    expect(seenMessageId([mine(1), { ...mine(3), failed: true }], "me", oid(9))).toBe(oid(1));
+  });
+
+  it("a read mark only moves forward", () => {
+    expect(laterMark(null, oid(3))).toBe(oid(3));
+    expect(laterMark(oid(3), null)).toBe(oid(3));
+    expect(laterMark(oid(5), oid(3))).toBe(oid(5));
+    expect(laterMark(oid(3), oid(5))).toBe(oid(5));
+    expect(laterMark(undefined, undefined)).toBeNull();
   });
 });

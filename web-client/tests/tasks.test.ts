@@ -29,6 +29,11 @@ import {
   upsertTask,
   type TaskMap,
   type Touch,
+  deadlineInPast,
+  editFormOf,
+  isoToLocal,
+  mayEdit,
+  taskPatchBody,
 } from "../src/core/tasks";
 import type { RoleCounters, Task, TaskComment, TaskCounters, TaskStatusName, User } from "../src/core/types";
 import { task } from "./fixtures";
@@ -419,5 +424,42 @@ describe("the new-task form", () => {
     expect(suggestPeople(users, "mar", []).map((x) => x.id)).toEqual(["n", "m"]);
     expect(suggestPeople(users, "mar", ["m"]).map((x) => x.id)).toEqual(["n"]);
     expect(suggestPeople(users, "", [], 2).map((x) => x.id)).toEqual(["n", "m"]);
+  });
+});
+
+describe("editing a task", () => {
+  const everything = [
+    "deadline", "description", "group_id", "include_in_report", "observer_ids", "participant_ids",
+    "planned_end", "planned_start", "priority", "rating", "require_approval", "responsible_id",
+    "responsible_may_change_deadline", "tags", "title",
+  ];
+
+  it("sends only what changed, and only what the caller may change", () => {
+    const t = task("t1", { editable_fields: everything, deadline: "2026-05-01T16:00:00.000Z", participant_ids: ["a"] });
+    const form = editFormOf(t);
+    expect(taskPatchBody(t, form)).toEqual({});
+    form.title = "  New title ";
+    form.participantIds = ["a", "b", "b"];
+    form.deadline = "";
+    expect(taskPatchBody(t, form)).toEqual({ title: "New title", participant_ids: ["a", "b"], deadline: null });
+  });
+
+  it("lets a responsible person move the deadline only, when allowed", () => {
+    const t = task("t1", { editable_fields: ["deadline"], deadline: null });
+    const form = editFormOf(t);
+    form.title = "Mine now";
+    form.deadline = "2026-06-01T10:30";
+    expect(mayEdit(t, "title")).toBe(false);
+    expect(mayEdit(t, "deadline")).toBe(true);
+    expect(taskPatchBody(t, form)).toEqual({ deadline: new Date("2026-06-01T10:30").toISOString() });
+    expect(taskPatchBody(task("t1", { editable_fields: [] }), form)).toEqual({});
+  });
+
+  it("sees a deadline that has passed", () => {
+    const now = Date.parse("2026-05-01T12:00:00.000Z");
+    expect(deadlineInPast(isoToLocal("2026-05-01T11:59:00.000Z"), now)).toBe(true);
+    expect(deadlineInPast(isoToLocal("2026-05-01T12:01:00.000Z"), now)).toBe(false);
+    expect(deadlineInPast("", now)).toBe(false);
+    expect(deadlineInPast("nonsense", now)).toBe(false);
   });
 });

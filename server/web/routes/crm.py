@@ -27,6 +27,7 @@ from server.crm.models import (
     DuplicateList,
     DuplicateProbe,
     HistoryList,
+    MergeRequest,
     RecordDetail,
     RecordFields,
     RecordList,
@@ -225,6 +226,36 @@ async def conversion_candidates(call: Call) -> ConversionCandidates:
     return await services(call.request).crm.records.conversion_candidates(
         call.user_id, call.path("record_id")
     )
+
+
+def _declare_merge_route(record_type: str) -> None:
+    plural = PLURAL[record_type]
+
+    async def merge(call: Call) -> RecordDetail:
+        return await services(call.request).crm.records.merge(
+            call.user_id, record_type, call.path("record_id"), call.body_as(MergeRequest).other_id
+        )
+
+    merge.__name__ = f"merge_{record_type}"
+    api.route(
+        "POST",
+        f"/api/v1/crm/{plural}/{{record_id}}/merge",
+        summary=f"Merge a duplicate {record_type} into this one",
+        tag=TAG,
+        body=MergeRequest,
+        response=RecordDetail,
+        errors=(403, 404, 409, 422),
+        description="This record survives: it keeps its values and takes in what it lacks "
+        "from `other_id` (names, source, e-mails and phones it does not have, comments, custom "
+        "fields); links to the other (a deal's contacts, a company's contacts and deals, the "
+        "records converted from a lead), its activities with their mail, and its history move "
+        "here; then the other is deleted (`crm.record.removed` with `merged_into`). The caller "
+        "must see both.",
+    )(merge)
+
+
+for _type in ("lead", "contact", "company"):
+    _declare_merge_route(_type)
 
 
 # activities ----------------------------------------------------------------------------------

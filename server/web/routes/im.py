@@ -14,6 +14,7 @@ from server.im.models import (
     MessageOut,
     OpenDialog,
     ReadUpTo,
+    RenameChat,
     SearchQuery,
     SendMessage,
     SendResult,
@@ -142,6 +143,24 @@ async def get_chat(call: Call) -> ChatOut:
     im = services(call.request).im
     chat = await im.readable_chat(call.user_id, call.path("chat_id"))
     return await im.chat_out(chat, call.user_id)
+
+
+@api.route(
+    "PATCH",
+    "/api/v1/im/chats/{chat_id}",
+    summary="Rename a group chat (owner)",
+    tag=TAG,
+    body=RenameChat,
+    response=ChatOut,
+    errors=(403, 404),
+)
+async def rename_chat(call: Call) -> ChatOut:
+    """Tells the members with `im.chat.updated` on the chat's stream. The owner (or an
+    administrator) renames a group chat; a workgroup's chat and private dialogs are `403`."""
+    assert call.user is not None
+    return await services(call.request).im.rename_group(
+        call.user, call.path("chat_id"), call.body_as(RenameChat).title
+    )
 
 
 @api.route(

@@ -287,25 +287,36 @@ function digits(text: string): string {
   return text.replace(/\D/g, "");
 }
 
-/** The search box, as the hub's `q` reads it: names and titles, an e-mail, phone digits. */
+const PHONE_TEXT = /^\+?[\d\s().\/-]+$/;
+
+/**
+ * The search box, as the hub's `q` reads it: a part of the title or names, a part of an
+ * e-mail address ("acme" finds hans@acme.example), a phone number's digits in order ("555 12"
+ * finds 555-1234), or its last seven digits.
+ */
 export function matchesSearch(record: CrmRecord, query: string): boolean {
   const q = query.trim();
   if (!q) return true;
   const names = [record.title, [record.first_name, record.last_name].filter(Boolean).join(" "), record.company_title ?? ""];
   const text = fold(names.join(" "));
   if (text.includes(fold(q))) return true;
-  if (q.includes("@") && record.emails.some((e) => e.value.toLowerCase() === q.toLowerCase())) return true;
+  if (record.emails.some((e) => e.value.toLowerCase().includes(q.toLowerCase()))) return true;
   const d = digits(q);
+  if (d.length >= 3 && PHONE_TEXT.test(q) && record.phones.some((p) => digits(p.number).includes(d))) return true;
   if (d.length >= 5 && record.phones.some((p) => digits(p.number).endsWith(d.replace(/^0+/, "").slice(-7)))) return true;
   return false;
 }
 
 /**
  * Whether a record belongs in a list with `filter`: true / false, or undefined when only the
- * hub can tell (the activity-responsible filter).
+ * hub can tell (the activity-responsible filter, and a contact or deal that may be found by
+ * the name of its company).
  */
 export function matchesFilter(record: CrmRecord, filter: CrmListFilter): boolean | undefined {
-  if (!matchesSearch(record, filter.q)) return false;
+  if (!matchesSearch(record, filter.q)) {
+    const linked = Boolean(record.company_id) || Boolean(record.company_ids?.length);
+    return linked && (record.type === "contact" || record.type === "deal") ? undefined : false;
+  }
   if (filter.counted && !isCounted(record.indicator)) return false;
   if (filter.activityResponsibleId) return undefined;
   return true;
@@ -927,4 +938,69 @@ export function liveState(activity: CrmActivity, now: number): CrmActivityState 
   if (activity.state === "incoming") return "incoming";
   if (activity.deadline && time(activity.deadline) <= now) return "overdue";
   return activity.state;
+}
+
+// --- the deals' Kanban board ---------------------------------------------------------------
+
+/** Deals by stage id, each column newest first. */
+export type Board = Record<string, CrmRecord[]>;
+
+/** A deal taken off the board, wherever it is. */
+export function removeFromBoard(board: Board, dealId: string): Board {
+  let changed = false;
+  const next: Board = {};
+  for (const [stage, column] of Object.entries(board)) {
+    const kept = column.filter((r) => r.id !== dealId);
+    if (kept.length !== column.length) changed = true;
+    next[stage] = kept;
+  }
+  return changed ? next : board;
+}
+
+/**
+ * `crm.record.updated` of a deal on the board: into the column of its stage (out of any
+ * other), if it matches the filters; a deal whose stage has no column, or that no longer
+ * matches, leaves the board. When only the hub can tell, a deal on the board stays.
+ */
+export function applyBoardEvent(board: Board, deal: CrmRecord, filter: CrmListFilter): Board {
+  if (deal.type !== "deal") return board;
+  const known = Object.values(board).some((column) => column.some((r) => r.id === deal.id));
+  const verdict = matchesFilter(deal, filter);
+  const without = removeFromBoard(board, deal.id);
+  const stage = deal.stage_id ?? "";
+  if (verdict === false || !(stage in board) || (verdict === undefined && !known)) return without;
+  return { ...without, [stage]: upsertRecord(without[stage] ?? [], deal) };
+}
+
+/** A deal dragged to another stage: shown there at once, before the hub answers. */
+export function moveOnBoard(board: Board, deal: CrmRecord, stageId: string): Board {
+  if (!(stageId in board)) return board;
+  const without = removeFromBoard(board, deal.id);
+  return { ...without, [stageId]: upsertRecord(without[stageId] ?? [], { ...deal, stage_id: stageId }) };
+}
+
+/** A column's head line: how many deals it shows, and their amounts per currency. */
+export function columnSummary(column: readonly CrmRecord[]): string {
+  const sums = new Map<string, number>();
+  for (const r of column) {
+    if (r.amount === null || r.amount === undefined) continue;
+    const cur = r.currency ?? "";
+    sums.set(cur, (sums.get(cur) ?? 0) + r.amount);
+  }
+  const money = [...sums.entries()].map(([cur, n]) => formatAmount(n, cur)).join(" + ");
+  const count = `${column.length} ${column.length === 1 ? "deal" : "deals"}`;
+  return money ? `${count} · ${money}` : count;
+}
+
+/** The names of a record's linked companies or contacts, from the titles known. */
+export function linkedNames(ids: readonly (string | null | undefined)[], titles: Record<string, string>): string {
+  return ids
+    .filter((id): id is string => Boolean(id))
+    .map((id) => titles[id] ?? "…")
+    .join(", ");
+}
+
+/** The types whose duplicates can be merged (the hub's MERGEABLE_TYPES). */
+export function mayMerge(record: CrmRecord): boolean {
+  return record.type === "lead" || record.type === "contact" || record.type === "company";
 }

@@ -83,3 +83,17 @@ export function filterChats(chats: readonly Chat[], query: string): Chat[] {
   if (!q) return [...chats];
   return chats.filter((c) => c.title.toLowerCase().includes(q));
 }
+
+/** A group chat renamed (im.chat.updated). */
+export function renameChat(chats: readonly Chat[], chatId: string, title: string): Chat[] {
+  return chats.map((c) => (c.id === chatId && c.kind === "group" ? { ...c, title } : c));
+}
+
+/** The first names of a group chat's other members, for its header. */
+export function groupMembersLine(chat: Chat, names: Record<string, string>, me: string): string {
+  return chat.member_ids
+    .filter((m) => m !== me)
+    .map((m) => (names[m] ?? "").split(" ")[0] ?? "")
+    .filter(Boolean)
+    .join(", ");
+}

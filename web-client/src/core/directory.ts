@@ -87,9 +87,7 @@ export function membersOf(
 }
 
 export interface DirectoryQuery {
-  name?: string;
-  email?: string;
-  phone?: string;
+  q?: string;
   department_id?: string;
   online?: "true" | "false";
 }
@@ -97,8 +95,8 @@ export interface DirectoryQuery {
 export type OnlineFilter = "all" | "online" | "offline";
 
 /**
- * One search box for the directory: an "@" searches e-mail, a text of digits (and phone
- * punctuation) searches phone numbers, anything else names and logins.
+ * One search box for the directory: the hub looks for every word in the name, login,
+ * position, department name, e-mail and phone digits (`q`).
  */
 export function directoryQuery(
   text: string,
@@ -107,12 +105,7 @@ export function directoryQuery(
 ): DirectoryQuery {
   const query: DirectoryQuery = {};
   const t = text.trim();
-  if (t) {
-    if (t.includes("@")) query.email = t;
-    else if (/^\+?[\d\s().\/-]+$/.test(t) && /\d{2,}/.test(t.replace(/\D/g, ""))) {
-      query.phone = t.replace(/\D/g, "");
-    } else query.name = t;
-  }
+  if (t) query.q = t;
   if (departmentId) query.department_id = departmentId;
   if (online !== "all") query.online = online === "online" ? "true" : "false";
   return query;
@@ -149,4 +142,34 @@ export function departmentScope(
 export function inSubtree(users: readonly User[], subtree: Set<string> | null): User[] {
   if (!subtree) return [...users];
   return users.filter((u) => u.department_id !== null && subtree.has(u.department_id));
+}
+
+/**
+ * A person's manager: the head of their department, or, for the head themself (or a
+ * department without one), the nearest head above. null at the top.
+ */
+export function managerOf(user: Pick<User, "id" | "department_id">, departments: readonly Department[]): string | null {
+  const byId = new Map(departments.map((d) => [d.id, d]));
+  const seen = new Set<string>();
+  let current = user.department_id ? byId.get(user.department_id) : undefined;
+  while (current && !seen.has(current.id)) {
+    seen.add(current.id);
+    if (current.head_id && current.head_id !== user.id) return current.head_id;
+    current = current.parent_id ? byId.get(current.parent_id) : undefined;
+  }
+  return null;
+}
+
+/** The department and the ones above it, top first: "Demo Company › Finance › Paris". */
+export function departmentPath(departmentId: string | null, departments: readonly Department[]): string {
+  const byId = new Map(departments.map((d) => [d.id, d]));
+  const names: string[] = [];
+  const seen = new Set<string>();
+  let current = departmentId ? byId.get(departmentId) : undefined;
+  while (current && !seen.has(current.id)) {
+    seen.add(current.id);
+    names.unshift(current.name);
+    current = current.parent_id ? byId.get(current.parent_id) : undefined;
+  }
+  return names.join(" › ");
 }

@@ -9,10 +9,18 @@ export function compareIds(a: string, b: string): number {
   return a < b ? -1 : a > b ? 1 : 0;
 }
 
+/** Not (yet) stored by the hub: being sent, or failed. */
+export function isUnconfirmed(m: Message): boolean {
+  return Boolean(m.pending || m.failed);
+}
+
 function byOrder(a: Message, b: Message): number {
-  // Pending (unconfirmed) messages have no server id yet: they go last, in sending order.
-  if (a.pending !== b.pending) return a.pending ? 1 : -1;
-  if (a.pending && b.pending) return a.created_at < b.created_at ? -1 : 1;
+  // Unconfirmed messages (sending, or failed) have no server id yet: they go last, below the
+  // whole history, in the order they were written.
+  const ua = isUnconfirmed(a);
+  const ub = isUnconfirmed(b);
+  if (ua !== ub) return ua ? 1 : -1;
+  if (ua && ub) return a.created_at < b.created_at ? -1 : a.created_at > b.created_at ? 1 : 0;
   return compareIds(a.id, b.id);
 }
 
@@ -98,6 +106,40 @@ export function pendingMessage(
     client_id: clientId,
     pending: true,
   };
+}
+
+/**
+ * The id just below `id` (ObjectId hex, minus one): `after` of it asks the hub's history for
+ * that message itself and the newer ones, to load the history around a message. null for an
+ * id that is not 24 hex digits.
+ */
+export function idBefore(id: string): string | null {
+  if (!/^[0-9a-f]{24}$/.test(id)) return null;
+  const value = BigInt(`0x${id}`);
+  if (value === 0n) return null;
+  return (value - 1n).toString(16).padStart(24, "0");
+}
+
+/**
+ * Where a private dialog shows "seen": the newest of the user's own stored messages the other
+ * person has read up to (`peerReadId`, their read mark). null when they have read none of
+ * them. Messages not yet stored, and deleted ones, are never marked.
+ */
+export function seenMessageId(messages: readonly Message[], meId: string, peerReadId: string | null | undefined): string | null {
+  if (!peerReadId) return null;
+  for (let i = messages.length - 1; i >= 0; i--) {
+    const m = messages[i];
+    if (isUnconfirmed(m) || m.deleted || m.author_id !== meId) continue;
+    if (compareIds(m.id, peerReadId) <= 0) return m.id;
+  }
+  return null;
+}
+
+/** The later of two read marks (a mark only moves forward). */
+export function laterMark(a: string | null | undefined, b: string | null | undefined): string | null {
+  if (!a) return b ?? null;
+  if (!b) return a;
+  return compareIds(a, b) >= 0 ? a : b;
 }
 
 /** Group a message list by calendar day (local time) for day separators in the log. */

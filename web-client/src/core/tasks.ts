@@ -19,6 +19,7 @@ import type {
   TaskHistoryEntry,
   TaskPriority,
   TaskStatusName,
+  TaskUpdate,
   User,
 } from "./types";
 
@@ -649,4 +650,112 @@ export function suggestPeople(
     if (words.every((w) => text.includes(w))) out.push(u);
   }
   return out.sort((a, b) => a.name.localeCompare(b.name)).slice(0, limit);
+}
+
+// --- editing a task -----------------------------------------------------------------------------
+
+/** A deadline (datetime-local value) that has already passed: the task would be late at once. */
+export function deadlineInPast(deadline: string, now: number): boolean {
+  const iso = deadline ? localToIso(deadline) : null;
+  return iso !== null && Date.parse(iso) <= now;
+}
+
+/** An ISO moment as the value of an <input type="datetime-local"> in the browser's time. */
+export function isoToLocal(iso: string | null | undefined): string {
+  if (!iso) return "";
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return "";
+  const pad = (n: number) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+}
+
+export interface TaskEditForm {
+  title: string;
+  description: string;
+  responsibleId: string;
+  participantIds: string[];
+  observerIds: string[];
+  groupId: string;
+  deadline: string;
+  priority: TaskPriority;
+  requireApproval: boolean;
+  responsibleMayChangeDeadline: boolean;
+}
+
+/** The edit form of a task, filled from it. */
+export function editFormOf(task: Task): TaskEditForm {
+  return {
+    title: task.title,
+    description: task.description,
+    responsibleId: task.responsible_id,
+    participantIds: [...task.participant_ids],
+    observerIds: [...task.observer_ids],
+    groupId: task.group_id ?? "",
+    deadline: isoToLocal(task.deadline),
+    priority: task.priority,
+    requireApproval: task.require_approval,
+    responsibleMayChangeDeadline: task.responsible_may_change_deadline,
+  };
+}
+
+/** Which PATCH field each form field is (the hub's `editable_fields` names). */
+export const EDIT_FIELDS: Record<keyof TaskEditForm, string> = {
+  title: "title",
+  description: "description",
+  responsibleId: "responsible_id",
+  participantIds: "participant_ids",
+  observerIds: "observer_ids",
+  groupId: "group_id",
+  deadline: "deadline",
+  priority: "priority",
+  requireApproval: "require_approval",
+  responsibleMayChangeDeadline: "responsible_may_change_deadline",
+};
+
+/** Whether the caller may change a form field: the hub says so, field by field. */
+export function mayEdit(task: Task, field: keyof TaskEditForm): boolean {
+  return (task.editable_fields ?? []).includes(EDIT_FIELDS[field]);
+}
+
+export function editFormErrors(form: TaskEditForm): string[] {
+  const errors: string[] = [];
+  if (!form.title.trim()) errors.push("Give the task a title.");
+  if (form.title.trim().length > 250) errors.push("The title is longer than 250 characters.");
+  if (!form.responsibleId) errors.push("Choose who is responsible.");
+  if (form.deadline && localToIso(form.deadline) === null) errors.push("The deadline is not a valid date and time.");
+  return errors;
+}
+
+function sameIds(a: readonly string[], b: readonly string[]): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
+/**
+ * The body of `PATCH /tasks/{id}`: the fields the form changed that the caller may change.
+ * A deadline the form shows unchanged (to the minute) is left as it is.
+ */
+export function taskPatchBody(task: Task, form: TaskEditForm): TaskUpdate {
+  const body: TaskUpdate = {};
+  const may = (f: keyof TaskEditForm) => mayEdit(task, f);
+  if (may("title") && form.title.trim() !== task.title) body.title = form.title.trim();
+  if (may("description") && form.description !== task.description) body.description = form.description;
+  if (may("responsibleId") && form.responsibleId && form.responsibleId !== task.responsible_id) {
+    body.responsible_id = form.responsibleId;
+  }
+  const participants = [...new Set(form.participantIds)];
+  if (may("participantIds") && !sameIds(participants, task.participant_ids)) body.participant_ids = participants;
+  const observers = [...new Set(form.observerIds)];
+  if (may("observerIds") && !sameIds(observers, task.observer_ids)) body.observer_ids = observers;
+  if (may("groupId") && (form.groupId || null) !== task.group_id) body.group_id = form.groupId || null;
+  if (may("deadline") && form.deadline !== isoToLocal(task.deadline)) {
+    body.deadline = form.deadline ? localToIso(form.deadline) : null;
+  }
+  if (may("priority") && form.priority !== task.priority) body.priority = form.priority;
+  if (may("requireApproval") && form.requireApproval !== task.require_approval) {
+    body.require_approval = form.requireApproval;
+  }
+  if (may("responsibleMayChangeDeadline") && form.responsibleMayChangeDeadline !== task.responsible_may_change_deadline) {
+    body.responsible_may_change_deadline = form.responsibleMayChangeDeadline;
+  }
+  return body;
 }

@@ -67,6 +67,8 @@ export interface Dialog {
   chat: Chat;
   unread: number;
   last_read_id: string | null;
+  /** Private dialogs: the other person's read mark ("seen"); null for group chats. */
+  peer_last_read_id?: string | null;
 }
 
 export interface ImCounters {
@@ -76,6 +78,8 @@ export interface ImCounters {
 
 export interface ImSettings {
   sound: boolean;
+  /** What sends a message: Enter (Shift+Enter a new line), or Ctrl+Enter (Enter a new line). */
+  send_key?: "enter" | "ctrl_enter";
 }
 
 export interface SendResult {
@@ -183,6 +187,8 @@ export interface Task {
   comment_count: number;
   my_roles: string[];
   allowed_actions: string[];
+  /** The PATCH fields the caller may change now, field by field (the hub's own rule). */
+  editable_fields?: string[];
   unseen_updates: number;
   unseen_comments: number;
 }
@@ -212,6 +218,12 @@ export interface TaskUpdate {
   description?: string;
   priority?: TaskPriority;
   deadline?: string | null;
+  responsible_id?: string;
+  participant_ids?: string[];
+  observer_ids?: string[];
+  group_id?: string | null;
+  require_approval?: boolean;
+  responsible_may_change_deadline?: boolean;
   rating?: "positive" | "negative" | null;
   [field: string]: unknown;
 }
@@ -354,6 +366,8 @@ export interface CrmRecordDetail extends CrmRecord {
 export interface CrmRecordList {
   records: CrmRecord[];
   next_cursor: string | null;
+  /** The companies and contacts the page links to that the caller may see, by id. */
+  linked?: Record<string, CrmRecordRef>;
 }
 
 export interface CrmRecordQuery {
@@ -575,6 +589,8 @@ export interface CrmRecordUpdatedData {
 export interface CrmRecordRemovedData {
   type: CrmRecordType;
   id: string;
+  /** Merged into this record (the survivor), which is shown instead. */
+  merged_into?: string;
 }
 
 export interface CrmActivityUpdatedData {
