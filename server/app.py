@@ -22,6 +22,7 @@ from server.directory.service import DirectoryService
 from server.events.bus import EventBus, InProcessBus
 from server.events.redis_bus import RedisBus
 from server.events.streams import user_stream
+from server.im.migration import number_messages
 from server.im.service import ImService
 from server.mailbridge.service import MailBridge
 from server.observability.http import request_middleware
@@ -70,11 +71,17 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     streams = TracedStreamLog(store, observed, retention_seconds=settings.event_retention_seconds)
     if redis_bus is not None:
         redis_bus.attach(streams)
-    directory = DirectoryService(store, streams, bus)
+    directory = DirectoryService(
+        store,
+        streams,
+        bus,
+        cache_ttl_seconds=settings.cache_ttl_seconds,
+        cache_entries=settings.cache_max_entries,
+    )
     auth_service = AuthService(store, directory, bus, settings)
 
     async def viewers_of(user_id: str) -> list[str]:
-        doc = await store.users.find_one({"_id": user_id})
+        doc = await directory.cached_user(user_id)
         return await directory.visible_user_ids(doc) if doc else []
 
     presence_store: PresenceStore
@@ -155,6 +162,16 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
                 await follower.caught_up(stream, await streams.last_seq(stream))
 
         xmpp.on_bound(follow_streams)
+
+    if redis_bus is not None:
+        # Back after a Redis outage: the invalidations lost meanwhile are made good by reading
+        # everything again.
+        redis_bus.on_resubscribed += [
+            directory.forget_all,
+            auth_service.forget_all,
+            im.forget_all,
+            tasks.forget_all,
+        ]
 
     hub.add_snapshot_part("counters", counters_snapshot)
     hub.add_snapshot_part("presence", presence_snapshot)
@@ -266,6 +283,8 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         app.router.add_static("/static/", client_dir, follow_symlinks=False)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # Before anything is served: messages stored by an older version get their numbers.
+        await number_messages(store, node)
         if svc.redis_bus is not None:
             await svc.redis_bus.start()
         task = asyncio.create_task(_maintenance(svc), name="maintenance")
@@ -288,6 +307,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         await svc.scheduler.close()
         await svc.crm.counters.close()
         await svc.hub.close()
+        await svc.im.close()
         await svc.streams.close()
         if svc.redis_bus is not None:
             await svc.redis_bus.close()

@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     )
     token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=1)
     event_retention_seconds: int = Field(default=3 * 24 * 3600, ge=1)
+    cache_ttl_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="In-process copies of tokens, users, the directory, chats and memberships "
+        "are corrected through the event bus at once; this is the backstop for an event lost "
+        "(e.g. while Redis was unreachable)",
+    )
+    cache_max_entries: int = Field(
+        default=100_000, ge=100, description="Entries per in-process cache (least recent go)"
+    )
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     http_header_timeout_seconds: float = Field(
         default=10.0,
@@ -169,6 +179,13 @@ class Settings(BaseSettings):
     xmpp_read_bytes_per_second: float = Field(default=32 * 1024, gt=0)
     xmpp_read_burst_bytes: int = Field(default=512 * 1024, ge=16 * 1024)
     xmpp_max_sessions_per_user: int = Field(default=10, ge=1)
+    xmpp_max_stanzas_in_flight: int = Field(
+        default=32,
+        ge=1,
+        le=10_000,
+        description="Stanzas of one XMPP session read but not yet finished (stored); past "
+        "this the session stops reading until some finish",
+    )
     xmpp_max_connections: int = Field(default=5000, ge=1)
     xmpp_ping_interval_seconds: float = Field(default=60.0, gt=0)
     xmpp_ping_timeout_seconds: float = Field(default=30.0, gt=0)

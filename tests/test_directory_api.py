@@ -550,10 +550,10 @@ async def test_extranet_user_sees_only_members_of_their_workgroups(hub: HubHarne
     assert groups.status == 200
     assert [g["id"] for g in groups.body] == [group]
 
-    # once removed from the group, the colleagues disappear again
-    await hub.services.store.workgroups.update_one(
-        {"_id": group}, {"$pull": {"member_ids": ext_id}}
-    )
+    # once removed from the group, the colleagues disappear again (at once: the directory's
+    # cached workgroups are corrected by the change's directory.changed)
+    owner = await hub.services.directory.user_document(alice_id)
+    await hub.services.directory.remove_workgroup_member(owner, group, ext_id)
     assert await list_logins(hub, ext) == ["ext"]
     resp = await hub.request("GET", f"/api/v1/users/{alice_id}", token=ext)
     assert_problem(resp, 404, "not-found")

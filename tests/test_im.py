@@ -429,6 +429,7 @@ async def test_a_retry_announces_what_a_dead_node_stored_but_never_announced(
         {
             "_id": new_id(),
             "chat_id": chat["id"],
+            "n": 1,  # its number in the chat was taken
             "author_id": alice_id,
             "text": "stored, never told",
             # older than the grace a retry gives a first attempt still under way

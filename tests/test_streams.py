@@ -149,3 +149,77 @@ async def test_a_lagging_head_is_repaired_without_a_gap(store: Store) -> None:
     assert (await fresh.append("test:lag", "test.tick", {"n": 5})).seq == 6
     assert await stored_seqs(store, "test:lag") == list(range(1, 7))
     assert await fresh.last_seq("test:lag") == 6
+
+
+class CommandCounter(monitoring.CommandListener):
+    """Counts the commands sent to the database, by name."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.counts[event.command_name] = self.counts.get(event.command_name, 0) + 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def monitored_store(store: Store, listener: monitoring.CommandListener) -> Store:
+    monitored = Store(store.url, store.db.name)
+    monitored.client = type(store.client)(store.url, event_listeners=[listener], tz_aware=True)
+    monitored.db = monitored.client[store.db.name]
+    return monitored
+
+
+async def test_one_batch_spans_streams(store: Store) -> None:
+    """Appends to many streams at once share insert_many round trips (group commit), each
+    stream still numbered from 1 without a gap."""
+    counter = CommandCounter()
+    monitored = monitored_store(store, counter)
+    log = stream_log(monitored)
+    try:
+        events = await asyncio.gather(
+            *(log.append(f"test:s{n % 40}", "test.tick", {"n": n}) for n in range(200))
+        )
+        await log.settled()
+    finally:
+        await monitored.client.close()
+    assert counter.counts["insert"] <= 3, counter.counts
+    for n in range(40):
+        assert await stored_seqs(store, f"test:s{n}") == [1, 2, 3, 4, 5]
+    assert sorted(e.seq for e in events if e.stream == "test:s7") == [1, 2, 3, 4, 5]
+
+
+async def test_exact_heads_when_head_documents_lag(store: Store) -> None:
+    """A node that died before writing its heads leaves the head documents behind: the bus's
+    recovery (heads) and last_seq still find the stored events."""
+    log = stream_log(store)
+    for n in range(3):
+        await log.append("test:behind", "test.tick", {"n": n})
+    await log.settled()
+    await store.streams.update_one({"_id": "test:behind"}, {"$set": {"head": 1}})
+    fresh = stream_log(store)
+    assert await fresh.heads(["test:behind", "test:none"]) == {"test:behind": 3}
+    assert await fresh.last_seq("test:behind") == 3
+    assert await fresh.replay("test:behind", 3) == []
+    assert [e.seq for e in await fresh.replay("test:behind", 1) or []] == [2, 3]
+    assert await fresh.replay("test:behind", 4) is None
+
+
+async def test_replay_at_the_known_head_reads_nothing(store: Store) -> None:
+    counter = CommandCounter()
+    monitored = monitored_store(store, counter)
+    log = stream_log(monitored)
+    try:
+        for n in range(3):
+            await log.append("test:quiet", "test.tick", {"n": n})
+        before = counter.counts.get("find", 0)
+        assert await log.replay("test:quiet", 3) == []
+        assert await log.heads_of(["test:quiet"]) == {"test:quiet": 3}
+        assert counter.counts.get("find", 0) == before
+        await log.settled()
+    finally:
+        await monitored.client.close()

@@ -134,6 +134,33 @@ async def test_message_ids_are_kept_and_reused_ids_on_a_new_stream_are_not_dropp
     assert [ids_of(m)[2] for m in found] == [ids_of(m)[2] for m in bob.messages]
 
 
+async def test_offline_delivery_carries_the_author_clients_ids(hub: HubHarness) -> None:
+    """A message that waited for its recipient's first Jabber session (read back from the
+    history, not from a live event) still carries the id, origin-id and thread the author's
+    client sent, beside the server's stanza-id and the delay stamp."""
+    await hub.create_user("alice")
+    _, bob_token = await hub.create_user("bob")
+    d = domain_of(hub)
+    web = await hub.connect(bob_token)
+    await web.wait_for("snapshot")
+    alice = await xmpp_login(hub, "alice")
+    send_raw_message(
+        alice,
+        f"bob@{d}",
+        "off-1",
+        "<origin-id xmlns='urn:xmpp:sid:0' id='off-origin'/>",
+        "<thread xmlns='jabber:client'>off-thread</thread>",
+        body="while you were away",
+    )
+    [stored] = await web.wait_for("im.message")
+    bob = await xmpp_login(hub, "bob")
+    await bob.wait_for_condition(lambda: bob.bodies() == ["while you were away"])
+    [message] = bob.messages
+    assert ids_of(message) == ("off-1", "off-origin", stored["data"]["message"]["id"])
+    assert message.xml.findtext("{jabber:client}thread") == "off-thread"
+    assert message.xml.find("{urn:xmpp:delay}delay") is not None
+
+
 async def test_room_messages_carry_the_author_clients_ids(hub: HubHarness) -> None:
     """The reflection of a room message, what the other occupants get and the room history
     carry the id and origin-id the author's client sent (Profanity showed every own room line

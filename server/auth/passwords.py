@@ -42,5 +42,12 @@ async def password_fields(password: str) -> dict[str, Any]:
     }
 
 
+def scram_outdated(scram: dict[str, Any] | None) -> bool:
+    """Whether the stored SCRAM verifiers are missing or of another iteration count."""
+    from server.xmpp.sasl import outdated
+
+    return outdated(scram)
+
+
 def needs_rehash(stored_hash: str) -> bool:
     return _hasher.check_needs_rehash(stored_hash)

@@ -12,9 +12,15 @@ from datetime import UTC, datetime, timedelta
 
 from server.auth.addresses import UNKNOWN, client_key, networks
 from server.auth.hashing import Busy, HashingPool, Ticket
-from server.auth.passwords import needs_rehash, password_fields, verify_blocking
+from server.auth.passwords import (
+    needs_rehash,
+    password_fields,
+    scram_outdated,
+    verify_blocking,
+)
 from server.auth.sessions import SessionGuard, announce_revocation
 from server.auth.throttle import LoginThrottle
+from server.caching import Cache
 from server.directory.models import RegisterRequest, UserCreate
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
@@ -132,6 +138,25 @@ class AuthService:
         )
         self.sessions = SessionGuard(store, bus)
         self._trusted_proxies = networks(settings.trusted_proxies)
+        # token hash -> (user id, expires_at): a request or a connection costs no query for
+        # its token once seen here. Revocations drop them on every node (the event, and the
+        # durable record the guard polls while this holds any), expiry is checked at each use.
+        self._tokens: Cache[str, tuple[str, datetime]] = Cache(
+            settings.cache_max_entries, settings.cache_ttl_seconds
+        )
+        self.sessions.on_revocation(self._revoked, wants_records=lambda: len(self._tokens) > 0)
+
+    def forget_all(self) -> None:
+        """Every cached token may be out of date (events may have been lost)."""
+        self._tokens.clear()
+
+    def _revoked(self, user_id: str) -> None:
+        """A logout, a new password or a deactivation of ``user_id``: forget the user's tokens
+        (the database says which are still valid)."""
+        for hashed, (owner, _) in self._tokens.values():
+            if owner == user_id:
+                self._tokens.invalidate(hashed)
+        self._directory.forget_user(user_id)
 
     def client_address(self, peer: str | None, forwarded_for: str | None = None) -> str:
         """The per-address key of a client (see addresses.py): the peer, or the client a
@@ -198,8 +223,9 @@ class AuthService:
             attempt.failed()
             return None
         attempt.succeeded()
-        if (stored and needs_rehash(stored)) or not user.get("scram"):
-            # Users from before SCRAM (or an older hash) get fresh fields on their next login.
+        if (stored and needs_rehash(stored)) or scram_outdated(user.get("scram")):
+            # Users from before SCRAM (or an older hash, or verifiers of another iteration
+            # count) get fresh fields on their next login.
             fields = await password_fields(password)
             await self._store.users.update_one({"_id": user["_id"]}, {"$set": fields})
             user.update(fields)
@@ -227,18 +253,26 @@ class AuthService:
         """(user, token record) for a valid token of an active user, else None."""
         if not token or len(token) > 256:
             return None
-        record = await self._store.tokens.find_one({"_id": token_hash(token)})
-        if record is None or record["expires_at"] <= datetime.now(UTC):
+        hashed = token_hash(token)
+
+        async def load() -> tuple[str, datetime] | None:
+            record = await self._store.tokens.find_one({"_id": hashed})
+            return (record["user_id"], record["expires_at"]) if record is not None else None
+
+        found = await self._tokens.get_or_load(hashed, load)
+        if found is None or found[1] <= datetime.now(UTC):
             return None
-        user = await self._store.users.find_one({"_id": record["user_id"]})
+        user_id, expires_at = found
+        user = await self._directory.cached_user(user_id)
         if user is None or not user.get("is_active", True):
             return None
-        return user, record
+        return user, {"_id": hashed, "user_id": user_id, "expires_at": expires_at}
 
     async def logout(self, token: str) -> None:
         """Revoke this token; connections opened with it are closed, the user's others stay."""
         hashed = token_hash(token)
         record = await self._store.tokens.find_one_and_delete({"_id": hashed})
+        self._tokens.invalidate(hashed)  # here at once; elsewhere through the revocation
         if record is not None:
             await announce_revocation(self._store, self._bus, record["user_id"], "logout", hashed)
 

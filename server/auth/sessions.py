@@ -116,7 +116,24 @@ class SessionGuard:
         self._tasks: set[asyncio.Task[None]] = set()
         self._failing = False
         self._closed = False
+        self._listeners: list[tuple[Callable[[str], None], Callable[[], bool]]] = []
         bus.subscribe_ephemeral(self._on_ephemeral)
+
+    def on_revocation(
+        self, listener: Callable[[str], None], *, wants_records: Callable[[], bool]
+    ) -> None:
+        """Also tell ``listener`` the user named by each revocation hint (the event, or a
+        record), before the user's sessions are checked: the auth service drops what it
+        cached of the user's tokens. The records are polled while ``wants_records()`` says
+        so, as well as while sessions are open here."""
+        self._listeners.append((listener, wants_records))
+
+    def _tell(self, user_id: str) -> None:
+        for listener, _ in self._listeners:
+            try:
+                listener(user_id)
+            except Exception:
+                log.exception("revocation listener failed")
 
     # transports ------------------------------------------------------------------------------
 
@@ -197,6 +214,7 @@ class SessionGuard:
         for stream in event.streams:
             kind, _, user_id = stream.partition(":")
             if kind == "user":
+                self._tell(user_id)
                 await self.check_user(user_id)
         # Only once checked: after a failed check the poll finds the record and tries again.
         record_id = event.private.get("revocation_id")
@@ -218,7 +236,7 @@ class SessionGuard:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._poll_seconds)
-            if not self._sessions:
+            if not self._sessions and not any(wants() for _, wants in self._listeners):
                 continue  # nothing here to end (a session opened later reads the new state)
             try:
                 await self.poll()
@@ -245,6 +263,7 @@ class SessionGuard:
         if found:
             self._hints += 1
         for user_id, records in found.items():
+            self._tell(user_id)
             await self.check_user(user_id)
             self._seen.update(records)  # a failed check leaves them for the next poll
 

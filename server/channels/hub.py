@@ -469,7 +469,8 @@ class Hub:
         snapshot: dict[str, Any] = {}
         for key, part in self._snapshot_parts.items():
             snapshot[key] = await part(conn.user)
-        snapshot["streams"] = {s: await self._streams.last_seq(s) for s in sorted(conn.streams)}
+        heads = await self._streams.heads_of(sorted(conn.streams))  # one query at most
+        snapshot["streams"] = dict(sorted(heads.items()))
         return snapshot
 
     # streams -----------------------------------------------------------------------------------
@@ -489,8 +490,7 @@ class Hub:
         """
         last = floor if floor is not None else -1
         if since is not None:
-            status = await self._streams.position_status(stream, since)
-            missed = await self._streams.read_since(stream, since) if status == "ok" else None
+            missed = await self._streams.replay(stream, since)
             if missed is None:
                 last = await self._streams.last_seq(stream)
                 await self._emit("resync", {"stream": stream, "seq": last}, to=conn.sid)

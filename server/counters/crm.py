@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -47,6 +48,8 @@ from server.store.database import Document, Store, utcnow
 log = logging.getLogger(__name__)
 
 COALESCE_SECONDS = 0.01
+# A connect queues a recount of the user (to mend numbers gone stale) at most this often.
+MEND_ON_CONNECT_SECONDS = 600.0
 Counts = dict[str, dict[str, Any]]  # record type -> Badge.as_dict()
 
 
@@ -92,6 +95,7 @@ class CrmCounters:
         self._settings = settings
         self._default_tz = default_time_zone
         self._pending: dict[str, set[str]] = {}
+        self._mended: dict[str, float] = {}  # when a connect last queued the user's recount
         self._flusher: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -153,9 +157,17 @@ class CrmCounters:
     async def baseline(self, user_id: str) -> VersionedState:
         """The numbers last pushed to the user, with their version: what a connecting client
         starts from, since pushes are differences from exactly these. A recount is queued
-        too, so that numbers gone stale without a push (a missed touch) are put right."""
+        too (at most once per ``MEND_ON_CONNECT_SECONDS`` per user on this node), so that
+        numbers gone stale without a push (a missed touch) are put right."""
         doc = await self._store["crm_counters"].find_one({"_id": user_id})
-        self.touch([user_id])
+        now = time.monotonic()
+        if now - self._mended.get(user_id, -MEND_ON_CONNECT_SECONDS) >= MEND_ON_CONNECT_SECONDS:
+            # Mending costs a recount (some twenty index reads): once a while per user and
+            # node is enough for a safety net, and a reconnecting crowd does not pay it each.
+            if len(self._mended) > 100_000:
+                self._mended.clear()
+            self._mended[user_id] = now
+            self.touch([user_id])
         if doc is None:
             return VersionedState("crm", 0, zero_counts())
         values: Counts = {**zero_counts(), **doc.get("values", {})}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from pymongo.errors import DuplicateKeyError
 
 from server.auth.passwords import password_fields
 from server.auth.sessions import announce_revocation
+from server.caching import Cache
 from server.directory.models import (
     DepartmentIn,
     DepartmentOut,
@@ -36,7 +38,7 @@ from server.directory.rules import (
     search_words,
 )
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent
+from server.events.models import EphemeralEvent, Event
 from server.events.streams import StreamLog, user_stream
 from server.store.database import Document, Store, new_id, utcnow
 from server.web.problems import Problem, conflict, forbidden, not_found
@@ -68,6 +70,20 @@ DIRECTORY_FIELDS = frozenset(
 # Stored with a user, never shown nor announced as a change.
 HIDDEN_FIELDS = frozenset({"password_hash", "scram", "password_stamp", "phone_digits"})
 
+# Never kept in memory: what checks a password is read from the database when it is needed.
+SECRET_FIELDS = {"password_hash": False, "scram": False}
+# Events on a user's personal stream that say the user's document changed.
+USER_CHANGES = frozenset({"user.updated", "im.settings"})
+ALL = "all"  # the key of the caches holding one value for the whole directory
+
+
+@dataclass(frozen=True, slots=True)
+class Colleague:
+    """What the presence snapshot needs of each active user."""
+
+    id: str
+    is_external: bool
+
 
 def password_stamp() -> str:
     """A new value for ``users.password_stamp`` at each password change: a Jabber session
@@ -86,10 +102,33 @@ class WorkgroupHooks(Protocol):
 
 
 class DirectoryService:
-    def __init__(self, store: Store, streams: StreamLog, bus: EventBus) -> None:
+    """People, departments and workgroups.
+
+    Caches (this node's copies, see server/caching.py): user documents without their
+    secrets, the active users, the workgroups' members and the department tree. A user's copy
+    goes on ``user.updated``/``im.settings`` on their stream, on ``directory.changed`` naming
+    them and on ``session.revoked`` (a new password, a deactivation); the directory-wide ones
+    on any ``directory.changed``; all of them after the time to live.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        streams: StreamLog,
+        bus: EventBus,
+        *,
+        cache_ttl_seconds: float = 10.0,
+        cache_entries: int = 100_000,
+    ) -> None:
         self._store = store
         self._streams = streams
         self._bus = bus
+        self._users: Cache[str, Document] = Cache(cache_entries, cache_ttl_seconds)
+        self._colleagues: Cache[str, list[Colleague]] = Cache(1, cache_ttl_seconds)
+        self._groups: Cache[str, list[tuple[str, frozenset[str]]]] = Cache(1, cache_ttl_seconds)
+        self._tree: Cache[str, dict[str, DepartmentNode]] = Cache(1, cache_ttl_seconds)
+        bus.subscribe(self._on_event)
+        bus.subscribe_ephemeral(self._on_ephemeral)
         self.workgroup_hooks: list[WorkgroupHooks] = []
         # Told which fields of a user changed (the CRM recounts on a new time zone or department).
         self.user_hooks: list[Callable[[str, frozenset[str]], Awaitable[None]]] = []
@@ -135,6 +174,58 @@ class DirectoryService:
         if doc is None:
             raise not_found(f"user {user_id}")
         return doc
+
+    async def cached_user(self, user_id: str) -> Document | None:
+        """The user's document as cached here (without secrets), or None if there is none.
+        A copy: the caller may change it."""
+
+        async def load() -> Document | None:
+            return await self._store.users.find_one({"_id": user_id}, projection=SECRET_FIELDS)
+
+        doc = await self._users.get_or_load(user_id, load)
+        return dict(doc) if doc is not None else None
+
+    async def cached_users(self, user_ids: list[str]) -> dict[str, Document]:
+        """The documents of those of ``user_ids`` who exist (copies, without secrets); the
+        ones not cached are read in one query."""
+
+        async def load(missing: list[str]) -> dict[str, Document]:
+            return {
+                str(doc["_id"]): doc
+                async for doc in self._store.users.find(
+                    {"_id": {"$in": missing}}, projection=SECRET_FIELDS
+                )
+            }
+
+        found = await self._users.get_or_load_many(dict.fromkeys(user_ids), load)
+        return {user_id: dict(doc) for user_id, doc in found.items()}
+
+    def forget_user(self, user_id: str) -> None:
+        """This node's copy of the user is out of date (others hear of it through the bus)."""
+        self._users.invalidate(user_id)
+
+    def forget_all(self) -> None:
+        """Every copy may be out of date (events may have been lost: Redis was away)."""
+        for cache in (self._users, self._colleagues, self._groups, self._tree):
+            cache.clear()
+
+    async def _on_event(self, event: Event) -> None:
+        if event.type in USER_CHANGES and event.stream.startswith("user:"):
+            self._users.invalidate(event.stream.partition(":")[2])
+        elif event.type in ("workgroup.joined", "workgroup.left"):
+            self._groups.clear()
+
+    async def _on_ephemeral(self, event: EphemeralEvent) -> None:
+        if event.type == "directory.changed":
+            self._users.invalidate_many(event.data.get("user_ids") or [])
+            self._colleagues.clear()
+            self._groups.clear()
+            self._tree.clear()
+        elif event.type == "session.revoked":  # a new password, a deactivation
+            for stream in event.streams:
+                kind, _, user_id = stream.partition(":")
+                if kind == "user":
+                    self._users.invalidate(user_id)
 
     async def user_by_login(self, login: str) -> Document | None:
         return await self._store.users.find_one({"login": login.strip().lower()})
@@ -250,6 +341,7 @@ class DirectoryService:
             return UserOut.from_document(doc)
         changes["updated_at"] = utcnow()
         await self._store.users.update_one({"_id": user_id}, {"$set": changes})
+        self.forget_user(user_id)
         doc.update(changes)
         if changes.get("is_active") is False:
             await self.revoke_tokens(user_id, "deactivated")
@@ -276,6 +368,7 @@ class DirectoryService:
         """Tell transports that keep a copy of the directory (XMPP rosters) to refresh.
 
         Empty ``user_ids`` means the structure changed (departments), not just some people.
+        Every node's directory caches hear of it too.
         """
         await self._bus.publish_ephemeral(
             EphemeralEvent("directory.changed", {"user_ids": user_ids})
@@ -292,6 +385,7 @@ class DirectoryService:
                 }
             },
         )
+        self.forget_user(user_id)
 
     async def revoke_tokens(self, user_id: str, reason: str) -> None:
         """End every session of the user: tokens go, and open connections (Socket.IO and
@@ -304,56 +398,85 @@ class DirectoryService:
             return True
         shared: list[str] = []
         if viewer.get("is_external") or other.get("is_external"):
-            shared = [
-                str(g["_id"])
-                async for g in self._store.workgroups.find(
-                    {"member_ids": {"$all": [str(viewer["_id"]), str(other["_id"])]}},
-                    projection={"_id": True},
-                )
-            ]
+            pair = {str(viewer["_id"]), str(other["_id"])}
+            groups = await self._workgroup_members()
+            shared = [group_id for group_id, members in groups if pair <= members]
         return may_see_user(person(viewer), person(other), shared)
 
     async def first_unreachable(self, actor: Document, user_ids: list[str]) -> str | None:
         """The first of ``user_ids`` that is not an active colleague ``actor`` may see, if any:
         whom one may not write to, put on a task or add to a chat."""
-        found = {
-            str(u["_id"]): u
-            async for u in self._store.users.find({"_id": {"$in": user_ids}, "is_active": True})
-        }
+        found = await self.cached_users(user_ids)
         for user_id in user_ids:
             other = found.get(user_id)
-            if other is None or not await self.may_see(actor, other):
+            if (
+                other is None
+                or not other.get("is_active", True)
+                or not await self.may_see(actor, other)
+            ):
                 return user_id
         return None
 
+    async def _workgroup_members(self) -> list[tuple[str, frozenset[str]]]:
+        """Each workgroup's id and members (cached: read once per change of any)."""
+
+        async def load() -> list[tuple[str, frozenset[str]]]:
+            return [
+                (str(g["_id"]), frozenset(g.get("member_ids", [])))
+                async for g in self._store.workgroups.find({}, projection={"member_ids": True})
+            ]
+
+        return await self._groups.get_or_load(ALL, load) or []
+
     async def workgroup_peer_ids(self, user_id: str) -> list[str]:
         peers = {user_id}
-        async for group in self._store.workgroups.find({"member_ids": user_id}):
-            peers.update(group.get("member_ids", []))
+        for _, members in await self._workgroup_members():
+            if user_id in members:
+                peers.update(members)
         return sorted(peers)
 
+    async def colleagues(self) -> list[Colleague]:
+        """Every active user (cached: read once per directory change)."""
+
+        async def load() -> list[Colleague]:
+            return [
+                Colleague(str(doc["_id"]), bool(doc.get("is_external")))
+                async for doc in self._store.users.find(
+                    {"is_active": True}, projection={"is_external": True}
+                )
+            ]
+
+        return await self._colleagues.get_or_load(ALL, load) or []
+
     async def visible_user_ids(self, viewer: Document) -> list[str]:
-        """Everyone ``viewer`` may see (used for the presence snapshot)."""
+        """Everyone ``viewer`` may see (used for the presence snapshot): from the cached
+        directory, without a query once it is cached."""
         if viewer.get("is_external"):
             return await self.workgroup_peer_ids(str(viewer["_id"]))
-        seen: list[str] = []
-        async for doc in self._store.users.find(
-            {"is_active": True}, projection={"is_external": True}
-        ):
-            if not doc.get("is_external"):
-                seen.append(str(doc["_id"]))
+        seen = [c.id for c in await self.colleagues() if not c.is_external]
+        known = set(seen)
         for peer in await self.workgroup_peer_ids(str(viewer["_id"])):
-            if peer not in seen:
+            if peer not in known:
                 seen.append(peer)
         return seen
 
     # departments -----------------------------------------------------------------------------
 
-    async def department_tree(self) -> dict[str, DepartmentNode]:
-        return {
-            str(d["_id"]): DepartmentNode(str(d["_id"]), d.get("parent_id"), d.get("head_id"))
-            async for d in self._store.departments.find({})
-        }
+    async def department_tree(self, *, fresh: bool = False) -> dict[str, DepartmentNode]:
+        """Every department (cached: read once per change). Do not change the map.
+
+        ``fresh``: read it again (a department not found may have been made by the CLI, whose
+        changes reach a running hub only through the time to live)."""
+        if fresh:
+            self._tree.invalidate(ALL)
+
+        async def load() -> dict[str, DepartmentNode]:
+            return {
+                str(d["_id"]): DepartmentNode(str(d["_id"]), d.get("parent_id"), d.get("head_id"))
+                async for d in self._store.departments.find({})
+            }
+
+        return await self._tree.get_or_load(ALL, load) or {}
 
     async def _require_department(self, department_id: str) -> Document:
         doc = await self._store.departments.find_one({"_id": department_id})
@@ -384,6 +507,7 @@ class DirectoryService:
             "head_id": data.head_id,
         }
         await self._store.departments.insert_one(doc)
+        await self.directory_changed([])
         return DepartmentOut.from_document(doc)
 
     async def list_departments(self) -> list[DepartmentOut]:

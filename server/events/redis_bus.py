@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import bson
@@ -117,6 +117,9 @@ class RedisBus:
         )
         self._watcher: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        # Called when the subscription is back after an outage: whatever the events lost
+        # meanwhile would have corrected (the services' caches) must be read again.
+        self.on_resubscribed: list[Callable[[], None]] = []
 
     def attach(self, source: StreamSource) -> None:
         self._source = source
@@ -246,6 +249,11 @@ class RedisBus:
         self._subscribed.set()
         await self._flush_unsent()
         if not first:
+            for forget in self.on_resubscribed:
+                try:
+                    forget()
+                except Exception:
+                    log.exception("Redis bus: a resubscription hook failed")
             await self._recover()
 
     async def _watch_peers(self) -> None:

@@ -42,6 +42,11 @@ class MessageOrigin(BaseModel):
 class MessageOut(BaseModel):
     id: str
     chat_id: str
+    n: int = Field(
+        default=0,
+        description="The message's place in its chat: 1, 2, 3... without gaps, in the order "
+        "the messages were stored (their events' order on the chat's stream)",
+    )
     author_id: str | None = Field(description="null for notices posted by the portal itself")
     text: str
     created_at: datetime
@@ -58,6 +63,7 @@ class MessageOut(BaseModel):
         return cls(
             id=str(doc["_id"]),
             chat_id=doc["chat_id"],
+            n=int(doc.get("n", 0)),
             author_id=doc.get("author_id"),
             text="" if doc.get("deleted") else doc["text"],
             created_at=doc["created_at"],
@@ -85,6 +91,7 @@ class DialogOut(BaseModel):
     chat: ChatOut
     unread: int
     last_read_id: str | None
+    read_n: int = Field(description="The `n` of the newest message read (0: none)")
     peer_last_read_id: str | None = Field(
         default=None,
         description="Private dialogs: how far the other person has read (shown as seen); "

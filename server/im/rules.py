@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Literal
 
 ChatKind = Literal["private", "group", "system"]
@@ -53,3 +53,17 @@ def recipients(sender_id: str, requested: Collection[str]) -> list[str]:
         if user_id != sender_id and user_id not in seen:
             seen.append(user_id)
     return seen
+
+
+def unread_after(msg_count: int, read_n: int, deleted: Iterable[int]) -> int:
+    """A member's unread messages in a chat, from the maintained numbers.
+
+    Messages are numbered 1, 2, 3... per chat (``msg_count`` is the highest); the member has
+    read up to ``read_n``; ``deleted`` are the numbers of deleted messages. Unread are those
+    after ``read_n`` that are not deleted. The member's own messages are never after it:
+    posting moves it to the new message. The same number as counting the messages after
+    the member's read mark, not deleted, by someone else (``ImCheck`` recounts it so).
+    """
+    if msg_count <= read_n:
+        return 0
+    return msg_count - read_n - sum(1 for n in deleted if read_n < n <= msg_count)

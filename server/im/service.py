@@ -4,6 +4,14 @@ A message is stored once and published once, on its chat's stream; members' conn
 that stream's room. A new membership is announced on the member's personal stream with the
 chat stream's position at that moment (``join_stream``/``from_seq``), so that transports can
 subscribe live connections, and reconnecting ones replay the chat from where they joined.
+
+Sends are group-committed (``server/im/writer.py``); the checks before them, the unread
+counters and the connect path read this node's copies of chats and memberships
+(``server/im/state.py``), kept right by the bus. Unread counters are maintained, not counted:
+messages carry their ordinal in the chat (``n``), chats their highest (``msg_count``) and the
+numbers of their deleted messages (``deleted_ns``), memberships their read position
+(``read_n``); a member's unread count in a chat is ``unread_after(...)`` of those, whatever the
+history. ``ImCheck`` (server/im/check.py) recounts them from the messages.
 """
 
 from __future__ import annotations
@@ -12,18 +20,20 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from server.background import stop
 from server.channels.ratelimit import TokenBucket
 from server.directory.models import display_name
 from server.directory.rules import descendants
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent, VersionedState
-from server.events.streams import StreamLog, user_stream
+from server.events.models import EphemeralEvent, Event, VersionedState
+from server.events.streams import Append, StreamLog, user_stream
 from server.im.models import (
     ChatOut,
     Counters,
@@ -45,18 +55,32 @@ from server.im.rules import (
     private_pair_key,
     recipients,
     system_pair_key,
+    unread_after,
 )
+from server.im.state import PREVIEW_CHARS, ImState, preview_of
+from server.im.writer import MessageWriter, Outgoing, Posted, unavailable
+from server.observability.context import current_request_id
 from server.settings import Settings
 from server.store.database import Document, Store, new_id, utcnow
 from server.web.problems import Problem, forbidden, not_found
 
 log = logging.getLogger(__name__)
 
-PREVIEW_CHARS = 200
 PORTAL_NAME = "Portal"
+DUPLICATE_KEY = 11000
 # How long a retried send waits for its first attempt's event before announcing the message
 # itself (that attempt's node may have died between storing the message and its event).
 ANNOUNCE_GRACE_SECONDS = 5.0
+
+__all__ = ["PREVIEW_CHARS", "ImService"]
+
+
+def _msg_count(chat: Document) -> int:
+    return int(chat.get("msg_count", 0))
+
+
+def _deleted(chat: Document) -> list[int]:
+    return list(chat.get("deleted_ns") or [])
 
 
 class ImService:
@@ -74,18 +98,57 @@ class ImService:
         self._bus = bus
         self._settings = settings
         self._buckets: dict[str, TokenBucket] = {}
+        self._state = ImState(
+            store,
+            ttl_seconds=settings.cache_ttl_seconds,
+            max_entries=settings.cache_max_entries,
+        )
+        self._writer = MessageWriter(
+            store, streams, self._resolve_duplicate, self._state.chat_changed
+        )
+        self._sides: set[asyncio.Task[Any]] = set()
+        bus.subscribe(self._on_event)
+        bus.subscribe_ephemeral(self._on_ephemeral)
+
+    async def _on_event(self, event: Event) -> None:
+        self._state.on_event(event)
+        if event.type == "im.message" and event.stream.startswith("chat:"):
+            n = (event.data.get("message") or {}).get("n")
+            if isinstance(n, int):
+                self._writer.saw(event.stream[len("chat:") :], n)
+
+    async def _on_ephemeral(self, event: EphemeralEvent) -> None:
+        self._state.on_ephemeral(event)
+
+    def forget_all(self) -> None:
+        """Every cached chat and membership may be out of date (events were lost)."""
+        self._state.forget_all()
+
+    async def settled(self) -> None:
+        """Wait until what was sent is stored and its bookkeeping written."""
+        await self._writer.settled()
+
+    async def close(self) -> None:
+        await self._writer.close()
+        await stop(*self._sides)
 
     # chats -------------------------------------------------------------------------------------
 
     async def chat_document(self, chat_id: str) -> Document:
-        chat = await self._store["chats"].find_one({"_id": chat_id})
+        """The chat as stored now (not the cached copy)."""
+        chat = await self._state.load_chat(chat_id)
         if chat is None:
             raise not_found(f"chat {chat_id}")
         return chat
 
     async def readable_chat(self, user_id: str, chat_id: str) -> Document:
         """The chat, if ``user_id`` is a member; a non-member cannot tell it exists."""
-        chat = await self._store["chats"].find_one({"_id": chat_id})
+        chat = await self._state.chat(chat_id)
+        if chat is None or not may_read(user_id, chat.get("member_ids", [])):
+            # Read again before refusing: a membership made where this node does not hear of
+            # it at once (the CLI) must not wait for the cache to expire.
+            self._state.chat_changed(chat_id)
+            chat = await self._state.chat(chat_id)
         if chat is None or not may_read(user_id, chat.get("member_ids", [])):
             raise not_found(f"chat {chat_id}")
         return chat
@@ -96,7 +159,7 @@ class ImService:
             raise Problem(
                 422, "invalid-recipient", "Invalid recipient", "a private dialog needs another user"
             )
-        other = await self._store.users.find_one({"_id": other_id})
+        other = await self._directory.cached_user(other_id)
         if (
             other is None
             or not other.get("is_active", True)
@@ -109,12 +172,25 @@ class ImService:
                 f"user {other_id} does not exist or cannot be written to",
             )
         key = private_pair_key(user_id, other_id)
-        existing = await self._store["chats"].find_one({"pair_key": key})
+        existing = await self._pair_chat(key)
         if existing is not None:
             return await self._with_members(existing, [user_id, other_id])
         return await self._create_chat(
             "private", [user_id, other_id], title="", owner_id=None, pair_key=key
         )
+
+    async def _pair_chat(self, key: str) -> Document | None:
+        """The dialog (or notice chat) of a pair key, if made already (its id is cached)."""
+        chat_id = self._state.pairs.get(key)
+        if chat_id is not None:
+            chat = await self._state.chat(chat_id)
+            if chat is not None:
+                return chat
+        found = await self._store["chats"].find_one({"pair_key": key}, projection={"_id": True})
+        if found is None:
+            return None
+        self._state.pairs.put(key, found["_id"])
+        return await self._state.chat(found["_id"])
 
     async def create_group(
         self, owner: Document, title: str, member_ids: list[str], workgroup_id: str | None = None
@@ -146,6 +222,8 @@ class ImService:
             "created_at": utcnow(),
             "last_message": None,
             "last_message_at": None,
+            "msg_count": 0,
+            "deleted_ns": [],
         }
         if pair_key is not None:
             chat["pair_key"] = pair_key
@@ -187,47 +265,67 @@ class ImService:
         (``from_seq`` 0) rather than naming the head: a first message crossing the creation
         (posted by whoever lost the race to create the dialog) may be in the stream already,
         and it must not fall before the join."""
-        added: list[str] = []
         stream = chat_stream(chat["_id"])
-        for user_id in user_ids:
-            try:
-                await self._store["chat_members"].insert_one(
-                    {
-                        "_id": f"{chat['_id']}|{user_id}",
-                        "chat_id": chat["_id"],
-                        "user_id": user_id,
-                        "joined_at": utcnow(),
-                        "last_read_id": None,
-                    }
-                )
-            except DuplicateKeyError:
-                continue
-            added.append(user_id)
+        wanted = list(dict.fromkeys(user_ids))
+        if not wanted:
+            return []
+        now = utcnow()
+        rows = [
+            {
+                "_id": f"{chat['_id']}|{user_id}",
+                "chat_id": chat["_id"],
+                "user_id": user_id,
+                "joined_at": now,
+                "read_n": 0,
+                "last_read_id": None,
+            }
+            for user_id in wanted
+        ]
+        existing: set[int] = set()
+        try:
+            await self._store["chat_members"].insert_many(rows, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+            existing = {int(e["index"]) for e in errors}  # members already
+        added = [user_id for i, user_id in enumerate(wanted) if i not in existing]
         if not added:
             return added
         await self._store["chats"].update_one(
             {"_id": chat["_id"]}, {"$addToSet": {"member_ids": {"$each": added}}}
         )
+        self._state.chat_changed(chat["_id"])
+        self._state.memberships_changed(added)
         chat = await self.chat_document(chat["_id"])
         head = 0 if from_start else await self._streams.last_seq(stream)
-        for user_id in added:
-            out = await self.chat_out(chat, user_id)
-            await self._streams.append(
+        names = await self._names(chat)
+        appends = [
+            Append(
                 user_stream(user_id),
                 "im.chat.joined",
-                {"chat": out.model_dump(mode="json"), "join_stream": stream, "from_seq": head},
-            )
-        if chat["kind"] == "group" and len(chat["member_ids"]) > len(added):
-            await self._streams.append(
-                stream,
-                "im.chat.members",
                 {
-                    "chat_id": chat["_id"],
-                    "added": added,
-                    "removed": [],
-                    "member_ids": chat["member_ids"],
+                    "chat": (await self.chat_out(chat, user_id, names)).model_dump(mode="json"),
+                    "join_stream": stream,
+                    "from_seq": head,
                 },
             )
+            for user_id in added
+        ]
+        if chat["kind"] == "group" and len(chat["member_ids"]) > len(added):
+            appends.append(
+                Append(
+                    stream,
+                    "im.chat.members",
+                    {
+                        "chat_id": chat["_id"],
+                        "added": added,
+                        "removed": [],
+                        "member_ids": chat["member_ids"],
+                    },
+                )
+            )
+        await self._streams.append_many(appends)
         return added
 
     async def add_members(self, actor: Document, chat_id: str, user_ids: list[str]) -> ChatOut:
@@ -256,6 +354,7 @@ class ImService:
             )
         if title != chat.get("title"):
             await self._store["chats"].update_one({"_id": chat_id}, {"$set": {"title": title}})
+            self._state.chat_changed(chat_id)  # here at once; elsewhere with the event
             chat = {**chat, "title": title}
             await self._streams.append(
                 chat_stream(chat_id), "im.chat.updated", {"chat_id": chat_id, "title": title}
@@ -272,6 +371,7 @@ class ImService:
 
     async def _remove_members(self, chat: Document, user_ids: list[str]) -> None:
         stream = chat_stream(chat["_id"])
+        chat = await self.chat_document(chat["_id"])  # the members as stored, not as cached
         present = [u for u in user_ids if u in chat.get("member_ids", [])]
         if not present:
             return
@@ -281,23 +381,38 @@ class ImService:
         await self._store["chat_members"].delete_many(
             {"chat_id": chat["_id"], "user_id": {"$in": present}}
         )
+        # Refused here at once; on the other nodes when the events below reach them.
+        self._state.chat_changed(chat["_id"])
+        self._state.memberships_changed(present)
         remaining = [m for m in chat["member_ids"] if m not in present]
         if chat.get("owner_id") in present and chat["kind"] == "group":
             # An owner who leaves hands the chat to the longest-standing member left.
             await self._store["chats"].update_one(
                 {"_id": chat["_id"]}, {"$set": {"owner_id": remaining[0] if remaining else None}}
             )
-        await self._streams.append(
-            stream,
-            "im.chat.members",
-            {"chat_id": chat["_id"], "added": [], "removed": present, "member_ids": remaining},
+            self._state.chat_changed(chat["_id"])
+        await self._streams.append_many(
+            [
+                Append(
+                    stream,
+                    "im.chat.members",
+                    {
+                        "chat_id": chat["_id"],
+                        "added": [],
+                        "removed": present,
+                        "member_ids": remaining,
+                    },
+                ),
+                *(
+                    Append(
+                        user_stream(user_id),
+                        "im.chat.left",
+                        {"chat_id": chat["_id"], "leave_stream": stream},
+                    )
+                    for user_id in present
+                ),
+            ]
         )
-        for user_id in present:
-            await self._streams.append(
-                user_stream(user_id),
-                "im.chat.left",
-                {"chat_id": chat["_id"], "leave_stream": stream},
-            )
 
     def _check_manage(self, actor: Document, chat: Document) -> None:
         if not may_manage_members(
@@ -313,6 +428,13 @@ class ImService:
                 else "this chat's members cannot be changed here"
             )
 
+    async def _names(self, chat: Document) -> dict[str, str]:
+        """The display names a private chat's title is made of (cached users)."""
+        if chat["kind"] != "private":
+            return {}
+        users = await self._directory.cached_users(list(chat.get("member_ids", [])))
+        return {user_id: display_name(doc) for user_id, doc in users.items()}
+
     async def chat_out(
         self, chat: Document, viewer_id: str, names: dict[str, str] | None = None
     ) -> ChatOut:
@@ -322,7 +444,7 @@ class ImService:
             if names is not None and other in names:
                 title = names[other]
             else:
-                doc = await self._store.users.find_one({"_id": other})
+                doc = await self._directory.cached_user(other)
                 title = display_name(doc) if doc else "Unknown user"
         elif chat["kind"] == "system":
             title = PORTAL_NAME
@@ -340,12 +462,8 @@ class ImService:
         )
 
     async def member_streams(self, user: Document) -> list[str]:
-        return [
-            chat_stream(m["chat_id"])
-            async for m in self._store["chat_members"].find(
-                {"user_id": str(user["_id"])}, projection={"chat_id": True}
-            )
-        ]
+        """The chat streams of the user's chats (cached memberships: no query once read)."""
+        return [chat_stream(chat_id) for chat_id in await self._state.member_map(str(user["_id"]))]
 
     # messages ----------------------------------------------------------------------------------
 
@@ -381,6 +499,29 @@ class ImService:
     async def send(
         self, user: Document, request: SendMessage, *, origin: MessageOrigin | None = None
     ) -> SendResult:
+        """Store the message(s); returns once stored (journaled) and published."""
+        return await asyncio.shield(await self.submit(user, request, origin=origin))
+
+    async def submit(
+        self, user: Document, request: SendMessage, *, origin: MessageOrigin | None = None
+    ) -> asyncio.Future[SendResult]:
+        """Check a send and queue it; the returned future resolves when it is stored.
+
+        The contract, for transports that pipeline (XMPP sessions):
+
+        - Everything that can refuse the send on its own (length, rate, the chat or the
+          recipients, permission) is checked before this returns, and raises here. With the
+          chat and the user's memberships cached, nothing here waits for the database; to
+          several users (``to``, ``to_department``), opening a dialog not made yet does.
+        - Once this returns, the message is queued: messages are stored in the order their
+          ``submit`` calls returned, so a caller that awaits ``submit`` before submitting the
+          next gets them stored (numbered ``n`` and sequenced on the chat's stream) in that
+          order, without waiting for each to be stored.
+        - The future resolves once the message and its event are stored (journaled) and the
+          event published - what a 201 means - with the ``SendResult`` (``duplicate`` for a
+          retried ``client_id``); or fails with a ``Problem`` (503 when it could not be
+          stored: nothing of it is kept, and a retry with the same ``client_id`` is safe).
+        """
         user_id = str(user["_id"])
         self._check_length(request.text)
         self._take_token(user_id)
@@ -388,30 +529,26 @@ class ImService:
             chat = await self.readable_chat(user_id, request.chat_id)
             if not may_post(user_id, chat["kind"], chat["member_ids"]):
                 raise forbidden("nobody can post in this chat")
-            message, duplicate = await self._post(
-                chat, user_id, request.text, request.client_id, origin=origin
-            )
-            return SendResult(messages=[message], duplicate=duplicate)
-        targets = await self._expand_targets(user, request)
-        # Every recipient is checked before the first message goes: all or nothing.
-        await self._require_users(user, targets)
-        messages: list[MessageOut] = []
-        duplicates = 0
-        for target in targets:
-            chat = await self.open_private(user, target)
-            message, duplicate = await self._post(
-                chat, user_id, request.text, request.client_id, origin=origin
-            )
-            messages.append(message)
-            duplicates += duplicate
-        return SendResult(
-            messages=messages, duplicate=bool(messages) and duplicates == len(messages)
-        )
+            futures = [
+                await self._post(chat, user_id, request.text, request.client_id, origin=origin)
+            ]
+        else:
+            targets = await self._expand_targets(user, request)
+            # Every recipient is checked before the first message goes: all or nothing.
+            await self._require_users(user, targets)
+            chats = [await self.open_private(user, target) for target in targets]
+            futures = [
+                await self._post(chat, user_id, request.text, request.client_id, origin=origin)
+                for chat in chats
+            ]
+        return _send_result(futures)
 
     async def _expand_targets(self, user: Document, request: SendMessage) -> list[str]:
         user_id = str(user["_id"])
         if request.to_department is not None:
             tree = await self._directory.department_tree()
+            if request.to_department not in tree:
+                tree = await self._directory.department_tree(fresh=True)
             if request.to_department not in tree:
                 raise Problem(
                     422,
@@ -451,8 +588,8 @@ class ImService:
         *,
         system: bool = False,
         origin: MessageOrigin | None = None,
-    ) -> tuple[MessageOut, bool]:
-        messages = self._store["messages"]
+    ) -> asyncio.Future[Posted]:
+        """Queue one message into ``chat`` (checked already)."""
         doc: Document = {
             "_id": new_id(),
             "chat_id": chat["_id"],
@@ -469,18 +606,35 @@ class ImService:
         if client_id is not None:
             # The unique index decides: a retry fails to insert and finds the first one.
             doc["dedup_key"] = f"{author_id}|{chat['_id']}|{client_id}"
-        try:
-            await messages.insert_one(doc)
-        except DuplicateKeyError:
-            earlier = await messages.find_one({"dedup_key": doc["dedup_key"]})
-            if earlier is None:
-                raise
-            if not await self._announced(earlier):
-                # The first attempt stored the message, and its node died before the event
-                # went into the stream: without it now, nobody would ever be told.
-                return await self._announce(chat, earlier, author_id), True
-            return MessageOut.from_document(earlier), True
-        return await self._announce(chat, doc, author_id), False
+        had_unread = False
+        if author_id is not None:
+            # Writing in a chat reads it: if the author had unread messages there, their
+            # devices are told the new numbers once it is stored.
+            mine = (await self._state.member_map(author_id)).get(chat["_id"])
+            if mine is not None:
+                had_unread = unread_after(_msg_count(chat), mine.read_n, _deleted(chat)) > 0
+        future = self._writer.submit(doc, request_id=current_request_id(), hint=_msg_count(chat))
+        if had_unread and author_id is not None:
+            author = author_id
+
+            def stored(done: asyncio.Future[Posted]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self._spawn(self.push_counters(author))
+
+            future.add_done_callback(stored)
+        return future
+
+    async def _resolve_duplicate(self, item: Outgoing) -> Posted:
+        """A send whose ``client_id`` was stored before: the earlier message, announced if
+        its first attempt's node died before storing its event."""
+        earlier = await self._store["messages"].find_one({"dedup_key": item.doc["dedup_key"]})
+        if earlier is None:
+            raise unavailable()  # taken back meanwhile: a retry stores it anew
+        if not await self._announced(earlier):
+            # The first attempt stored the message, and its node died before the event went
+            # into the stream: without it now, nobody would ever be told.
+            return Posted(await self._announce(earlier), True)
+        return Posted(MessageOut.from_document(earlier), True)
 
     async def _announced(self, doc: Document) -> bool:
         """Whether the message's event was stored. A retry can race the first attempt, still
@@ -493,47 +647,33 @@ class ImService:
             return True  # its event, if any, is trimmed by now; too late to tell anyone
         give_up = created + timedelta(seconds=ANNOUNCE_GRACE_SECONDS)
         while True:
-            found = await self._store.events.find_one(
-                {"data.message.id": doc["_id"], "type": "im.message"}, projection={"_id": True}
-            )
-            if found is not None:
+            # By the message id alone (the index's one field): its edits carry it too.
+            types = {
+                event.get("type")
+                async for event in self._store.events.find(
+                    {"data.message.id": doc["_id"]}, projection={"type": True}
+                )
+            }
+            if "im.message" in types:
                 return True
             if utcnow() >= give_up:
                 log.warning("message %s was stored without its event; announcing it", doc["_id"])
                 return False
             await asyncio.sleep(0.1)
 
-    async def _announce(self, chat: Document, doc: Document, author_id: str | None) -> MessageOut:
-        """The message's event, then what follows from it (the chat's preview, the author's
-        read mark)."""
-        messages = self._store["messages"]
-        message = MessageOut.from_document(doc)
-        payload = message.model_dump(mode="json")
+    async def _announce(self, doc: Document) -> MessageOut:
+        """Store the event of a message stored without it, then its bookkeeping."""
+        payload = MessageOut.from_document(doc).model_dump(mode="json")
         try:
-            await self._streams.append(chat_stream(chat["_id"]), "im.message", {"message": payload})
+            await self._streams.append(
+                chat_stream(doc["chat_id"]), "im.message", {"message": payload}
+            )
         except Exception as exc:
             # Not half-stored: a message nobody was told about is taken back.
-            await messages.delete_one({"_id": doc["_id"]})
-            raise Problem(
-                503,
-                "unavailable",
-                "Service unavailable",
-                "the message could not be stored; retry with the same client_id",
-                headers={"Retry-After": "1"},
-            ) from exc
-        preview = dict(payload, text=payload["text"][:PREVIEW_CHARS])
-        await self._store["chats"].update_one(
-            {"_id": chat["_id"]},
-            {"$set": {"last_message": preview, "last_message_at": doc["created_at"]}},
-        )
-        if author_id is not None:
-            # Writing in a chat reads it: the author's other devices lose that chat's badge.
-            before = await self._store["chat_members"].find_one_and_update(
-                {"_id": f"{chat['_id']}|{author_id}"}, {"$set": {"last_read_id": doc["_id"]}}
-            )
-            if before is not None and await self._had_unread(chat["_id"], author_id, before):
-                await self.push_counters(author_id)
-        return message
+            await self._store["messages"].delete_one({"_id": doc["_id"]})
+            raise unavailable() from exc
+        self._writer.bookkeeper.message_stored(doc, preview_of(payload))
+        return MessageOut.model_validate(payload)
 
     async def _own_message(self, user_id: str, message_id: str) -> tuple[Document, Document]:
         doc = await self._store["messages"].find_one({"_id": message_id})
@@ -571,6 +711,14 @@ class ImService:
         doc, chat = await self._own_message(str(user["_id"]), message_id)
         changes = {"deleted": True, "text": "", "edited_at": utcnow()}
         await self._store["messages"].update_one({"_id": message_id}, {"$set": changes})
+        n = int(doc.get("n", 0))
+        if n > 0:
+            # Counted out of everyone's unread numbers from now on (before the event: the
+            # nodes that hear of it read the chat again).
+            await self._store["chats"].update_one(
+                {"_id": chat["_id"]}, {"$addToSet": {"deleted_ns": n}}
+            )
+        self._state.chat_changed(chat["_id"])
         doc.update(changes)
         message = MessageOut.from_document(doc)
         await self._streams.append(
@@ -580,10 +728,11 @@ class ImService:
         )
         await self._refresh_preview(chat["_id"], message)
         # Members for whom it was unread get their corrected badge.
-        async for member in self._store["chat_members"].find({"chat_id": chat["_id"]}):
+        async for member in self._store["chat_members"].find(
+            {"chat_id": chat["_id"]}, projection={"user_id": True, "read_n": True}
+        ):
             reader = member["user_id"]
-            last_read = member.get("last_read_id")
-            if reader != doc.get("author_id") and (last_read is None or last_read < message_id):
+            if reader != doc.get("author_id") and int(member.get("read_n", 0)) < n:
                 await self.push_counters(reader)
 
     async def push_counters(self, user_id: str) -> Counters:
@@ -610,9 +759,11 @@ class ImService:
         # Only while this message is still the chat's last one: a newer message stays shown.
         payload = message.model_dump(mode="json")
         payload["text"] = payload["text"][:PREVIEW_CHARS]
-        await self._store["chats"].update_one(
+        result = await self._store["chats"].update_one(
             {"_id": chat_id, "last_message.id": message.id}, {"$set": {"last_message": payload}}
         )
+        if result.modified_count:
+            self._state.chat_changed(chat_id)
 
     async def history(self, user: Document, chat_id: str, query: HistoryQuery) -> list[MessageOut]:
         await self.readable_chat(str(user["_id"]), chat_id)
@@ -635,12 +786,7 @@ class ImService:
         return list(reversed(found)) if newest_first else found
 
     async def search(self, user: Document, text: str, limit: int) -> list[MessageOut]:
-        chats = [
-            m["chat_id"]
-            async for m in self._store["chat_members"].find(
-                {"user_id": str(user["_id"])}, projection={"chat_id": True}
-            )
-        ]
+        chats = list(await self._state.member_map(str(user["_id"])))
         cursor = self._store["messages"].find(
             {
                 "chat_id": {"$in": chats},
@@ -654,70 +800,61 @@ class ImService:
 
     # read state --------------------------------------------------------------------------------
 
-    async def _unread_in(self, chat_id: str, user_id: str, last_read_id: str | None) -> int:
-        filters: Document = {"chat_id": chat_id, "deleted": False, "author_id": {"$ne": user_id}}
-        if last_read_id is not None:
-            filters["_id"] = {"$gt": last_read_id}
-        return await self._store["messages"].count_documents(filters)
-
-    async def _had_unread(self, chat_id: str, user_id: str, member: Document) -> bool:
-        query: Document = {"chat_id": chat_id, "deleted": False, "author_id": {"$ne": user_id}}
-        if member.get("last_read_id") is not None:
-            query["_id"] = {"$gt": member["last_read_id"]}
-        return await self._store["messages"].find_one(query, projection={"_id": True}) is not None
-
     async def counters(self, user_id: str) -> Counters:
-        chats: dict[str, int] = {}
-        async for member in self._store["chat_members"].find({"user_id": user_id}):
-            unread = await self._unread_in(member["chat_id"], user_id, member.get("last_read_id"))
-            if unread:
-                chats[member["chat_id"]] = unread
-        return Counters(unread=sum(chats.values()), chats=chats)
+        """Unread messages per chat, from the maintained numbers: the user's memberships and
+        their chats, cached (at most two queries when not), whatever the history."""
+        members = dict(await self._state.member_map(user_id))
+        chats = await self._state.chats_by_id(list(members))
+        unread: dict[str, int] = {}
+        for chat_id, member in members.items():
+            chat = chats.get(chat_id)
+            if chat is None:
+                continue
+            count = unread_after(_msg_count(chat), member.read_n, _deleted(chat))
+            if count:
+                unread[chat_id] = count
+        return Counters(unread=sum(unread.values()), chats=unread)
 
     async def mark_read(self, user: Document, chat_id: str, up_to: str) -> Counters:
         user_id = str(user["_id"])
         await self.readable_chat(user_id, chat_id)
-        if (
-            await self._store["messages"].find_one(
-                {"_id": up_to, "chat_id": chat_id}, projection={"_id": True}
-            )
-            is None
-        ):
+        message = await self._store["messages"].find_one(
+            {"_id": up_to}, projection={"chat_id": True, "n": True}
+        )
+        if message is None or message.get("chat_id") != chat_id:
             raise Problem(
                 422,
                 "unknown-reference",
                 "Unknown reference",
                 f"message {up_to} is not in chat {chat_id}",
             )
+        n = int(message.get("n", 0))
         result = await self._store["chat_members"].update_one(
-            {
-                "_id": f"{chat_id}|{user_id}",
-                "$or": [{"last_read_id": None}, {"last_read_id": {"$lt": up_to}}],
-            },
-            {"$set": {"last_read_id": up_to}},
+            {"_id": f"{chat_id}|{user_id}", "read_n": {"$lt": n}},
+            {"$set": {"read_n": n, "last_read_id": up_to}},
         )
         if not result.modified_count:
             return await self.counters(user_id)  # already read that far: nothing to tell
+        self._state.read_moved(chat_id, user_id, n, up_to)
         counters = await self.push_counters(user_id)
         await self._bus.publish_ephemeral(
             EphemeralEvent(
                 "im.read",
                 {"chat_id": chat_id, "user_id": user_id, "up_to": up_to},
                 (chat_stream(chat_id),),
+                private={"read_n": n},  # for the other nodes' copies of the read position
             )
         )
         return counters
 
     async def dialogs(self, user: Document) -> list[DialogOut]:
         user_id = str(user["_id"])
-        memberships = {
-            m["chat_id"]: m async for m in self._store["chat_members"].find({"user_id": user_id})
-        }
-        chats = [c async for c in self._store["chats"].find({"_id": {"$in": list(memberships)}})]
-        others = {m for c in chats if c["kind"] == "private" for m in c["member_ids"]}
+        members = dict(await self._state.member_map(user_id))
+        chats = list((await self._state.chats_by_id(list(members))).values())
+        others = sorted({m for c in chats if c["kind"] == "private" for m in c["member_ids"]})
         names = {
-            str(u["_id"]): display_name(u)
-            async for u in self._store.users.find({"_id": {"$in": list(others)}})
+            uid: display_name(doc)
+            for uid, doc in (await self._directory.cached_users(others)).items()
         }
         # The other side's read mark, for "seen"; only in private dialogs, where it is
         # one person's and already pushed to this user as im.read.
@@ -730,12 +867,13 @@ class ImService:
         }
         dialogs = []
         for chat in chats:
-            last_read = memberships[chat["_id"]].get("last_read_id")
+            member = members[chat["_id"]]
             dialogs.append(
                 DialogOut(
                     chat=await self.chat_out(chat, user_id, names),
-                    last_read_id=last_read,
-                    unread=await self._unread_in(chat["_id"], user_id, last_read),
+                    last_read_id=member.last_read_id,
+                    read_n=member.read_n,
+                    unread=unread_after(_msg_count(chat), member.read_n, _deleted(chat)),
                     peer_last_read_id=peer_read.get(chat["_id"]),
                 )
             )
@@ -751,9 +889,7 @@ class ImService:
         return dialogs
 
     async def typing(self, user_id: str, chat_id: str) -> bool:
-        chat = await self._store["chats"].find_one(
-            {"_id": chat_id}, projection={"member_ids": True, "kind": True}
-        )
+        chat = await self._state.chat(chat_id)
         if chat is None or not may_post(user_id, chat["kind"], chat["member_ids"]):
             return False
         await self._bus.publish_ephemeral(
@@ -768,26 +904,27 @@ class ImService:
     async def post_system_notice(self, user_id: str, text: str) -> MessageOut:
         """Post as the portal itself into the user's notice chat (created on first use)."""
         key = system_pair_key(user_id)
-        chat = await self._store["chats"].find_one({"pair_key": key})
+        chat = await self._pair_chat(key)
         if chat is None:
             chat = await self._create_chat(
                 "system", [user_id], title=PORTAL_NAME, owner_id=None, pair_key=key
             )
-        message, _ = await self._post(
+        future = await self._post(
             chat, None, text[: self._settings.im_max_message_chars], None, system=True
         )
-        return message
+        return (await asyncio.shield(future)).message
 
     # settings ----------------------------------------------------------------------------------
 
     async def get_settings(self, user_id: str) -> ImSettings:
-        doc = await self._store.users.find_one({"_id": user_id}, projection={"im_settings": True})
+        doc = await self._directory.cached_user(user_id)
         return ImSettings.model_validate((doc or {}).get("im_settings") or {})
 
     async def put_settings(self, user_id: str, settings: ImSettings) -> ImSettings:
         await self._store.users.update_one(
             {"_id": user_id}, {"$set": {"im_settings": settings.model_dump()}}
         )
+        self._directory.forget_user(user_id)
         await self._streams.append(
             user_stream(user_id), "im.settings", {"settings": settings.model_dump()}
         )
@@ -813,3 +950,51 @@ class ImService:
         chat = await self._store["chats"].find_one({"workgroup_id": group_id})
         if chat is not None:
             await self._remove_members(chat, [user_id])
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("messenger background task failed")
+
+        task = asyncio.create_task(run(), name="im-side")
+        self._sides.add(task)
+        task.add_done_callback(self._sides.discard)
+
+
+def _send_result(futures: list[asyncio.Future[Posted]]) -> asyncio.Future[SendResult]:
+    """One future for a send's messages: its result once all are stored, or the first
+    failure."""
+    result: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+    left = [len(futures)]
+    if not futures:
+        result.set_result(SendResult(messages=[], duplicate=False))
+
+    def one_done(_: asyncio.Future[Posted]) -> None:
+        left[0] -= 1
+        if left[0] or result.done():
+            return
+        for future in futures:
+            if future.cancelled():
+                result.set_exception(unavailable())
+                return
+            error = future.exception()
+            if error is not None:
+                result.set_exception(error)
+                return
+        posted = [future.result() for future in futures]
+        result.set_result(
+            SendResult(
+                messages=[p.message for p in posted],
+                duplicate=bool(posted) and all(p.duplicate for p in posted),
+            )
+        )
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    return result

@@ -10,12 +10,13 @@ from the database carry the event id only: their request happened elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from typing import Any
+from collections.abc import Sequence
 
 from server.events.bus import EphemeralHandler, EventBus, EventHandler
 from server.events.models import EphemeralEvent, Event
-from server.events.streams import StreamLog
+from server.events.streams import Append, StreamLog
 from server.observability.context import current_request_id, event_id, traced
 from server.observability.instruments import EVENTS_PUBLISHED, stream_kind, trace_log
 from server.store.database import Store
@@ -94,18 +95,26 @@ class TracedStreamLog(StreamLog):
         super().__init__(store, bus, retention_seconds=retention_seconds, replay_limit=replay_limit)
         self.observed = bus
 
-    async def append(self, stream: str, type_: str, data: dict[str, Any]) -> Event:
-        request_id = current_request_id()
-        if request_id is None:
-            return await super().append(stream, type_, data)
-        key = (stream, id(data))
-        self.observed.origins.add(key, request_id)
-        try:
-            return await super().append(stream, type_, data)
-        finally:
-            self.observed.origins.remove(key, request_id)
+    def enqueue(self, items: Sequence[Append]) -> list[asyncio.Future[Event]]:
+        current = current_request_id()
+        origins: list[tuple[_Key, str]] = []
+        for item in items:
+            request_id = item.request_id or current
+            if request_id is not None:
+                key = (item.stream, id(item.data))
+                self.observed.origins.add(key, request_id)
+                origins.append((key, request_id))
+        futures = super().enqueue(items)
+        if origins:
+            # Until the last of them is stored and published (or failed).
+            remaining = [len(futures)]
 
-    @property
-    def pending_appends(self) -> int:
-        """Appends waiting for their stream's next batch (the one in flight not counted)."""
-        return sum(len(queue) for queue in self._pending.values())
+            def done(_: asyncio.Future[Event]) -> None:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    for key, request_id in origins:
+                        self.observed.origins.remove(key, request_id)
+
+            for future in futures:
+                future.add_done_callback(done)
+        return futures

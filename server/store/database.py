@@ -10,6 +10,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.write_concern import WriteConcern
 
 from server.store.space import DiskSpace
 
@@ -194,9 +195,28 @@ class Store:
         self.db: AsyncDatabase[Document] = self.client[database]
         self.space = DiskSpace()
         self.embedded: EmbeddedDatabase | None = None
+        self._relaxed: dict[str, AsyncCollection[Document]] = {}
 
     def __getitem__(self, name: str) -> AsyncCollection[Document]:
         return self.db[name]
+
+    def relaxed(self, name: str) -> AsyncCollection[Document]:
+        """The collection for writes that need not wait for the journal themselves.
+
+        For derived data that is repaired when lost (stream heads, chat counters, previews,
+        read marks), and for a write followed by a journaled one: a journaled write flushes
+        the journal with every write before it, so in a sequence only the last needs it.
+        Where the client does not ask for the journal (``journal=true`` in the URL), the
+        collection as it is.
+        """
+        found = self._relaxed.get(name)
+        if found is None:
+            concern = self.client.write_concern.document
+            found = self.db[name]
+            if concern.get("j"):
+                found = found.with_options(write_concern=WriteConcern(**{**concern, "j": False}))
+            self._relaxed[name] = found
+        return found
 
     @property
     def users(self) -> AsyncCollection[Document]:

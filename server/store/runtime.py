@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from server.im.migration import number_messages
 from server.settings import Settings
 from server.store.credentials import Credentials, read_credentials
 from server.store.database import Store
@@ -14,7 +17,7 @@ from server.store.space import DiskSpace
 
 @asynccontextmanager
 async def open_store(settings: Settings, *, reuse_running: bool) -> AsyncIterator[Store]:
-    """Yield a connected store with its indexes in place.
+    """Yield a connected store with its indexes in place (and its data migrated).
 
     With no ``mongodb_url``, the embedded database on ``settings.embedded_db_dir`` is used:
     a running server's (when ``reuse_running``, as the admin CLI does; its password is read
@@ -64,6 +67,8 @@ async def open_store(settings: Settings, *, reuse_running: bool) -> AsyncIterato
         store.embedded = embedded
         try:
             await store.ensure_indexes()
+            # Messages from an older version get their numbers (once; see the module).
+            await number_messages(store, f"{socket.gethostname()}:{os.getpid()}")
             yield store
         finally:
             await store.close()

@@ -8,6 +8,7 @@ actions. Counters are recomputed from the database for the people concerned and 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 from pymongo import ReturnDocument
 
+from server.caching import Cache
 from server.channels.ratelimit import TokenBucket
 from server.directory.models import display_name
 from server.directory.rules import DepartmentNode, Person, supervisors_of
@@ -125,6 +127,24 @@ class TaskService:
         # Task creation per user: a burst, then a steady rate (per node, like messages).
         self._buckets: dict[str, TokenBucket] = {}
         self.on_schedule_changed: list[Any] = []  # the scheduler wakes up on these
+        # Each user's task counters as last pushed. Every change that moves them pushes them
+        # (a task change, a view, a deadline moment, through the scheduler), and every node
+        # keeps what it sees pushed: a connect reads them here, without a query.
+        self._counters: Cache[str, dict[str, Any]] = Cache(
+            settings.cache_max_entries, settings.cache_ttl_seconds
+        )
+        bus.subscribe_ephemeral(self._on_ephemeral)
+
+    async def _on_ephemeral(self, event: EphemeralEvent) -> None:
+        if event.type == "counters.changed" and isinstance(event.data.get("tasks"), dict):
+            for stream in event.streams:
+                kind, _, user_id = stream.partition(":")
+                if kind == "user":
+                    self._counters.put(user_id, event.data["tasks"])
+
+    def forget_all(self) -> None:
+        """Cached counters may be out of date (pushes were lost)."""
+        self._counters.clear()
 
     @property
     def tasks(self) -> Any:
@@ -148,13 +168,18 @@ class TaskService:
         return Viewer(user_id, bool(user.get("is_admin")), supervised_by(user_id, people, tree))
 
     async def facts(self, doc: Document) -> TaskFacts:
-        group_members: frozenset[str] = frozenset()
-        members_see = False
+        group = None
         if doc.get("group_id"):
             group = await self._store.workgroups.find_one({"_id": doc["group_id"]})
-            if group is not None:
-                group_members = frozenset(group.get("member_ids", []))
-                members_see = bool(group.get("members_see_tasks", True))
+        return self._facts_with(doc, group)
+
+    def _facts_with(self, doc: Document, group: Document | None) -> TaskFacts:
+        """The task's facts, given its workgroup's document (None: none, or gone)."""
+        group_members: frozenset[str] = frozenset()
+        members_see = False
+        if doc.get("group_id") and group is not None:
+            group_members = frozenset(group.get("member_ids", []))
+            members_see = bool(group.get("members_see_tasks", True))
         return TaskFacts(
             id=doc["_id"],
             status=Status(doc["status"]),
@@ -852,23 +877,36 @@ class TaskService:
             await self._im.post_system_notice(user_id, f"{who} {what} “{doc['title']}”")
 
     async def counters(self, user_id: str) -> dict[str, Any]:
-        items: list[TaskForUser] = []
-        query = {
-            "$or": [
-                {"author_id": user_id},
-                {"responsible_id": user_id},
-                {"participant_ids": user_id},
-                {"observer_ids": user_id},
-            ]
-        }
+        """The user's task counters: as last pushed (cached), else counted."""
+        found = await self._counters.get_or_load(user_id, lambda: self.count(user_id))
+        return dict(found or {})
+
+    async def count(self, user_id: str) -> dict[str, Any]:
+        """Count the user's task counters: the tasks they are on (one indexed query per role,
+        at once: the embedded database scans the collection for an ``$or``), their views and
+        the tasks' workgroups (one query each), whatever the number of tasks."""
+        roles = ("author_id", "responsible_id", "participant_ids", "observer_ids")
+
+        async def on(field: str) -> list[Document]:
+            return [doc async for doc in self.tasks.find({field: user_id})]
+
+        found = await asyncio.gather(*(on(field) for field in roles))
+        docs = {doc["_id"]: doc for group in found for doc in group}
         views = {
             v["task_id"]: v async for v in self._store["task_views"].find({"user_id": user_id})
         }
-        async for doc in self.tasks.find(query):
+        group_ids = sorted({d["group_id"] for d in docs.values() if d.get("group_id")})
+        groups = (
+            {g["_id"]: g async for g in self._store.workgroups.find({"_id": {"$in": group_ids}})}
+            if group_ids
+            else {}
+        )
+        items: list[TaskForUser] = []
+        for doc in docs.values():
             view = views.get(doc["_id"], {})
             items.append(
                 TaskForUser(
-                    task=await self.facts(doc),
+                    task=self._facts_with(doc, groups.get(doc.get("group_id"))),
                     created_at=doc["created_at"],
                     viewed_at=view.get("viewed_at"),
                     comments_after_view=max(
@@ -879,11 +917,12 @@ class TaskService:
         return dataclasses.asdict(counters_for(user_id, items, utcnow()))
 
     async def push_counters(self, user_ids: list[str]) -> None:
+        """Count and push the users' task counters (every node keeps them from the push)."""
         for user_id in user_ids:
             await self._bus.publish_ephemeral(
                 EphemeralEvent(
                     "counters.changed",
-                    {"tasks": await self.counters(user_id)},
+                    {"tasks": await self.count(user_id)},
                     (user_stream(user_id),),
                 )
             )

@@ -44,6 +44,7 @@ SessionHook = Callable[[C2SSession], Awaitable[None]]
 TRANSPORT = "xmpp"
 LISTEN_BACKLOG = 1024
 MAX_CACHED_LOGINS = 100_000
+HEARTBEAT_SECONDS = 5.0  # at most one presence heartbeat per session this often
 
 
 class XmppServer:
@@ -88,7 +89,8 @@ class XmppServer:
         self.fingerprint = ""
         self.fingerprint_sha1 = ""
         self.ports: dict[str, int] = {}
-        self._logins: dict[str, str] = {}
+        self._logins: dict[str, str] = {}  # user id -> login (neither ever changes)
+        self._ids: dict[str, str] = {}  # login -> user id
         presence.on_drop(TRANSPORT, self._drop_source)
         # Revocation: sessions register with auth.sessions, which ends them (session.py).
 
@@ -243,21 +245,31 @@ class XmppServer:
 
     def touched(self, session: C2SSession) -> None:
         session._pending_pings.clear()
-        if session.available:
-            self._spawn(
+        if not session.available:
+            return
+        # A sign of life for the presence sweeper, which drops a source silent for its
+        # timeout (minutes): one per few seconds is plenty, not one per read.
+        now = time.monotonic()
+        every = min(HEARTBEAT_SECONDS, self.presence.heartbeat_timeout / 4)
+        if now - session.last_heartbeat >= every:
+            session.last_heartbeat = now
+            self.spawn(
                 self.presence.heartbeat(session.user_id, session.id, _is_active(session.presence))
             )
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """A task owned by the server (stopped with it); a failure is logged."""
+
         async def run() -> None:
             try:
                 await coro
             except Exception:
-                log.exception("xmpp background task failed")
+                log.exception("xmpp task failed")
 
         task = asyncio.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # binding ---------------------------------------------------------------------------------
 
@@ -338,22 +350,39 @@ class XmppServer:
         return [s for s in self.sessions_of(user_id) if s.available]
 
     async def user_for(self, jid: Jid) -> Document | None:
+        """The user a JID of this domain names, or None. Their document comes from the
+        directory (its cache), found by id: a login never changes, so which id it names is
+        remembered here, and a message to a colleague costs no lookup by login."""
         if jid.domain != self.domain or not jid.local:
             return None
-        return await self.directory.user_by_login(jid.local)
+        user_id = self._ids.get(jid.local)
+        if user_id is not None:
+            return await self.directory.cached_user(user_id)
+        doc = await self.directory.user_by_login(jid.local)
+        if doc is None:
+            return None
+        self._remember(str(doc["_id"]), str(doc["login"]))
+        for secret in ("password_hash", "scram"):
+            doc.pop(secret, None)
+        return doc
 
     async def login_of(self, user_id: str | None) -> str | None:
-        """A user's login (their JID's localpart), cached: logins never change."""
+        """A user's login (their JID's localpart), remembered: logins never change."""
         if user_id is None:
             return None
         if user_id not in self._logins:
-            doc = await self.store.users.find_one({"_id": user_id}, projection={"login": True})
+            doc = await self.directory.cached_user(user_id)
             if doc is None:
                 return None
-            if len(self._logins) > MAX_CACHED_LOGINS:
-                self._logins.clear()
-            self._logins[user_id] = str(doc["login"])
+            self._remember(user_id, str(doc["login"]))
         return self._logins[user_id]
+
+    def _remember(self, user_id: str, login: str) -> None:
+        if len(self._logins) > MAX_CACHED_LOGINS:
+            self._logins.clear()
+            self._ids.clear()
+        self._logins[user_id] = login
+        self._ids[login] = user_id
 
     def jid_of(self, user: Document) -> Jid:
         return Jid(str(user["login"]), self.domain)
@@ -361,15 +390,23 @@ class XmppServer:
     # routing ---------------------------------------------------------------------------------
 
     async def route_from_client(self, session: C2SSession, stanza: ET.Element) -> None:
+        """One stanza of a bound session, in arrival order. A plain message is checked and
+        handed to the write path, and the next stanza is read while it is stored (up to
+        ``xmpp_max_stanzas_in_flight``); anything else first waits for those stores, so it
+        sees their effects and its answers come after theirs."""
         assert session.jid is not None
         stanza.set("from", str(session.jid))  # never trust the client's from
         kind = stanza.tag
+        if kind == MESSAGE and overlappable(stanza):
+            await session.pipeline.room()
+        elif session.pipeline.busy:
+            await session.pipeline.drain()
         try:
-            if kind == q(CLIENT, "iq"):
+            if kind == IQ:
                 await self._route_iq(session, stanza)
-            elif kind == q(CLIENT, "message"):
+            elif kind == MESSAGE:
                 refused = self.store.space.refusal()
-                if refused is not None and stanza.find(q(CLIENT, "body")) is not None:
+                if refused is not None and stanza.find(BODY) is not None:
                     # A message to store (or a correction) while the disk is nearly full:
                     # "wait" tells the client to try again later.
                     raise StanzaError("resource-constraint", refused)
@@ -377,7 +414,7 @@ class XmppServer:
                     if await handler(session, stanza):
                         return
                 if stanza.get("type") != "error":
-                    session.send_nowait(error_reply(stanza, "service-unavailable"))
+                    session.answer(stanza, error_reply(stanza, "service-unavailable"))
             elif kind == q(CLIENT, "presence"):
                 for handler in self._presence_handlers:
                     if await handler(session, stanza):
@@ -391,10 +428,10 @@ class XmppServer:
                 raise StreamError("unsupported-stanza-type")
         except StanzaError as exc:
             if stanza.get("type") != "error":
-                session.send_nowait(error_reply(stanza, exc.condition, exc.text))
+                session.answer(stanza, error_reply(stanza, exc.condition, exc.text))
         except InvalidJid:
             if stanza.get("type") != "error":
-                session.send_nowait(error_reply(stanza, "jid-malformed"))
+                session.answer(stanza, error_reply(stanza, "jid-malformed"))
 
     async def _route_iq(self, session: C2SSession, iq: ET.Element) -> None:
         kind = iq.get("type")
@@ -433,6 +470,42 @@ def unavailable_resource(session: C2SSession, target: Jid, domain: str) -> bool:
         return False
     own = session.jid
     return not (own is not None and target == own) and target.resource != PORTAL_RESOURCE
+
+
+IQ = q(CLIENT, "iq")
+MESSAGE = q(CLIENT, "message")
+BODY = q(CLIENT, "body")
+# What a message may carry and still overlap with the stores before it: what changes nothing
+# but the message itself (its text, thread, hints and requests for receipts or markers). A
+# correction must find the message it corrects, a marker or a chat state must not overtake
+# the messages before it: those wait for the stores in flight.
+INERT = frozenset(
+    {
+        BODY,
+        q(CLIENT, "thread"),
+        q("http://jabber.org/protocol/chatstates", "active"),
+        q("http://jabber.org/protocol/chatstates", "inactive"),
+        q("http://jabber.org/protocol/chatstates", "paused"),
+        q("urn:xmpp:chat-markers:0", "markable"),
+        q("urn:xmpp:receipts", "request"),
+        q("urn:xmpp:sid:0", "origin-id"),
+        q("urn:xmpp:hints", "store"),
+        q("urn:xmpp:hints", "no-copy"),
+        q("http://jabber.org/protocol/xhtml-im", "html"),
+    }
+)
+
+
+def overlappable(message: ET.Element) -> bool:
+    """Whether a client's message is a plain one (text to store, nothing else to do)."""
+    if message.get("type") not in (None, "", "chat", "groupchat", "normal"):
+        return False
+    has_body = False
+    for part in message:
+        if part.tag not in INERT:
+            return False
+        has_body = has_body or part.tag == BODY
+    return has_body
 
 
 def _is_active(presence: ET.Element | None) -> bool:

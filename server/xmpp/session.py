@@ -1,8 +1,13 @@
 """One client-to-server XMPP session: stream negotiation (STARTTLS, SASL, bind) and I/O.
 
 The session owns its socket and parser; everything after negotiation is handed to the server's
-router. Limits: an authentication timeout, a smaller stanza cap before authentication, a read
-rate (token bucket that pauses reading, as Prosody does) and a cap on queued output.
+router, stanza by stanza in arrival order, without waiting for messages to be stored (the
+stores finish in the session's ``Pipeline``). Limits: an authentication timeout, a smaller
+stanza cap before authentication, a read rate (token bucket that pauses reading, as Prosody
+does), a cap on unfinished stanzas (reading pauses) and a cap on queued output.
+
+Output is gathered per loop iteration and written at once: a burst of deliveries (a batch of
+stored messages) becomes one TLS record and one system call, not one per stanza.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from server.channels.ratelimit import TokenBucket
 from server.observability import instruments
 from server.store.database import Document
 from server.xmpp.jid import Jid
+from server.xmpp.pipeline import Pipeline
 from server.xmpp.sasl import SCRAM_MECHANISMS, auth_info, parse_plain
 from server.xmpp.stanza import STREAMS_NS, StanzaError, child, element, error_reply, q
 from server.xmpp.xmlstream import STREAM_NS, StreamError, XmlStreamParser, serialize
@@ -92,8 +98,16 @@ class C2SSession:
         self._attempt: LoginAttempt | None = None  # a SCRAM exchange's reserved check
         self._auth_mark = 0
         self._closed = asyncio.Event()
+        self._closing = False
         self._terminating = False
         self._pending_pings: dict[str, float] = {}
+        self.last_heartbeat = 0.0  # when the presence service last heard of this session
+        self._out: list[bytes] = []  # output of this loop iteration, written at its end
+        self._out_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self.pipeline = Pipeline(
+            self.send_nowait, self.settings.xmpp_max_stanzas_in_flight, server.spawn
+        )
         self._parser = self._new_parser()
         self._bucket = TokenBucket(
             self.settings.xmpp_read_bytes_per_second,
@@ -178,9 +192,14 @@ class C2SSession:
         parser.feed(data)
         inbox, self._inbox = self._inbox, []
         for index, (kind, value) in enumerate(inbox):
+            if self._terminating or self._closing:
+                # Ended from outside (revoked, replaced, shut down) while this read was being
+                # handled, maybe waiting for room: what is left of it is not the user's any more.
+                raise Closing
             if kind == "open":
                 await self._on_stream_open(value)
             elif kind == "close":
+                await self.pipeline.drain()  # the answers to what came before, then the end
                 await self._send_raw(b"</stream:stream>")
                 raise Closing
             else:
@@ -279,7 +298,6 @@ class C2SSession:
         if getattr(self.reader, "_buffer", b""):
             raise StreamError("policy-violation", "data after <starttls/>")
         await self.send(element("proceed", ns=TLS_NS))
-        await self.writer.drain()
         # Checked again with no await in between: what is buffered now would be read as if it
         # had come over TLS.
         if getattr(self.reader, "_buffer", b""):
@@ -452,15 +470,46 @@ class C2SSession:
 
     def send_nowait(self, stanza: ET.Element) -> None:
         """Queue a stanza without waiting (for fan-out); a reader too slow is cut off."""
-        if self._closed.is_set() or self.writer.is_closing():
+        if self._closing or self.writer.is_closing():
             return
-        self.writer.write(serialize(stanza))
+        self.send_bytes(serialize(stanza))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Queue one serialised stanza: written with the rest of this loop iteration's output,
+        without waiting, so a slow reader never slows the sender or other recipients; one
+        whose unsent output passes ``MAX_OUTPUT_BUFFER`` is cut off."""
+        if self._closing or self.writer.is_closing():
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
         instruments.xmpp_stanza_sent()
+        if self._out_bytes > MAX_OUTPUT_BUFFER:
+            self._flush_out()
+        elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def answer(self, stanza: ET.Element, reply: ET.Element) -> None:
+        """The answer to a stanza of this client: after the answers to what it sent before."""
+        self.pipeline.answer(stanza, reply)
+
+    def _flush_out(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self._out_bytes = 0
+        if self.writer.is_closing():
+            return
+        self.writer.write(data)
         if self.writer.transport.get_write_buffer_size() > MAX_OUTPUT_BUFFER:
             log.warning("xmpp %s: output backlog too large; closing", self.jid)
             self.writer.transport.abort()
 
     async def _send_raw(self, data: bytes) -> None:
+        self._flush_out()  # what was queued before goes first
         if self.writer.is_closing():
             raise Closing
         self.writer.write(data)
@@ -504,11 +553,17 @@ class C2SSession:
             await self.terminate("not-authorized", "the account's sessions were ended")
 
     async def close(self) -> None:
-        if self._closed.is_set():
+        if self._closing:
             return
-        self._closed.set()
+        self._closing = True  # nothing more is written
+        self._out.clear()
         self._end_attempt()
         self.server.auth.sessions.untrack(self.session_key)
+        try:
+            # What the client sent before it left is still stored (its answers go nowhere).
+            await self.pipeline.close()
+        finally:
+            self._closed.set()
         try:
             await self.server.unbind(self)
         finally:

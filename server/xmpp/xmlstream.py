@@ -178,6 +178,21 @@ def serialize(element: ET.Element, default_ns: str = "jabber:client") -> bytes:
     return _Serializer(default_ns).element(element).encode()
 
 
+def addressed(stanza: ET.Element, default_ns: str = "jabber:client") -> Callable[[str], bytes]:
+    """Serialise once, address many: the bytes of ``stanza`` for any value of its ``to``.
+
+    One message goes to every session of a recipient (and a room message to every occupant)
+    with only the ``to`` attribute differing; serialising the whole stanza per session cost
+    more than writing it."""
+    stanza.set("to", "")
+    data = serialize(stanza, default_ns)
+    # The first ' to=""' is the root's own: values are escaped (no '"' inside one), and the
+    # root's start tag comes before any child's.
+    at = data.index(b' to=""')
+    head, tail = data[:at] + b' to="', b'"' + data[at + 6 :]
+    return lambda to: head + _escape_attr(to).encode() + tail
+
+
 def _escape_text(text: str) -> str:
     # xml_safe: what XML 1.0 cannot carry becomes U+FFFD. Entry points refuse such text, but
     # anything stored before that (or by a path that missed it) would otherwise end the

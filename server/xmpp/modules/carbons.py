@@ -6,6 +6,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
+from server.xmpp.jid import Jid
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import child, element, q, result
 
@@ -16,16 +17,12 @@ CARBONS = "urn:xmpp:carbons:2"
 FORWARD = "urn:xmpp:forward:0"
 
 
-def sent_copy(server: XmppServer, session: C2SSession, original: ET.Element) -> ET.Element:
-    """The <sent/> wrapper around a message the user sent from elsewhere."""
-    assert session.jid is not None
+def sent_copy(server: XmppServer, user: Jid, original: ET.Element) -> ET.Element:
+    """The <sent/> wrapper around a message ``user`` sent from elsewhere (addressed to each
+    of their sessions by the caller)."""
     wrapper = element(
         "message",
-        {
-            "from": str(session.jid.bare),
-            "to": str(session.jid),
-            "type": original.get("type", "chat"),
-        },
+        {"from": str(user.bare), "to": str(user), "type": original.get("type", "chat")},
     )
     sent = child(wrapper, "sent", ns=CARBONS)
     forwarded = child(sent, "forwarded", ns=FORWARD)

@@ -4,13 +4,13 @@ it, with RSM paging (XEP-0059) by message id."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from server.im.models import MessageOut
 from server.im.rules import private_pair_key
-from server.store.database import Document
 from server.xmpp.jid import Jid
-from server.xmpp.modules.messages import DELAY, archived, stamp
+from server.xmpp.modules.messages import DELAY, archived, id_at, read_history, stamp
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import StanzaError, child, element, q, result, small_int
 
@@ -38,9 +38,10 @@ def form_fields(query: ET.Element) -> dict[str, str]:
 
 def parse_time(value: str) -> datetime:
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise StanzaError("bad-request", f"not a timestamp: {value}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def install(server: XmppServer) -> None:
@@ -60,11 +61,11 @@ def install(server: XmppServer) -> None:
             m["chat_id"]
             async for m in server.store["chat_members"].find({"user_id": session.user_id})
         ]
+        # by _id alone: a filter on kind too would make the embedded database scan every chat
         return [
             c["_id"]
-            async for c in server.store["chats"].find(
-                {"_id": {"$in": member_of}, "kind": {"$in": ["private", "system"]}}
-            )
+            async for c in server.store["chats"].find({"_id": {"$in": member_of}})
+            if c.get("kind") in ("private", "system")
         ]
 
     async def query(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
@@ -89,26 +90,37 @@ def install(server: XmppServer) -> None:
                 last_page = before is None
             after = rsm.findtext(q(RSM, "after")) or None
         chats = await chats_for(session, fields.get("with"))
-        filters: Document = {"chat_id": {"$in": chats}, "deleted": False}
-        id_range: Document = {}
-        if before:
-            id_range["$lt"] = before
-        if after:
-            id_range["$gt"] = after
-        if id_range:
-            filters["_id"] = id_range
-        times: Document = {}
-        if fields.get("start"):
-            times["$gte"] = parse_time(fields["start"])
-        if fields.get("end"):
-            times["$lte"] = parse_time(fields["end"])
-        if times:
-            filters["created_at"] = times
+        start = parse_time(fields["start"]) if fields.get("start") else None
+        end = parse_time(fields["end"]) if fields.get("end") else None
+        # Times become id bounds too (ids are time first), so that each chat is read by its
+        # index; created_at decides exactly.
+        low, high = after, before
+        if start is not None:
+            low = max(low or "", id_at(start - timedelta(seconds=1)))
+        if end is not None:
+            bound = id_at(end + timedelta(seconds=1))
+            high = min(high, bound) if high else bound
+
+        def in_time(message: MessageOut) -> bool:
+            return (start is None or message.created_at >= start) and (
+                end is None or message.created_at <= end
+            )
+
         backwards = before is not None or last_page
-        cursor = server.store["messages"].find(
-            filters, sort=[("_id", -1 if backwards else 1)], limit=limit + 1
-        )
-        found = [doc async for doc in cursor]
+        assert session.user is not None
+        found: list[MessageOut] = []
+        for chat_id in chats:
+            found += await read_history(
+                server.im,
+                session.user,
+                chat_id,
+                limit + 1,
+                after=low,
+                before=high,
+                oldest_first=not backwards,
+                keep=in_time,
+            )
+        found.sort(key=lambda m: m.id, reverse=backwards)
         complete = len(found) <= limit
         page = found[:limit]
         if backwards:
@@ -116,19 +128,19 @@ def install(server: XmppServer) -> None:
         bridge = server.bridge
         for doc in page:
             message = archived(doc)
-            chat = await bridge.chat(doc["chat_id"])
+            chat = await bridge.chat(doc.chat_id)
             other = next(
-                (m for m in (chat or {}).get("member_ids", []) if m != doc.get("author_id")),
+                (m for m in (chat or {}).get("member_ids", []) if m != doc.author_id),
                 session.user_id,
             )
             to_login = await server.login_of(other) or ""
             original = await bridge.stanza(message, Jid(to_login, server.domain))
             wrapper = element("message", {"to": str(session.jid), "from": str(session.jid.bare)})
-            res = child(wrapper, "result", {"id": str(doc["_id"])}, ns=MAM)
+            res = child(wrapper, "result", {"id": doc.id}, ns=MAM)
             if payload.get("queryid"):
                 res.set("queryid", payload.get("queryid", ""))
             forwarded = child(res, "forwarded", ns=FORWARD)
-            child(forwarded, "delay", {"stamp": stamp(doc["created_at"])}, ns=DELAY)
+            child(forwarded, "delay", {"stamp": stamp(doc.created_at)}, ns=DELAY)
             forwarded.append(original)
             session.send_nowait(wrapper)
         fin = element("fin", {"complete": "true" if complete else "false"}, ns=MAM)
@@ -136,8 +148,8 @@ def install(server: XmppServer) -> None:
             fin.set("queryid", payload.get("queryid", ""))
         rsm_out = child(fin, "set", ns=RSM)
         if page:
-            child(rsm_out, "first", ns=RSM, text=str(page[0]["_id"]))
-            child(rsm_out, "last", ns=RSM, text=str(page[-1]["_id"]))
+            child(rsm_out, "first", ns=RSM, text=page[0].id)
+            child(rsm_out, "last", ns=RSM, text=page[-1].id)
         return result(iq, fin)
 
     async def fields(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:

@@ -9,24 +9,31 @@ correction (XEP-0308) and retraction (XEP-0424) for edits and deletions made on 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from bson import ObjectId
 from pydantic import ValidationError
+from pymongo import UpdateOne
 
 from server.events.models import EphemeralEvent, Event
-from server.im.models import MessageOrigin, SendMessage
+from server.im.models import HistoryQuery, MessageOrigin, MessageOut, SendMessage, SendResult
 from server.im.rules import private_pair_key
+from server.im.service import ImService
 from server.store.database import Document
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
 from server.xmpp.modules.carbons import sent_copy
+from server.xmpp.server import BODY, MESSAGE, overlappable
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, StanzaError, child, element, q
+from server.xmpp.xmlstream import addressed
 
 if TYPE_CHECKING:
     from server.xmpp.server import XmppServer
@@ -46,6 +53,7 @@ CHAT_STATES = ("active", "composing", "paused", "inactive", "gone")
 OFFLINE_LIMIT = 200
 MAX_ID_CHARS = 256
 MAX_SUBJECT_CHARS = 1024
+MARK_DELAY_SECONDS = 1.0  # delivery marks are written behind, at most this late
 MAX_ORIGINS = 10_000
 
 PROBLEM_CONDITIONS = {
@@ -67,6 +75,76 @@ def as_stanza_error(exc: Exception) -> StanzaError:
             PROBLEM_CONDITIONS.get(exc.status, "undefined-condition"), exc.detail or exc.title
         )
     raise exc
+
+
+async def submit_message(
+    im: ImService, user: Document, request: SendMessage, *, origin: MessageOrigin | None = None
+) -> Awaitable[SendResult]:
+    """Check ``request`` and hand it to the messenger's write path (``ImService.submit``):
+    the checks run here, and once this returns the message is queued for the group commit,
+    so the order in which a session's calls return is the order its messages are stored.
+    The awaitable resolves once the message is stored and its event published. The one
+    place the XMPP transport sends a message. ``origin``: what the client sent besides the
+    text (its ids, thread, subject...), stored with the message in the same insert."""
+    return await im.submit(user, request, origin=origin)
+
+
+async def stored(pending: Awaitable[SendResult]) -> SendResult:
+    """The store's outcome, a messenger refusal turned into the stanza error for the client."""
+    try:
+        return await pending
+    except (ValidationError, Problem) as exc:
+        raise as_stanza_error(exc) from None
+
+
+HISTORY_PAGE = 100
+
+
+def id_at(moment: datetime) -> str:
+    """The smallest message id of ``moment``'s second: ids are ObjectIds, time first, so a
+    time range becomes an id range the history's index can serve."""
+    return str(ObjectId.from_datetime(moment))
+
+
+async def read_history(
+    im: ImService,
+    user: Document,
+    chat_id: str,
+    limit: int,
+    *,
+    after: str | None = None,
+    before: str | None = None,
+    oldest_first: bool = False,
+    keep: Callable[[MessageOut], bool] = lambda _m: True,
+) -> list[MessageOut]:
+    """Up to ``limit`` messages of a chat strictly between ``after`` and ``before`` that are
+    not deleted and that ``keep`` accepts: the newest ones, newest first, or with
+    ``oldest_first`` the oldest ones, oldest first. Read through the messenger's history page
+    by page (by chat and id, which its index serves whatever the size of the history: a filter
+    on ``deleted`` or ``created_at`` would make the embedded database scan every message)."""
+    found: list[MessageOut] = []
+    cursor = after if oldest_first else before
+    while len(found) < limit:
+        if oldest_first:
+            query = HistoryQuery(after=cursor, limit=HISTORY_PAGE)
+        else:
+            query = HistoryQuery(before=cursor, limit=HISTORY_PAGE)
+        page = await im.history(user, chat_id, query)  # oldest first either way
+        if not oldest_first:
+            page.reverse()
+        for message in page:
+            if (after is not None and message.id <= after) or (
+                before is not None and message.id >= before
+            ):
+                return found  # past the range: nothing further is in it
+            if not message.deleted and keep(message):
+                found.append(message)
+                if len(found) == limit:
+                    return found
+        if len(page) < HISTORY_PAGE:
+            return found
+        cursor = page[-1].id
+    return found
 
 
 def _short(value: str | None, limit: int = MAX_ID_CHARS) -> str | None:
@@ -164,13 +242,14 @@ async def find_own(
     return doc
 
 
-def archived(doc: Document) -> dict[str, Any]:
-    """A stored message as the shape events carry."""
+def archived(message: MessageOut) -> dict[str, Any]:
+    """A message read from the history (MAM, room history, offline delivery) in the shape
+    events carry, with the ids its author's client sent it with (``add_ids``)."""
     return {
-        "id": doc["_id"],
-        "author_id": doc.get("author_id"),
-        "text": doc["text"],
-        "origin": doc.get("origin"),
+        "id": message.id,
+        "author_id": message.author_id,
+        "text": message.text,
+        "origin": message.origin.model_dump() if message.origin is not None else None,
     }
 
 
@@ -185,6 +264,8 @@ class Bridge:
         self.server = server
         self.chats: dict[str, Document] = {}
         self.origins: dict[tuple[str, str], str] = {}  # (user, client id) -> session id
+        self.marks: dict[str, str] = {}  # user id -> delivered up to, not yet stored
+        self._marker: asyncio.Task[None] | None = None
 
     async def chat(self, chat_id: str) -> Document | None:
         if chat_id not in self.chats:
@@ -225,7 +306,7 @@ class Bridge:
     # from Jabber clients ---------------------------------------------------------------------
 
     async def on_message(self, session: C2SSession, stanza: ET.Element) -> bool:
-        if stanza.tag != q(CLIENT, "message"):
+        if stanza.tag != MESSAGE:
             return False
         kind = stanza.get("type") or "normal"
         to = stanza.get("to")
@@ -247,16 +328,20 @@ class Bridge:
         ):
             raise StanzaError("service-unavailable")
         recipient_id = str(recipient["_id"])
-        chat = await self.server.store["chats"].find_one(
-            {"pair_key": private_pair_key(session.user_id, recipient_id)}
-        )
-        await self._signals(session, stanza, chat)
-        body = stanza.findtext(q(CLIENT, "body"))
-        try:
-            if chat is not None and await self._change(session, stanza, chat, body):
-                return True
-        except Problem as problem:
-            raise as_stanza_error(problem) from None
+        body = stanza.findtext(BODY)
+        chat: Document | None = None
+        if not overlappable(stanza):
+            # Typing, markers, corrections, signals without text: they need the dialog (a
+            # plain message does not: the messenger finds or opens it).
+            chat = await self.server.store["chats"].find_one(
+                {"pair_key": private_pair_key(session.user_id, recipient_id)}
+            )
+            await self._signals(session, stanza, chat)
+            try:
+                if chat is not None and await self._change(session, stanza, chat, body):
+                    return True
+            except Problem as problem:
+                raise as_stanza_error(problem) from None
         if body is None or not body.strip():
             await self._relay_signal(session, stanza, recipient_id, target, chat)
             return True
@@ -272,9 +357,10 @@ class Bridge:
             self.origins[(session.user_id, client_id)] = session.id
         try:
             request = SendMessage(to=[recipient_id], text=body, client_id=client_id)
-            await self.server.im.send(session.user, request, origin=origin)
+            pending = await submit_message(self.server.im, session.user, request, origin=origin)
         except (ValidationError, Problem) as exc:
             raise as_stanza_error(exc) from None
+        session.pipeline.add(stored(pending), stanza)
         return True
 
     async def _change(
@@ -411,30 +497,74 @@ class Bridge:
             if message.get("client_id")
             else None
         )
-        delivered: list[str] = []
+        # Nothing here waits on the database once the chat and the logins are known: the
+        # event's publication (and the next message of this chat) does not wait for us.
+        # Each stanza is serialised once per recipient and addressed per session.
+        server = self.server
         for member in chat.get("member_ids", []):
-            sessions = self.server.available_sessions_of(member)
+            sessions = [s for s in server.available_sessions_of(member) if s.jid is not None]
             if not sessions:
                 continue
+            bare = sessions[0].jid.bare  # type: ignore[union-attr]
             if member == author:
+                copies = [s for s in sessions if s.carbons and s.id != origin]
+                if not copies:
+                    continue
                 other = next((m for m in chat["member_ids"] if m != member), member)
-                other_login = await self.server.login_of(other)
-                for session in sessions:
-                    if session.carbons and session.id != origin and session.jid is not None:
-                        to = Jid(other_login or "", self.server.domain)
-                        original = await self._shaped(event, message, to, frm=str(session.jid.bare))
-                        session.send_nowait(sent_copy(self.server, session, original))
+                to = Jid(await server.login_of(other) or "", server.domain)
+                original = await self._shaped(event, message, to, frm=str(bare))
+                wrapped = addressed(sent_copy(server, bare, original))
+                for session in copies:
+                    session.send_bytes(wrapped(str(session.jid)))
                 continue
+            # Addressed to one of the member's resources: only that one gets it while it is
+            # online (RFC 6121 8.5.3.1); else every session.
             wanted = (message.get("origin") or {}).get("resource")
-            addressed = [s for s in sessions if s.jid is not None and s.jid.resource == wanted]
-            for session in addressed or sessions:
-                if session.jid is not None:
-                    session.send_nowait(await self._shaped(event, message, session.jid))
-            delivered.append(member)
-        if delivered and event.type == "im.message":
-            await self.server.store.users.update_many(
-                {"_id": {"$in": delivered}}, {"$max": {"xmpp_delivered_upto": message["id"]}}
+            chosen = [s for s in sessions if wanted and s.jid and s.jid.resource == wanted]
+            shaped = addressed(await self._shaped(event, message, bare))
+            for session in chosen or sessions:
+                session.send_bytes(shaped(str(session.jid)))
+            if event.type == "im.message":
+                self.delivered(member, str(message["id"]))
+
+    def delivered(self, user_id: str, message_id: str) -> None:
+        """Offline delivery starts after this message for the user. Written behind, a second
+        at most later, one write for every user and message of that second: a crash loses at
+        most a second of marks, and those messages come again (never fewer)."""
+        known = self.marks.get(user_id)
+        if known is None or message_id > known:
+            self.marks[user_id] = message_id
+        if self._marker is None:
+            self._marker = self.server.spawn(self._write_marks_soon())
+
+    async def _write_marks_soon(self) -> None:
+        try:
+            await asyncio.sleep(MARK_DELAY_SECONDS)
+        finally:
+            self._marker = None
+        await self.write_marks()
+
+    async def write_marks(self, user_ids: list[str] | None = None) -> None:
+        """Store the pending delivery marks (of ``user_ids``, or all)."""
+        if user_ids is None:
+            marks, self.marks = self.marks, {}
+        else:
+            marks = {u: self.marks.pop(u) for u in user_ids if u in self.marks}
+        if not marks:
+            return
+        try:
+            await self.server.store.users.bulk_write(
+                [
+                    UpdateOne({"_id": user_id}, {"$max": {"xmpp_delivered_upto": message_id}})
+                    for user_id, message_id in marks.items()
+                ],
+                ordered=False,
             )
+        except Exception:
+            for user_id, message_id in marks.items():  # kept for the next write
+                if message_id > self.marks.get(user_id, ""):
+                    self.marks[user_id] = message_id
+            raise
 
     async def _shaped(
         self, event: Event, message: dict[str, Any], to: Jid, *, frm: str | None = None
@@ -486,53 +616,53 @@ class Bridge:
 
     async def deliver_offline(self, session: C2SSession) -> None:
         """Messages that came while the user had no Jabber session and were not read on the web,
-        with their original time (XEP-0203), each delivered once."""
-        assert session.jid is not None
+        with their original time (XEP-0203), each delivered once.
+
+        The messenger's unread numbers say which chats to look at: none (the usual login)
+        costs no read of the history at all."""
+        assert session.jid is not None and session.user is not None
+        user_id = session.user_id
+        unread = (await self.server.im.counters(user_id)).chats
+        if not unread:
+            return
         store = self.server.store
         user = await store.users.find_one(
-            {"_id": session.user_id}, projection={"xmpp_delivered_upto": True}
+            {"_id": user_id}, projection={"xmpp_delivered_upto": True}
         )
-        upto = (user or {}).get("xmpp_delivered_upto")
-        memberships = {
+        marks = ((user or {}).get("xmpp_delivered_upto"), self.marks.get(user_id))
+        upto = max(filter(None, marks), default=None)
+        read_marks = {
             m["chat_id"]: m.get("last_read_id")
-            async for m in store["chat_members"].find({"user_id": session.user_id})
-        }
-        chats = [
-            c
-            async for c in store["chats"].find(
-                {"_id": {"$in": list(memberships)}, "kind": {"$in": ["private", "system"]}}
+            async for m in store["chat_members"].find(
+                {"_id": {"$in": [f"{chat_id}|{user_id}" for chat_id in unread]}}
             )
-        ]
-        pending: list[Document] = []
-        for chat in chats:
-            floor = max(filter(None, (upto, memberships[chat["_id"]])), default=None)
-            query: Document = {
-                "chat_id": chat["_id"],
-                "deleted": False,
-                "author_id": {"$ne": session.user_id},
-            }
-            if floor is not None:
-                query["_id"] = {"$gt": floor}
-            pending += [
-                m
-                async for m in store["messages"].find(
-                    query, sort=[("_id", -1)], limit=OFFLINE_LIMIT
-                )
-            ]
-        pending.sort(key=lambda m: m["_id"])
-        for doc in pending[-OFFLINE_LIMIT:]:
-            stanza = await self.stanza(archived(doc), session.jid)
+        }
+        pending: list[MessageOut] = []
+        for chat_id in sorted(unread):
+            chat = await self.chat(chat_id)
+            if chat is None or chat["kind"] not in ("private", "system"):
+                continue  # group chats: their rooms' history
+            floor = max(filter(None, (upto, read_marks.get(chat_id))), default=None)
+            pending += await read_history(
+                self.server.im,
+                session.user,
+                chat_id,
+                OFFLINE_LIMIT,
+                after=floor,
+                keep=lambda m: m.author_id != user_id,
+            )
+        pending.sort(key=lambda m: m.id)
+        for found in pending[-OFFLINE_LIMIT:]:
+            stanza = await self.stanza(archived(found), session.jid)
             child(
                 stanza,
                 "delay",
-                {"from": self.server.domain, "stamp": stamp(doc["created_at"])},
+                {"from": self.server.domain, "stamp": stamp(found.created_at)},
                 ns=DELAY,
             )
             session.send_nowait(stanza)
         if pending:
-            await store.users.update_one(
-                {"_id": session.user_id}, {"$max": {"xmpp_delivered_upto": pending[-1]["_id"]}}
-            )
+            self.delivered(user_id, pending[-1].id)
 
 
 def install(server: XmppServer) -> None:
@@ -543,4 +673,12 @@ def install(server: XmppServer) -> None:
     server.bus.subscribe_ephemeral(bridge.on_typing)
     server.bus.subscribe_ephemeral(bridge.on_signal)
     server.on_available.append(bridge.deliver_offline)
+
+    async def last_session_gone(session: C2SSession) -> None:
+        # The marks of a user going offline are stored now: their next login (on any node)
+        # must not get again what they saw live.
+        if session.user is not None and not server.available_sessions_of(session.user_id):
+            await bridge.write_marks([session.user_id])
+
+    server.on_unbound(last_session_gone)
     server.bridge = bridge

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from server.events.models import EphemeralEvent, Event
-from server.im.models import SendMessage
+from server.im.models import SendMessage, SendResult
 from server.store.database import Document
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
@@ -40,11 +40,16 @@ from server.xmpp.modules.messages import (
     RETRACT,
     SID,
     add_ids,
+    archived,
     as_stanza_error,
     client_id_for,
     find_own,
+    id_at,
     origin_of,
+    read_history,
     stamp,
+    stored,
+    submit_message,
 )
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import (
@@ -57,7 +62,7 @@ from server.xmpp.stanza import (
     result,
     small_int,
 )
-from server.xmpp.xmlstream import serialize
+from server.xmpp.xmlstream import addressed, serialize
 
 if TYPE_CHECKING:
     from server.xmpp.server import IqHandler, XmppServer
@@ -102,11 +107,14 @@ class Occupant:
     jid: str  # the session's full JID, kept: it may be gone when the session ends
     nick: str
     extras: list[ET.Element]  # what the occupant's presence carries (show, status, caps...)
-    buffer: list[tuple[str | None, ET.Element]] | None = None  # held back while joining
+    # held back while joining: a stanza, or one serialised already
+    buffer: list[tuple[str | None, ET.Element | bytes]] | None = None
 
-    def deliver(self, stanza: ET.Element, message_id: str | None = None) -> None:
+    def deliver(self, stanza: ET.Element | bytes, message_id: str | None = None) -> None:
         if self.buffer is not None:
             self.buffer.append((message_id, stanza))
+        elif isinstance(stanza, bytes):
+            self.session.send_bytes(stanza)
         else:
             self.session.send_nowait(stanza)
 
@@ -166,8 +174,12 @@ class Muc:
         return other is not None and str(other["_id"]) != user_id
 
     async def member_chat(self, session: C2SSession, chat_id: str) -> Document | None:
-        chat = await self.server.store["chats"].find_one({"_id": chat_id, "kind": "group"})
-        if chat is None or session.user_id not in chat.get("member_ids", []):
+        """The group chat, if the session's user is a member (the messenger's answer)."""
+        try:
+            chat = await self.server.im.readable_chat(session.user_id, chat_id)
+        except Problem:
+            return None
+        if chat.get("kind") != "group" or session.user_id not in chat.get("member_ids", []):
             return None
         return chat
 
@@ -339,7 +351,10 @@ class Muc:
             held, occupant.buffer = occupant.buffer or [], None
             for held_id, held_stanza in held:
                 if held_id is None or held_id not in sent:
-                    session.send_nowait(held_stanza)
+                    if isinstance(held_stanza, bytes):
+                        session.send_bytes(held_stanza)
+                    else:
+                        session.send_nowait(held_stanza)
 
     async def history(
         self, room: Room, occupant: Occupant, request: ET.Element | None
@@ -347,14 +362,13 @@ class Muc:
         wanted = request.find(q(MUC, "history")) if request is not None else None
         limit = DEFAULT_HISTORY
         max_chars: int | None = None
-        query: Document = {"chat_id": room.chat_id, "deleted": False}
+        since: datetime | None = None
         if wanted is not None:
             maxstanzas = small_int(wanted.get("maxstanzas"))
             if maxstanzas is not None:
                 limit = min(maxstanzas, MAX_HISTORY)
             max_chars = small_int(wanted.get("maxchars"))
             seconds = small_int(wanted.get("seconds"))
-            since: datetime | None = None
             if seconds is not None:
                 since = datetime.now(UTC) - timedelta(seconds=seconds)
             elif wanted.get("since"):
@@ -362,27 +376,35 @@ class Muc:
                     since = datetime.fromisoformat(wanted.get("since", "").replace("Z", "+00:00"))
                     if since.tzinfo is None:
                         since = since.replace(tzinfo=UTC)
-            if since is not None:
-                query["created_at"] = {"$gt": since}
         if limit <= 0 or max_chars == 0:
             return []
-        docs = [
-            doc
-            async for doc in self.server.store["messages"].find(
-                query, sort=[("_id", -1)], limit=limit
+        occupant_user = await self.server.directory.cached_user(occupant.user_id)
+        if occupant_user is None:
+            return []
+        newer = since
+        try:
+            docs = await read_history(
+                self.server.im,
+                occupant_user,
+                room.chat_id,
+                limit,
+                # a second early: ids carry whole seconds; created_at decides
+                after=id_at(newer - timedelta(seconds=1)) if newer is not None else None,
+                keep=lambda m: newer is None or m.created_at > newer,
             )
-        ]
+        except Problem:  # no longer a member (removed meanwhile): no history
+            return []
         out: list[tuple[ET.Element, str]] = []
         chars = 0
-        for doc in docs:  # newest first, to cut at maxchars
-            message_id = str(doc["_id"])
-            message = {"id": message_id, "text": doc["text"], "origin": doc.get("origin")}
-            nick = await self.nick_of(room, doc.get("author_id"))
+        for found in docs:  # newest first, to cut at maxchars
+            message_id = found.id
+            message = archived(found)
+            nick = await self.nick_of(room, found.author_id)
             stanza = self.message(room, nick, occupant.jid, message)
             child(
                 stanza,
                 "delay",
-                {"from": self.room_jid(room.chat_id), "stamp": stamp(doc["created_at"])},
+                {"from": self.room_jid(room.chat_id), "stamp": stamp(found.created_at)},
                 ns=DELAY,
             )
             if max_chars is not None:
@@ -539,27 +561,45 @@ class Muc:
         origin_ids = origin_of(stanza)
         client_id = client_id_for(session.id, origin_ids, body)
         key = (session.user_id, client_id) if client_id and stanza_id else None
-        if key is not None and stanza_id:
+        origin = (session.id, stanza_id or "")  # this submission's (compared by identity)
+        if key is not None:
             if len(self.origins) > MAX_REMEMBERED:
                 self.origins.clear()
-            self.origins[key] = (session.id, stanza_id)
+            self.origins[key] = origin
+        request = SendMessage(chat_id=room.chat_id, text=body, client_id=client_id)
         try:
-            sent = await im.send(
-                session.user,
-                SendMessage(chat_id=room.chat_id, text=body, client_id=client_id),
-                origin=origin_ids,
-            )
-        finally:
-            # (the echo, if there was one, has been sent by now: send returns once published)
-            origin = self.origins.pop(key, None) if key is not None else None
-        if sent.duplicate and origin is not None:
-            # A resent stanza stores nothing new and publishes nothing: echo it once more.
+            pending = await submit_message(im, session.user, request, origin=origin_ids)
+        except BaseException:
+            self.forget_origin(key, origin)
+            raise
+
+        async def finished() -> SendResult:
+            try:
+                return await stored(pending)
+            finally:
+                # (the echo, if there was one, has been sent by now: a store resolves once
+                # its event is published). A resend of the same id may be in flight behind
+                # this one: its origin is its own.
+                self.forget_origin(key, origin)
+
+        def echo(sent: SendResult) -> None:
             occupant = room.occupants.get(session.id)
-            if occupant is not None:
-                message = sent.messages[0]
-                nick = await self.nick_of(room, session.user_id)
-                echo = message.model_dump(mode="json")
-                occupant.deliver(self.message(room, nick, occupant.jid, echo))
+            if not sent.duplicate or key is None or occupant is None:
+                return
+            # A resent stanza stores nothing new and publishes nothing: echo it once more,
+            # with the ids the first one was stored with.
+            nick = next(
+                (o.nick for o in room.occupants.values() if o.user_id == session.user_id),
+                occupant.nick,
+            )
+            reflected = archived(sent.messages[0])
+            occupant.deliver(self.message(room, nick, occupant.jid, reflected))
+
+        session.pipeline.add(finished(), stanza, echo)
+
+    def forget_origin(self, key: tuple[str, str] | None, origin: tuple[str, str]) -> None:
+        if key is not None and self.origins.get(key) is origin:
+            del self.origins[key]
 
     async def own_message(self, session: C2SSession, room: Room, ident: str | None) -> str:
         """The portal message a client refers to: by the message id (the stanza-id and the id
@@ -592,14 +632,19 @@ class Muc:
         origin: tuple[str, str] | None = None
         if event.type == "im.message" and author and message.get("client_id"):
             origin = self.origins.get((str(author), str(message["client_id"])))
+        # One serialisation for every occupant (each gets it with its own "to"): the stanza
+        # carries the id and origin-id its author's client sent, so the author's own session
+        # recognises its reflection in the same bytes.
+        shared = (
+            addressed(self.message(room, nick, "", message)) if event.type == "im.message" else None
+        )
         for occupant in list(room.occupants.values()):
-            if event.type == "im.message":
+            if shared is not None:
                 if origin is not None and origin[0] == occupant.session.id:
                     if len(self.known_as) > MAX_REMEMBERED:
                         self.known_as.clear()
                     self.known_as[(occupant.session.id, message_id)] = origin[1]
-                stanza = self.message(room, nick, occupant.jid, message)
-                occupant.deliver(stanza, message_id)
+                occupant.deliver(shared(occupant.jid), message_id)
                 continue
             stanza = self.groupchat(room, nick, occupant.jid, f"{message_id}-{event.seq}")
             # Everyone saw the message under the id its author's client gave it.
@@ -692,9 +737,13 @@ class Muc:
         member_of = [
             m["chat_id"] async for m in store["chat_members"].find({"user_id": session.user_id})
         ]
-        async for chat in store["chats"].find(
-            {"_id": {"$in": member_of}, "kind": "group"}, sort=[("title", 1)]
-        ):
+        # by _id alone: a filter on kind too would make the embedded database scan every chat
+        groups = [
+            chat
+            async for chat in store["chats"].find({"_id": {"$in": member_of}})
+            if chat.get("kind") == "group"
+        ]
+        for chat in sorted(groups, key=lambda c: str(c.get("title", ""))):
             jid = self.room_jid(str(chat["_id"]))
             child(query, "item", {"jid": jid, "name": str(chat.get("title", ""))})
         return result(iq, query)
@@ -723,9 +772,8 @@ class Muc:
         wanted = {i.get("affiliation") for i in payload.findall(q(MUC_ADMIN, "item"))}
         query = element("query", ns=MUC_ADMIN)
         members = [str(m) for m in chat.get("member_ids", [])]
-        async for user in self.server.store.users.find(
-            {"_id": {"$in": members}}, projection={"login": True}
-        ):
+        found = await self.server.directory.cached_users(members)
+        for user in (found[m] for m in members if m in found):
             affiliation = "owner" if user["_id"] == chat.get("owner_id") else "member"
             if not wanted - {None} or affiliation in wanted:
                 jid = f"{user['login']}@{self.server.domain}"

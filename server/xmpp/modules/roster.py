@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
 from server.directory.models import display_name
-from server.directory.rules import ancestors
+from server.directory.rules import DepartmentNode, ancestors
 from server.events.models import EphemeralEvent
 from server.store.database import Document
 from server.xmpp.modules.basics import GROUP_DELIMITER
@@ -47,37 +47,33 @@ class Roster:
         self.server = server
         self.sent: dict[str, dict[str, Item]] = {}  # session id -> items last sent
 
-    async def items_for(self, user: Document) -> dict[str, Item]:
-        server = self.server
-        visible = set(await server.directory.visible_user_ids(user))
-        visible.discard(str(user["_id"]))
-        tree = await server.directory.department_tree()
-        names = {
-            d["_id"]: d["name"]
-            async for d in server.store.departments.find({}, projection={"name": True})
+    async def groups(self) -> dict[str, str]:
+        """Each department's group path ("Acme/Sales/Europe"): one answer for every roster."""
+        departments = await self.server.directory.list_departments()
+        tree = {d.id: DepartmentNode(d.id, d.parent_id, d.head_id) for d in departments}
+        names = {d.id: d.name for d in departments}
+        return {
+            d.id: group_name([names.get(a, "") for a in reversed(ancestors(d.id, tree))])
+            for d in departments
         }
-        items: dict[str, Item] = {}
-        async for other in server.store.users.find(
-            {"_id": {"$in": sorted(visible)}, "is_active": True}
-        ):
-            path = list(reversed(ancestors(other.get("department_id"), tree)))
-            group = group_name([str(names.get(d, "")) for d in path])
-            groups = (group,) if group else (("Extranet",) if other.get("is_external") else ())
-            items[str(server.jid_of(other))] = (display_name(other), groups)
-        return items
 
-    def _item(self, query: ET.Element, jid: str, item: Item | None) -> None:
-        if item is None:
-            child(query, "item", {"jid": jid, "subscription": "remove"})
-            return
-        name, groups = item
-        el = child(query, "item", {"jid": jid, "name": name, "subscription": "both"})
-        for group in groups:
-            child(el, "group", text=group)
+    async def items_for(self, user: Document, groups: dict[str, str]) -> dict[str, Item]:
+        """The roster of ``user``: everyone the directory lets them see (from its caches)."""
+        directory = self.server.directory
+        visible = set(await directory.visible_user_ids(user))
+        visible.discard(str(user["_id"]))
+        items: dict[str, Item] = {}
+        for other in (await directory.cached_users(sorted(visible))).values():
+            if not other.get("is_active", True):
+                continue
+            group = groups.get(str(other.get("department_id")), "")
+            in_groups = (group,) if group else (("Extranet",) if other.get("is_external") else ())
+            items[str(self.server.jid_of(other))] = (display_name(other), in_groups)
+        return items
 
     async def get(self, session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
         assert session.user is not None
-        items = await self.items_for(session.user)
+        items = await self.items_for(session.user, await self.groups())
         version = version_of(items)
         session.roster_requested = True
         self.sent[session.id] = items
@@ -88,15 +84,31 @@ class Roster:
             self._item(query, jid, items[jid])
         return result(iq, query)
 
-    async def refresh(self, session: C2SSession) -> None:
+    async def refresh_all(self) -> None:
+        """The directory changed: push to every session what changed in its roster. The
+        department groups are worked out once, each user's roster once for all their
+        sessions."""
+        by_user: dict[str, list[C2SSession]] = {}
+        for user_id, resources in list(self.server.sessions.items()):
+            wanting = [s for s in resources.values() if s.roster_requested and s.jid is not None]
+            if wanting:
+                by_user[user_id] = wanting
+        if not by_user:
+            return
+        groups = await self.groups()
+        for user_id, sessions in by_user.items():
+            user = await self.server.directory.cached_user(user_id)
+            if user is None:
+                continue
+            after = await self.items_for(user, groups)
+            for session in sessions:
+                self.push(session, after)
+
+    def push(self, session: C2SSession, after: dict[str, Item]) -> None:
         """Push what changed since the last roster this session saw."""
-        if not session.roster_requested or session.user is None or session.jid is None:
+        if session.jid is None or session.id not in self.sent:
             return
-        user = await self.server.store.users.find_one({"_id": session.user_id})
-        if user is None:
-            return
-        before = self.sent.get(session.id, {})
-        after = await self.items_for(user)
+        before = self.sent[session.id]
         changed = [jid for jid in after if before.get(jid) != after[jid]]
         removed = [jid for jid in before if jid not in after]
         if not changed and not removed:
@@ -111,6 +123,15 @@ class Roster:
             query = child(push, "query", {"ver": version}, ns=ROSTER)
             self._item(query, jid, after.get(jid))
             session.send_nowait(push)
+
+    def _item(self, query: ET.Element, jid: str, item: Item | None) -> None:
+        if item is None:
+            child(query, "item", {"jid": jid, "subscription": "remove"})
+            return
+        name, groups = item
+        el = child(query, "item", {"jid": jid, "name": name, "subscription": "both"})
+        for group in groups:
+            child(el, "group", text=group)
 
 
 def install(server: XmppServer) -> None:
@@ -130,10 +151,7 @@ def install(server: XmppServer) -> None:
     server.on_unbound(forget)
 
     async def directory_changed(event: EphemeralEvent) -> None:
-        if event.type != "directory.changed":
-            return
-        for sessions in list(server.sessions.values()):
-            for session in list(sessions.values()):
-                await roster.refresh(session)
+        if event.type == "directory.changed":
+            await roster.refresh_all()
 
     server.bus.subscribe_ephemeral(directory_changed)

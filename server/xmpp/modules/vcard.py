@@ -1,10 +1,12 @@
-"""vcard-temp (XEP-0054): the portal profile of a colleague, read-only over XMPP."""
+"""vcard-temp (XEP-0054): the portal profile of a colleague, read-only over XMPP, from the
+directory (the user and their department as the directory service keeps them)."""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
+from server.web.problems import Problem
 from server.xmpp.jid import Jid
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import StanzaError, child, element, q, result
@@ -21,7 +23,10 @@ def install(server: XmppServer) -> None:
     async def get(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
         assert session.user is not None
         to = iq.get("to")
-        user = session.user if not to else await server.user_for(Jid.parse(to))
+        if to:
+            user = await server.user_for(Jid.parse(to))
+        else:  # one's own, as it is now (not as it was at login)
+            user = await server.directory.cached_user(session.user_id)
         if user is None or not await server.directory.may_see(session.user, user):
             raise StanzaError("item-not-found")
         card = element("vCard", ns=VCARD)
@@ -32,11 +37,14 @@ def install(server: XmppServer) -> None:
         child(name, "GIVEN", text=first)
         child(card, "NICKNAME", text=str(user["login"]))
         if user.get("department_id"):
-            dept = await server.store.departments.find_one({"_id": user["department_id"]})
-            if dept is not None:
+            try:
+                department = await server.directory.get_department(str(user["department_id"]))
+            except Problem:  # gone meanwhile
+                department = None
+            if department is not None:
                 org = child(card, "ORG")
                 child(org, "ORGNAME", text=server.settings.domain)
-                child(org, "ORGUNIT", text=str(dept["name"]))
+                child(org, "ORGUNIT", text=department.name)
         if user.get("position"):
             child(card, "TITLE", text=str(user["position"]))
         for phone in user.get("phones", []):

@@ -1,0 +1,162 @@
+"""In-process copies of a domain service's own data, kept right through the bus.
+
+A service that caches what it owns (tokens, users, chats, memberships) invalidates an entry on
+the events that change it - on every node, since every node sees every event on the bus - and
+keeps a time to live as a backstop for an event that never arrives (one lost while Redis was
+away). ``Cache`` is the map they use: bounded (least recently used first out), with that time
+to live, and safe against the classic race of a read that straddles an invalidation: a value
+loaded while the key was invalidated is returned to its caller but not kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Load:
+    __slots__ = ("stale",)
+
+    def __init__(self) -> None:
+        self.stale = False
+
+
+class Cache(Generic[K, V]):
+    def __init__(
+        self,
+        max_entries: int,
+        ttl_seconds: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max = max_entries
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._loads: dict[K, list[_Load]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: K) -> bool:
+        return self.get(key) is not None
+
+    def get(self, key: K) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: K, value: V) -> None:
+        """Keep ``value`` (newer than anything a load under way may have read)."""
+        self.changed(key)
+        self._entries[key] = (self._clock() + self._ttl, value)
+        self._entries.move_to_end(key)
+        self._trim()
+
+    def replace(self, key: K, value: V) -> None:
+        """Change a cached value in place (an event said how), keeping its expiry; a load of
+        the key under way is not kept, since it may have read the value from before."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (entry[0], value)
+        self.changed(key)
+
+    def invalidate(self, key: K) -> None:
+        self._entries.pop(key, None)
+        self.changed(key)
+
+    def invalidate_many(self, keys: Iterable[K]) -> None:
+        for key in keys:
+            self.invalidate(key)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        for loads in self._loads.values():
+            for load in loads:
+                load.stale = True
+
+    def values(self) -> list[tuple[K, V]]:
+        now = self._clock()
+        return [(k, v) for k, (expires, v) in self._entries.items() if expires > now]
+
+    def changed(self, key: K) -> None:
+        """The value of ``key`` changed (the entry, if any, was updated in place): a load of
+        it under way may have read it before, so it is returned but not kept."""
+        for load in self._loads.get(key, ()):
+            load.stale = True
+
+    def _begin(self, key: K) -> _Load:
+        load = _Load()
+        self._loads.setdefault(key, []).append(load)
+        return load
+
+    def _end(self, key: K, load: _Load) -> bool:
+        """Whether the load may be kept."""
+        loads = self._loads.get(key)
+        if loads is not None:
+            loads.remove(load)
+            if not loads:
+                del self._loads[key]
+        return not load.stale
+
+    async def get_or_load(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+        """The cached value, or what ``load`` returns (kept unless invalidated meanwhile;
+        None is returned, not kept)."""
+        found = self.get(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        token = self._begin(key)
+        try:
+            value = await load()
+        finally:
+            keep = self._end(key, token)
+        if value is not None and keep:
+            self._entries[key] = (self._clock() + self._ttl, value)
+            self._trim()
+        return value
+
+    async def get_or_load_many(
+        self, keys: Iterable[K], load: Callable[[list[K]], Awaitable[dict[K, V]]]
+    ) -> dict[K, V]:
+        """The cached values of ``keys``, and the missing ones from one call of ``load``."""
+        found: dict[K, V] = {}
+        missing: list[K] = []
+        for key in keys:
+            value = self.get(key)
+            if value is None:
+                missing.append(key)
+            else:
+                found[key] = value
+        self.hits += len(found)
+        if not missing:
+            return found
+        self.misses += len(missing)
+        tokens = [(key, self._begin(key)) for key in missing]
+        try:
+            loaded = await load(missing)
+        finally:
+            kept = {key for key, token in tokens if self._end(key, token)}
+        for key, value in loaded.items():
+            if key in kept:
+                self._entries[key] = (self._clock() + self._ttl, value)
+            found[key] = value
+        self._trim()
+        return found
+
+    def _trim(self) -> None:
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)

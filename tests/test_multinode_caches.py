@@ -1,0 +1,119 @@
+"""The in-process caches are corrected on every node: two hub nodes on one database and a real
+redis-server. Each node has served the request once (so it holds the token, the user, the
+chat and the memberships in memory) before the change is made on the other node; the change
+must take effect there within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from pydantic import SecretStr
+
+from server.settings import Settings
+from server.store.database import Store
+from tests.harness import HubHarness, start_hub
+from tests.redis_server import RedisServer
+
+WITHIN = 1.0
+
+
+@pytest.fixture
+async def two_nodes(
+    settings: Settings, store: Store, redis_server: RedisServer
+) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
+    # A time to live far longer than the test: only the bus can correct the caches.
+    shared = settings.model_copy(
+        update={"redis_url": SecretStr(redis_server.url), "cache_ttl_seconds": 600.0}
+    )
+    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
+        yield one, two
+
+
+async def within(deadline: float, check: Callable[[], Awaitable[bool]]) -> float:
+    """Seconds until ``check`` holds, failing after ``deadline``."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > deadline:
+            raise AssertionError(f"not within {deadline} s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def test_a_token_revoked_on_one_node_stops_working_on_the_other(
+    two_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_nodes
+    await one.create_user("alice")
+    token = await one.login("alice")
+    other_device = await one.login("alice")
+    for device in (token, other_device):  # both tokens and the user cached on node two
+        assert (await two.request("GET", "/api/v1/users/me", token=device)).status == 200
+    assert (await one.request("POST", "/api/v1/auth/logout", token=token)).status == 204
+
+    async def refused() -> bool:
+        return (await two.request("GET", "/api/v1/users/me", token=token)).status == 401
+
+    await within(WITHIN, refused)
+    # the user's other token is not touched
+    assert (await two.request("GET", "/api/v1/users/me", token=other_device)).status == 200
+
+
+async def test_a_deactivated_user_is_refused_on_the_other_node(
+    two_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_nodes
+    _, root = await one.create_user("root", admin=True)
+    alice_id, alice = await one.create_user("alice")
+    assert (await two.request("GET", "/api/v1/users/me", token=alice)).status == 200
+    resp = await one.request(
+        "PATCH", f"/api/v1/users/{alice_id}", token=root, json={"is_active": False}
+    )
+    assert resp.status == 200, resp.body
+
+    async def refused() -> bool:
+        return (await two.request("GET", "/api/v1/users/me", token=alice)).status == 401
+
+    await within(WITHIN, refused)
+
+
+async def test_a_removed_chat_member_cannot_post_or_read_on_the_other_node(
+    two_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_nodes
+    alice_id, alice = await one.create_user("alice")
+    bob_id, bob = await one.create_user("bob")
+    created = await one.request(
+        "POST", "/api/v1/im/chats", token=alice, json={"title": "Team", "member_ids": [bob_id]}
+    )
+    chat_id = created.body["id"]
+    history = f"/api/v1/im/chats/{chat_id}/messages"
+    # bob posts and reads through node two: the chat and his memberships are cached there
+    sent = await two.request(
+        "POST", "/api/v1/im/messages", token=bob, json={"chat_id": chat_id, "text": "hi"}
+    )
+    assert sent.status == 201, sent.body
+    assert (await two.request("GET", history, token=bob)).status == 200
+    counters = await two.request("GET", "/api/v1/im/counters", token=bob)
+    assert counters.status == 200
+    removed = await one.request(
+        "DELETE", f"/api/v1/im/chats/{chat_id}/members/{bob_id}", token=alice
+    )
+    assert removed.status == 204
+
+    async def shut_out() -> bool:
+        post = await two.request(
+            "POST", "/api/v1/im/messages", token=bob, json={"chat_id": chat_id, "text": "x"}
+        )
+        read = await two.request("GET", history, token=bob)
+        return post.status == 404 and read.status == 404
+
+    await within(WITHIN, shut_out)
+    assert (await two.request("GET", "/api/v1/im/counters", token=bob)).body["chats"] == {}
+    # alice, still a member, is not refused by what node two learnt
+    resp = await two.request(
+        "POST", "/api/v1/im/messages", token=alice, json={"chat_id": chat_id, "text": "ok"}
+    )
+    assert resp.status == 201 and alice_id

@@ -1,0 +1,169 @@
+"""The hot paths cost a fixed number of database round trips, whatever the history.
+
+Every command the hub sends is counted (a pymongo ``CommandListener`` on its client): a
+Socket.IO connect (first, with nothing cached, and again) and a message sent, with one chat
+and ten messages, then with fifty chats and a thousand messages. The counts must not grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pymongo import monitoring
+
+from server.im.models import SendMessage
+from server.settings import Settings
+from server.store.database import Store
+from tests.harness import HubHarness, start_hub
+
+# Work on its own clock, not per request: the revocation poll, the node registry, the
+# scheduler; the CRM's settings, which CrmConfig reads at most every two seconds.
+BACKGROUND = {"revocations", "nodes", "schedule", "crm_settings"}
+
+
+class Commands(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        collection = event.command.get(event.command_name)
+        self.seen.append((event.command_name, str(collection)))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def mark(self) -> int:
+        return len(self.seen)
+
+    def since(self, mark: int) -> Counter[tuple[str, str]]:
+        return Counter(c for c in self.seen[mark:] if c[1] not in BACKGROUND)
+
+
+@pytest.fixture
+async def counted(settings: Settings, store: Store) -> AsyncIterator[tuple[HubHarness, Commands]]:
+    commands = Commands()
+    monitored = Store(store.url, store.db.name)
+    monitored.client = type(store.client)(store.url, event_listeners=[commands], tz_aware=True)
+    monitored.db = monitored.client[store.db.name]
+    fast = settings.model_copy(
+        update={"im_messages_per_second": 10_000.0, "im_message_burst": 10_000}
+    )
+    try:
+        async with start_hub(fast, monitored) as hub:
+            yield hub, commands
+    finally:
+        await monitored.client.close()
+
+
+async def quiet(hub: HubHarness) -> None:
+    """Let the writes that follow a request (bookkeeping, heads) land."""
+    await asyncio.sleep(0.05)
+    await hub.services.im.settled()
+    await hub.services.crm.counters.settled()
+    await hub.services.streams.settled()
+
+
+async def history(hub: HubHarness, chats: int, messages: int) -> tuple[str, str, str]:
+    """Alice in ``chats`` chats with ``messages`` messages between them; returns her token,
+    bob's token and a chat id."""
+    alice_id, alice = await hub.create_user(f"alice{chats}")
+    bob_id, bob = await hub.create_user(f"bob{chats}")
+    chat_ids = []
+    for n in range(chats):
+        created = await hub.request(
+            "POST", "/api/v1/im/chats", token=bob, json={"title": f"c{n}", "member_ids": [alice_id]}
+        )
+        chat_ids.append(created.body["id"])
+    bob_doc = await hub.services.directory.user_document(bob_id)
+    for start in range(0, messages, 100):
+        await asyncio.gather(
+            *(
+                hub.services.im.send(
+                    bob_doc, SendMessage(chat_id=chat_ids[i % chats], text=f"m{i}")
+                )
+                for i in range(start, min(messages, start + 100))
+            )
+        )
+    await quiet(hub)
+    return alice, bob, chat_ids[0]
+
+
+async def connect_cost(hub: HubHarness, commands: Commands, token: str) -> Counter[Any]:
+    mark = commands.mark()
+    client = await hub.connect(token)
+    await client.wait_for("snapshot")
+    await client.wait_for("counters.changed")  # the session's last step, after catching up
+    await quiet(hub)
+    cost = commands.since(mark)
+    await client.close()
+    # going offline (after the presence grace) writes last_seen: not the next one's cost
+    await asyncio.sleep(hub.services.settings.presence_grace_seconds + 0.3)
+    await quiet(hub)
+    return cost
+
+
+async def send_cost(hub: HubHarness, commands: Commands, token: str, chat_id: str) -> Counter[Any]:
+    await hub.request(  # the token, the user, the chat cached by a first send
+        "POST", "/api/v1/im/messages", token=token, json={"chat_id": chat_id, "text": "warm"}
+    )
+    await quiet(hub)
+    mark = commands.mark()
+    resp = await hub.request(
+        "POST", "/api/v1/im/messages", token=token, json={"chat_id": chat_id, "text": "counted"}
+    )
+    assert resp.status == 201, resp.body
+    await quiet(hub)
+    return commands.since(mark)
+
+
+async def test_connect_and_send_cost_the_same_round_trips_whatever_the_history(
+    counted: tuple[HubHarness, Commands],
+) -> None:
+    hub, commands = counted
+    svc = hub.services
+    small = await history(hub, chats=1, messages=10)
+    large = await history(hub, chats=50, messages=1000)
+    _, someone = await hub.create_user("someone")
+    costs = {}
+    for name, (alice, bob, chat_id) in (("small", small), ("large", large)):
+        # Nothing cached: as after a restart. Then what all users share (the directory, the
+        # CRM's settings) is read by someone else's connect, as it would be on a busy node.
+        for forget in (svc.directory, svc.auth, svc.im, svc.tasks):
+            forget.forget_all()
+        await connect_cost(hub, commands, someone)
+        first = await connect_cost(hub, commands, alice)
+        again = await connect_cost(hub, commands, alice)
+        send = await send_cost(hub, commands, bob, chat_id)
+        costs[name] = (first, again, send)
+    (small_first, small_again, small_send), (large_first, large_again, large_send) = (
+        costs["small"],
+        costs["large"],
+    )
+    report = {name: [dict(c) for c in cost] for name, cost in costs.items()}
+    assert large_first == small_first, report
+    assert large_again == small_again, report
+    assert large_send == small_send, report
+    # A warm connect reads no message and counts nothing; a send writes each document once.
+    assert not any(collection == "messages" for _, collection in large_again), report
+    assert sum(large_again.values()) <= 4, report
+    assert large_send == Counter(
+        {
+            ("insert", "messages"): 1,
+            ("insert", "events"): 1,
+            ("update", "chats"): 1,  # msg_count and preview
+            ("update", "chat_members"): 1,  # the author's read position
+            ("update", "streams"): 1,  # the chat stream's head
+        }
+    ), report
+    # A first connect: the token, the user, the memberships and their chats, the tasks the
+    # user is on (one query per role), the CRM's stored numbers, presence; and in the
+    # background the CRM recount it queues (some twenty index reads, once per ten minutes).
+    crm_recount = sum(n for (command, _), n in large_first.items() if command == "aggregate")
+    assert sum(large_first.values()) - crm_recount <= 20, report
