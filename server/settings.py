@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     xmpp_key_file: Path | None = None
     xmpp_max_stanza_bytes: int = Field(default=256 * 1024, ge=4096)
     xmpp_auth_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Silence right after the TLS handshake is a person reading a certificate prompt (Pidgin,
+    # Profanity, mcabber ask before going on): the login timeout waits for them this long.
+    xmpp_tls_prompt_seconds: float = Field(default=300.0, gt=0)
     xmpp_read_bytes_per_second: float = Field(default=32 * 1024, gt=0)
     xmpp_read_burst_bytes: int = Field(default=512 * 1024, ge=16 * 1024)
     xmpp_max_sessions_per_user: int = Field(default=10, ge=1)

@@ -179,7 +179,11 @@ async def test_members_join_with_history_and_talk_with_the_web(hub: HubHarness) 
     assert event["author_id"] == bob_id and event["chat_id"] == chat["id"]
     await alice.wait_for_condition(lambda: "hi from bob" in alice.bodies())
     [seen] = [m for m in alice.messages if str(m["body"]) == "hi from bob"]
-    assert str(seen["from"]) == f"{room}/Bobby" and seen["id"] == event["id"]
+    # (others see the id bob's client gave it, as on other servers; the portal's is the
+    # room's stanza-id)
+    assert str(seen["from"]) == f"{room}/Bobby" and seen["id"] == "bob-1"
+    seen_sid = seen.xml.find(f"{SID}stanza-id")
+    assert seen_sid is not None and seen_sid.get("id") == event["id"]
     await bob.wait_for_condition(lambda: "hi from bob" in bob.bodies())
     [echo] = [m for m in bob.messages if str(m["body"]) == "hi from bob"]
     assert str(echo["from"]) == f"{room}/Bobby" and echo["id"] == "bob-1"
@@ -371,14 +375,22 @@ async def test_corrections_retractions_and_typing(hub: HubHarness) -> None:
     assert stored["text"] == "typo" and stored["edited_at"] and stored["author_id"] == bob_id
     await alice.wait_for_condition(lambda: "typo" in alice.bodies())
     [alice_fix] = [m for m in alice.messages if str(m["body"]) == "typo"]
-    assert alice_fix.xml.find(f"{CORRECT}replace").get("id") == stored["id"]
+    # (everyone saw bob's message under the id his client gave it)
+    assert alice_fix.xml.find(f"{CORRECT}replace").get("id") == "b-1"
     await bob.wait_for_condition(lambda: "typo" in bob.bodies())
     [bob_fix] = [m for m in bob.messages if str(m["body"]) == "typo"]
-    assert bob_fix.xml.find(f"{CORRECT}replace").get("id") == "b-1"  # the id bob knows
+    assert bob_fix.xml.find(f"{CORRECT}replace").get("id") == "b-1"
     send_groupchat(
         bob, room, "retracted", "b-3", f'<retract xmlns="{RETRACT[1:-1]}" id="{stored["id"]}"/>'
     )
     await web.wait_until(lambda: len(web.of_type("im.message.deleted")) == 2)
+    await alice.wait_for_condition(
+        lambda: any(
+            m.xml.find(f"{RETRACT}retract") is not None
+            and m.xml.find(f"{RETRACT}retract").get("id") == "b-1"
+            for m in alice_messages
+        )
+    )
     assert all(m["deleted"] for m in await history(hub, carol, chat["id"]))
 
     # typing on the web shows as a chat state from the typer's nick, not to the typer

@@ -1,6 +1,9 @@
-"""A real terminal XMPP client, Profanity (Debian's package), driven through tmux: it logs in
-with the portal's credentials over STARTTLS, shows the company roster, and chats with a user
-of the web client both ways."""
+"""Real terminal XMPP clients, Profanity and mcabber (Debian's packages), driven through tmux:
+they log in with the portal's credentials over STARTTLS, show the company roster, and chat with
+a user of the web client both ways.
+
+mcabber is built on loudmouth, which (like Miranda and S22.Xmpp) only knows the stream features
+by their literal name ``stream:features`` (issue 17)."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ class Tmux:
 
     binary: str
     socket: Path
-    session: str = "profanity"
+    session: str = "client"
 
     async def run(self, *args: str, check: bool = True) -> str:
         process = await asyncio.create_subprocess_exec(
@@ -57,7 +60,7 @@ class Tmux:
             if condition(screen):
                 return screen
             if time.monotonic() > deadline:
-                raise AssertionError(f"profanity never showed {what}; the screen:\n{screen}")
+                raise AssertionError(f"the client never showed {what}; the screen:\n{screen}")
             await asyncio.sleep(0.2)
 
     async def wait_for_text(self, text: str, timeout: float = 20.0) -> str:
@@ -67,7 +70,6 @@ class Tmux:
 @pytest.fixture
 async def tmux(tmp_path: Path) -> AsyncIterator[Tmux]:
     binary = require_binary("tmux", "tmux")
-    require_binary("profanity", "profanity")
     multiplexer = Tmux(binary, tmp_path / "tmux.sock")
     try:
         yield multiplexer
@@ -107,6 +109,7 @@ def profanity_home(home: Path, jid: str, port: int) -> dict[str, str]:
 async def test_profanity_logs_in_shows_the_roster_and_chats_with_the_web(
     tmux: Tmux, hub: HubHarness, tmp_path: Path
 ) -> None:
+    require_binary("profanity", "profanity")
     xmpp = hub.services.xmpp
     assert xmpp is not None
     domain = xmpp.domain
@@ -173,3 +176,111 @@ async def test_profanity_logs_in_shows_the_roster_and_chats_with_the_web(
 
     await tmux.type("/quit")
     await tmux.wait_for_text("profanity exited")
+
+
+def mcabber_home(home: Path, jid: str, port: int) -> tuple[dict[str, str], Path]:
+    """A private HOME with an mcabberrc that logs in on start over STARTTLS, trusting our
+    self-signed certificate (ssl_ignore_checks), and keeps a history file per contact."""
+    config = home / ".mcabber"
+    config.mkdir(parents=True, mode=0o700)
+    history = config / "histo"
+    rc = config / "mcabberrc"
+    rc.write_text(
+        f"set jid = {jid}\n"
+        f"set password = {DEFAULT_PASSWORD}\n"
+        "set server = 127.0.0.1\n"
+        f"set port = {port}\n"
+        "set tls = 1\n"
+        "set ssl_ignore_checks = 1\n"
+        "set resource = mcabber\n"
+        "set disable_random_resource = 1\n"
+        "set logging = 1\n"
+        f"set logging_dir = {history}/\n"
+        "set beep_on_message = 0\n"
+        "set log_win_height = 10\n"
+        "set roster_width = 30\n"
+    )
+    rc.chmod(0o600)  # mcabber warns about a password file others can read
+    history.mkdir(mode=0o700)
+    env = {"HOME": str(home), "TERM": "xterm-256color", "LANG": "C.UTF-8"}
+    return env, history
+
+
+async def test_mcabber_logs_in_and_chats_with_the_web(
+    tmux: Tmux, hub: HubHarness, tmp_path: Path
+) -> None:
+    require_binary("mcabber", "mcabber")
+    xmpp = hub.services.xmpp
+    assert xmpp is not None
+    domain = xmpp.domain
+    alice_id, _ = await hub.create_user("alice", first_name="Alice", last_name="Liddell")
+    _, bob_token = await hub.create_user("bob", first_name="Bob", last_name="Builder")
+    web = await hub.connect(bob_token)
+    await web.wait_for("snapshot")
+
+    env, history = mcabber_home(tmp_path / "home", f"alice@{domain}", xmpp.ports["starttls"])
+    command = " ".join(
+        [
+            "env",
+            *(shlex.quote(f"{k}={v}") for k, v in env.items()),
+            "mcabber",
+            "; echo mcabber exited; sleep 60",
+        ]
+    )
+    await tmux.run("new-session", "-d", "-s", tmux.session, "-x", "200", "-y", "50", command)
+
+    # Logged in and bound: before issue 17 mcabber waited for <stream:features> for ever
+    # and the server cut it at the login timeout.
+    deadline = time.monotonic() + 20
+    while not xmpp.sessions_of(alice_id):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"mcabber never logged in; the screen:\n{await tmux.screen()}")
+        await asyncio.sleep(0.2)
+    [session] = xmpp.sessions_of(alice_id)
+    assert session.tls and session.jid is not None and session.jid.resource == "mcabber"
+    # The roster, by display name.
+    await tmux.wait_for_text("Bob Builder")
+
+    # The web user writes; mcabber marks Bob unread, writes the message to its history and
+    # shows it in Bob's chat window.
+    sent = await hub.request(
+        "POST",
+        "/api/v1/im/messages",
+        token=bob_token,
+        json={"to": [alice_id], "text": "hello Alice, from the web"},
+    )
+    assert sent.status == 201, sent.body
+    await tmux.wait_for_text("#[o] Bob Builder")
+    bob_history = history / f"bob@{domain}"
+    deadline = time.monotonic() + 10
+    while not (bob_history.exists() and "hello Alice, from the web" in bob_history.read_text()):
+        if time.monotonic() > deadline:
+            raise AssertionError("mcabber never logged the message it received")
+        await asyncio.sleep(0.2)
+    assert any(
+        line.startswith("MR ") and line.endswith("hello Alice, from the web")
+        for line in bob_history.read_text().splitlines()
+    ), bob_history.read_text()
+    await tmux.type("/roster search Bob Builder")
+    await tmux.wait_for_text("Buddy: Bob Builder")
+    await tmux.run("send-keys", "-t", tmux.session, "Enter")  # an empty line opens the chat
+    await tmux.wait_for_text("hello Alice, from the web")
+
+    # And back, from the terminal.
+    await tmux.type(f"/say_to bob@{domain} hi Bob, from mcabber")
+    await web.wait_until(
+        lambda: any(
+            e["data"]["message"]["text"] == "hi Bob, from mcabber"
+            for e in web.of_type("im.message")
+        ),
+        timeout=20,
+    )
+    [event] = [
+        e
+        for e in web.of_type("im.message")
+        if e["data"]["message"]["text"] == "hi Bob, from mcabber"
+    ]
+    assert event["data"]["message"]["author_id"] == alice_id
+
+    await tmux.type("/quit")
+    await tmux.wait_for_text("mcabber exited")

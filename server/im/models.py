@@ -23,6 +23,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MessageOrigin(BaseModel):
+    """What a Jabber client sent with a message besides its text: its stanza id and XEP-0359
+    origin-id, the conversation thread, a subject, a receipt request (XEP-0184), a room
+    invitation (XEP-0249). Every copy of the message (to the recipient, room reflections,
+    carbons, the archive) carries them back, so clients can match their own messages."""
+
+    id: str | None = None
+    origin_id: str | None = None
+    thread: str | None = None
+    thread_parent: str | None = None
+    subject: str | None = None
+    receipt: bool = False
+    invite: dict[str, str] | None = None
+    resource: str | None = None  # the recipient's resource it was addressed to (a full JID)
+
+
 class MessageOut(BaseModel):
     id: str
     chat_id: str
@@ -38,6 +54,9 @@ class MessageOut(BaseModel):
     deleted: bool
     system: bool
     client_id: str | None
+    origin: MessageOrigin | None = Field(
+        default=None, description="For messages written over XMPP: the Jabber client's own ids"
+    )
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> MessageOut:
@@ -52,6 +71,7 @@ class MessageOut(BaseModel):
             deleted=bool(doc.get("deleted")),
             system=bool(doc.get("system")),
             client_id=doc.get("client_id"),
+            origin=doc.get("origin"),
         )
 
 

@@ -40,6 +40,7 @@ from server.im.models import (
     DialogOut,
     HistoryQuery,
     ImSettings,
+    MessageOrigin,
     MessageOut,
     SendMessage,
     SendResult,
@@ -495,11 +496,15 @@ class ImService:
                 retry_after=1,
             )
 
-    async def send(self, user: Document, request: SendMessage) -> SendResult:
+    async def send(
+        self, user: Document, request: SendMessage, *, origin: MessageOrigin | None = None
+    ) -> SendResult:
         """Store the message(s); returns once stored (journaled) and published."""
-        return await asyncio.shield(await self.submit(user, request))
+        return await asyncio.shield(await self.submit(user, request, origin=origin))
 
-    async def submit(self, user: Document, request: SendMessage) -> asyncio.Future[SendResult]:
+    async def submit(
+        self, user: Document, request: SendMessage, *, origin: MessageOrigin | None = None
+    ) -> asyncio.Future[SendResult]:
         """Check a send and queue it; the returned future resolves when it is stored.
 
         The contract, for transports that pipeline (XMPP sessions):
@@ -524,14 +529,17 @@ class ImService:
             chat = await self.readable_chat(user_id, request.chat_id)
             if not may_post(user_id, chat["kind"], chat["member_ids"]):
                 raise forbidden("nobody can post in this chat")
-            futures = [await self._post(chat, user_id, request.text, request.client_id)]
+            futures = [
+                await self._post(chat, user_id, request.text, request.client_id, origin=origin)
+            ]
         else:
             targets = await self._expand_targets(user, request)
             # Every recipient is checked before the first message goes: all or nothing.
             await self._require_users(user, targets)
             chats = [await self.open_private(user, target) for target in targets]
             futures = [
-                await self._post(chat, user_id, request.text, request.client_id) for chat in chats
+                await self._post(chat, user_id, request.text, request.client_id, origin=origin)
+                for chat in chats
             ]
         return _send_result(futures)
 
@@ -579,6 +587,7 @@ class ImService:
         client_id: str | None,
         *,
         system: bool = False,
+        origin: MessageOrigin | None = None,
     ) -> asyncio.Future[Posted]:
         """Queue one message into ``chat`` (checked already)."""
         doc: Document = {
@@ -592,6 +601,8 @@ class ImService:
             "system": system,
             "client_id": client_id,
         }
+        if origin is not None:
+            doc["origin"] = origin.model_dump()
         if client_id is not None:
             # The unique index decides: a retry fails to insert and finds the first one.
             doc["dedup_key"] = f"{author_id}|{chat['_id']}|{client_id}"

@@ -72,10 +72,12 @@ def _expires_soon(cert_path: Path) -> bool:
     return remaining < datetime.timedelta(days=30)
 
 
-def fingerprint(cert_path: Path) -> str:
-    """SHA-256 fingerprint as clients show it: AB:CD:..."""
+def fingerprint(cert_path: Path, algorithm: str = "sha256") -> str:
+    """The certificate's fingerprint as clients show it: AB:CD:... (SHA-256, or SHA-1, which
+    some clients such as Profanity and older Pidgin show instead)."""
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+    der = cert.public_bytes(serialization.Encoding.DER)
+    digest = hashlib.new(algorithm, der).hexdigest().upper()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 

@@ -31,7 +31,7 @@ from server.store.database import Document, Store
 from server.xmpp.certs import ensure_self_signed, fingerprint, server_context
 from server.xmpp.jid import InvalidJid, Jid
 from server.xmpp.session import C2SSession
-from server.xmpp.stanza import CLIENT, StanzaError, error_reply, q
+from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, StanzaError, error_reply, q
 
 if TYPE_CHECKING:
     pass
@@ -87,6 +87,7 @@ class XmppServer:
         self.ssl_context: ssl.SSLContext | None = None
         self.cert_path: Path | None = None
         self.fingerprint = ""
+        self.fingerprint_sha1 = ""
         self.ports: dict[str, int] = {}
         self._logins: dict[str, str] = {}  # user id -> login (neither ever changes)
         self._ids: dict[str, str] = {}  # login -> user id
@@ -140,6 +141,7 @@ class XmppServer:
         self.cert_path = cert
         self.ssl_context = server_context(cert, key)
         self.fingerprint = fingerprint(cert)
+        self.fingerprint_sha1 = fingerprint(cert, "sha1")
         host = settings.xmpp_host or settings.host
         # A deep accept queue: a burst of connections (a reconnect storm after a network
         # blip, or an attack) must not overflow the kernel's queue and leave clients hanging.
@@ -449,12 +451,25 @@ class XmppServer:
             target = Jid.parse(to)
             if target.domain not in (self.domain, f"conference.{self.domain}"):
                 raise StanzaError("remote-server-not-found", "no server-to-server here")
+            if unavailable_resource(session, target, self.domain):
+                # RFC 6121 8.5.3.1: no such resource online (or no such user, or one the
+                # sender may not see: the same answer); a ping must not "succeed".
+                raise StanzaError("service-unavailable")
         handler = self._iq.get((kind, iq[0].tag))
         if handler is None:
             raise StanzaError("service-unavailable")
         reply = await handler(session, iq, iq[0])
         if reply is not None:
             session.send_nowait(reply)
+
+
+def unavailable_resource(session: C2SSession, target: Jid, domain: str) -> bool:
+    """Whether an iq goes to a user's full JID that no session of this sender's reach holds:
+    not the sender's own, not a colleague's portal resource (the server answers for it)."""
+    if not (target.local and target.resource and target.domain == domain):
+        return False
+    own = session.jid
+    return not (own is not None and target == own) and target.resource != PORTAL_RESOURCE
 
 
 IQ = q(CLIENT, "iq")

@@ -90,6 +90,7 @@ class C2SSession:
         self.last_read = time.monotonic()
         self._header_sent = False
         self._stream_open = False
+        self._tls_quiet = tls  # TLS is up and the client has not spoken on it yet
         self._inbox: list[tuple[str, Any]] = []
         self._auth_attempts = 0
         self._scram: Any = None
@@ -145,8 +146,16 @@ class C2SSession:
     async def run(self) -> None:
         try:
             async with asyncio.timeout(self.settings.xmpp_auth_timeout_seconds) as deadline:
+                loop = asyncio.get_running_loop()
                 while not self.bound:
+                    if not self._tls_quiet:
+                        await self._read_once()
+                        continue
+                    # The client may be waiting for its user to accept the certificate: the
+                    # login timeout starts again once it speaks.
+                    deadline.reschedule(loop.time() + self.settings.xmpp_tls_prompt_seconds)
                     await self._read_once()
+                    deadline.reschedule(loop.time() + self.settings.xmpp_auth_timeout_seconds)
                 deadline.reschedule(None)
             while True:
                 await self._read_once()
@@ -171,6 +180,7 @@ class C2SSession:
         data = await self.reader.read(READ_CHUNK)
         if not data:
             raise Closing
+        self._tls_quiet = False
         now = time.monotonic()
         self.last_read = now
         if not self._bucket.take(now, len(data)):
@@ -295,6 +305,7 @@ class C2SSession:
         assert self.server.ssl_context is not None
         await self.writer.start_tls(self.server.ssl_context)
         self.tls = True
+        self._tls_quiet = True
         self._restart()
         return True
 
@@ -516,12 +527,7 @@ class C2SSession:
             child(error, condition, ns=STREAMS_NS)
             if text:
                 child(error, "text", ns=STREAMS_NS, text=text)
-            data = (
-                serialize(error, default_ns="jabber:client")
-                .replace(b'<error xmlns="http://etherx.jabber.org/streams"', b"<stream:error", 1)
-                .replace(b"</error>", b"</stream:error>")
-            )
-            await self._send_raw(data + b"</stream:stream>")
+            await self._send_raw(serialize(error) + b"</stream:stream>")
 
     async def ping(self) -> None:
         """XEP-0199 from the server: any answer counts as a sign of life."""

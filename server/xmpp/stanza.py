@@ -6,6 +6,8 @@ import re
 import xml.etree.ElementTree as ET
 
 CLIENT = "jabber:client"
+# The merged (web) presence of a portal user is shown as one resource of their JID.
+PORTAL_RESOURCE = "portal"
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 STREAMS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
 

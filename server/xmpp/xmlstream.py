@@ -211,17 +211,32 @@ def _escape_attr(text: str) -> str:
 
 
 class _Serializer:
-    """Namespace-aware serialization: each element declares its namespace where it changes."""
+    """Namespace-aware serialization: each element declares its namespace where it changes.
+
+    Stream-level elements (``features``, ``error``) are written ``stream:``-prefixed, with the
+    prefix the stream header declares, as every RFC 6120 example does: clients built on
+    loudmouth, Miranda or S22.Xmpp compare the name ``stream:features`` literally and hang on
+    an equivalent ``<features xmlns="http://etherx.jabber.org/streams">``.
+    """
 
     def __init__(self, default_ns: str) -> None:
         self.default_ns = default_ns
 
-    def element(self, el: ET.Element, parent_ns: str | None = None) -> str:
+    def element(self, el: ET.Element, scope_ns: str | None = None) -> str:
+        """``scope_ns`` is the default namespace in force where ``el`` is written (None at the
+        top: a stanza always names its namespace)."""
         ns, local = _split(el.tag)
-        ns = ns if ns is not None else (parent_ns or self.default_ns)
-        parts = [f"<{local}"]
-        if ns != (parent_ns if parent_ns is not None else self.default_ns) or parent_ns is None:
-            parts.append(f' xmlns="{_escape_attr(ns)}"')
+        ns = ns if ns is not None else (scope_ns or self.default_ns)
+        if ns == STREAM_NS:
+            parts = [f"<stream:{local}"]
+            name = f"stream:{local}"
+            inner_ns = scope_ns if scope_ns is not None else self.default_ns
+        else:
+            parts = [f"<{local}"]
+            name = local
+            if ns != scope_ns:
+                parts.append(f' xmlns="{_escape_attr(ns)}"')
+            inner_ns = ns
         prefixes: dict[str, str] = {}
         for key, value in el.attrib.items():
             attr_ns, attr_local = _split(key)
@@ -242,11 +257,11 @@ class _Serializer:
             parts.append(">")
             if el.text:
                 parts.append(_escape_text(el.text))
-            for child in children:
-                parts.append(self.element(child, ns))
-                if child.tail:
-                    parts.append(_escape_text(child.tail))
-            parts.append(f"</{local}>")
+            for item in children:
+                parts.append(self.element(item, inner_ns))
+                if item.tail:
+                    parts.append(_escape_text(item.tail))
+            parts.append(f"</{name}>")
         return "".join(parts)
 
 

@@ -17,8 +17,9 @@ from tests.harness import HubHarness
 CLIENTS = ("pidgin", "miranda", "psi", "gajim", "profanity")
 
 
-async def served_fingerprint(port: int) -> str:
-    """SHA-256 of the certificate the direct TLS port presents, as AB:CD:... (like clients)."""
+async def served_fingerprint(port: int, algorithm: str = "sha256") -> str:
+    """The fingerprint of the certificate the direct TLS port presents, as AB:CD:... (like
+    clients)."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # the test hub's certificate is self-signed
@@ -27,7 +28,7 @@ async def served_fingerprint(port: int) -> str:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     finally:
         writer.close()
-    digest = hashlib.sha256(der).hexdigest().upper()
+    digest = hashlib.new(algorithm, der).hexdigest().upper()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
@@ -59,6 +60,10 @@ async def test_jabber_page_shows_what_to_type(web_hub: HubHarness, browser: Brow
     fingerprint = jabber.get_by_test_id("jabber-fingerprint")
     await expect(fingerprint).to_have_text(xmpp.fingerprint)
     assert await served_fingerprint(xmpp.ports["tls"]) == xmpp.fingerprint
+    # and its SHA-1 form, which Profanity shows
+    await expect(jabber.get_by_test_id("jabber-fingerprint-sha1")).to_have_text(
+        await served_fingerprint(xmpp.ports["tls"], "sha1")
+    )
     assert await fingerprint.evaluate("e => getComputedStyle(e).fontFamily.includes('monospace')")
     await expect(jabber.get_by_test_id("jabber-self-signed")).to_be_visible()
     await page.set_viewport_size({"width": 1280, "height": 1000})  # the whole page, steps too

@@ -20,6 +20,7 @@ function account(over: Partial<XmppAccount> = {}): XmppAccount {
     starttls_port: 15222,
     tls_port: 15223,
     fingerprint: FP,
+    fingerprint_sha1: "AA:BB",
     self_signed: true,
     mechanisms: ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN (over TLS only)"],
     ...over,

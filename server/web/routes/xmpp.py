@@ -21,6 +21,9 @@ class XmppAccount(BaseModel):
     starttls_port: int = Field(description="Port for STARTTLS ('require encryption')")
     tls_port: int = Field(description="Port for direct TLS ('old-style SSL')")
     fingerprint: str = Field(description="SHA-256 fingerprint of the server certificate")
+    fingerprint_sha1: str = Field(
+        description="SHA-1 fingerprint of the same certificate, for clients that show only that"
+    )
     self_signed: bool
     mechanisms: list[str]
 
@@ -49,6 +52,7 @@ async def xmpp_account(call: Call) -> XmppAccount:
         starttls_port=xmpp.ports["starttls"],
         tls_port=xmpp.ports["tls"],
         fingerprint=xmpp.fingerprint,
+        fingerprint_sha1=xmpp.fingerprint_sha1,
         self_signed=settings.xmpp_cert_file is None,
         mechanisms=["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN (over TLS only)"],
     )

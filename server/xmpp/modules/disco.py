@@ -8,8 +8,9 @@ import hashlib
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
+from server.xmpp.jid import Jid
 from server.xmpp.session import C2SSession
-from server.xmpp.stanza import child, element, q, result
+from server.xmpp.stanza import PORTAL_RESOURCE, child, element, q, result
 
 if TYPE_CHECKING:
     from server.xmpp.server import XmppServer
@@ -18,6 +19,13 @@ INFO = "http://jabber.org/protocol/disco#info"
 ITEMS = "http://jabber.org/protocol/disco#items"
 CAPS = "http://jabber.org/protocol/caps"
 CAPS_NODE = "https://portalhub.example/xmpp"
+CHATSTATES = "http://jabber.org/protocol/chatstates"
+# What a colleague's portal resource (their merged web presence) is, for clients that decide
+# by caps whether to send chat states (libpurple sends <composing/> only to contacts whose
+# caps list chat states).
+CONTACT_NODE = f"{CAPS_NODE}/contact"
+CONTACT_IDENTITY = ("client", "web", "Portal Hub")
+CONTACT_FEATURES = frozenset({INFO, CHATSTATES})
 
 
 def caps_hash(identities: list[tuple[str, str, str]], features: set[str]) -> str:
@@ -25,6 +33,12 @@ def caps_hash(identities: list[tuple[str, str, str]], features: set[str]) -> str
     text = "".join(f"{c}/{t}//{n}<" for c, t, n in sorted(identities))
     text += "".join(f"{f}<" for f in sorted(features))
     return base64.b64encode(hashlib.sha1(text.encode()).digest()).decode()
+
+
+def contact_caps() -> ET.Element:
+    """XEP-0115 caps for a colleague's presence."""
+    ver = caps_hash([CONTACT_IDENTITY], set(CONTACT_FEATURES))
+    return element("c", {"hash": "sha-1", "node": CONTACT_NODE, "ver": ver}, ns=CAPS)
 
 
 def install(server: XmppServer) -> None:
@@ -35,7 +49,14 @@ def install(server: XmppServer) -> None:
         if payload.get("node"):
             query.set("node", payload.get("node", ""))
         to = iq.get("to", server.domain)
-        if "@" in to:
+        target = Jid.parse(to)
+        if target.local and target.resource == PORTAL_RESOURCE:
+            # A colleague's portal resource: what its caps promise.
+            category, kind, name = CONTACT_IDENTITY
+            child(query, "identity", {"category": category, "type": kind, "name": name})
+            for feature in sorted(CONTACT_FEATURES):
+                child(query, "feature", {"var": feature})
+        elif "@" in to:
             child(query, "identity", {"category": "account", "type": "registered"})
             for feature in sorted(server.account_features):
                 child(query, "feature", {"var": feature})

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from server.im.models import MessageOut
 from server.im.rules import private_pair_key
 from server.xmpp.jid import Jid
-from server.xmpp.modules.messages import DELAY, id_at, read_history, stamp
+from server.xmpp.modules.messages import DELAY, archived, id_at, read_history, stamp
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import StanzaError, child, element, q, result, small_int
 
@@ -127,7 +127,7 @@ def install(server: XmppServer) -> None:
             page.reverse()
         bridge = server.bridge
         for doc in page:
-            message = {"id": doc.id, "author_id": doc.author_id, "text": doc.text}
+            message = archived(doc)
             chat = await bridge.chat(doc.chat_id)
             other = next(
                 (m for m in (chat or {}).get("member_ids", []) if m != doc.author_id),

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from pymongo import UpdateOne
 
 from server.events.models import EphemeralEvent, Event
-from server.im.models import HistoryQuery, MessageOut, SendMessage, SendResult
+from server.im.models import HistoryQuery, MessageOrigin, MessageOut, SendMessage, SendResult
 from server.im.rules import private_pair_key
 from server.im.service import ImService
 from server.store.database import Document
@@ -32,7 +32,7 @@ from server.xmpp.jid import Jid
 from server.xmpp.modules.carbons import sent_copy
 from server.xmpp.server import BODY, MESSAGE, overlappable
 from server.xmpp.session import C2SSession
-from server.xmpp.stanza import StanzaError, child, element, q
+from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, StanzaError, child, element, q
 from server.xmpp.xmlstream import addressed
 
 if TYPE_CHECKING:
@@ -47,7 +47,12 @@ SID = "urn:xmpp:sid:0"
 CORRECT = "urn:xmpp:message-correct:0"
 RETRACT = "urn:xmpp:message-retract:1"
 FALLBACK = "urn:xmpp:fallback:0"
+RECEIPTS = "urn:xmpp:receipts"
+CONFERENCE = "jabber:x:conference"
+CHAT_STATES = ("active", "composing", "paused", "inactive", "gone")
 OFFLINE_LIMIT = 200
+MAX_ID_CHARS = 256
+MAX_SUBJECT_CHARS = 1024
 MARK_DELAY_SECONDS = 1.0  # delivery marks are written behind, at most this late
 MAX_ORIGINS = 10_000
 
@@ -73,14 +78,15 @@ def as_stanza_error(exc: Exception) -> StanzaError:
 
 
 async def submit_message(
-    im: ImService, user: Document, request: SendMessage
+    im: ImService, user: Document, request: SendMessage, *, origin: MessageOrigin | None = None
 ) -> Awaitable[SendResult]:
     """Check ``request`` and hand it to the messenger's write path (``ImService.submit``):
     the checks run here, and once this returns the message is queued for the group commit,
     so the order in which a session's calls return is the order its messages are stored.
     The awaitable resolves once the message is stored and its event published. The one
-    place the XMPP transport sends a message."""
-    return await im.submit(user, request)
+    place the XMPP transport sends a message. ``origin``: what the client sent besides the
+    text (its ids, thread, subject...), stored with the message in the same insert."""
+    return await im.submit(user, request, origin=origin)
 
 
 async def stored(pending: Awaitable[SendResult]) -> SendResult:
@@ -141,11 +147,110 @@ async def read_history(
     return found
 
 
-def client_id_for(stanza_id: str | None) -> str | None:
-    """A client's stanza id as an idempotency key: a resent stanza stores no second message."""
-    if not stanza_id:
+def _short(value: str | None, limit: int = MAX_ID_CHARS) -> str | None:
+    if value is not None and len(value) > limit:
+        raise StanzaError("not-acceptable", f"an id, thread or subject over {limit} chars")
+    return value or None
+
+
+def invitation_of(stanza: ET.Element) -> dict[str, str] | None:
+    """A direct MUC invitation (XEP-0249): the room and what goes with it."""
+    found = stanza.find(q(CONFERENCE, "x"))
+    if found is None or not found.get("jid"):
         return None
-    return "x" + hashlib.sha256(stanza_id.encode()).hexdigest()[:40]
+    invite = {
+        name: str(_short(found.get(name), MAX_SUBJECT_CHARS))
+        for name in ("jid", "reason", "password", "continue", "thread")
+        if found.get(name)
+    }
+    return invite
+
+
+def origin_of(stanza: ET.Element) -> MessageOrigin | None:
+    """What the client sent with its message besides the text, kept as sent: ids (stanza id,
+    XEP-0359 origin-id), thread, subject, receipt request, a room invitation."""
+    ident = _short(stanza.get("id"))
+    found = stanza.find(q(SID, "origin-id"))
+    thread = stanza.find(q(CLIENT, "thread"))
+    origin = MessageOrigin(
+        id=ident,
+        origin_id=_short(found.get("id")) if found is not None else None,
+        thread=_short(thread.text) if thread is not None else None,
+        thread_parent=_short(thread.get("parent")) if thread is not None else None,
+        subject=_short(stanza.findtext(q(CLIENT, "subject")), MAX_SUBJECT_CHARS),
+        receipt=stanza.find(q(RECEIPTS, "request")) is not None,
+        invite=invitation_of(stanza),
+    )
+    return origin if origin != MessageOrigin() else None
+
+
+def client_id_for(session_id: str, origin: MessageOrigin | None, body: str) -> str | None:
+    """The idempotency key of a message from a Jabber client: the same message sent twice
+    stores one. RFC 6120 makes a stanza id unique within one stream only (many clients count
+    from 1 at each start), so a stanza id counts within its stream; an origin-id is unique
+    for good (XEP-0359), so a copy resent on a new stream is still recognised. The body is
+    part of the key: a client that reuses an id for a different text loses nothing."""
+    if origin is None or (origin.id is None and origin.origin_id is None):
+        return None  # nothing names the message: two alike are two messages
+    if origin.origin_id is not None:
+        scope = f"o\0{origin.origin_id}"
+    else:
+        scope = f"s\0{session_id}\0{origin.id}"
+    return "x" + hashlib.sha256(f"{scope}\0{body}".encode()).hexdigest()[:40]
+
+
+def add_thread(stanza: ET.Element, origin: dict[str, Any]) -> None:
+    if origin.get("thread"):
+        thread = child(stanza, "thread", text=str(origin["thread"]), ns=CLIENT)
+        if origin.get("thread_parent"):
+            thread.set("parent", str(origin["thread_parent"]))
+
+
+def add_invitation(stanza: ET.Element, invite: dict[str, str] | None) -> None:
+    if invite:
+        child(stanza, "x", {k: str(v) for k, v in invite.items()}, ns=CONFERENCE)
+
+
+def add_ids(stanza: ET.Element, message: dict[str, Any], by: str) -> None:
+    """The message's ids on a stanza: the client's id and origin-id as it sent them (the
+    portal id for messages written elsewhere), and the server's XEP-0359 stanza-id."""
+    origin = message.get("origin") or {}
+    stanza.set("id", str(origin.get("id") or message["id"]))
+    if origin.get("origin_id"):
+        child(stanza, "origin-id", {"id": str(origin["origin_id"])}, ns=SID)
+    child(stanza, "stanza-id", {"id": str(message["id"]), "by": by}, ns=SID)
+
+
+async def find_own(
+    server: XmppServer, user_id: str, chat_id: str, ident: str | None
+) -> Document | None:
+    """A message a client refers to (a correction, a retraction): by the portal id (the
+    stanza-id, and the id others saw), or by the id or origin-id this user sent it with."""
+    if not ident:
+        return None
+    messages = server.store["messages"]
+    doc = await messages.find_one({"_id": ident, "chat_id": chat_id})
+    if doc is None:
+        doc = await messages.find_one(
+            {
+                "chat_id": chat_id,
+                "author_id": user_id,
+                "$or": [{"origin.id": ident}, {"origin.origin_id": ident}],
+            },
+            sort=[("_id", -1)],
+        )
+    return doc
+
+
+def archived(message: MessageOut) -> dict[str, Any]:
+    """A message read from the history (MAM, room history, offline delivery) in the shape
+    events carry, with the ids its author's client sent it with (``add_ids``)."""
+    return {
+        "id": message.id,
+        "author_id": message.author_id,
+        "text": message.text,
+        "origin": message.origin.model_dump() if message.origin is not None else None,
+    }
 
 
 def stamp(value: Any) -> str:
@@ -181,15 +286,20 @@ class Bridge:
     ) -> ET.Element:
         stanza = element(
             "message",
-            {
-                "type": "chat",
-                "id": str(message["id"]),
-                "from": frm or await self.author_jid(message),
-                "to": str(to),
-            },
+            {"type": "chat", "from": frm or await self.author_jid(message), "to": str(to)},
         )
         child(stanza, "body", text=str(message.get("text", "")))
-        child(stanza, "stanza-id", {"id": str(message["id"]), "by": str(to.bare)}, ns=SID)
+        origin = message.get("origin") or {}
+        if origin.get("subject"):
+            child(stanza, "subject", text=str(origin["subject"]))
+        add_thread(stanza, origin)
+        # A message means its author is active in the conversation (XEP-0085 5.1); it also
+        # tells clients such as Pidgin that this contact takes chat states.
+        child(stanza, "active", ns=CHATSTATES)
+        if origin.get("receipt"):
+            child(stanza, "request", ns=RECEIPTS)
+        add_invitation(stanza, origin.get("invite"))
+        add_ids(stanza, message, str(to.bare))
         child(stanza, "markable", ns=MARKERS)
         return stanza
 
@@ -219,9 +329,10 @@ class Bridge:
             raise StanzaError("service-unavailable")
         recipient_id = str(recipient["_id"])
         body = stanza.findtext(BODY)
+        chat: Document | None = None
         if not overlappable(stanza):
-            # Typing, markers, corrections: they need the dialog (a plain message does not:
-            # the messenger finds or opens it).
+            # Typing, markers, corrections, signals without text: they need the dialog (a
+            # plain message does not: the messenger finds or opens it).
             chat = await self.server.store["chats"].find_one(
                 {"pair_key": private_pair_key(session.user_id, recipient_id)}
             )
@@ -232,15 +343,21 @@ class Bridge:
             except Problem as problem:
                 raise as_stanza_error(problem) from None
         if body is None or not body.strip():
+            await self._relay_signal(session, stanza, recipient_id, target, chat)
             return True
-        client_id = client_id_for(stanza.get("id"))
+        origin = origin_of(stanza)
+        if target.resource and target.resource != PORTAL_RESOURCE:
+            # Addressed to one of the recipient's resources: only that one gets it while it
+            # is online (RFC 6121 8.5.3.1).
+            origin = (origin or MessageOrigin()).model_copy(update={"resource": target.resource})
+        client_id = client_id_for(session.id, origin, body)
         if client_id is not None:
             if len(self.origins) > MAX_ORIGINS:
                 self.origins.clear()
             self.origins[(session.user_id, client_id)] = session.id
         try:
             request = SendMessage(to=[recipient_id], text=body, client_id=client_id)
-            pending = await submit_message(self.server.im, session.user, request)
+            pending = await submit_message(self.server.im, session.user, request, origin=origin)
         except (ValidationError, Problem) as exc:
             raise as_stanza_error(exc) from None
         session.pipeline.add(stored(pending), stanza)
@@ -256,12 +373,7 @@ class Bridge:
         if retract is None and (replace is None or not (body or "").strip()):
             return False
         ident = (retract if retract is not None else replace).get("id")  # type: ignore[union-attr]
-        store = self.server.store["messages"]
-        doc = await store.find_one({"_id": ident, "chat_id": chat["_id"]}) if ident else None
-        if doc is None and ident:
-            doc = await store.find_one(
-                {"dedup_key": f"{session.user_id}|{chat['_id']}|{client_id_for(ident)}"}
-            )
+        doc = await find_own(self.server, session.user_id, chat["_id"], ident)
         if doc is None:
             raise StanzaError("item-not-found", f"no message {ident} in this dialog")
         if retract is not None:
@@ -286,6 +398,78 @@ class Bridge:
                 # (a marker for something that is not a portal message id is ignored)
                 with contextlib.suppress(Problem):
                     await self.server.im.mark_read(session.user, chat["_id"], marker.get("id", ""))
+
+    async def _relay_signal(
+        self,
+        session: C2SSession,
+        stanza: ET.Element,
+        recipient_id: str,
+        target: Jid,
+        chat: Document | None,
+    ) -> None:
+        """What a message without text carries from one Jabber client to another: chat states,
+        delivery receipts (XEP-0184), a room invitation (XEP-0249), the thread. Never stored:
+        it goes live, through the bus, to the recipient's sessions on any node."""
+        states = [s for s in CHAT_STATES if stanza.find(q(CHATSTATES, s)) is not None]
+        # "composing" in an existing dialog already went out as the messenger's typing event
+        # (on_typing relays it to Jabber sessions too): not twice.
+        if chat is not None:
+            states = [s for s in states if s != "composing"]
+        received = stanza.find(q(RECEIPTS, "received"))
+        signal: dict[str, Any] = {
+            "state": states[0] if states else None,
+            "received": _short(received.get("id")) if received is not None else None,
+            "invite": invitation_of(stanza),
+        }
+        if not any(signal.values()):
+            return
+        thread = stanza.find(q(CLIENT, "thread"))
+        signal.update(
+            id=_short(stanza.get("id")),
+            type=stanza.get("type") if stanza.get("type") in ("chat", "normal") else "chat",
+            thread=_short(thread.text) if thread is not None else None,
+        )
+        await self.server.bus.publish_ephemeral(
+            EphemeralEvent(
+                "xmpp.signal",
+                {
+                    "from": str(session.jid),
+                    "to": recipient_id,
+                    "resource": target.resource or None,
+                    "signal": signal,
+                },
+                (f"user:{recipient_id}",),
+            )
+        )
+
+    async def on_signal(self, event: EphemeralEvent) -> None:
+        if event.type != "xmpp.signal":
+            return
+        data = event.data
+        signal = data["signal"]
+        for session in self.server.available_sessions_of(str(data["to"])):
+            if session.jid is None:
+                continue
+            if data.get("resource") and session.jid.resource != data["resource"]:
+                continue
+            stanza = element(
+                "message",
+                {
+                    "type": signal.get("type") or "chat",
+                    "from": data["from"],
+                    "to": str(session.jid),
+                },
+            )
+            if signal.get("id"):
+                stanza.set("id", str(signal["id"]))
+            if signal.get("thread"):
+                child(stanza, "thread", text=str(signal["thread"]))
+            if signal.get("state"):
+                child(stanza, str(signal["state"]), ns=CHATSTATES)
+            if signal.get("received"):
+                child(stanza, "received", {"id": str(signal["received"])}, ns=RECEIPTS)
+            add_invitation(stanza, signal.get("invite"))
+            session.send_nowait(stanza)
 
     # to Jabber clients -----------------------------------------------------------------------
 
@@ -333,8 +517,12 @@ class Bridge:
                 for session in copies:
                     session.send_bytes(wrapped(str(session.jid)))
                 continue
+            # Addressed to one of the member's resources: only that one gets it while it is
+            # online (RFC 6121 8.5.3.1); else every session.
+            wanted = (message.get("origin") or {}).get("resource")
+            chosen = [s for s in sessions if wanted and s.jid and s.jid.resource == wanted]
             shaped = addressed(await self._shaped(event, message, bare))
-            for session in sessions:
+            for session in chosen or sessions:
                 session.send_bytes(shaped(str(session.jid)))
             if event.type == "im.message":
                 self.delivered(member, str(message["id"]))
@@ -392,12 +580,14 @@ class Bridge:
                 "id": f"{message['id']}-{event.seq}",
             },
         )
+        # Clients know the message by the id its author's client gave it, if it had one.
+        known = str((message.get("origin") or {}).get("id") or message["id"])
         if event.type == "im.message.updated":
             child(stanza, "body", text=str(message.get("text", "")))
-            child(stanza, "replace", {"id": str(message["id"])}, ns=CORRECT)
+            child(stanza, "replace", {"id": known}, ns=CORRECT)
         else:
             child(stanza, "body", text="(message deleted)")
-            child(stanza, "retract", {"id": str(message["id"])}, ns=RETRACT)
+            child(stanza, "retract", {"id": known}, ns=RETRACT)
             child(stanza, "fallback", {"for": RETRACT}, ns=FALLBACK)
         return stanza
 
@@ -463,8 +653,7 @@ class Bridge:
             )
         pending.sort(key=lambda m: m.id)
         for found in pending[-OFFLINE_LIMIT:]:
-            message = {"id": found.id, "author_id": found.author_id, "text": found.text}
-            stanza = await self.stanza(message, session.jid)
+            stanza = await self.stanza(archived(found), session.jid)
             child(
                 stanza,
                 "delay",
@@ -482,6 +671,7 @@ def install(server: XmppServer) -> None:
     server.on_message(bridge.on_message)
     server.bus.subscribe(bridge.on_event)
     server.bus.subscribe_ephemeral(bridge.on_typing)
+    server.bus.subscribe_ephemeral(bridge.on_signal)
     server.on_available.append(bridge.deliver_offline)
 
     async def last_session_gone(session: C2SSession) -> None:

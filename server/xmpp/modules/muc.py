@@ -39,9 +39,13 @@ from server.xmpp.modules.messages import (
     MARKERS,
     RETRACT,
     SID,
+    add_ids,
+    archived,
     as_stanza_error,
     client_id_for,
+    find_own,
     id_at,
+    origin_of,
     read_history,
     stamp,
     stored,
@@ -235,17 +239,12 @@ class Muc:
             stanza.set("id", ident)
         return stanza
 
-    def message(
-        self, room: Room, nick: str | None, to: str, message: dict[str, Any], ident: str
-    ) -> ET.Element:
-        stanza = self.groupchat(room, nick, to, ident)
+    def message(self, room: Room, nick: str | None, to: str, message: dict[str, Any]) -> ET.Element:
+        """A room message with the id and origin-id its author's client gave it (so the
+        author recognises its reflection), and the room's stanza-id."""
+        stanza = self.groupchat(room, nick, to, None)
         child(stanza, "body", text=str(message.get("text", "")))
-        child(
-            stanza,
-            "stanza-id",
-            {"id": str(message["id"]), "by": self.room_jid(room.chat_id)},
-            ns=SID,
-        )
+        add_ids(stanza, message, self.room_jid(room.chat_id))
         return stanza
 
     # presence: join, change, leave -----------------------------------------------------------
@@ -399,9 +398,9 @@ class Muc:
         chars = 0
         for found in docs:  # newest first, to cut at maxchars
             message_id = found.id
-            message = {"id": message_id, "text": found.text}
+            message = archived(found)
             nick = await self.nick_of(room, found.author_id)
-            stanza = self.message(room, nick, occupant.jid, message, message_id)
+            stanza = self.message(room, nick, occupant.jid, message)
             child(
                 stanza,
                 "delay",
@@ -559,7 +558,8 @@ class Muc:
         if body is None or not body.strip():
             return
         stanza_id = stanza.get("id")
-        client_id = client_id_for(stanza_id)
+        origin_ids = origin_of(stanza)
+        client_id = client_id_for(session.id, origin_ids, body)
         key = (session.user_id, client_id) if client_id and stanza_id else None
         origin = (session.id, stanza_id or "")  # this submission's (compared by identity)
         if key is not None:
@@ -568,7 +568,7 @@ class Muc:
             self.origins[key] = origin
         request = SendMessage(chat_id=room.chat_id, text=body, client_id=client_id)
         try:
-            pending = await submit_message(im, session.user, request)
+            pending = await submit_message(im, session.user, request, origin=origin_ids)
         except BaseException:
             self.forget_origin(key, origin)
             raise
@@ -586,14 +586,14 @@ class Muc:
             occupant = room.occupants.get(session.id)
             if not sent.duplicate or key is None or occupant is None:
                 return
-            # A resent stanza stores nothing new and publishes nothing: echo it once more.
+            # A resent stanza stores nothing new and publishes nothing: echo it once more,
+            # with the ids the first one was stored with.
             nick = next(
                 (o.nick for o in room.occupants.values() if o.user_id == session.user_id),
                 occupant.nick,
             )
-            message = sent.messages[0]
-            reflected = {"id": message.id, "text": message.text}
-            occupant.deliver(self.message(room, nick, occupant.jid, reflected, origin[1]))
+            reflected = archived(sent.messages[0])
+            occupant.deliver(self.message(room, nick, occupant.jid, reflected))
 
         session.pipeline.add(finished(), stanza, echo)
 
@@ -606,11 +606,7 @@ class Muc:
         others saw), or by the stanza id this user sent it with."""
         if not ident:
             raise StanzaError("bad-request", "which message?")
-        messages = self.server.store["messages"]
-        doc = await messages.find_one({"_id": ident, "chat_id": room.chat_id})
-        if doc is None:
-            key = f"{session.user_id}|{room.chat_id}|{client_id_for(ident)}"
-            doc = await messages.find_one({"dedup_key": key})
+        doc = await find_own(self.server, session.user_id, room.chat_id, ident)
         if doc is None:
             raise StanzaError("item-not-found", f"no message {ident} here")
         return str(doc["_id"])
@@ -636,33 +632,31 @@ class Muc:
         origin: tuple[str, str] | None = None
         if event.type == "im.message" and author and message.get("client_id"):
             origin = self.origins.get((str(author), str(message["client_id"])))
-        # One serialisation for every occupant (each gets it with its own "to"); the sender's
-        # own session gets its reflection under the id it sent.
+        # One serialisation for every occupant (each gets it with its own "to"): the stanza
+        # carries the id and origin-id its author's client sent, so the author's own session
+        # recognises its reflection in the same bytes.
         shared = (
-            addressed(self.message(room, nick, "", message, message_id))
-            if event.type == "im.message"
-            else None
+            addressed(self.message(room, nick, "", message)) if event.type == "im.message" else None
         )
         for occupant in list(room.occupants.values()):
             if shared is not None:
                 if origin is not None and origin[0] == occupant.session.id:
-                    ident = origin[1]
                     if len(self.known_as) > MAX_REMEMBERED:
                         self.known_as.clear()
-                    self.known_as[(occupant.session.id, message_id)] = ident
-                    stanza = self.message(room, nick, occupant.jid, message, ident)
-                    occupant.deliver(stanza, message_id)
-                else:
-                    occupant.deliver(shared(occupant.jid), message_id)
+                    self.known_as[(occupant.session.id, message_id)] = origin[1]
+                occupant.deliver(shared(occupant.jid), message_id)
                 continue
             stanza = self.groupchat(room, nick, occupant.jid, f"{message_id}-{event.seq}")
+            # Everyone saw the message under the id its author's client gave it.
+            known = (message.get("origin") or {}).get("id") or self.known_as.get(
+                (occupant.session.id, message_id), message_id
+            )
             if event.type == "im.message.updated":
-                known = self.known_as.get((occupant.session.id, message_id), message_id)
                 child(stanza, "body", text=str(message.get("text", "")))
                 child(stanza, "replace", {"id": known}, ns=CORRECT)
             else:
                 child(stanza, "body", text="(message deleted)")
-                child(stanza, "retract", {"id": message_id}, ns=RETRACT)
+                child(stanza, "retract", {"id": known}, ns=RETRACT)
                 child(stanza, "fallback", {"for": RETRACT}, ns=FALLBACK)
             occupant.deliver(stanza)
 

@@ -9,15 +9,14 @@ from typing import TYPE_CHECKING
 from server.events.models import EphemeralEvent
 from server.store.database import Document
 from server.xmpp.jid import Jid
+from server.xmpp.modules.disco import contact_caps
 from server.xmpp.session import C2SSession
-from server.xmpp.stanza import CLIENT, child, element, q
+from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, child, element, q
 
 if TYPE_CHECKING:
     from server.xmpp.server import XmppServer
 
 TRANSPORT = "xmpp"
-# The merged presence of a portal user is shown as one resource of their JID.
-PORTAL_RESOURCE = "portal"
 
 
 def presence_stanza(server: XmppServer, login: str, status: str, to: Jid) -> ET.Element:
@@ -25,9 +24,21 @@ def presence_stanza(server: XmppServer, login: str, status: str, to: Jid) -> ET.
     stanza = element("presence", {"from": str(frm), "to": str(to)})
     if status == "offline":
         stanza.set("type", "unavailable")
-    elif status in ("away", "dnd"):
-        child(stanza, "show", text=status)
+    else:
+        if status in ("away", "dnd"):
+            child(stanza, "show", text=status)
+        stanza.append(contact_caps())
     return stanza
+
+
+def own_copy(stanza: ET.Element, frm: Jid, to: Jid) -> ET.Element:
+    """A presence of one of the user's resources, as another of them (or itself) gets it."""
+    copy = element("presence", {"from": str(frm), "to": str(to)})
+    if stanza.get("type"):
+        copy.set("type", stanza.get("type", ""))
+    for part in stanza:
+        copy.append(part)
+    return copy
 
 
 def flags(stanza: ET.Element) -> tuple[bool, bool]:
@@ -119,6 +130,7 @@ def install(server: XmppServer) -> None:
             if session.available:
                 session.available = False
                 await server.presence.disconnected(session.user_id, session.id)
+                tell_own_resources(session, stanza)
             for hook in server.on_unavailable:
                 await hook(session)
             return True
@@ -130,26 +142,33 @@ def install(server: XmppServer) -> None:
             session.available = True
             await server.presence.connected(session.user_id, session.id, TRANSPORT, active, dnd)
             await send_colleagues(session)
+            # A new resource learns of the user's other available ones (RFC 6121 4.2.2).
+            for other in server.available_sessions_of(session.user_id):
+                if other is not session and other.jid is not None and other.presence is not None:
+                    session.send_nowait(own_copy(other.presence, other.jid, session.jid))
             for hook in server.on_available:
                 await hook(session)
         else:
             await server.presence.heartbeat(session.user_id, session.id, active, dnd)
-        # The user's other resources see this one (RFC 6121 4.2.2).
-        for other in server.available_sessions_of(session.user_id):
-            if other is not session and other.jid is not None:
-                copy = element("presence", {"from": str(session.jid), "to": str(other.jid)})
-                for part in stanza:
-                    copy.append(part)
-                other.send_nowait(copy)
+        # The user's other resources see this one, and the sender gets its own presence back
+        # (RFC 6121 4.2.2, 4.4.2: clients take the echo as the sign they are online).
+        tell_own_resources(session, stanza, echo=True)
         return True
 
     server.on_presence(on_presence)
+
+    def tell_own_resources(session: C2SSession, stanza: ET.Element, echo: bool = False) -> None:
+        assert session.jid is not None
+        for other in server.sessions_of(session.user_id):
+            if other.jid is not None and (other.available or (echo and other is session)):
+                other.send_nowait(own_copy(stanza, session.jid, other.jid))
 
     async def unbound(session: C2SSession) -> None:
         held.pop(session.id, None)
         if session.available and session.user is not None:
             session.available = False
             await server.presence.disconnected(session.user_id, session.id)
+            tell_own_resources(session, element("presence", {"type": "unavailable"}))
 
     server.on_unbound(unbound)
 

@@ -24,6 +24,16 @@ ROSTERVER = "urn:xmpp:features:rosterver"
 Item = tuple[str, tuple[str, ...]]  # (name, groups)
 
 
+# A "/" inside a department's name would split it into two group levels: it is shown as a
+# DIVISION SLASH (U+2215), which looks the same and is no delimiter.
+NAME_SLASH = "\u2215"
+
+
+def group_name(names: list[str]) -> str:
+    """A department path as one XEP-0083 nested group, each name's own slashes escaped."""
+    return GROUP_DELIMITER.join(name.replace(GROUP_DELIMITER, NAME_SLASH) for name in names)
+
+
 def version_of(items: dict[str, Item]) -> str:
     digest = hashlib.sha256()
     for jid in sorted(items):
@@ -43,7 +53,7 @@ class Roster:
         tree = {d.id: DepartmentNode(d.id, d.parent_id, d.head_id) for d in departments}
         names = {d.id: d.name for d in departments}
         return {
-            d.id: GROUP_DELIMITER.join(names.get(a, "") for a in reversed(ancestors(d.id, tree)))
+            d.id: group_name([names.get(a, "") for a in reversed(ancestors(d.id, tree))])
             for d in departments
         }
 

@@ -10,6 +10,7 @@ export interface XmppAccount {
   starttls_port: number;
   tls_port: number;
   fingerprint: string;
+  fingerprint_sha1: string;
   self_signed: boolean;
   mechanisms: string[];
 }
@@ -28,6 +29,7 @@ export interface ConnectionSettings {
   starttlsPort: number;
   tlsPort: number;
   fingerprint: string;
+  fingerprintSha1: string;
   selfSigned: boolean;
 }
 
@@ -54,6 +56,7 @@ export function settingsFor(account: XmppAccount, pageHost: string): ConnectionS
     starttlsPort: account.starttls_port,
     tlsPort: account.tls_port,
     fingerprint: account.fingerprint,
+    fingerprintSha1: account.fingerprint_sha1,
     selfSigned: account.self_signed,
   };
 }
@@ -152,7 +155,7 @@ export function clientGuides(s: ConnectionSettings): ClientGuide[] {
           ? `\`/account set portal server ${s.host}\` and \`/account set portal port ${s.starttlsPort}\`.`
           : "No server or port to set.",
         `\`/account set portal tls force\` for STARTTLS, or \`tls legacy\` (\`tls direct\` from 0.15) with port \`${s.tlsPort}\`.`,
-        `\`/connect portal\`. ${asked}: \`/tls cert\` shows its fingerprints; compare the SHA-256 one, then \`/tls always\`.`,
+        `\`/connect portal\`. ${asked}: Profanity shows the SHA-1 fingerprint; compare it with the SHA-1 one on this page, then \`/tls always\`.`,
       ],
     },
   ];
