@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -55,3 +56,42 @@ async def stop(*tasks: asyncio.Task[Any] | None) -> None:
     for task in owned:
         if task.done() and not task.cancelled() and (failure := task.exception()) is not None:
             log.error("%s had failed", task.get_name(), exc_info=failure)
+
+
+class SideTasks:
+    """Tasks an owner starts beside its own work (a publication, a re-check, an answer to a
+    duplicate): held until they end (the event loop keeps only a weak reference), a failure
+    logged as ``what`` on the owner's logger, and all of them stopped by ``stop()``."""
+
+    def __init__(self, what: str, logger: logging.Logger) -> None:
+        self._what = what
+        self._log = logger
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Awaitable[Any], name: str | None = None) -> asyncio.Task[None]:
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._log.exception("%s failed", self._what)
+
+        task = asyncio.create_task(run(), name=name or self._what)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __iter__(self) -> Iterator[asyncio.Task[None]]:
+        return iter(list(self._tasks))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Let the running ones finish (up to ``timeout``), without cancelling them."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    async def stop(self) -> None:
+        await stop(*self._tasks)

@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from server import background
-from server.background import raise_if_stopping, stop
+from server.background import SideTasks, raise_if_stopping, stop
 from tests.harness import HubHarness
 
 
@@ -89,6 +89,34 @@ async def test_a_failure_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, logger="server.background"):
         await stop(task, None)
     assert "failing had failed" in caplog.text and "boom" in caplog.text
+
+
+async def test_side_tasks_are_held_their_failures_logged_and_all_stopped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    side = SideTasks("a publication", logging.getLogger("tests.owner"))
+    release = asyncio.Event()
+
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    async def waits() -> None:
+        await release.wait()
+
+    with caplog.at_level(logging.ERROR, logger="tests.owner"):
+        failing = side.spawn(fails())
+        await asyncio.sleep(0.01)
+    assert failing.done() and not failing.cancelled()  # failure caught, logged, not raised
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("tests.owner", "a publication failed")
+    ]
+    assert len(side) == 0  # a finished task is let go
+
+    slow = side.spawn(waits(), name="slow")
+    await side.wait(timeout=0.01)  # waiting does not cancel
+    assert not slow.done() and len(side) == 1 and list(side) == [slow]
+    await side.stop()
+    assert slow.cancelled() and len(side) == 0
 
 
 async def test_the_hub_stops_a_socketio_listener_that_swallows_its_cancellation(

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from server.background import raise_if_stopping, stop
+from server.background import SideTasks, raise_if_stopping, stop
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.events.streams import user_stream
@@ -113,7 +113,7 @@ class SessionGuard:
         self._hints = 0  # revocation hints received so far; see mark()
         self._seen: dict[str, datetime] = {}  # revocation records already handled
         self._watcher: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = SideTasks("session check", log)
         self._failing = False
         self._closed = False
         self._listeners: list[tuple[Callable[[str], None], Callable[[], bool]]] = []
@@ -278,15 +278,4 @@ class SessionGuard:
         if self._closed:
             coro.close()
             return
-
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("session check failed")
-
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)

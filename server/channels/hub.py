@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.auth.service import AuthService, token_hash
 from server.auth.sessions import LiveSession
-from server.background import stop
+from server.background import SideTasks, stop
 from server.channels.emit import HubManager, HubServer
 from server.channels.frames import BadFrame, StrictPacket, event_namespace
 from server.channels.ratelimit import TokenBucket
@@ -166,7 +166,7 @@ class Hub:
         self._by_user: dict[str, set[str]] = {}
         self._replaying: dict[str, set[str]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = SideTasks("hub background task", log)
         self.draining = False  # readiness answers "draining"; set on SIGTERM
         self._refusing = False  # after drain(): new connections are refused
         bus.subscribe(self._on_event)
@@ -573,17 +573,7 @@ class Hub:
         await self._catch_up(conn, stream, from_seq)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("hub background task failed")
-
-        task = asyncio.create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(coro)
 
     async def _on_ephemeral(self, event: EphemeralEvent) -> None:
         if event.type == "session.revoked":

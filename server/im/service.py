@@ -26,7 +26,7 @@ from typing import Any
 
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from server.background import stop
+from server.background import SideTasks, stop
 from server.channels.ratelimit import TokenBucket
 from server.directory.models import display_name
 from server.directory.rules import descendants
@@ -106,7 +106,7 @@ class ImService:
         self._writer = MessageWriter(
             store, streams, self._resolve_duplicate, self._state.chat_changed
         )
-        self._sides: set[asyncio.Task[Any]] = set()
+        self._sides = SideTasks("messenger background task", log)
         bus.subscribe(self._on_event)
         bus.subscribe_ephemeral(self._on_ephemeral)
 
@@ -954,17 +954,7 @@ class ImService:
     # ---------------------------------------------------------------------------------------------
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("messenger background task failed")
-
-        task = asyncio.create_task(run(), name="im-side")
-        self._sides.add(task)
-        task.add_done_callback(self._sides.discard)
+        self._sides.spawn(coro, name="im-side")
 
 
 def _send_result(futures: list[asyncio.Future[Posted]]) -> asyncio.Future[SendResult]:

@@ -47,7 +47,7 @@ from typing import Any
 from pymongo import DESCENDING, UpdateOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from server.background import raise_if_stopping, stop
+from server.background import SideTasks, raise_if_stopping, stop
 from server.events.streams import Append, StreamLog
 from server.im.models import MessageOut
 from server.im.rules import chat_stream
@@ -235,7 +235,7 @@ class MessageWriter:
         self._chat_changed = chat_changed  # a chat's numbers changed here, not through an event
         self._queue: deque[Outgoing] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._sides: set[asyncio.Task[None]] = set()
+        self._sides = SideTasks("answering a duplicate send", log)
         # chat id -> the highest ordinal known to be stored (this node's, and seen in events)
         self._heads: OrderedDict[str, int] = OrderedDict()
         self._closed = False
@@ -482,12 +482,7 @@ class MessageWriter:
             item.settle(Posted(posted.message, True))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
-        async def run() -> None:
-            await coro
-
-        task = asyncio.create_task(run(), name="im-duplicate")
-        self._sides.add(task)
-        task.add_done_callback(self._sides.discard)
+        self._sides.spawn(coro, name="im-duplicate")
 
     async def settled(self) -> None:
         while self._task is not None or self._sides:

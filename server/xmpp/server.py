@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.auth.service import AuthService
-from server.background import raise_if_stopping, stop
+from server.background import SideTasks, raise_if_stopping, stop
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
 from server.im.service import ImService
@@ -82,7 +82,8 @@ class XmppServer:
         self.identities: list[tuple[str, str, str]] = [("server", "im", "Portal Hub")]
         self._stream_features: list[Callable[[], ET.Element]] = []
         self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # one per session
+        self._side = SideTasks("xmpp task", log)
         self._housekeeper: asyncio.Task[None] | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.cert_path: Path | None = None
@@ -189,6 +190,7 @@ class XmppServer:
         )
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+        await self._side.wait(timeout)
         if sessions:
             log.info("drained %s XMPP sessions", len(sessions))
 
@@ -198,7 +200,7 @@ class XmppServer:
         await stop(self._housekeeper)  # no pings to sessions being ended
         for session in list(self._all):
             await session.terminate("system-shutdown")
-        await stop(*self._tasks)
+        await stop(*self._tasks, *self._side)
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 5)
@@ -259,17 +261,7 @@ class XmppServer:
 
     def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         """A task owned by the server (stopped with it); a failure is logged."""
-
-        async def run() -> None:
-            try:
-                await coro
-            except Exception:
-                log.exception("xmpp task failed")
-
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._side.spawn(coro)
 
     # binding ---------------------------------------------------------------------------------
 
