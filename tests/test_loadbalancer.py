@@ -290,7 +290,7 @@ async def test_xmpp_and_smtp_pass_through_to_a_node(balanced: Balanced) -> None:
         b"xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>"
     )
     received = b""
-    while b"</features>" not in received:  # the node's stream features: SASL, as TLS is on
+    while b"</stream:features>" not in received:  # the node's stream features: SASL, as TLS is on
         received += await asyncio.wait_for(reader.read(4096), 10)
     assert b"urn:ietf:params:xml:ns:xmpp-sasl" in received
     writer.close()
