@@ -357,6 +357,18 @@ async def seed(hub: HubHarness, token: str, imap_port: int) -> Seeds:
         ),
         ("DELETE", "/api/v1/crm/activities/{activity_id}", {}, None),
     ]
+    for plural in ("contacts", "companies", "leads"):  # deals cannot be merged
+        duplicate = await post(
+            hub, token, f"/api/v1/crm/{plural}", {**records[plural], "ignore_duplicates": True}
+        )
+        explicit.append(
+            (
+                "POST",
+                f"/api/v1/crm/{plural}/{{record_id}}/merge",
+                {"record_id": made[plural]["id"]},
+                {"other_id": duplicate["id"]},
+            )
+        )
     explicit = [(m, path, {**common, **fixed}, body) for m, path, fixed, body in explicit]
     return Seeds(path_parameters, explicit)
 

@@ -196,7 +196,7 @@ async def test_deadline_jobs_survive_a_restart(settings: Settings, store: Store)
         await create(
             first, alice, title="Later", responsible_ids=[bob_id], deadline=deadline.isoformat()
         )
-    job = await store["schedule"].find_one({})
+    job = await store["schedule"].find_one({"kind": "task-deadline"})  # beside other jobs
     assert job is not None and job["kind"] == "task-deadline"
     # the job is persisted; a new hub (or another node) fires it once when due
     await store["schedule"].update_one({"_id": job["_id"]}, {"$set": {"due_at": datetime.now(UTC)}})
