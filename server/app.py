@@ -298,6 +298,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
             timedelta(minutes=svc.settings.crm_counters_check_minutes)
         )
         svc.scheduler.start()
+        await svc.im.files.start()  # the link secret, before Jabber clients get links
         if svc.xmpp is not None:
             await svc.xmpp.start()
         await svc.mail.start()
