@@ -124,7 +124,8 @@ class SendMessage(Strict):
         default_factory=list,
         max_length=100,
         description="Files uploaded by the sender (POST /api/v1/files) to send with the "
-        "message, to a chat (`chat_id`) only; at most PORTALHUB_FILE_MAX_PER_MESSAGE",
+        "message, to one chat (`chat_id`, or `to` with one user); at most "
+        "PORTALHUB_FILE_MAX_PER_MESSAGE",
     )
 
     @model_validator(mode="after")
@@ -134,8 +135,8 @@ class SendMessage(Strict):
             raise ValueError("give exactly one of chat_id, to, to_department")
         if not self.text.strip() and not self.file_ids:
             raise ValueError("text must not be blank")
-        if self.file_ids and self.chat_id is None:
-            raise ValueError("files are sent to one chat: give chat_id")
+        if self.file_ids and self.chat_id is None and len(self.to or []) != 1:
+            raise ValueError("files are sent to one chat: give chat_id or one user in to")
         return self
 
 

@@ -532,16 +532,7 @@ class ImService:
             chat = await self.readable_chat(user_id, request.chat_id)
             if not may_post(user_id, chat["kind"], chat["member_ids"]):
                 raise forbidden("nobody can post in this chat")
-            files: list[FileRef] = []
-            if request.file_ids:
-                if len(request.file_ids) > self._settings.file_max_per_message:
-                    raise Problem(
-                        422,
-                        "too-many-files",
-                        "Too many files",
-                        f"at most {self._settings.file_max_per_message} files in a message",
-                    )
-                files = await self.files.claim(user_id, chat["_id"], request.file_ids)
+            files = await self._claim(user_id, chat, request.file_ids)
             futures = [
                 await self._post(
                     chat, user_id, request.text, request.client_id, origin=origin, files=files
@@ -552,11 +543,28 @@ class ImService:
             # Every recipient is checked before the first message goes: all or nothing.
             await self._require_users(user, targets)
             chats = [await self.open_private(user, target) for target in targets]
+            # (files go to one chat: the model allows them with one recipient only)
+            files = await self._claim(user_id, chats[0], request.file_ids)
             futures = [
-                await self._post(chat, user_id, request.text, request.client_id, origin=origin)
+                await self._post(
+                    chat, user_id, request.text, request.client_id, origin=origin, files=files
+                )
                 for chat in chats
             ]
         return _send_result(futures)
+
+    async def _claim(self, user_id: str, chat: Document, file_ids: list[str]) -> list[FileRef]:
+        """The sender's uploads, made the chat's files (checked before anything is queued)."""
+        if not file_ids:
+            return []
+        if len(file_ids) > self._settings.file_max_per_message:
+            raise Problem(
+                422,
+                "too-many-files",
+                "Too many files",
+                f"at most {self._settings.file_max_per_message} files in a message",
+            )
+        return await self.files.claim(user_id, chat["_id"], file_ids)
 
     async def _expand_targets(self, user: Document, request: SendMessage) -> list[str]:
         user_id = str(user["_id"])

@@ -78,6 +78,8 @@ class XmppServer:
         self.disco_item_list: list[tuple[str, str]] = []
         self.features: set[str] = set()
         self.account_features: set[str] = set()  # what a user's bare JID offers (disco)
+        # Extended information (XEP-0128) in the domain's disco#info: data forms.
+        self.info_forms: list[Callable[[], ET.Element]] = []
         self.bridge: Any = None  # the messenger bridge (modules.messages), shared with MAM
         self.identities: list[tuple[str, str, str]] = [("server", "im", "Portal Hub")]
         self._stream_features: list[Callable[[], ET.Element]] = []

@@ -51,6 +51,7 @@ from server.xmpp.modules.messages import (
     stored,
     submit_message,
 )
+from server.xmpp.modules.upload import add_files, attachments
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import (
     CLIENT,
@@ -244,6 +245,7 @@ class Muc:
         author recognises its reflection), and the room's stanza-id."""
         stanza = self.groupchat(room, nick, to, None)
         child(stanza, "body", text=str(message.get("text", "")))
+        add_files(self.server, stanza, message)
         add_ids(stanza, message, self.room_jid(room.chat_id))
         return stanza
 
@@ -557,6 +559,7 @@ class Muc:
                 await im.mark_read(session.user, room.chat_id, marker.get("id", ""))
         if body is None or not body.strip():
             return
+        text, file_ids = await attachments(self.server, session, stanza, body)
         stanza_id = stanza.get("id")
         origin_ids = origin_of(stanza)
         client_id = client_id_for(session.id, origin_ids, body)
@@ -566,7 +569,9 @@ class Muc:
             if len(self.origins) > MAX_REMEMBERED:
                 self.origins.clear()
             self.origins[key] = origin
-        request = SendMessage(chat_id=room.chat_id, text=body, client_id=client_id)
+        request = SendMessage(
+            chat_id=room.chat_id, text=text, client_id=client_id, file_ids=file_ids
+        )
         try:
             pending = await submit_message(im, session.user, request, origin=origin_ids)
         except BaseException:
