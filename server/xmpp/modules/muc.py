@@ -628,6 +628,9 @@ class Muc:
         if event.type == "im.chat.members":
             await self.members_changed(room, event.data)
             return
+        if event.type == "im.chat.updated":
+            self.subject_changed(room, event.data, event.seq)
+            return
         if event.type not in ("im.message", "im.message.updated", "im.message.deleted"):
             return
         message = event.data["message"]
@@ -663,6 +666,18 @@ class Muc:
                 child(stanza, "body", text="(message deleted)")
                 child(stanza, "retract", {"id": known}, ns=RETRACT)
                 child(stanza, "fallback", {"for": RETRACT}, ns=FALLBACK)
+            occupant.deliver(stanza)
+
+    def subject_changed(self, room: Room, data: dict[str, Any], seq: int) -> None:
+        """A group chat renamed in the portal: the room's subject changes for everyone in it
+        (XEP-0045 8.1), from the room itself (the portal, not an occupant, renamed it)."""
+        title = data.get("title")
+        if not isinstance(title, str) or title == room.title:
+            return
+        room.title = title
+        for occupant in list(room.occupants.values()):
+            stanza = self.groupchat(room, None, occupant.jid, f"subject-{room.chat_id}-{seq}")
+            child(stanza, "subject", text=title)
             occupant.deliver(stanza)
 
     async def members_changed(self, room: Room, data: dict[str, Any]) -> None:
