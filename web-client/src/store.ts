@@ -798,7 +798,8 @@ function notifyMessage(message: Message): void {
   const chat = state.chats.find((c) => c.id === message.chat_id);
   const author = userName(message.author_id);
   const title = chat && chat.kind === "group" ? `${author} in ${chat.title}` : author;
-  const text = message.text.length > 140 ? `${message.text.slice(0, 140)}…` : message.text;
+  const summary = dialogs.messageSummary(message);
+  const text = summary.length > 140 ? `${summary.slice(0, 140)}…` : summary;
   const disturb = presence.mayDisturb(ownStatus.value);
   if (state.settings.sound && disturb) beep();
   const chatShown = state.openChatId === message.chat_id && state.view === "messenger" && state.pageVisible;
