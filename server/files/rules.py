@@ -60,7 +60,8 @@ def sign(secret: bytes, file_id: str) -> str:
 
 
 def verify(secret: bytes, file_id: str, signature: str) -> bool:
-    return hmac.compare_digest(sign(secret, file_id), signature)
+    # As bytes: compare_digest refuses str with non-ASCII characters (a link can hold any).
+    return hmac.compare_digest(sign(secret, file_id).encode(), signature.encode())
 
 
 def link_path(secret: bytes, file_id: str, name: str) -> str:
