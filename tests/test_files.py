@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -165,6 +166,43 @@ async def test_deleting_the_message_deletes_its_file(hub: HubHarness) -> None:
     assert history.body[-1]["deleted"] and history.body[-1]["files"] == []
 
 
+async def test_uploads_at_once_are_limited_per_user(hub: HubHarness) -> None:
+    _, alice = await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    release = asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"first part"
+        await release.wait()
+        yield b" and the rest"
+
+    async def post(token: str) -> int:
+        async with hub.http.post(
+            hub.base_url + "/api/v1/files?name=slow.txt",
+            data=slow(),
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp:
+            return resp.status
+
+    under_way = [asyncio.create_task(post(alice)) for _ in range(4)]
+    files = hub.services.im.files
+    for _ in range(200):
+        if sum(files._uploading.values()) == 4:
+            break
+        await asyncio.sleep(0.02)
+    resp = await hub.request("POST", "/api/v1/files?name=more.txt", token=alice, data=b"x")
+    assert resp.status == 429, resp.body
+    # Someone else is not held up by it.
+    assert (
+        await hub.request("POST", "/api/v1/files?name=b.txt", token=bob, data=b"y")
+    ).status == 201
+    release.set()
+    assert await asyncio.gather(*under_way) == [201] * 4
+    assert (
+        await hub.request("POST", "/api/v1/files?name=c.txt", token=alice, data=b"z")
+    ).status == 201
+
+
 def test_rules() -> None:
     assert image_type(PNG[:16]) == "image/png"
     assert image_type(b"\xff\xd8\xff\xe0" + b"\0" * 12) == "image/jpeg"
@@ -175,6 +213,7 @@ def test_rules() -> None:
     secret = b"k" * 32
     signature = sign(secret, "0" * 24)
     assert verify(secret, "0" * 24, signature) and not verify(b"j" * 32, "0" * 24, signature)
+    assert not verify(secret, "0" * 24, "é" * len(signature))  # any text, no error
     url = f"https://hub.example/files/{'0' * 24}/{signature}/a%20b.png"
     text = f"look {url} here, and https://elsewhere.example/files/{'0' * 24}/{signature}/x"
     assert links_in(text, "https://hub.example/") == [(url, "0" * 24, signature)]

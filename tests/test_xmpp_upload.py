@@ -93,6 +93,12 @@ async def test_jabber_client_sends_a_file_with_a_slot(hub: HubHarness) -> None:
     assert await fetch(hub, get_url) == (200, PNG)
     # A tampered link is nothing.
     assert (await fetch(hub, get_url.replace("/shot.png", "x/shot.png")))[0] == 404
+    # Slots left unused are limited (the used ones do not count).
+    for n in range(10):
+        await request_slot(alice, domain, f"spare{n}.bin", 10)
+    with pytest.raises(IqError) as refused:
+        await request_slot(alice, domain, "one-too-many.bin", 10)
+    assert refused.value.condition == "resource-constraint"
     assert bob_id and alice_token
 
 

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 BUCKET = "files"
 KEY_ID = "link"
 SLOT_SECONDS = 300  # an XEP-0363 slot must be used this soon
+UPLOADS_AT_ONCE = 4  # per user and process: more wait for nobody, they are refused (429)
+OPEN_SLOTS = 10  # XEP-0363 slots a user may hold unused at once
 PUT_PREFIX = "/files/upload/"
 
 
@@ -68,6 +70,7 @@ class FileService:
         self._settings = settings
         self._bucket = AsyncGridFSBucket(store.db, bucket_name=BUCKET)
         self._key: bytes | None = None
+        self._uploading: dict[str, int] = {}  # user id -> uploads under way on this process
 
     @property
     def max_bytes(self) -> int:
@@ -131,6 +134,31 @@ class FileService:
         """Store what ``chunks`` yields as the uploader's file. Never more than the limit is
         read: past it the upload is taken back and this raises 413. ``exact_size``: the size
         promised for an XEP-0363 slot; anything else is refused and nothing kept."""
+        if self._uploading.get(user_id, 0) >= UPLOADS_AT_ONCE:
+            raise Problem(
+                429,
+                "rate-limited",
+                "Too many uploads",
+                f"at most {UPLOADS_AT_ONCE} uploads at once",
+                headers={"Retry-After": "1"},
+                retry_after=1,
+            )
+        self._uploading[user_id] = self._uploading.get(user_id, 0) + 1
+        try:
+            return await self._upload(user_id, name, chunks, file_id, exact_size)
+        finally:
+            left = self._uploading.pop(user_id) - 1
+            if left:
+                self._uploading[user_id] = left
+
+    async def _upload(
+        self,
+        user_id: str,
+        name: str | None,
+        chunks: AsyncIterator[bytes],
+        file_id: str | None,
+        exact_size: int | None,
+    ) -> FileOut:
         limit = self.max_bytes if exact_size is None else min(exact_size, self.max_bytes)
         file_id = file_id or new_id()
         stream = self._bucket.open_upload_stream_with_id(
@@ -227,17 +255,29 @@ class FileService:
             raise too_large(self.max_bytes)
         if size < 0:
             raise Problem(422, "validation-error", "Invalid request", "a negative size")
+        slots = self._store["upload_slots"]
+        now = utcnow()
+        await slots.delete_many({"user_id": user_id, "expires_at": {"$lt": now}})
+        if await slots.count_documents({"user_id": user_id}) >= OPEN_SLOTS:
+            raise Problem(
+                429,
+                "rate-limited",
+                "Too many upload slots",
+                f"at most {OPEN_SLOTS} unused upload slots at once",
+                headers={"Retry-After": str(SLOT_SECONDS)},
+                retry_after=SLOT_SECONDS,
+            )
         token = secrets.token_urlsafe(24)
         file_id = new_id()
         name = clean_name(name)
-        await self._store["upload_slots"].insert_one(
+        await slots.insert_one(
             {
                 "_id": _token_key(token),
                 "user_id": user_id,
                 "file_id": file_id,
                 "name": name,
                 "size": size,
-                "expires_at": utcnow() + timedelta(seconds=SLOT_SECONDS),
+                "expires_at": now + timedelta(seconds=SLOT_SECONDS),
             }
         )
         key = await self.key()

@@ -36,6 +36,7 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     # Every node reads the last seconds of it, several times a second (auth/sessions.py).
     "revocations": [IndexModel([("at", ASCENDING)], name="at")],
+    "upload_slots": [IndexModel([("user_id", ASCENDING)], name="user")],
     "chats": [
         IndexModel([("pair_key", ASCENDING)], unique=True, sparse=True, name="pair_key_sparse"),
         IndexModel([("workgroup_id", ASCENDING)], name="workgroup"),

@@ -48,8 +48,7 @@ def _check_length(request: web.Request, limit: int) -> None:
     query=UploadQuery,
     response=FileOut,
     status=201,
-    errors=(413,),
-    extra_responses={},
+    errors=(413, 429),
 )
 async def upload_file(call: Call) -> FileOut:
     """The request body is the file itself (any content type; not multipart), streamed
@@ -125,7 +124,7 @@ async def download_linked_file(call: Call) -> web.StreamResponse:
     tag=TAG,
     auth="none",
     status=201,
-    errors=(400, 403, 413),
+    errors=(400, 403, 413, 429),
 )
 async def put_slot(call: Call) -> web.StreamResponse:
     """The PUT URL of a slot a Jabber client asked for: once, within five minutes, exactly

@@ -102,7 +102,10 @@ def install(server: XmppServer) -> None:
                 "not-acceptable",
                 f"file too large: at most {server.im.files.max_bytes} bytes",
             )
-        slot = await server.im.files.slot(session.user_id, name, size)
+        try:
+            slot = await server.im.files.slot(session.user_id, name, size)
+        except Problem as problem:  # too many slots unused
+            raise StanzaError("resource-constraint", problem.detail or problem.title) from None
         answer = element("slot", ns=UPLOAD)
         child(answer, "put", {"url": slot.put_url})
         child(answer, "get", {"url": slot.get_url})
