@@ -13,6 +13,7 @@ from slixmpp import JID
 from slixmpp.exceptions import IqError
 
 from tests.harness import HubHarness
+from tests.test_xmpp_history import mam
 from tests.test_xmpp_muc import create_group, domain_of, join, muc_login, send_groupchat
 from tests.xmpp_client import XmppClient, xmpp_login
 
@@ -127,6 +128,8 @@ async def test_files_from_the_web_reach_jabber_as_links(hub: HubHarness) -> None
     [url] = oob_urls(stanza)
     assert str(stanza["body"]) == f"the plan\n{url}" and url.endswith("/plan.png")
     assert await fetch(hub, url) == (200, PNG)
+    # The archive (MAM) gives the same link.
+    assert await mam(alice, "<max>50</max>") == ([f"the plan\n{url}"], True)
 
     # A room: the same for every occupant.
     chat = await create_group(hub, bob, "Designs", [alice_id])
