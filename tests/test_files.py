@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 from server.files.rules import clean_name, image_type, links_in, sign, verify, without_links
+from server.store.database import utcnow
 from tests.harness import HubHarness
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + os.urandom(300)
@@ -201,6 +203,33 @@ async def test_uploads_at_once_are_limited_per_user(hub: HubHarness) -> None:
     assert (
         await hub.request("POST", "/api/v1/files?name=c.txt", token=alice, data=b"z")
     ).status == 201
+
+
+async def test_uploads_never_sent_are_pruned_after_a_day(hub: HubHarness) -> None:
+    _, alice = await hub.create_user("alice")
+    bob_id, _ = await hub.create_user("bob")
+    chat_id = await group(hub, alice, bob_id)
+    unsent = await upload(hub, alice, "draft.bin", b"d" * 1000)
+    fresh = await upload(hub, alice, "fresh.bin", b"f" * 1000)
+    sent = await upload(hub, alice, "sent.bin", b"s" * 1000)
+    resp = await hub.request(
+        "POST",
+        "/api/v1/im/messages",
+        token=alice,
+        json={"chat_id": chat_id, "file_ids": [sent["id"]]},
+    )
+    assert resp.status == 201, resp.body
+    db = hub.services.store
+    yesterday = utcnow() - timedelta(hours=25)
+    await db["files.files"].update_many(
+        {"_id": {"$in": [unsent["id"], sent["id"]]}}, {"$set": {"uploadDate": yesterday}}
+    )
+    assert await hub.services.im.files.prune() == 1
+    for gone in (unsent,):
+        assert (await download(hub, alice, f"/api/v1/files/{gone['id']}"))[0] == 404
+        assert await db["files.chunks"].count_documents({"files_id": gone["id"]}) == 0
+    for kept in (fresh, sent):
+        assert (await download(hub, alice, f"/api/v1/files/{kept['id']}"))[0] == 200
 
 
 def test_rules() -> None:

@@ -49,6 +49,7 @@ KEY_ID = "link"
 SLOT_SECONDS = 300  # an XEP-0363 slot must be used this soon
 UPLOADS_AT_ONCE = 4  # per user and process: more wait for nobody, they are refused (429)
 OPEN_SLOTS = 10  # XEP-0363 slots a user may hold unused at once
+UNSENT_HOURS = 24  # an upload never sent in a message is deleted after this
 PUT_PREFIX = "/files/upload/"
 
 
@@ -246,6 +247,24 @@ class FileService:
         for file_id in file_ids:
             with contextlib.suppress(NoFile):
                 await self._bucket.delete(file_id)
+
+    async def prune(self) -> int:
+        """Delete uploads never sent (older than ``UNSENT_HOURS``) and expired slots; returns
+        how many files went. Run by the hub's maintenance loop."""
+        now = utcnow()
+        await self._store["upload_slots"].delete_many({"expires_at": {"$lt": now}})
+        stale = [
+            str(doc["_id"])
+            async for doc in self._files.find(
+                {
+                    "metadata.chat_id": None,
+                    "uploadDate": {"$lt": now - timedelta(hours=UNSENT_HOURS)},
+                },
+                projection={"_id": True},
+            )
+        ]
+        await self.delete(stale)
+        return len(stale)
 
     # XEP-0363 slots ---------------------------------------------------------------------------
 
