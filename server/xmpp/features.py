@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
-from server.xmpp.modules import basics, carbons, disco, mam, messages, muc, presence, roster, vcard
+from server.xmpp.modules import (
+    basics,
+    carbons,
+    csi,
+    disco,
+    entity_time,
+    last_activity,
+    mam,
+    messages,
+    muc,
+    presence,
+    roster,
+    vcard,
+)
 from server.xmpp.server import XmppServer
 
-MODULES = (basics, disco, roster, presence, carbons, messages, muc, mam, vcard)
+MODULES = (
+    basics,
+    disco,
+    csi,
+    roster,
+    presence,
+    carbons,
+    messages,
+    muc,
+    mam,
+    vcard,
+    entity_time,
+    last_activity,
+)
 
 
 def install_all(server: XmppServer) -> None:

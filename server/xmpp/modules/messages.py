@@ -30,6 +30,7 @@ from server.store.database import Document
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
 from server.xmpp.modules.carbons import sent_copy
+from server.xmpp.modules.csi import wants_chat_states
 from server.xmpp.server import BODY, MESSAGE, overlappable
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, StanzaError, child, element, q
@@ -464,8 +465,12 @@ class Bridge:
                 stanza.set("id", str(signal["id"]))
             if signal.get("thread"):
                 child(stanza, "thread", text=str(signal["thread"]))
-            if signal.get("state"):
+            # An inactive client (XEP-0352) gets no chat states; a receipt or an invitation
+            # riding with one still goes.
+            if signal.get("state") and wants_chat_states(session):
                 child(stanza, str(signal["state"]), ns=CHATSTATES)
+            elif not (signal.get("received") or signal.get("invite")):
+                continue
             if signal.get("received"):
                 child(stanza, "received", {"id": str(signal["received"])}, ns=RECEIPTS)
             add_invitation(stanza, signal.get("invite"))
@@ -603,6 +608,8 @@ class Bridge:
             if member == typer:
                 continue
             for session in self.server.available_sessions_of(member):
+                if not wants_chat_states(session):
+                    continue  # inactive (XEP-0352): typing would be stale when looked at
                 stanza = element(
                     "message",
                     {

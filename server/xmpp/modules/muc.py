@@ -30,6 +30,7 @@ from server.store.database import Document
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
 from server.xmpp.modules.basics import PING
+from server.xmpp.modules.csi import wants_chat_states
 from server.xmpp.modules.disco import INFO, ITEMS
 from server.xmpp.modules.messages import (
     CHATSTATES,
@@ -681,7 +682,7 @@ class Muc:
         if nick is None:
             return
         for occupant in list(room.occupants.values()):
-            if occupant.user_id != typer:
+            if occupant.user_id != typer and wants_chat_states(occupant.session):
                 stanza = self.groupchat(room, nick, occupant.jid, None)
                 child(stanza, "composing", ns=CHATSTATES)
                 occupant.deliver(stanza)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from server.events.models import EphemeralEvent
 from server.store.database import Document
 from server.xmpp.jid import Jid
+from server.xmpp.modules.csi import deliver_presence
 from server.xmpp.modules.disco import contact_caps
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, child, element, q
@@ -47,34 +48,7 @@ def flags(stanza: ET.Element) -> tuple[bool, bool]:
     return show not in ("away", "xa"), show == "dnd"
 
 
-CSI = "urn:xmpp:csi:0"
-
-
 def install(server: XmppServer) -> None:
-    # Client State Indication (XEP-0352): while a client says it is inactive (a phone in a
-    # pocket), colleagues' presence changes wait, latest per contact, until it is active.
-    held: dict[str, dict[str, ET.Element]] = {}
-
-    def deliver(session: C2SSession, stanza: ET.Element) -> None:
-        if session.csi_inactive:
-            held.setdefault(session.id, {})[stanza.get("from", "")] = stanza
-        else:
-            session.send_nowait(stanza)
-
-    async def csi(session: C2SSession, stanza: ET.Element) -> bool:
-        if stanza.tag == q(CSI, "inactive"):
-            session.csi_inactive = True
-            return True
-        if stanza.tag == q(CSI, "active"):
-            session.csi_inactive = False
-            for waiting in held.pop(session.id, {}).values():
-                session.send_nowait(waiting)
-            return True
-        return False
-
-    server.add_stream_feature(lambda: element("csi", ns=CSI))
-    server.on_message(csi)
-
     async def send_colleagues(session: C2SSession) -> None:
         """Initial presence: the current state of every colleague one may see who is online."""
         assert session.user is not None and session.jid is not None
@@ -84,7 +58,7 @@ def install(server: XmppServer) -> None:
                 status = await server.presence.seen_status(user_id)
                 login = await server.login_of(user_id)
                 if login and status != "offline":
-                    deliver(session, presence_stanza(server, login, status, session.jid))
+                    deliver_presence(session, presence_stanza(server, login, status, session.jid))
 
     async def on_presence(session: C2SSession, stanza: ET.Element) -> bool:
         assert session.jid is not None
@@ -164,7 +138,6 @@ def install(server: XmppServer) -> None:
                 other.send_nowait(own_copy(stanza, session.jid, other.jid))
 
     async def unbound(session: C2SSession) -> None:
-        held.pop(session.id, None)
         if session.available and session.user is not None:
             session.available = False
             await server.presence.disconnected(session.user_id, session.id)
@@ -186,6 +159,6 @@ def install(server: XmppServer) -> None:
                 continue  # a user's own merged state is not a contact's presence
             for session in server.available_sessions_of(viewer):
                 if session.jid is not None:
-                    deliver(session, presence_stanza(server, login, status, session.jid))
+                    deliver_presence(session, presence_stanza(server, login, status, session.jid))
 
     server.bus.subscribe_ephemeral(presence_changed)

@@ -1,0 +1,158 @@
+"""Issue 17, second part: the XEPs of the IM compliance suites, each driven by slixmpp."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from slixmpp import JID
+from slixmpp.exceptions import IqError
+
+from server.xmpp.modules.last_activity import idle_seconds
+from tests.harness import HubHarness
+from tests.test_xmpp_jabber import send_raw_message
+from tests.test_xmpp_muc import record_stanzas
+from tests.xmpp_client import XmppClient, xmpp_login
+
+
+def domain(hub: HubHarness) -> str:
+    xmpp = hub.services.xmpp
+    assert xmpp is not None
+    return xmpp.domain
+
+
+async def server_features(client: XmppClient, jid: str) -> set[str]:
+    info = await client.plugin["xep_0030"].get_info(jid=JID(jid), timeout=10)
+    return set(info["disco_info"]["features"])
+
+
+# XEP-0202 entity time --------------------------------------------------------------------------
+
+
+async def test_entity_time_is_the_servers_clock(hub: HubHarness) -> None:
+    await hub.create_user("alice")
+    await hub.create_user("bob")
+    d = domain(hub)
+    client = await xmpp_login(hub, "alice", plugins=("xep_0202",))
+    assert "urn:xmpp:time" in await server_features(client, d)
+    before = datetime.now(UTC)
+    answer = await client.plugin["xep_0202"].get_entity_time(JID(d), timeout=10)
+    # (read raw: slixmpp's getter appends a second "Z" to XEP-0082's "...Z")
+    payload = answer.xml.find("{urn:xmpp:time}time")
+    assert payload is not None
+    utc = payload.findtext("{urn:xmpp:time}utc") or ""
+    assert utc.endswith("Z"), utc
+    moment = datetime.fromisoformat(utc.replace("Z", "+00:00"))
+    assert abs((moment - before).total_seconds()) < 5
+    assert payload.findtext("{urn:xmpp:time}tzo") == "+00:00"
+    # a user's bare JID is no clock
+    with pytest.raises(IqError) as refused:
+        await client.plugin["xep_0202"].get_entity_time(JID(f"bob@{d}"), timeout=10)
+    assert refused.value.condition == "service-unavailable"
+
+
+# XEP-0012 last activity ------------------------------------------------------------------------
+
+
+def test_idle_seconds_rule() -> None:
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert idle_seconds("online", None, now) == 0
+    assert idle_seconds("dnd", now - timedelta(hours=1), now) == 0
+    assert idle_seconds("offline", now - timedelta(seconds=90), now) == 90
+    assert idle_seconds("offline", datetime(2026, 1, 1, 11, 59), now) == 60  # naive is UTC
+    assert idle_seconds("offline", now + timedelta(seconds=5), now) == 0  # clock skew
+    assert idle_seconds("offline", None, now) is None
+
+
+async def last_seconds(client: XmppClient, jid: str) -> int:
+    answer = await client.plugin["xep_0012"].get_last_activity(JID(jid), timeout=10)
+    return int(answer["last_activity"]["seconds"])
+
+
+async def test_last_activity_of_contacts_and_server_uptime(hub: HubHarness) -> None:
+    await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    carol_id, _ = await hub.create_user("carol")
+    await hub.create_user("ext", external=True)  # shares no workgroup: alice cannot see them
+    await hub.create_user("dave")  # never seen online
+    d = domain(hub)
+    # carol was last seen two minutes ago (as the presence service stored it when she left)
+    await hub.services.store.users.update_one(
+        {"_id": carol_id}, {"$set": {"last_seen": datetime.now(UTC) - timedelta(seconds=120)}}
+    )
+    web = await hub.connect(bob)
+    web.keep_alive()
+    await web.wait_for("snapshot")
+    client = await xmpp_login(hub, "alice", plugins=("xep_0012",))
+    assert "jabber:iq:last" in await server_features(client, d)
+    assert "jabber:iq:last" in await server_features(client, f"bob@{d}")
+
+    assert 0 <= await last_seconds(client, d) < 600  # the server's uptime
+    assert await last_seconds(client, f"bob@{d}") == 0  # online on the web
+    assert await last_seconds(client, f"bob@{d}/portal") == 0
+    assert 115 <= await last_seconds(client, f"carol@{d}") <= 180
+    with pytest.raises(IqError) as never:
+        await last_seconds(client, f"dave@{d}")
+    assert never.value.condition == "item-not-found"
+    # someone alice may not see answers as a login nobody has: nothing leaks
+    for hidden in (f"ext@{d}", f"nobody@{d}"):
+        with pytest.raises(IqError) as refused:
+            await last_seconds(client, hidden)
+        assert refused.value.condition == "service-unavailable"
+
+
+# XEP-0352 client state indication --------------------------------------------------------------
+
+
+CHATSTATES = "{http://jabber.org/protocol/chatstates}"
+
+
+async def test_inactive_client_gets_messages_at_once_but_no_chat_states(hub: HubHarness) -> None:
+    await hub.create_user("alice")
+    bob_id, bob_token = await hub.create_user("bob")
+    d = domain(hub)
+    alice = await xmpp_login(hub, "alice")
+    bob = await xmpp_login(hub, "bob")
+    seen = record_stanzas(alice)
+    await alice.wait_for_condition(
+        lambda: any(p["from"].bare == f"bob@{d}" for p in alice.presences)
+    )
+
+    def states() -> list[str]:
+        return [
+            part.tag.rpartition("}")[2]
+            for stanza in seen
+            if stanza.xml.find("{jabber:client}body") is None
+            for part in stanza.xml
+            if part.tag.startswith(CHATSTATES)
+        ]
+
+    # the dialog exists (web typing needs one)
+    send_raw_message(bob, f"alice@{d}", "m0", body="hello")
+    await alice.wait_for_condition(lambda: "hello" in alice.bodies())
+    alice.send_raw("<inactive xmlns='urn:xmpp:csi:0'/>")
+    await asyncio.sleep(0.2)
+    before = len(alice.presences)
+    for state in ("composing", "paused", "gone"):
+        send_raw_message(bob, f"alice@{d}", f"s-{state}", f"<{state} xmlns='{CHATSTATES[1:-1]}'/>")
+    await hub.request("PUT", "/api/v1/presence/me", token=bob_token, json={"status": "away"})
+    send_raw_message(bob, f"alice@{d}", "m1", body="wake up")
+    await alice.wait_for_condition(lambda: "wake up" in alice.bodies())  # at once
+    await hub.request("PUT", "/api/v1/presence/me", token=bob_token, json={"status": "dnd"})
+    chat = await hub.services.store["chats"].find_one({"kind": "private"})
+    assert chat is not None
+    assert await hub.services.im.typing(bob_id, str(chat["_id"]))  # typing on the web
+    await asyncio.sleep(0.5)
+    assert states() == []  # dropped, not held
+    assert len(alice.presences) == before  # held
+
+    alice.send_raw("<active xmlns='urn:xmpp:csi:0'/>")
+    await alice.wait_for_condition(lambda: len(alice.presences) > before)
+    await asyncio.sleep(0.3)
+    shows = [p["show"] for p in alice.presences[before:] if p["from"].bare == f"bob@{d}"]
+    assert shows == ["dnd"]  # the latest only
+    assert states() == []  # nothing dropped comes back
+    # active again: chat states flow
+    send_raw_message(bob, f"alice@{d}", "s-again", f"<paused xmlns='{CHATSTATES[1:-1]}'/>")
+    await alice.wait_for_condition(lambda: states() == ["paused"])
