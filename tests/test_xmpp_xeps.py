@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from slixmpp import JID
 from slixmpp.exceptions import IqError
 
+from server.im.blocking import is_blocked, normalize
+from server.im.rules import private_pair_key
 from server.xmpp.modules.last_activity import idle_seconds
 from tests.harness import HubHarness
 from tests.test_xmpp_jabber import send_raw_message
@@ -156,3 +159,105 @@ async def test_inactive_client_gets_messages_at_once_but_no_chat_states(hub: Hub
     # active again: chat states flow
     send_raw_message(bob, f"alice@{d}", "s-again", f"<paused xmlns='{CHATSTATES[1:-1]}'/>")
     await alice.wait_for_condition(lambda: states() == ["paused"])
+
+
+# XEP-0191 blocking command ---------------------------------------------------------------------
+
+
+def test_blocklist_rules() -> None:
+    assert normalize(" Bob@Example.COM. ") == "bob@example.com"
+    assert normalize("bob@example.com/Laptop") == "bob@example.com/Laptop"
+    assert normalize("example.com") == "example.com"
+    for bad in ("", "@example.com", "bob@", "bob@example.com/", "a b@example.com", "x\x00y"):
+        assert normalize(bad) is None, bad
+    items = {"bob@example.com", "carol@example.com/phone", "spam.example"}
+    assert is_blocked(items, "bob@example.com")
+    assert is_blocked(items, "BOB@example.com/any")  # a bare item: every resource
+    assert is_blocked(items, "carol@example.com/phone")
+    assert not is_blocked(items, "carol@example.com/laptop")  # a full item: that one only
+    assert not is_blocked(items, "carol@example.com")
+    assert is_blocked(items, "anyone@spam.example/x")  # a domain item: everyone there
+    assert not is_blocked(items, "dave@example.com")
+    assert not is_blocked(items, "not an address")
+
+
+BLOCKING_ERRORS = "{urn:xmpp:blocking:errors}"
+
+
+async def test_blocking_command_stops_delivery_and_is_pushed(hub: HubHarness) -> None:
+    alice_id, alice_token = await hub.create_user("alice")
+    bob_id, bob_token = await hub.create_user("bob")
+    await hub.create_user("carol")
+    d = domain(hub)
+    a1 = await xmpp_login(hub, "alice", resource="one", plugins=("xep_0191",))
+    a2 = await xmpp_login(hub, "alice", resource="two", plugins=("xep_0191",))
+    bob = await xmpp_login(hub, "bob")
+    carol = await xmpp_login(hub, "carol")
+    assert "urn:xmpp:blocking" in await server_features(a1, d)
+    assert await a1.plugin["xep_0191"].get_blocked_jids(timeout=10) == set()
+    assert await a2.plugin["xep_0191"].get_blocked_jids(timeout=10) == set()
+    pushes: list[str] = []
+    a2.add_event_handler("blocked", lambda iq: pushes.extend(str(i["jid"]) for i in iq["block"]))
+    a2.add_event_handler(
+        "unblocked", lambda iq: pushes.extend(f"-{i['jid']}" for i in iq["unblock"])
+    )
+
+    def bob_presences(client: XmppClient) -> list[str]:
+        return [str(p["type"]) for p in client.presences if p["from"].bare == f"bob@{d}"]
+
+    await a1.wait_for_condition(lambda: bob_presences(a1)[-1:] == ["available"])
+    await a1.plugin["xep_0191"].block(JID(f"Bob@{d}"), timeout=10)
+    await a2.wait_for_condition(lambda: pushes == [f"bob@{d}"])  # the other resource is told
+    stored = await hub.services.store["blocklists"].find_one({"_id": alice_id})
+    assert stored is not None and stored["jids"] == [f"bob@{d}"]
+    assert await a2.plugin["xep_0191"].get_blocked_jids(timeout=10) == {JID(f"bob@{d}")}
+    # blocked: shown offline at once, and nothing of bob's reaches alice's clients
+    await a1.wait_for_condition(lambda: bob_presences(a1)[-1:] == ["unavailable"])
+    presences_then = len(bob_presences(a1))
+    send_raw_message(bob, f"alice@{d}", "b1", body="are you there?")
+    send_raw_message(bob, f"alice@{d}", "b2", f"<composing xmlns='{CHATSTATES[1:-1]}'/>")
+    await hub.request("PUT", "/api/v1/presence/me", token=bob_token, json={"status": "dnd"})
+    send_raw_message(carol, f"alice@{d}", "c1", body="from carol")
+    for client in (a1, a2):
+        await client.wait_for_condition(lambda c=client: "from carol" in c.bodies())  # type: ignore[misc]
+    await asyncio.sleep(0.5)
+    for client in (a1, a2):
+        assert "are you there?" not in client.bodies()
+        assert not any(m["from"].bare == f"bob@{d}" for m in client.messages)
+    assert len(bob_presences(a1)) == presences_then
+    # ... but the dialog has it: the web messenger shows it (the blocklist is Jabber's)
+    pair = private_pair_key(alice_id, bob_id)
+    chat = await hub.services.store["chats"].find_one({"pair_key": pair})
+    assert chat is not None
+    history = await hub.request(
+        "GET", f"/api/v1/im/chats/{chat['_id']}/messages", token=alice_token
+    )
+    assert "are you there?" in [m["text"] for m in history.body], history.body
+    # writing to a blocked address is refused with <blocked/>
+    errors: list[Any] = []
+    a1.add_event_handler("message_error", errors.append)
+    send_raw_message(a1, f"bob@{d}", "a1", body="never mind")
+    await a1.wait_for_condition(lambda: len(errors) == 1)
+    assert errors[0]["error"]["condition"] == "not-acceptable"
+    assert errors[0].xml.find(f"{{jabber:client}}error/{BLOCKING_ERRORS}blocked") is not None
+    # nor as offline messages on the next login
+    a1.disconnect()
+    a2.disconnect()
+    await asyncio.gather(a1.gone.wait(), a2.gone.wait())
+    send_raw_message(bob, f"alice@{d}", "b3", body="still ignoring me?")
+    send_raw_message(carol, f"alice@{d}", "c2", body="carol again")
+    await asyncio.sleep(0.5)
+    a3 = await xmpp_login(hub, "alice", resource="three", plugins=("xep_0191",))
+    await a3.wait_for_condition(lambda: "carol again" in a3.bodies())
+    await asyncio.sleep(0.3)
+    assert "still ignoring me?" not in a3.bodies()
+    assert f"bob@{d}" not in [p["from"].bare for p in a3.presences]
+    # unblocked (all): bob's status shows again, his messages arrive
+    await a3.plugin["xep_0191"].get_blocked(timeout=10)
+    unblock_all = a3.make_iq_set()
+    unblock_all.enable("unblock")  # no items: everyone (slixmpp's unblock() needs some)
+    await unblock_all.send(timeout=10)  # type: ignore[no-untyped-call]
+    assert await a3.plugin["xep_0191"].get_blocked_jids(timeout=10) == set()
+    await a3.wait_for_condition(lambda: bob_presences(a3)[-1:] == ["dnd"])  # (slixmpp's type)
+    send_raw_message(bob, f"alice@{d}", "b4", body="hello again")
+    await a3.wait_for_condition(lambda: "hello again" in a3.bodies())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from server.xmpp.modules import (
     basics,
+    blocking,
     carbons,
     csi,
     disco,
@@ -31,6 +32,7 @@ MODULES = (
     vcard,
     entity_time,
     last_activity,
+    blocking,
 )
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from server.events.models import EphemeralEvent
 from server.store.database import Document
 from server.xmpp.jid import Jid
+from server.xmpp.modules.blocking import blocked_for
 from server.xmpp.modules.csi import deliver_presence
 from server.xmpp.modules.disco import contact_caps
 from server.xmpp.session import C2SSession
@@ -57,7 +58,11 @@ def install(server: XmppServer) -> None:
             if user_id in visible and user_id != session.user_id:
                 status = await server.presence.seen_status(user_id)
                 login = await server.login_of(user_id)
-                if login and status != "offline":
+                if (
+                    login
+                    and status != "offline"
+                    and not await blocked_for(server, session.user_id, f"{login}@{server.domain}")
+                ):
                     deliver_presence(session, presence_stanza(server, login, status, session.jid))
 
     async def on_presence(session: C2SSession, stanza: ET.Element) -> bool:
@@ -94,7 +99,9 @@ def install(server: XmppServer) -> None:
                 return True
             if kind == "probe":
                 user = await visible_user()
-                if user is not None:
+                if user is not None and not await blocked_for(
+                    server, session.user_id, str(target.bare)
+                ):
                     status = await server.presence.seen_status(str(user["_id"]))
                     session.send_nowait(
                         presence_stanza(server, str(user["login"]), status, session.jid)
@@ -157,6 +164,8 @@ def install(server: XmppServer) -> None:
             viewer = stream.partition(":")[2]
             if viewer == user_id:
                 continue  # a user's own merged state is not a contact's presence
+            if await blocked_for(server, viewer, f"{login}@{server.domain}"):
+                continue  # XEP-0191: blocked contacts' presence does not reach the viewer
             for session in server.available_sessions_of(viewer):
                 if session.jid is not None:
                     deliver_presence(session, presence_stanza(server, login, status, session.jid))
