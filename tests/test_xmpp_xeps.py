@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from slixmpp import JID
 from slixmpp.exceptions import IqError
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
 
 from server.im.blocking import is_blocked, normalize
 from server.im.rules import private_pair_key
 from server.xmpp.modules.last_activity import idle_seconds
 from tests.harness import HubHarness
 from tests.test_xmpp_jabber import send_raw_message
-from tests.test_xmpp_muc import record_stanzas
+from tests.test_xmpp_muc import create_group, history, join, muc_login, post, record_stanzas
 from tests.xmpp_client import XmppClient, xmpp_login
 
 
@@ -261,3 +264,128 @@ async def test_blocking_command_stops_delivery_and_is_pushed(hub: HubHarness) ->
     await a3.wait_for_condition(lambda: bob_presences(a3)[-1:] == ["dnd"])  # (slixmpp's type)
     send_raw_message(bob, f"alice@{d}", "b4", body="hello again")
     await a3.wait_for_condition(lambda: "hello again" in a3.bodies())
+
+
+# XEP-0045 private messages and XEP-0313 for rooms ------------------------------------------------
+
+MUC_USER_X = "{http://jabber.org/protocol/muc#user}x"
+MAM = "urn:xmpp:mam:2"
+
+
+async def test_private_messages_between_room_occupants(hub: HubHarness) -> None:
+    alice_id, _ = await hub.create_user("alice")
+    bob_id, _ = await hub.create_user("bob")
+    _, carol = await hub.create_user("carol")
+    await hub.create_user("dave")
+    chat = await create_group(hub, carol, "Plans", [alice_id, bob_id])
+    d = domain(hub)
+    room = JID(f"{chat['id']}@conference.{d}")
+    alice = await muc_login(hub, "alice")
+    bob = await muc_login(hub, "bob")
+    dave = await muc_login(hub, "dave")
+    await join(alice, room, "al")
+    await join(bob, room, "bobby")
+    bob_seen = record_stanzas(bob)
+    alice_seen = record_stanzas(alice)
+
+    send_raw_message(alice, f"{room}/bobby", "pm1", body="just between us")
+    await bob.wait_for_condition(lambda: "just between us" in bob.bodies())
+    [pm] = [m for m in bob_seen if m.xml.findtext("{jabber:client}body") == "just between us"]
+    assert str(pm["from"]) == f"{room}/al"  # from the sender's occupant JID
+    assert str(pm["to"]) == f"bob@{d}/test"
+    assert pm["type"] == "chat" and pm["id"] == "pm1"
+    assert pm.xml.find(MUC_USER_X) is not None  # a MUC private message (XEP-0045 7.5)
+    send_raw_message(bob, f"{room}/al", "pm2", body="sure")
+    await alice.wait_for_condition(lambda: "sure" in alice.bodies())
+    [reply] = [m for m in alice_seen if m.xml.findtext("{jabber:client}body") == "sure"]
+    assert str(reply["from"]) == f"{room}/bobby"
+    # not stored: neither in the room's history nor as a dialog
+    assert "just between us" not in [m["text"] for m in await history(hub, carol, chat["id"])]
+    assert await hub.services.store["messages"].count_documents({"text": "just between us"}) == 0
+
+    errors: list[Any] = []
+    alice.add_event_handler("message_error", errors.append)
+    send_raw_message(alice, f"{room}/nobody", "pm3", body="hello?")
+    await alice.wait_for_condition(lambda: len(errors) == 1)
+    assert errors[0]["error"]["condition"] == "item-not-found"
+    # someone not in the room cannot whisper to its occupants
+    dave_errors: list[Any] = []
+    dave.add_event_handler("message_error", dave_errors.append)
+    send_raw_message(dave, f"{room}/bobby", "pm4", body="psst")
+    await dave.wait_for_condition(lambda: len(dave_errors) == 1)
+    assert dave_errors[0]["error"]["condition"] == "not-acceptable"
+    await asyncio.sleep(0.3)
+    assert "psst" not in bob.bodies()
+
+
+async def mam_query(
+    client: XmppClient, to: str, ident: str, rsm: str = ""
+) -> tuple[list[Any], Any]:
+    """A MAM query (raw: the fields that matter here); returns (results, the iq result)."""
+    results: list[Any] = []
+    client.register_handler(
+        Callback(
+            f"mam {ident}",
+            MatchXPath(f"{{jabber:client}}message/{{{MAM}}}result"),
+            lambda m: results.append(m) if m.xml[0].get("queryid") == ident else None,
+        )
+    )
+    iq = client.make_iq_set(ito=JID(to))
+    iq.xml.append(
+        ET.fromstring(
+            f"<query xmlns='{MAM}' queryid='{ident}'>"
+            f"<set xmlns='http://jabber.org/protocol/rsm'>{rsm}</set></query>"
+        )
+    )
+    answer = await iq.send(timeout=10)  # type: ignore[no-untyped-call]
+    return results, answer
+
+
+def forwarded_body(result: Any) -> str:
+    body: str = result.xml.findtext(
+        f"{{{MAM}}}result/{{urn:xmpp:forward:0}}forwarded/{{jabber:client}}message/"
+        "{jabber:client}body"
+    )
+    return body
+
+
+async def test_room_archive_is_the_group_chats_history(hub: HubHarness) -> None:
+    alice_id, _ = await hub.create_user("alice")
+    _, carol = await hub.create_user("carol")
+    await hub.create_user("dave")
+    dave = await muc_login(hub, "dave")
+    chat = await create_group(hub, carol, "Plans", [alice_id])
+    for text in ("first", "second", "third"):
+        await post(hub, carol, chat["id"], text)
+    d = domain(hub)
+    room = f"{chat['id']}@conference.{d}"
+    alice = await muc_login(hub, "alice")
+    info = await alice.plugin["xep_0030"].get_info(jid=JID(room), timeout=10)
+    assert MAM in info["disco_info"]["features"]
+    # the newest two, then the page before them (RSM), without joining the room
+    results, answer = await mam_query(alice, room, "q1", "<max>2</max><before/>")
+    assert [forwarded_body(r) for r in results] == ["second", "third"]
+    assert {str(r["from"]) for r in results} == {room}
+    inner = results[0].xml.find(".//{jabber:client}message")
+    assert inner is not None and inner.get("from") == f"{room}/carol"
+    assert inner.get("type") == "groupchat"
+    fin = answer.xml.find(f"{{{MAM}}}fin")
+    assert fin is not None and fin.get("complete") == "false"
+    first = fin.findtext(
+        "{http://jabber.org/protocol/rsm}set/{http://jabber.org/protocol/rsm}first"
+    )
+    older, answer = await mam_query(alice, room, "q2", f"<max>2</max><before>{first}</before>")
+    assert [forwarded_body(r) for r in older] == ["first"]
+    assert answer.xml.find(f"{{{MAM}}}fin").get("complete") == "true"
+    # what the web deletes is gone from the archive too (one history)
+    doomed = (await history(hub, carol, chat["id"]))[-1]
+    resp = await hub.request("DELETE", f"/api/v1/im/messages/{doomed['id']}", token=carol)
+    assert resp.status < 300, resp.body
+    results, _ = await mam_query(alice, room, "q3")
+    assert [forwarded_body(r) for r in results] == ["first", "second"]
+    # one's own archive does not mix the room in; non-members read nothing
+    own, _ = await mam_query(alice, f"alice@{d}", "q4")
+    assert own == []
+    with pytest.raises(IqError) as refused:
+        await mam_query(dave, room, "q5")
+    assert refused.value.condition == "forbidden"

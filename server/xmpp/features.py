@@ -27,8 +27,8 @@ MODULES = (
     presence,
     carbons,
     messages,
+    mam,  # before muc, which takes MAM queries to rooms and leaves the rest to it
     muc,
-    mam,
     vcard,
     entity_time,
     last_activity,
