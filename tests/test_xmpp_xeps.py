@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -388,4 +390,76 @@ async def test_room_archive_is_the_group_chats_history(hub: HubHarness) -> None:
     assert own == []
     with pytest.raises(IqError) as refused:
         await mam_query(dave, room, "q5")
+    assert refused.value.condition == "forbidden"
+
+
+# XEP-0054 vCard writes -------------------------------------------------------------------------
+
+VCARD = "vcard-temp"
+
+
+async def set_vcard(client: XmppClient, inner: str) -> Any:
+    iq = client.make_iq_set()
+    iq.xml.append(ET.fromstring(f"<vCard xmlns='{VCARD}'>{inner}</vCard>"))
+    return await iq.send(timeout=10)  # type: ignore[no-untyped-call]
+
+
+async def test_vcard_set_changes_the_users_own_profile_and_picture(hub: HubHarness) -> None:
+    alice_id, alice_token = await hub.create_user("alice", first_name="Alice")
+    await hub.create_user("bob")
+    d = domain(hub)
+    alice = await xmpp_login(hub, "alice")
+    bob = await xmpp_login(hub, "bob", plugins=("xep_0054",))
+    picture = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    encoded = base64.b64encode(picture).decode()
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))  # as clients do
+    await set_vcard(
+        alice,
+        "<FN>ignored</FN><N><FAMILY>Liddell</FAMILY><GIVEN>Alicia</GIVEN></N>"
+        "<NICKNAME>not-my-login</NICKNAME><TITLE>Explorer</TITLE>"
+        "<TEL><CELL/><NUMBER>+1 555 0100</NUMBER></TEL>"
+        "<EMAIL><USERID>elsewhere@example.test</USERID></EMAIL>"
+        f"<PHOTO><TYPE>image/png</TYPE><BINVAL>{wrapped}</BINVAL></PHOTO>",
+    )
+    me = await hub.request("GET", "/api/v1/users/me", token=alice_token)
+    assert me.body["first_name"] == "Alicia" and me.body["last_name"] == "Liddell"
+    assert me.body["position"] == "Explorer"
+    assert me.body["phones"] == [{"type": "mobile", "number": "+1 555 0100"}]
+    assert me.body["login"] == "alice" and me.body["email"] == "alice@example.test"  # portal's
+    # a colleague's client reads it back, picture included
+    card = (await bob.plugin["xep_0054"].get_vcard(JID(f"alice@{d}"), timeout=10))["vcard_temp"]
+    assert str(card["FN"]) == "Alicia Liddell"
+    photo = card.xml.find(f"{{{VCARD}}}PHOTO")
+    assert photo is not None and photo.findtext(f"{{{VCARD}}}TYPE") == "image/png"
+    assert base64.b64decode(photo.findtext(f"{{{VCARD}}}BINVAL") or "") == picture
+    user = await hub.services.directory.cached_user(alice_id)
+    assert user is not None and user["avatar_sha1"] == hashlib.sha1(picture).hexdigest()
+    # a picture alone leaves the name as it is; an empty PHOTO removes the picture
+    await set_vcard(alice, "<PHOTO/>")
+    me = await hub.request("GET", "/api/v1/users/me", token=alice_token)
+    assert me.body["first_name"] == "Alicia"
+    card = (await bob.plugin["xep_0054"].get_vcard(JID(f"alice@{d}"), timeout=10))["vcard_temp"]
+    assert card.xml.find(f"{{{VCARD}}}PHOTO") is None
+    # bad input: clear errors, nothing changed
+    for inner, condition in (
+        ("<PHOTO><TYPE>image/png</TYPE><BINVAL>not base64!</BINVAL></PHOTO>", "bad-request"),
+        ("<PHOTO><TYPE>text/html</TYPE><BINVAL>AAAA</BINVAL></PHOTO>", "bad-request"),
+        (
+            f"<PHOTO><TYPE>image/png</TYPE><BINVAL>{'A' * 100_000}</BINVAL></PHOTO>",
+            "not-acceptable",
+        ),
+        ("<N><GIVEN>" + "x" * 500 + "</GIVEN></N>", "bad-request"),
+        ("<TEL><NUMBER>call me maybe</NUMBER></TEL>", "bad-request"),
+    ):
+        with pytest.raises(IqError) as refused:
+            await set_vcard(alice, inner)
+        assert refused.value.condition == condition, inner
+    me = await hub.request("GET", "/api/v1/users/me", token=alice_token)
+    assert me.body["first_name"] == "Alicia"
+    assert me.body["phones"] == [{"type": "mobile", "number": "+1 555 0100"}]
+    # nobody writes another's vCard
+    iq = bob.make_iq_set(ito=JID(f"alice@{d}"))
+    iq.xml.append(ET.fromstring(f"<vCard xmlns='{VCARD}'><TITLE>Boss</TITLE></vCard>"))
+    with pytest.raises(IqError) as refused:
+        await iq.send(timeout=10)  # type: ignore[no-untyped-call]
     assert refused.value.condition == "forbidden"
