@@ -404,6 +404,16 @@ async def set_vcard(client: XmppClient, inner: str) -> Any:
     return await iq.send(timeout=10)  # type: ignore[no-untyped-call]
 
 
+def photos(client: XmppClient, jid: str) -> list[str]:
+    """The XEP-0153 hashes in a contact's presence so far ("" for an empty <photo/>)."""
+    found = []
+    for presence in client.presences:
+        photo = presence.xml.find("{vcard-temp:x:update}x/{vcard-temp:x:update}photo")
+        if presence["from"].bare == jid and photo is not None:
+            found.append(photo.text or "")
+    return found
+
+
 async def test_vcard_set_changes_the_users_own_profile_and_picture(hub: HubHarness) -> None:
     alice_id, alice_token = await hub.create_user("alice", first_name="Alice")
     await hub.create_user("bob")
@@ -432,14 +442,21 @@ async def test_vcard_set_changes_the_users_own_profile_and_picture(hub: HubHarne
     photo = card.xml.find(f"{{{VCARD}}}PHOTO")
     assert photo is not None and photo.findtext(f"{{{VCARD}}}TYPE") == "image/png"
     assert base64.b64decode(photo.findtext(f"{{{VCARD}}}BINVAL") or "") == picture
+    sha1 = hashlib.sha1(picture).hexdigest()
     user = await hub.services.directory.cached_user(alice_id)
-    assert user is not None and user["avatar_sha1"] == hashlib.sha1(picture).hexdigest()
+    assert user is not None and user["avatar_sha1"] == sha1
+    # XEP-0153: colleagues online hear of the new picture, newcomers see it in presence
+    await bob.wait_for_condition(lambda: photos(bob, f"alice@{d}")[-1:] == [sha1])
+    await hub.create_user("carol")
+    carol = await xmpp_login(hub, "carol")
+    await carol.wait_for_condition(lambda: photos(carol, f"alice@{d}") == [sha1])
     # a picture alone leaves the name as it is; an empty PHOTO removes the picture
     await set_vcard(alice, "<PHOTO/>")
     me = await hub.request("GET", "/api/v1/users/me", token=alice_token)
     assert me.body["first_name"] == "Alicia"
     card = (await bob.plugin["xep_0054"].get_vcard(JID(f"alice@{d}"), timeout=10))["vcard_temp"]
     assert card.xml.find(f"{{{VCARD}}}PHOTO") is None
+    await bob.wait_for_condition(lambda: photos(bob, f"alice@{d}")[-1:] == [""])  # "none"
     # bad input: clear errors, nothing changed
     for inner, condition in (
         ("<PHOTO><TYPE>image/png</TYPE><BINVAL>not base64!</BINVAL></PHOTO>", "bad-request"),

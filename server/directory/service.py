@@ -403,6 +403,10 @@ class DirectoryService:
         )
         for hook in self.user_hooks:
             await hook(user_id, frozenset({"avatar_sha1"}))
+        # For Jabber contacts' presence (XEP-0153), on every node; no rooms: not for browsers.
+        await self._bus.publish_ephemeral(
+            EphemeralEvent("user.avatar", {"user_id": user_id, "sha1": sha1})
+        )
 
     async def directory_changed(self, user_ids: list[str]) -> None:
         """Tell transports that keep a copy of the directory (XMPP rosters) to refresh.

@@ -114,7 +114,7 @@ def install(server: XmppServer) -> None:
         await show_concerned(user_id, added, removed)
 
     async def show_concerned(user_id: str, added: list[str], removed: list[str]) -> None:
-        from server.xmpp.modules.presence import presence_stanza  # (presence imports us)
+        from server.xmpp.modules.presence import photo_of, presence_stanza  # (it imports us)
 
         user = await server.directory.cached_user(user_id)
         if user is None:
@@ -134,8 +134,10 @@ def install(server: XmppServer) -> None:
                 status = await server.presence.seen_status(other_id)
             else:
                 continue
+            photo = await photo_of(server, other_id)
             for session in server.available_sessions_of(user_id):
                 if session.jid is not None:
-                    deliver_presence(session, presence_stanza(server, login, status, session.jid))
+                    stanza = presence_stanza(server, login, status, session.jid, photo)
+                    deliver_presence(session, stanza)
 
     server.bus.subscribe_ephemeral(changed)

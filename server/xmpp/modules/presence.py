@@ -21,7 +21,15 @@ if TYPE_CHECKING:
 TRANSPORT = "xmpp"
 
 
-def presence_stanza(server: XmppServer, login: str, status: str, to: Jid) -> ET.Element:
+VCARD_UPDATE = "vcard-temp:x:update"
+AVATAR_CHANGED = "user.avatar"
+
+
+def presence_stanza(
+    server: XmppServer, login: str, status: str, to: Jid, photo: str | None = None
+) -> ET.Element:
+    """A colleague's merged presence; ``photo``: the SHA-1 of their picture, announced as
+    XEP-0153 asks, so clients fetch the vCard when it changes."""
     frm = Jid(login, server.domain, PORTAL_RESOURCE)
     stanza = element("presence", {"from": str(frm), "to": str(to)})
     if status == "offline":
@@ -30,7 +38,15 @@ def presence_stanza(server: XmppServer, login: str, status: str, to: Jid) -> ET.
         if status in ("away", "dnd"):
             child(stanza, "show", text=status)
         stanza.append(contact_caps())
+        if photo:
+            child(child(stanza, "x", ns=VCARD_UPDATE), "photo", text=photo)
     return stanza
+
+
+async def photo_of(server: XmppServer, user_id: str) -> str | None:
+    """The SHA-1 of a user's picture, from the directory's cache."""
+    doc = await server.directory.cached_user(user_id)
+    return str(doc["avatar_sha1"]) if doc and doc.get("avatar_sha1") else None
 
 
 def own_copy(stanza: ET.Element, frm: Jid, to: Jid) -> ET.Element:
@@ -63,7 +79,10 @@ def install(server: XmppServer) -> None:
                     and status != "offline"
                     and not await blocked_for(server, session.user_id, f"{login}@{server.domain}")
                 ):
-                    deliver_presence(session, presence_stanza(server, login, status, session.jid))
+                    photo = await photo_of(server, user_id)
+                    deliver_presence(
+                        session, presence_stanza(server, login, status, session.jid, photo)
+                    )
 
     async def on_presence(session: C2SSession, stanza: ET.Element) -> bool:
         assert session.jid is not None
@@ -103,8 +122,9 @@ def install(server: XmppServer) -> None:
                     server, session.user_id, str(target.bare)
                 ):
                     status = await server.presence.seen_status(str(user["_id"]))
+                    photo = str(user.get("avatar_sha1") or "") or None
                     session.send_nowait(
-                        presence_stanza(server, str(user["login"]), status, session.jid)
+                        presence_stanza(server, str(user["login"]), status, session.jid, photo)
                     )
             return True  # other directed presence and subscription changes: ignored
         if kind == "unavailable":
@@ -160,6 +180,7 @@ def install(server: XmppServer) -> None:
         if login is None:
             return
         status = str(event.data.get("status", "offline"))
+        photo = await photo_of(server, user_id) if status != "offline" else None
         for stream in event.streams:
             viewer = stream.partition(":")[2]
             if viewer == user_id:
@@ -168,6 +189,33 @@ def install(server: XmppServer) -> None:
                 continue  # XEP-0191: blocked contacts' presence does not reach the viewer
             for session in server.available_sessions_of(viewer):
                 if session.jid is not None:
-                    deliver_presence(session, presence_stanza(server, login, status, session.jid))
+                    deliver_presence(
+                        session, presence_stanza(server, login, status, session.jid, photo)
+                    )
+
+    async def avatar_changed(event: EphemeralEvent) -> None:
+        """XEP-0153: a new picture is announced in a presence with its hash (from the event:
+        this node's directory cache may not have heard of the change yet)."""
+        if event.type != AVATAR_CHANGED:
+            return
+        user_id = str(event.data.get("user_id", ""))
+        user = await server.directory.cached_user(user_id)
+        login = await server.login_of(user_id)
+        if user is None or login is None:
+            return
+        status = await server.presence.seen_status(user_id)
+        if status == "offline":
+            return  # their next presence carries it
+        photo = str(event.data.get("sha1") or "") or None
+        for viewer in await server.directory.visible_user_ids(user):
+            if viewer == user_id or await blocked_for(server, viewer, f"{login}@{server.domain}"):
+                continue
+            for session in server.available_sessions_of(viewer):
+                if session.jid is not None:
+                    stanza = presence_stanza(server, login, status, session.jid, photo)
+                    if photo is None:  # removed: an empty <photo/> says "no picture"
+                        child(child(stanza, "x", ns=VCARD_UPDATE), "photo")
+                    deliver_presence(session, stanza)
 
     server.bus.subscribe_ephemeral(presence_changed)
+    server.bus.subscribe_ephemeral(avatar_changed)
