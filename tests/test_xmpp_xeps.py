@@ -480,3 +480,65 @@ async def test_vcard_set_changes_the_users_own_profile_and_picture(hub: HubHarne
     with pytest.raises(IqError) as refused:
         await iq.send(timeout=10)  # type: ignore[no-untyped-call]
     assert refused.value.condition == "forbidden"
+
+
+# XEP-0049 private storage (XEP-0048 bookmarks) -------------------------------------------------
+
+PRIVATE = "jabber:iq:private"
+BOOKMARKS = (
+    "<storage xmlns='storage:bookmarks'>"
+    "<conference jid='plans@conference.example' name='Plans &amp; more' autojoin='true'>"
+    "<nick>al</nick></conference></storage>"
+)
+
+
+async def private_iq(client: XmppClient, kind: str, inner: str, to: str = "") -> Any:
+    iq = client.make_iq_set() if kind == "set" else client.make_iq_get()
+    if to:
+        iq["to"] = to
+    iq.xml.append(ET.fromstring(f"<query xmlns='{PRIVATE}'>{inner}</query>"))
+    return await iq.send(timeout=10)  # type: ignore[no-untyped-call]
+
+
+async def test_private_storage_keeps_bookmarks_for_every_client(hub: HubHarness) -> None:
+    alice_id, _ = await hub.create_user("alice")
+    await hub.create_user("bob")
+    d = domain(hub)
+    laptop = await xmpp_login(hub, "alice", resource="laptop")
+    await private_iq(laptop, "set", BOOKMARKS)
+    stored = await hub.services.store["private_storage"].find_one({"user_id": alice_id})
+    assert stored is not None and stored["key"] == "{storage:bookmarks}storage"
+    # another client of alice's finds them
+    phone = await xmpp_login(hub, "alice", resource="phone")
+    answer = await private_iq(phone, "get", "<storage xmlns='storage:bookmarks'/>")
+    room = answer.xml.find(
+        f"{{{PRIVATE}}}query/{{storage:bookmarks}}storage/{{storage:bookmarks}}conference"
+    )
+    assert room is not None, answer
+    assert room.get("jid") == "plans@conference.example" and room.get("name") == "Plans & more"
+    assert room.get("autojoin") == "true" and room.findtext("{storage:bookmarks}nick") == "al"
+    # replaced, not merged
+    await private_iq(phone, "set", "<storage xmlns='storage:bookmarks'/>")
+    answer = await private_iq(laptop, "get", "<storage xmlns='storage:bookmarks'/>")
+    assert answer.xml.find(".//{storage:bookmarks}conference") is None
+    # someone else's storage: their own (empty), never alice's
+    bob = await xmpp_login(hub, "bob")
+    await private_iq(laptop, "set", BOOKMARKS)
+    answer = await private_iq(bob, "get", "<storage xmlns='storage:bookmarks'/>")
+    assert answer.xml.find(".//{storage:bookmarks}conference") is None
+    for kind in ("get", "set"):
+        with pytest.raises(IqError) as refused:
+            await private_iq(bob, kind, BOOKMARKS, to=f"alice@{d}")
+        assert refused.value.condition == "forbidden"
+    # the roster delimiter is the server's
+    answer = await private_iq(bob, "get", "<roster xmlns='roster:delimiter'/>")
+    assert answer.xml.findtext(f"{{{PRIVATE}}}query/{{roster:delimiter}}roster") == "/"
+    for inner, condition in (
+        ("<roster xmlns='roster:delimiter'>::</roster>", "not-allowed"),
+        ("<a xmlns='x:a'/><b xmlns='x:b'/>", "not-acceptable"),
+        ("<message xmlns='jabber:client'/>", "not-acceptable"),
+        (f"<big xmlns='x:big'>{'x' * 70_000}</big>", "resource-constraint"),
+    ):
+        with pytest.raises(IqError) as refused:
+            await private_iq(bob, "set", inner)
+        assert refused.value.condition == condition, inner
