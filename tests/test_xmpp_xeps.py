@@ -542,3 +542,22 @@ async def test_private_storage_keeps_bookmarks_for_every_client(hub: HubHarness)
         with pytest.raises(IqError) as refused:
             await private_iq(bob, "set", inner)
         assert refused.value.condition == condition, inner
+
+
+async def test_writes_from_clients_are_rate_limited_per_user(hub: HubHarness) -> None:
+    """vCard, blocklist and private storage writes may fan out to every colleague: a client in
+    a loop gets resource-constraint (wait) past 10 at once, whatever resource it uses."""
+    await hub.create_user("mallory")
+    await hub.create_user("alice")
+    one = await xmpp_login(hub, "mallory", resource="one")
+    two = await xmpp_login(hub, "mallory", resource="two", plugins=("xep_0191",))
+    for n in range(5):
+        await private_iq(one, "set", f"<s xmlns='x:s'>{n}</s>")
+        await set_vcard(two, f"<TITLE>title {n}</TITLE>")
+    with pytest.raises(IqError) as refused:
+        await two.plugin["xep_0191"].block(JID("spam.example"), timeout=10)
+    assert refused.value.condition == "resource-constraint"
+    assert refused.value.iq["error"]["type"] == "wait"
+    # nobody else pays for it
+    alice = await xmpp_login(hub, "alice")
+    await private_iq(alice, "set", "<s xmlns='x:s'>fine</s>")

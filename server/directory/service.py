@@ -381,6 +381,8 @@ class DirectoryService:
             raise ValueError(f"a picture is at most {MAX_AVATAR_BYTES} bytes")
         doc = await self.user_document(user_id)
         sha1 = hashlib.sha1(data).hexdigest() if data is not None else None
+        if doc.get("avatar_sha1") == sha1 and sha1 is not None:
+            return  # the same picture again (clients resend the whole vCard)
         if data is None:
             await self._store[AVATARS].delete_one({"_id": user_id})
         else:

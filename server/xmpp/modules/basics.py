@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from server import __version__
 from server.directory.private_storage import StorageFull
 from server.xmpp.jid import Jid
+from server.xmpp.limits import writes_of
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import StanzaError, child, element, namespace, q, result
 from server.xmpp.xmlstream import serialize
@@ -74,6 +75,7 @@ def install(server: XmppServer) -> None:
 
     async def private_set(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
         own(iq)
+        writes_of(server).check(session.user_id)
         stored = wanted(payload)
         if stored.tag == q(DELIMITER, "roster") or storage is None:
             raise StanzaError("not-allowed", "the roster delimiter is the server's: /")

@@ -18,6 +18,7 @@ from weakref import WeakSet
 
 from server.events.models import EphemeralEvent
 from server.im.blocking import CHANGED, BlocklistFull, is_blocked, normalize
+from server.xmpp.limits import writes_of
 from server.xmpp.modules.csi import deliver_presence
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import StanzaError, child, element, error_reply, q, result
@@ -69,6 +70,7 @@ def install(server: XmppServer) -> None:
         return result(iq, answer)
 
     async def block(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
+        writes_of(server).check(session.user_id)
         jids = items_of(payload)
         if not jids:
             raise StanzaError("bad-request", "block whom?")
@@ -79,6 +81,7 @@ def install(server: XmppServer) -> None:
         return result(iq)
 
     async def unblock(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
+        writes_of(server).check(session.user_id)
         jids = items_of(payload)
         await service.unblock(session.user_id, jids or None)  # none named: everyone
         return result(iq)

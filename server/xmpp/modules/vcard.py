@@ -23,6 +23,7 @@ from server.directory.models import ProfileUpdate
 from server.directory.service import MAX_AVATAR_BYTES
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
+from server.xmpp.limits import writes_of
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import StanzaError, child, element, q, result
 
@@ -135,6 +136,7 @@ def install(server: XmppServer) -> None:
         to = iq.get("to")
         if to and Jid.parse(to).bare != Jid.parse(iq.get("from", "")).bare:
             raise StanzaError("forbidden", "only one's own vCard")
+        writes_of(server).check(session.user_id)
         fields = profile_fields(payload)
         photo = payload.find(q(VCARD, "PHOTO"))
         picture = read_photo(photo) if photo is not None else None
