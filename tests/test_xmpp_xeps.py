@@ -19,6 +19,7 @@ from server.im.blocking import is_blocked, normalize
 from server.im.rules import private_pair_key
 from server.xmpp.modules.last_activity import idle_seconds
 from tests.harness import HubHarness
+from tests.test_multinode import two_nodes  # noqa: F401 (a fixture)
 from tests.test_xmpp_jabber import send_raw_message
 from tests.test_xmpp_muc import create_group, history, join, muc_login, post, record_stanzas
 from tests.xmpp_client import XmppClient, xmpp_login
@@ -561,3 +562,27 @@ async def test_writes_from_clients_are_rate_limited_per_user(hub: HubHarness) ->
     # nobody else pays for it
     alice = await xmpp_login(hub, "alice")
     await private_iq(alice, "set", "<s xmlns='x:s'>fine</s>")
+
+
+async def test_blocking_holds_across_nodes(
+    two_nodes: tuple[HubHarness, HubHarness],  # noqa: F811
+) -> None:
+    """The blocklist is stored once and cached per node: a block made through one node is
+    pushed to the user's clients on the other, whose delivery stops at once too."""
+    one, two = two_nodes
+    await one.create_user("alice")
+    await one.create_user("bob")
+    d = domain(one)
+    here = await xmpp_login(one, "alice", resource="here", plugins=("xep_0191",))
+    there = await xmpp_login(two, "alice", resource="there", plugins=("xep_0191",))
+    bob = await xmpp_login(two, "bob")
+    assert await there.plugin["xep_0191"].get_blocked_jids(timeout=10) == set()  # cached there
+    send_raw_message(bob, f"alice@{d}", "b0", body="before")
+    await there.wait_for_condition(lambda: "before" in there.bodies())
+    pushes: list[str] = []
+    there.add_event_handler("blocked", lambda iq: pushes.extend(str(i["jid"]) for i in iq["block"]))
+    await here.plugin["xep_0191"].block(JID(f"bob@{d}"), timeout=10)
+    await there.wait_for_condition(lambda: pushes == [f"bob@{d}"])
+    send_raw_message(bob, f"alice@{d}", "b1", body="after")
+    await asyncio.sleep(1.0)
+    assert "after" not in there.bodies() and "after" not in here.bodies()
