@@ -86,6 +86,12 @@ def install(server: XmppServer) -> None:
         await service.unblock(session.user_id, jids or None)  # none named: everyone
         return result(iq)
 
+    async def warm(session: C2SSession) -> None:
+        # Read now, at login, so that live delivery to this user finds it cached (the
+        # messages bridge checks it for every message and presence to them).
+        await service.blocked(session.user_id)
+
+    server.on_bound(warm)
     server.iq("get", q(BLOCKING, "blocklist"), get)
     server.iq("set", q(BLOCKING, "block"), block)
     server.iq("set", q(BLOCKING, "unblock"), unblock)
