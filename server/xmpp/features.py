@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from server.xmpp.modules import (
     basics,
+    blocking,
     carbons,
+    csi,
     disco,
+    entity_time,
+    last_activity,
     mam,
     messages,
     muc,
@@ -16,7 +20,22 @@ from server.xmpp.modules import (
 )
 from server.xmpp.server import XmppServer
 
-MODULES = (basics, disco, roster, presence, carbons, messages, muc, mam, vcard, upload)
+MODULES = (
+    basics,
+    disco,
+    csi,
+    roster,
+    presence,
+    carbons,
+    messages,
+    mam,  # before muc, which takes MAM queries to rooms and leaves the rest to it
+    muc,
+    vcard,
+    entity_time,
+    last_activity,
+    blocking,
+    upload,
+)
 
 
 def install_all(server: XmppServer) -> None:
