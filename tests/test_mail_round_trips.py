@@ -1,0 +1,178 @@
+"""A reply's way from the stored raw message to its activity and its counter costs a fixed
+number of database round trips per batch, whatever the history.
+
+Every command the hub sends is counted (a pymongo ``CommandListener`` on its client, as in
+``test_round_trips.py``) while a batch of replies by code, by thread and by sender is
+processed: once with a short history, once after many more replies were delivered. The
+pipeline is driven by hand (``drain``) so the count covers exactly the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from pymongo import monitoring
+
+from server.mailbridge import pipeline as pipeline_module
+from server.mailbridge.inbox import Source
+from server.settings import Settings
+from server.store.database import Store
+from tests.harness import HubHarness, start_hub
+from tests.test_mail_bridge import Sink, mail_setup, send_from_deal
+from tests.test_mail_bridge import sink as sink
+from tests.test_mail_crm import mail, plus_address
+
+INBOX = "crm@portal.test"
+
+
+class Commands(monitoring.CommandListener):
+    """Every command, the mail collections' included (the pipeline is driven by hand here:
+    no timed poll runs)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.seen.append((event.command_name, str(event.command.get(event.command_name))))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def mark(self) -> int:
+        return len(self.seen)
+
+
+@pytest.fixture
+async def counted(
+    settings: Settings, store: Store, sink: Sink
+) -> AsyncIterator[tuple[HubHarness, Commands]]:
+    commands = Commands()
+    monitored = Store(store.url, store.db.name)
+    monitored.client = type(store.client)(store.url, event_listeners=[commands], tz_aware=True)
+    monitored.db = monitored.client[store.db.name]
+    configured = settings.model_copy(
+        update={
+            "smtp_relay_url": SecretStr(f"smtp://127.0.0.1:{sink.port}"),
+            "domain": "portal.test",
+        }
+    )
+    try:
+        async with start_hub(configured, monitored) as hub:
+            # The workers would claim what the test stores: it drives the pipeline itself.
+            await hub.services.mail.pipeline.close()
+            yield hub, commands
+    finally:
+        await monitored.client.close()
+
+
+def replies(sent: EmailMessage, n: int, tag: str) -> list[bytes]:
+    """``n`` replies to ``sent``: by code, by thread and by sender in turn."""
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            msg = mail(
+                "Carl Client <client@example.test>",
+                f"RE: {sent['Subject']}",
+                f"{tag} {i}",
+                to=plus_address(sent),
+            )
+        elif kind == 1:
+            msg = mail(
+                "Carl Client <client@example.test>",
+                "Re: Your quote",
+                f"{tag} {i}",
+                In_Reply_To=str(sent["Message-ID"]),
+                References=str(sent["Message-ID"]),
+            )
+        else:
+            msg = mail("Carl Client <client@example.test>", "A question", f"{tag} {i}")
+        out.append(msg.as_bytes())
+    return out
+
+
+async def store_all(hub: HubHarness, raws: list[bytes]) -> None:
+    inbox = hub.services.mail.inbox
+    await asyncio.gather(*(inbox.put(raw, Source("smtp", recipients=(INBOX,))) for raw in raws))
+
+
+async def quiet(hub: HubHarness) -> None:
+    await asyncio.sleep(0.05)
+    await hub.services.crm.counters.settled()
+    await hub.services.streams.settled()
+    await hub.services.im.settled()
+
+
+async def batch_cost(
+    hub: HubHarness, commands: Commands, sent: EmailMessage, tag: str
+) -> Counter[tuple[str, str]]:
+    await store_all(hub, replies(sent, pipeline_module.CLAIM_BATCH, tag))
+    await quiet(hub)
+    mark = commands.mark()
+    done = await hub.services.mail.pipeline.drain()
+    assert done == pipeline_module.CLAIM_BATCH
+    await quiet(hub)
+    return Counter(c for c in commands.seen[mark:] if c[1] in PER_REPLY or c[0] == "getMore")
+
+
+# The collections a reply's way writes and reads. Left out: caches refreshed on their own
+# clock (the CRM's access snapshot, users' documents, chats, the mail settings and keys)
+# and the other loops (the outbox, the scheduler, the revocation poll).
+PER_REPLY = frozenset(
+    {
+        "mail_raw",
+        "crm_activities",
+        "crm_records",
+        "crm_history",
+        "crm_counters",
+        "events",
+        "streams",
+        "messages",
+        "chats",
+    }
+)
+# Reads whose cost would grow with what is stored: each must stay one query per batch (or
+# per reply) however many messages, activities and events there are.
+HISTORY_BOUND = (
+    ("find", "mail_raw"),
+    ("find", "crm_activities"),
+    ("find", "crm_records"),
+)
+
+
+async def test_a_batch_of_replies_costs_the_same_round_trips_whatever_the_history(
+    counted: tuple[HubHarness, Commands], sink: Sink
+) -> None:
+    hub, commands = counted
+    ctx = await mail_setup(hub)
+    sent = await send_from_deal(hub, ctx, sink)
+    await batch_cost(hub, commands, sent, "warm")  # caches: keys, settings, zones, access
+    small = await batch_cost(hub, commands, sent, "small")
+    # A longer history, all on the same deal: 150 more open activities on it (more than a
+    # cursor's first batch), raw messages and events.
+    for n in range(6):
+        await store_all(hub, replies(sent, 25, f"history{n}"))
+        while await hub.services.mail.pipeline.drain():
+            pass
+    large = await batch_cost(hub, commands, sent, "large")
+    report: dict[str, Any] = {"small": dict(small), "large": dict(large)}
+    for key in HISTORY_BOUND:
+        assert large[key] == small[key], (key, report)
+    assert not any(command == "getMore" for command, _ in large), report
+    # One batch of replies (by code, thread and sender, to one deal): the claim (3), their
+    # earlier copies and what matching reads (one query per kind), one insert of the
+    # activities, each reply's open count on its record and history entry (one after the
+    # other on one record), the events and the notices as their writers gather them, the
+    # counters, the outcomes. It was 22 per reply, one reply after the other.
+    for cost in (small, large):
+        assert sum(cost.values()) <= 12 * pipeline_module.CLAIM_BATCH, report
+        assert cost[("insert", "crm_activities")] <= 2, report
