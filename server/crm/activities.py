@@ -402,7 +402,7 @@ class ActivityService:
             "modified_at": now,
         }
         for act in acts:
-            done = await self._put_on(act, source, sets)
+            done = await self.put_on(act, source, sets)
             if done is not None:
                 moved.append(done)
         if not moved:
@@ -426,7 +426,7 @@ class ActivityService:
         await self.core.announce_record(target)
         return moved
 
-    async def _put_on(self, act: Document, source: Document, sets: Document) -> Document | None:
+    async def put_on(self, act: Document, source: Document, sets: Document) -> Document | None:
         """One activity of ``source`` given the owner in ``sets``; the activity as moved, or
         None when it left ``source`` (or was deleted) meanwhile. The write is guarded by what
         counting reads of it, so its counters move by the exact difference (the record's
