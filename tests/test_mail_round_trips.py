@@ -24,6 +24,7 @@ from server.mailbridge.inbox import Source
 from server.settings import Settings
 from server.store.database import Store
 from tests.harness import HubHarness, start_hub
+from tests.test_hot_queries import plan_of
 from tests.test_mail_bridge import Sink, mail_setup, send_from_deal
 from tests.test_mail_bridge import sink as sink
 from tests.test_mail_crm import mail, plus_address
@@ -105,6 +106,16 @@ async def store_all(hub: HubHarness, raws: list[bytes]) -> None:
     await asyncio.gather(*(inbox.put(raw, Source("smtp", recipients=(INBOX,))) for raw in raws))
 
 
+async def marked_sent(hub: HubHarness) -> None:
+    for _ in range(200):
+        sent = await hub.services.store["crm_activities"].find_one({"direction": "outgoing"})
+        if sent is not None and sent["mail"].get("status") != "queued":
+            await asyncio.sleep(0.2)  # its announcement, after the mark
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the mail was never marked sent")
+
+
 async def quiet(hub: HubHarness) -> None:
     await asyncio.sleep(0.05)
     await hub.services.crm.counters.settled()
@@ -155,6 +166,7 @@ async def test_a_batch_of_replies_costs_the_same_round_trips_whatever_the_histor
     hub, commands = counted
     ctx = await mail_setup(hub)
     sent = await send_from_deal(hub, ctx, sink)
+    await marked_sent(hub)  # the outbox's own writes and announcement are not a reply's
     await batch_cost(hub, commands, sent, "warm")  # caches: keys, settings, zones, access
     small = await batch_cost(hub, commands, sent, "small")
     # A longer history, all on the same deal: 150 more open activities on it (more than a
@@ -176,3 +188,63 @@ async def test_a_batch_of_replies_costs_the_same_round_trips_whatever_the_histor
     for cost in (small, large):
         assert sum(cost.values()) <= 12 * pipeline_module.CLAIM_BATCH, report
         assert cost[("insert", "crm_activities")] <= 2, report
+
+
+async def test_the_batchs_lookups_use_a_full_index(
+    counted: tuple[HubHarness, Commands], sink: Sink
+) -> None:
+    """The embedded database uses an index only when every field of the filter is in it:
+    each of the batch's ``$in`` lookups names one indexed field (or an index's fields) and
+    examines what it returns."""
+    hub, _commands = counted
+    ctx = await mail_setup(hub)
+    sent = await send_from_deal(hub, ctx, sink)
+    await store_all(hub, replies(sent, 24, "plans"))
+    while await hub.services.mail.pipeline.drain():
+        pass
+    store = hub.services.store
+    outgoing = await store["crm_activities"].find_one({"direction": "outgoing"})
+    assert outgoing is not None
+    done = [d async for d in store["mail_raw"].find({"status": "done"}, {"message_id": 1})]
+    message_ids = [d["message_id"] for d in done[:8]]
+    deal_id, contact_id = ctx["deal"]["id"], ctx["contact"]["id"]
+    queries: list[tuple[str, str, Any, Any]] = [
+        ("earlier copies", "message_id", store["mail_raw"], {"message_id": {"$in": message_ids}}),
+        ("code activities", "_id_", store["crm_activities"], {"_id": {"$in": [outgoing["_id"]]}}),
+        (
+            "thread mail",
+            "mail_message_id",
+            store["crm_activities"],
+            {"mail.message_id": {"$in": [outgoing["mail"]["message_id"], "<x@y>"]}},
+        ),
+        ("records", "_id_", store["crm_records"], {"_id": {"$in": [deal_id, contact_id]}}),
+        (
+            "open activities of records (indicators)",
+            "owner",
+            store["crm_activities"],
+            {"owner_id": {"$in": [deal_id, contact_id]}},
+        ),
+        (
+            "senders",
+            "email_keys",
+            store["crm_records"],
+            {"email_keys": {"$in": ["client@example.test", "nobody@example.test"]}},
+        ),
+        (
+            "a record's open activities (indicator)",
+            "owner",
+            store["crm_activities"],
+            {"owner_id": deal_id, "completed": False},
+        ),
+    ]
+    for name, index, collection, query in queries:
+        explained = await collection.find(query).explain()
+        stage, used = plan_of(explained)
+        assert used == index or (index == "_id_" and stage in ("IDHACK", "EXPRESS_IXSCAN")), (
+            name,
+            explained["queryPlanner"]["winningPlan"],
+        )
+        stats = explained.get("executionStats", {})
+        examined, returned = stats.get("totalDocsExamined"), stats.get("nReturned")
+        if isinstance(examined, int) and isinstance(returned, int) and "(" not in name:
+            assert examined <= returned + 2, (name, examined, returned)

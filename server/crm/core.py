@@ -135,12 +135,19 @@ class CrmCore:
         found: dict[str, list[ActivityFacts]] = {rid: [] for rid in ids}
         if not ids:
             return found
-        # What an indicator reads of each, not the activities' texts (an e-mail's bodies).
-        # In one reply however many are open (the driver's first batch holds 101).
-        async for act in self.activities.find(
-            {"owner_id": {"$in": ids}, "completed": False}, FACT_FIELDS, batch_size=10_000
-        ):
-            found.setdefault(act["owner_id"], []).append(activity_facts(act))
+        # What an indicator reads of each, not the activities' texts (an e-mail's bodies), in
+        # one reply however many are open (the driver's first batch holds 101). The embedded
+        # database answers ``owner_id $in`` with ``completed`` by scanning the collection, so
+        # one record is looked up by both fields of the index and several by ``owner_id``
+        # alone (its index prefix), their completed activities dropped here.
+        query: Document = (
+            {"owner_id": ids[0], "completed": False}
+            if len(ids) == 1
+            else {"owner_id": {"$in": ids}}
+        )
+        async for act in self.activities.find(query, FACT_FIELDS, batch_size=10_000):
+            if not act.get("completed"):
+                found.setdefault(act["owner_id"], []).append(activity_facts(act))
         return found
 
     async def indicators(
