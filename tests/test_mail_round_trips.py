@@ -248,3 +248,39 @@ async def test_the_batchs_lookups_use_a_full_index(
         examined, returned = stats.get("totalDocsExamined"), stats.get("nReturned")
         if isinstance(examined, int) and isinstance(returned, int) and "(" not in name:
             assert examined <= returned + 2, (name, examined, returned)
+
+
+async def test_copies_of_one_message_in_one_batch_make_one_activity(
+    counted: tuple[HubHarness, Commands], sink: Sink
+) -> None:
+    """The messages of a claim go side by side, but copies of one Message-ID (resent with
+    other bytes) one after the other: the later copy sees the earlier one done."""
+    hub, _commands = counted
+    ctx = await mail_setup(hub)
+    sent = await send_from_deal(hub, ctx, sink)
+    await marked_sent(hub)
+    same = "<same-reply@example.test>"
+    copies = [
+        mail(
+            "Carl Client <client@example.test>",
+            f"RE: {sent['Subject']}",
+            f"copy {n}",
+            to=plus_address(sent),
+            message_id=same,
+        ).as_bytes()
+        for n in range(3)
+    ]
+    await store_all(hub, [*copies, *replies(sent, 3, "others")])
+    assert await hub.services.mail.pipeline.drain() == 6
+    outcomes = sorted(
+        [d["status"] async for d in hub.services.store["mail_raw"].find({"message_id": same})]
+    )
+    assert outcomes == ["done", "duplicate", "duplicate"]
+    store = hub.services.store
+    assert await store["crm_activities"].count_documents({"mail.incoming_message_id": same}) == 1
+    assert (
+        await store["crm_activities"].count_documents(
+            {"direction": "incoming", "owner_id": ctx["deal"]["id"]}
+        )
+        == 1 + 2  # the copy and the other replies by code and by thread
+    )

@@ -195,7 +195,14 @@ class MailPipeline:
         done = 0
         async with renewing(partial(self._inbox.renew_some, left, self._node), "mail claim"):
             read = await asyncio.gather(*(self._read(doc) for doc in batch))
-            lookups = await self._look_up([r for r in read if isinstance(r[1], ParsedMail)])
+            try:
+                lookups = await self._look_up([r for r in read if isinstance(r[1], ParsedMail)])
+            except Exception:
+                raise_if_stopping()
+                # Each message then reads what it needs itself (and fails, and is retried,
+                # on its own if the database is away).
+                log.warning("reading for a batch of mail failed", exc_info=True)
+                lookups = Lookups()
             groups: dict[str, list[Read]] = {}
             for one in read:
                 mail = one[1]
