@@ -324,6 +324,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         await svc.presence.close()
         await svc.scheduler.close()
         await svc.crm.counters.close()
+        await svc.crm.records.core.close()
         await svc.hub.close()
         await svc.im.close()
         await svc.streams.close()
