@@ -215,13 +215,20 @@ def web_client_dir(settings: Settings) -> Path:
 
 
 async def _maintenance(svc: Services) -> None:
-    """Prunes expired history and tokens; a failed round is logged and retried next time."""
+    """Prunes expired history, tokens, upload slots and uploads never sent; a failed round is
+    logged and retried next time."""
     while True:
         try:
             removed = await svc.streams.prune()
             tokens = await svc.auth.prune_expired_tokens()
-            if removed or tokens:
-                log.info("maintenance: pruned %s events, %s tokens", removed, tokens)
+            files = await svc.im.files.prune()
+            if removed or tokens or files:
+                log.info(
+                    "maintenance: pruned %s events, %s tokens, %s unsent files",
+                    removed,
+                    tokens,
+                    files,
+                )
         except Exception:
             raise_if_stopping()
             log.exception("maintenance round failed")
@@ -302,6 +309,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
             timedelta(minutes=svc.settings.crm_counters_check_minutes)
         )
         svc.scheduler.start()
+        await svc.im.files.start()  # the link secret, before Jabber clients get links
         if svc.xmpp is not None:
             await svc.xmpp.start()
         await svc.mail.start()

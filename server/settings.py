@@ -155,6 +155,18 @@ class Settings(BaseSettings):
     im_messages_per_second: float = Field(default=5.0, gt=0)
     im_message_burst: int = Field(default=20, ge=1)
     im_max_recipients: int = Field(default=500, ge=1)
+    file_max_bytes: int = Field(
+        default=25 * 1024 * 1024,
+        ge=1,
+        le=2**40,
+        description="Largest file that may be sent in a chat (web upload and XEP-0363 slots)",
+    )
+    file_max_per_message: int = Field(default=10, ge=1, le=100)
+    public_url: str | None = Field(
+        default=None,
+        description="The hub's address as users reach it (https://chat.example.com), for "
+        "the file links given to Jabber clients; default http://<domain>:<http_port>",
+    )
     task_creates_per_second: float = Field(
         default=1.0, gt=0, description="Task creation requests a user may make per second"
     )

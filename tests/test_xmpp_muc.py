@@ -414,3 +414,41 @@ async def test_corrections_retractions_and_typing(hub: HubHarness) -> None:
     await asyncio.sleep(0.2)
     typers = {str(m["from"]) for m in bob_messages if m.xml.find(COMPOSING) is not None}
     assert typers == {f"{room}/carol"}  # not his own typing back
+
+
+async def test_a_rename_in_the_portal_is_the_rooms_new_subject(hub: HubHarness) -> None:
+    alice_id, alice_token = await hub.create_user("alice")
+    bob_id, _ = await hub.create_user("bob")
+    chat = await create_group(hub, alice_token, "Old name", [bob_id])
+    room = JID(f"{chat['id']}@conference.{domain_of(hub)}")
+    bob = await muc_login(hub, "bob")
+    _, subject, _, _ = await join(bob, room, "bob")
+    assert subject["subject"] == "Old name"
+    seen = record_stanzas(bob)
+
+    resp = await hub.request(
+        "PATCH", f"/api/v1/im/chats/{chat['id']}", token=alice_token, json={"title": "New name"}
+    )
+    assert resp.status == 200, resp.body
+
+    def subjects() -> list[Any]:
+        return [m for m in seen if m.xml.find("{jabber:client}subject") is not None]
+
+    await bob.wait_for_condition(lambda: bool(subjects()))
+    [changed] = subjects()
+    assert changed["type"] == "groupchat" and str(changed["from"]) == str(room)
+    assert changed.xml.findtext("{jabber:client}subject") == "New name"
+    assert changed.xml.find("{jabber:client}body") is None
+    # Someone joining later gets the new subject too.
+    carol_id, _ = await hub.create_user("carol")
+    resp = await hub.request(
+        "POST",
+        f"/api/v1/im/chats/{chat['id']}/members",
+        token=alice_token,
+        json={"user_ids": [carol_id]},
+    )
+    assert resp.status in (200, 201, 204), resp.body
+    carol = await muc_login(hub, "carol")
+    _, subject, _, _ = await join(carol, room, "carol")
+    assert subject["subject"] == "New name"
+    assert alice_id

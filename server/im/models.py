@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from server.files.models import FileRef
 from server.text import NAME_TEXT, XML_TEXT
 
 ClientId = Annotated[
@@ -57,6 +58,11 @@ class MessageOut(BaseModel):
     origin: MessageOrigin | None = Field(
         default=None, description="For messages written over XMPP: the Jabber client's own ids"
     )
+    files: list[FileRef] = Field(
+        default_factory=list,
+        description="Files sent with the message (download: GET /api/v1/files/{id}); "
+        "empty once the message is deleted",
+    )
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> MessageOut:
@@ -72,6 +78,7 @@ class MessageOut(BaseModel):
             system=bool(doc.get("system")),
             client_id=doc.get("client_id"),
             origin=doc.get("origin"),
+            files=[] if doc.get("deleted") else doc.get("files") or [],
         )
 
 
@@ -107,9 +114,18 @@ class SendMessage(Strict):
     to_department: str | None = Field(
         default=None, description="Send to every member of the department and its subdepartments"
     )
-    text: MessageText
+    text: Annotated[str, XML_TEXT] = Field(
+        default="", description="May be empty when files are sent (their caption)"
+    )
     client_id: ClientId | None = Field(
         default=None, description="Client-chosen id: a retry with the same id stores nothing new"
+    )
+    file_ids: list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{24}$")]] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Files uploaded by the sender (POST /api/v1/files) to send with the "
+        "message, to one chat (`chat_id`, or `to` with one user); at most "
+        "PORTALHUB_FILE_MAX_PER_MESSAGE",
     )
 
     @model_validator(mode="after")
@@ -117,8 +133,10 @@ class SendMessage(Strict):
         targets = [t for t in (self.chat_id, self.to, self.to_department) if t]
         if len(targets) != 1:
             raise ValueError("give exactly one of chat_id, to, to_department")
-        if not self.text.strip():
+        if not self.text.strip() and not self.file_ids:
             raise ValueError("text must not be blank")
+        if self.file_ids and self.chat_id is None and len(self.to or []) != 1:
+            raise ValueError("files are sent to one chat: give chat_id or one user in to")
         return self
 
 

@@ -34,6 +34,8 @@ from server.directory.service import DirectoryService
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent, Event, VersionedState
 from server.events.streams import Append, StreamLog, user_stream
+from server.files.models import FileOut, FileRef
+from server.files.service import FileService
 from server.im.models import (
     ChatOut,
     Counters,
@@ -97,6 +99,7 @@ class ImService:
         self._directory = directory
         self._bus = bus
         self._settings = settings
+        self.files = FileService(store, settings)
         self._buckets: dict[str, TokenBucket] = {}
         self._state = ImState(
             store,
@@ -529,19 +532,39 @@ class ImService:
             chat = await self.readable_chat(user_id, request.chat_id)
             if not may_post(user_id, chat["kind"], chat["member_ids"]):
                 raise forbidden("nobody can post in this chat")
+            files = await self._claim(user_id, chat, request.file_ids)
             futures = [
-                await self._post(chat, user_id, request.text, request.client_id, origin=origin)
+                await self._post(
+                    chat, user_id, request.text, request.client_id, origin=origin, files=files
+                )
             ]
         else:
             targets = await self._expand_targets(user, request)
             # Every recipient is checked before the first message goes: all or nothing.
             await self._require_users(user, targets)
             chats = [await self.open_private(user, target) for target in targets]
+            # (files go to one chat: the model allows them with one recipient only)
+            files = await self._claim(user_id, chats[0], request.file_ids)
             futures = [
-                await self._post(chat, user_id, request.text, request.client_id, origin=origin)
+                await self._post(
+                    chat, user_id, request.text, request.client_id, origin=origin, files=files
+                )
                 for chat in chats
             ]
         return _send_result(futures)
+
+    async def _claim(self, user_id: str, chat: Document, file_ids: list[str]) -> list[FileRef]:
+        """The sender's uploads, made the chat's files (checked before anything is queued)."""
+        if not file_ids:
+            return []
+        if len(file_ids) > self._settings.file_max_per_message:
+            raise Problem(
+                422,
+                "too-many-files",
+                "Too many files",
+                f"at most {self._settings.file_max_per_message} files in a message",
+            )
+        return await self.files.claim(user_id, chat["_id"], file_ids)
 
     async def _expand_targets(self, user: Document, request: SendMessage) -> list[str]:
         user_id = str(user["_id"])
@@ -588,8 +611,9 @@ class ImService:
         *,
         system: bool = False,
         origin: MessageOrigin | None = None,
+        files: list[FileRef] | None = None,
     ) -> asyncio.Future[Posted]:
-        """Queue one message into ``chat`` (checked already)."""
+        """Queue one message into ``chat`` (checked already; its files claimed for it)."""
         doc: Document = {
             "_id": new_id(),
             "chat_id": chat["_id"],
@@ -603,6 +627,8 @@ class ImService:
         }
         if origin is not None:
             doc["origin"] = origin.model_dump()
+        if files:
+            doc["files"] = [f.model_dump() for f in files]
         if client_id is not None:
             # The unique index decides: a retry fails to insert and finds the first one.
             doc["dedup_key"] = f"{author_id}|{chat['_id']}|{client_id}"
@@ -711,6 +737,9 @@ class ImService:
         doc, chat = await self._own_message(str(user["_id"]), message_id)
         changes = {"deleted": True, "text": "", "edited_at": utcnow()}
         await self._store["messages"].update_one({"_id": message_id}, {"$set": changes})
+        # Its files go with it (after the message is marked: a file is never missing from a
+        # message that still shows it, only the other way round if this fails half-way).
+        await self.files.delete([str(f["id"]) for f in doc.get("files") or []])
         n = int(doc.get("n", 0))
         if n > 0:
             # Counted out of everyone's unread numbers from now on (before the event: the
@@ -734,6 +763,23 @@ class ImService:
             reader = member["user_id"]
             if reader != doc.get("author_id") and int(member.get("read_n", 0)) < n:
                 await self.push_counters(reader)
+
+    async def file_for(self, user: Document, file_id: str) -> FileOut:
+        """A file the user may read: one sent to a chat they are in, or their own upload
+        not sent yet. Anyone else is refused (403)."""
+        user_id = str(user["_id"])
+        found = await self.files.get(file_id)
+        if found.chat_id is None:
+            if await self.files.uploader_of(file_id) != user_id:
+                raise forbidden("this file is not yours")
+            return found
+        try:
+            await self.readable_chat(user_id, found.chat_id)
+        except Problem as problem:
+            if problem.status != 404:
+                raise
+            raise forbidden("only the chat's members may read its files") from None
+        return found
 
     async def push_counters(self, user_id: str) -> Counters:
         """Send the user's authoritative unread counters to all their devices."""

@@ -36,6 +36,21 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     # Every node reads the last seconds of it, several times a second (auth/sessions.py).
     "revocations": [IndexModel([("at", ASCENDING)], name="at")],
+    "upload_slots": [
+        IndexModel([("user_id", ASCENDING)], name="user"),
+        IndexModel([("expires_at", ASCENDING)], name="expires"),
+    ],
+    # Chat files (GridFS bucket "files"): GridFS's own two (made here too, with its names:
+    # PyMongo makes them only while the bucket is empty), and uploads never sent, for pruning.
+    "files.files": [
+        IndexModel(
+            [("filename", ASCENDING), ("uploadDate", ASCENDING)], name="filename_1_uploadDate_1"
+        ),
+        IndexModel([("metadata.chat_id", ASCENDING), ("uploadDate", ASCENDING)], name="unsent"),
+    ],
+    "files.chunks": [
+        IndexModel([("files_id", ASCENDING), ("n", ASCENDING)], unique=True, name="files_id_1_n_1")
+    ],
     "chats": [
         IndexModel([("pair_key", ASCENDING)], unique=True, sparse=True, name="pair_key_sparse"),
         IndexModel([("workgroup_id", ASCENDING)], name="workgroup"),

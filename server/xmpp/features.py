@@ -15,6 +15,7 @@ from server.xmpp.modules import (
     muc,
     presence,
     roster,
+    upload,
     vcard,
 )
 from server.xmpp.server import XmppServer
@@ -33,6 +34,7 @@ MODULES = (
     entity_time,
     last_activity,
     blocking,
+    upload,
 )
 
 

@@ -80,6 +80,8 @@ class XmppServer:
         self.disco_item_list: list[tuple[str, str]] = []
         self.features: set[str] = set()
         self.account_features: set[str] = set()  # what a user's bare JID offers (disco)
+        # Extended information (XEP-0128) in the domain's disco#info: data forms.
+        self.info_forms: list[Callable[[], ET.Element]] = []
         self.bridge: Any = None  # the messenger bridge (modules.messages), shared with MAM
         self.blocking: BlockingService | None = None  # XEP-0191's service, set by the app
         self.private_storage: PrivateStorage | None = None  # XEP-0049's, set by the app

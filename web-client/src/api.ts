@@ -27,6 +27,7 @@ import type {
   CrmSettings,
   Department,
   Dialog,
+  FileRef,
   ImCounters,
   ImSettings,
   Mailbox,
@@ -160,7 +161,45 @@ export class Api {
     q.set("limit", String(params.limit ?? 50));
     return this.call<Message[]>("GET", `/im/chats/${encodeURIComponent(chatId)}/messages?${q}`);
   }
-  send(body: { chat_id?: string; to?: string[]; to_department?: string; text: string; client_id: string }) {
+  /**
+   * A file for a chat, streamed as the request body. XMLHttpRequest rather than fetch: only it
+   * reports upload progress (`onProgress` gets 0..1).
+   */
+  uploadFile(file: File, onProgress: (fraction: number) => void): Promise<FileRef> {
+    const path = `/files?name=${encodeURIComponent(file.name || "file")}`;
+    return new Promise<FileRef>((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", `/api/v1${path}`);
+      xhr.setRequestHeader("Accept", "application/json");
+      xhr.setRequestHeader("Content-Type", "application/octet-stream");
+      if (this.token) xhr.setRequestHeader("Authorization", `Bearer ${this.token}`);
+      xhr.upload.onprogress = (event) => {
+        if (event.lengthComputable && event.total > 0) onProgress(event.loaded / event.total);
+      };
+      xhr.onerror = () =>
+        reject(new ApiError(0, { title: "Network error", detail: "The hub cannot be reached. Check your connection." }));
+      xhr.onload = () => {
+        const response = new Response(xhr.responseText || null, {
+          status: xhr.status,
+          headers: { "Content-Type": xhr.getResponseHeader("Content-Type") ?? "" },
+        });
+        this.answer<FileRef>(response, path).then(resolve, reject);
+      };
+      xhr.send(file);
+    });
+  }
+  /** A chat file's bytes (the token goes in the header, so no plain link). */
+  file(fileId: string): Promise<Blob> {
+    return this.blob(`/files/${encodeURIComponent(fileId)}`);
+  }
+  send(body: {
+    chat_id?: string;
+    to?: string[];
+    to_department?: string;
+    text: string;
+    client_id: string;
+    file_ids?: string[];
+  }) {
     return this.call<SendResult>("POST", "/im/messages", body);
   }
   edit(messageId: string, text: string) {

@@ -66,6 +66,7 @@ import type {
   ImSettings,
   MailAttachment,
   Message,
+  Upload,
   PresenceStatus,
   PresenceView,
   Snapshot,
@@ -155,6 +156,8 @@ export const state = reactive({
   /** The message a search result or link points at, shown highlighted in its chat. */
   highlight: null as { chatId: string; messageId: string } | null,
   typing: {} as TypingMap,
+  /** Files being uploaded from this tab, by chat. */
+  uploads: {} as Record<string, Upload[]>,
   now: Date.now(),
   toasts: [] as Toast[],
   composeOpen: false,
@@ -795,7 +798,8 @@ function notifyMessage(message: Message): void {
   const chat = state.chats.find((c) => c.id === message.chat_id);
   const author = userName(message.author_id);
   const title = chat && chat.kind === "group" ? `${author} in ${chat.title}` : author;
-  const text = message.text.length > 140 ? `${message.text.slice(0, 140)}…` : message.text;
+  const summary = dialogs.messageSummary(message);
+  const text = summary.length > 140 ? `${summary.slice(0, 140)}…` : summary;
   const disturb = presence.mayDisturb(ownStatus.value);
   if (state.settings.sound && disturb) beep();
   const chatShown = state.openChatId === message.chat_id && state.view === "messenger" && state.pageVisible;
@@ -1282,6 +1286,56 @@ export async function deleteMessage(message: Message): Promise<void> {
   } catch (error) {
     reportError(error, "Could not delete the message");
   }
+}
+
+// files ------------------------------------------------------------------------------------------
+
+let uploadCount = 0;
+
+function setUploads(chatId: string, change: (uploads: Upload[]) => Upload[]): void {
+  state.uploads = { ...state.uploads, [chatId]: change(state.uploads[chatId] ?? []) };
+}
+
+/**
+ * Send files into a chat, one message each: upload (with progress shown under the
+ * conversation), then the message naming the file. Not kept in the outbox: a file is not
+ * stored in the browser, so an upload cut off by going offline is reported and can be redone.
+ */
+export async function sendFiles(chatId: string, files: File[]): Promise<void> {
+  if (state.detached[chatId]) void showLatest(chatId);
+  await Promise.all(
+    files.map(async (file) => {
+      const key = `u${++uploadCount}`;
+      setUploads(chatId, (u) => [...u, { key, name: file.name, size: file.size, progress: 0 }]);
+      try {
+        const stored = await api.uploadFile(file, (progress) =>
+          setUploads(chatId, (u) => u.map((x) => (x.key === key ? { ...x, progress } : x))),
+        );
+        const result = await api.send({ chat_id: chatId, text: "", client_id: newClientId(), file_ids: [stored.id] });
+        for (const m of result.messages) {
+          putLive(m.chat_id, m);
+          state.chats = dialogs.applyMessage(state.chats, m);
+        }
+      } catch (error) {
+        reportError(error, `${file.name} not sent`);
+      } finally {
+        setUploads(chatId, (u) => u.filter((x) => x.key !== key));
+      }
+    }),
+  );
+}
+
+const fileUrls = new Map<string, Promise<string>>();
+
+/** An object URL of a chat file's bytes (fetched with the token once, then kept). */
+export function fileUrl(fileId: string): Promise<string> {
+  let found = fileUrls.get(fileId);
+  if (!found) {
+    found = api.file(fileId).then((blob) => URL.createObjectURL(blob));
+    found.catch(() => fileUrls.delete(fileId));
+    fileUrls.set(fileId, found);
+  }
+  return found;
 }
 
 /** One message to several people (`to`) or a whole department (`to_department`). */

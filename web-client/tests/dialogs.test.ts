@@ -67,6 +67,11 @@ describe("dialog helpers", () => {
     const names = { other: "Mary Lopez" };
     expect(previewText(chat("a"), "me", names)).toBe("No messages yet");
     expect(previewText(chat("a", { last_message: msg(1, { text: "hi\nthere" }) }), "me", names)).toBe("hi there");
+    const file = { id: "f", name: "plan.png", size: 1, content_type: "image/png", image: true };
+    expect(previewText(chat("a", { last_message: msg(1, { text: "", files: [file] }) }), "me", names)).toBe(
+      "📎 plan.png",
+    );
+    expect(previewText(chat("a", { last_message: msg(1, { text: "see", files: [file] }) }), "me", names)).toBe("see");
     expect(previewText(chat("a", { last_message: msg(1, { author_id: "me" }) }), "me", names)).toBe("You: message 1");
     const group = chat("g", { kind: "group", last_message: msg(1) });
     expect(previewText(group, "me", names)).toBe("Mary: message 1");

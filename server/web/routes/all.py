@@ -5,6 +5,7 @@ from server.web.routes import (
     auth,
     crm,
     departments,
+    files,
     im,
     mail,
     portal,
@@ -15,6 +16,19 @@ from server.web.routes import (
     xmpp,
 )
 
-ROUTE_MODULES = (auth, users, departments, workgroups, im, presence, tasks, crm, mail, xmpp, portal)
+ROUTE_MODULES = (
+    auth,
+    users,
+    departments,
+    workgroups,
+    im,
+    files,
+    presence,
+    tasks,
+    crm,
+    mail,
+    xmpp,
+    portal,
+)
 
 __all__ = ["ROUTE_MODULES", "api"]

@@ -65,6 +65,8 @@ def install(server: XmppServer) -> None:
                 child(query, "identity", {"category": category, "type": kind, "name": name})
             for feature in sorted(server.features):
                 child(query, "feature", {"var": feature})
+            for form in server.info_forms:
+                query.append(form())
         return result(iq, query)
 
     async def items(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:

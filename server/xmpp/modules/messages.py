@@ -32,6 +32,7 @@ from server.xmpp.jid import Jid
 from server.xmpp.modules.blocking import blocked_error, blocked_for
 from server.xmpp.modules.carbons import sent_copy
 from server.xmpp.modules.csi import wants_chat_states
+from server.xmpp.modules.upload import add_files, attachments
 from server.xmpp.server import BODY, MESSAGE, overlappable
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, StanzaError, child, element, q
@@ -252,6 +253,7 @@ def archived(message: MessageOut) -> dict[str, Any]:
         "author_id": message.author_id,
         "text": message.text,
         "origin": message.origin.model_dump() if message.origin is not None else None,
+        "files": [ref.model_dump() for ref in message.files],
     }
 
 
@@ -291,6 +293,7 @@ class Bridge:
             {"type": "chat", "from": frm or await self.author_jid(message), "to": str(to)},
         )
         child(stanza, "body", text=str(message.get("text", "")))
+        add_files(self.server, stanza, message)
         origin = message.get("origin") or {}
         if origin.get("subject"):
             child(stanza, "subject", text=str(origin["subject"]))
@@ -361,7 +364,10 @@ class Bridge:
                 self.origins.clear()
             self.origins[(session.user_id, client_id)] = session.id
         try:
-            request = SendMessage(to=[recipient_id], text=body, client_id=client_id)
+            text, file_ids = await attachments(self.server, session, stanza, body)
+            request = SendMessage(
+                to=[recipient_id], text=text, client_id=client_id, file_ids=file_ids
+            )
             pending = await submit_message(self.server.im, session.user, request, origin=origin)
         except (ValidationError, Problem) as exc:
             raise as_stanza_error(exc) from None

@@ -53,6 +53,7 @@ from server.xmpp.modules.messages import (
     stored,
     submit_message,
 )
+from server.xmpp.modules.upload import add_files, attachments
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import (
     CLIENT,
@@ -248,6 +249,7 @@ class Muc:
         author recognises its reflection), and the room's stanza-id."""
         stanza = self.groupchat(room, nick, to, None)
         child(stanza, "body", text=str(message.get("text", "")))
+        add_files(self.server, stanza, message)
         add_ids(stanza, message, self.room_jid(room.chat_id))
         return stanza
 
@@ -586,6 +588,7 @@ class Muc:
                 await im.mark_read(session.user, room.chat_id, marker.get("id", ""))
         if body is None or not body.strip():
             return
+        text, file_ids = await attachments(self.server, session, stanza, body)
         stanza_id = stanza.get("id")
         origin_ids = origin_of(stanza)
         client_id = client_id_for(session.id, origin_ids, body)
@@ -595,7 +598,9 @@ class Muc:
             if len(self.origins) > MAX_REMEMBERED:
                 self.origins.clear()
             self.origins[key] = origin
-        request = SendMessage(chat_id=room.chat_id, text=body, client_id=client_id)
+        request = SendMessage(
+            chat_id=room.chat_id, text=text, client_id=client_id, file_ids=file_ids
+        )
         try:
             pending = await submit_message(im, session.user, request, origin=origin_ids)
         except BaseException:
@@ -652,6 +657,9 @@ class Muc:
         if event.type == "im.chat.members":
             await self.members_changed(room, event.data)
             return
+        if event.type == "im.chat.updated":
+            self.subject_changed(room, event.data, event.seq)
+            return
         if event.type not in ("im.message", "im.message.updated", "im.message.deleted"):
             return
         message = event.data["message"]
@@ -687,6 +695,18 @@ class Muc:
                 child(stanza, "body", text="(message deleted)")
                 child(stanza, "retract", {"id": known}, ns=RETRACT)
                 child(stanza, "fallback", {"for": RETRACT}, ns=FALLBACK)
+            occupant.deliver(stanza)
+
+    def subject_changed(self, room: Room, data: dict[str, Any], seq: int) -> None:
+        """A group chat renamed in the portal: the room's subject changes for everyone in it
+        (XEP-0045 8.1), from the room itself (the portal, not an occupant, renamed it)."""
+        title = data.get("title")
+        if not isinstance(title, str) or title == room.title:
+            return
+        room.title = title
+        for occupant in list(room.occupants.values()):
+            stanza = self.groupchat(room, None, occupant.jid, f"subject-{room.chat_id}-{seq}")
+            child(stanza, "subject", text=title)
             occupant.deliver(stanza)
 
     async def members_changed(self, room: Room, data: dict[str, Any]) -> None:

@@ -65,10 +65,17 @@ export function privateChatWith(chats: readonly Chat[], me: string, userId: stri
 }
 
 /** A one-line preview of a chat's newest message. */
+/** A message in one line: its text, or the names of its files when it has no text. */
+export function messageSummary(m: Pick<Message, "text" | "files">): string {
+  const text = m.text.replace(/\s+/g, " ").trim();
+  if (text || !m.files?.length) return text;
+  return `📎 ${m.files.map((f) => f.name).join(", ")}`;
+}
+
 export function previewText(chat: Chat, me: string, names: Record<string, string>): string {
   const m = chat.last_message;
   if (!m) return chat.kind === "group" ? `${chat.member_ids.length} members` : "No messages yet";
-  const text = m.deleted ? "Message deleted" : m.text.replace(/\s+/g, " ").trim();
+  const text = m.deleted ? "Message deleted" : messageSummary(m);
   if (m.author_id === me) return `You: ${text}`;
   if (chat.kind === "group" && m.author_id) {
     const name = names[m.author_id];

@@ -43,10 +43,32 @@ export interface Message {
   deleted: boolean;
   system: boolean;
   client_id: string | null;
+  /** Files sent with the message (none once it is deleted). */
+  files?: FileRef[];
   /** Client-only: an optimistic copy not yet confirmed by the hub. */
   pending?: boolean;
   /** Client-only: sending failed; the user may retry (same client_id). */
   failed?: boolean;
+}
+
+/** A file sent in a chat; the bytes come from GET /api/v1/files/{id} (members only). */
+export interface FileRef {
+  id: string;
+  name: string;
+  size: number;
+  /** Recognised from the bytes by the hub: an image type, or application/octet-stream. */
+  content_type: string;
+  /** A raster image (PNG, JPEG, GIF, WebP): shown as a preview. */
+  image: boolean;
+}
+
+/** A file being uploaded from this tab. */
+export interface Upload {
+  key: string;
+  name: string;
+  size: number;
+  /** 0..1 */
+  progress: number;
 }
 
 export type ChatKind = "private" | "group" | "system";
