@@ -214,6 +214,11 @@ class CrmCounters:
         self._seq = 0
         self._arrived: dict[str, int] = {}
         self._absorbed: dict[str, int] = {}
+        # Users whose numbers the flusher is bringing up to date right now (queued for an
+        # advance or a recount and taken), and how many times each was brought up to date:
+        # a connect that read stale numbers while that was under way must not queue it again.
+        self._bringing: set[str] = set()
+        self._brought: dict[str, int] = {}
         self.on_schedule_changed: list[Callable[[datetime | None], None]] = []
         # Told which records' activities changed state by time alone (their indicators moved).
         self.on_time_passed: list[Callable[[list[str]], Awaitable[None]]] = []
@@ -297,9 +302,17 @@ class CrmCounters:
         starts from, since pushes are differences from exactly these. Numbers that are
         missing, counted under other rules or past a time-driven change are brought up to
         date at once (and pushed)."""
+        brought = self._brought.get(user_id, 0)
         doc = await self._coll.find_one({"_id": user_id})
         cfg = await self._settings()
-        if not self._current(doc, cfg, self.clock()):
+        if (
+            not self._current(doc, cfg, self.clock())
+            and not self._coming(user_id)
+            and self._brought.get(user_id, 0) == brought  # else ``doc`` is older than that
+        ):
+            # A connect reads the numbers twice (the snapshot, then after catching up): the
+            # second read must not queue a second bring-up while the first is under way or
+            # once it landed; that cost a repeated settle whose presence depended on timing.
             self._queue(advance=[user_id])
         if doc is None:
             return VersionedState("crm", 0, zero_counts())
@@ -313,6 +326,11 @@ class CrmCounters:
             await self._settle_user(user_id, [], cfg)
             doc = await self._coll.find_one({"_id": user_id})
         return counts_of(_numbers_in(doc))
+
+    def _coming(self, user_id: str) -> bool:
+        """Whether the user's numbers are queued or under way to be brought up to date."""
+        queued = self._work.advance | self._work.recount
+        return user_id in queued or user_id in self._bringing
 
     def _current(self, doc: Document | None, cfg: CounterSettings, now: datetime) -> bool:
         """Whether stored numbers are right at ``now``, as far as this node knows."""
@@ -423,7 +441,9 @@ class CrmCounters:
         users = set(mine) | work.recount | work.advance
         if not users:
             return
-        zones = await self._zones_of(users)
+        # The differences need the zones of the users with changes; a settle and a recount
+        # read their user's zone afresh themselves.
+        zones = await self._zones_of(mine)
         deltas: dict[str, Numbers] = {}
         bounds: dict[str, datetime] = {}
         for uid, changes in mine.items():
@@ -435,17 +455,27 @@ class CrmCounters:
                 bounds[uid] = bound
 
         async def one(uid: str) -> None:
+            brought = False
             try:
                 if uid in work.recount:
                     # What was written before is in what the recount reads.
-                    await self._recount_user(uid, cfg)
-                elif uid in work.advance and uid not in mine:
-                    await self._settle_user(uid, [], cfg)
+                    brought = await self._recount_user(uid, cfg)
+                elif uid in work.advance:
+                    # Not right at ``now`` as far as a reader saw: the careful path applies
+                    # the changes where the numbers are right and moves them forward (the
+                    # fast path would take a change without a difference as done).
+                    brought = await self._settle_user(uid, mine.get(uid, []), cfg)
                 elif not await self._fast(uid, deltas.get(uid, {}), bounds.get(uid), cfg, now):
                     await self._settle_user(uid, mine.get(uid, []), cfg)
             except Exception:
                 log.exception("CRM counters of user %s not applied; a check mends them", uid)
+            finally:
+                if uid in bringing:
+                    self._bringing.discard(uid)
+                    self._brought[uid] = self._brought.get(uid, 0) + brought
 
+        bringing = (work.recount | work.advance) - self._bringing
+        self._bringing |= bringing
         await asyncio.gather(*(one(uid) for uid in sorted(users)))
 
     async def _fast(
@@ -516,10 +546,11 @@ class CrmCounters:
             after["next_at"] = earliest
         return after
 
-    async def _settle_user(self, user_id: str, changes: list[Change], cfg: CounterSettings) -> None:
+    async def _settle_user(self, user_id: str, changes: list[Change], cfg: CounterSettings) -> bool:
         """The careful path: the changes taken at the moment the stored numbers are right
         (``as_of``), then the numbers moved forward in time if a change by time is due; or a
-        recount when there is nothing right to start from."""
+        recount when there is nothing right to start from. False when the numbers kept
+        changing (left to the next change)."""
         for _attempt in range(GUARDED_ATTEMPTS):
             doc = await self._coll.find_one({"_id": user_id})
             zone = (await self._zones_of([user_id], fresh=True))[user_id]
@@ -529,8 +560,7 @@ class CrmCounters:
                 or doc.get("zone") != zone.key
                 or "next_at" not in doc
             ):
-                await self._recount_user(user_id, cfg)
-                return
+                return await self._recount_user(user_id, cfg, zone=zone)
             as_of: datetime = doc["as_of"]
             before = _numbers_in(doc)
             zone_of = {user_id: zone}.__getitem__
@@ -552,8 +582,9 @@ class CrmCounters:
                 await self._schedule(user_id, doc["next_at"], earlier_only=True)
             after = _numbers_in(doc)
             await self._push(user_id, before, after, int(doc["version"]))
-            return
+            return True
         log.warning("CRM counters of user %s kept changing; left to the next change", user_id)
+        return False
 
     async def _deadlines(
         self, user_id: str, cfg: CounterSettings, lo: datetime, hi: datetime
@@ -608,7 +639,11 @@ class CrmCounters:
         return moved
 
     async def _recount_user(
-        self, user_id: str, cfg: CounterSettings, expected_version: int | None = None
+        self,
+        user_id: str,
+        cfg: CounterSettings,
+        expected_version: int | None = None,
+        zone: ZoneInfo | None = None,
     ) -> bool:
         """Count the user again from index ranges and store the numbers as the new start.
         With ``expected_version``: only if the stored numbers are still at that version.
@@ -617,8 +652,10 @@ class CrmCounters:
         A change written while the count runs may or may not be in it, so when one touching
         the user came in meanwhile (on this node) the user is counted again; the changes
         queued before a count began are in it and are not applied again. Another node's
-        change in that moment can still be counted twice: the periodic check mends that."""
-        zone = (await self._zones_of([user_id], fresh=True))[user_id]
+        change in that moment can still be counted twice: the periodic check mends that.
+        ``zone``: the user's, just read by the caller (else read afresh here)."""
+        if zone is None:
+            zone = (await self._zones_of([user_id], fresh=True))[user_id]
         written_mark: int | None = None  # the sequence the last stored count took in
         for _attempt in range(GUARDED_ATTEMPTS):
             mark = self._seq
