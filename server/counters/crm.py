@@ -416,9 +416,15 @@ class CrmCounters:
                 try:
                     await self._apply(work)
                 except Exception:
-                    # What this batch held may be missing from the stored numbers: the next
-                    # periodic check finds and mends it.
-                    log.exception("applying CRM counter changes failed")
+                    # What this batch held may be missing from the stored numbers: its users
+                    # are counted from scratch once more (a recount failing in turn is left
+                    # to the periodic check).
+                    log.exception("applying CRM counter changes failed; recounting their users")
+                    changes = [change for _seq, change in work.changes]
+                    named = users_of(changes, CounterMode.ITEM) | users_of(
+                        changes, CounterMode.ACTIVITY
+                    )
+                    self._queue(recount=(named | work.advance) - work.recount)
                 finally:
                     for waiter in work.waiters:
                         if not waiter.done():
@@ -441,9 +447,13 @@ class CrmCounters:
         users = set(mine) | work.recount | work.advance
         if not users:
             return
-        # The differences need the zones of the users with changes; a settle and a recount
-        # read their user's zone afresh themselves.
-        zones = await self._zones_of(mine)
+        # Taking a difference needs the zone of everyone its change names, not only of the
+        # users it is applied to: an activity handed from A to B is applied to B alone when
+        # a recount of A already counted it, and its ``before`` is still classified in A's
+        # zone. A settle and a recount read their user's zone afresh themselves.
+        zones = await self._zones_of(
+            users_of((c for changes in mine.values() for c in changes), cfg.mode)
+        )
         deltas: dict[str, Numbers] = {}
         bounds: dict[str, datetime] = {}
         for uid, changes in mine.items():
@@ -465,10 +475,18 @@ class CrmCounters:
                     # the changes where the numbers are right and moves them forward (the
                     # fast path would take a change without a difference as done).
                     brought = await self._settle_user(uid, mine.get(uid, []), cfg)
-                elif not await self._fast(uid, deltas.get(uid, {}), bounds.get(uid), cfg, now):
+                elif not await self._fast(
+                    uid, zones[uid], deltas.get(uid, {}), bounds.get(uid), cfg, now
+                ):
                     await self._settle_user(uid, mine.get(uid, []), cfg)
             except Exception:
-                log.exception("CRM counters of user %s not applied; a check mends them", uid)
+                if uid in work.recount:
+                    log.exception("CRM counters of user %s not recounted; a check mends them", uid)
+                else:
+                    # Counted from scratch once more (it holds every change written before
+                    # it); a recount failing in turn is not retried.
+                    log.exception("CRM counters of user %s not applied; recounting them", uid)
+                    self._queue(recount=[uid])
             finally:
                 if uid in bringing:
                     self._bringing.discard(uid)
@@ -481,6 +499,7 @@ class CrmCounters:
     async def _fast(
         self,
         user_id: str,
+        zone: ZoneInfo,
         delta: Numbers,
         boundary: datetime | None,
         cfg: CounterSettings,
@@ -496,7 +515,9 @@ class CrmCounters:
             {
                 "_id": user_id,
                 "rules": cfg.stamp,
-                "zone": self._zones[user_id].key,
+                # the zone the difference was taken in: ``self._zones`` may have lost the
+                # user meanwhile (``touch``), which raised here and dropped the difference
+                "zone": zone.key,
                 "as_of": {"$lte": now},
                 "next_at": {"$gt": now},
             },
