@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from server.caching import SharedLoad
 from server.crm.rules import (
     CrmRole,
     CrmUser,
@@ -93,6 +94,7 @@ class CrmAccess:
         self._snapshot: AccessSnapshot | None = None
         self._taken_at = 0.0
         self._generation = 0
+        self._reading: SharedLoad[AccessSnapshot] = SharedLoad()
         self.default_role = CrmRole.MANAGER
         if bus is not None:
             bus.subscribe_ephemeral(self._on_ephemeral)
@@ -114,12 +116,15 @@ class CrmAccess:
 
     async def snapshot(self, fresh: bool = False) -> AccessSnapshot:
         """``fresh``: read now, for a decision that must not rest on a cached grant."""
-        if (
-            not fresh
-            and self._snapshot is not None
-            and time.monotonic() - self._taken_at < TTL_SECONDS
-        ):
+        if fresh:
+            return await self._read()
+        if self._snapshot is not None and time.monotonic() - self._taken_at < TTL_SECONDS:
             return self._snapshot
+        # Read once for everyone asking now (a connect burst as the snapshot runs out), and
+        # not shared across an invalidation.
+        return await self._reading.run(self._generation, self._read)
+
+    async def _read(self) -> AccessSnapshot:
         taken_at = time.monotonic()
         generation = self._generation
         settings = await self._store["crm_settings"].find_one({"_id": "settings"}) or {}
