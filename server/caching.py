@@ -10,6 +10,7 @@ loaded while the key was invalidated is returned to its caller but not kept.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable
@@ -160,3 +161,44 @@ class Cache(Generic[K, V]):
     def _trim(self) -> None:
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+
+
+class SharedLoad(Generic[V]):
+    """One load at a time of a value that many callers want at once: those who ask while a
+    load is under way wait for its result instead of each reading the same documents.
+
+    A connect burst meets a cached snapshot that just ran out with dozens of connects in
+    flight; each read it again (the CRM access snapshot reads every user). ``key`` tells
+    loads apart that must not be shared: a caller who asks after an invalidation (a new
+    generation) does not get what was read before it. No task is made: the first caller
+    loads, the others wait on a future; if that caller is cancelled, a waiter loads."""
+
+    def __init__(self) -> None:
+        self._pending: asyncio.Future[V] | None = None
+        self._key: Hashable = None
+
+    async def run(self, key: Hashable, load: Callable[[], Awaitable[V]]) -> V:
+        while (pending := self._pending) is not None and self._key == key:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this caller was cancelled, not the load it waited for
+        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._pending, self._key = future, key
+        try:
+            value = await load()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # told to the waiters, if any: not "never retrieved"
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            if self._pending is future:
+                self._pending = None

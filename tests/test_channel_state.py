@@ -30,6 +30,24 @@ def test_nothing_before_the_snapshot_then_differences_from_what_was_sent() -> No
     assert held.offer(state(5, idle=0, incoming=1)) == {"deal": {"idle": 0}}
 
 
+def test_a_push_that_came_while_the_snapshot_was_read_is_in_the_snapshot() -> None:
+    """The snapshot's numbers are read, then a push comes (the connection holds nothing yet,
+    so it is not sent), then the snapshot goes: it must carry the pushed numbers, not the
+    older ones it read (the hub no longer reads the CRM's numbers again after catching up)."""
+    held = HeldStates()
+    read = state(4, idle=1)
+    assert held.offer(state(6, idle=2, incoming=1)) is None
+    assert held.offer(state(5, idle=2)) is None  # computed earlier, arrived later
+    assert held.reset(read) == {"deal": {"idle": 2, "incoming": 1}}
+    assert held.offer(state(6, idle=2, incoming=1)) is None  # held already
+    assert held.offer(state(7, idle=0, incoming=1)) == {"deal": {"idle": 0}}
+    # a push older than what the snapshot read changes nothing
+    other = HeldStates()
+    assert other.offer(state(3, idle=9)) is None
+    assert other.reset(read) == {"deal": {"idle": 1, "incoming": 0}}
+    assert other._early is None  # nothing kept once the snapshot went
+
+
 def test_states_travel_as_plain_data() -> None:
     sent = state(7, idle=3)
     assert VersionedState.from_private(sent.as_private()) == sent

@@ -141,6 +141,7 @@ class Hub:
         self._presence = presence
         self.member_streams = member_streams
         self._snapshot_parts: dict[str, SnapshotPart] = {}
+        self._caught_up_parts: dict[str, SnapshotPart] = {}
         self._client_events: dict[str, ClientHandler] = {}
         self._bus = bus
         # python-socketio's server, writing to websockets itself (server/channels/emit.py,
@@ -299,9 +300,14 @@ class Hub:
     async def _disconnect(self, sid: str) -> None:
         await self.sio.disconnect(sid, ignore_queue=True)
 
-    def add_snapshot_part(self, key: str, part: SnapshotPart) -> None:
-        """Register one piece of the ephemeral state a connecting client receives."""
+    def add_snapshot_part(
+        self, key: str, part: SnapshotPart, caught_up: SnapshotPart | None = None
+    ) -> None:
+        """Register one piece of the ephemeral state a connecting client receives.
+        ``caught_up``: what of it is sent again once the streams are caught up (only the
+        counters are); by default the whole part again."""
         self._snapshot_parts[key] = part
+        self._caught_up_parts[key] = caught_up or part
 
     def on_client_event(self, name: str, handler: ClientHandler) -> None:
         """Register a client-to-server event; its return value is the acknowledgement."""
@@ -441,7 +447,7 @@ class Hub:
                 await self._catch_up(
                     conn, stream, conn.since.get(stream), snapshot["streams"].get(stream)
                 )
-            counters = self._snapshot_parts.get("counters")
+            counters = self._caught_up_parts.get("counters")
             if counters is not None:
                 # Counters in the snapshot were computed before the stream heads were read:
                 # once caught up, the authoritative values close that window.

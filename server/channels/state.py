@@ -46,11 +46,18 @@ def _shared(key: str, values: Values) -> Values:
     return found
 
 
+# What a connection that has not had its snapshot yet keeps of the pushes offered to it.
+_NONE_YET: dict[str, VersionedState] = {}
+
+
 class HeldStates:
-    __slots__ = ("_held",)
+    __slots__ = ("_early", "_held")
 
     def __init__(self) -> None:
         self._held: tuple[tuple[str, int, Values | None], ...] = ()
+        # Before the snapshot: the newest state offered per key (shared empty until one
+        # comes); None once the snapshot went.
+        self._early: dict[str, VersionedState] | None = _NONE_YET
 
     def _get(self, key: str) -> tuple[str, int, Values | None] | None:
         for held in self._held:
@@ -66,15 +73,30 @@ class HeldStates:
         )
 
     def reset(self, state: VersionedState) -> Values:
-        """The connection is sent ``state`` whole (its snapshot)."""
+        """The connection is sent ``state`` whole (its snapshot), or the newer state a push
+        offered it while the snapshot was being read: that push was not sent, and the
+        snapshot must not start from numbers older than it."""
+        early = self._early.pop(state.key, None) if self._early else None
+        if early is not None and early.version > state.version:
+            state = early
+        if not self._early:  # the others are taken by their own reset, in the same pass
+            self._early = None
         self._put(state)
         return state.values
 
     def offer(self, state: VersionedState) -> Values | None:
         """What to send the connection of ``state``: the difference from what it holds (all
         of it, for a whole state), or None when there is nothing new for it. Before its
-        snapshot a connection holds nothing and is sent nothing: the snapshot brings it."""
+        snapshot a connection holds nothing and is sent nothing: the snapshot brings it
+        (``reset`` takes the newest state offered before it)."""
         held = self._get(state.key)
+        if held is None and self._early is not None:
+            early = self._early.get(state.key)
+            if early is None or state.version > early.version:
+                if self._early is _NONE_YET:
+                    self._early = {}
+                self._early[state.key] = state
+            return None
         if held is None or state.version <= held[1]:
             return None
         self._put(state)

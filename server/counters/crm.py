@@ -214,6 +214,11 @@ class CrmCounters:
         self._seq = 0
         self._arrived: dict[str, int] = {}
         self._absorbed: dict[str, int] = {}
+        # Users whose numbers the flusher is bringing up to date right now (queued for an
+        # advance or a recount and taken), and how many times each was brought up to date:
+        # a connect that read stale numbers while that was under way must not queue it again.
+        self._bringing: set[str] = set()
+        self._brought: dict[str, int] = {}
         self.on_schedule_changed: list[Callable[[datetime | None], None]] = []
         # Told which records' activities changed state by time alone (their indicators moved).
         self.on_time_passed: list[Callable[[list[str]], Awaitable[None]]] = []
@@ -301,9 +306,17 @@ class CrmCounters:
         starts from, since pushes are differences from exactly these. Numbers that are
         missing, counted under other rules or past a time-driven change are brought up to
         date at once (and pushed)."""
+        brought = self._brought.get(user_id, 0)
         doc = await self._coll.find_one({"_id": user_id})
         cfg = await self._settings()
-        if not self._current(doc, cfg, self.clock()):
+        if (
+            not self._current(doc, cfg, self.clock())
+            and not self._coming(user_id)
+            and self._brought.get(user_id, 0) == brought  # else ``doc`` is older than that
+        ):
+            # A connect reads the numbers twice (the snapshot, then after catching up): the
+            # second read must not queue a second bring-up while the first is under way or
+            # once it landed; that cost a repeated settle whose presence depended on timing.
             self._queue(advance=[user_id])
         if doc is None:
             return VersionedState("crm", 0, zero_counts())
@@ -317,6 +330,11 @@ class CrmCounters:
             await self._settle_user(user_id, [], cfg)
             doc = await self._coll.find_one({"_id": user_id})
         return counts_of(_numbers_in(doc))
+
+    def _coming(self, user_id: str) -> bool:
+        """Whether the user's numbers are queued or under way to be brought up to date."""
+        queued = self._work.advance | self._work.recount
+        return user_id in queued or user_id in self._bringing
 
     def _current(self, doc: Document | None, cfg: CounterSettings, now: datetime) -> bool:
         """Whether stored numbers are right at ``now``, as far as this node knows."""
@@ -402,9 +420,15 @@ class CrmCounters:
                 try:
                     await self._apply(work)
                 except Exception:
-                    # What this batch held may be missing from the stored numbers: the next
-                    # periodic check finds and mends it.
-                    log.exception("applying CRM counter changes failed")
+                    # What this batch held may be missing from the stored numbers: its users
+                    # are counted from scratch once more (a recount failing in turn is left
+                    # to the periodic check).
+                    log.exception("applying CRM counter changes failed; recounting their users")
+                    changes = [change for _seq, change in work.changes]
+                    named = users_of(changes, CounterMode.ITEM) | users_of(
+                        changes, CounterMode.ACTIVITY
+                    )
+                    self._queue(recount=(named | work.advance) - work.recount)
                 finally:
                     for waiter in work.waiters:
                         if not waiter.done():
@@ -427,7 +451,13 @@ class CrmCounters:
         users = set(mine) | work.recount | work.advance
         if not users:
             return
-        zones = await self._zones_of(users)
+        # Taking a difference needs the zone of everyone its change names, not only of the
+        # users it is applied to: an activity handed from A to B is applied to B alone when
+        # a recount of A already counted it, and its ``before`` is still classified in A's
+        # zone. A settle and a recount read their user's zone afresh themselves.
+        zones = await self._zones_of(
+            users_of((c for changes in mine.values() for c in changes), cfg.mode)
+        )
         deltas: dict[str, Numbers] = {}
         bounds: dict[str, datetime] = {}
         for uid, changes in mine.items():
@@ -439,22 +469,41 @@ class CrmCounters:
                 bounds[uid] = bound
 
         async def one(uid: str) -> None:
+            brought = False
             try:
                 if uid in work.recount:
                     # What was written before is in what the recount reads.
-                    await self._recount_user(uid, cfg)
-                elif uid in work.advance and uid not in mine:
-                    await self._settle_user(uid, [], cfg)
-                elif not await self._fast(uid, deltas.get(uid, {}), bounds.get(uid), cfg, now):
+                    brought = await self._recount_user(uid, cfg)
+                elif uid in work.advance:
+                    # Not right at ``now`` as far as a reader saw: the careful path applies
+                    # the changes where the numbers are right and moves them forward (the
+                    # fast path would take a change without a difference as done).
+                    brought = await self._settle_user(uid, mine.get(uid, []), cfg)
+                elif not await self._fast(
+                    uid, zones[uid], deltas.get(uid, {}), bounds.get(uid), cfg, now
+                ):
                     await self._settle_user(uid, mine.get(uid, []), cfg)
             except Exception:
-                log.exception("CRM counters of user %s not applied; a check mends them", uid)
+                if uid in work.recount:
+                    log.exception("CRM counters of user %s not recounted; a check mends them", uid)
+                else:
+                    # Counted from scratch once more (it holds every change written before
+                    # it); a recount failing in turn is not retried.
+                    log.exception("CRM counters of user %s not applied; recounting them", uid)
+                    self._queue(recount=[uid])
+            finally:
+                if uid in bringing:
+                    self._bringing.discard(uid)
+                    self._brought[uid] = self._brought.get(uid, 0) + brought
 
+        bringing = (work.recount | work.advance) - self._bringing
+        self._bringing |= bringing
         await asyncio.gather(*(one(uid) for uid in sorted(users)))
 
     async def _fast(
         self,
         user_id: str,
+        zone: ZoneInfo,
         delta: Numbers,
         boundary: datetime | None,
         cfg: CounterSettings,
@@ -470,7 +519,9 @@ class CrmCounters:
             {
                 "_id": user_id,
                 "rules": cfg.stamp,
-                "zone": self._zones[user_id].key,
+                # the zone the difference was taken in: ``self._zones`` may have lost the
+                # user meanwhile (``touch``), which raised here and dropped the difference
+                "zone": zone.key,
                 "as_of": {"$lte": now},
                 "next_at": {"$gt": now},
             },
@@ -520,10 +571,11 @@ class CrmCounters:
             after["next_at"] = earliest
         return after
 
-    async def _settle_user(self, user_id: str, changes: list[Change], cfg: CounterSettings) -> None:
+    async def _settle_user(self, user_id: str, changes: list[Change], cfg: CounterSettings) -> bool:
         """The careful path: the changes taken at the moment the stored numbers are right
         (``as_of``), then the numbers moved forward in time if a change by time is due; or a
-        recount when there is nothing right to start from."""
+        recount when there is nothing right to start from. False when the numbers kept
+        changing (left to the next change)."""
         for _attempt in range(GUARDED_ATTEMPTS):
             doc = await self._coll.find_one({"_id": user_id})
             zone = (await self._zones_of([user_id], fresh=True))[user_id]
@@ -533,8 +585,7 @@ class CrmCounters:
                 or doc.get("zone") != zone.key
                 or "next_at" not in doc
             ):
-                await self._recount_user(user_id, cfg)
-                return
+                return await self._recount_user(user_id, cfg, zone=zone)
             as_of: datetime = doc["as_of"]
             before = _numbers_in(doc)
             zone_of = {user_id: zone}.__getitem__
@@ -556,8 +607,9 @@ class CrmCounters:
                 await self._schedule(user_id, doc["next_at"], earlier_only=True)
             after = _numbers_in(doc)
             await self._push(user_id, before, after, int(doc["version"]))
-            return
+            return True
         log.warning("CRM counters of user %s kept changing; left to the next change", user_id)
+        return False
 
     async def _deadlines(
         self, user_id: str, cfg: CounterSettings, lo: datetime, hi: datetime
@@ -612,7 +664,11 @@ class CrmCounters:
         return moved
 
     async def _recount_user(
-        self, user_id: str, cfg: CounterSettings, expected_version: int | None = None
+        self,
+        user_id: str,
+        cfg: CounterSettings,
+        expected_version: int | None = None,
+        zone: ZoneInfo | None = None,
     ) -> bool:
         """Count the user again from index ranges and store the numbers as the new start.
         With ``expected_version``: only if the stored numbers are still at that version.
@@ -621,8 +677,10 @@ class CrmCounters:
         A change written while the count runs may or may not be in it, so when one touching
         the user came in meanwhile (on this node) the user is counted again; the changes
         queued before a count began are in it and are not applied again. Another node's
-        change in that moment can still be counted twice: the periodic check mends that."""
-        zone = (await self._zones_of([user_id], fresh=True))[user_id]
+        change in that moment can still be counted twice: the periodic check mends that.
+        ``zone``: the user's, just read by the caller (else read afresh here)."""
+        if zone is None:
+            zone = (await self._zones_of([user_id], fresh=True))[user_id]
         written_mark: int | None = None  # the sequence the last stored count took in
         for _attempt in range(GUARDED_ATTEMPTS):
             mark = self._seq

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from server.caching import SharedLoad
 from server.counters.rules import CounterMode, DueWindow
 from server.crm.access import CrmAccess
 from server.crm.models import (
@@ -63,6 +64,8 @@ class CrmConfig:
         self._access = access
         self._cached: CrmSettings | None = None
         self._cached_at = 0.0
+        self._generation = 0  # bumped by an update here: a read begun before is not kept
+        self._reading: SharedLoad[CrmSettings] = SharedLoad()
         # Told when the counter mode or due window changes: every counter is recounted.
         self.on_counter_rules_changed: list[Callable[[], Awaitable[None]]] = []
         # Told whose deals opened or closed because a stage's meaning changed (idle counters).
@@ -71,7 +74,12 @@ class CrmConfig:
     async def settings(self) -> CrmSettings:
         if self._cached is not None and time.monotonic() - self._cached_at < SETTINGS_TTL_SECONDS:
             return self._cached
+        # One read for every caller asking while it is under way (a connect burst).
+        return await self._reading.run(self._generation, self._read)
+
+    async def _read(self) -> CrmSettings:
         taken = time.monotonic()
+        generation = self._generation
         doc = await self._store["crm_settings"].find_one({"_id": "settings"})
         found = default_settings()
         if doc is not None:
@@ -79,7 +87,8 @@ class CrmConfig:
             data.pop("_id", None)
             data.pop("updated_at", None)
             found = CrmSettings.model_validate(data)
-        self._cached, self._cached_at = found, taken
+        if generation == self._generation:  # else an update here came after this read
+            self._cached, self._cached_at = found, taken
         return found
 
     async def counter_config(self) -> CounterConfig:
@@ -117,6 +126,7 @@ class CrmConfig:
         )
         if "deal_stages" in changes:
             await self._apply_stage_semantics(merged)
+        self._generation += 1
         self._cached = merged
         self._cached_at = time.monotonic()
         await self._access.changed()
