@@ -223,24 +223,30 @@ def add_ids(stanza: ET.Element, message: dict[str, Any], by: str) -> None:
     child(stanza, "stanza-id", {"id": str(message["id"]), "by": by}, ns=SID)
 
 
+def own_lookups(user_id: str, chat_id: str, ident: str) -> list[Document]:
+    """The filters ``find_own`` tries after the portal id: plain equalities, each whole in
+    one of the messages' indexes (the embedded database uses an index only when every field
+    of a filter is in it; an ``$or`` read the chat's whole history)."""
+    return [
+        {"chat_id": chat_id, "author_id": user_id, "origin.id": ident},
+        {"chat_id": chat_id, "author_id": user_id, "origin.origin_id": ident},
+    ]
+
+
 async def find_own(
     server: XmppServer, user_id: str, chat_id: str, ident: str | None
 ) -> Document | None:
     """A message a client refers to (a correction, a retraction): by the portal id (the
-    stanza-id, and the id others saw), or by the id or origin-id this user sent it with."""
+    stanza-id, and the id others saw), or by the id or origin-id this user sent it with
+    (the newest such, as ids may repeat across streams)."""
     if not ident:
         return None
     messages = server.store["messages"]
     doc = await messages.find_one({"_id": ident, "chat_id": chat_id})
-    if doc is None:
-        doc = await messages.find_one(
-            {
-                "chat_id": chat_id,
-                "author_id": user_id,
-                "$or": [{"origin.id": ident}, {"origin.origin_id": ident}],
-            },
-            sort=[("_id", -1)],
-        )
+    for query in own_lookups(user_id, chat_id, ident):
+        if doc is not None:
+            break
+        doc = await messages.find_one(query, sort=[("_id", -1)])
     return doc
 
 
