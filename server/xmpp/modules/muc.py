@@ -42,6 +42,7 @@ from server.xmpp.modules.messages import (
     RETRACT,
     SID,
     add_ids,
+    add_thread,
     archived,
     as_stanza_error,
     client_id_for,
@@ -250,6 +251,11 @@ class Muc:
         author recognises its reflection), and the room's stanza-id."""
         stanza = self.groupchat(room, nick, to, None)
         child(stanza, "body", text=str(message.get("text", "")))
+        origin = message.get("origin") or {}
+        if origin.get("subject"):
+            # beside a body, a message's own subject, not the room's (XEP-0045 8.1)
+            child(stanza, "subject", text=str(origin["subject"]))
+        add_thread(stanza, origin)
         add_ids(stanza, message, self.room_jid(room.chat_id))
         return stanza
 
