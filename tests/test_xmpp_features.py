@@ -275,6 +275,19 @@ async def test_web_typing_ends_in_paused_for_jabber_contacts(hub: HubHarness) ->
     await client.wait_for_condition(lambda: "done typing" in client.bodies())
     await asyncio.sleep(PAUSED_AFTER_SECONDS + 1)
     assert "paused" not in [s for s, _ in states], states
+    # the node's last session gone: no timer left running (a drain does not wait for one)
+    xmpp = hub.services.xmpp
+    assert xmpp is not None
+    states.clear()
+    await web.call("im.typing", {"chat_id": message["chat_id"]})
+    await client.wait_for_condition(lambda: [s for s, _ in states] == ["composing"])
+    assert len(xmpp.bridge.pauses) == 1
+    client.disconnect()
+    await client.gone.wait()
+    await web.wait_until(  # well before the timer would have ended by itself
+        lambda: xmpp.session_count == 0 and len(xmpp.bridge.pauses) == 0,
+        timeout=PAUSED_AFTER_SECONDS / 2,
+    )
 
 
 async def test_vcard_version_and_disco(hub: HubHarness) -> None:

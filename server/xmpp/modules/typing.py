@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from server.xmpp.server import XmppServer
+    from server.xmpp.session import C2SSession
 
 PAUSED_AFTER_SECONDS = 6.0  # the web's TYPING_SHOWN_MS (web-client/src/core/timing.ts)
 
@@ -30,6 +31,15 @@ class TypingPauses:
         self._send = send
         self._after = after
         self._timers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        server.on_unbound(self._unbound)
+
+    async def _unbound(self, _session: C2SSession) -> None:
+        """No session left on this node (the last one gone, or the node draining): nobody
+        here to tell, and a drain need not wait for the timers."""
+        if self._server.session_count == 0:
+            for timer in self._timers.values():
+                timer.cancel()
+            self._timers.clear()
 
     def started(self, chat_id: str, user_id: str) -> None:
         key = (chat_id, user_id)
