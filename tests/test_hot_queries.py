@@ -146,3 +146,41 @@ async def test_hot_queries_use_an_index_and_examine_what_they_return(fast_hub: H
             f"  {name:<32} {stage:<8} {used or '':<14} examined {examined!s:<5} returned {returned}"
         )
     assert timedelta(seconds=1) < HEAD_LAG_WINDOW
+
+
+async def test_own_message_lookups_by_client_id_use_an_index(fast_hub: HubHarness) -> None:
+    """A correction or retraction from a Jabber client names the message by the id or
+    origin-id it sent it with (XEP-0308, XEP-0424): each lookup is whole in an index and
+    reads the message, not the chat's history."""
+    from server.im.models import MessageOrigin
+    from server.xmpp.modules.messages import own_lookups
+
+    hub = fast_hub
+    svc = hub.services
+    alice_id, _ = await hub.create_user("alice")
+    bob_id, _ = await hub.create_user("bob")
+    bob = await svc.directory.user_document(bob_id)
+    chat = await svc.im.create_group(bob, "room", [alice_id])
+    await asyncio.gather(
+        *(
+            svc.im.send(
+                bob,
+                SendMessage(chat_id=chat["_id"], text=f"m{i}", client_id=f"c{i}"),
+                origin=MessageOrigin(id=str(i % 50), origin_id=f"o{i}"),
+            )
+            for i in range(300)
+        )
+    )
+    await svc.im.settled()
+    messages = svc.store["messages"]
+    for ident in ("7", "o123"):
+        for query in own_lookups(bob_id, chat["_id"], ident):
+            explained = await messages.find(query, sort=[("_id", -1)], limit=1).explain()
+            _, used = plan_of(explained)
+            assert used in ("chat_author_origin_id", "chat_author_origin_origin_id"), (
+                query,
+                explained["queryPlanner"],
+            )
+            examined = explained.get("executionStats", {}).get("totalDocsExamined")
+            if isinstance(examined, int):
+                assert examined <= 10, (query, examined)

@@ -236,6 +236,60 @@ async def test_chat_states_and_markers_map_to_typing_and_read(hub: HubHarness) -
     assert (await hub.services.im.counters(alice_id)).unread == 0
 
 
+async def test_web_typing_ends_in_paused_for_jabber_contacts(hub: HubHarness) -> None:
+    """The web says when typing starts (im.typing, at most every 3 s while keys are pressed)
+    and never when it stops: Jabber contacts get <composing/>, then <paused/> once no new
+    typing came for as long as the web shows it, so their indicator does not stay on; a
+    message ends the typing without a paused (it carries <active/>)."""
+    import time
+
+    from server.xmpp.modules.typing import PAUSED_AFTER_SECONDS
+
+    alice_id, _ = await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    d = domain(hub)
+    client = await xmpp_login(hub, "alice", plugins=("xep_0085",))
+    states: list[tuple[str, float]] = []
+    client.add_event_handler(
+        "chatstate", lambda m: states.append((str(m["chat_state"]), time.monotonic()))
+    )
+    web = await hub.connect(bob)
+    await web.wait_for("snapshot")
+    message = await send_web(hub, bob, to=[alice_id], text="hello")
+    await client.wait_for_condition(lambda: "hello" in client.bodies())
+    states.clear()
+    assert (await web.call("im.typing", {"chat_id": message["chat_id"]}))["ok"] is True
+    await client.wait_for_condition(lambda: [s for s, _ in states] == ["composing"])
+    await client.wait_for_condition(
+        lambda: [s for s, _ in states] == ["composing", "paused"],
+        timeout=PAUSED_AFTER_SECONDS + 5,
+    )
+    (_, typed), (_, paused) = states
+    assert paused - typed >= PAUSED_AFTER_SECONDS - 1  # not at once: after the web's window
+    assert all(m["from"].bare == f"bob@{d}" for m in client.messages if m["chat_state"])
+    # typing, then the message: no paused after it
+    states.clear()
+    await web.call("im.typing", {"chat_id": message["chat_id"]})
+    await client.wait_for_condition(lambda: [s for s, _ in states] == ["composing"])
+    await send_web(hub, bob, chat_id=message["chat_id"], text="done typing")
+    await client.wait_for_condition(lambda: "done typing" in client.bodies())
+    await asyncio.sleep(PAUSED_AFTER_SECONDS + 1)
+    assert "paused" not in [s for s, _ in states], states
+    # the node's last session gone: no timer left running (a drain does not wait for one)
+    xmpp = hub.services.xmpp
+    assert xmpp is not None
+    states.clear()
+    await web.call("im.typing", {"chat_id": message["chat_id"]})
+    await client.wait_for_condition(lambda: [s for s, _ in states] == ["composing"])
+    assert len(xmpp.bridge.pauses) == 1
+    client.disconnect()
+    await client.gone.wait()
+    await web.wait_until(  # well before the timer would have ended by itself
+        lambda: xmpp.session_count == 0 and len(xmpp.bridge.pauses) == 0,
+        timeout=PAUSED_AFTER_SECONDS / 2,
+    )
+
+
 async def test_vcard_version_and_disco(hub: HubHarness) -> None:
     _, admin = await hub.create_user("root", admin=True)
     dept = await hub.request("POST", "/api/v1/departments", token=admin, json={"name": "Ops"})

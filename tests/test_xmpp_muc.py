@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -20,6 +21,7 @@ SID = "{urn:xmpp:sid:0}"
 CORRECT = "{urn:xmpp:message-correct:0}"
 RETRACT = "{urn:xmpp:message-retract:1}"
 COMPOSING = "{http://jabber.org/protocol/chatstates}composing"
+PAUSED = "{http://jabber.org/protocol/chatstates}paused"
 
 
 def domain_of(hub: HubHarness) -> str:
@@ -452,3 +454,76 @@ async def test_a_rename_in_the_portal_is_the_rooms_new_subject(hub: HubHarness) 
     _, subject, _, _ = await join(carol, room, "carol")
     assert subject["subject"] == "New name"
     assert alice_id
+
+
+async def test_thread_subject_and_paused_reach_the_occupants(hub: HubHarness) -> None:
+    """A room message's <thread> and <subject> (beside a body: the message's, not the room's)
+    reach every occupant's copy, the author's reflection included; typing on the web ends in
+    <paused/> for the occupants, as nothing says when it stops."""
+    from server.xmpp.modules.typing import PAUSED_AFTER_SECONDS
+
+    alice_id, _ = await hub.create_user("alice")
+    bob_id, _ = await hub.create_user("bob")
+    _, carol = await hub.create_user("carol")
+    dave_id, _ = await hub.create_user("dave")
+    web = await hub.connect(carol)
+    await web.wait_for("snapshot")
+    chat = await create_group(hub, carol, "Threads", [alice_id, bob_id, dave_id])
+    room = JID(f"{chat['id']}@conference.{domain_of(hub)}")
+    alice = await muc_login(hub, "alice")
+    alice_messages = record_stanzas(alice)
+    await join(alice, room, "alice")
+    bob = await muc_login(hub, "bob")
+    bob_messages = record_stanzas(bob)
+    await join(bob, room, "bob")
+    room_subjects: list[Any] = []
+    alice.add_event_handler("groupchat_subject", room_subjects.append)
+
+    send_groupchat(
+        bob,
+        room,
+        "about the release",
+        "b-1",
+        '<subject xmlns="jabber:client">Release</subject>',
+        '<thread xmlns="jabber:client" parent="t-0">t-1</thread>',
+    )
+    for client, seen in ((alice, alice_messages), (bob, bob_messages)):
+        await client.wait_for_condition(
+            lambda c=client: "about the release" in c.bodies()  # type: ignore[misc]
+        )
+        [copy] = [m for m in seen if str(m["body"]) == "about the release"]
+        assert str(copy["subject"]) == "Release", str(copy)
+        thread = copy.xml.find("{jabber:client}thread")
+        assert thread is not None and thread.text == "t-1" and thread.get("parent") == "t-0"
+        assert copy["id"] == "b-1"
+    assert room_subjects == []  # not taken for a change of the room's subject
+    # the room's history carries them too (a new occupant's backlog)
+    dave = await muc_login(hub, "dave")
+    _, _, _, backlog = await join(dave, room, "dave")
+    [old] = [m for m in backlog if str(m["body"]) == "about the release"]
+    assert str(old["subject"]) == "Release" and str(old["thread"]) == "t-1"
+
+    states: list[tuple[str, float]] = []
+    alice.register_handler(
+        Callback(
+            "room states",
+            MatchXPath(f"{{jabber:client}}message/{COMPOSING}"),
+            lambda m: states.append(("composing", time.monotonic())),
+        )
+    )
+    alice.register_handler(
+        Callback(
+            "room pauses",
+            MatchXPath(f"{{jabber:client}}message/{PAUSED}"),
+            lambda m: states.append(("paused", time.monotonic())),
+        )
+    )
+    assert (await web.call("im.typing", {"chat_id": chat["id"]}))["ok"] is True
+    await alice.wait_for_condition(
+        lambda: [s for s, _ in states] == ["composing", "paused"],
+        timeout=PAUSED_AFTER_SECONDS + 5,
+    )
+    (_, typed), (_, paused) = states
+    assert paused - typed >= PAUSED_AFTER_SECONDS - 1
+    [pause] = [m for m in alice_messages if m.xml.find(PAUSED) is not None]
+    assert str(pause["from"]) == f"{room}/carol" and pause["type"] == "groupchat"

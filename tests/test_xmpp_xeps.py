@@ -269,6 +269,34 @@ async def test_blocking_command_stops_delivery_and_is_pushed(hub: HubHarness) ->
     await a3.wait_for_condition(lambda: "hello again" in a3.bodies())
 
 
+async def test_iq_to_a_full_jid_that_blocked_the_sender_is_service_unavailable(
+    hub: HubHarness,
+) -> None:
+    """XEP-0191 section 3.4: the blocked party's iq to a full JID of the blocking user is
+    answered as for a resource that is not there, and never reaches the blocking client."""
+    await hub.create_user("alice")
+    await hub.create_user("bob")
+    d = domain(hub)
+    alice = await xmpp_login(hub, "alice", resource="one", plugins=("xep_0191",))
+    bob = await xmpp_login(hub, "bob")
+    seen: list[str] = []
+    alice.register_handler(
+        Callback(
+            "pings seen",
+            MatchXPath("{jabber:client}iq/{urn:xmpp:ping}ping"),
+            lambda iq: seen.append(str(iq["from"])),
+        )
+    )
+    await bob.plugin["xep_0199"].send_ping(JID(f"alice@{d}/one"), timeout=10)  # routed: answered
+    await alice.wait_for_condition(lambda: len(seen) == 1)
+    await alice.plugin["xep_0191"].block(JID(f"bob@{d}"), timeout=10)
+    with pytest.raises(IqError) as refused:
+        await bob.plugin["xep_0199"].send_ping(JID(f"alice@{d}/one"), timeout=10)
+    assert refused.value.iq["error"]["condition"] == "service-unavailable"
+    await asyncio.sleep(0.3)
+    assert len(seen) == 1
+
+
 # XEP-0045 private messages and XEP-0313 for rooms ------------------------------------------------
 
 MUC_USER_X = "{http://jabber.org/protocol/muc#user}x"

@@ -64,6 +64,16 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("chat_id", ASCENDING), ("_id", ASCENDING)], name="chat_order"),
         # sparse, not partial: the embedded database uses a sparse index for lookups
         IndexModel([("dedup_key", ASCENDING)], unique=True, sparse=True, name="dedup_sparse"),
+        # A Jabber client's correction or retraction names its message by the id or origin-id
+        # it sent (find_own in server/xmpp/modules/messages.py): one index per lookup.
+        IndexModel(
+            [("chat_id", ASCENDING), ("author_id", ASCENDING), ("origin.id", ASCENDING)],
+            name="chat_author_origin_id",
+        ),
+        IndexModel(
+            [("chat_id", ASCENDING), ("author_id", ASCENDING), ("origin.origin_id", ASCENDING)],
+            name="chat_author_origin_origin_id",
+        ),
     ],
     "tasks": [
         IndexModel([("responsible_id", ASCENDING)], name="responsible"),

@@ -331,6 +331,14 @@ class XmppServer:
             return None
         return peer
 
+    async def _blocks(self, peer: C2SSession, session: C2SSession) -> bool:
+        """Whether ``peer``'s user blocked the sender (XEP-0191)."""
+        return (
+            self.blocking is not None
+            and session.jid is not None
+            and await self.blocking.blocks(peer.user_id, str(session.jid))
+        )
+
     @property
     def connection_count(self) -> int:
         """Open client streams, logged in or not."""
@@ -435,6 +443,8 @@ class XmppServer:
         kind = iq.get("type")
         to = iq.get("to")
         peer = await self._peer_session(session, Jid.parse(to)) if to else None
+        if peer is not None and await self._blocks(peer, session):
+            peer = None  # XEP-0191 3.4: as if that resource were not there
         if kind in ("result", "error"):
             session._pending_pings.pop(iq.get("id", ""), None)
             if peer is not None:

@@ -32,6 +32,7 @@ from server.xmpp.jid import Jid
 from server.xmpp.modules.blocking import blocked_error, blocked_for
 from server.xmpp.modules.carbons import sent_copy
 from server.xmpp.modules.csi import wants_chat_states
+from server.xmpp.modules.typing import TypingPauses
 from server.xmpp.modules.upload import add_files, attachments
 from server.xmpp.server import BODY, MESSAGE, overlappable
 from server.xmpp.session import C2SSession
@@ -224,24 +225,30 @@ def add_ids(stanza: ET.Element, message: dict[str, Any], by: str) -> None:
     child(stanza, "stanza-id", {"id": str(message["id"]), "by": by}, ns=SID)
 
 
+def own_lookups(user_id: str, chat_id: str, ident: str) -> list[Document]:
+    """The filters ``find_own`` tries after the portal id: plain equalities, each whole in
+    one of the messages' indexes (the embedded database uses an index only when every field
+    of a filter is in it; an ``$or`` read the chat's whole history)."""
+    return [
+        {"chat_id": chat_id, "author_id": user_id, "origin.id": ident},
+        {"chat_id": chat_id, "author_id": user_id, "origin.origin_id": ident},
+    ]
+
+
 async def find_own(
     server: XmppServer, user_id: str, chat_id: str, ident: str | None
 ) -> Document | None:
     """A message a client refers to (a correction, a retraction): by the portal id (the
-    stanza-id, and the id others saw), or by the id or origin-id this user sent it with."""
+    stanza-id, and the id others saw), or by the id or origin-id this user sent it with
+    (the newest such, as ids may repeat across streams)."""
     if not ident:
         return None
     messages = server.store["messages"]
     doc = await messages.find_one({"_id": ident, "chat_id": chat_id})
-    if doc is None:
-        doc = await messages.find_one(
-            {
-                "chat_id": chat_id,
-                "author_id": user_id,
-                "$or": [{"origin.id": ident}, {"origin.origin_id": ident}],
-            },
-            sort=[("_id", -1)],
-        )
+    for query in own_lookups(user_id, chat_id, ident):
+        if doc is not None:
+            break
+        doc = await messages.find_one(query, sort=[("_id", -1)])
     return doc
 
 
@@ -270,6 +277,7 @@ class Bridge:
         self.origins: dict[tuple[str, str], str] = {}  # (user, client id) -> session id
         self.marks: dict[str, str] = {}  # user id -> delivered up to, not yet stored
         self._marker: asyncio.Task[None] | None = None
+        self.pauses = TypingPauses(server, self._paused)
 
     async def chat(self, chat_id: str) -> Document | None:
         if chat_id not in self.chats:
@@ -460,6 +468,8 @@ class Bridge:
         signal = data["signal"]
         if await blocked_for(self.server, str(data["to"]), str(data["from"])):
             return
+        if signal.get("state"):
+            await self._typing_told(str(data["from"]), str(data["to"]))
         for session in self.server.available_sessions_of(str(data["to"])):
             if session.jid is None:
                 continue
@@ -509,6 +519,8 @@ class Bridge:
             return  # group chats travel as MUC rooms
         message = event.data["message"]
         author = message.get("author_id")
+        if event.type == "im.message" and author:
+            self.pauses.ended(ident, str(author))  # the message carries <active/>
         origin = (
             self.origins.pop((str(author), str(message.get("client_id"))), None)
             if message.get("client_id")
@@ -613,11 +625,18 @@ class Bridge:
     async def on_typing(self, event: EphemeralEvent) -> None:
         if event.type != "im.typing":
             return
-        chat = await self.chat(str(event.data.get("chat_id")))
+        chat_id, typer = str(event.data.get("chat_id")), str(event.data.get("user_id"))
+        if await self.send_state(chat_id, typer, "composing"):
+            self.pauses.started(chat_id, typer)  # nothing says when it stops: a timer does
+
+    async def send_state(self, chat_id: str, typer: str, state: str) -> bool:
+        """A chat state of ``typer`` to the other member's Jabber sessions on this node, in a
+        private chat; whether any got it."""
+        chat = await self.chat(chat_id)
         if chat is None or chat["kind"] != "private":
-            return
-        typer = str(event.data.get("user_id"))
+            return False
         login = await self.server.login_of(typer)
+        sent = False
         for member in chat["member_ids"]:
             if member == typer or await blocked_for(
                 self.server, member, f"{login}@{self.server.domain}"
@@ -634,8 +653,24 @@ class Bridge:
                         "from": f"{login}@{self.server.domain}",
                     },
                 )
-                child(stanza, "composing", ns=CHATSTATES)
+                child(stanza, state, ns=CHATSTATES)
                 session.send_nowait(stanza)
+                sent = True
+        return sent
+
+    async def _typing_told(self, frm: str, to: str) -> None:
+        """A chat state the typer's own Jabber client sent (relayed as it is) replaces the
+        timer's paused in their dialog with ``to``."""
+        typer = await self.server.user_for(Jid.parse(frm))
+        if typer is None:
+            return
+        for chat_id in self.pauses.chats_of(str(typer["_id"])):
+            chat = self.chats.get(chat_id)
+            if chat is not None and to in chat["member_ids"]:
+                self.pauses.ended(chat_id, str(typer["_id"]))
+
+    async def _paused(self, chat_id: str, typer: str) -> None:
+        await self.send_state(chat_id, typer, "paused")
 
     async def deliver_offline(self, session: C2SSession) -> None:
         """Messages that came while the user had no Jabber session and were not read on the web,

@@ -42,6 +42,7 @@ from server.xmpp.modules.messages import (
     RETRACT,
     SID,
     add_ids,
+    add_thread,
     archived,
     as_stanza_error,
     client_id_for,
@@ -53,6 +54,7 @@ from server.xmpp.modules.messages import (
     stored,
     submit_message,
 )
+from server.xmpp.modules.typing import TypingPauses
 from server.xmpp.modules.upload import add_files, attachments
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import (
@@ -150,6 +152,7 @@ class Muc:
         self.origins: dict[tuple[str, str], tuple[str, str]] = {}
         # (session id, message id) -> the id that session knows the message by
         self.known_as: dict[tuple[str, str], str] = {}
+        self.pauses = TypingPauses(server, self._paused)
 
     # names -----------------------------------------------------------------------------------
 
@@ -250,6 +253,11 @@ class Muc:
         stanza = self.groupchat(room, nick, to, None)
         child(stanza, "body", text=str(message.get("text", "")))
         add_files(self.server, stanza, message)
+        origin = message.get("origin") or {}
+        if origin.get("subject"):
+            # beside a body, a message's own subject, not the room's (XEP-0045 8.1)
+            child(stanza, "subject", text=str(origin["subject"]))
+        add_thread(stanza, origin)
         add_ids(stanza, message, self.room_jid(room.chat_id))
         return stanza
 
@@ -665,6 +673,8 @@ class Muc:
         message = event.data["message"]
         message_id = str(message["id"])
         author = message.get("author_id")
+        if event.type == "im.message" and author:
+            self.pauses.ended(chat_id, str(author))  # typing ends with the message
         nick = await self.nick_of(room, author)
         origin: tuple[str, str] | None = None
         if event.type == "im.message" and author and message.get("client_id"):
@@ -722,18 +732,29 @@ class Muc:
     async def on_typing(self, event: EphemeralEvent) -> None:
         if event.type != "im.typing":
             return
-        room = self.rooms.get(str(event.data.get("chat_id")))
+        chat_id, typer = str(event.data.get("chat_id")), str(event.data.get("user_id"))
+        if await self.send_state(chat_id, typer, "composing"):
+            self.pauses.started(chat_id, typer)  # nothing says when it stops: a timer does
+
+    async def send_state(self, chat_id: str, typer: str, state: str) -> bool:
+        """A chat state of ``typer`` to the room's other occupants here; whether any got it."""
+        room = self.rooms.get(chat_id)
         if room is None:
-            return
-        typer = str(event.data.get("user_id"))
+            return False
         nick = await self.nick_of(room, typer)
         if nick is None:
-            return
+            return False
+        sent = False
         for occupant in list(room.occupants.values()):
             if occupant.user_id != typer and wants_chat_states(occupant.session):
                 stanza = self.groupchat(room, nick, occupant.jid, None)
-                child(stanza, "composing", ns=CHATSTATES)
+                child(stanza, state, ns=CHATSTATES)
                 occupant.deliver(stanza)
+                sent = True
+        return sent
+
+    async def _paused(self, chat_id: str, typer: str) -> None:
+        await self.send_state(chat_id, typer, "paused")
 
     # iq: disco, member list, self-ping ---------------------------------------------------------
 
