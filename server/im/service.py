@@ -860,7 +860,7 @@ class ImService:
         # one person's and already pushed to this user as im.read.
         private = [c["_id"] for c in chats if c["kind"] == "private"]
         peer_read = {
-            m["chat_id"]: m.get("last_read_id")
+            m["chat_id"]: self._state.read_mark(m["chat_id"], m["user_id"], m)
             async for m in self._store["chat_members"].find(
                 {"chat_id": {"$in": private}, "user_id": {"$ne": user_id}}
             )
