@@ -48,7 +48,6 @@ from pymongo import DESCENDING, UpdateOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from server.background import SideTasks, raise_if_stopping, stop
-from server.events.models import Event
 from server.events.streams import Append, StreamLog
 from server.im.models import MessageOut
 from server.im.rules import chat_stream
@@ -60,9 +59,6 @@ log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
 MAX_BATCH = 256
-# Batches whose messages are stored and whose events are still being written, at most; the
-# next batch's messages are inserted meanwhile.
-MAX_IN_FLIGHT = 2
 MAX_RACE_RETRIES = 50
 MAX_KNOWN_CHATS = 200_000
 # At most one bookkeeping round per this while: under load each chat's and each author's row
@@ -253,8 +249,6 @@ class MessageWriter:
         self._queue: deque[Outgoing] = deque()
         self._task: asyncio.Task[None] | None = None
         self._sides = SideTasks("answering a duplicate send", log)
-        self._finishing = SideTasks("finishing a batch of messages", log)
-        self._inserting: asyncio.Future[None] | None = None  # the insert under way, if any
         # chat id -> the highest ordinal known to be stored (this node's, and seen in events)
         self._heads: OrderedDict[str, int] = OrderedDict()
         self._closed = False
@@ -300,12 +294,6 @@ class MessageWriter:
         try:
             await asyncio.sleep(0)  # what is submitted in the same moment goes together
             while queue:
-                # The next batch's insert overlaps the events of the ones before it, up to
-                # MAX_IN_FLIGHT batches waiting for their events.
-                while len(self._finishing) >= MAX_IN_FLIGHT:
-                    await asyncio.wait(list(self._finishing), return_when=asyncio.FIRST_COMPLETED)
-                if not queue:
-                    break
                 batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
                 try:
                     await self._write(batch)
@@ -321,12 +309,8 @@ class MessageWriter:
             raise
         finally:
             self._task = None
-            if queue and not self._closed:  # queued while the loop waited for a finishing batch
-                self._task = asyncio.create_task(self._run(), name="im-writer")
 
     async def _write(self, batch: list[Outgoing]) -> None:
-        """Store the batch's messages and queue their events; answering the senders is left to
-        a finishing task, so that the next batch's messages are stored meanwhile."""
         leaders: list[Outgoing] = []
         first: dict[str, Outgoing] = {}
         for item in batch:
@@ -337,14 +321,7 @@ class MessageWriter:
             if key is not None:
                 first[key] = item
             leaders.append(item)
-        inserting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inserting = inserting
-        try:
-            stored, duplicates, failed = await self._insert(leaders)
-        finally:
-            inserting.set_result(None)
-            if self._inserting is inserting:
-                self._inserting = None
+        stored, duplicates, failed = await self._insert(leaders)
         for item, _cause in failed:
             item.settle(None, unavailable())
         for item in duplicates:
@@ -360,31 +337,16 @@ class MessageWriter:
                 for item, payload in zip(stored, payloads, strict=True)
             ]
         )
-        self._finishing.spawn(self._finish(stored, payloads, futures), name="im-writer-finish")
-
-    async def _finish(
-        self,
-        stored: list[Outgoing],
-        payloads: list[dict[str, Any]],
-        futures: list[asyncio.Future[Event]],
-    ) -> None:
-        """Answer each sender once its message's event is stored and published; take back the
-        messages whose events could not be stored."""
-        try:
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            lost: list[Outgoing] = []
-            for item, payload, result in zip(stored, payloads, results, strict=True):
-                if isinstance(result, BaseException):
-                    lost.append(item)
-                    continue
-                item.settle(Posted(MessageOut.model_validate(payload), False))
-                self.bookkeeper.message_stored(item.doc, preview_of(payload))
-            if lost:
-                await self._take_back(lost)
-        except BaseException:
-            for item in stored:
-                item.settle(None, unavailable())
-            raise
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        lost: list[Outgoing] = []
+        for item, payload, result in zip(stored, payloads, results, strict=True):
+            if isinstance(result, BaseException):
+                lost.append(item)
+                continue
+            item.settle(Posted(MessageOut.model_validate(payload), False))
+            self.bookkeeper.message_stored(item.doc, preview_of(payload))
+        if lost:
+            await self._take_back(lost)
 
     async def _take_back(self, lost: list[Outgoing]) -> None:
         """Their events could not be stored: not half-stored, the messages go too.
@@ -394,11 +356,6 @@ class MessageWriter:
         on, so that nobody's unread number counts it."""
         for item in lost:
             self._forget(item.chat_id)
-        # A batch being inserted may have numbered above them from this node's heads: wait for
-        # it, so that the check below sees it (one numbered later reads the heads again).
-        inserting = self._inserting
-        if inserting is not None:
-            await asyncio.wait([inserting])
         messages = self._store["messages"]
         try:
             await messages.delete_many({"_id": {"$in": [i.doc["_id"] for i in lost]}})
@@ -541,10 +498,9 @@ class MessageWriter:
         self._sides.spawn(coro, name="im-duplicate")
 
     async def settled(self) -> None:
-        while self._task is not None or self._sides or self._finishing:
+        while self._task is not None or self._sides:
             await asyncio.gather(
-                *(t for t in (self._task, *self._sides, *self._finishing) if t is not None),
-                return_exceptions=True,
+                *(t for t in (self._task, *self._sides) if t is not None), return_exceptions=True
             )
         await self.bookkeeper.settled()
 
@@ -555,5 +511,5 @@ class MessageWriter:
         except TimeoutError:
             log.warning("messages still being written at shutdown; their senders get 503")
         self._closed = True
-        await stop(self._task, *self._finishing, *self._sides)
+        await stop(self._task, *self._sides)
         await self.bookkeeper.close()
