@@ -46,7 +46,7 @@ MAX_KNOWN_HEADS = 200_000  # streams whose head is kept in memory; the least rec
 HEAD_LAG_WINDOW = timedelta(seconds=60)
 # At most one write of the head documents per this while: under load a stream's head is
 # raised once per interval for all its events since the last one, not once per batch.
-HEAD_RAISE_INTERVAL = 0.1
+HEAD_RAISE_INTERVAL = 0.25
 
 
 async def _back_off(attempt: int) -> None:

@@ -65,7 +65,7 @@ MAX_KNOWN_CHATS = 200_000
 # is written once per round for all their messages since the last one (an update costs the
 # embedded database more than an insert), not once per batch. Readers are not behind by it:
 # every node keeps the numbers of the events it saw as floors (``ImState``).
-BOOKKEEPING_INTERVAL = 0.1
+BOOKKEEPING_INTERVAL = 0.25
 
 
 def unavailable() -> Problem:
