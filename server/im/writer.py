@@ -12,7 +12,7 @@ One writer per node takes every message queued while the previous batch was bein
 
 Then each sender is answered, and the bookkeeping (the chats' ``msg_count`` and preview, the
 authors' read positions) is queued for the ``Bookkeeper``, which coalesces it into two
-``bulk_write``s, off the senders' path.
+``bulk_write``s, off the senders' path, one round per ``BOOKKEEPING_INTERVAL`` at most.
 
 What can go wrong in step 1 keeps the stored prefix (ordered) and retries the rest, as the
 stream log does:
