@@ -20,10 +20,12 @@ from server.channels.emit import HubRedisManager
 from server.channels.hub import Hub, typing_handler
 from server.counters.crm import CHECK_JOB
 from server.crm.service import Crm
+from server.directory.private_storage import PrivateStorage
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus, InProcessBus
 from server.events.redis_bus import RedisBus
 from server.events.streams import user_stream
+from server.im.blocking import BlockingService
 from server.im.migration import number_messages
 from server.im.service import ImService
 from server.mailbridge.service import MailBridge
@@ -149,6 +151,8 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     xmpp = None
     if settings.xmpp_enabled:
         xmpp = XmppServer(settings, store, auth_service, directory, presence, im, bus)
+        xmpp.blocking = BlockingService(store, bus)
+        xmpp.private_storage = PrivateStorage(store)
         install_all(xmpp)
 
     if xmpp is not None and redis_bus is not None:
@@ -312,6 +316,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         await svc.presence.close()
         await svc.scheduler.close()
         await svc.crm.counters.close()
+        await svc.crm.records.core.close()
         await svc.hub.close()
         await svc.im.close()
         await svc.streams.close()

@@ -545,6 +545,89 @@ async def test_moved_and_converted_mail_moves_the_counters_by_differences(
     assert stale == (0, None), stale
 
 
+async def test_a_merge_moves_the_counters_by_the_differences_of_the_moved_activities(
+    hub: HubHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Merging two duplicates moves the other's activities to the survivor and deletes the
+    other: the counters take each moved activity's difference and the records' (the
+    survivor's open count, the other gone) in the write path, with no recount of anyone,
+    and what each client is pushed equals a recount from scratch."""
+    boss_id, boss = await chief(hub, "boss")
+    mary_id, mary = await hub.create_user("mary")
+    ben_id, ben = await hub.create_user("ben")
+    clients = {}
+    for name, token in (("boss", boss), ("mary", mary), ("ben", ben)):
+        clients[name] = await hub.connect(token)
+        await clients[name].wait_for("snapshot")
+    ids = {"boss": boss_id, "mary": mary_id, "ben": ben_id}
+    keep = await post(hub, mary, "/api/v1/crm/contacts", {"last_name": "Ko"})
+    dupe = await post(
+        hub, ben, "/api/v1/crm/contacts", {"last_name": "Ko", "ignore_duplicates": True}
+    )
+    idle = await post(hub, ben, "/api/v1/crm/contacts", {"last_name": "Idle"})
+    acts = []
+    for owner, person, direction in (
+        (keep, mary_id, "incoming"),
+        (dupe, ben_id, "incoming"),
+        (dupe, mary_id, "incoming"),  # mary's activity on ben's record
+        (dupe, ben_id, "outgoing"),
+        (idle, ben_id, "incoming"),
+    ):
+        acts.append(
+            await post(
+                hub,
+                boss,
+                "/api/v1/crm/activities",
+                {
+                    "owner_type": "contact",
+                    "owner_id": owner["id"],
+                    "responsible_id": person,
+                    "type": "email",
+                    "direction": direction,
+                    "subject": "hello",
+                    "deadline": (utcnow() - timedelta(hours=1)).isoformat()
+                    if direction == "outgoing"
+                    else None,
+                },
+            )
+        )
+    await change(hub, boss, f"/api/v1/crm/activities/{acts[4]['id']}", {"completed": True})
+    await settle_and_compare(hub, clients, ids)
+    # item mode (the default): counted for the record's responsible person
+    assert clients["ben"].crm_counters()["contact"]["incoming"] == 2
+    assert clients["ben"].crm_counters()["contact"]["overdue"] == 1
+    assert clients["ben"].crm_counters()["contact"]["idle"] == 1  # "Idle": none open
+
+    recounted: list[list[str]] = []
+    touch = hub.services.crm.counters.touch
+
+    def spied(user_ids: Iterable[str], *args: Any) -> None:
+        users = list(user_ids)
+        recounted.append(users)
+        touch(users, *args)
+
+    monkeypatch.setattr(hub.services.crm.counters, "touch", spied)
+    merged = await hub.request(
+        "POST",
+        f"/api/v1/crm/contacts/{keep['id']}/merge",
+        token=boss,
+        json={"other_id": dupe["id"]},
+    )
+    assert merged.status == 200, merged.body
+    assert merged.body["open_activities"] == 4
+    await settle_and_compare(hub, clients, ids)
+    # the survivor's responsible person (mary) counts all four now
+    assert clients["mary"].crm_counters()["contact"]["incoming"] == 3
+    assert clients["mary"].crm_counters()["contact"]["overdue"] == 1
+    assert clients["ben"].crm_counters()["contact"]["incoming"] == 0
+    assert clients["ben"].crm_counters()["contact"]["idle"] == 1
+    assert recounted == []
+    stored = await hub.services.store["crm_records"].find_one({"_id": keep["id"]})
+    assert stored is not None and stored["open_activities"] == 4
+    stale = await hub.services.crm.counters.verify_some(None, 100)
+    assert stale == (0, None), stale
+
+
 # the property: random operations, several users, both modes -----------------------------------
 
 USERS = ("ann", "ben", "cat")

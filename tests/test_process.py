@@ -253,6 +253,29 @@ def test_a_hub_started_right_after_a_crash_waits_for_the_old_database(hub_proces
     assert hub.database_pid() != old_db
 
 
+def test_a_dead_hubs_database_that_never_finishes_its_shutdown_is_killed(
+    hub_process: Hub,
+) -> None:
+    """Seen once after a test run: a dead hub's database still running hours later (its
+    SIGTERM taken by a thread its main thread never heard from). A new hub on the same data
+    waits a little for it, then kills it rather than waiting for a human."""
+    hub = hub_process
+    hub.start()
+    old_db = hub.database_pid()
+    assert hub.process is not None
+    os.kill(old_db, signal.SIGSTOP)  # a shutdown that never ends
+    try:
+        hub.process.kill()
+        hub.process.wait()
+        hub.launch()
+        wait_for(hub.ready, 90, "the new hub to be ready")
+        assert not alive(old_db)
+        assert hub.login("john", "demo-pass") == 200
+    finally:
+        if alive(old_db):
+            os.kill(old_db, signal.SIGKILL)
+
+
 def test_a_killed_database_is_restarted_by_the_hub(hub_process: Hub) -> None:
     hub = hub_process
     hub.start()

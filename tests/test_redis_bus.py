@@ -116,6 +116,28 @@ async def test_a_lost_message_is_pulled_from_the_database(
     await until(lambda: b.seen["s"] == [1, 2, 3, 4, 5, 6])
 
 
+async def test_a_reader_behind_the_live_position_learns_where_live_delivery_starts(
+    nodes: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = nodes
+    monkeypatch.setattr(a.bus, "_send", _never_sent)  # b hears of "n" only from its readers
+    for _ in range(3):
+        await a.streams.append("n", "m", {})
+    # a first reader on b read "n" through 3: b starts there, without passing 1..3 on
+    assert await b.bus.caught_up("n", 3) == 3
+    assert "n" not in b.seen
+    # a second reader had read only through 1: it is told live delivery starts after 3
+    assert await b.bus.caught_up("n", 1) == 3
+    # a reader ahead of what b passed on makes b pull the difference, and starts there
+    await a.streams.append("n", "m", {})
+    assert await b.bus.caught_up("n", 4) == 4
+    assert b.seen["n"] == [4]
+
+
+async def _never_sent(channel: str, payload: bytes) -> None:
+    return None
+
+
 async def test_redis_restarting_under_traffic_loses_nothing(
     nodes: tuple[Node, Node], redis_server: RedisServer
 ) -> None:

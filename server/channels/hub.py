@@ -508,7 +508,20 @@ class Hub:
         if last >= 0:
             # The same for events stored by other nodes, whose live copies may still be on
             # their way through Redis: the bus pulls them now and drops the copies later.
-            await self._bus.caught_up(stream, last)
+            live_from = await self._bus.caught_up(stream, last)
+            # Another reader on this node may have read further first, and the bus then took
+            # its position without passing what lies between (two members of a new chat on
+            # one node): what this connection lacks of it, and has not buffered, comes from
+            # the database.
+            buffer = conn.buffers.get(stream)
+            through = min(live_from, buffer[0].seq - 1) if buffer else live_from
+            if through > last:
+                skipped = await self._streams.read_range(stream, last, through)
+                for event in skipped:
+                    self._note_membership(conn, event)
+                    await self._emit(event.type, event.envelope(), to=conn.sid)
+                    last = event.seq
+                instruments.socketio_caught_up(replayed=len(skipped))
         buffer = conn.buffers.get(stream)
         while buffer:
             event = buffer.popleft()

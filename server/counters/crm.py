@@ -231,6 +231,10 @@ class CrmCounters:
             zones[doc["_id"]] = self._zone(doc.get("time_zone"))
         return zones
 
+    def zone_named(self, name: str | None) -> ZoneInfo:
+        """A user's ``time_zone`` as a zone (the portal's default without one)."""
+        return self._zone(name)
+
     def _zone(self, name: str | None) -> ZoneInfo:
         try:
             return ZoneInfo(name or self._default_tz)

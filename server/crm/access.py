@@ -11,6 +11,7 @@ both live-only events on the bus. ``TTL_SECONDS`` only bounds how long a node th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -91,6 +92,7 @@ class CrmAccess:
         self._store = store
         self._bus = bus
         self._snapshot: AccessSnapshot | None = None
+        self._loading: tuple[int, asyncio.Future[AccessSnapshot]] | None = None
         self._taken_at = 0.0
         self._generation = 0
         self.default_role = CrmRole.MANAGER
@@ -120,6 +122,24 @@ class CrmAccess:
             and time.monotonic() - self._taken_at < TTL_SECONDS
         ):
             return self._snapshot
+        if fresh:
+            return await self._load()
+        # One read for everyone who finds the copy out of date at once (a batch of mail
+        # announcing its activities side by side), not one each.
+        loading = self._loading
+        if loading is None or loading[0] != self._generation:
+            task = asyncio.ensure_future(self._load())
+            loading = self._loading = (self._generation, task)
+            task.add_done_callback(lambda _t: self._forget_loading(task))
+        return await asyncio.shield(loading[1])
+
+    def _forget_loading(self, task: asyncio.Future[AccessSnapshot]) -> None:
+        if self._loading is not None and self._loading[1] is task:
+            self._loading = None
+        if not task.cancelled():
+            task.exception()  # retrieved: each waiter got it raised already
+
+    async def _load(self) -> AccessSnapshot:
         taken_at = time.monotonic()
         generation = self._generation
         settings = await self._store["crm_settings"].find_one({"_id": "settings"}) or {}

@@ -10,6 +10,8 @@ guarded by the state read, so that "before" is what was really there.
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -47,9 +49,19 @@ def is_incoming(act: Document) -> bool:
     return activity_facts(act).is_incoming
 
 
+@dataclass
+class _Turn:
+    """Writers of one record's open count on this node, and the record as the last left it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+    last: Document | None = None
+
+
 class ActivityService:
     def __init__(self, core: CrmCore) -> None:
         self.core = core
+        self._open_turns: dict[str, _Turn] = {}
 
     async def _viewer(self, actor_id: str) -> Viewer:
         return await self.core.member(actor_id)
@@ -145,7 +157,7 @@ class ActivityService:
             **(extra or {}),
         }
         act["incoming"] = is_incoming(act)
-        await self.core.activities.insert_one(act)
+        await self.core.activity_inserts.insert(act, 1)
         self.core.counters.activities_changed((None, act))
         if not completed:
             owner = await self._count_open(owner, +1)
@@ -171,7 +183,27 @@ class ActivityService:
     async def _count_open(self, owner: Document, delta: int) -> Document:
         """Move the record's count of open activities; the record as it is then. The idle
         number takes the count's real before and after: the write is guarded by the count
-        read, and read again when someone else moved it first."""
+        read, and read again when someone else moved it first.
+
+        Changes to one record on this node go one after the other, each starting from the
+        count the one before left (a batch of replies to one deal would otherwise miss its
+        guard and read the record again, one after another)."""
+        record_id = owner["_id"]
+        turn = self._open_turns.get(record_id)
+        if turn is None:
+            turn = self._open_turns[record_id] = _Turn()
+        turn.waiting += 1
+        try:
+            async with turn.lock:
+                after = await self._count_open_now(turn.last or owner, delta)
+                turn.last = after
+                return after
+        finally:
+            turn.waiting -= 1
+            if not turn.waiting:
+                self._open_turns.pop(record_id, None)
+
+    async def _count_open_now(self, owner: Document, delta: int) -> Document:
         current: Document | None = owner
         for _attempt in range(GUARDED_ATTEMPTS):
             if current is None:
@@ -370,7 +402,7 @@ class ActivityService:
             "modified_at": now,
         }
         for act in acts:
-            done = await self._put_on(act, source, sets)
+            done = await self.put_on(act, source, sets)
             if done is not None:
                 moved.append(done)
         if not moved:
@@ -394,7 +426,7 @@ class ActivityService:
         await self.core.announce_record(target)
         return moved
 
-    async def _put_on(self, act: Document, source: Document, sets: Document) -> Document | None:
+    async def put_on(self, act: Document, source: Document, sets: Document) -> Document | None:
         """One activity of ``source`` given the owner in ``sets``; the activity as moved, or
         None when it left ``source`` (or was deleted) meanwhile. The write is guarded by what
         counting reads of it, so its counters move by the exact difference (the record's

@@ -1063,32 +1063,33 @@ class RecordService:
         after.update(search_keys(after))
         after["modified_by"] = actor_id
         after["modified_at"] = utcnow()
-        touched = {survivor["responsible_id"], other["responsible_id"]}
-
-        moved = [a async for a in self.core.activities.find({"owner_id": other_id})]
-        touched.update(a["responsible_id"] for a in moved if not a.get("completed"))
-        if moved:
-            await self.core.activities.update_many(
-                {"owner_id": other_id},
-                {
-                    "$set": {
-                        "owner_id": survivor_id,
-                        "record_responsible_id": after["responsible_id"],
-                    }
-                },
-            )
-        after["open_activities"] = await self.core.activities.count_documents(
-            {"owner_id": survivor_id, "completed": False}
-        )
+        # The other's activities, each moved by a write guarded by what counting reads of
+        # it, so that the counters take each one's exact difference (no recount of anyone);
+        # one added to the other meanwhile is taken by the next look.
+        moving = {"owner_id": survivor_id, "record_responsible_id": after["responsible_id"]}
+        moved: list[Document] = []
+        for _look in range(GUARDED_ATTEMPTS):
+            left = [a async for a in self.core.activities.find({"owner_id": other_id})]
+            if not left:
+                break
+            for act in left:
+                done = await self.activities.put_on(act, other, moving)
+                if done is not None:
+                    moved.append(done)
+        opened = sum(1 for a in moved if not a.get("completed"))
         linked = await self._move_links(record_type, survivor_id, other_id)
         if record_type == "contact":
             linked.update(after.get("company_ids", []))  # a company lists its contacts
         await self.core.store["crm_history"].update_many(
             {"record_id": other_id}, {"$set": {"record_id": survivor_id}}
         )
-        sets = {k: v for k, v in after.items() if k != "_id" and survivor.get(k) != v}
-        await self._records.update_one({"_id": survivor_id}, {"$set": sets})
-        await self._records.delete_one({"_id": other_id})
+        sets = {
+            k: v
+            for k, v in after.items()
+            if k not in ("_id", "open_activities") and survivor.get(k) != v
+        }
+        after = await self._merge_counted(survivor, sets, opened)
+        await self._delete_counted(other)
         for change in changes(survivor, after, TRACKED[record_type]):
             await self.core.record_history(
                 after, actor_id, "field", change.field, change.old, change.new
@@ -1104,16 +1105,40 @@ class RecordService:
         await self.core.announce_record_removed(other, merged_into=survivor_id)
         await self.core.announce_record(after)
         for act in moved:
-            moved_act = {
-                **act,
-                "owner_id": survivor_id,
-                "record_responsible_id": after["responsible_id"],
-            }
-            await self.core.announce_activity(moved_act, after)
+            await self.core.announce_activity(act, after)
         async for doc in self._records.find({"_id": {"$in": sorted(linked - {survivor_id})}}):
             await self.core.announce_record(doc)
-        self.core.counters.touch(sorted(touched), [record_type])
         return await self.detail_of(viewer, after)
+
+    async def _merge_counted(self, survivor: Document, sets: Document, opened: int) -> Document:
+        """The survivor takes the merged fields and the other's ``opened`` open activities
+        (added to its count, which may have moved meanwhile); the idle number is told the
+        record as it really was just before (see ``_write_counted``). The survivor as
+        written."""
+        current: Document | None = survivor
+        update: Document = {"$inc": {"open_activities": opened}}
+        if sets:
+            update["$set"] = sets
+        for _attempt in range(GUARDED_ATTEMPTS):
+            if current is None:
+                raise not_found(f"{survivor['type']} {survivor['_id']}")
+            result = await self._records.update_one(
+                {"_id": survivor["_id"], **{f: current.get(f) for f in COUNTED_RECORD_FIELDS}},
+                update,
+            )
+            if result.matched_count:
+                written = {
+                    **current,
+                    **sets,
+                    "open_activities": int(current.get("open_activities", 0)) + opened,
+                }
+                self.core.counters.records_changed((current, written))
+                return written
+            current = await self._records.find_one({"_id": survivor["_id"]})
+        await self._records.update_one({"_id": survivor["_id"]}, update)
+        self.core.counters.touch([survivor["responsible_id"], sets.get("responsible_id", "")])
+        found = await self._records.find_one({"_id": survivor["_id"]})
+        return found or {**survivor, **sets}
 
     async def _move_links(self, record_type: str, survivor_id: str, other_id: str) -> set[str]:
         """What linked to the merged-away record links to the survivor; returns the records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -68,6 +69,8 @@ DIRECTORY_FIELDS = frozenset(
 )
 
 # Stored with a user, never shown nor announced as a change.
+AVATARS = "avatars"  # user id -> {type, data, sha1}: the picture, apart from the hot user document
+MAX_AVATAR_BYTES = 64 * 1024  # a contact-list picture; larger ones cost every roster viewer
 HIDDEN_FIELDS = frozenset({"password_hash", "scram", "password_stamp", "phone_digits"})
 
 # Never kept in memory: what checks a password is read from the database when it is needed.
@@ -363,6 +366,49 @@ class DirectoryService:
         for hook in self.user_hooks:
             await hook(user_id, frozenset(visible))
         return user
+
+    async def avatar(self, user_id: str) -> tuple[str, bytes] | None:
+        """The user's picture (media type, bytes), if they set one (from a Jabber client's
+        vCard: the portal has no upload of its own yet)."""
+        doc = await self._store[AVATARS].find_one({"_id": user_id})
+        return (str(doc["type"]), bytes(doc["data"])) if doc else None
+
+    async def set_avatar(self, user_id: str, media_type: str, data: bytes | None) -> None:
+        """Set (or, with None, remove) the user's own picture. The user document carries its
+        SHA-1 (``avatar_sha1``, what XEP-0153 puts in presence), changed like any profile
+        field: a ``user.updated`` event, caches corrected through it."""
+        if data is not None and len(data) > MAX_AVATAR_BYTES:
+            raise ValueError(f"a picture is at most {MAX_AVATAR_BYTES} bytes")
+        doc = await self.user_document(user_id)
+        sha1 = hashlib.sha1(data).hexdigest() if data is not None else None
+        if doc.get("avatar_sha1") == sha1 and sha1 is not None:
+            return  # the same picture again (clients resend the whole vCard)
+        if data is None:
+            await self._store[AVATARS].delete_one({"_id": user_id})
+        else:
+            await self._store[AVATARS].replace_one(
+                {"_id": user_id},
+                {"type": media_type, "data": data, "sha1": sha1, "updated_at": utcnow()},
+                upsert=True,
+            )
+        if doc.get("avatar_sha1") == sha1:
+            return
+        changes: Document = {"avatar_sha1": sha1, "updated_at": utcnow()}
+        await self._store.users.update_one({"_id": user_id}, {"$set": changes})
+        self.forget_user(user_id)
+        doc.update(changes)
+        user = UserOut.from_document(doc)
+        await self._streams.append(
+            user_stream(user_id),
+            "user.updated",
+            {"user": user.model_dump(mode="json"), "changed": ["avatar_sha1"], "by": user_id},
+        )
+        for hook in self.user_hooks:
+            await hook(user_id, frozenset({"avatar_sha1"}))
+        # For Jabber contacts' presence (XEP-0153), on every node; no rooms: not for browsers.
+        await self._bus.publish_ephemeral(
+            EphemeralEvent("user.avatar", {"user_id": user_id, "sha1": sha1})
+        )
 
     async def directory_changed(self, user_ids: list[str]) -> None:
         """Tell transports that keep a copy of the directory (XMPP rosters) to refresh.

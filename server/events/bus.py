@@ -27,9 +27,14 @@ class EventBus(Protocol):
 
     async def publish_ephemeral(self, event: EphemeralEvent) -> None: ...
 
-    async def caught_up(self, stream: str, seq: int) -> None:
+    async def caught_up(self, stream: str, seq: int) -> int:
         """A reader has read ``stream`` through ``seq`` from the database; once this returns,
-        every event up to it has reached this node's subscribers (later copies are dropped)."""
+        every event up to it has reached this node's subscribers (later copies are dropped).
+
+        Returns the position from which this node goes on passing events live: at least
+        ``seq``, more when the node had already gone further. Events between ``seq`` and that
+        position may never have reached the subscribers (another reader said it had read them
+        from the database), so a reader needing them reads them too."""
         ...
 
 
@@ -60,6 +65,7 @@ class InProcessBus:
             except Exception:
                 log.exception("ephemeral handler %r failed on %s", handler, event.type)
 
-    async def caught_up(self, stream: str, seq: int) -> None:
+    async def caught_up(self, stream: str, seq: int) -> int:
         """One node: every stored event is published here, in order (StreamLog waits for
         the ones in flight), so there is nothing to pull."""
+        return seq

@@ -140,16 +140,22 @@ class RedisBus:
         await self._local.publish_ephemeral(event)
         await self._send(self._ephemeral_channel, _encode_ephemeral(self.node_id, event))
 
-    async def caught_up(self, stream: str, seq: int) -> None:
+    async def caught_up(self, stream: str, seq: int) -> int:
         """A reader has read ``stream`` through ``seq`` from the database: pass on here
-        whatever of it this node has not, so that late copies are known as such."""
+        whatever of it this node has not, so that late copies are known as such.
+
+        Returns the position live delivery goes on from. On a stream this node has passed
+        nothing of yet, it starts at ``seq`` without passing the events up to it (the reader
+        has them; their live copies are late copies): a second reader on this node that read
+        less far must read the rest itself, as it learns from the position returned."""
         async with self._lock(stream):
             passed = self._passed.get(stream)
             if passed is None:
                 self._remember(stream, seq)  # nothing passed on yet: start from there
-                return
+                return seq
             if seq > passed:
                 await self._fill(stream, passed, seq)
+            return max(seq, self._passed.get(stream, seq))
 
     # lifecycle ---------------------------------------------------------------------------------
 

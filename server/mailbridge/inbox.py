@@ -22,11 +22,12 @@ from typing import Any
 from bson import Binary
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
+from pymongo import UpdateOne
 from pymongo.errors import DuplicateKeyError
 
-from server.mailbridge.groupcommit import GroupCommit, journaled
 from server.mailbridge.leases import LEASE, orphaned
 from server.store.database import Document, Store, new_id, utcnow
+from server.store.groupcommit import GroupCommit, GroupUpdate, journaled
 
 INLINE_LIMIT = 8 * 1024 * 1024  # larger messages go to GridFS (a document holds 16 MB)
 
@@ -57,6 +58,9 @@ class RawInbox:
         self._store = store
         self._files = AsyncGridFSBucket(store.db, bucket_name="mail_raw_files")
         self.commits = GroupCommit(store["mail_raw"])
+        # The outcomes of messages processed side by side: one bulk write for those ready
+        # together.
+        self.outcomes = GroupUpdate(store["mail_raw"])
 
     @property
     def collection(self) -> Any:
@@ -64,6 +68,7 @@ class RawInbox:
 
     async def close(self) -> None:
         await self.commits.close()
+        await self.outcomes.close()
 
     async def put(self, raw: bytes, source: Source) -> Stored:
         """Stores ``raw``; returns once it is on disk (or its copy stored before is)."""
@@ -274,8 +279,8 @@ class RawInbox:
         done: Document = {"status": status, "result": result, "processed_at": utcnow()}
         if message_id:
             done["message_id"] = message_id
-        await self.collection.update_one(
-            {"_id": raw_id}, {"$set": done, "$unset": {"claimed_by": "", "claim": ""}}
+        await self.outcomes.update(
+            UpdateOne({"_id": raw_id}, {"$set": done, "$unset": {"claimed_by": "", "claim": ""}})
         )
 
     async def release(self, raw_id: str, error: str, retry_at: datetime) -> None:

@@ -34,7 +34,7 @@ from server.im.service import ImService
 from server.mailbridge.authresults import UNCHECKED, Verdict, judge, trusted_results
 from server.mailbridge.inbox import RawInbox
 from server.mailbridge.leases import LEASE, orphaned, renewing
-from server.mailbridge.matching import Match, Matcher
+from server.mailbridge.matching import Lookups, Match, Matcher
 from server.mailbridge.models import MailSettings
 from server.mailbridge.noise import Noise, bounce_info, classify, failed_in_text
 from server.mailbridge.parsing import Limits, MailTooComplex, ParsedMail, parse
@@ -78,6 +78,11 @@ def _sender(mail: ParsedMail) -> str:
 def hour_bucket(now: datetime) -> str:
     """The clock hour (UTC) the global limit on leads from mail counts in."""
     return now.astimezone(UTC).strftime("%Y-%m-%dT%H")
+
+
+# A claimed message, what parsing made of it (or the exception reading or parsing raised:
+# ``MailTooComplex`` is an outcome, anything else is retried), and its bytes.
+Read = tuple[Document, "ParsedMail | Exception", bytes]
 
 
 class TryLater(Exception):
@@ -179,26 +184,84 @@ class MailPipeline:
         return done
 
     async def _process_claimed(self, batch: list[Document]) -> int:
-        """The messages of one claim, one after the other, their leases renewed together."""
+        """The messages of one claim, their leases renewed together, processed side by side:
+        what each writes after its match (the activity's events, the counters, the notice)
+        then goes out in the shared writers' batches instead of one round trip per reply,
+        and what each reads first (copies delivered before, the records codes and threads
+        name) is read once for the lot. Copies of one message (the same Message-ID) go one
+        after the other, so that a later copy finds the earlier one's outcome."""
         left = [doc["_id"] for doc in batch]
         self._held.update(left)
         done = 0
         async with renewing(partial(self._inbox.renew_some, left, self._node), "mail claim"):
-            for doc in batch:
-                raw_id = doc["_id"]
-                try:
-                    with traced(request_id=f"mail-{raw_id}"):  # for its logs and events
-                        await self.process(doc)
-                    done += 1
-                except TryLater as exc:
-                    log.info("mail %s waits: %s", raw_id, exc)
-                    await self._inbox.release(raw_id, str(exc), utcnow() + RETRY_AFTER)
-                except Exception as exc:
-                    log.exception("mail %s failed; it is retried", raw_id)
-                    await self._inbox.release(raw_id, repr(exc), utcnow() + RETRY_AFTER)
-                left.remove(raw_id)
-                self._held.discard(raw_id)
+            read = await asyncio.gather(*(self._read(doc) for doc in batch))
+            try:
+                lookups = await self._look_up([r for r in read if isinstance(r[1], ParsedMail)])
+            except Exception:
+                raise_if_stopping()
+                # Each message then reads what it needs itself (and fails, and is retried,
+                # on its own if the database is away).
+                log.warning("reading for a batch of mail failed", exc_info=True)
+                lookups = Lookups()
+            groups: dict[str, list[Read]] = {}
+            for one in read:
+                mail = one[1]
+                key = mail.message_id if isinstance(mail, ParsedMail) else ""
+                groups.setdefault(key or f"-{one[0]['_id']}", []).append(one)
+
+            async def in_turn(copies: list[Read]) -> int:
+                finished = 0
+                for position, one in enumerate(copies):
+                    doc = one[0]
+                    raw_id = doc["_id"]
+                    try:
+                        with traced(request_id=f"mail-{raw_id}"):  # for its logs and events
+                            # a later copy looks again: the one before it has just finished
+                            await self.process(doc, one, lookups if position == 0 else None)
+                        finished += 1
+                    except TryLater as exc:
+                        log.info("mail %s waits: %s", raw_id, exc)
+                        await self._inbox.release(raw_id, str(exc), utcnow() + RETRY_AFTER)
+                    except Exception as exc:
+                        log.exception("mail %s failed; it is retried", raw_id)
+                        await self._inbox.release(raw_id, repr(exc), utcnow() + RETRY_AFTER)
+                    left.remove(raw_id)
+                    self._held.discard(raw_id)
+                return finished
+
+            done = sum(await asyncio.gather(*(in_turn(g) for g in groups.values())))
         return done
+
+    async def _read(self, doc: Document) -> Read:
+        """The message's bytes and what parsing made of them (or why it refused), in a
+        thread: large MIME is slow."""
+        try:
+            raw = await self._inbox.raw_of(doc)
+        except Exception as exc:  # raised again where the message is processed: retried
+            return doc, exc, b""
+        try:
+            return doc, await asyncio.to_thread(parse, raw, self._limits), raw
+        except Exception as exc:  # MailTooComplex is an outcome; anything else is retried
+            return doc, exc, raw
+
+    async def _look_up(self, read: list[Read]) -> Lookups:
+        """What the batch's messages need read, in one query per kind: the outcomes of
+        earlier copies (by Message-ID) and what matching reads (``Matcher.prefetch``)."""
+        mails = [m for _doc, m, _raw in read if isinstance(m, ParsedMail)]
+        lookups = await self._matcher.prefetch(mails, [list(self._recipients(d)) for d, *_ in read])
+        ids = sorted({m.message_id for m in mails if m.message_id})
+        if ids:
+            # One indexed field with ``$in``: an index lookup per Message-ID.
+            async for d in self._inbox.collection.find(
+                {"message_id": {"$in": ids}}, {"status": 1, "message_id": 1}
+            ).limit(100 * len(ids)):
+                lookups.copies.setdefault(d["message_id"], []).append(d)
+        lookups.copies_known = set(ids)
+        return lookups
+
+    @staticmethod
+    def _recipients(doc: Document) -> list[str]:
+        return list(doc.get("source", {}).get("recipients", []))
 
     async def _finish(self, doc: Document, status: str, result: Document) -> None:
         await self._inbox.finish(doc["_id"], status, result, doc.get("message_id"))
@@ -219,13 +282,18 @@ class MailPipeline:
             except Exception:
                 log.exception("telling about the unmatched mail failed")
 
-    async def process(self, doc: Document) -> None:
-        raw = await self._inbox.raw_of(doc)
-        try:
-            mail = await asyncio.to_thread(parse, raw, self._limits)
-        except MailTooComplex as exc:
-            await self._finish(doc, "refused", {"reason": f"refused: {exc}"})
+    async def process(
+        self, doc: Document, read: Read | None = None, lookups: Lookups | None = None
+    ) -> None:
+        """``read``: the message as ``_read`` gave it; ``lookups``: what was read for its
+        batch (left out, each is read here)."""
+        _doc, parsed, raw = read or await self._read(doc)
+        if isinstance(parsed, MailTooComplex):
+            await self._finish(doc, "refused", {"reason": f"refused: {parsed}"})
             return
+        if isinstance(parsed, Exception):
+            raise parsed
+        mail = parsed
         summary: Document = {
             "from": mail.from_address,
             "from_name": mail.from_name[:200],
@@ -243,12 +311,12 @@ class MailPipeline:
             doc["message_id"] = mail.message_id
             # Filtered on the indexed field only, the rest here: the embedded database uses an
             # index only when the filter names nothing else.
-            copies = self._inbox.collection.find({"message_id": mail.message_id}, {"status": 1})
-            earlier = [
-                d
-                async for d in copies.limit(100)
-                if d["status"] in COPY_OF and d["_id"] != doc["_id"]
-            ]
+            if lookups is not None and mail.message_id in lookups.copies_known:
+                found = lookups.copies.get(mail.message_id, [])
+            else:
+                copies = self._inbox.collection.find({"message_id": mail.message_id}, {"status": 1})
+                found = [d async for d in copies.limit(100)]
+            earlier = [d for d in found if d["status"] in COPY_OF and d["_id"] != doc["_id"]]
             if earlier:
                 original = earlier[0]
                 if original["status"] == "unmatched":  # one entry on the list, counting copies
@@ -261,14 +329,18 @@ class MailPipeline:
                 return
         summary["date"] = mail.date
         summary["preview"] = (mail.new_text or mail.text)[:PREVIEW_CHARS]
-        recipients = list(doc.get("source", {}).get("recipients", []))
+        recipients = self._recipients(doc)
         if recipients and all(is_postmaster(r) for r in recipients):
             await self._to_postmaster(doc, mail, summary)
             return
         settings = await self._settings()
         verdict = self.verdict(mail)
         match = await self._matcher.match(
-            mail, recipients, settings, distrusted=verdict.reason if verdict.suspicious else None
+            mail,
+            recipients,
+            settings,
+            distrusted=verdict.reason if verdict.suspicious else None,
+            lookups=lookups,
         )
         if verdict.suspicious:
             summary["suspicious"] = verdict.reason

@@ -245,6 +245,7 @@ class MailBridge:
             await self._stop_collector(collector)
         await self.inbox.close()
         await self.pipeline.close()
+        await self.inbox.outcomes.close()  # what the stopped workers left to write
         await self.outbox.close()
         await stop(self._pruner)
 

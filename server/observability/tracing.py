@@ -74,8 +74,8 @@ class ObservedBus:
     async def publish_ephemeral(self, event: EphemeralEvent) -> None:
         await self.inner.publish_ephemeral(event)
 
-    async def caught_up(self, stream: str, seq: int) -> None:
-        await self.inner.caught_up(stream, seq)
+    async def caught_up(self, stream: str, seq: int) -> int:
+        return await self.inner.caught_up(stream, seq)
 
     def _traced(self, handler: EventHandler) -> EventHandler:
         @functools.wraps(handler)

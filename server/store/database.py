@@ -40,6 +40,7 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("pair_key", ASCENDING)], unique=True, sparse=True, name="pair_key_sparse"),
         IndexModel([("workgroup_id", ASCENDING)], name="workgroup"),
     ],
+    "private_storage": [IndexModel([("user_id", ASCENDING)], name="user")],
     "chat_members": [
         IndexModel([("user_id", ASCENDING)], name="user"),
         IndexModel([("chat_id", ASCENDING)], name="chat"),

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -81,6 +82,11 @@ STABLE_SECONDS = 30.0  # a child that ran this long is restarted at once when it
 FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
 PREVIOUS_RUN_WAIT_SECONDS = 30.0  # for a dead hub's database process to release the files
+# A dead hub's database process still running after this long is killed: its shutdown hangs
+# (a SIGTERM taken by one of its threads while the main thread waits in a lock is never
+# acted on), and it would hold the data directory for ever. The writes are journaled, so
+# killing it loses nothing acknowledged.
+PREVIOUS_RUN_KILL_SECONDS = 10.0
 STOP_SECONDS = 20.0
 
 __all__ = ["EmbeddedDatabase", "EmbeddedDatabaseError", "running_endpoint"]
@@ -156,6 +162,22 @@ def _lock_owner(db_dir: Path) -> int | None:
         return int((db_dir / LOCK_FILE).read_text().strip() or "x")
     except (OSError, ValueError):
         return None
+
+
+def _left_database_pid(db_dir: Path) -> int | None:
+    """The database process an ended hub started on ``db_dir``, if it still runs: the pid its
+    ``endpoint.json`` names, checked against that process's command line (a pid reused by
+    anything else is left alone)."""
+    try:
+        pid = int(json.loads((db_dir / ENDPOINT_FILE).read_text())["pid"])
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    data = str(db_dir / "data").encode()
+    serves_it = any(
+        flag == b"--storage-path" and value == data for flag, value in itertools.pairwise(args)
+    )
+    return pid if serves_it and _pid_alive(pid) else None
 
 
 def running_endpoint(db_dir: Path) -> str | None:
@@ -344,8 +366,9 @@ class EmbeddedDatabase:
         """The data directory's lock. Held by a live hub: refused at once. Held after its
         hub died: that hub's database process is still shutting down; wait for it."""
         fd = open_private(self.db_dir / LOCK_FILE, os.O_RDWR)
-        deadline = time.monotonic() + PREVIOUS_RUN_WAIT_SECONDS
-        waiting = False
+        started = time.monotonic()
+        deadline = started + PREVIOUS_RUN_WAIT_SECONDS
+        waiting = killed = False
         try:
             while True:
                 try:
@@ -365,6 +388,18 @@ class EmbeddedDatabase:
                         f"the embedded database in {self.db_dir} is already run by another "
                         f"process{who}"
                     )
+                if not killed and time.monotonic() > started + PREVIOUS_RUN_KILL_SECONDS:
+                    killed = True
+                    left = _left_database_pid(self.db_dir)
+                    if left is not None:
+                        log.warning(
+                            "the database process of a hub that ended (pid %s) has not finished "
+                            "its shutdown in %.0f s; killing it",
+                            left,
+                            PREVIOUS_RUN_KILL_SECONDS,
+                        )
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(left, signal.SIGKILL)
                 if time.monotonic() > deadline:
                     raise EmbeddedDatabaseError(
                         f"the database process of a hub that ended (pid {owner}) still holds "

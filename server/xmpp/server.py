@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from server.auth.service import AuthService
 from server.background import SideTasks, raise_if_stopping, stop
+from server.directory.private_storage import PrivateStorage
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
+from server.im.blocking import BlockingService
 from server.im.service import ImService
 from server.observability.context import context_for
 from server.presence.service import PresenceService
@@ -79,6 +81,8 @@ class XmppServer:
         self.features: set[str] = set()
         self.account_features: set[str] = set()  # what a user's bare JID offers (disco)
         self.bridge: Any = None  # the messenger bridge (modules.messages), shared with MAM
+        self.blocking: BlockingService | None = None  # XEP-0191's service, set by the app
+        self.private_storage: PrivateStorage | None = None  # XEP-0049's, set by the app
         self.identities: list[tuple[str, str, str]] = [("server", "im", "Portal Hub")]
         self._stream_features: list[Callable[[], ET.Element]] = []
         self._servers: list[asyncio.Server] = []

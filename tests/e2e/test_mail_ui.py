@@ -378,6 +378,42 @@ async def test_an_admin_tunes_the_inbox_and_puts_unmatched_mail_on_a_deal(
     await expect(result).to_have_attribute("data-ok", "false")
     await expect(result.get_by_test_id("mailbox-test-detail")).not_to_be_empty()
     assert await mail_hub.services.store["mail_mailboxes"].count_documents({}) == 0
+    # Hosted mail (Microsoft 365, Gmail) signs in with XOAUTH2: the OAuth client instead of
+    # a password; an http token URL to another machine is refused before it is sent.
+    await form.get_by_test_id("mailbox-auth").select_option("xoauth2")
+    await expect(form.get_by_test_id("mailbox-password")).to_have_count(0)
+    oauth = form.get_by_test_id("mailbox-oauth")
+    await oauth.get_by_test_id("mailbox-oauth-client-id").fill("portal-app")
+    await oauth.get_by_test_id("mailbox-oauth-client-secret").fill("client-secret-1")
+    await oauth.get_by_test_id("mailbox-oauth-token-url").fill("http://idp.example/token")
+    await oauth.get_by_test_id("mailbox-oauth-refresh-token").fill("refresh-1")
+    await oauth.get_by_test_id("mailbox-oauth-scope").fill("IMAP.AccessAsUser.All")
+    await form.get_by_test_id("mailbox-form-enabled").uncheck()
+    await form.get_by_test_id("mailbox-save").click()
+    await expect(form.get_by_test_id("mailbox-problems")).to_contain_text("must be https")
+    await oauth.get_by_test_id("mailbox-oauth-token-url").fill(
+        f"http://127.0.0.1:{free_port()}/token"
+    )
+    await form.get_by_test_id("mailbox-save").click()
+    listed = boxes.locator("[data-testid=mailbox][data-name='Hosted inbox']")
+    await expect(listed).to_contain_text("OAuth 2.0")
+    stored_box = await mail_hub.services.store["mail_mailboxes"].find_one({})
+    assert stored_box is not None and stored_box["auth"] == "xoauth2"
+    assert stored_box["oauth"]["client_id"] == "portal-app"
+    assert stored_box["oauth"]["client_secret"] == "client-secret-1"
+    assert stored_box["oauth"]["refresh_token"] == "refresh-1"
+    assert stored_box["oauth"]["scope"] == "IMAP.AccessAsUser.All"
+    # Changed later: the secrets stay as stored unless typed again.
+    await listed.get_by_test_id("mailbox-edit").click()
+    await expect(oauth.get_by_test_id("mailbox-oauth-client-id")).to_have_value("portal-app")
+    await expect(oauth.get_by_test_id("mailbox-oauth-client-secret")).to_have_value("")
+    await oauth.get_by_test_id("mailbox-oauth-scope").fill("https://mail.google.com/")
+    await form.get_by_test_id("mailbox-save").click()
+    await expect(form).to_have_count(0)
+    stored_box = await mail_hub.services.store["mail_mailboxes"].find_one({})
+    assert stored_box is not None and stored_box["oauth"]["scope"] == "https://mail.google.com/"
+    assert stored_box["oauth"]["client_secret"] == "client-secret-1"
+    assert stored_box["oauth"]["refresh_token"] == "refresh-1"
 
     # A stranger writes to the inbox: no lead, the unmatched list.
     stray = EmailMessage()

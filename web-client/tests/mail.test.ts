@@ -279,6 +279,7 @@ describe("IMAP mailboxes", () => {
     host: "imap.example.com",
     port: 993,
     security: "tls",
+    auth: "password",
     login: "crm",
     folder: "INBOX",
     processed_folder: null,
@@ -307,6 +308,50 @@ describe("IMAP mailboxes", () => {
     expect(mailboxPatch(form, mailbox)).toEqual({});
     expect(mailboxPatch({ ...form, pollSeconds: 30, password: "new" }, mailbox)).toEqual({ poll_seconds: 30, password: "new" });
     expect(mailboxPatch({ ...form, moveProcessed: true, processedFolder: "Processed" }, mailbox)).toEqual({ processed_folder: "Processed" });
+  });
+
+  it("takes an OAuth client for XOAUTH2, its secrets only when typed", () => {
+    const form = { ...emptyMailboxForm(), name: "M365", host: "outlook.office365.com", login: "crm@corp.example", auth: "xoauth2" as const };
+    expect(mailboxErrors(form, true)).toEqual([
+      "Write the OAuth client ID.",
+      "Write the OAuth token URL.",
+      "Write the OAuth client secret.",
+      "Write the OAuth refresh token.",
+    ]);
+    const filled = {
+      ...form,
+      oauthClientId: "app-1",
+      oauthClientSecret: "s3cret",
+      oauthTokenUrl: "https://login.example/token",
+      oauthRefreshToken: "r1",
+      oauthScope: " ",
+    };
+    expect(mailboxErrors(filled, true)).toEqual([]);
+    expect(mailboxErrors({ ...filled, oauthTokenUrl: "http://idp.example/token" }, true)).toEqual(["The token URL must be https (or http to this machine)."]);
+    expect(mailboxErrors({ ...filled, oauthTokenUrl: "http://127.0.0.1:8080/token" }, true)).toEqual([]);
+    const body = mailboxBody(filled);
+    expect(body.password).toBeUndefined();
+    expect(body).toMatchObject({
+      auth: "xoauth2",
+      oauth: { client_id: "app-1", client_secret: "s3cret", token_url: "https://login.example/token", refresh_token: "r1", scope: null },
+    });
+    // a stored client: unchanged secrets stay out of the patch; changing only the scope sends it
+    const stored: Mailbox = { ...mailbox, auth: "xoauth2", oauth: { client_id: "app-1", token_url: "https://login.example/token", scope: null } };
+    const edit = mailboxForm(stored);
+    expect(edit.oauthClientId).toBe("app-1");
+    expect(edit.oauthClientSecret).toBe("");
+    expect(mailboxErrors(edit, false, true)).toEqual([]);
+    expect(mailboxPatch(edit, stored)).toEqual({});
+    expect(mailboxPatch({ ...edit, oauthScope: "IMAP.AccessAsUser.All", oauthRefreshToken: "r2" }, stored)).toEqual({
+      oauth: { scope: "IMAP.AccessAsUser.All", refresh_token: "r2" },
+    });
+    // switching a password mailbox to XOAUTH2 needs the whole client
+    const switched = { ...mailboxForm(mailbox), auth: "xoauth2" as const, oauthClientId: "app-2", oauthTokenUrl: "https://idp.example/t" };
+    expect(mailboxErrors(switched, false, false)).toEqual(["Write the OAuth client secret.", "Write the OAuth refresh token."]);
+    expect(mailboxPatch({ ...switched, oauthClientSecret: "x", oauthRefreshToken: "y" }, mailbox)).toEqual({
+      auth: "xoauth2",
+      oauth: { client_id: "app-2", token_url: "https://idp.example/t", client_secret: "x", refresh_token: "y" },
+    });
   });
 
   it("says how the collector is doing", () => {

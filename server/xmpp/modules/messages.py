@@ -29,7 +29,9 @@ from server.im.service import ImService
 from server.store.database import Document
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
+from server.xmpp.modules.blocking import blocked_error, blocked_for
 from server.xmpp.modules.carbons import sent_copy
+from server.xmpp.modules.csi import wants_chat_states
 from server.xmpp.server import BODY, MESSAGE, overlappable
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, StanzaError, child, element, q
@@ -327,6 +329,9 @@ class Bridge:
             or not await self.server.directory.may_see(session.user, recipient)
         ):
             raise StanzaError("service-unavailable")
+        if await blocked_for(self.server, session.user_id, str(target.bare)):
+            session.answer(stanza, blocked_error(stanza))  # XEP-0191 3.5: unblock first
+            return True
         recipient_id = str(recipient["_id"])
         body = stanza.findtext(BODY)
         chat: Document | None = None
@@ -447,6 +452,8 @@ class Bridge:
             return
         data = event.data
         signal = data["signal"]
+        if await blocked_for(self.server, str(data["to"]), str(data["from"])):
+            return
         for session in self.server.available_sessions_of(str(data["to"])):
             if session.jid is None:
                 continue
@@ -464,8 +471,12 @@ class Bridge:
                 stanza.set("id", str(signal["id"]))
             if signal.get("thread"):
                 child(stanza, "thread", text=str(signal["thread"]))
-            if signal.get("state"):
+            # An inactive client (XEP-0352) gets no chat states; a receipt or an invitation
+            # riding with one still goes.
+            if signal.get("state") and wants_chat_states(session):
                 child(stanza, str(signal["state"]), ns=CHATSTATES)
+            elif not (signal.get("received") or signal.get("invite")):
+                continue
             if signal.get("received"):
                 child(stanza, "received", {"id": str(signal["received"])}, ns=RECEIPTS)
             add_invitation(stanza, signal.get("invite"))
@@ -517,6 +528,8 @@ class Bridge:
                 for session in copies:
                     session.send_bytes(wrapped(str(session.jid)))
                 continue
+            if author and await blocked_for(server, member, await self.author_jid(message)):
+                continue  # XEP-0191: not to this member's Jabber clients (still on the web)
             # Addressed to one of the member's resources: only that one gets it while it is
             # online (RFC 6121 8.5.3.1); else every session.
             wanted = (message.get("origin") or {}).get("resource")
@@ -600,9 +613,13 @@ class Bridge:
         typer = str(event.data.get("user_id"))
         login = await self.server.login_of(typer)
         for member in chat["member_ids"]:
-            if member == typer:
+            if member == typer or await blocked_for(
+                self.server, member, f"{login}@{self.server.domain}"
+            ):
                 continue
             for session in self.server.available_sessions_of(member):
+                if not wants_chat_states(session):
+                    continue  # inactive (XEP-0352): typing would be stale when looked at
                 stanza = element(
                     "message",
                     {
@@ -652,6 +669,13 @@ class Bridge:
                 keep=lambda m: m.author_id != user_id,
             )
         pending.sort(key=lambda m: m.id)
+        pending = [
+            m
+            for m in pending
+            if not await blocked_for(
+                self.server, user_id, await self.author_jid({"author_id": m.author_id})
+            )
+        ]
         for found in pending[-OFFLINE_LIMIT:]:
             stanza = await self.stanza(archived(found), session.jid)
             child(

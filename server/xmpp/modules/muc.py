@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from server.events.models import EphemeralEvent, Event
-from server.im.models import SendMessage, SendResult
+from server.im.models import MessageOut, SendMessage, SendResult
 from server.store.database import Document
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
 from server.xmpp.modules.basics import PING
+from server.xmpp.modules.csi import wants_chat_states
 from server.xmpp.modules.disco import INFO, ITEMS
+from server.xmpp.modules.mam import MAM, archive_page, form_fields
 from server.xmpp.modules.messages import (
     CHATSTATES,
     CORRECT,
@@ -75,6 +77,7 @@ MUC_ADMIN = f"{MUC}#admin"
 ROOMINFO = f"{MUC}#roominfo"
 DATA = "jabber:x:data"
 FASTEN = "urn:xmpp:fasten:0"
+XML = "http://www.w3.org/XML/1998/namespace"
 RETRACT_0 = "urn:xmpp:message-retract:0"
 ROOM_FEATURES = (
     MUC,
@@ -86,6 +89,7 @@ ROOM_FEATURES = (
     "muc_unmoderated",
     INFO,
     SID,
+    MAM,
 )
 SERVICE_NAME = "Group chats"
 DEFAULT_HISTORY = 20
@@ -509,10 +513,8 @@ class Muc:
             raise StanzaError("service-unavailable")
         if kind != "groupchat":
             if target.resource:
-                raise StanzaError(
-                    "feature-not-implemented",
-                    "no private messages through rooms: write to the user's own address",
-                )
+                self.private_message(session, target, stanza)
+                return True
             raise StanzaError("not-acceptable", "members are managed in the portal")
         if target.resource:
             raise StanzaError("bad-request", "a groupchat message goes to the room")
@@ -526,6 +528,33 @@ class Muc:
         except (ValidationError, Problem) as exc:
             raise as_stanza_error(exc) from None
         return True
+
+    def private_message(self, session: C2SSession, target: Jid, stanza: ET.Element) -> None:
+        """XEP-0045 7.5: a private message from one occupant to another, by nick. It goes to
+        the sessions in the room under that nick (on this node), from the sender's occupant
+        JID, marked as a MUC private message; it is not stored (not part of the room's
+        history, nor of the dialog between the two: that is the user's own address)."""
+        room = self.rooms.get(target.local)
+        sender = room.occupants.get(session.id) if room else None
+        if room is None or sender is None:
+            raise StanzaError("not-acceptable", "join the room first")
+        recipients = [o for o in room.occupants.values() if o.nick == target.resource]
+        if not recipients:
+            raise StanzaError("item-not-found", "no occupant with this nick")
+        frm = self.occupant_jid(room.chat_id, sender.nick)
+        states_only = all(part.tag.startswith(f"{{{CHATSTATES}}}") for part in stanza)
+        for recipient in recipients:
+            if states_only and not wants_chat_states(recipient.session):
+                continue  # inactive (XEP-0352): no typing
+            copy = element("message", {"from": frm, "to": recipient.jid})
+            for name in ("type", "id", q(XML, "lang")):
+                if stanza.get(name):
+                    copy.set(name, stanza.get(name, ""))
+            for part in stanza:
+                if part.tag != q(MUC_USER, "x"):
+                    copy.append(part)
+            child(copy, "x", ns=MUC_USER)  # a private message through a room (XEP-0045 7.5)
+            recipient.deliver(copy)
 
     async def from_occupant(self, session: C2SSession, room: Room, stanza: ET.Element) -> None:
         assert session.user is not None
@@ -681,7 +710,7 @@ class Muc:
         if nick is None:
             return
         for occupant in list(room.occupants.values()):
-            if occupant.user_id != typer:
+            if occupant.user_id != typer and wants_chat_states(occupant.session):
                 stanza = self.groupchat(room, nick, occupant.jid, None)
                 child(stanza, "composing", ns=CHATSTATES)
                 occupant.deliver(stanza)
@@ -780,6 +809,32 @@ class Muc:
                 child(query, "item", {"affiliation": affiliation, "jid": jid})
         return result(iq, query)
 
+    async def archive(self, session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
+        """MAM for a room (XEP-0313 section 6): the group chat's history, from the messenger's
+        one history (what the web shows), for members only; each message as occupants got it,
+        from the author's nick (their login when they are not in the room now)."""
+        target = Jid.parse(iq.get("to", ""))
+        if not target.local or target.resource:
+            raise StanzaError("service-unavailable")
+        chat = await self.member_chat(session, target.local)
+        if chat is None:
+            raise StanzaError("forbidden", "only members may read a room's archive")
+        if form_fields(payload).get("with"):
+            raise StanzaError("feature-not-implemented", "no filter by occupant in rooms")
+        room = self.rooms.get(target.local) or Room(
+            target.local, str(chat.get("title", "")), chat.get("owner_id")
+        )
+        assert session.jid is not None
+
+        async def render(doc: MessageOut) -> ET.Element:
+            nick = await self.nick_of(room, doc.author_id)
+            return self.message(room, nick, str(session.jid), archived(doc))
+
+        room_jid = Jid.parse(self.room_jid(target.local))
+        return await archive_page(
+            self.server, session, iq, payload, [chat["_id"]], render, room_jid
+        )
+
     async def admin_set(
         self, session: C2SSession, iq: ET.Element, payload: ET.Element
     ) -> ET.Element:
@@ -808,6 +863,7 @@ def install(server: XmppServer) -> None:
     routed(server, "get", q(INFO, "query"), muc.domain, muc.disco_info)
     routed(server, "get", q(ITEMS, "query"), muc.domain, muc.disco_items)
     routed(server, "get", q(PING, "ping"), muc.domain, muc.ping)
+    routed(server, "set", q(MAM, "query"), muc.domain, muc.archive)
     server.iq("get", q(MUC_ADMIN, "query"), muc.member_list)
     server.iq("set", q(MUC_ADMIN, "query"), muc.admin_set)
     server.on_presence(muc.on_presence)

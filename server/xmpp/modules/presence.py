@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from server.events.models import EphemeralEvent
 from server.store.database import Document
 from server.xmpp.jid import Jid
+from server.xmpp.modules.blocking import blocked_for
+from server.xmpp.modules.csi import deliver_presence
 from server.xmpp.modules.disco import contact_caps
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, child, element, q
@@ -19,7 +21,15 @@ if TYPE_CHECKING:
 TRANSPORT = "xmpp"
 
 
-def presence_stanza(server: XmppServer, login: str, status: str, to: Jid) -> ET.Element:
+VCARD_UPDATE = "vcard-temp:x:update"
+AVATAR_CHANGED = "user.avatar"
+
+
+def presence_stanza(
+    server: XmppServer, login: str, status: str, to: Jid, photo: str | None = None
+) -> ET.Element:
+    """A colleague's merged presence; ``photo``: the SHA-1 of their picture, announced as
+    XEP-0153 asks, so clients fetch the vCard when it changes."""
     frm = Jid(login, server.domain, PORTAL_RESOURCE)
     stanza = element("presence", {"from": str(frm), "to": str(to)})
     if status == "offline":
@@ -28,7 +38,15 @@ def presence_stanza(server: XmppServer, login: str, status: str, to: Jid) -> ET.
         if status in ("away", "dnd"):
             child(stanza, "show", text=status)
         stanza.append(contact_caps())
+        if photo:
+            child(child(stanza, "x", ns=VCARD_UPDATE), "photo", text=photo)
     return stanza
+
+
+async def photo_of(server: XmppServer, user_id: str) -> str | None:
+    """The SHA-1 of a user's picture, from the directory's cache."""
+    doc = await server.directory.cached_user(user_id)
+    return str(doc["avatar_sha1"]) if doc and doc.get("avatar_sha1") else None
 
 
 def own_copy(stanza: ET.Element, frm: Jid, to: Jid) -> ET.Element:
@@ -47,34 +65,7 @@ def flags(stanza: ET.Element) -> tuple[bool, bool]:
     return show not in ("away", "xa"), show == "dnd"
 
 
-CSI = "urn:xmpp:csi:0"
-
-
 def install(server: XmppServer) -> None:
-    # Client State Indication (XEP-0352): while a client says it is inactive (a phone in a
-    # pocket), colleagues' presence changes wait, latest per contact, until it is active.
-    held: dict[str, dict[str, ET.Element]] = {}
-
-    def deliver(session: C2SSession, stanza: ET.Element) -> None:
-        if session.csi_inactive:
-            held.setdefault(session.id, {})[stanza.get("from", "")] = stanza
-        else:
-            session.send_nowait(stanza)
-
-    async def csi(session: C2SSession, stanza: ET.Element) -> bool:
-        if stanza.tag == q(CSI, "inactive"):
-            session.csi_inactive = True
-            return True
-        if stanza.tag == q(CSI, "active"):
-            session.csi_inactive = False
-            for waiting in held.pop(session.id, {}).values():
-                session.send_nowait(waiting)
-            return True
-        return False
-
-    server.add_stream_feature(lambda: element("csi", ns=CSI))
-    server.on_message(csi)
-
     async def send_colleagues(session: C2SSession) -> None:
         """Initial presence: the current state of every colleague one may see who is online."""
         assert session.user is not None and session.jid is not None
@@ -83,8 +74,15 @@ def install(server: XmppServer) -> None:
             if user_id in visible and user_id != session.user_id:
                 status = await server.presence.seen_status(user_id)
                 login = await server.login_of(user_id)
-                if login and status != "offline":
-                    deliver(session, presence_stanza(server, login, status, session.jid))
+                if (
+                    login
+                    and status != "offline"
+                    and not await blocked_for(server, session.user_id, f"{login}@{server.domain}")
+                ):
+                    photo = await photo_of(server, user_id)
+                    deliver_presence(
+                        session, presence_stanza(server, login, status, session.jid, photo)
+                    )
 
     async def on_presence(session: C2SSession, stanza: ET.Element) -> bool:
         assert session.jid is not None
@@ -120,10 +118,13 @@ def install(server: XmppServer) -> None:
                 return True
             if kind == "probe":
                 user = await visible_user()
-                if user is not None:
+                if user is not None and not await blocked_for(
+                    server, session.user_id, str(target.bare)
+                ):
                     status = await server.presence.seen_status(str(user["_id"]))
+                    photo = str(user.get("avatar_sha1") or "") or None
                     session.send_nowait(
-                        presence_stanza(server, str(user["login"]), status, session.jid)
+                        presence_stanza(server, str(user["login"]), status, session.jid, photo)
                     )
             return True  # other directed presence and subscription changes: ignored
         if kind == "unavailable":
@@ -164,7 +165,6 @@ def install(server: XmppServer) -> None:
                 other.send_nowait(own_copy(stanza, session.jid, other.jid))
 
     async def unbound(session: C2SSession) -> None:
-        held.pop(session.id, None)
         if session.available and session.user is not None:
             session.available = False
             await server.presence.disconnected(session.user_id, session.id)
@@ -180,12 +180,42 @@ def install(server: XmppServer) -> None:
         if login is None:
             return
         status = str(event.data.get("status", "offline"))
+        photo = await photo_of(server, user_id) if status != "offline" else None
         for stream in event.streams:
             viewer = stream.partition(":")[2]
             if viewer == user_id:
                 continue  # a user's own merged state is not a contact's presence
+            if await blocked_for(server, viewer, f"{login}@{server.domain}"):
+                continue  # XEP-0191: blocked contacts' presence does not reach the viewer
             for session in server.available_sessions_of(viewer):
                 if session.jid is not None:
-                    deliver(session, presence_stanza(server, login, status, session.jid))
+                    deliver_presence(
+                        session, presence_stanza(server, login, status, session.jid, photo)
+                    )
+
+    async def avatar_changed(event: EphemeralEvent) -> None:
+        """XEP-0153: a new picture is announced in a presence with its hash (from the event:
+        this node's directory cache may not have heard of the change yet)."""
+        if event.type != AVATAR_CHANGED:
+            return
+        user_id = str(event.data.get("user_id", ""))
+        user = await server.directory.cached_user(user_id)
+        login = await server.login_of(user_id)
+        if user is None or login is None:
+            return
+        status = await server.presence.seen_status(user_id)
+        if status == "offline":
+            return  # their next presence carries it
+        photo = str(event.data.get("sha1") or "") or None
+        for viewer in await server.directory.visible_user_ids(user):
+            if viewer == user_id or await blocked_for(server, viewer, f"{login}@{server.domain}"):
+                continue
+            for session in server.available_sessions_of(viewer):
+                if session.jid is not None:
+                    stanza = presence_stanza(server, login, status, session.jid, photo)
+                    if photo is None:  # removed: an empty <photo/> says "no picture"
+                        child(child(stanza, "x", ns=VCARD_UPDATE), "photo")
+                    deliver_presence(session, stanza)
 
     server.bus.subscribe_ephemeral(presence_changed)
+    server.bus.subscribe_ephemeral(avatar_changed)

@@ -15,9 +15,11 @@ import type {
   CrmRecord,
   CrmRecordType,
   Mailbox,
+  MailboxAuth,
   MailboxIn,
   MailboxSecurity,
   MailboxUpdate,
+  OAuthClientIn,
   MailSettings,
   MailSettingsUpdate,
   MailStatus,
@@ -417,9 +419,17 @@ export interface MailboxForm {
   host: string;
   port: number;
   security: MailboxSecurity;
+  auth: MailboxAuth;
   login: string;
   /** "" while editing: the password stays as it is. */
   password: string;
+  /** XOAUTH2's OAuth client (Microsoft 365, Gmail): the secret and the refresh token are
+   * "" while editing, and then stay as they are. */
+  oauthClientId: string;
+  oauthClientSecret: string;
+  oauthTokenUrl: string;
+  oauthRefreshToken: string;
+  oauthScope: string;
   folder: string;
   /** false: delivered mail stays in the folder, marked seen. */
   moveProcessed: boolean;
@@ -435,8 +445,14 @@ export function emptyMailboxForm(): MailboxForm {
     host: "",
     port: 993,
     security: "tls",
+    auth: "password",
     login: "",
     password: "",
+    oauthClientId: "",
+    oauthClientSecret: "",
+    oauthTokenUrl: "",
+    oauthRefreshToken: "",
+    oauthScope: "",
     folder: "INBOX",
     moveProcessed: true,
     processedFolder: "Processed",
@@ -452,8 +468,14 @@ export function mailboxForm(mailbox: Mailbox): MailboxForm {
     host: mailbox.host,
     port: mailbox.port,
     security: mailbox.security,
+    auth: mailbox.auth ?? "password",
     login: mailbox.login,
     password: "",
+    oauthClientId: mailbox.oauth?.client_id ?? "",
+    oauthClientSecret: "",
+    oauthTokenUrl: mailbox.oauth?.token_url ?? "",
+    oauthRefreshToken: "",
+    oauthScope: mailbox.oauth?.scope ?? "",
     folder: mailbox.folder,
     moveProcessed: mailbox.processed_folder !== null,
     processedFolder: mailbox.processed_folder ?? "Processed",
@@ -463,14 +485,40 @@ export function mailboxForm(mailbox: Mailbox): MailboxForm {
   };
 }
 
-/** What is wrong with the form; `needPassword`: adding a mailbox, or testing one. */
-export function mailboxErrors(form: MailboxForm, needPassword: boolean): string[] {
+/** Whether a token endpoint is one the hub accepts: https, or http to this machine only. */
+export function tokenUrlAllowed(url: string): boolean {
+  let parsed: URL;
+  try {
+    parsed = new URL(url.trim());
+  } catch {
+    return false;
+  }
+  if (parsed.username || parsed.password) return false;
+  if (parsed.protocol === "https:") return true;
+  const host = parsed.hostname;
+  const loopback = host === "localhost" || host === "[::1]" || /^127\.\d+\.\d+\.\d+$/.test(host);
+  return parsed.protocol === "http:" && loopback && !parsed.username && !parsed.password;
+}
+
+/** What is wrong with the form; `needSecrets`: adding a mailbox, or testing one (the
+ * password, or the OAuth client's secret and refresh token, must be typed then). */
+export function mailboxErrors(form: MailboxForm, needSecrets: boolean, hadOAuth = false): string[] {
   const errors: string[] = [];
   if (!form.name.trim()) errors.push("Give the mailbox a name.");
   if (!form.host.trim()) errors.push("Write the IMAP server's host name.");
   if (!Number.isInteger(form.port) || form.port < 1 || form.port > 65535) errors.push("The port is a number from 1 to 65535.");
   if (!form.login.trim()) errors.push("Write the login.");
-  if (needPassword && !form.password) errors.push("Write the password.");
+  if (form.auth === "password") {
+    if (needSecrets && !form.password) errors.push("Write the password.");
+  } else {
+    if (!form.oauthClientId.trim()) errors.push("Write the OAuth client ID.");
+    if (!form.oauthTokenUrl.trim()) errors.push("Write the OAuth token URL.");
+    else if (!tokenUrlAllowed(form.oauthTokenUrl)) errors.push("The token URL must be https (or http to this machine).");
+    // a client stored before keeps its secret and refresh token when these stay empty
+    const typeSecrets = needSecrets || !hadOAuth;
+    if (typeSecrets && !form.oauthClientSecret) errors.push("Write the OAuth client secret.");
+    if (typeSecrets && !form.oauthRefreshToken) errors.push("Write the OAuth refresh token.");
+  }
   if (!form.folder.trim()) errors.push("Write the folder to collect from.");
   if (form.moveProcessed && !form.deleteAfterDelivery && !form.processedFolder.trim()) {
     errors.push("Write the folder for delivered mail, or leave it in the folder.");
@@ -488,8 +536,9 @@ export function mailboxBody(form: MailboxForm): MailboxIn {
     host: form.host.trim(),
     port: form.port,
     security: form.security,
+    auth: form.auth,
     login: form.login.trim(),
-    password: form.password,
+    ...(form.auth === "password" ? { password: form.password } : { oauth: oauthBody(form) }),
     folder: form.folder.trim(),
     processed_folder: form.moveProcessed ? form.processedFolder.trim() : null,
     delete_after_delivery: form.deleteAfterDelivery,
@@ -498,16 +547,39 @@ export function mailboxBody(form: MailboxForm): MailboxIn {
   };
 }
 
-/** PATCH /mail/mailboxes/{id}: what the form changed (the password only when typed). */
+function oauthBody(form: MailboxForm): OAuthClientIn {
+  return {
+    client_id: form.oauthClientId.trim(),
+    client_secret: form.oauthClientSecret,
+    token_url: form.oauthTokenUrl.trim(),
+    refresh_token: form.oauthRefreshToken,
+    scope: form.oauthScope.trim() || null,
+  };
+}
+
+/** PATCH /mail/mailboxes/{id}: what the form changed (the password, the OAuth client's
+ * secret and refresh token only when typed). */
 export function mailboxPatch(form: MailboxForm, mailbox: Mailbox): MailboxUpdate {
   const full = mailboxBody(form);
   const patch: MailboxUpdate = {};
-  const current: Record<string, unknown> = { ...mailbox };
+  const current: Record<string, unknown> = { ...mailbox, auth: mailbox.auth ?? "password" };
   for (const [key, value] of Object.entries(full) as [keyof MailboxIn, unknown][]) {
-    if (key === "password") continue;
+    if (key === "password" || key === "oauth") continue;
     if (current[key] !== value) (patch as Record<string, unknown>)[key] = value;
   }
-  if (form.password) patch.password = form.password;
+  if (form.auth === "password") {
+    if (form.password) patch.password = form.password;
+    return patch;
+  }
+  const wanted = oauthBody(form);
+  const shown = mailbox.oauth;
+  const oauth: Partial<OAuthClientIn> = {};
+  if (wanted.client_id !== shown?.client_id) oauth.client_id = wanted.client_id;
+  if (wanted.token_url !== shown?.token_url) oauth.token_url = wanted.token_url;
+  if (wanted.scope !== (shown?.scope ?? null)) oauth.scope = wanted.scope;
+  if (wanted.client_secret) oauth.client_secret = wanted.client_secret;
+  if (wanted.refresh_token) oauth.refresh_token = wanted.refresh_token;
+  if (Object.keys(oauth).length) patch.oauth = oauth;
   return patch;
 }
 

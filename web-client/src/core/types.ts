@@ -741,6 +741,24 @@ export interface MailTemplate extends MailTemplateIn {
 }
 
 export type MailboxSecurity = "tls" | "starttls" | "none";
+/** password: LOGIN; xoauth2: AUTHENTICATE XOAUTH2 with a token from the OAuth client. */
+export type MailboxAuth = "password" | "xoauth2";
+
+/** OAuthClientIn: the OAuth client XOAUTH2 gets its access tokens from (refresh flow). */
+export interface OAuthClientIn {
+  client_id: string;
+  client_secret: string;
+  token_url: string;
+  refresh_token: string;
+  scope: string | null;
+}
+
+/** OAuthClientOut: as shown, without the secret and the refresh token. */
+export interface OAuthClientOut {
+  client_id: string;
+  token_url: string;
+  scope: string | null;
+}
 
 /** MailboxIn: the body of POST /mail/mailboxes and /mail/mailboxes/test. */
 export interface MailboxIn {
@@ -748,8 +766,12 @@ export interface MailboxIn {
   host: string;
   port: number;
   security: MailboxSecurity;
+  auth: MailboxAuth;
   login: string;
-  password: string;
+  /** For auth password. */
+  password?: string;
+  /** For auth xoauth2. */
+  oauth?: OAuthClientIn;
   folder: string;
   processed_folder: string | null;
   delete_after_delivery: boolean;
@@ -757,7 +779,8 @@ export interface MailboxIn {
   enabled: boolean;
 }
 
-export type MailboxUpdate = Partial<MailboxIn>;
+/** PATCH: fields left out keep their value; so do the OAuth client's secret and token. */
+export type MailboxUpdate = Partial<Omit<MailboxIn, "oauth">> & { oauth?: Partial<OAuthClientIn> };
 
 export interface MailboxState {
   uidvalidity?: number | null;
@@ -776,8 +799,9 @@ export interface SkippedMail {
   at: string;
 }
 
-export interface Mailbox extends Omit<MailboxIn, "password"> {
+export interface Mailbox extends Omit<MailboxIn, "password" | "oauth"> {
   id: string;
+  oauth?: OAuthClientOut | null;
   state: MailboxState;
   /** The latest 20 messages left on the server as too large, newest first. */
   skipped?: SkippedMail[];

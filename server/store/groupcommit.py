@@ -20,7 +20,7 @@ import asyncio
 import logging
 from typing import Any
 
-from pymongo import WriteConcern
+from pymongo import UpdateOne, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
@@ -43,8 +43,11 @@ def journaled(collection: AsyncCollection[Document]) -> AsyncCollection[Document
 
 
 class GroupCommit:
-    def __init__(self, collection: AsyncCollection[Document]) -> None:
-        self._collection = journaled(collection)
+    """``journal``: False for writes that need no flush of their own (the CRM's activities
+    and history, gathered the same way so that a batch of mail writes them in one go)."""
+
+    def __init__(self, collection: AsyncCollection[Document], journal: bool = True) -> None:
+        self._collection = journaled(collection) if journal else collection
         self._pending: list[_Waiter] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0  # journaled writes made, for tests and the benchmark
@@ -56,7 +59,7 @@ class GroupCommit:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((doc, size, future))
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_all(), name="mail-group-commit")
+            self._writer = asyncio.create_task(self._write_all(), name="group-commit")
         # A caller cancelled here (its SMTP session dropped) leaves its document in the batch:
         # it is stored without a 250, and the sender's retry finds it by its SHA-256.
         await future
@@ -123,5 +126,59 @@ class GroupCommit:
         try:
             await asyncio.wait_for(asyncio.shield(writer), CLOSE_WAIT_SECONDS)
         except Exception:
-            log.warning("the last journaled mail write did not finish in time", exc_info=True)
+            log.warning("the last gathered insert did not finish in time", exc_info=True)
+        await stop(writer)
+
+
+class GroupUpdate:
+    """Updates of one collection, gathered as ``GroupCommit`` gathers inserts (with the
+    collection's own write concern): those queued while one bulk write is in flight go
+    together in the next. Each caller returns once its update is written, or gets the
+    failure of the write it was in."""
+
+    def __init__(self, collection: AsyncCollection[Document]) -> None:
+        self._collection = collection
+        self._pending: list[tuple[UpdateOne, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.batches = 0
+
+    async def update(self, op: UpdateOne) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_all(), name="group-update")
+        await future
+
+    async def _write_all(self) -> None:
+        await asyncio.sleep(0)
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_BATCH_DOCS], self._pending[MAX_BATCH_DOCS:]
+            try:
+                await self._collection.bulk_write([op for op, _ in batch], ordered=False)
+            except BaseException as exc:
+                failure = exc if isinstance(exc, Exception) else ConnectionError("shutting down")
+                for _op, future in batch:
+                    if not future.done():
+                        future.set_exception(failure)
+                if not isinstance(exc, Exception):
+                    for _op, future in self._pending:
+                        if not future.done():
+                            future.set_exception(failure)
+                    self._pending.clear()
+                    raise
+                continue
+            self.batches += 1
+            for _op, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def close(self) -> None:
+        """Let the write under way finish (its callers wait for it), then stop."""
+        writer = self._writer
+        if writer is None or writer.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), CLOSE_WAIT_SECONDS)
+        except Exception:
+            log.warning("the last gathered update did not finish in time", exc_info=True)
         await stop(writer)

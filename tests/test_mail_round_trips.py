@@ -1,0 +1,286 @@
+"""A reply's way from the stored raw message to its activity and its counter costs a fixed
+number of database round trips per batch, whatever the history.
+
+Every command the hub sends is counted (a pymongo ``CommandListener`` on its client, as in
+``test_round_trips.py``) while a batch of replies by code, by thread and by sender is
+processed: once with a short history, once after many more replies were delivered. The
+pipeline is driven by hand (``drain``) so the count covers exactly the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from pymongo import monitoring
+
+from server.mailbridge import pipeline as pipeline_module
+from server.mailbridge.inbox import Source
+from server.settings import Settings
+from server.store.database import Store
+from tests.harness import HubHarness, start_hub
+from tests.test_hot_queries import plan_of
+from tests.test_mail_bridge import Sink, mail_setup, send_from_deal
+from tests.test_mail_bridge import sink as sink
+from tests.test_mail_crm import mail, plus_address
+
+INBOX = "crm@portal.test"
+
+
+class Commands(monitoring.CommandListener):
+    """Every command, the mail collections' included (the pipeline is driven by hand here:
+    no timed poll runs)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.seen.append((event.command_name, str(event.command.get(event.command_name))))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def mark(self) -> int:
+        return len(self.seen)
+
+
+@pytest.fixture
+async def counted(
+    settings: Settings, store: Store, sink: Sink
+) -> AsyncIterator[tuple[HubHarness, Commands]]:
+    commands = Commands()
+    monitored = Store(store.url, store.db.name)
+    monitored.client = type(store.client)(store.url, event_listeners=[commands], tz_aware=True)
+    monitored.db = monitored.client[store.db.name]
+    configured = settings.model_copy(
+        update={
+            "smtp_relay_url": SecretStr(f"smtp://127.0.0.1:{sink.port}"),
+            "domain": "portal.test",
+        }
+    )
+    try:
+        async with start_hub(configured, monitored) as hub:
+            # The workers would claim what the test stores: it drives the pipeline itself.
+            await hub.services.mail.pipeline.close()
+            yield hub, commands
+    finally:
+        await monitored.client.close()
+
+
+def replies(sent: EmailMessage, n: int, tag: str) -> list[bytes]:
+    """``n`` replies to ``sent``: by code, by thread and by sender in turn."""
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            msg = mail(
+                "Carl Client <client@example.test>",
+                f"RE: {sent['Subject']}",
+                f"{tag} {i}",
+                to=plus_address(sent),
+            )
+        elif kind == 1:
+            msg = mail(
+                "Carl Client <client@example.test>",
+                "Re: Your quote",
+                f"{tag} {i}",
+                In_Reply_To=str(sent["Message-ID"]),
+                References=str(sent["Message-ID"]),
+            )
+        else:
+            msg = mail("Carl Client <client@example.test>", "A question", f"{tag} {i}")
+        out.append(msg.as_bytes())
+    return out
+
+
+async def store_all(hub: HubHarness, raws: list[bytes]) -> None:
+    inbox = hub.services.mail.inbox
+    await asyncio.gather(*(inbox.put(raw, Source("smtp", recipients=(INBOX,))) for raw in raws))
+
+
+async def marked_sent(hub: HubHarness) -> None:
+    for _ in range(200):
+        sent = await hub.services.store["crm_activities"].find_one({"direction": "outgoing"})
+        if sent is not None and sent["mail"].get("status") != "queued":
+            await asyncio.sleep(0.2)  # its announcement, after the mark
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the mail was never marked sent")
+
+
+async def quiet(hub: HubHarness) -> None:
+    await asyncio.sleep(0.05)
+    await hub.services.crm.counters.settled()
+    await hub.services.streams.settled()
+    await hub.services.im.settled()
+
+
+async def batch_cost(
+    hub: HubHarness, commands: Commands, sent: EmailMessage, tag: str
+) -> Counter[tuple[str, str]]:
+    await store_all(hub, replies(sent, pipeline_module.CLAIM_BATCH, tag))
+    await quiet(hub)
+    mark = commands.mark()
+    done = await hub.services.mail.pipeline.drain()
+    assert done == pipeline_module.CLAIM_BATCH
+    await quiet(hub)
+    return Counter(c for c in commands.seen[mark:] if c[1] in PER_REPLY or c[0] == "getMore")
+
+
+# The collections a reply's way writes and reads. Left out: caches refreshed on their own
+# clock (the CRM's access snapshot, users' documents, chats, the mail settings and keys)
+# and the other loops (the outbox, the scheduler, the revocation poll).
+PER_REPLY = frozenset(
+    {
+        "mail_raw",
+        "crm_activities",
+        "crm_records",
+        "crm_history",
+        "crm_counters",
+        "events",
+        "streams",
+        "messages",
+        "chats",
+    }
+)
+# Reads whose cost would grow with what is stored: each must stay one query per batch (or
+# per reply) however many messages, activities and events there are.
+HISTORY_BOUND = (
+    ("find", "mail_raw"),
+    ("find", "crm_activities"),
+    ("find", "crm_records"),
+)
+
+
+async def test_a_batch_of_replies_costs_the_same_round_trips_whatever_the_history(
+    counted: tuple[HubHarness, Commands], sink: Sink
+) -> None:
+    hub, commands = counted
+    ctx = await mail_setup(hub)
+    sent = await send_from_deal(hub, ctx, sink)
+    await marked_sent(hub)  # the outbox's own writes and announcement are not a reply's
+    await batch_cost(hub, commands, sent, "warm")  # caches: keys, settings, zones, access
+    small = await batch_cost(hub, commands, sent, "small")
+    # A longer history, all on the same deal: 150 more open activities on it (more than a
+    # cursor's first batch), raw messages and events.
+    for n in range(6):
+        await store_all(hub, replies(sent, 25, f"history{n}"))
+        while await hub.services.mail.pipeline.drain():
+            pass
+    large = await batch_cost(hub, commands, sent, "large")
+    report: dict[str, Any] = {"small": dict(small), "large": dict(large)}
+    for key in HISTORY_BOUND:
+        assert large[key] == small[key], (key, report)
+    assert not any(command == "getMore" for command, _ in large), report
+    # One batch of replies (by code, thread and sender, to one deal): the claim (3), their
+    # earlier copies and what matching reads (one query per kind), one insert of the
+    # activities, each reply's open count on its record and history entry (one after the
+    # other on one record), the events and the notices as their writers gather them, the
+    # counters, the outcomes. It was 22 per reply, one reply after the other.
+    for cost in (small, large):
+        assert sum(cost.values()) <= 12 * pipeline_module.CLAIM_BATCH, report
+        assert cost[("insert", "crm_activities")] <= 2, report
+
+
+async def test_the_batchs_lookups_use_a_full_index(
+    counted: tuple[HubHarness, Commands], sink: Sink
+) -> None:
+    """The embedded database uses an index only when every field of the filter is in it:
+    each of the batch's ``$in`` lookups names one indexed field (or an index's fields) and
+    examines what it returns."""
+    hub, _commands = counted
+    ctx = await mail_setup(hub)
+    sent = await send_from_deal(hub, ctx, sink)
+    await store_all(hub, replies(sent, 24, "plans"))
+    while await hub.services.mail.pipeline.drain():
+        pass
+    store = hub.services.store
+    outgoing = await store["crm_activities"].find_one({"direction": "outgoing"})
+    assert outgoing is not None
+    done = [d async for d in store["mail_raw"].find({"status": "done"}, {"message_id": 1})]
+    message_ids = [d["message_id"] for d in done[:8]]
+    deal_id, contact_id = ctx["deal"]["id"], ctx["contact"]["id"]
+    queries: list[tuple[str, str, Any, Any]] = [
+        ("earlier copies", "message_id", store["mail_raw"], {"message_id": {"$in": message_ids}}),
+        ("code activities", "_id_", store["crm_activities"], {"_id": {"$in": [outgoing["_id"]]}}),
+        (
+            "thread mail",
+            "mail_message_id",
+            store["crm_activities"],
+            {"mail.message_id": {"$in": [outgoing["mail"]["message_id"], "<x@y>"]}},
+        ),
+        ("records", "_id_", store["crm_records"], {"_id": {"$in": [deal_id, contact_id]}}),
+        (
+            "open activities of records (indicators)",
+            "owner",
+            store["crm_activities"],
+            {"owner_id": {"$in": [deal_id, contact_id]}},
+        ),
+        (
+            "senders",
+            "email_keys",
+            store["crm_records"],
+            {"email_keys": {"$in": ["client@example.test", "nobody@example.test"]}},
+        ),
+        (
+            "a record's open activities (indicator)",
+            "owner",
+            store["crm_activities"],
+            {"owner_id": deal_id, "completed": False},
+        ),
+    ]
+    for name, index, collection, query in queries:
+        explained = await collection.find(query).explain()
+        stage, used = plan_of(explained)
+        assert used == index or (index == "_id_" and stage in ("IDHACK", "EXPRESS_IXSCAN")), (
+            name,
+            explained["queryPlanner"]["winningPlan"],
+        )
+        stats = explained.get("executionStats", {})
+        examined, returned = stats.get("totalDocsExamined"), stats.get("nReturned")
+        if isinstance(examined, int) and isinstance(returned, int) and "(" not in name:
+            assert examined <= returned + 2, (name, examined, returned)
+
+
+async def test_copies_of_one_message_in_one_batch_make_one_activity(
+    counted: tuple[HubHarness, Commands], sink: Sink
+) -> None:
+    """The messages of a claim go side by side, but copies of one Message-ID (resent with
+    other bytes) one after the other: the later copy sees the earlier one done."""
+    hub, _commands = counted
+    ctx = await mail_setup(hub)
+    sent = await send_from_deal(hub, ctx, sink)
+    await marked_sent(hub)
+    same = "<same-reply@example.test>"
+    copies = [
+        mail(
+            "Carl Client <client@example.test>",
+            f"RE: {sent['Subject']}",
+            f"copy {n}",
+            to=plus_address(sent),
+            message_id=same,
+        ).as_bytes()
+        for n in range(3)
+    ]
+    await store_all(hub, [*copies, *replies(sent, 3, "others")])
+    assert await hub.services.mail.pipeline.drain() == 6
+    outcomes = sorted(
+        [d["status"] async for d in hub.services.store["mail_raw"].find({"message_id": same})]
+    )
+    assert outcomes == ["done", "duplicate", "duplicate"]
+    store = hub.services.store
+    assert await store["crm_activities"].count_documents({"mail.incoming_message_id": same}) == 1
+    assert (
+        await store["crm_activities"].count_documents(
+            {"direction": "incoming", "owner_id": ctx["deal"]["id"]}
+        )
+        == 1 + 2  # the copy and the other replies by code and by thread
+    )
