@@ -105,9 +105,11 @@ async def test_hot_queries_use_an_index_and_examine_what_they_return(fast_hub: H
             lambda: store["messages"].find({"dedup_key": message["dedup_key"]}),
         ),
         (
-            "its event",
-            "message_id",
-            lambda: store.events.find({"data.message.id": message["_id"]}),
+            "its event (the chat's events, newest first)",
+            "stream_seq",
+            lambda: store.events.find(
+                {"stream": chat_stream(chat), "seq": {"$gt": 0}}, sort=[("seq", -1)], limit=200
+            ),
         ),
         (
             "stream head after a lost race",

@@ -15,11 +15,12 @@ from server.directory.models import UserCreate
 from server.directory.service import DirectoryService
 from server.events.bus import InProcessBus
 from server.events.models import Event
-from server.events.streams import Append, StreamLog
+from server.events.streams import HEAD_RAISE_INTERVAL, Append, StreamLog
 from server.im.check import ImCheck
 from server.im.migration import number_messages
 from server.im.models import SendMessage
 from server.im.service import ImService
+from server.im.writer import BOOKKEEPING_INTERVAL
 from server.settings import Settings
 from server.store.database import Document, Store
 from server.web.problems import Problem
@@ -255,3 +256,67 @@ async def test_a_message_taken_back_under_another_nodes_message_counts_as_delete
     finally:
         await one.close()
         await two.close()
+
+
+class Updates(monitoring.CommandListener):
+    """The update statements sent, by collection (a bulk_write of n updates counts n)."""
+
+    def __init__(self) -> None:
+        self.by_collection: dict[str, int] = {}
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "update":
+            name = str(event.command["update"])
+            count = len(event.command.get("updates") or ())
+            self.by_collection[name] = self.by_collection.get(name, 0) + count
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_closed_loop_senders_update_each_chat_once_per_round_not_per_message(
+    store: Store, fast: Settings
+) -> None:
+    """Eight senders, each in its own dialog, each sending when answered (the bench's 1:1
+    scenario): a batch holds one message per chat, so the bookkeeping (the chat's count and
+    preview, the author's read position) and the stream heads, written per batch, cost three
+    updates per message, more than the two inserts. They are written once per round
+    (BOOKKEEPING_INTERVAL, HEAD_RAISE_INTERVAL) for every message of the round."""
+    updates = Updates()
+    monitored = Store(store.url, store.db.name)
+    monitored.client = type(store.client)(store.url, event_listeners=[updates], tz_aware=True)
+    monitored.db = monitored.client[store.db.name]
+    await number_messages(monitored, "test")
+    one = node(monitored, fast)
+    try:
+        people = await users(one, *(f"s{i}" for i in range(9)))
+        dialogs = [(await one.im.open_private(p, people[0]["_id"]))["_id"] for p in people[1:]]
+        await one.im.settled()
+        await one.streams.settled()
+        before = dict(updates.by_collection)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def sender(person: Document, chat_id: str) -> None:
+            for k in range(25):
+                await one.im.send(person, SendMessage(chat_id=chat_id, text=f"m{k}"))
+
+        await asyncio.gather(*(sender(p, c) for p, c in zip(people[1:], dialogs, strict=True)))
+        await one.im.settled()
+        await one.streams.settled()
+        elapsed = loop.time() - started
+        rounds = elapsed / BOOKKEEPING_INTERVAL + 2  # the last round waits out its interval
+        sent = {k: v - before.get(k, 0) for k, v in updates.by_collection.items()}
+        report = (sent, f"{elapsed:.2f}s for 200 messages")
+        for collection in ("chats", "chat_members", "streams"):
+            assert sent.get(collection, 0) <= len(dialogs) * rounds, report
+        assert BOOKKEEPING_INTERVAL == HEAD_RAISE_INTERVAL
+        chats = [d async for d in store["chats"].find({"_id": {"$in": dialogs}})]
+        assert sorted(int(c["msg_count"]) for c in chats) == [25] * len(dialogs)
+        assert (await ImCheck(store).check()).clean
+    finally:
+        await one.close()
+        await monitored.client.close()

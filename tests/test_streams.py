@@ -223,3 +223,15 @@ async def test_replay_at_the_known_head_reads_nothing(store: Store) -> None:
         await log.settled()
     finally:
         await monitored.client.close()
+
+
+async def test_events_carry_no_index_that_no_query_needs_and_old_databases_lose_it(
+    store: Store,
+) -> None:
+    """Each index entry costs the embedded database about as much as the rest of an insert, and
+    every message's event is one. ``message_id`` (``data.message.id``) served only a retried
+    send's look for its first attempt's event, which now reads the chat's stream on
+    ``stream_seq``: a database from before has it dropped at start."""
+    await store.events.create_index("data.message.id", sparse=True, name="message_id")
+    await store.ensure_indexes()
+    assert sorted(await store.events.index_information()) == ["_id_", "stream_seq", "ts"]

@@ -44,6 +44,9 @@ MAX_KNOWN_HEADS = 200_000  # streams whose head is kept in memory; the least rec
 # Heads raised less long ago than this may not be in the head documents yet (a raise still
 # queued, or lost with the node that stored the events): exact reads look at recent events.
 HEAD_LAG_WINDOW = timedelta(seconds=60)
+# At most one write of the head documents per this while: under load a stream's head is
+# raised once per interval for all its events since the last one, not once per batch.
+HEAD_RAISE_INTERVAL = 0.25
 
 
 async def _back_off(attempt: int) -> None:
@@ -104,6 +107,7 @@ class StreamLog:
         self._progress = asyncio.Condition()
         self._head_raises: dict[str, int] = {}
         self._head_writer: asyncio.Task[None] | None = None
+        self._last_raise = -HEAD_RAISE_INTERVAL  # loop time of the last raise's start
         self._recent: tuple[float, dict[str, int]] | None = None
         self._closed = False
         bus.subscribe(self._observe)
@@ -280,12 +284,18 @@ class StreamLog:
         self._learn_head(event.stream, event.seq)
 
     async def _raise_heads(self) -> None:
-        """Write the raised heads into the head documents, coalesced, off the appenders' path.
+        """Write the raised heads into the head documents, coalesced (at most one write per
+        ``HEAD_RAISE_INTERVAL``), off the appenders' path.
 
         Unjournaled: a lost raise leaves a head document behind, which is repaired (a writer
         loses a race and reads the head exactly; exact readers look at recent events)."""
         try:
+            loop = asyncio.get_running_loop()
             while self._head_raises:
+                wait = self._last_raise + HEAD_RAISE_INTERVAL - loop.time()
+                if wait > 0 and not self._closed:
+                    await asyncio.sleep(wait)  # what is appended meanwhile joins this write
+                self._last_raise = loop.time()
                 raises, self._head_raises = self._head_raises, {}
                 try:
                     await self._store_heads(raises)

@@ -73,6 +73,10 @@ DUPLICATE_KEY = 11000
 # How long a retried send waits for its first attempt's event before announcing the message
 # itself (that attempt's node may have died between storing the message and its event).
 ANNOUNCE_GRACE_SECONDS = 5.0
+# A message's event is stored after it, by the clock of a node: looking for it, the events up
+# to this long before the message are read too (another node's clock may be behind).
+EVENT_CLOCK_MARGIN = timedelta(seconds=60)
+EVENT_SCAN_PAGE = 200
 
 __all__ = ["PREVIEW_CHARS", "ImService"]
 
@@ -672,20 +676,44 @@ class ImService:
         if utcnow() - created > self._streams.retention:
             return True  # its event, if any, is trimmed by now; too late to tell anyone
         give_up = created + timedelta(seconds=ANNOUNCE_GRACE_SECONDS)
+        stream = chat_stream(doc["chat_id"])
         while True:
-            # By the message id alone (the index's one field): its edits carry it too.
-            types = {
-                event.get("type")
-                async for event in self._store.events.find(
-                    {"data.message.id": doc["_id"]}, projection={"type": True}
-                )
-            }
-            if "im.message" in types:
+            if await self._event_stored(stream, str(doc["_id"]), created - EVENT_CLOCK_MARGIN):
                 return True
             if utcnow() >= give_up:
                 log.warning("message %s was stored without its event; announcing it", doc["_id"])
                 return False
             await asyncio.sleep(0.1)
+
+    async def _event_stored(self, stream: str, message_id: str, since: datetime) -> bool:
+        """Whether the chat's stream holds the message's ``im.message`` event: its events
+        newest first (the ``stream_seq`` index), back to those stored before the message was.
+        No index on the message id: the events of every message would pay for it, and only a
+        retried send looks (reading what its chat said since the first attempt)."""
+        cursor_filter: Document = {"stream": stream, "seq": {"$gt": 0}}
+        while True:
+            page = [
+                event
+                async for event in self._store.events.find(
+                    cursor_filter,
+                    sort=[("seq", -1)],
+                    limit=EVENT_SCAN_PAGE,
+                    projection={"seq": True, "type": True, "ts": True, "data.message.id": True},
+                )
+            ]
+            for event in page:
+                message = (event.get("data") or {}).get("message") or {}
+                if event.get("type") == "im.message" and message.get("id") == message_id:
+                    return True
+                at = event.get("ts")
+                if isinstance(at, datetime):
+                    if at.tzinfo is None:
+                        at = at.replace(tzinfo=UTC)
+                    if at < since:
+                        return False
+            if len(page) < EVENT_SCAN_PAGE:
+                return False
+            cursor_filter = {"stream": stream, "seq": {"$lt": int(page[-1]["seq"])}}
 
     async def _announce(self, doc: Document) -> MessageOut:
         """Store the event of a message stored without it, then its bookkeeping."""
@@ -906,7 +934,7 @@ class ImService:
         # one person's and already pushed to this user as im.read.
         private = [c["_id"] for c in chats if c["kind"] == "private"]
         peer_read = {
-            m["chat_id"]: m.get("last_read_id")
+            m["chat_id"]: self._state.read_mark(m["chat_id"], m["user_id"], m)
             async for m in self._store["chat_members"].find(
                 {"chat_id": {"$in": private}, "user_id": {"$ne": user_id}}
             )

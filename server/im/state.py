@@ -125,6 +125,15 @@ class ImState:
 
         return await self.memberships.get_or_load(user_id, load) or {}
 
+    def read_mark(self, chat_id: str, user_id: str, doc: Document) -> str | None:
+        """A member's ``last_read_id`` as read from its ``chat_members`` row, completed by the
+        floor of the messages seen: their bookkeeping may not be written yet."""
+        floor = self._read_floors.get((chat_id, user_id))
+        if floor is not None and floor[0] > int(doc.get("read_n", 0)):
+            return floor[1]
+        mark = doc.get("last_read_id")
+        return str(mark) if mark is not None else None
+
     # keeping right -----------------------------------------------------------------------------
 
     def read_moved(self, chat_id: str, user_id: str, n: int, message_id: str) -> None:

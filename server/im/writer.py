@@ -12,7 +12,7 @@ One writer per node takes every message queued while the previous batch was bein
 
 Then each sender is answered, and the bookkeeping (the chats' ``msg_count`` and preview, the
 authors' read positions) is queued for the ``Bookkeeper``, which coalesces it into two
-``bulk_write``s, off the senders' path.
+``bulk_write``s, off the senders' path, one round per ``BOOKKEEPING_INTERVAL`` at most.
 
 What can go wrong in step 1 keeps the stored prefix (ordered) and retries the rest, as the
 stream log does:
@@ -61,6 +61,11 @@ DUPLICATE_KEY = 11000
 MAX_BATCH = 256
 MAX_RACE_RETRIES = 50
 MAX_KNOWN_CHATS = 200_000
+# At most one bookkeeping round per this while: under load each chat's and each author's row
+# is written once per round for all their messages since the last one (an update costs the
+# embedded database more than an insert), not once per batch. Readers are not behind by it:
+# every node keeps the numbers of the events it saw as floors (``ImState``).
+BOOKKEEPING_INTERVAL = 0.25
 
 
 def unavailable() -> Problem:
@@ -114,7 +119,9 @@ class Bookkeeper:
     chat's ``msg_count`` and preview, each author's read position (``read_n``, and
     ``last_read_id`` for the API). Only moves forward (conditional on the number), so late or
     repeated updates change nothing. Unjournaled while more messages are being written (their
-    journaled writes flush these), journaled when the writer is idle."""
+    journaled writes flush these), journaled when the writer is idle. One round per
+    ``BOOKKEEPING_INTERVAL`` at most: a burst costs one update per chat and per author per
+    round, whatever the number of its messages."""
 
     def __init__(self, store: Store, writing: Callable[[], bool]) -> None:
         self._store = store
@@ -123,6 +130,7 @@ class Bookkeeper:
         self._members: dict[str, tuple[int, str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._last_round = -BOOKKEEPING_INTERVAL  # loop time of the last round's start
 
     def message_stored(self, doc: Document, preview: dict[str, Any]) -> None:
         n, chat_id = int(doc.get("n", 0)), str(doc["chat_id"])
@@ -144,7 +152,12 @@ class Bookkeeper:
 
     async def _run(self) -> None:
         try:
+            loop = asyncio.get_running_loop()
             while self._chats or self._members:
+                wait = self._last_round + BOOKKEEPING_INTERVAL - loop.time()
+                if wait > 0 and not self._closed:
+                    await asyncio.sleep(wait)  # what comes meanwhile joins this round
+                self._last_round = loop.time()
                 chats, self._chats = self._chats, {}
                 members, self._members = self._members, {}
                 try:

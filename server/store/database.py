@@ -159,18 +159,20 @@ INDEXES: dict[str, list[IndexModel]] = {
     "crm_roles": [IndexModel([("subject_id", ASCENDING)], name="subject")],
     "events": [
         IndexModel([("stream", ASCENDING), ("seq", ASCENDING)], unique=True, name="stream_seq"),
+        # the bus's recovery (the events of the last minute) and pruning
         IndexModel([("ts", ASCENDING)], name="ts"),
-        # A retried send finds whether its first attempt's event was stored (im/service.py).
-        IndexModel([("data.message.id", ASCENDING)], sparse=True, name="message_id"),
     ],
 }
 
 
 # Indexes replaced by others (partial ones, which the embedded database does not use for
-# lookups, became sparse ones); dropped at start-up so the new ones can be created.
+# lookups, became sparse ones) or no longer used; dropped at start-up.
 OBSOLETE_INDEXES: dict[str, list[str]] = {
     "chats": ["pair_key_unique"],
     "messages": ["dedup_unique"],
+    # Every message's event paid for an entry (an index entry costs the embedded database
+    # about as much as the rest of the insert); a retried send reads its chat's stream instead.
+    "events": ["message_id"],
 }
 
 
