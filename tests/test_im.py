@@ -613,3 +613,20 @@ async def test_a_private_dialog_says_how_far_the_other_side_has_read(hub: HubHar
     )
     dialogs = (await hub.request("GET", "/api/v1/im/dialogs", token=alice)).body
     assert peer_read(dialogs, group.body["id"]) is None
+
+
+def test_origin_keys_name_a_message_by_its_authors_client_ids_only() -> None:
+    from server.im.rules import origin_key, origin_keys
+
+    keys = origin_keys("alice", "chat1", "s1", "o1")
+    assert keys == [
+        origin_key("alice", "chat1", "id", "s1"),
+        origin_key("alice", "chat1", "origin_id", "o1"),
+    ]
+    # another author, chat or kind of id is another key: bob's "s1" is not alice's
+    assert origin_key("bob", "chat1", "id", "s1") not in keys
+    assert origin_key("alice", "chat2", "id", "s1") not in keys
+    assert origin_key("alice", "chat1", "origin_id", "s1") not in keys
+    # nothing to find a web message or a system message by: no entry in the sparse index
+    assert origin_keys("alice", "chat1", None, None) == []
+    assert origin_keys(None, "chat1", "s1", None) == []

@@ -8,6 +8,27 @@ from typing import Literal
 ChatKind = Literal["private", "group", "system"]
 
 
+def origin_key(author_id: str, chat_id: str, kind: Literal["id", "origin_id"], ident: str) -> str:
+    """How a message is found by an id its author's Jabber client sent it with (a correction
+    or retraction names it so): one value per id, the author and chat included, so that one
+    sparse index serves both kinds of id and only messages that have one pay for it."""
+    return f"{author_id}|{chat_id}|{kind}|{ident}"
+
+
+def origin_keys(
+    author_id: str | None, chat_id: str, stanza_id: str | None, origin_id: str | None
+) -> list[str]:
+    """The ``origin_keys`` of a message: none for a message no client id names."""
+    if author_id is None:
+        return []
+    keys = []
+    if stanza_id is not None:
+        keys.append(origin_key(author_id, chat_id, "id", stanza_id))
+    if origin_id is not None:
+        keys.append(origin_key(author_id, chat_id, "origin_id", origin_id))
+    return keys
+
+
 def chat_stream(chat_id: str) -> str:
     return f"chat:{chat_id}"
 

@@ -54,6 +54,7 @@ from server.im.rules import (
     may_manage_members,
     may_post,
     may_read,
+    origin_keys,
     private_pair_key,
     recipients,
     system_pair_key,
@@ -631,6 +632,8 @@ class ImService:
         }
         if origin is not None:
             doc["origin"] = origin.model_dump()
+            if keys := origin_keys(author_id, chat["_id"], origin.id, origin.origin_id):
+                doc["origin_keys"] = keys
         if files:
             doc["files"] = [f.model_dump() for f in files]
         if client_id is not None:

@@ -65,15 +65,10 @@ INDEXES: dict[str, list[IndexModel]] = {
         # sparse, not partial: the embedded database uses a sparse index for lookups
         IndexModel([("dedup_key", ASCENDING)], unique=True, sparse=True, name="dedup_sparse"),
         # A Jabber client's correction or retraction names its message by the id or origin-id
-        # it sent (find_own in server/xmpp/modules/messages.py): one index per lookup.
-        IndexModel(
-            [("chat_id", ASCENDING), ("author_id", ASCENDING), ("origin.id", ASCENDING)],
-            name="chat_author_origin_id",
-        ),
-        IndexModel(
-            [("chat_id", ASCENDING), ("author_id", ASCENDING), ("origin.origin_id", ASCENDING)],
-            name="chat_author_origin_origin_id",
-        ),
+        # it sent (find_own in server/xmpp/modules/messages.py). Sparse: only the messages
+        # such an id names pay for an entry (each costs the embedded database about as much
+        # as the rest of the insert), not every message from the web.
+        IndexModel([("origin_keys", ASCENDING)], sparse=True, name="origin_keys_sparse"),
     ],
     "tasks": [
         IndexModel([("responsible_id", ASCENDING)], name="responsible"),
@@ -169,7 +164,7 @@ INDEXES: dict[str, list[IndexModel]] = {
 # lookups, became sparse ones) or no longer used; dropped at start-up.
 OBSOLETE_INDEXES: dict[str, list[str]] = {
     "chats": ["pair_key_unique"],
-    "messages": ["dedup_unique"],
+    "messages": ["dedup_unique", "chat_author_origin_id", "chat_author_origin_origin_id"],
     # Every message's event paid for an entry (an index entry costs the embedded database
     # about as much as the rest of the insert); a retried send reads its chat's stream instead.
     "events": ["message_id"],

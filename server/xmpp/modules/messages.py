@@ -24,7 +24,7 @@ from pymongo import UpdateOne
 
 from server.events.models import EphemeralEvent, Event
 from server.im.models import HistoryQuery, MessageOrigin, MessageOut, SendMessage, SendResult
-from server.im.rules import private_pair_key
+from server.im.rules import origin_key, private_pair_key
 from server.im.service import ImService
 from server.store.database import Document
 from server.web.problems import Problem
@@ -230,8 +230,8 @@ def own_lookups(user_id: str, chat_id: str, ident: str) -> list[Document]:
     one of the messages' indexes (the embedded database uses an index only when every field
     of a filter is in it; an ``$or`` read the chat's whole history)."""
     return [
-        {"chat_id": chat_id, "author_id": user_id, "origin.id": ident},
-        {"chat_id": chat_id, "author_id": user_id, "origin.origin_id": ident},
+        {"origin_keys": origin_key(user_id, chat_id, "id", ident)},
+        {"origin_keys": origin_key(user_id, chat_id, "origin_id", ident)},
     ]
 
 
