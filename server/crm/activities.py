@@ -18,23 +18,13 @@ from typing import Any
 from server.counters.crm import activity_facts
 from server.counters.rules import due_threshold
 from server.crm.access import Viewer
-from server.crm.core import CrmCore, activity_state, record_title
+from server.crm.core import COUNTED_FIELDS, CrmCore, activity_state, record_title
 from server.crm.models import ActivityCreate, ActivityFields, ActivityOut, ActivityQuery
 from server.directory.models import display_name
 from server.store.database import Document, new_id, utcnow
 from server.web.problems import Problem, forbidden, not_found
 
 GUARDED_ATTEMPTS = 20
-COUNTED_FIELDS = (
-    "owner_type",
-    "owner_id",
-    "record_responsible_id",
-    "responsible_id",
-    "type",
-    "direction",
-    "deadline",
-    "completed",
-)
 
 
 def counted_as(act: Document) -> Document:

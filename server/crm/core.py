@@ -30,20 +30,18 @@ from server.store.database import Document, Store, new_id, plain, utcnow
 from server.store.groupcommit import GroupCommit
 from server.web.problems import Problem, forbidden, not_found
 
-# What ``activity_facts`` reads of an activity.
-FACT_FIELDS = {
-    f: 1
-    for f in (
-        "owner_type",
-        "owner_id",
-        "record_responsible_id",
-        "responsible_id",
-        "type",
-        "direction",
-        "deadline",
-        "completed",
-    )
-}
+# What ``activity_facts`` reads of an activity: the fields its counters depend on.
+COUNTED_FIELDS = (
+    "owner_type",
+    "owner_id",
+    "record_responsible_id",
+    "responsible_id",
+    "type",
+    "direction",
+    "deadline",
+    "completed",
+)
+FACT_FIELDS = {f: 1 for f in COUNTED_FIELDS}
 
 
 def record_facts(doc: Document) -> RecordFacts:
