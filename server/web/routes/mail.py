@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
-from urllib.parse import quote
 
 from aiohttp import web
 from pydantic import BaseModel, Field
 
 from server.crm.models import PLURAL
+from server.files.rules import content_disposition
 from server.mailbridge.models import (
     AssignMail,
     AttachmentOut,
@@ -152,13 +151,11 @@ async def upload_attachment(call: Call) -> AttachmentOut:
 async def download_attachment(call: Call) -> web.Response:
     meta, data = await services(call.request).mail.attachment(call.user_id, call.path("file_id"))
     # A sender's file name may hold anything: an ASCII fallback plus RFC 6266's UTF-8 form.
-    fallback = re.sub(r'[^\x20-\x7e]|["\\]', "_", meta.filename) or "attachment"
-    disposition = f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(meta.filename)}"
     return web.Response(
         body=data,
         content_type="application/octet-stream",
         headers={
-            "Content-Disposition": disposition,
+            "Content-Disposition": content_disposition(meta.filename, inline=False),
             "X-Content-Type-Options": "nosniff",
         },
     )
