@@ -31,6 +31,7 @@ from pymongo import DESCENDING, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from server.background import raise_if_stopping, stop
+from server.caching import Cache
 from server.events.bus import EventBus
 from server.events.models import Event
 from server.store.database import Store, utcnow
@@ -47,6 +48,10 @@ HEAD_LAG_WINDOW = timedelta(seconds=60)
 # At most one write of the head documents per this while: under load a stream's head is
 # raised once per interval for all its events since the last one, not once per batch.
 HEAD_RAISE_INTERVAL = 0.25
+# Head documents read for connects' snapshots are kept this long (``heads_of``): a chat nobody
+# has written in yet has no head in memory, and each connect of each of its members read it.
+HINT_TTL_SECONDS = 10.0
+MAX_HINTS = 100_000
 
 
 async def _back_off(attempt: int) -> None:
@@ -92,7 +97,13 @@ class StreamLog:
     """Appends to and reads from streams; publishes each stored event on the bus, in order."""
 
     def __init__(
-        self, store: Store, bus: EventBus, *, retention_seconds: int, replay_limit: int = 5000
+        self,
+        store: Store,
+        bus: EventBus,
+        *,
+        retention_seconds: int,
+        replay_limit: int = 5000,
+        hint_ttl_seconds: float = HINT_TTL_SECONDS,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -109,6 +120,9 @@ class StreamLog:
         self._head_writer: asyncio.Task[None] | None = None
         self._last_raise = -HEAD_RAISE_INTERVAL  # loop time of the last raise's start
         self._recent: tuple[float, dict[str, int]] | None = None
+        # What ``heads_of`` read of head documents, for streams with no head in memory; a head
+        # learned meanwhile (an append here, an event seen) takes precedence.
+        self._hints: Cache[str, int] = Cache(MAX_HINTS, hint_ttl_seconds)
         self._closed = False
         bus.subscribe(self._observe)
 
@@ -272,6 +286,8 @@ class StreamLog:
     def _learn_head(self, stream: str, seq: int) -> None:
         if seq > self._heads.get(stream, -1):
             self._heads[stream] = seq
+            if self._hints:
+                self._hints.invalidate(stream)  # superseded (and not to outlive the head)
         self._heads.move_to_end(stream)
         while len(self._heads) > MAX_KNOWN_HEADS:
             self._heads.popitem(last=False)
@@ -403,14 +419,34 @@ class StreamLog:
     async def heads_of(self, streams: Sequence[str]) -> dict[str, int]:
         """The head of each stream: from memory, and the rest in one query of their head
         documents (which may lag by what is being written: a client told such a head gets
-        the later events live, or replayed on its next connect)."""
-        found = {s: h for s in streams if (h := self._heads.get(s)) is not None}
-        missing = [s for s in streams if s not in found]
+        the later events live, or replayed on its next connect).
+
+        What the head documents said is kept a while (``hint_ttl_seconds``) for the next
+        connect: a stream nobody wrote in yet (a new chat) has no head in memory, and every
+        connect of every member read it again. Kept hints lag no more than read ones: an
+        event appended here or seen on the bus puts the stream's head in memory, which comes
+        first; the rest is what a read could lag by anyway (a head document is raised after
+        its events are published)."""
+        found: dict[str, int] = {}
+        missing: list[str] = []
+        for stream in streams:
+            head = self._heads.get(stream)
+            if head is None:
+                head = self._hints.get(stream)
+            if head is None:
+                missing.append(stream)
+            else:
+                found[stream] = head
         if missing:
             hints = await self._head_hints(missing)
             for stream in missing:
                 found[stream] = hints.get(stream, 0)
+                self._hints.put(stream, found[stream])
         return found
+
+    def forget_hints(self) -> None:
+        """Drop the kept head documents (after a Redis outage, with the other caches)."""
+        self._hints.clear()
 
     async def heads(self, streams: Sequence[str]) -> dict[str, int]:
         """The exact head of each stream that has one (for the bus's recovery): the head

@@ -185,6 +185,11 @@ def install(server: XmppServer) -> None:
             viewer = stream.partition(":")[2]
             if viewer == user_id:
                 continue  # a user's own merged state is not a contact's presence
+            # Only viewers with a Jabber session here get anything: their blocklist (a read
+            # when not cached) is not looked at for the others, so a colleague going online
+            # costs nothing for the web-only ones (every viewer of every change before).
+            if not server.available_sessions_of(viewer):
+                continue
             if await blocked_for(server, viewer, f"{login}@{server.domain}"):
                 continue  # XEP-0191: blocked contacts' presence does not reach the viewer
             for session in server.available_sessions_of(viewer):
@@ -208,7 +213,9 @@ def install(server: XmppServer) -> None:
             return  # their next presence carries it
         photo = str(event.data.get("sha1") or "") or None
         for viewer in await server.directory.visible_user_ids(user):
-            if viewer == user_id or await blocked_for(server, viewer, f"{login}@{server.domain}"):
+            if viewer == user_id or not server.available_sessions_of(viewer):
+                continue  # (a blocklist read saved for each web-only viewer)
+            if await blocked_for(server, viewer, f"{login}@{server.domain}"):
                 continue
             for session in server.available_sessions_of(viewer):
                 if session.jid is not None:
