@@ -48,6 +48,9 @@ HEAD_LAG_WINDOW = timedelta(seconds=60)
 # At most one write of the head documents per this while: under load a stream's head is
 # raised once per interval for all its events since the last one, not once per batch.
 HEAD_RAISE_INTERVAL = 0.25
+# A head raise due while the writer is idle goes at once if a batch was published this
+# recently (it is then in the gap after that batch), else right after the next one.
+JUST_ANSWERED = 0.005
 # Head documents read for connects' snapshots are kept this long (``heads_of``): a chat nobody
 # has written in yet has no head in memory, and each connect of each of its members read it.
 HINT_TTL_SECONDS = 10.0
@@ -123,6 +126,8 @@ class StreamLog:
         # What ``heads_of`` read of head documents, for streams with no head in memory; a head
         # learned meanwhile (an append here, an event seen) takes precedence.
         self._hints: Cache[str, int] = Cache(MAX_HINTS, hint_ttl_seconds)
+        self._batch_waiters: list[asyncio.Future[None]] = []
+        self._answered_at = -1.0  # loop time the last batch was answered
         self._closed = False
         bus.subscribe(self._observe)
 
@@ -186,6 +191,7 @@ class StreamLog:
                 for pending, event in zip(batch, events, strict=False):
                     if not pending.future.done():
                         pending.future.set_result(event)
+                self._batch_answered()
                 if failure is not None:
                     log.warning("append of %s events failed: %s", len(batch) - len(events), failure)
                     for pending in batch[len(events) :]:
@@ -311,6 +317,10 @@ class StreamLog:
                 wait = self._last_raise + HEAD_RAISE_INTERVAL - loop.time()
                 if wait > 0 and not self._closed:
                     await asyncio.sleep(wait)  # what is appended meanwhile joins this write
+                if not self._closed:
+                    # Right after a batch, in the gap before the next one at a light rate,
+                    # not across an append's insert (which it would delay).
+                    await self._after_batch(HEAD_RAISE_INTERVAL)
                 self._last_raise = loop.time()
                 raises, self._head_raises = self._head_raises, {}
                 try:
@@ -340,6 +350,30 @@ class StreamLog:
                 if not errors or any(e.get("code") != DUPLICATE_KEY for e in errors):
                     raise
                 ops = [ops[int(e["index"])] for e in errors]
+
+    async def _after_batch(self, at_most: float) -> None:
+        """Return once the batch being written is published (or the next one, when none is),
+        or after ``at_most`` seconds, whichever comes first.
+        Right after a batch (this turn of the loop, or a moment ago) it returns at once."""
+        loop = asyncio.get_running_loop()
+        if self._writer is None and loop.time() - self._answered_at < JUST_ANSWERED:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), at_most)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._batch_waiters:
+                self._batch_waiters.remove(waiter)
+
+    def _batch_answered(self) -> None:
+        self._answered_at = asyncio.get_running_loop().time()
+        waiters, self._batch_waiters = self._batch_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def settled(self) -> None:
         """Wait until what was appended so far is stored and its heads are written."""
