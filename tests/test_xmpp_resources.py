@@ -294,3 +294,23 @@ async def test_resources_on_another_node_are_shown_and_go_alone(
     await asyncio.sleep(0.5)
     assert available(late, f"bob@{d}/desk") and available(late, f"bob@{d}/portal")
 
+
+async def test_a_message_to_one_resource_is_carbon_copied_to_the_others(hub: HubHarness) -> None:
+    """XEP-0280 6: the user's other clients with carbons enabled get a <received/> copy of a
+    message addressed to one of them (as Prosody does), the addressed one the message."""
+    await hub.create_user("alice")
+    await hub.create_user("bob")
+    d = domain_of(hub)
+    one = await xmpp_login(hub, "alice", resource="one", plugins=("xep_0280",))
+    two = await xmpp_login(hub, "alice", resource="two", plugins=("xep_0280",))
+    copies: list[Any] = []
+    one.add_event_handler("carbon_received", copies.append)
+    for client in (one, two):
+        await client.plugin["xep_0280"].enable(timeout=10)
+    bob = await xmpp_login(hub, "bob")
+    bob.send_message(mto=JID(f"alice@{d}/two"), mbody="for two", mtype="chat")
+    await two.wait_for_condition(lambda: "for two" in two.bodies())
+    await one.wait_for_condition(lambda: bool(copies))
+    inner = copies[0]["carbon_received"]
+    assert inner["body"] == "for two" and str(inner["to"]) == f"alice@{d}/two"
+    assert "for two" not in one.bodies()
