@@ -58,16 +58,18 @@ ALLOWED_MISSING: dict[str, str] = {
     # XEP-0198 stream management: mod_smacks is a Prosody default. Until h17-sm is merged.
     "feature:urn:xmpp:sm:2": "XEP-0198, until h17-sm is merged",
     "feature:urn:xmpp:sm:3": "XEP-0198, until h17-sm is merged",
-    # PEP (mod_pep), and what rides on it: vCard4 (mod_vcard4), the vCard/PEP avatar
-    # conversion (mod_vcard_legacy), bookmarks (mod_bookmarks). Until h17-pep is merged.
-    "identity:pubsub/pep": "XEP-0163 PEP, until h17-pep is merged",
-    "disco:http://jabber.org/protocol/pubsub": "XEP-0163 PEP, until h17-pep is merged",
-    "disco:http://jabber.org/protocol/pubsub#": "XEP-0163 PEP, until h17-pep is merged",
-    "disco:urn:xmpp:bookmarks:1#compat": "XEP-0402 bookmarks, until h17-pep is merged",
-    "disco:urn:xmpp:bookmarks:1#compat-pep": "XEP-0402 bookmarks, until h17-pep is merged",
-    "disco:urn:xmpp:bookmarks-conversion:0": "XEP-0402/0048 conversion, until h17-pep",
-    "disco:urn:ietf:params:xml:ns:vcard-4.0": "XEP-0292 vCard4 rides on PEP: until h17-pep",
-    "disco:urn:xmpp:pep-vcard-conversion:0": "XEP-0398 avatar conversion: until h17-pep",
+    # PEP: the hub's (docs/xmpp.md "Personal eventing") offers what PEP clients use
+    # (publish, publish-options, retract, configure, +notify); explicit subscriptions,
+    # purging and the affiliations of full XEP-0060 pubsub are not offered.
+    "disco:http://jabber.org/protocol/pubsub": "PEP without full XEP-0060 (docs/xmpp.md)",
+    "disco:http://jabber.org/protocol/pubsub#": "PEP without full XEP-0060 (docs/xmpp.md)",
+    # Prosody's mod_bookmarks also converts XEP-0048 in PEP; the hub keeps both lists as one
+    # (#compat, #compat-pep), which is what clients look for.
+    "disco:urn:xmpp:bookmarks-conversion:0": "bookmarks kept as one list (#compat) instead",
+    # vCard4 (XEP-0292) and the vCard/PEP avatar conversion (XEP-0398): not yet
+    # (docs/xmpp.md "Not yet"); the vCard (XEP-0054) is the portal profile.
+    "disco:urn:ietf:params:xml:ns:vcard-4.0": "XEP-0292 vCard4 not yet",
+    "disco:urn:xmpp:pep-vcard-conversion:0": "XEP-0398 avatar conversion not yet",
     # Subscriptions are the directory's (everyone one may see is subscribed both ways):
     # there is nothing to pre-approve (RFC 6121 3.4).
     "feature:urn:xmpp:features:pre-approval": "no subscriptions to manage: the directory",
@@ -94,10 +96,11 @@ ALLOWED_DIFFERENT: dict[str, str] = {
 }
 
 
-def allowed(key: str) -> bool:
-    return key in ALLOWED_MISSING or any(
-        key.startswith(prefix) for prefix in ALLOWED_MISSING if prefix.endswith("#")
-    )
+def allowed(key: str) -> str | None:
+    """The allow-list entry that covers ``key``, if any."""
+    if key in ALLOWED_MISSING:
+        return key
+    return next((p for p in ALLOWED_MISSING if p.endswith("#") and key.startswith(p)), None)
 
 
 # a raw client ----------------------------------------------------------------------------------
@@ -627,13 +630,19 @@ def differences(
     hub: tuple[dict[str, Any], dict[str, set[str]]],
     reference: tuple[dict[str, Any], dict[str, set[str]]],
 ) -> list[str]:
-    """What a client would see differently on the hub, less what is allowed by design."""
+    """What a client would see differently on the hub, less what is allowed by design; and
+    allow-list entries nothing needs any more (a feature added since: take it off)."""
     found: list[str] = []
+    used: set[str] = set()
     (hub_obs, hub_sets), (ref_obs, ref_sets) = hub, reference
     for key in sorted(ref_obs.keys() | hub_obs.keys()):
         if key.startswith("stream.features.") or key == "sasl.mechanisms":
             continue  # compared as sets below: more on the hub is fine
-        if hub_obs.get(key) != ref_obs.get(key) and key not in ALLOWED_DIFFERENT:
+        if hub_obs.get(key) == ref_obs.get(key):
+            continue
+        if key in ALLOWED_DIFFERENT:
+            used.add(key)
+        else:
             found.append(f"{key}: hub {hub_obs.get(key)!r}, Prosody {ref_obs.get(key)!r}")
     for key in sorted(ref_sets):
         for missing in sorted(ref_sets[key] - hub_sets.get(key, set())):
@@ -641,8 +650,13 @@ def differences(
                 label = f"feature:{missing.split(' ')[0]}"  # by namespace
             else:
                 label = f"{key.partition('.')[0]}:{missing}"
-            if not allowed(label):
+            entry = allowed(label)
+            if entry is None:
                 found.append(f"{key}: Prosody offers {missing!r}, the hub does not ({label})")
+            else:
+                used.add(entry)
+    for stale in sorted((ALLOWED_MISSING.keys() | ALLOWED_DIFFERENT.keys()) - used):
+        found.append(f"allow-list entry {stale!r} matches no difference any more: remove it")
     return found
 
 
@@ -661,3 +675,34 @@ async def test_a_client_sees_no_difference_from_prosody_but_the_allowed_ones(
             print(label, json.dumps(observed, indent=1, default=str))
             print(label, {k: sorted(v) for k, v in announced.items()})
     assert not found, "\n".join(found)
+
+
+def test_the_comparison_flags_differences_missing_features_and_stale_entries() -> None:
+    """The comparison itself: a different observation, a feature only Prosody offers, an
+    allow-list entry nothing needs; and what is allowed or only on the hub passes."""
+    # Every allow-list entry matches one difference; the hub has something more.
+    hub_side: tuple[dict[str, Any], dict[str, set[str]]] = (
+        {"ping.server": "result", **dict.fromkeys(ALLOWED_DIFFERENT, 1)},
+        {"disco.server": {"urn:example:only-hub"}},
+    )
+    prosody_side: tuple[dict[str, Any], dict[str, set[str]]] = (
+        {"ping.server": "result", **dict.fromkeys(ALLOWED_DIFFERENT, 2)},
+        {
+            "stream.authenticated": {
+                f"{k.partition(':')[2]} x" for k in ALLOWED_MISSING if k.startswith("feature:")
+            },
+            "disco.server": {
+                k.partition(":")[2] + ("more" if k.endswith("#") else "")
+                for k in ALLOWED_MISSING
+                if k.startswith("disco:")
+            },
+        },
+    )
+    assert differences(hub_side, prosody_side) == []
+    prosody_side[0]["ping.server"] = "error"
+    prosody_side[1]["disco.server"].add("urn:example:only-prosody")
+    del prosody_side[1]["stream.authenticated"]
+    found = differences(hub_side, prosody_side)
+    assert any(f.startswith("ping.server: hub 'result', Prosody 'error'") for f in found)
+    assert any("urn:example:only-prosody" in f for f in found)
+    assert any("'feature:urn:xmpp:sm:3' matches no difference" in f for f in found)
