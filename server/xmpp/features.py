@@ -15,6 +15,7 @@ from server.xmpp.modules import (
     muc,
     presence,
     roster,
+    stream_management,
     upload,
     vcard,
 )
@@ -35,6 +36,7 @@ MODULES = (
     last_activity,
     blocking,
     upload,
+    stream_management,  # after messages: its unbind hook takes back their delivery marks
 )
 
 
