@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.auth.service import AuthService
 from server.background import SideTasks, raise_if_stopping, stop
+from server.directory.pep import PepService
 from server.directory.private_storage import PrivateStorage
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
@@ -47,6 +48,8 @@ TRANSPORT = "xmpp"
 LISTEN_BACKLOG = 1024
 MAX_CACHED_LOGINS = 100_000
 HEARTBEAT_SECONDS = 5.0  # at most one presence heartbeat per session this often
+REQUEST_SECONDS = 10.0  # how long the server waits for a client's answer (request())
+MAX_REQUESTS = 10_000  # the server's requests waiting for an answer, at most
 
 
 class XmppServer:
@@ -85,6 +88,9 @@ class XmppServer:
         self.bridge: Any = None  # the messenger bridge (modules.messages), shared with MAM
         self.blocking: BlockingService | None = None  # XEP-0191's service, set by the app
         self.private_storage: PrivateStorage | None = None  # XEP-0049's, set by the app
+        self.pep: PepService | None = None  # XEP-0163's, set by the app
+        # The server's own requests to clients (request()), by (session id, iq id).
+        self._requests: dict[tuple[str, str], asyncio.Future[ET.Element]] = {}
         # XEP-0198 (modules/stream_management.py): acks, and sessions held for resumption.
         self.stream_management: Any = None
         self.identities: list[tuple[str, str, str]] = [("server", "im", "Portal Hub")]
@@ -296,6 +302,24 @@ class XmppServer:
                 self.presence.heartbeat(session.user_id, session.id, _is_active(session.presence))
             )
 
+    async def request(
+        self, session: C2SSession, iq: ET.Element, timeout: float = REQUEST_SECONDS
+    ) -> ET.Element | None:
+        """Send an iq get from the server to one of its clients and wait for the answer (a
+        result or an error); None when none came in time, or too many are waiting."""
+        key = (session.id, iq.get("id", ""))
+        if len(self._requests) >= MAX_REQUESTS or key in self._requests:
+            return None
+        future: asyncio.Future[ET.Element] = asyncio.get_running_loop().create_future()
+        self._requests[key] = future
+        try:
+            session.send_nowait(iq)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self._requests.pop(key, None)
+
     def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         """A task owned by the server (stopped with it); a failure is logged."""
         return self._side.spawn(coro)
@@ -478,6 +502,16 @@ class XmppServer:
             peer = None  # XEP-0191 3.4: as if that resource were not there
         if kind in ("result", "error"):
             session._pending_pings.pop(iq.get("id", ""), None)
+            # An answer to the server's own request (request()), not to a colleague's client.
+            waiter = (
+                self._requests.pop((session.id, iq.get("id", "")), None)
+                if to_server(iq, self.domain)
+                else None
+            )
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(iq)
+                return
             if peer is not None:
                 peer.send_nowait(iq)  # the answer to a colleague's client's request
             return  # never answer a result or an error ourselves
@@ -500,6 +534,12 @@ class XmppServer:
         reply = await handler(session, iq, iq[0])
         if reply is not None:
             session.send_nowait(reply)
+
+
+def to_server(iq: ET.Element, domain: str) -> bool:
+    """Whether a client's stanza is addressed to the server itself (no ``to``, or the domain)."""
+    to = iq.get("to")
+    return not to or to.lower() == domain
 
 
 def unavailable_resource(session: C2SSession, target: Jid, domain: str) -> bool:
