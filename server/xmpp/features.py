@@ -18,6 +18,7 @@ from server.xmpp.modules import (
     pep,
     presence,
     roster,
+    stream_management,
     upload,
     vcard,
 )
@@ -41,6 +42,7 @@ MODULES = (
     upload,
     pep,  # after disco and muc: it adds the account's PEP identity and nodes to disco
     bookmarks,  # after basics and pep: XEP-0048 in private storage is XEP-0402's view
+    stream_management,  # after messages: its unbind hook takes back their delivery marks
 )
 
 

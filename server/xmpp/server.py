@@ -15,7 +15,7 @@ import secrets
 import ssl
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,8 @@ class XmppServer:
         self.pep: PepService | None = None  # XEP-0163's, set by the app
         # The server's own requests to clients (request()), by (session id, iq id).
         self._requests: dict[tuple[str, str], asyncio.Future[ET.Element]] = {}
+        # XEP-0198 (modules/stream_management.py): acks, and sessions held for resumption.
+        self.stream_management: Any = None
         self.identities: list[tuple[str, str, str]] = [("server", "im", "Portal Hub")]
         self._stream_features: list[Callable[[], ET.Element]] = []
         self._servers: list[asyncio.Server] = []
@@ -202,6 +204,7 @@ class XmppServer:
         )
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+        await self._release_held()
         await self._side.wait(timeout)
         if sessions:
             log.info("drained %s XMPP sessions", len(sessions))
@@ -212,10 +215,29 @@ class XmppServer:
         await stop(self._housekeeper)  # no pings to sessions being ended
         for session in list(self._all):
             await session.terminate("system-shutdown")
-        await stop(*self._tasks, *self._side)
+        await stop(*self._tasks)
+        await self._release_held()
+        await stop(*self._side)
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 5)
+
+    async def _release_held(self) -> None:
+        """Sessions held for resumption live in this process only: they end now, their
+        unacknowledged messages left for offline delivery (XEP-0198, on any node)."""
+        if self.stream_management is not None:
+            try:
+                await self.stream_management.stop()
+            except Exception:
+                log.exception("ending the held XMPP sessions failed")
+
+    def hold(self, session: C2SSession) -> bool:
+        """Whether a session whose connection died is held for the client to resume."""
+        return self.stream_management is not None and bool(self.stream_management.hold(session))
+
+    def resume_on(self, session: C2SSession, rest: list[tuple[str, Any]]) -> None:
+        """A held session goes on over a new connection (XEP-0198), in a task of its own."""
+        self._run(session, session.run_resumed(rest))
 
     def _accept(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, tls: bool
@@ -224,15 +246,20 @@ class XmppServer:
             writer.close()
             return
         session = C2SSession(self, reader, writer, tls=tls)
+        self._run(session, session.run())
+
+    def _run(self, session: C2SSession, work: Coroutine[Any, Any, None]) -> None:
         self._all.add(session)
         task = asyncio.create_task(  # its logs carry the session's id as their request id
-            session.run(), name=f"xmpp:{session.peer}", context=context_for(f"xmpp-{session.id}")
+            work, name=f"xmpp:{session.peer}", context=context_for(f"xmpp-{session.id}")
         )
         self._tasks.add(task)
+        session.task = task
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            self._all.discard(session)
+            if session.task is t:  # not if it went on over another connection meanwhile
+                self._all.discard(session)
 
         task.add_done_callback(done)
 
@@ -250,7 +277,11 @@ class XmppServer:
                 try:
                     if quiet > interval + timeout:
                         log.info("xmpp %s: no answer to ping; closing", session.jid)
-                        await session.terminate("connection-timeout", "no answer to ping")
+                        if session.sm is not None and session.sm.id is not None:
+                            # Gone silent (a phone out of coverage): held for resumption.
+                            session.drop_connection()
+                        else:
+                            await session.terminate("connection-timeout", "no answer to ping")
                     elif quiet > interval and not session._pending_pings:
                         await session.ping()
                 except Exception:

@@ -267,6 +267,17 @@ def archived(message: MessageOut) -> dict[str, Any]:
     }
 
 
+def before_id(message_id: str) -> str | None:
+    """The id just before a message's (ids are ObjectIds, compared as hex strings)."""
+    try:
+        value = int(message_id, 16)
+    except ValueError:
+        return None
+    if len(message_id) != 24 or value == 0:
+        return None
+    return format(value - 1, "024x")
+
+
 def stamp(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat().replace("+00:00", "Z")
@@ -280,6 +291,9 @@ class Bridge:
         self.origins: dict[tuple[str, str], str] = {}  # (user, client id) -> session id
         self.marks: dict[str, str] = {}  # user id -> delivered up to, not yet stored
         self._marker: asyncio.Task[None] | None = None
+        # Mark writes one at a time: a mark taken back (undeliver) must not be overtaken by
+        # an older write raising it again.
+        self._marks_written = asyncio.Lock()
         self.pauses = TypingPauses(server, self._paused)
 
     async def chat(self, chat_id: str) -> Document | None:
@@ -588,25 +602,43 @@ class Bridge:
 
     async def write_marks(self, user_ids: list[str] | None = None) -> None:
         """Store the pending delivery marks (of ``user_ids``, or all)."""
-        if user_ids is None:
-            marks, self.marks = self.marks, {}
-        else:
-            marks = {u: self.marks.pop(u) for u in user_ids if u in self.marks}
-        if not marks:
+        async with self._marks_written:
+            if user_ids is None:
+                marks, self.marks = self.marks, {}
+            else:
+                marks = {u: self.marks.pop(u) for u in user_ids if u in self.marks}
+            if not marks:
+                return
+            try:
+                await self.server.store.users.bulk_write(
+                    [
+                        UpdateOne({"_id": user_id}, {"$max": {"xmpp_delivered_upto": message_id}})
+                        for user_id, message_id in marks.items()
+                    ],
+                    ordered=False,
+                )
+            except Exception:
+                for user_id, message_id in marks.items():  # kept for the next write
+                    if message_id > self.marks.get(user_id, ""):
+                        self.marks[user_id] = message_id
+                raise
+
+    async def undeliver(self, user_id: str, first: str) -> None:
+        """A session ended with message ``first`` (and maybe later ones) sent but never
+        acknowledged by its client (XEP-0198): offline delivery starts again just before it.
+        The messages of a stream come in order, so everything acknowledged is older."""
+        floor = before_id(first)
+        if floor is None:
+            log.warning("cannot take back the delivery mark of %s: %r", user_id, first)
             return
-        try:
-            await self.server.store.users.bulk_write(
-                [
-                    UpdateOne({"_id": user_id}, {"$max": {"xmpp_delivered_upto": message_id}})
-                    for user_id, message_id in marks.items()
-                ],
-                ordered=False,
+        async with self._marks_written:
+            pending = self.marks.get(user_id)
+            if pending is not None and pending >= first:
+                self.marks[user_id] = floor
+            await self.server.store.users.update_one(
+                {"_id": user_id, "xmpp_delivered_upto": {"$gte": first}},
+                {"$set": {"xmpp_delivered_upto": floor}},
             )
-        except Exception:
-            for user_id, message_id in marks.items():  # kept for the next write
-                if message_id > self.marks.get(user_id, ""):
-                    self.marks[user_id] = message_id
-            raise
 
     async def _shaped(
         self, event: Event, message: dict[str, Any], to: Jid, *, frm: str | None = None
