@@ -55,9 +55,9 @@ QUIET = 0.6  # how long to wait for something that should not come (or comes lat
 # "feature:<namespace>" for stream features, "disco:<var>", "identity:<category/type>",
 # "sasl:<mechanism>"; one ending in "#" covers every var it begins.)
 ALLOWED_MISSING: dict[str, str] = {
-    # XEP-0198 stream management: mod_smacks is a Prosody default. Until h17-sm is merged.
-    "feature:urn:xmpp:sm:2": "XEP-0198, until h17-sm is merged",
-    "feature:urn:xmpp:sm:3": "XEP-0198, until h17-sm is merged",
+    # XEP-0198 stream management: the hub offers the current namespace (urn:xmpp:sm:3);
+    # mod_smacks also offers the old sm:2, which clients fall back to only without sm:3.
+    "feature:urn:xmpp:sm:2": "XEP-0198's old namespace; sm:3 is offered",
     # PEP: the hub's (docs/xmpp.md "Personal eventing") offers what PEP clients use
     # (publish, publish-options, retract, configure, +notify); explicit subscriptions,
     # purging and the affiliations of full XEP-0060 pubsub are not offered.
@@ -705,4 +705,4 @@ def test_the_comparison_flags_differences_missing_features_and_stale_entries() -
     found = differences(hub_side, prosody_side)
     assert any(f.startswith("ping.server: hub 'result', Prosody 'error'") for f in found)
     assert any("urn:example:only-prosody" in f for f in found)
-    assert any("'feature:urn:xmpp:sm:3' matches no difference" in f for f in found)
+    assert any("'feature:urn:xmpp:sm:2' matches no difference" in f for f in found)
