@@ -330,6 +330,10 @@ class XmppServer:
         user_id = session.user_id
         resources = self.sessions.setdefault(user_id, {})
         resource = wanted[:100] if wanted else f"portalhub-{secrets.token_hex(4)}"
+        if resource == PORTAL_RESOURCE:
+            # The name of the web messenger's resource: a client asking for it gets another
+            # (RFC 6120 7.7.2.3 lets the server choose), or colleagues could not tell them apart.
+            resource = f"{PORTAL_RESOURCE}-{secrets.token_hex(4)}"
         old = resources.get(resource)
         if old is None and len(resources) >= self.settings.xmpp_max_sessions_per_user:
             raise StanzaError("resource-constraint", "too many sessions for this user")

@@ -30,7 +30,7 @@ from server.store.database import Document
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
 from server.xmpp.modules.blocking import blocked_error, blocked_for
-from server.xmpp.modules.carbons import sent_copy
+from server.xmpp.modules.carbons import received_copy, sent_copy
 from server.xmpp.modules.csi import wants_chat_states
 from server.xmpp.modules.typing import TypingPauses
 from server.xmpp.modules.upload import add_files, attachments
@@ -48,6 +48,9 @@ CHATSTATES = "http://jabber.org/protocol/chatstates"
 MARKERS = "urn:xmpp:chat-markers:0"
 DELAY = "urn:xmpp:delay"
 SID = "urn:xmpp:sid:0"
+# XEP-0160: messages to a user with no client online are kept and delivered at the next login
+# (they are the dialog's history; see deliver_offline).
+OFFLINE = "msgoffline"
 CORRECT = "urn:xmpp:message-correct:0"
 RETRACT = "urn:xmpp:message-retract:1"
 FALLBACK = "urn:xmpp:fallback:0"
@@ -569,6 +572,14 @@ class Bridge:
             shaped = addressed(await self._shaped(event, message, bare))
             for session in chosen or sessions:
                 session.send_bytes(shaped(str(session.jid)))
+            copies = [s for s in sessions if chosen and s.carbons and s not in chosen]
+            if copies:
+                # XEP-0280 6: the user's other clients that enabled carbons get a copy of a
+                # message addressed to one of them, so every client shows the conversation.
+                original = await self._shaped(event, message, chosen[0].jid or bare)
+                received = addressed(received_copy(bare, original))
+                for session in copies:
+                    session.send_bytes(received(str(session.jid)))
             if event.type == "im.message":
                 self.delivered(member, str(message["id"]))
 
@@ -764,7 +775,10 @@ class Bridge:
 
 def install(server: XmppServer) -> None:
     bridge = Bridge(server)
-    server.add_feature(CHATSTATES, MARKERS, DELAY, SID, CORRECT, RETRACT)
+    server.add_feature(CHATSTATES, MARKERS, DELAY, SID, CORRECT, RETRACT, OFFLINE)
+    # Messages to and from the account carry the portal's stanza-id (XEP-0359 5.1: announced
+    # by the entity that stamps them, the account, as Prosody's mod_mam does).
+    server.account_features.add(SID)
     server.on_message(bridge.on_message)
     server.bus.subscribe(bridge.on_event)
     server.bus.subscribe_ephemeral(bridge.on_typing)
