@@ -20,6 +20,7 @@ from server.channels.emit import HubRedisManager
 from server.channels.hub import Hub, typing_handler
 from server.counters.crm import CHECK_JOB
 from server.crm.service import Crm
+from server.directory.pep import PepService
 from server.directory.private_storage import PrivateStorage
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus, InProcessBus
@@ -161,6 +162,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
         xmpp = XmppServer(settings, store, auth_service, directory, presence, im, bus)
         xmpp.blocking = BlockingService(store, bus)
         xmpp.private_storage = PrivateStorage(store)
+        xmpp.pep = PepService(store, bus)
         install_all(xmpp)
 
     if xmpp is not None and redis_bus is not None:

@@ -201,6 +201,14 @@ class Settings(BaseSettings):
     xmpp_max_connections: int = Field(default=5000, ge=1)
     xmpp_ping_interval_seconds: float = Field(default=60.0, gt=0)
     xmpp_ping_timeout_seconds: float = Field(default=30.0, gt=0)
+    xmpp_resume_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        le=86_400,
+        description="XEP-0198: how long a session whose connection dropped is held for the "
+        "client to resume it (its stanzas queued, its presence kept); 0: acks only, no "
+        "resumption",
+    )
     crm_counters_check_minutes: int = Field(
         default=360,
         ge=0,

@@ -1,5 +1,6 @@
 """docs/xmpp.md's XEP-0479 table stays true: what it calls done (or partly done) is announced
-in service discovery, what it calls not done (or left out by design) is not."""
+in service discovery (or, for the entity ``stream``, in the stream features after login), what
+it calls not done (or left out by design) is not."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 from slixmpp import JID
 
 from tests.harness import HubHarness
+from tests.test_xmpp_hostile import RawXmpp
 from tests.test_xmpp_muc import create_group
 from tests.xmpp_client import xmpp_login
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "xmpp.md"
 STATES = ("done", "partly", "not", "by design")
-ENTITIES = ("server", "account", "conference", "room")
+ENTITIES = ("server", "account", "conference", "room", "stream")
 _FEATURE = re.compile(r"`([^`]+)`(?:\s*\((\w+)\))?")
 
 
@@ -52,6 +54,9 @@ def test_the_table_is_read() -> None:
     assert blocking.state == "done" and blocking.announced == (("server", "urn:xmpp:blocking"),)
     room_mam = next(r for r in rows if r.provider.startswith("XEP-0313 (room"))
     assert room_mam.announced == (("room", "urn:xmpp:mam:2"),)
+    stream_management = [r for r in rows if r.provider == "XEP-0198"]
+    assert {r.suite for r in stream_management} == {"IM", "Mobile"}
+    assert all(r.announced == (("stream", "urn:xmpp:sm:3"),) for r in stream_management)
 
 
 async def test_compliance_table_matches_what_the_server_announces(hub: HubHarness) -> None:
@@ -71,6 +76,10 @@ async def test_compliance_table_matches_what_the_server_announces(hub: HubHarnes
     for entity, jid in addresses.items():
         info = await client.plugin["xep_0030"].get_info(jid=JID(jid), timeout=10)
         announced[entity] = set(info["disco_info"]["features"])
+    raw = await RawXmpp.connect(hub)
+    await raw.authenticate("alice")
+    features = await raw.open_stream()
+    announced["stream"] = {feature.tag[1:].partition("}")[0] for feature in features}
     wrong: list[str] = []
     for row in compliance_rows(DOC.read_text()):
         for entity, var in row.announced:

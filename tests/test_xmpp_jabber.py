@@ -284,18 +284,21 @@ async def test_receipts_threads_subjects_chat_states_and_invitations_are_relayed
 
 async def test_contacts_presence_has_caps_that_promise_chat_states(hub: HubHarness) -> None:
     """libpurple (Pidgin, finch) sends <composing/> only to contacts whose XEP-0115 caps list
-    chat states: colleagues' presence carries caps, and disco#info on them answers."""
+    chat states: a colleague's web resource carries caps, and disco#info on it answers (their
+    Jabber clients' own caps are relayed as sent: test_xmpp_resources)."""
     await hub.create_user("alice")
-    await hub.create_user("bob")
+    _, bob_token = await hub.create_user("bob")
     d = domain_of(hub)
-    await xmpp_login(hub, "bob")
+    web = await hub.connect(bob_token)
+    web.keep_alive()
     alice = await xmpp_login(hub, "alice", plugins=("xep_0030",))
     await alice.wait_for_condition(
         lambda: any(
-            p["from"].bare == f"bob@{d}" and p["type"] != "unavailable" for p in alice.presences
+            str(p["from"]) == f"bob@{d}/portal" and p["type"] != "unavailable"
+            for p in alice.presences
         )
     )
-    [presence] = [p for p in alice.presences if p["from"].bare == f"bob@{d}"][-1:]
+    [presence] = [p for p in alice.presences if str(p["from"]) == f"bob@{d}/portal"][-1:]
     caps = presence.xml.find(f"{CAPS}c")
     assert caps is not None, str(presence)
     node = f"{caps.get('node')}#{caps.get('ver')}"

@@ -42,7 +42,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from server.events.redis_subscription import RedisSubscription
-from server.presence.rules import Manual, ManualStatus, Source, Status
+from server.presence.rules import Manual, ManualStatus, Shown, Source, Status, shown_from
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +391,18 @@ def _encode_source(source: Source) -> str:
             "active": source.active,
             "heartbeat": wall,
             "dnd": source.dnd,
+            # A Jabber session's resource and what it shows (absent for browser tabs).
+            **(
+                {
+                    "resource": source.resource,
+                    "show": source.shown.show,
+                    "status": source.shown.status,
+                    "priority": source.shown.priority,
+                    "caps": source.shown.caps,
+                }
+                if source.resource
+                else {}
+            ),
         }
     )
 
@@ -398,8 +410,25 @@ def _encode_source(source: Source) -> str:
 def _decode_source(value: str) -> Source:
     doc = json.loads(value)
     local = time.monotonic() - (time.time() - float(doc["heartbeat"]))
+    resource = str(doc.get("resource") or "")
+    shown = (
+        shown_from(
+            str(doc.get("show") or ""),
+            str(doc.get("status") or ""),
+            str(doc.get("priority") or 0),
+            str(doc.get("caps") or ""),
+        )
+        if resource
+        else Shown()
+    )
     return Source(
-        str(doc["id"]), str(doc["transport"]), bool(doc["active"]), local, bool(doc["dnd"])
+        str(doc["id"]),
+        str(doc["transport"]),
+        bool(doc["active"]),
+        local,
+        bool(doc["dnd"]),
+        resource,
+        shown,
     )
 
 

@@ -36,6 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,11 +45,14 @@ from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.events.streams import user_stream
 from server.presence.rules import (
+    WEB,
     Manual,
     ManualStatus,
+    Shown,
     Source,
     Status,
     own_status,
+    resources_seen,
     stale,
     status_seen_by_others,
 )
@@ -58,6 +62,8 @@ from server.store.database import Store, utcnow
 log = logging.getLogger(__name__)
 
 ViewersOf = Callable[[str], Awaitable[list[str]]]
+Undo = Callable[[list[Source]], list[Source]]  # the sources now -> as they were before a change
+NOT_SHOWN = Shown()
 DropSource = Callable[[str, str], Awaitable[None]]  # (transport, source id): close it
 
 
@@ -83,6 +89,7 @@ class PresenceService:
         self.heartbeat_timeout = heartbeat_timeout_seconds
         self._own: dict[str, tuple[str, Source]] = {}  # source id -> (user, source): this node's
         self._pending_offline: dict[str, asyncio.Task[None]] = {}
+        self._pending_web: dict[str, asyncio.Task[None]] = {}  # the web resource's grace
         self._droppers: dict[str, DropSource] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
@@ -95,27 +102,48 @@ class PresenceService:
     # sources -----------------------------------------------------------------------------------
 
     async def connected(
-        self, user_id: str, source_id: str, transport: str, active: bool = True, dnd: bool = False
+        self,
+        user_id: str,
+        source_id: str,
+        transport: str,
+        active: bool = True,
+        dnd: bool = False,
+        *,
+        resource: str = "",
+        shown: Shown = NOT_SHOWN,
     ) -> None:
-        source = Source(source_id, transport, active, time.monotonic(), dnd)
+        """A new source; ``resource`` and ``shown`` for a Jabber session (its own resource)."""
+        source = Source(source_id, transport, active, time.monotonic(), dnd, resource, shown)
         await self._sources.put(user_id, source)
         self._own[source_id] = (user_id, source)
-        await self._recompute(user_id)
+        await self._recompute(user_id, before=_without(source_id))
 
     async def heartbeat(
-        self, user_id: str, source_id: str, active: bool, dnd: bool | None = None
+        self,
+        user_id: str,
+        source_id: str,
+        active: bool,
+        dnd: bool | None = None,
+        shown: Shown | None = None,
     ) -> None:
-        """A sign of life from a source, with its activity (and, for XMPP, its dnd flag)."""
+        """A sign of life from a source, with its activity (and, for XMPP, its dnd flag and
+        what its resource shows)."""
         own = self._own.get(source_id)
         if own is None or own[0] != user_id:
             return  # unknown, or dropped by the sweeper already
         source = own[1]
         keep_dnd = source.dnd if dnd is None else dnd
-        beat = Source(source_id, source.transport, active, time.monotonic(), keep_dnd)
+        beat = replace(
+            source,
+            active=active,
+            last_heartbeat=time.monotonic(),
+            dnd=keep_dnd,
+            shown=source.shown if shown is None else shown,
+        )
         await self._sources.put(user_id, beat)  # also brings back one the store lost
         self._own[source_id] = (user_id, beat)
-        if source.active != active or source.dnd != keep_dnd:
-            await self._recompute(user_id)
+        if (source.active, source.dnd, source.shown) != (beat.active, beat.dnd, beat.shown):
+            await self._recompute(user_id, before=_instead(source))
 
     async def disconnected(self, user_id: str, source_id: str) -> None:
         if self._closed:
@@ -123,7 +151,7 @@ class PresenceService:
         own = self._own.pop(source_id, None)
         # Also when the store had lost it already (expired): this node still owned it.
         if await self._sources.remove(user_id, source_id) or own is not None:
-            await self._recompute(user_id)
+            await self._recompute(user_id, before=_with(own[1]) if own else _unchanged)
 
     # manual state ------------------------------------------------------------------------------
 
@@ -160,8 +188,9 @@ class PresenceService:
                 }
             },
         )
+        old = await self.manual(user_id)
         await self._sources.keep_manual(user_id, manual)
-        await self._recompute(user_id, force_own=True)
+        await self._recompute(user_id, force_own=True, before=_unchanged, manual_before=old)
         return await self.own_view(user_id)
 
     # views -------------------------------------------------------------------------------------
@@ -211,18 +240,80 @@ class PresenceService:
     async def sources_of(self, user_id: str) -> list[Source]:
         return await self._sources.sources(user_id)
 
+    async def resources_seen(self, user_id: str) -> dict[str, Shown]:
+        """What colleagues see of each resource of the user (``rules.resources_seen``): the
+        shared state, so sessions on every node count."""
+        return resources_seen(
+            await self._sources.sources(user_id), await self.manual(user_id), datetime.now(UTC)
+        )
+
     async def online_user_ids(self) -> set[str]:
         return set(await self._sources.users())
 
     # announcing --------------------------------------------------------------------------------
 
-    async def _recompute(self, user_id: str, force_own: bool = False) -> None:
+    async def _recompute(
+        self,
+        user_id: str,
+        force_own: bool = False,
+        *,
+        before: Undo | None = None,
+        manual_before: Manual | None = None,
+    ) -> None:
+        """Decide the merged status again; with ``before`` (how the sources were before this
+        change) also tell colleagues' Jabber sessions when what a resource shows changed."""
         # One user's changes are decided one at a time: two tabs connecting together must not
         # both see "was offline" and both announce "online". (Across nodes the store's
         # compare-and-set does the same.)
         # (One small lock per user who ever connected: bounded by the directory's size.)
         async with self._locks.setdefault(user_id, asyncio.Lock()):
             await self._decide(user_id, force_own)
+            if before is not None:
+                await self._resources_changed(user_id, before, manual_before)
+
+    async def _resources_changed(
+        self, user_id: str, before: Undo, manual_before: Manual | None
+    ) -> None:
+        """Announce ``presence.resources`` when the change this node just made (one source,
+        or the manual state) changed what some resource shows. Only a trigger: each
+        transport reads the shared state when it handles it, so events from several nodes,
+        late or doubled, still leave every client with the latest state.
+
+        The web's resource is given the grace period before it is said to be gone: a reload
+        (its last tab closing and coming back) is no unavailable/available pair."""
+        sources = await self._sources.sources(user_id)
+        manual = await self.manual(user_id)
+        now = datetime.now(UTC)
+        after = resources_seen(sources, manual, now)
+        earlier = resources_seen(before(sources), manual_before or manual, now)
+        if after == earlier:
+            return
+        if WEB in earlier and WEB not in after and not manual.invisible:
+            if user_id not in self._pending_web:
+                self._pending_web[user_id] = asyncio.create_task(
+                    self._web_gone_after_grace(user_id), name=f"presence-web-grace:{user_id}"
+                )
+            return
+        await self._announce_resources(user_id)
+
+    async def _web_gone_after_grace(self, user_id: str) -> None:
+        try:
+            await asyncio.sleep(self.grace_seconds)
+            await self._announce_resources(user_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("announcing the web resource of %s gone failed", user_id)
+        finally:
+            if self._pending_web.get(user_id) is asyncio.current_task():
+                del self._pending_web[user_id]
+
+    async def _announce_resources(self, user_id: str) -> None:
+        # No streams: browsers show the merged status only. Each node's XMPP server finds
+        # which of its sessions may see the user.
+        await self._bus.publish_ephemeral(
+            EphemeralEvent("presence.resources", {"user_id": user_id})
+        )
 
     async def _decide(self, user_id: str, force_own: bool) -> None:
         for _ in range(RACE_RETRIES):
@@ -371,7 +462,13 @@ class PresenceService:
                 else:
                     expired = False  # cleared by another node, or set anew
             if dead or expired:
-                await self._recompute(user_id, force_own=expired)
+                gone = [s for s in mine.get(user_id, []) if s.id in dead]
+                await self._recompute(
+                    user_id,
+                    force_own=expired,
+                    before=_with(*gone),
+                    manual_before=manual if expired else None,
+                )
         await self._reconcile()
 
     async def _reconcile(self) -> None:
@@ -401,7 +498,7 @@ class PresenceService:
         """Stop; this node's sources go from the store at once (other nodes then announce
         them offline after the grace period), and later disconnects are ignored."""
         self._closed = True
-        tasks = list(self._pending_offline.values())
+        tasks = [*self._pending_offline.values(), *self._pending_web.values()]
         if self._sweeper is not None:
             tasks.append(self._sweeper)
         await stop(*tasks)
@@ -413,6 +510,23 @@ class PresenceService:
                 log.warning("presence: could not remove source %s at shutdown", source_id)
                 break  # the store is unreachable: the TTL will do it
         await self._sources.close()
+
+
+def _without(source_id: str) -> Undo:
+    return lambda now: [s for s in now if s.id != source_id]
+
+
+def _with(*sources: Source) -> Undo:
+    ids = {s.id for s in sources}
+    return lambda now: [*[s for s in now if s.id not in ids], *sources]
+
+
+def _instead(source: Source) -> Undo:
+    return lambda now: [source if s.id == source.id else s for s in now]
+
+
+def _unchanged(now: list[Source]) -> list[Source]:
+    return now
 
 
 def _iso(value: datetime | None) -> str | None:

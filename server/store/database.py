@@ -56,6 +56,15 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("workgroup_id", ASCENDING)], name="workgroup"),
     ],
     "private_storage": [IndexModel([("user_id", ASCENDING)], name="user")],
+    # XEP-0163 PEP (server/directory/pep.py): a user's nodes; the last items of some nodes of
+    # many users at once (a client coming online); a node's items in order.
+    "pep_nodes": [
+        IndexModel([("user_id", ASCENDING)], name="user"),
+        IndexModel([("node", ASCENDING)], name="node"),
+    ],
+    "pep_items": [
+        IndexModel([("user_id", ASCENDING), ("node", ASCENDING), ("seq", ASCENDING)], name="node")
+    ],
     "chat_members": [
         IndexModel([("user_id", ASCENDING)], name="user"),
         IndexModel([("chat_id", ASCENDING)], name="chat"),

@@ -5,16 +5,20 @@ from __future__ import annotations
 from server.xmpp.modules import (
     basics,
     blocking,
+    bookmarks,
     carbons,
     csi,
     disco,
+    entity_caps,
     entity_time,
     last_activity,
     mam,
     messages,
     muc,
+    pep,
     presence,
     roster,
+    stream_management,
     upload,
     vcard,
 )
@@ -25,6 +29,7 @@ MODULES = (
     disco,
     csi,
     roster,
+    entity_caps,  # before presence, whose handler takes the stanza: it only looks at caps
     presence,
     carbons,
     messages,
@@ -35,6 +40,9 @@ MODULES = (
     last_activity,
     blocking,
     upload,
+    pep,  # after disco and muc: it adds the account's PEP identity and nodes to disco
+    bookmarks,  # after basics and pep: XEP-0048 in private storage is XEP-0402's view
+    stream_management,  # after messages: its unbind hook takes back their delivery marks
 )
 
 

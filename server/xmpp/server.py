@@ -15,12 +15,13 @@ import secrets
 import ssl
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.auth.service import AuthService
 from server.background import SideTasks, raise_if_stopping, stop
+from server.directory.pep import PepService
 from server.directory.private_storage import PrivateStorage
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
@@ -47,6 +48,8 @@ TRANSPORT = "xmpp"
 LISTEN_BACKLOG = 1024
 MAX_CACHED_LOGINS = 100_000
 HEARTBEAT_SECONDS = 5.0  # at most one presence heartbeat per session this often
+REQUEST_SECONDS = 10.0  # how long the server waits for a client's answer (request())
+MAX_REQUESTS = 10_000  # the server's requests waiting for an answer, at most
 
 
 class XmppServer:
@@ -85,6 +88,11 @@ class XmppServer:
         self.bridge: Any = None  # the messenger bridge (modules.messages), shared with MAM
         self.blocking: BlockingService | None = None  # XEP-0191's service, set by the app
         self.private_storage: PrivateStorage | None = None  # XEP-0049's, set by the app
+        self.pep: PepService | None = None  # XEP-0163's, set by the app
+        # The server's own requests to clients (request()), by (session id, iq id).
+        self._requests: dict[tuple[str, str], asyncio.Future[ET.Element]] = {}
+        # XEP-0198 (modules/stream_management.py): acks, and sessions held for resumption.
+        self.stream_management: Any = None
         self.identities: list[tuple[str, str, str]] = [("server", "im", "Portal Hub")]
         self._stream_features: list[Callable[[], ET.Element]] = []
         self._servers: list[asyncio.Server] = []
@@ -196,6 +204,7 @@ class XmppServer:
         )
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+        await self._release_held()
         await self._side.wait(timeout)
         if sessions:
             log.info("drained %s XMPP sessions", len(sessions))
@@ -206,10 +215,29 @@ class XmppServer:
         await stop(self._housekeeper)  # no pings to sessions being ended
         for session in list(self._all):
             await session.terminate("system-shutdown")
-        await stop(*self._tasks, *self._side)
+        await stop(*self._tasks)
+        await self._release_held()
+        await stop(*self._side)
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 5)
+
+    async def _release_held(self) -> None:
+        """Sessions held for resumption live in this process only: they end now, their
+        unacknowledged messages left for offline delivery (XEP-0198, on any node)."""
+        if self.stream_management is not None:
+            try:
+                await self.stream_management.stop()
+            except Exception:
+                log.exception("ending the held XMPP sessions failed")
+
+    def hold(self, session: C2SSession) -> bool:
+        """Whether a session whose connection died is held for the client to resume."""
+        return self.stream_management is not None and bool(self.stream_management.hold(session))
+
+    def resume_on(self, session: C2SSession, rest: list[tuple[str, Any]]) -> None:
+        """A held session goes on over a new connection (XEP-0198), in a task of its own."""
+        self._run(session, session.run_resumed(rest))
 
     def _accept(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, tls: bool
@@ -218,15 +246,20 @@ class XmppServer:
             writer.close()
             return
         session = C2SSession(self, reader, writer, tls=tls)
+        self._run(session, session.run())
+
+    def _run(self, session: C2SSession, work: Coroutine[Any, Any, None]) -> None:
         self._all.add(session)
         task = asyncio.create_task(  # its logs carry the session's id as their request id
-            session.run(), name=f"xmpp:{session.peer}", context=context_for(f"xmpp-{session.id}")
+            work, name=f"xmpp:{session.peer}", context=context_for(f"xmpp-{session.id}")
         )
         self._tasks.add(task)
+        session.task = task
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            self._all.discard(session)
+            if session.task is t:  # not if it went on over another connection meanwhile
+                self._all.discard(session)
 
         task.add_done_callback(done)
 
@@ -244,7 +277,11 @@ class XmppServer:
                 try:
                     if quiet > interval + timeout:
                         log.info("xmpp %s: no answer to ping; closing", session.jid)
-                        await session.terminate("connection-timeout", "no answer to ping")
+                        if session.sm is not None and session.sm.id is not None:
+                            # Gone silent (a phone out of coverage): held for resumption.
+                            session.drop_connection()
+                        else:
+                            await session.terminate("connection-timeout", "no answer to ping")
                     elif quiet > interval and not session._pending_pings:
                         await session.ping()
                 except Exception:
@@ -265,6 +302,24 @@ class XmppServer:
                 self.presence.heartbeat(session.user_id, session.id, _is_active(session.presence))
             )
 
+    async def request(
+        self, session: C2SSession, iq: ET.Element, timeout: float = REQUEST_SECONDS
+    ) -> ET.Element | None:
+        """Send an iq get from the server to one of its clients and wait for the answer (a
+        result or an error); None when none came in time, or too many are waiting."""
+        key = (session.id, iq.get("id", ""))
+        if len(self._requests) >= MAX_REQUESTS or key in self._requests:
+            return None
+        future: asyncio.Future[ET.Element] = asyncio.get_running_loop().create_future()
+        self._requests[key] = future
+        try:
+            session.send_nowait(iq)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self._requests.pop(key, None)
+
     def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         """A task owned by the server (stopped with it); a failure is logged."""
         return self._side.spawn(coro)
@@ -275,6 +330,10 @@ class XmppServer:
         user_id = session.user_id
         resources = self.sessions.setdefault(user_id, {})
         resource = wanted[:100] if wanted else f"portalhub-{secrets.token_hex(4)}"
+        if resource == PORTAL_RESOURCE:
+            # The name of the web messenger's resource: a client asking for it gets another
+            # (RFC 6120 7.7.2.3 lets the server choose), or colleagues could not tell them apart.
+            resource = f"{PORTAL_RESOURCE}-{secrets.token_hex(4)}"
         old = resources.get(resource)
         if old is None and len(resources) >= self.settings.xmpp_max_sessions_per_user:
             raise StanzaError("resource-constraint", "too many sessions for this user")
@@ -447,6 +506,16 @@ class XmppServer:
             peer = None  # XEP-0191 3.4: as if that resource were not there
         if kind in ("result", "error"):
             session._pending_pings.pop(iq.get("id", ""), None)
+            # An answer to the server's own request (request()), not to a colleague's client.
+            waiter = (
+                self._requests.pop((session.id, iq.get("id", "")), None)
+                if to_server(iq, self.domain)
+                else None
+            )
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(iq)
+                return
             if peer is not None:
                 peer.send_nowait(iq)  # the answer to a colleague's client's request
             return  # never answer a result or an error ourselves
@@ -469,6 +538,12 @@ class XmppServer:
         reply = await handler(session, iq, iq[0])
         if reply is not None:
             session.send_nowait(reply)
+
+
+def to_server(iq: ET.Element, domain: str) -> bool:
+    """Whether a client's stanza is addressed to the server itself (no ``to``, or the domain)."""
+    to = iq.get("to")
+    return not to or to.lower() == domain
 
 
 def unavailable_resource(session: C2SSession, target: Jid, domain: str) -> bool:

@@ -22,6 +22,7 @@ import secrets
 import ssl
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from scramp import ScramException, ScramMechanism
@@ -38,6 +39,7 @@ from server.xmpp.stanza import STREAMS_NS, StanzaError, child, element, error_re
 from server.xmpp.xmlstream import STREAM_NS, StreamError, XmlStreamParser, serialize
 
 if TYPE_CHECKING:
+    from server.xmpp.modules.stream_management import Acks
     from server.xmpp.server import XmppServer
 
 log = logging.getLogger(__name__)
@@ -47,15 +49,33 @@ SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
 SESSION_NS = "urn:ietf:params:xml:ns:xmpp-session"
 PING_NS = "urn:xmpp:ping"
+SM_NS = "urn:xmpp:sm:3"
+STANZA_TAGS = frozenset(q("jabber:client", tag) for tag in ("message", "presence", "iq"))
 MAX_AUTH_ATTEMPTS = 5
 PRE_AUTH_STANZA_BYTES = 16 * 1024
 MAX_OUTPUT_BUFFER = 4 * 1024 * 1024
 READ_CHUNK = 16 * 1024
 _USERNAME = re.compile(r"(?:^|,)n=([^,]*)")
+ACK_REQUEST = f"<r xmlns='{SM_NS}'/>".encode()
 
 
 class Closing(Exception):
     """The session is over (the stream was closed or failed)."""
+
+
+class Dropped(Closing):
+    """The connection ended without the stream being closed (no ``</stream>``): a session
+    with resumption (XEP-0198) is then held for the client to resume."""
+
+
+class Resumed(Exception):
+    """This stream resumed ``session`` (XEP-0198): its connection now belongs to that one,
+    which goes on with ``rest``, what was read after ``<resume/>``."""
+
+    def __init__(self, session: C2SSession) -> None:
+        super().__init__("resumed")
+        self.session = session
+        self.rest: list[tuple[str, Any]] = []
 
 
 class C2SSession:
@@ -101,6 +121,13 @@ class C2SSession:
         self._closing = False
         self._terminating = False
         self._pending_pings: dict[str, float] = {}
+        # Stream management (XEP-0198, modules/stream_management.py): acks and the unacked
+        # queue once enabled; ``hibernating`` while the connection is gone and the session
+        # held for resumption; ``_handed_over`` when this stream resumed another session.
+        self.sm: Acks | None = None
+        self.hibernating = False
+        self._handed_over = False
+        self.task: asyncio.Task[None] | None = None  # the read loop over its connection
         self.last_heartbeat = 0.0  # when the presence service last heard of this session
         self._out: list[bytes] = []  # output of this loop iteration, written at its end
         self._out_bytes = 0
@@ -134,39 +161,67 @@ class C2SSession:
         limit = self.settings.xmpp_max_stanza_bytes
         if not self.authenticated:
             limit = min(limit, PRE_AUTH_STANZA_BYTES)
-        return XmlStreamParser(
+        return XmlStreamParser(*self._parser_callbacks(), max_stanza_bytes=limit)
+
+    def _parser_callbacks(
+        self,
+    ) -> tuple[Callable[[dict[str, str]], None], Callable[[ET.Element], None], Callable[[], None]]:
+        return (
             lambda attrs: self._inbox.append(("open", attrs)),
             lambda stanza: self._inbox.append(("stanza", stanza)),
             lambda: self._inbox.append(("close", None)),
-            max_stanza_bytes=limit,
         )
 
     # main loop -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        try:
-            async with asyncio.timeout(self.settings.xmpp_auth_timeout_seconds) as deadline:
-                loop = asyncio.get_running_loop()
-                while not self.bound:
-                    if not self._tls_quiet:
-                        await self._read_once()
-                        continue
-                    # The client may be waiting for its user to accept the certificate: the
-                    # login timeout starts again once it speaks.
-                    deadline.reschedule(loop.time() + self.settings.xmpp_tls_prompt_seconds)
+        await self._serve(self._negotiate_and_read())
+
+    async def run_resumed(self, rest: list[tuple[str, Any]]) -> None:
+        """The read loop over a connection this session took by resumption (XEP-0198):
+        first what came after ``<resume/>`` on it, then the rest."""
+        await self._serve(self._read_resumed(rest))
+
+    async def _negotiate_and_read(self) -> None:
+        async with asyncio.timeout(self.settings.xmpp_auth_timeout_seconds) as deadline:
+            loop = asyncio.get_running_loop()
+            while not self.bound:
+                if not self._tls_quiet:
                     await self._read_once()
-                    deadline.reschedule(loop.time() + self.settings.xmpp_auth_timeout_seconds)
-                deadline.reschedule(None)
-            while True:
+                    continue
+                # The client may be waiting for its user to accept the certificate: the
+                # login timeout starts again once it speaks.
+                deadline.reschedule(loop.time() + self.settings.xmpp_tls_prompt_seconds)
                 await self._read_once()
+                deadline.reschedule(loop.time() + self.settings.xmpp_auth_timeout_seconds)
+            deadline.reschedule(None)
+        while True:
+            await self._read_once()
+
+    async def _read_resumed(self, rest: list[tuple[str, Any]]) -> None:
+        await self._handle_inbox(rest)
+        while True:
+            await self._read_once()
+
+    async def _serve(self, work: Awaitable[None]) -> None:
+        dropped = False
+        try:
+            await work
         except TimeoutError:
             await self.stream_error("connection-timeout", "authentication took too long")
         except StreamError as exc:
-            await self.stream_error(exc.condition, exc.text)
+            await self.stream_error(exc.condition, exc.text, exc.app)
+        except Resumed as resumed:
+            # This connection now serves the resumed session, in a task of its own.
+            self._handed_over = True
+            self.server.resume_on(resumed.session, resumed.rest)
+        except Dropped:
+            dropped = True
         except Closing:
             pass
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
             log.debug("xmpp %s: connection lost: %s", self.peer, exc)
+            dropped = True
         except asyncio.CancelledError:
             await self.stream_error("system-shutdown")
             raise
@@ -174,12 +229,55 @@ class C2SSession:
             log.exception("xmpp session %s failed", self.peer)
             await self.stream_error("internal-server-error")
         finally:
-            await self.close()
+            if dropped and self._may_hold() and self.server.hold(self):
+                self._hibernate()
+            else:
+                await self.close()
+
+    def _may_hold(self) -> bool:
+        """Whether the connection died under the session rather than being ended on purpose
+        (by the client's </stream>, a stream error, a replacement, a revocation, shutdown)."""
+        return not (self._terminating or self._closing or self._handed_over) and self.bound
+
+    def _hibernate(self) -> None:
+        """Held for resumption: bound, its presence as it was, its stanzas queued (unacked)
+        until the client resumes or the hold ends (stream_management.py)."""
+        self.hibernating = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._out.clear()
+        self._out_bytes = 0
+        self._end_attempt()
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
+
+    def adopt(self, other: C2SSession) -> None:
+        """Resumption (XEP-0198): this held session goes on over ``other``'s connection,
+        authenticated stream and parser; ``other`` ends without touching it."""
+        self.reader, self.writer, self.tls = other.reader, other.writer, other.tls
+        self.peer, self.address = other.peer, other.address
+        self._parser = other._parser
+        self._inbox = []
+        self._parser.retarget(*self._parser_callbacks())
+        self._parser.max_stanza_bytes = self.settings.xmpp_max_stanza_bytes
+        self._bucket = other._bucket
+        self._header_sent = self._stream_open = True
+        self._tls_quiet = False
+        self.last_read = time.monotonic()
+        self._pending_pings.clear()
+        self.hibernating = False
+        other._handed_over = True
+
+    def drop_connection(self) -> None:
+        """End the connection as if the network had: a session with resumption is held."""
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
 
     async def _read_once(self) -> None:
         data = await self.reader.read(READ_CHUNK)
         if not data:
-            raise Closing
+            raise Dropped
         self._tls_quiet = False
         now = time.monotonic()
         self.last_read = now
@@ -188,9 +286,13 @@ class C2SSession:
             deficit = len(data) - self._bucket.tokens
             await asyncio.sleep(min(deficit / self._bucket.rate, 5.0))
             self._bucket.take(time.monotonic(), min(len(data), self._bucket.tokens))
-        parser = self._parser
-        parser.feed(data)
+        self._parser.feed(data)
         inbox, self._inbox = self._inbox, []
+        await self._handle_inbox(inbox)
+        self.server.touched(self)
+
+    async def _handle_inbox(self, inbox: list[tuple[str, Any]]) -> None:
+        parser = self._parser
         for index, (kind, value) in enumerate(inbox):
             if self._terminating or self._closing:
                 # Ended from outside (revoked, replaced, shut down) while this read was being
@@ -209,12 +311,15 @@ class C2SSession:
                 last = index == len(inbox) - 1 and parser.idle()
                 if value.tag == q(TLS_NS, "starttls") and not last:
                     raise StreamError("policy-violation", "data after <starttls/>")
-                restart = await self._on_stanza(value)
+                try:
+                    restart = await self._on_stanza(value)
+                except Resumed as resumed:
+                    resumed.rest = inbox[index + 1 :]
+                    raise
                 if restart:
                     if not last:
                         raise StreamError("policy-violation", "data after stream restart")
                     break
-        self.server.touched(self)
 
     # stream ----------------------------------------------------------------------------------
 
@@ -284,12 +389,17 @@ class C2SSession:
             raise StreamError("not-authorized", "authenticate first")
         if self.tls is False and not self.settings.xmpp_allow_plaintext:
             raise StreamError("policy-violation", "TLS is required")
+        if tag.startswith(f"{{{SM_NS}}}") and self.server.stream_management is not None:
+            await self.server.stream_management.on_nonza(self, stanza)
+            return False
         if tag == q("jabber:client", "iq") and not self.bound:
             await self._bind_phase(stanza)
             return False
         if not self.bound:
             raise StreamError("not-authorized", "bind a resource first")
         await self.server.route_from_client(self, stanza)
+        if self.sm is not None and tag in STANZA_TAGS:
+            self.sm.handled_one()
         return False
 
     async def _starttls(self) -> bool:
@@ -470,15 +580,26 @@ class C2SSession:
 
     def send_nowait(self, stanza: ET.Element) -> None:
         """Queue a stanza without waiting (for fan-out); a reader too slow is cut off."""
-        if self._closing or self.writer.is_closing():
-            return
-        self.send_bytes(serialize(stanza))
+        if self._tracking() or not (self._closing or self.writer.is_closing()):
+            self.send_bytes(serialize(stanza))
 
-    def send_bytes(self, data: bytes) -> None:
+    def send_nonza(self, nonza: ET.Element) -> None:
+        """A stream-level element (XEP-0198's acks and answers): not a stanza, not counted."""
+        self.send_bytes(serialize(nonza), track=False)
+
+    def _tracking(self) -> bool:
+        """Whether stanzas go into the stream management queue (also while held, and while
+        ending, until the queue's messages are handed to offline delivery)."""
+        return self.sm is not None and not self.sm.finished
+
+    def send_bytes(self, data: bytes, *, track: bool = True) -> None:
         """Queue one serialised stanza: written with the rest of this loop iteration's output,
         without waiting, so a slow reader never slows the sender or other recipients; one
-        whose unsent output passes ``MAX_OUTPUT_BUFFER`` is cut off."""
-        if self._closing or self.writer.is_closing():
+        whose unsent output passes ``MAX_OUTPUT_BUFFER`` is cut off. With stream management
+        it is also kept until the client acknowledges it."""
+        if track and self.sm is not None and not self.sm.finished and not self.sm.track(data):
+            self.server.stream_management.overflowed(self)
+        if self._closing or self.hibernating or self.writer.is_closing():
             return
         self._out.append(data)
         self._out_bytes += len(data)
@@ -498,11 +619,15 @@ class C2SSession:
             self._flush_handle = None
         if not self._out:
             return
+        if self.writer.is_closing():
+            self._out.clear()
+            self._out_bytes = 0
+            return
+        if self.sm is not None and self.sm.wants_request():
+            self._out.append(ACK_REQUEST)  # XEP-0198: at most one request out at a time
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         self._out_bytes = 0
-        if self.writer.is_closing():
-            return
         self.writer.write(data)
         if self.writer.transport.get_write_buffer_size() > MAX_OUTPUT_BUFFER:
             log.warning("xmpp %s: output backlog too large; closing", self.jid)
@@ -518,7 +643,9 @@ class C2SSession:
             raise Closing
         await self.writer.drain()
 
-    async def stream_error(self, condition: str, text: str = "") -> None:
+    async def stream_error(
+        self, condition: str, text: str = "", app: ET.Element | None = None
+    ) -> None:
         if self.writer.is_closing():
             return
         with contextlib.suppress(Exception):
@@ -527,6 +654,8 @@ class C2SSession:
             child(error, condition, ns=STREAMS_NS)
             if text:
                 child(error, "text", ns=STREAMS_NS, text=text)
+            if app is not None:
+                error.append(app)
             await self._send_raw(serialize(error) + b"</stream:stream>")
 
     async def ping(self) -> None:
@@ -556,9 +685,14 @@ class C2SSession:
         if self._closing:
             return
         self._closing = True  # nothing more is written
+        self.hibernating = False
         self._out.clear()
         self._end_attempt()
         self.server.auth.sessions.untrack(self.session_key)
+        if self._handed_over:
+            # Resumption: the connection, and the user's session, live on in another.
+            self._closed.set()
+            return
         try:
             # What the client sent before it left is still stored (its answers go nowhere).
             await self.pipeline.close()
@@ -577,6 +711,10 @@ class C2SSession:
         The stream error is sent if the peer takes it; a peer that stopped reading is cut off
         after a short grace, since a graceful close would wait for it forever.
         """
+        if self.hibernating:
+            # Held with no connection (XEP-0198): it ends as a session whose client left.
+            await self.server.stream_management.end(self)
+            return
         if self._terminating:
             return
         self._terminating = True

@@ -33,10 +33,11 @@ _INVALID_TOKEN = expat.errors.codes[expat.errors.XML_ERROR_INVALID_TOKEN]
 class StreamError(Exception):
     """Ends the stream with the given RFC 6120 condition."""
 
-    def __init__(self, condition: str, text: str = "") -> None:
+    def __init__(self, condition: str, text: str = "", app: ET.Element | None = None) -> None:
         super().__init__(f"{condition}: {text}" if text else condition)
         self.condition = condition
         self.text = text
+        self.app = app  # an application-specific condition (RFC 6120 4.9.4), if any
 
 
 def _clark(name: str) -> str:
@@ -81,6 +82,15 @@ class XmlStreamParser:
         self._recent = b""  # the last chunk fed, and up to RECENT_BYTES from before it
         self._recent_start = 0
         self.closed = False
+
+    def retarget(
+        self,
+        on_open: Callable[[dict[str, str]], None],
+        on_stanza: Callable[[ET.Element], None],
+        on_close: Callable[[], None],
+    ) -> None:
+        """Hand what is parsed from now on to others (a resumed session takes the stream)."""
+        self._on_open, self._on_stanza, self._on_close = on_open, on_stanza, on_close
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``; raises StreamError. Callbacks run synchronously from here."""

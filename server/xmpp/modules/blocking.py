@@ -19,7 +19,6 @@ from weakref import WeakSet
 from server.events.models import EphemeralEvent
 from server.im.blocking import CHANGED, BlocklistFull, is_blocked, normalize
 from server.xmpp.limits import writes_of
-from server.xmpp.modules.csi import deliver_presence
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import StanzaError, child, element, error_reply, q, result
 
@@ -123,30 +122,19 @@ def install(server: XmppServer) -> None:
         await show_concerned(user_id, added, removed)
 
     async def show_concerned(user_id: str, added: list[str], removed: list[str]) -> None:
-        from server.xmpp.modules.presence import photo_of, presence_stanza  # (it imports us)
+        """Blocked colleagues' resources are shown unavailable, unblocked ones as they are."""
+        from server.xmpp.modules.presence import resync  # (it imports us)
 
-        user = await server.directory.cached_user(user_id)
-        if user is None:
+        if not server.available_sessions_of(user_id):
             return
-        now_blocked = await service.blocked(user_id)
-        visible = set(await server.directory.visible_user_ids(user))
         for other_id in await server.presence.online_user_ids():
-            if other_id == user_id or other_id not in visible:
+            if other_id == user_id:
                 continue
             login = await server.login_of(other_id)
             if login is None:
                 continue
             jid = f"{login}@{server.domain}"
-            if is_blocked(added, jid):
-                status = "offline"
-            elif is_blocked(removed, jid) and not is_blocked(now_blocked, jid):
-                status = await server.presence.seen_status(other_id)
-            else:
-                continue
-            photo = await photo_of(server, other_id)
-            for session in server.available_sessions_of(user_id):
-                if session.jid is not None:
-                    stanza = presence_stanza(server, login, status, session.jid, photo)
-                    deliver_presence(session, stanza)
+            if is_blocked(added, jid) or is_blocked(removed, jid):
+                await resync(server, other_id, viewer_id=user_id)
 
     server.bus.subscribe_ephemeral(changed)

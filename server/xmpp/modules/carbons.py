@@ -1,5 +1,6 @@
 """Message Carbons (XEP-0280): a session that enables them gets copies of what the user sends
-from elsewhere (another resource, or the web messenger)."""
+from elsewhere (another resource, or the web messenger), and of what is sent to another of
+the user's resources by its full JID."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ def sent_copy(server: XmppServer, user: Jid, original: ET.Element) -> ET.Element
     )
     sent = child(wrapper, "sent", ns=CARBONS)
     forwarded = child(sent, "forwarded", ns=FORWARD)
+    forwarded.append(original)
+    return wrapper
+
+
+def received_copy(user: Jid, original: ET.Element) -> ET.Element:
+    """The <received/> wrapper around a message to another of ``user``'s clients (addressed to
+    each of their sessions by the caller)."""
+    wrapper = element(
+        "message",
+        {"from": str(user.bare), "to": str(user), "type": original.get("type", "chat")},
+    )
+    received = child(wrapper, "received", ns=CARBONS)
+    forwarded = child(received, "forwarded", ns=FORWARD)
     forwarded.append(original)
     return wrapper
 

@@ -30,7 +30,7 @@ from server.store.database import Document
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
 from server.xmpp.modules.blocking import blocked_error, blocked_for
-from server.xmpp.modules.carbons import sent_copy
+from server.xmpp.modules.carbons import received_copy, sent_copy
 from server.xmpp.modules.csi import wants_chat_states
 from server.xmpp.modules.typing import TypingPauses
 from server.xmpp.modules.upload import add_files, attachments
@@ -48,6 +48,9 @@ CHATSTATES = "http://jabber.org/protocol/chatstates"
 MARKERS = "urn:xmpp:chat-markers:0"
 DELAY = "urn:xmpp:delay"
 SID = "urn:xmpp:sid:0"
+# XEP-0160: messages to a user with no client online are kept and delivered at the next login
+# (they are the dialog's history; see deliver_offline).
+OFFLINE = "msgoffline"
 CORRECT = "urn:xmpp:message-correct:0"
 RETRACT = "urn:xmpp:message-retract:1"
 FALLBACK = "urn:xmpp:fallback:0"
@@ -264,6 +267,17 @@ def archived(message: MessageOut) -> dict[str, Any]:
     }
 
 
+def before_id(message_id: str) -> str | None:
+    """The id just before a message's (ids are ObjectIds, compared as hex strings)."""
+    try:
+        value = int(message_id, 16)
+    except ValueError:
+        return None
+    if len(message_id) != 24 or value == 0:
+        return None
+    return format(value - 1, "024x")
+
+
 def stamp(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat().replace("+00:00", "Z")
@@ -277,6 +291,9 @@ class Bridge:
         self.origins: dict[tuple[str, str], str] = {}  # (user, client id) -> session id
         self.marks: dict[str, str] = {}  # user id -> delivered up to, not yet stored
         self._marker: asyncio.Task[None] | None = None
+        # Mark writes one at a time: a mark taken back (undeliver) must not be overtaken by
+        # an older write raising it again.
+        self._marks_written = asyncio.Lock()
         self.pauses = TypingPauses(server, self._paused)
 
     async def chat(self, chat_id: str) -> Document | None:
@@ -555,6 +572,14 @@ class Bridge:
             shaped = addressed(await self._shaped(event, message, bare))
             for session in chosen or sessions:
                 session.send_bytes(shaped(str(session.jid)))
+            copies = [s for s in sessions if chosen and s.carbons and s not in chosen]
+            if copies:
+                # XEP-0280 6: the user's other clients that enabled carbons get a copy of a
+                # message addressed to one of them, so every client shows the conversation.
+                original = await self._shaped(event, message, chosen[0].jid or bare)
+                received = addressed(received_copy(bare, original))
+                for session in copies:
+                    session.send_bytes(received(str(session.jid)))
             if event.type == "im.message":
                 self.delivered(member, str(message["id"]))
 
@@ -577,25 +602,43 @@ class Bridge:
 
     async def write_marks(self, user_ids: list[str] | None = None) -> None:
         """Store the pending delivery marks (of ``user_ids``, or all)."""
-        if user_ids is None:
-            marks, self.marks = self.marks, {}
-        else:
-            marks = {u: self.marks.pop(u) for u in user_ids if u in self.marks}
-        if not marks:
+        async with self._marks_written:
+            if user_ids is None:
+                marks, self.marks = self.marks, {}
+            else:
+                marks = {u: self.marks.pop(u) for u in user_ids if u in self.marks}
+            if not marks:
+                return
+            try:
+                await self.server.store.users.bulk_write(
+                    [
+                        UpdateOne({"_id": user_id}, {"$max": {"xmpp_delivered_upto": message_id}})
+                        for user_id, message_id in marks.items()
+                    ],
+                    ordered=False,
+                )
+            except Exception:
+                for user_id, message_id in marks.items():  # kept for the next write
+                    if message_id > self.marks.get(user_id, ""):
+                        self.marks[user_id] = message_id
+                raise
+
+    async def undeliver(self, user_id: str, first: str) -> None:
+        """A session ended with message ``first`` (and maybe later ones) sent but never
+        acknowledged by its client (XEP-0198): offline delivery starts again just before it.
+        The messages of a stream come in order, so everything acknowledged is older."""
+        floor = before_id(first)
+        if floor is None:
+            log.warning("cannot take back the delivery mark of %s: %r", user_id, first)
             return
-        try:
-            await self.server.store.users.bulk_write(
-                [
-                    UpdateOne({"_id": user_id}, {"$max": {"xmpp_delivered_upto": message_id}})
-                    for user_id, message_id in marks.items()
-                ],
-                ordered=False,
+        async with self._marks_written:
+            pending = self.marks.get(user_id)
+            if pending is not None and pending >= first:
+                self.marks[user_id] = floor
+            await self.server.store.users.update_one(
+                {"_id": user_id, "xmpp_delivered_upto": {"$gte": first}},
+                {"$set": {"xmpp_delivered_upto": floor}},
             )
-        except Exception:
-            for user_id, message_id in marks.items():  # kept for the next write
-                if message_id > self.marks.get(user_id, ""):
-                    self.marks[user_id] = message_id
-            raise
 
     async def _shaped(
         self, event: Event, message: dict[str, Any], to: Jid, *, frm: str | None = None
@@ -732,7 +775,10 @@ class Bridge:
 
 def install(server: XmppServer) -> None:
     bridge = Bridge(server)
-    server.add_feature(CHATSTATES, MARKERS, DELAY, SID, CORRECT, RETRACT)
+    server.add_feature(CHATSTATES, MARKERS, DELAY, SID, CORRECT, RETRACT, OFFLINE)
+    # Messages to and from the account carry the portal's stanza-id (XEP-0359 5.1: announced
+    # by the entity that stamps them, the account, as Prosody's mod_mam does).
+    server.account_features.add(SID)
     server.on_message(bridge.on_message)
     server.bus.subscribe(bridge.on_event)
     server.bus.subscribe_ephemeral(bridge.on_typing)

@@ -1,17 +1,23 @@
 """Presence (RFC 6121 section 4): an XMPP session is one presence source among the user's web
-tabs; the portal's merged state reaches XMPP contacts and web users alike."""
+tabs, which decide the portal's merged status (the web's view). Jabber contacts see each
+resource as Prosody shows a contact's: every Jabber client of a colleague under its own full
+JID with its own show, status, priority and caps, and their web messenger (all tabs
+together) as one more resource, ``…/portal``, while a tab is open."""
 
 from __future__ import annotations
 
+import asyncio
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 from server.events.models import EphemeralEvent
+from server.presence.rules import WEB, Shown, shown_from
 from server.store.database import Document
 from server.xmpp.jid import Jid
 from server.xmpp.modules.blocking import blocked_for
 from server.xmpp.modules.csi import deliver_presence
-from server.xmpp.modules.disco import contact_caps
+from server.xmpp.modules.disco import CAPS, contact_caps
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, child, element, q
 
@@ -25,28 +31,142 @@ VCARD_UPDATE = "vcard-temp:x:update"
 AVATAR_CHANGED = "user.avatar"
 
 
-def presence_stanza(
-    server: XmppServer, login: str, status: str, to: Jid, photo: str | None = None
+def resource_presence(
+    server: XmppServer,
+    login: str,
+    resource: str,
+    shown: Shown | None,
+    to: Jid,
+    photo: str | None = None,
 ) -> ET.Element:
-    """A colleague's merged presence; ``photo``: the SHA-1 of their picture, announced as
-    XEP-0153 asks, so clients fetch the vCard when it changes."""
-    frm = Jid(login, server.domain, PORTAL_RESOURCE)
+    """The presence of one resource of a colleague: one of their Jabber clients as it shows
+    itself, or (``WEB``) their web messenger; ``shown`` None: it went unavailable.
+    ``photo``: the SHA-1 of their picture, announced as XEP-0153 asks, so clients fetch the
+    vCard when it changes."""
+    frm = Jid(login, server.domain, PORTAL_RESOURCE if resource == WEB else resource)
     stanza = element("presence", {"from": str(frm), "to": str(to)})
-    if status == "offline":
+    if shown is None:
         stanza.set("type", "unavailable")
-    else:
-        if status in ("away", "dnd"):
-            child(stanza, "show", text=status)
-        stanza.append(contact_caps())
-        if photo:
-            child(child(stanza, "x", ns=VCARD_UPDATE), "photo", text=photo)
+        return stanza
+    if shown.show:
+        child(stanza, "show", text=shown.show)
+    if shown.status:
+        child(stanza, "status", text=shown.status)
+    if shown.priority:
+        child(stanza, "priority", text=str(shown.priority))
+    if resource == WEB:
+        stanza.append(contact_caps())  # the server answers disco#info for the web resource
+    elif (caps := caps_element(shown.caps)) is not None:
+        stanza.append(caps)  # the client's own: disco#info to its full JID reaches it
+    if photo:
+        child(child(stanza, "x", ns=VCARD_UPDATE), "photo", text=photo)
     return stanza
+
+
+def caps_of(stanza: ET.Element) -> str:
+    """A client's XEP-0115 announcement, kept as "hash node ver" (the three are URIs and
+    base64: no spaces), or "" when it sent none (or a malformed one)."""
+    caps = stanza.find(q(CAPS, "c"))
+    if caps is None:
+        return ""
+    parts = [caps.get("hash", ""), caps.get("node", ""), caps.get("ver", "")]
+    if not all(parts) or any(len(p) > 512 or " " in p for p in parts):
+        return ""
+    return " ".join(parts)
+
+
+def caps_element(kept: str) -> ET.Element | None:
+    parts = kept.split(" ")
+    if len(parts) != 3:
+        return None
+    return element("c", {"hash": parts[0], "node": parts[1], "ver": parts[2]}, ns=CAPS)
+
+
+def shown_of(stanza: ET.Element) -> Shown:
+    """What a client's available presence shows colleagues."""
+    return shown_from(
+        stanza.findtext(q(CLIENT, "show")),
+        stanza.findtext(q(CLIENT, "status")),
+        stanza.findtext(q(CLIENT, "priority")),
+        caps_of(stanza),
+    )
 
 
 async def photo_of(server: XmppServer, user_id: str) -> str | None:
     """The SHA-1 of a user's picture, from the directory's cache."""
     doc = await server.directory.cached_user(user_id)
     return str(doc["avatar_sha1"]) if doc and doc.get("avatar_sha1") else None
+
+
+# What each session was last told of each colleague's resources: every announcement is the
+# difference from it, so events that come late, twice, or from several nodes at once send
+# nothing twice, and a resource that went is always said to be unavailable.
+_told: WeakKeyDictionary[C2SSession, dict[str, dict[str, Shown]]] = WeakKeyDictionary()
+# One update of a colleague's resources at a time per server (read the state, then send):
+# an older read must not overtake a newer one.
+_locks: WeakKeyDictionary[XmppServer, dict[str, asyncio.Lock]] = WeakKeyDictionary()
+
+
+async def resync(server: XmppServer, user_id: str, *, viewer_id: str | None = None) -> None:
+    """Bring this node's sessions (of ``viewer_id`` only, if given) up to date with what
+    ``user_id``'s resources show: available for new or changed ones, unavailable for gone
+    ones. What a session may not see (not a colleague it may see, blocked) counts as
+    nothing online."""
+    user = await server.directory.cached_user(user_id)
+    login = await server.login_of(user_id)
+    if user is None or login is None:
+        return
+    bare = f"{login}@{server.domain}"
+    locks = _locks.setdefault(server, {})
+    async with locks.setdefault(user_id, asyncio.Lock()):
+        seen = await server.presence.resources_seen(user_id)
+        viewers = [viewer_id] if viewer_id is not None else list(server.sessions)
+        for viewer in viewers:
+            if viewer == user_id:
+                continue  # one's own resources are told of each other directly
+            sessions = [
+                s for s in server.available_sessions_of(viewer) if s.jid and s.user is not None
+            ]
+            if not sessions:
+                continue
+            if not seen and not any(user_id in _told.get(s, {}) for s in sessions):
+                continue  # nothing to show, nothing shown before
+            shown = seen
+            if seen and (
+                not await server.directory.may_see(sessions[0].user or {}, user)
+                or await blocked_for(server, viewer, bare)
+            ):
+                shown = {}
+            for session in sessions:
+                await _bring(server, session, user_id, login, shown)
+
+
+async def _bring(
+    server: XmppServer,
+    session: C2SSession,
+    user_id: str,
+    login: str,
+    shown: dict[str, Shown],
+) -> None:
+    assert session.jid is not None
+    told = _told.setdefault(session, {})
+    before = told.get(user_id, {})
+    if before == shown:
+        return
+    for resource in before.keys() - shown.keys():
+        deliver_presence(session, resource_presence(server, login, resource, None, session.jid))
+    if shown.keys() - before.keys() or any(before.get(r) != v for r, v in shown.items()):
+        picture = await photo_of(server, user_id)
+        for resource, now in shown.items():
+            if before.get(resource) != now:
+                deliver_presence(
+                    session,
+                    resource_presence(server, login, resource, now, session.jid, picture),
+                )
+    if shown:
+        told[user_id] = dict(shown)
+    else:
+        told.pop(user_id, None)
 
 
 def own_copy(stanza: ET.Element, frm: Jid, to: Jid) -> ET.Element:
@@ -67,22 +187,13 @@ def flags(stanza: ET.Element) -> tuple[bool, bool]:
 
 def install(server: XmppServer) -> None:
     async def send_colleagues(session: C2SSession) -> None:
-        """Initial presence: the current state of every colleague one may see who is online."""
+        """Initial presence: every resource of every colleague one may see who is online
+        (as a probe would answer, RFC 6121 4.3.2), on any node."""
         assert session.user is not None and session.jid is not None
         visible = set(await server.directory.visible_user_ids(session.user))
         for user_id in await server.presence.online_user_ids():
             if user_id in visible and user_id != session.user_id:
-                status = await server.presence.seen_status(user_id)
-                login = await server.login_of(user_id)
-                if (
-                    login
-                    and status != "offline"
-                    and not await blocked_for(server, session.user_id, f"{login}@{server.domain}")
-                ):
-                    photo = await photo_of(server, user_id)
-                    deliver_presence(
-                        session, presence_stanza(server, login, status, session.jid, photo)
-                    )
+                await resync(server, user_id, viewer_id=session.user_id)
 
     async def on_presence(session: C2SSession, stanza: ET.Element) -> bool:
         assert session.jid is not None
@@ -121,15 +232,32 @@ def install(server: XmppServer) -> None:
                 if user is not None and not await blocked_for(
                     server, session.user_id, str(target.bare)
                 ):
-                    status = await server.presence.seen_status(str(user["_id"]))
+                    # RFC 6121 4.3.2: every available resource, or unavailable from the bare
+                    # JID when there is none.
+                    seen = await server.presence.resources_seen(str(user["_id"]))
                     photo = str(user.get("avatar_sha1") or "") or None
-                    session.send_nowait(
-                        presence_stanza(server, str(user["login"]), status, session.jid, photo)
-                    )
+                    for resource, shown in seen.items():
+                        session.send_nowait(
+                            resource_presence(
+                                server, str(user["login"]), resource, shown, session.jid, photo
+                            )
+                        )
+                    if not seen:
+                        session.send_nowait(
+                            element(
+                                "presence",
+                                {
+                                    "type": "unavailable",
+                                    "from": str(target.bare),
+                                    "to": str(session.jid),
+                                },
+                            )
+                        )
             return True  # other directed presence and subscription changes: ignored
         if kind == "unavailable":
             if session.available:
                 session.available = False
+                _told.pop(session, None)  # available again later: told everything anew
                 await server.presence.disconnected(session.user_id, session.id)
                 tell_own_resources(session, stanza)
             for hook in server.on_unavailable:
@@ -141,7 +269,15 @@ def install(server: XmppServer) -> None:
         session.presence = stanza
         if not session.available:
             session.available = True
-            await server.presence.connected(session.user_id, session.id, TRANSPORT, active, dnd)
+            await server.presence.connected(
+                session.user_id,
+                session.id,
+                TRANSPORT,
+                active,
+                dnd,
+                resource=session.jid.resource,
+                shown=shown_of(stanza),
+            )
             await send_colleagues(session)
             # A new resource learns of the user's other available ones (RFC 6121 4.2.2).
             for other in server.available_sessions_of(session.user_id):
@@ -150,7 +286,9 @@ def install(server: XmppServer) -> None:
             for hook in server.on_available:
                 await hook(session)
         else:
-            await server.presence.heartbeat(session.user_id, session.id, active, dnd)
+            await server.presence.heartbeat(
+                session.user_id, session.id, active, dnd, shown=shown_of(stanza)
+            )
         # The user's other resources see this one, and the sender gets its own presence back
         # (RFC 6121 4.2.2, 4.4.2: clients take the echo as the sign they are online).
         tell_own_resources(session, stanza, echo=True)
@@ -165,6 +303,7 @@ def install(server: XmppServer) -> None:
                 other.send_nowait(own_copy(stanza, session.jid, other.jid))
 
     async def unbound(session: C2SSession) -> None:
+        _told.pop(session, None)
         if session.available and session.user is not None:
             session.available = False
             await server.presence.disconnected(session.user_id, session.id)
@@ -173,46 +312,36 @@ def install(server: XmppServer) -> None:
     server.on_unbound(unbound)
 
     async def presence_changed(event: EphemeralEvent) -> None:
-        if event.type != "presence.changed":
+        """A colleague's resources changed (``presence.resources``), or their merged status
+        did (going invisible, a dead node's sources gone, ...): bring this node's sessions up
+        to date from the shared state."""
+        if event.type not in ("presence.changed", "presence.resources"):
+            return
+        user_id = str(event.data.get("user_id", ""))
+        if event.type == "presence.changed" and not any(
+            stream.partition(":")[2] != user_id for stream in event.streams
+        ):
+            return  # only the user's own view: nothing for colleagues
+        await resync(server, user_id)
+
+    async def avatar_changed(event: EphemeralEvent) -> None:
+        """XEP-0153: a new picture is announced in a presence with its hash (from the event:
+        this node's directory cache may not have heard of the change yet), by each resource
+        shown."""
+        if event.type != AVATAR_CHANGED:
             return
         user_id = str(event.data.get("user_id", ""))
         login = await server.login_of(user_id)
         if login is None:
             return
-        status = str(event.data.get("status", "offline"))
-        photo = await photo_of(server, user_id) if status != "offline" else None
-        for stream in event.streams:
-            viewer = stream.partition(":")[2]
-            if viewer == user_id:
-                continue  # a user's own merged state is not a contact's presence
-            if await blocked_for(server, viewer, f"{login}@{server.domain}"):
-                continue  # XEP-0191: blocked contacts' presence does not reach the viewer
-            for session in server.available_sessions_of(viewer):
-                if session.jid is not None:
-                    deliver_presence(
-                        session, presence_stanza(server, login, status, session.jid, photo)
-                    )
-
-    async def avatar_changed(event: EphemeralEvent) -> None:
-        """XEP-0153: a new picture is announced in a presence with its hash (from the event:
-        this node's directory cache may not have heard of the change yet)."""
-        if event.type != AVATAR_CHANGED:
-            return
-        user_id = str(event.data.get("user_id", ""))
-        user = await server.directory.cached_user(user_id)
-        login = await server.login_of(user_id)
-        if user is None or login is None:
-            return
-        status = await server.presence.seen_status(user_id)
-        if status == "offline":
-            return  # their next presence carries it
         photo = str(event.data.get("sha1") or "") or None
-        for viewer in await server.directory.visible_user_ids(user):
-            if viewer == user_id or await blocked_for(server, viewer, f"{login}@{server.domain}"):
-                continue
-            for session in server.available_sessions_of(viewer):
-                if session.jid is not None:
-                    stanza = presence_stanza(server, login, status, session.jid, photo)
+        for sessions in list(server.sessions.values()):
+            for session in sessions.values():
+                shown = _told.get(session, {}).get(user_id)
+                if not shown or session.jid is None:
+                    continue
+                for resource, now in shown.items():
+                    stanza = resource_presence(server, login, resource, now, session.jid, photo)
                     if photo is None:  # removed: an empty <photo/> says "no picture"
                         child(child(stanza, "x", ns=VCARD_UPDATE), "photo")
                     deliver_presence(session, stanza)
