@@ -48,7 +48,13 @@ from hypothesis import HealthCheck, given, reject, seed, settings
 from hypothesis import strategies as st
 
 from server.mailbridge.noise import Noise, bounce_info, classify
-from server.mailbridge.parsing import Limits, MailTooComplex, ParsedMail, parse
+from server.mailbridge.parsing import (
+    Limits,
+    MailTooComplex,
+    ParsedMail,
+    parse,
+    within_limits_unparsed,
+)
 from server.settings import Settings
 from server.store.database import Store
 from server.text import find_name_illegal, find_xml_illegal
@@ -561,6 +567,69 @@ def test_mutated_mail_parses_or_is_too_complex(
     # the pipeline's next steps on the same mail
     if classify(mail, "origin@portal.example") is Noise.BOUNCE:
         bounce_info(raw)
+
+
+# Small enough that the corpus and its mutations cross every one of them.
+TIGHT = Limits(
+    max_parts=6,
+    max_depth=3,
+    max_attachments=2,
+    max_header_bytes=6_000,
+    max_attachment_bytes=8_000,
+    max_total_decoded_bytes=9_000,
+)
+
+
+@fuzz_settings()
+@given(base=st.sampled_from(MAIL_CORPUS), changes=mutations(MIME_TRICKS, 20_000))
+def test_mail_screened_as_within_limits_is_never_refused_for_a_limit_by_the_parser(
+    base: bytes, changes: list[Mutation]
+) -> None:
+    """The listener answers 250 without parsing what ``within_limits_unparsed`` passes: the
+    parser must then find no limit broken (it may still find the MIME unreadable, an outcome
+    the pipeline records as for IMAP mail)."""
+    raw = apply(base, changes)
+    for limits in (TIGHT, Limits()):
+        try:
+            screened = within_limits_unparsed(raw, limits)
+        except MailTooComplex:
+            with pytest.raises(MailTooComplex):  # the parser refuses it as well
+                parse(raw, limits)
+            continue
+        if not screened:
+            continue
+        try:
+            parse(raw, limits)
+        except MailTooComplex as exc:
+            assert exc.reason.startswith("unreadable MIME"), (exc.reason, raw[:300])
+        except (TypeError, UnicodeError, ValueError) as exc:
+            # the stdlib's own known failures (see the test above)
+            if not (in_stdlib(exc, "decode_params") or in_stdlib(exc, "get_payload")):
+                raise
+
+
+def test_the_screen_passes_replies_and_leaves_bombs_to_the_parser() -> None:
+    reply = EmailMessage()
+    reply["From"] = "Carl <carl@client.example>"
+    reply["Subject"] = "RE: Your quote"
+    reply.set_content("Yes, go ahead.\n\n-- \nCarl\n\n> --- older text\n")
+    reply.add_alternative("<p>Yes, go ahead.</p>", subtype="html")
+    reply.add_attachment(b"%PDF" * 1000, maintype="application", subtype="pdf", filename="a.pdf")
+    assert within_limits_unparsed(reply.as_bytes())
+    many = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + b"--b\r\n\r\nx\r\n" * 300
+    assert not within_limits_unparsed(many)
+    # the same with bare CRs for line ends: the stdlib parser splits lines there too
+    assert not within_limits_unparsed(many.replace(b"\r\n", b"\r"))
+    deep = b"".join(
+        f"Content-Type: multipart/mixed; boundary=b{i}\r\n\r\n--b{i}\r\n".encode()
+        for i in range(12)
+    )
+    assert not within_limits_unparsed(deep)
+    attached = b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nhi\r\n"
+    assert not within_limits_unparsed(attached)
+    assert not within_limits_unparsed(b"Subject: big\r\n\r\n" + b"x" * (2 << 20))
+    with pytest.raises(MailTooComplex):
+        within_limits_unparsed(b"Content-Type: text/plain" + b";a=b" * 300 + b"\r\n\r\nx")
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ Message-ID is caught by the pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ from server.store.database import Document, Store, new_id, utcnow
 from server.store.groupcommit import GroupCommit, GroupUpdate, journaled
 
 INLINE_LIMIT = 8 * 1024 * 1024  # larger messages go to GridFS (a document holds 16 MB)
+HASH_ON_LOOP_BYTES = 1 << 20  # hashed in a thread above this (about a millisecond a MiB)
+
+
+def _sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +78,10 @@ class RawInbox:
 
     async def put(self, raw: bytes, source: Source) -> Stored:
         """Stores ``raw``; returns once it is on disk (or its copy stored before is)."""
-        digest = hashlib.sha256(raw).hexdigest()
+        if len(raw) > HASH_ON_LOOP_BYTES:
+            digest = await asyncio.to_thread(_sha256, raw)
+        else:
+            digest = _sha256(raw)
         key = source.imap_key()
         if len(raw) > INLINE_LIMIT or key is not None:
             # Looked up first where a copy is likely (IMAP collects what it may have

@@ -3,7 +3,8 @@
 Never an open relay: only the CRM address and its plus-addresses are accepted as
 recipients, and ``postmaster`` (RFC 5321), whose mail goes to the administrators. A message
 over the size limit gets 552 from aiosmtpd itself; one too complex to parse safely (a MIME
-bomb) gets 552 here; a database that cannot store it gets 451, and a disk nearly full 452
+bomb) gets 552 here (when its bytes alone cannot show it keeps the limits: a reply can, and
+is not parsed before its 250); a database that cannot store it gets 451, and a disk nearly full 452
 4.3.1, so the sender's MTA retries. 250 means the raw message is durably stored.
 
 The servers run on the hub's own event loop (``loop.create_server`` with aiosmtpd's protocol
@@ -23,7 +24,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from server.mailbridge.inbox import RawInbox, Source
-from server.mailbridge.parsing import Limits, MailTooComplex, parse
+from server.mailbridge.parsing import Limits, MailTooComplex, parse, within_limits_unparsed
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ IDLE_TIMEOUT_SECONDS = 60
 INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage; try again later"
 # Per command per session: a client looping on one command is cut off, while a mail server in
 # front may pass a burst of messages over one connection (each costs a MAIL, RCPTs, a DATA).
+# Messages up to this size are screened on the event loop (a scan of the bytes, well under a
+# millisecond); larger ones go to the parser in a thread.
+SCREEN_ON_LOOP_BYTES = 256 << 10
 COMMAND_CALL_LIMIT = {"MAIL": 1000, "RCPT": 5000, "DATA": 1000, "RSET": 1000, "*": 50}
 
 
@@ -94,7 +98,13 @@ class IngressHandler:
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
         try:
-            await asyncio.to_thread(parse, raw, self._limits)
+            # The 250 means "stored", not "parsed": the pipeline parses it once it is. Only
+            # what cannot be shown to keep the limits from its bytes alone (large, many
+            # parts, attached messages) is parsed here, in a thread, so that a MIME bomb
+            # still gets its 552 rather than a place in the inbox.
+            small = len(raw) <= SCREEN_ON_LOOP_BYTES
+            if not (small and within_limits_unparsed(raw, self._limits)):
+                await asyncio.to_thread(parse, raw, self._limits)
         except MailTooComplex as exc:
             return self._each(envelope, f"552 5.3.4 Message refused: {exc}")
         if self._write_refusal() is not None:

@@ -168,6 +168,39 @@ def message_from_bytes(raw: bytes, limits: Limits | None = None) -> Message:
     return message
 
 
+def within_limits_unparsed(raw: bytes, limits: Limits | None = None) -> bool:
+    """Whether ``raw`` provably keeps every structural limit ``message_from_bytes`` and
+    ``parse`` refuse for, read off bounds on its bytes alone (no parsing). False means only
+    "not provable": the caller parses it (a MIME bomb is then refused as before).
+
+    The bounds: every entity after the first starts after a line beginning with ``--`` (a
+    boundary delimiter), unless it is inside a ``message/*`` or a ``multipart/digest``
+    (whose parts are messages): those are left to the parser. Each level of multipart
+    nesting needs a ``boundary`` parameter of its own. No header section, part or decoded
+    total can be larger than the raw message (base64 and quoted-printable only shrink).
+
+    Raises ``MailTooComplex`` for what the byte checks of the parser refuse anyway (the
+    message's size, a ``Content-Type`` whose parameter list would make the stdlib quadratic).
+    """
+    limits = limits or Limits()
+    if len(raw) > limits.max_message_bytes:
+        raise MailTooComplex(f"message larger than {limits.max_message_bytes} bytes")
+    _check_param_fields(raw)
+    small = min(
+        limits.max_header_bytes, limits.max_attachment_bytes, limits.max_total_decoded_bytes
+    )
+    if len(raw) > small:
+        return False
+    lower = raw.lower()
+    if b"message/" in lower or b"digest" in lower:
+        return False
+    # Lines end in CRLF, LF or a bare CR for the stdlib parser: a delimiter after any of them.
+    entities = 1 + lower.count(b"\n--") + lower.count(b"\r--") + lower.startswith(b"--")
+    if entities > min(limits.max_parts, limits.max_attachments):
+        return False
+    return 1 + lower.count(b"boundary") <= limits.max_depth
+
+
 def _entities(message: Message) -> Iterator[tuple[Message, int]]:
     """Every entity with its depth, iteratively (``Message.walk`` recurses)."""
     stack: list[tuple[Message, int]] = [(message, 0)]

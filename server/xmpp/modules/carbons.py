@@ -18,28 +18,24 @@ CARBONS = "urn:xmpp:carbons:2"
 FORWARD = "urn:xmpp:forward:0"
 
 
-def sent_copy(server: XmppServer, user: Jid, original: ET.Element) -> ET.Element:
+def sent_copy(user: Jid, original: ET.Element) -> ET.Element:
     """The <sent/> wrapper around a message ``user`` sent from elsewhere (addressed to each
     of their sessions by the caller)."""
-    wrapper = element(
-        "message",
-        {"from": str(user.bare), "to": str(user), "type": original.get("type", "chat")},
-    )
-    sent = child(wrapper, "sent", ns=CARBONS)
-    forwarded = child(sent, "forwarded", ns=FORWARD)
-    forwarded.append(original)
-    return wrapper
+    return _carbon(user, original, "sent")
 
 
 def received_copy(user: Jid, original: ET.Element) -> ET.Element:
     """The <received/> wrapper around a message to another of ``user``'s clients (addressed to
     each of their sessions by the caller)."""
+    return _carbon(user, original, "received")
+
+
+def _carbon(user: Jid, original: ET.Element, kind: str) -> ET.Element:
     wrapper = element(
         "message",
         {"from": str(user.bare), "to": str(user), "type": original.get("type", "chat")},
     )
-    received = child(wrapper, "received", ns=CARBONS)
-    forwarded = child(received, "forwarded", ns=FORWARD)
+    forwarded = child(child(wrapper, kind, ns=CARBONS), "forwarded", ns=FORWARD)
     forwarded.append(original)
     return wrapper
 

@@ -559,7 +559,7 @@ class Bridge:
                 other = next((m for m in chat["member_ids"] if m != member), member)
                 to = Jid(await server.login_of(other) or "", server.domain)
                 original = await self._shaped(event, message, to, frm=str(bare))
-                wrapped = addressed(sent_copy(server, bare, original))
+                wrapped = addressed(sent_copy(bare, original))
                 for session in copies:
                     session.send_bytes(wrapped(str(session.jid)))
                 continue

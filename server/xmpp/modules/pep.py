@@ -49,7 +49,12 @@ from server.xmpp.stanza import (
 from server.xmpp.xmlstream import addressed, serialize
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from server.xmpp.server import XmppServer
+
+    # A pubsub request handler: it always answers (errors included).
+    IqRequest = Callable[[C2SSession, ET.Element, ET.Element], Awaitable[ET.Element]]
 
 log = logging.getLogger(__name__)
 
@@ -235,29 +240,19 @@ def install(server: XmppServer) -> None:
 
     # requests --------------------------------------------------------------------------------
 
-    async def guarded_set(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
-        try:
-            return await pubsub_set(session, iq, payload)
-        except PepError as exc:
-            return pubsub_error(iq, service_error(exc))
-        except PubsubError as exc:
-            return pubsub_error(iq, exc)
+    def guarded(request: IqRequest) -> IqRequest:
+        """``request`` with the service's and the protocol's refusals answered as pubsub
+        errors, so each request handler only says what went wrong."""
 
-    async def guarded_get(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
-        try:
-            return await pubsub_get(session, iq, payload)
-        except PepError as exc:
-            return pubsub_error(iq, service_error(exc))
-        except PubsubError as exc:
-            return pubsub_error(iq, exc)
+        async def answer(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
+            try:
+                return await request(session, iq, payload)
+            except PepError as exc:
+                return pubsub_error(iq, service_error(exc))
+            except PubsubError as exc:
+                return pubsub_error(iq, exc)
 
-    async def guarded_owner(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
-        try:
-            return await owner_request(session, iq, payload)
-        except PepError as exc:
-            return pubsub_error(iq, service_error(exc))
-        except PubsubError as exc:
-            return pubsub_error(iq, exc)
+        return answer
 
     async def pubsub_set(session: C2SSession, iq: ET.Element, payload: ET.Element) -> ET.Element:
         user_id = own(session, await owner_of(session, iq))
@@ -398,10 +393,10 @@ def install(server: XmppServer) -> None:
         what = payload[0].tag.rpartition("}")[2] if len(payload) else "owner"
         raise PubsubError("feature-not-implemented", "unsupported", feature=what)
 
-    server.iq("set", q(PUBSUB, "pubsub"), guarded_set)
-    server.iq("get", q(PUBSUB, "pubsub"), guarded_get)
-    server.iq("get", q(OWNER, "pubsub"), guarded_owner)
-    server.iq("set", q(OWNER, "pubsub"), guarded_owner)
+    server.iq("set", q(PUBSUB, "pubsub"), guarded(pubsub_set))
+    server.iq("get", q(PUBSUB, "pubsub"), guarded(pubsub_get))
+    server.iq("get", q(OWNER, "pubsub"), guarded(owner_request))
+    server.iq("set", q(OWNER, "pubsub"), guarded(owner_request))
 
     # disco: the account is a PEP service (identity pubsub/pep) with its nodes as items ------
 
