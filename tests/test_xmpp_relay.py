@@ -151,10 +151,11 @@ async def test_relayed_requests_are_capped_per_session(
     one, two = two_nodes
     alice, _, asked, d = await colleagues(one, two)
     answers = await asyncio.gather(
-        *(ask(alice, f"bob@{d}/res", VERSION, f"flood-{n}") for n in range(RELAY_BURST + 30)),
+        *(ask(alice, f"bob@{d}/res", VERSION, f"flood-{n}") for n in range(RELAY_BURST + 100)),
         return_exceptions=True,
     )
     refused = [a for a in answers if isinstance(a, IqError)]
     assert refused and {a.condition for a in refused} == {"resource-constraint"}
     assert len(answers) - len(refused) >= RELAY_BURST  # the burst went through, answered
-    assert len(asked) == len(answers) - len(refused)
+    # Refused on node 1: bob's client got exactly the ones answered.
+    assert len([a for a in asked if a.startswith("flood-")]) == len(answers) - len(refused)
