@@ -14,7 +14,6 @@ from slixmpp.exceptions import IqError
 
 from server.xmpp.relay import RELAY_BURST, on_arrival
 from tests.harness import HubHarness
-from tests.test_multinode import two_nodes  # noqa: F401 (a fixture)
 from tests.test_xmpp_hostile import domain_of
 from tests.test_xmpp_resources import available
 from tests.xmpp_client import XmppClient, xmpp_login
@@ -62,7 +61,7 @@ async def colleagues(
 
 
 async def test_an_iq_to_a_resource_on_another_node_and_its_answer_are_routed(
-    two_nodes: tuple[HubHarness, HubHarness],  # noqa: F811
+    two_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
     one, two = two_nodes
     alice, bob, asked, d = await colleagues(one, two)
@@ -91,7 +90,7 @@ async def test_an_iq_to_a_resource_on_another_node_and_its_answer_are_routed(
 
 
 async def test_an_iq_to_a_resource_gone_from_another_node_is_service_unavailable(
-    two_nodes: tuple[HubHarness, HubHarness],  # noqa: F811
+    two_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
     one, two = two_nodes
     alice, bob, _, d = await colleagues(one, two)
@@ -125,7 +124,7 @@ async def test_an_iq_to_a_resource_gone_from_another_node_is_service_unavailable
 
 
 async def test_a_blocked_sender_s_iq_is_not_delivered_on_another_node(
-    two_nodes: tuple[HubHarness, HubHarness],  # noqa: F811
+    two_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
     one, two = two_nodes
     await one.create_user("carol")
@@ -146,7 +145,7 @@ async def test_a_blocked_sender_s_iq_is_not_delivered_on_another_node(
 
 
 async def test_relayed_requests_are_capped_per_session(
-    two_nodes: tuple[HubHarness, HubHarness],  # noqa: F811
+    two_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
     one, two = two_nodes
     alice, _, asked, d = await colleagues(one, two)
