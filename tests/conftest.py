@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from pymongo import MongoClient
 
 from server.settings import Settings
@@ -134,3 +135,14 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
 async def hub(settings: Settings, store: Store) -> AsyncIterator[HubHarness]:
     async with start_hub(settings, store) as harness:
         yield harness
+
+
+@pytest.fixture
+async def two_nodes(
+    settings: Settings, store: Store, redis_server: RedisServer
+) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
+    """Two hubs on one database, joined by a real redis-server (several nodes behind a load
+    balancer)."""
+    shared = settings.model_copy(update={"redis_url": SecretStr(redis_server.url)})
+    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
+        yield one, two

@@ -5,27 +5,14 @@ order, also across a Redis restart."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 from slixmpp import JID
 
-from server.settings import Settings
-from server.store.database import Store
-from tests.harness import HubHarness, SocketClient, start_hub
+from tests.harness import HubHarness, SocketClient
 from tests.redis_server import RedisServer
 from tests.xmpp_client import xmpp_login
-
-
-@pytest.fixture
-async def two_nodes(
-    settings: Settings, store: Store, redis_server: RedisServer
-) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
-    shared = settings.model_copy(update={"redis_url": SecretStr(redis_server.url)})
-    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
-        yield one, two
 
 
 def texts(client: SocketClient) -> list[str]:

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from server.auth.service import token_hash
 from server.auth.sessions import LiveSession, session_verdict
@@ -20,7 +19,6 @@ from server.cli import user_passwd
 from server.settings import Settings
 from server.store.database import Store
 from tests.harness import HubHarness, SocketClient, start_hub
-from tests.redis_server import RedisServer
 from tests.xmpp_client import XmppClient, xmpp_login
 
 BOUND = 1.0  # the issue's: every session concerned is closed within a second
@@ -196,15 +194,6 @@ async def test_a_revocation_between_reading_a_token_and_registering_is_not_misse
 
 
 # several nodes --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def two_nodes(
-    settings: Settings, store: Store, redis_server: RedisServer
-) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
-    shared = settings.model_copy(update={"redis_url": SecretStr(redis_server.url)})
-    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
-        yield one, two
 
 
 async def test_a_password_change_on_one_node_ends_sessions_on_the_other(

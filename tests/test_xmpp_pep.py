@@ -14,7 +14,6 @@ from slixmpp.exceptions import IqError
 from server.settings import Settings
 from server.store.database import Store
 from tests.harness import HubHarness, start_hub
-from tests.test_multinode import two_nodes  # noqa: F401 (a fixture)
 from tests.test_xmpp_muc import record_stanzas
 from tests.xmpp_client import XmppClient, xmpp_login
 
@@ -405,7 +404,7 @@ async def test_notifications_follow_caps_and_last_items_come_with_presence(
 
 
 async def test_notifications_reach_clients_on_other_nodes(
-    two_nodes: tuple[HubHarness, HubHarness],  # noqa: F811
+    two_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
     """A publish through one node reaches the owner's and the contacts' clients on the other
     (the service's event goes through the bus to every node)."""

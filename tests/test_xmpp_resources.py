@@ -6,12 +6,10 @@ each going away is announced on its own. On one node and across two."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 from slixmpp import JID
 from slixmpp.exceptions import IqError
 
@@ -26,9 +24,7 @@ from server.presence.rules import (
     resources_seen,
     shown_from,
 )
-from server.settings import Settings
-from server.store.database import Store
-from tests.harness import HubHarness, SocketClient, start_hub
+from tests.harness import HubHarness, SocketClient
 from tests.redis_server import RedisServer
 from tests.test_xmpp_hostile import domain_of
 from tests.xmpp_client import XmppClient, xmpp_login
@@ -258,15 +254,6 @@ async def test_blocking_a_colleague_hides_each_of_their_resources(hub: HubHarnes
 
 
 # two nodes -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def two_nodes(
-    settings: Settings, store: Store, redis_server: RedisServer
-) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
-    shared = settings.model_copy(update={"redis_url": SecretStr(redis_server.url)})
-    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
-        yield one, two
 
 
 async def test_resources_on_another_node_are_shown_and_go_alone(

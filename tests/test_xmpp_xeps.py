@@ -19,7 +19,6 @@ from server.im.blocking import is_blocked, normalize
 from server.im.rules import private_pair_key
 from server.xmpp.modules.last_activity import idle_seconds
 from tests.harness import HubHarness
-from tests.test_multinode import two_nodes  # noqa: F401 (a fixture)
 from tests.test_xmpp_jabber import send_raw_message
 from tests.test_xmpp_muc import create_group, history, join, muc_login, post, record_stanzas
 from tests.xmpp_client import XmppClient, xmpp_login
@@ -593,7 +592,7 @@ async def test_writes_from_clients_are_rate_limited_per_user(hub: HubHarness) ->
 
 
 async def test_blocking_holds_across_nodes(
-    two_nodes: tuple[HubHarness, HubHarness],  # noqa: F811
+    two_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
     """The blocklist is stored once and cached per node: a block made through one node is
     pushed to the user's clients on the other, whose delivery stops at once too."""

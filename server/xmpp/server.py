@@ -33,6 +33,7 @@ from server.settings import Settings
 from server.store.database import Document, Store
 from server.xmpp.certs import ensure_self_signed, fingerprint, server_context
 from server.xmpp.jid import InvalidJid, Jid
+from server.xmpp.relay import Relay
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import CLIENT, PORTAL_RESOURCE, StanzaError, error_reply, q
 
@@ -106,6 +107,10 @@ class XmppServer:
         self.ports: dict[str, int] = {}
         self._logins: dict[str, str] = {}  # user id -> login (neither ever changes)
         self._ids: dict[str, str] = {}  # login -> user id
+        # This node's tag: its sessions' ids (presence source ids) start with it, so another
+        # node knows where a colleague's resource lives (relay.py).
+        self.node_tag = secrets.token_hex(4)
+        self.relay = Relay(self)
         presence.on_drop(TRANSPORT, self._drop_source)
         # Revocation: sessions register with auth.sessions, which ends them (session.py).
 
@@ -361,6 +366,7 @@ class XmppServer:
         session.jid = None
 
     async def _unbound(self, session: C2SSession) -> None:
+        self.relay.forget(session)
         for hook in self._on_unbound:
             try:
                 await hook(session)
@@ -504,6 +510,11 @@ class XmppServer:
         peer = await self._peer_session(session, Jid.parse(to)) if to else None
         if peer is not None and await self._blocks(peer, session):
             peer = None  # XEP-0191 3.4: as if that resource were not there
+        remote = (
+            await self.relay.source_for(session, Jid.parse(to), iq)
+            if peer is None and to and not to_server(iq, self.domain)
+            else None
+        )
         if kind in ("result", "error"):
             session._pending_pings.pop(iq.get("id", ""), None)
             # An answer to the server's own request (request()), not to a colleague's client.
@@ -518,9 +529,14 @@ class XmppServer:
                 return
             if peer is not None:
                 peer.send_nowait(iq)  # the answer to a colleague's client's request
+            elif remote is not None:
+                await self.relay.send(session, iq, *remote)  # ... on another node
             return  # never answer a result or an error ourselves
         if peer is not None:
             peer.send_nowait(iq)  # client to client (version, jingle, ...): route it
+            return
+        if remote is not None:
+            await self.relay.send(session, iq, *remote)  # to a session on another node
             return
         if kind not in ("get", "set") or len(iq) != 1 or not iq.get("id"):
             raise StanzaError("bad-request", "an iq get/set has an id and one payload")

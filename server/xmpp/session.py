@@ -92,7 +92,8 @@ class C2SSession:
         self.reader = reader
         self.writer = writer
         self.tls = tls
-        self.id = secrets.token_hex(8)
+        # Its presence source id too: the node's tag first, for other nodes (relay.py).
+        self.id = f"{server.node_tag}.{secrets.token_hex(8)}"
         peername = writer.get_extra_info("peername")
         self.peer = str(peername)
         # The per-address login limits' key (empty behind a trusted proxy: no client named).
