@@ -237,10 +237,12 @@ async def start_hub(
     db_options: str = "",
     timeout: float = 180.0,
     extra_env: dict[str, str] | None = None,
+    repo: Path = REPO,
 ) -> Hub:
     """The hub with its embedded database; with ``db_options`` (e.g. ``retryWrites=false``)
     the database is started here and the hub reaches it through PORTALHUB_MONGODB_URL with
-    those options, to measure the effect of a client setting without changing the server."""
+    those options, to measure the effect of a client setting without changing the server.
+    ``repo``: the checkout whose ``server`` runs (``bench/probe.py`` compares two)."""
     port = free_port()
     log_path = data_dir / "hub.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - the hub's output, closed by Hub.stop()
@@ -264,7 +266,7 @@ async def start_hub(
         "server",
         "serve",
         "--demo",
-        cwd=REPO,
+        cwd=repo,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=log_file,

@@ -73,7 +73,12 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
         bus = InProcessBus()
     # Counted and traced (request and event ids in the logs): server/observability/tracing.py
     bus = observed = ObservedBus(bus)
-    streams = TracedStreamLog(store, observed, retention_seconds=settings.event_retention_seconds)
+    streams = TracedStreamLog(
+        store,
+        observed,
+        retention_seconds=settings.event_retention_seconds,
+        hint_ttl_seconds=settings.cache_ttl_seconds,
+    )
     if redis_bus is not None:
         redis_bus.attach(streams)
     directory = DirectoryService(
@@ -188,6 +193,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
             auth_service.forget_all,
             im.forget_all,
             tasks.forget_all,
+            streams.forget_hints,
         ]
 
     hub.add_snapshot_part("counters", counters_snapshot, caught_up=counters_caught_up)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from pymongo import monitoring
@@ -320,3 +321,53 @@ async def test_closed_loop_senders_update_each_chat_once_per_round_not_per_messa
     finally:
         await one.close()
         await monitored.client.close()
+
+
+async def test_a_bookkeeping_round_due_during_a_batch_waits_until_the_batch_is_answered(
+    store: Store, fast: Settings
+) -> None:
+    """A round (a message's chat count and preview, its author's read position) is due one
+    interval after the last; at a light rate that moment fell anywhere, across the inserts of
+    the next message, which the database then served after the round's updates. It waits
+    for the batch being written and goes right after its answer (at most one more interval).
+    """
+    one = node(store, fast)
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Event()
+    try:
+        alice, bob = await users(one, "alice", "bob")
+        chat_id = (await one.im.open_private(alice, bob["_id"]))["_id"]
+        await one.im.send(alice, SendMessage(chat_id=chat_id, text="first"))
+        bookkeeper = one.im._writer.bookkeeper
+        await asyncio.sleep(0.05)
+        assert bookkeeper.pending == 0  # its round went right after its answer
+        rounds: list[float] = []
+        write = bookkeeper._write
+
+        async def timed(chats: dict[str, Any], members: dict[str, Any]) -> None:
+            rounds.append(loop.time())
+            await write(chats, members)
+
+        bookkeeper._write = timed  # type: ignore[method-assign]
+        await one.im.send(alice, SendMessage(chat_id=chat_id, text="second"))  # a round due
+        due = loop.time() + BOOKKEEPING_INTERVAL
+        append = one.streams._write
+
+        async def held(batch: Any) -> Any:
+            await gate.wait()
+            return await append(batch)
+
+        one.streams._write = held  # type: ignore[method-assign]
+        third = asyncio.ensure_future(one.im.send(alice, SendMessage(chat_id=chat_id, text="3")))
+        await asyncio.sleep(max(0.0, due - loop.time()) + BOOKKEEPING_INTERVAL / 2)
+        assert rounds == [], "the round went while a message was being written"
+        released = loop.time()
+        gate.set()
+        await third
+        await one.im.settled()
+        assert rounds and rounds[0] >= released, (rounds, released)
+        chat = await store["chats"].find_one({"_id": chat_id})
+        assert chat is not None and chat["msg_count"] == 3
+    finally:
+        gate.set()
+        await one.close()

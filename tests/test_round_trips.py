@@ -221,3 +221,52 @@ async def test_connect_and_send_cost_the_same_round_trips_whatever_the_history(
     assert crm[("insert", "crm_counters")] == 1, report
     assert crm[("find", "users")] == 1, report
     assert sum(n for (command, _), n in crm.items() if command != "aggregate") <= 8, report
+
+
+async def test_a_warm_connect_reads_no_head_of_a_chat_nobody_wrote_in(
+    counted: tuple[HubHarness, Commands],
+) -> None:
+    """A chat with no event yet (a group just made) has no head in memory: every connect of
+    every member read its head document again. What the read said is kept a while, so a
+    member's second connect costs what it costs in a chat with messages (the CRM numbers)."""
+    hub, commands = counted
+    alice_id, alice = await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    created = await hub.request(
+        "POST", "/api/v1/im/chats", token=bob, json={"title": "quiet", "member_ids": [alice_id]}
+    )
+    assert created.status == 201, created.body
+    await quiet(hub)
+    first, _ = await connect_cost(hub, commands, alice)
+    again, _ = await connect_cost(hub, commands, alice)
+    assert first[("find", "streams")] == 1, dict(first)
+    assert ("find", "streams") not in again, dict(again)
+    assert again == Counter({("find", "crm_counters"): 1}), dict(again)
+
+
+async def test_going_online_reads_no_blocklist_of_web_only_colleagues(
+    counted: tuple[HubHarness, Commands],
+) -> None:
+    """A presence change reaches the Jabber sessions of the user's colleagues, each checked
+    against the colleague's blocklist. Colleagues with no Jabber session get nothing, so
+    their blocklists are not read (one read per colleague, at each change, before)."""
+    hub, commands = counted
+    colleagues = []
+    for n in range(3):  # online on the web (a change is told to online colleagues only)
+        _, token = await hub.create_user(f"colleague{n}")
+        colleagues.append(await hub.connect(token))
+        await colleagues[-1].wait_for("snapshot")
+    _, alice = await hub.create_user("alice")
+    await asyncio.sleep(hub.services.settings.presence_grace_seconds + 0.3)
+    await quiet(hub)
+    mark = commands.mark()
+    client = await hub.connect(alice)
+    await client.wait_for("snapshot")
+    await client.wait_for("counters.changed")
+    await asyncio.sleep(hub.services.settings.presence_grace_seconds + 0.3)
+    await quiet(hub)
+    seen = commands.since(mark)
+    for one in [client, *colleagues]:
+        await one.close()
+    assert len(await colleagues[0].wait_for("presence.changed", 2)) >= 2  # alice's came
+    assert ("find", "blocklists") not in seen, dict(seen)

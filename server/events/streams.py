@@ -31,6 +31,7 @@ from pymongo import DESCENDING, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from server.background import raise_if_stopping, stop
+from server.caching import Cache
 from server.events.bus import EventBus
 from server.events.models import Event
 from server.store.database import Store, utcnow
@@ -47,6 +48,13 @@ HEAD_LAG_WINDOW = timedelta(seconds=60)
 # At most one write of the head documents per this while: under load a stream's head is
 # raised once per interval for all its events since the last one, not once per batch.
 HEAD_RAISE_INTERVAL = 0.25
+# A head raise due while the writer is idle goes at once if a batch was published this
+# recently (it is then in the gap after that batch), else right after the next one.
+JUST_ANSWERED = 0.005
+# Head documents read for connects' snapshots are kept this long (``heads_of``): a chat nobody
+# has written in yet has no head in memory, and each connect of each of its members read it.
+HINT_TTL_SECONDS = 10.0
+MAX_HINTS = 100_000
 
 
 async def _back_off(attempt: int) -> None:
@@ -92,7 +100,13 @@ class StreamLog:
     """Appends to and reads from streams; publishes each stored event on the bus, in order."""
 
     def __init__(
-        self, store: Store, bus: EventBus, *, retention_seconds: int, replay_limit: int = 5000
+        self,
+        store: Store,
+        bus: EventBus,
+        *,
+        retention_seconds: int,
+        replay_limit: int = 5000,
+        hint_ttl_seconds: float = HINT_TTL_SECONDS,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -109,6 +123,11 @@ class StreamLog:
         self._head_writer: asyncio.Task[None] | None = None
         self._last_raise = -HEAD_RAISE_INTERVAL  # loop time of the last raise's start
         self._recent: tuple[float, dict[str, int]] | None = None
+        # What ``heads_of`` read of head documents, for streams with no head in memory; a head
+        # learned meanwhile (an append here, an event seen) takes precedence.
+        self._hints: Cache[str, int] = Cache(MAX_HINTS, hint_ttl_seconds)
+        self._batch_waiters: list[asyncio.Future[None]] = []
+        self._answered_at = -1.0  # loop time the last batch was answered
         self._closed = False
         bus.subscribe(self._observe)
 
@@ -172,6 +191,7 @@ class StreamLog:
                 for pending, event in zip(batch, events, strict=False):
                     if not pending.future.done():
                         pending.future.set_result(event)
+                self._batch_answered()
                 if failure is not None:
                     log.warning("append of %s events failed: %s", len(batch) - len(events), failure)
                     for pending in batch[len(events) :]:
@@ -272,6 +292,8 @@ class StreamLog:
     def _learn_head(self, stream: str, seq: int) -> None:
         if seq > self._heads.get(stream, -1):
             self._heads[stream] = seq
+            if self._hints:
+                self._hints.invalidate(stream)  # superseded (and not to outlive the head)
         self._heads.move_to_end(stream)
         while len(self._heads) > MAX_KNOWN_HEADS:
             self._heads.popitem(last=False)
@@ -295,6 +317,10 @@ class StreamLog:
                 wait = self._last_raise + HEAD_RAISE_INTERVAL - loop.time()
                 if wait > 0 and not self._closed:
                     await asyncio.sleep(wait)  # what is appended meanwhile joins this write
+                if not self._closed:
+                    # Right after a batch, in the gap before the next one at a light rate,
+                    # not across an append's insert (which it would delay).
+                    await self._after_batch(HEAD_RAISE_INTERVAL)
                 self._last_raise = loop.time()
                 raises, self._head_raises = self._head_raises, {}
                 try:
@@ -324,6 +350,30 @@ class StreamLog:
                 if not errors or any(e.get("code") != DUPLICATE_KEY for e in errors):
                     raise
                 ops = [ops[int(e["index"])] for e in errors]
+
+    async def _after_batch(self, at_most: float) -> None:
+        """Return once the batch being written is published (or the next one, when none is),
+        or after ``at_most`` seconds, whichever comes first.
+        Right after a batch (this turn of the loop, or a moment ago) it returns at once."""
+        loop = asyncio.get_running_loop()
+        if self._writer is None and loop.time() - self._answered_at < JUST_ANSWERED:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), at_most)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._batch_waiters:
+                self._batch_waiters.remove(waiter)
+
+    def _batch_answered(self) -> None:
+        self._answered_at = asyncio.get_running_loop().time()
+        waiters, self._batch_waiters = self._batch_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def settled(self) -> None:
         """Wait until what was appended so far is stored and its heads are written."""
@@ -403,14 +453,34 @@ class StreamLog:
     async def heads_of(self, streams: Sequence[str]) -> dict[str, int]:
         """The head of each stream: from memory, and the rest in one query of their head
         documents (which may lag by what is being written: a client told such a head gets
-        the later events live, or replayed on its next connect)."""
-        found = {s: h for s in streams if (h := self._heads.get(s)) is not None}
-        missing = [s for s in streams if s not in found]
+        the later events live, or replayed on its next connect).
+
+        What the head documents said is kept a while (``hint_ttl_seconds``) for the next
+        connect: a stream nobody wrote in yet (a new chat) has no head in memory, and every
+        connect of every member read it again. Kept hints lag no more than read ones: an
+        event appended here or seen on the bus puts the stream's head in memory, which comes
+        first; the rest is what a read could lag by anyway (a head document is raised after
+        its events are published)."""
+        found: dict[str, int] = {}
+        missing: list[str] = []
+        for stream in streams:
+            head = self._heads.get(stream)
+            if head is None:
+                head = self._hints.get(stream)
+            if head is None:
+                missing.append(stream)
+            else:
+                found[stream] = head
         if missing:
             hints = await self._head_hints(missing)
             for stream in missing:
                 found[stream] = hints.get(stream, 0)
+                self._hints.put(stream, found[stream])
         return found
+
+    def forget_hints(self) -> None:
+        """Drop the kept head documents (after a Redis outage, with the other caches)."""
+        self._hints.clear()
 
     async def heads(self, streams: Sequence[str]) -> dict[str, int]:
         """The exact head of each stream that has one (for the bus's recovery): the head

@@ -66,6 +66,9 @@ MAX_KNOWN_CHATS = 200_000
 # embedded database more than an insert), not once per batch. Readers are not behind by it:
 # every node keeps the numbers of the events it saw as floors (``ImState``).
 BOOKKEEPING_INTERVAL = 0.25
+# A round due while the writer is idle goes at once if a batch was answered this recently (it
+# is then in the gap after that batch), else right after the next one (see Bookkeeper._run).
+JUST_ANSWERED = 0.005
 
 
 def unavailable() -> Problem:
@@ -123,9 +126,15 @@ class Bookkeeper:
     ``BOOKKEEPING_INTERVAL`` at most: a burst costs one update per chat and per author per
     round, whatever the number of its messages."""
 
-    def __init__(self, store: Store, writing: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        writing: Callable[[], bool],
+        after_batch: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
         self._store = store
         self._writing = writing
+        self._after_batch = after_batch
         self._chats: dict[str, tuple[int, dict[str, Any], datetime]] = {}
         self._members: dict[str, tuple[int, str]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -157,6 +166,12 @@ class Bookkeeper:
                 wait = self._last_round + BOOKKEEPING_INTERVAL - loop.time()
                 if wait > 0 and not self._closed:
                     await asyncio.sleep(wait)  # what comes meanwhile joins this round
+                if self._after_batch is not None and not self._closed:
+                    # Right after a batch is answered, not whenever the interval ends: at a
+                    # light rate that is in the gap before the next message, not across its
+                    # inserts (the database serves one command at a time, so an update
+                    # landing beside a message's insert delays that message).
+                    await self._after_batch(BOOKKEEPING_INTERVAL)
                 self._last_round = loop.time()
                 chats, self._chats = self._chats, {}
                 members, self._members = self._members, {}
@@ -252,7 +267,9 @@ class MessageWriter:
         # chat id -> the highest ordinal known to be stored (this node's, and seen in events)
         self._heads: OrderedDict[str, int] = OrderedDict()
         self._closed = False
-        self.bookkeeper = Bookkeeper(store, lambda: self.busy)
+        self._batch_waiters: list[asyncio.Future[None]] = []
+        self._answered_at = -1.0  # loop time the last batch was answered
+        self.bookkeeper = Bookkeeper(store, lambda: self.busy, self.after_batch)
 
     @property
     def busy(self) -> bool:
@@ -274,6 +291,30 @@ class MessageWriter:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="im-writer")
         return future
+
+    async def after_batch(self, at_most: float) -> None:
+        """Return once the batch being written is answered (or the next one, when none is),
+        or after ``at_most`` seconds, whichever comes first.
+        Right after a batch (this turn of the loop, or a moment ago) it returns at once."""
+        loop = asyncio.get_running_loop()
+        if self._task is None and loop.time() - self._answered_at < JUST_ANSWERED:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), at_most)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._batch_waiters:
+                self._batch_waiters.remove(waiter)
+
+    def _batch_answered(self) -> None:
+        self._answered_at = asyncio.get_running_loop().time()
+        waiters, self._batch_waiters = self._batch_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def saw(self, chat_id: str, n: int) -> None:
         """An ``im.message`` with this ordinal was stored (here or by another node)."""
@@ -302,6 +343,7 @@ class MessageWriter:
                     for item in batch:
                         item.settle(None, unavailable())
                 batch = []
+                self._batch_answered()
         except asyncio.CancelledError:
             for item in [*batch, *queue]:
                 item.settle(None, unavailable())

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from server.events.bus import EphemeralHandler, EventBus, EventHandler
 from server.events.models import EphemeralEvent, Event
-from server.events.streams import Append, StreamLog
+from server.events.streams import HINT_TTL_SECONDS, Append, StreamLog
 from server.observability.context import current_request_id, event_id, traced
 from server.observability.instruments import EVENTS_PUBLISHED, stream_kind, trace_log
 from server.store.database import Store
@@ -90,9 +90,21 @@ class TracedStreamLog(StreamLog):
     """A ``StreamLog`` that tells its ``ObservedBus`` which request each append is for."""
 
     def __init__(
-        self, store: Store, bus: ObservedBus, *, retention_seconds: int, replay_limit: int = 5000
+        self,
+        store: Store,
+        bus: ObservedBus,
+        *,
+        retention_seconds: int,
+        replay_limit: int = 5000,
+        hint_ttl_seconds: float = HINT_TTL_SECONDS,
     ) -> None:
-        super().__init__(store, bus, retention_seconds=retention_seconds, replay_limit=replay_limit)
+        super().__init__(
+            store,
+            bus,
+            retention_seconds=retention_seconds,
+            replay_limit=replay_limit,
+            hint_ttl_seconds=hint_ttl_seconds,
+        )
         self.observed = bus
 
     def enqueue(self, items: Sequence[Append]) -> list[asyncio.Future[Event]]:

@@ -1,0 +1,228 @@
+"""Two phases of ``make bench`` on their own, repeated, hubs side by side with the reference.
+
+``python -m bench.probe [--hub NAME=PATH ...] [--rounds 3] [--phases latency,connect]``
+
+The 1:1 latency phase (one sender at ``direct_rate`` for ``direct_seconds``, one receiver) and
+the connection set-up series (0 -> the largest fan-out N, ``connect_parallel`` under way, ready
+on ``snapshot``) of the full profile, run exactly as ``bench/runner.py`` runs them (the same
+methods, the same load generator), against one or more hubs and the Node reference, in turns:
+each round measures every server once, one after the other. So two versions of the hub (a
+checkout of the code before a change, given by ``--hub before=/tmp/base``, and this tree) and
+the reference are measured under the same machine load, and the ratios come from one run.
+Nothing goes to ``docs/benchmarks.md`` or ``bench/results``; the figures are printed, and
+written as JSON with ``--json``.
+
+``--py-spy DIR``: record each hub and its database with py-spy during each phase (collapsed
+stacks per hub, process, phase and round, 250 samples/s, idle threads left out), to see what a
+message or a connect costs each of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.fixtures import make_fixtures
+from bench.loadgen import LoadGen
+from bench.procs import REPO, BenchError, ensure_node_modules, start_hub, start_reference
+from bench.profiles import FULL, with_settings
+from bench.runner import Run, Target, hub_target, reference_target
+
+PHASES = ("latency", "connect")
+_SPY: list[str] = []  # the py-spy executable, found before the run
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.probe", description=__doc__)
+    parser.add_argument(
+        "--hub",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a hub to measure, run from the checkout at PATH (default: this tree as 'hub')",
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=NUMBER")
+    parser.add_argument("--py-spy", default="", metavar="DIR")
+    parser.add_argument("--json", default="", metavar="FILE")
+    return parser.parse_args(argv)
+
+
+def _py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(found).exists():
+        raise BenchError("--py-spy needs py-spy (pip install py-spy into the virtualenv)")
+    return found
+
+
+async def _spy(pid: int, out: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        _SPY[0],
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        "250",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def _spies(directory: str, target: Target, label: str) -> list[asyncio.subprocess.Process]:
+    """py-spy on the hub and its database (both Python) for one phase, when asked for."""
+    if not directory or "db" not in target.pids:
+        return []
+    spies = []
+    for role, pid in target.pids.items():
+        out = Path(directory) / f"{target.name}-{label}-{role}.txt"
+        spies.append(await _spy(pid, out))
+    return spies
+
+
+async def _stop_spies(spies: list[asyncio.subprocess.Process]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        await spy.wait()
+
+
+def _summary(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"median {statistics.median(values):.2f} (" + ", ".join(f"{v:.2f}" for v in values) + ")"
+
+
+async def probe(args: argparse.Namespace) -> dict[str, Any]:
+    profile = with_settings(FULL, args.set)
+    phases = [p for p in args.phases.split(",") if p]
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"probe [{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    run = Run(profile, say)
+    hubs = [tuple(h.split("=", 1)) for h in args.hub] or [("hub", str(REPO))]
+    targets: list[Target] = []
+    stops: list[Any] = []
+    dirs: list[Path] = []
+    loadgen = await LoadGen.start()
+    try:
+        for name, path in hubs:
+            data_dir = Path(tempfile.mkdtemp(prefix=f"portalhub-probe-{name}-"))
+            dirs.append(data_dir)
+            hub = await start_hub(data_dir, repo=Path(path))
+            stops.append(hub.stop)
+            fx = await make_fixtures(hub.url, profile.users, profile.senders)
+            target = hub_target(hub.url, {"server": hub.pid, "db": hub.db_pid}, hub.db_url, fx)
+            target.name = name
+            targets.append(target)
+            say(f"{name}: pid {hub.pid} (db {hub.db_pid}) from {path}, fixtures ready")
+        reference = await start_reference()
+        stops.append(reference.stop)
+        targets.append(
+            reference_target(reference.url, reference.pid, profile.senders, profile.users)
+        )
+        results: dict[str, Any] = {t.name: {p: [] for p in phases} for t in targets}
+        for round_ in range(args.rounds):
+            for target in targets:
+                # the CPU table: this server's processes (and the load generator), by role
+                run.meter.pids = {"bench": os.getpid(), "loadgen": loadgen.pid, **target.pids}
+                if "latency" in phases:
+                    spies = await _spies(args.py_spy, target, f"latency-{round_ + 1}")
+                    reply = await run.direct_latency(target, loadgen)
+                    await _stop_spies(spies)
+                    results[target.name]["latency"].append(reply)
+                    lat, http = reply["latency_ms"], reply["http_ms"]
+                    say(
+                        f"round {round_ + 1} {target.name} latency p50 {lat['p50']:.2f} "
+                        f"p99 {lat['p99']:.2f} ms, POST p50 {http['p50']:.2f} ms, "
+                        f"lost {reply['lost']} doubled {reply['doubled']} "
+                        f"out of order {reply['out_of_order']}"
+                    )
+                if "connect" in phases:
+                    spies = await _spies(args.py_spy, target, f"connect-{round_ + 1}")
+                    series = await run.connect_series(target, loadgen, "")
+                    await _stop_spies(spies)
+                    await loadgen.disconnect()
+                    await asyncio.sleep(profile.settle)
+                    results[target.name]["connect"].append(series)
+                    total = series["total"]
+                    say(
+                        f"round {round_ + 1} {target.name} connect 0 -> {total['target']}: "
+                        f"{total['per_second'] or 0:.1f}/s, failures {total['failures']}"
+                    )
+        return {"profile": profile.as_dict(), "results": results, "cpu": run.meter.phases}
+    finally:
+        await loadgen.close()
+        for stop in stops:
+            await stop()
+        for data_dir in dirs:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def report(out: dict[str, Any]) -> str:
+    results = out["results"]
+    reference = results.get("reference", {})
+    lines = []
+    for name, phases in results.items():
+        if "latency" in phases:
+            p50 = [r["latency_ms"]["p50"] for r in phases["latency"]]
+            p99 = [r["latency_ms"]["p99"] for r in phases["latency"]]
+            http = [r["http_ms"]["p50"] for r in phases["latency"]]
+            lines.append(f"{name}: 1:1 latency p50 ms {_summary(p50)}")
+            lines.append(f"{name}: 1:1 latency p99 ms {_summary(p99)}")
+            lines.append(f"{name}: POST answered p50 ms {_summary(http)}")
+            if name != "reference" and reference.get("latency"):
+                ref = [r["latency_ms"]["p50"] for r in reference["latency"]]
+                ratios = [a / b for a, b in zip(p50, ref, strict=False)]
+                lines.append(f"{name}: p50 / reference p50, per round {_summary(ratios)}")
+        if "connect" in phases:
+            rates = [float(s["total"]["per_second"] or 0) for s in phases["connect"]]
+            lines.append(f"{name}: connections/s 0 -> N {_summary(rates)}")
+            if name != "reference" and reference.get("connect"):
+                ref = [float(s["total"]["per_second"] or 0) for s in reference["connect"]]
+                ratios = [a / b for a, b in zip(rates, ref, strict=False) if b]
+                lines.append(f"{name}: / reference, per round {_summary(ratios)}")
+    busy = [p for p in out["cpu"] if p.percent]
+    for phase in busy:
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(phase.percent.items()))
+        lines.append(f"cpu % of a core, {phase.name} ({phase.seconds:.0f} s): {cpu}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    ensure_node_modules(sys.stderr)
+    if args.py_spy:
+        _SPY.append(_py_spy())
+        Path(args.py_spy).mkdir(parents=True, exist_ok=True)
+    try:
+        out = asyncio.run(probe(args))
+    except BenchError as exc:
+        print(f"probe: {exc}", file=sys.stderr)
+        return 1
+    print(report(out))
+    if args.json:
+        cpu = [{"name": p.name, "seconds": p.seconds, "percent": p.percent} for p in out["cpu"]]
+        Path(args.json).write_text(json.dumps({**out, "cpu": cpu}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
