@@ -705,6 +705,36 @@ def test_hostile_html_takes_bounded_time(body: bytes) -> None:
     assert time.process_time() - started < 3
 
 
+def test_siblings_the_parser_closes_do_not_count_as_depth() -> None:
+    # Sloppy but real HTML: unclosed paragraphs, list items and cells are siblings, so a long
+    # newsletter of them is not cut by the depth limit.
+    html = (
+        "<html><body>"
+        + "<p>para" * 1500
+        + "<ul>"
+        + "<li>item" * 1500
+        + "</ul>"
+        + "<table>"
+        + "<tr><td>a<td>b" * 1500
+        + "</table>"
+        + "<div><span>" * 200
+        + "deep"
+        + "</span></div>" * 200
+        + "<br><img src='https://cdn.example/x.png'>" * 1500
+        + "<p>the end</p></body></html>"
+    )
+    sanitised, cut = sanitise_html(html)
+    assert not cut
+    assert "the end" in sanitised and "deep" in sanitised
+
+
+def test_nesting_beyond_the_depth_limit_is_cut_there() -> None:
+    sanitised, cut = sanitise_html("<div>" * 50 + "kept" + "<ul><li>" * 30 + "lost", max_depth=100)
+    assert cut
+    assert "kept" in sanitised and "lost" not in sanitised
+    assert sanitised.count("<li>") == 25  # 50 divs and 25 lists fill 100; the 26th list cut
+
+
 def test_long_runs_of_ampersands_keep_their_text() -> None:
     from server.mailbridge.parsing import html_to_text
 

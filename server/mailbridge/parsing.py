@@ -603,8 +603,6 @@ _CLEANER = nh3.Cleaner(
     filter_style_properties=set(_SAFE_STYLES),
 )
 
-_TAG_START = re.compile(r"<[!/?A-Za-z]")
-
 
 _RUN_SPECIALS = re.compile(r"[&\xa0<]")
 _MAX_RUN_SPECIALS = 1000
@@ -631,15 +629,59 @@ def _break_runs(html: str) -> str:
     return "".join(out)
 
 
-def sanitise_html(html: str, max_tags: int = 20_000) -> tuple[str, bool]:
+# Comments and declarations count as tags (the cap bounds the cleaner's work) but open nothing.
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)|<[!?/]")
+_VOID = frozenset(
+    {
+        *("area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta"),
+        *("param", "source", "track", "wbr", "basefont", "bgsound", "frame", "keygen"),
+    }
+)
+# A start tag of one of these closes an open element of the same name inside the nearest
+# container (``<li><li>`` are siblings, ``<ul><li><ul><li>`` nest), as the HTML parser does.
+_SELF_SIBLINGS = frozenset({"p", "li", "dt", "dd", "option", "tr", "td", "th", "a"})
+_CONTAINERS = frozenset({"ul", "ol", "dl", "table", "select", "td", "th", "body", "html"})
+
+
+def _cut_depth(html: str, max_tags: int, max_depth: int) -> tuple[str, bool]:
+    """``html`` cut before its ``max_tags``-th tag or before the tag that opens an element
+    ``max_depth`` deep, and whether it was cut. html5ever walks its stack of open elements
+    for most tags, so its time grows with tags times depth: 20,000 nested tags took 1.7 s
+    where 20,000 flat ones take 10 ms. The depth here follows the parser's rules closely
+    enough (void elements, end tags of open elements, implied sibling ends) that real mail,
+    a few dozen deep, is never cut by it."""
+    stack: list[str] = []
+    for count, match in enumerate(_TAG.finditer(html), start=1):
+        if count > max_tags:
+            return html[: match.start()], True
+        if match.group(2) is None:
+            continue
+        name = match.group(2).lower()
+        if match.group(1):
+            if name in stack:
+                del stack[len(stack) - 1 - stack[::-1].index(name) :]
+            continue
+        if name in _VOID:
+            continue
+        if name in _SELF_SIBLINGS:
+            for index in range(len(stack) - 1, -1, -1):
+                if stack[index] == name:
+                    del stack[index:]
+                    break
+                if stack[index] in _CONTAINERS:
+                    break
+        stack.append(name)
+        if len(stack) > max_depth:
+            return html[: match.start()], True
+    return html, False
+
+
+def sanitise_html(html: str, max_tags: int = 20_000, max_depth: int = 1_000) -> tuple[str, bool]:
     """(safe HTML, whether it was cut): an allow-list of tags and attributes, no scripts,
     styles, event handlers or javascript: URLs, images only over http(s), links that open
-    apart and pass no referrer. HTML with more than ``max_tags`` tags is cut at that tag."""
-    cut = False
-    for count, match in enumerate(_TAG_START.finditer(html), start=1):
-        if count > max_tags:
-            html, cut = html[: match.start()], True
-            break
+    apart and pass no referrer. HTML with more than ``max_tags`` tags, or elements nested
+    more than ``max_depth`` deep, is cut at that tag."""
+    html, cut = _cut_depth(html, max_tags, max_depth)
     return _CLEANER.clean(_break_runs(html)), cut
 
 
