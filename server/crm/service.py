@@ -47,7 +47,14 @@ class Crm:
             cfg = await config.counter_config()
             return CounterSettings(cfg.mode, cfg.window)
 
-        counters = CrmCounters(store, bus, counter_settings, settings.default_time_zone)
+        counters = CrmCounters(
+            store,
+            bus,
+            counter_settings,
+            settings.default_time_zone,
+            cache_max_entries=settings.cache_max_entries,
+            cache_ttl_seconds=settings.cache_ttl_seconds,
+        )
         core = CrmCore(store, streams, access, config, counters, directory, im)
         activities = ActivityService(core)
         crm = cls(access, config, counters, RecordService(core, activities), activities)
