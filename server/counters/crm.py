@@ -334,6 +334,19 @@ class CrmCounters:
             return VersionedState("crm", 0, zero_counts())
         return VersionedState("crm", int(doc.get("version", 0)), counts_of(_numbers_in(doc)))
 
+    async def user_created(self, user: Document) -> None:
+        """A new user owns and answers for nothing yet: their numbers are stored, zero, now,
+        so that their first connect finds them right instead of counting them (four counts
+        and a range read per record type, all empty). A change naming them that comes
+        before these land recounts them (there is nothing to apply a difference to), and
+        the insert here then leaves what it counted; one that comes after is applied on top
+        of the zeros."""
+        cfg = await self._settings()
+        zone = self._zone(user.get("time_zone"))
+        now = self.clock()
+        wake = next_wake(now, zone, cfg.window, [])
+        await self._store_counted(str(user["_id"]), cfg, zone, zero_numbers(), now, wake, None)
+
     async def current(self, user_id: str) -> Counts:
         """All four record types as they are now (for the counters document)."""
         doc = await self._coll.find_one({"_id": user_id})

@@ -66,6 +66,7 @@ class Crm:
 
         config.on_deals_reopened.append(deals_reopened)
         directory.user_hooks.append(crm.user_changed)
+        directory.user_created_hooks.append(counters.user_created)
         directory.workgroup_hooks.append(crm)
         directory.membership_guards.append(crm.check_new_members)
         return crm
