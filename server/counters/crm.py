@@ -24,10 +24,11 @@ as a periodic background check, a few users at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -999,9 +1000,10 @@ class CrmCounters:
         # is found below, through its record's count.
         holders = sorted(set(users) | {rec[1] for rec in records.values()})
         pages = [(uid, t) for uid in holders for t in RECORD_TYPES]
-        async for page in self._pages(pages):
-            for act in page:
-                take(act)
+        async with contextlib.aclosing(self._pages(pages)) as paged:  # its reads end with it
+            async for page in paged:
+                for act in page:
+                    take(act)
         record_fixes: list[UpdateOne] = []
         for rid, (rtype, responsible, is_open, stored_open) in records.items():
             real = open_per_record.get(rid, 0)
@@ -1067,7 +1069,7 @@ class CrmCounters:
             report.repaired = True
         return report
 
-    async def _pages(self, pages: list[tuple[str, str]]) -> AsyncIterator[list[Document]]:
+    async def _pages(self, pages: list[tuple[str, str]]) -> AsyncGenerator[list[Document]]:
         """The open activities of each (holder, record type): one range of ``count_item``
         each, ``CHECK_PAGES_AHEAD`` of them asked for while the caller counts the one before
         (the database reads its index while this process counts)."""
