@@ -26,4 +26,3 @@ async def test_the_promise_holds_for_the_task_that_made_it_only() -> None:
 
 async def _later() -> bool:
     return flushed_later()
-
