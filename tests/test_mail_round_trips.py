@@ -10,7 +10,6 @@ pipeline is driven by hand (``drain``) so the count covers exactly the batch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
@@ -39,18 +38,9 @@ class Commands(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
-        # Writes in the order sent: command, collection, journaled, statements (a journaled
-        # command flushes the database's log once per statement).
-        self.writes: list[tuple[str, str, bool, int]] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        name, command = event.command_name, event.command
-        self.seen.append((name, str(command.get(name))))
-        statements = {"insert": "documents", "update": "updates", "delete": "deletes"}
-        if name in statements:
-            journaled = bool(command.get("writeConcern", {}).get("j"))
-            n = 1 if name == "insert" else len(command.get(statements[name], ()))
-            self.writes.append((name, str(command[name]), journaled, n))
+        self.seen.append((event.command_name, str(event.command.get(event.command_name))))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -66,27 +56,9 @@ class Commands(monitoring.CommandListener):
 async def counted(
     settings: Settings, store: Store, sink: Sink
 ) -> AsyncIterator[tuple[HubHarness, Commands]]:
-    async with monitored_hub(settings, store, sink, store.url) as found:
-        yield found
-
-
-@pytest.fixture
-async def journaled(
-    settings: Settings, store: Store, sink: Sink
-) -> AsyncIterator[tuple[HubHarness, Commands]]:
-    """As ``counted``, with every write journaled unless told otherwise, as on the embedded
-    database (``embedded_url``)."""
-    async with monitored_hub(settings, store, sink, store.url + "&journal=true") as found:
-        yield found
-
-
-@contextlib.asynccontextmanager
-async def monitored_hub(
-    settings: Settings, store: Store, sink: Sink, url: str
-) -> AsyncIterator[tuple[HubHarness, Commands]]:
     commands = Commands()
-    monitored = Store(url, store.db.name)
-    monitored.client = type(store.client)(url, event_listeners=[commands], tz_aware=True)
+    monitored = Store(store.url, store.db.name)
+    monitored.client = type(store.client)(store.url, event_listeners=[commands], tz_aware=True)
     monitored.db = monitored.client[store.db.name]
     configured = settings.model_copy(
         update={
@@ -311,47 +283,4 @@ async def test_copies_of_one_message_in_one_batch_make_one_activity(
             {"direction": "incoming", "owner_id": ctx["deal"]["id"]}
         )
         == 1 + 2  # the copy and the other replies by code and by thread
-    )
-
-
-async def test_a_batch_flushes_the_journal_once_per_outcome_write_not_once_per_write(
-    journaled: tuple[HubHarness, Commands], sink: Sink
-) -> None:
-    """On the embedded database every write is journaled, and a journaled command flushes
-    the log once per statement while holding its collection's lock (the SMTP listener's
-    inserts of raw mail wait on ``mail_raw``'s). The pipeline's writes for a batch go without
-    a flush, each followed by a journaled write of the same message (its outcome), which
-    flushes the log through them: what a crash leaves is a prefix of the commits either way."""
-    hub, commands = journaled
-    ctx = await mail_setup(hub)
-    sent = await send_from_deal(hub, ctx, sink)
-    await marked_sent(hub)
-    await batch_cost(hub, commands, sent, "warm")
-    await store_all(hub, replies(sent, pipeline_module.CLAIM_BATCH, "batch"))
-    await quiet(hub)
-    mark = len(commands.writes)
-    assert await hub.services.mail.pipeline.drain() == pipeline_module.CLAIM_BATCH
-    await quiet(hub)
-    writes = [w for w in commands.writes[mark:] if w[1] in PER_REPLY]
-    flushes: Counter[str] = Counter()
-    for _name, collection, journal, n in writes:
-        flushes[collection] += n if journal else 0
-    report = "\n".join(map(str, writes))
-    # Each reply's open count on its record, history entry and activity: a flush each before
-    # (17 for this batch: 43 flushes in all, 24 now; the events stay journaled, as clients
-    # are told their numbers once they are stored).
-    assert flushes["crm_records"] == flushes["crm_history"] == flushes["crm_activities"] == 0, (
-        report
-    )
-    # The claim and the renewals go without; the outcomes gathered flush once per bulk write
-    # (at most once per reply when each finishes on its own).
-    assert flushes["mail_raw"] <= pipeline_module.CLAIM_BATCH, report
-    # Every write without a flush has a journaled one after it.
-    last_relaxed = max((i for i, w in enumerate(writes) if not w[2]), default=-1)
-    last_journaled = max((i for i, w in enumerate(writes) if w[2]), default=-1)
-    assert last_relaxed < last_journaled, report
-    # And all eight replies are delivered, each once.
-    store = hub.services.store
-    assert await store["mail_raw"].count_documents({"status": "done"}) == 2 * len(
-        replies(sent, pipeline_module.CLAIM_BATCH, "")
     )

@@ -199,8 +199,7 @@ class ActivityService:
             if current is None:
                 break  # the record was deleted meanwhile: nothing left to count
             count = int(current.get("open_activities", 0))
-            # (no flush of its own where the mail pipeline's journaled outcome follows)
-            result = await self.core.store.for_write("crm_records").update_one(
+            result = await self.core.records.update_one(
                 {"_id": owner["_id"], "open_activities": current.get("open_activities")},
                 {"$inc": {"open_activities": delta}},
             )
@@ -211,7 +210,7 @@ class ActivityService:
             current = await self.core.records.find_one({"_id": owner["_id"]})
         else:
             # Still moving after all these tries: count it unguarded and recount its owner.
-            await self.core.store.for_write("crm_records").update_one(
+            await self.core.records.update_one(
                 {"_id": owner["_id"]}, {"$inc": {"open_activities": delta}}
             )
             self.core.counters.touch([owner["responsible_id"]])

@@ -71,14 +71,9 @@ class CrmCore:
         self.directory = directory
         self.im = im
         # Gathered inserts: activities and history entries written side by side (a batch of
-        # mail) go in one insert_many each; without a flush of their own when every writer
-        # in it ends with a journaled write (the mail pipeline's outcome).
-        self.activity_inserts = GroupCommit(
-            store["crm_activities"], journal=False, relaxed=store.relaxed("crm_activities")
-        )
-        self.history_inserts = GroupCommit(
-            store["crm_history"], journal=False, relaxed=store.relaxed("crm_history")
-        )
+        # mail) go in one insert_many each.
+        self.activity_inserts = GroupCommit(store["crm_activities"], journal=False)
+        self.history_inserts = GroupCommit(store["crm_history"], journal=False)
 
     async def close(self) -> None:
         await self.activity_inserts.close()

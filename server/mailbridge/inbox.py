@@ -66,7 +66,7 @@ class RawInbox:
         self.commits = GroupCommit(store["mail_raw"])
         # The outcomes of messages processed side by side: one bulk write for those ready
         # together.
-        self.outcomes = GroupUpdate(store["mail_raw"], relaxed=store.relaxed("mail_raw"))
+        self.outcomes = GroupUpdate(store["mail_raw"])
 
     @property
     def collection(self) -> Any:
@@ -218,9 +218,8 @@ class RawInbox:
             return []
         token = new_id()
         # ``_id`` first, and two conditions with operators: the database then looks the few
-        # messages up by ``_id`` rather than walking every pending one. Not flushed: a claim
-        # the database loses in a crash leaves the message waiting, to be claimed again.
-        result = await self._store.relaxed("mail_raw").update_many(
+        # messages up by ``_id`` rather than walking every pending one.
+        result = await self.collection.update_many(
             {"_id": {"$in": waiting}, "claimed_until": {"$lt": now}, "status": "pending"},
             {
                 "$set": {"claimed_until": now + LEASE, "claimed_by": node, "claim": token},
@@ -242,7 +241,7 @@ class RawInbox:
         """The leases of messages still being processed; False when all were lost."""
         if not raw_ids:
             return True
-        result = await self._store.relaxed("mail_raw").update_many(  # as the claim
+        result = await self.collection.update_many(
             {"_id": {"$in": raw_ids}, "claimed_by": node, "status": "pending"},
             {"$set": {"claimed_until": utcnow() + LEASE}},
         )

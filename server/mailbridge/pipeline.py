@@ -41,7 +41,7 @@ from server.mailbridge.parsing import Limits, MailTooComplex, ParsedMail, parse
 from server.mailbridge.rules import lead_allowed, split_name
 from server.observability import instruments
 from server.observability.context import traced
-from server.store.database import Document, Store, flush_follows, flushed_later, utcnow
+from server.store.database import Document, Store, utcnow
 from server.text import clean_name
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,6 @@ class MailPipeline:
         self._settings = settings
         self._limits = limits
         self._files = AsyncGridFSBucket(store.db, bucket_name="mail_attachments")
-        # The same bucket without a flush per chunk, where the outcome's journaled write
-        # follows (``flush_follows``).
-        self._relaxed_files = AsyncGridFSBucket(
-            store.db.with_options(write_concern=store.relaxed("mail_raw").write_concern),
-            bucket_name="mail_attachments",
-        )
         self.origin: str | None = None  # our X-PortalHub-Origin value (the portal's domain)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -221,10 +215,7 @@ class MailPipeline:
                     doc = one[0]
                     raw_id = doc["_id"]
                     try:
-                        # What it writes needs no flush of its own: its outcome (``_finish``)
-                        # is journaled and flushes them with it; a message whose outcome is
-                        # not written is processed again, finding what survived.
-                        with traced(request_id=f"mail-{raw_id}"), flush_follows():
+                        with traced(request_id=f"mail-{raw_id}"):  # for its logs and events
                             # a later copy looks again: the one before it has just finished
                             await self.process(doc, one, lookups if position == 0 else None)
                         finished += 1
@@ -273,10 +264,6 @@ class MailPipeline:
         return list(doc.get("source", {}).get("recipients", []))
 
     async def _finish(self, doc: Document, status: str, result: Document) -> None:
-        with flush_follows(False):  # the journaled write the ones before it relied on
-            await self._finish_now(doc, status, result)
-
-    async def _finish_now(self, doc: Document, status: str, result: Document) -> None:
         await self._inbox.finish(doc["_id"], status, result, doc.get("message_id"))
         instruments.mail_finished(status)
         finished = {**doc, "status": status, "result": result}
@@ -496,8 +483,7 @@ class MailPipeline:
             name = f"{raw_id}/{index}"
             existing = await self._store["mail_attachments.files"].find_one({"filename": name})
             if existing is None:
-                files = self._relaxed_files if flushed_later() else self._files
-                file_id = await files.upload_from_stream(
+                file_id = await self._files.upload_from_stream(
                     name,
                     part.data,
                     metadata={"filename": part.filename, "content_type": part.content_type},

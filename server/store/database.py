@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,40 +20,6 @@ if TYPE_CHECKING:
 
 Document = dict[str, Any]
 PING_TIMEOUT_SECONDS = 2.0
-
-# The task whose writes are all followed by a journaled write of its own before anything is
-# acknowledged (``flush_follows``): the mail pipeline's, for one message, ending with its
-# outcome. A task, not a flag: tasks started meanwhile inherit the context, not the promise.
-_FLUSH_FOLLOWS: ContextVar[asyncio.Task[Any] | None] = ContextVar(
-    "portalhub_flush_follows", default=None
-)
-
-
-@contextmanager
-def flush_follows(value: bool = True) -> Iterator[None]:
-    """Within: the current task ends what it writes with a journaled write of its own, and
-    acknowledges nothing before it. A journaled write flushes the database's log through
-    every commit before it, so the writes before it need no flush each (``Store.for_write``,
-    ``GroupCommit``): after a crash of the database what survives is still a prefix of the
-    commits in their order, as when each is flushed. ``False`` inside it: the writes from
-    here on are flushed themselves again (the final one)."""
-    token = _FLUSH_FOLLOWS.set(asyncio.current_task() if value else None)
-    try:
-        yield
-    finally:
-        _FLUSH_FOLLOWS.reset(token)
-
-
-def flushed_later() -> bool:
-    """Whether a journaled write of the current task follows what it writes now."""
-    owner = _FLUSH_FOLLOWS.get()
-    if owner is None:
-        return False
-    try:
-        return owner is asyncio.current_task()
-    except RuntimeError:  # no event loop running
-        return False
-
 
 INDEXES: dict[str, list[IndexModel]] = {
     "users": [
@@ -287,11 +249,6 @@ class Store:
                 found = found.with_options(write_concern=WriteConcern(**{**concern, "j": False}))
             self._relaxed[name] = found
         return found
-
-    def for_write(self, name: str) -> AsyncCollection[Document]:
-        """The collection a write goes to: ``relaxed`` where a journaled write of the same
-        task follows (``flush_follows``), as it is otherwise."""
-        return self.relaxed(name) if flushed_later() else self.db[name]
 
     @property
     def users(self) -> AsyncCollection[Document]:

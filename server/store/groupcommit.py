@@ -25,7 +25,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from server.background import stop
-from server.store.database import Document, flushed_later
+from server.store.database import Document
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,7 @@ MAX_BATCH_DOCS = 64
 MAX_BATCH_BYTES = 16 << 20  # an 8 MiB message alone is one flush anyway
 CLOSE_WAIT_SECONDS = 10.0
 
-# A document, its size, its caller's future, and whether that caller has a journaled write
-# of its own coming after this one (``flush_follows``).
-_Waiter = tuple[Document, int, "asyncio.Future[None]", bool]
+_Waiter = tuple[Document, int, "asyncio.Future[None]"]
 
 
 def journaled(collection: AsyncCollection[Document]) -> AsyncCollection[Document]:
@@ -46,19 +44,10 @@ def journaled(collection: AsyncCollection[Document]) -> AsyncCollection[Document
 
 class GroupCommit:
     """``journal``: False for writes that need no flush of their own (the CRM's activities
-    and history, gathered the same way so that a batch of mail writes them in one go): then
-    with the collection's own write concern (journaled on the embedded database).
-    ``relaxed``: the collection without a flush, for a batch whose every caller ends its
-    writes with a journaled one of its own (``flush_follows``: the mail pipeline's)."""
+    and history, gathered the same way so that a batch of mail writes them in one go)."""
 
-    def __init__(
-        self,
-        collection: AsyncCollection[Document],
-        journal: bool = True,
-        relaxed: AsyncCollection[Document] | None = None,
-    ) -> None:
+    def __init__(self, collection: AsyncCollection[Document], journal: bool = True) -> None:
         self._collection = journaled(collection) if journal else collection
-        self._relaxed = relaxed
         self._pending: list[_Waiter] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0  # journaled writes made, for tests and the benchmark
@@ -68,7 +57,7 @@ class GroupCommit:
         """Returns once ``doc`` is on disk; raises ``DuplicateKeyError`` for a unique key
         already taken, or whatever failed the write (nothing was acknowledged then)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((doc, size, future, flushed_later()))
+        self._pending.append((doc, size, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all(), name="group-commit")
         # A caller cancelled here (its SMTP session dropped) leaves its document in the batch:
@@ -91,7 +80,7 @@ class GroupCommit:
                 await self._write(batch)
             except BaseException as exc:  # cancelled at shutdown: nobody may wait for ever
                 failure = exc if isinstance(exc, Exception) else ConnectionError("shutting down")
-                for _doc, _size, future, _later in [*batch, *self._pending]:
+                for _doc, _size, future in [*batch, *self._pending]:
                     if not future.done():
                         future.set_exception(failure)
                 self._pending.clear()
@@ -99,28 +88,25 @@ class GroupCommit:
 
     async def _write(self, batch: list[_Waiter]) -> None:
         errors: dict[int, dict[str, Any]] = {}
-        target = self._collection
-        if self._relaxed is not None and all(later for *_, later in batch):
-            target = self._relaxed
         try:
-            await target.insert_many([doc for doc, *_ in batch], ordered=False)
+            await self._collection.insert_many([doc for doc, _, _ in batch], ordered=False)
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
                 # Inserted but perhaps not journaled: no 250 for any of them. A retry finds
                 # its copy by SHA-256 and is answered after a journaled write of its own.
-                for _doc, _size, future, _later in batch:
+                for _doc, _size, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 return
             errors = {int(e["index"]): e for e in exc.details.get("writeErrors", [])}
         except Exception as exc:
-            for _doc, _size, future, _later in batch:
+            for _doc, _size, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
         self.batches += 1
         self.inserted += len(batch) - len(errors)
-        for index, (_doc, _size, future, _later) in enumerate(batch):
+        for index, (_doc, _size, future) in enumerate(batch):
             if future.done():
                 continue
             error = errors.get(index)
@@ -148,22 +134,10 @@ class GroupUpdate:
     """Updates of one collection, gathered as ``GroupCommit`` gathers inserts (with the
     collection's own write concern): those queued while one bulk write is in flight go
     together in the next. Each caller returns once its update is written, or gets the
-    failure of the write it was in.
+    failure of the write it was in."""
 
-    ``relaxed``: the collection without a journal flush. A journaled bulk write flushes the
-    log once per update in it (the embedded database commits each statement on its own),
-    each time holding the collection's lock, which the SMTP listener's inserts wait on; so
-    all but the last go without, and the last, journaled, flushes the log through them."""
-
-    def __init__(
-        self,
-        collection: AsyncCollection[Document],
-        relaxed: AsyncCollection[Document] | None = None,
-    ) -> None:
+    def __init__(self, collection: AsyncCollection[Document]) -> None:
         self._collection = collection
-        # (the same concern, as without ``journal=true`` in the URL: nothing to split)
-        same = relaxed is not None and relaxed.write_concern == collection.write_concern
-        self._relaxed = None if same else relaxed
         self._pending: list[tuple[UpdateOne, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0
@@ -179,12 +153,8 @@ class GroupUpdate:
         await asyncio.sleep(0)
         while self._pending:
             batch, self._pending = self._pending[:MAX_BATCH_DOCS], self._pending[MAX_BATCH_DOCS:]
-            ops = [op for op, _ in batch]
             try:
-                if self._relaxed is not None and len(ops) > 1:
-                    await self._relaxed.bulk_write(ops[:-1], ordered=False)
-                    ops = ops[-1:]
-                await self._collection.bulk_write(ops, ordered=False)
+                await self._collection.bulk_write([op for op, _ in batch], ordered=False)
             except BaseException as exc:
                 failure = exc if isinstance(exc, Exception) else ConnectionError("shutting down")
                 for _op, future in batch:
