@@ -193,6 +193,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
             auth_service.forget_all,
             im.forget_all,
             tasks.forget_all,
+            crm.counters.forget_all,
             streams.forget_hints,
         ]
 

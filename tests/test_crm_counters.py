@@ -189,6 +189,29 @@ async def test_a_managers_deal_turns_green_then_red_green_then_drops(hub: HubHar
     assert set(all_counters.body) == {"im", "tasks", "crm"}
 
 
+async def test_a_new_users_numbers_are_stored_zero_and_what_comes_later_counts_on_top(
+    hub: HubHarness, store: Store
+) -> None:
+    """A new user's numbers are stored (zero) when the user is made, not counted at their
+    first connect; a deal made then moves them from there. Numbers a recount stored first
+    (a change that named the user before the zeros landed) are left as they are."""
+    mary_id, mary = await hub.create_user("mary")
+    stored = await store.db["crm_counters"].find_one({"_id": mary_id})
+    assert stored is not None and stored["version"] == 1, stored
+    assert stored["next_at"] > stored["as_of"]
+    client = await hub.connect(mary)
+    await client.wait_for("snapshot")
+    await post(hub, mary, "/api/v1/crm/deals", {"title": "Big"})
+    await settle_and_compare(hub, {"mary": client}, {"mary": mary_id})
+    assert client.crm_counters()["deal"]["idle"] == 1
+
+    counters = hub.services.crm.counters
+    await counters.user_created(await hub.services.directory.user_document(mary_id))
+    await counters.settled()
+    assert await recomputed(hub, mary_id) == await counters.current(mary_id)
+    assert (await counters.current(mary_id))["deal"]["idle"] == 1
+
+
 async def test_a_lost_push_is_made_good_by_the_next(
     hub: HubHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -117,3 +117,37 @@ async def test_a_removed_chat_member_cannot_post_or_read_on_the_other_node(
         "POST", "/api/v1/im/messages", token=alice, json={"chat_id": chat_id, "text": "ok"}
     )
     assert resp.status == 201 and alice_id
+
+
+async def test_crm_numbers_changed_on_one_node_are_where_a_connect_starts_on_the_other(
+    two_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    """A connect starts from the stored CRM numbers, which each node keeps a copy of: a
+    change written on one node must not leave the other starting connections from the old
+    numbers (its pushes are differences from exactly those)."""
+    one, two = two_nodes
+    mary_id, mary = await one.create_user("mary")
+    first = await two.connect(mary)  # never counted: node two counts her, then keeps them
+    await first.wait_for("counters.changed")
+    await two.services.crm.counters.settled()
+    await first.close()
+    again = await two.connect(mary)
+    await again.wait_for("snapshot")
+    assert again.crm_counters().get("deal", {}).get("idle", 0) == 0
+    await again.close()
+    assert mary_id in two.services.crm.counters._docs  # what the next connect starts from
+
+    resp = await one.request("POST", "/api/v1/crm/deals", token=mary, json={"title": "Big"})
+    assert resp.status == 201, resp.body
+    await one.services.crm.counters.settled()
+
+    async def starts_from_the_new_numbers() -> bool:
+        client = await two.connect(mary)
+        try:
+            snapshot = (await client.wait_for("snapshot"))[0]
+        finally:
+            await client.close()
+        deal = snapshot["counters"]["crm"].get("deal", {})
+        return bool(deal.get("idle") == 1)
+
+    await within(WITHIN, starts_from_the_new_numbers)

@@ -35,6 +35,7 @@ from pymongo import UpdateOne
 from pymongo.errors import DuplicateKeyError
 
 from server.background import stop
+from server.caching import Cache
 from server.counters.deltas import (
     ActivityChange,
     Change,
@@ -80,6 +81,8 @@ Counts = dict[str, dict[str, Any]]  # record type -> Badge.as_dict()
 CHECK_JOB = "crm-counters-check"
 CHECK_USERS_AT_ONCE = 4
 CHECK_PAUSE = timedelta(seconds=2)
+# Told on the bus after every write of a user's numbers: every node drops its copy.
+STORED = "crm.counters.stored"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +196,18 @@ class CrmCounters:
         settings: Callable[[], Awaitable[CounterSettings]],
         default_time_zone: str,
         clock: Callable[[], datetime] = utcnow,
+        *,
+        cache_max_entries: int = 100_000,
+        cache_ttl_seconds: float = 10.0,
     ) -> None:
         self._store = store
         self._bus = bus
+        # Each user's stored numbers as last read here: every connect starts from them
+        # (``baseline``), and reading them was a round trip per connect. Every write of them,
+        # on any node, is told on the bus before it is pushed (``_stored``), and each node
+        # drops its copy then; the time to live is the backstop for a message lost.
+        self._docs: Cache[str, Document] = Cache(cache_max_entries, cache_ttl_seconds)
+        bus.subscribe_ephemeral(self._on_ephemeral)
         self._settings = settings
         self._default_tz = default_time_zone
         self.clock = clock  # tests move it to let time pass
@@ -307,7 +319,7 @@ class CrmCounters:
         missing, counted under other rules or past a time-driven change are brought up to
         date at once (and pushed)."""
         brought = self._brought.get(user_id, 0)
-        doc = await self._coll.find_one({"_id": user_id})
+        doc = await self._docs.get_or_load(user_id, lambda: self._coll.find_one({"_id": user_id}))
         cfg = await self._settings()
         if (
             not self._current(doc, cfg, self.clock())
@@ -321,6 +333,19 @@ class CrmCounters:
         if doc is None:
             return VersionedState("crm", 0, zero_counts())
         return VersionedState("crm", int(doc.get("version", 0)), counts_of(_numbers_in(doc)))
+
+    async def user_created(self, user: Document) -> None:
+        """A new user owns and answers for nothing yet: their numbers are stored, zero, now,
+        so that their first connect finds them right instead of counting them (four counts
+        and a range read per record type, all empty). A change naming them that comes
+        before these land recounts them (there is nothing to apply a difference to), and
+        the insert here then leaves what it counted; one that comes after is applied on top
+        of the zeros."""
+        cfg = await self._settings()
+        zone = self._zone(user.get("time_zone"))
+        now = self.clock()
+        wake = next_wake(now, zone, cfg.window, [])
+        await self._store_counted(str(user["_id"]), cfg, zone, zero_numbers(), now, wake, None)
 
     async def current(self, user_id: str) -> Counts:
         """All four record types as they are now (for the counters document)."""
@@ -533,6 +558,7 @@ class CrmCounters:
         )
         if result.matched_count == 0:
             return False
+        await self._stored(user_id)
         earlier = boundary is not None
         if delta:
             # Pushed as read back: a write by someone else in between is pushed with it, and
@@ -565,6 +591,7 @@ class CrmCounters:
         )
         if result.matched_count == 0:
             return None
+        await self._stored(doc["_id"])
         after = {**doc, **(sets or {}), "version": int(version or 0) + 1}
         after["values"] = added(_numbers_in(after), delta or {})
         if earliest is not None and ("next_at" not in after or earliest < after["next_at"]):
@@ -707,6 +734,7 @@ class CrmCounters:
                     if expected_version is not None:
                         return False
                     continue
+                await self._stored(user_id)
                 stored: Document | None = {"version": 1}
             else:
                 stored = await self._write(doc, None, fields)
@@ -732,6 +760,22 @@ class CrmCounters:
             self._absorbed[user_id] = max(self._absorbed.get(user_id, 0), written_mark)
         self._queue(recount=[user_id])
         return False
+
+    async def _stored(self, user_id: str) -> None:
+        """The user's numbers were just written: this node's copy goes at once, every other
+        node's when this reaches it - before the push of the new numbers, which comes after
+        it on the bus, so that no node starts a connection from the old numbers once it has
+        passed the push on."""
+        self._docs.invalidate(user_id)
+        await self._bus.publish_ephemeral(EphemeralEvent(STORED, {"user_id": user_id}))
+
+    async def _on_ephemeral(self, event: EphemeralEvent) -> None:
+        if event.type == STORED and isinstance(event.data.get("user_id"), str):
+            self._docs.invalidate(event.data["user_id"])
+
+    def forget_all(self) -> None:
+        """Copies may be out of date (invalidations were lost while Redis was away)."""
+        self._docs.clear()
 
     async def _push(self, user_id: str, before: Numbers, after: Numbers, version: int) -> None:
         changed = changed_numbers(counts_of(before), counts_of(after))
@@ -1057,6 +1101,7 @@ class CrmCounters:
                 await self._coll.insert_one({"_id": user_id, **fields, "version": 1})
             except DuplicateKeyError:
                 return False
+            await self._stored(user_id)
             version = 1
         else:
             stored = await self._write(doc, None, fields)

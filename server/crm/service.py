@@ -47,7 +47,14 @@ class Crm:
             cfg = await config.counter_config()
             return CounterSettings(cfg.mode, cfg.window)
 
-        counters = CrmCounters(store, bus, counter_settings, settings.default_time_zone)
+        counters = CrmCounters(
+            store,
+            bus,
+            counter_settings,
+            settings.default_time_zone,
+            cache_max_entries=settings.cache_max_entries,
+            cache_ttl_seconds=settings.cache_ttl_seconds,
+        )
         core = CrmCore(store, streams, access, config, counters, directory, im)
         activities = ActivityService(core)
         crm = cls(access, config, counters, RecordService(core, activities), activities)
@@ -59,6 +66,7 @@ class Crm:
 
         config.on_deals_reopened.append(deals_reopened)
         directory.user_hooks.append(crm.user_changed)
+        directory.user_created_hooks.append(counters.user_created)
         directory.workgroup_hooks.append(crm)
         directory.membership_guards.append(crm.check_new_members)
         return crm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,8 @@ from server.events.models import EphemeralEvent, Event
 from server.events.streams import StreamLog, user_stream
 from server.store.database import Document, Store, new_id, utcnow
 from server.web.problems import Problem, conflict, forbidden, not_found
+
+log = logging.getLogger(__name__)
 
 
 def person(doc: Document) -> Person:
@@ -135,6 +138,9 @@ class DirectoryService:
         self.workgroup_hooks: list[WorkgroupHooks] = []
         # Told which fields of a user changed (the CRM recounts on a new time zone or department).
         self.user_hooks: list[Callable[[str, frozenset[str]], Awaitable[None]]] = []
+        # Told of each new user (the CRM stores their numbers, zero, instead of counting them
+        # at their first connect).
+        self.user_created_hooks: list[Callable[[Document], Awaitable[None]]] = []
         # Asked before members join a workgroup (actor, group id, new member ids); raise a
         # Problem to refuse. The CRM refuses what would give someone a CRM role.
         self.membership_guards: list[Callable[[Document, str, list[str]], Awaitable[None]]] = []
@@ -170,6 +176,11 @@ class DirectoryService:
         except DuplicateKeyError:
             raise conflict(f"the login '{data.login}' is taken") from None
         await self.directory_changed([doc["_id"]])
+        for hook in self.user_created_hooks:
+            try:
+                await hook(doc)
+            except Exception:  # the user exists: what the hook prepares is made later
+                log.exception("preparing for new user %s failed", doc["_id"])
         return UserOut.from_document(doc)
 
     async def user_document(self, user_id: str) -> Document:
