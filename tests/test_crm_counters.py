@@ -28,6 +28,7 @@ from server.events.models import EphemeralEvent
 from server.settings import Settings
 from server.store.database import Store, utcnow
 from tests.harness import HubHarness, SocketClient, start_hub
+from tests.test_hot_queries import plan_of
 
 ZERO = {"incoming": 0, "due": 0, "overdue": 0, "total": 0, "idle": 0, "colour": "none"}
 
@@ -367,6 +368,82 @@ async def test_counters_check_finds_and_repairs_drift(hub: HubHarness) -> None:
     assert again.body["differences"] == {} and again.body["stale_records"] == 0
     doc = await store["crm_records"].find_one({"_id": deal["id"]})
     assert doc is not None and doc["open_activities"] == 1
+
+
+async def test_the_full_check_reads_activities_in_index_ranges(
+    hub: HubHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``counters check`` reads the open activities a page at a time, each page one range of
+    an index: one read of the whole collection answered only once the database had gathered
+    every document, and at a million that took longer than the socket timeout."""
+    mary_id, mary = await hub.create_user("mary")
+    deal = await post(hub, mary, "/api/v1/crm/deals", {"title": "Paged"})
+    for kind, direction in (("call", "incoming"), ("task", "outgoing"), ("email", "incoming")):
+        await post(
+            hub,
+            mary,
+            "/api/v1/crm/activities",
+            {"owner_type": "deal", "owner_id": deal["id"], "type": kind, "direction": direction},
+        )
+    counters = hub.services.crm.counters
+    await counters.settled()
+    store = hub.services.store
+    filters: list[dict[str, Any]] = []
+    original = Store.__getitem__
+
+    class Recorded:
+        def __init__(self, collection: Any) -> None:
+            self._collection = collection
+
+        def find(self, filter: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            filters.append(filter)
+            return self._collection.find(filter, *args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._collection, name)
+
+    def recording(self: Store, name: str) -> Any:
+        found = original(self, name)
+        return Recorded(found) if name == "crm_activities" else found
+
+    monkeypatch.setattr(Store, "__getitem__", recording)
+    report = await counters.check()
+    monkeypatch.undo()
+    assert report.clean and report.activities_checked == 3, report
+    assert filters
+    for read in filters:
+        stage, index = plan_of(await store["crm_activities"].find(read).explain())
+        assert stage == "IXSCAN", (read, stage)
+        assert index == "count_item", (read, index)
+    assert {"record_responsible_id": mary_id, "owner_type": "deal", "completed": False} in filters
+
+
+async def test_the_full_check_finds_an_activity_whose_copy_names_nobody(hub: HubHarness) -> None:
+    """The pages read by the copy of the record's responsible person; an activity whose copy
+    names someone else than any person is found through its record's open count, reported
+    and repaired (and the record's count is not 'repaired' to what the pages saw)."""
+    mary_id, mary = await hub.create_user("mary")
+    deal = await post(hub, mary, "/api/v1/crm/deals", {"title": "Ghost"})
+    body = {"owner_type": "deal", "owner_id": deal["id"], "type": "call", "direction": "incoming"}
+    act = await post(hub, mary, "/api/v1/crm/activities", body)
+    await post(hub, mary, "/api/v1/crm/activities", body)
+    counters = hub.services.crm.counters
+    await counters.settled()
+    store = hub.services.store
+    await store["crm_activities"].update_one(
+        {"_id": act["id"]}, {"$set": {"record_responsible_id": "nobody"}}
+    )
+    found = await counters.check()
+    assert (found.stale_activities, found.stale_records) == (1, 0), found
+    assert found.counter_differences == {}, found
+    repaired = await counters.check(repair=True)
+    assert repaired.repaired and repaired.stale_activities == 1
+    again = await counters.check()
+    assert again.clean, again
+    fixed = await store["crm_activities"].find_one({"_id": act["id"]})
+    assert fixed is not None and fixed["record_responsible_id"] == mary_id
+    record = await store["crm_records"].find_one({"_id": deal["id"]})
+    assert record is not None and record["open_activities"] == 2
 
 
 async def test_changes_at_once_on_one_record_count_each_once(hub: HubHarness) -> None:

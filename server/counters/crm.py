@@ -24,8 +24,11 @@ as a periodic background check, a few users at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -81,6 +84,10 @@ Counts = dict[str, dict[str, Any]]  # record type -> Badge.as_dict()
 CHECK_JOB = "crm-counters-check"
 CHECK_USERS_AT_ONCE = 4
 CHECK_PAUSE = timedelta(seconds=2)
+# The full check reads the open activities a page at a time (one person's, one record type),
+# this many pages asked for ahead of the one being counted, in batches of this many.
+CHECK_PAGES_AHEAD = 2
+CHECK_PAGE_BATCH = 20_000
 # Told on the bus after every write of a user's numbers: every node drops its copy.
 STORED = "crm.counters.stored"
 
@@ -938,7 +945,8 @@ class CrmCounters:
 
     async def check(self, repair: bool = False) -> CheckReport:
         """Recompute every user's counters from the records and activities themselves (not
-        from the copies the live path counts with), in one pass over the open activities.
+        from the copies the live path counts with), in one pass over the open activities,
+        read a page at a time (``_pages``): no answer has to hold the whole collection.
 
         Each user's stored numbers are compared at the moment they hold for. A user whose
         numbers were written while the pass ran is compared again on their own
@@ -983,13 +991,12 @@ class CrmCounters:
         # their next time-driven changes
         next_over: dict[str, datetime] = {}
         next_due: dict[str, datetime] = {}
-        # Whole documents: the embedded database spends more on a projection than on sending
-        # the fields it would leave out (benchmarks.md, "CRM counters").
-        async for act in self._store["crm_activities"].find({"completed": False}, batch_size=5000):
+
+        def take(act: Document) -> None:
             report.activities_checked += 1
             owner = records.get(act["owner_id"])
             if owner is None:
-                continue  # an orphan (its record was deleted mid-way): not counted anywhere
+                return  # an orphan (its record was deleted mid-way): not counted anywhere
             owner_type, owner_responsible = owner[0], owner[1]
             open_per_record[act["owner_id"]] = open_per_record.get(act["owner_id"], 0) + 1
             incoming = waits_for_answer(act["type"], act["direction"], False)
@@ -1014,7 +1021,7 @@ class CrmCounters:
             user = owner_responsible if by_item else act["responsible_id"]
             tally = tallies.get(user)
             if tally is None:
-                continue  # someone no longer among the users
+                return  # someone no longer among the users
             deadline = act.get("deadline")
             kind = kind_of(False, incoming, deadline, moments[user], thresholds[user])
             if kind is Kind.INCOMING:
@@ -1028,12 +1035,41 @@ class CrmCounters:
                     next_over[user] = deadline
                 if kind is Kind.FUTURE and (user not in next_due or deadline < next_due[user]):
                     next_due[user] = deadline
+
+        # The open activities, read in pages: one range of the counting index per person
+        # whose records' activities it holds (the copy of the record's responsible person)
+        # and record type. One read of the whole collection answers only once it has
+        # gathered every document, which at a million took longer than the socket timeout;
+        # a page takes what one person has. An activity whose copy names nobody read here
+        # is found below, through its record's count.
+        holders = sorted(set(users) | {rec[1] for rec in records.values()})
+        pages = [(uid, t) for uid in holders for t in RECORD_TYPES]
+        async with contextlib.aclosing(self._pages(pages)) as paged:  # its reads end with it
+            async for page in paged:
+                for act in page:
+                    take(act)
         record_fixes: list[UpdateOne] = []
         for rid, (rtype, responsible, is_open, stored_open) in records.items():
             real = open_per_record.get(rid, 0)
             if stored_open != real:
+                # Read again on its own: the pages are not one moment, so a change between
+                # two of them can look like a wrong count; and an activity whose copy named
+                # nobody read above is only found here.
+                recheck = await self._recheck_record(rid, set(holders))
+                if recheck is None:
+                    continue  # deleted meanwhile
+                stored_open, missed, real = recheck
+                for act in missed:
+                    take(act)
+                if stored_open == real:
+                    continue
                 report.stale_records += 1
-                record_fixes.append(UpdateOne({"_id": rid}, {"$set": {"open_activities": real}}))
+                record_fixes.append(
+                    UpdateOne(
+                        {"_id": rid, "open_activities": stored_open},
+                        {"$set": {"open_activities": real}},
+                    )
+                )
             if is_open and real == 0 and responsible in tallies:
                 tallies[responsible][rtype]["idle"] += 1
         report.users_checked = len(users)
@@ -1076,6 +1112,58 @@ class CrmCounters:
                     await self._recount_user(uid, cfg)
             report.repaired = True
         return report
+
+    async def _pages(self, pages: list[tuple[str, str]]) -> AsyncGenerator[list[Document]]:
+        """The open activities of each (holder, record type): one range of ``count_item``
+        each, ``CHECK_PAGES_AHEAD`` of them asked for while the caller counts the one before
+        (the database reads its index while this process counts)."""
+        activities = self._store["crm_activities"]
+
+        async def read(holder: str, record_type: str) -> list[Document]:
+            found = activities.find(
+                {"record_responsible_id": holder, "owner_type": record_type, "completed": False},
+                batch_size=CHECK_PAGE_BATCH,
+            )
+            return [act async for act in found]
+
+        ahead: deque[asyncio.Task[list[Document]]] = deque()
+        waiting = iter(pages)
+        try:
+            for holder, record_type in itertools.islice(waiting, CHECK_PAGES_AHEAD):
+                ahead.append(asyncio.create_task(read(holder, record_type)))
+            while ahead:
+                page = await ahead.popleft()
+                for holder, record_type in itertools.islice(waiting, 1):
+                    ahead.append(asyncio.create_task(read(holder, record_type)))
+                yield page
+        finally:
+            for task in ahead:
+                await stop(task)
+
+    async def _recheck_record(
+        self, record_id: str, holders: set[str]
+    ) -> tuple[int, list[Document], int] | None:
+        """A record whose open count differed from the activities the pages found: its stored
+        count, its open activities the pages could not have read (their copy names nobody
+        read), and how many open activities it really has; None when it is gone."""
+        record = await self._store["crm_records"].find_one(
+            {"_id": record_id}, {"open_activities": 1}
+        )
+        if record is None:
+            return None
+        acts = [
+            act
+            async for act in self._store["crm_activities"].find(
+                {"owner_id": record_id, "completed": False}
+            )
+        ]
+        missed = [
+            act
+            for act in acts
+            if act.get("record_responsible_id") not in holders
+            or act.get("owner_type") not in RECORD_TYPES
+        ]
+        return int(record.get("open_activities", 0)), missed, len(acts)
 
     async def _store_counted(
         self,
