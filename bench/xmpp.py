@@ -92,12 +92,20 @@ async def drive(cmd: Results, timeout: float = 600.0) -> Results:
     return result
 
 
-async def run_hub(profile: Profile, say: Say) -> Results:
+async def run_hub(
+    profile: Profile,
+    say: Say,
+    repo: Path = REPO,
+    during: Callable[[dict[str, int]], Any] | None = None,
+) -> Results:
+    """``repo``: the checkout whose ``server`` runs (``bench/xmpp_probe.py`` compares two);
+    ``during``: an async context manager factory wrapped around the generator's run, given
+    the hub's pids (the probe records py-spy profiles with it)."""
     data_dir = Path(tempfile.mkdtemp(prefix="portalhub-bench-xmpp-"))
     port = free_port()
     env = {**HUB_XMPP_ENV, "PORTALHUB_XMPP_PORT": str(port)}
     say(f"xmpp: starting the hub on {data_dir}, c2s port {port}")
-    hub = await start_hub(data_dir, extra_env=env)
+    hub = await start_hub(data_dir, extra_env=env, repo=repo)
     try:
         started = time.monotonic()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
@@ -113,7 +121,11 @@ async def run_hub(profile: Profile, say: Say) -> Results:
         say("xmpp: the generator against the hub")
         pids = {"server": hub.pid, "db": hub.db_pid}
         before = (await asyncio.to_thread(stored, hub.db_url))["messages"]
-        result = await drive(command(profile, port, pids))
+        if during is None:
+            result = await drive(command(profile, port, pids))
+        else:
+            async with during(pids):
+                result = await drive(command(profile, port, pids))
         result["rss_end"] = {role: rss_bytes(pid) for role, pid in pids.items()}
         after = (await asyncio.to_thread(stored, hub.db_url))["messages"]
         result["stored"] = stored_summary(result, after - before, "messages in the history")

@@ -46,8 +46,10 @@ MAX_KNOWN_HEADS = 200_000  # streams whose head is kept in memory; the least rec
 # queued, or lost with the node that stored the events): exact reads look at recent events.
 HEAD_LAG_WINDOW = timedelta(seconds=60)
 # At most one write of the head documents per this while: under load a stream's head is
-# raised once per interval for all its events since the last one, not once per batch.
-HEAD_RAISE_INTERVAL = 0.25
+# raised once per interval for all its events since the last one, not once per batch. The
+# same second as the messenger's bookkeeping (``BOOKKEEPING_INTERVAL``): head documents are
+# hints, far inside ``HEAD_LAG_WINDOW``.
+HEAD_RAISE_INTERVAL = 1.0
 # A head raise due while the writer is idle goes at once if a batch was published this
 # recently (it is then in the gap after that batch), else right after the next one.
 JUST_ANSWERED = 0.005
