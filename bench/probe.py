@@ -43,8 +43,9 @@ PHASES = ("latency", "connect")
 _SPY: list[str] = []  # the py-spy executable, found before the run
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.probe", description=__doc__)
+def paired_arguments(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The options every paired probe takes (this one and ``bench.xmpp_probe``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--hub",
         action="append",
@@ -53,10 +54,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a hub to measure, run from the checkout at PATH (default: this tree as 'hub')",
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=NUMBER")
     parser.add_argument("--py-spy", default="", metavar="DIR")
     parser.add_argument("--json", default="", metavar="FILE")
+    return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = paired_arguments("python -m bench.probe", __doc__)
+    parser.add_argument("--phases", default=",".join(PHASES))
     return parser.parse_args(argv)
 
 
@@ -102,7 +108,7 @@ async def _stop_spies(spies: list[asyncio.subprocess.Process]) -> None:
         await spy.wait()
 
 
-def _summary(values: list[float]) -> str:
+def summary(values: list[float]) -> str:
     if not values:
         return "-"
     return f"median {statistics.median(values):.2f} (" + ", ".join(f"{v:.2f}" for v in values) + ")"
@@ -185,20 +191,20 @@ def report(out: dict[str, Any]) -> str:
             p50 = [r["latency_ms"]["p50"] for r in phases["latency"]]
             p99 = [r["latency_ms"]["p99"] for r in phases["latency"]]
             http = [r["http_ms"]["p50"] for r in phases["latency"]]
-            lines.append(f"{name}: 1:1 latency p50 ms {_summary(p50)}")
-            lines.append(f"{name}: 1:1 latency p99 ms {_summary(p99)}")
-            lines.append(f"{name}: POST answered p50 ms {_summary(http)}")
+            lines.append(f"{name}: 1:1 latency p50 ms {summary(p50)}")
+            lines.append(f"{name}: 1:1 latency p99 ms {summary(p99)}")
+            lines.append(f"{name}: POST answered p50 ms {summary(http)}")
             if name != "reference" and reference.get("latency"):
                 ref = [r["latency_ms"]["p50"] for r in reference["latency"]]
                 ratios = [a / b for a, b in zip(p50, ref, strict=False)]
-                lines.append(f"{name}: p50 / reference p50, per round {_summary(ratios)}")
+                lines.append(f"{name}: p50 / reference p50, per round {summary(ratios)}")
         if "connect" in phases:
             rates = [float(s["total"]["per_second"] or 0) for s in phases["connect"]]
-            lines.append(f"{name}: connections/s 0 -> N {_summary(rates)}")
+            lines.append(f"{name}: connections/s 0 -> N {summary(rates)}")
             if name != "reference" and reference.get("connect"):
                 ref = [float(s["total"]["per_second"] or 0) for s in reference["connect"]]
                 ratios = [a / b for a, b in zip(rates, ref, strict=False) if b]
-                lines.append(f"{name}: / reference, per round {_summary(ratios)}")
+                lines.append(f"{name}: / reference, per round {summary(ratios)}")
     busy = [p for p in out["cpu"] if p.percent]
     for phase in busy:
         cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(phase.percent.items()))

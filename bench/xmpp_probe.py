@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import xmpp
-from bench.probe import _SPY, _py_spy, _spy, _stop_spies
+from bench.probe import _SPY, _py_spy, _spy, _stop_spies, paired_arguments, summary
 from bench.procs import REPO, BenchError
 from bench.profiles import FULL, with_settings
 
@@ -37,19 +36,8 @@ Results = dict[str, Any]
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.xmpp_probe", description=__doc__)
-    parser.add_argument(
-        "--hub",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="a hub to measure, run from the checkout at PATH (default: this tree as 'hub')",
-    )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = paired_arguments("python -m bench.xmpp_probe", __doc__)
     parser.add_argument("--no-prosody", action="store_true", help="the hubs only")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=NUMBER")
-    parser.add_argument("--py-spy", default="", metavar="DIR")
-    parser.add_argument("--json", default="", metavar="FILE")
     return parser.parse_args(argv)
 
 
@@ -107,12 +95,6 @@ async def probe(args: argparse.Namespace) -> Results:
     return {"profile": profile.as_dict(), "hubs": [h[0] for h in hubs], "rounds": rounds}
 
 
-def _summary(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"median {statistics.median(values):.2f} (" + ", ".join(f"{v:.2f}" for v in values) + ")"
-
-
 def report(out: Results) -> str:
     rounds = out["rounds"]
     lines = [f"loads at round start: {', '.join(r['load_at_start'] for r in rounds)}"]
@@ -121,10 +103,10 @@ def report(out: Results) -> str:
             continue
         rates = [r[name]["msg_per_s"] for r in rounds]
         logins = [r[name]["login_p50_ms"] for r in rounds]
-        lines.append(f"{name}: saturation msg/s {_summary(rates)}")
-        lines.append(f"{name}: one login p50 ms {_summary(logins)}")
+        lines.append(f"{name}: saturation msg/s {summary(rates)}")
+        lines.append(f"{name}: one login p50 ms {summary(logins)}")
         latency = [r[name]["latency_p50_ms"] for r in rounds]
-        lines.append(f"{name}: 1:1 latency p50 ms {_summary(latency)}")
+        lines.append(f"{name}: 1:1 latency p50 ms {summary(latency)}")
         lines.append(
             f"{name}: all stored {all(r[name]['all_stored'] for r in rounds)}, lost "
             f"{sum(r[name]['lost'] for r in rounds)}, failed logins "
@@ -133,8 +115,8 @@ def report(out: Results) -> str:
         if name != "prosody" and "prosody" in rounds[0]:
             rate_ratio = [r[name]["msg_per_s"] / r["prosody"]["msg_per_s"] for r in rounds]
             login_ratio = [r[name]["login_p50_ms"] / r["prosody"]["login_p50_ms"] for r in rounds]
-            lines.append(f"{name}: msg/s / Prosody, per round {_summary(rate_ratio)}")
-            lines.append(f"{name}: login p50 / Prosody, per round {_summary(login_ratio)}")
+            lines.append(f"{name}: msg/s / Prosody, per round {summary(rate_ratio)}")
+            lines.append(f"{name}: login p50 / Prosody, per round {summary(login_ratio)}")
     return "\n".join(lines)
 
 
