@@ -1,10 +1,13 @@
 """Two phases of ``make bench`` on their own, repeated, hubs side by side with the reference.
 
-``python -m bench.probe [--hub NAME=PATH ...] [--rounds 3] [--phases latency,connect]``
+``python -m bench.probe [--hub NAME=PATH ...] [--rounds 3] [--phases latency,connect,fanout]
+[--fanout-n 100,1000]``
 
-The 1:1 latency phase (one sender at ``direct_rate`` for ``direct_seconds``, one receiver) and
+The 1:1 latency phase (one sender at ``direct_rate`` for ``direct_seconds``, one receiver),
 the connection set-up series (0 -> the largest fan-out N, ``connect_parallel`` under way, ready
-on ``snapshot``) of the full profile, run exactly as ``bench/runner.py`` runs them (the same
+on ``snapshot``) and the fan-out (``fanout``: ``Run.fanout`` for the Ns of ``--fanout-n``: the
+connect series up to the largest, then for each N from the largest down its steady phase and
+its saturated one) of the full profile, run exactly as ``bench/runner.py`` runs them (the same
 methods, the same load generator), against one or more hubs and the Node reference, in turns:
 each round measures every server once, one after the other. So two versions of the hub (a
 checkout of the code before a change, given by ``--hub before=/tmp/base``, and this tree) and
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from bench.profiles import FULL, with_settings
 from bench.runner import Run, Target, hub_target, reference_target
 
 PHASES = ("latency", "connect")
+ALL_PHASES = (*PHASES, "fanout")
 _SPY: list[str] = []  # the py-spy executable, found before the run
 
 
@@ -62,7 +67,15 @@ def paired_arguments(prog: str, description: str | None) -> argparse.ArgumentPar
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = paired_arguments("python -m bench.probe", __doc__)
-    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--phases", default=",".join(PHASES), help=", ".join(ALL_PHASES))
+    parser.add_argument(
+        "--fanout-n",
+        default="100,1000",
+        metavar="N,N",
+        help="the fan-out phase's Ns (of the profile's: "
+        + ",".join(map(str, FULL.fanout_ns))
+        + ")",
+    )
     return parser.parse_args(argv)
 
 
@@ -117,12 +130,24 @@ def summary(values: list[float]) -> str:
 async def probe(args: argparse.Namespace) -> dict[str, Any]:
     profile = with_settings(FULL, args.set)
     phases = [p for p in args.phases.split(",") if p]
+    unknown = sorted(set(phases) - set(ALL_PHASES))
+    if unknown:
+        raise BenchError(f"--phases: unknown {', '.join(unknown)}")
+    ns = tuple(sorted(int(n) for n in args.fanout_n.split(",") if n))
+    if "fanout" in phases and not set(ns) <= set(profile.fanout_ns):
+        raise BenchError(f"--fanout-n: choose among {profile.fanout_ns}")
+    # Run.fanout over these Ns alone, each with the profile's own rate
+    fan_profile = replace(
+        profile, fanout_ns=ns, fanout_rates=tuple(profile.fanout_rate(n) for n in ns)
+    )
     started = time.monotonic()
 
     def say(text: str) -> None:
         print(f"probe [{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
     run = Run(profile, say)
+    fan_run = Run(fan_profile, say)
+    fan_run.meter = run.meter  # one CPU table
     hubs = [tuple(h.split("=", 1)) for h in args.hub] or [("hub", str(REPO))]
     targets: list[Target] = []
     stops: list[Any] = []
@@ -173,6 +198,23 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
                         f"round {round_ + 1} {target.name} connect 0 -> {total['target']}: "
                         f"{total['per_second'] or 0:.1f}/s, failures {total['failures']}"
                     )
+                if "fanout" in phases:
+                    spies = await _spies(args.py_spy, target, f"fanout-{round_ + 1}")
+                    fan_run.meter.pids = run.meter.pids
+                    fan = await fan_run.fanout(target, loadgen)
+                    await _stop_spies(spies)
+                    results[target.name]["fanout"].append(fan)
+                    for step in fan["steps"]:
+                        steady, sat = step["steady"], step["saturation"]
+                        lat = steady["latency_ms"]
+                        say(
+                            f"round {round_ + 1} {target.name} fan-out to {step['n']}: "
+                            f"{sat['deliveries_per_s']:,.0f} deliveries/s, steady p50 "
+                            f"{lat['p50']:.2f} p99 {lat['p99']:.2f} ms, lost "
+                            f"{steady['lost'] + sat['lost']} doubled "
+                            f"{steady['doubled'] + sat['doubled']} out of order "
+                            f"{steady['out_of_order'] + sat['out_of_order']}"
+                        )
         return {"profile": profile.as_dict(), "results": results, "cpu": run.meter.phases}
     finally:
         await loadgen.close()
@@ -180,6 +222,17 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
             await stop()
         for data_dir in dirs:
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _fanout_figures(rounds: list[Any]) -> list[tuple[int, list[float], list[float]]]:
+    """Per N: saturated deliveries/s and steady p99 of each round."""
+    by_n: dict[int, tuple[list[float], list[float]]] = {}
+    for fan in rounds:
+        for step in fan["steps"]:
+            sat, p99 = by_n.setdefault(int(step["n"]), ([], []))
+            sat.append(float(step["saturation"]["deliveries_per_second"] or 0))
+            p99.append(float(step["steady"]["latency_ms"]["p99"]))
+    return [(n, *by_n[n]) for n in sorted(by_n)]
 
 
 def report(out: dict[str, Any]) -> str:
@@ -198,6 +251,16 @@ def report(out: dict[str, Any]) -> str:
                 ref = [r["latency_ms"]["p50"] for r in reference["latency"]]
                 ratios = [a / b for a, b in zip(p50, ref, strict=False)]
                 lines.append(f"{name}: p50 / reference p50, per round {summary(ratios)}")
+        for n, sat, p99 in _fanout_figures(phases.get("fanout", [])):
+            lines.append(f"{name}: fan-out to {n} deliveries/s {summary(sat)}")
+            lines.append(f"{name}: fan-out to {n} steady p99 ms {summary(p99)}")
+            if name != "reference" and reference.get("fanout"):
+                for rn, rsat, rp99 in _fanout_figures(reference["fanout"]):
+                    if rn == n:
+                        up = [a / b for a, b in zip(sat, rsat, strict=False) if b]
+                        lines.append(f"{name}: fan-out to {n} / reference, per round {summary(up)}")
+                        ratio = [a / b for a, b in zip(p99, rp99, strict=False) if b]
+                        lines.append(f"{name}: fan-out to {n} p99 / reference {summary(ratio)}")
         if "connect" in phases:
             rates = [float(s["total"]["per_second"] or 0) for s in phases["connect"]]
             lines.append(f"{name}: connections/s 0 -> N {summary(rates)}")
