@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from typing import Any
 from bench.fixtures import make_fixtures
 from bench.loadgen import LoadGen
 from bench.procs import REPO, BenchError, ensure_node_modules, start_hub, start_reference
-from bench.profiles import FULL, with_settings
+from bench.profiles import FULL, Profile, with_settings
 from bench.runner import Run, Target, hub_target, reference_target
 
 PHASES = ("latency", "connect")
@@ -121,6 +122,28 @@ async def _stop_spies(spies: list[asyncio.subprocess.Process]) -> None:
         await spy.wait()
 
 
+class SpiedRun(Run):
+    """``Run`` with py-spy on the hub during each of its phases (with ``--py-spy``): the
+    fan-out method runs several phases (connects, steady and saturated per N), each recorded
+    apart, named after the phase (``fanout-1000-saturated-1``)."""
+
+    def __init__(self, profile: Profile, say: Any, spy_dir: str) -> None:
+        super().__init__(profile, say)
+        self.spy_dir = spy_dir
+        self.round = 0
+
+    @contextlib.asynccontextmanager
+    async def _phase(self, target: Target, name: str) -> AsyncIterator[dict[str, Any]]:
+        words = name.partition(": ")[2].replace(",", "").replace("->", "").split()
+        label = "-".join(w for w in words if w not in {"to", "msg/s", "(window"}).strip(")")
+        spies = await _spies(self.spy_dir, target, f"{label}-{self.round}")
+        try:
+            async with super()._phase(target, name) as info:
+                yield info
+        finally:
+            await _stop_spies(spies)
+
+
 def summary(values: list[float]) -> str:
     if not values:
         return "-"
@@ -146,7 +169,7 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
         print(f"probe [{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
     run = Run(profile, say)
-    fan_run = Run(fan_profile, say)
+    fan_run = SpiedRun(fan_profile, say, args.py_spy)
     fan_run.meter = run.meter  # one CPU table
     hubs = [tuple(h.split("=", 1)) for h in args.hub] or [("hub", str(REPO))]
     targets: list[Target] = []
@@ -199,17 +222,16 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
                         f"{total['per_second'] or 0:.1f}/s, failures {total['failures']}"
                     )
                 if "fanout" in phases:
-                    spies = await _spies(args.py_spy, target, f"fanout-{round_ + 1}")
                     fan_run.meter.pids = run.meter.pids
+                    fan_run.round = round_ + 1
                     fan = await fan_run.fanout(target, loadgen)
-                    await _stop_spies(spies)
                     results[target.name]["fanout"].append(fan)
                     for step in fan["steps"]:
                         steady, sat = step["steady"], step["saturation"]
                         lat = steady["latency_ms"]
                         say(
                             f"round {round_ + 1} {target.name} fan-out to {step['n']}: "
-                            f"{sat['deliveries_per_s']:,.0f} deliveries/s, steady p50 "
+                            f"{sat['deliveries_per_second']:,.0f} deliveries/s, steady p50 "
                             f"{lat['p50']:.2f} p99 {lat['p99']:.2f} ms, lost "
                             f"{steady['lost'] + sat['lost']} doubled "
                             f"{steady['doubled'] + sat['doubled']} out of order "
