@@ -248,55 +248,6 @@ async def test_a_client_that_stops_reading_is_cut_off_and_slows_nobody(
             await http.close()
 
 
-class CountedTransport:
-    """A socket's transport, its writes counted (everything else passed through)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.writes = 0
-
-    def write(self, data: bytes) -> None:
-        self.writes += 1
-        self.inner.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-async def test_events_published_in_one_pass_cost_each_socket_one_write(
-    settings: Settings, store: Store
-) -> None:
-    async with hub_with(settings, store) as hub:
-        _, token = await hub.create_user("alice")
-        async with aiohttp.ClientSession() as http:
-            clients = [await RawClient.connect(http, hub, token) for _ in range(3)]
-            await join_room(hub)
-            hub_ = hub.services.hub
-            counted: list[CountedTransport] = []
-            for client in clients:
-                engine_socket = hub_.sio.engine_socket(client.sid)
-                assert engine_socket is not None
-                counted.append(CountedTransport(engine_socket.transport))
-                engine_socket.transport = counted[-1]  # type: ignore[assignment]
-            # a batch of stored events published in one pass (as the stream log does)
-            for seq in range(1, 5):
-                await hub_._on_event(big_event(seq, size=100))
-            # one write each, at the end of the loop's turn: all four events in it, in order
-            assert [c.writes for c in counted] == [0, 0, 0]
-            await asyncio.sleep(0)
-            assert [c.writes for c in counted] == [1, 1, 1]
-            for client in clients:
-                await client.read_until(lambda c=client: len(c.seqs()) >= 4)
-                assert client.seqs() == [1, 2, 3, 4]
-            # a write to one socket alone goes now, after what it had pending
-            await hub_._on_event(big_event(5, size=100))
-            await hub_._emit("test.big", {"seq": 6}, to=clients[0].sid)
-            assert counted[0].writes == 2
-            await clients[0].read_until(lambda: len(clients[0].seqs()) >= 6)
-            assert clients[0].seqs() == [1, 2, 3, 4, 5, 6]
-            await http.close()
-
-
 async def test_what_waits_for_a_slow_client_arrives_in_order(
     settings: Settings, store: Store
 ) -> None:

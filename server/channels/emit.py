@@ -5,9 +5,7 @@ recipient, each handing the packet to that socket's Engine.IO queue, from which 
 writer task sends it. ``HubServer.emit_local`` does the whole broadcast in one synchronous
 pass: the Socket.IO packet text and the websocket frame are built once, and each websocket
 in the room gets the same bytes written to its transport (``HubSocket.write_frame``, which
-keeps a backlog for a client that reads slowly), at the end of the loop's turn together with
-the other events of that turn (``HubSocket.frame_soon``: a batch of messages published in one
-pass costs each socket one system call). A long-polling socket gets the Engine.IO
+keeps a backlog for a client that reads slowly). A long-polling socket gets the Engine.IO
 packet put in its queue, as python-socketio would. Rooms, ``skip_sid``, ``to=sid`` and
 several rooms at once mean what they mean in python-socketio; what this path does not take
 (a namespace other than ``/``, an ack callback, binary data) goes to python-socketio's own
@@ -157,9 +155,6 @@ class HubServer(socketio.AsyncServer):  # type: ignore[misc]
         else:
             skip = skip_sid if isinstance(skip_sid, set | frozenset) else set(skip_sid)
         sockets = self.eio.sockets
-        # To one socket: written now. To a room: at the end of this turn of the loop, with the
-        # other events written to the same sockets in it (``HubSocket.frame_soon``).
-        soon = to is None
         frame: bytes | None = None
         queued: eio_packet.Packet | None = None
         count = 0
@@ -172,10 +167,7 @@ class HubServer(socketio.AsyncServer):  # type: ignore[misc]
             if socket.websocket is not None:
                 if frame is None:
                     frame = text_frame(text)
-                if soon:
-                    socket.frame_soon(frame)
-                else:
-                    socket.write_frame(frame)
+                socket.write_frame(frame)
             else:
                 if queued is None:
                     queued = eio_packet.Packet(eio_packet.MESSAGE, text[1:])

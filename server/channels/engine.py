@@ -56,9 +56,6 @@ log = logging.getLogger(__name__)
 
 # a close of a websocket waits this long for the client to take what is still buffered
 CLOSE_GRACE_SECONDS = 2.0
-# frames gathered for one write at the end of a turn of the loop (HubSocket.frame_soon): at
-# most this much, the transport's own high-water mark
-PENDING_BYTES = 64 * 1024
 
 _LEN2 = struct.Struct("!BBH").pack
 _LEN3 = struct.Struct("!BBQ").pack
@@ -167,8 +164,6 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
         self._reader: asyncio.Task[Any] | None = None
         self.backlog: deque[bytes] | None = None
         self.backlog_bytes = 0
-        self.pending: list[bytes] | None = None  # frames for the end of the loop's turn
-        self.pending_bytes = 0
         self._flushed: asyncio.Future[None] | None = None
         self._end_reason: str | None = None
         # pings
@@ -208,40 +203,7 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
             self.queue.put_nowait(pkt)
 
     def write_frame(self, frame: bytes) -> None:
-        """Write one websocket frame now (after what this socket has pending from
-        ``frame_soon``), or add it to the backlog behind what waits already."""
-        if self.pending is not None:
-            self.pending.append(frame)
-            self.push()
-            return
-        self._write(frame)
-
-    def frame_soon(self, frame: bytes) -> None:
-        """Write ``frame`` at the end of this turn of the event loop, with whatever else is
-        written to this socket meanwhile: a broadcast of several events in one pass (a batch
-        of messages published together) costs each socket one write, one system call,
-        instead of one per event. At most ``PENDING_BYTES`` wait so (then they are written
-        now): a publisher that does not yield cannot pile up more than that, nor hide a
-        client that stopped reading from the backlog's limit."""
-        pending = self.pending
-        if pending is None:
-            self.pending = [frame]
-            self.pending_bytes = len(frame)
-            self.server.push_soon(self)
-            return
-        pending.append(frame)
-        self.pending_bytes += len(frame)
-        if self.pending_bytes >= PENDING_BYTES:
-            self.push()
-
-    def push(self) -> None:
-        """Write what ``frame_soon`` left pending (called at the end of the loop's turn)."""
-        pending, self.pending = self.pending, None
-        if pending:
-            self.pending_bytes = 0
-            self._write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def _write(self, frame: bytes) -> None:
+        """Write one websocket frame, or add it to the backlog behind what waits already."""
         backlog = self.backlog
         if backlog is None:
             if not self._protocol._paused:
@@ -289,8 +251,6 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
             self._close_transport()  # a close waited for the backlog
 
     def _drop_backlog(self) -> None:
-        self.pending = None
-        self.pending_bytes = 0
         self.backlog = None
         self.backlog_bytes = 0
         self._wake_flushed()
@@ -302,7 +262,6 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
 
     async def flushed(self) -> None:
         """Wait until the backlog has gone to the transport (or the socket has closed)."""
-        self.push()
         if self.backlog is None:
             return
         if self._flushed is None:
@@ -396,7 +355,6 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        self.push()  # what was sent before the close goes before its frame
         if self._end_reason is None:
             self._end_reason = reason or self.server.reason.SERVER_DISCONNECT
         if self.backlog is not None:
@@ -549,23 +507,7 @@ class HubEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.backlog_limit = backlog_limit
         self.clock = PingClock()
-        self._to_push: list[HubSocket] = []  # sockets with frames pending (frame_soon)
         self._closing_tasks: set[asyncio.Task[None]] = set()
-
-    def push_soon(self, socket: HubSocket) -> None:
-        """``socket`` has frames pending: written once this turn of the loop is over (one
-        callback for every socket)."""
-        if not self._to_push:
-            asyncio.get_running_loop().call_soon(self._push_all)
-        self._to_push.append(socket)
-
-    def _push_all(self) -> None:
-        sockets, self._to_push = self._to_push, []
-        for socket in sockets:
-            try:
-                socket.push()
-            except Exception:
-                log.exception("writing to Engine.IO socket %s failed", socket.sid)
 
     def close_later(self, socket: HubSocket, reason: str) -> None:
         """Close a long-polling ``socket`` (its disconnect handlers run in a task of ours)."""
