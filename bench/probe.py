@@ -1,4 +1,4 @@
-"""Two phases of ``make bench`` on their own, repeated, hubs side by side with the reference.
+"""Phases of ``make bench`` on their own, repeated, hubs side by side with the reference.
 
 ``python -m bench.probe [--hub NAME=PATH ...] [--rounds 3] [--phases latency,connect,fanout]
 [--fanout-n 100,1000]``
@@ -16,8 +16,9 @@ Nothing goes to ``docs/benchmarks.md`` or ``bench/results``; the figures are pri
 written as JSON with ``--json``.
 
 ``--py-spy DIR``: record each hub and its database with py-spy during each phase (collapsed
-stacks per hub, process, phase and round, 250 samples/s, idle threads left out), to see what a
-message or a connect costs each of them.
+stacks per hub, process, phase and round, 250 samples/s, idle threads left out; the fan-out's
+connect, steady and saturated phases each in a file of its own), to see what a message, a
+delivery or a connect costs each of them.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ async def _stop_spies(spies: list[asyncio.subprocess.Process]) -> None:
 class SpiedRun(Run):
     """``Run`` with py-spy on the hub during each of its phases (with ``--py-spy``): the
     fan-out method runs several phases (connects, steady and saturated per N), each recorded
-    apart, named after the phase (``fanout-1000-saturated-1``)."""
+    apart, named after the phase and the round (``fan-out-1000-saturated-4-1``: N = 1000,
+    window 4, round 1)."""
 
     def __init__(self, profile: Profile, say: Any, spy_dir: str) -> None:
         super().__init__(profile, say)
@@ -246,14 +248,19 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _fanout_figures(rounds: list[Any]) -> list[tuple[int, list[float], list[float]]]:
-    """Per N: saturated deliveries/s and steady p99 of each round."""
-    by_n: dict[int, tuple[list[float], list[float]]] = {}
+def _fanout_figures(rounds: list[Any]) -> list[tuple[int, list[float], list[float], list[float]]]:
+    """Per N, one value per round: saturated deliveries/s, steady p99 (ms), and the server
+    process's CPU per delivery when saturated (us; less sensitive to a busy machine than
+    the rate)."""
+    by_n: dict[int, tuple[list[float], list[float], list[float]]] = {}
     for fan in rounds:
         for step in fan["steps"]:
-            sat, p99 = by_n.setdefault(int(step["n"]), ([], []))
-            sat.append(float(step["saturation"]["deliveries_per_second"] or 0))
+            sat, p99, cpu = by_n.setdefault(int(step["n"]), ([], [], []))
+            rate = float(step["saturation"]["deliveries_per_second"] or 0)
+            sat.append(rate)
             p99.append(float(step["steady"]["latency_ms"]["p99"]))
+            server = float(step["saturation"].get("cpu_percent", {}).get("server", 0))
+            cpu.append(server * 1e4 / rate if rate else 0.0)
     return [(n, *by_n[n]) for n in sorted(by_n)]
 
 
@@ -273,11 +280,12 @@ def report(out: dict[str, Any]) -> str:
                 ref = [r["latency_ms"]["p50"] for r in reference["latency"]]
                 ratios = [a / b for a, b in zip(p50, ref, strict=False)]
                 lines.append(f"{name}: p50 / reference p50, per round {summary(ratios)}")
-        for n, sat, p99 in _fanout_figures(phases.get("fanout", [])):
+        for n, sat, p99, cpu in _fanout_figures(phases.get("fanout", [])):
             lines.append(f"{name}: fan-out to {n} deliveries/s {summary(sat)}")
             lines.append(f"{name}: fan-out to {n} steady p99 ms {summary(p99)}")
+            lines.append(f"{name}: fan-out to {n} server CPU us per delivery {summary(cpu)}")
             if name != "reference" and reference.get("fanout"):
-                for rn, rsat, rp99 in _fanout_figures(reference["fanout"]):
+                for rn, rsat, rp99, _ in _fanout_figures(reference["fanout"]):
                     if rn == n:
                         up = [a / b for a, b in zip(sat, rsat, strict=False) if b]
                         lines.append(f"{name}: fan-out to {n} / reference, per round {summary(up)}")
@@ -292,8 +300,8 @@ def report(out: dict[str, Any]) -> str:
                 lines.append(f"{name}: / reference, per round {summary(ratios)}")
     busy = [p for p in out["cpu"] if p.percent]
     for phase in busy:
-        cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(phase.percent.items()))
-        lines.append(f"cpu % of a core, {phase.name} ({phase.seconds:.0f} s): {cpu}")
+        shares = ", ".join(f"{k} {v:.0f}" for k, v in sorted(phase.percent.items()))
+        lines.append(f"cpu % of a core, {phase.name} ({phase.seconds:.0f} s): {shares}")
     return "\n".join(lines)
 
 
