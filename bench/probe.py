@@ -1,10 +1,13 @@
-"""Two phases of ``make bench`` on their own, repeated, hubs side by side with the reference.
+"""Phases of ``make bench`` on their own, repeated, hubs side by side with the reference.
 
-``python -m bench.probe [--hub NAME=PATH ...] [--rounds 3] [--phases latency,connect]``
+``python -m bench.probe [--hub NAME=PATH ...] [--rounds 3] [--phases latency,connect,fanout]
+[--fanout-n 100,1000]``
 
-The 1:1 latency phase (one sender at ``direct_rate`` for ``direct_seconds``, one receiver) and
+The 1:1 latency phase (one sender at ``direct_rate`` for ``direct_seconds``, one receiver),
 the connection set-up series (0 -> the largest fan-out N, ``connect_parallel`` under way, ready
-on ``snapshot``) of the full profile, run exactly as ``bench/runner.py`` runs them (the same
+on ``snapshot``) and the fan-out (``fanout``: ``Run.fanout`` for the Ns of ``--fanout-n``: the
+connect series up to the largest, then for each N from the largest down its steady phase and
+its saturated one) of the full profile, run exactly as ``bench/runner.py`` runs them (the same
 methods, the same load generator), against one or more hubs and the Node reference, in turns:
 each round measures every server once, one after the other. So two versions of the hub (a
 checkout of the code before a change, given by ``--hub before=/tmp/base``, and this tree) and
@@ -13,14 +16,16 @@ Nothing goes to ``docs/benchmarks.md`` or ``bench/results``; the figures are pri
 written as JSON with ``--json``.
 
 ``--py-spy DIR``: record each hub and its database with py-spy during each phase (collapsed
-stacks per hub, process, phase and round, 250 samples/s, idle threads left out), to see what a
-message or a connect costs each of them.
+stacks per hub, process, phase and round, 250 samples/s, idle threads left out; the fan-out's
+connect, steady and saturated phases each in a file of its own), to see what a message, a
+delivery or a connect costs each of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -29,17 +34,19 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bench.fixtures import make_fixtures
 from bench.loadgen import LoadGen
 from bench.procs import REPO, BenchError, ensure_node_modules, start_hub, start_reference
-from bench.profiles import FULL, with_settings
+from bench.profiles import FULL, Profile, with_settings
 from bench.runner import Run, Target, hub_target, reference_target
 
 PHASES = ("latency", "connect")
+ALL_PHASES = (*PHASES, "fanout")
 _SPY: list[str] = []  # the py-spy executable, found before the run
 
 
@@ -62,7 +69,15 @@ def paired_arguments(prog: str, description: str | None) -> argparse.ArgumentPar
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = paired_arguments("python -m bench.probe", __doc__)
-    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--phases", default=",".join(PHASES), help=", ".join(ALL_PHASES))
+    parser.add_argument(
+        "--fanout-n",
+        default="100,1000",
+        metavar="N,N",
+        help="the fan-out phase's Ns (of the profile's: "
+        + ",".join(map(str, FULL.fanout_ns))
+        + ")",
+    )
     return parser.parse_args(argv)
 
 
@@ -108,6 +123,29 @@ async def _stop_spies(spies: list[asyncio.subprocess.Process]) -> None:
         await spy.wait()
 
 
+class SpiedRun(Run):
+    """``Run`` with py-spy on the hub during each of its phases (with ``--py-spy``): the
+    fan-out method runs several phases (connects, steady and saturated per N), each recorded
+    apart, named after the phase and the round (``fan-out-1000-saturated-4-1``: N = 1000,
+    window 4, round 1)."""
+
+    def __init__(self, profile: Profile, say: Any, spy_dir: str) -> None:
+        super().__init__(profile, say)
+        self.spy_dir = spy_dir
+        self.round = 0
+
+    @contextlib.asynccontextmanager
+    async def _phase(self, target: Target, name: str) -> AsyncIterator[dict[str, Any]]:
+        words = name.partition(": ")[2].replace(",", "").replace("->", "").split()
+        label = "-".join(w for w in words if w not in {"to", "msg/s", "(window"}).strip(")")
+        spies = await _spies(self.spy_dir, target, f"{label}-{self.round}")
+        try:
+            async with super()._phase(target, name) as info:
+                yield info
+        finally:
+            await _stop_spies(spies)
+
+
 def summary(values: list[float]) -> str:
     if not values:
         return "-"
@@ -117,12 +155,24 @@ def summary(values: list[float]) -> str:
 async def probe(args: argparse.Namespace) -> dict[str, Any]:
     profile = with_settings(FULL, args.set)
     phases = [p for p in args.phases.split(",") if p]
+    unknown = sorted(set(phases) - set(ALL_PHASES))
+    if unknown:
+        raise BenchError(f"--phases: unknown {', '.join(unknown)}")
+    ns = tuple(sorted(int(n) for n in args.fanout_n.split(",") if n))
+    if "fanout" in phases and not set(ns) <= set(profile.fanout_ns):
+        raise BenchError(f"--fanout-n: choose among {profile.fanout_ns}")
+    # Run.fanout over these Ns alone, each with the profile's own rate
+    fan_profile = replace(
+        profile, fanout_ns=ns, fanout_rates=tuple(profile.fanout_rate(n) for n in ns)
+    )
     started = time.monotonic()
 
     def say(text: str) -> None:
         print(f"probe [{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
     run = Run(profile, say)
+    fan_run = SpiedRun(fan_profile, say, args.py_spy)
+    fan_run.meter = run.meter  # one CPU table
     hubs = [tuple(h.split("=", 1)) for h in args.hub] or [("hub", str(REPO))]
     targets: list[Target] = []
     stops: list[Any] = []
@@ -173,6 +223,22 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
                         f"round {round_ + 1} {target.name} connect 0 -> {total['target']}: "
                         f"{total['per_second'] or 0:.1f}/s, failures {total['failures']}"
                     )
+                if "fanout" in phases:
+                    fan_run.meter.pids = run.meter.pids
+                    fan_run.round = round_ + 1
+                    fan = await fan_run.fanout(target, loadgen)
+                    results[target.name]["fanout"].append(fan)
+                    for step in fan["steps"]:
+                        steady, sat = step["steady"], step["saturation"]
+                        lat = steady["latency_ms"]
+                        say(
+                            f"round {round_ + 1} {target.name} fan-out to {step['n']}: "
+                            f"{sat['deliveries_per_second']:,.0f} deliveries/s, steady p50 "
+                            f"{lat['p50']:.2f} p99 {lat['p99']:.2f} ms, lost "
+                            f"{steady['lost'] + sat['lost']} doubled "
+                            f"{steady['doubled'] + sat['doubled']} out of order "
+                            f"{steady['out_of_order'] + sat['out_of_order']}"
+                        )
         return {"profile": profile.as_dict(), "results": results, "cpu": run.meter.phases}
     finally:
         await loadgen.close()
@@ -180,6 +246,22 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
             await stop()
         for data_dir in dirs:
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _fanout_figures(rounds: list[Any]) -> list[tuple[int, list[float], list[float], list[float]]]:
+    """Per N, one value per round: saturated deliveries/s, steady p99 (ms), and the server
+    process's CPU per delivery when saturated (us; less sensitive to a busy machine than
+    the rate)."""
+    by_n: dict[int, tuple[list[float], list[float], list[float]]] = {}
+    for fan in rounds:
+        for step in fan["steps"]:
+            sat, p99, cpu = by_n.setdefault(int(step["n"]), ([], [], []))
+            rate = float(step["saturation"]["deliveries_per_second"] or 0)
+            sat.append(rate)
+            p99.append(float(step["steady"]["latency_ms"]["p99"]))
+            server = float(step["saturation"].get("cpu_percent", {}).get("server", 0))
+            cpu.append(server * 1e4 / rate if rate else 0.0)
+    return [(n, *by_n[n]) for n in sorted(by_n)]
 
 
 def report(out: dict[str, Any]) -> str:
@@ -198,6 +280,17 @@ def report(out: dict[str, Any]) -> str:
                 ref = [r["latency_ms"]["p50"] for r in reference["latency"]]
                 ratios = [a / b for a, b in zip(p50, ref, strict=False)]
                 lines.append(f"{name}: p50 / reference p50, per round {summary(ratios)}")
+        for n, sat, p99, cpu in _fanout_figures(phases.get("fanout", [])):
+            lines.append(f"{name}: fan-out to {n} deliveries/s {summary(sat)}")
+            lines.append(f"{name}: fan-out to {n} steady p99 ms {summary(p99)}")
+            lines.append(f"{name}: fan-out to {n} server CPU us per delivery {summary(cpu)}")
+            if name != "reference" and reference.get("fanout"):
+                for rn, rsat, rp99, _ in _fanout_figures(reference["fanout"]):
+                    if rn == n:
+                        up = [a / b for a, b in zip(sat, rsat, strict=False) if b]
+                        lines.append(f"{name}: fan-out to {n} / reference, per round {summary(up)}")
+                        ratio = [a / b for a, b in zip(p99, rp99, strict=False) if b]
+                        lines.append(f"{name}: fan-out to {n} p99 / reference {summary(ratio)}")
         if "connect" in phases:
             rates = [float(s["total"]["per_second"] or 0) for s in phases["connect"]]
             lines.append(f"{name}: connections/s 0 -> N {summary(rates)}")
@@ -207,8 +300,8 @@ def report(out: dict[str, Any]) -> str:
                 lines.append(f"{name}: / reference, per round {summary(ratios)}")
     busy = [p for p in out["cpu"] if p.percent]
     for phase in busy:
-        cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(phase.percent.items()))
-        lines.append(f"cpu % of a core, {phase.name} ({phase.seconds:.0f} s): {cpu}")
+        shares = ", ".join(f"{k} {v:.0f}" for k, v in sorted(phase.percent.items()))
+        lines.append(f"cpu % of a core, {phase.name} ({phase.seconds:.0f} s): {shares}")
     return "\n".join(lines)
 
 

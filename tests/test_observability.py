@@ -252,12 +252,17 @@ async def test_metrics_follow_connections_messages_and_fan_out(hub: HubHarness) 
         "portalhub_http_requests_total": "counter",
         "process_resident_memory_bytes": "gauge",
         "process_open_fds": "gauge",
+        "python_gc_collections_total": "counter",
+        "python_gc_objects_frozen": "gauge",
     }.items():
         assert families[name].type == kind, name
     assert value(families, "portalhub_connections", transport="socketio") == 0
     assert value(families, "portalhub_connections", transport="xmpp") == 0
     assert value(families, "process_resident_memory_bytes") > 10 * 2**20
     assert value(families, "process_open_fds") > 0
+    assert {
+        labels["generation"] for _, labels, _ in families["python_gc_collections_total"].samples
+    } == {"0", "1", "2"}
     for queue in ("stream_appends", "hub_replay_buffer", "mail_inbox_pending"):
         assert value(families, "portalhub_queue_depth", queue=queue) == 0
     [info] = families["portalhub_info"].samples

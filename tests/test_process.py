@@ -147,6 +147,15 @@ def test_serve_demo_restart_and_cli(hub_process: Hub) -> None:
     hub.start()
     assert hub.login("john", "demo-pass") == 200
     assert hub.login("john", "wrong-password") == 401
+    # what start-up made is frozen out of the collector's passes (see serve())
+    with urllib.request.urlopen(hub.url("/metrics"), timeout=10) as resp:
+        exposition = resp.read().decode()
+    [frozen] = [
+        float(line.split()[1])
+        for line in exposition.splitlines()
+        if line.startswith("python_gc_objects_frozen ")
+    ]
+    assert frozen > 50_000
     db_pid = hub.database_pid()
     assert alive(db_pid)
 

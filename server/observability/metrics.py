@@ -12,6 +12,7 @@ hub that serves the scrape (``server.observability.runtime``).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -333,4 +334,22 @@ def process_families() -> list[Family]:
         families.append(
             Family("process_max_fds", "Limit on open file descriptors", "gauge").add(soft)
         )
-    return families
+    return families + gc_families()
+
+
+def gc_families() -> list[Family]:
+    """Python's garbage collector, under the names prometheus_client gives it, and the objects
+    frozen out of its passes at start-up (``portalhub serve``)."""
+    collections = Family(
+        "python_gc_collections_total", "Times this generation was collected", "counter"
+    )
+    collected = Family(
+        "python_gc_objects_collected_total", "Objects collected during gc", "counter"
+    )
+    for generation, stats in enumerate(gc.get_stats()):
+        collections.add(stats["collections"], generation=str(generation))
+        collected.add(stats["collected"], generation=str(generation))
+    frozen = Family(
+        "python_gc_objects_frozen", "Objects the collector no longer looks at", "gauge"
+    ).add(gc.get_freeze_count())
+    return [collections, collected, frozen]
