@@ -18,7 +18,6 @@ case. In text a code appears as ``[CRM-<code>]``; in a Reply-To as ``crm+<code>@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import html
@@ -185,13 +184,6 @@ def find_codes(text: str) -> list[str]:
     that a quoting client wrapped onto two lines is found in the text with its line breaks and
     quote markers taken out.
     """
-    return list(_find_codes(text))
-
-
-# The matcher reads a mail's texts for codes twice (for its batch's lookups, then to match):
-# the same string objects, whose hashes Python keeps.
-@functools.lru_cache(maxsize=64)
-def _find_codes(text: str) -> tuple[str, ...]:
     views = [text]
     if "<" in text or "&" in text:
         views.append(html.unescape(_TAG.sub("", text)))
@@ -213,7 +205,7 @@ def _find_codes(text: str) -> tuple[str, ...]:
             code = normalise(match.group(1))
             if code is not None:
                 found.setdefault(code)
-    return tuple(found)
+    return list(found)
 
 
 def _codes_in(text: str) -> Iterator[re.Match[str]]:
