@@ -15,6 +15,12 @@ the reference are measured under the same machine load, and the ratios come from
 Nothing goes to ``docs/benchmarks.md`` or ``bench/results``; the figures are printed, and
 written as JSON with ``--json``.
 
+``--history``: before the rounds, give each hub the history of the full run (``bench/history.py``:
+``history_chats`` chats among the users, ``history_messages`` messages sent through the REST
+API), so that connect is measured with each user in as many chats as ``make bench`` has them;
+``--set history_messages=2000`` keeps the seeding short (the chats per user are what a connect
+pays for, not the messages stored).
+
 ``--py-spy DIR``: record each hub and its database with py-spy during each phase (collapsed
 stacks per hub, process, phase and round, 250 samples/s, idle threads left out; the fan-out's
 connect, steady and saturated phases each in a file of its own), to see what a message, a
@@ -39,6 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench import history
 from bench.fixtures import make_fixtures
 from bench.loadgen import LoadGen
 from bench.procs import REPO, BenchError, ensure_node_modules, start_hub, start_reference
@@ -77,6 +84,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the fan-out phase's Ns (of the profile's: "
         + ",".join(map(str, FULL.fanout_ns))
         + ")",
+    )
+    parser.add_argument(
+        "--history",
+        action="store_true",
+        help="seed each hub with the history of the full run first (its size: --set history_*)",
     )
     return parser.parse_args(argv)
 
@@ -189,6 +201,9 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
             target.name = name
             targets.append(target)
             say(f"{name}: pid {hub.pid} (db {hub.db_pid}) from {path}, fixtures ready")
+            if args.history:
+                seeded = await history.make(loadgen, hub.url, fx, profile, say, target.stored)
+                say(f"{name}: history seeded, stored {seeded['stored_after']}")
         reference = await start_reference()
         stops.append(reference.stop)
         targets.append(

@@ -429,9 +429,7 @@ class Hub:
                 # a chat joined live meanwhile is already being caught up by _join_live
                 if s not in conn.streams
             ]
-            for stream in streams:
-                self._mark_joining(conn, stream)
-                await self.sio.enter_room(sid, stream)
+            self._join_all(conn, streams)
             snapshot = await self._snapshot(conn)
             # No await between noting what the connection holds and sending it: a push
             # handled in between would be diffed against a state it does not have yet.
@@ -464,6 +462,20 @@ class Hub:
             await self._disconnect(sid)
         finally:
             self._tasks.pop(sid, None)
+
+    def _join_all(self, conn: Connection, streams: list[str]) -> None:
+        """Mark ``conn`` as catching up on each of ``streams`` and put it in their rooms, in
+        one synchronous pass: no event can land between a stream's mark and its room. python-
+        socketio's ``enter_room`` is a coroutine per room (with a log call) that ends in the
+        manager's ``basic_enter_room`` for a connection of this node, Redis or not; with the
+        connection gone meanwhile, the Redis manager would publish the join to the other
+        nodes instead."""
+        manager = self.sio.manager
+        if self._connections.get(conn.sid) is not conn or not manager.is_connected(conn.sid, "/"):
+            raise asyncio.CancelledError  # gone meanwhile: its session start ends here
+        for stream in streams:
+            self._mark_joining(conn, stream)
+            manager.basic_enter_room(conn.sid, "/", stream)
 
     async def _wait_connected(self, sid: str) -> None:
         # The connect handler runs before the CONNECT packet goes out; nothing may be sent
