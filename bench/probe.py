@@ -239,7 +239,6 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
                         f"{total['per_second'] or 0:.1f}/s, failures {total['failures']}"
                     )
                 if "fanout" in phases:
-                    fan_run.meter.pids = run.meter.pids
                     fan_run.round = round_ + 1
                     fan = await fan_run.fanout(target, loadgen)
                     results[target.name]["fanout"].append(fan)

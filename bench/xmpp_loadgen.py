@@ -48,9 +48,6 @@ Results = dict[str, Any]
 CONNECT_TIMEOUT = 30.0
 DRAIN_SECONDS = 3.0
 
-# One context for all clients (building one per client loads the CA store each time); the
-# servers' certificates are self-signed, so they are not verified.
-
 
 def _salted_password(self: Any, text: Any, salt: bytes, iterations: int) -> bytes:
     """SCRAM's Hi() (RFC 5802: PBKDF2 with HMAC), from hashlib's C code: slixmpp computes it
@@ -62,6 +59,9 @@ def _salted_password(self: Any, text: Any, salt: bytes, iterations: int) -> byte
 
 SCRAM.Hi = _salted_password  # type: ignore[method-assign]
 
+
+# One context for all clients (building one per client loads the CA store each time); the
+# servers' certificates are self-signed, so they are not verified.
 TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 TLS.check_hostname = False
 TLS.verify_mode = ssl.CERT_NONE
