@@ -24,8 +24,7 @@ def manager_with(connections: int) -> tuple[HubManager, list[str]]:
 
 def state(manager: HubManager) -> dict[Any, Any]:
     return {
-        room: (dict(members), dict(members.inverse))
-        for room, members in manager.rooms["/"].items()
+        room: (dict(members), dict(members.inverse)) for room, members in manager.rooms["/"].items()
     }
 
 
