@@ -125,7 +125,13 @@ class Cache(Generic[K, V]):
 
     def changed(self, key: K) -> None:
         """The value of ``key`` changed (the entry, if any, was updated in place): a load of
-        it under way may have read it before, so it is returned but not kept."""
+        it under way may have read it before, so it is returned but not kept. An entry past
+        its time to live goes: callers update only what ``get`` gives them (fresh entries),
+        so a stale one was not updated and is known to be out of date now (served on, it
+        would lag for as long as changes keep its refreshes from being kept)."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] <= self._clock():
+            del self._entries[key]
         for load in self._loads.get(key, ()):
             load.stale = True
 

@@ -91,6 +91,19 @@ async def test_an_invalidated_stale_entry_is_not_served() -> None:
     assert await cache.get_or_load("k", source.load) == "v2"
 
 
+async def test_a_stale_entry_told_of_a_change_it_did_not_get_is_not_served() -> None:
+    """A change applied in place to fresh entries only (``get``, then ``changed``): the stale
+    entry missed it, and is read again rather than served."""
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    await cache.get_or_load("k", source.load)
+    clock.now += 12
+    source.value = "v2"
+    assert cache.get("k") is None  # nothing fresh to update in place
+    cache.changed("k")
+    assert await cache.get_or_load("k", source.load) == "v2"
+
+
 async def test_an_invalidation_during_the_refresh_is_not_undone_by_it() -> None:
     clock, source = Clock(), Source()
     cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
