@@ -10,6 +10,7 @@ pipeline is driven by hand (``drain``) so the count covers exactly the batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
@@ -38,9 +39,13 @@ class Commands(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
+        self.updates: list[tuple[str, Any]] = []  # (collection, statement) of every update
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.seen.append((event.command_name, str(event.command.get(event.command_name))))
+        collection = str(event.command.get(event.command_name))
+        self.seen.append((event.command_name, collection))
+        if event.command_name == "update":
+            self.updates.extend((collection, dict(u)) for u in event.command["updates"])
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -54,6 +59,23 @@ class Commands(monitoring.CommandListener):
 
 @pytest.fixture
 async def counted(
+    settings: Settings, store: Store, sink: Sink
+) -> AsyncIterator[tuple[HubHarness, Commands]]:
+    async with monitored_hub(settings, store, sink) as counted:
+        yield counted
+
+
+@pytest.fixture
+async def counted_sole(
+    settings: Settings, store: Store, sink: Sink
+) -> AsyncIterator[tuple[HubHarness, Commands]]:
+    """As on the embedded database (no database URL): the only node there can be."""
+    async with monitored_hub(settings.model_copy(update={"mongodb_url": None}), store, sink) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def monitored_hub(
     settings: Settings, store: Store, sink: Sink
 ) -> AsyncIterator[tuple[HubHarness, Commands]]:
     commands = Commands()
@@ -284,3 +306,31 @@ async def test_copies_of_one_message_in_one_batch_make_one_activity(
         )
         == 1 + 2  # the copy and the other replies by code and by thread
     )
+
+
+async def test_on_the_embedded_database_a_raw_message_is_written_once_after_its_bytes(
+    counted_sole: tuple[HubHarness, Commands], sink: Sink
+) -> None:
+    """The only node there can be keeps its claims in memory: processing a batch writes no
+    claim and no renewal, only each message's outcome, on a document that no longer holds
+    the bytes (they are a document of their own, inserted once and never updated)."""
+    hub, commands = counted_sole
+    ctx = await mail_setup(hub)
+    sent = await send_from_deal(hub, ctx, sink)
+    await marked_sent(hub)
+    await batch_cost(hub, commands, sent, "warm")
+    mark = len(commands.updates)
+    cost = await batch_cost(hub, commands, sent, "sole")
+    raw_updates = [u for name, u in commands.updates[mark:] if name == "mail_raw"]
+    assert len(raw_updates) == pipeline_module.CLAIM_BATCH, raw_updates  # one outcome each
+    for update in raw_updates:
+        assert set(update["u"]["$set"]) >= {"status", "result", "processed_at"}, update
+        assert "claimed_until" not in update["u"]["$set"], update
+    assert not any(name == "mail_raw_data" for name, _u in commands.updates), cost
+    # what waits (the batch, then none), the earlier copies by Message-ID
+    assert cost[("find", "mail_raw")] == 3, cost
+    store = hub.services.store
+    assert await store["mail_raw"].count_documents({"data": {"$exists": True}}) == 0
+    assert await store["mail_raw"].count_documents({"status": "done"}) == 2 * len(raw_updates)
+    async for doc in store["mail_raw"].find({"status": "done"}):
+        assert b"Carl Client" in await hub.services.mail.inbox.raw_of(doc)

@@ -10,6 +10,9 @@ a message processed again after a crash cannot make a second activity.
 
 A claim is a lease held by this node (``leases.py``): renewed while the message is processed,
 given back when the node stops, taken over at once after a crash on the embedded database.
+On the embedded database this node is the only one there can be, so its claims are kept in
+memory (``_held``) and cost no write: the message's document is written once, with its
+outcome.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class MailPipeline:
         self._sole_node = sole_node  # the embedded database: no other node can exist
         self.trusted_authserv_ids = trusted_authserv_ids
         self._held: set[str] = set()  # raw messages this node has claimed and not finished
+        self._claiming = asyncio.Lock()  # in memory (the sole node): one worker picks at a time
         # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
         self.on_finished: list[Callable[[Document], Awaitable[None]]] = []
         # Told when the unmatched list changed (its count is a live badge for CRM admins).
@@ -158,7 +162,7 @@ class MailPipeline:
         await stop(*self._tasks)
         self._tasks = []
         held, self._held = sorted(self._held), set()
-        if held:
+        if held and not self._sole_node:  # in memory only on the sole node
             # Given back, so that the next start (or another node) takes them at once.
             try:
                 await self._inbox.give_back(held, self._node)
@@ -179,9 +183,17 @@ class MailPipeline:
     async def drain(self) -> int:
         """Process every message waiting; returns how many reached an outcome here."""
         done = 0
-        while batch := await self._inbox.claim_some(self._node, CLAIM_BATCH):
+        while batch := await self._claim():
             done += await self._process_claimed(batch)
         return done
+
+    async def _claim(self) -> list[Document]:
+        if not self._sole_node:
+            return await self._inbox.claim_some(self._node, CLAIM_BATCH)
+        async with self._claiming:  # held before another worker reads what is waiting
+            batch = await self._inbox.waiting(CLAIM_BATCH, self._held)
+            self._held.update(doc["_id"] for doc in batch)
+            return batch
 
     async def _process_claimed(self, batch: list[Document]) -> int:
         """The messages of one claim, their leases renewed together, processed side by side:
@@ -193,7 +205,12 @@ class MailPipeline:
         left = [doc["_id"] for doc in batch]
         self._held.update(left)
         done = 0
-        async with renewing(partial(self._inbox.renew_some, left, self._node), "mail claim"):
+        leased = (
+            contextlib.nullcontext()
+            if self._sole_node
+            else renewing(partial(self._inbox.renew_some, left, self._node), "mail claim")
+        )
+        async with leased:
             read = await asyncio.gather(*(self._read(doc) for doc in batch))
             try:
                 lookups = await self._look_up([r for r in read if isinstance(r[1], ParsedMail)])
