@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
+
 from server.counters.crm import activity_facts
 from server.counters.rules import due_threshold
 from server.crm.access import Viewer
@@ -37,6 +39,22 @@ def counted_as(act: Document) -> Document:
 def is_incoming(act: Document) -> bool:
     """The counting rule's own answer, stored on the activity so counting is an index range."""
     return activity_facts(act).is_incoming
+
+
+@dataclass
+class NewActivity:
+    """One activity of ``ActivityService.add_many``: added by the system (no actor), with no
+    deadline."""
+
+    owner: Document
+    responsible_id: str
+    type_: str
+    direction: str
+    subject: str
+    description: str = ""
+    completed: bool = False
+    extra: Document = field(default_factory=dict)
+    history: Document = field(default_factory=dict)
 
 
 @dataclass
@@ -169,6 +187,88 @@ class ActivityService:
                 f"{subject or '(no subject)'}",
             )
         return await self._out(viewer_id or responsible_id, act, record_title(owner))
+
+    async def add_many(self, items: list[NewActivity]) -> list[str | Exception]:
+        """Append many activities at once (a batch of received mail): one insert of the
+        activities, one open-count update per record, one insert of the history entries,
+        and each record announced once with its final state, by construction rather than by
+        when each caller reached its write. Per item: the activity's id, or the exception
+        of its own insert (a ``DuplicateKeyError`` for a unique key already taken)."""
+        now = utcnow()
+        acts: list[Document] = []
+        for item in items:
+            act: Document = {
+                "_id": new_id(),
+                "owner_type": item.owner["type"],
+                "owner_id": item.owner["_id"],
+                "record_responsible_id": item.owner["responsible_id"],
+                "responsible_id": item.responsible_id,
+                "type": item.type_,
+                "direction": item.direction,
+                "missed": False,
+                "subject": item.subject,
+                "description": item.description,
+                "deadline": None,
+                "completed": item.completed,
+                "completed_at": now if item.completed else None,
+                "created_by": "",
+                "created_at": now,
+                "modified_at": now,
+                **item.extra,
+            }
+            act["incoming"] = is_incoming(act)
+            acts.append(act)
+        results: list[str | Exception] = [a["_id"] for a in acts]
+        if not acts:
+            return results
+        try:
+            await self.core.activities.insert_many(acts, ordered=False)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise
+            for error in exc.details.get("writeErrors", []):
+                index = int(error["index"])
+                message = error.get("errmsg", "")
+                results[index] = (
+                    DuplicateKeyError(message, 11000, error)
+                    if error.get("code") == 11000
+                    else WriteError(message, error.get("code"), error)
+                )
+        stored = [
+            (item, act)
+            for item, act, r in zip(items, acts, results, strict=True)
+            if not isinstance(r, Exception)
+        ]
+        if not stored:
+            return results
+        self.core.counters.activities_changed(*((None, act) for _item, act in stored))
+        owners: dict[str, Document] = {}
+        opened: dict[str, int] = {}
+        for item, act in stored:
+            owners.setdefault(item.owner["_id"], item.owner)
+            if not act["completed"]:
+                opened[item.owner["_id"]] = opened.get(item.owner["_id"], 0) + 1
+        for record_id, n in opened.items():
+            owners[record_id] = await self._count_open(owners[record_id], +n)
+        await self.core.record_histories(
+            [
+                (
+                    owners[item.owner["_id"]],
+                    None,
+                    "activity_added",
+                    "activity",
+                    None,
+                    {"id": act["_id"], "type": act["type"], **item.history},
+                )
+                for item, act in stored
+            ]
+        )
+        # Side by side, so that the stream writer stores their events in few inserts.
+        await asyncio.gather(
+            *(self.core.announce_activity(act, owners[act["owner_id"]]) for _item, act in stored)
+        )
+        await asyncio.gather(*(self.core.announce_record(owner) for owner in owners.values()))
+        return results
 
     async def _count_open(self, owner: Document, delta: int) -> Document:
         """Move the record's count of open activities; the record as it is then. The idle

@@ -330,12 +330,24 @@ class RawInbox:
     async def finish(
         self, raw_id: str, status: str, result: Document, message_id: str | None = None
     ) -> None:
-        done: Document = {"status": status, "result": result, "processed_at": utcnow()}
-        if message_id:
-            done["message_id"] = message_id
-        await self.outcomes.update(
-            UpdateOne({"_id": raw_id}, {"$set": done, "$unset": {"claimed_by": "", "claim": ""}})
-        )
+        await self.finish_many([(raw_id, status, result, message_id)])
+
+    async def finish_many(self, outcomes: list[tuple[str, str, Document, str | None]]) -> None:
+        """Messages' outcomes; those of one batch (given together) in one write."""
+        ops = []
+        for raw_id, status, result, message_id in outcomes:
+            done: Document = {"status": status, "result": result, "processed_at": utcnow()}
+            if message_id:
+                done["message_id"] = message_id
+            ops.append(
+                UpdateOne(
+                    {"_id": raw_id}, {"$set": done, "$unset": {"claimed_by": "", "claim": ""}}
+                )
+            )
+        if len(ops) == 1:
+            await self.outcomes.update(ops[0])
+        elif ops:
+            await self.collection.bulk_write(ops, ordered=False)
 
     async def release(self, raw_id: str, error: str, retry_at: datetime) -> None:
         """Processing failed: tried again at ``retry_at`` (by any node: no holder)."""
