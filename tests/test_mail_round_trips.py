@@ -28,7 +28,7 @@ from tests.harness import HubHarness, start_hub
 from tests.test_hot_queries import plan_of
 from tests.test_mail_bridge import Sink, mail_setup, send_from_deal
 from tests.test_mail_bridge import sink as sink
-from tests.test_mail_crm import mail, plus_address
+from tests.test_mail_crm import mail, notices, plus_address
 
 INBOX = "crm@portal.test"
 
@@ -346,3 +346,38 @@ async def test_on_the_embedded_database_a_raw_message_is_written_once_after_its_
     assert await store["mail_raw"].count_documents({"status": "done"}) == 2 * len(raw_updates)
     async for doc in store["mail_raw"].find({"status": "done"}):
         assert b"Carl Client" in await hub.services.mail.inbox.raw_of(doc)
+
+
+async def test_a_batch_of_replies_to_one_record_makes_one_notice_naming_them(
+    counted: tuple[HubHarness, Commands], sink: Sink
+) -> None:
+    """The responsible person is told once per record of a batch's new mail (one chat write,
+    not one per reply), and the notice names each reply's sender and subject."""
+    hub, _commands = counted
+    ctx = await mail_setup(hub)
+    sent = await send_from_deal(hub, ctx, sink)
+    await marked_sent(hub)
+    before = await notices(hub, ctx["mary_id"])
+    by_code = [
+        mail(
+            "Carl Client <client@example.test>",
+            f"RE: {sent['Subject']}",
+            f"by code {n}",
+            to=plus_address(sent),
+        ).as_bytes()
+        for n in range(3)
+    ]
+    await store_all(hub, by_code)
+    assert await hub.services.mail.pipeline.drain() == 3
+    await quiet(hub)
+    new = (await notices(hub, ctx["mary_id"]))[len(before) :]
+    assert len(new) == 1, new
+    (told,) = new
+    assert told.startswith(f"3 new emails on “{ctx['deal']['title']}”: "), told
+    assert told.count(f"Carl Client: RE: {sent['Subject']}") == 3, told
+    # one reply alone: the notice it always had
+    await store_all(hub, replies(sent, 1, "alone"))
+    assert await hub.services.mail.pipeline.drain() == 1
+    await quiet(hub)
+    (alone,) = (await notices(hub, ctx["mary_id"]))[len(before) + 1 :]
+    assert alone.startswith("New email from Carl Client on "), alone
