@@ -267,7 +267,11 @@ class ActivityService:
         await asyncio.gather(
             *(self.core.announce_activity(act, owners[act["owner_id"]]) for _item, act in stored)
         )
-        await asyncio.gather(*(self.core.announce_record(owner) for owner in owners.values()))
+        # Their indicators from one read of the records' open activities.
+        open_acts = await self.core.open_activities_of(list(owners))
+        await asyncio.gather(
+            *(self.core.announce_record(o, activities=open_acts) for o in owners.values())
+        )
         return results
 
     async def _count_open(self, owner: Document, delta: int) -> Document:
