@@ -11,10 +11,12 @@ guarded by the state read, so that "before" is what was really there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from server.counters.crm import activity_facts
@@ -248,8 +250,9 @@ class ActivityService:
             owners.setdefault(item.owner["_id"], item.owner)
             if not act["completed"]:
                 opened[item.owner["_id"]] = opened.get(item.owner["_id"], 0) + 1
-        for record_id, n in opened.items():
-            owners[record_id] = await self._count_open(owners[record_id], +n)
+        owners.update(
+            await self._count_open_many({rid: (owners[rid], n) for rid, n in opened.items()})
+        )
         await self.core.record_histories(
             [
                 (
@@ -296,6 +299,71 @@ class ActivityService:
             turn.waiting -= 1
             if not turn.waiting:
                 self._open_turns.pop(record_id, None)
+
+    async def _count_open_many(
+        self, changes: dict[str, tuple[Document, int]]
+    ) -> dict[str, Document]:
+        """``_count_open`` for several records in one write: each update guarded by the count
+        read, as there, and marked with this write's token, so that when some guard missed
+        (another node moved a count first) a read of the records tells which were applied;
+        those are then counted one by one. Holds the records' turns (in id order: no two
+        writers wait for each other)."""
+        if len(changes) <= 1:
+            return {
+                rid: await self._count_open(owner, delta) for rid, (owner, delta) in changes.items()
+            }
+        async with contextlib.AsyncExitStack() as turns:
+            current: dict[str, Document] = {}
+            held: list[tuple[str, _Turn]] = []
+            for rid in sorted(changes):
+                turn = self._open_turns.get(rid)
+                if turn is None:
+                    turn = self._open_turns[rid] = _Turn()
+                turn.waiting += 1
+                held.append((rid, turn))
+                turns.callback(self._leave_turn, rid, turn)
+                await turns.enter_async_context(turn.lock)
+                current[rid] = turn.last or changes[rid][0]
+            token = new_id()
+            result = await self.core.records.bulk_write(
+                [
+                    UpdateOne(
+                        {"_id": rid, "open_activities": current[rid].get("open_activities")},
+                        {"$inc": {"open_activities": delta}, "$set": {"open_batch": token}},
+                    )
+                    for rid, (_owner, delta) in changes.items()
+                ],
+                ordered=False,
+            )
+            applied = set(changes)
+            if result.matched_count < len(changes):
+                applied = {
+                    r["_id"]
+                    async for r in self.core.records.find(
+                        {"_id": {"$in": list(changes)}}, {"open_batch": 1}
+                    )
+                    if r.get("open_batch") == token
+                }
+            after: dict[str, Document] = {}
+            pairs = []
+            for rid, (_owner, delta) in changes.items():
+                if rid in applied:
+                    before = current[rid]
+                    count = int(before.get("open_activities", 0)) + delta
+                    after[rid] = {**before, "open_activities": count}
+                    pairs.append((before, after[rid]))
+                else:  # moved by someone else first: read again and counted alone
+                    after[rid] = await self._count_open_now(current[rid], delta)
+            if pairs:
+                self.core.counters.records_changed(*pairs)
+            for rid, turn in held:
+                turn.last = after[rid]
+            return after
+
+    def _leave_turn(self, record_id: str, turn: _Turn) -> None:
+        turn.waiting -= 1
+        if not turn.waiting:
+            self._open_turns.pop(record_id, None)
 
     async def _count_open_now(self, owner: Document, delta: int) -> Document:
         current: Document | None = owner
