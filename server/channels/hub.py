@@ -441,14 +441,12 @@ class Hub:
             await self._emit(
                 "presence.changed", await self._presence.own_view(conn.user_id), to=sid
             )
-            heads = snapshot["streams"]
             for stream in streams:
                 # Without a position the client loads current state after the snapshot, so
                 # what it needs live is what comes after the snapshot's head.
-                since, floor = conn.since.get(stream), heads.get(stream)
-                if since is None and self._live_at_once(conn, stream, floor):
-                    continue
-                await self._catch_up(conn, stream, since, floor)
+                await self._catch_up(
+                    conn, stream, conn.since.get(stream), snapshot["streams"].get(stream)
+                )
             counters = self._caught_up_parts.get("counters")
             if counters is not None:
                 # Counters in the snapshot were computed before the stream heads were read:
@@ -554,24 +552,6 @@ class Hub:
                 last = event.seq
             buffer = conn.buffers.get(stream)
         self._stop_replaying(stream, conn.sid)
-
-    def _live_at_once(self, conn: Connection, stream: str, floor: int | None) -> bool:
-        """``_catch_up`` of a stream with no position, when it has nothing to send or wait
-        for: switched to live with no await. Most of a connect's streams are like that, and an
-        await chain per stream was a measurable share of a connect with dozens of chats. The
-        same checks as ``_catch_up``'s, in its order; False (nothing changed) when any of them
-        needs more, and ``_catch_up`` does it all."""
-        last = floor if floor is not None else -1
-        if last > 0 and not self._streams.published_through(stream, last):
-            return False
-        if last >= 0:
-            live_from = self._bus.caught_up_now(stream, last)
-            if live_from is None or live_from > last:
-                return False  # the bus must pull, or what lies between is to be read
-        if conn.buffers.get(stream):
-            return False  # live events held meanwhile: sent (or dropped) by _catch_up
-        self._stop_replaying(stream, conn.sid)
-        return True
 
     def _note_membership(self, conn: Connection, event: Event) -> None:
         """A replayed join of a stream the client has no position for: replay it from the join."""

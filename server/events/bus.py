@@ -37,11 +37,6 @@ class EventBus(Protocol):
         from the database), so a reader needing them reads them too."""
         ...
 
-    def caught_up_now(self, stream: str, seq: int) -> int | None:
-        """``caught_up`` when it has nothing to wait for, with no await (a connect catching
-        up on dozens of streams at their heads); None when only ``caught_up`` can tell."""
-        ...
-
 
 class InProcessBus:
     """Calls every subscriber in subscription order; a failing subscriber is logged, not fatal."""
@@ -73,7 +68,4 @@ class InProcessBus:
     async def caught_up(self, stream: str, seq: int) -> int:
         """One node: every stored event is published here, in order (StreamLog waits for
         the ones in flight), so there is nothing to pull."""
-        return seq
-
-    def caught_up_now(self, stream: str, seq: int) -> int | None:
         return seq

@@ -157,10 +157,6 @@ class RedisBus:
                 await self._fill(stream, passed, seq)
             return max(seq, self._passed.get(stream, seq))
 
-    def caught_up_now(self, stream: str, seq: int) -> int | None:
-        """Always None: ``caught_up`` takes the stream's lock and may pull from Redis."""
-        return None
-
     # lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -395,16 +395,12 @@ class StreamLog:
         """
 
         def settled() -> bool:
-            return self.published_through(stream, seq)
+            inflight = self._inflight.get(stream)
+            return inflight is None or self._published.get(stream, 0) >= min(seq, inflight)
 
         if not settled():
             async with self._progress:
                 await self._progress.wait_for(settled)
-
-    def published_through(self, stream: str, seq: int) -> bool:
-        """Whether ``wait_published(stream, seq)`` would return at once."""
-        inflight = self._inflight.get(stream)
-        return inflight is None or self._published.get(stream, 0) >= min(seq, inflight)
 
     def known_head(self, stream: str) -> int | None:
         """The head as this node knows it for sure (its own appends, events it has seen), or

@@ -77,9 +77,6 @@ class ObservedBus:
     async def caught_up(self, stream: str, seq: int) -> int:
         return await self.inner.caught_up(stream, seq)
 
-    def caught_up_now(self, stream: str, seq: int) -> int | None:
-        return self.inner.caught_up_now(stream, seq)
-
     def _traced(self, handler: EventHandler) -> EventHandler:
         @functools.wraps(handler)
         async def deliver(event: Event) -> None:
