@@ -192,27 +192,3 @@ async def test_concurrent_messages_share_journaled_writes_and_each_gets_its_answ
         assert sorted(kept) == sorted({r.id for r in results})
         for raw, stored in zip(raws, results, strict=False):
             assert await inbox.raw_of({"_id": stored.id}) == raw
-
-
-async def test_a_burst_of_stores_holds_the_pipeline_back_but_not_for_good(store: Store) -> None:
-    """The pipeline's workers wait for a lull while senders wait for their 250s
-    (``GroupCommit.lull``), bounded by the burst's age so that a steady load is kept up with."""
-    from server.store import groupcommit
-
-    commits = groupcommit.GroupCommit(store["burst_probe"])
-    for n in range(3):  # a trickle is no burst: nothing waits for it
-        await commits.insert({"_id": f"t{n}"}, 10)
-    assert not commits.busy()
-    await asyncio.wait_for(commits.lull(60.0), 1.0)
-
-    await asyncio.gather(
-        *(commits.insert({"_id": f"b{n}"}, 10) for n in range(groupcommit.BUSY_INSERTS))
-    )
-    assert commits.busy()
-    # Waits while the burst is young, returns once it is older than ``longest`` although the
-    # inserts of the last second still count as one (a load to keep up with, not to outwait).
-    await asyncio.wait_for(commits.lull(0.2), groupcommit.BUSY_WINDOW_SECONDS / 2)
-    assert commits.busy()
-    await asyncio.sleep(groupcommit.BUSY_WINDOW_SECONDS + 0.1)
-    assert not commits.busy()
-    assert await store["burst_probe"].count_documents({}) == 3 + groupcommit.BUSY_INSERTS

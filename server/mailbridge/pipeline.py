@@ -58,12 +58,6 @@ IDLE_POLL_SECONDS = 5.0
 # concurrent findAndModify claims were seen to hang the embedded database.
 WORKERS = 4
 CLAIM_BATCH = 8
-# While messages arrive in a burst (``GroupCommit.busy``) the workers claim nothing new for
-# up to this long from the burst's start: the pipeline's writes share the one database (one
-# command at a time) with the listener's journaled inserts, and every sender waits for its
-# 250 while a stored message can wait for its outcome. A burst longer than this is a load
-# to keep up with, and the workers claim again.
-BURST_YIELD_SECONDS = 5.0
 LEAD_WAIT_SECONDS = 5.0
 PREVIEW_CHARS = 500  # of an unmatched mail's text, for the list admins assign from
 MAX_REFERENCES_KEPT = 20  # of an incoming mail's References, for a reply's own
@@ -215,7 +209,7 @@ class MailPipeline:
     async def _run(self) -> None:
         while True:
             try:
-                await self.drain(yields=True)
+                await self.drain()
             except Exception:
                 raise_if_stopping()
                 log.exception("mail pipeline round failed")
@@ -223,16 +217,10 @@ class MailPipeline:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
 
-    async def drain(self, yields: bool = False) -> int:
-        """Process every message waiting; returns how many reached an outcome here. One that
-        ``yields`` lets a burst of incoming messages be stored first (``BURST_YIELD_SECONDS``)."""
+    async def drain(self) -> int:
+        """Process every message waiting; returns how many reached an outcome here."""
         done = 0
-        while True:
-            if yields:
-                await self._inbox.commits.lull(BURST_YIELD_SECONDS)
-            batch = await self._claim()
-            if not batch:
-                break
+        while batch := await self._claim():
             done += await self._process_claimed(batch)
         return done
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from typing import Any
 
 from pymongo import UpdateOne, WriteConcern
@@ -34,13 +33,6 @@ JOURNALED = WriteConcern(w=1, j=True)
 MAX_BATCH_DOCS = 64
 MAX_BATCH_BYTES = 16 << 20  # an 8 MiB message alone is one flush anyway
 CLOSE_WAIT_SECONDS = 10.0
-# Inserts begun within the last BUSY_WINDOW_SECONDS that make a burst: while one lasts, work
-# that can wait (the mail pipeline's extra workers) holds back, so that the database, which
-# serves one command at a time, answers the senders waiting for their 250 first. A steady
-# trickle (a message every 50 ms or slower) never counts as one.
-BUSY_WINDOW_SECONDS = 1.0
-BUSY_INSERTS = 20
-LULL_POLL_SECONDS = 0.05
 
 # A document, its size, the document of its bytes (or None), the caller's answer.
 _Waiter = tuple[Document, int, Document | None, "asyncio.Future[None]"]
@@ -73,41 +65,13 @@ class GroupCommit:
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0  # journaled writes made, for tests and the benchmark
         self.inserted = 0
-        self._recent: deque[float] = deque()  # when the inserts of the last window began
-        self._busy_since: float | None = None  # when the burst under way began
-
-    def busy(self) -> bool:
-        """Whether inserts are arriving in a burst (see ``BUSY_INSERTS``)."""
-        now = asyncio.get_running_loop().time()
-        while self._recent and self._recent[0] < now - BUSY_WINDOW_SECONDS:
-            self._recent.popleft()
-        if len(self._recent) < BUSY_INSERTS and len(self._pending) < BUSY_INSERTS:
-            self._busy_since = None
-            return False
-        if self._busy_since is None:
-            self._busy_since = now
-        return True
-
-    async def lull(self, longest: float) -> None:
-        """Returns once no burst of inserts is under way, or once the burst has lasted
-        ``longest`` seconds: a long burst is a load to keep up with, and what waited for a
-        lull must not fall behind it for good."""
-        loop = asyncio.get_running_loop()
-        while self.busy():
-            assert self._busy_since is not None
-            left = self._busy_since + longest - loop.time()
-            if left <= 0:
-                return
-            await asyncio.sleep(min(LULL_POLL_SECONDS, left))
 
     async def insert(self, doc: Document, size: int, companion: Document | None = None) -> None:
         """Returns once ``doc`` (and its ``companion``) is on disk; raises
         ``DuplicateKeyError`` for a unique key already taken, or whatever failed the write
         (nothing was acknowledged then)."""
         assert companion is None or self._companions is not None
-        loop = asyncio.get_running_loop()
-        self._recent.append(loop.time())
-        future: asyncio.Future[None] = loop.create_future()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((doc, size, companion, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all(), name="group-commit")
