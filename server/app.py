@@ -115,6 +115,8 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     tasks = TaskService(store, streams, directory, im, bus, settings)
     directory.workgroup_hooks.append(tasks)
     scheduler = Scheduler(store)
+    # The pollers' queries go in the gaps between the batches of events (background.Gap).
+    scheduler.gap = auth_service.sessions.gap = streams.after_batch
     scheduler.handle("task-deadline", tasks.deadline_reached)
     tasks.on_schedule_changed.append(scheduler.wake)
     crm = Crm.build(settings, store, streams, bus, directory, im)
