@@ -123,6 +123,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     scheduler.handle("crm-counters", crm.counters.time_reached)
     scheduler.handle(CHECK_JOB, crm.counters.check_some)
     mail = MailBridge(settings, store, crm, im, node, bus)
+    mail.pipeline.gap = streams.after_batch
     crm.counters.on_schedule_changed.append(scheduler.wake)
     hub = Hub(
         settings,
