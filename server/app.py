@@ -86,6 +86,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
         streams,
         bus,
         cache_ttl_seconds=settings.cache_ttl_seconds,
+        cache_stale_seconds=settings.cache_stale_seconds,
         cache_entries=settings.cache_max_entries,
     )
     auth_service = AuthService(store, directory, bus, settings)
@@ -347,6 +348,9 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         await svc.crm.records.core.close()
         await svc.hub.close()
         await svc.im.close()
+        await svc.tasks.close()
+        await svc.auth.close()
+        await svc.directory.close()
         await svc.streams.close()
         if svc.redis_bus is not None:
             await svc.redis_bus.close()

@@ -23,6 +23,7 @@ from server.counters.rules import (
     RecordFacts,
     badges_for,
 )
+from server.crm.activities import NewActivity
 from server.crm.models import CrmSettingsUpdate
 from server.events.models import EphemeralEvent
 from server.settings import Settings
@@ -1035,3 +1036,45 @@ def test_pushed_counters_always_equal_counters_recomputed_from_scratch(
     after time passed over deadlines and midnights, every connected user's merged pushes
     equal their counters recomputed from all records and activities."""
     asyncio.run(run_operations(base_settings, mode, first + then))
+
+
+async def test_activities_added_together_count_each_record_once_also_after_another_write(
+    hub: HubHarness,
+) -> None:
+    """``add_many`` (a batch of mail) moves the open counts of all its records in one write,
+    each guarded by the count it read: a record whose count another write moved first (here
+    an activity added after the batch read its records) is found by the write's token, read
+    again and counted on its own, so no count is lost or doubled and the pushed numbers
+    equal a recount."""
+    mary_id, mary = await hub.create_user("mary")
+    client = await hub.connect(mary)
+    await client.wait_for("snapshot")
+    first = await post(hub, mary, "/api/v1/crm/deals", {"title": "First"})
+    second = await post(hub, mary, "/api/v1/crm/deals", {"title": "Second"})
+    store = hub.services.store
+    read = {
+        d["_id"]: d
+        async for d in store["crm_records"].find({"_id": {"$in": [first["id"], second["id"]]}})
+    }
+    body = {"owner_type": "deal", "owner_id": first["id"], "type": "call", "direction": "incoming"}
+    await post(hub, mary, "/api/v1/crm/activities", body)  # moves the first's count
+    items = [
+        NewActivity(
+            owner=read[owner_id],
+            responsible_id=mary_id,
+            type_="email",
+            direction="incoming",
+            subject=f"mail {n}",
+        )
+        for n, owner_id in enumerate([first["id"], second["id"], second["id"]])
+    ]
+    results = await hub.services.crm.activities.add_many(items)
+    assert all(isinstance(r, str) for r in results), results
+    await settle_and_compare(hub, {"mary": client}, {"mary": mary_id})
+    assert client.crm_counters()["deal"]["incoming"] == 4
+    counts = {
+        d["_id"]: d["open_activities"]
+        async for d in store["crm_records"].find({"_id": {"$in": [first["id"], second["id"]]}})
+    }
+    assert counts == {first["id"]: 2, second["id"]: 2}, counts
+    assert (await hub.services.crm.counters.check()).stale_records == 0

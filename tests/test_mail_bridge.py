@@ -762,11 +762,13 @@ async def test_stored_mail_is_pruned_yet_copies_stay_duplicates_and_admins_clear
     await settled(mailhub)
     store = mailhub.services.store
     assert await mailhub.services.mail.prune() == {"incoming": 0, "outgoing": 0}  # too young
+    assert await store["mail_raw_data"].count_documents({}) == 1  # the bytes, kept apart
     future = await mailhub.services.mail.inbox.prune(utcnow() + timedelta(days=1))
     assert future == 1
     assert await mailhub.services.mail.outbox.prune(utcnow() + timedelta(days=1)) == 1
     kept = await store["mail_raw"].find_one({})
     assert kept is not None and "data" not in kept and kept["status"] == "done"
+    assert await store["mail_raw_data"].count_documents({}) == 0
     await deliver(mailhub, reply, ["crm@portal.test"])  # the same bytes again
     await settled(mailhub)
     assert await store["mail_raw"].count_documents({}) == 1

@@ -5,8 +5,11 @@ from __future__ import annotations
 import time  # bounds on super-linear work count CPU time, so a busy machine cannot fail them
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from server.crm.rules import RECORD_TYPES
+from server.mailbridge import codes
 from server.mailbridge.codes import (
     ALPHABET,
     CODE_LENGTH,
@@ -21,6 +24,7 @@ from server.mailbridge.codes import (
     strip_reply_prefixes,
     subject_with_code,
     verify,
+    without_breaks,
 )
 
 SECRET = b"s" * 32
@@ -286,3 +290,32 @@ def test_hostile_subjects_take_linear_time() -> None:
     assert find_codes("[CRM-" * 50_000) == []
     subject_with_code("CRM-" + "A" * 100_000, code())
     assert time.process_time() - started < 1
+
+
+# What the fast paths of ``find_codes`` replace, compared with the patterns themselves on text
+# made of the characters that matter to them (quote markers, line ends, dashes, a letter whose
+# lower case is longer, tags and entities).
+_NEAR_CODES = st.text(alphabet=list("crmCRM-_ \t\r\n>0189ABXZabxz\u0130<&;\u2013"), max_size=80)
+_A_CODE = st.text(alphabet=list(ALPHABET + "crmilo"), min_size=CODE_LENGTH, max_size=CODE_LENGTH)
+
+
+@given(_NEAR_CODES)
+def test_joining_wrapped_lines_does_what_the_pattern_did(text: str) -> None:
+    assert without_breaks(text) == codes._BREAK.sub("", text)
+
+
+@given(_NEAR_CODES, _A_CODE, _NEAR_CODES)
+def test_codes_are_looked_for_where_the_pattern_finds_them(
+    before: str, code: str, after: str
+) -> None:
+    for text in (before, f"{before}CRM-{code}{after}", f"{before}crm{code}CRM-{code}{after}"):
+        expected = [m.span() for m in codes._IN_TEXT.finditer(text)]
+        assert [m.span() for m in codes._codes_in(text)] == expected
+
+
+def test_a_code_wrapped_in_a_long_quoted_mail_is_found() -> None:
+    code = issue(REF, "A", SECRET)
+    quoted = "\n".join(f"> line {n} of what we wrote before" for n in range(300))
+    text = f"Thanks!\n\n{quoted}\n> Ref: [CRM-{code[:20]}\n>  {code[20:]}]\n{quoted}"
+    assert find_codes(text) == [code]
+    assert find_codes(text.replace("CRM", "crn")) == []

@@ -536,7 +536,7 @@ async def test_leads_from_mail_stop_at_the_hourly_limit_with_one_notice_and_a_li
     first = listed.body["mails"][-1]
     raw = await store["mail_raw"].find_one({"_id": first["id"]})
     assert raw is not None
-    again = bytes(raw["data"]).replace(b"\r\n", b"\n")  # as IMAP would hand it over
+    again = (await mailhub.services.mail.inbox.raw_of(raw)).replace(b"\r\n", b"\n")  # as IMAP
     await mailhub.services.mail.receive(again, Source("imap", "box", 1, 1))
     await settled(mailhub)
     listed = await mailhub.request("GET", "/api/v1/mail/unmatched", token=root)

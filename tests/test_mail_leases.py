@@ -187,3 +187,8 @@ async def test_concurrent_messages_share_journaled_writes_and_each_gets_its_answ
         assert inbox.commits.batches < inbox.commits.inserted  # gathered, not one by one
         doc = await store["mail_raw"].find_one({"_id": first.id})
         assert doc is not None and doc.get("copies") == 1
+        # the bytes of each message stored once, apart; the retry's were not left behind
+        kept = [d["_id"] async for d in store["mail_raw_data"].find({}, {"_id": 1})]
+        assert sorted(kept) == sorted({r.id for r in results})
+        for raw, stored in zip(raws, results, strict=False):
+            assert await inbox.raw_of({"_id": stored.id}) == raw

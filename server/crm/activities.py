@@ -11,9 +11,13 @@ guarded by the state read, so that "before" is what was really there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from pymongo import UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from server.counters.crm import activity_facts
 from server.counters.rules import due_threshold
@@ -37,6 +41,22 @@ def counted_as(act: Document) -> Document:
 def is_incoming(act: Document) -> bool:
     """The counting rule's own answer, stored on the activity so counting is an index range."""
     return activity_facts(act).is_incoming
+
+
+@dataclass
+class NewActivity:
+    """One activity of ``ActivityService.add_many``: added by the system (no actor), with no
+    deadline."""
+
+    owner: Document
+    responsible_id: str
+    type_: str
+    direction: str
+    subject: str
+    description: str = ""
+    completed: bool = False
+    extra: Document = field(default_factory=dict)
+    history: Document = field(default_factory=dict)
 
 
 @dataclass
@@ -170,6 +190,93 @@ class ActivityService:
             )
         return await self._out(viewer_id or responsible_id, act, record_title(owner))
 
+    async def add_many(self, items: list[NewActivity]) -> list[str | Exception]:
+        """Append many activities at once (a batch of received mail): one insert of the
+        activities, one open-count update per record, one insert of the history entries,
+        and each record announced once with its final state, by construction rather than by
+        when each caller reached its write. Per item: the activity's id, or the exception
+        of its own insert (a ``DuplicateKeyError`` for a unique key already taken)."""
+        now = utcnow()
+        acts: list[Document] = []
+        for item in items:
+            act: Document = {
+                "_id": new_id(),
+                "owner_type": item.owner["type"],
+                "owner_id": item.owner["_id"],
+                "record_responsible_id": item.owner["responsible_id"],
+                "responsible_id": item.responsible_id,
+                "type": item.type_,
+                "direction": item.direction,
+                "missed": False,
+                "subject": item.subject,
+                "description": item.description,
+                "deadline": None,
+                "completed": item.completed,
+                "completed_at": now if item.completed else None,
+                "created_by": "",
+                "created_at": now,
+                "modified_at": now,
+                **item.extra,
+            }
+            act["incoming"] = is_incoming(act)
+            acts.append(act)
+        results: list[str | Exception] = [a["_id"] for a in acts]
+        if not acts:
+            return results
+        try:
+            await self.core.activities.insert_many(acts, ordered=False)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise
+            for error in exc.details.get("writeErrors", []):
+                index = int(error["index"])
+                message = error.get("errmsg", "")
+                results[index] = (
+                    DuplicateKeyError(message, 11000, error)
+                    if error.get("code") == 11000
+                    else WriteError(message, error.get("code"), error)
+                )
+        stored = [
+            (item, act)
+            for item, act, r in zip(items, acts, results, strict=True)
+            if not isinstance(r, Exception)
+        ]
+        if not stored:
+            return results
+        self.core.counters.activities_changed(*((None, act) for _item, act in stored))
+        owners: dict[str, Document] = {}
+        opened: dict[str, int] = {}
+        for item, act in stored:
+            owners.setdefault(item.owner["_id"], item.owner)
+            if not act["completed"]:
+                opened[item.owner["_id"]] = opened.get(item.owner["_id"], 0) + 1
+        owners.update(
+            await self._count_open_many({rid: (owners[rid], n) for rid, n in opened.items()})
+        )
+        await self.core.record_histories(
+            [
+                (
+                    owners[item.owner["_id"]],
+                    None,
+                    "activity_added",
+                    "activity",
+                    None,
+                    {"id": act["_id"], "type": act["type"], **item.history},
+                )
+                for item, act in stored
+            ]
+        )
+        # Side by side, so that the stream writer stores their events in few inserts.
+        await asyncio.gather(
+            *(self.core.announce_activity(act, owners[act["owner_id"]]) for _item, act in stored)
+        )
+        # Their indicators from one read of the records' open activities.
+        open_acts = await self.core.open_activities_of(list(owners))
+        await asyncio.gather(
+            *(self.core.announce_record(o, activities=open_acts) for o in owners.values())
+        )
+        return results
+
     async def _count_open(self, owner: Document, delta: int) -> Document:
         """Move the record's count of open activities; the record as it is then. The idle
         number takes the count's real before and after: the write is guarded by the count
@@ -192,6 +299,71 @@ class ActivityService:
             turn.waiting -= 1
             if not turn.waiting:
                 self._open_turns.pop(record_id, None)
+
+    async def _count_open_many(
+        self, changes: dict[str, tuple[Document, int]]
+    ) -> dict[str, Document]:
+        """``_count_open`` for several records in one write: each update guarded by the count
+        read, as there, and marked with this write's token, so that when some guard missed
+        (another node moved a count first) a read of the records tells which were applied;
+        those are then counted one by one. Holds the records' turns (in id order: no two
+        writers wait for each other)."""
+        if len(changes) <= 1:
+            return {
+                rid: await self._count_open(owner, delta) for rid, (owner, delta) in changes.items()
+            }
+        async with contextlib.AsyncExitStack() as turns:
+            current: dict[str, Document] = {}
+            held: list[tuple[str, _Turn]] = []
+            for rid in sorted(changes):
+                turn = self._open_turns.get(rid)
+                if turn is None:
+                    turn = self._open_turns[rid] = _Turn()
+                turn.waiting += 1
+                held.append((rid, turn))
+                turns.callback(self._leave_turn, rid, turn)
+                await turns.enter_async_context(turn.lock)
+                current[rid] = turn.last or changes[rid][0]
+            token = new_id()
+            result = await self.core.records.bulk_write(
+                [
+                    UpdateOne(
+                        {"_id": rid, "open_activities": current[rid].get("open_activities")},
+                        {"$inc": {"open_activities": delta}, "$set": {"open_batch": token}},
+                    )
+                    for rid, (_owner, delta) in changes.items()
+                ],
+                ordered=False,
+            )
+            applied = set(changes)
+            if result.matched_count < len(changes):
+                applied = {
+                    r["_id"]
+                    async for r in self.core.records.find(
+                        {"_id": {"$in": list(changes)}}, {"open_batch": 1}
+                    )
+                    if r.get("open_batch") == token
+                }
+            after: dict[str, Document] = {}
+            pairs = []
+            for rid, (_owner, delta) in changes.items():
+                if rid in applied:
+                    before = current[rid]
+                    count = int(before.get("open_activities", 0)) + delta
+                    after[rid] = {**before, "open_activities": count}
+                    pairs.append((before, after[rid]))
+                else:  # moved by someone else first: read again and counted alone
+                    after[rid] = await self._count_open_now(current[rid], delta)
+            if pairs:
+                self.core.counters.records_changed(*pairs)
+            for rid, turn in held:
+                turn.last = after[rid]
+            return after
+
+    def _leave_turn(self, record_id: str, turn: _Turn) -> None:
+        turn.waiting -= 1
+        if not turn.waiting:
+            self._open_turns.pop(record_id, None)
 
     async def _count_open_now(self, owner: Document, delta: int) -> Document:
         current: Document | None = owner

@@ -284,13 +284,44 @@ class CrmCore:
             1,
         )
 
-    async def announce_record(self, doc: Document, previous_responsible: str | None = None) -> None:
+    async def record_histories(
+        self, entries: list[tuple[Document, str | None, str, str | None, Any, Any]]
+    ) -> None:
+        """Many history entries (``record_history``'s arguments each) in one insert."""
+        if not entries:
+            return
+        at = utcnow()
+        await self.store["crm_history"].insert_many(
+            [
+                {
+                    "_id": new_id(),
+                    "record_type": doc["type"],
+                    "record_id": doc["_id"],
+                    "user_id": actor_id,
+                    "kind": kind,
+                    "field": field,
+                    "before": plain(before),
+                    "after": plain(after),
+                    "at": at,
+                }
+                for doc, actor_id, kind, field, before, after in entries
+            ]
+        )
+
+    async def announce_record(
+        self,
+        doc: Document,
+        previous_responsible: str | None = None,
+        activities: dict[str, list[ActivityFacts]] | None = None,
+    ) -> None:
         """Tell everyone who sees the record its new state, each with their own indicator;
-        those who saw it only through the previous responsible person lose it."""
+        those who saw it only through the previous responsible person lose it.
+        ``activities``: the record's open activities, read for several records at once
+        (``open_activities_of``); left out, read here."""
         snapshot = await self.access.snapshot()
         viewer_ids = snapshot.viewers_of(doc["responsible_id"])
         viewers = [snapshot.viewer(uid) for uid in viewer_ids]
-        indicators = await self.indicators(viewers, [doc])
+        indicators = await self.indicators(viewers, [doc], activities)
         contacts = await self.company_contacts(doc["_id"]) if doc["type"] == "company" else None
         sends = [
             self.streams.append(

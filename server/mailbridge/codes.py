@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import html
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -189,15 +189,65 @@ def find_codes(text: str) -> list[str]:
         views.append(html.unescape(_TAG.sub("", text)))
     # The same again with line breaks and quote markers taken out (a code wrapped inside a
     # quoted line). It glues words together too, which only ever loses candidates there,
-    # never makes a false one: whatever is found still has to verify.
-    views.extend([_BREAK.sub("", view) for view in views if "\n" in view])
+    # never makes a false one: whatever is found still has to verify. Only where "crm" can
+    # be in it: with every space, line break and ``>`` taken out (more than the joining
+    # takes out, so nothing is missed) the text must still hold it.
+    views.extend(
+        [
+            without_breaks(view)
+            for view in views
+            if "\n" in view and "crm" in view.lower().translate(_GLUED)
+        ]
+    )
     found: dict[str, None] = {}
     for view in views:
-        for match in _IN_TEXT.finditer(view):
+        for match in _codes_in(view):
             code = normalise(match.group(1))
             if code is not None:
                 found.setdefault(code)
     return list(found)
+
+
+def _codes_in(text: str) -> Iterator[re.Match[str]]:
+    """``_IN_TEXT.finditer(text)``, tried only where "crm" (any case) starts: the pattern
+    begins with a look-behind, so it would be tried at every position of a long mail."""
+    low = text.lower()
+    if len(low) != len(text):  # a letter whose lower case is longer: positions differ
+        yield from _IN_TEXT.finditer(text)
+        return
+    at = low.find("crm")
+    while at >= 0:
+        match = _IN_TEXT.match(text, at)  # the look-behind still sees what is before ``at``
+        if match is not None:
+            yield match
+            at = match.end()
+        else:
+            at += 1
+        at = low.find("crm", at)
+
+
+_GLUED = str.maketrans("", "", " \t\r\n>")
+
+
+def without_breaks(text: str) -> str:
+    """``text`` with every line break taken out, with the spaces and tabs before it (and a
+    carriage return just before it) and the spaces, tabs and quote markers after it: what
+    ``_BREAK.sub("", text)`` makes, by lines, several times faster than the pattern, which is
+    tried at every position of a long quoted mail."""
+    lines = text.split("\n")
+    if len(lines) == 1:
+        return text
+    out = []
+    last = len(lines) - 1
+    for n, line in enumerate(lines):
+        if n:
+            line = line.lstrip(" \t>")
+        if n < last:
+            if line.endswith("\r"):
+                line = line[:-1]
+            line = line.rstrip(" \t")
+        out.append(line)
+    return "".join(out)
 
 
 def code_from_address(local_part: str, inbox_local: str) -> str | None:

@@ -6,6 +6,12 @@ journaled (``groupcommit.py``), as is the answer for a copy already stored. The 
 claims stored messages with a lease (``leases.py``), so a crash at any point leaves the
 message to be processed again: nothing accepted is lost.
 
+A message's bytes are a document of their own in ``mail_raw_data`` (same ``_id``), written
+once and never updated; the ``mail_raw`` document beside it holds the queue's state (the
+lease, the outcome) and is updated as the message is processed: an update there no longer
+rewrites 13+ KiB of bytes. (Messages stored by older versions keep theirs inline in
+``data``.)
+
 The same message arriving twice is stored once: the SHA-256 of the bytes is unique, and so
 is (mailbox, UIDVALIDITY, UID) for IMAP. A resent copy with other bytes but the same
 Message-ID is caught by the pipeline.
@@ -63,7 +69,7 @@ class RawInbox:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._files = AsyncGridFSBucket(store.db, bucket_name="mail_raw_files")
-        self.commits = GroupCommit(store["mail_raw"])
+        self.commits = GroupCommit(store["mail_raw"], companions=store["mail_raw_data"])
         # The outcomes of messages processed side by side: one bulk write for those ready
         # together.
         self.outcomes = GroupUpdate(store["mail_raw"])
@@ -71,6 +77,10 @@ class RawInbox:
     @property
     def collection(self) -> Any:
         return self._store["mail_raw"]
+
+    @property
+    def bytes_collection(self) -> Any:
+        return self._store["mail_raw_data"]
 
     async def close(self) -> None:
         await self.commits.close()
@@ -117,15 +127,16 @@ class RawInbox:
         if key is not None:
             doc["imap_key"] = key
         file_id = None
+        data: Document | None = None
         if len(raw) <= INLINE_LIMIT:
-            doc["data"] = Binary(raw)
+            data = {"_id": doc["_id"], "data": Binary(raw)}
         else:
             # Not journaled by itself: the journaled insert of the document after it flushes
             # the database's log through these chunks too.
             file_id = await self._files.upload_from_stream(f"{digest}.eml", raw)
             doc["file_id"] = file_id
         try:
-            await self.commits.insert(doc, len(raw) if file_id is None else 1024)
+            await self.commits.insert(doc, len(raw) if file_id is None else 1024, data)
         except DuplicateKeyError:
             # The same bytes (or the same IMAP message) stored meanwhile by another path.
             if file_id is not None:
@@ -185,12 +196,46 @@ class RawInbox:
         return Stored(raw_id, False)
 
     async def raw_of(self, doc: Document) -> bytes:
-        if "data" not in doc and "file_id" not in doc:  # read without its bytes
+        if "data" not in doc and "file_id" not in doc:
+            own = await self.bytes_collection.find_one({"_id": doc["_id"]})
+            if own is not None:
+                return bytes(own["data"])
+            # stored by an older version (inline), or read without its bytes
             doc = await self.collection.find_one({"_id": doc["_id"]}) or doc
         if "data" in doc:
             return bytes(doc["data"])
         stream = await self._files.open_download_stream(doc["file_id"])
         return bytes(await stream.read())
+
+    async def with_bytes(self, docs: list[Document]) -> list[Document]:
+        """``docs`` with the bytes kept apart (``mail_raw_data``) read into their ``data``,
+        one query for the lot; those without any (GridFS, older ones) are read by
+        ``raw_of``."""
+        ids = [d["_id"] for d in docs if "data" not in d and "file_id" not in d]
+        if ids:
+            found = {
+                d["_id"]: d["data"] async for d in self.bytes_collection.find({"_id": {"$in": ids}})
+            }
+            for doc in docs:
+                if doc["_id"] in found:
+                    doc["data"] = found[doc["_id"]]
+        return docs
+
+    async def waiting(self, limit: int, held: set[str]) -> list[Document]:
+        """Up to ``limit`` of the messages waiting longest, leaving out ``held`` (those this
+        node is processing), with their bytes; no write. For the embedded database, where this
+        node is the only one: its leases are the ``held`` it keeps in memory (a process that
+        died held nothing then, so its messages are taken at once at the next start). Filtered
+        on the claim index only (the embedded database scans the collection otherwise): the
+        held ones are left out here."""
+        found = [
+            d
+            async for d in self.collection.find(
+                {"status": "pending", "claimed_until": {"$lt": utcnow()}}
+            ).limit(limit + len(held))
+            if d["_id"] not in held
+        ]
+        return await self.with_bytes(found[:limit])
 
     async def claim(self, node: str) -> Document | None:
         """The oldest message waiting (or whose processing lease ran out), leased to
@@ -232,7 +277,7 @@ class RawInbox:
             d["_id"]: d
             async for d in self.collection.find({"_id": {"$in": waiting}, "claim": token})
         }
-        return [claimed[i] for i in waiting if i in claimed]
+        return await self.with_bytes([claimed[i] for i in waiting if i in claimed])
 
     async def renew(self, raw_id: str, node: str) -> bool:
         return await self.renew_some([raw_id], node)
@@ -285,12 +330,24 @@ class RawInbox:
     async def finish(
         self, raw_id: str, status: str, result: Document, message_id: str | None = None
     ) -> None:
-        done: Document = {"status": status, "result": result, "processed_at": utcnow()}
-        if message_id:
-            done["message_id"] = message_id
-        await self.outcomes.update(
-            UpdateOne({"_id": raw_id}, {"$set": done, "$unset": {"claimed_by": "", "claim": ""}})
-        )
+        await self.finish_many([(raw_id, status, result, message_id)])
+
+    async def finish_many(self, outcomes: list[tuple[str, str, Document, str | None]]) -> None:
+        """Messages' outcomes; those of one batch (given together) in one write."""
+        ops = []
+        for raw_id, status, result, message_id in outcomes:
+            done: Document = {"status": status, "result": result, "processed_at": utcnow()}
+            if message_id:
+                done["message_id"] = message_id
+            ops.append(
+                UpdateOne(
+                    {"_id": raw_id}, {"$set": done, "$unset": {"claimed_by": "", "claim": ""}}
+                )
+            )
+        if len(ops) == 1:
+            await self.outcomes.update(ops[0])
+        elif ops:
+            await self.collection.bulk_write(ops, ordered=False)
 
     async def release(self, raw_id: str, error: str, retry_at: datetime) -> None:
         """Processing failed: tried again at ``retry_at`` (by any node: no holder)."""
@@ -316,6 +373,7 @@ class RawInbox:
             if "file_id" in doc:
                 with contextlib.suppress(NoFile):
                     await self._files.delete(doc["file_id"])
+            await self.bytes_collection.delete_one({"_id": doc["_id"]})
             await self.collection.update_one(
                 {"_id": doc["_id"]},
                 {"$unset": {"data": "", "file_id": ""}, "$set": {"pruned_at": utcnow()}},

@@ -10,13 +10,18 @@ a message processed again after a crash cannot make a second activity.
 
 A claim is a lease held by this node (``leases.py``): renewed while the message is processed,
 given back when the node stops, taken over at once after a crash on the embedded database.
+On the embedded database this node is the only one there can be, so its claims are kept in
+memory (``_held``) and cost no write: the message's document is written once, with its
+outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -25,6 +30,7 @@ from gridfs import AsyncGridFSBucket
 from pymongo.errors import DuplicateKeyError
 
 from server.background import POLLER_GAP_WAIT, Gap, no_gap, raise_if_stopping, stop
+from server.crm.activities import NewActivity
 from server.crm.models import LeadCreate, TypedEmail
 from server.crm.records import MAIL_CREATOR
 from server.crm.rules import may_manage_settings
@@ -59,6 +65,7 @@ MAX_REFERENCES_KEPT = 20  # of an incoming mail's References, for a reply's own
 # waiting on (or dismissed from) the unmatched list, which shows each mail once.
 COPY_OF = frozenset({"done", "unmatched", "dismissed"})
 WAITING = ("unmatched", "refused")
+NOTICE_LINES = 5  # mails named in one notice of a batch's new mail on one record
 NO_LEAD = "unknown sender; no lead made (exception or too many)"
 
 
@@ -74,6 +81,12 @@ def _sender(mail: ParsedMail) -> str:
     return mail.from_name or mail.from_address
 
 
+def _from(mail: ParsedMail, verdict: Verdict) -> str:
+    """The sender as a notice names them, flagged when not authenticated."""
+    warning = " (sender not authenticated)" if verdict.suspicious else ""
+    return f"{_sender(mail)}{warning}"
+
+
 def hour_bucket(now: datetime) -> str:
     """The clock hour (UTC) the global limit on leads from mail counts in."""
     return now.astimezone(UTC).strftime("%Y-%m-%dT%H")
@@ -82,6 +95,34 @@ def hour_bucket(now: datetime) -> str:
 # A claimed message, what parsing made of it (or the exception reading or parsing raised:
 # ``MailTooComplex`` is an outcome, anything else is retried), and its bytes.
 Read = tuple[Document, "ParsedMail | Exception", bytes]
+
+
+@dataclass
+class Delivery:
+    """A message matched to a record, waiting to be written with the rest of its batch."""
+
+    doc: Document
+    mail: ParsedMail
+    match: Match
+    auto_reply: bool
+    verdict: Verdict
+    summary: Document
+
+    def outcome(self, activity_id: str | None) -> Document:
+        record = self.match.record
+        assert record is not None
+        return {
+            **self.summary,
+            "how": self.match.how,
+            "record_type": record["type"],
+            "record_id": record["_id"],
+            "activity_id": activity_id,
+            "flagged": self.match.flagged,
+        }
+
+
+async def _raise(exc: Exception) -> None:
+    raise exc
 
 
 class TryLater(Exception):
@@ -119,6 +160,7 @@ class MailPipeline:
         self._sole_node = sole_node  # the embedded database: no other node can exist
         self.trusted_authserv_ids = trusted_authserv_ids
         self._held: set[str] = set()  # raw messages this node has claimed and not finished
+        self._claiming = asyncio.Lock()  # in memory (the sole node): one worker picks at a time
         # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
         self.on_finished: list[Callable[[Document], Awaitable[None]]] = []
         # Told when the unmatched list changed (its count is a live badge for CRM admins).
@@ -159,7 +201,7 @@ class MailPipeline:
         await stop(*self._tasks)
         self._tasks = []
         held, self._held = sorted(self._held), set()
-        if held:
+        if held and not self._sole_node:  # in memory only on the sole node
             # Given back, so that the next start (or another node) takes them at once.
             try:
                 await self._inbox.give_back(held, self._node)
@@ -188,9 +230,17 @@ class MailPipeline:
     async def drain(self) -> int:
         """Process every message waiting; returns how many reached an outcome here."""
         done = 0
-        while batch := await self._inbox.claim_some(self._node, CLAIM_BATCH):
+        while batch := await self._claim():
             done += await self._process_claimed(batch)
         return done
+
+    async def _claim(self) -> list[Document]:
+        if not self._sole_node:
+            return await self._inbox.claim_some(self._node, CLAIM_BATCH)
+        async with self._claiming:  # held before another worker reads what is waiting
+            batch = await self._inbox.waiting(CLAIM_BATCH, self._held)
+            self._held.update(doc["_id"] for doc in batch)
+            return batch
 
     async def _process_claimed(self, batch: list[Document]) -> int:
         """The messages of one claim, their leases renewed together, processed side by side:
@@ -202,7 +252,12 @@ class MailPipeline:
         left = [doc["_id"] for doc in batch]
         self._held.update(left)
         done = 0
-        async with renewing(partial(self._inbox.renew_some, left, self._node), "mail claim"):
+        leased = (
+            contextlib.nullcontext()
+            if self._sole_node
+            else renewing(partial(self._inbox.renew_some, left, self._node), "mail claim")
+        )
+        async with leased:
             read = await asyncio.gather(*(self._read(doc) for doc in batch))
             try:
                 lookups = await self._look_up([r for r in read if isinstance(r[1], ParsedMail)])
@@ -218,27 +273,53 @@ class MailPipeline:
                 key = mail.message_id if isinstance(mail, ParsedMail) else ""
                 groups.setdefault(key or f"-{one[0]['_id']}", []).append(one)
 
+            async def attempt(one: Read, run: Awaitable[None]) -> bool:
+                """Runs ``run`` for one message; False when it failed and was released."""
+                raw_id = one[0]["_id"]
+                try:
+                    with traced(request_id=f"mail-{raw_id}"):  # for its logs and events
+                        await run
+                    return True
+                except TryLater as exc:
+                    log.info("mail %s waits: %s", raw_id, exc)
+                    await self._inbox.release(raw_id, str(exc), utcnow() + RETRY_AFTER)
+                except Exception as exc:
+                    log.exception("mail %s failed; it is retried", raw_id)
+                    await self._inbox.release(raw_id, repr(exc), utcnow() + RETRY_AFTER)
+                return False
+
+            def settled(one: Read) -> None:
+                left.remove(one[0]["_id"])
+                self._held.discard(one[0]["_id"])
+
+            # The first copy of each message side by side; those that reach a record wait in
+            # ``pending`` and are written together (``_deliver_all``): one insert of their
+            # activities, one update per record, one of their outcomes - by construction.
+            pending: list[Delivery] = []
+            firsts = [copies[0] for copies in groups.values()]
+            decided = await asyncio.gather(
+                *(attempt(one, self.process(one[0], one, lookups, pending)) for one in firsts)
+            )
+            delivered = await self._deliver_all(pending)
+            for one, ok in zip(firsts, decided, strict=True):
+                waiting = next((d for d in pending if d.doc["_id"] == one[0]["_id"]), None)
+                if waiting is not None:
+                    failure = delivered.get(one[0]["_id"])
+                    if failure is not None:
+                        ok = await attempt(one, _raise(failure))
+                done += ok
+                settled(one)
+
             async def in_turn(copies: list[Read]) -> int:
+                # a later copy looks again: the one before it has just finished
                 finished = 0
-                for position, one in enumerate(copies):
-                    doc = one[0]
-                    raw_id = doc["_id"]
-                    try:
-                        with traced(request_id=f"mail-{raw_id}"):  # for its logs and events
-                            # a later copy looks again: the one before it has just finished
-                            await self.process(doc, one, lookups if position == 0 else None)
-                        finished += 1
-                    except TryLater as exc:
-                        log.info("mail %s waits: %s", raw_id, exc)
-                        await self._inbox.release(raw_id, str(exc), utcnow() + RETRY_AFTER)
-                    except Exception as exc:
-                        log.exception("mail %s failed; it is retried", raw_id)
-                        await self._inbox.release(raw_id, repr(exc), utcnow() + RETRY_AFTER)
-                    left.remove(raw_id)
-                    self._held.discard(raw_id)
+                for one in copies:
+                    finished += await attempt(one, self.process(one[0], one))
+                    settled(one)
                 return finished
 
-            done = sum(await asyncio.gather(*(in_turn(g) for g in groups.values())))
+            later = [copies[1:] for copies in groups.values() if len(copies) > 1]
+            done += sum(await asyncio.gather(*(in_turn(c) for c in later)))
         return done
 
     async def _read(self, doc: Document) -> Read:
@@ -273,15 +354,26 @@ class MailPipeline:
         return list(doc.get("source", {}).get("recipients", []))
 
     async def _finish(self, doc: Document, status: str, result: Document) -> None:
-        await self._inbox.finish(doc["_id"], status, result, doc.get("message_id"))
-        instruments.mail_finished(status)
-        finished = {**doc, "status": status, "result": result}
-        for hook in self.on_finished:
-            try:
-                await hook(finished)
-            except Exception:
-                log.exception("after-delivery step for mail %s failed", doc["_id"])
-        if status in WAITING:
+        await self._finish_many([(doc, status, result)])
+
+    async def _finish_many(self, outcomes: list[tuple[Document, str, Document]]) -> None:
+        """The messages' outcomes, in one write; then what follows each (the IMAP collector's
+        move, the unmatched count)."""
+        await self._inbox.finish_many(
+            [
+                (doc["_id"], status, result, doc.get("message_id"))
+                for doc, status, result in outcomes
+            ]
+        )
+        for doc, status, result in outcomes:
+            instruments.mail_finished(status)
+            finished = {**doc, "status": status, "result": result}
+            for hook in self.on_finished:
+                try:
+                    await hook(finished)
+                except Exception:
+                    log.exception("after-delivery step for mail %s failed", doc["_id"])
+        if any(status in WAITING for _doc, status, _result in outcomes):
             await self.unmatched_changed()
 
     async def unmatched_changed(self) -> None:
@@ -292,10 +384,15 @@ class MailPipeline:
                 log.exception("telling about the unmatched mail failed")
 
     async def process(
-        self, doc: Document, read: Read | None = None, lookups: Lookups | None = None
+        self,
+        doc: Document,
+        read: Read | None = None,
+        lookups: Lookups | None = None,
+        pending: list[Delivery] | None = None,
     ) -> None:
         """``read``: the message as ``_read`` gave it; ``lookups``: what was read for its
-        batch (left out, each is read here)."""
+        batch (left out, each is read here); ``pending``: where a message matched to a
+        record waits to be delivered with its batch (left out, it is delivered here)."""
         _doc, parsed, raw = read or await self._read(doc)
         if isinstance(parsed, MailTooComplex):
             await self._finish(doc, "refused", {"reason": f"refused: {parsed}"})
@@ -373,20 +470,15 @@ class MailPipeline:
                 doc, "unmatched", {**summary, "reason": reason, "candidates": match.candidates}
             )
             return
+        delivery = Delivery(doc, mail, match, noise is Noise.AUTO_REPLY, verdict, summary)
+        if pending is not None:
+            pending.append(delivery)
+            return
         activity_id = await self.deliver(
-            doc, mail, match, auto_reply=noise is Noise.AUTO_REPLY, verdict=verdict
+            doc, mail, match, auto_reply=delivery.auto_reply, verdict=verdict
         )
         await self._finish(
-            doc,
-            "done" if activity_id else "duplicate",
-            {
-                **summary,
-                "how": match.how,
-                "record_type": match.record["type"],
-                "record_id": match.record["_id"],
-                "activity_id": activity_id,
-                "flagged": match.flagged,
-            },
+            doc, "done" if activity_id else "duplicate", delivery.outcome(activity_id)
         )
 
     async def _to_postmaster(self, doc: Document, mail: ParsedMail, summary: Document) -> None:
@@ -431,7 +523,115 @@ class MailPipeline:
         record = match.record
         assert record is not None
         attachments = await self._save_attachments(doc["_id"], mail)
-        extra = {
+        try:
+            activity = await self._crm.activities.add(
+                record,
+                actor_id=None,
+                responsible_id=record["responsible_id"],
+                type_="email",
+                direction="incoming",
+                subject=mail.subject[:250],
+                description=(mail.new_text or mail.text)[:20_000],
+                completed=auto_reply,  # an auto-reply is shown, never counted
+                extra=self._mail_part(doc, mail, match, attachments, auto_reply, verdict),
+                # the history names who wrote it
+                history={"from": _sender(mail), "from_address": mail.from_address},
+            )
+        except DuplicateKeyError:
+            return await self._already_delivered(doc, record)
+        if not auto_reply:
+            await self._notify(record, mail, verdict)
+        return activity.id
+
+    async def _deliver_all(self, pending: list[Delivery]) -> dict[str, Exception]:
+        """The batch's messages that reached a record: their activities added together
+        (``add_many``: one insert, one open-count update per record, one insert of history),
+        then their notices and their outcomes (one write). Returns the failures, by raw
+        message id: those messages are released and retried."""
+        failures: dict[str, Exception] = {}
+        items: list[tuple[Delivery, NewActivity]] = []
+        for d in pending:
+            record = d.match.record
+            assert record is not None
+            try:
+                attachments = await self._save_attachments(d.doc["_id"], d.mail)
+            except Exception as exc:
+                raise_if_stopping()
+                failures[d.doc["_id"]] = exc
+                continue
+            items.append(
+                (
+                    d,
+                    NewActivity(
+                        owner=record,
+                        responsible_id=record["responsible_id"],
+                        type_="email",
+                        direction="incoming",
+                        subject=d.mail.subject[:250],
+                        description=(d.mail.new_text or d.mail.text)[:20_000],
+                        completed=d.auto_reply,  # an auto-reply is shown, never counted
+                        extra=self._mail_part(
+                            d.doc, d.mail, d.match, attachments, d.auto_reply, d.verdict
+                        ),
+                        history={"from": _sender(d.mail), "from_address": d.mail.from_address},
+                    ),
+                )
+            )
+        if not items:
+            return failures
+        try:
+            results = await self._crm.activities.add_many([item for _d, item in items])
+        except Exception as exc:
+            raise_if_stopping()
+            log.warning("adding a batch of %s mail activities failed", len(items), exc_info=True)
+            return {**failures, **{d.doc["_id"]: exc for d, _item in items}}
+        finished: list[tuple[Delivery, str | None]] = []
+        for (d, _item), result in zip(items, results, strict=True):
+            record = d.match.record
+            assert record is not None
+            try:
+                if isinstance(result, DuplicateKeyError):
+                    finished.append((d, await self._already_delivered(d.doc, record)))
+                elif isinstance(result, Exception):
+                    failures[d.doc["_id"]] = result
+                else:
+                    finished.append((d, result))
+            except Exception as exc:
+                raise_if_stopping()
+                failures[d.doc["_id"]] = exc
+        # One notice per record and responsible person for the batch's new mail on it.
+        told: dict[tuple[str, str], list[Delivery]] = {}
+        for d, activity_id in finished:
+            record = d.match.record
+            if activity_id is not None and not d.auto_reply and record is not None:
+                told.setdefault((record["responsible_id"], record["_id"]), []).append(d)
+        for failed in await asyncio.gather(
+            *(self._notify_many(batch) for batch in told.values()), return_exceptions=True
+        ):
+            if isinstance(failed, Exception):
+                log.warning("a new mail's notice failed", exc_info=failed)
+        outcomes = [
+            (d.doc, "done" if activity_id else "duplicate", d.outcome(activity_id))
+            for d, activity_id in finished
+        ]
+        try:
+            await self._finish_many(outcomes)
+        except Exception as exc:
+            raise_if_stopping()
+            # retried: each then finds its activity (the unique raw id) and finishes
+            failures.update({doc["_id"]: exc for doc, _status, _result in outcomes})
+        return failures
+
+    def _mail_part(
+        self,
+        doc: Document,
+        mail: ParsedMail,
+        match: Match,
+        attachments: list[dict[str, Any]],
+        auto_reply: bool,
+        verdict: Verdict,
+    ) -> Document:
+        extra: Document = {
             "mail": {
                 "raw_id": doc["_id"],
                 "from": mail.from_address,
@@ -455,36 +655,44 @@ class MailPipeline:
         }
         if mail.message_id:  # left out, not null, without one: the unique index is sparse
             extra["mail"]["incoming_message_id"] = mail.message_id
-        try:
-            activity = await self._crm.activities.add(
-                record,
-                actor_id=None,
-                responsible_id=record["responsible_id"],
-                type_="email",
-                direction="incoming",
-                subject=mail.subject[:250],
-                description=(mail.new_text or mail.text)[:20_000],
-                completed=auto_reply,  # an auto-reply is shown, never counted
-                extra=extra,
-                # the history names who wrote it
-                history={"from": _sender(mail), "from_address": mail.from_address},
-            )
-        except DuplicateKeyError:
-            mine = await self._store["crm_activities"].find_one({"mail.raw_id": doc["_id"]})
-            if mine is None:
-                return None  # the same message, delivered by the other path
-            # Written by an earlier attempt that stopped before its outcome: finish that.
-            self._crm.counters.touch([record["responsible_id"]], [record["type"]])
-            return str(mine["_id"])
-        if not auto_reply:
-            sender = _sender(mail)
-            warning = " (sender not authenticated)" if verdict.suspicious else ""
-            await self._im.post_system_notice(
-                record["responsible_id"],
-                f"New email from {sender}{warning} on “{record.get('title', '')}”: "
-                f"{mail.subject or '(no subject)'}",
-            )
-        return activity.id
+        return extra
+
+    async def _already_delivered(self, doc: Document, record: Document) -> str | None:
+        """The activity insert met a unique key already taken: this message's own activity
+        (an earlier attempt stopped before its outcome: finish that), or None (the same
+        message, delivered by the other path)."""
+        mine = await self._store["crm_activities"].find_one({"mail.raw_id": doc["_id"]})
+        if mine is None:
+            return None
+        self._crm.counters.touch([record["responsible_id"]], [record["type"]])
+        return str(mine["_id"])
+
+    async def _notify(self, record: Document, mail: ParsedMail, verdict: Verdict) -> None:
+        await self._im.post_system_notice(
+            record["responsible_id"],
+            f"New email from {_from(mail, verdict)} on “{record.get('title', '')}”: "
+            f"{mail.subject or '(no subject)'}",
+        )
+
+    async def _notify_many(self, batch: list[Delivery]) -> None:
+        """New mail of one batch on one record: one notice to its responsible person (one
+        message per mail was one chat write per reply)."""
+        first = batch[0]
+        record = first.match.record
+        assert record is not None
+        if len(batch) == 1:
+            await self._notify(record, first.mail, first.verdict)
+            return
+        lines = [
+            f"{_from(d.mail, d.verdict)}: {d.mail.subject or '(no subject)'}"
+            for d in batch[:NOTICE_LINES]
+        ]
+        if len(batch) > NOTICE_LINES:
+            lines.append(f"and {len(batch) - NOTICE_LINES} more")
+        await self._im.post_system_notice(
+            record["responsible_id"],
+            f"{len(batch)} new emails on “{record.get('title', '')}”: " + "; ".join(lines),
+        )
 
     async def _save_attachments(self, raw_id: str, mail: ParsedMail) -> list[dict[str, Any]]:
         saved = []

@@ -34,7 +34,8 @@ MAX_BATCH_DOCS = 64
 MAX_BATCH_BYTES = 16 << 20  # an 8 MiB message alone is one flush anyway
 CLOSE_WAIT_SECONDS = 10.0
 
-_Waiter = tuple[Document, int, "asyncio.Future[None]"]
+# A document, its size, the document of its bytes (or None), the caller's answer.
+_Waiter = tuple[Document, int, Document | None, "asyncio.Future[None]"]
 
 
 def journaled(collection: AsyncCollection[Document]) -> AsyncCollection[Document]:
@@ -44,20 +45,34 @@ def journaled(collection: AsyncCollection[Document]) -> AsyncCollection[Document
 
 class GroupCommit:
     """``journal``: False for writes that need no flush of their own (the CRM's activities
-    and history, gathered the same way so that a batch of mail writes them in one go)."""
+    and history, gathered the same way so that a batch of mail writes them in one go).
 
-    def __init__(self, collection: AsyncCollection[Document], journal: bool = True) -> None:
+    ``companions``: a collection for a second document per insert (a raw message's bytes,
+    kept apart from the document that is updated as it is processed, so that no update
+    rewrites them). The batch's companions are inserted first without a flush of their own:
+    the journaled insert after them flushes the log through them too. A companion whose
+    document is refused (a duplicate) is deleted again."""
+
+    def __init__(
+        self,
+        collection: AsyncCollection[Document],
+        journal: bool = True,
+        companions: AsyncCollection[Document] | None = None,
+    ) -> None:
         self._collection = journaled(collection) if journal else collection
+        self._companions = companions
         self._pending: list[_Waiter] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0  # journaled writes made, for tests and the benchmark
         self.inserted = 0
 
-    async def insert(self, doc: Document, size: int) -> None:
-        """Returns once ``doc`` is on disk; raises ``DuplicateKeyError`` for a unique key
-        already taken, or whatever failed the write (nothing was acknowledged then)."""
+    async def insert(self, doc: Document, size: int, companion: Document | None = None) -> None:
+        """Returns once ``doc`` (and its ``companion``) is on disk; raises
+        ``DuplicateKeyError`` for a unique key already taken, or whatever failed the write
+        (nothing was acknowledged then)."""
+        assert companion is None or self._companions is not None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((doc, size, future))
+        self._pending.append((doc, size, companion, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all(), name="group-commit")
         # A caller cancelled here (its SMTP session dropped) leaves its document in the batch:
@@ -80,7 +95,7 @@ class GroupCommit:
                 await self._write(batch)
             except BaseException as exc:  # cancelled at shutdown: nobody may wait for ever
                 failure = exc if isinstance(exc, Exception) else ConnectionError("shutting down")
-                for _doc, _size, future in [*batch, *self._pending]:
+                for _doc, _size, _companion, future in [*batch, *self._pending]:
                     if not future.done():
                         future.set_exception(failure)
                 self._pending.clear()
@@ -88,25 +103,35 @@ class GroupCommit:
 
     async def _write(self, batch: list[_Waiter]) -> None:
         errors: dict[int, dict[str, Any]] = {}
+        companions = [c for _doc, _size, c, _future in batch if c is not None]
+        if companions:
+            assert self._companions is not None
+            try:
+                await self._companions.insert_many(companions, ordered=False)
+            except Exception as exc:  # new ids: no duplicate; nothing of the batch is answered
+                for *_rest, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
         try:
-            await self._collection.insert_many([doc for doc, _, _ in batch], ordered=False)
+            await self._collection.insert_many([doc for doc, *_ in batch], ordered=False)
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
                 # Inserted but perhaps not journaled: no 250 for any of them. A retry finds
                 # its copy by SHA-256 and is answered after a journaled write of its own.
-                for _doc, _size, future in batch:
+                for *_rest, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 return
             errors = {int(e["index"]): e for e in exc.details.get("writeErrors", [])}
         except Exception as exc:
-            for _doc, _size, future in batch:
+            for *_rest, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
         self.batches += 1
         self.inserted += len(batch) - len(errors)
-        for index, (_doc, _size, future) in enumerate(batch):
+        for index, (_doc, _size, _companion, future) in enumerate(batch):
             if future.done():
                 continue
             error = errors.get(index)
@@ -116,6 +141,13 @@ class GroupCommit:
                 future.set_exception(DuplicateKeyError(error.get("errmsg", ""), 11000, error))
             else:
                 future.set_exception(WriteError(error.get("errmsg", ""), error.get("code"), error))
+        refused = [c for i in errors if (c := batch[i][2]) is not None]
+        if refused and self._companions is not None:
+            # Their documents were not stored (a copy was), so nothing reads these.
+            try:
+                await self._companions.delete_many({"_id": {"$in": [c["_id"] for c in refused]}})
+            except Exception:
+                log.warning("could not delete %s refused companions", len(refused), exc_info=True)
 
     async def close(self) -> None:
         """Let the write under way finish (its senders are waiting for their answer), then
