@@ -86,6 +86,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
         streams,
         bus,
         cache_ttl_seconds=settings.cache_ttl_seconds,
+        cache_stale_seconds=settings.cache_stale_seconds,
         cache_entries=settings.cache_max_entries,
     )
     auth_service = AuthService(store, directory, bus, settings)
@@ -115,12 +116,15 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     tasks = TaskService(store, streams, directory, im, bus, settings)
     directory.workgroup_hooks.append(tasks)
     scheduler = Scheduler(store)
+    # The pollers' queries go in the gaps between the batches of events (background.Gap).
+    scheduler.gap = auth_service.sessions.gap = streams.after_batch
     scheduler.handle("task-deadline", tasks.deadline_reached)
     tasks.on_schedule_changed.append(scheduler.wake)
     crm = Crm.build(settings, store, streams, bus, directory, im)
     scheduler.handle("crm-counters", crm.counters.time_reached)
     scheduler.handle(CHECK_JOB, crm.counters.check_some)
     mail = MailBridge(settings, store, crm, im, node, bus)
+    mail.pipeline.gap = streams.after_batch
     crm.counters.on_schedule_changed.append(scheduler.wake)
     hub = Hub(
         settings,
@@ -344,6 +348,9 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         await svc.crm.records.core.close()
         await svc.hub.close()
         await svc.im.close()
+        await svc.tasks.close()
+        await svc.auth.close()
+        await svc.directory.close()
         await svc.streams.close()
         if svc.redis_bus is not None:
             await svc.redis_bus.close()

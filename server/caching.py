@@ -6,15 +6,27 @@ keeps a time to live as a backstop for an event that never arrives (one lost whi
 away). ``Cache`` is the map they use: bounded (least recently used first out), with that time
 to live, and safe against the classic race of a read that straddles an invalidation: a value
 loaded while the key was invalidated is returned to its caller but not kept.
+
+With ``stale_seconds``, an entry whose time to live ran out is still served for that long
+while one background read (an owned task, stopped by ``close()``) replaces it: the backstop
+then never puts a database read in series with a caller (a connect burst that met the time
+to live read every user's entries again, 11 commands per connect). An invalidation still acts
+at once (the entry goes, the next caller loads), and a lost one lasts at most
+``ttl_seconds + stale_seconds``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Generic, TypeVar
+
+from server.background import SideTasks
+
+log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -33,15 +45,20 @@ class Cache(Generic[K, V]):
         max_entries: int,
         ttl_seconds: float,
         *,
+        stale_seconds: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._max = max_entries
         self._ttl = ttl_seconds
+        self._stale = stale_seconds
         self._clock = clock
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
         self._loads: dict[K, list[_Load]] = {}
+        self._refreshing: set[K] = set()
+        self._refreshes = SideTasks("cache refresh", log)
         self.hits = 0
         self.misses = 0
+        self.stale_hits = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -50,11 +67,23 @@ class Cache(Generic[K, V]):
         return self.get(key) is not None
 
     def get(self, key: K) -> V | None:
+        """The entry if within its time to live (one past it, still served while being
+        refreshed, is not returned here)."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[0] <= self._clock():
-            del self._entries[key]
+        now = self._clock()
+        if entry[0] <= now:
+            if entry[0] + self._stale <= now:
+                del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def _stale_entry(self, key: K, now: float) -> V | None:
+        """The value of an entry past its time to live but within ``stale_seconds`` of it."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] + self._stale <= now:
             return None
         self._entries.move_to_end(key)
         return entry[1]
@@ -89,12 +118,20 @@ class Cache(Generic[K, V]):
                 load.stale = True
 
     def values(self) -> list[tuple[K, V]]:
+        """Every entry that may still be served (stale ones included: an invalidation by
+        value must reach them too)."""
         now = self._clock()
-        return [(k, v) for k, (expires, v) in self._entries.items() if expires > now]
+        return [(k, v) for k, (expires, v) in self._entries.items() if expires + self._stale > now]
 
     def changed(self, key: K) -> None:
         """The value of ``key`` changed (the entry, if any, was updated in place): a load of
-        it under way may have read it before, so it is returned but not kept."""
+        it under way may have read it before, so it is returned but not kept. An entry past
+        its time to live goes: callers update only what ``get`` gives them (fresh entries),
+        so a stale one was not updated and is known to be out of date now (served on, it
+        would lag for as long as changes keep its refreshes from being kept)."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] <= self._clock():
+            del self._entries[key]
         for load in self._loads.get(key, ()):
             load.stale = True
 
@@ -119,6 +156,12 @@ class Cache(Generic[K, V]):
         if found is not None:
             self.hits += 1
             return found
+        if self._stale > 0 and (stale := self._stale_entry(key, self._clock())) is not None:
+            self.stale_hits += 1
+            if key not in self._refreshing:
+                self._refreshing.add(key)
+                self._refreshes.spawn(self._refresh_one(key, load), name="cache refresh")
+            return stale
         self.misses += 1
         token = self._begin(key)
         try:
@@ -143,6 +186,23 @@ class Cache(Generic[K, V]):
             else:
                 found[key] = value
         self.hits += len(found)
+        if missing and self._stale > 0:
+            now = self._clock()
+            unknown: list[K] = []
+            refresh: list[K] = []
+            for key in missing:
+                stale = self._stale_entry(key, now)
+                if stale is None:
+                    unknown.append(key)
+                else:
+                    found[key] = stale
+                    if key not in self._refreshing:
+                        refresh.append(key)
+            self.stale_hits += len(missing) - len(unknown)
+            if refresh:
+                self._refreshing.update(refresh)
+                self._refreshes.spawn(self._refresh_many(refresh, load), name="cache refresh")
+            missing = unknown
         if not missing:
             return found
         self.misses += len(missing)
@@ -157,6 +217,42 @@ class Cache(Generic[K, V]):
             found[key] = value
         self._trim()
         return found
+
+    async def _refresh_one(self, key: K, load: Callable[[], Awaitable[V | None]]) -> None:
+        token = self._begin(key)
+        try:
+            value = await load()
+        finally:
+            keep = self._end(key, token)
+            self._refreshing.discard(key)
+        if keep:
+            self._keep(key, value)
+
+    async def _refresh_many(
+        self, keys: list[K], load: Callable[[list[K]], Awaitable[dict[K, V]]]
+    ) -> None:
+        tokens = [(key, self._begin(key)) for key in keys]
+        try:
+            loaded = await load(keys)
+        finally:
+            kept = [key for key, token in tokens if self._end(key, token)]
+            self._refreshing.difference_update(keys)
+        for key in kept:
+            self._keep(key, loaded.get(key))
+
+    def _keep(self, key: K, value: V | None) -> None:
+        """What a refresh read, unless invalidated meanwhile: None (the data is gone) drops
+        the stale entry instead."""
+        if value is None:
+            self._entries.pop(key, None)
+        else:
+            self._entries[key] = (self._clock() + self._ttl, value)
+            self._entries.move_to_end(key)
+            self._trim()
+
+    async def close(self) -> None:
+        """Stop the refreshes under way (their stale entries stay as they are)."""
+        await self._refreshes.stop()
 
     def _trim(self) -> None:
         while len(self._entries) > self._max:

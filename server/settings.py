@@ -79,6 +79,14 @@ class Settings(BaseSettings):
         "are corrected through the event bus at once; this is the backstop for an event lost "
         "(e.g. while Redis was unreachable)",
     )
+    cache_stale_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="An in-process copy past its time to live is still served for this long "
+        "while one background read refreshes it, so that the backstop puts no database read "
+        "in series with a connect or a request; an invalidation still acts at once, and a lost "
+        "one lasts at most the time to live plus this; 0 reads in series as before",
+    )
     cache_max_entries: int = Field(
         default=100_000, ge=100, description="Entries per in-process cache (least recent go)"
     )

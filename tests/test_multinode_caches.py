@@ -151,3 +151,88 @@ async def test_crm_numbers_changed_on_one_node_are_where_a_connect_starts_on_the
         return bool(deal.get("idle") == 1)
 
     await within(WITHIN, starts_from_the_new_numbers)
+
+
+# Entries past their time to live are still served while a background read refreshes them
+# (cache_stale_seconds). An invalidation must reach those too: after the change and the bus's
+# second, the very first request on the other node is refused, with no stale answer first.
+STALE_TTL = 0.1
+
+
+@pytest.fixture
+async def two_stale_nodes(
+    settings: Settings, store: Store, redis_server: RedisServer
+) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
+    shared = settings.model_copy(
+        update={
+            "redis_url": SecretStr(redis_server.url),
+            "cache_ttl_seconds": STALE_TTL,
+            "cache_stale_seconds": 600.0,
+        }
+    )
+    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
+        yield one, two
+
+
+async def test_a_revoked_token_held_stale_is_refused_at_once_on_the_other_node(
+    two_stale_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_stale_nodes
+    await one.create_user("alice")
+    token = await one.login("alice")
+    assert (await two.request("GET", "/api/v1/users/me", token=token)).status == 200
+    await asyncio.sleep(3 * STALE_TTL)  # node two's token and user entries are stale now
+    assert (await two.request("GET", "/api/v1/users/me", token=token)).status == 200
+    await asyncio.sleep(3 * STALE_TTL)  # and again, after their refresh
+    assert (await one.request("POST", "/api/v1/auth/logout", token=token)).status == 204
+    await asyncio.sleep(WITHIN)
+    assert (await two.request("GET", "/api/v1/users/me", token=token)).status == 401
+
+
+async def test_a_deactivated_user_held_stale_is_refused_at_once_on_the_other_node(
+    two_stale_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_stale_nodes
+    _, root = await one.create_user("root", admin=True)
+    alice_id, alice = await one.create_user("alice")
+    assert (await two.request("GET", "/api/v1/users/me", token=alice)).status == 200
+    await asyncio.sleep(3 * STALE_TTL)
+    resp = await one.request(
+        "PATCH", f"/api/v1/users/{alice_id}", token=root, json={"is_active": False}
+    )
+    assert resp.status == 200, resp.body
+    await asyncio.sleep(WITHIN)
+    assert (await two.request("GET", "/api/v1/users/me", token=alice)).status == 401
+
+
+async def test_a_removed_chat_member_held_stale_is_shut_out_at_once_on_the_other_node(
+    two_stale_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_stale_nodes
+    alice_id, alice = await one.create_user("alice")
+    bob_id, bob = await one.create_user("bob")
+    created = await one.request(
+        "POST", "/api/v1/im/chats", token=alice, json={"title": "Team", "member_ids": [bob_id]}
+    )
+    chat_id = created.body["id"]
+    history = f"/api/v1/im/chats/{chat_id}/messages"
+    sent = await two.request(
+        "POST", "/api/v1/im/messages", token=bob, json={"chat_id": chat_id, "text": "hi"}
+    )
+    assert sent.status == 201, sent.body
+    assert (await two.request("GET", history, token=bob)).status == 200
+    assert (await two.request("GET", "/api/v1/im/counters", token=bob)).status == 200
+    await asyncio.sleep(3 * STALE_TTL)  # bob's memberships and the chat are stale there now
+    removed = await one.request(
+        "DELETE", f"/api/v1/im/chats/{chat_id}/members/{bob_id}", token=alice
+    )
+    assert removed.status == 204
+    await asyncio.sleep(WITHIN)
+    counters = await two.request("GET", "/api/v1/im/counters", token=bob)
+    assert counters.body["chats"] == {}
+    post = await two.request(
+        "POST", "/api/v1/im/messages", token=bob, json={"chat_id": chat_id, "text": "x"}
+    )
+    assert post.status == 404, post.body
+    assert (await two.request("GET", history, token=bob)).status == 404
+    assert alice_id

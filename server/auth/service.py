@@ -142,13 +142,19 @@ class AuthService:
         # its token once seen here. Revocations drop them on every node (the event, and the
         # durable record the guard polls while this holds any), expiry is checked at each use.
         self._tokens: Cache[str, tuple[str, datetime]] = Cache(
-            settings.cache_max_entries, settings.cache_ttl_seconds
+            settings.cache_max_entries,
+            settings.cache_ttl_seconds,
+            stale_seconds=settings.cache_stale_seconds,
         )
         self.sessions.on_revocation(self._revoked, wants_records=lambda: len(self._tokens) > 0)
 
     def forget_all(self) -> None:
         """Every cached token may be out of date (events may have been lost)."""
         self._tokens.clear()
+
+    async def close(self) -> None:
+        """Stop the token cache's background refreshes."""
+        await self._tokens.close()
 
     def _revoked(self, user_id: str) -> None:
         """A logout, a new password or a deactivation of ``user_id``: forget the user's tokens

@@ -27,11 +27,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import socketio
+from bidict import bidict
 from engineio import packet as eio_packet
 
 from server.channels.engine import HubEngineServer, HubSocket, text_frame
 
 _SEPARATORS = (",", ":")
+# A room's members are a bidict (sid <-> engine.io sid) whose whole state is these two dicts
+# (bidict 0.24); emit_local reads the first, enter_rooms writes both. Checked at import:
+# otherwise enter_rooms takes python-socketio's way, a room at a time.
+_BIDICT_MAPS = set(vars(bidict({"s": "e"}))) == {"_fwdm", "_invm"}
 
 
 class RoomIndex:
@@ -56,6 +61,35 @@ class RoomIndex:
         rooms = self._rooms_of.setdefault((namespace, sid), [])
         if room not in rooms:
             rooms.append(room)
+
+    def enter_rooms(self, sid: str, namespace: str, rooms: Iterable[str]) -> None:
+        """``basic_enter_room`` of a connection of this node for each of ``rooms``, in one
+        pass. python-socketio's call per room (checks, lookups, bidict's checked put) cost
+        about 5 us a room, and a connect enters every chat of its user: 0.2 ms per connect
+        for a user in 40 chats. Here the connection's engine.io sid is looked up once and
+        written straight into each room's two maps: it belongs to this one connection, so
+        it can clash with nothing a checked put would look for."""
+        if not _BIDICT_MAPS:
+            for room in rooms:
+                self.basic_enter_room(sid, namespace, room)
+            return
+        ns = self.rooms[namespace]
+        own = ns[None]
+        eio_sid = own[sid]
+        mine = self._rooms_of.setdefault((namespace, sid), [])
+        held = set(mine)
+        for room in rooms:
+            if room != sid and room in own:
+                raise ValueError("cannot enter a sid room")
+            members = ns.get(room)
+            if members is None:
+                members = ns[room] = bidict()
+            if sid not in members._fwdm:
+                members._fwdm[sid] = eio_sid
+                members._invm[eio_sid] = sid
+            if room not in held:
+                held.add(room)
+                mine.append(room)
 
     def basic_leave_room(self, sid: str, namespace: str, room: Any) -> None:
         super().basic_leave_room(sid, namespace, room)  # type: ignore[misc]

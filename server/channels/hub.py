@@ -475,7 +475,7 @@ class Hub:
             raise asyncio.CancelledError  # gone meanwhile: its session start ends here
         for stream in streams:
             self._mark_joining(conn, stream)
-            manager.basic_enter_room(conn.sid, "/", stream)
+        manager.enter_rooms(conn.sid, "/", streams)
 
     async def _wait_connected(self, sid: str) -> None:
         # The connect handler runs before the CONNECT packet goes out; nothing may be sent

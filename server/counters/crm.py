@@ -206,6 +206,7 @@ class CrmCounters:
         *,
         cache_max_entries: int = 100_000,
         cache_ttl_seconds: float = 10.0,
+        cache_stale_seconds: float = 0.0,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -213,7 +214,9 @@ class CrmCounters:
         # (``baseline``), and reading them was a round trip per connect. Every write of them,
         # on any node, is told on the bus before it is pushed (``_stored``), and each node
         # drops its copy then; the time to live is the backstop for a message lost.
-        self._docs: Cache[str, Document] = Cache(cache_max_entries, cache_ttl_seconds)
+        self._docs: Cache[str, Document] = Cache(
+            cache_max_entries, cache_ttl_seconds, stale_seconds=cache_stale_seconds
+        )
         bus.subscribe_ephemeral(self._on_ephemeral)
         self._settings = settings
         self._default_tz = default_time_zone
@@ -443,6 +446,7 @@ class CrmCounters:
 
     async def close(self) -> None:
         await stop(self._flusher)
+        await self._docs.close()
 
     async def _flush(self) -> None:
         try:

@@ -54,6 +54,7 @@ class Crm:
             settings.default_time_zone,
             cache_max_entries=settings.cache_max_entries,
             cache_ttl_seconds=settings.cache_ttl_seconds,
+            cache_stale_seconds=settings.cache_stale_seconds,
         )
         core = CrmCore(store, streams, access, config, counters, directory, im)
         activities = ActivityService(core)

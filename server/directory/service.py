@@ -124,15 +124,19 @@ class DirectoryService:
         bus: EventBus,
         *,
         cache_ttl_seconds: float = 10.0,
+        cache_stale_seconds: float = 0.0,
         cache_entries: int = 100_000,
     ) -> None:
         self._store = store
         self._streams = streams
         self._bus = bus
-        self._users: Cache[str, Document] = Cache(cache_entries, cache_ttl_seconds)
-        self._colleagues: Cache[str, list[Colleague]] = Cache(1, cache_ttl_seconds)
-        self._groups: Cache[str, list[tuple[str, frozenset[str]]]] = Cache(1, cache_ttl_seconds)
-        self._tree: Cache[str, dict[str, DepartmentNode]] = Cache(1, cache_ttl_seconds)
+        ttl, stale = cache_ttl_seconds, cache_stale_seconds
+        self._users: Cache[str, Document] = Cache(cache_entries, ttl, stale_seconds=stale)
+        self._colleagues: Cache[str, list[Colleague]] = Cache(1, ttl, stale_seconds=stale)
+        self._groups: Cache[str, list[tuple[str, frozenset[str]]]] = Cache(
+            1, ttl, stale_seconds=stale
+        )
+        self._tree: Cache[str, dict[str, DepartmentNode]] = Cache(1, ttl, stale_seconds=stale)
         bus.subscribe(self._on_event)
         bus.subscribe_ephemeral(self._on_ephemeral)
         self.workgroup_hooks: list[WorkgroupHooks] = []
@@ -222,6 +226,11 @@ class DirectoryService:
         """Every copy may be out of date (events may have been lost: Redis was away)."""
         for cache in (self._users, self._colleagues, self._groups, self._tree):
             cache.clear()
+
+    async def close(self) -> None:
+        """Stop the caches' background refreshes."""
+        for cache in (self._users, self._colleagues, self._groups, self._tree):
+            await cache.close()
 
     async def _on_event(self, event: Event) -> None:
         if event.type in USER_CHANGES and event.stream.startswith("user:"):

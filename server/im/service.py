@@ -109,6 +109,7 @@ class ImService:
         self._state = ImState(
             store,
             ttl_seconds=settings.cache_ttl_seconds,
+            stale_seconds=settings.cache_stale_seconds,
             max_entries=settings.cache_max_entries,
         )
         self._writer = MessageWriter(
@@ -139,6 +140,7 @@ class ImService:
     async def close(self) -> None:
         await self._writer.close()
         await stop(*self._sides)
+        await self._state.close()
 
     # chats -------------------------------------------------------------------------------------
 

@@ -59,11 +59,17 @@ def membership_of(doc: Document) -> Membership:
 
 
 class ImState:
-    def __init__(self, store: Store, *, ttl_seconds: float, max_entries: int) -> None:
+    def __init__(
+        self, store: Store, *, ttl_seconds: float, max_entries: int, stale_seconds: float = 0.0
+    ) -> None:
         self._store = store
-        self.chats: Cache[str, Document] = Cache(max_entries, ttl_seconds)
-        self.memberships: Cache[str, dict[str, Membership]] = Cache(max_entries, ttl_seconds)
-        self.pairs: Cache[str, str] = Cache(max_entries, ttl_seconds)
+        self.chats: Cache[str, Document] = Cache(
+            max_entries, ttl_seconds, stale_seconds=stale_seconds
+        )
+        self.memberships: Cache[str, dict[str, Membership]] = Cache(
+            max_entries, ttl_seconds, stale_seconds=stale_seconds
+        )
+        self.pairs: Cache[str, str] = Cache(max_entries, ttl_seconds, stale_seconds=stale_seconds)
         self._chat_floors: Cache[str, _ChatFloor] = Cache(MAX_FLOORS, FLOOR_SECONDS)
         self._read_floors: Cache[tuple[str, str], tuple[int, str]] = Cache(
             MAX_FLOORS, FLOOR_SECONDS
@@ -72,6 +78,11 @@ class ImState:
     def forget_all(self) -> None:
         for cache in (self.chats, self.memberships, self.pairs):
             cache.clear()
+
+    async def close(self) -> None:
+        """Stop the caches' background refreshes."""
+        for cache in (self.chats, self.memberships, self.pairs):
+            await cache.close()
 
     # reading -----------------------------------------------------------------------------------
 

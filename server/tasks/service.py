@@ -131,7 +131,9 @@ class TaskService:
         # (a task change, a view, a deadline moment, through the scheduler), and every node
         # keeps what it sees pushed: a connect reads them here, without a query.
         self._counters: Cache[str, dict[str, Any]] = Cache(
-            settings.cache_max_entries, settings.cache_ttl_seconds
+            settings.cache_max_entries,
+            settings.cache_ttl_seconds,
+            stale_seconds=settings.cache_stale_seconds,
         )
         bus.subscribe_ephemeral(self._on_ephemeral)
 
@@ -145,6 +147,10 @@ class TaskService:
     def forget_all(self) -> None:
         """Cached counters may be out of date (pushes were lost)."""
         self._counters.clear()
+
+    async def close(self) -> None:
+        """Stop the counters cache's background refreshes."""
+        await self._counters.close()
 
     @property
     def tasks(self) -> Any:

@@ -1,0 +1,181 @@
+"""Cache: an entry past its time to live is served while one background read refreshes it
+(``stale_seconds``), and an invalidation still acts at once, even on a stale entry or while
+its refresh is under way."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.caching import Cache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Source:
+    """The data behind the cache: counts reads, and can hold one until released."""
+
+    def __init__(self, value: str | None = "v1") -> None:
+        self.value = value
+        self.reads = 0
+        self.gate: asyncio.Event | None = None
+
+    async def load(self) -> str | None:
+        self.reads += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return self.value
+
+    async def load_many(self, keys: list[str]) -> dict[str, str]:
+        self.reads += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return {} if self.value is None else {key: f"{self.value}:{key}" for key in keys}
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_stale_entry_is_served_at_once_and_refreshed_once_in_the_background() -> None:
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    assert await cache.get_or_load("k", source.load) == "v1"
+    source.value = "v2"
+    clock.now += 12  # past the time to live, within the grace
+    source.gate = asyncio.Event()
+    # served without waiting for the database, however many ask; one read under way
+    assert await cache.get_or_load("k", source.load) == "v1"
+    assert await cache.get_or_load("k", source.load) == "v1"
+    await settle()
+    assert source.reads == 2 and cache.stale_hits == 2
+    source.gate.set()
+    await settle()
+    assert await cache.get_or_load("k", source.load) == "v2"
+    assert source.reads == 2  # the refreshed entry has a new time to live
+    await cache.close()
+
+
+async def test_past_the_grace_the_caller_reads_in_series() -> None:
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=5.0, clock=clock)
+    await cache.get_or_load("k", source.load)
+    source.value = "v2"
+    clock.now += 16
+    assert await cache.get_or_load("k", source.load) == "v2"
+    assert cache.stale_hits == 0
+
+
+async def test_without_grace_an_expired_entry_is_read_again_in_series() -> None:
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, clock=clock)
+    await cache.get_or_load("k", source.load)
+    source.value = "v2"
+    clock.now += 11
+    assert await cache.get_or_load("k", source.load) == "v2"
+
+
+async def test_an_invalidated_stale_entry_is_not_served() -> None:
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    await cache.get_or_load("k", source.load)
+    clock.now += 12
+    source.value = "v2"
+    cache.invalidate("k")
+    assert await cache.get_or_load("k", source.load) == "v2"
+
+
+async def test_a_stale_entry_told_of_a_change_it_did_not_get_is_not_served() -> None:
+    """A change applied in place to fresh entries only (``get``, then ``changed``): the stale
+    entry missed it, and is read again rather than served."""
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    await cache.get_or_load("k", source.load)
+    clock.now += 12
+    source.value = "v2"
+    assert cache.get("k") is None  # nothing fresh to update in place
+    cache.changed("k")
+    assert await cache.get_or_load("k", source.load) == "v2"
+
+
+async def test_an_invalidation_during_the_refresh_is_not_undone_by_it() -> None:
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    await cache.get_or_load("k", source.load)
+    clock.now += 12
+    source.gate = asyncio.Event()
+    assert await cache.get_or_load("k", source.load) == "v1"  # the refresh reads "v1"...
+    await settle()
+    source.value = "v2"
+    cache.invalidate("k")  # ...and the data changes before it ends
+    source.gate.set()
+    await settle()
+    assert await cache.get_or_load("k", source.load) == "v2"
+
+
+async def test_a_stale_entry_whose_data_is_gone_is_dropped_by_its_refresh() -> None:
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    await cache.get_or_load("k", source.load)
+    clock.now += 12
+    source.value = None
+    assert await cache.get_or_load("k", source.load) == "v1"
+    await settle()
+    assert await cache.get_or_load("k", source.load) is None
+    assert len(cache) == 0
+
+
+async def test_values_include_stale_entries_so_an_invalidation_by_value_reaches_them() -> None:
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    await cache.get_or_load("k", source.load)
+    clock.now += 12
+    assert cache.values() == [("k", "v1")]
+    clock.now += 10
+    assert cache.values() == []
+
+
+async def test_many_keys_stale_ones_served_and_refreshed_in_one_read() -> None:
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    assert await cache.get_or_load_many(["a", "b"], source.load_many) == {
+        "a": "v1:a",
+        "b": "v1:b",
+    }
+    clock.now += 12
+    source.value = "v2"
+    source.gate = asyncio.Event()
+    # "c" is unknown: read in series (and "a", "b" served stale beside it)
+    task = asyncio.create_task(cache.get_or_load_many(["a", "b", "c"], source.load_many))
+    await settle()
+    source.gate.set()
+    assert await task == {"a": "v1:a", "b": "v1:b", "c": "v2:c"}
+    await settle()
+    assert source.reads == 3  # the first load, the refresh of a and b, the read of c
+    assert await cache.get_or_load_many(["a", "b", "c"], source.load_many) == {
+        "a": "v2:a",
+        "b": "v2:b",
+        "c": "v2:c",
+    }
+    assert source.reads == 3
+
+
+async def test_close_stops_a_refresh_under_way() -> None:
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    await cache.get_or_load("k", source.load)
+    clock.now += 12
+    source.gate = asyncio.Event()
+    source.value = "v2"
+    await cache.get_or_load("k", source.load)
+    await settle()
+    await asyncio.wait_for(cache.close(), 5.0)
+    source.gate.set()
+    await settle()
+    assert cache.values() == [("k", "v1")]  # the refresh ended without keeping "v2"
