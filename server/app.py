@@ -116,12 +116,15 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
     tasks = TaskService(store, streams, directory, im, bus, settings)
     directory.workgroup_hooks.append(tasks)
     scheduler = Scheduler(store)
+    # The pollers' queries go in the gaps between the batches of events (background.Gap).
+    scheduler.gap = auth_service.sessions.gap = streams.after_batch
     scheduler.handle("task-deadline", tasks.deadline_reached)
     tasks.on_schedule_changed.append(scheduler.wake)
     crm = Crm.build(settings, store, streams, bus, directory, im)
     scheduler.handle("crm-counters", crm.counters.time_reached)
     scheduler.handle(CHECK_JOB, crm.counters.check_some)
     mail = MailBridge(settings, store, crm, im, node, bus)
+    mail.pipeline.gap = streams.after_batch
     crm.counters.on_schedule_changed.append(scheduler.wake)
     hub = Hub(
         settings,

@@ -11,9 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from pymongo import monitoring
 
 from server.settings import Settings
 from server.store.database import Store
+from server.tasks.scheduler import Scheduler
 from server.tasks.service import FIELD_RULES
 from tests.harness import HubHarness, SocketClient, start_hub
 
@@ -206,6 +208,56 @@ async def test_deadline_jobs_survive_a_restart(settings: Settings, store: Store)
         assert await store["schedule"].count_documents({"_id": job["_id"]}) in (0, 1)
         await asyncio.sleep(1.5)
         assert await second.services.scheduler.run_due() == 0
+
+
+class _ScheduleReads(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command.get(event.command_name) == "schedule":
+            self.count += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_a_job_whose_lease_is_held_is_not_asked_for_in_a_loop(store: Store) -> None:
+    """A due job that another node is running (or whose handler failed) waits for its lease;
+    meanwhile the scheduler looks again at its usual pace. It used to take the job's due time
+    for its next round, already past, and ask the database over and over, at once."""
+    reads = _ScheduleReads()
+    watched = Store(store.url, store.db.name)
+    watched.client = type(store.client)(store.url, event_listeners=[reads], tz_aware=True)
+    watched.db = watched.client[store.db.name]
+    now = datetime.now(UTC)
+    await store["schedule"].insert_one(
+        {
+            "_id": "held",
+            "kind": "task-deadline",
+            "task_id": "t1",
+            "due_at": now - timedelta(seconds=1),
+            "claimed_until": now + timedelta(seconds=30),
+        }
+    )
+    fired: list[str] = []
+
+    async def deadline(task_id: str) -> None:
+        fired.append(task_id)
+
+    scheduler = Scheduler(watched)
+    scheduler.handle("task-deadline", deadline)
+    scheduler.start()
+    try:
+        await asyncio.sleep(1.5)
+    finally:
+        await scheduler.close()
+        await watched.client.close()
+    assert fired == []  # the lease is another node's
+    assert reads.count <= 6  # one or two reads a second; was hundreds
 
 
 async def test_permissions_fields_and_comments(hub: HubHarness) -> None:

@@ -14,11 +14,13 @@ with a reason - as soon as it is no longer backed by what it was opened with:
 Whoever revokes calls ``announce_revocation``: it writes a durable record to ``revocations``
 and publishes the ephemeral ``session.revoked``. Each node re-checks the named user's sessions
 when either reaches it: the event at once (on every node, with Redis), the record within
-``POLL_SECONDS`` through a poll of one indexed query per node. The record is what reaches a
-hub from the ``portalhub`` CLI (a process of its own, whose bus has no subscribers) and what
-survives a Redis outage. The check asks the database, never trusts the hint: a session opened
-after the revocation (a new login with the new password) is left alone, and a duplicate hint
-costs one query.
+``POLL_SECONDS`` + ``POLLER_GAP_WAIT`` through a poll of one indexed query per node, four a
+second, each sent in the gap after a batch of events when one comes within
+``POLLER_GAP_WAIT`` (``background.Gap``), so that it does not land beside a message's
+inserts. The record is what reaches a hub from the ``portalhub`` CLI (a process of its own,
+whose bus has no subscribers) and what survives a Redis outage. The check asks the database,
+never trusts the hint: a session opened after the revocation (a new login with the new
+password) is left alone, and a duplicate hint costs one query.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from server.background import SideTasks, raise_if_stopping, stop
+from server.background import (
+    POLLER_GAP_WAIT,
+    Gap,
+    SideTasks,
+    no_gap,
+    raise_if_stopping,
+    stop,
+)
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.events.streams import user_stream
@@ -108,6 +117,8 @@ class SessionGuard:
     def __init__(self, store: Store, bus: EventBus, *, poll_seconds: float = POLL_SECONDS):
         self._store = store
         self._poll_seconds = poll_seconds
+        # Set by the node that writes events (``StreamLog.after_batch``); at once otherwise.
+        self.gap: Gap = no_gap
         self._sessions: dict[str, LiveSession] = {}
         self._by_user: dict[str, set[str]] = {}
         self._hints = 0  # revocation hints received so far; see mark()
@@ -234,10 +245,16 @@ class SessionGuard:
                 session.timer.cancel()
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self._poll_seconds)
+            # On a fixed beat (the poll's rate does not grow with the waits for a gap), each
+            # poll at most POLLER_GAP_WAIT after its beat.
+            due = max(due + self._poll_seconds, loop.time())
+            await asyncio.sleep(due - loop.time())
             if not self._sessions and not any(wants() for _, wants in self._listeners):
                 continue  # nothing here to end (a session opened later reads the new state)
+            await self.gap(POLLER_GAP_WAIT)
             try:
                 await self.poll()
                 if self._failing:

@@ -322,7 +322,7 @@ class StreamLog:
                 if not self._closed:
                     # Right after a batch, in the gap before the next one at a light rate,
                     # not across an append's insert (which it would delay).
-                    await self._after_batch(HEAD_RAISE_INTERVAL)
+                    await self.after_batch(HEAD_RAISE_INTERVAL)
                 self._last_raise = loop.time()
                 raises, self._head_raises = self._head_raises, {}
                 try:
@@ -353,10 +353,11 @@ class StreamLog:
                     raise
                 ops = [ops[int(e["index"])] for e in errors]
 
-    async def _after_batch(self, at_most: float) -> None:
+    async def after_batch(self, at_most: float) -> None:
         """Return once the batch being written is published (or the next one, when none is),
         or after ``at_most`` seconds, whichever comes first.
-        Right after a batch (this turn of the loop, or a moment ago) it returns at once."""
+        Right after a batch (this turn of the loop, or a moment ago) it returns at once.
+        The head raises wait for it, and so do the node's pollers (``background.Gap``)."""
         loop = asyncio.get_running_loop()
         if self._writer is None and loop.time() - self._answered_at < JUST_ANSWERED:
             return

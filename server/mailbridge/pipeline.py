@@ -29,7 +29,7 @@ from typing import Any
 from gridfs import AsyncGridFSBucket
 from pymongo.errors import DuplicateKeyError
 
-from server.background import raise_if_stopping, stop
+from server.background import POLLER_GAP_WAIT, Gap, no_gap, raise_if_stopping, stop
 from server.crm.activities import NewActivity
 from server.crm.models import LeadCreate, TypedEmail
 from server.crm.records import MAIL_CREATOR
@@ -154,6 +154,8 @@ class MailPipeline:
         self.origin: str | None = None  # our X-PortalHub-Origin value (the portal's domain)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # Set by the node that writes events (``StreamLog.after_batch``); at once otherwise.
+        self.gap: Gap = no_gap
         self._node = node
         self._sole_node = sole_node  # the embedded database: no other node can exist
         self.trusted_authserv_ids = trusted_authserv_ids
@@ -207,15 +209,23 @@ class MailPipeline:
                 log.warning("could not give back %s mail leases", len(held), exc_info=True)
 
     async def _run(self) -> None:
+        polled = False
         while True:
             try:
+                if polled:
+                    # The idle poll (not a wake: new mail goes at once) in the gap after a
+                    # batch of events, not beside a chat message's inserts (background.Gap).
+                    await self.gap(POLLER_GAP_WAIT)
                 await self.drain()
             except Exception:
                 raise_if_stopping()
                 log.exception("mail pipeline round failed")
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
+            polled = False
+            try:
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+            except TimeoutError:
+                polled = True
 
     async def drain(self) -> int:
         """Process every message waiting; returns how many reached an outcome here."""

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from server import __version__
-from server.background import raise_if_stopping, stop
+from server.background import POLLER_GAP_WAIT, raise_if_stopping, stop
 from server.observability import logs, nodes
 from server.observability.instruments import EVENTS_DELIVERED
 from server.observability.metrics import Family, open_fds, process_families, resident_memory_bytes
@@ -183,6 +183,8 @@ class Observability:
         while True:
             self._wake.clear()
             try:
+                # in the gap after a batch of events, not beside a message's inserts
+                await self.services.streams.after_batch(POLLER_GAP_WAIT)
                 await self.beat()
                 if failing:
                     log.info("node heartbeat written again")

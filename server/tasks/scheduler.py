@@ -4,6 +4,11 @@ Jobs are documents in ``schedule`` with a ``due_at``. A due job is claimed with 
 (``claimed_until``, set atomically): one node wins it, runs it and then deletes it. A node
 that dies or fails mid-job leaves the lease to expire, and the job runs again: a deadline is
 never lost, and handlers are written to be safe to repeat. A restart loses nothing.
+
+An idle round (nothing due) costs one indexed read, the first job by ``due_at``, sent in the
+gap after a batch of events when one comes within ``POLLER_GAP_WAIT`` (``background.Gap``):
+the embedded database serves one command at a time, and this poll, once a second, used to
+land beside messages' inserts as two commands in series.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from pymongo import ReturnDocument
 
-from server.background import raise_if_stopping, stop
+from server.background import POLLER_GAP_WAIT, Gap, no_gap, raise_if_stopping, stop
 from server.store.database import Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,8 @@ class Scheduler:
         self._handlers: dict[str, Callable[[str], Awaitable[None]]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Set by the node that writes events (``StreamLog.after_batch``); at once otherwise.
+        self.gap: Gap = no_gap
 
     def handle(self, kind: str, handler: Callable[[str], Awaitable[None]]) -> None:
         self._handlers[kind] = handler
@@ -78,14 +86,23 @@ class Scheduler:
             )
             fired += 1
 
+    async def _first(self) -> dict[str, Any] | None:
+        """The job due first (claimed or not): one read along the ``due_at`` index."""
+        return await self._store["schedule"].find_one(
+            {}, {"due_at": True, "claimed_until": True}, sort=[("due_at", 1)]
+        )
+
     async def _run(self) -> None:
         while True:
             try:
-                await self.run_due()
-                upcoming = await self._store["schedule"].find_one({}, sort=[("due_at", 1)])
+                await self.gap(POLLER_GAP_WAIT)
+                first = await self._first()
+                if first is not None and _ready_at(first) <= utcnow():
+                    await self.run_due()
+                    first = await self._first()
                 delay = MAX_SLEEP
-                if upcoming is not None:
-                    delay = min(MAX_SLEEP, max(timedelta(0), upcoming["due_at"] - utcnow()))
+                if first is not None:
+                    delay = min(MAX_SLEEP, max(timedelta(0), _ready_at(first) - utcnow()))
             except Exception:
                 raise_if_stopping()
                 log.exception("scheduler round failed")
@@ -93,3 +110,11 @@ class Scheduler:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay.total_seconds())
+
+
+def _ready_at(job: dict[str, Any]) -> datetime:
+    """When ``job`` can be claimed: at its due time, or once a lease on it runs out (a job
+    another node is running, or one whose handler failed, is not tried again before)."""
+    due: datetime = job["due_at"]
+    claimed: datetime | None = job.get("claimed_until")
+    return due if claimed is None or claimed < due else claimed
