@@ -155,13 +155,18 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
             "crm": await crm.counters.baseline(user_id),
         }
 
-    async def counters_caught_up(user: Document) -> dict[str, Any]:
+    async def counters_caught_up(user: Document, before: Any) -> dict[str, Any]:
         """Sent again once the connection caught up on its streams: the numbers that stream
         events move. The CRM's are left out (one read per connect less): they are versioned
         pushes, and one that came while the snapshot was read is taken into it
-        (``HeldStates.reset``)."""
+        (``HeldStates.reset``). The unread ones only when what they are computed from
+        changed since the snapshot's (``before``) were counted."""
         user_id = str(user["_id"])
-        return {"im": await im.counters_state(user_id), "tasks": await tasks.counters(user_id)}
+        caught_up: dict[str, Any] = {"tasks": await tasks.counters(user_id)}
+        counted = before.get("im") if isinstance(before, dict) else None
+        if (unread := await im.counters_state_since(user_id, counted)) is not None:
+            caught_up["im"] = unread
+        return caught_up
 
     async def settings_snapshot(user: Document) -> dict[str, Any]:
         return {"im": (await im.get_settings(str(user["_id"]))).model_dump()}

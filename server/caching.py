@@ -59,6 +59,9 @@ class Cache(Generic[K, V]):
         self.hits = 0
         self.misses = 0
         self.stale_hits = 0
+        # Moves on every change of what may be served (kept, changed, dropped by a change or
+        # a clear): what was computed from the cache at one version is what it gives again.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -112,6 +115,7 @@ class Cache(Generic[K, V]):
             self.invalidate(key)
 
     def clear(self) -> None:
+        self.version += 1
         self._entries.clear()
         for loads in self._loads.values():
             for load in loads:
@@ -129,6 +133,7 @@ class Cache(Generic[K, V]):
         its time to live goes: callers update only what ``get`` gives them (fresh entries),
         so a stale one was not updated and is known to be out of date now (served on, it
         would lag for as long as changes keep its refreshes from being kept)."""
+        self.version += 1
         entry = self._entries.get(key)
         if entry is not None and entry[0] <= self._clock():
             del self._entries[key]
@@ -169,6 +174,7 @@ class Cache(Generic[K, V]):
         finally:
             keep = self._end(key, token)
         if value is not None and keep:
+            self.version += 1
             self._entries[key] = (self._clock() + self._ttl, value)
             self._trim()
         return value
@@ -213,6 +219,7 @@ class Cache(Generic[K, V]):
             kept = {key for key, token in tokens if self._end(key, token)}
         for key, value in loaded.items():
             if key in kept:
+                self.version += 1
                 self._entries[key] = (self._clock() + self._ttl, value)
             found[key] = value
         self._trim()
@@ -243,6 +250,7 @@ class Cache(Generic[K, V]):
     def _keep(self, key: K, value: V | None) -> None:
         """What a refresh read, unless invalidated meanwhile: None (the data is gone) drops
         the stale entry instead."""
+        self.version += 1
         if value is None:
             self._entries.pop(key, None)
         else:

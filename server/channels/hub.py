@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 TRANSPORT = "socketio"
 SnapshotPart = Callable[[Document], Awaitable[Any]]
+# Given the part's value in the snapshot, to send only what may have changed since.
+CaughtUpPart = Callable[[Document, Any], Awaitable[Any]]
 MemberStreams = Callable[[Document], Awaitable[list[str]]]
 ClientHandler = Callable[["Connection", Any], Awaitable[dict[str, Any]]]
 
@@ -141,7 +143,7 @@ class Hub:
         self._presence = presence
         self.member_streams = member_streams
         self._snapshot_parts: dict[str, SnapshotPart] = {}
-        self._caught_up_parts: dict[str, SnapshotPart] = {}
+        self._caught_up_parts: dict[str, CaughtUpPart] = {}
         self._client_events: dict[str, ClientHandler] = {}
         self._bus = bus
         # python-socketio's server, writing to websockets itself (server/channels/emit.py,
@@ -301,13 +303,13 @@ class Hub:
         await self.sio.disconnect(sid, ignore_queue=True)
 
     def add_snapshot_part(
-        self, key: str, part: SnapshotPart, caught_up: SnapshotPart | None = None
+        self, key: str, part: SnapshotPart, caught_up: CaughtUpPart | None = None
     ) -> None:
         """Register one piece of the ephemeral state a connecting client receives.
         ``caught_up``: what of it is sent again once the streams are caught up (only the
-        counters are); by default the whole part again."""
+        counters are), given what the snapshot had of it; by default the whole part again."""
         self._snapshot_parts[key] = part
-        self._caught_up_parts[key] = caught_up or part
+        self._caught_up_parts[key] = caught_up or (lambda user, _before: part(user))
 
     def on_client_event(self, name: str, handler: ClientHandler) -> None:
         """Register a client-to-server event; its return value is the acknowledgement."""
@@ -450,7 +452,7 @@ class Hub:
                 # Counters in the snapshot were computed before the stream heads were read:
                 # once caught up, the authoritative values close that window.
                 # Versioned parts (the CRM's) go only as far as what this connection lacks.
-                update = _changes_only(conn, await counters(conn.user))
+                update = _changes_only(conn, await counters(conn.user, snapshot.get("counters")))
                 await self._emit("counters.changed", update, to=sid)
             # A client that asked for streams it does not belong to learns it plainly.
             for stream in requested - conn.streams:

@@ -21,6 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -830,9 +831,27 @@ class ImService:
     async def counters_state(self, user_id: str) -> VersionedState:
         """The unread counters, versioned by when they were counted: of two pushes counted
         at once (a read mark and a message), the later count is the one that stays."""
+        generation = self._state.generation
         counted_at = time.time_ns()
         counters = await self.counters(user_id)
-        return VersionedState("im", counted_at, counters.model_dump(), whole=True)
+        if self._state.generation != generation:
+            generation = -1  # changed while counting: not known to hold at any generation
+        return CountedState("im", counted_at, counters.model_dump(), True, generation)
+
+    async def counters_state_since(
+        self, user_id: str, before: VersionedState | None
+    ) -> VersionedState | None:
+        """The unread counters, or None when ``before`` (counted here for the same user) is
+        still what they are: nothing they are computed from changed since. A connect counts
+        them for its snapshot and again once caught up on its streams; the second count went
+        over every chat of the user again although, mostly, nothing had moved."""
+        if (
+            isinstance(before, CountedState)
+            and before.generation >= 0
+            and before.generation == self._state.generation
+        ):
+            return None
+        return await self.counters_state(user_id)
 
     async def _refresh_preview(self, chat_id: str, message: MessageOut) -> None:
         # Only while this message is still the chat's last one: a newer message stays shown.
@@ -1067,3 +1086,10 @@ def _send_result(futures: list[asyncio.Future[Posted]]) -> asyncio.Future[SendRe
     for future in futures:
         future.add_done_callback(one_done)
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class CountedState(VersionedState):
+    """Unread counters with the ``ImState.generation`` they were computed at (-1: unknown)."""
+
+    generation: int = -1

@@ -75,6 +75,13 @@ class ImState:
             MAX_FLOORS, FLOOR_SECONDS
         )
 
+    @property
+    def generation(self) -> int:
+        """Moves whenever what the unread counters are computed from may have changed (the
+        chats and memberships served): counters computed at one generation stay right while
+        it does not move."""
+        return self.chats.version + self.memberships.version
+
     def forget_all(self) -> None:
         for cache in (self.chats, self.memberships, self.pairs):
             cache.clear()

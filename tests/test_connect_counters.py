@@ -1,0 +1,81 @@
+"""The unread counters of a connect: counted for the snapshot, and again once caught up on the
+streams only when what they are computed from changed in between (a message stored after the
+snapshot counted them, and before it read the heads, is in no replay: only the second count
+brings it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from tests.harness import HubHarness
+
+
+async def send(hub: HubHarness, token: str, to: str, text: str) -> dict[str, Any]:
+    resp = await hub.request(
+        "POST", "/api/v1/im/messages", token=token, json={"to": [to], "text": text}
+    )
+    assert resp.status == 201, resp.body
+    result: dict[str, Any] = resp.body
+    return result
+
+
+async def test_a_message_stored_while_the_snapshot_was_read_is_in_the_caught_up_counters(
+    hub: HubHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice_id, alice = await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    await send(hub, bob, alice_id, "first")
+    warm = await hub.connect(alice)  # counted from the caches, not loading them meanwhile
+    await warm.wait_for("counters.changed")
+    streams = hub.services.streams
+    real_heads_of = streams.heads_of
+    sent: list[dict[str, Any]] = []
+
+    async def heads_of(names: Sequence[str]) -> dict[str, int]:
+        # The snapshot's counters are counted; its heads are not read yet.
+        if not sent:
+            sent.append(await send(hub, bob, alice_id, "second"))
+        return await real_heads_of(names)
+
+    monkeypatch.setattr(streams, "heads_of", heads_of)
+    client = await hub.connect(alice)
+    [snapshot] = await client.wait_for("snapshot")
+    [caught_up] = await client.wait_for("counters.changed")
+    chat_id = sent[0]["messages"][0]["chat_id"]
+    assert snapshot["counters"]["im"] == {"unread": 1, "chats": {chat_id: 1}}
+    # the message is under the snapshot's head: no replay brings it
+    assert snapshot["streams"][f"chat:{chat_id}"] >= 2
+    assert caught_up["im"] == {"unread": 2, "chats": {chat_id: 2}}
+
+
+async def test_counters_that_did_not_change_are_not_counted_or_sent_again(
+    hub: HubHarness,
+) -> None:
+    alice_id, alice = await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    sent = await send(hub, bob, alice_id, "hello")
+    chat_id = sent["messages"][0]["chat_id"]
+    warm = await hub.connect(alice)  # fills the caches the next connect counts from
+    await warm.wait_for("counters.changed")
+    im = hub.services.im
+    counted = 0
+    real_counters = im.counters
+
+    async def counters(user_id: str) -> Any:
+        nonlocal counted
+        counted += 1
+        return await real_counters(user_id)
+
+    im.counters = counters  # type: ignore[method-assign]
+    try:
+        client = await hub.connect(alice)
+        [snapshot] = await client.wait_for("snapshot")
+        [caught_up] = await client.wait_for("counters.changed")
+    finally:
+        del im.counters
+    assert snapshot["counters"]["im"] == {"unread": 1, "chats": {chat_id: 1}}
+    assert "im" not in caught_up and "tasks" in caught_up
+    assert counted == 1
