@@ -43,6 +43,45 @@ def is_incoming(act: Document) -> bool:
     return activity_facts(act).is_incoming
 
 
+def new_activity(
+    owner: Document,
+    responsible_id: str,
+    type_: str,
+    direction: str,
+    subject: str,
+    description: str,
+    completed: bool,
+    extra: Document,
+    now: datetime,
+    *,
+    actor_id: str | None = None,
+    deadline: datetime | None = None,
+    missed: bool = False,
+) -> Document:
+    """An activity's document as ``add`` and ``add_many`` store it (no actor: the system)."""
+    act: Document = {
+        "_id": new_id(),
+        "owner_type": owner["type"],
+        "owner_id": owner["_id"],
+        "record_responsible_id": owner["responsible_id"],
+        "responsible_id": responsible_id,
+        "type": type_,
+        "direction": direction,
+        "missed": missed,
+        "subject": subject,
+        "description": description,
+        "deadline": deadline,
+        "completed": completed,
+        "completed_at": now if completed else None,
+        "created_by": actor_id or "",
+        "created_at": now,
+        "modified_at": now,
+        **extra,
+    }
+    act["incoming"] = is_incoming(act)
+    return act
+
+
 @dataclass
 class NewActivity:
     """One activity of ``ActivityService.add_many``: added by the system (no actor), with no
@@ -146,27 +185,20 @@ class ActivityService:
         """Append an activity to a record; also the entry point of the mail bridge.
         ``history``: more for the record's history entry (who sent a mail, when no user
         added it)."""
-        now = utcnow()
-        act: Document = {
-            "_id": new_id(),
-            "owner_type": owner["type"],
-            "owner_id": owner["_id"],
-            "record_responsible_id": owner["responsible_id"],
-            "responsible_id": responsible_id,
-            "type": type_,
-            "direction": direction,
-            "missed": missed,
-            "subject": subject,
-            "description": description,
-            "deadline": deadline,
-            "completed": completed,
-            "completed_at": now if completed else None,
-            "created_by": actor_id or "",
-            "created_at": now,
-            "modified_at": now,
-            **(extra or {}),
-        }
-        act["incoming"] = is_incoming(act)
+        act = new_activity(
+            owner,
+            responsible_id,
+            type_,
+            direction,
+            subject,
+            description,
+            completed,
+            extra or {},
+            utcnow(),
+            actor_id=actor_id,
+            deadline=deadline,
+            missed=missed,
+        )
         await self.core.activity_inserts.insert(act, 1)
         self.core.counters.activities_changed((None, act))
         if not completed:
@@ -197,29 +229,20 @@ class ActivityService:
         when each caller reached its write. Per item: the activity's id, or the exception
         of its own insert (a ``DuplicateKeyError`` for a unique key already taken)."""
         now = utcnow()
-        acts: list[Document] = []
-        for item in items:
-            act: Document = {
-                "_id": new_id(),
-                "owner_type": item.owner["type"],
-                "owner_id": item.owner["_id"],
-                "record_responsible_id": item.owner["responsible_id"],
-                "responsible_id": item.responsible_id,
-                "type": item.type_,
-                "direction": item.direction,
-                "missed": False,
-                "subject": item.subject,
-                "description": item.description,
-                "deadline": None,
-                "completed": item.completed,
-                "completed_at": now if item.completed else None,
-                "created_by": "",
-                "created_at": now,
-                "modified_at": now,
-                **item.extra,
-            }
-            act["incoming"] = is_incoming(act)
-            acts.append(act)
+        acts = [
+            new_activity(
+                item.owner,
+                item.responsible_id,
+                item.type_,
+                item.direction,
+                item.subject,
+                item.description,
+                item.completed,
+                item.extra,
+                now,
+            )
+            for item in items
+        ]
         results: list[str | Exception] = [a["_id"] for a in acts]
         if not acts:
             return results
@@ -286,19 +309,14 @@ class ActivityService:
         count the one before left (a batch of replies to one deal would otherwise miss its
         guard and read the record again, one after another)."""
         record_id = owner["_id"]
-        turn = self._open_turns.get(record_id)
-        if turn is None:
-            turn = self._open_turns[record_id] = _Turn()
-        turn.waiting += 1
+        turn = self._join_turn(record_id)
         try:
             async with turn.lock:
                 after = await self._count_open_now(turn.last or owner, delta)
                 turn.last = after
                 return after
         finally:
-            turn.waiting -= 1
-            if not turn.waiting:
-                self._open_turns.pop(record_id, None)
+            self._leave_turn(record_id, turn)
 
     async def _count_open_many(
         self, changes: dict[str, tuple[Document, int]]
@@ -316,10 +334,7 @@ class ActivityService:
             current: dict[str, Document] = {}
             held: list[tuple[str, _Turn]] = []
             for rid in sorted(changes):
-                turn = self._open_turns.get(rid)
-                if turn is None:
-                    turn = self._open_turns[rid] = _Turn()
-                turn.waiting += 1
+                turn = self._join_turn(rid)
                 held.append((rid, turn))
                 turns.callback(self._leave_turn, rid, turn)
                 await turns.enter_async_context(turn.lock)
@@ -359,6 +374,13 @@ class ActivityService:
             for rid, turn in held:
                 turn.last = after[rid]
             return after
+
+    def _join_turn(self, record_id: str) -> _Turn:
+        turn = self._open_turns.get(record_id)
+        if turn is None:
+            turn = self._open_turns[record_id] = _Turn()
+        turn.waiting += 1
+        return turn
 
     def _leave_turn(self, record_id: str, turn: _Turn) -> None:
         turn.waiting -= 1

@@ -270,18 +270,7 @@ class CrmCore:
         after: Any = None,
     ) -> None:
         await self.history_inserts.insert(
-            {
-                "_id": new_id(),
-                "record_type": doc["type"],
-                "record_id": doc["_id"],
-                "user_id": actor_id,
-                "kind": kind,
-                "field": field,
-                "before": plain(before),
-                "after": plain(after),
-                "at": utcnow(),
-            },
-            1,
+            history_entry(doc, actor_id, kind, field, before, after, utcnow()), 1
         )
 
     async def record_histories(
@@ -292,20 +281,7 @@ class CrmCore:
             return
         at = utcnow()
         await self.store["crm_history"].insert_many(
-            [
-                {
-                    "_id": new_id(),
-                    "record_type": doc["type"],
-                    "record_id": doc["_id"],
-                    "user_id": actor_id,
-                    "kind": kind,
-                    "field": field,
-                    "before": plain(before),
-                    "after": plain(after),
-                    "at": at,
-                }
-                for doc, actor_id, kind, field, before, after in entries
-            ]
+            [history_entry(*entry, at) for entry in entries]
         )
 
     async def announce_record(
@@ -437,3 +413,27 @@ def activity_mail(mail: Document, bodies: bool) -> ActivityMail:
     if bodies:
         out.html, out.text, out.quoted = mail.get("html"), mail.get("text"), mail.get("quoted")
     return out
+
+
+def history_entry(
+    doc: Document,
+    actor_id: str | None,
+    kind: str,
+    field: str | None,
+    before: Any,
+    after: Any,
+    at: datetime,
+) -> Document:
+    """One entry of a record's history (``record_history`` writes one, ``record_histories``
+    a batch's)."""
+    return {
+        "_id": new_id(),
+        "record_type": doc["type"],
+        "record_id": doc["_id"],
+        "user_id": actor_id,
+        "kind": kind,
+        "field": field,
+        "before": plain(before),
+        "after": plain(after),
+        "at": at,
+    }
