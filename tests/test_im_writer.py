@@ -117,6 +117,13 @@ async def test_concurrent_sends_share_their_inserts_and_each_gets_its_answer(
         first = await one.im.send(
             people[1], SendMessage(chat_id=dialogs[0], text="first", client_id="again")
         )
+        await one.im.settled()
+        # Each sender's chat and memberships cached, as a connected session has them: then no
+        # send waits for the database before it is queued, and how many inserts they share
+        # depends on the writer alone, not on when each sender's reads come back.
+        for person, chat in zip(people[1:], dialogs, strict=True):
+            await one.im.readable_chat(str(person["_id"]), chat)
+            await one.im.member_streams(person)
         before = dict(inserts.by_collection)
         results = await asyncio.gather(
             *(
