@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
 from pydantic import SecretStr
@@ -40,6 +41,38 @@ async def within(deadline: float, check: Callable[[], Awaitable[bool]]) -> float
             raise AssertionError(f"not within {deadline} s")
         await asyncio.sleep(0.02)
     return time.monotonic() - started
+
+
+@dataclass
+class TeamChat:
+    """Alice's chat with Bob, Bob having posted, read it and his counters through node two: the
+    chat and his memberships are cached there."""
+
+    alice_id: str
+    alice: str
+    bob_id: str
+    bob: str
+    chat_id: str
+
+    @property
+    def history(self) -> str:
+        return f"/api/v1/im/chats/{self.chat_id}/messages"
+
+
+async def team_chat_read_on_two(one: HubHarness, two: HubHarness) -> TeamChat:
+    alice_id, alice = await one.create_user("alice")
+    bob_id, bob = await one.create_user("bob")
+    created = await one.request(
+        "POST", "/api/v1/im/chats", token=alice, json={"title": "Team", "member_ids": [bob_id]}
+    )
+    team = TeamChat(alice_id, alice, bob_id, bob, created.body["id"])
+    sent = await two.request(
+        "POST", "/api/v1/im/messages", token=bob, json={"chat_id": team.chat_id, "text": "hi"}
+    )
+    assert sent.status == 201, sent.body
+    assert (await two.request("GET", team.history, token=bob)).status == 200
+    assert (await two.request("GET", "/api/v1/im/counters", token=bob)).status == 200
+    return team
 
 
 async def test_a_token_revoked_on_one_node_stops_working_on_the_other(
@@ -83,21 +116,9 @@ async def test_a_removed_chat_member_cannot_post_or_read_on_the_other_node(
     two_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
     one, two = two_nodes
-    alice_id, alice = await one.create_user("alice")
-    bob_id, bob = await one.create_user("bob")
-    created = await one.request(
-        "POST", "/api/v1/im/chats", token=alice, json={"title": "Team", "member_ids": [bob_id]}
-    )
-    chat_id = created.body["id"]
-    history = f"/api/v1/im/chats/{chat_id}/messages"
-    # bob posts and reads through node two: the chat and his memberships are cached there
-    sent = await two.request(
-        "POST", "/api/v1/im/messages", token=bob, json={"chat_id": chat_id, "text": "hi"}
-    )
-    assert sent.status == 201, sent.body
-    assert (await two.request("GET", history, token=bob)).status == 200
-    counters = await two.request("GET", "/api/v1/im/counters", token=bob)
-    assert counters.status == 200
+    team = await team_chat_read_on_two(one, two)
+    alice_id, alice, bob_id, bob = team.alice_id, team.alice, team.bob_id, team.bob
+    chat_id, history = team.chat_id, team.history
     removed = await one.request(
         "DELETE", f"/api/v1/im/chats/{chat_id}/members/{bob_id}", token=alice
     )
@@ -209,19 +230,9 @@ async def test_a_removed_chat_member_held_stale_is_shut_out_at_once_on_the_other
     two_stale_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
     one, two = two_stale_nodes
-    alice_id, alice = await one.create_user("alice")
-    bob_id, bob = await one.create_user("bob")
-    created = await one.request(
-        "POST", "/api/v1/im/chats", token=alice, json={"title": "Team", "member_ids": [bob_id]}
-    )
-    chat_id = created.body["id"]
-    history = f"/api/v1/im/chats/{chat_id}/messages"
-    sent = await two.request(
-        "POST", "/api/v1/im/messages", token=bob, json={"chat_id": chat_id, "text": "hi"}
-    )
-    assert sent.status == 201, sent.body
-    assert (await two.request("GET", history, token=bob)).status == 200
-    assert (await two.request("GET", "/api/v1/im/counters", token=bob)).status == 200
+    team = await team_chat_read_on_two(one, two)
+    alice_id, alice, bob_id, bob = team.alice_id, team.alice, team.bob_id, team.bob
+    chat_id, history = team.chat_id, team.history
     await asyncio.sleep(3 * STALE_TTL)  # bob's memberships and the chat are stale there now
     removed = await one.request(
         "DELETE", f"/api/v1/im/chats/{chat_id}/members/{bob_id}", token=alice
