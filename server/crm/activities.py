@@ -222,6 +222,22 @@ class ActivityService:
             )
         return await self._out(viewer_id or responsible_id, act, record_title(owner))
 
+    async def add_one(self, item: NewActivity) -> ActivityOut:
+        """``add`` of one activity built as ``add_many`` takes them (the mail bridge builds
+        a received mail's activity once, for either path)."""
+        return await self.add(
+            item.owner,
+            actor_id=None,
+            responsible_id=item.responsible_id,
+            type_=item.type_,
+            direction=item.direction,
+            subject=item.subject,
+            description=item.description,
+            completed=item.completed,
+            extra=item.extra,
+            history=item.history,
+        )
+
     async def add_many(self, items: list[NewActivity]) -> list[str | Exception]:
         """Append many activities at once (a batch of received mail): one insert of the
         activities, one open-count update per record, one insert of the history entries,

@@ -524,18 +524,8 @@ class MailPipeline:
         assert record is not None
         attachments = await self._save_attachments(doc["_id"], mail)
         try:
-            activity = await self._crm.activities.add(
-                record,
-                actor_id=None,
-                responsible_id=record["responsible_id"],
-                type_="email",
-                direction="incoming",
-                subject=mail.subject[:250],
-                description=(mail.new_text or mail.text)[:20_000],
-                completed=auto_reply,  # an auto-reply is shown, never counted
-                extra=self._mail_part(doc, mail, match, attachments, auto_reply, verdict),
-                # the history names who wrote it
-                history={"from": _sender(mail), "from_address": mail.from_address},
+            activity = await self._crm.activities.add_one(
+                self._incoming(doc, mail, match, attachments, auto_reply, verdict)
             )
         except DuplicateKeyError:
             return await self._already_delivered(doc, record)
@@ -551,8 +541,6 @@ class MailPipeline:
         failures: dict[str, Exception] = {}
         items: list[tuple[Delivery, NewActivity]] = []
         for d in pending:
-            record = d.match.record
-            assert record is not None
             try:
                 attachments = await self._save_attachments(d.doc["_id"], d.mail)
             except Exception as exc:
@@ -560,22 +548,7 @@ class MailPipeline:
                 failures[d.doc["_id"]] = exc
                 continue
             items.append(
-                (
-                    d,
-                    NewActivity(
-                        owner=record,
-                        responsible_id=record["responsible_id"],
-                        type_="email",
-                        direction="incoming",
-                        subject=d.mail.subject[:250],
-                        description=(d.mail.new_text or d.mail.text)[:20_000],
-                        completed=d.auto_reply,  # an auto-reply is shown, never counted
-                        extra=self._mail_part(
-                            d.doc, d.mail, d.match, attachments, d.auto_reply, d.verdict
-                        ),
-                        history={"from": _sender(d.mail), "from_address": d.mail.from_address},
-                    ),
-                )
+                (d, self._incoming(d.doc, d.mail, d.match, attachments, d.auto_reply, d.verdict))
             )
         if not items:
             return failures
@@ -621,6 +594,31 @@ class MailPipeline:
             # retried: each then finds its activity (the unique raw id) and finishes
             failures.update({doc["_id"]: exc for doc, _status, _result in outcomes})
         return failures
+
+    def _incoming(
+        self,
+        doc: Document,
+        mail: ParsedMail,
+        match: Match,
+        attachments: list[dict[str, Any]],
+        auto_reply: bool,
+        verdict: Verdict,
+    ) -> NewActivity:
+        """A received mail's activity on the record it matched."""
+        record = match.record
+        assert record is not None
+        return NewActivity(
+            owner=record,
+            responsible_id=record["responsible_id"],
+            type_="email",
+            direction="incoming",
+            subject=mail.subject[:250],
+            description=(mail.new_text or mail.text)[:20_000],
+            completed=auto_reply,  # an auto-reply is shown, never counted
+            extra=self._mail_part(doc, mail, match, attachments, auto_reply, verdict),
+            # the history names who wrote it
+            history={"from": _sender(mail), "from_address": mail.from_address},
+        )
 
     def _mail_part(
         self,
