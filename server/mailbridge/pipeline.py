@@ -301,9 +301,9 @@ class MailPipeline:
                 *(attempt(one, self.process(one[0], one, lookups, pending)) for one in firsts)
             )
             delivered = await self._deliver_all(pending)
+            waited = {d.doc["_id"] for d in pending}
             for one, ok in zip(firsts, decided, strict=True):
-                waiting = next((d for d in pending if d.doc["_id"] == one[0]["_id"]), None)
-                if waiting is not None:
+                if one[0]["_id"] in waited:
                     failure = delivered.get(one[0]["_id"])
                     if failure is not None:
                         ok = await attempt(one, _raise(failure))
