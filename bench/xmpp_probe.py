@@ -57,6 +57,17 @@ def figures(result: Results) -> dict[str, float]:
     }
 
 
+def cpu_figures(result: Results) -> dict[str, dict[str, float]]:
+    """CPU in % of a core during saturation, and CPU milliseconds per login of each process
+    during the logins (less at the mercy of the machine's load than a login's wall time)."""
+    logins = result["logins"]
+    per_login = {
+        role: round(10 * percent * float(logins["seconds"]) / max(1, int(logins["ok"])), 2)
+        for role, percent in logins.get("cpu_percent", {}).items()
+    }
+    return {"cpu": result["saturation"]["cpu_percent"], "login_cpu_ms": per_login}
+
+
 async def probe(args: argparse.Namespace) -> Results:
     profile = with_settings(FULL, args.set)
     started = time.monotonic()
@@ -84,11 +95,11 @@ async def probe(args: argparse.Namespace) -> Results:
                     await _stop_spies(spies)
 
             result = await xmpp.run_hub(profile, say, repo=Path(path), during=spying)
-            this[name] = {**figures(result), "cpu": result["saturation"]["cpu_percent"]}
+            this[name] = {**figures(result), **cpu_figures(result)}
             say(f"round {round_} {name}: {json.dumps(this[name])} (load {_load()})")
         if not args.no_prosody:
             result = await xmpp.run_prosody(profile, say)
-            this["prosody"] = {**figures(result), "cpu": result["saturation"]["cpu_percent"]}
+            this["prosody"] = {**figures(result), **cpu_figures(result)}
             say(f"round {round_} prosody: {json.dumps(this['prosody'])} (load {_load()})")
         this["load_at_end"] = _load()
         rounds.append(this)

@@ -24,6 +24,7 @@ from server.im.models import SendMessage
 from server.settings import Settings
 from server.store.database import Store
 from tests.harness import HubHarness, start_hub
+from tests.xmpp_client import xmpp_login
 
 # Work on its own clock, not per request: the revocation poll, the node registry, the
 # scheduler; the CRM's settings, which CrmConfig reads at most every two seconds.
@@ -267,3 +268,29 @@ async def test_going_online_reads_no_blocklist_of_web_only_colleagues(
         await one.close()
     assert len(await colleagues[0].wait_for("presence.changed", 2)) >= 2  # alice's came
     assert ("find", "blocklists") not in seen, dict(seen)
+
+
+async def test_an_xmpp_login_made_again_sends_no_command_before_its_close(
+    counted: tuple[HubHarness, Commands],
+) -> None:
+    """A Jabber client that logs in again (a phone back on the network) is checked against
+    the credentials this node keeps, and finds its blocklist, presence and counters cached:
+    its login costs the database nothing, roster included (the bench's clients ask for none,
+    real ones at every login)."""
+    hub, commands = counted
+    await hub.create_user("alice")
+    await quiet(hub)
+    costs = []
+    for _ in range(2):
+        mark = commands.mark()
+        client = await xmpp_login(hub, "alice", mechanism="SCRAM-SHA-1")
+        await quiet(hub)
+        costs.append(commands.since(mark))
+        client.disconnect()
+        await asyncio.sleep(hub.services.settings.presence_grace_seconds + 0.3)
+        await quiet(hub)
+    first, again = costs
+    # By login (SCRAM), by id (the session's profile), the presence manual state, and the
+    # colleagues' list (the directory's, emptied when alice was created): each once.
+    assert first[("find", "users")] <= 4, dict(first)
+    assert again == Counter(), dict(again)

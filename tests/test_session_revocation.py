@@ -12,13 +12,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from server.auth.service import token_hash
 from server.auth.sessions import LiveSession, session_verdict
 from server.cli import user_passwd
 from server.settings import Settings
 from server.store.database import Store
-from tests.harness import HubHarness, SocketClient, start_hub
+from tests.harness import DEFAULT_PASSWORD, HubHarness, SocketClient, start_hub
+from tests.redis_server import RedisServer
 from tests.xmpp_client import XmppClient, xmpp_login
 
 BOUND = 1.0  # the issue's: every session concerned is closed within a second
@@ -222,3 +224,78 @@ async def test_cli_passwd_reaches_every_node(
     await user_passwd(settings, "alice", "brand new secret")  # no Redis: the CLI's own bus
     await closed_within(on_one.gone, on_two.gone, jabber_one.gone, jabber_two.gone)
     assert on_one.reasons == on_two.reasons == ["password_changed"]
+
+
+# the credentials a Jabber login is checked against (cached per node) --------------------------
+
+
+@pytest.fixture
+async def two_nodes_caching(
+    settings: Settings, store: Store, redis_server: RedisServer
+) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
+    """Two nodes whose caches outlive the test: only a revocation can correct them."""
+    shared = settings.model_copy(
+        update={"redis_url": SecretStr(redis_server.url), "cache_ttl_seconds": 600.0}
+    )
+    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
+        yield one, two
+
+
+async def refused_within(hub: HubHarness, password: str, seconds: float = BOUND) -> None:
+    """Logging in to ``hub`` over XMPP with ``password`` fails within ``seconds``."""
+    started = time.monotonic()
+    while True:
+        try:
+            client = await xmpp_login(hub, "alice", password=password, mechanism="SCRAM-SHA-1")
+        except ConnectionError:
+            return
+        client.disconnect()
+        assert time.monotonic() - started < seconds, "the old credentials still work"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_new_password_is_needed_over_xmpp_on_the_other_node_at_once(
+    two_nodes_caching: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_nodes_caching
+    _, admin = await one.create_user("root", admin=True)
+    alice_id, _ = await one.create_user("alice")
+    for _ in range(2):  # the second login is served from node two's cache
+        (await xmpp_login(two, "alice", mechanism="SCRAM-SHA-1")).disconnect()
+    resp = await one.request(
+        "PATCH", f"/api/v1/users/{alice_id}", token=admin, json={"password": "brand new secret"}
+    )
+    assert resp.status == 200
+    await refused_within(two, DEFAULT_PASSWORD)
+    new = await xmpp_login(two, "alice", password="brand new secret", mechanism="SCRAM-SHA-1")
+    assert new.boundjid.user == "alice"
+
+
+async def test_a_deactivated_user_is_refused_over_xmpp_on_the_other_node_at_once(
+    two_nodes_caching: tuple[HubHarness, HubHarness],
+) -> None:
+    one, two = two_nodes_caching
+    _, admin = await one.create_user("root", admin=True)
+    alice_id, _ = await one.create_user("alice")
+    for _ in range(2):
+        (await xmpp_login(two, "alice", mechanism="SCRAM-SHA-1")).disconnect()
+    resp = await one.request(
+        "PATCH", f"/api/v1/users/{alice_id}", token=admin, json={"is_active": False}
+    )
+    assert resp.status == 200
+    await refused_within(two, DEFAULT_PASSWORD)
+
+
+async def test_cli_passwd_is_needed_over_xmpp_on_a_node_with_no_session_open(
+    two_nodes_caching: tuple[HubHarness, HubHarness], settings: Settings
+) -> None:
+    """The CLI's revocation reaches a node only as a record, which the node reads while it
+    holds credentials, even with no session open."""
+    one, two = two_nodes_caching
+    await one.create_user("alice")
+    for _ in range(2):
+        (await xmpp_login(two, "alice", mechanism="SCRAM-SHA-1")).disconnect()
+    await asyncio.sleep(0.3)  # the sessions are gone: nothing but the cache makes two poll
+    assert two.services.xmpp is not None and two.services.xmpp.session_count == 0
+    await user_passwd(settings, "alice", "brand new secret")
+    await refused_within(two, DEFAULT_PASSWORD, seconds=BOUND + 0.5)

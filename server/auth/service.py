@@ -29,6 +29,7 @@ from server.store.database import Document, Store, utcnow
 from server.web.problems import Problem
 
 PORTAL_SETTINGS_ID = "portal"
+CREDENTIAL_FIELDS = {"login": True, "is_active": True, "scram": True, "password_stamp": True}
 
 
 def token_hash(token: str) -> str:
@@ -146,23 +147,68 @@ class AuthService:
             settings.cache_ttl_seconds,
             stale_seconds=settings.cache_stale_seconds,
         )
-        self.sessions.on_revocation(self._revoked, wants_records=lambda: len(self._tokens) > 0)
+        # login -> what a SCRAM exchange needs of an active user (``credentials``), so that a
+        # Jabber client logging in again costs no query. Never served stale (no
+        # ``stale_seconds``): dropped on every node by the revocation that a new password or a
+        # deactivation announces (the event, or the record the guard polls while any is kept),
+        # and after the time to live at the latest.
+        self._credentials: Cache[str, Document] = Cache(
+            settings.cache_max_entries, settings.cache_ttl_seconds
+        )
+        self._credential_logins: dict[str, str] = {}  # user id -> login (never changes)
+        self._max_credentials = settings.cache_max_entries
+        self._revocations = 0  # hints so far: a read that overlapped one is not kept
+        self.sessions.on_revocation(
+            self._revoked,
+            wants_records=lambda: len(self._tokens) > 0 or len(self._credentials) > 0,
+        )
 
     def forget_all(self) -> None:
-        """Every cached token may be out of date (events may have been lost)."""
+        """Every cached token and credential may be out of date (events may have been lost)."""
+        self._revocations += 1
         self._tokens.clear()
+        self._credentials.clear()
 
     async def close(self) -> None:
         """Stop the token cache's background refreshes."""
         await self._tokens.close()
+        await self._credentials.close()
 
     def _revoked(self, user_id: str) -> None:
         """A logout, a new password or a deactivation of ``user_id``: forget the user's tokens
-        (the database says which are still valid)."""
+        (the database says which are still valid) and credentials."""
         for hashed, (owner, _) in self._tokens.values():
             if owner == user_id:
                 self._tokens.invalidate(hashed)
+        self._forget_credentials(user_id)
         self._directory.forget_user(user_id)
+
+    def _forget_credentials(self, user_id: str) -> None:
+        self._revocations += 1
+        login = self._credential_logins.get(user_id)
+        if login is not None:
+            self._credentials.invalidate(login)
+
+    async def credentials(self, login: str) -> Document | None:
+        """The user with this login as a SCRAM exchange checks them (``_id``, ``login``,
+        ``is_active``, ``scram``, ``password_stamp``), or None. Cached for active users only:
+        a client that logs in again (a phone on and off the network) costs no query."""
+        login = login.strip().lower()
+        cached = self._credentials.get(login)
+        if cached is not None:
+            return cached
+        before = self._revocations
+        doc = await self._store.users.find_one({"login": login}, projection=CREDENTIAL_FIELDS)
+        if doc is None:
+            return None
+        # Not kept when a revocation came while it was read: it may predate the change.
+        if doc.get("is_active", True) and before == self._revocations:
+            if len(self._credential_logins) >= self._max_credentials:
+                self._credential_logins.clear()  # bounded; a login not found is read again
+                self._credentials.clear()
+            self._credential_logins[str(doc["_id"])] = login
+            self._credentials.put(login, doc)
+        return doc
 
     def client_address(self, peer: str | None, forwarded_for: str | None = None) -> str:
         """The per-address key of a client (see addresses.py): the peer, or the client a
@@ -234,6 +280,7 @@ class AuthService:
             # count) get fresh fields on their next login.
             fields = await password_fields(password)
             await self._store.users.update_one({"_id": user["_id"]}, {"$set": fields})
+            self._forget_credentials(str(user["_id"]))  # verifiers of today's count
             user.update(fields)
         return user
 

@@ -12,6 +12,7 @@ class DepartmentNode:
     id: str
     parent_id: str | None
     head_id: str | None
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)

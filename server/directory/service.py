@@ -538,7 +538,9 @@ class DirectoryService:
 
         async def load() -> dict[str, DepartmentNode]:
             return {
-                str(d["_id"]): DepartmentNode(str(d["_id"]), d.get("parent_id"), d.get("head_id"))
+                str(d["_id"]): DepartmentNode(
+                    str(d["_id"]), d.get("parent_id"), d.get("head_id"), str(d.get("name", ""))
+                )
                 async for d in self._store.departments.find({})
             }
 

@@ -78,6 +78,11 @@ class XmppServer:
         self._message_handlers: list[StanzaHandler] = []
         self._presence_handlers: list[StanzaHandler] = []
         self._on_bound: list[SessionHook] = []
+        # Run together, without the login waiting, once a client has authenticated: reads of
+        # what the session needs later (blocklist, presence, unread counters) fill their
+        # caches while the client restarts its stream and binds, instead of one after another
+        # in its bind and its initial presence.
+        self._on_authenticated: list[SessionHook] = []
         self._on_unbound: list[SessionHook] = []
         self.on_available: list[SessionHook] = []  # after a session's initial presence
         self.on_unavailable: list[SessionHook] = []  # after it says unavailable, still bound
@@ -135,6 +140,23 @@ class XmppServer:
 
     def on_unbound(self, hook: SessionHook) -> None:
         self._on_unbound.append(hook)
+
+    def on_authenticated(self, hook: SessionHook) -> None:
+        """``hook`` is started (not awaited) when a client has authenticated: for warming
+        caches. Nothing may depend on it having finished."""
+        self._on_authenticated.append(hook)
+
+    def authenticated(self, session: C2SSession) -> None:
+        if self._on_authenticated:
+            self.spawn(self._warm(session))
+
+    async def _warm(self, session: C2SSession) -> None:
+        results = await asyncio.gather(
+            *(hook(session) for hook in self._on_authenticated), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("warming up for %s failed: %r", session.peer, result)
 
     def add_feature(self, *namespaces: str) -> None:
         self.features.update(namespaces)

@@ -477,7 +477,7 @@ class C2SSession:
             await self._sasl_failure("temporary-auth-failure")
             return False
         self._auth_mark = auth.sessions.mark()
-        user = await self.server.directory.user_by_login(login)
+        user = await auth.credentials(login)
         info = auth_info(
             user.get("scram") if user and user.get("is_active", True) else None, mechanism
         )
@@ -522,7 +522,14 @@ class C2SSession:
             return False
         attempt.succeeded()
         self._attempt = None
-        return await self._sasl_success(user, scram.get_server_final().encode(), self._auth_mark)
+        # The proof was checked against the credentials (cached); the session holds the user
+        # as the directory has them (its cache), with the stamp of the password just proved.
+        profile = await self.server.directory.cached_user(str(user["_id"]))
+        if profile is None or not profile.get("is_active", True):
+            await self._sasl_failure("not-authorized")
+            return False
+        profile["password_stamp"] = user.get("password_stamp")
+        return await self._sasl_success(profile, scram.get_server_final().encode(), self._auth_mark)
 
     def _end_attempt(self) -> None:
         """A SCRAM exchange that ends without a verdict (aborted, failed to parse, restarted,
@@ -543,6 +550,7 @@ class C2SSession:
             ),
             mark,
         )
+        self.server.authenticated(self)
         success = element("success", ns=SASL_NS)
         if additional:
             success.text = base64.b64encode(additional).decode()

@@ -90,7 +90,7 @@ def install(server: XmppServer) -> None:
         # messages bridge checks it for every message and presence to them).
         await service.blocked(session.user_id)
 
-    server.on_bound(warm)
+    server.on_authenticated(warm)
     server.iq("get", q(BLOCKING, "blocklist"), get)
     server.iq("set", q(BLOCKING, "block"), block)
     server.iq("set", q(BLOCKING, "unblock"), unblock)

@@ -785,6 +785,11 @@ def install(server: XmppServer) -> None:
     server.bus.subscribe_ephemeral(bridge.on_signal)
     server.on_available.append(bridge.deliver_offline)
 
+    async def warm(session: C2SSession) -> None:
+        await server.im.counters(session.user_id)  # what deliver_offline looks at first
+
+    server.on_authenticated(warm)
+
     async def last_session_gone(session: C2SSession) -> None:
         # The marks of a user going offline are stored now: their next login (on any node)
         # must not get again what they saw live.

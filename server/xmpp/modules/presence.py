@@ -296,6 +296,11 @@ def install(server: XmppServer) -> None:
 
     server.on_presence(on_presence)
 
+    async def warm(session: C2SSession) -> None:
+        await server.presence.manual(session.user_id)  # decided at the initial presence
+
+    server.on_authenticated(warm)
+
     def tell_own_resources(session: C2SSession, stanza: ET.Element, echo: bool = False) -> None:
         assert session.jid is not None
         for other in server.sessions_of(session.user_id):

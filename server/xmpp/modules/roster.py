@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
 from server.directory.models import display_name
-from server.directory.rules import DepartmentNode, ancestors
+from server.directory.rules import ancestors
 from server.events.models import EphemeralEvent
 from server.store.database import Document
 from server.xmpp.modules.basics import GROUP_DELIMITER
@@ -48,13 +48,13 @@ class Roster:
         self.sent: dict[str, dict[str, Item]] = {}  # session id -> items last sent
 
     async def groups(self) -> dict[str, str]:
-        """Each department's group path ("Acme/Sales/Europe"): one answer for every roster."""
-        departments = await self.server.directory.list_departments()
-        tree = {d.id: DepartmentNode(d.id, d.parent_id, d.head_id) for d in departments}
-        names = {d.id: d.name for d in departments}
+        """Each department's group path ("Acme/Sales/Europe"): one answer for every roster,
+        from the directory's cached tree (a roster asked for at every login read the
+        departments each time)."""
+        tree = await self.server.directory.department_tree()
         return {
-            d.id: group_name([names.get(a, "") for a in reversed(ancestors(d.id, tree))])
-            for d in departments
+            node.id: group_name([tree[a].name for a in reversed(ancestors(node.id, tree))])
+            for node in tree.values()
         }
 
     async def items_for(self, user: Document, groups: dict[str, str]) -> dict[str, Item]:
