@@ -378,3 +378,66 @@ async def test_a_bookkeeping_round_due_during_a_batch_waits_until_the_batch_is_a
     finally:
         gate.set()
         await one.close()
+
+
+async def test_the_next_batch_is_inserted_while_the_one_before_waits_for_its_events(
+    store: Store, fast: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer inserts the next batch's messages while the batch before waits for its
+    events (the database would otherwise stand idle while they are published), yet answers
+    in order, each message only once its own event is stored. When the earlier batch's
+    event is then lost, its message is taken back under the later one's ordinal: it counts
+    as deleted, as under another node's message."""
+    await number_messages(store, "test")
+    one = node(store, fast)
+    try:
+        alice, bob = await users(one, "alice", "bob")
+        chat = (await one.im.open_private(alice, bob["_id"]))["_id"]
+        await one.im.send(alice, SendMessage(chat_id=chat, text="before"))
+        await one.im.settled()
+        enqueue = one.streams.enqueue
+        held: list[tuple[list[Append], list[asyncio.Future[Event]]]] = []
+        changed = asyncio.Event()
+
+        def hold(items: list[Append]) -> list[asyncio.Future[Event]]:
+            futures = [asyncio.get_running_loop().create_future() for _ in items]
+            held.append((list(items), futures))
+            changed.set()
+            return futures
+
+        async def batches(count: int) -> None:
+            while len(held) < count:
+                changed.clear()
+                await asyncio.wait_for(changed.wait(), 10)
+
+        monkeypatch.setattr(one.streams, "enqueue", hold)
+        first = await one.im.submit(alice, SendMessage(chat_id=chat, text="first"))
+        await batches(1)  # stored as n = 2, its event on its way
+        second = await one.im.submit(alice, SendMessage(chat_id=chat, text="second"))
+        await batches(2)  # inserted while the first still waits for its event
+        stored = [(d["n"], d["text"]) async for d in store["messages"].find({"chat_id": chat})]
+        assert sorted(stored) == [(1, "before"), (2, "first"), (3, "second")]
+        # the second's event stored: still not answered before the first is
+        items, futures = held[1]
+        for future, event in zip(futures, await asyncio.gather(*enqueue(items)), strict=True):
+            future.set_result(event)
+        await asyncio.sleep(0.05)
+        assert not first.done() and not second.done()
+        for future in held[0][1]:
+            future.set_exception(RuntimeError("the event could not be stored"))
+        with pytest.raises(Problem) as refused:
+            await first
+        assert refused.value.status == 503
+        assert (await second).messages[0].n == 3
+        await one.im.settled()
+        assert [d["n"] async for d in store["messages"].find({"chat_id": chat})] == [1, 3]
+        report = await ImCheck(store).check()
+        assert report.clean, report
+        fresh = node(store, fast)
+        try:
+            # bob: "before" and "second" unread; the taken-back one is nobody's
+            assert (await fresh.im.counters(bob["_id"])).chats[chat] == 2
+        finally:
+            await fresh.close()
+    finally:
+        await one.close()
