@@ -101,7 +101,6 @@ class Outgoing:
     # knows nothing newer (too low only costs a lost race)
     hint: int | None = None
     copies: list[Outgoing] = field(default_factory=list)  # the same dedup_key, same batch
-    payload: dict[str, Any] | None = None  # its event's message, once stored
 
     @property
     def chat_id(self) -> str:
@@ -273,8 +272,6 @@ class MessageWriter:
         self._closed = False
         self._batch_waiters: list[asyncio.Future[None]] = []
         self._answered_at = -1.0  # loop time the last batch was answered
-        # set by ``submit`` while the writer waits for a batch's events with nothing queued
-        self._arrived: asyncio.Future[None] | None = None
         self.bookkeeper = Bookkeeper(store, lambda: self.busy, self.after_batch)
 
     @property
@@ -294,8 +291,6 @@ class MessageWriter:
             raise unavailable()
         future: asyncio.Future[Posted] = asyncio.get_running_loop().create_future()
         self._queue.append(Outgoing(doc, future, request_id, hint))
-        if self._arrived is not None and not self._arrived.done():
-            self._arrived.set_result(None)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="im-writer")
         return future
@@ -338,79 +333,29 @@ class MessageWriter:
     # the loop ----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        """Batches go through two steps: their messages are inserted (and their events queued
-        on the stream log), then their events are awaited, and the senders answered. The next
-        batch's messages insert goes while the batch before it waits for its events (two
-        batches at most are under way): the database serves one command at a time, and
-        without this it stood idle while each batch's events were published and its senders
-        answered (a tenth of each batch's turn at saturation). Nothing is answered earlier:
-        each message still waits for its own journaled event, and the stream log stores the
-        events in the order they were queued, so in the order of the messages."""
         queue = self._queue
         batch: list[Outgoing] = []
-        waiting: asyncio.Task[list[Outgoing]] | None = None  # the batch awaiting its events
-        waiting_items: list[Outgoing] = []
         try:
             await asyncio.sleep(0)  # what is submitted in the same moment goes together
-            while queue or waiting is not None:
-                if not queue and waiting is not None:
-                    await self._arrival_or(waiting)
-                written: tuple[list[Outgoing], list[asyncio.Future[Any]]] | None = None
-                if queue:
-                    batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
-                    try:
-                        written = await self._store_batch(batch)
-                    except Exception:
-                        log.exception("writing %s messages failed", len(batch))
-                        for item in batch:
-                            item.settle(None, unavailable())
-                    batch = []
-                if waiting is not None:
-                    await self._answer(waiting, waiting_items)
-                    waiting, waiting_items = None, []
-                if written is not None:
-                    waiting_items = written[0]
-                    waiting = asyncio.create_task(self._announce(*written), name="im-announce")
-                elif not queue:
-                    self._batch_answered()
+            while queue:
+                batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+                try:
+                    await self._write(batch)
+                except Exception:
+                    log.exception("writing %s messages failed", len(batch))
+                    for item in batch:
+                        item.settle(None, unavailable())
+                batch = []
+                self._batch_answered()
         except asyncio.CancelledError:
-            if waiting is not None:
-                waiting.cancel()
-            for item in [*batch, *waiting_items, *queue]:
+            for item in [*batch, *queue]:
                 item.settle(None, unavailable())
             queue.clear()
             raise
         finally:
             self._task = None
 
-    async def _arrival_or(self, waiting: asyncio.Task[list[Outgoing]]) -> None:
-        """Return once a message is submitted or ``waiting`` is done, whichever comes first."""
-        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._arrived = arrived
-        try:
-            await asyncio.wait([waiting, arrived], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._arrived = None
-        if arrived.done():
-            await asyncio.sleep(0)  # what is submitted in the same moment goes together
-
-    async def _answer(self, waiting: asyncio.Task[list[Outgoing]], items: list[Outgoing]) -> None:
-        """The batch before is answered: its lost messages taken back (after the next batch's
-        insert, which may have numbered above them: see ``_take_back``)."""
-        try:
-            lost = await waiting
-            if lost:
-                await self._take_back(lost)
-        except Exception:
-            log.exception("answering %s messages failed", len(items))
-            for item in items:
-                item.settle(None, unavailable())
-        self._batch_answered()
-
-    async def _store_batch(
-        self, batch: list[Outgoing]
-    ) -> tuple[list[Outgoing], list[asyncio.Future[Any]]] | None:
-        """Insert a batch's messages and queue their events; (stored, the events' futures)."""
+    async def _write(self, batch: list[Outgoing]) -> None:
         leaders: list[Outgoing] = []
         first: dict[str, Outgoing] = {}
         for item in batch:
@@ -427,7 +372,7 @@ class MessageWriter:
         for item in duplicates:
             self._spawn(self._duplicate(item))
         if not stored:
-            return None
+            return
         payloads = [MessageOut.from_document(item.doc).model_dump(mode="json") for item in stored]
         futures = self._streams.enqueue(
             [
@@ -437,25 +382,16 @@ class MessageWriter:
                 for item, payload in zip(stored, payloads, strict=True)
             ]
         )
-        for item, payload in zip(stored, payloads, strict=True):
-            item.payload = payload
-        return stored, list(futures)
-
-    async def _announce(
-        self, stored: list[Outgoing], futures: list[asyncio.Future[Any]]
-    ) -> list[Outgoing]:
-        """Await a batch's events; answer the senders whose event is stored. The rest (their
-        events could not be stored) is returned, to be taken back."""
         results = await asyncio.gather(*futures, return_exceptions=True)
         lost: list[Outgoing] = []
-        for item, result in zip(stored, results, strict=True):
-            payload = item.payload
-            if isinstance(result, BaseException) or payload is None:
+        for item, payload, result in zip(stored, payloads, results, strict=True):
+            if isinstance(result, BaseException):
                 lost.append(item)
                 continue
             item.settle(Posted(MessageOut.model_validate(payload), False))
             self.bookkeeper.message_stored(item.doc, preview_of(payload))
-        return lost
+        if lost:
+            await self._take_back(lost)
 
     async def _take_back(self, lost: list[Outgoing]) -> None:
         """Their events could not be stored: not half-stored, the messages go too.
