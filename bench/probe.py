@@ -1,15 +1,17 @@
 """Phases of ``make bench`` on their own, repeated, hubs side by side with the reference.
 
-``python -m bench.probe [--hub NAME=PATH ...] [--rounds 3] [--phases latency,connect,fanout]
-[--fanout-n 100,1000]``
+``python -m bench.probe [--hub NAME=PATH ...] [--rounds 3]
+[--phases latency,connect,fanout,saturation] [--fanout-n 100,1000]``
 
 The 1:1 latency phase (one sender at ``direct_rate`` for ``direct_seconds``, one receiver),
 the connection set-up series (0 -> the largest fan-out N, ``connect_parallel`` under way, ready
 on ``snapshot``) and the fan-out (``fanout``: ``Run.fanout`` for the Ns of ``--fanout-n``: the
 connect series up to the largest, then for each N from the largest down its steady phase and
-its saturated one) of the full profile, run exactly as ``bench/runner.py`` runs them (the same
-methods, the same load generator), against one or more hubs and the Node reference, in turns:
-each round measures every server once, one after the other. So two versions of the hub (a
+its saturated one) and the 1:1 saturation (``saturation``: ``Run.direct_saturation``, the
+``senders`` each sending when answered, empty history) of the full profile, run exactly as
+``bench/runner.py`` runs them (the same methods, the same load generator), against one or more
+hubs and the Node reference, in turns: each round measures every server once, one after the
+other. So two versions of the hub (a
 checkout of the code before a change, given by ``--hub before=/tmp/base``, and this tree) and
 the reference are measured under the same machine load, and the ratios come from one run.
 Nothing goes to ``docs/benchmarks.md`` or ``bench/results``; the figures are printed, and
@@ -53,7 +55,7 @@ from bench.profiles import FULL, Profile, with_settings
 from bench.runner import Run, Target, hub_target, reference_target
 
 PHASES = ("latency", "connect")
-ALL_PHASES = (*PHASES, "fanout")
+ALL_PHASES = (*PHASES, "fanout", "saturation")
 _SPY: list[str] = []  # the py-spy executable, found before the run
 
 
@@ -225,6 +227,16 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
                         f"p99 {lat['p99']:.2f} ms, POST p50 {http['p50']:.2f} ms, "
                         f"lost {reply['lost']} doubled {reply['doubled']} "
                         f"out of order {reply['out_of_order']}"
+                    )
+                if "saturation" in phases:
+                    spies = await _spies(args.py_spy, target, f"saturation-{round_ + 1}")
+                    reply = await run.direct_saturation(target, loadgen)
+                    await _stop_spies(spies)
+                    results[target.name]["saturation"].append(reply)
+                    say(
+                        f"round {round_ + 1} {target.name} 1:1 saturation "
+                        f"{float(reply['deliveries_per_second'] or 0):.1f} msg/s, "
+                        f"lost {reply['lost']} (load {os.getloadavg()[0]:.2f})"
                     )
                 if "connect" in phases:
                     spies = await _spies(args.py_spy, target, f"connect-{round_ + 1}")

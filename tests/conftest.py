@@ -64,6 +64,7 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 "--log-level",
                 "WARNING",
                 "--enable-test-commands",
+                "--standalone",  # as the hub runs it (server/store/embedded.py)
             ],
             stdout=log,
             stderr=log,

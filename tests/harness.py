@@ -8,17 +8,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aiohttp
 import socketio
 from aiohttp import web
+from bson import ObjectId
 
 from server.app import create_app
 from server.directory.models import UserCreate
 from server.services import SERVICES, Services
 from server.settings import Settings
-from server.store.database import Store
+from server.store.database import Document, Store
 from server.web.limits import LimitedSite, http_runner
 
 DEFAULT_PASSWORD = "correct horse battery"
@@ -229,3 +231,14 @@ async def start_hub(settings: Settings, store: Store) -> AsyncIterator[HubHarnes
                     if asyncio.isfuture(result) or asyncio.iscoroutine(result):
                         await asyncio.wait_for(result, 5)
             await runner.cleanup()
+
+
+async def stored_at(store: Store, query: Document, moment: datetime) -> None:
+    """Make the events ``query`` matches look stored at ``moment``: their ``ts`` and the time
+    in their ``_id`` (what pruning and the bus's recovery go by), the rest of each id kept."""
+    docs = [doc async for doc in store.events.find(query)]
+    await store.events.delete_many({"_id": {"$in": [doc["_id"] for doc in docs]}})
+    stamp = ObjectId.from_datetime(moment).binary[:4]
+    await store.events.insert_many(
+        [{**doc, "_id": ObjectId(stamp + doc["_id"].binary[4:]), "ts": moment} for doc in docs]
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from tests.harness import HubHarness, SocketClient
+from tests.harness import HubHarness, SocketClient, stored_at
 
 
 async def change_profile(hub: HubHarness, token: str, position: str) -> None:
@@ -91,9 +91,7 @@ async def test_position_older_than_retention_yields_resync(hub: HubHarness) -> N
     for n in range(5):
         await streams.append(stream, "test.tick", {"n": n})
     old = datetime.now(UTC) - streams.retention - timedelta(minutes=1)
-    await hub.services.store.events.update_many(
-        {"stream": stream, "seq": {"$lte": 3}}, {"$set": {"ts": old}}
-    )
+    await stored_at(hub.services.store, {"stream": stream, "seq": {"$lte": 3}}, old)
     assert await streams.prune() == 3
 
     stale = await hub.connect(alice, since={stream: 1})

@@ -163,8 +163,8 @@ INDEXES: dict[str, list[IndexModel]] = {
     "crm_roles": [IndexModel([("subject_id", ASCENDING)], name="subject")],
     "events": [
         IndexModel([("stream", ASCENDING), ("seq", ASCENDING)], unique=True, name="stream_seq"),
-        # the bus's recovery (the events of the last minute) and pruning
-        IndexModel([("ts", ASCENDING)], name="ts"),
+        # No index on ``ts``: the bus's recovery (the events of the last minute) and pruning
+        # read ranges of the ``_id`` index (``stored_since`` in server/events/streams.py).
     ],
 }
 
@@ -176,7 +176,10 @@ OBSOLETE_INDEXES: dict[str, list[str]] = {
     "messages": ["dedup_unique", "chat_author_origin_id", "chat_author_origin_origin_id"],
     # Every message's event paid for an entry (an index entry costs the embedded database
     # about as much as the rest of the insert); a retried send reads its chat's stream instead.
-    "events": ["message_id"],
+    # ``ts`` likewise (an event's ``_id`` is an ObjectId minted as it is stored, time first:
+    # its own index serves the same ranges): 32 events took the embedded database 7.2 ms to
+    # insert without it, 8.9 ms with it (measured 2026-12-07).
+    "events": ["message_id", "ts"],
 }
 
 
