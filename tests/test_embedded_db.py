@@ -93,6 +93,48 @@ async def test_the_database_wants_a_password_and_its_files_are_private(tmp_path:
         await database.stop()
 
 
+class HangingProvisioning(EmbeddedDatabase):
+    """Its password-setting run cannot act on SIGTERM (stopped, as a run whose shutdown hangs
+    in a lock): only a kill ends it."""
+
+    provisioning = False
+    frozen = 0
+
+    async def _provision(self, credentials: Any, timeout: float) -> None:
+        self.provisioning = True
+        try:
+            await super()._provision(credentials, timeout)
+        finally:
+            self.provisioning = False
+
+    async def _end_child(self, timeout: float) -> None:
+        process = self._process
+        if self.provisioning and process is not None and process.returncode is None:
+            os.kill(process.pid, signal.SIGSTOP)
+            self.frozen += 1
+        await super()._end_child(timeout)
+
+
+async def test_a_password_run_that_does_not_stop_is_killed_and_the_start_goes_on(
+    tmp_path: Path,
+) -> None:
+    database = HangingProvisioning(tmp_path / "db")
+    url = await database.start(timeout=30.0)
+    try:
+        assert database.frozen == 1
+        await assert_refused_without_password(url)
+        assert database.credentials is not None
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            url, **database.credentials.client_options()
+        )
+        try:
+            await client.portalhub.messages.insert_one({"text": "after the kill"})
+        finally:
+            await client.close()
+    finally:
+        await database.stop()
+
+
 def write_as_an_older_version(db_dir: Path) -> None:
     """A database run as earlier versions ran it (no --auth, umask 022), with one message."""
     db_dir.mkdir(mode=0o755)

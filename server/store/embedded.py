@@ -88,6 +88,10 @@ PREVIOUS_RUN_WAIT_SECONDS = 30.0  # for a dead hub's database process to release
 # killing it loses nothing acknowledged.
 PREVIOUS_RUN_KILL_SECONDS = 10.0
 STOP_SECONDS = 20.0
+# The run that sets the password is stopped within this long, then killed: its shutdown can
+# hang as above, and the hub's start would wait the whole start timeout for it. Killing it
+# costs nothing: the first run with the password checks it, and sets it again if it was lost.
+PROVISION_STOP_SECONDS = 5.0
 
 __all__ = ["EmbeddedDatabase", "EmbeddedDatabaseError", "running_endpoint"]
 
@@ -478,6 +482,7 @@ class EmbeddedDatabase:
             port = free_loopback_port()
             process = await self._launch(port, *tls.server_args())
             url = mongodb_url(HOST, port)
+            provisioned = False
             try:
                 await self._wait_ready(process, url, tls.client_options(), timeout)
                 client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
@@ -491,11 +496,16 @@ class EmbeddedDatabase:
                         if exc.code != USER_ALREADY_EXISTS:
                             raise
                         await client.admin.command("updateUser", name, pwd=password, roles=["root"])
+                    # On disk before the run is stopped: a run that must be killed (above)
+                    # would otherwise take the new user with it.
+                    await client.admin.command("fsync")
+                    provisioned = True
                 finally:
                     await client.close()
             finally:
-                await self._end_child(timeout)
-            if process.returncode not in (0, -signal.SIGTERM):
+                await self._end_child(min(timeout, PROVISION_STOP_SECONDS))
+            stopped = (0, -signal.SIGTERM, -signal.SIGKILL) if provisioned else (0, -signal.SIGTERM)
+            if process.returncode not in stopped:
                 raise EmbeddedDatabaseError(
                     f"secantusd-py {self._exit_report(process)} while the password was set"
                 )
