@@ -249,14 +249,23 @@ class Cache(Generic[K, V]):
 
     def _keep(self, key: K, value: V | None) -> None:
         """What a refresh read, unless invalidated meanwhile: None (the data is gone) drops
-        the stale entry instead."""
-        self.version += 1
+        the stale entry instead. A refresh that read what the entry holds (nearly every
+        one: the backstop seldom finds a lost change) keeps the entry's value with a new
+        time to live and leaves the version: what was computed from it still holds (the
+        messenger's unread numbers kept per user were counted again for every connect
+        after any of the chats' refreshes)."""
         if value is None:
+            self.version += 1
             self._entries.pop(key, None)
+            return
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] == value:
+            value = entry[1]
         else:
-            self._entries[key] = (self._clock() + self._ttl, value)
-            self._entries.move_to_end(key)
-            self._trim()
+            self.version += 1
+        self._entries[key] = (self._clock() + self._ttl, value)
+        self._entries.move_to_end(key)
+        self._trim()
 
     async def close(self) -> None:
         """Stop the refreshes under way (their stale entries stay as they are)."""

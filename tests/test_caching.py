@@ -179,3 +179,43 @@ async def test_close_stops_a_refresh_under_way() -> None:
     source.gate.set()
     await settle()
     assert cache.values() == [("k", "v1")]  # the refresh ended without keeping "v2"
+
+
+async def test_a_refresh_that_read_the_same_value_leaves_the_version() -> None:
+    """What was computed from the cache at one version (the unread numbers kept per user)
+    holds while the version does not move: a refresh that read nothing new must not move
+    it, one that read a change must."""
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    first = await cache.get_or_load("k", source.load)
+    version = cache.version
+    clock.now += 12
+    assert await cache.get_or_load("k", source.load) == "v1"  # stale: refreshed behind
+    await settle()
+    assert source.reads == 2 and cache.version == version
+    assert cache.get("k") is first  # the same value, with a new time to live
+    source.value = "v2"
+    clock.now += 12
+    assert await cache.get_or_load("k", source.load) == "v1"
+    await settle()
+    assert cache.version > version
+    assert cache.get("k") == "v2"
+    await cache.close()
+
+
+async def test_a_refresh_of_many_moves_the_version_only_for_a_change() -> None:
+    clock, source = Clock(), Source()
+    cache: Cache[str, str] = Cache(10, 10.0, stale_seconds=10.0, clock=clock)
+    await cache.get_or_load_many(["a", "b"], source.load_many)
+    version = cache.version
+    clock.now += 12
+    await cache.get_or_load_many(["a", "b"], source.load_many)
+    await settle()
+    assert source.reads == 2 and cache.version == version
+    source.value = "v2"
+    clock.now += 12
+    await cache.get_or_load_many(["a", "b"], source.load_many)
+    await settle()
+    assert cache.version > version
+    assert cache.get("a") == "v2:a"
+    await cache.close()

@@ -70,6 +70,7 @@ async def test_counters_that_did_not_change_are_not_counted_or_sent_again(
         return await real_counters(user_id)
 
     im.counters = counters  # type: ignore[method-assign]
+    im._counted.clear()  # the snapshot counts (not from the first connect's count)
     try:
         client = await hub.connect(alice)
         [snapshot] = await client.wait_for("snapshot")
@@ -79,3 +80,65 @@ async def test_counters_that_did_not_change_are_not_counted_or_sent_again(
     assert snapshot["counters"]["im"] == {"unread": 1, "chats": {chat_id: 1}}
     assert "im" not in caught_up and "tasks" in caught_up
     assert counted == 1
+
+
+async def counting(hub: HubHarness) -> list[str]:
+    """The users whose unread counters are counted from now on (over their chats)."""
+    im = hub.services.im
+    counted: list[str] = []
+    real_counters = im.counters
+
+    async def counters(user_id: str) -> Any:
+        counted.append(user_id)
+        return await real_counters(user_id)
+
+    im.counters = counters  # type: ignore[method-assign]
+    return counted
+
+
+async def test_a_users_next_connects_take_the_counters_counted_for_the_first(
+    hub: HubHarness,
+) -> None:
+    """Each of a user's connections (tabs, devices) counted the unread numbers over every
+    chat again, although nothing they are made of had moved since the last count."""
+    alice_id, alice = await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    chat_id = (await send(hub, bob, alice_id, "hello"))["messages"][0]["chat_id"]
+    first = await hub.connect(alice)
+    await first.wait_for("counters.changed")
+    counted = await counting(hub)
+    clients = [await hub.connect(alice) for _ in range(3)]
+    for client in clients:
+        [snapshot] = await client.wait_for("snapshot")
+        await client.wait_for("counters.changed")
+        assert snapshot["counters"]["im"] == {"unread": 1, "chats": {chat_id: 1}}
+    assert counted == []
+
+
+async def test_a_message_counts_again_for_the_next_connect(hub: HubHarness) -> None:
+    """The kept count goes with any change of the chats or memberships it was made of: a new
+    message, a read mark, a chat the user left."""
+    alice_id, alice = await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    chat_id = (await send(hub, bob, alice_id, "hello"))["messages"][0]["chat_id"]
+    first = await hub.connect(alice)
+    await first.wait_for("counters.changed")
+    counted = await counting(hub)
+    second = await send(hub, bob, alice_id, "again")
+    await first.wait_for("im.message")
+    client = await hub.connect(alice)
+    [snapshot] = await client.wait_for("snapshot")
+    assert snapshot["counters"]["im"] == {"unread": 2, "chats": {chat_id: 2}}
+    assert counted and counted[0] == alice_id
+
+    # read up to the newest: the count after the read mark is zero
+    read = await hub.request(
+        "POST",
+        f"/api/v1/im/chats/{chat_id}/read",
+        token=alice,
+        json={"up_to": second["messages"][0]["id"]},
+    )
+    assert read.status == 200, read.body
+    later = await hub.connect(alice)
+    [snapshot] = await later.wait_for("snapshot")
+    assert snapshot["counters"]["im"] == {"unread": 0, "chats": {}}

@@ -174,6 +174,55 @@ async def test_crm_numbers_changed_on_one_node_are_where_a_connect_starts_on_the
     await within(WITHIN, starts_from_the_new_numbers)
 
 
+async def test_unread_numbers_changed_on_one_node_are_where_a_connect_starts_on_the_other(
+    two_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    """Node two keeps a user's unread numbers as counted for a connect, for the user's next
+    connects. A message sent and a read mark made on node one reach it only through the
+    bus: its next connect must start from the new numbers, not the kept ones."""
+    one, two = two_nodes
+    alice_id, alice = await one.create_user("alice")
+    _, bob = await one.create_user("bob")
+    sent = await one.request(
+        "POST", "/api/v1/im/messages", token=bob, json={"to": [alice_id], "text": "one"}
+    )
+    assert sent.status == 201, sent.body
+    chat_id = sent.body["messages"][0]["chat_id"]
+
+    async def snapshot_on_two() -> dict[str, object]:
+        client = await two.connect(alice)
+        try:
+            found: dict[str, object] = (await client.wait_for("snapshot"))[0]["counters"]["im"]
+            await client.wait_for("counters.changed")
+        finally:
+            await client.close()
+        return found
+
+    assert await snapshot_on_two() == {"unread": 1, "chats": {chat_id: 1}}
+    assert alice_id in two.services.im._counted  # what node two's next connect starts from
+    again = await one.request(
+        "POST", "/api/v1/im/messages", token=bob, json={"to": [alice_id], "text": "two"}
+    )
+    assert again.status == 201, again.body
+
+    async def two_unread() -> bool:
+        return await snapshot_on_two() == {"unread": 2, "chats": {chat_id: 2}}
+
+    await within(WITHIN, two_unread)
+    read = await one.request(
+        "POST",
+        f"/api/v1/im/chats/{chat_id}/read",
+        token=alice,
+        json={"up_to": again.body["messages"][0]["id"]},
+    )
+    assert read.status == 200, read.body
+
+    async def none_unread() -> bool:
+        return await snapshot_on_two() == {"unread": 0, "chats": {}}
+
+    await within(WITHIN, none_unread)
+
+
 # Entries past their time to live are still served while a background read refreshes them
 # (cache_stale_seconds). An invalidation must reach those too: after the change and the bus's
 # second, the very first request on the other node is refused, with no stale answer first.

@@ -212,11 +212,13 @@ async def test_connect_and_send_cost_the_same_round_trips_whatever_the_history(
         }
     ), report
     # A first connect: the token, the user, the memberships and their chats, the tasks the
-    # user is on (one query per role), the CRM's stored numbers (in the snapshot and after
-    # catching up), presence.
+    # user is on (one query per role; their views only when there are some), the CRM's
+    # stored numbers (in the snapshot and after catching up), presence.
     own, crm = large_first
     assert not any(collection == "messages" for _, collection in own), report
     assert sum(own.values()) <= 14, report
+    # alice is on no task: counting her task counters reads no task views
+    assert ("find", "task_views") not in own, report
     # And no CRM counting: a new user's numbers were stored (zero) when the user was made.
     assert not crm, report
 

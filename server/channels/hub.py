@@ -798,7 +798,12 @@ def _in_full(conn: Connection, data: Any) -> Any:
     if isinstance(data, VersionedState):
         return conn.states.reset(data)
     if isinstance(data, dict):
-        return {key: _in_full(conn, value) for key, value in data.items()}
+        # Called only on what may hold a state: a snapshot's presence and stream heads are
+        # dicts of a hundred strings and numbers, a call each for nothing.
+        return {
+            key: _in_full(conn, value) if isinstance(value, dict | VersionedState) else value
+            for key, value in data.items()
+        }
     return data
 
 

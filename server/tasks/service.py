@@ -890,7 +890,8 @@ class TaskService:
     async def count(self, user_id: str) -> dict[str, Any]:
         """Count the user's task counters: the tasks they are on (one indexed query per role,
         at once: the embedded database scans the collection for an ``$or``), their views and
-        the tasks' workgroups (one query each), whatever the number of tasks."""
+        the tasks' workgroups (one query each, when there are tasks), whatever the number of
+        tasks."""
         roles = ("author_id", "responsible_id", "participant_ids", "observer_ids")
 
         async def on(field: str) -> list[Document]:
@@ -898,9 +899,13 @@ class TaskService:
 
         found = await asyncio.gather(*(on(field) for field in roles))
         docs = {doc["_id"]: doc for group in found for doc in group}
-        views = {
-            v["task_id"]: v async for v in self._store["task_views"].find({"user_id": user_id})
-        }
+        # The views only count for tasks the user is on: on none (most people, most of the
+        # time), a connect that counts does not read them.
+        views = (
+            {v["task_id"]: v async for v in self._store["task_views"].find({"user_id": user_id})}
+            if docs
+            else {}
+        )
         group_ids = sorted({d["group_id"] for d in docs.values() if d.get("group_id")})
         groups = (
             {g["_id"]: g async for g in self._store.workgroups.find({"_id": {"$in": group_ids}})}
