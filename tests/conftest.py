@@ -147,3 +147,16 @@ async def two_nodes(
     shared = settings.model_copy(update={"redis_url": SecretStr(redis_server.url)})
     async with start_hub(shared, store) as one, start_hub(shared, store) as two:
         yield one, two
+
+
+@pytest.fixture
+async def two_caching_nodes(
+    settings: Settings, store: Store, redis_server: RedisServer
+) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
+    """``two_nodes`` whose caches outlive the test (a time to live of ten minutes): only the
+    bus, or a revocation, can correct them."""
+    shared = settings.model_copy(
+        update={"redis_url": SecretStr(redis_server.url), "cache_ttl_seconds": 600.0}
+    )
+    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
+        yield one, two

@@ -21,18 +21,6 @@ from tests.redis_server import RedisServer
 WITHIN = 1.0
 
 
-@pytest.fixture
-async def two_nodes(
-    settings: Settings, store: Store, redis_server: RedisServer
-) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
-    # A time to live far longer than the test: only the bus can correct the caches.
-    shared = settings.model_copy(
-        update={"redis_url": SecretStr(redis_server.url), "cache_ttl_seconds": 600.0}
-    )
-    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
-        yield one, two
-
-
 async def within(deadline: float, check: Callable[[], Awaitable[bool]]) -> float:
     """Seconds until ``check`` holds, failing after ``deadline``."""
     started = time.monotonic()
@@ -76,9 +64,9 @@ async def team_chat_read_on_two(one: HubHarness, two: HubHarness) -> TeamChat:
 
 
 async def test_a_token_revoked_on_one_node_stops_working_on_the_other(
-    two_nodes: tuple[HubHarness, HubHarness],
+    two_caching_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
-    one, two = two_nodes
+    one, two = two_caching_nodes
     await one.create_user("alice")
     token = await one.login("alice")
     other_device = await one.login("alice")
@@ -95,9 +83,9 @@ async def test_a_token_revoked_on_one_node_stops_working_on_the_other(
 
 
 async def test_a_deactivated_user_is_refused_on_the_other_node(
-    two_nodes: tuple[HubHarness, HubHarness],
+    two_caching_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
-    one, two = two_nodes
+    one, two = two_caching_nodes
     _, root = await one.create_user("root", admin=True)
     alice_id, alice = await one.create_user("alice")
     assert (await two.request("GET", "/api/v1/users/me", token=alice)).status == 200
@@ -113,9 +101,9 @@ async def test_a_deactivated_user_is_refused_on_the_other_node(
 
 
 async def test_a_removed_chat_member_cannot_post_or_read_on_the_other_node(
-    two_nodes: tuple[HubHarness, HubHarness],
+    two_caching_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
-    one, two = two_nodes
+    one, two = two_caching_nodes
     team = await team_chat_read_on_two(one, two)
     alice_id, alice, bob_id, bob = team.alice_id, team.alice, team.bob_id, team.bob
     chat_id, history = team.chat_id, team.history
@@ -141,12 +129,12 @@ async def test_a_removed_chat_member_cannot_post_or_read_on_the_other_node(
 
 
 async def test_crm_numbers_changed_on_one_node_are_where_a_connect_starts_on_the_other(
-    two_nodes: tuple[HubHarness, HubHarness],
+    two_caching_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
     """A connect starts from the stored CRM numbers, which each node keeps a copy of: a
     change written on one node must not leave the other starting connections from the old
     numbers (its pushes are differences from exactly those)."""
-    one, two = two_nodes
+    one, two = two_caching_nodes
     mary_id, mary = await one.create_user("mary")
     first = await two.connect(mary)  # never counted: node two counts her, then keeps them
     await first.wait_for("counters.changed")
@@ -175,12 +163,12 @@ async def test_crm_numbers_changed_on_one_node_are_where_a_connect_starts_on_the
 
 
 async def test_unread_numbers_changed_on_one_node_are_where_a_connect_starts_on_the_other(
-    two_nodes: tuple[HubHarness, HubHarness],
+    two_caching_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
     """Node two keeps a user's unread numbers as counted for a connect, for the user's next
     connects. A message sent and a read mark made on node one reach it only through the
     bus: its next connect must start from the new numbers, not the kept ones."""
-    one, two = two_nodes
+    one, two = two_caching_nodes
     alice_id, alice = await one.create_user("alice")
     _, bob = await one.create_user("bob")
     sent = await one.request(

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from server.auth.service import token_hash
 from server.auth.sessions import LiveSession, session_verdict
@@ -20,7 +19,6 @@ from server.cli import user_passwd
 from server.settings import Settings
 from server.store.database import Store
 from tests.harness import DEFAULT_PASSWORD, HubHarness, SocketClient, start_hub
-from tests.redis_server import RedisServer
 from tests.xmpp_client import XmppClient, xmpp_login
 
 BOUND = 1.0  # the issue's: every session concerned is closed within a second
@@ -229,18 +227,6 @@ async def test_cli_passwd_reaches_every_node(
 # the credentials a Jabber login is checked against (cached per node) --------------------------
 
 
-@pytest.fixture
-async def two_nodes_caching(
-    settings: Settings, store: Store, redis_server: RedisServer
-) -> AsyncIterator[tuple[HubHarness, HubHarness]]:
-    """Two nodes whose caches outlive the test: only a revocation can correct them."""
-    shared = settings.model_copy(
-        update={"redis_url": SecretStr(redis_server.url), "cache_ttl_seconds": 600.0}
-    )
-    async with start_hub(shared, store) as one, start_hub(shared, store) as two:
-        yield one, two
-
-
 async def refused_within(hub: HubHarness, password: str, seconds: float = BOUND) -> None:
     """Logging in to ``hub`` over XMPP with ``password`` fails within ``seconds``."""
     started = time.monotonic()
@@ -255,9 +241,9 @@ async def refused_within(hub: HubHarness, password: str, seconds: float = BOUND)
 
 
 async def test_a_new_password_is_needed_over_xmpp_on_the_other_node_at_once(
-    two_nodes_caching: tuple[HubHarness, HubHarness],
+    two_caching_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
-    one, two = two_nodes_caching
+    one, two = two_caching_nodes
     _, admin = await one.create_user("root", admin=True)
     alice_id, _ = await one.create_user("alice")
     for _ in range(2):  # the second login is served from node two's cache
@@ -272,9 +258,9 @@ async def test_a_new_password_is_needed_over_xmpp_on_the_other_node_at_once(
 
 
 async def test_a_deactivated_user_is_refused_over_xmpp_on_the_other_node_at_once(
-    two_nodes_caching: tuple[HubHarness, HubHarness],
+    two_caching_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
-    one, two = two_nodes_caching
+    one, two = two_caching_nodes
     _, admin = await one.create_user("root", admin=True)
     alice_id, _ = await one.create_user("alice")
     for _ in range(2):
@@ -287,11 +273,11 @@ async def test_a_deactivated_user_is_refused_over_xmpp_on_the_other_node_at_once
 
 
 async def test_cli_passwd_is_needed_over_xmpp_on_a_node_with_no_session_open(
-    two_nodes_caching: tuple[HubHarness, HubHarness], settings: Settings
+    two_caching_nodes: tuple[HubHarness, HubHarness], settings: Settings
 ) -> None:
     """The CLI's revocation reaches a node only as a record, which the node reads while it
     holds credentials, even with no session open."""
-    one, two = two_nodes_caching
+    one, two = two_caching_nodes
     await one.create_user("alice")
     for _ in range(2):
         (await xmpp_login(two, "alice", mechanism="SCRAM-SHA-1")).disconnect()
