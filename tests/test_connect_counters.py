@@ -142,3 +142,33 @@ async def test_a_message_counts_again_for_the_next_connect(hub: HubHarness) -> N
     later = await hub.connect(alice)
     [snapshot] = await later.wait_for("snapshot")
     assert snapshot["counters"]["im"] == {"unread": 0, "chats": {}}
+
+
+async def test_a_connect_joins_the_chats_the_user_is_in_now_not_those_of_an_earlier_connect(
+    hub: HubHarness,
+) -> None:
+    """The chat stream names are kept per user for the user's next connects (ImService.
+    member_streams): a chat joined or left since must show in the next connect's streams."""
+    alice_id, alice = await hub.create_user("alice")
+    _, bob = await hub.create_user("bob")
+    first = await hub.connect(alice)
+    [before] = await first.wait_for("snapshot")
+    assert set(before["streams"]) == {f"user:{alice_id}"}
+    created = await hub.request(
+        "POST", "/api/v1/im/chats", token=bob, json={"title": "t", "member_ids": [alice_id]}
+    )
+    assert created.status == 201, created.body
+    chat_id = created.body["id"]
+    joined = await hub.connect(alice)
+    [after_join] = await joined.wait_for("snapshot")
+    assert set(after_join["streams"]) == {f"user:{alice_id}", f"chat:{chat_id}"}
+    again = await hub.connect(alice)  # the kept names, the same map
+    [kept] = await again.wait_for("snapshot")
+    assert set(kept["streams"]) == set(after_join["streams"])
+    left = await hub.request(
+        "DELETE", f"/api/v1/im/chats/{chat_id}/members/{alice_id}", token=alice
+    )
+    assert left.status == 204, left.body
+    after = await hub.connect(alice)
+    [after_leave] = await after.wait_for("snapshot")
+    assert set(after_leave["streams"]) == {f"user:{alice_id}"}

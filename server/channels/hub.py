@@ -435,7 +435,11 @@ class Hub:
             snapshot = await self._snapshot(conn)
             # No await between noting what the connection holds and sending it: a push
             # handled in between would be diffed against a state it does not have yet.
-            await self._emit("snapshot", _in_full(conn, snapshot), to=sid)
+            # The stream heads (one per chat of the user) are numbers the hub read itself:
+            # only the parts may hold versioned states.
+            sent = _in_full(conn, {k: v for k, v in snapshot.items() if k != "streams"})
+            sent["streams"] = snapshot["streams"]
+            await self._emit("snapshot", sent, to=sid)
             conn.registered = True
             await self._presence.connected(conn.user_id, sid, TRANSPORT, conn.active)
             await self._emit(
@@ -521,9 +525,10 @@ class Hub:
                     await self._emit(event.type, event.envelope(), to=conn.sid)
                     last = event.seq
                 instruments.socketio_caught_up(replayed=len(missed))
-        if last > 0:
+        if last > 0 and not self._streams.published(stream, last):
             # An event read from the database may not be published yet; its live copy must
             # land in the buffer (and be dropped there), not reach the client a second time.
+            # (Checked first without a coroutine: a connect does this for each of its chats.)
             await self._streams.wait_published(stream, last)
         if last >= 0:
             # The same for events stored by other nodes, whose live copies may still be on

@@ -407,20 +407,20 @@ class StreamLog:
 
     # heads -------------------------------------------------------------------------------------
 
+    def published(self, stream: str, seq: int) -> bool:
+        """Whether every event up to ``seq`` that this node stored has been published."""
+        inflight = self._inflight.get(stream)
+        return inflight is None or self._published.get(stream, 0) >= min(seq, inflight)
+
     async def wait_published(self, stream: str, seq: int) -> None:
         """Return once every event up to ``seq`` that this node stored has been published.
 
         A reader that found an event in the database before its publication must not treat
         the later live delivery as new: the hub waits here before switching a client to live.
         """
-
-        def settled() -> bool:
-            inflight = self._inflight.get(stream)
-            return inflight is None or self._published.get(stream, 0) >= min(seq, inflight)
-
-        if not settled():
+        if not self.published(stream, seq):
             async with self._progress:
-                await self._progress.wait_for(settled)
+                await self._progress.wait_for(lambda: self.published(stream, seq))
 
     def known_head(self, stream: str) -> int | None:
         """The head as this node knows it for sure (its own appends, events it has seen), or

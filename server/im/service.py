@@ -127,6 +127,12 @@ class ImService:
         self._counted: Cache[str, CountedState] = Cache(
             settings.cache_max_entries, settings.cache_ttl_seconds
         )
+        # Each user's chat stream names, with the membership map they were made from: every
+        # connection of the user joins them (27-47 chats for each user of the benchmark's
+        # history, ten connections each). Right while the map is the one the memberships'
+        # cache holds: a change of the user's chats replaces it (invalidation or a refresh
+        # that read something else), a read mark changes a value, never a key.
+        self._stream_names: dict[str, tuple[dict[str, Any], list[str]]] = {}
         self._sides = SideTasks("messenger background task", log)
         bus.subscribe(self._on_event)
         bus.subscribe_ephemeral(self._on_ephemeral)
@@ -145,6 +151,7 @@ class ImService:
         """Every cached chat and membership may be out of date (events were lost)."""
         self._state.forget_all()
         self._counted.clear()
+        self._stream_names.clear()
 
     async def settled(self) -> None:
         """Wait until what was sent is stored and its bookkeeping written."""
@@ -485,8 +492,18 @@ class ImService:
         )
 
     async def member_streams(self, user: Document) -> list[str]:
-        """The chat streams of the user's chats (cached memberships: no query once read)."""
-        return [chat_stream(chat_id) for chat_id in await self._state.member_map(str(user["_id"]))]
+        """The chat streams of the user's chats (cached memberships: no query once read).
+        Do not change the list: the user's next connects are given it too."""
+        user_id = str(user["_id"])
+        members = await self._state.member_map(user_id)
+        kept = self._stream_names.get(user_id)
+        if kept is not None and kept[0] is members and len(kept[1]) == len(members):
+            return kept[1]
+        names = [chat_stream(chat_id) for chat_id in members]
+        if len(self._stream_names) >= self._settings.cache_max_entries:
+            self._stream_names.clear()  # a bound, like the caches': made again when needed
+        self._stream_names[user_id] = (members, names)
+        return names
 
     # messages ----------------------------------------------------------------------------------
 
