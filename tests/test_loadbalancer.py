@@ -30,9 +30,9 @@ import socketio
 from pymongo import MongoClient
 from yarl import URL
 
-from server.store.embedded import free_loopback_port
 from tests.conftest import require_binary
 from tests.harness import SocketClient
+from tests.ports import listener_port
 from tests.redis_server import RedisServer
 from tests.test_compose import HAPROXY_CFG
 from tests.xmpp_client import XmppClient
@@ -62,7 +62,7 @@ class Node:
 
     def __init__(self, name: str, env: dict[str, str], data_dir: Path) -> None:
         self.name = name
-        self.ports = {kind: free_loopback_port() for kind in ("HTTP", "XMPP", "XMPPS", "SMTP")}
+        self.ports = {kind: listener_port() for kind in ("HTTP", "XMPP", "XMPPS", "SMTP")}
         self.env = {
             **env,
             "PORTALHUB_DATA_DIR": str(data_dir),
@@ -142,7 +142,7 @@ def balanced(tmp_path_factory: pytest.TempPathFactory, mongo_url: str) -> Iterat
         PORTALHUB_DRAIN_SECONDS=str(DRAIN_SECONDS),
     )
     nodes = {name: Node(name, env, work / name) for name in ("hub1", "hub2")}
-    lb_ports = {kind: free_loopback_port() for kind in ("HTTP", "XMPP", "XMPPS", "SMTP")}
+    lb_ports = {kind: listener_port() for kind in ("HTTP", "XMPP", "XMPPS", "SMTP")}
     lb_env = dict(os.environ)
     for number, node in enumerate(nodes.values(), start=1):
         lb_env[f"HUB{number}_HOST"] = "127.0.0.1"

@@ -27,7 +27,7 @@ import slixmpp
 import socketio
 
 from server.store.database import Store
-from server.store.embedded import free_loopback_port
+from tests.ports import listener_port
 from tests.xmpp_client import XmppClient
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ async def test_debug_logs_hold_no_secrets_and_no_bodies(
     mongo_url: str, tmp_path: Path, log_format: str
 ) -> None:
     database = f"t_{uuid.uuid4().hex[:12]}"
-    http_port, xmpp_port, smtp_port = (free_loopback_port() for _ in range(3))
+    http_port, xmpp_port, smtp_port = (listener_port() for _ in range(3))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PORTALHUB_")}
     env.update(
         PORTALHUB_MONGODB_URL=mongo_url,
@@ -68,7 +68,7 @@ async def test_debug_logs_hold_no_secrets_and_no_bodies(
         PORTALHUB_DATA_DIR=str(tmp_path / "var"),
         PORTALHUB_HTTP_PORT=str(http_port),
         PORTALHUB_XMPP_PORT=str(xmpp_port),
-        PORTALHUB_XMPP_TLS_PORT=str(free_loopback_port()),
+        PORTALHUB_XMPP_TLS_PORT=str(listener_port()),
         PORTALHUB_SMTP_PORT=str(smtp_port),
         PORTALHUB_LOG_LEVEL="DEBUG",
         PORTALHUB_LOG_FORMAT=log_format,

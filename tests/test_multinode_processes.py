@@ -23,7 +23,7 @@ import pytest
 import socketio
 from pymongo import MongoClient
 
-from server.store.embedded import free_loopback_port
+from tests.ports import listener_port
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -34,13 +34,13 @@ PASSWORD = "cluster-pass-1"
 class Node:
     def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
         self.name = name
-        self.port = free_loopback_port()
+        self.port = listener_port()
         self.env = {
             **env,
             "PORTALHUB_HTTP_PORT": str(self.port),
-            "PORTALHUB_XMPP_PORT": str(free_loopback_port()),
-            "PORTALHUB_XMPP_TLS_PORT": str(free_loopback_port()),
-            "PORTALHUB_SMTP_PORT": str(free_loopback_port()),
+            "PORTALHUB_XMPP_PORT": str(listener_port()),
+            "PORTALHUB_XMPP_TLS_PORT": str(listener_port()),
+            "PORTALHUB_SMTP_PORT": str(listener_port()),
             "PORTALHUB_DATA_DIR": str(log_dir / name),
         }
         self.log_path = log_dir / f"{name}.log"

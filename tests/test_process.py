@@ -23,7 +23,7 @@ import pytest
 from pydantic import ValidationError
 
 from server.settings import Settings, describe_errors
-from server.store.embedded import free_loopback_port
+from tests.ports import listener_port
 
 pytestmark = pytest.mark.slow
 
@@ -47,14 +47,14 @@ def wait_for(condition: Any, timeout: float, what: str) -> None:
 class Hub:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.port = free_loopback_port()
+        self.port = listener_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PORTALHUB_")}
         self.env.update(
             PORTALHUB_DATA_DIR=str(data_dir),
             PORTALHUB_HTTP_PORT=str(self.port),
-            PORTALHUB_XMPP_PORT=str(free_loopback_port()),
-            PORTALHUB_XMPP_TLS_PORT=str(free_loopback_port()),
-            PORTALHUB_SMTP_PORT=str(free_loopback_port()),
+            PORTALHUB_XMPP_PORT=str(listener_port()),
+            PORTALHUB_XMPP_TLS_PORT=str(listener_port()),
+            PORTALHUB_SMTP_PORT=str(listener_port()),
         )
         self.process: subprocess.Popen[str] | None = None
 
@@ -303,7 +303,7 @@ def test_second_server_on_the_same_data_refuses(hub_process: Hub) -> None:
     hub = hub_process
     hub.start()
     second = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--port", str(free_loopback_port())],
+        [sys.executable, "-m", "server", "serve", "--port", str(listener_port())],
         env=hub.env,
         capture_output=True,
         text=True,
