@@ -186,11 +186,11 @@ class Run:
         ``connect_max_seconds`` for the whole series. The clients stay connected."""
         p = self.profile
         # Read once for the whole series (connecting stores nothing): SecantusDB counts the
-        # messages and the events by reading them (11-16 s for 130,000 and 135,000 on the
-        # loaded machine of 2026-12-07), and read before each step it pushed the steps of the
-        # with-history series seconds further apart than the empty history's. Its third step
-        # then began past the hub's cache time to live (10 s) and met every user's background
-        # refreshes, which the empty series' third step, begun sooner, did not (h14-hist6).
+        # messages and the events by reading them (about 1.4 s for 129,000 and 133,000 in the
+        # quiet full run of 2026-12-07 03:14), and read before each step it put the third step
+        # of the with-history series 10.0 s after the first (the empty history's: 7.3 s), past
+        # the hub's cache time to live: every user's background refreshes landed in it, and in
+        # no step of the empty series (docs/benchmarks.md, h14-hist6).
         stored = await target.stored()
         await asyncio.sleep(p.settle)
         await target.gc()
