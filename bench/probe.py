@@ -149,12 +149,14 @@ class SpiedRun(Run):
         self.round = 0
 
     @contextlib.asynccontextmanager
-    async def _phase(self, target: Target, name: str) -> AsyncIterator[dict[str, Any]]:
+    async def _phase(
+        self, target: Target, name: str, stored: dict[str, int] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         words = name.partition(": ")[2].replace(",", "").replace("->", "").split()
         label = "-".join(w for w in words if w not in {"to", "msg/s", "(window"}).strip(")")
         spies = await _spies(self.spy_dir, target, f"{label}-{self.round}")
         try:
-            async with super()._phase(target, name) as info:
+            async with super()._phase(target, name, stored) as info:
                 yield info
         finally:
             await _stop_spies(spies)

@@ -131,9 +131,13 @@ class Run:
         self.meter = CpuMeter()
 
     @contextlib.asynccontextmanager
-    async def _phase(self, target: Target, name: str) -> AsyncIterator[Results]:
-        """One measured phase: the history size before it, the CPU used during it."""
-        info: Results = {"phase": name, "stored_before": await target.stored()}
+    async def _phase(
+        self, target: Target, name: str, stored: dict[str, int] | None = None
+    ) -> AsyncIterator[Results]:
+        """One measured phase: the history size before it (``stored``, if read already), the
+        CPU used during it."""
+        before = stored if stored is not None else await target.stored()
+        info: Results = {"phase": name, "stored_before": before}
         self.say(name)
         with self.meter.phase(name) as cpu:
             yield info
@@ -181,6 +185,13 @@ class Run:
         at a time, ready on ``snapshot``), RSS after each step; within
         ``connect_max_seconds`` for the whole series. The clients stay connected."""
         p = self.profile
+        # Read once for the whole series (connecting stores nothing): SecantusDB counts the
+        # messages and the events by reading them (about 1.4 s for 129,000 and 133,000 in the
+        # quiet full run of 2026-12-07 03:14), and read before each step it put the third step
+        # of the with-history series 10.0 s after the first (the empty history's: 7.3 s), past
+        # the hub's cache time to live: every user's background refreshes landed in it, and in
+        # no step of the empty series (docs/benchmarks.md, h14-hist6).
+        stored = await target.stored()
         await asyncio.sleep(p.settle)
         await target.gc()
         baseline = target.rss()
@@ -193,7 +204,7 @@ class Run:
                 break
             name = f"{target.name}: connect {connected} -> {n}"
             name += f", {history}" if history else ""
-            async with self._phase(target, name) as info:
+            async with self._phase(target, name, stored) as info:
                 reply = await loadgen.connect(
                     target.url,
                     target.fanout_auths,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from bench.history import chats_per_user, plan_chats
+from bench.profiles import QUICK
+from bench.runner import Run, Target
 from bench.verdict import done_when, verdict
 
 
@@ -138,3 +141,35 @@ def test_a_part_not_run_is_not_applicable_not_met() -> None:
     marks = _verdicts(results)
     assert marks[-3:] == ["n/a", "n/a", "n/a"]
     assert "not met" not in marks
+
+
+class _Connects:
+    """The load generator's ``connect``, answered at once, each call noted."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.total = 0
+
+    async def connect(self, _url: str, _auths: Any, count: int, **_options: Any) -> Any:
+        self.events.append("connect")
+        self.total += count
+        return {"connected": count, "total": self.total, "seconds": 0.01, "failures": {}}
+
+
+async def test_a_connect_series_reads_the_history_size_once_not_before_each_step() -> None:
+    """The count scans the stored messages and events (seconds at a full history): read
+    before each step, it spread the with-history series' steps out further than the empty
+    history's, past the hub's cache time to live (docs/benchmarks.md, h14-hist6)."""
+    events: list[str] = []
+
+    async def stored() -> dict[str, int]:
+        events.append("stored")
+        return {"messages": 7, "events": 9}
+
+    target = Target("hub", "http://127.0.0.1:1", {}, [], [], {}, stored=stored)
+    run = Run(replace(QUICK, settle=0.0), lambda _text: None)
+    series = await run.connect_series(target, _Connects(events), "with history")  # type: ignore[arg-type]
+    steps = series["steps"]
+    assert len(steps) == len(QUICK.fanout_ns) > 1
+    assert events == ["stored"] + ["connect"] * len(steps)
+    assert all(s["connect"]["stored_before"] == {"messages": 7, "events": 9} for s in steps)
