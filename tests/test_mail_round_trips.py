@@ -18,13 +18,12 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
-from pymongo import UpdateOne, monitoring
+from pymongo import monitoring
 
 from server.mailbridge import pipeline as pipeline_module
 from server.mailbridge.inbox import RawInbox, Source
 from server.settings import Settings
 from server.store.database import Store
-from server.store.groupcommit import flushed_once
 from tests.harness import HubHarness, start_hub
 from tests.test_hot_queries import plan_of
 from tests.test_mail_bridge import Sink, mail_setup, send_from_deal
@@ -386,22 +385,12 @@ async def test_a_batch_of_replies_to_one_record_makes_one_notice_naming_them(
 
 
 class Writes(monitoring.CommandListener):
-    """The inserts and updates sent, in order, with the write concern each asked for."""
+    """The inserts sent, in order, with the write concern each asked for."""
 
     def __init__(self) -> None:
         self.inserts: list[tuple[str, dict[str, Any], list[str]]] = []
-        # (collection, write concern, the statements' _id filters)
-        self.updates: list[tuple[str, dict[str, Any], list[Any]]] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name == "update":
-            self.updates.append(
-                (
-                    str(event.command["update"]),
-                    dict(event.command.get("writeConcern", {})),
-                    [u["q"].get("_id") for u in event.command["updates"]],
-                )
-            )
         if event.command_name == "insert":
             self.inserts.append(
                 (
@@ -418,89 +407,35 @@ class Writes(monitoring.CommandListener):
         pass
 
 
-@contextlib.asynccontextmanager
-async def journaled_store(store: Store, writes: Writes) -> AsyncIterator[Store]:
-    """``store`` through a client that asks for the journal on every write, as the embedded
-    database's URL does."""
-    journaled = Store(store.url, store.db.name)
-    journaled.client = type(store.client)(
-        store.url, event_listeners=[writes], tz_aware=True, journal=True
-    )
-    journaled.db = journaled.client[store.db.name]
-    try:
-        yield journaled
-    finally:
-        await journaled.client.close()
-
-
 async def test_a_raw_message_flushes_the_journal_once_after_its_bytes(store: Store) -> None:
     """Where every write is journaled (the embedded database's URL asks for it), the bytes
     go first without a flush of their own, and the queue documents' journaled insert after
     them flushes the log through both: one flush per group commit before the ``250``."""
     writes = Writes()
-    async with journaled_store(store, writes) as journaled:
-        inbox = RawInbox(journaled)
-        try:
-            await check_raw_inserts(inbox, writes)
-        finally:
-            await inbox.close()
-
-
-async def check_raw_inserts(inbox: RawInbox, writes: Writes) -> None:
-    raws = [f"Subject: {n}\r\n\r\nbody {n}\r\n".encode() for n in range(6)]
-    stored = await asyncio.gather(*(inbox.put(raw, Source("smtp")) for raw in raws))
-    assert all(s.new for s in stored)
-    bytes_at: dict[str, int] = {}
-    queued_at: dict[str, int] = {}
-    for position, (name, concern, ids) in enumerate(writes.inserts):
-        if name == "mail_raw_data":
-            assert not concern.get("j"), concern
-            bytes_at.update(dict.fromkeys(ids, position))
-        elif name == "mail_raw":
-            assert concern.get("j") is True, concern
-            queued_at.update(dict.fromkeys(ids, position))
-    assert set(bytes_at) == set(queued_at) == {s.id for s in stored}
-    assert all(bytes_at[i] < queued_at[i] for i in queued_at), writes.inserts
-    assert inbox.commits.batches < len(raws)  # gathered: fewer flushes than messages
-    for s, raw in zip(stored, raws, strict=True):
-        assert await inbox.raw_of({"_id": s.id}) == raw
-
-
-async def test_a_batchs_outcomes_and_open_counts_flush_the_journal_once(store: Store) -> None:
-    """On the embedded database each statement of an update command is a commit of its own,
-    and a journaled one flushes the log: a batch's outcomes (and its records' open counts,
-    through the same ``flushed_once``) go all but the last without the journal, the last
-    alone journaled after them, which flushes the log through all of them."""
-    writes = Writes()
-    async with journaled_store(store, writes) as journaled:
-        inbox = RawInbox(journaled)
-        try:
-            raws = [f"Subject: {n}\r\n\r\nbody {n}\r\n".encode() for n in range(8)]
-            stored = [await inbox.put(raw, Source("smtp")) for raw in raws]
-            mark = len(writes.updates)
-            await inbox.finish_many([(s.id, "done", {"n": n}, None) for n, s in enumerate(stored)])
-            sent = [(name, concern, ids) for name, concern, ids in writes.updates[mark:]]
-            assert [(name, bool(concern.get("j")), len(ids)) for name, concern, ids in sent] == [
-                ("mail_raw", False, 7),
-                ("mail_raw", True, 1),
-            ], sent
-            assert sorted(i for _n, _c, ids in sent for i in ids) == sorted(s.id for s in stored)
-            done = {d["_id"]: d async for d in journaled["mail_raw"].find({"status": "done"})}
-            assert {i: d["result"]["n"] for i, d in done.items()} == {
-                s.id: n for n, s in enumerate(stored)
-            }
-            # one outcome alone: one journaled statement
-            extra = await inbox.put(b"Subject: x\r\n\r\nx\r\n", Source("smtp"))
-            mark = len(writes.updates)
-            await inbox.finish(extra.id, "done", {})
-            assert [(n, bool(c.get("j")), ids) for n, c, ids in writes.updates[mark:]] == [
-                ("mail_raw", True, [extra.id])
-            ]
-        finally:
-            await inbox.close()
-        # Where no journal is asked for, one write as before.
-        plain = journaled.relaxed("mail_raw")
-        mark = len(writes.updates)
-        ops = [UpdateOne({"_id": s.id}, {"$set": {"again": True}}) for s in stored]
-        assert await flushed_once(plain, plain, ops) == len(stored)
-        assert [(n, len(ids)) for n, _c, ids in writes.updates[mark:]] == [("mail_raw", 8)]
+    journaled_store = Store(store.url, store.db.name)
+    journaled_store.client = type(store.client)(
+        store.url, event_listeners=[writes], tz_aware=True, journal=True
+    )
+    journaled_store.db = journaled_store.client[store.db.name]
+    inbox = RawInbox(journaled_store)
+    try:
+        raws = [f"Subject: {n}\r\n\r\nbody {n}\r\n".encode() for n in range(6)]
+        stored = await asyncio.gather(*(inbox.put(raw, Source("smtp")) for raw in raws))
+        assert all(s.new for s in stored)
+        bytes_at: dict[str, int] = {}
+        queued_at: dict[str, int] = {}
+        for position, (name, concern, ids) in enumerate(writes.inserts):
+            if name == "mail_raw_data":
+                assert not concern.get("j"), concern
+                bytes_at.update(dict.fromkeys(ids, position))
+            elif name == "mail_raw":
+                assert concern.get("j") is True, concern
+                queued_at.update(dict.fromkeys(ids, position))
+        assert set(bytes_at) == set(queued_at) == {s.id for s in stored}
+        assert all(bytes_at[i] < queued_at[i] for i in queued_at), writes.inserts
+        assert inbox.commits.batches < len(raws)  # gathered: fewer flushes than messages
+        for s, raw in zip(stored, raws, strict=True):
+            assert await inbox.raw_of({"_id": s.id}) == raw
+    finally:
+        await inbox.close()
+        await journaled_store.client.close()

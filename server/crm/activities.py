@@ -26,7 +26,6 @@ from server.crm.core import COUNTED_FIELDS, CrmCore, activity_state, record_titl
 from server.crm.models import ActivityCreate, ActivityFields, ActivityOut, ActivityQuery
 from server.directory.models import display_name
 from server.store.database import Document, new_id, utcnow
-from server.store.groupcommit import flushed_once
 from server.web.problems import Problem, forbidden, not_found
 
 GUARDED_ATTEMPTS = 20
@@ -357,10 +356,7 @@ class ActivityService:
                 await turns.enter_async_context(turn.lock)
                 current[rid] = turn.last or changes[rid][0]
             token = new_id()
-            # One flush of the journal for the records, not one per record.
-            matched = await flushed_once(
-                self.core.store.relaxed("crm_records"),
-                self.core.records,
+            result = await self.core.records.bulk_write(
                 [
                     UpdateOne(
                         {"_id": rid, "open_activities": current[rid].get("open_activities")},
@@ -368,9 +364,10 @@ class ActivityService:
                     )
                     for rid, (_owner, delta) in changes.items()
                 ],
+                ordered=False,
             )
             applied = set(changes)
-            if matched < len(changes):
+            if result.matched_count < len(changes):
                 applied = {
                     r["_id"]
                     async for r in self.core.records.find(

@@ -34,7 +34,7 @@ from pymongo.errors import DuplicateKeyError
 
 from server.mailbridge.leases import LEASE, orphaned
 from server.store.database import Document, Store, new_id, utcnow
-from server.store.groupcommit import GroupCommit, GroupUpdate, flushed_once, journaled
+from server.store.groupcommit import GroupCommit, GroupUpdate, journaled
 
 INLINE_LIMIT = 8 * 1024 * 1024  # larger messages go to GridFS (a document holds 16 MB)
 HASH_ON_LOOP_BYTES = 1 << 20  # hashed in a thread above this (about a millisecond a MiB)
@@ -75,7 +75,7 @@ class RawInbox:
         self.commits = GroupCommit(store["mail_raw"], companions=store.relaxed("mail_raw_data"))
         # The outcomes of messages processed side by side: one bulk write for those ready
         # together.
-        self.outcomes = GroupUpdate(store["mail_raw"], store.relaxed("mail_raw"))
+        self.outcomes = GroupUpdate(store["mail_raw"])
 
     @property
     def collection(self) -> Any:
@@ -350,8 +350,7 @@ class RawInbox:
         if len(ops) == 1:
             await self.outcomes.update(ops[0])
         elif ops:
-            # One flush of the journal for the batch, not one per message.
-            await flushed_once(self._store.relaxed("mail_raw"), self.collection, ops)
+            await self.collection.bulk_write(ops, ordered=False)
 
     async def release(self, raw_id: str, error: str, retry_at: datetime) -> None:
         """Processing failed: tried again at ``retry_at`` (by any node: no holder)."""

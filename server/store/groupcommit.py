@@ -162,42 +162,14 @@ class GroupCommit:
         await stop(writer)
 
 
-async def flushed_once(
-    relaxed: AsyncCollection[Document],
-    durable: AsyncCollection[Document],
-    ops: list[UpdateOne],
-) -> int:
-    """``ops`` (unordered) with one flush of the journal for the lot; their matched count.
-
-    On the embedded database every statement of an update command is a commit of its own,
-    and with the journal asked for each one flushes the log: a bulk of 8 messages' outcomes
-    was 8 flushes. So all but the last go through ``relaxed`` (the same collection without
-    the journal) and the last alone through ``durable``: the log is written in order, so its
-    flush makes the ones before it durable too, and it returns only once they all are. Where
-    both write alike (no journal asked for), one bulk write."""
-    if not ops:
-        return 0
-    if len(ops) == 1 or relaxed.write_concern == durable.write_concern:
-        return (await durable.bulk_write(ops, ordered=False)).matched_count
-    first = await relaxed.bulk_write(ops[:-1], ordered=False)
-    last = await durable.bulk_write(ops[-1:], ordered=False)
-    return first.matched_count + last.matched_count
-
-
 class GroupUpdate:
     """Updates of one collection, gathered as ``GroupCommit`` gathers inserts (with the
     collection's own write concern): those queued while one bulk write is in flight go
-    together in the next, with one flush of the journal for them (``flushed_once``, given
-    ``relaxed``: the collection without the journal). Each caller returns once its update is
-    written, or gets the failure of the write it was in."""
+    together in the next. Each caller returns once its update is written, or gets the
+    failure of the write it was in."""
 
-    def __init__(
-        self,
-        collection: AsyncCollection[Document],
-        relaxed: AsyncCollection[Document] | None = None,
-    ) -> None:
+    def __init__(self, collection: AsyncCollection[Document]) -> None:
         self._collection = collection
-        self._relaxed = relaxed if relaxed is not None else collection
         self._pending: list[tuple[UpdateOne, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0
@@ -214,7 +186,7 @@ class GroupUpdate:
         while self._pending:
             batch, self._pending = self._pending[:MAX_BATCH_DOCS], self._pending[MAX_BATCH_DOCS:]
             try:
-                await flushed_once(self._relaxed, self._collection, [op for op, _ in batch])
+                await self._collection.bulk_write([op for op, _ in batch], ordered=False)
             except BaseException as exc:
                 failure = exc if isinstance(exc, Exception) else ConnectionError("shutting down")
                 for _op, future in batch:
