@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from pymongo import monitoring
 
 from server.mailbridge import pipeline as pipeline_module
-from server.mailbridge.inbox import Source
+from server.mailbridge.inbox import RawInbox, Source
 from server.settings import Settings
 from server.store.database import Store
 from tests.harness import HubHarness, start_hub
@@ -382,3 +382,60 @@ async def test_a_batch_of_replies_to_one_record_makes_one_notice_naming_them(
     await quiet(hub)
     (alone,) = (await notices(hub, ctx["mary_id"]))[len(before) + 1 :]
     assert alone.startswith("New email from Carl Client on "), alone
+
+
+class Writes(monitoring.CommandListener):
+    """The inserts sent, in order, with the write concern each asked for."""
+
+    def __init__(self) -> None:
+        self.inserts: list[tuple[str, dict[str, Any], list[str]]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "insert":
+            self.inserts.append(
+                (
+                    str(event.command["insert"]),
+                    dict(event.command.get("writeConcern", {})),
+                    [d["_id"] for d in event.command["documents"]],
+                )
+            )
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_a_raw_message_flushes_the_journal_once_after_its_bytes(store: Store) -> None:
+    """Where every write is journaled (the embedded database's URL asks for it), the bytes
+    go first without a flush of their own, and the queue documents' journaled insert after
+    them flushes the log through both: one flush per group commit before the ``250``."""
+    writes = Writes()
+    journaled_store = Store(store.url, store.db.name)
+    journaled_store.client = type(store.client)(
+        store.url, event_listeners=[writes], tz_aware=True, journal=True
+    )
+    journaled_store.db = journaled_store.client[store.db.name]
+    inbox = RawInbox(journaled_store)
+    try:
+        raws = [f"Subject: {n}\r\n\r\nbody {n}\r\n".encode() for n in range(6)]
+        stored = await asyncio.gather(*(inbox.put(raw, Source("smtp")) for raw in raws))
+        assert all(s.new for s in stored)
+        bytes_at: dict[str, int] = {}
+        queued_at: dict[str, int] = {}
+        for position, (name, concern, ids) in enumerate(writes.inserts):
+            if name == "mail_raw_data":
+                assert not concern.get("j"), concern
+                bytes_at.update(dict.fromkeys(ids, position))
+            elif name == "mail_raw":
+                assert concern.get("j") is True, concern
+                queued_at.update(dict.fromkeys(ids, position))
+        assert set(bytes_at) == set(queued_at) == {s.id for s in stored}
+        assert all(bytes_at[i] < queued_at[i] for i in queued_at), writes.inserts
+        assert inbox.commits.batches < len(raws)  # gathered: fewer flushes than messages
+        for s, raw in zip(stored, raws, strict=True):
+            assert await inbox.raw_of({"_id": s.id}) == raw
+    finally:
+        await inbox.close()
+        await journaled_store.client.close()
