@@ -556,7 +556,11 @@ class HubEngineServer(engineio.AsyncServer):  # type: ignore[misc]
     def _uncork(self) -> None:
         corked, self._corked = self._corked, []
         for socket in corked:
-            socket.uncork()
+            try:
+                socket.uncork()
+            except Exception:
+                # one transport's failure must not leave the others' frames unwritten
+                log.exception("writing to socket %s failed", socket.sid)
 
     def close_later(self, socket: HubSocket, reason: str) -> None:
         """Close a long-polling ``socket`` (its disconnect handlers run in a task of ours)."""
