@@ -378,3 +378,61 @@ async def test_a_bookkeeping_round_due_during_a_batch_waits_until_the_batch_is_a
     finally:
         gate.set()
         await one.close()
+
+
+async def test_a_batch_is_written_while_the_events_of_the_one_before_are_stored(
+    store: Store, fast: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer does not wait for a batch's events before it inserts the next batch's
+    messages (the database gets the next command while this node publishes). When those events
+    then fail, the first batch is taken back with the second one's message stored above it: its
+    ordinal counts as deleted, and the second is answered and announced as usual."""
+    await number_messages(store, "test")
+    one = node(store, fast)
+    try:
+        alice, bob, carol = await users(one, "alice", "bob", "carol")
+        chat = (await one.im.create_group(alice, "Team", [bob["_id"], carol["_id"]]))["_id"]
+        await one.im.send(alice, SendMessage(chat_id=chat, text="before"))
+        await one.im.settled()
+        held: list[asyncio.Future[Event]] = []
+        holding = asyncio.Event()
+        enqueue = one.streams.enqueue
+
+        def hold_first(items: list[Append]) -> list[asyncio.Future[Event]]:
+            if held:
+                return enqueue(items)
+            futures = [asyncio.get_running_loop().create_future() for _ in items]
+            held.extend(futures)
+            holding.set()
+            return futures
+
+        monkeypatch.setattr(one.streams, "enqueue", hold_first)
+        lost = await one.im.submit(alice, SendMessage(chat_id=chat, text="lost"))
+        await asyncio.wait_for(holding.wait(), 10)  # stored as n = 2, its event on its way
+        kept = await one.im.submit(bob, SendMessage(chat_id=chat, text="kept"))
+
+        for _ in range(1000):  # n = 3 stored, the first batch's events still held
+            if await store["messages"].count_documents({"chat_id": chat}) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert await store["messages"].count_documents({"chat_id": chat}) == 3
+        assert not kept.done() and not lost.done()  # answered in order, after the first
+        for future in held:
+            future.set_exception(RuntimeError("the event could not be stored"))
+        with pytest.raises(Problem) as refused:
+            await lost
+        assert refused.value.status == 503
+        assert (await kept).messages[0].n == 3
+        await one.im.settled()
+        assert [d["n"] async for d in store["messages"].find({"chat_id": chat})] == [1, 3]
+        texts = [e.data["message"]["text"] for e in one.published if e.type == "im.message"]
+        assert texts == ["before", "kept"]
+        report = await ImCheck(store).check()
+        assert report.clean, report
+        fresh = node(store, fast)
+        try:
+            assert (await fresh.im.counters(carol["_id"])).chats[chat] == 2
+        finally:
+            await fresh.close()
+    finally:
+        await one.close()
