@@ -252,15 +252,6 @@ class Bookkeeper:
 DuplicateResolver = Callable[[Outgoing], Awaitable[Posted]]
 
 
-@dataclass(eq=False, slots=True)
-class _Written:
-    """A batch whose messages are stored, and the futures of their events."""
-
-    stored: list[Outgoing]
-    payloads: list[dict[str, Any]]
-    futures: list[asyncio.Future[Any]]
-
-
 class MessageWriter:
     def __init__(
         self,
@@ -280,9 +271,6 @@ class MessageWriter:
         self._heads: OrderedDict[str, int] = OrderedDict()
         self._closed = False
         self._batch_waiters: list[asyncio.Future[None]] = []
-        # set while the writer waits for a batch's events with nothing queued: a message
-        # submitted then is written at once, while they are stored
-        self._submitted: asyncio.Future[None] | None = None
         self._answered_at = -1.0  # loop time the last batch was answered
         self.bookkeeper = Bookkeeper(store, lambda: self.busy, self.after_batch)
 
@@ -303,9 +291,6 @@ class MessageWriter:
             raise unavailable()
         future: asyncio.Future[Posted] = asyncio.get_running_loop().create_future()
         self._queue.append(Outgoing(doc, future, request_id, hint))
-        submitted = self._submitted
-        if submitted is not None and not submitted.done():
-            submitted.set_result(None)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="im-writer")
         return future
@@ -348,61 +333,29 @@ class MessageWriter:
     # the loop ----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        """Batches one after the other; a batch's messages are inserted while the events of the
-        batch before it are being stored (the database has the next command as soon as it is
-        free, not after this node has published and answered the batch before). A batch is
-        answered (and, when its events failed, taken back) after the next batch's messages are
-        in: a message numbered above one taken back is then stored, and the take-back sees it."""
         queue = self._queue
         batch: list[Outgoing] = []
-        pending: _Written | None = None  # the batch whose events are on their way
-        written: _Written | None = None  # the batch just written
         try:
             await asyncio.sleep(0)  # what is submitted in the same moment goes together
-            while queue or pending is not None:
-                written = None
-                if queue:
-                    batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
-                    try:
-                        written = await self._write(batch)
-                    except Exception:
-                        log.exception("writing %s messages failed", len(batch))
-                        for item in batch:
-                            item.settle(None, unavailable())
-                    batch = []
-                if pending is not None:
-                    await self._answer(pending)
-                    pending = None
-                    self._batch_answered()
-                if written is not None and not queue:
-                    await self._stored_or_submitted(written)
-                    if not queue:  # nothing to write meanwhile
-                        await self._answer(written)
-                        written = None
-                if written is None:
-                    self._batch_answered()
-                pending, written = written, None
+            while queue:
+                batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+                try:
+                    await self._write(batch)
+                except Exception:
+                    log.exception("writing %s messages failed", len(batch))
+                    for item in batch:
+                        item.settle(None, unavailable())
+                batch = []
+                self._batch_answered()
         except asyncio.CancelledError:
-            unanswered = [w.stored for w in (pending, written) if w is not None]
-            for item in [*batch, *(i for stored in unanswered for i in stored), *queue]:
+            for item in [*batch, *queue]:
                 item.settle(None, unavailable())
             queue.clear()
             raise
         finally:
             self._task = None
 
-    async def _stored_or_submitted(self, written: _Written) -> None:
-        """Wait until the batch's events are stored, or a message is submitted (to be written
-        while they are)."""
-        submitted = self._submitted = asyncio.get_running_loop().create_future()
-        try:
-            events = asyncio.gather(*written.futures, return_exceptions=True)
-            await asyncio.wait((events, submitted), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._submitted = None
-
-    async def _write(self, batch: list[Outgoing]) -> _Written | None:
-        """Insert the batch's messages and queue their events; None when none was stored."""
+    async def _write(self, batch: list[Outgoing]) -> None:
         leaders: list[Outgoing] = []
         first: dict[str, Outgoing] = {}
         for item in batch:
@@ -419,7 +372,7 @@ class MessageWriter:
         for item in duplicates:
             self._spawn(self._duplicate(item))
         if not stored:
-            return None
+            return
         payloads = [MessageOut.from_document(item.doc).model_dump(mode="json") for item in stored]
         futures = self._streams.enqueue(
             [
@@ -429,27 +382,16 @@ class MessageWriter:
                 for item, payload in zip(stored, payloads, strict=True)
             ]
         )
-        return _Written(stored, payloads, futures)
-
-    async def _answer(self, written: _Written) -> None:
-        """Once the batch's events are stored: its senders answered, or taken back."""
-        try:
-            results = await asyncio.gather(*written.futures, return_exceptions=True)
-            lost: list[Outgoing] = []
-            for item, payload, result in zip(
-                written.stored, written.payloads, results, strict=True
-            ):
-                if isinstance(result, BaseException):
-                    lost.append(item)
-                    continue
-                item.settle(Posted(MessageOut.model_validate(payload), False))
-                self.bookkeeper.message_stored(item.doc, preview_of(payload))
-            if lost:
-                await self._take_back(lost)
-        except Exception:
-            log.exception("answering %s messages failed", len(written.stored))
-            for item in written.stored:
-                item.settle(None, unavailable())
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        lost: list[Outgoing] = []
+        for item, payload, result in zip(stored, payloads, results, strict=True):
+            if isinstance(result, BaseException):
+                lost.append(item)
+                continue
+            item.settle(Posted(MessageOut.model_validate(payload), False))
+            self.bookkeeper.message_stored(item.doc, preview_of(payload))
+        if lost:
+            await self._take_back(lost)
 
     async def _take_back(self, lost: list[Outgoing]) -> None:
         """Their events could not be stored: not half-stored, the messages go too.
