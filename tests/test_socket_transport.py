@@ -281,6 +281,91 @@ async def test_what_waits_for_a_slow_client_arrives_in_order(
             await http.close()
 
 
+async def test_what_a_turn_of_the_loop_sends_a_socket_goes_in_one_write(
+    settings: Settings, store: Store
+) -> None:
+    async with hub_with(settings, store) as hub:
+        _, token = await hub.create_user("alice")
+        async with aiohttp.ClientSession() as http:
+            clients = [await RawClient.connect(http, hub, token) for _ in range(2)]
+            await join_room(hub)
+            hub_ = hub.services.hub
+            writes: dict[str, list[bytes]] = {}
+            for client in clients:
+                engine_socket = hub_.sio.engine_socket(client.sid)
+                assert engine_socket is not None and engine_socket.transport is not None
+                transport = engine_socket.transport
+                calls = writes[client.sid] = []
+
+                def spy(data: bytes, write: Any = transport.write, calls: Any = calls) -> None:
+                    calls.append(bytes(data))
+                    write(data)
+
+                transport.write = spy  # type: ignore[method-assign,assignment]
+            # three events published in one turn (no await suspends in between)
+            for seq in (1, 2, 3):
+                await hub_._on_event(big_event(seq, size=100))
+            assert all(calls == [] for calls in writes.values())  # not yet: end of the turn
+            for client in clients:
+                await client.read_until(lambda c=client: len(c.seqs()) >= 3)
+                assert client.seqs() == [1, 2, 3]
+                assert len(writes[client.sid]) == 1, writes[client.sid]
+            # a later turn's event is a write of its own, after them
+            await hub_._on_event(big_event(4, size=100))
+            for client in clients:
+                await client.read_until(lambda c=client: len(c.seqs()) >= 4)
+                assert client.seqs() == [1, 2, 3, 4]
+                assert len(writes[client.sid]) == 2
+            # a close sent in the same turn as an event goes after it
+            engine_socket = hub_.sio.engine_socket(clients[0].sid)
+            assert engine_socket is not None
+            await hub_._on_event(big_event(5, size=100))
+            engine_socket.end_websocket(None)
+            with pytest.raises(AssertionError, match="closed"):
+                await clients[0].read_until(lambda: False)
+            assert clients[0].seqs() == [1, 2, 3, 4, 5]
+            await http.close()
+
+
+async def test_a_transport_that_fails_its_write_does_not_hold_the_others_frames(
+    settings: Settings, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The frames of a turn are written for every socket in one callback: one transport whose
+    write raises is logged, and the sockets after it still get theirs, then and later."""
+    async with hub_with(settings, store) as hub:
+        _, token = await hub.create_user("alice")
+        async with aiohttp.ClientSession() as http:
+            clients = [await RawClient.connect(http, hub, token) for _ in range(3)]
+            await join_room(hub)
+            hub_ = hub.services.hub
+            broken = hub_.sio.engine_socket(clients[0].sid)
+            assert broken is not None and broken.transport is not None
+            failures: list[int] = []
+
+            def refuse(data: bytes) -> None:
+                failures.append(len(data))
+                raise RuntimeError("this transport cannot write")
+
+            broken.transport.write = refuse  # type: ignore[method-assign,assignment]
+            with caplog.at_level(logging.ERROR, logger="server.channels.engine"):
+                # the broken socket first in the turn's list, whatever order the room has
+                broken.write_frame(b"")
+                await hub_._on_event(big_event(1, size=100))
+                for client in clients[1:]:
+                    await client.read_until(lambda c=client: len(c.seqs()) >= 1)
+                    assert client.seqs() == [1]
+            assert len(failures) == 1
+            assert "writing to socket" in caplog.text
+            assert broken.corked is None  # nothing left waiting on it
+            await hub_._on_event(big_event(2, size=100))
+            for client in clients[1:]:
+                await client.read_until(lambda c=client: len(c.seqs()) >= 2)
+                assert client.seqs() == [1, 2]
+            await asyncio.sleep(0)
+            assert len(failures) == 2  # the broken one was tried again, on its own
+            await http.close()
+
+
 async def test_a_websocket_that_does_not_answer_pings_is_dropped(
     settings: Settings, store: Store
 ) -> None:

@@ -8,7 +8,10 @@ their timers. Here, for a socket on the websocket transport:
 
 - **Writes are synchronous.** A packet becomes a websocket frame and goes to the transport at
   once (``HubSocket.write_frame``). A broadcast builds the frame once and writes the same
-  bytes to every socket (server frames are not masked). When the transport's buffer is above
+  bytes to every socket (server frames are not masked). The frames a socket gets in one turn
+  of the event loop go out in one ``transport.write`` at the end of the turn (``corked``, one
+  ``call_soon`` for all sockets): a batch of messages published together costs each socket one
+  send system call, not one per message. When the transport's buffer is above
   its high-water mark (asyncio pauses the protocol: 64 KiB), frames wait in a per-socket
   backlog, in order, and are written when the transport resumes (a callback on aiohttp's
   drain future, no task). A socket whose backlog passes ``backlog_limit`` bytes belongs to a
@@ -72,6 +75,11 @@ def websocket_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     if size < 65536:
         return _LEN2(0x80 | opcode, 126, size) + payload
     return _LEN3(0x80 | opcode, 127, size) + payload
+
+
+# Frames a socket gets in one turn of the loop are written together up to this many bytes
+# (asyncio's default high-water mark): beyond it they go now, and the transport may pause.
+CORK_BYTES = 64 * 1024
 
 
 def text_frame(text: str) -> bytes:
@@ -164,6 +172,9 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
         self._reader: asyncio.Task[Any] | None = None
         self.backlog: deque[bytes] | None = None
         self.backlog_bytes = 0
+        # frames of this turn of the loop, written together by HubEngineServer._uncork
+        self.corked: list[bytes] | None = None
+        self.corked_bytes = 0
         self._flushed: asyncio.Future[None] | None = None
         self._end_reason: str | None = None
         # pings
@@ -203,13 +214,24 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
             self.queue.put_nowait(pkt)
 
     def write_frame(self, frame: bytes) -> None:
-        """Write one websocket frame, or add it to the backlog behind what waits already."""
+        """Write one websocket frame (at the end of this turn of the loop, with the others of
+        the turn), or add it to the backlog behind what waits already."""
         backlog = self.backlog
         if backlog is None:
+            corked = self.corked
+            if corked is not None:
+                corked.append(frame)
+                self.corked_bytes += len(frame)
+                if self.corked_bytes >= CORK_BYTES:
+                    # enough for one write: the transport's buffer (and its pause) sees it now
+                    self.uncork()
+                return
             if not self._protocol._paused:
                 transport = self.transport
                 if transport is not None and not transport.is_closing():
-                    transport.write(frame)
+                    self.corked = [frame]
+                    self.corked_bytes = len(frame)
+                    self.server.cork(self)
                 return
             backlog = self.backlog = deque()
             self._when_writable()
@@ -219,6 +241,18 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
         self.backlog_bytes += len(frame)
         if self.backlog_bytes > self.server.backlog_limit:
             self._too_slow()
+
+    def uncork(self) -> None:
+        """Write the frames of this turn in one write (before anything written after them)."""
+        corked = self.corked
+        if corked is None:
+            return
+        self.corked = None
+        self.corked_bytes = 0
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def _when_writable(self) -> None:
         """Flush the backlog when the transport resumes writing: a callback on the future
@@ -253,6 +287,8 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
     def _drop_backlog(self) -> None:
         self.backlog = None
         self.backlog_bytes = 0
+        self.corked = None
+        self.corked_bytes = 0
         self._wake_flushed()
 
     def _wake_flushed(self) -> None:
@@ -277,7 +313,7 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
             "(%s bytes waiting)",
             self.sid,
             getattr(request, "remote", "?"),
-            self.backlog_bytes,
+            self.backlog_bytes + self.corked_bytes,
         )
         self._drop_backlog()
         self._end_reason = self.server.reason.TRANSPORT_ERROR
@@ -357,6 +393,7 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
             return
         if self._end_reason is None:
             self._end_reason = reason or self.server.reason.SERVER_DISCONNECT
+        self.uncork()  # what was sent before the close goes before it
         if self.backlog is not None:
             self.backlog.append(_CLOSE_FRAME)
             self._protocol._loop.call_later(CLOSE_GRACE_SECONDS, _abort, transport)
@@ -508,6 +545,22 @@ class HubEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         self.backlog_limit = backlog_limit
         self.clock = PingClock()
         self._closing_tasks: set[asyncio.Task[None]] = set()
+        self._corked: list[HubSocket] = []
+
+    def cork(self, socket: HubSocket) -> None:
+        """``socket`` has frames of this turn: write them at its end (one callback for all)."""
+        if not self._corked:
+            asyncio.get_running_loop().call_soon(self._uncork)
+        self._corked.append(socket)
+
+    def _uncork(self) -> None:
+        corked, self._corked = self._corked, []
+        for socket in corked:
+            try:
+                socket.uncork()
+            except Exception:
+                # one transport's failure must not leave the others' frames unwritten
+                log.exception("writing to socket %s failed", socket.sid)
 
     def close_later(self, socket: HubSocket, reason: str) -> None:
         """Close a long-polling ``socket`` (its disconnect handlers run in a task of ours)."""
