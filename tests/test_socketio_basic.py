@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 import pytest
 
@@ -57,3 +59,17 @@ async def test_websocket_frames_are_not_compressed(hub: HubHarness) -> None:
         opened = await ws.receive(timeout=5)
         assert opened.data.startswith("0{")  # the engine.io handshake still works
         assert ws.compress == 0
+
+
+async def test_a_failing_snapshot_part_ends_the_session(hub: HubHarness) -> None:
+    """A snapshot part that fails ends the session start: no snapshot goes out without it (a
+    client would take the missing part for empty numbers)."""
+    _, alice = await hub.create_user("alice")
+
+    async def broken(_user: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("part failed")
+
+    hub.services.hub.add_snapshot_part("broken", broken)
+    client = await hub.connect(alice)
+    await client.wait_until(lambda: not client.sio.connected, timeout=10)
+    assert client.of_type("snapshot") == []
