@@ -189,6 +189,13 @@ def big_event(seq: int, size: int = 16_000) -> Event:
     return Event(ROOM, seq, "test.big", {"n": seq, "text": "x" * size}, datetime.now(UTC))
 
 
+async def read_all(clients: list[RawClient], seqs: list[int]) -> None:
+    """Each of ``clients`` has read exactly the events ``seqs``, in order."""
+    for client in clients:
+        await client.read_until(lambda c=client: len(c.seqs()) >= len(seqs))
+        assert client.seqs() == seqs
+
+
 async def join_room(hub: HubHarness) -> None:
     for sid in list(hub.services.hub._connections):
         await hub.services.hub.sio.enter_room(sid, ROOM)
@@ -306,16 +313,12 @@ async def test_what_a_turn_of_the_loop_sends_a_socket_goes_in_one_write(
             for seq in (1, 2, 3):
                 await hub_._on_event(big_event(seq, size=100))
             assert all(calls == [] for calls in writes.values())  # not yet: end of the turn
-            for client in clients:
-                await client.read_until(lambda c=client: len(c.seqs()) >= 3)
-                assert client.seqs() == [1, 2, 3]
-                assert len(writes[client.sid]) == 1, writes[client.sid]
+            await read_all(clients, [1, 2, 3])
+            assert all(len(calls) == 1 for calls in writes.values()), writes
             # a later turn's event is a write of its own, after them
             await hub_._on_event(big_event(4, size=100))
-            for client in clients:
-                await client.read_until(lambda c=client: len(c.seqs()) >= 4)
-                assert client.seqs() == [1, 2, 3, 4]
-                assert len(writes[client.sid]) == 2
+            await read_all(clients, [1, 2, 3, 4])
+            assert all(len(calls) == 2 for calls in writes.values())
             # a close sent in the same turn as an event goes after it
             engine_socket = hub_.sio.engine_socket(clients[0].sid)
             assert engine_socket is not None
@@ -351,16 +354,12 @@ async def test_a_transport_that_fails_its_write_does_not_hold_the_others_frames(
                 # the broken socket first in the turn's list, whatever order the room has
                 broken.write_frame(b"")
                 await hub_._on_event(big_event(1, size=100))
-                for client in clients[1:]:
-                    await client.read_until(lambda c=client: len(c.seqs()) >= 1)
-                    assert client.seqs() == [1]
+                await read_all(clients[1:], [1])
             assert len(failures) == 1
             assert "writing to socket" in caplog.text
             assert broken.corked is None  # nothing left waiting on it
             await hub_._on_event(big_event(2, size=100))
-            for client in clients[1:]:
-                await client.read_until(lambda c=client: len(c.seqs()) >= 2)
-                assert client.seqs() == [1, 2]
+            await read_all(clients[1:], [1, 2])
             await asyncio.sleep(0)
             assert len(failures) == 2  # the broken one was tried again, on its own
             await http.close()
