@@ -23,6 +23,7 @@ import contextlib
 import logging
 import re
 import ssl
+import weakref
 from base64 import b64encode
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,9 +100,45 @@ def _ok(response: Any, what: str) -> Any:
     return response
 
 
-async def _call(coro: Any, what: str) -> Any:
+# Each connection's loss, by client. A command sent on a connection the server has closed
+# (a kick, a restart) gets no answer, and some of aioimaplib's commands (UID COPY, for one) have
+# no timeout of their own: without this the session would wait out COMMAND_TIMEOUT_SECONDS
+# before reconnecting.
+_LOST: weakref.WeakKeyDictionary[aioimaplib.IMAP4, asyncio.Future[None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _watched(client: aioimaplib.IMAP4, lost: asyncio.Future[None]) -> aioimaplib.IMAP4:
+    _LOST[client] = lost
+    return client
+
+
+def _loss_signal() -> tuple[asyncio.Future[None], Any]:
+    """A future set when the connection is lost, and the callback aioimaplib calls then."""
+    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(_exc: Exception | None) -> None:
+        if not lost.done():
+            lost.set_result(None)
+
+    return lost, connection_lost
+
+
+async def _call(coro: Any, what: str, client: aioimaplib.IMAP4 | None = None) -> Any:
+    """The answer to one command, or ImapError: refused, not answered in time, or the
+    connection of ``client`` lost before the answer came."""
+    lost = _LOST.get(client) if client is not None else None
+    command = asyncio.ensure_future(asyncio.wait_for(coro, COMMAND_TIMEOUT_SECONDS))
+    if lost is not None:
+        await asyncio.wait({command, lost}, return_when=asyncio.FIRST_COMPLETED)
+        if not command.done():  # an answer that came with the close was taken first
+            command.cancel()
+            with contextlib.suppress(BaseException):
+                await command
+            raise ImapError(f"{what}: the server closed the connection")
     try:
-        return _ok(await asyncio.wait_for(coro, COMMAND_TIMEOUT_SECONDS), what)
+        return _ok(await command, what)
     except TimeoutError:
         raise ImapError(f"{what}: no answer in {COMMAND_TIMEOUT_SECONDS:.0f} s") from None
 
@@ -111,12 +148,18 @@ async def connect(
 ) -> aioimaplib.IMAP4:
     """A logged-in session: over implicit TLS, STARTTLS or plain, by LOGIN with the password
     or by XOAUTH2 with an access token from the mailbox's OAuth client (``tokens``)."""
+    lost, connection_lost = _loss_signal()
     if cfg.security == "tls":
         client: aioimaplib.IMAP4 = aioimaplib.IMAP4_SSL(
-            cfg.host, cfg.port, timeout=timeout, ssl_context=ssl.create_default_context()
+            cfg.host,
+            cfg.port,
+            timeout=timeout,
+            ssl_context=ssl.create_default_context(),
+            conn_lost_cb=connection_lost,
         )
     else:
-        client = aioimaplib.IMAP4(cfg.host, cfg.port, timeout=timeout)
+        client = aioimaplib.IMAP4(cfg.host, cfg.port, timeout=timeout, conn_lost_cb=connection_lost)
+    _watched(client, lost)
     try:
         await asyncio.wait_for(client.wait_hello_from_server(), timeout)
     except TimeoutError:
@@ -126,7 +169,7 @@ async def connect(
     if cfg.auth == "xoauth2":
         await _xoauth2(client, cfg, tokens or TokenSource(_nowhere))
     else:
-        await _call(client.login(cfg.login, cfg.password), "LOGIN")
+        await _call(client.login(cfg.login, cfg.password), "LOGIN", client)
     return client
 
 
@@ -224,7 +267,7 @@ async def _nowhere(_mailbox_id: str, _refresh_token: str) -> None:
 
 async def select(client: aioimaplib.IMAP4, folder: str) -> tuple[int, int]:
     """Selects the folder; returns (UIDVALIDITY, EXISTS)."""
-    response = await _call(client.select(_quoted(folder)), f"SELECT {folder}")
+    response = await _call(client.select(_quoted(folder)), f"SELECT {folder}", client)
     uidvalidity, exists = 0, 0
     for line in response.lines:
         raw = line if isinstance(line, bytes) else str(line).encode()
@@ -346,7 +389,7 @@ class MailboxCollector:
         if state.get("uidvalidity") != uidvalidity:
             last_uid = 0  # a new UIDVALIDITY: every UID is new; stored bytes dedupe copies
             await self._state(uidvalidity=uidvalidity, last_uid=0)
-        response = await _call(client.uid_search(f"UID {last_uid + 1}:*"), "UID SEARCH")
+        response = await _call(client.uid_search(f"UID {last_uid + 1}:*"), "UID SEARCH", client)
         uids = sorted(
             int(u)
             for line in response.lines
@@ -363,7 +406,9 @@ class MailboxCollector:
         return collected
 
     async def _collect_one(self, client: aioimaplib.IMAP4, uidvalidity: int, uid: int) -> None:
-        size_resp = await _call(client.uid("fetch", str(uid), "(RFC822.SIZE)"), "FETCH SIZE")
+        size_resp = await _call(
+            client.uid("fetch", str(uid), "(RFC822.SIZE)"), "FETCH SIZE", client
+        )
         size = None
         for line in size_resp.lines:
             raw = line if isinstance(line, bytes) else str(line).encode()
@@ -388,7 +433,7 @@ class MailboxCollector:
             )
             log.warning("mailbox %s: UID %s skipped (%s bytes)", self.cfg.id, uid, size)
             return
-        body_resp = await _call(client.uid("fetch", str(uid), "BODY.PEEK[]"), "FETCH BODY")
+        body_resp = await _call(client.uid("fetch", str(uid), "BODY.PEEK[]"), "FETCH BODY", client)
         raw_message = _literal(body_resp.lines)
         if raw_message is None:
             return
@@ -418,17 +463,19 @@ class MailboxCollector:
             return 0
         uid_set = ",".join(str(d["source"]["uid"]) for d in done)
         if self.cfg.delete_after_delivery:
-            await _call(client.uid("store", uid_set, r"+FLAGS.SILENT (\Deleted)"), "STORE")
-            await _call(client.expunge(), "EXPUNGE")
+            await _call(client.uid("store", uid_set, r"+FLAGS.SILENT (\Deleted)"), "STORE", client)
+            await _call(client.expunge(), "EXPUNGE", client)
         else:
-            await _call(client.uid("store", uid_set, r"+FLAGS.SILENT (\Seen)"), "STORE")
+            await _call(client.uid("store", uid_set, r"+FLAGS.SILENT (\Seen)"), "STORE", client)
             if self.cfg.processed_folder:
                 folder = _quoted(self.cfg.processed_folder)
                 created = await client.create(folder)
                 del created  # "already exists" is fine
-                await _call(client.uid("copy", uid_set, folder), "COPY")
-                await _call(client.uid("store", uid_set, r"+FLAGS.SILENT (\Deleted)"), "STORE")
-                await _call(client.expunge(), "EXPUNGE")
+                await _call(client.uid("copy", uid_set, folder), "COPY", client)
+                await _call(
+                    client.uid("store", uid_set, r"+FLAGS.SILENT (\Deleted)"), "STORE", client
+                )
+                await _call(client.expunge(), "EXPUNGE", client)
         await self._inbox.collection.update_many(
             {"_id": {"$in": [d["_id"] for d in done]}}, {"$set": {"imap_done": True}}
         )
