@@ -109,11 +109,6 @@ _LOST: weakref.WeakKeyDictionary[aioimaplib.IMAP4, asyncio.Future[None]] = (
 )
 
 
-def _watched(client: aioimaplib.IMAP4, lost: asyncio.Future[None]) -> aioimaplib.IMAP4:
-    _LOST[client] = lost
-    return client
-
-
 def _loss_signal() -> tuple[asyncio.Future[None], Any]:
     """A future set when the connection is lost, and the callback aioimaplib calls then."""
     lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -159,7 +154,7 @@ async def connect(
         )
     else:
         client = aioimaplib.IMAP4(cfg.host, cfg.port, timeout=timeout, conn_lost_cb=connection_lost)
-    _watched(client, lost)
+    _LOST[client] = lost
     try:
         await asyncio.wait_for(client.wait_hello_from_server(), timeout)
     except TimeoutError:
@@ -184,7 +179,7 @@ async def starttls(client: aioimaplib.IMAP4, host: str) -> None:
     if "STARTTLS" not in protocol.capabilities:
         raise ImapError("the server does not offer STARTTLS")
     command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
-    await _call(protocol.execute(command), "STARTTLS")
+    await _call(protocol.execute(command), "STARTTLS", client)
     loop = asyncio.get_running_loop()
     try:
         transport = await asyncio.wait_for(
