@@ -40,10 +40,13 @@ class Commands(monitoring.CommandListener):
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
         self.updates: list[tuple[str, Any]] = []  # (collection, statement) of every update
+        self.inserts: list[tuple[str, dict[str, Any]]] = []  # (collection, write concern)
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         collection = str(event.command.get(event.command_name))
         self.seen.append((event.command_name, collection))
+        if event.command_name == "insert":
+            self.inserts.append((collection, dict(event.command.get("writeConcern", {}))))
         if event.command_name == "update":
             self.updates.extend((collection, dict(u)) for u in event.command["updates"])
 
@@ -76,11 +79,15 @@ async def counted_sole(
 
 @contextlib.asynccontextmanager
 async def monitored_hub(
-    settings: Settings, store: Store, sink: Sink
+    settings: Settings, store: Store, sink: Sink, journal: bool = False
 ) -> AsyncIterator[tuple[HubHarness, Commands]]:
+    """``journal``: every write asks for the journal, as the embedded database's URL does."""
     commands = Commands()
     monitored = Store(store.url, store.db.name)
-    monitored.client = type(store.client)(store.url, event_listeners=[commands], tz_aware=True)
+    options: dict[str, Any] = {"journal": True} if journal else {}
+    monitored.client = type(store.client)(
+        store.url, event_listeners=[commands], tz_aware=True, **options
+    )
     monitored.db = monitored.client[store.db.name]
     configured = settings.model_copy(
         update={
@@ -407,16 +414,84 @@ class Writes(monitoring.CommandListener):
         pass
 
 
-async def test_a_raw_message_flushes_the_journal_once_after_its_bytes(store: Store) -> None:
-    """Where every write is journaled (the embedded database's URL asks for it), the bytes
-    go first without a flush of their own, and the queue documents' journaled insert after
-    them flushes the log through both: one flush per group commit before the ``250``."""
-    writes = Writes()
+@contextlib.asynccontextmanager
+async def journaled_store_of(store: Store, writes: Writes) -> AsyncIterator[Store]:
+    """The same database through a client that asks for the journal on every write (as the
+    embedded database's URL does), its inserts seen by ``writes``."""
     journaled_store = Store(store.url, store.db.name)
     journaled_store.client = type(store.client)(
         store.url, event_listeners=[writes], tz_aware=True, journal=True
     )
     journaled_store.db = journaled_store.client[store.db.name]
+    try:
+        yield journaled_store
+    finally:
+        await journaled_store.client.close()
+
+
+async def test_a_replys_attachment_is_flushed_by_its_activitys_journaled_insert(
+    settings: Settings, store: Store, sink: Sink
+) -> None:
+    """The pipeline stores an attachment's chunks without a flush each: the journaled insert
+    of the activity that names the file comes after them and flushes the log through them."""
+    async with monitored_hub(settings, store, sink, journal=True) as (hub, commands):
+        ctx = await mail_setup(hub)
+        sent = await send_from_deal(hub, ctx, sink)
+        reply = mail(
+            "Carl Client <client@example.test>",
+            f"RE: {sent['Subject']}",
+            "the signed offer",
+            to=plus_address(sent),
+        )
+        reply.add_attachment(b"%PDF-1.4 " + b"0" * 40_000, "application", "pdf", filename="o.pdf")
+        mark = len(commands.inserts)
+        await store_all(hub, [reply.as_bytes()])
+        assert await hub.services.mail.pipeline.drain() == 1
+        inserts = commands.inserts[mark:]
+        files = [i for i, (name, _c) in enumerate(inserts) if name.startswith("mail_attachments.")]
+        assert files, inserts
+        assert all(not inserts[i][1].get("j") for i in files), inserts
+        activity = next(i for i, (name, _c) in enumerate(inserts) if name == "crm_activities")
+        assert activity > max(files), inserts
+        assert inserts[activity][1].get("j") is True, inserts
+
+
+async def test_a_raw_message_flushes_the_journal_once_after_its_bytes(store: Store) -> None:
+    """Where every write is journaled (the embedded database's URL asks for it), the bytes
+    go first without a flush of their own, and the queue documents' journaled insert after
+    them flushes the log through both: one flush per group commit before the ``250``."""
+    writes = Writes()
+    async with journaled_store_of(store, writes) as journaled_store:
+        await _flushes_once_after_its_bytes(journaled_store, writes)
+
+
+async def test_a_large_raw_message_is_flushed_once_after_its_chunks(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message too large for a document goes to GridFS: its chunks and file document are
+    written without a flush each, and the journaled insert of its queue document after them
+    flushes the log through all of them before the ``250``."""
+    monkeypatch.setattr("server.mailbridge.inbox.INLINE_LIMIT", 1024)
+    writes = Writes()
+    raw = b"Subject: large\r\n\r\n" + b"x" * 600_000 + b"\r\n"  # three chunks
+    async with journaled_store_of(store, writes) as journaled_store:
+        inbox = RawInbox(journaled_store)
+        try:
+            stored = await inbox.put(raw, Source("smtp"))
+            assert stored.new
+            names = [name for name, _concern, _ids in writes.inserts]
+            assert names.count("mail_raw_files.chunks") == 1, names  # one insert_many
+            assert names[-1] == "mail_raw", names
+            for name, concern, _ids in writes.inserts[:-1]:
+                assert name.startswith("mail_raw_files."), names
+                assert not concern.get("j"), (name, concern)
+            assert writes.inserts[-1][1].get("j") is True
+            assert await inbox.raw_of({"_id": stored.id}) == raw
+        finally:
+            await inbox.close()
+
+
+async def _flushes_once_after_its_bytes(journaled_store: Store, writes: Writes) -> None:
     inbox = RawInbox(journaled_store)
     try:
         raws = [f"Subject: {n}\r\n\r\nbody {n}\r\n".encode() for n in range(6)]
@@ -438,4 +513,3 @@ async def test_a_raw_message_flushes_the_journal_once_after_its_bytes(store: Sto
             assert await inbox.raw_of({"_id": s.id}) == raw
     finally:
         await inbox.close()
-        await journaled_store.client.close()

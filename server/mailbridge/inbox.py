@@ -68,7 +68,9 @@ class Stored:
 class RawInbox:
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._files = AsyncGridFSBucket(store.db, bucket_name="mail_raw_files")
+        # A large message's chunks, like the bytes of a small one, are flushed by the
+        # journaled insert of its queue document after them: no flush per chunk.
+        self._files = AsyncGridFSBucket(store.relaxed_db(), bucket_name="mail_raw_files")
         # The bytes' insert needs no flush of its own: the journaled insert of the queue
         # documents right after it flushes the database's log through it. (With the
         # client's journaled default it flushed too: two log flushes before each ``250``.)

@@ -150,7 +150,9 @@ class MailPipeline:
         self._im = im
         self._settings = settings
         self._limits = limits
-        self._files = AsyncGridFSBucket(store.db, bucket_name="mail_attachments")
+        # Not flushed per chunk: the journaled insert of the activity that names them comes
+        # after them and flushes the database's log through them.
+        self._files = AsyncGridFSBucket(store.relaxed_db(), bucket_name="mail_attachments")
         self.origin: str | None = None  # our X-PortalHub-Origin value (the portal's domain)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
