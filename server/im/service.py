@@ -80,6 +80,15 @@ ANNOUNCE_GRACE_SECONDS = 5.0
 # to this long before the message are read too (another node's clock may be behind).
 EVENT_CLOCK_MARGIN = timedelta(seconds=60)
 EVENT_SCAN_PAGE = 200
+# A history page is read from a range of the chat's messages closed on both sides. The
+# embedded database fetches every document of an index range before it sorts and limits: a
+# page of 50 newest-first took it 2.6 ms in a chat of 100 messages, 25 ms of 1,000 and 88 ms
+# of 5,000, holding every other command back meanwhile. The far side is the id of the message
+# this many pages of ordinals away (``chat_ordinal``), the second reach where the first range
+# held less than a page; then the range is read without it.
+PAGE_REACHES = (2, 16)
+# Ordinals looked through for a message to bound a range with: a send taken back leaves a gap.
+ORDINAL_GAP = 16
 
 __all__ = ["PREVIEW_CHARS", "ImService"]
 
@@ -652,7 +661,6 @@ class ImService:
     ) -> asyncio.Future[Posted]:
         """Queue one message into ``chat`` (checked already; its files claimed for it)."""
         doc: Document = {
-            "_id": new_id(),
             "chat_id": chat["_id"],
             "author_id": author_id,
             "text": text,
@@ -678,6 +686,10 @@ class ImService:
             mine = (await self._state.member_map(author_id)).get(chat["_id"])
             if mine is not None:
                 had_unread = unread_after(_msg_count(chat), mine.read_n, _deleted(chat)) > 0
+        # The id is made as the message is queued, not before the await above: the writer
+        # numbers a node's messages in the order queued, so on one node ids and ordinals
+        # then agree, and a history page read by id finds its range by ordinal.
+        doc["_id"] = new_id()
         future = self._writer.submit(doc, request_id=current_request_id(), hint=_msg_count(chat))
         if had_unread and author_id is not None:
             author = author_id
@@ -901,7 +913,7 @@ class ImService:
             self._state.chat_changed(chat_id)
 
     async def history(self, user: Document, chat_id: str, query: HistoryQuery) -> list[MessageOut]:
-        await self.readable_chat(str(user["_id"]), chat_id)
+        chat = await self.readable_chat(str(user["_id"]), chat_id)
         filters: Document = {"chat_id": chat_id}
         id_range: Document = {}
         if query.before:
@@ -914,11 +926,64 @@ class ImService:
             start = datetime(query.day.year, query.day.month, query.day.day, tzinfo=UTC)
             filters["created_at"] = {"$gte": start, "$lt": start + timedelta(days=1)}
         newest_first = query.after is None
-        cursor = self._store["messages"].find(
-            filters, sort=[("_id", -1 if newest_first else 1)], limit=query.limit
-        )
-        found = [MessageOut.from_document(d) async for d in cursor]
-        return list(reversed(found)) if newest_first else found
+        messages = self._store["messages"]
+        sort = [("_id", -1 if newest_first else 1)]
+        found: list[Document] = []
+        near = None if query.day is not None else await self._near_ordinal(chat, query)
+        for pages in PAGE_REACHES:
+            if near is None:
+                break
+            bound = await self._far_bound(chat["_id"], near, pages * query.limit, newest_first)
+            if bound is None:
+                break
+            # The page is the ``limit`` messages nearest the near side; a range closed at the
+            # bound that holds that many holds them (any message beyond the bound is further).
+            # Fewer: ids and ordinals disagree there (messages of several nodes in the same
+            # moment), or the ordinals have gaps; a longer range is read.
+            far = {"$gte" if newest_first else "$lte": bound}
+            bounded = {**filters, "_id": {**id_range, **far}}
+            found = await messages.find(bounded, sort=sort, limit=query.limit).to_list()
+            if len(found) == query.limit:
+                break
+        if len(found) < query.limit:
+            found = await messages.find(filters, sort=sort, limit=query.limit).to_list()
+        out = [MessageOut.from_document(d) for d in found]
+        return list(reversed(out)) if newest_first else out
+
+    async def _near_ordinal(self, chat: Document, query: HistoryQuery) -> int | None:
+        """The ordinal of the page's near side: ``after`` when reading oldest first, else
+        ``before``, else the chat's newest; None when the near side is not one of the chat's
+        messages (a time bound from the archive's query)."""
+        near_id = query.after if query.after is not None else query.before
+        if near_id is None:
+            # The stored count lags the newest messages by up to a bookkeeping round; this
+            # node's writer knows those it stored or saw. Too low, the range is longer.
+            return max(_msg_count(chat), self._writer.known_head(chat["_id"]))
+        doc = await self._store["messages"].find_one({"_id": near_id}, {"chat_id": 1, "n": 1})
+        if doc is None or doc.get("chat_id") != chat["_id"] or not isinstance(doc.get("n"), int):
+            return None
+        return int(doc["n"])
+
+    async def _far_bound(
+        self, chat_id: str, near: int, reach: int, newest_first: bool
+    ) -> str | None:
+        """The id of a message about ``reach`` ordinals beyond ``near`` (below it when reading
+        newest first), or None when the chat holds fewer than that that way."""
+        if newest_first:
+            if near - reach <= 1:
+                return None
+            ordinals: Document = {"$gte": max(1, near - reach - ORDINAL_GAP), "$lte": near - reach}
+        else:
+            ordinals = {"$gte": near + reach, "$lte": near + reach + ORDINAL_GAP}
+        ids = [
+            d["_id"]
+            async for d in self._store["messages"].find(
+                {"chat_id": chat_id, "n": ordinals}, {"_id": 1}
+            )
+        ]
+        if not ids:
+            return None
+        return str(max(ids) if newest_first else min(ids))
 
     async def search(self, user: Document, text: str, limit: int) -> list[MessageOut]:
         chats = list(await self._state.member_map(str(user["_id"])))

@@ -327,6 +327,10 @@ class MessageWriter:
             while len(self._heads) > MAX_KNOWN_CHATS:
                 self._heads.popitem(last=False)
 
+    def known_head(self, chat_id: str) -> int:
+        """The highest ordinal of the chat this node knows to be stored (0: none known)."""
+        return self._heads.get(chat_id, 0)
+
     def _forget(self, chat_id: str) -> None:
         self._heads.pop(chat_id, None)
 
