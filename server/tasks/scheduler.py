@@ -5,10 +5,15 @@ Jobs are documents in ``schedule`` with a ``due_at``. A due job is claimed with 
 that dies or fails mid-job leaves the lease to expire, and the job runs again: a deadline is
 never lost, and handlers are written to be safe to repeat. A restart loses nothing.
 
-An idle round (nothing due) costs one indexed read, the first job by ``due_at``, sent in the
-gap after a batch of events when one comes within ``POLLER_GAP_WAIT`` (``background.Gap``):
-the embedded database serves one command at a time, and this poll, once a second, used to
-land beside messages' inserts as two commands in series.
+An idle round (nothing due) costs one indexed read, the first job by ``due_at`` among those
+due before the next round (``MAX_SLEEP``), sent in the gap after a batch of events when one
+comes within ``POLLER_GAP_WAIT`` (``background.Gap``): the embedded database serves one command
+at a time, and this poll, once a second, used to land beside messages' inserts as two commands
+in series. Bounded by the round, the read costs the same whatever the number of jobs: the
+embedded database fetches every document of a sorted read before it applies the limit (the
+first of all jobs: 0.5 / 1.6 / 14.7 ms with 10 / 100 / 1,000 jobs scheduled; the first of
+those due within a second: 0.44 / 0.44 / 0.53 ms, 2026-12-07), a cost that grew with the
+company's open deadlines and delayed any message whose inserts came behind it.
 """
 
 from __future__ import annotations
@@ -87,9 +92,14 @@ class Scheduler:
             fired += 1
 
     async def _first(self) -> dict[str, Any] | None:
-        """The job due first (claimed or not): one read along the ``due_at`` index."""
+        """The job due first (claimed or not), if it is due before the next round: one read
+        along the ``due_at`` index. A later job is the next round's to find (it is not slept
+        past: a round sleeps ``MAX_SLEEP`` at most), and leaving it out keeps the read from
+        fetching every job scheduled (see the module's doc)."""
         return await self._store["schedule"].find_one(
-            {}, {"due_at": True, "claimed_until": True}, sort=[("due_at", 1)]
+            {"due_at": {"$lte": utcnow() + MAX_SLEEP}},
+            {"due_at": True, "claimed_until": True},
+            sort=[("due_at", 1)],
         )
 
     async def _run(self) -> None:
