@@ -209,6 +209,25 @@ class HubHarness:
 
 
 @asynccontextmanager
+async def watched_store(
+    store: Store, listener: Any, *, journal: bool = False
+) -> AsyncIterator[Store]:
+    """The same database through a client of its own whose commands ``listener`` (a PyMongo
+    ``CommandListener``) sees; with ``journal`` every write asks for the journal, as the
+    embedded database's URL does."""
+    watched = Store(store.url, store.db.name)
+    options: dict[str, Any] = {"journal": True} if journal else {}
+    watched.client = type(store.client)(
+        store.url, event_listeners=[listener], tz_aware=True, **options
+    )
+    watched.db = watched.client[store.db.name]
+    try:
+        yield watched
+    finally:
+        await watched.client.close()
+
+
+@asynccontextmanager
 async def start_hub(settings: Settings, store: Store) -> AsyncIterator[HubHarness]:
     app = create_app(settings, store)
     # The limits of `portalhub serve` (server/web/limits.py): header and body deadlines and

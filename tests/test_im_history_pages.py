@@ -23,7 +23,7 @@ from server.im.service import ORDINAL_GAP, PAGE_REACHES
 from server.settings import Settings
 from server.store.database import Document, Store
 from server.xmpp.modules.messages import id_at
-from tests.harness import HubHarness, start_hub
+from tests.harness import HubHarness, start_hub, watched_store
 
 LIMIT = 50
 # What a bounded page may examine: its reach, the page itself, an ordinal gap's worth.
@@ -56,17 +56,11 @@ class Finds(monitoring.CommandListener):
 @pytest.fixture
 async def watched(settings: Settings, store: Store) -> AsyncIterator[tuple[HubHarness, Finds]]:
     finds = Finds()
-    monitored = Store(store.url, store.db.name)
-    monitored.client = type(store.client)(store.url, event_listeners=[finds], tz_aware=True)
-    monitored.db = monitored.client[store.db.name]
     fast = settings.model_copy(
         update={"im_messages_per_second": 10_000.0, "im_message_burst": 10_000}
     )
-    try:
-        async with start_hub(fast, monitored) as hub:
-            yield hub, finds
-    finally:
-        await monitored.client.close()
+    async with watched_store(store, finds) as monitored, start_hub(fast, monitored) as hub:
+        yield hub, finds
 
 
 async def naive(store: Store, chat_id: str, query: HistoryQuery) -> list[str]:
@@ -94,16 +88,21 @@ async def examined(store: Store, find: dict[str, Any]) -> int:
     return int(explained["executionStats"]["totalDocsExamined"])
 
 
+async def group_of_two(hub: HubHarness, title: str) -> tuple[Document, str]:
+    """Bob (who posts) and his group chat with Alice."""
+    alice_id, _ = await hub.create_user("alice")
+    bob_id, _ = await hub.create_user("bob")
+    bob = await hub.services.directory.user_document(bob_id)
+    chat = await hub.services.im.create_group(bob, title, [alice_id])
+    return bob, chat["_id"]
+
+
 async def test_a_page_of_a_long_chat_examines_a_bounded_range(
     watched: tuple[HubHarness, Finds],
 ) -> None:
     hub, finds = watched
     svc = hub.services
-    alice_id, _ = await hub.create_user("alice")
-    bob_id, _ = await hub.create_user("bob")
-    bob = await svc.directory.user_document(bob_id)
-    chat = await svc.im.create_group(bob, "long", [alice_id])
-    chat_id = chat["_id"]
+    bob, chat_id = await group_of_two(hub, "long")
     for start in range(0, 700, 100):
         await asyncio.gather(
             *(
@@ -150,11 +149,7 @@ async def test_pages_are_right_where_ordinals_and_ids_disagree_or_have_gaps(
     back leaves an ordinal unused: the pages still hold the messages nearest by id."""
     hub, _finds = watched
     svc = hub.services
-    alice_id, _ = await hub.create_user("alice")
-    bob_id, _ = await hub.create_user("bob")
-    bob = await svc.directory.user_document(bob_id)
-    chat = await svc.im.create_group(bob, "disorder", [alice_id])
-    chat_id = chat["_id"]
+    bob, chat_id = await group_of_two(hub, "disorder")
     await svc.im.send(bob, SendMessage(chat_id=chat_id, text="first", client_id="first"))
     await svc.im.settled()
     store = svc.store

@@ -24,7 +24,7 @@ from server.mailbridge import pipeline as pipeline_module
 from server.mailbridge.inbox import RawInbox, Source
 from server.settings import Settings
 from server.store.database import Store
-from tests.harness import HubHarness, start_hub
+from tests.harness import HubHarness, start_hub, watched_store
 from tests.test_hot_queries import plan_of
 from tests.test_mail_bridge import Sink, mail_setup, send_from_deal
 from tests.test_mail_bridge import sink as sink
@@ -83,25 +83,19 @@ async def monitored_hub(
 ) -> AsyncIterator[tuple[HubHarness, Commands]]:
     """``journal``: every write asks for the journal, as the embedded database's URL does."""
     commands = Commands()
-    monitored = Store(store.url, store.db.name)
-    options: dict[str, Any] = {"journal": True} if journal else {}
-    monitored.client = type(store.client)(
-        store.url, event_listeners=[commands], tz_aware=True, **options
-    )
-    monitored.db = monitored.client[store.db.name]
     configured = settings.model_copy(
         update={
             "smtp_relay_url": SecretStr(f"smtp://127.0.0.1:{sink.port}"),
             "domain": "portal.test",
         }
     )
-    try:
-        async with start_hub(configured, monitored) as hub:
-            # The workers would claim what the test stores: it drives the pipeline itself.
-            await hub.services.mail.pipeline.close()
-            yield hub, commands
-    finally:
-        await monitored.client.close()
+    async with (
+        watched_store(store, commands, journal=journal) as monitored,
+        start_hub(configured, monitored) as hub,
+    ):
+        # The workers would claim what the test stores: it drives the pipeline itself.
+        await hub.services.mail.pipeline.close()
+        yield hub, commands
 
 
 def replies(sent: EmailMessage, n: int, tag: str) -> list[bytes]:
@@ -414,54 +408,12 @@ class Writes(monitoring.CommandListener):
         pass
 
 
-@contextlib.asynccontextmanager
-async def journaled_store_of(store: Store, writes: Writes) -> AsyncIterator[Store]:
-    """The same database through a client that asks for the journal on every write (as the
-    embedded database's URL does), its inserts seen by ``writes``."""
-    journaled_store = Store(store.url, store.db.name)
-    journaled_store.client = type(store.client)(
-        store.url, event_listeners=[writes], tz_aware=True, journal=True
-    )
-    journaled_store.db = journaled_store.client[store.db.name]
-    try:
-        yield journaled_store
-    finally:
-        await journaled_store.client.close()
-
-
-async def test_a_replys_attachment_is_flushed_by_its_activitys_journaled_insert(
-    settings: Settings, store: Store, sink: Sink
-) -> None:
-    """The pipeline stores an attachment's chunks without a flush each: the journaled insert
-    of the activity that names the file comes after them and flushes the log through them."""
-    async with monitored_hub(settings, store, sink, journal=True) as (hub, commands):
-        ctx = await mail_setup(hub)
-        sent = await send_from_deal(hub, ctx, sink)
-        reply = mail(
-            "Carl Client <client@example.test>",
-            f"RE: {sent['Subject']}",
-            "the signed offer",
-            to=plus_address(sent),
-        )
-        reply.add_attachment(b"%PDF-1.4 " + b"0" * 40_000, "application", "pdf", filename="o.pdf")
-        mark = len(commands.inserts)
-        await store_all(hub, [reply.as_bytes()])
-        assert await hub.services.mail.pipeline.drain() == 1
-        inserts = commands.inserts[mark:]
-        files = [i for i, (name, _c) in enumerate(inserts) if name.startswith("mail_attachments.")]
-        assert files, inserts
-        assert all(not inserts[i][1].get("j") for i in files), inserts
-        activity = next(i for i, (name, _c) in enumerate(inserts) if name == "crm_activities")
-        assert activity > max(files), inserts
-        assert inserts[activity][1].get("j") is True, inserts
-
-
 async def test_a_raw_message_flushes_the_journal_once_after_its_bytes(store: Store) -> None:
     """Where every write is journaled (the embedded database's URL asks for it), the bytes
     go first without a flush of their own, and the queue documents' journaled insert after
     them flushes the log through both: one flush per group commit before the ``250``."""
     writes = Writes()
-    async with journaled_store_of(store, writes) as journaled_store:
+    async with watched_store(store, writes, journal=True) as journaled_store:
         await _flushes_once_after_its_bytes(journaled_store, writes)
 
 
@@ -474,7 +426,7 @@ async def test_a_large_raw_message_is_flushed_once_after_its_chunks(
     monkeypatch.setattr("server.mailbridge.inbox.INLINE_LIMIT", 1024)
     writes = Writes()
     raw = b"Subject: large\r\n\r\n" + b"x" * 600_000 + b"\r\n"  # three chunks
-    async with journaled_store_of(store, writes) as journaled_store:
+    async with watched_store(store, writes, journal=True) as journaled_store:
         inbox = RawInbox(journaled_store)
         try:
             stored = await inbox.put(raw, Source("smtp"))
