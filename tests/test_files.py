@@ -8,9 +8,13 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
+from pymongo import monitoring
+
 from server.files.rules import clean_name, image_type, links_in, sign, verify, without_links
-from server.store.database import utcnow
-from tests.harness import HubHarness
+from server.files.service import FileService
+from server.settings import Settings
+from server.store.database import Store, utcnow
+from tests.harness import HubHarness, watched_store
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + os.urandom(300)
 
@@ -247,3 +251,43 @@ def test_rules() -> None:
     text = f"look {url} here, and https://elsewhere.example/files/{'0' * 24}/{signature}/x"
     assert links_in(text, "https://hub.example/") == [(url, "0" * 24, signature)]
     assert without_links(url, [url]) == ""
+
+
+class _Writes(monitoring.CommandListener):
+    """The writes sent, in order: (command, collection, whether it asked for the journal)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, bool]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name in ("insert", "update"):
+            concern = event.command.get("writeConcern", {})
+            collection = str(event.command[event.command_name])
+            self.seen.append((event.command_name, collection, bool(concern.get("j"))))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_an_upload_is_flushed_once_after_its_chunks(settings: Settings, store: Store) -> None:
+    """Where every write asks for the journal (the embedded database's URL), an upload's
+    chunks and file document go without a flush each; the journaled update of its metadata
+    after them flushes the log through them before the upload is answered."""
+    writes = _Writes()
+    async with watched_store(store, writes, journal=True) as journaled:
+        files = FileService(journaled, settings)
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield os.urandom(300_000)
+
+        stored = await files.upload("u1", "big.bin", body())
+    assert stored.size == 900_000
+    gridfs = [w for w in writes.seen if w[1].startswith("files.")]
+    assert [w for w in gridfs if w[0] == "insert"], writes.seen
+    last = max(i for i, w in enumerate(writes.seen) if w[0] == "insert")
+    assert all(not journal for _c, _n, journal in writes.seen[: last + 1]), writes.seen
+    assert writes.seen[last + 1 :] == [("update", "files.files", True)], writes.seen

@@ -70,6 +70,11 @@ class FileService:
         self._store = store
         self._settings = settings
         self._bucket = AsyncGridFSBucket(store.db, bucket_name=BUCKET)
+        # An upload's chunks and file document are not flushed to the journal one insert at
+        # a time (a flush each, some milliseconds, on the embedded database): the journaled
+        # update of the file's metadata after them flushes the log through them before the
+        # upload is answered.
+        self._uploads = AsyncGridFSBucket(store.relaxed_db(), bucket_name=BUCKET)
         self._key: bytes | None = None
         self._uploading: dict[str, int] = {}  # user id -> uploads under way on this process
 
@@ -162,7 +167,7 @@ class FileService:
     ) -> FileOut:
         limit = self.max_bytes if exact_size is None else min(exact_size, self.max_bytes)
         file_id = file_id or new_id()
-        stream = self._bucket.open_upload_stream_with_id(
+        stream = self._uploads.open_upload_stream_with_id(
             file_id,
             clean_name(name),
             metadata={"uploader_id": user_id, "chat_id": None, "pending": True},
