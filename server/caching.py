@@ -343,10 +343,19 @@ class BatchLoad(Generic[K, V]):
     A key asked for is read by a query that starts after it was asked for (a batch under way
     is never joined): so a caller whose cache entry was just invalidated reads what came after
     the change, as it would on its own. No task is made: the caller that opened a batch reads
-    it, the others wait on a future; if that caller is cancelled, they read again."""
+    it, the others wait on a future; if that caller is cancelled, they read again.
 
-    def __init__(self, load_many: Callable[[list[K]], Awaitable[dict[K, V]]]) -> None:
+    ``max_keys``: a batch that holds that many keys takes no more (the next caller opens
+    another, read after it). The embedded database checks each document it found against
+    every value of the ``$in`` in turn: 1,000 chats by ``_id`` cost 56 ms in batches of 37,
+    186 ms in batches of 250 and 589 ms in one; 100 users' 37 memberships each 99 ms in
+    batches of 5 or 10, 176 ms of 50, 282 ms of 100 (one by one: 116 ms)."""
+
+    def __init__(
+        self, load_many: Callable[[list[K]], Awaitable[dict[K, V]]], max_keys: int = 32
+    ) -> None:
         self._load_many = load_many
+        self._max_keys = max_keys
         self._next: _Batch[K, V] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -360,7 +369,7 @@ class BatchLoad(Generic[K, V]):
         wanted = list(keys)
         while True:
             batch = self._next
-            if batch is not None:
+            if batch is not None and len(batch.keys) < self._max_keys:
                 batch.keys.update(dict.fromkeys(wanted))
                 try:
                     found = await asyncio.shield(batch.result)

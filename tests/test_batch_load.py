@@ -140,3 +140,13 @@ async def test_a_failed_read_fails_each_of_its_callers_and_the_next_read_goes_on
             await task
     rows.fail = None
     assert await loader.load("c") == 3
+
+
+async def test_a_full_batch_takes_no_more_keys() -> None:
+    """The embedded database checks each document found against every value of the
+    ``$in``: past ``max_keys`` the callers open the next batch, read after it."""
+    rows = Rows()
+    loader = BatchLoad(rows.load_many, max_keys=2)
+    found = await asyncio.gather(*(loader.load(k) for k in "abcd"))
+    assert found == [1, 2, 3, 4]
+    assert rows.reads == [["a", "b"], ["c", "d"]]

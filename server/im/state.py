@@ -71,8 +71,11 @@ class ImState:
         )
         self.pairs: Cache[str, str] = Cache(max_entries, ttl_seconds, stale_seconds=stale_seconds)
         # What the users' first connects of one moment read, read together (a connect burst:
-        # one query per round for their memberships, one for their chats).
-        self._member_reads: BatchLoad[str, list[Document]] = BatchLoad(self._read_members)
+        # one query per round for their memberships, one for their chats). A user is in
+        # dozens of chats: eight users' rows a query (BatchLoad's max_keys).
+        self._member_reads: BatchLoad[str, list[Document]] = BatchLoad(
+            self._read_members, max_keys=8
+        )
         self._chat_reads: BatchLoad[str, Document] = BatchLoad(self._read_chats)
         self._chat_floors: Cache[str, _ChatFloor] = Cache(MAX_FLOORS, FLOOR_SECONDS)
         self._read_floors: Cache[tuple[str, str], tuple[int, str]] = Cache(
