@@ -32,6 +32,10 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+class _Abandoned(Exception):
+    """The caller that was to load (a key, a batch) was cancelled: its waiters load again."""
+
+
 class _Load:
     __slots__ = ("stale",)
 
@@ -55,6 +59,10 @@ class Cache(Generic[K, V]):
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
         self._loads: dict[K, list[_Load]] = {}
         self._refreshing: set[K] = set()
+        # A caller's load of a key, shared with those who miss the same key meanwhile (a
+        # connect burst found the colleagues list missing and each of 51 connects read every
+        # user): not with one who asks after an invalidation of the key (the load is stale).
+        self._shared: dict[K, tuple[_Load, asyncio.Future[V | None]]] = {}
         self._refreshes = SideTasks("cache refresh", log)
         self.hits = 0
         self.misses = 0
@@ -167,12 +175,28 @@ class Cache(Generic[K, V]):
                 self._refreshing.add(key)
                 self._refreshes.spawn(self._refresh_one(key, load), name="cache refresh")
             return stale
+        shared = self._shared.get(key)
+        if shared is not None and not shared[0].stale:
+            self.hits += 1
+            try:
+                return await asyncio.shield(shared[1])
+            except _Abandoned:
+                pass  # its caller was cancelled: this one loads
         self.misses += 1
         token = self._begin(key)
+        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._shared[key] = (token, future)
         try:
             value = await load()
+        except BaseException as exc:
+            future.set_exception(_Abandoned() if isinstance(exc, asyncio.CancelledError) else exc)
+            future.exception()  # told to the waiters, if any: not "never retrieved"
+            raise
         finally:
             keep = self._end(key, token)
+            if self._shared.get(key, (None,))[0] is token:
+                del self._shared[key]
+        future.set_result(value)
         if value is not None and keep:
             self.version += 1
             self._entries[key] = (self._clock() + self._ttl, value)
@@ -323,10 +347,6 @@ class _Batch(Generic[K, V]):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.keys: dict[K, None] = {}
         self.result: asyncio.Future[dict[K, V]] = loop.create_future()
-
-
-class _Abandoned(Exception):
-    """The caller that was to read a batch was cancelled: its other callers read again."""
 
 
 class BatchLoad(Generic[K, V]):
