@@ -32,6 +32,10 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+class _Abandoned(Exception):
+    """The caller that was to load (a key, a batch) was cancelled: its waiters load again."""
+
+
 class _Load:
     __slots__ = ("stale",)
 
@@ -55,6 +59,10 @@ class Cache(Generic[K, V]):
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
         self._loads: dict[K, list[_Load]] = {}
         self._refreshing: set[K] = set()
+        # A caller's load of a key, shared with those who miss the same key meanwhile (a
+        # connect burst found the colleagues list missing and each of 51 connects read every
+        # user): not with one who asks after an invalidation of the key (the load is stale).
+        self._shared: dict[K, tuple[_Load, asyncio.Future[V | None]]] = {}
         self._refreshes = SideTasks("cache refresh", log)
         self.hits = 0
         self.misses = 0
@@ -167,12 +175,28 @@ class Cache(Generic[K, V]):
                 self._refreshing.add(key)
                 self._refreshes.spawn(self._refresh_one(key, load), name="cache refresh")
             return stale
+        shared = self._shared.get(key)
+        if shared is not None and not shared[0].stale:
+            self.hits += 1
+            try:
+                return await asyncio.shield(shared[1])
+            except _Abandoned:
+                pass  # its caller was cancelled: this one loads
         self.misses += 1
         token = self._begin(key)
+        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._shared[key] = (token, future)
         try:
             value = await load()
+        except BaseException as exc:
+            future.set_exception(_Abandoned() if isinstance(exc, asyncio.CancelledError) else exc)
+            future.exception()  # told to the waiters, if any: not "never retrieved"
+            raise
         finally:
             keep = self._end(key, token)
+            if self._shared.get(key, (None,))[0] is token:
+                del self._shared[key]
+        future.set_result(value)
         if value is not None and keep:
             self.version += 1
             self._entries[key] = (self._clock() + self._ttl, value)
@@ -315,3 +339,95 @@ class SharedLoad(Generic[V]):
         finally:
             if self._pending is future:
                 self._pending = None
+
+
+class _Batch(Generic[K, V]):
+    __slots__ = ("keys", "result")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.keys: dict[K, None] = {}
+        self.result: asyncio.Future[dict[K, V]] = loop.create_future()
+
+
+class BatchLoad(Generic[K, V]):
+    """Reads of one kind asked for at about the same time, made as one query.
+
+    A connect burst after a restart or a deploy is every user's first connect at once, and
+    the embedded database serves one command at a time at about 0.6 ms a command and 0.07 ms a
+    document read: fifty connects each reading their token, user, memberships, tasks and CRM
+    numbers by their own query kept it busy for the whole first step. Here, while one read
+    of a kind is under way, the keys asked for meanwhile gather into the next, which
+    ``load_many`` reads with one query (``$in``) when the first ends: a lone caller reads
+    at once, a burst pays one command per kind per round instead of one per caller.
+
+    A key asked for is read by a query that starts after it was asked for (a batch under way
+    is never joined): so a caller whose cache entry was just invalidated reads what came after
+    the change, as it would on its own. No task is made: the caller that opened a batch reads
+    it, the others wait on a future; if that caller is cancelled, they read again.
+
+    ``max_keys``: a batch that holds that many keys takes no more (the next caller opens
+    another, read after it). The embedded database checks each document it found against
+    every value of the ``$in`` in turn: 1,000 chats by ``_id`` cost 56 ms in batches of 37,
+    186 ms in batches of 250 and 589 ms in one; 100 users' 37 memberships each 99 ms in
+    batches of 5 or 10, 176 ms of 50, 282 ms of 100 (one by one: 116 ms)."""
+
+    def __init__(
+        self, load_many: Callable[[list[K]], Awaitable[dict[K, V]]], max_keys: int = 32
+    ) -> None:
+        self._load_many = load_many
+        self._max_keys = max_keys
+        self._next: _Batch[K, V] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.batches = 0  # queries made (for tests and counters)
+
+    async def load(self, key: K) -> V | None:
+        return (await self.load_many([key])).get(key)
+
+    async def load_many(self, keys: Iterable[K]) -> dict[K, V]:
+        """The values of those of ``keys`` that exist."""
+        wanted = list(keys)
+        while True:
+            batch = self._next
+            if batch is not None and len(batch.keys) < self._max_keys:
+                batch.keys.update(dict.fromkeys(wanted))
+                try:
+                    found = await asyncio.shield(batch.result)
+                except _Abandoned:
+                    continue
+                return {k: found[k] for k in wanted if k in found}
+            batch = self._next = _Batch(asyncio.get_running_loop())
+            batch.keys.update(dict.fromkeys(wanted))
+            found = await self._read(batch)
+            return {k: found[k] for k in wanted if k in found}
+
+    async def _read(self, batch: _Batch[K, V]) -> dict[K, V]:
+        try:
+            # One round of the loop first: the callers of the same moment join this batch.
+            await asyncio.sleep(0)
+            while not self._idle.is_set():
+                await self._idle.wait()
+        except BaseException:
+            if self._next is batch:
+                self._next = None
+            batch.result.set_exception(_Abandoned())
+            batch.result.exception()  # the waiters read again; not "never retrieved"
+            raise
+        if self._next is batch:
+            self._next = None
+        self._idle.clear()
+        self.batches += 1
+        try:
+            found = await self._load_many(list(batch.keys))
+        except asyncio.CancelledError:
+            batch.result.set_exception(_Abandoned())
+            batch.result.exception()
+            raise
+        except BaseException as exc:
+            batch.result.set_exception(exc)
+            batch.result.exception()
+            raise
+        finally:
+            self._idle.set()
+        batch.result.set_result(found)
+        return found

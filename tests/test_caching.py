@@ -219,3 +219,48 @@ async def test_a_refresh_of_many_moves_the_version_only_for_a_change() -> None:
     assert cache.version > version
     assert cache.get("a") == "v2:a"
     await cache.close()
+
+
+async def test_callers_missing_the_same_key_share_one_load() -> None:
+    """A connect burst found the colleagues list missing: each connect read every user."""
+    source = Source()
+    source.gate = asyncio.Event()
+    cache: Cache[str, str] = Cache(10, 10.0)
+    callers = [asyncio.create_task(cache.get_or_load("k", source.load)) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    assert [await c for c in callers] == ["v1"] * 5
+    assert source.reads == 1
+    assert cache.get("k") == "v1"
+
+
+async def test_a_caller_after_an_invalidation_does_not_share_the_load_under_way() -> None:
+    source = Source()
+    source.gate = asyncio.Event()
+    cache: Cache[str, str] = Cache(10, 10.0)
+    before = asyncio.create_task(cache.get_or_load("k", source.load))
+    await asyncio.sleep(0.01)
+    source.value = "v2"
+    cache.invalidate("k")  # the change came while the first load was under way
+    source.gate.set()
+    after = asyncio.create_task(cache.get_or_load("k", source.load))
+    await before
+    assert await after == "v2"
+    assert source.reads == 2  # its own load, begun after the invalidation
+    assert cache.get("k") == "v2"
+
+
+async def test_a_waiter_loads_itself_when_the_caller_it_waited_for_is_cancelled() -> None:
+    source = Source()
+    source.gate = asyncio.Event()
+    cache: Cache[str, str] = Cache(10, 10.0)
+    first = asyncio.create_task(cache.get_or_load("k", source.load))
+    await asyncio.sleep(0.01)
+    waiter = asyncio.create_task(cache.get_or_load("k", source.load))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    assert await waiter == "v1"
+    assert first.cancelled()
+    assert source.reads == 2

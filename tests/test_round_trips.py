@@ -296,3 +296,43 @@ async def test_an_xmpp_login_made_again_sends_no_command_before_its_close(
     # colleagues' list (the directory's, emptied when alice was created): each once.
     assert first[("find", "users")] <= 4, dict(first)
     assert again == Counter(), dict(again)
+
+
+async def test_first_connects_of_one_moment_share_their_reads(
+    counted: tuple[HubHarness, Commands],
+) -> None:
+    """A connect burst after a restart is every user's first connect at once: their tokens,
+    users, memberships, tasks, stored presence and CRM numbers are read by one query per kind
+    per round (``BatchLoad``), not one per connect. The token read is held a moment so that
+    the burst's connects meet there, as they meet at the database under load."""
+    hub, commands = counted
+    svc = hub.services
+    users = [await hub.create_user(f"burst{i}") for i in range(8)]
+    _, someone = await hub.create_user("someone")
+    for forget in (svc.directory, svc.auth, svc.im, svc.tasks):
+        forget.forget_all()
+    one, _ = await connect_cost(hub, commands, someone)  # also reads what all users share
+    reads = svc.auth._token_reads
+    read_tokens = reads._load_many
+
+    async def held(hashes: list[str]) -> dict[str, Any]:
+        await asyncio.sleep(0.2)
+        return await read_tokens(hashes)
+
+    reads._load_many = held
+    mark = commands.mark()
+    clients = await asyncio.gather(*(hub.connect(token) for _, token in users))
+    await asyncio.gather(*(client.wait_for("counters.changed") for client in clients))
+    await quiet(hub)
+    burst = commands.since(mark)
+    for client in clients:
+        await client.close()
+    report = {"one": sorted(one.items()), "burst of 8": sorted(burst.items())}
+    # Read by each user's first connect (one's others are what all users share).
+    kinds = [("find", k) for k in ("tokens", "users", "chat_members", "tasks", "crm_counters")]
+    kinds.append(("find", "streams"))  # the user's own stream head: nobody wrote in it yet
+    assert burst[("find", "tokens")] <= 2, report
+    for kind in kinds:
+        # One by one, eight connects made eight times one's reads of each kind.
+        assert 0 < burst[kind] < len(users) * one[kind], report
+    assert sum(burst[k] for k in kinds) <= len(users) * sum(one[k] for k in kinds) / 2, report

@@ -20,7 +20,7 @@ from server.auth.passwords import (
 )
 from server.auth.sessions import SessionGuard, announce_revocation
 from server.auth.throttle import LoginThrottle
-from server.caching import Cache
+from server.caching import BatchLoad, Cache
 from server.directory.models import RegisterRequest, UserCreate
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
@@ -152,6 +152,9 @@ class AuthService:
         # ``stale_seconds``): dropped on every node by the revocation that a new password or a
         # deactivation announces (the event, or the record the guard polls while any is kept),
         # and after the time to live at the latest.
+        # The token records that connects and requests of the same moment ask for, read
+        # together (a connect burst after a deploy: one query per round, not per token).
+        self._token_reads: BatchLoad[str, tuple[str, datetime]] = BatchLoad(self._read_tokens)
         self._credentials: Cache[str, Document] = Cache(
             settings.cache_max_entries, settings.cache_ttl_seconds
         )
@@ -308,11 +311,7 @@ class AuthService:
             return None
         hashed = token_hash(token)
 
-        async def load() -> tuple[str, datetime] | None:
-            record = await self._store.tokens.find_one({"_id": hashed})
-            return (record["user_id"], record["expires_at"]) if record is not None else None
-
-        found = await self._tokens.get_or_load(hashed, load)
+        found = await self._tokens.get_or_load(hashed, lambda: self._token_reads.load(hashed))
         if found is None or found[1] <= datetime.now(UTC):
             return None
         user_id, expires_at = found
@@ -320,6 +319,14 @@ class AuthService:
         if user is None or not user.get("is_active", True):
             return None
         return user, {"_id": hashed, "user_id": user_id, "expires_at": expires_at}
+
+    async def _read_tokens(self, hashes: list[str]) -> dict[str, tuple[str, datetime]]:
+        return {
+            record["_id"]: (record["user_id"], record["expires_at"])
+            async for record in self._store.tokens.find(
+                {"_id": {"$in": hashes}}, projection={"user_id": True, "expires_at": True}
+            )
+        }
 
     async def logout(self, token: str) -> None:
         """Revoke this token; connections opened with it are closed, the user's others stay."""

@@ -38,7 +38,7 @@ from pymongo import UpdateOne
 from pymongo.errors import DuplicateKeyError
 
 from server.background import stop
-from server.caching import Cache
+from server.caching import BatchLoad, Cache
 from server.counters.deltas import (
     ActivityChange,
     Change,
@@ -217,6 +217,8 @@ class CrmCounters:
         self._docs: Cache[str, Document] = Cache(
             cache_max_entries, cache_ttl_seconds, stale_seconds=cache_stale_seconds
         )
+        # The connects of one moment read their users' numbers together (one query a round).
+        self._doc_reads: BatchLoad[str, Document] = BatchLoad(self._read_docs)
         bus.subscribe_ephemeral(self._on_ephemeral)
         self._settings = settings
         self._default_tz = default_time_zone
@@ -248,6 +250,9 @@ class CrmCounters:
     @property
     def _coll(self) -> Any:
         return self._store["crm_counters"]
+
+    async def _read_docs(self, user_ids: list[str]) -> dict[str, Document]:
+        return {doc["_id"]: doc async for doc in self._coll.find({"_id": {"$in": user_ids}})}
 
     # zones -----------------------------------------------------------------------------------
 
@@ -329,7 +334,7 @@ class CrmCounters:
         missing, counted under other rules or past a time-driven change are brought up to
         date at once (and pushed)."""
         brought = self._brought.get(user_id, 0)
-        doc = await self._docs.get_or_load(user_id, lambda: self._coll.find_one({"_id": user_id}))
+        doc = await self._docs.get_or_load(user_id, lambda: self._doc_reads.load(user_id))
         cfg = await self._settings()
         if (
             not self._current(doc, cfg, self.clock())

@@ -14,7 +14,7 @@ from pymongo.errors import DuplicateKeyError
 
 from server.auth.passwords import password_fields
 from server.auth.sessions import announce_revocation
-from server.caching import Cache
+from server.caching import BatchLoad, Cache
 from server.directory.models import (
     DepartmentIn,
     DepartmentOut,
@@ -132,6 +132,8 @@ class DirectoryService:
         self._bus = bus
         ttl, stale = cache_ttl_seconds, cache_stale_seconds
         self._users: Cache[str, Document] = Cache(cache_entries, ttl, stale_seconds=stale)
+        # Users asked for one by one at the same moment (a connect burst), read together.
+        self._user_reads: BatchLoad[str, Document] = BatchLoad(self._read_users)
         self._colleagues: Cache[str, list[Colleague]] = Cache(1, ttl, stale_seconds=stale)
         self._groups: Cache[str, list[tuple[str, frozenset[str]]]] = Cache(
             1, ttl, stale_seconds=stale
@@ -197,26 +199,23 @@ class DirectoryService:
         """The user's document as cached here (without secrets), or None if there is none.
         A copy: the caller may change it."""
 
-        async def load() -> Document | None:
-            return await self._store.users.find_one({"_id": user_id}, projection=SECRET_FIELDS)
-
-        doc = await self._users.get_or_load(user_id, load)
+        doc = await self._users.get_or_load(user_id, lambda: self._user_reads.load(user_id))
         return dict(doc) if doc is not None else None
 
     async def cached_users(self, user_ids: list[str]) -> dict[str, Document]:
         """The documents of those of ``user_ids`` who exist (copies, without secrets); the
         ones not cached are read in one query."""
 
-        async def load(missing: list[str]) -> dict[str, Document]:
-            return {
-                str(doc["_id"]): doc
-                async for doc in self._store.users.find(
-                    {"_id": {"$in": missing}}, projection=SECRET_FIELDS
-                )
-            }
-
-        found = await self._users.get_or_load_many(dict.fromkeys(user_ids), load)
+        found = await self._users.get_or_load_many(dict.fromkeys(user_ids), self._read_users)
         return {user_id: dict(doc) for user_id, doc in found.items()}
+
+    async def _read_users(self, user_ids: list[str]) -> dict[str, Document]:
+        return {
+            str(doc["_id"]): doc
+            async for doc in self._store.users.find(
+                {"_id": {"$in": user_ids}}, projection=SECRET_FIELDS
+            )
+        }
 
     def forget_user(self, user_id: str) -> None:
         """This node's copy of the user is out of date (others hear of it through the bus)."""

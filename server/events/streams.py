@@ -32,7 +32,7 @@ from pymongo import DESCENDING, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from server.background import raise_if_stopping, stop
-from server.caching import Cache
+from server.caching import BatchLoad, Cache
 from server.events.bus import EventBus
 from server.events.models import Event
 from server.store.database import Store, utcnow
@@ -147,6 +147,8 @@ class StreamLog:
         # What ``heads_of`` read of head documents, for streams with no head in memory; a head
         # learned meanwhile (an append here, an event seen) takes precedence.
         self._hints: Cache[str, int] = Cache(MAX_HINTS, hint_ttl_seconds)
+        # The head documents that the connects of one moment ask for, read together.
+        self._hint_reads: BatchLoad[str, int] = BatchLoad(self._head_hints)
         self._batch_waiters: list[asyncio.Future[None]] = []
         self._answered_at = -1.0  # loop time the last batch was answered
         self._closed = False
@@ -494,7 +496,7 @@ class StreamLog:
             else:
                 found[stream] = head
         if missing:
-            hints = await self._head_hints(missing)
+            hints = await self._hint_reads.load_many(missing)
             for stream in missing:
                 found[stream] = hints.get(stream, 0)
                 self._hints.put(stream, found[stream])

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from server.caching import Cache
+from server.caching import BatchLoad, Cache
 from server.events.models import EphemeralEvent, Event
 from server.store.database import Document, Store
 
@@ -70,6 +70,13 @@ class ImState:
             max_entries, ttl_seconds, stale_seconds=stale_seconds
         )
         self.pairs: Cache[str, str] = Cache(max_entries, ttl_seconds, stale_seconds=stale_seconds)
+        # What the users' first connects of one moment read, read together (a connect burst:
+        # one query per round for their memberships, one for their chats). A user is in
+        # dozens of chats: eight users' rows a query (BatchLoad's max_keys).
+        self._member_reads: BatchLoad[str, list[Document]] = BatchLoad(
+            self._read_members, max_keys=8
+        )
+        self._chat_reads: BatchLoad[str, Document] = BatchLoad(self._read_chats)
         self._chat_floors: Cache[str, _ChatFloor] = Cache(MAX_FLOORS, FLOOR_SECONDS)
         self._read_floors: Cache[tuple[str, str], tuple[int, str]] = Cache(
             MAX_FLOORS, FLOOR_SECONDS
@@ -117,12 +124,24 @@ class ImState:
         """The chats that exist of ``chat_ids``: cached, and the others in one query."""
 
         async def load(missing: list[str]) -> dict[str, Document]:
-            return {
-                doc["_id"]: self._with_floor(doc)
-                async for doc in self._store["chats"].find({"_id": {"$in": missing}})
-            }
+            found = await self._chat_reads.load_many(missing)
+            return {chat_id: self._with_floor(doc) for chat_id, doc in found.items()}
 
         return await self.chats.get_or_load_many(chat_ids, load)
+
+    async def _read_chats(self, chat_ids: list[str]) -> dict[str, Document]:
+        return {
+            doc["_id"]: doc async for doc in self._store["chats"].find({"_id": {"$in": chat_ids}})
+        }
+
+    async def _read_members(self, user_ids: list[str]) -> dict[str, list[Document]]:
+        rows: dict[str, list[Document]] = {user_id: [] for user_id in user_ids}
+        async for doc in self._store["chat_members"].find(
+            {"user_id": {"$in": user_ids}},
+            projection={"user_id": True, "chat_id": True, "read_n": True, "last_read_id": True},
+        ):
+            rows.setdefault(doc["user_id"], []).append(doc)
+        return rows
 
     async def member_map(self, user_id: str) -> dict[str, Membership]:
         """The user's memberships, chat id -> read position (cached; one indexed query).
@@ -130,10 +149,7 @@ class ImState:
 
         async def load() -> dict[str, Membership]:
             found: dict[str, Membership] = {}
-            async for doc in self._store["chat_members"].find(
-                {"user_id": user_id},
-                projection={"chat_id": True, "read_n": True, "last_read_id": True},
-            ):
+            for doc in await self._member_reads.load(user_id) or []:
                 member = membership_of(doc)
                 floor = self._read_floors.get((doc["chat_id"], user_id))
                 if floor is not None and floor[0] > member.read_n:

@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from server.background import raise_if_stopping, stop
+from server.caching import BatchLoad
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.events.streams import user_stream
@@ -94,6 +95,8 @@ class PresenceService:
         self._sweeper: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._closed = False
+        # The stored states that the first connects of one moment read, read together.
+        self._stored_reads: BatchLoad[str, Any] = BatchLoad(self._read_stored)
 
     def on_drop(self, transport: str, dropper: DropSource) -> None:
         """How to close a source of ``transport`` the sweeper found dead."""
@@ -159,9 +162,7 @@ class PresenceService:
         cached = await self._sources.manual(user_id)
         if cached is not None:
             return cached
-        doc = await self._db.users.find_one(
-            {"_id": user_id}, projection={"presence": True, "last_seen": True}
-        )
+        doc = await self._stored_reads.load(user_id)
         stored = (doc or {}).get("presence") or {}
         manual = await self._sources.keep_manual(
             user_id,
@@ -171,6 +172,14 @@ class PresenceService:
         if doc and doc.get("last_seen"):
             await self._sources.keep_last_seen(user_id, doc["last_seen"], if_missing=True)
         return manual
+
+    async def _read_stored(self, user_ids: list[str]) -> dict[str, Any]:
+        return {
+            doc["_id"]: doc
+            async for doc in self._db.users.find(
+                {"_id": {"$in": user_ids}}, projection={"presence": True, "last_seen": True}
+            )
+        }
 
     async def set_manual(
         self, user_id: str, status: ManualStatus | None, until: datetime | None, invisible: bool

@@ -17,7 +17,7 @@ from typing import Any
 
 from pymongo import ReturnDocument
 
-from server.caching import Cache
+from server.caching import BatchLoad, Cache
 from server.channels.ratelimit import TokenBucket
 from server.directory.models import display_name
 from server.directory.rules import DepartmentNode, Person, supervisors_of
@@ -135,6 +135,10 @@ class TaskService:
             settings.cache_ttl_seconds,
             stale_seconds=settings.cache_stale_seconds,
         )
+        # The tasks each user is on, for the counts of the same moment read together: a
+        # connect burst of users whose counters are not kept (after a restart) costs one
+        # query per role per round, not four per user.
+        self._roles: BatchLoad[str, list[Document]] = BatchLoad(self._read_roles)
         bus.subscribe_ephemeral(self._on_ephemeral)
 
     async def _on_ephemeral(self, event: EphemeralEvent) -> None:
@@ -889,16 +893,11 @@ class TaskService:
 
     async def count(self, user_id: str) -> dict[str, Any]:
         """Count the user's task counters: the tasks they are on (one indexed query per role,
-        at once: the embedded database scans the collection for an ``$or``), their views and
+        at once: the embedded database scans the collection for an ``$or``; shared with the
+        counts of the same moment, ``_read_roles``), their views and
         the tasks' workgroups (one query each, when there are tasks), whatever the number of
         tasks."""
-        roles = ("author_id", "responsible_id", "participant_ids", "observer_ids")
-
-        async def on(field: str) -> list[Document]:
-            return [doc async for doc in self.tasks.find({field: user_id})]
-
-        found = await asyncio.gather(*(on(field) for field in roles))
-        docs = {doc["_id"]: doc for group in found for doc in group}
+        docs = {doc["_id"]: doc for doc in await self._roles.load(user_id) or []}
         # The views only count for tasks the user is on: on none (most people, most of the
         # time), a connect that counts does not read them.
         views = (
@@ -926,6 +925,23 @@ class TaskService:
                 )
             )
         return dataclasses.asdict(counters_for(user_id, items, utcnow()))
+
+    async def _read_roles(self, user_ids: list[str]) -> dict[str, list[Document]]:
+        """The tasks each of ``user_ids`` is on, in any role."""
+        roles = ("author_id", "responsible_id", "participant_ids", "observer_ids")
+
+        async def on(field: str) -> list[Document]:
+            return [doc async for doc in self.tasks.find({field: {"$in": user_ids}})]
+
+        found = await asyncio.gather(*(on(field) for field in roles))
+        on_tasks: dict[str, dict[Any, Document]] = {user_id: {} for user_id in user_ids}
+        for field, group in zip(roles, found, strict=True):
+            for doc in group:
+                held = doc.get(field)
+                for user_id in held if isinstance(held, list) else [held]:
+                    if user_id in on_tasks:
+                        on_tasks[user_id][doc["_id"]] = doc
+        return {user_id: list(tasks.values()) for user_id, tasks in on_tasks.items()}
 
     async def push_counters(self, user_ids: list[str]) -> None:
         """Count and push the users' task counters (every node keeps them from the push)."""
