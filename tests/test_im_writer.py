@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from pymongo import monitoring
+from pymongo.errors import AutoReconnect
 
 from server.directory.models import UserCreate
 from server.directory.service import DirectoryService
@@ -264,6 +265,42 @@ async def test_a_message_taken_back_under_another_nodes_message_counts_as_delete
     finally:
         await one.close()
         await two.close()
+
+
+async def test_a_batch_the_database_refuses_is_answered_503_and_logged_without_its_text(
+    store: Store, fast: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Senders whose messages could not be stored get 503 (a retry with the same client_id
+    is safe), and the operator gets the cause: the error, not the messages' text."""
+    one = node(store, fast)
+    try:
+        alice, bob = await users(one, "alice", "bob")
+        chat = (await one.im.create_group(alice, "Team", [bob["_id"]]))["_id"]
+        relaxed = store.relaxed
+
+        class Refusing:
+            def __init__(self, collection: Any) -> None:
+                self._collection = collection
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._collection, name)
+
+            async def insert_many(self, *_args: Any, **_kwargs: Any) -> None:
+                raise AutoReconnect("connection closed by the database")
+
+        def refusing(name: str) -> Any:
+            found = relaxed(name)
+            return Refusing(found) if name == "messages" else found
+
+        monkeypatch.setattr(store, "relaxed", refusing)
+        with caplog.at_level("WARNING", logger="server.im.writer"), pytest.raises(Problem) as no:
+            await one.im.send(alice, SendMessage(chat_id=chat, text="the secret plan"))
+        assert no.value.status == 503
+        warned = [r.getMessage() for r in caplog.records if r.name == "server.im.writer"]
+        assert any("storing 1 messages failed (AutoReconnect" in m for m in warned), warned
+        assert not any("secret plan" in m for m in warned), warned
+    finally:
+        await one.close()
 
 
 class Updates(monitoring.CommandListener):

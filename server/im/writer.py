@@ -116,6 +116,15 @@ class Outgoing:
                 item.future.set_result(posted if index == 0 else Posted(posted.message, True))
 
 
+def _error_of(exc: BaseException) -> str:
+    """What the database said, without the documents (a bulk write's details carry them)."""
+    if isinstance(exc, BulkWriteError):
+        errors = exc.details.get("writeErrors") or [{}]
+        first = errors[0]
+        return f"code {first.get('code')}: {str(first.get('errmsg', ''))[:200]}"
+    return str(exc)[:200]
+
+
 async def _back_off(attempt: int) -> None:
     await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
 
@@ -371,6 +380,16 @@ class MessageWriter:
                 first[key] = item
             leaders.append(item)
         stored, duplicates, failed = await self._insert(leaders)
+        if failed:
+            # Told to the senders as 503 (they may retry with their client_id); the cause is
+            # for the operator: the error's class and the database's message, no text.
+            cause = failed[0][1]
+            log.warning(
+                "storing %s messages failed (%s: %s); their senders get 503",
+                len(failed),
+                type(cause).__name__,
+                _error_of(cause),
+            )
         for item, _cause in failed:
             item.settle(None, unavailable())
         for item in duplicates:
