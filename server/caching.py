@@ -36,6 +36,20 @@ class _Abandoned(Exception):
     """The caller that was to load (a key, a batch) was cancelled: its waiters load again."""
 
 
+async def _load_for_waiters(future: asyncio.Future[V], load: Callable[[], Awaitable[V]]) -> V:
+    """``load`` run by the caller that began it, its outcome told to those waiting on
+    ``future`` (``Cache``, ``SharedLoad``, ``BatchLoad``): its value, its error, or
+    ``_Abandoned`` when that caller was cancelled (a waiter then loads itself)."""
+    try:
+        value = await load()
+    except BaseException as exc:
+        future.set_exception(_Abandoned() if isinstance(exc, asyncio.CancelledError) else exc)
+        future.exception()  # told to the waiters, if any: not "never retrieved"
+        raise
+    future.set_result(value)
+    return value
+
+
 class _Load:
     __slots__ = ("stale",)
 
@@ -187,16 +201,11 @@ class Cache(Generic[K, V]):
         future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
         self._shared[key] = (token, future)
         try:
-            value = await load()
-        except BaseException as exc:
-            future.set_exception(_Abandoned() if isinstance(exc, asyncio.CancelledError) else exc)
-            future.exception()  # told to the waiters, if any: not "never retrieved"
-            raise
+            value = await _load_for_waiters(future, load)
         finally:
             keep = self._end(key, token)
             if self._shared.get(key, (None,))[0] is token:
                 del self._shared[key]
-        future.set_result(value)
         if value is not None and keep:
             self.version += 1
             self._entries[key] = (self._clock() + self._ttl, value)
@@ -318,24 +327,12 @@ class SharedLoad(Generic[V]):
         while (pending := self._pending) is not None and self._key == key:
             try:
                 return await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not pending.cancelled() or (task is not None and task.cancelling()):
-                    raise  # this caller was cancelled, not the load it waited for
+            except _Abandoned:
+                pass  # its loader was cancelled: this caller loads, unless another began
         future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         self._pending, self._key = future, key
         try:
-            value = await load()
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # told to the waiters, if any: not "never retrieved"
-            raise
-        else:
-            future.set_result(value)
-            return value
+            return await _load_for_waiters(future, load)
         finally:
             if self._pending is future:
                 self._pending = None
@@ -418,16 +415,6 @@ class BatchLoad(Generic[K, V]):
         self._idle.clear()
         self.batches += 1
         try:
-            found = await self._load_many(list(batch.keys))
-        except asyncio.CancelledError:
-            batch.result.set_exception(_Abandoned())
-            batch.result.exception()
-            raise
-        except BaseException as exc:
-            batch.result.set_exception(exc)
-            batch.result.exception()
-            raise
+            return await _load_for_waiters(batch.result, lambda: self._load_many(list(batch.keys)))
         finally:
             self._idle.set()
-        batch.result.set_result(found)
-        return found

@@ -246,26 +246,17 @@ class Store:
         """
         found = self._relaxed.get(name)
         if found is None:
-            concern = self.relaxed_concern()
-            found = self.db[name]
-            if concern is not None:
-                found = found.with_options(write_concern=concern)
-            self._relaxed[name] = found
+            found = self._relaxed[name] = self.relaxed_db()[name]
         return found
 
     def relaxed_db(self) -> AsyncDatabase[Document]:
         """The database for writers that take one rather than a collection, such as a GridFS
         bucket whose chunks a journaled write after them flushes (PyMongo's upload stream
         writes through the database's write concern, not the bucket's)."""
-        concern = self.relaxed_concern()
-        return self.db if concern is None else self.db.with_options(write_concern=concern)
-
-    def relaxed_concern(self) -> WriteConcern | None:
-        """The client's write concern without the journal; None where it asks for none."""
         concern = self.client.write_concern.document
         if not concern.get("j"):
-            return None
-        return WriteConcern(**{**concern, "j": False})
+            return self.db
+        return self.db.with_options(write_concern=WriteConcern(**{**concern, "j": False}))
 
     @property
     def users(self) -> AsyncCollection[Document]:
