@@ -34,6 +34,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from server.background import raise_if_stopping, stop
 from server.caching import BatchLoad, Cache
 from server.events.bus import EventBus
+from server.events.gaps import BatchGaps
 from server.events.models import Event
 from server.store.database import Store, utcnow
 
@@ -51,9 +52,6 @@ HEAD_LAG_WINDOW = timedelta(seconds=60)
 # same second as the messenger's bookkeeping (``BOOKKEEPING_INTERVAL``): head documents are
 # hints, far inside ``HEAD_LAG_WINDOW``.
 HEAD_RAISE_INTERVAL = 1.0
-# A head raise due while the writer is idle goes at once if a batch was published this
-# recently (it is then in the gap after that batch), else right after the next one.
-JUST_ANSWERED = 0.005
 # Head documents read for connects' snapshots are kept this long (``heads_of``): a chat nobody
 # has written in yet has no head in memory, and each connect of each of its members read it.
 HINT_TTL_SECONDS = 10.0
@@ -149,8 +147,7 @@ class StreamLog:
         self._hints: Cache[str, int] = Cache(MAX_HINTS, hint_ttl_seconds)
         # The head documents that the connects of one moment ask for, read together.
         self._hint_reads: BatchLoad[str, int] = BatchLoad(self._head_hints)
-        self._batch_waiters: list[asyncio.Future[None]] = []
-        self._answered_at = -1.0  # loop time the last batch was answered
+        self._gaps = BatchGaps(lambda: self._writer is not None)
         self._closed = False
         bus.subscribe(self._observe)
 
@@ -214,7 +211,7 @@ class StreamLog:
                 for pending, event in zip(batch, events, strict=False):
                     if not pending.future.done():
                         pending.future.set_result(event)
-                self._batch_answered()
+                self._gaps.answered()
                 if failure is not None:
                     log.warning("append of %s events failed: %s", len(batch) - len(events), failure)
                     for pending in batch[len(events) :]:
@@ -376,28 +373,9 @@ class StreamLog:
 
     async def after_batch(self, at_most: float) -> None:
         """Return once the batch being written is published (or the next one, when none is),
-        or after ``at_most`` seconds, whichever comes first.
-        Right after a batch (this turn of the loop, or a moment ago) it returns at once.
+        or after ``at_most`` seconds, whichever comes first (``BatchGaps``).
         The head raises wait for it, and so do the node's pollers (``background.Gap``)."""
-        loop = asyncio.get_running_loop()
-        if self._writer is None and loop.time() - self._answered_at < JUST_ANSWERED:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._batch_waiters.append(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), at_most)
-        except TimeoutError:
-            pass
-        finally:
-            if waiter in self._batch_waiters:
-                self._batch_waiters.remove(waiter)
-
-    def _batch_answered(self) -> None:
-        self._answered_at = asyncio.get_running_loop().time()
-        waiters, self._batch_waiters = self._batch_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        await self._gaps.after_batch(at_most)
 
     async def settled(self) -> None:
         """Wait until what was appended so far is stored and its heads are written."""

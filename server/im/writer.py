@@ -48,6 +48,7 @@ from pymongo import DESCENDING, UpdateOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from server.background import SideTasks, raise_if_stopping, stop
+from server.events.gaps import BatchGaps
 from server.events.streams import Append, StreamLog
 from server.im.models import MessageOut
 from server.im.rules import chat_stream
@@ -69,9 +70,6 @@ MAX_KNOWN_CHATS = 200_000
 # database's time at four rounds a second, for rows that are derived and repaired when lost;
 # a crash now loses at most a second of them instead of a quarter.
 BOOKKEEPING_INTERVAL = 1.0
-# A round due while the writer is idle goes at once if a batch was answered this recently (it
-# is then in the gap after that batch), else right after the next one (see Bookkeeper._run).
-JUST_ANSWERED = 0.005
 
 
 def unavailable() -> Problem:
@@ -279,8 +277,7 @@ class MessageWriter:
         # chat id -> the highest ordinal known to be stored (this node's, and seen in events)
         self._heads: OrderedDict[str, int] = OrderedDict()
         self._closed = False
-        self._batch_waiters: list[asyncio.Future[None]] = []
-        self._answered_at = -1.0  # loop time the last batch was answered
+        self._gaps = BatchGaps(lambda: self._task is not None)
         self.bookkeeper = Bookkeeper(store, lambda: self.busy, self.after_batch)
 
     @property
@@ -306,27 +303,8 @@ class MessageWriter:
 
     async def after_batch(self, at_most: float) -> None:
         """Return once the batch being written is answered (or the next one, when none is),
-        or after ``at_most`` seconds, whichever comes first.
-        Right after a batch (this turn of the loop, or a moment ago) it returns at once."""
-        loop = asyncio.get_running_loop()
-        if self._task is None and loop.time() - self._answered_at < JUST_ANSWERED:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._batch_waiters.append(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), at_most)
-        except TimeoutError:
-            pass
-        finally:
-            if waiter in self._batch_waiters:
-                self._batch_waiters.remove(waiter)
-
-    def _batch_answered(self) -> None:
-        self._answered_at = asyncio.get_running_loop().time()
-        waiters, self._batch_waiters = self._batch_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        or after ``at_most`` seconds, whichever comes first (``BatchGaps``)."""
+        await self._gaps.after_batch(at_most)
 
     def saw(self, chat_id: str, n: int) -> None:
         """An ``im.message`` with this ordinal was stored (here or by another node)."""
@@ -359,7 +337,7 @@ class MessageWriter:
                     for item in batch:
                         item.settle(None, unavailable())
                 batch = []
-                self._batch_answered()
+                self._gaps.answered()
         except asyncio.CancelledError:
             for item in [*batch, *queue]:
                 item.settle(None, unavailable())
