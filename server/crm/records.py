@@ -7,6 +7,7 @@ history -> the record's viewers told (each with their own indicator) -> counters
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from bson import ObjectId
@@ -33,6 +34,7 @@ from server.crm.models import (
     RecordQuery,
     RecordRef,
 )
+from server.crm.paging import newest_of_ids, newest_of_type
 from server.crm.rules import (
     MERGEABLE_TYPES,
     MIN_SUFFIX_DIGITS,
@@ -415,42 +417,68 @@ class RecordService:
 
     async def find(self, actor_id: str, record_type: str, query: RecordQuery) -> RecordList:
         viewer = await self._viewer(actor_id)
-        filters: list[Document] = [{"type": record_type}]
+        # Each condition of the list, as a filter (for the search, which the database scans
+        # for anyway) and as a check of a record read from a bounded window (``paging``).
+        conditions: list[tuple[Document, Callable[[Document], bool]]] = []
         if not viewer.scope.everyone:
-            filters.append({"responsible_id": {"$in": sorted(viewer.scope.user_ids)}})
+            visible = set(viewer.scope.user_ids)
+            conditions.append(
+                (
+                    {"responsible_id": {"$in": sorted(visible)}},
+                    lambda d: d.get("responsible_id") in visible,
+                )
+            )
         if query.responsible_id:
-            filters.append({"responsible_id": query.responsible_id})
+            responsible = query.responsible_id
+            conditions.append(
+                ({"responsible_id": responsible}, lambda d: d.get("responsible_id") == responsible)
+            )
         if query.status:
             if record_type not in ("lead", "deal"):
                 raise Problem(
                     422, "invalid-value", "Invalid value", "only leads and deals have a status"
                 )
             key = "status" if record_type == "lead" else "stage_id"
-            filters.append({key: query.status})
+            status = query.status
+            conditions.append(({key: status}, lambda d: d.get(key) == status))
         if query.open is not None:
-            filters.append({"open": query.open})
-        if query.q:
-            filters.append(await self._search_filter(record_type, query.q))
+            is_open = query.open
+            conditions.append(({"open": is_open}, lambda d: d.get("open") is is_open))
+        ids: set[str] | None = None  # records named by the caller's open work
         if query.activity_responsible_id:
-            owners = await self.core.activities.distinct(
-                "owner_id",
-                {
-                    "responsible_id": query.activity_responsible_id,
-                    "owner_type": record_type,
-                    "completed": False,
-                },
+            ids = set(
+                await self.core.activities.distinct(
+                    "owner_id",
+                    {
+                        "responsible_id": query.activity_responsible_id,
+                        "owner_type": record_type,
+                        "completed": False,
+                    },
+                )
             )
-            filters.append({"_id": {"$in": owners}})
         if query.counted:
-            filters.append({"_id": {"$in": await self._counted_owner_ids(viewer, record_type)}})
-        if query.cursor:
-            filters.append({"_id": {"$lt": _cursor(query.cursor)}})
-        docs = [
-            d
-            async for d in self._records.find({"$and": filters})
-            .sort("_id", -1)
-            .limit(query.limit + 1)
-        ]
+            counted = set(await self._counted_owner_ids(viewer, record_type))
+            ids = counted if ids is None else ids & counted
+        below = _cursor(query.cursor) if query.cursor else None
+        size = query.limit + 1
+
+        def keep(doc: Document) -> bool:
+            return all(check(doc) for _, check in conditions)
+
+        if query.q:
+            filters: list[Document] = [{"type": record_type}, *(f for f, _ in conditions)]
+            filters.append(await self._search_filter(record_type, query.q))
+            if ids is not None:
+                filters.append({"_id": {"$in": sorted(ids)}})
+            if below is not None:
+                filters.append({"_id": {"$lt": below}})
+            docs = [
+                d async for d in self._records.find({"$and": filters}).sort("_id", -1).limit(size)
+            ]
+        elif ids is not None:
+            docs = await newest_of_ids(self._records, record_type, ids, keep, below, size)
+        else:
+            docs = await newest_of_type(self._records, record_type, keep, below, size, utcnow())
         more = len(docs) > query.limit
         docs = docs[: query.limit]
         indicators = (await self.core.indicators([viewer], docs))[viewer.user_id]
