@@ -15,6 +15,7 @@ import aiohttp
 import socketio
 from aiohttp import web
 from bson import ObjectId
+from pymongo import monitoring
 
 from server.app import create_app
 from server.directory.models import UserCreate
@@ -206,6 +207,37 @@ class HubHarness:
             raise Refused(client.of_type("connect_error")) from exc
         self.clients.append(client)
         return client
+
+
+class FindsOn(monitoring.CommandListener):
+    """The finds sent on one collection: filter, sort and limit (0: none), as sent."""
+
+    def __init__(self, collection: str) -> None:
+        self.collection = collection
+        self.seen: list[dict[str, Any]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "find" and event.command["find"] == self.collection:
+            self.seen.append(
+                {
+                    "filter": event.command.get("filter", {}),
+                    "sort": event.command.get("sort"),
+                    "limit": event.command.get("limit", 0),
+                }
+            )
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    async def examined(self, store: Store, find: dict[str, Any]) -> int:
+        """What the database examines for ``find`` run again, by its plan."""
+        sort = [(k, v) for k, v in (find["sort"] or {}).items()] or None
+        cursor = store[self.collection].find(find["filter"], sort=sort, limit=find["limit"])
+        explained = await cursor.explain()
+        return int(explained["executionStats"]["totalDocsExamined"])
 
 
 @asynccontextmanager

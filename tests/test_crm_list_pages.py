@@ -13,16 +13,14 @@ import itertools
 import random
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from bson import ObjectId
-from pymongo import monitoring
 
 from server.crm.paging import WINDOW_GROWTH, id_windows
 from server.settings import Settings
 from server.store.database import Document, Store, utcnow
-from tests.harness import HubHarness, start_hub, watched_store
+from tests.harness import FindsOn, HubHarness, start_hub, watched_store
 
 DEALS = 1_200
 YEARS = 2
@@ -30,30 +28,9 @@ STAGES = ("new", "proposal", "won", "lost")
 LIMIT = 50
 
 
-class RecordFinds(monitoring.CommandListener):
-    """The finds sent on ``crm_records``."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict[str, Any]] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name == "find" and event.command["find"] == "crm_records":
-            self.seen.append(
-                {"filter": event.command.get("filter", {}), "sort": event.command.get("sort")}
-            )
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
 @pytest.fixture
-async def watched(
-    settings: Settings, store: Store
-) -> AsyncIterator[tuple[HubHarness, RecordFinds]]:
-    finds = RecordFinds()
+async def watched(settings: Settings, store: Store) -> AsyncIterator[tuple[HubHarness, FindsOn]]:
+    finds = FindsOn("crm_records")
     async with watched_store(store, finds) as monitored, start_hub(settings, monitored) as hub:
         yield hub, finds
 
@@ -81,14 +58,8 @@ def paged(ids: list[str]) -> list[list[str]]:
     return [ids[i : i + LIMIT] for i in range(0, len(ids), LIMIT)] or [[]]
 
 
-async def examined(store: Store, find: dict[str, Any]) -> int:
-    sort = [(k, v) for k, v in (find["sort"] or {}).items()] or None
-    explained = await store["crm_records"].find(find["filter"], sort=sort).explain()
-    return int(explained["executionStats"]["totalDocsExamined"])
-
-
 async def test_every_page_of_every_filter_is_the_list_of_all_records(
-    watched: tuple[HubHarness, RecordFinds], store: Store
+    watched: tuple[HubHarness, FindsOn], store: Store
 ) -> None:
     hub, finds = watched
     _, root = await hub.create_user("root", admin=True)
@@ -171,7 +142,7 @@ async def test_every_page_of_every_filter_is_the_list_of_all_records(
     pages = await every_page(hub, root, "")
     per_page: list[int] = []
     for find in finds.seen:
-        per_page.append(await examined(store, find))
+        per_page.append(await finds.examined(store, find))
     assert len(pages) == len(expected(lambda d: True))
     bound = (WINDOW_GROWTH + 2) * LIMIT
     assert sum(per_page) <= bound * len(pages) * 1.5, per_page

@@ -12,50 +12,25 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from bson import ObjectId
-from pymongo import monitoring
 
 from server.im.models import HistoryQuery, SendMessage
 from server.im.service import ORDINAL_GAP, PAGE_REACHES
 from server.settings import Settings
 from server.store.database import Document, Store
 from server.xmpp.modules.messages import id_at
-from tests.harness import HubHarness, start_hub, watched_store
+from tests.harness import FindsOn, HubHarness, start_hub, watched_store
 
 LIMIT = 50
 # What a bounded page may examine: its reach, the page itself, an ordinal gap's worth.
 EXAMINED_AT_MOST = (PAGE_REACHES[0] + 1) * LIMIT + ORDINAL_GAP
 
 
-class Finds(monitoring.CommandListener):
-    """The finds sent on ``messages``: filter, sort and limit."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict[str, Any]] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name == "find" and event.command["find"] == "messages":
-            self.seen.append(
-                {
-                    "filter": event.command.get("filter", {}),
-                    "sort": event.command.get("sort"),
-                    "limit": event.command.get("limit", 0),
-                }
-            )
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
 @pytest.fixture
-async def watched(settings: Settings, store: Store) -> AsyncIterator[tuple[HubHarness, Finds]]:
-    finds = Finds()
+async def watched(settings: Settings, store: Store) -> AsyncIterator[tuple[HubHarness, FindsOn]]:
+    finds = FindsOn("messages")
     fast = settings.model_copy(
         update={"im_messages_per_second": 10_000.0, "im_message_burst": 10_000}
     )
@@ -81,13 +56,6 @@ async def naive(store: Store, chat_id: str, query: HistoryQuery) -> list[str]:
     return list(reversed(ids)) if newest_first else ids
 
 
-async def examined(store: Store, find: dict[str, Any]) -> int:
-    sort = [(k, v) for k, v in (find["sort"] or {}).items()] or None
-    cursor = store["messages"].find(find["filter"], sort=sort, limit=find["limit"])
-    explained = await cursor.explain()
-    return int(explained["executionStats"]["totalDocsExamined"])
-
-
 async def group_of_two(hub: HubHarness, title: str) -> tuple[Document, str]:
     """Bob (who posts) and his group chat with Alice."""
     alice_id, _ = await hub.create_user("alice")
@@ -98,7 +66,7 @@ async def group_of_two(hub: HubHarness, title: str) -> tuple[Document, str]:
 
 
 async def test_a_page_of_a_long_chat_examines_a_bounded_range(
-    watched: tuple[HubHarness, Finds],
+    watched: tuple[HubHarness, FindsOn],
 ) -> None:
     hub, finds = watched
     svc = hub.services
@@ -134,7 +102,7 @@ async def test_a_page_of_a_long_chat_examines_a_bounded_range(
         assert sent, query
         assert [m.id for m in page] == await naive(store, chat_id, query), query
         for find in sent:
-            assert await examined(store, find) <= EXAMINED_AT_MOST, (query, find)
+            assert await finds.examined(store, find) <= EXAMINED_AT_MOST, (query, find)
     # A time bound from the archive (no message of the chat): still the right page.
     moment = id_at(page[0].created_at + timedelta(seconds=1))
     for query in (HistoryQuery(before=moment, limit=LIMIT), HistoryQuery(after=moment)):
@@ -143,7 +111,7 @@ async def test_a_page_of_a_long_chat_examines_a_bounded_range(
 
 
 async def test_pages_are_right_where_ordinals_and_ids_disagree_or_have_gaps(
-    watched: tuple[HubHarness, Finds],
+    watched: tuple[HubHarness, FindsOn],
 ) -> None:
     """Another node's message can have a later ordinal and an earlier id, and a send taken
     back leaves an ordinal unused: the pages still hold the messages nearest by id."""
