@@ -168,3 +168,53 @@ def test_the_windows_hold_every_id_below_the_cursor_once() -> None:
         his = [hi for _, hi in windows]
         assert his[0] == upper
         assert all(b < a for a, b in itertools.pairwise(his) if a is not None and b is not None)
+
+
+async def test_companies_and_their_contacts_are_read_by_the_link_indexes(
+    watched: tuple[HubHarness, FindsOn], store: Store
+) -> None:
+    """A page of companies reads their contacts in one find, and a company's links (its
+    page, its list entry) through an index: not a scan of every record per company."""
+    hub, finds = watched
+    _, mary = await hub.create_user("mary")
+    companies = []
+    for name in ("Acme", "Globex", "Initech"):
+        made = await hub.request("POST", "/api/v1/crm/companies", token=mary, json={"title": name})
+        assert made.status == 201, made.body
+        companies.append(made.body["id"])
+    linked: dict[str, list[str]] = {c: [] for c in companies}
+    for i in range(9):
+        mine = [companies[i % 3]] + ([companies[(i + 1) % 3]] if i % 4 == 0 else [])
+        made = await hub.request(
+            "POST",
+            "/api/v1/crm/contacts",
+            token=mary,
+            json={"first_name": f"C{i}", "last_name": "Person", "company_ids": mine},
+        )
+        assert made.status == 201, made.body
+        for company in mine:
+            linked[company].append(made.body["id"])
+    template = await store["crm_records"].find_one({"type": "contact"})
+    assert template is not None
+    rng = random.Random(3)
+    others = [
+        {**template, "_id": spread_id(rng, rng.random() * 30), "company_ids": ["elsewhere"]}
+        for _ in range(400)
+    ]
+    await store["crm_records"].insert_many(others)
+
+    finds.seen.clear()
+    page = await hub.request("GET", "/api/v1/crm/companies", token=mary)
+    assert page.status == 200, page.body
+    listed = {r["id"]: sorted(r["contact_ids"]) for r in page.body["records"]}
+    assert listed == {c: sorted(ids) for c, ids in linked.items()}
+    for company in companies:
+        detail = await hub.request("GET", f"/api/v1/crm/companies/{company}", token=mary)
+        assert detail.status == 200, detail.body
+        assert sorted(detail.body["contact_ids"]) == sorted(linked[company])
+        assert sorted(r["id"] for r in detail.body["links"]["contact"]) == sorted(linked[company])
+    reads = [f for f in finds.seen if "company_ids" in str(f["filter"])]
+    assert reads
+    for find in reads:
+        # the contacts of at most the three companies, not the 400 others
+        assert await finds.examined(store, find) <= 12, find

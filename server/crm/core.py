@@ -188,6 +188,21 @@ class CrmCore:
             ).sort("_id", 1)
         ]
 
+    async def companies_contacts(self, company_ids: list[str]) -> dict[str, list[str]]:
+        """``company_contacts`` of several companies in one read (a list page of them). The
+        filter is the link alone: with an ``$in`` beside another field the embedded database
+        uses no index, so the type is checked here."""
+        contacts: dict[str, list[str]] = {c: [] for c in company_ids}
+        async for c in self.records.find(
+            {"company_ids": {"$in": company_ids}}, {"_id": 1, "type": 1, "company_ids": 1}
+        ).sort("_id", 1):
+            if c.get("type") != "contact":
+                continue
+            for company in c.get("company_ids", []):
+                if company in contacts:
+                    contacts[company].append(c["_id"])
+        return contacts
+
     def record_out(
         self, doc: Document, ind: Indicator, contact_ids: list[str] | None = None
     ) -> RecordOut:

@@ -483,11 +483,15 @@ class RecordService:
         docs = docs[: query.limit]
         indicators = (await self.core.indicators([viewer], docs))[viewer.user_id]
         records: list[RecordOut] = []
+        contacts = (
+            await self.core.companies_contacts([d["_id"] for d in docs])
+            if record_type == "company"
+            else {}
+        )
         for doc in docs:
-            contacts = (
-                await self.core.company_contacts(doc["_id"]) if record_type == "company" else None
+            records.append(
+                self.core.record_out(doc, indicators[doc["_id"]], contacts.get(doc["_id"]))
             )
-            records.append(self.core.record_out(doc, indicators[doc["_id"]], contacts))
         return RecordList(
             records=records,
             next_cursor=docs[-1]["_id"] if more and docs else None,
