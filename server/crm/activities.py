@@ -24,11 +24,23 @@ from server.counters.rules import due_threshold
 from server.crm.access import Viewer
 from server.crm.core import COUNTED_FIELDS, CrmCore, activity_state, record_title
 from server.crm.models import ActivityCreate, ActivityFields, ActivityOut, ActivityQuery
+from server.crm.rules import RECORD_TYPES
 from server.directory.models import display_name
 from server.store.database import Document, new_id, utcnow
 from server.web.problems import Problem, forbidden, not_found
 
 GUARDED_ATTEMPTS = 20
+
+
+def _in_range(value: datetime, bounds: Document) -> bool:
+    """Whether ``value`` is inside ``{$gt/$gte/$lt/$lte: ...}``, as the database would say."""
+    checks = {
+        "$gt": lambda b: value > b,
+        "$gte": lambda b: value >= b,
+        "$lt": lambda b: value < b,
+        "$lte": lambda b: value <= b,
+    }
+    return all(checks[op](bound) for op, bound in bounds.items())
 
 
 def counted_as(act: Document) -> Document:
@@ -438,50 +450,75 @@ class ActivityService:
         return await self._out(actor_id, act, record_title(owner), bodies=True)
 
     async def find(self, actor_id: str, query: ActivityQuery) -> list[ActivityOut]:
+        """A record's activities, or a person's, by deadline (none first), then age.
+
+        The embedded database uses an index only when the filter's fields are a leading run
+        of its keys: ``{responsible_id, completed}`` skips ``owner_type`` in
+        ``count_activity`` and ``{owner_id, type}`` is not in ``owner``, and either scanned
+        every activity of the company. So the database is asked only such runs (a person's
+        activities once per record type, a record's by ``owner``) and the rest of the
+        list's conditions are checked here, on what the person or the record holds."""
         viewer = await self._viewer(actor_id)
-        filters: Document = {}
+        cfg = await self.core.config.counter_config()
+        tz = await self.core.zone(actor_id)
+        now = utcnow()
+        completed: bool | None = {"open": False, "completed": True}.get(query.status)
+        incoming: bool | None = None
+        deadline_range: Document | None = None
+        later: datetime | None = None  # "future": a deadline from here, or none at all
+        if query.deadline is not None:
+            completed = False
+            threshold = due_threshold(now, tz, cfg.window)
+            incoming = query.deadline == "incoming"
+            if query.deadline == "overdue":
+                deadline_range = {"$lte": now}
+            elif query.deadline == "due":
+                deadline_range = {"$gt": now, "$lt": threshold}
+            elif query.deadline == "future":
+                later = threshold
+        reads: list[Document] = []
+        checks: Document = {}  # field -> value, checked on what was read
         if query.owner_id is not None:
             owner = await self.core.visible_record(viewer, query.owner_type, query.owner_id)
-            filters["owner_id"] = owner["_id"]
+            read: Document = {"owner_id": owner["_id"]}
+            if completed is not None:
+                read["completed"] = completed
+            reads.append(read)
             if query.responsible_id is not None:
-                filters["responsible_id"] = query.responsible_id
+                checks["responsible_id"] = query.responsible_id
+            if incoming is not None:
+                checks["incoming"] = incoming
         else:
             responsible = query.responsible_id or actor_id
             if responsible != actor_id and not viewer.sees(responsible):
                 raise forbidden("you may not see this person's activities")
-            filters["responsible_id"] = responsible
-            if query.owner_type is not None:
-                filters["owner_type"] = query.owner_type
+            for owner_type in (query.owner_type,) if query.owner_type else RECORD_TYPES:
+                read = {"responsible_id": responsible, "owner_type": owner_type}
+                if completed is not None:
+                    read["completed"] = completed
+                    if incoming is not None:
+                        read["incoming"] = incoming
+                        if deadline_range is not None:
+                            read["deadline"] = deadline_range
+                reads.append(read)
         if query.type is not None:
-            filters["type"] = query.type
-        if query.status == "open":
-            filters["completed"] = False
-        elif query.status == "completed":
-            filters["completed"] = True
-        cfg = await self.core.config.counter_config()
-        tz = await self.core.zone(actor_id)
-        now = utcnow()
-        if query.deadline is not None:
-            filters["completed"] = False
-            threshold = due_threshold(now, tz, cfg.window)
-            if query.deadline == "incoming":
-                filters["incoming"] = True
-            elif query.deadline == "overdue":
-                filters.update(incoming=False, deadline={"$lte": now})
-            elif query.deadline == "due":
-                filters.update(incoming=False, deadline={"$gt": now, "$lt": threshold})
-            else:
-                filters.update(
-                    incoming=False,
-                    **{"$or": [{"deadline": {"$gte": threshold}}, {"deadline": None}]},
-                )
-        acts = [
-            a
-            async for a in self.core.activities.find(filters)
-            .sort([("deadline", 1), ("_id", 1)])
-            .skip(query.offset)
-            .limit(query.limit)
-        ]
+            checks["type"] = query.type
+        found = await asyncio.gather(*(self.core.activities.find(r).to_list() for r in reads))
+
+        def listed(act: Document) -> bool:
+            if any(act.get(k) != v for k, v in checks.items()):
+                return False
+            deadline = act.get("deadline")
+            if deadline_range is not None and (
+                deadline is None or not _in_range(deadline, deadline_range)
+            ):
+                return False
+            return later is None or deadline is None or deadline >= later
+
+        acts = sorted(
+            (a for group in found for a in group if listed(a)),
+            key=lambda a: (a.get("deadline") is not None, a.get("deadline") or now, a["_id"]),
+        )[query.offset : query.offset + query.limit]
         owner_ids = list({a["owner_id"] for a in acts})
         titles = {
             r["_id"]: record_title(r)

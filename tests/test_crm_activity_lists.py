@@ -1,0 +1,168 @@
+"""The activity lists read a person's or a record's activities by an index, whatever else
+the company holds.
+
+``ActivityService.find`` asks the database only for a leading run of an index's keys (a
+person's activities per record type, a record's by ``owner``) and checks the rest of the
+list's conditions on what it read. These tests compare its lists, under every status,
+deadline, type and owner filter, with the list a single database query of all the
+conditions gives (the way it was read before), over 600 activities of random kinds beside
+2,000 of other people and records, and bound what the database examined for each read.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from server.counters.rules import due_threshold
+from server.settings import Settings
+from server.store.database import Document, Store, utcnow
+from tests.harness import FindsOn, HubHarness, start_hub, watched_store
+
+MINE = 600
+OTHERS = 2_000
+TYPES = ("call", "meeting", "email", "task")
+
+
+@pytest.fixture
+async def watched(settings: Settings, store: Store) -> AsyncIterator[tuple[HubHarness, FindsOn]]:
+    finds = FindsOn("crm_activities")
+    async with watched_store(store, finds) as monitored, start_hub(settings, monitored) as hub:
+        yield hub, finds
+
+
+async def one_query(
+    hub: HubHarness, store: Store, actor_id: str, query: dict[str, Any]
+) -> list[str]:
+    """The list as one database query of every condition gives it."""
+    core = hub.services.crm.records.core
+    filters: Document = {}
+    if "owner_id" in query:
+        filters["owner_id"] = query["owner_id"]
+        if "responsible_id" in query:
+            filters["responsible_id"] = query["responsible_id"]
+    else:
+        filters["responsible_id"] = query.get("responsible_id", actor_id)
+        if "owner_type" in query:
+            filters["owner_type"] = query["owner_type"]
+    if "type" in query:
+        filters["type"] = query["type"]
+    status = query.get("status", "open")
+    if status == "open":
+        filters["completed"] = False
+    elif status == "completed":
+        filters["completed"] = True
+    now = utcnow()
+    if "deadline" in query:
+        cfg = await core.config.counter_config()
+        threshold = due_threshold(now, await core.zone(actor_id), cfg.window)
+        filters["completed"] = False
+        kind = query["deadline"]
+        if kind == "incoming":
+            filters["incoming"] = True
+        elif kind == "overdue":
+            filters.update(incoming=False, deadline={"$lte": now})
+        elif kind == "due":
+            filters.update(incoming=False, deadline={"$gt": now, "$lt": threshold})
+        else:
+            filters.update(
+                incoming=False, **{"$or": [{"deadline": {"$gte": threshold}}, {"deadline": None}]}
+            )
+    found = (
+        await store["crm_activities"]
+        .find(filters, {"_id": 1})
+        .sort([("deadline", 1), ("_id", 1)])
+        .skip(int(query.get("offset", 0)))
+        .limit(int(query.get("limit", 100)))
+        .to_list()
+    )
+    return [a["_id"] for a in found]
+
+
+async def test_every_list_is_what_one_query_of_all_its_conditions_gives(
+    watched: tuple[HubHarness, FindsOn], store: Store
+) -> None:
+    hub, finds = watched
+    mary_id, mary = await hub.create_user("mary")
+    sam_id, _ = await hub.create_user("sam")
+    owners: list[tuple[str, str]] = []
+    for kind, body in (
+        ("deals", {"title": "One"}),
+        ("deals", {"title": "Two"}),
+        ("contacts", {"first_name": "Ann", "last_name": "Lee"}),
+    ):
+        made = await hub.request("POST", f"/api/v1/crm/{kind}", token=mary, json=body)
+        assert made.status == 201, made.body
+        owners.append((made.body["type"], made.body["id"]))
+    first = await hub.request(
+        "POST",
+        "/api/v1/crm/activities",
+        token=mary,
+        json={"owner_type": "deal", "owner_id": owners[0][1], "type": "call", "subject": "Ring"},
+    )
+    assert first.status == 201, first.body
+    template = await store["crm_activities"].find_one({"_id": first.body["id"]})
+    assert template is not None
+    rng = random.Random(20261207)
+    now = utcnow()
+    copies: list[Document] = []
+    for i in range(MINE + OTHERS):
+        theirs = i >= MINE
+        owner_type, owner_id = ("deal", f"elsewhere-{i % 50}") if theirs else rng.choice(owners)
+        copies.append(
+            {
+                **template,
+                "_id": str(ObjectId()),
+                "owner_type": owner_type,
+                "owner_id": owner_id,
+                "responsible_id": f"other-{i % 7}" if theirs else rng.choice([mary_id, sam_id]),
+                "type": rng.choice(TYPES),
+                "completed": rng.random() < 0.6,
+                "incoming": rng.random() < 0.2,
+                "deadline": rng.choice(
+                    [
+                        None,
+                        now - timedelta(days=rng.randint(1, 30)),
+                        now + timedelta(minutes=rng.randint(1, 50)),
+                        now + timedelta(days=rng.randint(2, 30)),
+                    ]
+                ),
+            }
+        )
+    await store["crm_activities"].insert_many(copies)
+
+    queries: list[dict[str, Any]] = [
+        {"status": status, **extra}
+        for status in ("open", "completed", "all")
+        for extra in ({}, {"type": "email"}, {"owner_type": "deal"}, {"limit": 7, "offset": 11})
+    ]
+    queries += [{"deadline": kind} for kind in ("incoming", "overdue", "due", "future")]
+    queries += [{"deadline": "overdue", "owner_type": "deal", "type": "call"}]
+    for owner_type, owner_id in owners:
+        base = {"owner_type": owner_type, "owner_id": owner_id}
+        queries += [
+            {**base, "status": "all"},
+            {**base, "status": "all", "type": "email"},
+            {**base, "status": "open", "responsible_id": sam_id},
+            {**base, "deadline": "future"},
+            {**base, "status": "completed", "limit": 5, "offset": 3},
+        ]
+    finds.seen.clear()
+    listed = 0
+    for query in queries:
+        params = "&".join(f"{k}={v}" for k, v in query.items())
+        resp = await hub.request("GET", f"/api/v1/crm/activities?{params}", token=mary)
+        assert resp.status == 200, (query, resp.body)
+        got = [a["id"] for a in resp.body["activities"]]
+        assert got == await one_query(hub, store, mary_id, query), query
+        listed += len(got)
+    assert listed > MINE  # the lists are not empty by mistake
+    assert finds.seen
+    for find in finds.seen:
+        # at most Mary's and Sam's activities (and the first one), never the 2,000 others
+        assert await finds.examined(store, find) <= MINE + 1, find
