@@ -17,6 +17,8 @@ from datetime import timedelta
 import pytest
 from bson import ObjectId
 
+from server.counters.crm import counted_field
+from server.counters.rules import due_threshold
 from server.crm.paging import WINDOW_GROWTH, id_windows
 from server.settings import Settings
 from server.store.database import Document, Store, utcnow
@@ -86,14 +88,28 @@ async def test_every_page_of_every_filter_is_the_list_of_all_records(
     await store["crm_records"].insert_many(copies)
     # Mary's open calls on a few deals, for the "records with my open work" filters
     worked = rng.sample([c for c in copies if c["responsible_id"] == mary_id], 7)
-    for deal in worked:
-        resp = await hub.request(
-            "POST",
-            "/api/v1/crm/activities",
-            token=mary,
-            json={"owner_type": "deal", "owner_id": deal["_id"], "type": "call", "subject": "Ring"},
-        )
+    for i, deal in enumerate(worked):
+        body = {"owner_type": "deal", "owner_id": deal["_id"], "type": "call", "subject": "Ring"}
+        if i % 2 == 0:  # overdue: counted for Mary
+            body["deadline"] = (utcnow() - timedelta(days=1)).isoformat()
+        resp = await hub.request("POST", "/api/v1/crm/activities", token=mary, json=body)
         assert resp.status == 201, resp.body
+    # what counts for Mary, as one query of the rule gives it (incoming, or due in the window)
+    core = hub.services.crm.records.core
+    cfg = await core.config.counter_config()
+    threshold = due_threshold(utcnow(), await core.zone(mary_id), cfg.window)
+    counted_ids = set(
+        await store["crm_activities"].distinct(
+            "owner_id",
+            {
+                counted_field(cfg.mode): mary_id,
+                "owner_type": "deal",
+                "completed": False,
+                "$or": [{"incoming": True}, {"deadline": {"$lt": threshold}}],
+            },
+        )
+    )
+    assert len(counted_ids) == 4
 
     everything = await store["crm_records"].find({"type": "deal"}).to_list()
 
@@ -119,6 +135,7 @@ async def test_every_page_of_every_filter_is_the_list_of_all_records(
             "&status=proposal",
             lambda d: d["responsible_id"] == mary_id and d["stage_id"] == "proposal",
         ),
+        ("counted for Mary", mary, "&counted=true", lambda d: d["_id"] in counted_ids),
         (
             "with Mary's open work",
             root,

@@ -6,6 +6,7 @@ history -> the record's viewers told (each with their own indicator) -> counters
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from typing import Any
@@ -542,23 +543,23 @@ class RecordService:
         return {"$or": ors}
 
     async def _counted_owner_ids(self, viewer: Viewer, record_type: str) -> list[Any]:
+        """The records with an activity that counts for the caller: incoming, or due before
+        the window's end. Two reads of a leading run of the counting index's keys (an
+        ``$or`` of the two would have the embedded database scan every activity)."""
         cfg = await self.core.config.counter_config()
         tz = await self.core.zone(viewer.user_id)
-        now = utcnow()
-        return list(
-            await self.core.activities.distinct(
+        mine = {counted_field(cfg.mode): viewer.user_id, "owner_type": record_type}
+        threshold = due_threshold(utcnow(), tz, cfg.window)
+        incoming, due = await asyncio.gather(
+            self.core.activities.distinct(
+                "owner_id", {**mine, "completed": False, "incoming": True}
+            ),
+            self.core.activities.distinct(
                 "owner_id",
-                {
-                    counted_field(cfg.mode): viewer.user_id,
-                    "owner_type": record_type,
-                    "completed": False,
-                    "$or": [
-                        {"incoming": True},
-                        {"deadline": {"$lt": due_threshold(now, tz, cfg.window)}},
-                    ],
-                },
-            )
+                {**mine, "completed": False, "incoming": False, "deadline": {"$lt": threshold}},
+            ),
         )
+        return sorted({*incoming, *due})
 
     async def history(self, actor_id: str, record_type: str, record_id: str) -> list[HistoryEntry]:
         viewer = await self._viewer(actor_id)
