@@ -23,6 +23,7 @@ from server.counters.rules import due_threshold
 from server.settings import Settings
 from server.store.database import Document, Store, utcnow
 from tests.harness import FindsOn, HubHarness, start_hub, watched_store
+from tests.index_rule import served_by_index
 
 MINE = 600
 OTHERS = 2_000
@@ -166,3 +167,50 @@ async def test_every_list_is_what_one_query_of_all_its_conditions_gives(
     for find in finds.seen:
         # at most Mary's and Sam's activities (and the first one), never the 2,000 others
         assert await finds.examined(store, find) <= MINE + 1, find
+
+
+def test_the_index_rule_reads_as_measured() -> None:
+    assert not served_by_index("crm_activities", {"responsible_id": "u", "completed": False})
+    assert served_by_index(
+        "crm_activities", {"responsible_id": "u", "owner_type": "deal", "completed": False}
+    )
+    assert not served_by_index("crm_activities", {"owner_id": "r", "type": "email"})
+    assert served_by_index("crm_activities", {"owner_id": "r"})
+    assert served_by_index("crm_records", {"_id": {"$in": ["a"]}, "type": "deal"})
+    assert not served_by_index("tasks", {"$or": [{"author_id": "u"}]})
+
+
+async def test_a_conversion_and_a_new_responsible_read_activities_by_an_index(
+    watched: tuple[HubHarness, FindsOn],
+) -> None:
+    hub, finds = watched
+    _, mary = await hub.create_user("mary", admin=True)
+    sam_id, _ = await hub.create_user("sam")
+    deal = await hub.request("POST", "/api/v1/crm/deals", token=mary, json={"title": "Big"})
+    lead = await hub.request(
+        "POST",
+        "/api/v1/crm/leads",
+        token=mary,
+        json={"title": "Enquiry", "first_name": "Ann", "last_name": "Lee"},
+    )
+    assert deal.status == lead.status == 201, (deal.body, lead.body)
+    for owner_type, owner_id in (("deal", deal.body["id"]), ("lead", lead.body["id"])):
+        made = await hub.request(
+            "POST",
+            "/api/v1/crm/activities",
+            token=mary,
+            json={"owner_type": owner_type, "owner_id": owner_id, "type": "call", "subject": "R"},
+        )
+        assert made.status == 201, made.body
+    finds.seen.clear()
+    moved = await hub.request(
+        "PATCH", f"/api/v1/crm/deals/{deal.body['id']}", token=mary, json={"responsible_id": sam_id}
+    )
+    assert moved.status == 200, moved.body
+    converted = await hub.request(
+        "POST", f"/api/v1/crm/leads/{lead.body['id']}/convert", token=mary, json={"mode": "deal"}
+    )
+    assert converted.status == 201, converted.body
+    assert finds.seen
+    for find in finds.seen:
+        assert served_by_index("crm_activities", find["filter"]), find

@@ -23,6 +23,7 @@ from server.store.database import Document, Store, utcnow
 from server.tasks.rules import Role, is_overdue, roles_of
 from server.tasks.service import STATUS_BY_NAME
 from tests.harness import FindsOn, HubHarness, start_hub, watched_store
+from tests.index_rule import served_by_index
 
 TASKS = 300
 ROLES = ("all", "responsible", "author", "participant", "observer")
@@ -163,3 +164,27 @@ async def test_every_list_is_what_a_scan_of_every_task_gives(
     assert finds.seen
     for find in finds.seen:
         assert set(find["filter"]) <= INDEXED, find
+
+
+async def test_a_deadline_reached_reads_the_tasks_own_history_and_records_it_once(
+    settings: Settings, store: Store
+) -> None:
+    history = FindsOn("task_history")
+    async with watched_store(store, history) as monitored, start_hub(settings, monitored) as hub:
+        alice_id, alice = await hub.create_user("alice")
+        made = await hub.request(
+            "POST", "/api/v1/tasks", token=alice, json={"title": "T", "responsible_ids": [alice_id]}
+        )
+        assert made.status == 201, made.body
+        task_id = made.body["tasks"][0]["id"]
+        await store["tasks"].update_one(
+            {"_id": task_id}, {"$set": {"deadline": utcnow() - timedelta(hours=1)}}
+        )
+        history.seen.clear()
+        await hub.services.tasks.deadline_reached(task_id)
+        await hub.services.tasks.deadline_reached(task_id)  # a repeated run records nothing
+        entries = {"task_id": task_id, "kind": "overdue"}
+        assert await store["task_history"].count_documents(entries) == 1
+        assert history.seen
+        for find in history.seen:
+            assert served_by_index("task_history", find["filter"]), find

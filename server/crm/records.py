@@ -769,11 +769,14 @@ class RecordService:
             )
             # Those the update moved: an activity added meanwhile with the old copy was
             # counted for the old person, and the check puts its copy right.
-            moved = self.core.activities.find(
-                {"owner_id": after["_id"], "completed": False, "record_responsible_id": new}
-            )
+            # (the owner index's run, the copy checked here: see ``ActivityService.find``)
+            moved = self.core.activities.find({"owner_id": after["_id"], "completed": False})
             self.core.counters.activities_changed(
-                *[({**act, "record_responsible_id": old}, act) async for act in moved]
+                *[
+                    ({**act, "record_responsible_id": old}, act)
+                    async for act in moved
+                    if act.get("record_responsible_id") == new
+                ]
             )
         await self.core.announce_record(after, before["responsible_id"])
 
@@ -957,8 +960,12 @@ class RecordService:
         await self.core.record_history(updated, actor_id, "converted", "mode", None, mode.value)
         # The lead's mail goes with it, open and completed, and with it its codes and threads:
         # replies to mail sent from the lead land on the record it became.
+        # (read by the owner index and the type checked here: with the type in the filter the
+        # embedded database reads every activity of the company)
         emails = [
-            a async for a in self.core.activities.find({"owner_id": lead_id, "type": "email"})
+            a
+            async for a in self.core.activities.find({"owner_id": lead_id})
+            if a.get("type") == "email"
         ]
         if emails:
             target = made[emails_to]

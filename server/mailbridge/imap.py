@@ -37,6 +37,8 @@ from server.mailbridge.oauth import OAuthClient, OAuthError, TokenSource
 from server.store.database import Document, Store, utcnow
 
 log = logging.getLogger(__name__)
+# Outcomes after which the message leaves the inbox (moved, flagged or deleted).
+DELIVERED_STATUSES = frozenset({"done", "duplicate", "bounce", "ignored"})
 
 IDLE_RENEW_SECONDS = 25 * 60  # under RFC 2177's 29 minutes
 COMMAND_TIMEOUT_SECONDS = 60.0
@@ -442,18 +444,18 @@ class MailboxCollector:
     async def act_on_delivered(self, client: aioimaplib.IMAP4, uidvalidity: int) -> int:
         """Move (or delete) messages whose outcome is committed; never before."""
         self._pending_actions.clear()
+        # The mailbox's mail not acted on yet, by the ``imap_waiting`` index (``imap_done:
+        # None`` is its range; a ``$ne`` or the status beside it would have the embedded
+        # database read every stored message), the rest checked here.
         done = [
             d
             async for d in self._inbox.collection.find(
-                {
-                    "source.mailbox_id": self.cfg.id,
-                    "source.uidvalidity": uidvalidity,
-                    "status": {"$in": ["done", "duplicate", "bounce", "ignored"]},
-                    "imap_done": {"$ne": True},
-                },
-                {"source.uid": 1},
-            ).limit(500)
-        ]
+                {"source.mailbox_id": self.cfg.id, "imap_done": None},
+                {"source.uid": 1, "source.uidvalidity": 1, "status": 1},
+            )
+            if d.get("status") in DELIVERED_STATUSES
+            and d.get("source", {}).get("uidvalidity") == uidvalidity
+        ][:500]
         if not done:
             return 0
         uid_set = ",".join(str(d["source"]["uid"]) for d in done)

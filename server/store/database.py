@@ -158,7 +158,10 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("status", ASCENDING), ("received_at", ASCENDING)], name="status"),
         IndexModel([("status", ASCENDING), ("claimed_until", ASCENDING)], name="claimable"),
         IndexModel([("message_id", ASCENDING)], sparse=True, name="message_id"),
-        IndexModel([("source.mailbox_id", ASCENDING), ("status", ASCENDING)], name="mailbox"),
+        # a mailbox's messages not yet moved or deleted there (IMAP)
+        IndexModel(
+            [("source.mailbox_id", ASCENDING), ("imap_done", ASCENDING)], name="imap_waiting"
+        ),
     ],
     "mail_outbox": [IndexModel([("status", ASCENDING), ("next_at", ASCENDING)], name="due")],
     "mail_lead_log": [IndexModel([("sender", ASCENDING), ("at", ASCENDING)], name="sender")],
@@ -185,6 +188,8 @@ OBSOLETE_INDEXES: dict[str, list[str]] = {
     "events": ["message_id", "ts"],
     # the links' indexes without the type, which every link query names (so none used them)
     "crm_records": ["companies", "company", "contacts"],
+    # IMAP's actions read a mailbox's messages by whether they were acted on, not by status
+    "mail_raw": ["mailbox"],
 }
 
 

@@ -1031,8 +1031,16 @@ class TaskService:
             return
         facts = await self.facts(doc)
         deadline = facts.deadline
-        already = deadline is not None and await self._store["task_history"].find_one(
-            {"task_id": task_id, "kind": "overdue", "at": {"$gte": deadline}}
+        # the task's own history by its index, the entry looked for here (with ``kind`` and
+        # ``at`` in the filter the embedded database reads every task's history)
+        already = deadline is not None and any(
+            [
+                h
+                async for h in self._store["task_history"].find(
+                    {"task_id": task_id}, {"kind": 1, "at": 1}
+                )
+                if h.get("kind") == "overdue" and h["at"] >= deadline
+            ]
         )
         if is_overdue(facts, utcnow()) and not already:  # a repeated run records it once
             await self._record(task_id, None, "overdue")
