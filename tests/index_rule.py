@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.im.migration import ORDINAL_INDEX
 from server.store.database import INDEXES
+
+# made by the ordinals' migration (``server/im/migration.py``), not listed in INDEXES
+_MORE = {"messages": [ORDINAL_INDEX]}
 
 
 def served_by_index(collection: str, query: dict[str, Any]) -> bool:
@@ -21,7 +25,7 @@ def served_by_index(collection: str, query: dict[str, Any]) -> bool:
     by_id = query.get("_id")
     if by_id is not None and (not isinstance(by_id, dict) or set(by_id) <= {"$eq", "$in"}):
         return True
-    for index in INDEXES.get(collection, []):
+    for index in [*INDEXES.get(collection, []), *_MORE.get(collection, [])]:
         keys = list(index.document["key"])
         if any(set(keys[:n]) == fields for n in range(1, len(keys) + 1)):
             return True

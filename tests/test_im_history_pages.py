@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from bson import ObjectId
@@ -22,6 +22,7 @@ from server.settings import Settings
 from server.store.database import Document, Store
 from server.xmpp.modules.messages import id_at
 from tests.harness import FindsOn, HubHarness, start_hub, watched_store
+from tests.index_rule import served_by_index
 
 LIMIT = 50
 # What a bounded page may examine: its reach, the page itself, an ordinal gap's worth.
@@ -103,6 +104,36 @@ async def test_a_page_of_a_long_chat_examines_a_bounded_range(
         assert [m.id for m in page] == await naive(store, chat_id, query), query
         for find in sent:
             assert await finds.examined(store, find) <= EXAMINED_AT_MOST, (query, find)
+    # A day's page: the day's messages by their ids, the time checked on what was read
+    day = page[0].created_at.date()
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    for query in (
+        HistoryQuery(day=day, limit=LIMIT),
+        HistoryQuery(day=day, before=by_n[400], limit=LIMIT),
+        HistoryQuery(day=day, after=by_n[100], limit=LIMIT),
+    ):
+        mark = len(finds.seen)
+        got = [m.id for m in await svc.im.history(bob, chat_id, query)]
+        assert finds.seen[mark:]
+        for find in finds.seen[mark:]:
+            assert served_by_index("messages", find["filter"]), find
+        on_day: Document = {
+            "chat_id": chat_id,
+            "created_at": {"$gte": start, "$lt": start + timedelta(1)},
+        }
+        if query.before:
+            on_day["_id"] = {"$lt": query.before}
+        if query.after:
+            on_day["_id"] = {"$gt": query.after}
+        expected = [
+            d["_id"]
+            for d in await store["messages"]
+            .find(on_day, {"_id": 1})
+            .sort("_id", -1 if query.after is None else 1)
+            .limit(LIMIT)
+            .to_list()
+        ]
+        assert got == (list(reversed(expected)) if query.after is None else expected), query
     # A time bound from the archive (no message of the chat): still the right page.
     moment = id_at(page[0].created_at + timedelta(seconds=1))
     for query in (HistoryQuery(before=moment, limit=LIMIT), HistoryQuery(after=moment)):

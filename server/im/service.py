@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bson import ObjectId
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from server.background import SideTasks, stop
@@ -86,6 +87,9 @@ EVENT_SCAN_PAGE = 200
 # of 5,000, holding every other command back meanwhile. The far side is the id of the message
 # this many pages of ordinals away (``chat_ordinal``), the second reach where the first range
 # held less than a page; then the range is read without it.
+# A day's messages are read by their ids this far either side of it (ids are minted as a
+# message is queued, ``created_at`` a moment later; several nodes' clocks may differ).
+DAY_MARGIN = timedelta(minutes=1)
 PAGE_REACHES = (2, 16)
 # Ordinals looked through for a message to bound a range with: a send taken back leaves a gap.
 ORDINAL_GAP = 16
@@ -922,9 +926,21 @@ class ImService:
             id_range["$gt"] = query.after
         if id_range:
             filters["_id"] = id_range
+        day: tuple[datetime, datetime] | None = None
         if query.day is not None:
+            # The day's messages by their ids (minted as they are queued, so a minute either
+            # side holds them), the time checked on what was read: ``created_at`` in the
+            # filter would have the embedded database read every message.
             start = datetime(query.day.year, query.day.month, query.day.day, tzinfo=UTC)
-            filters["created_at"] = {"$gte": start, "$lt": start + timedelta(days=1)}
+            day = (start, start + timedelta(days=1))
+            low = str(ObjectId.from_datetime(day[0] - DAY_MARGIN))
+            high = str(ObjectId.from_datetime(day[1] + DAY_MARGIN))
+            if "$gt" not in id_range or id_range["$gt"] < low:
+                id_range.pop("$gt", None)
+                id_range["$gte"] = low
+            if "$lt" not in id_range or id_range["$lt"] > high:
+                id_range["$lt"] = high
+            filters["_id"] = id_range
         newest_first = query.after is None
         messages = self._store["messages"]
         sort = [("_id", -1 if newest_first else 1)]
@@ -945,7 +961,14 @@ class ImService:
             found = await messages.find(bounded, sort=sort, limit=query.limit).to_list()
             if len(found) == query.limit:
                 break
-        if len(found) < query.limit:
+        if day is not None:
+            found = []
+            async for doc in messages.find(filters, sort=sort):
+                if day[0] <= doc["created_at"] < day[1]:
+                    found.append(doc)
+                    if len(found) == query.limit:
+                        break
+        elif len(found) < query.limit:
             found = await messages.find(filters, sort=sort, limit=query.limit).to_list()
         out = [MessageOut.from_document(d) for d in found]
         return list(reversed(out)) if newest_first else out
