@@ -153,7 +153,8 @@ class Spool:
 
     def open(self) -> int:
         """Reads what an earlier process left (blocking; at start). Returns its entry count."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory.chmod(0o700)  # mail is private, as the rest of the data directory
         found = sorted(int(p.stem) for p in self.directory.glob("*.seg") if p.stem.isdigit())
         for seq in found:
             segment = _Segment(seq, self._path(seq))
@@ -480,6 +481,8 @@ class SpoolDrain:
         """Until the spool is empty (tests, tools); ``TimeoutError`` past ``timeout``."""
         async with asyncio.timeout(timeout):
             while self._spool.waiting:
+                if self._task is None or self._task.done():
+                    raise RuntimeError("the mail spool's drain is not running")
                 self._attempted.clear()
                 await self._attempted.wait()
 
