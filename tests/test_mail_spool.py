@@ -257,3 +257,27 @@ async def test_a_torn_entry_is_found_and_nothing_of_it_is_imported(
     subjects = [a["subject"] for a in await incoming_on(hub, ctx["contact"]["id"])]
     assert subjects == ["About the order torn-0"]
     assert not segment.exists()  # all it held that was whole is in the database
+
+
+async def test_full_segments_are_deleted_once_drained_and_the_spool_stays_small(
+    mailhub: HubHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = mailhub
+    mail = hub.services.mail
+    ctx = await mail_setup(hub)
+    await mail.spool_drain.close()
+    monkeypatch.setattr(spool_module, "SEGMENT_BYTES", 1000)  # a new one every 2 messages
+    for n in range(6):
+        await send(hub, reply(n, "segments"))
+    assert len(segments(mail.spool)) >= 3
+    again = Spool(mail.spool.directory, 1 << 30)
+    assert await asyncio.to_thread(again.open) == 6 and again.torn == 0
+    mail.spool_drain.start()
+    await mail.spool_drain.settled()
+    await settled(hub)
+    assert len(segments(mail.spool)) == 1  # the one being written; the others deleted
+    await send(hub, reply(6, "segments"))  # written from the start of the emptied one
+    assert await asyncio.to_thread(Spool(mail.spool.directory, 1 << 30).open) == 1
+    await mail.spool_drain.settled()
+    await settled(hub)
+    assert len(await incoming_on(hub, ctx["contact"]["id"])) == 7

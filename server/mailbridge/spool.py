@@ -58,6 +58,9 @@ DRAIN_BATCH_BYTES = 16 << 20
 RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 10.0
 CLOSE_WAIT_SECONDS = 5.0
+# The bytes of entries written by this process are kept in memory up to this much, so that
+# the drain need not read them back (what is over it, or left by an earlier process, is read).
+KEEP_BYTES = 64 << 20
 
 
 class SpoolFull(Exception):
@@ -148,6 +151,9 @@ class Spool:
         self.ready = asyncio.Event()  # set while entries wait for the drain
         self.torn = 0  # torn entries found at start
         self.fsyncs = 0  # for tests: group commit shares them
+        self._kept: dict[str, bytes] = {}
+        self._queued: set[str] = set()  # the ids in ``_queue``
+        self._kept_bytes = 0
 
     # start -----------------------------------------------------------------------------------
 
@@ -163,9 +169,7 @@ class Spool:
             if not segment.live:
                 self._forget(segment)
         self._next_seq = (found[-1] + 1) if found else 1
-        if self._queue:
-            self.ready.set()
-        return len(self._queue)
+        return len(self._queue)  # ``ready`` is set by the drain's start, on the loop
 
     def _scan(self, segment: _Segment) -> None:
         fd = os.open(segment.path, os.O_RDONLY)
@@ -190,6 +194,7 @@ class Spool:
                     )
                     break
                 self._queue.append(Entry(segment, offset, length, raw_id, at, source))
+                self._queued.add(raw_id)
                 segment.live += 1
                 self.bytes += length
                 offset += length
@@ -228,7 +233,11 @@ class Spool:
             self._writer = asyncio.create_task(self._write_all(), name="mail-spool-write")
         # A sender gone meanwhile leaves its message in the batch: kept without a 250, and
         # the sending server's retry is stored once (the same bytes, the same SHA-256).
-        return await asyncio.shield(future)
+        placed = await asyncio.shield(future)
+        if self._kept_bytes + len(raw) <= KEEP_BYTES and raw_id in self._queued:
+            self._kept[raw_id] = raw
+            self._kept_bytes += len(raw)
+        return placed
 
     async def _write_all(self) -> None:
         await asyncio.sleep(0)  # the sessions whose data ended in the same read go together
@@ -258,7 +267,9 @@ class Spool:
 
     async def _write(self, batch: list[tuple[bytes, Entry, asyncio.Future[Entry]]]) -> None:
         segment = self._current
-        if segment is not None and segment.size >= SEGMENT_BYTES:
+        # A large segment still holding mail is left to the drain (deleted once it is all in
+        # the database); one whose mail is all there is emptied below instead.
+        if segment is not None and segment.size >= SEGMENT_BYTES and segment.live:
             self._close_current()
             segment = None
         created = segment is None
@@ -290,6 +301,7 @@ class Spool:
             placed = Entry(segment, offset, len(data), entry.id, entry.received_at, entry.source)
             offset += len(data)
             self._queue.append(placed)
+            self._queued.add(placed.id)
             segment.live += 1
             if not future.done():
                 future.set_result(placed)
@@ -349,6 +361,8 @@ class Spool:
         self._taken.difference_update(e.id for e in entries)
 
     async def load(self, entries: list[Entry]) -> list[Loaded]:
+        if all(e.id in self._kept for e in entries):
+            return [Loaded(e, self._kept[e.id]) for e in entries]
         return await asyncio.to_thread(self._load_sync, entries)
 
     def _load_sync(self, entries: list[Entry]) -> list[Loaded]:
@@ -370,6 +384,10 @@ class Spool:
         for entry in self._queue:
             if entry.id in ids:
                 self.bytes -= entry.length
+                self._queued.discard(entry.id)
+                raw = self._kept.pop(entry.id, None)
+                if raw is not None:
+                    self._kept_bytes -= len(raw)
                 entry.segment.live -= 1
                 if entry.segment.live == 0 and entry.segment is not self._current:
                     self._forget(entry.segment)
@@ -418,6 +436,8 @@ class SpoolDrain:
         self.batches = 0
 
     def start(self) -> None:
+        if self._spool.waiting:  # left by an earlier process
+            self._spool.ready.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="mail-spool-drain")
 
