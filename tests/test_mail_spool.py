@@ -281,3 +281,24 @@ async def test_full_segments_are_deleted_once_drained_and_the_spool_stays_small(
     await mail.spool_drain.settled()
     await settled(hub)
     assert len(await incoming_on(hub, ctx["contact"]["id"])) == 7
+
+
+async def test_a_burst_holds_the_drain_back_for_a_bounded_time(
+    mailhub: HubHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While mail pours in, the drain waits (the listener keeps the node to itself), but not
+    for longer than HOLD_SECONDS: a burst that lasts is drained beside it."""
+    hub = mailhub
+    mail = hub.services.mail
+    ctx = await mail_setup(hub)
+    monkeypatch.setattr(spool_module, "BURST_APPENDS", 3)
+    monkeypatch.setattr(spool_module, "BURST_WINDOW_SECONDS", 8.0)  # "bursting" for 8 s
+    monkeypatch.setattr(spool_module, "HOLD_SECONDS", 0.3)
+    for n in range(4):
+        await send(hub, reply(n, "burst"))
+    assert mail.spool.bursting
+    await mail.spool_drain.settled()
+    assert mail.spool.bursting  # drained while the burst still lasts: the hold ended
+    assert 0.25 <= mail.spool_drain.held < 2.0
+    await settled(hub)
+    assert len(await incoming_on(hub, ctx["contact"]["id"])) == 4

@@ -126,6 +126,11 @@ class IngressHandler:
         except OSError as exc:  # ENOSPC, EIO: nothing of it kept; the sender retries
             log.error("could not spool an incoming message: %s", describe(exc))
             return self._each(envelope, INSUFFICIENT_STORAGE)
+        except Exception:
+            log.exception("could not spool an incoming message")
+            return self._each(
+                envelope, "451 4.3.0 Temporary failure storing the message; try again later"
+            )
         return self._each(envelope, f"250 2.0.0 OK: stored as {entry.id}")
 
     def _each(self, envelope: Envelope, answer: str) -> str:
