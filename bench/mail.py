@@ -19,9 +19,9 @@ process, its mail listener on a free port. Through the API, as in real use:
 4. **Throughput.** ``mail_replies`` replies to everyone's records, written beforehand,
    delivered by ``bench/mail_loadgen.py`` (its own process) over ``mail_connections``
    SMTP sessions at once, ``mail_per_session`` messages each. Accepted: answered ``250``
-   (the hub has stored the raw message). Committed: the incoming activity is on the record
-   (its ``created_at``, read back through the API). Counted: the sum of the users' pushed
-   incoming numbers reached its final value.
+   (the raw message is on the hub's disk: fsynced in its mail spool). Committed: the
+   incoming activity is on the record (its ``created_at``, read back through the API).
+   Counted: the sum of the users' pushed incoming numbers reached its final value.
 5. **The peer.** ``python -m bench.mail_loadgen sink``: aiosmtpd built with the hub
    listener's options, whose handler accepts and discards. The generator delivers the same
    throughput messages to it, with the same sessions, ``mail_peer_runs`` times (the median

@@ -242,6 +242,17 @@ class Settings(BaseSettings):
     smtp_key_file: Path | None = None
     mail_max_message_bytes: int = Field(default=25 * 1024 * 1024, ge=64 * 1024)
     mail_max_recipients: int = Field(default=50, ge=1)
+    mail_spool_dir: Path | None = Field(
+        default=None,
+        description="Where the SMTP/LMTP listener keeps accepted mail until the database has "
+        "it (persistent storage, this node's own); defaults to <data_dir>/mail-spool",
+    )
+    mail_spool_max_bytes: int = Field(
+        default=1 << 30,
+        ge=1 << 20,
+        description="Accepted mail waiting for the database, at most; past it the listener "
+        "answers 452 and the sending servers retry later",
+    )
     mail_retention_days: int = Field(
         default=30,
         ge=1,

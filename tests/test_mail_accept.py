@@ -89,6 +89,8 @@ async def test_the_250_comes_before_any_parsing_and_the_pipeline_parses_each_onc
     )
     assert all(not errors and "stored as" in text for errors, text in answers), answers
     assert parses.calls == 0
+    await hub.services.mail.spool_drain.settled()  # the spool into the database: no parse
+    assert parses.calls == 0
     raw = hub.services.store["mail_raw"]
     assert await raw.count_documents({"status": "pending"}) == len(raws)
 
@@ -134,6 +136,9 @@ async def test_many_concurrent_sessions_share_writes_and_each_message_is_process
     distinct = SESSIONS * PER_SESSION
     assert len(answers) == distinct + RESENT
     assert all(a.startswith("2.0.0 OK: stored as") for a in answers), answers[:3]
+    # the spool's group commit: messages arriving together share an fsync
+    assert hub.services.mail.spool.fsyncs < distinct + RESENT
+    await hub.services.mail.spool_drain.settled()
     inbox = hub.services.mail.inbox
     # gathered: fewer journaled writes than messages, one document per distinct message
     assert inbox.commits.batches < inbox.commits.inserted == distinct

@@ -174,3 +174,39 @@ def test_every_message_acknowledged_with_250_is_processed_once_after_kills(
         big = db["mail_raw"].find_one({"message_id": sent[BIG_ROUND][1]})
         assert big is not None and "file_id" in big  # the GridFS path was taken
     hub.stop(signal.SIGTERM)
+
+
+def test_mail_is_accepted_while_the_database_is_stopped_and_stored_once_it_is_back(
+    mail_hub: Hub,
+) -> None:
+    """The 250 waits for the node's spool, not for the database: with the database process
+    stopped (SIGSTOP: it answers nothing), messages still get their 250 at once, and once it
+    runs again each is stored and processed exactly once."""
+    hub = mail_hub
+    hub.start()
+    db_pid = hub.database_pid()
+    spool = hub.data_dir / "mail-spool"
+    sent: list[str] = []
+    os.kill(db_pid, signal.SIGSTOP)
+    try:
+        for round_no in (0, 2, 4):  # from the contact's address, small
+            sender, message_id, raw = message(round_no)
+            began = time.monotonic()
+            send(hub, sender, raw)
+            # well inside the database client's timeouts: nothing waited for the database
+            assert time.monotonic() - began < 10
+            sent.append(message_id)
+        assert sum(p.stat().st_size for p in spool.glob("*.seg")) > 0
+    finally:
+        os.kill(db_pid, signal.SIGCONT)
+    for message_id in sent:
+        wait_processed(hub, message_id, PROMPT_SECONDS)
+    with database(hub) as client:
+        db = client["portalhub"]
+        for message_id in sent:
+            assert db["mail_raw"].count_documents({"message_id": message_id}) == 1
+            activities = db["crm_activities"].count_documents(
+                {"mail.incoming_message_id": message_id}
+            )
+            assert activities == 1, message_id
+    hub.stop(signal.SIGTERM)

@@ -91,8 +91,18 @@ class RawInbox:
         await self.commits.close()
         await self.outcomes.close()
 
-    async def put(self, raw: bytes, source: Source) -> Stored:
-        """Stores ``raw``; returns once it is on disk (or its copy stored before is)."""
+    async def put(
+        self,
+        raw: bytes,
+        source: Source,
+        raw_id: str | None = None,
+        received_at: datetime | None = None,
+    ) -> Stored:
+        """Stores ``raw``; returns once it is on disk (or its copy stored before is).
+
+        ``raw_id`` and ``received_at``: the message's id and arrival as the mail spool gave
+        them (``spool.py``); the spool drained again after a crash finds its own message
+        stored by its id and does not count it as a copy."""
         if len(raw) > HASH_ON_LOOP_BYTES:
             digest = await asyncio.to_thread(_sha256, raw)
         else:
@@ -104,6 +114,8 @@ class RawInbox:
             # unique indexes on the SHA-256 and the IMAP key find a copy at the insert,
             # without a read per message.
             existing = await self.collection.find_one({"sha256": digest}, {"_id": 1, "imap_key": 1})
+            if existing is not None and raw_id is not None and existing["_id"] == raw_id:
+                return await self._own_again(raw_id)
             if existing is not None:
                 return await self._copy_of(existing, digest, source, key)
             if key is not None:
@@ -111,10 +123,10 @@ class RawInbox:
                 if seen is not None:
                     return await self._again(seen["_id"])
         doc: Document = {
-            "_id": new_id(),
+            "_id": raw_id or new_id(),
             "sha256": digest,
             "size": len(raw),
-            "received_at": utcnow(),
+            "received_at": received_at or utcnow(),
             "status": "pending",
             "attempts": 0,
             # Not before: arrival, then a lease's end or a retry time. The claim filters on
@@ -148,6 +160,8 @@ class RawInbox:
                 await self._files.delete(file_id)
             # One indexed field per read: with an ``$or`` the embedded database scans.
             found = await self.collection.find_one({"sha256": digest}, {"_id": 1, "imap_key": 1})
+            if found is not None and raw_id is not None and found["_id"] == raw_id:
+                return await self._own_again(raw_id)
             if found is not None:
                 return await self._copy_of(found, digest, source, key)
             if key is not None:
@@ -198,6 +212,14 @@ class RawInbox:
         another session's, whose journaled write has not returned yet; a journaled write
         made now flushes the log through it (and counts the copies)."""
         await journaled(self.collection).update_one({"_id": raw_id}, {"$inc": {"copies": 1}})
+        return Stored(raw_id, False)
+
+    async def _own_again(self, raw_id: str) -> Stored:
+        """The spool's message stored before (a drain cut short by a crash): not a copy. A
+        journaled write still, so that it is on disk before the spool forgets it."""
+        await journaled(self.collection).update_one(
+            {"_id": raw_id}, {"$set": {"spooled_again_at": utcnow()}}
+        )
         return Stored(raw_id, False)
 
     async def raw_of(self, doc: Document) -> bytes:

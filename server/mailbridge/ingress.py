@@ -4,8 +4,10 @@ Never an open relay: only the CRM address and its plus-addresses are accepted as
 recipients, and ``postmaster`` (RFC 5321), whose mail goes to the administrators. A message
 over the size limit gets 552 from aiosmtpd itself; one too complex to parse safely (a MIME
 bomb) gets 552 here (when its bytes alone cannot show it keeps the limits: a reply can, and
-is not parsed before its 250); a database that cannot store it gets 451, and a disk nearly full 452
-4.3.1, so the sender's MTA retries. 250 means the raw message is durably stored.
+is not parsed before its 250); a spool with no room for it (its size limit, a disk that refuses
+the write, the database's disk nearly full) gets 452 4.3.1, so the sender's MTA retries. 250
+means the raw message is durably stored: fsynced in this node's mail spool (``spool.py``), from
+where a background drain moves it into the database.
 
 The servers run on the hub's own event loop (``loop.create_server`` with aiosmtpd's protocol
 classes), not in aiosmtpd's threaded ``Controller``.
@@ -23,8 +25,9 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from server.mailbridge.inbox import RawInbox, Source
+from server.mailbridge.inbox import Source
 from server.mailbridge.parsing import Limits, MailTooComplex, parse, within_limits_unparsed
+from server.mailbridge.spool import Spool, SpoolFull, describe
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +61,20 @@ def accepts(address: str, inbox: str, domains: tuple[str, ...] = ()) -> bool:
 class IngressHandler:
     def __init__(
         self,
-        inbox: RawInbox,
+        spool: Spool,
         inbox_address: str,
         limits: Limits,
         max_recipients: int,
-        stored: Callable[[], None],
         kind: str = "smtp",
         write_refusal: Callable[[], str | None] = lambda: None,
         domains: tuple[str, ...] = (),
     ) -> None:
-        self._inbox = inbox
+        self._spool = spool
         self._domains = domains  # whose postmaster@ is taken besides the inbox's domain
         self._write_refusal = write_refusal
         self._address = inbox_address
         self._limits = limits
         self._max_recipients = max_recipients
-        self._stored = stored
         self._kind = kind
 
     async def handle_RCPT(
@@ -88,7 +89,8 @@ class IngressHandler:
             return "550 5.7.1 Relaying denied: this server only takes mail for the CRM inbox"
         if len(envelope.rcpt_tos) >= self._max_recipients:
             return "452 4.5.3 Too many recipients"
-        if self._write_refusal() is not None:  # before the sender transfers the message
+        # before the sender transfers the message
+        if self._spool.full or self._write_refusal() is not None:
             return INSUFFICIENT_STORAGE
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
@@ -111,7 +113,7 @@ class IngressHandler:
             return self._each(envelope, INSUFFICIENT_STORAGE)
         peer = session.peer
         try:
-            stored = await self._inbox.put(
+            entry = await self._spool.append(
                 raw,
                 Source(
                     self._kind,
@@ -119,13 +121,17 @@ class IngressHandler:
                     recipients=tuple(envelope.rcpt_tos),
                 ),
             )
+        except SpoolFull:
+            return self._each(envelope, INSUFFICIENT_STORAGE)
+        except OSError as exc:  # ENOSPC, EIO: nothing of it kept; the sender retries
+            log.error("could not spool an incoming message: %s", describe(exc))
+            return self._each(envelope, INSUFFICIENT_STORAGE)
         except Exception:
-            log.exception("could not store an incoming message")
+            log.exception("could not spool an incoming message")
             return self._each(
                 envelope, "451 4.3.0 Temporary failure storing the message; try again later"
             )
-        self._stored()
-        return self._each(envelope, f"250 2.0.0 OK: stored as {stored.id}")
+        return self._each(envelope, f"250 2.0.0 OK: stored as {entry.id}")
 
     def _each(self, envelope: Envelope, answer: str) -> str:
         """LMTP answers DATA once per accepted recipient (RFC 2033); SMTP once."""

@@ -74,6 +74,7 @@ from server.mailbridge.outbox import (
 from server.mailbridge.parsing import Limits, parse
 from server.mailbridge.pipeline import WAITING, MailPipeline
 from server.mailbridge.rules import SubjectRule, apply_rules, validate_rule
+from server.mailbridge.spool import Spool, SpoolDrain
 from server.settings import Settings
 from server.store.database import Document, Store, new_id, utcnow
 from server.web.problems import Problem, conflict, not_found
@@ -210,6 +211,12 @@ class MailBridge:
         self.tokens = TokenSource(self._rotated)
         self._collectors: dict[str, MailboxCollector] = {}
         self.ingress: IngressServers | None = None
+        # What the listener accepted, on this node's disk until the database has it.
+        self.spool = Spool(
+            settings.mail_spool_dir or settings.data_dir / "mail-spool",
+            settings.mail_spool_max_bytes,
+        )
+        self.spool_drain = SpoolDrain(self.spool, self.inbox, self.pipeline.wake)
         self._pruner: asyncio.Task[None] | None = None
 
     # lifecycle -------------------------------------------------------------------------------
@@ -222,6 +229,11 @@ class MailBridge:
         self.outbox.start()
         self._pruner = asyncio.create_task(self._prune_daily(), name="mail-prune")
         if self._settings.smtp_enabled:
+            # What an earlier process accepted and had not moved into the database yet.
+            left = await asyncio.to_thread(self.spool.open)
+            if left:
+                log.info("mail spool: %d accepted messages to move into the database", left)
+            self.spool_drain.start()
             self.ingress = IngressServers(
                 self._handler,
                 self._settings.smtp_host or self._settings.host,
@@ -241,6 +253,8 @@ class MailBridge:
         here or on another node - takes them up at once."""
         if self.ingress is not None:
             await self.ingress.stop()
+        await self.spool.close()
+        await self.spool_drain.close()
         for collector in list(self._collectors.values()):
             await self._stop_collector(collector)
         await self.inbox.close()
@@ -279,11 +293,10 @@ class MailBridge:
 
     def _handler(self, kind: str) -> IngressHandler:
         return IngressHandler(
-            self.inbox,
+            self.spool,
             self.address,
             self.limits,
             self._settings.mail_max_recipients,
-            self.pipeline.wake,
             kind,
             self._store.space.refusal,
             (self._settings.domain,),

@@ -104,14 +104,23 @@ class GroupCommit:
     async def _write(self, batch: list[_Waiter]) -> None:
         errors: dict[int, dict[str, Any]] = {}
         companions = [c for _doc, _size, c, _future in batch if c is not None]
+        # Companions there before this write (a message inserted again under its own id, as
+        # the mail spool does after a crash): the same bytes, kept, and never deleted below.
+        already: set[Any] = set()
         if companions:
             assert self._companions is not None
             try:
                 await self._companions.insert_many(companions, ordered=False)
-            except Exception as exc:  # new ids: no duplicate; nothing of the batch is answered
-                for *_rest, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+            except BulkWriteError as exc:
+                failed = exc.details.get("writeErrors", [])
+                if exc.details.get("writeConcernErrors") or any(
+                    e.get("code") != 11000 for e in failed
+                ):
+                    self._fail(batch, exc)
+                    return
+                already = {companions[int(e["index"])]["_id"] for e in failed}
+            except Exception as exc:  # nothing of the batch is answered
+                self._fail(batch, exc)
                 return
         try:
             await self._collection.insert_many([doc for doc, *_ in batch], ordered=False)
@@ -141,13 +150,19 @@ class GroupCommit:
                 future.set_exception(DuplicateKeyError(error.get("errmsg", ""), 11000, error))
             else:
                 future.set_exception(WriteError(error.get("errmsg", ""), error.get("code"), error))
-        refused = [c for i in errors if (c := batch[i][2]) is not None]
+        refused = [c for i in errors if (c := batch[i][2]) is not None and c["_id"] not in already]
         if refused and self._companions is not None:
             # Their documents were not stored (a copy was), so nothing reads these.
             try:
                 await self._companions.delete_many({"_id": {"$in": [c["_id"] for c in refused]}})
             except Exception:
                 log.warning("could not delete %s refused companions", len(refused), exc_info=True)
+
+    @staticmethod
+    def _fail(batch: list[_Waiter], exc: Exception) -> None:
+        for *_rest, future in batch:
+            if not future.done():
+                future.set_exception(exc)
 
     async def close(self) -> None:
         """Let the write under way finish (its senders are waiting for their answer), then
