@@ -29,22 +29,13 @@ from server.web.problems import Problem
 
 
 class Inserts(monitoring.CommandListener):
-    """Commands that insert into each collection (a ``bulkWrite`` counts once for each
-    collection it writes to), and how many commands wrote to several at once."""
-
     def __init__(self) -> None:
         self.by_collection: dict[str, int] = {}
-        self.together = 0
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name == "insert":
             name = str(event.command["insert"])
             self.by_collection[name] = self.by_collection.get(name, 0) + 1
-        elif event.command_name == "bulkWrite":
-            names = {str(ns["ns"]).split(".", 1)[1] for ns in event.command["nsInfo"]}
-            for name in names:
-                self.by_collection[name] = self.by_collection.get(name, 0) + 1
-            self.together += len(names) > 1
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -165,62 +156,6 @@ async def test_concurrent_sends_share_their_inserts_and_each_gets_its_answer(
         await one.close()
 
 
-async def test_a_message_and_its_event_are_stored_in_one_command(
-    counted_store: tuple[Store, Inserts], fast: Settings
-) -> None:
-    """One round trip for both (an ordered, journaled bulkWrite), not the message then its
-    event in series; and what the database refuses in it (a retried client_id in the middle
-    of a batch) still comes out right: the duplicate answered with the first message, the
-    messages after it stored, numbered and sequenced without a gap."""
-    store, inserts = counted_store
-    one = node(store, fast)
-    try:
-        alice, bob = await users(one, "alice", "bob")
-        chat = (await one.im.create_group(alice, "Team", [bob["_id"]]))["_id"]
-        await one.im.readable_chat(str(alice["_id"]), chat)
-        await one.im.member_streams(alice)
-        before, together = dict(inserts.by_collection), inserts.together
-        first = await one.im.send(alice, SendMessage(chat_id=chat, text="one", client_id="c1"))
-        assert inserts.together == together + 1
-        assert inserts.by_collection["messages"] == before.get("messages", 0) + 1
-        assert inserts.by_collection["events"] == before.get("events", 0) + 1
-        results = await asyncio.gather(
-            one.im.send(alice, SendMessage(chat_id=chat, text="two", client_id="c2")),
-            one.im.send(alice, SendMessage(chat_id=chat, text="three", client_id="c3")),
-            one.im.send(alice, SendMessage(chat_id=chat, text="one", client_id="c1")),  # a retry
-            one.im.send(alice, SendMessage(chat_id=chat, text="four", client_id="c4")),
-        )
-        await one.im.settled()
-        # the four went in one bulkWrite, which stored "two" and "three" and stopped at the
-        # retry; the retry and "four" (not tried) then went the long way: message inserts
-        # (the retry refused, "four" stored), then their events
-        assert inserts.together == together + 2
-        assert inserts.by_collection["messages"] == before.get("messages", 0) + 4
-        assert [r.duplicate for r in results] == [False, False, True, False]
-        assert results[2].messages[0].id == first.messages[0].id
-        assert [r.messages[0].n for r in results] == [2, 3, 1, 4]
-        stored = [d async for d in store["messages"].find({"chat_id": chat}, sort=[("n", 1)])]
-        assert [(d["n"], d["text"]) for d in stored] == [
-            (1, "one"),
-            (2, "two"),
-            (3, "three"),
-            (4, "four"),
-        ]
-        events = [
-            e.data["message"]["text"]
-            for e in one.published
-            if e.stream == f"chat:{chat}" and e.type == "im.message"
-        ]
-        assert events == ["one", "two", "three", "four"]
-        seqs = [
-            d["seq"] async for d in store.events.find({"stream": f"chat:{chat}"}, sort=[("seq", 1)])
-        ]
-        assert seqs == list(range(1, len(seqs) + 1))
-        assert (await ImCheck(store).check()).clean
-    finally:
-        await one.close()
-
-
 async def test_messages_are_stored_in_the_order_submitted(store: Store, fast: Settings) -> None:
     """A Jabber session submits a paste of forty lines, each without waiting for the one
     before to be stored: they are numbered, sequenced and published in that order."""
@@ -300,20 +235,10 @@ async def test_a_message_taken_back_under_another_nodes_message_counts_as_delete
         held: list[asyncio.Future[Event]] = []
         holding = asyncio.Event()
 
-        async def store_companions(items: list[Append]) -> None:
-            # what the ordered write does before it fails on the events: the message stored
-            for item in items:
-                if item.companion is not None:
-                    await store[item.companion[0]].insert_one(item.companion[1])
-            holding.set()
-
         def hold(items: list[Append]) -> list[asyncio.Future[Event]]:
             futures = [asyncio.get_running_loop().create_future() for _ in items]
             held.extend(futures)
-            if any(item.companion is not None for item in items):
-                asyncio.get_running_loop().create_task(store_companions(items))
-            else:
-                holding.set()
+            holding.set()
             return futures
 
         monkeypatch.setattr(one.streams, "enqueue", hold)
@@ -367,11 +292,7 @@ async def test_a_batch_the_database_refuses_is_answered_503_and_logged_without_i
             found = relaxed(name)
             return Refusing(found) if name == "messages" else found
 
-        async def refuse_together(*_args: Any, **_kwargs: Any) -> None:
-            raise AutoReconnect("connection closed by the database")
-
-        monkeypatch.setattr(store, "relaxed", refusing)  # a message written on its own
-        monkeypatch.setattr(store, "insert_in_order", refuse_together)  # with its event
+        monkeypatch.setattr(store, "relaxed", refusing)
         with caplog.at_level("WARNING", logger="server.im.writer"), pytest.raises(Problem) as no:
             await one.im.send(alice, SendMessage(chat_id=chat, text="the secret plan"))
         assert no.value.status == 503

@@ -9,7 +9,7 @@ from pymongo import monitoring
 
 from server.events.bus import InProcessBus
 from server.events.models import Event
-from server.events.streams import Append, CompanionNotStored, StreamLog
+from server.events.streams import StreamLog
 from server.store.database import Store
 from tests.harness import stored_at
 
@@ -238,44 +238,3 @@ async def test_events_carry_no_index_that_no_query_needs_and_old_databases_lose_
     await store.events.create_index("ts", name="ts")
     await store.ensure_indexes()
     assert sorted(await store.events.index_information()) == ["_id_", "stream_seq"]
-
-
-async def test_an_event_whose_companion_is_refused_is_not_stored(store: Store) -> None:
-    """Companions go in the same ordered command, before the events: the one the database
-    refuses fails its append, those after it are not tried, and no event of theirs is
-    stored; the appends before it, and those without a companion, are stored in order and
-    published, their streams' seq without a gap."""
-    await store["things"].create_index("key", unique=True)
-    await store["things"].insert_one({"_id": "taken", "key": "k1"})
-    published: list[Event] = []
-    bus = InProcessBus()
-
-    async def record(event: Event) -> None:
-        published.append(event)
-
-    bus.subscribe(record)
-    log = stream_log(store, bus)
-    futures = log.enqueue(
-        [
-            Append("test:a", "thing", {"i": 1}, companion=("things", {"_id": "t1", "key": "k0"})),
-            Append("test:b", "plain", {"i": 2}),
-            Append("test:a", "thing", {"i": 3}, companion=("things", {"_id": "t3", "key": "k1"})),
-            Append("test:a", "thing", {"i": 4}, companion=("things", {"_id": "t4", "key": "k4"})),
-            Append("test:a", "plain", {"i": 5}),
-        ]
-    )
-    results = await asyncio.gather(*futures, return_exceptions=True)
-    refused, untried = results[2], results[3]
-    assert isinstance(refused, CompanionNotStored) and refused.error is not None
-    assert refused.error["code"] == 11000
-    assert isinstance(untried, CompanionNotStored) and untried.error is None
-    stored = [r for r in results if isinstance(r, Event)]
-    assert [(e.stream, e.seq, e.data["i"]) for e in stored] == [
-        ("test:a", 1, 1),
-        ("test:b", 1, 2),
-        ("test:a", 2, 5),
-    ]
-    assert [(e.stream, e.seq) for e in published] == [(e.stream, e.seq) for e in stored]
-    assert await stored_seqs(store, "test:a") == [1, 2]
-    assert sorted([d["_id"] async for d in store["things"].find()]) == ["t1", "taken"]
-    await log.close()

@@ -91,35 +91,18 @@ def user_stream(user_id: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Append:
     """One event to store. ``request_id``: the request it is for, when the caller is not
-    running in that request's context (a group-committing writer); for tracing only.
-
-    ``companion``: a document the event is about, ``(collection, document)``, stored in the
-    same ordered command as the batch's events, before them (``Store.insert_in_order``): the
-    messenger's message and its ``im.message`` event in one journaled round trip instead of
-    two in series. A companion that is not stored takes its event with it: the append fails
-    with ``CompanionNotStored`` and nothing of it is stored."""
+    running in that request's context (a group-committing writer); for tracing only."""
 
     stream: str
     type: str
     data: dict[str, Any]
     request_id: str | None = None
-    companion: tuple[str, dict[str, Any]] | None = None
-
-
-class CompanionNotStored(Exception):
-    """The append's companion document was not stored, and so neither was its event.
-    ``error``: the database's write error for the companion that failed (code, errmsg,
-    keyPattern); None for the companions after it in the same command, which were not tried."""
-
-    def __init__(self, error: dict[str, Any] | None) -> None:
-        super().__init__(str((error or {}).get("errmsg", "not tried")))
-        self.error = error
 
 
 class _PartialWrite(Exception):
     """A batch failed after some of its events were stored; those must still be published."""
 
-    def __init__(self, written: list[tuple[_Pending, Event]], cause: Exception) -> None:
+    def __init__(self, written: list[Event], cause: Exception) -> None:
         super().__init__(str(cause))
         self.written = written
         self.cause = cause
@@ -210,12 +193,12 @@ class StreamLog:
                 batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
                 failure: Exception | None = None
                 try:
-                    written = await self._write(batch)
+                    events = await self._write(batch)
                 except _PartialWrite as partial:
-                    written, failure = partial.written, partial.cause
+                    events, failure = partial.written, partial.cause
                 # What was stored is published, in order, even when the rest of the batch failed.
                 try:
-                    for _pending, event in written:
+                    for event in events:
                         try:
                             await self._bus.publish(event)
                         except Exception:
@@ -228,16 +211,16 @@ class StreamLog:
                         self._published.pop(pending.item.stream, None)
                     async with self._progress:
                         self._progress.notify_all()
-                for pending, event in written:
+                for pending, event in zip(batch, events, strict=False):
                     if not pending.future.done():
                         pending.future.set_result(event)
                 self._batch_answered()
                 if failure is not None:
-                    unanswered = [p for p in batch if not p.future.done()]
-                    log.warning("append of %s events failed: %s", len(unanswered), failure)
-                    for pending in unanswered:
+                    log.warning("append of %s events failed: %s", len(batch) - len(events), failure)
+                    for pending in batch[len(events) :]:
                         self._forget(pending.item.stream)
-                        pending.future.set_exception(failure)
+                        if not pending.future.done():
+                            pending.future.set_exception(failure)
         except asyncio.CancelledError:
             for pending in queue:
                 pending.future.cancel()
@@ -250,18 +233,13 @@ class StreamLog:
             if queue and not self._closed:  # queued after the loop's last look
                 self._writer = asyncio.create_task(self._run(), name="stream-writer")
 
-    async def _write(self, batch: list[_Pending]) -> list[tuple[_Pending, Event]]:
-        """Insert the batch at the heads of its streams, retrying where another writer won;
-        the stored appends with their events, in order. An append whose companion could not
-        be stored is failed here (``CompanionNotStored``) and left out."""
-        written: list[tuple[_Pending, Event]] = []
+    async def _write(self, batch: list[_Pending]) -> list[Event]:
+        """Insert the batch at the heads of its streams, retrying where another writer won."""
+        written: list[Event] = []
         remaining = batch
         stale: set[str] = set()  # streams whose head another writer moved: read it exactly
-        companions_stored: set[int] = set()  # ids of pendings whose companion is stored
         try:
             for attempt in range(MAX_RACE_RETRIES):
-                if not remaining:
-                    return written
                 heads = await self._heads_for_writing({p.item.stream for p in remaining}, stale)
                 now = utcnow()
                 events: list[Event] = []
@@ -277,39 +255,13 @@ class StreamLog:
                     {"stream": e.stream, "seq": e.seq, "type": e.type, "data": e.data, "ts": e.ts}
                     for e in events
                 ]
-                companions = [
-                    p
-                    for p in remaining
-                    if p.item.companion is not None and id(p) not in companions_stored
-                ]
                 try:
-                    if companions:
-                        await self._store.insert_in_order(
-                            [p.item.companion for p in companions if p.item.companion is not None]
-                            + [("events", doc) for doc in docs]
-                        )
-                    else:
-                        await self._store.events.insert_many(docs, ordered=True)
+                    await self._store.events.insert_many(docs, ordered=True)
                 except BulkWriteError as exc:
                     inserted = int(exc.details.get("nInserted", 0))
                     errors = exc.details.get("writeErrors", [])
-                    if inserted < len(companions):
-                        # A companion failed: those before it are stored, their events (and
-                        # every other event of the batch) are not. Its append and those of
-                        # the companions after it fail; the rest are tried again.
-                        companions_stored.update(id(p) for p in companions[:inserted])
-                        refused = companions[inserted:]
-                        for index, pending in enumerate(refused):
-                            if not pending.future.done():
-                                error = errors[0] if index == 0 and errors else None
-                                pending.future.set_exception(CompanionNotStored(error))
-                        left_out = {id(p) for p in refused}
-                        remaining = [p for p in remaining if id(p) not in left_out]
-                        continue
-                    companions_stored.update(id(p) for p in companions)
-                    inserted -= len(companions)
                     self._learn(events[:inserted])
-                    written.extend(zip(remaining[:inserted], events[:inserted], strict=True))
+                    written.extend(events[:inserted])
                     remaining = remaining[inserted:]
                     if not errors or errors[0].get("code") != DUPLICATE_KEY:
                         raise
@@ -325,9 +277,7 @@ class StreamLog:
                     await _back_off(attempt)
                     continue
                 self._learn(events)
-                written.extend(zip(remaining, events, strict=True))
-                return written
-            if not remaining:
+                written.extend(events)
                 return written
             raise RuntimeError(f"could not append: lost {MAX_RACE_RETRIES} races")
         except Exception as exc:

@@ -1,22 +1,14 @@
 """Group commit of messages: the sends of a moment stored together, in the order submitted.
 
 One writer per node takes every message queued while the previous batch was being written
-(REST sends, system notices, Jabber sessions, all alike) and stores them, with their events,
-in one round trip: each message gets its chat's next ordinal ``n`` (unique index
-``(chat_id, n)``; the next one is always the last stored + 1, known here from this node's
-inserts and every ``im.message`` it sees, else from ``chats.msg_count``), and goes to the
-stream log as the companion of its ``im.message`` event: the stream writer stores the batch's
-messages and then the events of all its streams in one ordered, journaled ``bulkWrite``
-(``_write_together``), then publishes the events on the bus.
+(REST sends, system notices, Jabber sessions, all alike) and stores them in two round trips:
 
-When the database refuses a message there (it stops at it: none of its events, nor the
-messages after it, are stored), the refused one and those after it go the long way, as every
-batch did before (``_write_apart``), in two round trips:
-
-1. one ordered ``insert_many`` into ``messages``, unjournaled: the journaled write that
-   follows flushes it with itself;
-2. their events, through the stream log's writer: one ordered ``insert_many`` into ``events``,
-   journaled, then published on the bus.
+1. one ordered ``insert_many`` into ``messages``, each with its chat's next ordinal ``n``
+   (unique index ``(chat_id, n)``; the next one is always the last stored + 1, known here from
+   this node's inserts and every ``im.message`` it sees, else from ``chats.msg_count``).
+   Unjournaled: the journaled write that follows flushes it with itself.
+2. their events, through the stream log's writer: one ordered ``insert_many`` into ``events``
+   across all the chats' streams, journaled, then published on the bus.
 
 Then each sender is answered, and the bookkeeping (the chats' ``msg_count`` and preview, the
 authors' read positions) is queued for the ``Bookkeeper``, which coalesces it into two
@@ -32,8 +24,8 @@ stream log does:
   exactly and the rest retried after a random pause;
 - anything else: the rest of the batch fails (503), taken back as far as possible.
 
-A message whose event could not be stored (either way) is taken back (deleted): no message
-is stored without its event. Its ordinal is given again when it was the last of its chat's; when
+In step 2, a message whose event could not be stored is taken back (deleted): no message is
+stored without its event. Its ordinal is given again when it was the last of its chat's; when
 another message was numbered above it meanwhile (another node's), it cannot be, and is added
 to the chat's ``deleted_ns`` so that nobody's unread number counts it. (Another node that read
 the chat's head before the delete and inserts after this check still leaves an uncounted gap:
@@ -56,7 +48,7 @@ from pymongo import DESCENDING, UpdateOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from server.background import SideTasks, raise_if_stopping, stop
-from server.events.streams import Append, CompanionNotStored, StreamLog
+from server.events.streams import Append, StreamLog
 from server.im.models import MessageOut
 from server.im.rules import chat_stream
 from server.im.state import preview_of
@@ -387,80 +379,6 @@ class MessageWriter:
             if key is not None:
                 first[key] = item
             leaders.append(item)
-        refused = await self._write_together(leaders)
-        if refused:
-            await self._write_apart(refused)
-
-    async def _write_together(self, items: list[Outgoing]) -> list[Outgoing]:
-        """Each message and its event in one ordered, journaled command (``Append.companion``):
-        one round trip for the batch instead of two in series. Returns the messages that were
-        not stored (none of their events were either): from the first one the database refused
-        (a retried ``client_id``, an ordinal another node took, anything else) on, for
-        ``_write_apart`` to go through one step at a time as before."""
-        if not items:
-            return []
-        hints = self._hints_of(items)
-        heads = await self._heads_for(hints, set())
-        for item in items:
-            heads[item.chat_id] += 1
-            item.doc["n"] = heads[item.chat_id]
-        payloads = [MessageOut.from_document(item.doc).model_dump(mode="json") for item in items]
-        futures = self._streams.enqueue(
-            [
-                Append(
-                    chat_stream(item.chat_id),
-                    "im.message",
-                    {"message": payload},
-                    item.request_id,
-                    companion=("messages", item.doc),
-                )
-                for item, payload in zip(items, payloads, strict=True)
-            ]
-        )
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        refused: list[Outgoing] = []
-        lost: list[Outgoing] = []
-        for item, payload, result in zip(items, payloads, results, strict=True):
-            if isinstance(result, CompanionNotStored):
-                refused.append(item)
-            elif isinstance(result, BaseException):
-                lost.append(item)  # stored or not, its event is not: taken back
-            else:
-                self.saw(item.chat_id, int(item.doc["n"]))
-                item.settle(Posted(MessageOut.model_validate(payload), False))
-                self.bookkeeper.message_stored(item.doc, preview_of(payload))
-        if lost:
-            # Told to the senders as 503 (they may retry with their client_id); the cause is
-            # for the operator: the error's class and the database's message, no text.
-            cause = next(
-                r
-                for r in results
-                if isinstance(r, BaseException) and not isinstance(r, CompanionNotStored)
-            )
-            log.warning(
-                "storing %s messages failed (%s: %s); their senders get 503",
-                len(lost),
-                type(cause).__name__,
-                _error_of(cause),
-            )
-            await self._take_back(lost)
-        for item in refused:
-            item.doc.pop("n", None)
-        return refused
-
-    def _hints_of(self, items: list[Outgoing]) -> dict[str, int | None]:
-        hints: dict[str, int | None] = {}
-        for item in items:
-            known = hints.get(item.chat_id)
-            if item.hint is not None and (known is None or item.hint > known):
-                hints[item.chat_id] = item.hint
-            else:
-                hints.setdefault(item.chat_id, known)
-        return hints
-
-    async def _write_apart(self, leaders: list[Outgoing]) -> None:
-        """The messages first (unjournaled), then their events: the way through the
-        database's refusals (duplicates answered, lost ordinal races retried)."""
         stored, duplicates, failed = await self._insert(leaders)
         if failed:
             # Told to the senders as 503 (they may retry with their client_id); the cause is
@@ -503,21 +421,13 @@ class MessageWriter:
 
         An ordinal that was the last of its chat's is given again. One with a message above it
         (another node numbered after it) cannot be: it counts as a deleted message from now
-        on, so that nobody's unread number counts it. A message that was not stored (the
-        write with its event failed before it) took no ordinal: nothing to count."""
+        on, so that nobody's unread number counts it."""
         for item in lost:
             self._forget(item.chat_id)
         messages = self._store["messages"]
         try:
-            ids = [i.doc["_id"] for i in lost]
-            stored = {
-                doc["_id"]
-                async for doc in messages.find({"_id": {"$in": ids}}, projection={"_id": True})
-            }
-            await messages.delete_many({"_id": {"$in": ids}})
+            await messages.delete_many({"_id": {"$in": [i.doc["_id"] for i in lost]}})
             for item in lost:
-                if item.doc["_id"] not in stored:
-                    continue
                 n = int(item.doc["n"])
                 above = await messages.find_one(
                     {"chat_id": item.chat_id, "n": {"$gt": n}}, projection={"_id": True}
@@ -545,7 +455,14 @@ class MessageWriter:
         for attempt in range(MAX_RACE_RETRIES):
             if not remaining:
                 break
-            heads = await self._heads_for(self._hints_of(remaining), stale)
+            hints: dict[str, int | None] = {}
+            for item in remaining:
+                known = hints.get(item.chat_id)
+                if item.hint is not None and (known is None or item.hint > known):
+                    hints[item.chat_id] = item.hint
+                else:
+                    hints.setdefault(item.chat_id, known)
+            heads = await self._heads_for(hints, stale)
             for item in remaining:
                 heads[item.chat_id] += 1
                 item.doc["n"] = heads[item.chat_id]

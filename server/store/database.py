@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import pymongo
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, InsertOne
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, ClientBulkWriteException
 from pymongo.write_concern import WriteConcern
 
 from server.store.space import DiskSpace
@@ -258,39 +257,6 @@ class Store:
         if not concern.get("j"):
             return self.db
         return self.db.with_options(write_concern=WriteConcern(**{**concern, "j": False}))
-
-    async def insert_in_order(self, writes: list[tuple[str, Document]]) -> None:
-        """Insert each ``(collection, document)`` in this order, in one ordered command of the
-        database's own write concern (journaled): one round trip for writes to several
-        collections (``bulkWrite``). Stops at the first that fails, as an ordered
-        ``insert_many`` does, and raises the same ``BulkWriteError`` (``nInserted``: how many
-        of ``writes`` were stored; ``writeErrors[0]``: the one that failed, by its index)."""
-        name = self.db.name
-        try:
-            await self.client.bulk_write(
-                [InsertOne(doc, namespace=f"{name}.{collection}") for collection, doc in writes],
-                ordered=True,
-                write_concern=self.db.write_concern,
-            )
-        except ClientBulkWriteException as exc:
-            if exc.error is not None or exc.write_concern_errors or not exc.write_errors:
-                raise
-            # dicts as the database sent them (typed as a class by PyMongo)
-            first = cast(dict[str, Any], exc.write_errors[0])
-            index = int(first.get("idx", 0))
-            raise BulkWriteError(
-                {
-                    "nInserted": index,
-                    "writeErrors": [
-                        {
-                            "index": index,
-                            "code": first.get("code"),
-                            "errmsg": first.get("errmsg", ""),
-                            "keyPattern": first.get("keyPattern"),
-                        }
-                    ],
-                }
-            ) from exc
 
     @property
     def users(self) -> AsyncCollection[Document]:
