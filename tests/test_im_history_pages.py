@@ -106,7 +106,7 @@ async def test_a_page_of_a_long_chat_examines_a_bounded_range(
             assert await finds.examined(store, find) <= EXAMINED_AT_MOST, (query, find)
     # A day's page: the day's messages by their ids, the time checked on what was read
     day = page[0].created_at.date()
-    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
     for query in (
         HistoryQuery(day=day, limit=LIMIT),
         HistoryQuery(day=day, before=by_n[400], limit=LIMIT),
@@ -119,7 +119,7 @@ async def test_a_page_of_a_long_chat_examines_a_bounded_range(
             assert served_by_index("messages", find["filter"]), find
         on_day: Document = {
             "chat_id": chat_id,
-            "created_at": {"$gte": start, "$lt": start + timedelta(1)},
+            "created_at": {"$gte": midnight, "$lt": midnight + timedelta(1)},
         }
         if query.before:
             on_day["_id"] = {"$lt": query.before}
