@@ -943,7 +943,7 @@ def mail_rows(m: Results) -> list[list[str]]:
     runs = ", ".join(_rate(x) for x in peer.get("runs", []))
     return [
         [
-            "accepted (`250`: the raw message stored), msg/s",
+            "accepted (`250`: the raw message on disk, in the spool), msg/s",
             _rate(hub.get("accepted_per_second")),
             f"{_rate(peer.get('accepted_per_second'))} (median of {runs})",
             _pct_of(r.get("accepted")),
