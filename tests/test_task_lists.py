@@ -188,3 +188,30 @@ async def test_a_deadline_reached_reads_the_tasks_own_history_and_records_it_onc
         assert history.seen
         for find in history.seen:
             assert served_by_index("task_history", find["filter"]), find
+
+
+async def test_a_head_sees_a_newcomers_tasks_as_soon_as_they_move_in(hub: HubHarness) -> None:
+    """Who is a head above whom comes from the directory's cache of active people
+    (``DirectoryService.active_people``): a move between departments drops it."""
+    _, admin = await hub.create_user("root", admin=True)
+    top = await hub.request("POST", "/api/v1/departments", token=admin, json={"name": "Top"})
+    boss_id, boss = await hub.create_user("boss", department_id=top.body["id"])
+    await hub.request(
+        "PATCH", f"/api/v1/departments/{top.body['id']}", token=admin, json={"head_id": boss_id}
+    )
+    worker_id, worker = await hub.create_user("worker")
+    made = await hub.request(
+        "POST", "/api/v1/tasks", token=worker, json={"title": "T", "responsible_ids": [worker_id]}
+    )
+    assert made.status == 201, made.body
+    before = await hub.request("GET", "/api/v1/tasks?subordinates=true", token=boss)
+    assert before.status == 200 and before.body["tasks"] == []
+    moved = await hub.request(
+        "PATCH",
+        f"/api/v1/users/{worker_id}",
+        token=admin,
+        json={"department_id": top.body["id"]},
+    )
+    assert moved.status == 200, moved.body
+    after = await hub.request("GET", "/api/v1/tasks?subordinates=true", token=boss)
+    assert [t["id"] for t in after.body["tasks"]] == [made.body["tasks"][0]["id"]]

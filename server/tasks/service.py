@@ -21,7 +21,7 @@ from server.caching import BatchLoad, Cache
 from server.channels.ratelimit import TokenBucket
 from server.directory.models import display_name
 from server.directory.rules import DepartmentNode, Person, supervisors_of
-from server.directory.service import DirectoryService, person
+from server.directory.service import DirectoryService
 from server.events.bus import EventBus
 from server.events.models import EphemeralEvent
 from server.events.streams import StreamLog, user_stream
@@ -188,14 +188,8 @@ class TaskService:
     # who is who ------------------------------------------------------------------------------
 
     async def _people(self) -> PeopleAndTree:
-        people = [
-            person(d)
-            async for d in self._store.users.find(
-                {"is_active": True},
-                projection={"department_id": True, "is_external": True, "is_active": True},
-            )
-        ]
-        return people, await self._directory.department_tree()
+        # the directory's cache of active users, dropped on every node by directory.changed
+        return await self._directory.active_people(), await self._directory.department_tree()
 
     async def viewer(self, user: Document) -> Viewer:
         people, tree = await self._people()
