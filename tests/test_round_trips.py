@@ -336,26 +336,3 @@ async def test_first_connects_of_one_moment_share_their_reads(
         # One by one, eight connects made eight times one's reads of each kind.
         assert 0 < burst[kind] < len(users) * one[kind], report
     assert sum(burst[k] for k in kinds) <= len(users) * sum(one[k] for k in kinds) / 2, report
-
-
-async def test_a_burst_reads_its_users_memberships_in_one_reply(
-    counted: tuple[HubHarness, Commands], store: Store
-) -> None:
-    """Eight users' first connects of one moment read their memberships by one query. With
-    history (27-47 chats a user) those are about 300 rows, and the database's first reply
-    holds 101: each such read took one more round trip (getMore) on the burst's way."""
-    hub, commands = counted
-    state = hub.services.im._state
-    await store["chat_members"].insert_many(
-        [
-            {"_id": f"c{c}|u{u}", "chat_id": f"c{c}", "user_id": f"u{u}", "read_n": c}
-            for u in range(8)
-            for c in range(40)
-        ]
-    )
-    state.forget_all()
-    mark = commands.mark()
-    found = await asyncio.gather(*(state.member_map(f"u{u}") for u in range(8)))
-    assert [len(m) for m in found] == [40] * 8
-    assert found[3]["c7"].read_n == 7
-    assert commands.since(mark) == Counter({("find", "chat_members"): 1})
