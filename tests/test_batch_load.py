@@ -150,3 +150,22 @@ async def test_a_full_batch_takes_no_more_keys() -> None:
     found = await asyncio.gather(*(loader.load(k) for k in "abcd"))
     assert found == [1, 2, 3, 4]
     assert rows.reads == [["a", "b"], ["c", "d"]]
+
+
+async def test_at_once_reads_that_many_batches_side_by_side() -> None:
+    """``at_once``: a connect burst's membership and chat reads (dozens of documents per
+    user) need not wait each for the one before; the next batch still gathers the keys
+    asked for while those are under way, and a key asked for after a read began is not
+    served by it."""
+    rows = Rows()
+    rows.gate = asyncio.Event()
+    loader = BatchLoad(rows.load_many, max_keys=1, at_once=2)
+    first = [asyncio.create_task(loader.load(k)) for k in ("a", "b", "c")]
+    await asyncio.sleep(0.01)
+    assert rows.reads == [["a"], ["b"]]  # two under way, the third waits for one of them
+    rows.values["a"] = 10
+    again = asyncio.create_task(loader.load("a"))  # asked after the first read began
+    rows.gate.set()
+    assert [await t for t in first] == [1, 2, 3]
+    assert await again == 10
+    assert rows.reads == [["a"], ["b"], ["c"], ["a"]]
