@@ -24,6 +24,7 @@ from server.tasks.rules import Role, is_overdue, roles_of
 from server.tasks.service import STATUS_BY_NAME
 from tests.harness import FindsOn, HubHarness, start_hub, watched_store
 from tests.index_rule import served_by_index
+from tests.test_tasks import boss_over_team
 
 TASKS = 300
 ROLES = ("all", "responsible", "author", "participant", "observer")
@@ -82,20 +83,9 @@ async def test_every_list_is_what_a_scan_of_every_task_gives(
     watched: tuple[HubHarness, FindsOn], store: Store
 ) -> None:
     hub, finds = watched
-    _, admin = await hub.create_user("root", admin=True)
-    top = await hub.request("POST", "/api/v1/departments", token=admin, json={"name": "Top"})
-    team = await hub.request(
-        "POST",
-        "/api/v1/departments",
-        token=admin,
-        json={"name": "Team", "parent_id": top.body["id"]},
-    )
-    boss_id, boss = await hub.create_user("boss", department_id=top.body["id"])
-    await hub.request(
-        "PATCH", f"/api/v1/departments/{top.body['id']}", token=admin, json={"head_id": boss_id}
-    )
-    alice_id, alice = await hub.create_user("alice", department_id=team.body["id"])
-    bob_id, bob = await hub.create_user("bob", department_id=team.body["id"])
+    boss_id, boss, team_id = await boss_over_team(hub)
+    alice_id, alice = await hub.create_user("alice", department_id=team_id)
+    bob_id, bob = await hub.create_user("bob", department_id=team_id)
     carol_id, carol = await hub.create_user("carol")
     people = [boss_id, alice_id, bob_id, carol_id]
     shown = await hub.request(

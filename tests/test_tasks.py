@@ -461,7 +461,9 @@ def test_pushed_counters_always_equal_recomputed(
     asyncio.run(run_sequence(base_settings, steps))
 
 
-async def test_heads_auto_accept_see_subordinates_and_predecessors_block(hub: HubHarness) -> None:
+async def boss_over_team(hub: HubHarness) -> tuple[str, str, str]:
+    """A department "Top" headed by "boss" and its sub-department "Team": (boss id, boss
+    token, team id)."""
     _, admin = await hub.create_user("root", admin=True)
     top = await hub.request("POST", "/api/v1/departments", token=admin, json={"name": "Top"})
     team = await hub.request(
@@ -474,8 +476,13 @@ async def test_heads_auto_accept_see_subordinates_and_predecessors_block(hub: Hu
     await hub.request(
         "PATCH", f"/api/v1/departments/{top.body['id']}", token=admin, json={"head_id": boss_id}
     )
-    worker_id, worker = await hub.create_user("worker", department_id=team.body["id"])
-    peer_id, peer = await hub.create_user("peer", department_id=team.body["id"])
+    return boss_id, boss, team.body["id"]
+
+
+async def test_heads_auto_accept_see_subordinates_and_predecessors_block(hub: HubHarness) -> None:
+    _, boss, team_id = await boss_over_team(hub)
+    worker_id, worker = await hub.create_user("worker", department_id=team_id)
+    peer_id, peer = await hub.create_user("peer", department_id=team_id)
 
     # a head two levels up assigns: accepted at once; a peer assigns: new
     [from_head] = await create(hub, boss, title="From the boss", responsible_ids=[worker_id])
