@@ -1107,6 +1107,7 @@ async def test_an_8bit_message_id_does_not_poison_the_pipeline(
         port=hub.services.mail.ports["smtp"],
     )
     raw_mail = hub.services.store["mail_raw"]
+    await hub.services.mail.spool_drain.settled()  # the spool into the database first
     for _ in range(50):  # the hub's own pipeline loop may be the one taking it
         await hub.services.mail.pipeline.drain()
         if await raw_mail.count_documents({"status": "pending"}) == 0:

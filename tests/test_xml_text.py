@@ -378,6 +378,7 @@ async def test_mail_holding_such_characters_is_accepted_and_stored_cleaned(
     )
     assert not errors and response.startswith("2"), response
     store = hub.services.store
+    await hub.services.mail.spool_drain.settled()  # the spool into the database first
     for _ in range(200):
         await hub.services.mail.pipeline.drain()
         if await store["mail_raw"].count_documents({"status": "pending"}) == 0:

@@ -166,6 +166,9 @@ class Hub:
         self._auth_deadlines: dict[str, asyncio.TimerHandle] = {}
         self._wrap_engine_handlers()
         self._connections: dict[str, Connection] = {}
+        # Connections whose snapshot has not gone out: a room's ephemeral event skips them
+        # (nothing may reach a client before its snapshot, which holds that state anyway).
+        self._before_snapshot: set[str] = set()
         self._by_user: dict[str, set[str]] = {}
         self._replaying: dict[str, set[str]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -367,6 +370,7 @@ class Hub:
             token_hash=token_hash(parsed.token),
         )
         self._connections[sid] = conn
+        self._before_snapshot.add(sid)
         self._by_user.setdefault(conn.user_id, set()).add(sid)
         # Ended when the token is revoked or expires, on whichever node that happens.
         self._auth.sessions.track(
@@ -397,6 +401,7 @@ class Hub:
         if task is not None and not task.done():
             task.cancel()
         conn = self._connections.pop(sid, None)
+        self._before_snapshot.discard(sid)
         for waiter in self._connect_waiters.pop(sid, ()):
             if not waiter.done():
                 waiter.set_result(None)  # it finds the connection gone
@@ -440,6 +445,7 @@ class Hub:
             sent = _in_full(conn, {k: v for k, v in snapshot.items() if k != "streams"})
             sent["streams"] = snapshot["streams"]
             await self._emit("snapshot", sent, to=sid)
+            self._before_snapshot.discard(sid)
             conn.registered = True
             await self._presence.connected(conn.user_id, sid, TRANSPORT, conn.active)
             await self._emit(
@@ -619,7 +625,10 @@ class Hub:
         elif (state := VersionedState.from_private(event.private)) is not None:
             await self._offer_state(event, state)
         elif event.streams:
-            await self._emit(event.type, event.data, room=list(event.streams))
+            # A connection still before its snapshot would get the event ahead of it; the
+            # snapshot it is about to get holds the state as it was read.
+            skip = list(self._before_snapshot) if self._before_snapshot else None
+            await self._emit(event.type, event.data, room=list(event.streams), skip_sid=skip)
 
     async def _offer_state(self, event: EphemeralEvent, state: VersionedState) -> None:
         """Each of the user's connections gets the difference from what it holds."""

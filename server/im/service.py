@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
@@ -81,12 +81,26 @@ ANNOUNCE_GRACE_SECONDS = 5.0
 # to this long before the message are read too (another node's clock may be behind).
 EVENT_CLOCK_MARGIN = timedelta(seconds=60)
 EVENT_SCAN_PAGE = 200
+
+
 # A history page is read from a range of the chat's messages closed on both sides. The
 # embedded database fetches every document of an index range before it sorts and limits: a
 # page of 50 newest-first took it 2.6 ms in a chat of 100 messages, 25 ms of 1,000 and 88 ms
 # of 5,000, holding every other command back meanwhile. The far side is the id of the message
 # this many pages of ordinals away (``chat_ordinal``), the second reach where the first range
 # held less than a page; then the range is read without it.
+def _id_at(moment: datetime, shift: timedelta) -> str:
+    """The least id minted at ``moment + shift``; an ObjectId's time is 32-bit seconds since
+    1970, so a moment outside that range (any day a client may name) gets the least or the
+    greatest id there is."""
+    seconds = int(moment.timestamp() + shift.total_seconds())
+    if seconds < 0:
+        return "0" * 24
+    if seconds >= 2**32:
+        return "f" * 24
+    return str(ObjectId.from_datetime(datetime.fromtimestamp(seconds, UTC)))
+
+
 # A day's messages are read by their ids this far either side of it (ids are minted as a
 # message is queued, ``created_at`` a moment later; several nodes' clocks may differ).
 DAY_MARGIN = timedelta(minutes=1)
@@ -932,9 +946,9 @@ class ImService:
             # side holds them), the time checked on what was read: ``created_at`` in the
             # filter would have the embedded database read every message.
             start = datetime(query.day.year, query.day.month, query.day.day, tzinfo=UTC)
-            day = (start, start + timedelta(days=1))
-            low = str(ObjectId.from_datetime(day[0] - DAY_MARGIN))
-            high = str(ObjectId.from_datetime(day[1] + DAY_MARGIN))
+            end = start + timedelta(days=1) if start.date() < date.max else datetime.max
+            day = (start, end.replace(tzinfo=UTC))
+            low, high = _id_at(day[0], -DAY_MARGIN), _id_at(day[1], DAY_MARGIN)
             if "$gt" not in id_range or id_range["$gt"] < low:
                 id_range.pop("$gt", None)
                 id_range["$gte"] = low

@@ -95,6 +95,7 @@ async def deliver(hub: HubHarness, msg: EmailMessage, sender: str, to: str) -> N
 async def settled(hub: HubHarness) -> None:
     """Every stored message has its outcome."""
     raw = hub.services.store["mail_raw"]
+    await hub.services.mail.spool_drain.settled()  # the spool into the database first
     for _ in range(200):
         await hub.services.mail.pipeline.drain()
         if await raw.count_documents({"status": "pending"}) == 0:
