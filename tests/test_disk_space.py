@@ -155,6 +155,7 @@ async def test_every_entry_point_refuses_new_content_while_the_disk_is_low(
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert await texts() == {"taken", "taken too"}
+        await hub.services.mail.spool_drain.settled()  # the 250 was the spool's
         assert await stored["mail_raw"].count_documents({}) == 1
 
 
