@@ -171,7 +171,8 @@ def test_the_windows_hold_every_id_below_the_cursor_once() -> None:
     rng = random.Random(5)
     ids = sorted(spread_id(rng, rng.random() * 4000) for _ in range(2_000))
     ids += ["zz-not-an-objectid", "0000"]  # ids of another shape are reached too
-    for upper in (None, ids[1500], ids[10], str(ObjectId.from_datetime(now + timedelta(days=3)))):
+    future = str(ObjectId.from_datetime(now + timedelta(days=3)))
+    for upper in (None, ids[1500], ids[10], future, "0" * 24, "000000010000000000000000"):
         windows = list(id_windows(upper, now))
         assert windows[-1][0] is None  # the last window is open below
         below = [i for i in ids if upper is None or i < upper]

@@ -19,8 +19,7 @@ from bson import ObjectId
 from server.im.models import HistoryQuery, SendMessage
 from server.im.service import ORDINAL_GAP, PAGE_REACHES
 from server.settings import Settings
-from server.store.database import Document, Store
-from server.xmpp.modules.messages import id_at
+from server.store.database import Document, Store, id_at
 from tests.harness import FindsOn, HubHarness, start_hub, watched_store
 from tests.index_rule import served_by_index
 

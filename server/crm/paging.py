@@ -22,7 +22,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo.asynchronous.collection import AsyncCollection
 
-from server.store.database import Document
+from server.store.database import Document, id_at
 
 WINDOW_START = timedelta(hours=1)
 WINDOW_GROWTH = 4
@@ -45,7 +45,7 @@ def id_windows(upper: str | None, now: datetime) -> Iterator[tuple[str | None, s
     hi = upper
     width = WINDOW_START
     for _ in range(WINDOWS):
-        lo = str(ObjectId.from_datetime(base - width))
+        lo = id_at(base, -width)
         if hi is None or lo < hi:
             yield lo, hi
             hi = lo

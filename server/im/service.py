@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from bson import ObjectId
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from server.background import SideTasks, stop
@@ -67,7 +66,7 @@ from server.im.state import PREVIEW_CHARS, ImState, preview_of
 from server.im.writer import MessageWriter, Outgoing, Posted, unavailable
 from server.observability.context import current_request_id
 from server.settings import Settings
-from server.store.database import Document, Store, new_id, utcnow
+from server.store.database import Document, Store, id_at, new_id, utcnow
 from server.web.problems import Problem, forbidden, not_found
 
 log = logging.getLogger(__name__)
@@ -89,18 +88,6 @@ EVENT_SCAN_PAGE = 200
 # of 5,000, holding every other command back meanwhile. The far side is the id of the message
 # this many pages of ordinals away (``chat_ordinal``), the second reach where the first range
 # held less than a page; then the range is read without it.
-def _id_at(moment: datetime, shift: timedelta) -> str:
-    """The least id minted at ``moment + shift``; an ObjectId's time is 32-bit seconds since
-    1970, so a moment outside that range (any day a client may name) gets the least or the
-    greatest id there is."""
-    seconds = int(moment.timestamp() + shift.total_seconds())
-    if seconds < 0:
-        return "0" * 24
-    if seconds >= 2**32:
-        return "f" * 24
-    return str(ObjectId.from_datetime(datetime.fromtimestamp(seconds, UTC)))
-
-
 # A day's messages are read by their ids this far either side of it (ids are minted as a
 # message is queued, ``created_at`` a moment later; several nodes' clocks may differ).
 DAY_MARGIN = timedelta(minutes=1)
@@ -948,7 +935,7 @@ class ImService:
             start = datetime(query.day.year, query.day.month, query.day.day, tzinfo=UTC)
             end = start + timedelta(days=1) if start.date() < date.max else datetime.max
             day = (start, end.replace(tzinfo=UTC))
-            low, high = _id_at(day[0], -DAY_MARGIN), _id_at(day[1], DAY_MARGIN)
+            low, high = id_at(day[0], -DAY_MARGIN), id_at(day[1], DAY_MARGIN)
             if "$gt" not in id_range or id_range["$gt"] < low:
                 id_range.pop("$gt", None)
                 id_range["$gte"] = low

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pymongo
@@ -209,6 +209,19 @@ def plain(value: Any) -> Any:
 def new_id() -> str:
     """A new document id: an ObjectId's hex form, sortable by creation time."""
     return str(ObjectId())
+
+
+def id_at(moment: datetime, shift: timedelta = timedelta(0)) -> str:
+    """The least id minted at ``moment + shift`` (ids are ObjectIds, time first, so a time
+    range becomes an id range an index can serve). An ObjectId's time is 32-bit seconds since
+    1970: a moment outside that range (any a client may name) gets the least or the greatest
+    id there is."""
+    seconds = int(moment.timestamp() + shift.total_seconds())
+    if seconds < 0:
+        return "0" * 24
+    if seconds >= 2**32:
+        return "f" * 24
+    return str(ObjectId.from_datetime(datetime.fromtimestamp(seconds, UTC)))
 
 
 class Store:

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 from server.im.models import MessageOut
 from server.im.rules import private_pair_key
+from server.store.database import id_at
 from server.xmpp.jid import Jid
-from server.xmpp.modules.messages import DELAY, archived, id_at, read_history, stamp
+from server.xmpp.modules.messages import DELAY, archived, read_history, stamp
 from server.xmpp.session import C2SSession
 from server.xmpp.stanza import StanzaError, child, element, q, result, small_int
 

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from bson import ObjectId
 from pydantic import ValidationError
 from pymongo import UpdateOne
 
@@ -105,12 +104,6 @@ async def stored(pending: Awaitable[SendResult]) -> SendResult:
 
 
 HISTORY_PAGE = 100
-
-
-def id_at(moment: datetime) -> str:
-    """The smallest message id of ``moment``'s second: ids are ObjectIds, time first, so a
-    time range becomes an id range the history's index can serve."""
-    return str(ObjectId.from_datetime(moment))
 
 
 async def read_history(

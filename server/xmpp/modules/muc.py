@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from server.events.models import EphemeralEvent, Event
 from server.im.models import MessageOut, SendMessage, SendResult
-from server.store.database import Document
+from server.store.database import Document, id_at
 from server.web.problems import Problem
 from server.xmpp.jid import Jid
 from server.xmpp.modules.basics import PING
@@ -47,7 +47,6 @@ from server.xmpp.modules.messages import (
     as_stanza_error,
     client_id_for,
     find_own,
-    id_at,
     origin_of,
     read_history,
     stamp,
