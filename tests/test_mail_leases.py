@@ -83,6 +83,34 @@ async def test_a_stopping_node_gives_back_the_message_it_was_processing(
         assert await store["crm_records"].count_documents({"type": "lead"}) == 1
 
 
+async def test_a_stop_between_the_lease_and_its_work_gives_the_message_back(
+    settings: Settings, store: Store
+) -> None:
+    """The stop lands while the claim reads the leased message's bytes (CI caught the race
+    in the test above: the lease was written, the work had not begun, and the message stayed
+    leased to the stopped node)."""
+    cfg = configured(settings, sole_node=False)
+    async with start_hub(cfg, store) as hub:
+        inbox = hub.services.mail.inbox
+        reading = asyncio.Event()
+        real_with_bytes = inbox.with_bytes
+
+        async def stuck(docs: list[Document]) -> list[Document]:
+            if docs:
+                reading.set()
+                await asyncio.Event().wait()  # until the stop cancels it
+            return await real_with_bytes(docs)
+
+        inbox.with_bytes = stuck  # type: ignore[method-assign]
+        raw_id = await hub.services.mail.receive(stranger("nora@new.test"), Source("smtp"))
+        await asyncio.wait_for(reading.wait(), timeout=10)
+        leased = await raw_doc(store, raw_id)
+        assert leased["claimed_by"] and leased["claimed_until"] > utcnow()
+    doc = await raw_doc(store, raw_id)
+    assert doc["status"] == "pending" and "claimed_by" not in doc
+    assert doc["claimed_until"] <= utcnow()
+
+
 async def test_a_dead_processs_leases_are_taken_at_once_on_the_embedded_database(
     settings: Settings, store: Store
 ) -> None:

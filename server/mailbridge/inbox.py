@@ -270,9 +270,14 @@ class RawInbox:
         found = await self.claim_some(node, 1)
         return found[0] if found else None
 
-    async def claim_some(self, node: str, limit: int) -> list[Document]:
+    async def claim_some(
+        self, node: str, limit: int, holding: set[str] | None = None
+    ) -> list[Document]:
         """Up to ``limit`` of the messages waiting longest (or whose processing lease ran
         out), leased to ``node``, with their bytes; none when another node took them first.
+        ``holding``: the caller's set of what it holds, which gets the ids before the lease
+        is written (so that a stop cancelling this call in the middle still gives them back)
+        and keeps only those leased.
 
         Three reads and writes for the lot, none a findAndModify: the embedded database
         answers one of those by scanning the whole collection (the raw bytes of every message
@@ -289,6 +294,8 @@ class RawInbox:
         if not waiting:
             return []
         token = new_id()
+        held = holding if holding is not None else set()
+        held.update(waiting)  # before the lease: a stop cancelling this call gives them back
         # ``_id`` first, and two conditions with operators: the database then looks the few
         # messages up by ``_id`` rather than walking every pending one.
         result = await self.collection.update_many(
@@ -298,12 +305,15 @@ class RawInbox:
                 "$inc": {"attempts": 1},
             },
         )
-        if not result.modified_count:
-            return []
-        claimed = {
-            d["_id"]: d
-            async for d in self.collection.find({"_id": {"$in": waiting}, "claim": token})
-        }
+        claimed = (
+            {
+                d["_id"]: d
+                async for d in self.collection.find({"_id": {"$in": waiting}, "claim": token})
+            }
+            if result.modified_count
+            else {}
+        )
+        held.difference_update(i for i in waiting if i not in claimed)  # another node's
         return await self.with_bytes([claimed[i] for i in waiting if i in claimed])
 
     async def renew(self, raw_id: str, node: str) -> bool:

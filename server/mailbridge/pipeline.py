@@ -238,7 +238,14 @@ class MailPipeline:
 
     async def _claim(self) -> list[Document]:
         if not self._sole_node:
-            return await self._inbox.claim_some(self._node, CLAIM_BATCH)
+            leasing: set[str] = set()
+            try:
+                # ``_process_claimed`` holds what this returns before its first wait
+                return await self._inbox.claim_some(self._node, CLAIM_BATCH, leasing)
+            except asyncio.CancelledError:
+                # A stop between the lease and its return: ``close`` gives those back too.
+                self._held.update(leasing)
+                raise
         async with self._claiming:  # held before another worker reads what is waiting
             batch = await self._inbox.waiting(CLAIM_BATCH, self._held)
             self._held.update(doc["_id"] for doc in batch)
