@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 from pymongo import monitoring
 
+from server.events.models import Event
 from server.im.models import SendMessage
 from server.settings import Settings
 from server.store.database import Store
-from tests.harness import HubHarness, start_hub
+from tests.harness import HubHarness, start_hub, watched_store
 from tests.xmpp_client import xmpp_login
 
 # Work on its own clock, not per request: the revocation poll, the node registry, the
@@ -336,3 +337,81 @@ async def test_first_connects_of_one_moment_share_their_reads(
         # One by one, eight connects made eight times one's reads of each kind.
         assert 0 < burst[kind] < len(users) * one[kind], report
     assert sum(burst[k] for k in kinds) <= len(users) * sum(one[k] for k in kinds) / 2, report
+
+
+class Writes(monitoring.CommandListener):
+    """The writes, in order, as they start and as they are acknowledged:
+    (started or acknowledged, command, collection, whether it asked for the journal)."""
+
+    WRITES = frozenset({"insert", "update", "delete", "findAndModify", "bulkWrite"})
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str, bool]] = []
+        self._started: dict[int, tuple[str, str, bool]] = {}
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name not in self.WRITES:
+            return
+        collection = str(event.command.get(event.command_name))
+        journal = bool(event.command.get("writeConcern", {}).get("j"))
+        self._started[event.request_id] = (event.command_name, collection, journal)
+        self.seen.append(("started", event.command_name, collection, journal))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        write = self._started.pop(event.request_id, None)
+        if write is not None:
+            self.seen.append(("acknowledged", *write))
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self._started.pop(event.request_id, None)
+
+
+async def test_a_message_is_flushed_once_by_its_last_write_before_it_is_published(
+    settings: Settings, store: Store
+) -> None:
+    """The embedded database's URL asks every write for the journal, and each journaled write
+    is a flush of its log (an fsync, about a millisecond on the benchmark's disk, in front of
+    the message). A message's path to its recipients and its 201 has one: the insert of its
+    event, sent once the unjournaled insert of the message was acknowledged, so that the flush
+    covers the message too (the database's log is one stream, flushed through the last
+    record). The bookkeeping comes after the publication."""
+    writes = Writes()
+    async with (
+        watched_store(store, writes, journal=True) as journaled,
+        start_hub(settings, journaled) as hub,
+    ):
+        alice_id, _alice = await hub.create_user("alice")
+        _bob_id, bob = await hub.create_user("bob")
+        created = await hub.request(
+            "POST", "/api/v1/im/chats", token=bob, json={"title": "c", "member_ids": [alice_id]}
+        )
+        chat_id = created.body["id"]
+        warm = {"chat_id": chat_id, "text": "warm"}  # the token, the user, the chat cached
+        assert (
+            await hub.request("POST", "/api/v1/im/messages", token=bob, json=warm)
+        ).status == 201
+        await quiet(hub)
+        published: list[int] = []  # writes seen when the message's event was published
+
+        async def on_event(event: Event) -> None:
+            if event.type == "im.message" and event.data["message"]["text"] == "counted":
+                published.append(len(writes.seen))
+
+        hub.services.bus.subscribe(on_event)
+        mark = len(writes.seen)
+        counted = {"chat_id": chat_id, "text": "counted"}
+        resp = await hub.request("POST", "/api/v1/im/messages", token=bob, json=counted)
+        assert resp.status == 201, resp.body
+        await quiet(hub)
+    assert len(published) == 1, writes.seen[mark:]
+    others = BACKGROUND | ON_THEIR_OWN_CLOCK  # pollers' writes, on their own clocks
+    path = [w for w in writes.seen[mark : published[0]] if w[2] not in others]
+    assert path == [
+        ("started", "insert", "messages", False),
+        ("acknowledged", "insert", "messages", False),
+        ("started", "insert", "events", True),
+        ("acknowledged", "insert", "events", True),
+    ], writes.seen[mark:]
+    # The bookkeeping is still written, after the publication.
+    after = {w[2] for w in writes.seen[published[0] :] if w[0] == "started"}
+    assert {"chats", "chat_members", "streams"} <= after, writes.seen[mark:]
