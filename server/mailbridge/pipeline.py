@@ -162,6 +162,11 @@ class MailPipeline:
         self._sole_node = sole_node  # the embedded database: no other node can exist
         self.trusted_authserv_ids = trusted_authserv_ids
         self._held: set[str] = set()  # raw messages this node has claimed and not finished
+        # On the sole node: those finished while a worker's read of what waits is under way.
+        # That read may have been answered before their outcomes were written, and they have
+        # already left ``_held``: without this they were taken again, their activity insert
+        # met its own unique key, and each such message cost its user a full recount.
+        self._finished_while_reading: set[str] | None = None
         self._claiming = asyncio.Lock()  # in memory (the sole node): one worker picks at a time
         # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
         self.on_finished: list[Callable[[Document], Awaitable[None]]] = []
@@ -247,7 +252,15 @@ class MailPipeline:
                 self._held.update(leasing)
                 raise
         async with self._claiming:  # held before another worker reads what is waiting
-            batch = await self._inbox.waiting(CLAIM_BATCH, self._held)
+            finished: set[str] = set()
+            self._finished_while_reading = finished
+            try:
+                found = await self._inbox.waiting(CLAIM_BATCH, self._held)
+            finally:
+                self._finished_while_reading = None
+            # A message finished before this read began has its outcome stored (the write
+            # returned first): the read does not see it waiting.
+            batch = [doc for doc in found if doc["_id"] not in finished]
             self._held.update(doc["_id"] for doc in batch)
             return batch
 
@@ -300,6 +313,8 @@ class MailPipeline:
             def settled(one: Read) -> None:
                 left.remove(one[0]["_id"])
                 self._held.discard(one[0]["_id"])
+                if self._finished_while_reading is not None:
+                    self._finished_while_reading.add(one[0]["_id"])
 
             # The first copy of each message side by side; those that reach a record wait in
             # ``pending`` and are written together (``_deliver_all``): one insert of their
