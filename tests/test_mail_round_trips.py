@@ -385,6 +385,48 @@ async def test_a_batch_of_replies_to_one_record_makes_one_notice_naming_them(
     assert alone.startswith("New email from Carl Client on "), alone
 
 
+async def test_a_batch_of_replies_to_several_records_makes_one_notice_per_person(
+    counted: tuple[HubHarness, Commands], sink: Sink
+) -> None:
+    """Replies of one batch to two deals of one person: one notice to them (in a burst the
+    batch's replies mostly go to different records, and one notice per record was a message
+    insert and its event per reply), each line naming its record."""
+    hub, commands = counted
+    ctx = await mail_setup(hub)
+    other = await hub.request(
+        "POST",
+        "/api/v1/crm/deals",
+        token=ctx["mary"],
+        json={"title": "Second order", "contact_ids": [ctx["contact"]["id"]]},
+    )
+    assert other.status == 201, other.body
+    sent = await send_from_deal(hub, ctx, sink)
+    sent_other = await send_from_deal(hub, {**ctx, "deal": other.body}, sink)
+    await marked_sent(hub)
+    await quiet(hub)
+    before = await notices(hub, ctx["mary_id"])
+    by_code = [
+        mail(
+            "Carl Client <client@example.test>",
+            f"RE: {on['Subject']}",
+            f"by code {n}",
+            to=plus_address(on),
+        ).as_bytes()
+        for n, on in enumerate([sent, sent_other, sent])
+    ]
+    await store_all(hub, by_code)
+    mark = commands.mark()
+    assert await hub.services.mail.pipeline.drain() == 3
+    await quiet(hub)
+    assert commands.seen[mark:].count(("insert", "messages")) == 1
+    new = (await notices(hub, ctx["mary_id"]))[len(before) :]
+    assert len(new) == 1, new
+    (told,) = new
+    assert told.startswith("3 new emails: "), told
+    assert told.count("(on “Big order”)") == 2, told
+    assert told.count("(on “Second order”)") == 1, told
+
+
 class Writes(monitoring.CommandListener):
     """The inserts sent, in order, with the write concern each asked for."""
 
