@@ -220,3 +220,38 @@ async def test_concurrent_messages_share_journaled_writes_and_each_gets_its_answ
         assert sorted(kept) == sorted({r.id for r in results})
         for raw, stored in zip(raws, results, strict=False):
             assert await inbox.raw_of({"_id": stored.id}) == raw
+
+
+async def test_a_message_finished_during_a_read_of_what_waits_is_not_taken_again(
+    settings: Settings, store: Store
+) -> None:
+    """On the embedded database a worker's read of the waiting messages can be answered while
+    another worker's message is still pending and be looked at once that one has finished
+    and left the held ones. Seen in the mail bench: the message was processed a second time,
+    its activity insert met its own unique key, and its user's counters were recounted from
+    scratch, several times a second in a burst."""
+    async with start_hub(configured(settings, sole_node=True), store) as hub:
+        pipeline = hub.services.mail.pipeline
+        await pipeline.close()  # driven by hand below
+        inbox = hub.services.mail.inbox
+        stored = await inbox.put(
+            stranger("nora@new.test"), Source("smtp", recipients=("crm@portal.test",))
+        )
+        first = await pipeline._claim()
+        assert [d["_id"] for d in first] == [stored.id]
+        real_waiting = inbox.waiting
+        answered, finished = asyncio.Event(), asyncio.Event()
+
+        async def late(limit: int, held: set[str]) -> list[Document]:
+            found = await real_waiting(limit, set())  # answered while it was pending
+            answered.set()
+            await finished.wait()
+            return [d for d in found if d["_id"] not in held]  # looked at after it finished
+
+        inbox.waiting = late  # type: ignore[method-assign]
+        second = asyncio.create_task(pipeline._claim())
+        await asyncio.wait_for(answered.wait(), timeout=10)
+        assert await pipeline._process_claimed(first) == 1
+        finished.set()
+        assert await asyncio.wait_for(second, timeout=10) == []
+        assert (await raw_doc(store, stored.id))["status"] != "pending"

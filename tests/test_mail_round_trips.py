@@ -22,6 +22,7 @@ from pymongo import monitoring
 
 from server.mailbridge import pipeline as pipeline_module
 from server.mailbridge.inbox import RawInbox, Source
+from server.mailbridge.models import MailSettingsUpdate
 from server.settings import Settings
 from server.store.database import Store
 from tests.harness import HubHarness, start_hub, watched_store
@@ -383,6 +384,68 @@ async def test_a_batch_of_replies_to_one_record_makes_one_notice_naming_them(
     await quiet(hub)
     (alone,) = (await notices(hub, ctx["mary_id"]))[len(before) + 1 :]
     assert alone.startswith("New email from Carl Client on "), alone
+
+
+async def test_a_batch_of_replies_to_several_records_makes_one_notice_per_person(
+    counted: tuple[HubHarness, Commands], sink: Sink
+) -> None:
+    """Replies of one batch to two deals of one person: one notice to them (in a burst the
+    batch's replies mostly go to different records, and one notice per record was a message
+    insert and its event per reply), each line naming its record."""
+    hub, commands = counted
+    ctx = await mail_setup(hub)
+    other = await hub.request(
+        "POST",
+        "/api/v1/crm/deals",
+        token=ctx["mary"],
+        json={"title": "Second order", "contact_ids": [ctx["contact"]["id"]]},
+    )
+    assert other.status == 201, other.body
+    sent = await send_from_deal(hub, ctx, sink)
+    sent_other = await send_from_deal(hub, {**ctx, "deal": other.body}, sink)
+    await marked_sent(hub)
+    await quiet(hub)
+    before = await notices(hub, ctx["mary_id"])
+    by_code = [
+        mail(
+            "Carl Client <client@example.test>",
+            f"RE: {on['Subject']}",
+            f"by code {n}",
+            to=plus_address(on),
+        ).as_bytes()
+        for n, on in enumerate([sent, sent_other, sent])
+    ]
+    await store_all(hub, by_code)
+    mark = commands.mark()
+    assert await hub.services.mail.pipeline.drain() == 3
+    await quiet(hub)
+    assert commands.seen[mark:].count(("insert", "messages")) == 1
+    new = (await notices(hub, ctx["mary_id"]))[len(before) :]
+    assert len(new) == 1, new
+    (told,) = new
+    assert told.startswith("3 new emails: "), told
+    assert told.count("(on “Big order”)") == 2, told
+    assert told.count("(on “Second order”)") == 1, told
+
+
+async def test_the_mail_settings_run_out_once_for_all_who_ask(
+    counted: tuple[HubHarness, Commands],
+) -> None:
+    """Every message of a batch asks for the mail settings: when the copy has run out they
+    are read once for all of them (each read them again: 0.13 reads per reply in a burst),
+    and a change made meanwhile is what the next caller gets."""
+    hub, commands = counted
+    mail_service = hub.services.mail
+    await mail_service.settings()
+    mail_service._cached = None  # run out
+    mark = len(commands.seen)
+    found = await asyncio.gather(*(mail_service.settings() for _ in range(8)))
+    assert commands.seen[mark:].count(("find", "mail_settings")) == 1
+    assert len({s.model_dump_json() for s in found}) == 1
+    changed = await mail_service.update_settings(
+        MailSettingsUpdate(create_leads=not found[0].create_leads)
+    )
+    assert (await mail_service.settings()).create_leads == changed.create_leads
 
 
 class Writes(monitoring.CommandListener):

@@ -162,6 +162,11 @@ class MailPipeline:
         self._sole_node = sole_node  # the embedded database: no other node can exist
         self.trusted_authserv_ids = trusted_authserv_ids
         self._held: set[str] = set()  # raw messages this node has claimed and not finished
+        # On the sole node: those finished while a worker's read of what waits is under way.
+        # That read may have been answered before their outcomes were written, and they have
+        # already left ``_held``: without this they were taken again, their activity insert
+        # met its own unique key, and each such message cost its user a full recount.
+        self._finished_while_reading: set[str] | None = None
         self._claiming = asyncio.Lock()  # in memory (the sole node): one worker picks at a time
         # Told when a message reached its outcome (the IMAP collector then moves or deletes it).
         self.on_finished: list[Callable[[Document], Awaitable[None]]] = []
@@ -247,7 +252,15 @@ class MailPipeline:
                 self._held.update(leasing)
                 raise
         async with self._claiming:  # held before another worker reads what is waiting
-            batch = await self._inbox.waiting(CLAIM_BATCH, self._held)
+            finished: set[str] = set()
+            self._finished_while_reading = finished
+            try:
+                found = await self._inbox.waiting(CLAIM_BATCH, self._held)
+            finally:
+                self._finished_while_reading = None
+            # A message finished before this read began has its outcome stored (the write
+            # returned first): the read does not see it waiting.
+            batch = [doc for doc in found if doc["_id"] not in finished]
             self._held.update(doc["_id"] for doc in batch)
             return batch
 
@@ -300,6 +313,8 @@ class MailPipeline:
             def settled(one: Read) -> None:
                 left.remove(one[0]["_id"])
                 self._held.discard(one[0]["_id"])
+                if self._finished_while_reading is not None:
+                    self._finished_while_reading.add(one[0]["_id"])
 
             # The first copy of each message side by side; those that reach a record wait in
             # ``pending`` and are written together (``_deliver_all``): one insert of their
@@ -581,12 +596,12 @@ class MailPipeline:
             except Exception as exc:
                 raise_if_stopping()
                 failures[d.doc["_id"]] = exc
-        # One notice per record and responsible person for the batch's new mail on it.
-        told: dict[tuple[str, str], list[Delivery]] = {}
+        # One notice per responsible person for the batch's new mail on their records.
+        told: dict[str, list[Delivery]] = {}
         for d, activity_id in finished:
             record = d.match.record
             if activity_id is not None and not d.auto_reply and record is not None:
-                told.setdefault((record["responsible_id"], record["_id"]), []).append(d)
+                told.setdefault(record["responsible_id"], []).append(d)
         for failed in await asyncio.gather(
             *(self._notify_many(batch) for batch in told.values()), return_exceptions=True
         ):
@@ -682,23 +697,30 @@ class MailPipeline:
         )
 
     async def _notify_many(self, batch: list[Delivery]) -> None:
-        """New mail of one batch on one record: one notice to its responsible person (one
-        message per mail was one chat write per reply)."""
+        """New mail of one batch to one responsible person: one notice (one message per mail
+        was one chat write per reply; one per record still about one per reply in a burst,
+        the batch's replies going to different records: a message insert and its event
+        each). On one record it names the record once, on several each line names its own."""
         first = batch[0]
         record = first.match.record
         assert record is not None
         if len(batch) == 1:
             await self._notify(record, first.mail, first.verdict)
             return
-        lines = [
-            f"{_from(d.mail, d.verdict)}: {d.mail.subject or '(no subject)'}"
-            for d in batch[:NOTICE_LINES]
-        ]
+        one_record = all((d.match.record or {}).get("_id") == record["_id"] for d in batch)
+
+        def line(d: Delivery) -> str:
+            said = f"{_from(d.mail, d.verdict)}: {d.mail.subject or '(no subject)'}"
+            if one_record or d.match.record is None:
+                return said
+            return f"{said} (on “{d.match.record.get('title', '')}”)"
+
+        lines = [line(d) for d in batch[:NOTICE_LINES]]
         if len(batch) > NOTICE_LINES:
             lines.append(f"and {len(batch) - NOTICE_LINES} more")
+        where = f" on “{record.get('title', '')}”" if one_record else ""
         await self._im.post_system_notice(
-            record["responsible_id"],
-            f"{len(batch)} new emails on “{record.get('title', '')}”: " + "; ".join(lines),
+            record["responsible_id"], f"{len(batch)} new emails{where}: " + "; ".join(lines)
         )
 
     async def _save_attachments(self, raw_id: str, mail: ParsedMail) -> list[dict[str, Any]]:

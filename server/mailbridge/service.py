@@ -21,6 +21,7 @@ from gridfs.errors import NoFile
 from pydantic import SecretStr, ValidationError
 
 from server.background import raise_if_stopping, stop
+from server.caching import SharedLoad
 from server.crm.core import record_title
 from server.crm.rules import may_manage_settings
 from server.crm.service import Crm
@@ -207,6 +208,10 @@ class MailBridge:
         self._uploads = AsyncGridFSBucket(store.db, bucket_name="mail_uploads")
         self._cached: MailSettings | None = None
         self._cached_at = 0.0
+        # One read when the copy runs out: every message of every worker's batch asks for
+        # the settings, and each read them again (0.13 reads per reply in a burst).
+        self._settings_read: SharedLoad[MailSettings] = SharedLoad()
+        self._settings_generation = 0  # moved by an update: no read begun before it is kept
         # IMAP's XOAUTH2 access tokens, per mailbox (the mailboxes are this service's data)
         self.tokens = TokenSource(self._rotated)
         self._collectors: dict[str, MailboxCollector] = {}
@@ -337,11 +342,15 @@ class MailBridge:
     async def settings(self) -> MailSettings:
         if self._cached is not None and time.monotonic() - self._cached_at < SETTINGS_TTL_SECONDS:
             return self._cached
-        taken = time.monotonic()
+        return await self._settings_read.run(self._settings_generation, self._read_settings)
+
+    async def _read_settings(self) -> MailSettings:
+        taken, generation = time.monotonic(), self._settings_generation
         doc = await self._store["mail_settings"].find_one({"_id": "settings"}) or {}
         doc.pop("_id", None)
         found = MailSettings.model_validate(doc)
-        self._cached, self._cached_at = found, taken
+        if generation == self._settings_generation:
+            self._cached, self._cached_at = found, taken
         return found
 
     async def update_settings(self, patch: MailSettingsUpdate) -> MailSettings:
@@ -366,6 +375,7 @@ class MailBridge:
         await self._store["mail_settings"].update_one(
             {"_id": "settings"}, {"$set": merged.model_dump()}, upsert=True
         )
+        self._settings_generation += 1
         self._cached, self._cached_at = merged, time.monotonic()
         return merged
 
