@@ -400,6 +400,10 @@ async def test_the_full_check_reads_activities_in_index_ranges(
             filters.append(filter)
             return self._collection.find(filter, *args, **kwargs)
 
+        def with_options(self, *args: Any, **kwargs: Any) -> Recorded:
+            # the check reads its pages through other decoding options (CHECK_CODEC)
+            return Recorded(self._collection.with_options(*args, **kwargs))
+
         def __getattr__(self, name: str) -> Any:
             return getattr(self._collection, name)
 

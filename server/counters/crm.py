@@ -30,10 +30,11 @@ import logging
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from bson.codec_options import CodecOptions
 from pymongo import UpdateOne
 from pymongo.errors import DuplicateKeyError
 
@@ -88,6 +89,10 @@ CHECK_PAUSE = timedelta(seconds=2)
 # this many pages asked for ahead of the one being counted, in batches of this many.
 CHECK_PAGES_AHEAD = 2
 CHECK_PAGE_BATCH = 20_000
+# ... decoded without time zones: making each of an activity's three dates aware took most of
+# the check's own decoding (5.7 us an activity against 1.6 us naive, at a million 4 s of the
+# CLI's 11 s of CPU), and only the deadline is used, made aware again by ``_aware``.
+CHECK_CODEC: CodecOptions[Document] = CodecOptions(tz_aware=False)
 # Told on the bus after every write of a user's numbers: every node drops its copy.
 STORED = "crm.counters.stored"
 
@@ -176,6 +181,14 @@ def _update(delta: Numbers | None, sets: Document | None, earliest: datetime | N
     if earliest is not None:
         update["$min"] = {"next_at": earliest}
     return update
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """A date the check read without time zone (``CHECK_CODEC``: stored dates are UTC) made
+    comparable with the aware ones again; an aware one as it is."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 def _job_id(user_id: str) -> str:
@@ -1031,7 +1044,7 @@ class CrmCounters:
             tally = tallies.get(user)
             if tally is None:
                 return  # someone no longer among the users
-            deadline = act.get("deadline")
+            deadline = _aware(act.get("deadline"))
             kind = kind_of(False, incoming, deadline, moments[user], thresholds[user])
             if kind is Kind.INCOMING:
                 tally[owner_type]["incoming"] += 1
@@ -1126,7 +1139,7 @@ class CrmCounters:
         """The open activities of each (holder, record type): one range of ``count_item``
         each, ``CHECK_PAGES_AHEAD`` of them asked for while the caller counts the one before
         (the database reads its index while this process counts)."""
-        activities = self._store["crm_activities"]
+        activities = self._store["crm_activities"].with_options(codec_options=CHECK_CODEC)
 
         async def read(holder: str, record_type: str) -> list[Document]:
             found = activities.find(
