@@ -4,6 +4,7 @@ the counters recomputed from the database by the pure rules."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from server.counters.crm import CHECK_AHEAD_ACTIVITIES, CHECK_PAGES_AHEAD
 from server.counters.rules import (
     ActivityFacts,
     CounterMode,
@@ -400,6 +402,10 @@ async def test_the_full_check_reads_activities_in_index_ranges(
             filters.append(filter)
             return self._collection.find(filter, *args, **kwargs)
 
+        def with_options(self, *args: Any, **kwargs: Any) -> Recorded:
+            # the check reads its pages through other decoding options (CHECK_CODEC)
+            return Recorded(self._collection.with_options(*args, **kwargs))
+
         def __getattr__(self, name: str) -> Any:
             return getattr(self._collection, name)
 
@@ -417,6 +423,45 @@ async def test_the_full_check_reads_activities_in_index_ranges(
         assert stage == "IXSCAN", (read, stage)
         assert index == "count_item", (read, index)
     assert {"record_responsible_id": mary_id, "owner_type": "deal", "completed": False} in filters
+
+
+async def test_the_check_asks_for_pages_ahead_within_an_activity_budget(
+    hub: HubHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check's pages are asked for ahead of the one being counted, up to
+    CHECK_PAGES_AHEAD of them, but never more than CHECK_AHEAD_ACTIVITIES expected activities
+    in flight (the database holds each page whole): a person holding more than that is read
+    on their own. Every page comes out once, in order."""
+    counters = hub.services.crm.counters
+    pages = [(f"person{i}", "deal") for i in range(12)]
+    sizes = dict.fromkeys(pages, CHECK_AHEAD_ACTIVITIES // 10)
+    sizes[pages[8]] = CHECK_AHEAD_ACTIVITIES * 2
+    asked: list[str] = []
+    finished: set[str] = set()
+    peak = 0
+
+    def read(holder: str, record_type: str) -> Any:
+        nonlocal peak
+        asked.append(holder)
+        flight = [h for h in asked if h not in finished]
+        peak = max(peak, len(flight))
+        held = sum(sizes[h, record_type] for h in flight)
+        assert len(flight) == 1 or held <= CHECK_AHEAD_ACTIVITIES, (holder, flight)
+
+        async def page() -> list[dict[str, Any]]:
+            await asyncio.sleep(0)
+            finished.add(holder)
+            return [{"_id": holder}]
+
+        return page()
+
+    monkeypatch.setattr(counters, "_read_page", read)
+    seen: list[str] = []
+    async with contextlib.aclosing(counters._pages(pages, sizes)) as paged:
+        async for page in paged:
+            seen.extend(act["_id"] for act in page)
+    assert seen == asked == [holder for holder, _ in pages]
+    assert peak == CHECK_PAGES_AHEAD
 
 
 async def test_the_full_check_finds_an_activity_whose_copy_names_nobody(hub: HubHarness) -> None:
