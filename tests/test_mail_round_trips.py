@@ -351,6 +351,20 @@ async def test_on_the_embedded_database_a_raw_message_is_written_once_after_its_
         assert b"Carl Client" in await hub.services.mail.inbox.raw_of(doc)
 
 
+def replies_by_code(sent: list[Any]) -> list[bytes]:
+    """One reply from the client to each of ``sent`` (mail sent from the CRM), found by the
+    code in its plus address."""
+    return [
+        mail(
+            "Carl Client <client@example.test>",
+            f"RE: {on['Subject']}",
+            f"by code {n}",
+            to=plus_address(on),
+        ).as_bytes()
+        for n, on in enumerate(sent)
+    ]
+
+
 async def test_a_batch_of_replies_to_one_record_makes_one_notice_naming_them(
     counted: tuple[HubHarness, Commands], sink: Sink
 ) -> None:
@@ -361,15 +375,7 @@ async def test_a_batch_of_replies_to_one_record_makes_one_notice_naming_them(
     sent = await send_from_deal(hub, ctx, sink)
     await marked_sent(hub)
     before = await notices(hub, ctx["mary_id"])
-    by_code = [
-        mail(
-            "Carl Client <client@example.test>",
-            f"RE: {sent['Subject']}",
-            f"by code {n}",
-            to=plus_address(sent),
-        ).as_bytes()
-        for n in range(3)
-    ]
+    by_code = replies_by_code([sent, sent, sent])
     await store_all(hub, by_code)
     assert await hub.services.mail.pipeline.drain() == 3
     await quiet(hub)
@@ -406,15 +412,7 @@ async def test_a_batch_of_replies_to_several_records_makes_one_notice_per_person
     await marked_sent(hub)
     await quiet(hub)
     before = await notices(hub, ctx["mary_id"])
-    by_code = [
-        mail(
-            "Carl Client <client@example.test>",
-            f"RE: {on['Subject']}",
-            f"by code {n}",
-            to=plus_address(on),
-        ).as_bytes()
-        for n, on in enumerate([sent, sent_other, sent])
-    ]
+    by_code = replies_by_code([sent, sent_other, sent])
     await store_all(hub, by_code)
     mark = commands.mark()
     assert await hub.services.mail.pipeline.drain() == 3
