@@ -214,3 +214,39 @@ async def test_a_conversion_and_a_new_responsible_read_activities_by_an_index(
     assert finds.seen
     for find in finds.seen:
         assert served_by_index("crm_activities", find["filter"]), find
+
+
+async def test_a_list_pages_indicators_read_only_the_open_activities(
+    watched: tuple[HubHarness, FindsOn], store: Store
+) -> None:
+    """A page of deals reads its deals' open activities for their indicators in one query;
+    the deals' completed history (30 each here, years of it in a real CRM) is not read."""
+    hub, finds = watched
+    _, mary = await hub.create_user("mary")
+    deal_ids = []
+    for title in ("One", "Two", "Three"):
+        made = await hub.request("POST", "/api/v1/crm/deals", token=mary, json={"title": title})
+        assert made.status == 201, made.body
+        deal_ids.append(made.body["id"])
+    first = await hub.request(
+        "POST",
+        "/api/v1/crm/activities",
+        token=mary,
+        json={"owner_type": "deal", "owner_id": deal_ids[0], "type": "call", "subject": "Ring"},
+    )
+    assert first.status == 201, first.body
+    template = await store["crm_activities"].find_one({"_id": first.body["id"]})
+    assert template is not None and template["completed"] is False
+    history = [
+        {**template, "_id": str(ObjectId()), "owner_id": deal_id, "completed": True}
+        for deal_id in deal_ids
+        for _ in range(30)
+    ]
+    await store["crm_activities"].insert_many(history)
+    finds.seen.clear()
+    resp = await hub.request("GET", "/api/v1/crm/deals", token=mary)
+    assert resp.status == 200, resp.body
+    assert {r["id"] for r in resp.body["records"]} == set(deal_ids)
+    several = [f for f in finds.seen if isinstance(f["filter"].get("owner_id"), dict)]
+    assert len(several) == 1, finds.seen
+    assert await finds.examined(store, several[0]) == 1  # the one open activity

@@ -256,10 +256,10 @@ async def test_the_batchs_lookups_use_a_full_index(
         ),
         ("records", "_id_", store["crm_records"], {"_id": {"$in": [deal_id, contact_id]}}),
         (
-            "open activities of records (indicators)",
-            "owner",
+            "open activities of records, indicators",
+            "owner_open",
             store["crm_activities"],
-            {"owner_id": {"$in": [deal_id, contact_id]}},
+            {"owner_id": {"$in": [deal_id, contact_id]}, "completed": False},
         ),
         (
             "senders",

@@ -134,18 +134,18 @@ class CrmCore:
         if not ids:
             return found
         # What an indicator reads of each, not the activities' texts (an e-mail's bodies), in
-        # one reply however many are open (the driver's first batch holds 101). The embedded
-        # database answers ``owner_id $in`` with ``completed`` by scanning the collection, so
-        # one record is looked up by both fields of the index and several by ``owner_id``
-        # alone (its index prefix), their completed activities dropped here.
+        # one reply however many are open (the driver's first batch holds 101). One record is
+        # looked up by both fields of the ``owner`` index; several by the ``owner_open`` index,
+        # which holds only open activities (the embedded database scans the collection for
+        # ``owner_id $in`` beside ``completed`` on a compound index): the records' completed
+        # history is not read.
         query: Document = (
             {"owner_id": ids[0], "completed": False}
             if len(ids) == 1
-            else {"owner_id": {"$in": ids}}
+            else {"owner_id": {"$in": ids}, "completed": False}
         )
         async for act in self.activities.find(query, FACT_FIELDS, batch_size=10_000):
-            if not act.get("completed"):
-                found.setdefault(act["owner_id"], []).append(activity_facts(act))
+            found.setdefault(act["owner_id"], []).append(activity_facts(act))
         return found
 
     async def indicators(
