@@ -626,8 +626,10 @@ class Hub:
             await self._offer_state(event, state)
         elif event.streams:
             # A connection still before its snapshot would get the event ahead of it; the
-            # snapshot it is about to get holds the state as it was read.
-            skip = list(self._before_snapshot) if self._before_snapshot else None
+            # snapshot it is about to get holds the state as it was read. The set itself: the
+            # pass over the room is synchronous (as with ``replaying`` above), and a copy per
+            # event cost one per connection of a connect burst.
+            skip = self._before_snapshot or None
             await self._emit(event.type, event.data, room=list(event.streams), skip_sid=skip)
 
     async def _offer_state(self, event: EphemeralEvent, state: VersionedState) -> None:

@@ -80,8 +80,6 @@ ANNOUNCE_GRACE_SECONDS = 5.0
 # to this long before the message are read too (another node's clock may be behind).
 EVENT_CLOCK_MARGIN = timedelta(seconds=60)
 EVENT_SCAN_PAGE = 200
-
-
 # A history page is read from a range of the chat's messages closed on both sides. The
 # embedded database fetches every document of an index range before it sorts and limits: a
 # page of 50 newest-first took it 2.6 ms in a chat of 100 messages, 25 ms of 1,000 and 88 ms
