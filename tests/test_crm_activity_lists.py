@@ -37,6 +37,21 @@ async def watched(settings: Settings, store: Store) -> AsyncIterator[tuple[HubHa
         yield hub, finds
 
 
+async def first_call(hub: HubHarness, store: Store, token: str, deal_id: str) -> Document:
+    """An open call on ``deal_id`` made through the API, as stored: the template the tests
+    copy their activities from."""
+    made = await hub.request(
+        "POST",
+        "/api/v1/crm/activities",
+        token=token,
+        json={"owner_type": "deal", "owner_id": deal_id, "type": "call", "subject": "Ring"},
+    )
+    assert made.status == 201, made.body
+    template = await store["crm_activities"].find_one({"_id": made.body["id"]})
+    assert template is not None
+    return template
+
+
 async def one_query(
     hub: HubHarness, store: Store, actor_id: str, query: dict[str, Any]
 ) -> list[str]:
@@ -100,15 +115,7 @@ async def test_every_list_is_what_one_query_of_all_its_conditions_gives(
         made = await hub.request("POST", f"/api/v1/crm/{kind}", token=mary, json=body)
         assert made.status == 201, made.body
         owners.append((made.body["type"], made.body["id"]))
-    first = await hub.request(
-        "POST",
-        "/api/v1/crm/activities",
-        token=mary,
-        json={"owner_type": "deal", "owner_id": owners[0][1], "type": "call", "subject": "Ring"},
-    )
-    assert first.status == 201, first.body
-    template = await store["crm_activities"].find_one({"_id": first.body["id"]})
-    assert template is not None
+    template = await first_call(hub, store, mary, owners[0][1])
     rng = random.Random(20261207)
     now = utcnow()
     copies: list[Document] = []
@@ -228,15 +235,8 @@ async def test_a_list_pages_indicators_read_only_the_open_activities(
         made = await hub.request("POST", "/api/v1/crm/deals", token=mary, json={"title": title})
         assert made.status == 201, made.body
         deal_ids.append(made.body["id"])
-    first = await hub.request(
-        "POST",
-        "/api/v1/crm/activities",
-        token=mary,
-        json={"owner_type": "deal", "owner_id": deal_ids[0], "type": "call", "subject": "Ring"},
-    )
-    assert first.status == 201, first.body
-    template = await store["crm_activities"].find_one({"_id": first.body["id"]})
-    assert template is not None and template["completed"] is False
+    template = await first_call(hub, store, mary, deal_ids[0])
+    assert template["completed"] is False
     history = [
         {**template, "_id": str(ObjectId()), "owner_id": deal_id, "completed": True}
         for deal_id in deal_ids
