@@ -6,12 +6,14 @@ of changes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from server import cli
 from server.settings import Settings
 from server.store.database import Document, Store
 from server.tasks.counters import TaskCounters
@@ -320,3 +322,26 @@ async def test_no_drift_after_random_changes(hub: HubHarness) -> None:
             await stored_equals_count(hub, *ids)
     await stored_equals_count(hub, *ids)
     assert (await hub.services.tasks.stored_counters.check()).clean
+
+
+async def test_the_cli_check_reports_task_counter_drift_and_repairs_it(
+    hub: HubHarness, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``portalhub counters check``: the stored task counters are part of its report."""
+    _, alice = await hub.create_user("alice")
+    bob_id, _ = await hub.create_user("bob")
+    await create(hub, alice, title="One", responsible_ids=[bob_id])
+    right = await hub.services.tasks.count(bob_id)
+    wrong = {role: dict(values) for role, values in right.items()}
+    wrong["total"]["new"] = 3
+    coll = hub.services.store["task_counters"]
+    await coll.update_one({"_id": bob_id}, {"$set": {"counters": wrong}})
+    capsys.readouterr()
+    assert await cli.counters_check(settings, repair=False, as_json=True) is False
+    report = json.loads(capsys.readouterr().out)["tasks"]
+    assert report["differences"] == {bob_id: {"stored": wrong, "counted": right}}
+    assert await cli.counters_check(settings, repair=True, as_json=False) is True
+    assert "stored task counters differ" in capsys.readouterr().out
+    assert (await stored(hub, bob_id))["counters"] == right
+    assert await cli.counters_check(settings, repair=False, as_json=False) is True
+    assert "task counters are correct" in capsys.readouterr().out
