@@ -40,6 +40,7 @@ from server.store import Store, open_store
 from server.store.database import utcnow
 from server.store.embedded import EmbeddedDatabaseError
 from server.store.files import PRIVATE_UMASK
+from server.tasks.counters import TaskCounters
 from server.web.limits import LimitedSite, http_runner
 
 log = logging.getLogger("portalhub")
@@ -221,8 +222,9 @@ async def user_passwd(settings: Settings, login: str, password: str) -> None:
 
 
 async def counters_check(settings: Settings, repair: bool, as_json: bool) -> bool:
-    """Recount every user's CRM counters from the activities and the messenger's unread
-    numbers from the messages; True when nothing differed."""
+    """Recount every user's CRM counters from the activities, the messenger's unread
+    numbers from the messages and the stored task counters from the tasks; True when
+    nothing differed."""
     async with open_store(settings, reuse_running=True) as store:
         crm, _ = _crm(store, settings)
         started = time.perf_counter()
@@ -231,6 +233,21 @@ async def counters_check(settings: Settings, repair: bool, as_json: bool) -> boo
         started = time.perf_counter()
         im_report = await ImCheck(store).check(repair=repair)
         im_elapsed = time.perf_counter() - started
+        started = time.perf_counter()
+        task_counters = TaskCounters(store, InProcessBus(), settings)
+        task_report = await task_counters.check(repair=repair)
+        await task_counters.close()
+        task_elapsed = time.perf_counter() - started
+    task_summary = {
+        "users": task_report.users_checked,
+        "users_busy": task_report.users_busy,
+        "repaired": task_report.repaired,
+        "seconds": round(task_elapsed, 3),
+    }
+    task_differences = {
+        user_id: {"stored": before, "counted": after}
+        for user_id, (before, after) in task_report.differences.items()
+    }
     im_summary = {**im_report.summary(), "seconds": round(im_elapsed, 3)}
     summary = {
         "users": report.users_checked,
@@ -248,8 +265,12 @@ async def counters_check(settings: Settings, repair: bool, as_json: bool) -> boo
             "member_differences": im_report.member_differences,
             "unread_differences": im_report.unread_differences,
         }
+        tasks = {**task_summary, "differences": task_differences}
         print(
-            json.dumps({**summary, "differences": report.counter_differences, "im": im}, indent=2)
+            json.dumps(
+                {**summary, "differences": report.counter_differences, "im": im, "tasks": tasks},
+                indent=2,
+            )
         )
     else:
         print(
@@ -288,7 +309,22 @@ async def counters_check(settings: Settings, repair: bool, as_json: bool) -> boo
             print("repaired; running hubs read them within PORTALHUB_CACHE_TTL_SECONDS")
         else:
             print("run with --repair to fix")
-    return (report.clean and im_report.clean) or repair
+        print(
+            f"tasks: checked the stored task counters of {task_summary['users']} users "
+            f"in {task_summary['seconds']} s"
+        )
+        for user_id, found in sorted(task_differences.items()):
+            print(f"  user {user_id}: stored task counters differ: {json.dumps(found)}")
+        if task_report.clean:
+            print("task counters are correct")
+        elif repair:
+            print(
+                "repaired; running hubs read them within PORTALHUB_CACHE_TTL_SECONDS, clients "
+                "at their next task change or connect"
+            )
+        else:
+            print("run with --repair to fix")
+    return (report.clean and im_report.clean and task_report.clean) or repair
 
 
 async def mail_keys(settings: Settings, action: str, kid: str | None) -> None:
@@ -357,12 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     passwd = user_sub.add_parser("passwd", help="set a user's password")
     passwd.add_argument("login")
     passwd.add_argument("--password-stdin", action="store_true")
-    counters_p = sub.add_parser("counters", help="CRM counters and unread messages")
+    counters_p = sub.add_parser("counters", help="CRM counters, unread messages, task counters")
     counters_sub = counters_p.add_subparsers(dest="counters_command", required=True)
     check = counters_sub.add_parser(
         "check",
-        help="recount everyone's CRM counters from the activities and unread messages from "
-        "the messages; exit 1 on drift",
+        help="recount everyone's CRM counters from the activities, unread messages from "
+        "the messages and stored task counters from the tasks; exit 1 on drift",
     )
     check.add_argument("--repair", action="store_true", help="write the recounted numbers")
     check.add_argument("--json", action="store_true", help="machine-readable report")

@@ -19,6 +19,7 @@ from server.im.models import SendMessage
 from server.im.rules import chat_stream
 from server.settings import Settings
 from server.store.database import Document, Store, utcnow
+from server.tasks.counters import UNFINISHED
 from tests.harness import HubHarness, start_hub
 
 
@@ -69,6 +70,19 @@ async def test_hot_queries_use_an_index_and_examine_what_they_return(fast_hub: H
     token_doc = await store.tokens.find_one({"user_id": alice_id})
     assert token_doc is not None and alice
 
+    # alice's history of tasks: a recount of her task counters reads the open one
+    await store["tasks"].insert_many(
+        [
+            {
+                "responsible_id": alice_id,
+                "author_id": bob_id,
+                "participant_ids": [bob_id, alice_id],
+                "status": 5 if n else 2,
+            }
+            for n in range(12)
+        ]
+    )
+
     queries: list[tuple[str, str, Callable[[], AsyncCursor[Document]]]] = [
         # connect: the token, the user, memberships, their chats, the heads of their streams
         ("tokens by hash", "_id_", lambda: store.tokens.find({"_id": token_doc["_id"]})),
@@ -80,7 +94,28 @@ async def test_hot_queries_use_an_index_and_examine_what_they_return(fast_hub: H
             "_id_",
             lambda: store.streams.find({"_id": {"$in": [chat_stream(c) for c in chats]}}),
         ),
-        ("tasks by role", "responsible", lambda: store["tasks"].find({"responsible_id": alice_id})),
+        ("task counters", "_id_", lambda: store["task_counters"].find({"_id": alice_id})),
+        # a recount of the stored task counters: the unfinished tasks of one role
+        (
+            "unfinished tasks by role",
+            "responsible_status",
+            lambda: store["tasks"].find(
+                {"responsible_id": alice_id, "status": {"$in": UNFINISHED}}
+            ),
+        ),
+        (
+            "unfinished tasks helped with",
+            "participants_status",
+            lambda: store["tasks"].find(
+                {"participant_ids": alice_id, "status": {"$in": UNFINISHED}}
+            ),
+        ),
+        # a task list; a full count of task counters
+        (
+            "tasks by role",
+            "responsible_status",
+            lambda: store["tasks"].find({"responsible_id": bob_id}),
+        ),
         ("task views", "user", lambda: store["task_views"].find({"user_id": alice_id})),
         ("CRM numbers", "_id_", lambda: store["crm_counters"].find({"_id": alice_id})),
         # replay: what a client missed on a stream

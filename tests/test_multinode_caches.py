@@ -9,10 +9,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
+from server.events.models import EphemeralEvent
 from server.settings import Settings
 from server.store.database import Store
 from tests.harness import HubHarness, start_hub
@@ -209,6 +211,53 @@ async def test_unread_numbers_changed_on_one_node_are_where_a_connect_starts_on_
         return await snapshot_on_two() == {"unread": 0, "chats": {}}
 
     await within(WITHIN, none_unread)
+
+
+async def test_task_counters_changed_on_one_node_are_where_a_connect_starts_on_the_other(
+    two_caching_nodes: tuple[HubHarness, HubHarness],
+) -> None:
+    """Node two keeps a user's task counters as read for a connect (stored) or pushed. A task
+    change made on node one stores them there and pushes them through the bus: node two's
+    next connect starts from the new numbers, and an older push arriving late changes
+    nothing there."""
+    one, two = two_caching_nodes
+    _, alice = await one.create_user("alice")
+    bob_id, bob = await one.create_user("bob")
+
+    async def snapshot_on_two() -> dict[str, Any]:
+        client = await two.connect(bob)
+        try:
+            found: dict[str, Any] = (await client.wait_for("snapshot"))[0]["counters"]["tasks"]
+            await client.wait_for("counters.changed")
+        finally:
+            await client.close()
+        return found
+
+    assert (await snapshot_on_two())["responsible"]["new"] == 0  # kept on node two now
+    created = await one.request(
+        "POST", "/api/v1/tasks", token=alice, json={"title": "T", "responsible_ids": [bob_id]}
+    )
+    assert created.status == 201, created.body
+
+    async def one_new() -> bool:
+        return bool((await snapshot_on_two())["responsible"]["new"] == 1)
+
+    await within(WITHIN, one_new)
+    # a push of an older version (late, from another node) leaves node two's copy as it is
+    kept = two.services.tasks.stored_counters._held.get(bob_id)
+    assert kept is not None and kept.counters["responsible"]["new"] == 1
+    older = {role: dict(values) for role, values in kept.counters.items()}
+    older["responsible"]["new"] = 0
+    await two.services.bus.publish_ephemeral(
+        EphemeralEvent(
+            "counters.changed",
+            {"tasks": older},
+            (f"user:{bob_id}",),
+            private={"tasks": {"version": kept.version - 1, "next_at": None}},
+        )
+    )
+    await asyncio.sleep(0.1)
+    assert await two.services.tasks.counters(bob_id) == kept.counters
 
 
 # Entries past their time to live are still served while a background read refreshes them

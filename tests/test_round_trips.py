@@ -219,14 +219,15 @@ async def test_connect_and_send_cost_the_same_round_trips_whatever_the_history(
             ("update", "streams"): 1,  # the chat stream's head
         }
     ), report
-    # A first connect: the token, the user, the memberships and their chats, the tasks the
-    # user is on (one query per role; their views only when there are some), the CRM's
-    # stored numbers (in the snapshot and after catching up), presence.
+    # A first connect: the token, the user (twice), the memberships and their chats, the
+    # stored task counters, the CRM's stored numbers, presence: 7 commands (10 when the task
+    # counters were counted on read, one query per role, 2026-12-07).
     own, crm = large_first
     assert not any(collection == "messages" for _, collection in own), report
-    assert sum(own.values()) <= 14, report
-    # alice is on no task: counting her task counters reads no task views
-    assert ("find", "task_views") not in own, report
+    assert sum(own.values()) <= 7, report
+    # The task counters are read stored (stored, zero, when the user was made), not counted.
+    assert own[("find", "task_counters")] == 1, report
+    assert not any(collection in ("tasks", "task_views") for _, collection in own), report
     # And no CRM counting: a new user's numbers were stored (zero) when the user was made.
     assert not crm, report
 
@@ -310,8 +311,8 @@ async def test_first_connects_of_one_moment_share_their_reads(
     counted: tuple[HubHarness, Commands],
 ) -> None:
     """A connect burst after a restart is every user's first connect at once: their tokens,
-    users, memberships, tasks, stored presence and CRM numbers are read by one query per kind
-    per round (``BatchLoad``), not one per connect. The token read is held a moment so that
+    users, memberships, stored task counters, presence and CRM numbers are read by one query
+    per kind per round (``BatchLoad``), not one per connect. The token read is held a moment so that
     the burst's connects meet there, as they meet at the database under load."""
     hub, commands = counted
     svc = hub.services
@@ -337,7 +338,9 @@ async def test_first_connects_of_one_moment_share_their_reads(
         await client.close()
     report = {"one": sorted(one.items()), "burst of 8": sorted(burst.items())}
     # Read by each user's first connect (one's others are what all users share).
-    kinds = [("find", k) for k in ("tokens", "users", "chat_members", "tasks", "crm_counters")]
+    kinds = [
+        ("find", k) for k in ("tokens", "users", "chat_members", "task_counters", "crm_counters")
+    ]
     kinds.append(("find", "streams"))  # the user's own stream head: nobody wrote in it yet
     assert burst[("find", "tokens")] <= 2, report
     for kind in kinds:

@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 from server.directory.rules import DepartmentNode, Person, supervisors_of
 from server.tasks.rules import (
+    COUNTED_WHEN_FINISHED,
     COUNTERS_BY_ROLE,
     EXPIRING_WINDOW,
+    FINISHED_STATUSES,
     Action,
     Counter,
     Counters,
@@ -795,3 +797,29 @@ def test_who_cannot_view_can_do_nothing(
         assert actions == frozenset()
     else:
         assert {Action.COPY, Action.COMMENT} <= actions
+
+
+@given(
+    status=st.sampled_from(sorted(FINISHED_STATUSES)),
+    who=st.sampled_from(["author", "resp", "part", "obs"]),
+    deadline=st.sampled_from([None, NOW - timedelta(days=1), NOW + timedelta(hours=2)]),
+    viewed=st.booleans(),
+    comments=st.integers(min_value=0, max_value=3),
+)
+def test_a_finished_task_counts_only_for_comments_not_seen(
+    status: Status, who: str, deadline: datetime | None, viewed: bool, comments: int
+) -> None:
+    """What lets a recount of stored counters skip finished tasks without unseen comments
+    (server/tasks/counters.py): they add nothing, in any role, whatever their deadline."""
+    item = TaskForUser(
+        task=make_task(status, deadline=deadline),
+        created_at=NOW - timedelta(days=3),
+        viewed_at=NOW - timedelta(days=1) if viewed else None,
+        comments_after_view=comments,
+    )
+    counted = counters_for(who, [item], NOW)
+    for role in (counted.responsible, counted.participant, counted.observer, counted.author):
+        for counter in Counter:
+            if counter not in COUNTED_WHEN_FINISHED or comments == 0:
+                assert role.get(counter) == 0, (counter, role)
+    assert counted.total.new_comments == comments

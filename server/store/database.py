@@ -80,10 +80,17 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("origin_keys", ASCENDING)], sparse=True, name="origin_keys_sparse"),
     ],
     "tasks": [
-        IndexModel([("responsible_id", ASCENDING)], name="responsible"),
-        IndexModel([("author_id", ASCENDING)], name="author"),
-        IndexModel([("participant_ids", ASCENDING)], name="participants"),
-        IndexModel([("observer_ids", ASCENDING)], name="observers"),
+        # With the status: a recount of someone's stored task counters reads their unfinished
+        # tasks, not every task they were ever on (server/tasks/counters.py); a role alone
+        # ({responsible_id: {$in}}: lists, full counts) uses the same index.
+        IndexModel(
+            [("responsible_id", ASCENDING), ("status", ASCENDING)], name="responsible_status"
+        ),
+        IndexModel([("author_id", ASCENDING), ("status", ASCENDING)], name="author_status"),
+        IndexModel(
+            [("participant_ids", ASCENDING), ("status", ASCENDING)], name="participants_status"
+        ),
+        IndexModel([("observer_ids", ASCENDING), ("status", ASCENDING)], name="observers_status"),
         IndexModel([("group_id", ASCENDING)], name="group"),
         IndexModel([("parent_id", ASCENDING)], name="parent"),
     ],
@@ -188,6 +195,8 @@ INDEXES: dict[str, list[IndexModel]] = {
 # Indexes replaced by others (partial ones, which the embedded database does not use for
 # lookups, became sparse ones) or no longer used; dropped at start-up.
 OBSOLETE_INDEXES: dict[str, list[str]] = {
+    # the roles alone: now with the status (see INDEXES)
+    "tasks": ["responsible", "author", "participants", "observers"],
     "chats": ["pair_key_unique"],
     "messages": ["dedup_unique", "chat_author_origin_id", "chat_author_origin_origin_id"],
     # Every message's event paid for an entry (an index entry costs the embedded database

@@ -376,6 +376,22 @@ COUNTERS_BY_ROLE: Mapping[Role, frozenset[Counter]] = {
 }
 """Which counters mean something in which role; the others stay at zero there."""
 
+COUNTERS_RULES = 1
+"""The version of the counting rules below. Counters are stored (``server.tasks.counters``)
+with the stamp it makes (``counters_stamp``): bump it with any change to what
+``counters_for`` gives for the same tasks, so that numbers stored under the old rules are
+counted again instead of served."""
+
+COUNTED_WHEN_FINISHED: frozenset[Counter] = frozenset({Counter.NEW_COMMENTS})
+"""What a finished task (``FINISHED_STATUSES``) still counts for, in any role: the comments
+one has not seen. A recount of stored counters reads finished tasks only when they have some
+(``server.tasks.counters``): a test holds ``counters_for`` to this."""
+
+
+def counters_stamp() -> str:
+    """Stored with the counters: the rules and the window they were counted with."""
+    return f"{COUNTERS_RULES}|{int(EXPIRING_WINDOW.total_seconds())}"
+
 
 @dataclass(frozen=True, slots=True)
 class TaskForUser:

@@ -3,13 +3,13 @@ who may see the task -> live counters for everyone the task counts for.
 
 A task change is an event on each viewer's personal stream (`task.updated`, `task.removed`),
 so it replays like everything else, and each viewer gets it with their own roles and allowed
-actions. Counters are recomputed from the database for the people concerned and pushed live.
+actions. The counters of the people concerned are counted again, stored and pushed live
+(``server.tasks.counters``): a reader reads them stored, whatever the number of tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import time
 from datetime import datetime
@@ -17,17 +17,16 @@ from typing import Any
 
 from pymongo import ReturnDocument
 
-from server.caching import BatchLoad, Cache
 from server.channels.ratelimit import TokenBucket
 from server.directory.models import display_name
 from server.directory.rules import DepartmentNode, Person, supervisors_of
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent
 from server.events.streams import StreamLog, user_stream
 from server.im.service import ImService
 from server.settings import Settings
 from server.store.database import Document, Store, new_id, plain, utcnow
+from server.tasks.counters import TaskCounters, task_facts
 from server.tasks.models import (
     CommentOut,
     HistoryEntry,
@@ -43,10 +42,8 @@ from server.tasks.rules import (
     Role,
     Status,
     TaskFacts,
-    TaskForUser,
     Viewer,
     allowed_actions,
-    counters_for,
     initial_status,
     is_overdue,
     may_change_field,
@@ -152,34 +149,17 @@ class TaskService:
         # Task creation per user: a burst, then a steady rate (per node, like messages).
         self._buckets: dict[str, TokenBucket] = {}
         self.on_schedule_changed: list[Any] = []  # the scheduler wakes up on these
-        # Each user's task counters as last pushed. Every change that moves them pushes them
-        # (a task change, a view, a deadline moment, through the scheduler), and every node
-        # keeps what it sees pushed: a connect reads them here, without a query.
-        self._counters: Cache[str, dict[str, Any]] = Cache(
-            settings.cache_max_entries,
-            settings.cache_ttl_seconds,
-            stale_seconds=settings.cache_stale_seconds,
-        )
-        # The tasks each user is on, for the counts of the same moment read together: a
-        # connect burst of users whose counters are not kept (after a restart) costs one
-        # query per role per round, not four per user.
-        self._roles: BatchLoad[str, list[Document]] = BatchLoad(self._read_roles)
-        bus.subscribe_ephemeral(self._on_ephemeral)
-
-    async def _on_ephemeral(self, event: EphemeralEvent) -> None:
-        if event.type == "counters.changed" and isinstance(event.data.get("tasks"), dict):
-            for stream in event.streams:
-                kind, _, user_id = stream.partition(":")
-                if kind == "user":
-                    self._counters.put(user_id, event.data["tasks"])
+        # Each user's task counters, stored by every change that moves them.
+        self.stored_counters = TaskCounters(store, bus, settings)
+        directory.user_created_hooks.append(self.stored_counters.user_created)
 
     def forget_all(self) -> None:
-        """Cached counters may be out of date (pushes were lost)."""
-        self._counters.clear()
+        """Kept counters may be out of date (pushes were lost)."""
+        self.stored_counters.forget_all()
 
     async def close(self) -> None:
         """Stop the counters cache's background refreshes."""
-        await self._counters.close()
+        await self.stored_counters.close()
 
     @property
     def tasks(self) -> Any:
@@ -204,26 +184,7 @@ class TaskService:
 
     def _facts_with(self, doc: Document, group: Document | None) -> TaskFacts:
         """The task's facts, given its workgroup's document (None: none, or gone)."""
-        group_members: frozenset[str] = frozenset()
-        members_see = False
-        if doc.get("group_id") and group is not None:
-            group_members = frozenset(group.get("member_ids", []))
-            members_see = bool(group.get("members_see_tasks", True))
-        return TaskFacts(
-            id=doc["_id"],
-            status=Status(doc["status"]),
-            author_id=doc["author_id"],
-            responsible_id=doc["responsible_id"],
-            participant_ids=frozenset(doc.get("participant_ids", [])),
-            observer_ids=frozenset(doc.get("observer_ids", [])),
-            group_id=doc.get("group_id"),
-            group_members_see_tasks=members_see,
-            group_member_ids=group_members,
-            require_approval=bool(doc.get("require_approval")),
-            responsible_may_change_deadline=bool(doc.get("responsible_may_change_deadline")),
-            deadline=doc.get("deadline"),
-            parent_id=doc.get("parent_id"),
-        )
+        return task_facts(doc, group)
 
     async def viewers_of(
         self, doc: Document, facts: TaskFacts, known: PeopleAndTree | None = None
@@ -350,7 +311,7 @@ class TaskService:
             or before.get("comments_seen") != view.get("comments_seen")
         )
         if changed_view and user_id in involved(doc):
-            await self.push_counters([user_id])
+            await self.push_counters([user_id], [task_id])
         return await self.out(doc, facts, user_id, roles, view)
 
     async def find(self, user: Document, query: TaskQuery) -> list[TaskOut]:
@@ -751,7 +712,7 @@ class TaskService:
             await self._streams.append(
                 user_stream(user_id), "task.removed", {"task_id": doc["_id"], "by": actor_id}
             )
-        await self.push_counters(sorted(involved(doc)))
+        await self.push_counters(sorted(involved(doc)), [doc["_id"]])
 
     async def add_comment(self, user: Document, task_id: str, text: str) -> CommentOut:
         doc, facts, _roles = await self._visible(user, task_id)
@@ -844,7 +805,7 @@ class TaskService:
                 user_stream(user_id), "task.removed", {"task_id": doc["_id"], "by": actor_id}
             )
         await self._notify_newcomers(doc, before, actor_id)
-        await self.push_counters(sorted(before | now_involved))
+        await self.push_counters(sorted(before | now_involved), [doc["_id"]])
         await self.reschedule(doc, facts)
 
     async def _tell(
@@ -927,72 +888,18 @@ class TaskService:
             await self._im.post_system_notice(user_id, f"{who} {what} “{doc['title']}”")
 
     async def counters(self, user_id: str) -> dict[str, Any]:
-        """The user's task counters: as last pushed (cached), else counted."""
-        found = await self._counters.get_or_load(user_id, lambda: self.count(user_id))
-        return dict(found or {})
+        """The user's task counters, as stored (one read; kept as last pushed)."""
+        return await self.stored_counters.get(user_id)
 
     async def count(self, user_id: str) -> dict[str, Any]:
-        """Count the user's task counters: the tasks they are on (one indexed query per role,
-        at once: the embedded database scans the collection for an ``$or``; shared with the
-        counts of the same moment, ``_read_roles``), their views and
-        the tasks' workgroups (one query each, when there are tasks), whatever the number of
-        tasks."""
-        docs = {doc["_id"]: doc for doc in await self._roles.load(user_id) or []}
-        # The views only count for tasks the user is on: on none (most people, most of the
-        # time), a connect that counts does not read them.
-        views = (
-            {v["task_id"]: v async for v in self._store["task_views"].find({"user_id": user_id})}
-            if docs
-            else {}
-        )
-        group_ids = sorted({d["group_id"] for d in docs.values() if d.get("group_id")})
-        groups = (
-            {g["_id"]: g async for g in self._store.workgroups.find({"_id": {"$in": group_ids}})}
-            if group_ids
-            else {}
-        )
-        items: list[TaskForUser] = []
-        for doc in docs.values():
-            view = views.get(doc["_id"], {})
-            items.append(
-                TaskForUser(
-                    task=self._facts_with(doc, groups.get(doc.get("group_id"))),
-                    created_at=doc["created_at"],
-                    viewed_at=view.get("viewed_at"),
-                    comments_after_view=max(
-                        0, int(doc.get("comment_count", 0)) - int(view.get("comments_seen", 0))
-                    ),
-                )
-            )
-        return dataclasses.asdict(counters_for(user_id, items, utcnow()))
+        """The user's task counters counted afresh over every task they are on (not stored):
+        what the stored ones must equal."""
+        return await self.stored_counters.count(user_id)
 
-    async def _read_roles(self, user_ids: list[str]) -> dict[str, list[Document]]:
-        """The tasks each of ``user_ids`` is on, in any role."""
-        roles = ("author_id", "responsible_id", "participant_ids", "observer_ids")
-
-        async def on(field: str) -> list[Document]:
-            return [doc async for doc in self.tasks.find({field: {"$in": user_ids}})]
-
-        found = await asyncio.gather(*(on(field) for field in roles))
-        on_tasks: dict[str, dict[Any, Document]] = {user_id: {} for user_id in user_ids}
-        for field, group in zip(roles, found, strict=True):
-            for doc in group:
-                held = doc.get(field)
-                for user_id in held if isinstance(held, list) else [held]:
-                    if user_id in on_tasks:
-                        on_tasks[user_id][doc["_id"]] = doc
-        return {user_id: list(tasks.values()) for user_id, tasks in on_tasks.items()}
-
-    async def push_counters(self, user_ids: list[str]) -> None:
-        """Count and push the users' task counters (every node keeps them from the push)."""
-        for user_id in user_ids:
-            await self._bus.publish_ephemeral(
-                EphemeralEvent(
-                    "counters.changed",
-                    {"tasks": await self.count(user_id)},
-                    (user_stream(user_id),),
-                )
-            )
+    async def push_counters(self, user_ids: list[str], changed: list[str]) -> None:
+        """Count, store and push the users' task counters after a change of the tasks
+        ``changed`` (every node keeps them from the push)."""
+        await self.stored_counters.store(user_ids, changed)
 
     # time ------------------------------------------------------------------------------------
 
