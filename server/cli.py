@@ -58,6 +58,16 @@ def _directory(store: Store, settings: Settings) -> DirectoryService:
     return directory
 
 
+# The collector's youngest generation is collected every GC_THRESHOLDS[0] allocations (Python's
+# default is 700). In a connect burst 50 connects are under way at any moment, their reads,
+# snapshots and frames alive: collected that often, they were found alive, moved on, and
+# about two full passes (8-42 ms each, every connection stopped) ran per series of 1,000
+# connects. A connect with history makes more of them (27-47 chats): the collector took
+# 102-125 ms of a series with history against 34-78 ms on the empty history; with 10,000,
+# 16-57 ms and 9-23 ms (fewer, larger passes; docs/benchmarks.md, 2026-12-07 18:23-18:50).
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
 def print_logins(logins: list[tuple[str, str]], password: str) -> None:
     print(f"Demo logins (password: {password}):")
     for login, position in logins:
@@ -86,6 +96,7 @@ async def serve(settings: Settings, demo: bool, demo_password: str | None) -> No
             # served: frozen garbage would never be freed.
             gc.collect()
             gc.freeze()
+            gc.set_threshold(*GC_THRESHOLDS)
             await site.start()
             xmpp = app[SERVICES].xmpp
             if xmpp is not None:

@@ -425,3 +425,26 @@ async def test_a_message_is_flushed_once_by_its_last_write_before_it_is_publishe
     # The bookkeeping is still written, after the publication.
     after = {w[2] for w in writes.seen[published[0] :] if w[0] == "started"}
     assert {"chats", "chat_members", "streams"} <= after, writes.seen[mark:]
+
+
+async def test_a_burst_reads_its_users_memberships_in_one_reply(
+    counted: tuple[HubHarness, Commands], store: Store
+) -> None:
+    """Eight users' first connects of one moment read their memberships by one query. With
+    history (27-47 chats a user) those are about 300 rows, and the database's first reply
+    holds 101: each such read took one more round trip (getMore) on the burst's way."""
+    hub, commands = counted
+    state = hub.services.im._state
+    await store["chat_members"].insert_many(
+        [
+            {"_id": f"c{c}|u{u}", "chat_id": f"c{c}", "user_id": f"u{u}", "read_n": c}
+            for u in range(8)
+            for c in range(40)
+        ]
+    )
+    state.forget_all()
+    mark = commands.mark()
+    found = await asyncio.gather(*(state.member_map(f"u{u}") for u in range(8)))
+    assert [len(m) for m in found] == [40] * 8
+    assert found[3]["c7"].read_n == 7
+    assert commands.since(mark) == Counter({("find", "chat_members"): 1})
