@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from server import cli
+from server.events.bus import InProcessBus
 from server.settings import Settings
 from server.store.database import Document, Store
 from server.tasks.counters import TaskCounters
@@ -345,3 +346,33 @@ async def test_the_cli_check_reports_task_counter_drift_and_repairs_it(
     assert (await stored(hub, bob_id))["counters"] == right
     assert await cli.counters_check(settings, repair=False, as_json=False) is True
     assert "task counters are correct" in capsys.readouterr().out
+
+
+async def test_a_kept_copy_past_its_next_moment_is_not_served_while_it_refreshes(
+    settings: Settings, store: Store
+) -> None:
+    """A node's copy past its time to live is served while one background read refreshes
+    it; one also past its deadline moment (``next_at``) holds numbers that are wrong now, and
+    is read instead."""
+    settings = settings.model_copy(update={"cache_ttl_seconds": 0.05, "cache_stale_seconds": 600})
+    stamp = counters_stamp()
+    moment = datetime.now(UTC) + timedelta(seconds=0.5)
+    await store["task_counters"].insert_one(
+        {
+            "_id": "u-late",
+            "counters": {"as_stored": 1},
+            "rules": stamp,
+            "next_at": moment,
+            "finished_unseen": [],
+            "version": 1,
+        }
+    )
+    counters = TaskCounters(store, InProcessBus(), settings)
+    try:
+        assert await counters.get("u-late") == {"as_stored": 1}
+        await asyncio.sleep(0.7)  # past the time to live and past next_at
+        fresh = await counters.get("u-late")
+        assert fresh == await counters.count("u-late")
+        assert "as_stored" not in fresh
+    finally:
+        await counters.close()

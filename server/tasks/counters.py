@@ -238,6 +238,12 @@ class TaskCounters:
         if held is not None and not held.fresh(utcnow()):
             self._held.invalidate(user_id)
         found = await self._held.get_or_load(user_id, lambda: self._load(user_id))
+        if found is not None and not found.fresh(utcnow()):
+            # An entry past its time to live is served while a background read refreshes it
+            # (``cache_stale_seconds``); past its deadline moment too, its numbers are wrong
+            # now: read, not served.
+            self._held.invalidate(user_id)
+            found = await self._held.get_or_load(user_id, lambda: self._load(user_id))
         return dict(found.counters) if found is not None else {}
 
     async def _load(self, user_id: str) -> Held:
