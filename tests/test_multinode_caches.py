@@ -164,6 +164,18 @@ async def test_crm_numbers_changed_on_one_node_are_where_a_connect_starts_on_the
     await within(WITHIN, starts_from_the_new_numbers)
 
 
+async def counters_at_connect(node: HubHarness, token: str, kind: str) -> dict[str, Any]:
+    """The ``kind`` counters in the snapshot a connect to ``node`` gets (the connection is
+    closed once its caught-up counters have come too)."""
+    client = await node.connect(token)
+    try:
+        found: dict[str, Any] = (await client.wait_for("snapshot"))[0]["counters"][kind]
+        await client.wait_for("counters.changed")
+    finally:
+        await client.close()
+    return found
+
+
 async def test_unread_numbers_changed_on_one_node_are_where_a_connect_starts_on_the_other(
     two_caching_nodes: tuple[HubHarness, HubHarness],
 ) -> None:
@@ -179,16 +191,7 @@ async def test_unread_numbers_changed_on_one_node_are_where_a_connect_starts_on_
     assert sent.status == 201, sent.body
     chat_id = sent.body["messages"][0]["chat_id"]
 
-    async def snapshot_on_two() -> dict[str, object]:
-        client = await two.connect(alice)
-        try:
-            found: dict[str, object] = (await client.wait_for("snapshot"))[0]["counters"]["im"]
-            await client.wait_for("counters.changed")
-        finally:
-            await client.close()
-        return found
-
-    assert await snapshot_on_two() == {"unread": 1, "chats": {chat_id: 1}}
+    assert await counters_at_connect(two, alice, "im") == {"unread": 1, "chats": {chat_id: 1}}
     assert alice_id in two.services.im._counted  # what node two's next connect starts from
     again = await one.request(
         "POST", "/api/v1/im/messages", token=bob, json={"to": [alice_id], "text": "two"}
@@ -196,7 +199,7 @@ async def test_unread_numbers_changed_on_one_node_are_where_a_connect_starts_on_
     assert again.status == 201, again.body
 
     async def two_unread() -> bool:
-        return await snapshot_on_two() == {"unread": 2, "chats": {chat_id: 2}}
+        return await counters_at_connect(two, alice, "im") == {"unread": 2, "chats": {chat_id: 2}}
 
     await within(WITHIN, two_unread)
     read = await one.request(
@@ -208,7 +211,7 @@ async def test_unread_numbers_changed_on_one_node_are_where_a_connect_starts_on_
     assert read.status == 200, read.body
 
     async def none_unread() -> bool:
-        return await snapshot_on_two() == {"unread": 0, "chats": {}}
+        return await counters_at_connect(two, alice, "im") == {"unread": 0, "chats": {}}
 
     await within(WITHIN, none_unread)
 
@@ -224,23 +227,15 @@ async def test_task_counters_changed_on_one_node_are_where_a_connect_starts_on_t
     _, alice = await one.create_user("alice")
     bob_id, bob = await one.create_user("bob")
 
-    async def snapshot_on_two() -> dict[str, Any]:
-        client = await two.connect(bob)
-        try:
-            found: dict[str, Any] = (await client.wait_for("snapshot"))[0]["counters"]["tasks"]
-            await client.wait_for("counters.changed")
-        finally:
-            await client.close()
-        return found
-
-    assert (await snapshot_on_two())["responsible"]["new"] == 0  # kept on node two now
+    # kept on node two now
+    assert (await counters_at_connect(two, bob, "tasks"))["responsible"]["new"] == 0
     created = await one.request(
         "POST", "/api/v1/tasks", token=alice, json={"title": "T", "responsible_ids": [bob_id]}
     )
     assert created.status == 201, created.body
 
     async def one_new() -> bool:
-        return bool((await snapshot_on_two())["responsible"]["new"] == 1)
+        return bool((await counters_at_connect(two, bob, "tasks"))["responsible"]["new"] == 1)
 
     await within(WITHIN, one_new)
     # a push of an older version (late, from another node) leaves node two's copy as it is
