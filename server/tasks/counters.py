@@ -234,14 +234,11 @@ class TaskCounters:
     async def get(self, user_id: str) -> dict[str, Any]:
         """The user's counters: as kept, else as stored (counted and stored first when they
         are missing, under other rules or past a deadline moment)."""
-        held = self._held.get(user_id)
-        if held is not None and not held.fresh(utcnow()):
-            self._held.invalidate(user_id)
         found = await self._held.get_or_load(user_id, lambda: self._load(user_id))
         if found is not None and not found.fresh(utcnow()):
-            # An entry past its time to live is served while a background read refreshes it
-            # (``cache_stale_seconds``); past its deadline moment too, its numbers are wrong
-            # now: read, not served.
+            # Kept past its deadline moment (within its time to live, or past it and served
+            # while a background read refreshes it: ``cache_stale_seconds``), its numbers are
+            # wrong now: read, not served.
             self._held.invalidate(user_id)
             found = await self._held.get_or_load(user_id, lambda: self._load(user_id))
         return dict(found.counters) if found is not None else {}

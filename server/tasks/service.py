@@ -180,10 +180,6 @@ class TaskService:
         group = None
         if doc.get("group_id"):
             group = await self._store.workgroups.find_one({"_id": doc["group_id"]})
-        return self._facts_with(doc, group)
-
-    def _facts_with(self, doc: Document, group: Document | None) -> TaskFacts:
-        """The task's facts, given its workgroup's document (None: none, or gone)."""
         return task_facts(doc, group)
 
     async def viewers_of(
@@ -362,7 +358,7 @@ class TaskService:
         results: list[TaskOut] = []
         skipped = 0
         for doc in candidates:
-            facts = self._facts_with(doc, workgroups.get(doc.get("group_id")))
+            facts = task_facts(doc, workgroups.get(doc.get("group_id")))
             roles = roles_of(viewer, facts)
             # Lists show the tasks one is concerned with; an administrator's power to open any
             # task (by id) does not fill their lists with everyone's work.
