@@ -21,7 +21,10 @@ written as JSON with ``--json``.
 ``history_chats`` chats among the users, ``history_messages`` messages sent through the REST
 API), so that connect is measured with each user in as many chats as ``make bench`` has them;
 ``--set history_messages=2000`` keeps the seeding short (the chats per user are what a connect
-pays for, not the messages stored).
+pays for, not the messages stored). ``--cold``: before each connect series, wait until the
+hub's in-process copies have run out, as ``make bench``'s with-history series meets them (it
+comes some 45 s after the seeding); without it the first step reads what the seeding has just
+cached.
 
 ``--py-spy DIR``: record each hub and its database with py-spy during each phase (collapsed
 stacks per hub, process, phase and round, 250 samples/s, idle threads left out; the fan-out's
@@ -91,6 +94,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--history",
         action="store_true",
         help="seed each hub with the history of the full run first (its size: --set history_*)",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="before each connect series, wait until the hub's in-process copies have run "
+        "out (cache_ttl_seconds + cache_stale_seconds): in make bench the with-history series "
+        "comes some 45 s after the seeding, and meets them cold",
     )
     return parser.parse_args(argv)
 
@@ -193,6 +203,8 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
     targets: list[Target] = []
     stops: list[Any] = []
     dirs: list[Path] = []
+    # per hub: seconds after which every in-process copy a connect reads has run out
+    cold_waits: dict[str, float] = {}
     loadgen = await LoadGen.start()
     try:
         for name, path in hubs:
@@ -204,6 +216,8 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
             target = hub_target(hub.url, {"server": hub.pid, "db": hub.db_pid}, hub.db_url, fx)
             target.name = name
             targets.append(target)
+            settings = hub.settings()
+            cold_waits[name] = settings.cache_ttl_seconds + settings.cache_stale_seconds + 1.0
             say(f"{name}: pid {hub.pid} (db {hub.db_pid}) from {path}, fixtures ready")
             if args.history:
                 seeded = await history.make(loadgen, hub.url, fx, profile, say, target.stored)
@@ -241,6 +255,8 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
                         f"lost {reply['lost']} (load {os.getloadavg()[0]:.2f})"
                     )
                 if "connect" in phases:
+                    if args.cold and target.name in cold_waits:
+                        await asyncio.sleep(cold_waits[target.name])
                     spies = await _spies(args.py_spy, target, f"connect-{round_ + 1}")
                     series = await run.connect_series(target, loadgen, "")
                     await _stop_spies(spies)

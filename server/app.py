@@ -151,7 +151,7 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
         user_id = str(user["_id"])
         return {
             "im": await im.counters_state(user_id),
-            "tasks": await tasks.counters(user_id),
+            "tasks": await tasks.counters_state(user_id),
             "crm": await crm.counters.baseline(user_id),
         }
 
@@ -159,10 +159,11 @@ def build_services(settings: Settings, store: Store, node: str | None = None) ->
         """Sent again once the connection caught up on its streams: the numbers that stream
         events move. The CRM's are left out (one read per connect less): they are versioned
         pushes, and one that came while the snapshot was read is taken into it
-        (``HeldStates.reset``). The unread ones only when what they are computed from
-        changed since the snapshot's (``before``) were counted."""
+        (``HeldStates.reset``). The tasks' are versioned too: read again (kept here, no
+        query), they go whole unless a newer push went first. The unread ones only when what
+        they are computed from changed since the snapshot's (``before``) were counted."""
         user_id = str(user["_id"])
-        caught_up: dict[str, Any] = {"tasks": await tasks.counters(user_id)}
+        caught_up: dict[str, Any] = {"tasks": await tasks.counters_state(user_id)}
         counted = before.get("im") if isinstance(before, dict) else None
         if (unread := await im.counters_state_since(user_id, counted)) is not None:
             caught_up["im"] = unread

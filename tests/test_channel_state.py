@@ -80,3 +80,18 @@ def test_what_connections_hold_costs_them_little() -> None:
     assert first.offer(state(2, idle=1)) == {"deal": {"idle": 1}}
     assert second.offer(state(3, idle=0, incoming=2)) == {"deal": {"incoming": 2}}
     assert second.offer(state(4, idle=1, incoming=2)) == {"deal": {"idle": 1}}
+
+
+def test_a_whole_state_sent_again_goes_unless_a_newer_one_went() -> None:
+    held = HeldStates()
+    held.reset(VersionedState("tasks", 4, {"new": 1}, whole=True))
+    # once caught up: the same version again, whole (it closes the snapshot's window)
+    assert held.again(VersionedState("tasks", 4, {"new": 1}, whole=True)) == {"new": 1}
+    assert held.offer(VersionedState("tasks", 6, {"new": 3}, whole=True)) == {"new": 3}
+    # read before that push went: not sent, the connection keeps the newer
+    assert held.again(VersionedState("tasks", 5, {"new": 2}, whole=True)) is None
+    assert held.offer(VersionedState("tasks", 6, {"new": 3}, whole=True)) is None
+    # a state sent as differences: only what moved, as offer has it
+    held.reset(VersionedState("crm", 1, {"deal": {"due": 1}}))
+    assert held.again(VersionedState("crm", 1, {"deal": {"due": 1}})) is None
+    assert held.again(VersionedState("crm", 2, {"deal": {"due": 2}})) == {"deal": {"due": 2}}

@@ -17,7 +17,7 @@ from server import cli
 from server.events.bus import InProcessBus
 from server.settings import Settings
 from server.store.database import Document, Store
-from server.tasks.counters import TaskCounters
+from server.tasks.counters import Held, TaskCounters, _held
 from server.tasks.rules import counters_stamp
 from tests.harness import HubHarness, start_hub
 from tests.test_tasks import act, create, last_task_counters
@@ -261,6 +261,33 @@ async def test_an_older_count_never_overwrites_a_newer_one(hub: HubHarness) -> N
     assert calls >= 3  # the older count lost and counted again
     assert counter(await stored(hub, bob_id), "responsible", "new") == 0
     await stored_equals_count(hub, bob_id)
+
+
+async def test_a_connection_never_goes_back_to_older_task_counters(hub: HubHarness) -> None:
+    """Two pushes of one user's counters, made at once on two nodes, can arrive in either
+    order: the older, arriving second, reaches no connection (it would stay on screen until
+    the next change)."""
+    _, alice = await hub.create_user("alice")
+    bob_id, bob = await hub.create_user("bob")
+    client = await hub.connect(bob)
+    await client.wait_for("snapshot")
+    counters: TaskCounters = hub.services.tasks.stored_counters
+    await client.wait_for("counters.changed")  # the session's last step, once caught up
+    await create(hub, alice, title="Order", responsible_ids=[bob_id])
+    newer = _held(await stored(hub, bob_id))
+    await client.wait_until(lambda: last_task_counters(client) == newer.counters, timeout=5)
+    assert counter(await stored(hub, bob_id), "responsible", "new") == 1
+    older = Held(newer.version - 1, {**newer.counters, "responsible": {}}, None)
+    pushes = len(client.of_type("counters.changed"))
+    await counters._push(bob_id, older)  # late: a node's push of the count before the task
+    await counters._push(bob_id, newer)  # and the newest again: a duplicate
+    marker = Held(newer.version + 1, newer.counters, None)
+    await counters._push(bob_id, marker)  # a newer one, so that we know the others were handled
+    await client.wait_until(lambda: len(client.of_type("counters.changed")) > pushes, timeout=5)
+    await asyncio.sleep(0.2)
+    got = [c["tasks"] for c in client.of_type("counters.changed")[pushes:] if "tasks" in c]
+    assert got == [marker.counters]
+    assert last_task_counters(client) == newer.counters
 
 
 async def test_check_finds_drift_and_repairs_it(hub: HubHarness) -> None:

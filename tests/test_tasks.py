@@ -47,8 +47,14 @@ def notices(client: SocketClient) -> list[str]:
 
 
 def last_task_counters(client: SocketClient) -> dict[str, Any] | None:
-    pushed = [c["tasks"] for c in client.of_type("counters.changed") if "tasks" in c]
-    return pushed[-1] if pushed else None
+    """The task counters the client shows: its snapshot's, then each push's."""
+    shown: dict[str, Any] | None = None
+    for name, data in client.events:
+        if name == "snapshot":
+            shown = data.get("counters", {}).get("tasks", shown)
+        elif name == "counters.changed" and "tasks" in data:
+            shown = data["tasks"]
+    return shown
 
 
 async def test_controlled_task_for_three_employees_with_an_observer(hub: HubHarness) -> None:

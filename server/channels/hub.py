@@ -461,7 +461,8 @@ class Hub:
             if counters is not None:
                 # Counters in the snapshot were computed before the stream heads were read:
                 # once caught up, the authoritative values close that window.
-                # Versioned parts (the CRM's) go only as far as what this connection lacks.
+                # Versioned parts go only as far as what this connection lacks (the CRM's),
+                # or whole unless it holds newer (the tasks', the unread ones).
                 update = _changes_only(conn, await counters(conn.user, snapshot.get("counters")))
                 await self._emit("counters.changed", update, to=sid)
             # A client that asked for streams it does not belong to learns it plainly.
@@ -824,11 +825,12 @@ def _in_full(conn: Connection, data: Any) -> Any:
 
 
 def _changes_only(conn: Connection, data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with each versioned state in it cut to what ``conn`` lacks (or left out)."""
+    """``data`` with each versioned state in it cut to what ``conn`` lacks, or left out when
+    it holds newer (``HeldStates.again``)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, VersionedState):
-            update = conn.states.offer(value)
+            update = conn.states.again(value)
             if update:
                 out[key] = update
         else:

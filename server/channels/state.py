@@ -103,3 +103,16 @@ class HeldStates:
         if state.whole:
             return state.values
         return changed_numbers(held[2] or {}, state.values) or None
+
+    def again(self, state: VersionedState) -> Values | None:
+        """What to send the connection of ``state`` sent once more to close a window (the
+        counters once caught up): a whole state as it is, unless the connection holds a newer
+        version (a push that went meanwhile); a state sent as differences as ``offer`` has
+        it."""
+        if not state.whole:
+            return self.offer(state)
+        held = self._get(state.key)
+        if held is not None and state.version < held[1]:
+            return None
+        self._put(state)
+        return state.values

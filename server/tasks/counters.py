@@ -45,7 +45,7 @@ from pymongo.errors import DuplicateKeyError
 
 from server.caching import BatchLoad, Cache
 from server.events.bus import EventBus
-from server.events.models import EphemeralEvent
+from server.events.models import EphemeralEvent, VersionedState
 from server.events.streams import user_stream
 from server.settings import Settings
 from server.store.database import Document, Store, utcnow
@@ -68,6 +68,9 @@ UNFINISHED = sorted(int(s) for s in Status if s not in FINISHED_STATUSES)
 # Counts lost to someone else's write in a row before giving up (each loss means another count
 # was stored meanwhile; more than a couple needs changes for one person faster than a count).
 ATTEMPTS = 10
+# What the counters are called in a snapshot and in ``counters.changed``, and the key of their
+# ``VersionedState``.
+STATE_KEY = "tasks"
 
 
 def task_facts(doc: Document, group: Document | None = None) -> TaskFacts:
@@ -145,6 +148,11 @@ class Held:
 
     def fresh(self, now: datetime) -> bool:
         return self.next_at is None or now.timestamp() < self.next_at
+
+
+def _state(held: Held) -> VersionedState:
+    # A copy: the connection keeps what it was sent, and the node's copy moves on.
+    return VersionedState(STATE_KEY, held.version, dict(held.counters), whole=True)
 
 
 def _held(doc: Document) -> Held:
@@ -234,6 +242,11 @@ class TaskCounters:
     async def get(self, user_id: str) -> dict[str, Any]:
         """The user's counters: as kept, else as stored (counted and stored first when they
         are missing, under other rules or past a deadline moment)."""
+        return (await self.state(user_id)).values
+
+    async def state(self, user_id: str) -> VersionedState:
+        """``get``, with the version they were stored at: what a connection is sent, so that
+        a push of an older version, arriving after it, is not (``VersionedState``)."""
         found = await self._held.get_or_load(user_id, lambda: self._load(user_id))
         if found is not None and not found.fresh(utcnow()):
             # Kept past its deadline moment (within its time to live, or past it and served
@@ -241,7 +254,9 @@ class TaskCounters:
             # wrong now: read, not served.
             self._held.invalidate(user_id)
             found = await self._held.get_or_load(user_id, lambda: self._load(user_id))
-        return dict(found.counters) if found is not None else {}
+        if found is None:
+            return VersionedState(STATE_KEY, 0, {}, whole=True)
+        return _state(found)
 
     async def _load(self, user_id: str) -> Held:
         doc = await self._docs.load(user_id)
@@ -389,13 +404,18 @@ class TaskCounters:
         return Held(0, tallied.counters, None), False
 
     async def _push(self, user_id: str, held: Held) -> None:
-        """Tell every node and the user's connections (each node keeps the newest version)."""
+        """Tell every node (each keeps the newest version) and the user's connections (each
+        is sent a version newer than it holds, and only that: two pushes of one user's
+        counters, made at once on two nodes, can arrive in either order)."""
         await self._bus.publish_ephemeral(
             EphemeralEvent(
                 "counters.changed",
-                {"tasks": held.counters},
+                {STATE_KEY: held.counters},
                 (user_stream(user_id),),
-                private={"tasks": {"version": held.version, "next_at": held.next_at}},
+                private={
+                    **_state(held).as_private(),
+                    "tasks": {"version": held.version, "next_at": held.next_at},
+                },
             )
         )
 

@@ -22,6 +22,7 @@ from server.directory.models import display_name
 from server.directory.rules import DepartmentNode, Person, supervisors_of
 from server.directory.service import DirectoryService
 from server.events.bus import EventBus
+from server.events.models import VersionedState
 from server.events.streams import StreamLog, user_stream
 from server.im.service import ImService
 from server.settings import Settings
@@ -886,6 +887,11 @@ class TaskService:
     async def counters(self, user_id: str) -> dict[str, Any]:
         """The user's task counters, as stored (one read; kept as last pushed)."""
         return await self.stored_counters.get(user_id)
+
+    async def counters_state(self, user_id: str) -> VersionedState:
+        """``counters`` with the version they were stored at, for a connection (which takes a
+        push only when it is newer)."""
+        return await self.stored_counters.state(user_id)
 
     async def count(self, user_id: str) -> dict[str, Any]:
         """The user's task counters counted afresh over every task they are on (not stored):
